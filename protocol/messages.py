@@ -1,0 +1,226 @@
+"""Every message exchanged between an agent and the coordinator.
+
+Rules (schema evolution, python-ecosystem §2): messages are tagged msgspec Structs, new fields are
+appended with defaults, a field never changes type. Decoders ignore unknown fields, so a newer peer can
+add fields freely; a new *message type* is answered with `Unsupported` (see `protocol.codec`).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+# Minor versions may add message types or fields; peers within one major version interoperate.
+PROTOCOL_MINOR = 1
+SUBPROTOCOL = "tvm.v1"
+
+
+class Msg(msgspec.Struct, tag_field="t", omit_defaults=True, frozen=True, kw_only=True):
+    """Base of every protocol message."""
+
+
+# --------------------------------------------------------------------------- shared value types
+
+
+class ResourceFile(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
+    url: str
+    file_path: str
+    sha256: str = ""
+    size: int = -1
+    # Extra request headers (the coordinator's file store needs the agent credential).
+    headers: dict[str, str] = {}
+
+
+class CertFile(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
+    thumbprint: str
+    thumbprint_algorithm: str
+    certificate_format: str
+    data: bytes
+    password: str = ""
+
+
+class TaskSpec(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
+    """What an agent needs to run one attempt of a task."""
+
+    key: str  # "<workitem>/<job>/<task>", unique in the account
+    attempt: int  # increases on every placement; (key, attempt) identifies one run
+    command_line: str
+    workitem: str
+    job: str
+    task: str
+    env: dict[str, str] = {}  # user settings (job common + task), already merged
+    resource_files: list[ResourceFile] = []
+    max_wall_clock_s: float = 0.0  # 0: unlimited
+    retention_s: float = 7 * 24 * 3600.0
+    run_elevated: bool = False
+    job_manager: bool = False
+    memory_limit_bytes: int = 0
+
+
+class StartTaskSpec(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
+    command_line: str
+    env: dict[str, str] = {}
+    resource_files: list[ResourceFile] = []
+    max_task_retry_count: int = 0
+    wait_for_success: bool = True
+    run_elevated: bool = False
+
+
+class Failure(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
+    category: str  # "UserError" | "ServerError"
+    code: str
+    message: str = ""
+
+
+class RunningTask(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
+    key: str
+    attempt: int
+
+
+# --------------------------------------------------------------------------- handshake (unsequenced)
+
+
+class Hello(Msg, tag="hello", kw_only=True):
+    protocol_version: int = PROTOCOL_VERSION
+    protocol_minor: int = PROTOCOL_MINOR
+    agent_id: str
+    token: str
+    capabilities: list[str] = []
+    hostname: str = ""
+    ip_address: str = ""
+    cores: int = 1
+    memory_bytes: int = 0
+    disk_bytes: int = 0
+    # Resume information: the coordinator session this agent last talked to and the highest
+    # sequence number it received there.
+    session_id: str = ""
+    last_received: int = 0
+    running: list[RunningTask] = []
+
+
+class Welcome(Msg, tag="welcome", kw_only=True):
+    protocol_version: int = PROTOCOL_VERSION
+    protocol_minor: int = PROTOCOL_MINOR
+    session_id: str
+    resumed: bool = False
+    last_received: int = 0
+    heartbeat_interval: float = 5.0
+    capabilities: list[str] = []
+
+
+class Reject(Msg, tag="reject", kw_only=True):
+    code: str
+    message: str
+
+
+# --------------------------------------------------------------------------- agent -> coordinator
+
+
+class Heartbeat(Msg, tag="hb", kw_only=True):
+    running: int = 0
+    cpu_percent: float = 0.0
+    memory_used_bytes: int = 0
+    disk_used_bytes: int = 0
+    net_rx_bytes: int = 0
+    net_tx_bytes: int = 0
+
+
+class TaskStarted(Msg, tag="task.started", kw_only=True):
+    key: str
+    attempt: int
+    start_time: float  # unix seconds
+
+
+class TaskCompleted(Msg, tag="task.completed", kw_only=True):
+    key: str
+    attempt: int
+    exit_code: int
+    start_time: float
+    end_time: float
+    failure: Failure | None = None
+
+
+class StartTaskCompleted(Msg, tag="starttask.completed", kw_only=True):
+    exit_code: int
+    start_time: float
+    end_time: float
+    retry_count: int = 0
+    failure: Failure | None = None
+
+
+class TvmReady(Msg, tag="tvm.ready", kw_only=True):
+    """The agent finished setting up a TVM (directories, certificates, start task if waited for)."""
+
+    tvm_name: str
+    cert_errors: list[str] = []
+
+
+class Draining(Msg, tag="draining", kw_only=True):
+    reason: str = ""
+
+
+class Unsupported(Msg, tag="unsupported", kw_only=True):
+    """Answer to a message type the receiver does not know (an older peer)."""
+
+    type: str
+
+
+# --------------------------------------------------------------------------- coordinator -> agent
+
+
+class JoinPool(Msg, tag="tvm.join", kw_only=True):
+    pool: str
+    tvm_name: str
+    account: str
+    account_url: str = ""
+    slots: int = 1
+    start_task: StartTaskSpec | None = None
+    certificates: list[CertFile] = []
+    port_range_low: int = 0
+    port_range_high: int = 0
+
+
+class LeavePool(Msg, tag="tvm.leave", kw_only=True):
+    """Give the TVM back: kill what runs, wipe the TVM's directories, return to the free inventory."""
+
+    tvm_name: str
+    reason: str = ""
+
+
+class RunTask(Msg, tag="task.run", kw_only=True):
+    spec: TaskSpec
+
+
+class CancelTask(Msg, tag="task.cancel", kw_only=True):
+    key: str
+    attempt: int
+    reason: str = "terminated"
+
+
+class DeleteTaskFiles(Msg, tag="task.delete_files", kw_only=True):
+    key: str
+
+
+class PoolMembers(Msg, tag="pool.members", kw_only=True):
+    addresses: list[str]
+
+
+class Ping(Msg, tag="ping", kw_only=True):
+    pass
+
+
+AgentMsg = (
+    Heartbeat | TaskStarted | TaskCompleted | StartTaskCompleted | TvmReady | Draining | Unsupported
+)
+CoordinatorMsg = (
+    JoinPool | LeavePool | RunTask | CancelTask | DeleteTaskFiles | PoolMembers | Ping | Unsupported
+)
+HandshakeMsg = Hello | Welcome | Reject
+
+
+class Frame(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """One websocket message: a batch of consecutive sequenced messages plus a cumulative ack."""
+
+    first: int = 0  # sequence number of msgs[0]
+    ack: int = 0  # highest sequence number the sender has received from the peer
+    msgs: list[msgspec.Raw] = []
