@@ -1,0 +1,290 @@
+"""Agent and coordinator configuration: TOML file, environment and CLI flags.
+
+Precedence (lowest first): field defaults < TOML file < environment
+(``TVM_AGENT_<KEY>`` / ``TVM_COORDINATOR_<KEY>``, key in upper snake case) < overrides
+(CLI flags, keyed by Python field name; ``None`` means "flag not given").
+
+TOML keys are kebab-case (``heartbeat-interval``). Every error is a ``ConfigError`` whose
+message names where the bad value came from (file, environment variable or option) and the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import msgspec
+
+__all__ = [
+    "AgentConfig",
+    "ConfigError",
+    "CoordinatorConfig",
+    "LogFormat",
+    "LogLevel",
+    "load_agent_config",
+    "load_coordinator_config",
+    "validate_coordinator_url",
+]
+
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+LogFormat = Literal["json", "console"]
+
+AGENT_ENV_PREFIX = "TVM_AGENT_"
+COORDINATOR_ENV_PREFIX = "TVM_COORDINATOR_"
+
+
+class ConfigError(Exception):
+    """A configuration value is missing, malformed or out of range.
+
+    ``source`` is the file path, environment variable or option the bad value came from;
+    ``key`` is the TOML (kebab-case) key, when the error concerns one key.
+    """
+
+    def __init__(self, message: str, *, source: str = "", key: str = "") -> None:
+        super().__init__(message)
+        self.source = source
+        self.key = key
+
+
+class _Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only=True):
+    pass
+
+
+class AgentConfig(_Config):
+    # ws:// or wss:// URL of the agent link, or an http(s) base URL of the coordinator
+    coordinator: str = ""
+    token: str = ""
+    root: str = "/var/lib/tvm-agent"
+    # agent id; empty means "generate one and persist it under root"
+    name: str = ""
+    heartbeat_interval: float = 5.0
+    reconnect_max_backoff: float = 30.0
+    ca_file: str = ""
+    port_range_low: int = 20000
+    port_range_high: int = 29999
+    drain_grace: float = 60.0
+    # run tasks as this user; empty means the agent's own user
+    task_user: str = ""
+    use_bwrap: bool = False
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "json"
+
+
+class CoordinatorConfig(_Config):
+    host: str = "127.0.0.1"
+    # 0 asks the OS for a free port (tests); otherwise 1..65535
+    port: int = 7070
+    state_dir: str = "./tvm-state"
+    account: str = "tvm"
+    heartbeat_timeout: float = 30.0
+    max_pool_size: int = 1000
+    tls_cert: str = ""
+    tls_key: str = ""
+    join_token: str = ""
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "json"
+
+
+_C = TypeVar("_C", bound=_Config)
+
+_URL_SCHEMES = ("ws", "wss", "http", "https")
+# ids end up in file names and log lines: keep them boring
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_AT_PATH_RE = re.compile(r" - at `\$[^`]*`$")
+_UNKNOWN_RE = re.compile(r"^Object contains unknown field `(?P<key>[^`]*)`$")
+
+
+def validate_coordinator_url(url: str) -> str | None:
+    """Return why ``url`` is not a usable coordinator URL, or None when it is."""
+    if not url:
+        return "must not be empty"
+    if any(c.isspace() for c in url):
+        return f"must not contain whitespace: {url!r}"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        return f"is not a valid URL ({exc}): {url!r}"
+    if parts.scheme not in _URL_SCHEMES:
+        return f"must start with ws://, wss://, http:// or https://, got {url!r}"
+    if not parts.hostname:
+        return f"has no host: {url!r}"
+    return None
+
+
+def load_agent_config(
+    path: str | None,
+    overrides: Mapping[str, object],
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> AgentConfig:
+    """Load the agent config; ``environ`` defaults to ``os.environ`` (injectable for tests)."""
+    cfg, sources = _load(AgentConfig, path, overrides, AGENT_ENV_PREFIX, environ)
+    _check_agent(cfg, sources)
+    return cfg
+
+
+def load_coordinator_config(
+    path: str | None,
+    overrides: Mapping[str, object],
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> CoordinatorConfig:
+    """Load the coordinator config; ``environ`` defaults to ``os.environ``."""
+    cfg, sources = _load(CoordinatorConfig, path, overrides, COORDINATOR_ENV_PREFIX, environ)
+    _check_coordinator(cfg, sources)
+    return cfg
+
+
+def _load(
+    cls: type[_C],
+    path: str | None,
+    overrides: Mapping[str, object],
+    env_prefix: str,
+    environ: Mapping[str, str] | None,
+) -> tuple[_C, dict[str, str]]:
+    """Merge the layers; also return where each (kebab) key's value came from."""
+    fields = {f.name: f.encode_name for f in msgspec.structs.fields(cls)}
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = dict.fromkeys(fields, "default")
+
+    if path is not None:
+        cfg, present = _decode_file(cls, path)
+        for name, key in fields.items():
+            if key in present:
+                values[name] = getattr(cfg, name)
+                sources[name] = path
+
+    env = os.environ if environ is None else environ
+    for name, key in fields.items():
+        var = env_prefix + name.upper()
+        if var in env:
+            values[name] = _convert_one(cls, key, env[var], f"environment variable {var}")
+            sources[name] = f"environment variable {var}"
+
+    if not isinstance(overrides, Mapping):
+        raise ConfigError(f"overrides must be a mapping, got {type(overrides).__name__}")
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        option = "--" + str(name).replace("_", "-")
+        if name not in fields:
+            raise ConfigError(
+                f"unknown option {option} for {cls.__name__}{_hint(str(name), list(fields))}",
+                source=option,
+            )
+        values[name] = _convert_one(cls, fields[name], value, f"option {option}")
+        sources[name] = f"option {option}"
+
+    return cls(**values), {fields[n]: s for n, s in sources.items()}
+
+
+def _decode_file(cls: type[_C], path: str) -> tuple[_C, set[str]]:
+    """Decode and type-check the file; also return the keys it sets."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(f"{path}: cannot read config file: {reason}", source=path) from exc
+    try:
+        cfg = msgspec.toml.decode(data, type=cls)
+    except msgspec.ValidationError as exc:
+        msg = str(exc)
+        m = _UNKNOWN_RE.match(msg)
+        if m:
+            key = m["key"]
+            valid = [f.encode_name for f in msgspec.structs.fields(cls)]
+            raise ConfigError(
+                f"{path}: unknown key `{key}`{_hint(key, valid)}", source=path, key=key
+            ) from None
+        key_m = re.search(r"at `\$\.([^`.\[]*)", msg)
+        raise ConfigError(f"{path}: {msg}", source=path, key=key_m[1] if key_m else "") from None
+    except msgspec.DecodeError as exc:
+        # tomllib's message carries "(at line N, column M)"
+        raise ConfigError(f"{path}: invalid TOML: {exc}", source=path) from None
+    # decoded fine above, so this cannot fail; it tells file-set keys from defaults
+    return cfg, set(msgspec.toml.decode(data))
+
+
+def _convert_one(cls: type[_C], key: str, value: object, source: str) -> Any:
+    """Type-check one value for field ``key``; strings are parsed (env vars are strings)."""
+    try:
+        cfg = msgspec.convert({key: value}, cls, strict=False)
+    except msgspec.ValidationError as exc:
+        msg = _AT_PATH_RE.sub("", str(exc))
+        if isinstance(value, str):
+            msg = msg.replace("got `str`", f"got {value!r}")
+        raise ConfigError(f"{source}: {msg}", source=source, key=key) from None
+    return getattr(cfg, key.replace("-", "_"))
+
+
+def _hint(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key.replace("_", "-"), valid, n=1)
+    if close:
+        return f" (did you mean `{close[0]}`?)"
+    return f" (valid keys: {', '.join(valid)})"
+
+
+def _fail(sources: Mapping[str, str], key: str, problem: str) -> ConfigError:
+    src = sources.get(key, "default")
+    return ConfigError(f"{src}: `{key}` {problem}", source=src, key=key)
+
+
+def _positive(sources: Mapping[str, str], key: str, value: float) -> None:
+    if not math.isfinite(value) or value <= 0:
+        raise _fail(sources, key, f"must be a positive number of seconds, got {value}")
+
+
+def _port(sources: Mapping[str, str], key: str, value: int, *, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if not low <= value <= 65535:
+        raise _fail(sources, key, f"must be a port number in {low}..65535, got {value}")
+
+
+def _check_agent(cfg: AgentConfig, src: Mapping[str, str]) -> None:
+    if cfg.coordinator:
+        why = validate_coordinator_url(cfg.coordinator)
+        if why:
+            raise _fail(src, "coordinator", why)
+    if not cfg.root:
+        raise _fail(src, "root", "must not be empty")
+    if cfg.name and not _NAME_RE.match(cfg.name):
+        raise _fail(src, "name", f"must be 1-64 letters, digits, '.', '_' or '-', got {cfg.name!r}")
+    _positive(src, "heartbeat-interval", cfg.heartbeat_interval)
+    _positive(src, "reconnect-max-backoff", cfg.reconnect_max_backoff)
+    if not math.isfinite(cfg.drain_grace) or cfg.drain_grace < 0:
+        raise _fail(src, "drain-grace", f"must be 0 or more seconds, got {cfg.drain_grace}")
+    _port(src, "port-range-low", cfg.port_range_low)
+    _port(src, "port-range-high", cfg.port_range_high)
+    if cfg.port_range_low > cfg.port_range_high:
+        raise _fail(
+            src,
+            "port-range-low",
+            f"({cfg.port_range_low}) must not be above port-range-high ({cfg.port_range_high})",
+        )
+    if cfg.task_user and not re.match(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*\$?$", cfg.task_user):
+        raise _fail(src, "task-user", f"is not a valid user name: {cfg.task_user!r}")
+
+
+def _check_coordinator(cfg: CoordinatorConfig, src: Mapping[str, str]) -> None:
+    if not cfg.host:
+        raise _fail(src, "host", "must not be empty")
+    _port(src, "port", cfg.port, allow_zero=True)
+    if not cfg.state_dir:
+        raise _fail(src, "state-dir", "must not be empty")
+    if not _NAME_RE.match(cfg.account):
+        raise _fail(
+            src, "account", f"must be 1-64 letters, digits, '.', '_' or '-', got {cfg.account!r}"
+        )
+    _positive(src, "heartbeat-timeout", cfg.heartbeat_timeout)
+    if cfg.max_pool_size < 1:
+        raise _fail(src, "max-pool-size", f"must be at least 1, got {cfg.max_pool_size}")
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        missing = "tls-key" if cfg.tls_cert else "tls-cert"
+        raise _fail(src, missing, "must be set together with tls-cert/tls-key (both or neither)")
