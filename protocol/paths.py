@@ -45,9 +45,7 @@ def validate_relative_path(p: str) -> str:
         if part == "..":
             raise ValueError(f"path {p!r} contains a '..' component and could escape its directory")
         if len(part.encode("utf-8", "surrogateescape")) > MAX_COMPONENT_LENGTH:
-            raise ValueError(
-                f"path {p!r} has a component longer than {MAX_COMPONENT_LENGTH} bytes"
-            )
+            raise ValueError(f"path {p!r} has a component longer than {MAX_COMPONENT_LENGTH} bytes")
         parts.append(part)
     if not parts:
         raise ValueError(f"path {p!r} names no file (only '.' or separators)")
