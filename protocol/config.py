@@ -175,7 +175,8 @@ def _load(
         option = "--" + str(name).replace("_", "-")
         if name not in fields:
             raise ConfigError(
-                f"unknown option {option} for {cls.__name__}{_hint(str(name), list(fields))}",
+                f"unknown option {option} for {cls.__name__}"
+                f"{_hint(str(name), list(fields.values()))}",
                 source=option,
             )
         values[name] = _convert_one(cls, fields[name], value, f"option {option}")
@@ -205,6 +206,10 @@ def _decode_file(cls: type[_C], path: str) -> tuple[_C, set[str]]:
             ) from None
         key_m = re.search(r"at `\$\.([^`.\[]*)", msg)
         raise ConfigError(f"{path}: {msg}", source=path, key=key_m[1] if key_m else "") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: invalid TOML: not UTF-8 text (byte {exc.start})", source=path
+        ) from None
     except msgspec.DecodeError as exc:
         # tomllib's message carries "(at line N, column M)"
         raise ConfigError(f"{path}: invalid TOML: {exc}", source=path) from None
