@@ -96,8 +96,7 @@ class _Parser:
             if target.kind not in (Kind.USER, Kind.READ_WRITE):
                 raise _fail(
                     target,
-                    f"cannot assign to {target.spelling}: it is a "
-                    f"{target.kind.value} and cannot be changed",
+                    f"cannot assign to {target.spelling}: it is read-only ({target.kind.value})",
                 )
             return Assign(target, self.expr(), start.line, start.column)
         return ExprStmt(self.expr(), start.line, start.column)
@@ -197,8 +196,6 @@ class _Parser:
                     f"{', '.join(TIMESTAMP_MEMBERS)}; sample variables have "
                     f"{', '.join(SAMPLE_METHODS.values())})",
                 )
-        if isinstance(node, Name) and node.kind is Kind.SERIES and self.at_op("("):
-            raise _fail(self.tok, f"{node.spelling} is not a function")
         return node
 
     def args(self) -> tuple[Expr, ...]:
