@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import shutil
+import ssl
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
@@ -123,8 +124,16 @@ def _scrub(text: str, url: str, shown: str) -> str:
 
 
 def _describe(exc: BaseException, url: str, shown: str) -> str:
-    text = str(exc) or type(exc).__name__
-    return _scrub(text, url, shown)
+    # httpx errors are often empty wrappers; the useful text (ECONNREFUSED, TLS verify failure)
+    # sits on the chained exception.
+    seen: BaseException | None = exc
+    for _ in range(6):
+        if seen is None:
+            break
+        if str(seen):
+            return _scrub(str(seen), url, shown)
+        seen = seen.__cause__ or seen.__context__
+    return type(exc).__name__
 
 
 def _within(path: str, root: str) -> bool:
@@ -162,8 +171,9 @@ class DownloadCache:
         *,
         max_concurrency: int = 4,
         http_timeout: float = 30.0,
-        verify: bool | str = True,
+        verify: ssl.SSLContext | str | bool = True,
     ) -> None:
+        """`verify` is passed to httpx2: True uses the OS trust store (truststore)."""
         if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
             raise TypeError("max_concurrency must be an int")
         if max_concurrency < 1:

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import os
 import socket
+import ssl
 import stat
 import threading
 from collections import Counter
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+import trustme
 
 from tvmagent.downloads import DownloadCache, DownloadError
 
@@ -478,3 +480,32 @@ def test_constructor_rejects_bad_settings(tmp_path: Path) -> None:
         DownloadCache(str(tmp_path), max_concurrency=0)
     with pytest.raises(ValueError, match="http_timeout"):
         DownloadCache(str(tmp_path), http_timeout=0)
+
+
+async def test_https_with_custom_ca(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    tls = Server()
+    tls.httpd.socket = server_ctx.wrap_socket(tls.httpd.socket, server_side=True)
+    tls.thread.start()
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    good = DownloadCache(str(tmp_path / "c1"), verify=client_ctx)
+    untrusting = DownloadCache(str(tmp_path / "c2"))  # OS trust store: does not know our CA
+    try:
+        url = tls.url("/small.txt?" + SAS).replace("http://", "https://")
+        p = await good.fetch(url, str(tmp_path / "wd"), "f", sha256=sha(SMALL))
+        assert read(p) == SMALL
+        assert tls.paths == ["/small.txt?" + SAS]
+        with pytest.raises(DownloadError) as info:
+            await untrusting.fetch(url, str(tmp_path / "wd2"), "f")
+        assert info.value.code == "ResourceFileUnreachable"
+        assert "CERTIFICATE_VERIFY_FAILED" in info.value.message
+        assert "SeCrEt" not in str(info.value)
+        assert all_files(tmp_path / "wd2") == []
+    finally:
+        await good.aclose()
+        await untrusting.aclose()
+        tls.httpd.shutdown()
+        tls.httpd.server_close()
