@@ -229,8 +229,9 @@ async def read_until_closed(stream: trio.SocketStream) -> tuple[bytes, str]:
     """Everything the peer sends, and how it ended: "eof" or "reset" (the gate's refusal)."""
     data = bytearray()
     try:
-        async for chunk in stream:
-            data += chunk
+        with trio.fail_after(10):  # a gate that wrongly lets us in must fail, not hang
+            async for chunk in stream:
+                data += chunk
     except trio.BrokenResourceError as e:
         return bytes(data), type(e.__cause__).__name__
     return bytes(data), "eof"
