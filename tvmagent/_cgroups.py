@@ -370,6 +370,37 @@ class TaskCgroup:
         return failures
 
 
+def stale_task_dirs(layout: CgroupLayout, prefix: str) -> list[str]:
+    """Task cgroup dirs under ``prefix`` in every hierarchy (e.g. left by a crashed agent)."""
+    bases = [layout.v2_base] if layout.v2_base else []
+    bases += list(layout.v1_bases.values())
+    out: list[str] = []
+    for b in bases:
+        root = os.path.join(b, sanitize_name(prefix))
+        with contextlib.suppress(OSError):
+            out += [e.path for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]
+    return out
+
+
+def kill_and_remove(d: str) -> bool:
+    """SIGKILL every member of cgroup dir ``d`` and try to rmdir it (and its empty parent)."""
+    with contextlib.suppress(OSError):  # v2 with kernel >= 5.14 only; v1 has no such file
+        _write(os.path.join(d, "cgroup.kill"), "1")
+    with contextlib.suppress(OSError):
+        for pid in _read(os.path.join(d, "cgroup.procs")).split():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(pid), signal.SIGKILL)
+    try:
+        os.rmdir(d)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(d))
+    return True
+
+
 def _mkdir_retry(d: str) -> None:
     # Another task's cleanup may rmdir the shared prefix dir between our two mkdirs.
     for _ in range(5):

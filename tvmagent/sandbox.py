@@ -400,6 +400,19 @@ class Sandbox:
         self.cgroup_prefix = cgroup_prefix
         self.kill_grace = float(kill_grace)
 
+    async def reap_stale(self) -> list[str]:
+        """Kill and remove task cgroups left under our prefix by a previous (crashed) agent.
+
+        Call once at agent start, before any task runs. Returns the dirs that could not be removed.
+        """
+        pending = _cgroups.stale_task_dirs(self.caps.layout, self.cgroup_prefix)
+        for _ in range(50):  # killed processes take a moment to leave their cgroups
+            pending = [d for d in pending if not _cgroups.kill_and_remove(d)]
+            if not pending:
+                break
+            await trio.sleep(0.05)
+        return pending
+
     async def start(self, spec: ProcessSpec) -> RunningProcess:
         start_time = _utcnow()
         fds: list[int] = []

@@ -356,6 +356,25 @@ async def test_task_cgroups_are_removed(
         assert not exists(os.path.dirname(d))  # the empty prefix dir too
 
 
+async def test_reap_stale_cgroups_of_a_crashed_agent(
+    caps: SandboxCapabilities, tmp_path: Path
+) -> None:
+    require_cgroups(caps)
+    prefix = f"tvmtest-stale-{os.getpid()}"
+    old = Sandbox(caps, cgroup_prefix=prefix)
+    rp = await old.start(mkspec(tmp_path, ["sh", "-c", "sleep 100 & sleep 100"]))
+    assert rp._cgroup is not None
+    cgroup = rp._cgroup
+    await until(lambda: rp.pid in cgroup.pids())
+    # A new agent with the same prefix finds the task the "crashed" one left running.
+    assert await Sandbox(caps, cgroup_prefix=prefix).reap_stale() == []
+    assert not any(exists(d) for d in cgroup.dirs.values())
+    out = await rp.wait()
+    assert out.exit_code == 137
+    assert rp.pid is not None
+    assert not alive(rp.pid)
+
+
 # ------------------------------------------------------------------ limits
 
 HOG = "x = 'a' * (300 << 20); import time; time.sleep(30)"
