@@ -291,14 +291,15 @@ class PortGate:
         port_offset: int = 0,
         backlog: int = 128,
     ) -> None:
-        self.ports = sorted(set(ports))
-        if not self.ports:
+        wanted = list(ports)
+        if not wanted:
             raise ValueError("the port gate needs at least one port")
-        for p in self.ports:
-            if not isinstance(p, int) or not 1 <= p <= MAX_PORT:
+        for p in wanted:
+            if not isinstance(p, int) or isinstance(p, bool) or not 1 <= p <= MAX_PORT:
                 raise ValueError(f"gate port {p!r} is not a port number 1-{MAX_PORT}")
             if not 1 <= p + port_offset <= MAX_PORT:
                 raise ValueError(f"gate port {p} + offset {port_offset} is not a valid port")
+        self.ports = sorted(set(wanted))
         listen_ip = _ip_or_wildcard(listen_host, "listen_host")
         upstream_ip = _ip_or_wildcard(upstream_host, "upstream_host")
         if upstream_ip is None:
@@ -366,8 +367,12 @@ class PortGate:
         return listeners
 
     async def _handle(self, client: trio.SocketStream) -> None:
-        peer = _normalize(ipaddress.ip_address(client.socket.getpeername()[0]))
-        port = client.socket.getsockname()[1]
+        try:
+            peer = _normalize(ipaddress.ip_address(client.socket.getpeername()[0]))
+            port = client.socket.getsockname()[1]
+        except OSError:  # the peer already went away (ENOTCONN); nothing to serve
+            await trio.aclose_forcefully(client)
+            return
         if not self._members.allows(peer):
             self.refused += 1
             _reset(client)

@@ -282,6 +282,22 @@ async def test_removed_member_is_cut_off(nursery) -> None:
     nursery.cancel_scope.cancel()
 
 
+async def test_task_binding_the_wildcard_cannot_bypass_the_gate(nursery) -> None:
+    probe = trio.socket.socket()
+    await probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    gate = PortGate([port], [MEMBER], listen_host=GATE)
+    await nursery.start(gate.serve)
+    rogue = trio.socket.socket()
+    rogue.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    with pytest.raises(OSError) as e:
+        await rogue.bind(("0.0.0.0", port))
+    assert e.value.errno == errno.EADDRINUSE
+    rogue.close()
+    nursery.cancel_scope.cancel()
+
+
 async def test_gate_with_port_offset(nursery) -> None:
     upstream = await start_task_server(nursery)
     offset = 1000
@@ -323,6 +339,7 @@ async def test_gate_bind_failure_names_the_port(nursery) -> None:
     [
         ({"ports": [], "listen_host": GATE}, "at least one port"),
         ({"ports": [0], "listen_host": GATE}, "not a port number"),
+        ({"ports": [20000, None], "listen_host": GATE}, "gate port None is not a port number"),
         ({"ports": [65535], "listen_host": GATE, "port_offset": 1}, "not a valid port"),
         ({"ports": [20000], "listen_host": "0.0.0.0"}, "would take the ports the task"),
         ({"ports": [20000], "listen_host": "127.0.0.1"}, "would take the ports the task"),
