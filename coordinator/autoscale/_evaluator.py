@@ -22,7 +22,7 @@ from ._ast import (
     Ternary,
     Unary,
 )
-from ._errors import INSUFFICIENT_SAMPLE_DATA, EvalError
+from ._errors import EVALUATION_ERROR, INSUFFICIENT_SAMPLE_DATA, EvalError
 from ._inputs import AutoscaleInputs, AutoscaleResult
 from ._names import (
     DEALLOCATION,
@@ -252,7 +252,5 @@ def evaluate(program: Program, inputs: AutoscaleInputs) -> AutoscaleResult:
         return ev.result()
     except EvalError as exc:
         return AutoscaleResult(results="", error=(exc.code, exc.message))
-    except RecursionError:
-        return AutoscaleResult(
-            results="", error=(EvalError("", 1, 1).code, "the formula is nested too deeply")
-        )
+    except RecursionError:  # parse() bounds nesting, so this is only a safety net
+        return AutoscaleResult(results="", error=(EVALUATION_ERROR, "the formula nests too deeply"))

@@ -228,6 +228,8 @@ def test_reference_fenced_formulas_parse() -> None:
         ('$NodeDeallocationOption = "later"', 1, 27, "not a deallocation option"),
         ("x = $y = 2", 1, 8, "expected ';' between statements, found '='"),
         ("x = 1 +", 1, 8, "found end of formula"),
+        ("x = time(); y = x + 1", 1, 19, "cannot combine a timestamp and a double"),
+        ("x = vec(1); $TargetDedicatedNodes = x", 1, 37, "must be a number, not a doubleVec"),
         ("x = $TargetDedicated.\n  year", 2, 3, "needs a timestamp"),
     ],
 )
