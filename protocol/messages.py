@@ -96,6 +96,7 @@ class Hello(Msg, tag="hello", kw_only=True):
     session_id: str = ""
     last_received: int = 0
     running: list[RunningTask] = []
+    tvm_name: str = ""  # the TVM this agent currently backs ("" when free)
 
 
 class Welcome(Msg, tag="welcome", kw_only=True):
@@ -209,11 +210,41 @@ class Ping(Msg, tag="ping", kw_only=True):
     pass
 
 
+class FileRequest(Msg, tag="file.request", kw_only=True):
+    """Ask the agent about files under its TVM root (task and TVM file APIs)."""
+
+    req_id: int
+    op: str  # "list" | "read" | "stat"
+    path: str  # relative to the TVM root
+    recursive: bool = False
+    offset: int = 0
+    length: int = -1
+
+
+class FileEntry(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
+    name: str
+    is_directory: bool = False
+    size: int = 0
+    mtime: float = 0.0
+
+
+class FileResponse(Msg, tag="file.response", kw_only=True):
+    req_id: int
+    error_code: str = ""
+    message: str = ""
+    entries: list[FileEntry] = []
+    data: bytes = b""
+    size: int = 0
+    mtime: float = 0.0
+
+
 AgentMsg = (
-    Heartbeat | TaskStarted | TaskCompleted | StartTaskCompleted | TvmReady | Draining | Unsupported
+    Heartbeat | TaskStarted | TaskCompleted | StartTaskCompleted | TvmReady | Draining | FileResponse
+    | Unsupported
 )
 CoordinatorMsg = (
-    JoinPool | LeavePool | RunTask | CancelTask | DeleteTaskFiles | PoolMembers | Ping | Unsupported
+    JoinPool | LeavePool | RunTask | CancelTask | DeleteTaskFiles | PoolMembers | Ping | FileRequest
+    | Unsupported
 )
 HandshakeMsg = Hello | Welcome | Reject
 

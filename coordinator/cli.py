@@ -1,0 +1,220 @@
+"""The `tvm` command. Heavy imports (trio, httpx2) happen inside commands so `--help` stays fast."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _setup_logging(level: str = "info", fmt: str = "console") -> None:
+    from .logs import configure_logging
+
+    configure_logging(level, fmt)
+
+
+# --------------------------------------------------------------------------- output helpers
+
+
+def _to_plain(obj: Any) -> Any:
+    import msgspec
+
+    return msgspec.to_builtins(obj)
+
+
+def _emit(ctx_output: str, obj: Any, columns: list[tuple[str, Callable[[Any], Any]]] | None = None,
+          title: str | None = None) -> None:
+    plain = _to_plain(obj)
+    if ctx_output == "json":
+        click.echo(json.dumps(plain, indent=2, sort_keys=False))
+        return
+    if columns is None or not isinstance(obj, list):
+        click.echo(json.dumps(plain, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    for name, _ in columns:
+        table.add_column(name)
+    for item in obj:
+        table.add_row(*[("" if (v := fn(item)) is None else str(v)) for _, fn in columns])
+    Console().print(table)
+
+
+def output_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table",
+                        show_default=True, help="Output format (json for scripts).")(f)
+
+
+def credentials(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--key", envvar="TVM_KEY", help="Account key (env TVM_KEY).", show_envvar=False)(f)
+    f = click.option("--account", envvar="TVM_ACCOUNT", help="Account name (env TVM_ACCOUNT).")(f)
+    f = click.option("--endpoint", envvar="TVM_ENDPOINT", help="Service URL (env TVM_ENDPOINT).")(f)
+    return f
+
+
+def _client(endpoint: str | None, account: str | None, key: str | None):  # noqa: ANN202
+    from .client import BatchError, Client
+
+    try:
+        return Client(endpoint, account, key)
+    except BatchError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    from .client import BatchError
+
+    try:
+        return fn()
+    except BatchError as exc:
+        click.echo(f"error: {exc.code}: {exc.message}", err=True)
+        sys.exit(1)
+
+
+# --------------------------------------------------------------------------- root
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option("0.1.0", prog_name="tvm")
+def cli() -> None:
+    """TVM Batch: pools of task virtual machines, workitems, jobs and tasks on your own machines.
+
+    Start everything locally with `tvm up`, paste the three export lines it prints, then use
+    `tvm pool add`, `tvm workitem add`, `tvm task add-many` and `tvm task wait`.
+    """
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--agents", default=2, show_default=True, help="Local agent processes to start.")
+@click.option("--state-dir", default="./tvm-state", show_default=True, help="Database, files and agent roots.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=7070, show_default=True, help="REST and agent port (0: any free port).")
+@click.option("--heartbeat-timeout", default=30.0, show_default=True, help="Seconds before a silent TVM is lost.")
+@click.option("--log-level", default="info", show_default=True)
+def up(agents: int, state_dir: str, host: str, port: int, heartbeat_timeout: float, log_level: str) -> None:
+    """Run the embedded default: coordinator + SQLite + N local agents, in the foreground.
+
+    Prints `export TVM_ENDPOINT=…`, `TVM_ACCOUNT`, `TVM_KEY` on stdout once the REST endpoint
+    accepts requests. Ctrl-C or SIGTERM stops everything.
+    """
+    import trio
+
+    from .embedded import run_up
+
+    _setup_logging(log_level)
+    if agents < 0:
+        raise click.BadParameter("must be >= 0", param_hint="--agents")
+    sys.exit(trio.run(run_up, state_dir, host, port, agents, heartbeat_timeout))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--tasks", "n_tasks", default=200, show_default=True, help="Tasks in the sample workload.")
+@click.option("--agents", default=2, show_default=True)
+@click.option("--state-dir", default=None, help="Keep state here (default: a temporary directory).")
+def quickstart(n_tasks: int, agents: int, state_dir: str | None) -> None:
+    """Start a coordinator and local agents, run a sample workload end to end, print the results."""
+    import trio
+
+    from .embedded import run_quickstart
+
+    _setup_logging("warning")
+    sys.exit(trio.run(run_quickstart, n_tasks, agents, state_dir))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--config", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option("--host", default=None, help="Listen address [127.0.0.1].")
+@click.option("--port", type=int, default=None, help="Listen port [7070].")
+@click.option("--state-dir", default=None, help="State directory [./tvm-state].")
+@click.option("--account", default=None, help="Account name on first start [tvm].")
+@click.option("--heartbeat-timeout", type=float, default=None, help="Seconds [30].")
+@click.option("--join-token", default=None, envvar="TVM_JOIN_TOKEN", help="Token agents must present.")
+def coordinator(config: str | None, **flags: Any) -> None:
+    """Run the coordinator service (REST API + agent websocket) in the foreground."""
+    import trio
+
+    from protocol.config import ConfigError, load_coordinator_config
+
+    from .embedded import run_coordinator_main
+
+    try:
+        cfg = load_coordinator_config(config, flags)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    _setup_logging(cfg.log_level, cfg.log_format)
+    sys.exit(trio.run(run_coordinator_main, cfg))
+
+
+@cli.group(context_settings=CONTEXT, invoke_without_command=True)
+@click.option("--config", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option("--coordinator", "coordinator_url", default=None, envvar="TVM_AGENT_COORDINATOR",
+              help="Coordinator URL (http://host:port or ws://host:port/agent).")
+@click.option("--token", default=None, envvar="TVM_AGENT_TOKEN", help="Join token.")
+@click.option("--root", default=None, help="TVM root directory.")
+@click.option("--name", default=None, help="Agent id (default: generated once, kept in ROOT/agent-id).")
+@click.option("--task-user", default=None, help="Run tasks as this Linux user (root agents).")
+@click.option("--log-level", default=None)
+@click.pass_context
+def agent(ctx: click.Context, config: str | None, coordinator_url: str | None, token: str | None,
+          root: str | None, name: str | None, task_user: str | None, log_level: str | None) -> None:
+    """Run a TVM agent in the foreground (or `tvm agent install-service`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import trio
+
+    from protocol.config import ConfigError, load_agent_config
+    from tvmagent.agent import AgentOptions
+    from tvmagent.main import run_agent
+
+    try:
+        cfg = load_agent_config(config, {"coordinator": coordinator_url, "token": token, "root": root,
+                                         "name": name, "task_user": task_user, "log_level": log_level})
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not cfg.coordinator or not cfg.token:
+        raise click.UsageError("--coordinator and --token are required (or set them in --config)")
+    _setup_logging(cfg.log_level, cfg.log_format)
+    opts = AgentOptions(coordinator=cfg.coordinator, token=cfg.token, root=cfg.root, agent_id=cfg.name,
+                        heartbeat_interval=cfg.heartbeat_interval,
+                        reconnect_max_backoff=cfg.reconnect_max_backoff, task_user=cfg.task_user or None,
+                        use_bwrap=cfg.use_bwrap, drain_grace=cfg.drain_grace)
+    sys.exit(trio.run(run_agent, opts))
+
+
+@agent.command("install-service", context_settings=CONTEXT)
+@click.option("--coordinator", "coordinator_url", required=True, help="Coordinator URL.")
+@click.option("--token", required=True, help="Join token.")
+@click.option("--root", default="/var/lib/tvm-agent", show_default=True)
+@click.option("--unit-dir", default="/etc/systemd/system", show_default=True)
+@click.option("--config-dir", default="/etc/tvm", show_default=True)
+def install_service(coordinator_url: str, token: str, root: str, unit_dir: str, config_dir: str) -> None:
+    """Write and enable a systemd unit running this agent."""
+    from tvmagent.install_service import InstallError, install_agent_service
+
+    try:
+        for line in install_agent_service(coordinator_url, token, root, unit_dir=unit_dir, config_dir=config_dir):
+            click.echo(line)
+    except InstallError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+from .cli_resources import register  # noqa: E402
+
+register(cli)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="tvm")
+
+
+if __name__ == "__main__":
+    main()

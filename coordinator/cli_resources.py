@@ -1,0 +1,479 @@
+"""`tvm pool|tvm|workitem|job|task|file|status ...`: thin commands over the Python client."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from .cli import CONTEXT, _client, _emit, _run, credentials, output_option
+
+
+def _mk(endpoint: str | None, account: str | None, key: str | None):  # noqa: ANN202
+    return _client(endpoint, account, key)
+
+
+POOL_COLS = [("name", lambda p: p.name), ("state", lambda p: p.state), ("allocation", lambda p: p.allocation_state),
+             ("size", lambda p: p.vm_size), ("target", lambda p: p.target_dedicated),
+             ("current", lambda p: p.current_dedicated), ("tasks/VM", lambda p: p.max_tasks_per_vm)]
+TVM_COLS = [("name", lambda t: t.name), ("state", lambda t: t.state), ("ip", lambda t: t.ip_address),
+            ("running", lambda t: t.running_tasks_count), ("total run", lambda t: t.total_tasks_run),
+            ("host", lambda t: t.hostname)]
+WI_COLS = [("name", lambda w: w.name), ("state", lambda w: w.state), ("pool", lambda w: w.job_execution_environment.pool_name),
+           ("priority", lambda w: w.priority), ("recent job", lambda w: w.execution_info.recent_job if w.execution_info else "")]
+JOB_COLS = [("name", lambda j: j.name), ("state", lambda j: j.state), ("priority", lambda j: j.priority),
+            ("pool", lambda j: j.execution_info.pool_name),
+            ("active", lambda j: j.task_counts.active if j.task_counts else ""),
+            ("running", lambda j: j.task_counts.running if j.task_counts else ""),
+            ("succeeded", lambda j: j.task_counts.succeeded if j.task_counts else ""),
+            ("failed", lambda j: j.task_counts.failed if j.task_counts else "")]
+TASK_COLS = [("name", lambda t: t.name), ("state", lambda t: t.state),
+             ("exit", lambda t: t.execution_info.exit_code if t.execution_info else None),
+             ("retries", lambda t: t.execution_info.retry_count if t.execution_info else 0),
+             ("tvm", lambda t: t.tvm_info.tvm_name if t.tvm_info else None), ("command", lambda t: t.command_line[:60])]
+FILE_COLS = [("name", lambda f: f.name), ("dir", lambda f: "d" if f.is_directory else ""),
+             ("size", lambda f: f.properties.content_length if f.properties else ""),
+             ("modified", lambda f: f.properties.last_modified if f.properties else "")]
+
+
+def register(cli: click.Group) -> None:
+    for group in (pool, tvm, workitem, job, task, file, status):
+        cli.add_command(group)
+
+
+# --------------------------------------------------------------------------- pools
+
+
+@click.group(context_settings=CONTEXT)
+def pool() -> None:
+    """Pools of TVMs."""
+
+
+@pool.command("add")
+@click.argument("name")
+@click.option("--vm-size", default="small", show_default=True, help="small|medium|large|extralarge")
+@click.option("--target", "target_dedicated", default=0, show_default=True, help="Target number of TVMs.")
+@click.option("--max-tasks-per-vm", default=1, show_default=True)
+@click.option("--fill", "tvm_fill_type", type=click.Choice(["spread", "pack"]), default="spread", show_default=True)
+@click.option("--start-task", default=None, help="Command line run on every TVM before tasks.")
+@credentials
+@output_option
+def pool_add(name: str, vm_size: str, target_dedicated: int, max_tasks_per_vm: int, tvm_fill_type: str,
+             start_task: str | None, output: str, **cred: Any) -> None:
+    """Add a pool."""
+    from . import models as m
+
+    c = _mk(**cred)
+    extra = {"start_task": m.StartTask(command_line=start_task)} if start_task else {}
+    p = _run(lambda: c.pools.add(name, vm_size=vm_size, target_dedicated=target_dedicated,
+                                 max_tasks_per_vm=max_tasks_per_vm, tvm_fill_type=tvm_fill_type, **extra))
+    _emit(output, p)
+
+
+@pool.command("list")
+@credentials
+@output_option
+def pool_list(output: str, **cred: Any) -> None:
+    """List pools."""
+    c = _mk(**cred)
+    _emit(output, _run(c.pools.list), POOL_COLS)
+
+
+@pool.command("show")
+@click.argument("name")
+@credentials
+@output_option
+def pool_show(name: str, output: str, **cred: Any) -> None:
+    """Show one pool."""
+    c = _mk(**cred)
+    _emit(output, _run(lambda: c.pools.get(name)))
+
+
+@pool.command("resize")
+@click.argument("name")
+@click.argument("target", type=int)
+@click.option("--deallocation", type=click.Choice(["requeue", "terminate", "taskcompletion"]), default="requeue")
+@credentials
+@output_option
+def pool_resize(name: str, target: int, deallocation: str, output: str, **cred: Any) -> None:
+    """Change a pool's target TVM count."""
+    c = _mk(**cred)
+    _run(lambda: c.pools.resize(name, target, tvm_deallocation_option=deallocation))
+    _emit(output, {"name": name, "targetDedicated": target})
+
+
+@pool.command("delete")
+@click.argument("name")
+@credentials
+@output_option
+def pool_delete(name: str, output: str, **cred: Any) -> None:
+    """Delete a pool (its TVMs return to the free inventory)."""
+    c = _mk(**cred)
+    _run(lambda: c.pools.delete(name))
+    _emit(output, {"deleted": name})
+
+
+# --------------------------------------------------------------------------- TVMs
+
+
+@click.group(context_settings=CONTEXT)
+def tvm() -> None:
+    """Task virtual machines of a pool."""
+
+
+@tvm.command("list")
+@click.argument("pool_name")
+@credentials
+@output_option
+def tvm_list(pool_name: str, output: str, **cred: Any) -> None:
+    """List the TVMs of a pool."""
+    c = _mk(**cred)
+    _emit(output, _run(lambda: c.tvms.list(pool_name)), TVM_COLS)
+
+
+@tvm.command("show")
+@click.argument("pool_name")
+@click.argument("name")
+@credentials
+@output_option
+def tvm_show(pool_name: str, name: str, output: str, **cred: Any) -> None:
+    """Show one TVM."""
+    c = _mk(**cred)
+    _emit(output, _run(lambda: c.tvms.get(pool_name, name)))
+
+
+# --------------------------------------------------------------------------- workitems and jobs
+
+
+@click.group(context_settings=CONTEXT)
+def workitem() -> None:
+    """Workitems (each creates jobs)."""
+
+
+@workitem.command("add")
+@click.argument("name")
+@click.option("--pool", "pool_name", required=True, help="Pool the jobs run on.")
+@click.option("--priority", default=0, show_default=True, help="-1000..1000")
+@click.option("--max-task-retries", type=int, default=None, help="Default maxTaskRetryCount of its tasks.")
+@credentials
+@output_option
+def workitem_add(name: str, pool_name: str, priority: int, max_task_retries: int | None, output: str,
+                 **cred: Any) -> None:
+    """Add a workitem; without a schedule its job job-0000000001 starts at once."""
+    from . import models as m
+
+    c = _mk(**cred)
+    extra = {"job_constraints": m.JobConstraints(max_task_retry_count=max_task_retries)} \
+        if max_task_retries is not None else {}
+    _emit(output, _run(lambda: c.workitems.add(name, pool_name, priority=priority, **extra)))
+
+
+@workitem.command("list")
+@credentials
+@output_option
+def workitem_list(output: str, **cred: Any) -> None:
+    """List workitems."""
+    c = _mk(**cred)
+    _emit(output, _run(c.workitems.list), WI_COLS)
+
+
+@workitem.command("show")
+@click.argument("name")
+@credentials
+@output_option
+def workitem_show(name: str, output: str, **cred: Any) -> None:
+    """Show one workitem."""
+    c = _mk(**cred)
+    _emit(output, _run(lambda: c.workitems.get(name)))
+
+
+@workitem.command("delete")
+@click.argument("name")
+@credentials
+@output_option
+def workitem_delete(name: str, output: str, **cred: Any) -> None:
+    """Delete a workitem, its jobs and tasks (running tasks are killed)."""
+    c = _mk(**cred)
+    _run(lambda: c.workitems.delete(name))
+    _emit(output, {"deleted": name})
+
+
+@click.group(context_settings=CONTEXT)
+def job() -> None:
+    """Jobs of a workitem."""
+
+
+@job.command("list")
+@click.argument("workitem_name")
+@credentials
+@output_option
+def job_list(workitem_name: str, output: str, **cred: Any) -> None:
+    """List the jobs of a workitem."""
+    c = _mk(**cred)
+    _emit(output, _run(lambda: c.jobs.list(workitem_name)), JOB_COLS)
+
+
+@job.command("show")
+@click.argument("workitem_name")
+@click.argument("name")
+@credentials
+@output_option
+def job_show(workitem_name: str, name: str, output: str, **cred: Any) -> None:
+    """Show one job with its task counts."""
+    c = _mk(**cred)
+    _emit(output, _run(lambda: c.jobs.get(workitem_name, name)))
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+@click.group(context_settings=CONTEXT)
+def task() -> None:
+    """Tasks of a job."""
+
+
+def _task_opts(f: Any) -> Any:
+    f = click.option("--env", "-e", multiple=True, help="NAME=VALUE (repeatable).")(f)
+    f = click.option("--max-wall-clock", default=None, help="ISO 8601 duration, e.g. PT10M.")(f)
+    f = click.option("--max-retries", type=int, default=None, help="maxTaskRetryCount (-1: unlimited).")(f)
+    f = click.option("--retention", default=None, help="ISO 8601 duration to keep files (default P7D).")(f)
+    return f
+
+
+def _env(pairs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise click.BadParameter(f"{p!r} is not NAME=VALUE", param_hint="--env")
+        k, v = p.split("=", 1)
+        out[k] = v
+    return out
+
+
+@task.command("add")
+@click.argument("workitem_name")
+@click.argument("job_name")
+@click.argument("name")
+@click.argument("command_line")
+@_task_opts
+@credentials
+@output_option
+def task_add(workitem_name: str, job_name: str, name: str, command_line: str, env: tuple[str, ...],
+             max_wall_clock: str | None, max_retries: int | None, retention: str | None, output: str,
+             **cred: Any) -> None:
+    """Add one task. The command line runs without a shell (use `/bin/sh -c '...'` for one)."""
+    c = _mk(**cred)
+    _run(lambda: c.tasks.add(workitem_name, job_name, name, command_line, env=_env(env),
+                             max_wall_clock_time=max_wall_clock, max_task_retry_count=max_retries,
+                             retention_time=retention))
+    _emit(output, {"added": name})
+
+
+@task.command("add-many")
+@click.argument("workitem_name")
+@click.argument("job_name")
+@click.option("--file", "path", type=click.File("r"), default="-", show_default=True,
+              help="One command line per line, or JSON lines of TaskAdd objects.")
+@click.option("--prefix", default="task", show_default=True, help="Name prefix for plain command lines.")
+@_task_opts
+@credentials
+@output_option
+def task_add_many(workitem_name: str, job_name: str, path: Any, prefix: str, env: tuple[str, ...],
+                  max_wall_clock: str | None, max_retries: int | None, retention: str | None, output: str,
+                  **cred: Any) -> None:
+    """Add many tasks (chunked into collections of 100)."""
+    import msgspec
+
+    from . import models as m
+    from .client import task_spec
+
+    specs = []
+    for i, line in enumerate(x for x in path.read().splitlines() if x.strip()):
+        if line.lstrip().startswith("{"):
+            try:
+                specs.append(msgspec.json.decode(line, type=m.TaskAdd))
+            except msgspec.ValidationError as exc:
+                raise click.ClickException(f"line {i + 1}: {exc}") from None
+        else:
+            specs.append(task_spec(f"{prefix}-{i:06d}", line, env=_env(env), max_wall_clock_time=max_wall_clock,
+                                   max_task_retry_count=max_retries, retention_time=retention))
+    c = _mk(**cred)
+    results = _run(lambda: c.tasks.add_many(workitem_name, job_name, specs))
+    failed = [r for r in results if r.status != "success"]
+    if output == "json":
+        _emit(output, results)
+    else:
+        click.echo(f"added {len(results) - len(failed)} task(s), {len(failed)} refused")
+        for r in failed[:20]:
+            click.echo(f"  {r.name}: {r.error}", err=True)
+    if failed:
+        sys.exit(1)
+
+
+@task.command("list")
+@click.argument("workitem_name")
+@click.argument("job_name")
+@click.option("--state", type=click.Choice(["active", "running", "completed"]), default=None)
+@credentials
+@output_option
+def task_list(workitem_name: str, job_name: str, state: str | None, output: str, **cred: Any) -> None:
+    """List tasks, optionally by state."""
+    c = _mk(**cred)
+    _emit(output, _run(lambda: c.tasks.list(workitem_name, job_name, state=state)), TASK_COLS)
+
+
+@task.command("show")
+@click.argument("workitem_name")
+@click.argument("job_name")
+@click.argument("name")
+@credentials
+@output_option
+def task_show(workitem_name: str, job_name: str, name: str, output: str, **cred: Any) -> None:
+    """Show one task."""
+    c = _mk(**cred)
+    _emit(output, _run(lambda: c.tasks.get(workitem_name, job_name, name)))
+
+
+@task.command("terminate")
+@click.argument("workitem_name")
+@click.argument("job_name")
+@click.argument("name")
+@credentials
+@output_option
+def task_terminate(workitem_name: str, job_name: str, name: str, output: str, **cred: Any) -> None:
+    """Terminate a task (a running one is killed)."""
+    c = _mk(**cred)
+    _run(lambda: c.tasks.terminate(workitem_name, job_name, name))
+    _emit(output, {"terminated": name})
+
+
+@task.command("delete")
+@click.argument("workitem_name")
+@click.argument("job_name")
+@click.argument("name")
+@credentials
+@output_option
+def task_delete(workitem_name: str, job_name: str, name: str, output: str, **cred: Any) -> None:
+    """Delete a task and its files."""
+    c = _mk(**cred)
+    _run(lambda: c.tasks.delete(workitem_name, job_name, name))
+    _emit(output, {"deleted": name})
+
+
+@task.command("wait")
+@click.argument("workitem_name")
+@click.argument("job_name")
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@credentials
+@output_option
+def task_wait(workitem_name: str, job_name: str, timeout: float | None, output: str, **cred: Any) -> None:
+    """Wait until every task of the job completed; exit 1 if any failed."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    c = _mk(**cred)
+    console = Console(stderr=True)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
+                  disable=output == "json") as bar:
+        tid = bar.add_task(f"{workitem_name}/{job_name}", total=None, detail="")
+
+        def show(cn: Any) -> None:
+            total = cn.active + cn.running + cn.completed
+            bar.update(tid, total=total, completed=cn.completed,
+                       detail=f"{cn.running} running, {cn.active} active, {cn.failed} failed")
+
+        counts = _run(lambda: c.tasks.wait(workitem_name, job_name, timeout=timeout, progress=show))
+    _emit(output, counts) if output == "json" else click.echo(
+        f"{counts.completed} completed: {counts.succeeded} succeeded, {counts.failed} failed")
+    if counts.failed:
+        sys.exit(1)
+
+
+# --------------------------------------------------------------------------- files
+
+
+@click.group(context_settings=CONTEXT)
+def file() -> None:
+    """Files of tasks and TVMs, and the coordinator's file store."""
+
+
+@file.command("list")
+@click.argument("workitem_name")
+@click.argument("job_name")
+@click.argument("task_name")
+@click.option("--recursive", "-r", is_flag=True)
+@credentials
+@output_option
+def file_list(workitem_name: str, job_name: str, task_name: str, recursive: bool, output: str, **cred: Any) -> None:
+    """List a task's files."""
+    c = _mk(**cred)
+    _emit(output, _run(lambda: c.files.list_from_task(workitem_name, job_name, task_name, recursive=recursive)),
+          FILE_COLS)
+
+
+@file.command("get")
+@click.argument("workitem_name")
+@click.argument("job_name")
+@click.argument("task_name")
+@click.argument("path")
+@click.option("--dest", type=click.Path(dir_okay=False), default=None, help="Write here instead of stdout.")
+@click.option("--range", "byte_range", default=None, help="START-END byte range (inclusive).")
+@credentials
+def file_get(workitem_name: str, job_name: str, task_name: str, path: str, dest: str | None,
+             byte_range: str | None, **cred: Any) -> None:
+    """Get a task's file (e.g. stdout.txt)."""
+    rng = None
+    if byte_range:
+        try:
+            a, b = byte_range.split("-")
+            rng = (int(a), int(b))
+        except ValueError:
+            raise click.BadParameter("use START-END, e.g. 0-1023", param_hint="--range") from None
+    c = _mk(**cred)
+    data = _run(lambda: c.files.get_from_task(workitem_name, job_name, task_name, path, byte_range=rng))
+    if dest:
+        with open(dest, "wb") as f:
+            f.write(data)
+    else:
+        sys.stdout.buffer.write(data)
+
+
+@file.command("upload")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@credentials
+@output_option
+def file_upload(path: str, output: str, **cred: Any) -> None:
+    """Upload a file to the coordinator's file store; prints the blobSource to use in resourceFiles."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        data = f.read()
+    c = _mk(**cred)
+    res = _run(lambda: c.files.upload(data, sha256=hashlib.sha256(data).hexdigest()))
+    _emit(output, res) if output == "json" else click.echo(res["blobSource"])
+
+
+@click.command(context_settings=CONTEXT)
+@credentials
+@output_option
+def status(output: str, **cred: Any) -> None:
+    """Summarise the cluster: pools, TVMs by state, tasks by state."""
+    c = _mk(**cred)
+    pools = _run(c.pools.list)
+    summary: dict[str, Any] = {"pools": []}
+    for p in pools:
+        tvms = _run(lambda p=p: c.tvms.list(p.name))
+        states: dict[str, int] = {}
+        for t in tvms:
+            states[t.state] = states.get(t.state, 0) + 1
+        summary["pools"].append({"name": p.name, "target": p.target_dedicated, "current": p.current_dedicated,
+                                 "allocationState": p.allocation_state, "tvms": states})
+    if output == "json":
+        click.echo(json.dumps(summary, indent=2))
+        return
+    for p in summary["pools"]:
+        click.echo(f"pool {p['name']}: {p['current']}/{p['target']} TVMs ({p['allocationState']}) "
+                   + ", ".join(f"{k} {v}" for k, v in sorted(p["tvms"].items())))

@@ -1,0 +1,140 @@
+"""`tvm up`, `tvm quickstart` and `tvm coordinator`: the Trio main functions behind the CLI."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import sys
+import tempfile
+import time
+from typing import Any
+
+import trio
+
+from .provisioner import LocalProvisioner
+from .server import RunningCoordinator, run_coordinator
+
+log = logging.getLogger("tvm.up")
+
+
+def _exports(rc: RunningCoordinator) -> str:
+    return (f"export TVM_ENDPOINT={rc.endpoint}\n"
+            f"export TVM_ACCOUNT={rc.account}\n"
+            f"export TVM_KEY={rc.key}\n")
+
+
+async def _until_signal() -> int:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s, stopping", signal.Signals(signum).name)
+            return 0
+    return 0
+
+
+async def run_up(state_dir: str, host: str, port: int, agents: int, heartbeat_timeout: float) -> int:
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                rc: RunningCoordinator = await nursery.start(
+                    lambda task_status: run_coordinator(state_dir, host=host, port=port,
+                                                        heartbeat_timeout=heartbeat_timeout, task_status=task_status))
+            except OSError as exc:
+                print(f"error: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+                return 1
+            # The endpoint accepts requests now: the three lines come first on stdout.
+            sys.stdout.write(_exports(rc))
+            sys.stdout.flush()
+            prov = LocalProvisioner(state_dir, rc.agent_url, rc.join_token)
+            prov.start(agents)
+            print(f"tvm up: coordinator on {rc.endpoint}, {agents} local agent(s); Ctrl-C to stop",
+                  file=sys.stderr)
+            try:
+                await _until_signal()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(prov.stop_all)
+                nursery.cancel_scope.cancel()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def run_coordinator_main(cfg: Any) -> int:
+    from tvmagent.sdnotify import WatchdogPolicy, notify, watchdog_loop
+
+    async with trio.open_nursery() as nursery:
+        rc: RunningCoordinator = await nursery.start(
+            lambda task_status: run_coordinator(cfg.state_dir, host=cfg.host, port=cfg.port, account=cfg.account,
+                                                heartbeat_timeout=cfg.heartbeat_timeout,
+                                                join_token=cfg.join_token or None,
+                                                max_pool_size=cfg.max_pool_size, task_status=task_status))
+        log.info("coordinator ready on %s (account %s)", rc.endpoint, rc.account)
+        sys.stdout.write(_exports(rc) + f"export TVM_JOIN_TOKEN={rc.join_token}\n")
+        sys.stdout.flush()
+        notify("READY=1", f"STATUS=serving on {rc.endpoint}")
+        nursery.start_soon(watchdog_loop, WatchdogPolicy.from_env())
+        await _until_signal()
+        notify("STOPPING=1")
+        nursery.cancel_scope.cancel()
+    return 0
+
+
+SAMPLE_SCRIPT = (
+    "import hashlib, os, sys; n = int(sys.argv[1]); "
+    "h = hashlib.sha256(str(n).encode()).hexdigest(); "
+    "print(f\"task {os.environ['WATASK_TASK_NAME']} on {os.environ['WATASK_TVM_NAME']}: sha256({n}) = {h[:16]}\")"
+)
+
+
+async def run_quickstart(n_tasks: int, agents: int, state_dir: str | None) -> int:
+    """The main job: embedded coordinator + local agents + a real workload, end to end."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .client import AsyncClient, task_spec
+
+    console = Console(stderr=True)
+    tmp = None
+    if state_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="tvm-quickstart-")
+        state_dir = tmp.name
+    prov: LocalProvisioner | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            rc: RunningCoordinator = await nursery.start(
+                lambda task_status: run_coordinator(state_dir, port=0, task_status=task_status))
+            console.print(f"[bold]coordinator[/] {rc.endpoint}  (state in {state_dir})")
+            prov = LocalProvisioner(state_dir, rc.agent_url, rc.join_token)
+            prov.start(agents)
+            async with AsyncClient(rc.endpoint, rc.account, rc.key) as client:
+                await client.pools.add("quickstart", target_dedicated=agents, max_tasks_per_vm=2,
+                                       vm_size="medium")
+                await client.workitems.add("sample", "quickstart")
+                job = "job-0000000001"
+                tasks = [task_spec(f"t{i:04d}", f"{shlex.quote(sys.executable)} -c {shlex.quote(SAMPLE_SCRIPT)} {i}")
+                         for i in range(n_tasks)]
+                started = time.monotonic()
+                await client.tasks.add_many("sample", job, tasks)
+                with Progress(TextColumn("tasks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                              console=console) as bar:
+                    tid = bar.add_task("tasks", total=n_tasks)
+                    counts = await client.tasks.wait(
+                        "sample", job, timeout=600,
+                        progress=lambda c: bar.update(tid, completed=c.completed))
+                elapsed = time.monotonic() - started
+                first = await client.files.get_from_task("sample", job, "t0000", "stdout.txt")
+                tvms = await client.tvms.list("quickstart")
+            console.print(f"[green]{counts.succeeded} succeeded[/], {counts.failed} failed, "
+                          f"{n_tasks / elapsed:.0f} tasks/s on {len(tvms)} TVMs")
+            console.print(f"stdout of t0000: {first.decode().strip()}")
+            nursery.cancel_scope.cancel()
+        return 0 if counts.failed == 0 else 1
+    finally:
+        if prov is not None:
+            prov.stop_all()
+        if tmp is not None:
+            tmp.cleanup()
+        elif state_dir:
+            os.makedirs(state_dir, exist_ok=True)

@@ -1,0 +1,41 @@
+"""The one error type the REST API answers with: `{code, message: {lang, value}, values}`."""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, **values: object) -> None:
+        super().__init__(f"{code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.values = {k: str(v) for k, v in values.items()}
+
+
+def bad_request(code: str, message: str, **values: object) -> ApiError:
+    return ApiError(400, code, message, **values)
+
+
+def not_found(kind: str, name: str) -> ApiError:
+    codes = {
+        "pool": "PoolNotFound",
+        "workitem": "WorkItemNotFound",
+        "job": "JobNotFound",
+        "task": "TaskNotFound",
+        "tvm": "TVMNotFound",
+        "file": "FileNotFound",
+        "certificate": "CertificateNotFound",
+    }
+    return ApiError(404, codes.get(kind, "ResourceNotFound"), f"The specified {kind} '{name}' does not exist.",
+                    name=name)
+
+
+def conflict(kind: str, name: str) -> ApiError:
+    codes = {
+        "pool": "PoolExists",
+        "workitem": "WorkItemExists",
+        "task": "TaskExists",
+        "certificate": "CertificateExists",
+    }
+    return ApiError(409, codes.get(kind, "ResourceExists"), f"The specified {kind} '{name}' already exists.",
+                    name=name)

@@ -1,0 +1,124 @@
+"""The agent websocket endpoint: handshake, one reader, one batching writer per connection.
+
+Every failure of one link (bad token, malformed frame, a bug) closes that link with a reason and
+never reaches the server (python-ecosystem §1, rule 3).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import trio
+
+from protocol import SUBPROTOCOL, ProtocolError, coordinator_codec
+from protocol import messages as pm
+
+from .service import AgentLink, CoordinatorService
+
+log = logging.getLogger("tvm.links")
+_codec = coordinator_codec()
+
+
+class _Closed(Exception):
+    pass
+
+
+async def _receive_bytes(receive: Callable) -> bytes:
+    msg = await receive()
+    if msg["type"] == "websocket.disconnect":
+        raise _Closed()
+    data = msg.get("bytes")
+    if data is None:
+        raise ProtocolError("text frames are not part of the protocol", close_code=1003)
+    return data
+
+
+async def serve_agent(svc: CoordinatorService, scope: dict, receive: Callable, send: Callable) -> None:
+    if scope.get("path") != "/agent":
+        msg = await receive()
+        await send({"type": "websocket.close", "code": 4004})
+        return
+    msg = await receive()
+    if msg["type"] != "websocket.connect":
+        return
+    if SUBPROTOCOL not in scope.get("subprotocols", []):
+        await send({"type": "websocket.close", "code": 4009})
+        log.warning("agent refused: subprotocol %s not offered", SUBPROTOCOL)
+        return
+    await send({"type": "websocket.accept", "subprotocol": SUBPROTOCOL})
+    link: AgentLink | None = None
+    connection_id = 0
+    try:
+        with trio.fail_after(10):
+            hello = _codec.decode_handshake(await _receive_bytes(receive))
+        if not isinstance(hello, pm.Hello):
+            raise ProtocolError("the first message must be hello")
+        if hello.protocol_version != pm.PROTOCOL_VERSION:
+            await _reject(send, "ProtocolVersionMismatch",
+                          f"coordinator speaks protocol {pm.PROTOCOL_VERSION}, agent {hello.protocol_version}", 4009)
+            return
+        if not svc.check_token(hello.token):
+            log.warning("agent %s refused: wrong join token", hello.agent_id or "?")
+            await _reject(send, "InvalidJoinToken", "the join token is not valid", 4003)
+            return
+        if not hello.agent_id or len(hello.agent_id) > 128:
+            await _reject(send, "InvalidAgentId", "agent_id must be 1..128 characters", 4002)
+            return
+        link, welcome = svc.link_for(hello)
+        connection_id = link.connection_id
+        await send({"type": "websocket.send", "bytes": _codec.encode(welcome)})
+        svc.agent_connected(link, hello)
+        log.info("agent %s connected (%s)", hello.agent_id, "resumed" if welcome.resumed else "new session")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_writer, link, connection_id, send, nursery.cancel_scope)
+            while True:
+                data = await _receive_bytes(receive)
+                received = link.session.receive_frame(data)
+                await svc.agent_batch(link, received)
+    except _Closed:
+        pass
+    except ProtocolError as exc:
+        log.warning("closing agent link: %s", exc.message)
+        await _close(send, exc.close_code, exc.message)
+    except trio.TooSlowError:
+        await _close(send, 4002, "no hello within 10 s")
+    except Exception:
+        log.exception("agent link failed")
+        await _close(send, 1011, "internal error")
+    finally:
+        if link is not None:
+            svc.agent_lost(link, connection_id)
+
+
+async def _writer(link: AgentLink, connection_id: int, send: Callable, scope: trio.CancelScope) -> None:
+    session = link.session
+    while link.connection_id == connection_id:
+        if link.close_request is not None:
+            code, reason = link.close_request
+            link.close_request = None
+            await _close(send, code, reason)
+            scope.cancel()
+            return
+        frame = session.next_frame()
+        if frame is None:
+            await link.wake.wait()
+            link.wake = trio.Event()
+            continue
+        await send({"type": "websocket.send", "bytes": frame})
+    scope.cancel()
+
+
+async def _reject(send: Callable, code: str, message: str, close_code: int) -> None:
+    try:
+        await send({"type": "websocket.send", "bytes": _codec.encode(pm.Reject(code=code, message=message))})
+    except Exception:  # noqa: BLE001 - the peer may already be gone
+        pass
+    await _close(send, close_code, message)
+
+
+async def _close(send: Callable, code: int, reason: str) -> None:
+    try:
+        await send({"type": "websocket.close", "code": code, "reason": reason[:120]})
+    except Exception:  # noqa: BLE001 - already closed
+        pass

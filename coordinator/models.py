@@ -1,0 +1,331 @@
+"""REST resource shapes (the seed's JSON names), shared by the server and the Python client.
+
+One Struct per request/response body, camelCase on the wire. Request types reject unknown fields
+(typos become clear 400s); response types ignore them so an older client reads a newer server.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class _Req(msgspec.Struct, rename="camel", omit_defaults=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class _Res(msgspec.Struct, rename="camel", omit_defaults=True, kw_only=True):
+    pass
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+class EnvironmentSetting(_Res, forbid_unknown_fields=True):
+    name: str
+    value: str = ""
+
+
+class ResourceFile(_Res, forbid_unknown_fields=True):
+    blob_source: str
+    file_path: str
+    sha256: str | None = None
+    file_size: int | None = None
+
+
+class TaskConstraints(_Res, forbid_unknown_fields=True):
+    max_wall_clock_time: str | None = None
+    max_task_retry_count: int | None = None
+    retention_time: str | None = None
+
+
+class JobConstraints(_Res, forbid_unknown_fields=True):
+    max_wall_clock_time: str | None = None
+    max_task_retry_count: int | None = None
+
+
+class StartTask(_Res, forbid_unknown_fields=True):
+    command_line: str
+    resource_files: list[ResourceFile] = []
+    environment_settings: list[EnvironmentSetting] = []
+    max_task_retry_count: int = 0
+    wait_for_success: bool = True
+    run_elevated: bool = False
+
+
+class CertificateReference(_Res, forbid_unknown_fields=True):
+    thumbprint: str
+    thumbprint_algorithm: str = "sha1"
+
+
+class MetadataItem(_Res, forbid_unknown_fields=True):
+    name: str
+    value: str = ""
+
+
+class SchedulingError(_Res):
+    category: str
+    code: str
+    message: str = ""
+
+
+class ResizeError(_Res):
+    code: str
+    message: str = ""
+
+
+# --------------------------------------------------------------------------- pools and TVMs
+
+
+class PoolAdd(_Req):
+    name: str
+    vm_size: str = "small"
+    target_dedicated: int = 0
+    max_tasks_per_vm: int = 1
+    tvm_fill_type: str = "spread"
+    start_task: StartTask | None = None
+    communication: bool = False
+    certificate_references: list[CertificateReference] = []
+    enable_auto_scale: bool = False
+    auto_scale_formula: str | None = None
+    auto_scale_evaluation_interval: str | None = None
+    resize_timeout: str | None = None
+    metadata: list[MetadataItem] = []
+
+
+class Pool(_Res):
+    name: str
+    state: str
+    allocation_state: str
+    vm_size: str
+    target_dedicated: int
+    current_dedicated: int
+    max_tasks_per_vm: int
+    tvm_fill_type: str
+    creation_time: str
+    state_transition_time: str
+    allocation_state_transition_time: str
+    resize_timeout: str = "PT15M"
+    start_task: StartTask | None = None
+    communication: bool = False
+    certificate_references: list[CertificateReference] = []
+    enable_auto_scale: bool = False
+    auto_scale_formula: str | None = None
+    auto_scale_evaluation_interval: str | None = None
+    resize_error: ResizeError | None = None
+    metadata: list[MetadataItem] = []
+
+
+class PoolResize(_Req):
+    target_dedicated: int
+    resize_timeout: str | None = None
+    tvm_deallocation_option: str = "requeue"
+
+
+class StartTaskInfo(_Res):
+    state: str
+    start_time: str | None = None
+    end_time: str | None = None
+    exit_code: int | None = None
+    retry_count: int = 0
+    scheduling_error: SchedulingError | None = None
+
+
+class TaskInformation(_Res):
+    workitem_name: str
+    job_name: str
+    task_name: str
+    task_state: str
+
+
+class Tvm(_Res):
+    name: str
+    state: str
+    pool_name: str
+    ip_address: str
+    vm_size: str
+    state_transition_time: str
+    allocation_time: str
+    scheduling_state: str = "enabled"
+    running_tasks_count: int = 0
+    total_tasks_run: int = 0
+    start_task_info: StartTaskInfo | None = None
+    recent_tasks: list[TaskInformation] = []
+    agent_id: str = ""
+    hostname: str = ""
+    cores: int = 0
+    memory_bytes: int = 0
+    last_heartbeat_time: str | None = None
+
+
+# --------------------------------------------------------------------------- workitems and jobs
+
+
+class JobManager(_Res, forbid_unknown_fields=True):
+    name: str
+    command_line: str
+    resource_files: list[ResourceFile] = []
+    environment_settings: list[EnvironmentSetting] = []
+    task_constraints: TaskConstraints | None = None
+    kill_job_on_completion: bool = True
+    run_elevated: bool = False
+    run_exclusive: bool = True
+
+
+class JobExecutionEnvironment(_Res, forbid_unknown_fields=True):
+    pool_name: str | None = None
+    auto_pool_specification: dict | None = None
+
+
+class Schedule(_Res, forbid_unknown_fields=True):
+    do_not_run_until: str | None = None
+    do_not_run_after: str | None = None
+    start_window: str | None = None
+    recurrence_interval: str | None = None
+
+
+class WorkitemAdd(_Req):
+    name: str
+    job_execution_environment: JobExecutionEnvironment
+    priority: int = 0
+    job_constraints: JobConstraints | None = None
+    job_manager: JobManager | None = None
+    schedule: Schedule | None = None
+    common_environment_settings: list[EnvironmentSetting] = []
+    metadata: list[MetadataItem] = []
+
+
+class WorkitemExecutionInfo(_Res):
+    recent_job: str | None = None
+    next_run_time: str | None = None
+
+
+class Workitem(_Res):
+    name: str
+    state: str
+    creation_time: str
+    state_transition_time: str
+    job_execution_environment: JobExecutionEnvironment
+    priority: int = 0
+    job_constraints: JobConstraints | None = None
+    job_manager: JobManager | None = None
+    schedule: Schedule | None = None
+    common_environment_settings: list[EnvironmentSetting] = []
+    execution_info: WorkitemExecutionInfo | None = None
+    metadata: list[MetadataItem] = []
+
+
+class JobExecutionInfo(_Res):
+    start_time: str
+    pool_name: str
+    end_time: str | None = None
+    terminate_reason: str | None = None
+
+
+class TaskCounts(_Res):
+    active: int = 0
+    running: int = 0
+    completed: int = 0
+    succeeded: int = 0
+    failed: int = 0
+
+
+class Job(_Res):
+    name: str
+    workitem_name: str
+    state: str
+    priority: int
+    creation_time: str
+    state_transition_time: str
+    execution_info: JobExecutionInfo
+    task_counts: TaskCounts | None = None
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+class TaskAdd(_Req):
+    name: str
+    command_line: str
+    resource_files: list[ResourceFile] = []
+    environment_settings: list[EnvironmentSetting] = []
+    task_constraints: TaskConstraints | None = None
+    run_elevated: bool = False
+
+
+class TaskAddCollection(_Req):
+    value: list[TaskAdd]
+
+
+class TaskAddResult(_Res):
+    name: str
+    status: str  # "success" | "clienterror" | "servererror"
+    error: dict | None = None
+
+
+class TaskAddCollectionResult(_Res):
+    value: list[TaskAddResult]
+
+
+class TaskUpdate(_Req):
+    task_constraints: TaskConstraints | None = None
+
+
+class TaskExecutionInfo(_Res):
+    start_time: str | None = None
+    end_time: str | None = None
+    exit_code: int | None = None
+    retry_count: int = 0
+    requeue_count: int = 0
+    last_retry_time: str | None = None
+    last_requeue_time: str | None = None
+    scheduling_error: SchedulingError | None = None
+
+
+class TvmInfo(_Res):
+    pool_name: str
+    tvm_name: str
+
+
+class Task(_Res):
+    name: str
+    state: str
+    command_line: str
+    creation_time: str
+    state_transition_time: str
+    environment_settings: list[EnvironmentSetting] = []
+    resource_files: list[ResourceFile] = []
+    task_constraints: TaskConstraints | None = None
+    run_elevated: bool = False
+    previous_state: str | None = None
+    execution_info: TaskExecutionInfo | None = None
+    tvm_info: TvmInfo | None = None
+
+
+# --------------------------------------------------------------------------- files and errors
+
+
+class FileProperties(_Res):
+    content_length: int
+    last_modified: str
+
+
+class NodeFile(_Res):
+    name: str
+    is_directory: bool
+    properties: FileProperties | None = None
+
+
+class ErrorMessage(_Res):
+    lang: str = "en-us"
+    value: str = ""
+
+
+class ErrorDetail(_Res):
+    key: str
+    value: str
+
+
+class ErrorBody(_Res):
+    code: str
+    message: ErrorMessage
+    values: list[ErrorDetail] = []

@@ -1,0 +1,56 @@
+"""Provisioners start and stop agents for pools (DESIGN.md §7). The embedded default is local:
+agent processes on this machine, each with its own TVM root."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Protocol
+
+
+class Provisioner(Protocol):
+    def start(self, n: int, size: str) -> list[str]: ...
+    def stop_all(self) -> None: ...
+
+
+class LocalProvisioner:
+    def __init__(self, state_dir: str, coordinator_url: str, token: str, *, log_level: str = "warning") -> None:
+        self.state_dir = os.path.abspath(state_dir)
+        self.url = coordinator_url
+        self.token = token
+        self.log_level = log_level
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, n: int, size: str = "small") -> list[str]:
+        started = []
+        for _ in range(n):
+            index = len(self.procs)
+            root = os.path.join(self.state_dir, "agents", f"agent-{index}")
+            os.makedirs(root, exist_ok=True)
+            log = open(os.path.join(self.state_dir, "agents", f"agent-{index}.log"), "ab")  # noqa: SIM115
+            env = dict(os.environ)
+            env["TVM_AGENT_TOKEN"] = self.token  # never on the command line (ps shows it)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tvmagent", "--coordinator", self.url, "--root", root,
+                 "--name", f"local-{index}", "--log-level", self.log_level],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True,
+            )
+            log.close()
+            self.procs.append(proc)
+            started.append(f"local-{index}")
+        return started
+
+    def stop_all(self, grace: float = 10.0) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()

@@ -1,0 +1,155 @@
+"""In-memory records of the coordinator: what the journal stores and the scheduler works on.
+
+They are compact msgspec Structs (the journal stores them as msgpack). Tasks are the many ones:
+`array_like` and `gc=False` keep a queued task well under 1 KiB.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import msgspec
+
+from . import models as m
+
+# Task states (interned strings: every record shares the same objects).
+ACTIVE = "active"
+RUNNING = "running"
+COMPLETED = "completed"
+
+VM_SIZES: dict[str, tuple[int, int, int]] = {
+    # name: (cores, memory MiB, disk GiB) — the seed's sizes
+    "small": (1, 1792, 70),
+    "medium": (2, 3584, 135),
+    "large": (4, 7168, 285),
+    "extralarge": (8, 14336, 605),
+}
+
+
+class TaskRec(msgspec.Struct, array_like=True, gc=False, kw_only=True):
+    name: str
+    command_line: str
+    seq: int  # submission order within the account
+    created: float
+    env: dict[str, str] | None = None
+    resource_files: list[m.ResourceFile] | None = None
+    max_wall_s: float | None = None
+    max_retries: int | None = None  # None: the job's default
+    retention_s: float | None = None
+    run_elevated: bool = False
+    job_manager: bool = False
+    state: str = ACTIVE
+    state_time: float = 0.0
+    prev_state: str | None = None
+    start_time: float | None = None
+    end_time: float | None = None
+    exit_code: int | None = None
+    retry_count: int = 0
+    requeue_count: int = 0
+    last_retry: float | None = None
+    last_requeue: float | None = None
+    failure: tuple[str, str, str] | None = None  # (category, code, message)
+    pool: str | None = None
+    tvm: str | None = None
+    attempt: int = 0
+
+
+class JobRec(msgspec.Struct, kw_only=True):
+    workitem: str
+    name: str
+    pool: str
+    priority: int
+    created: float
+    state: str = "active"
+    state_time: float = 0.0
+    end_time: float | None = None
+    terminate_reason: str | None = None
+    max_wall_s: float | None = None
+    max_retries: int = 0
+    common_env: dict[str, str] = {}
+
+
+class WorkitemRec(msgspec.Struct, kw_only=True):
+    spec: m.WorkitemAdd
+    created: float
+    state: str = "active"
+    state_time: float = 0.0
+    job_counter: int = 0
+    recent_job: str | None = None
+
+
+class PoolRec(msgspec.Struct, kw_only=True):
+    spec: m.PoolAdd
+    created: float
+    target: int
+    resize_timeout_s: float = 900.0
+    state: str = "active"
+    state_time: float = 0.0
+    alloc_state: str = "steady"
+    alloc_time: float = 0.0
+    resize_started: float | None = None
+    resize_error: tuple[str, str] | None = None
+
+
+class TvmRec(msgspec.Struct, kw_only=True):
+    name: str
+    pool: str
+    agent_id: str
+    created: float
+    state: str = "starting"
+    state_time: float = 0.0
+    ip: str = ""
+    scheduling: str = "enabled"
+    total_run: int = 0
+    start_task: dict[str, object] | None = None
+
+
+class Job:
+    """A job in memory: its record, its tasks and its queue of active tasks."""
+
+    __slots__ = ("rec", "tasks", "queue")
+
+    def __init__(self, rec: JobRec) -> None:
+        self.rec = rec
+        self.tasks: dict[str, TaskRec] = {}
+        self.queue: deque[TaskRec] = deque()
+
+    @property
+    def key(self) -> str:
+        return f"{self.rec.workitem}/{self.rec.name}"
+
+
+class AgentInfo:
+    """A registered agent (free, or backing a TVM)."""
+
+    __slots__ = ("agent_id", "connected", "hostname", "ip", "cores", "memory_bytes", "tvm",
+                 "last_seen", "disconnected_at", "capabilities")
+
+    def __init__(self, agent_id: str) -> None:
+        self.agent_id = agent_id
+        self.connected = False
+        self.hostname = ""
+        self.ip = ""
+        self.cores = 1
+        self.memory_bytes = 0
+        self.tvm: str | None = None
+        self.last_seen = 0.0
+        self.disconnected_at: float | None = None
+        self.capabilities: list[str] = []
+
+
+class Tvm:
+    """A TVM in memory: its record plus what runs on it now."""
+
+    __slots__ = ("rec", "running", "slots", "last_heartbeat", "ready")
+
+    def __init__(self, rec: TvmRec, slots: int) -> None:
+        self.rec = rec
+        self.running: dict[str, TaskRec] = {}
+        self.slots = slots
+        self.last_heartbeat: float | None = None
+        self.ready = False
+
+    @property
+    def free(self) -> int:
+        return self.slots - len(self.running)

@@ -1,0 +1,88 @@
+"""Run a coordinator: service + REST/websocket server on one port (hypercorn, Trio worker)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from .api import RestApp
+from .filestore import FileStore
+from .service import CoordinatorService
+
+log = logging.getLogger("tvm.coordinator")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+class RunningCoordinator:
+    """Handle given to `task_status.started()`: endpoint, account, key, token, service."""
+
+    def __init__(self, service: CoordinatorService, app: RestApp, endpoint: str) -> None:
+        self.service = service
+        self.app = app
+        self.endpoint = endpoint
+        self.account = service.account
+        self.key = service.keys[0]
+        self.join_token = service.join_token
+
+    @property
+    def agent_url(self) -> str:
+        return self.endpoint.replace("http://", "ws://").replace("https://", "wss://") + "/agent"
+
+
+async def run_coordinator(
+    state_dir: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    account: str = "tvm",
+    heartbeat_timeout: float = 30.0,
+    join_token: str | None = None,
+    max_pool_size: int = 1000,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
+    service = CoordinatorService(state_dir, account=account, heartbeat_timeout=heartbeat_timeout,
+                                 join_token=join_token, max_pool_size=max_pool_size)
+    files = FileStore(os.path.join(state_dir, "files"))
+    app = RestApp(service, files)
+    sock = bind_socket(host, port)
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    endpoint = f"http://{shown}:{bound}"
+    service.endpoint = endpoint
+    service.core.account_url = endpoint
+    config = Config()
+    # hypercorn wraps the fd in its own socket object and closes it: give it a duplicate.
+    config.bind = [f"fd://{os.dup(sock.fileno())}"]
+    config.websocket_max_message_size = 64 * 1024 * 1024
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.keep_alive_timeout = 75
+    config.graceful_timeout = 1.0
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            await nursery.start(_serve, app, config)
+            log.info("coordinator listening on %s (restored state in %.2f s)", endpoint, service.restore_seconds)
+            task_status.started(RunningCoordinator(service, app, endpoint))
+    finally:
+        sock.close()
+        service.close()
+
+
+async def _serve(app: RestApp, config: Config, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    await serve(app, config, task_status=task_status)  # type: ignore[arg-type]

@@ -1,0 +1,211 @@
+"""The coordinator's Trio shell: runs commands on the pure core and carries out their effects.
+
+Order of effects for one command: journal writes are submitted (group commit), messages to agents
+are queued on their link sessions at once, and the caller awaits the commit before answering — so a
+2xx means durable, and an agent's completion is acknowledged only after it is durable.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import itertools
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from protocol import LinkSession, coordinator_codec
+from protocol import messages as pm
+
+from .state import CoordinatorState, Effects
+from .store import Journal, SqliteStore, Ticket
+
+log = logging.getLogger("tvm.coordinator")
+
+
+class AgentLink:
+    """One agent's session plus, while connected, the means to write frames to it."""
+
+    def __init__(self, agent_id: str, session: LinkSession) -> None:
+        self.agent_id = agent_id
+        self.session = session
+        self.wake = trio.Event()
+        self.connected = False
+        self.close_request: tuple[int, str] | None = None
+        self.connection_id = 0
+
+    def poke(self) -> None:
+        self.wake.set()
+
+
+class CoordinatorService:
+    def __init__(
+        self,
+        state_dir: str,
+        *,
+        account: str = "tvm",
+        heartbeat_timeout: float = 30.0,
+        join_token: str | None = None,
+        clock: Callable[[], float] = time.time,
+        max_pool_size: int = 1000,
+    ) -> None:
+        os.makedirs(state_dir, exist_ok=True)
+        self.state_dir = state_dir
+        self.store = SqliteStore(os.path.join(state_dir, "coordinator.db"))
+        self.account = self.store.get_meta("account") or account
+        self.keys = [self.store.get_meta("key1") or "", self.store.get_meta("key2") or ""]
+        if not self.keys[0]:
+            self.keys = [base64.b64encode(secrets.token_bytes(64)).decode() for _ in range(2)]
+            self.store.set_meta("key1", self.keys[0])
+            self.store.set_meta("key2", self.keys[1])
+            self.store.set_meta("account", self.account)
+        token = join_token or self.store.get_meta("join_token_plain") or secrets.token_urlsafe(32)
+        if not self.store.get_meta("join_token_plain"):
+            # The embedded default keeps the token to hand to local agents; only its hash is compared.
+            self.store.set_meta("join_token_plain", token)
+        self.join_token = token
+        self._token_hash = hashlib.sha256(token.encode()).digest()
+        epoch = int(self.store.get_meta("epoch") or "0") + 1
+        self.store.set_meta("epoch", str(epoch))
+        self.core = CoordinatorState(self.account, epoch=epoch, clock=clock,
+                                     heartbeat_timeout=heartbeat_timeout, max_pool_size=max_pool_size)
+        started = time.monotonic()
+        self.core.restore(self.store.load())
+        self.restore_seconds = time.monotonic() - started
+        self.journal = Journal(self.store)
+        self.links: dict[str, AgentLink] = {}
+        self.tick_interval = max(0.05, min(1.0, heartbeat_timeout / 5))
+        self._file_waiters: dict[int, tuple[trio.Event, list[pm.FileResponse]]] = {}
+        self._req_ids = itertools.count(1)
+        self.endpoint = ""
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.journal.run)
+            nursery.start_soon(self._ticker)
+            task_status.started()
+
+    async def _ticker(self) -> None:
+        while True:
+            await trio.sleep(self.tick_interval)
+            self.core.tick()
+            self.core.schedule()
+            self._dispatch(self.core.take_effects())
+
+    def check_token(self, token: str) -> bool:
+        return hmac.compare_digest(hashlib.sha256(token.encode()).digest(), self._token_hash)
+
+    # ------------------------------------------------------------------ commands
+
+    async def execute(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a command on the core; answer once its writes are durable."""
+        error: Exception | None = None
+        result = None
+        try:
+            result = fn(*args)
+        except Exception as exc:  # validation refused it: nothing was mutated
+            error = exc
+        self.core.schedule()
+        ticket = self._dispatch(self.core.take_effects())
+        await ticket.wait()
+        if error is not None:
+            raise error
+        return result
+
+    def _dispatch(self, fx: Effects) -> Ticket:
+        ticket = self.journal.submit(fx.writes)
+        for agent_id, msg in fx.sends:
+            link = self.links.get(agent_id)
+            if link is None:
+                continue  # never connected in this run: it will re-register and reconcile
+            link.session.send(msg)
+            link.poke()
+        for agent_id, code, reason in fx.closes:
+            link = self.links.get(agent_id)
+            if link is not None:
+                link.close_request = (code, reason)
+                link.poke()
+        return ticket
+
+    # ------------------------------------------------------------------ agent links
+
+    def link_for(self, hello: pm.Hello) -> tuple[AgentLink, pm.Welcome]:
+        link = self.links.get(hello.agent_id)
+        resumed = bool(link and hello.session_id and hello.session_id == link.session.session_id)
+        if link is None or not resumed:
+            session = LinkSession(coordinator_codec(), secrets.token_hex(8))
+            if link is None:
+                link = AgentLink(hello.agent_id, session)
+                self.links[hello.agent_id] = link
+            else:
+                link.session = session
+        else:
+            link.session.resume(hello.last_received)
+        link.connection_id += 1
+        welcome = pm.Welcome(session_id=link.session.session_id, resumed=resumed,
+                             last_received=link.session.received,
+                             heartbeat_interval=max(0.05, self.core.heartbeat_timeout / 4))
+        return link, welcome
+
+    def agent_connected(self, link: AgentLink, hello: pm.Hello) -> None:
+        link.connected = True
+        self.core.agent_hello(hello)
+        self.core.schedule()
+        self._dispatch(self.core.take_effects())
+
+    def agent_lost(self, link: AgentLink, connection_id: int) -> None:
+        if link.connection_id != connection_id:
+            return  # a newer connection of the same agent already took over
+        link.connected = False
+        link.session.connection_lost()
+        self.core.agent_disconnected(link.agent_id)
+
+    async def agent_batch(self, link: AgentLink, received: list[Any]) -> None:
+        """Messages from one frame: apply, commit, then acknowledge."""
+        core = self.core
+        for r in received:
+            msg = r.msg
+            if isinstance(msg, pm.FileResponse):
+                waiter = self._file_waiters.get(msg.req_id)
+                if waiter is not None:
+                    waiter[1].append(msg)
+                    waiter[0].set()
+                continue
+            core.agent_message(link.agent_id, msg)
+        core.schedule()
+        ticket = self._dispatch(core.take_effects())
+        if received:
+            last = received[-1].seq
+            await ticket.wait()
+            link.session.confirm(last)
+            link.poke()
+
+    async def ask_agent_files(self, agent_id: str, request: pm.FileRequest, timeout: float = 30.0) -> pm.FileResponse | None:
+        link = self.links.get(agent_id)
+        if link is None or not link.connected:
+            return None
+        req_id = next(self._req_ids)
+        req = pm.FileRequest(req_id=req_id, op=request.op, path=request.path, recursive=request.recursive,
+                             offset=request.offset, length=request.length)
+        event = trio.Event()
+        box: list[pm.FileResponse] = []
+        self._file_waiters[req_id] = (event, box)
+        try:
+            link.session.send(req)
+            link.poke()
+            with trio.move_on_after(timeout):
+                await event.wait()
+        finally:
+            del self._file_waiters[req_id]
+        return box[0] if box else None
+
+    def close(self) -> None:
+        self.store.close()

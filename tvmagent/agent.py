@@ -1,0 +1,546 @@
+"""The TVM agent's Trio shell: link to the coordinator, run tasks, serve files, clean up.
+
+One agent backs at most one TVM at a time. It keeps one `LinkSession` for its whole life, so a
+completion survives any number of reconnects until the coordinator acknowledges it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shlex
+import shutil
+import socket
+import stat
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+from protocol import SUBPROTOCOL, LinkSession, ProtocolError, agent_codec
+from protocol import messages as pm
+
+from .downloads import DownloadCache, DownloadError
+from .metrics import HostSampler, host_facts
+from .sandbox import ProcessSpec, RunningProcess, Sandbox, SandboxCapabilities
+from .taskenv import TvmIdentity, start_task_env, task_dir, task_env
+
+log = logging.getLogger("tvm.agent")
+
+WALL_CLOCK_EXIT_CODE = 0xC000013A
+CLEANED_MARKER = ".tvm-cleaned"
+MAX_READ = 4 * 1024 * 1024
+
+
+class AgentRejected(Exception):
+    pass
+
+
+@dataclass
+class _Running:
+    spec: pm.TaskSpec
+    process: RunningProcess | None = None
+    cancelled: bool = False
+    cancel_reason: str = ""
+
+
+@dataclass
+class AgentOptions:
+    coordinator: str  # ws://host:port/agent (http:// is accepted and converted)
+    token: str
+    root: str
+    agent_id: str = ""
+    heartbeat_interval: float = 5.0
+    reconnect_max_backoff: float = 30.0
+    retention_sweep_interval: float = 20.0
+    task_user: str | None = None
+    use_bwrap: bool = False
+    drain_grace: float = 60.0
+    capabilities: list[str] = field(default_factory=lambda: ["files", "starttask", "certs"])
+
+
+def agent_url(url: str) -> str:
+    if url.startswith("http://"):
+        url = "ws://" + url[len("http://"):]
+    elif url.startswith("https://"):
+        url = "wss://" + url[len("https://"):]
+    if not url.rstrip("/").endswith("/agent"):
+        url = url.rstrip("/") + "/agent"
+    return url
+
+
+class Agent:
+    def __init__(self, opts: AgentOptions) -> None:
+        self.opts = opts
+        self.root = os.path.abspath(opts.root)
+        os.makedirs(self.root, exist_ok=True)
+        self.agent_id = opts.agent_id or self._load_agent_id()
+        self.session = LinkSession(agent_codec())
+        self.wake = trio.Event()
+        self.tvm: TvmIdentity | None = None
+        self.running: dict[str, _Running] = {}
+        self.retention: dict[str, float] = {}  # task key -> unix time its directory may be deleted
+        self.caps = SandboxCapabilities.detect()
+        self.sandbox = Sandbox(self.caps, cgroup_prefix=f"tvm-{self.agent_id[:12]}")
+        self.cache = DownloadCache(os.path.join(self.root, "cache"))
+        self.sampler = HostSampler(self.root)
+        self.connected = trio.Event()
+        self.draining = False
+        self._nursery: trio.Nursery | None = None
+        self._http_base = ""
+        self._tvm_scope: trio.CancelScope | None = None
+
+    def _load_agent_id(self) -> str:
+        path = os.path.join(self.root, "agent-id")
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+            if value:
+                return value
+        except FileNotFoundError:
+            pass
+        value = f"{socket.gethostname()[:20]}-{uuid.uuid4().hex[:10]}"
+        with open(path + ".tmp", "w") as f:
+            f.write(value)
+        os.replace(path + ".tmp", path)
+        return value
+
+    # ------------------------------------------------------------------ main loop
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        for line in self.caps.describe():
+            log.info("sandbox: %s", line)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._retention_loop)
+            task_status.started()
+            await self._connect_loop()
+
+    def send(self, msg: pm.Msg) -> None:
+        self.session.send(msg)
+        self.wake.set()
+
+    async def _connect_loop(self) -> None:
+        url = agent_url(self.opts.coordinator)
+        self._http_base = url.replace("ws://", "http://").replace("wss://", "https://").rsplit("/agent", 1)[0]
+        backoff = 0.1
+        while True:
+            try:
+                await self._connection(url)
+                backoff = 0.1
+            except Exception as exc:  # noqa: BLE001 - classified below
+                leaf = _first_leaf(exc)
+                if isinstance(leaf, AgentRejected):
+                    raise leaf from None
+                if not isinstance(leaf, _RETRYABLE):
+                    raise
+                log.warning("link to %s lost: %s; retrying in %.1f s", url, _describe(leaf), backoff)
+            self.connected = trio.Event()
+            self.session.connection_lost()
+            await trio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, self.opts.reconnect_max_backoff)
+
+    async def _connection(self, url: str) -> None:
+        codec = self.session.codec
+        async with open_websocket_url(url, subprotocols=[SUBPROTOCOL], connect_timeout=10,
+                                      disconnect_timeout=5, max_message_size=64 * 1024 * 1024) as ws:
+            hello = pm.Hello(
+                agent_id=self.agent_id, token=self.opts.token, capabilities=self.opts.capabilities,
+                session_id=self.session.session_id, last_received=self.session.received,
+                running=[pm.RunningTask(key=k, attempt=r.spec.attempt) for k, r in self.running.items()],
+                tvm_name=self.tvm.tvm_name if self.tvm else "", **host_facts(self.root),
+            )
+            await ws.send_message(codec.encode(hello))
+            with trio.fail_after(15):
+                reply = codec.decode_handshake(await ws.get_message())
+            if isinstance(reply, pm.Reject):
+                log.error("coordinator refused this agent: %s: %s", reply.code, reply.message)
+                if reply.code in ("InvalidJoinToken", "ProtocolVersionMismatch"):
+                    raise AgentRejected(f"{reply.code}: {reply.message}")
+                raise ProtocolError(reply.message)
+            if not isinstance(reply, pm.Welcome):
+                raise ProtocolError("expected welcome")
+            if reply.resumed and reply.session_id == self.session.session_id:
+                self.session.resume(reply.last_received)
+            else:
+                self.session.restart(reply.session_id)
+            log.info("connected to %s as %s", url, self.agent_id)
+            self.connected.set()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, ws)
+                nursery.start_soon(self._heartbeat, reply.heartbeat_interval)
+                while True:
+                    data = await ws.get_message()
+                    if isinstance(data, str):
+                        raise ProtocolError("text frame from coordinator")
+                    for r in self.session.receive_frame(data):
+                        self.session.confirm(r.seq)
+                        self._handle(r.msg)
+                    self.wake.set()
+
+    async def _writer(self, ws) -> None:  # noqa: ANN001 - trio_websocket.WebSocketConnection
+        while True:
+            frame = self.session.next_frame()
+            if frame is None:
+                await self.wake.wait()
+                self.wake = trio.Event()
+                continue
+            await ws.send_message(frame)
+
+    async def _heartbeat(self, interval: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            s = self.sampler.sample()
+            self.send(pm.Heartbeat(running=len(self.running), cpu_percent=s.cpu_percent,
+                                   memory_used_bytes=s.memory_used, disk_used_bytes=s.disk_used,
+                                   net_rx_bytes=s.net_rx, net_tx_bytes=s.net_tx))
+
+    # ------------------------------------------------------------------ messages
+
+    def _handle(self, msg: pm.Msg) -> None:
+        assert self._nursery is not None
+        if isinstance(msg, pm.RunTask):
+            key = msg.spec.key
+            if key in self.running or self.tvm is None:
+                if self.tvm is None:
+                    now = time.time()
+                    self.send(pm.TaskCompleted(key=key, attempt=msg.spec.attempt, exit_code=-1, start_time=now,
+                                               end_time=now, failure=pm.Failure(category="ServerError",
+                                                                                code="TVMNotReady",
+                                                                                message="agent has no TVM")))
+                return
+            self.running[key] = _Running(msg.spec)
+            self._nursery.start_soon(self._run_task, msg.spec)
+        elif isinstance(msg, pm.CancelTask):
+            r = self.running.get(msg.key)
+            if r is not None and r.spec.attempt == msg.attempt:
+                r.cancelled = True
+                r.cancel_reason = msg.reason
+                if r.process is not None:
+                    r.process.kill()
+        elif isinstance(msg, pm.JoinPool):
+            self._nursery.start_soon(self._join, msg)
+        elif isinstance(msg, pm.LeavePool):
+            self._nursery.start_soon(self._leave, msg)
+        elif isinstance(msg, pm.DeleteTaskFiles):
+            self._nursery.start_soon(self._delete_task_files, msg.key)
+        elif isinstance(msg, pm.FileRequest):
+            self._nursery.start_soon(self._file_request, msg)
+        elif isinstance(msg, pm.Ping):
+            pass
+        elif isinstance(msg, pm.Unsupported):
+            log.warning("coordinator does not support message type %s", msg.type)
+
+    # ------------------------------------------------------------------ TVM lifecycle
+
+    async def _join(self, msg: pm.JoinPool) -> None:
+        if self.tvm is not None and self.tvm.tvm_name != msg.tvm_name:
+            await self._wipe()
+        self.tvm = TvmIdentity(account=msg.account, account_url=msg.account_url, pool=msg.pool,
+                               tvm_name=msg.tvm_name, root=self.root, port_low=msg.port_range_low,
+                               port_high=msg.port_range_high)
+        for d in ("tasks", "shared", "start", "certs"):
+            os.makedirs(os.path.join(self.root, d), exist_ok=True)
+        os.chmod(os.path.join(self.root, "shared"), 0o777)
+        cert_errors: list[str] = []
+        if msg.certificates:
+            from .certs import CertSpec, install_certificates
+
+            results = install_certificates(self.tvm.certs_dir, [
+                CertSpec(thumbprint=c.thumbprint, thumbprint_algorithm=c.thumbprint_algorithm,
+                         certificate_format=c.certificate_format, data=c.data, password=c.password or None)
+                for c in msg.certificates], owner=self.opts.task_user)
+            cert_errors = [f"{r.thumbprint}: {r.error}" for r in results if not r.ok]
+        st = msg.start_task
+        if st is not None and st.wait_for_success:
+            ok = await self._run_start_task(st)
+            if not ok:
+                return  # TVM stays starttaskfailed; no TvmReady, so no tasks come here
+            self.send(pm.TvmReady(tvm_name=msg.tvm_name, cert_errors=cert_errors))
+            return
+        self.send(pm.TvmReady(tvm_name=msg.tvm_name, cert_errors=cert_errors))
+        if st is not None:
+            await self._run_start_task(st)
+
+    async def _run_start_task(self, st: pm.StartTaskSpec) -> bool:
+        assert self.tvm is not None
+        attempts = 0
+        wd = os.path.join(self.tvm.start_dir, "wd")
+        while True:
+            os.makedirs(wd, exist_ok=True)
+            start = time.time()
+            failure = await self._fetch_files(st.resource_files, wd)
+            code = -1
+            if failure is None:
+                outcome, _ = await self._spawn(
+                    st.command_line, wd, start_task_env(self.tvm, st.env),
+                    os.path.join(self.tvm.start_dir, "stdout.txt"),
+                    os.path.join(self.tvm.start_dir, "stderr.txt"), "starttask", None, st.run_elevated)
+                code = outcome.exit_code
+                if outcome.reason == "launch_failed":
+                    failure = pm.Failure(category="UserError", code="CommandLaunchFailed", message=outcome.message)
+            ok = failure is None and code == 0
+            retry = not ok and failure is None and (st.max_task_retry_count == -1 or attempts < st.max_task_retry_count)
+            if ok or not retry:
+                if not ok:
+                    with open(os.path.join(self.tvm.start_dir, "starttask-failure.txt"), "w") as f:
+                        f.write(f"exit code {code}; {failure.code + ': ' + failure.message if failure else ''}\n")
+                self.send(pm.StartTaskCompleted(exit_code=code, start_time=start, end_time=time.time(),
+                                                retry_count=attempts, failure=failure))
+                return ok
+            attempts += 1
+
+    async def _leave(self, msg: pm.LeavePool) -> None:
+        if self.tvm is None or self.tvm.tvm_name != msg.tvm_name:
+            return
+        await self._wipe()
+
+    async def _wipe(self) -> None:
+        for r in list(self.running.values()):
+            r.cancelled = True
+            r.cancel_reason = "TVM removed"
+            if r.process is not None:
+                r.process.kill()
+        with trio.move_on_after(10):
+            while self.running:
+                await trio.sleep(0.02)
+        self.tvm = None
+        self.retention.clear()
+        for d in ("tasks", "shared", "start", "certs"):
+            await trio.to_thread.run_sync(shutil.rmtree, os.path.join(self.root, d), True)
+
+    # ------------------------------------------------------------------ tasks
+
+    async def _fetch_files(self, files: list[pm.ResourceFile], dest: str) -> pm.Failure | None:
+        for rf in files:
+            url = rf.url
+            headers = dict(rf.headers)
+            if url.startswith("filestore:sha256:"):
+                sha = url.rsplit(":", 1)[1]
+                url = f"{self._http_base}/files/sha256/{sha}"
+                headers["X-TVM-Agent-Token"] = self.opts.token
+                expected = rf.sha256 or sha
+            else:
+                expected = rf.sha256 or None
+            try:
+                await self.cache.fetch(url, dest, rf.file_path, sha256=expected or None,
+                                       size=rf.size if rf.size >= 0 else None, headers=headers or None)
+            except DownloadError as exc:
+                return pm.Failure(category="UserError", code=exc.code, message=exc.message)
+        return None
+
+    async def _spawn(self, command_line: str, cwd: str, env: dict[str, str], out: str, err: str, name: str,
+                     running: _Running | None, elevated: bool, wall: float = 0.0):  # noqa: ANN202
+        try:
+            argv = shlex.split(command_line)
+        except ValueError as exc:
+            argv = []
+            bad = str(exc)
+        else:
+            bad = "empty command line"
+        from .sandbox import ProcessOutcome
+
+        if not argv:
+            now_dt = _now_dt()
+            return ProcessOutcome(exit_code=-1, reason="launch_failed", message=f"cannot parse command line: {bad}",
+                                  start_time=now_dt, end_time=now_dt, pid=None), False
+        for p in (out, err):
+            with open(p, "wb"):
+                pass  # a retry starts with fresh output files
+        spec = ProcessSpec(argv=argv, cwd=cwd, env=env, stdout_path=out, stderr_path=err,
+                           run_as=None if elevated else (self.opts.task_user or None),
+                           use_bwrap=self.opts.use_bwrap, name=name)
+        proc = await self.sandbox.start(spec)
+        if running is not None:
+            running.process = proc
+            if running.cancelled:
+                proc.kill()
+        timed_out = False
+        if wall > 0:
+            with trio.move_on_after(wall) as cs:
+                outcome = await proc.wait()
+            if cs.cancelled_caught:
+                timed_out = True
+                proc.kill()
+                outcome = await proc.wait()
+        else:
+            outcome = await proc.wait()
+        return outcome, timed_out
+
+    async def _run_task(self, spec: pm.TaskSpec) -> None:
+        running = self.running[spec.key]
+        assert self.tvm is not None
+        tvm = self.tvm
+        tdir = task_dir(self.root, spec.key)
+        wd = os.path.join(tdir, "wd")
+        start = time.time()
+        try:
+            marker = os.path.join(os.path.dirname(tdir), os.path.basename(tdir) + CLEANED_MARKER)
+            if os.path.exists(marker):
+                os.unlink(marker)
+            os.makedirs(wd, exist_ok=True)
+            self.send(pm.TaskStarted(key=spec.key, attempt=spec.attempt, start_time=start))
+            failure = await self._fetch_files(spec.resource_files, wd)
+            exit_code = -1
+            if failure is None and not running.cancelled:
+                outcome, timed_out = await self._spawn(spec.command_line, wd, task_env(tvm, spec),
+                                            os.path.join(tdir, "stdout.txt"), os.path.join(tdir, "stderr.txt"),
+                                            _cg_name(spec), running, spec.run_elevated, spec.max_wall_clock_s)
+                exit_code = outcome.exit_code
+                start = outcome.start_time.timestamp()
+                if timed_out:
+                    exit_code = WALL_CLOCK_EXIT_CODE
+                    failure = pm.Failure(category="ServerError", code="TaskEnded",
+                                         message=f"maxWallClockTime of {spec.max_wall_clock_s:g} s exceeded; "
+                                                 "the task's process tree was killed")
+                elif outcome.reason == "launch_failed":
+                    failure = pm.Failure(category="UserError", code="CommandLaunchFailed", message=outcome.message)
+                elif outcome.reason == "oom":
+                    failure = pm.Failure(category="UserError", code="TaskMemoryLimitExceeded",
+                                         message=outcome.message)
+                elif running.cancelled:
+                    failure = pm.Failure(category="UserError", code="TaskEnded",
+                                         message=f"task killed: {running.cancel_reason}")
+            elif running.cancelled:
+                failure = pm.Failure(category="UserError", code="TaskEnded", message=running.cancel_reason)
+        except Exception as exc:  # the task fails, never the agent
+            log.exception("task %s failed inside the agent", spec.key)
+            exit_code = -1
+            failure = pm.Failure(category="ServerError", code="AgentError", message=f"{type(exc).__name__}: {exc}")
+        end = time.time()
+        self.running.pop(spec.key, None)
+        self.retention[spec.key] = end + spec.retention_s
+        self.send(pm.TaskCompleted(key=spec.key, attempt=spec.attempt, exit_code=exit_code, start_time=start,
+                                   end_time=end, failure=failure))
+
+    # ------------------------------------------------------------------ retention and files
+
+    async def _retention_loop(self) -> None:
+        while True:
+            await trio.sleep(self.opts.retention_sweep_interval)
+            now = time.time()
+            for key, deadline in list(self.retention.items()):
+                if deadline <= now and key not in self.running:
+                    del self.retention[key]
+                    await self._delete_task_files(key, cleaned=True)
+
+    async def _delete_task_files(self, key: str, cleaned: bool = False) -> None:
+        if key in self.running:
+            r = self.running[key]
+            r.cancelled = True
+            if r.process is not None:
+                r.process.kill()
+        tdir = task_dir(self.root, key)
+        await trio.to_thread.run_sync(shutil.rmtree, tdir, True)
+        if cleaned and os.path.isdir(os.path.dirname(tdir)):
+            with open(tdir + CLEANED_MARKER, "w"):
+                pass
+
+    def _safe_path(self, rel: str) -> str | None:
+        full = os.path.realpath(os.path.join(self.root, rel))
+        if full != self.root and not full.startswith(self.root + os.sep):
+            return None
+        return full
+
+    async def _file_request(self, req: pm.FileRequest) -> None:
+        try:
+            resp = await trio.to_thread.run_sync(self._file_op, req)
+        except Exception as exc:  # noqa: BLE001 - reported to the caller, not fatal
+            resp = pm.FileResponse(req_id=req.req_id, error_code="FileReadFailed", message=str(exc))
+        self.send(resp)
+
+    def _file_op(self, req: pm.FileRequest) -> pm.FileResponse:
+        full = self._safe_path(req.path)
+        if full is None or ".." in req.path.split("/"):
+            return pm.FileResponse(req_id=req.req_id, error_code="InvalidFilePath", message="path outside the TVM")
+        if req.path.startswith("tasks/") and os.path.exists(_task_root_of(self.root, req.path) + CLEANED_MARKER):
+            return pm.FileResponse(req_id=req.req_id, error_code="TaskFilesCleanedUp",
+                                   message="the task's files were cleaned up after its retention time")
+        if not os.path.lexists(full):
+            return pm.FileResponse(req_id=req.req_id, error_code="FileNotFound", message=f"{req.path} does not exist")
+        st = os.stat(full)
+        if req.op == "stat":
+            if stat.S_ISDIR(st.st_mode):
+                return pm.FileResponse(req_id=req.req_id, error_code="FileIsDirectory",
+                                       message=f"{req.path} is a directory")
+            return pm.FileResponse(req_id=req.req_id, size=st.st_size, mtime=st.st_mtime)
+        if req.op == "read":
+            with open(full, "rb") as f:
+                f.seek(req.offset)
+                data = f.read(min(req.length if req.length >= 0 else MAX_READ, MAX_READ))
+            return pm.FileResponse(req_id=req.req_id, data=data, size=st.st_size, mtime=st.st_mtime)
+        if req.op == "list":
+            if not stat.S_ISDIR(st.st_mode):
+                return pm.FileResponse(req_id=req.req_id, error_code="NotADirectory", message=req.path)
+            entries: list[pm.FileEntry] = []
+            for dirpath, dirnames, filenames in os.walk(full):
+                rel = os.path.relpath(dirpath, full)
+                for d in sorted(dirnames):
+                    entries.append(pm.FileEntry(name=os.path.normpath(os.path.join(rel, d)), is_directory=True))
+                for fn in sorted(filenames):
+                    p = os.path.join(dirpath, fn)
+                    try:
+                        fst = os.stat(p)
+                    except OSError:
+                        continue
+                    entries.append(pm.FileEntry(name=os.path.normpath(os.path.join(rel, fn)), size=fst.st_size,
+                                                mtime=fst.st_mtime))
+                if not req.recursive:
+                    break
+                if len(entries) > 100_000:
+                    break
+            return pm.FileResponse(req_id=req.req_id, entries=entries)
+        return pm.FileResponse(req_id=req.req_id, error_code="UnknownOperation", message=req.op)
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking tasks, let running ones finish for up to `grace` seconds, then kill them."""
+        self.draining = True
+        self.send(pm.Draining(reason="agent stopping"))
+        with trio.move_on_after(grace):
+            while self.running:
+                await trio.sleep(0.05)
+        for r in list(self.running.values()):
+            r.cancelled = True
+            r.cancel_reason = "agent stopped"
+            if r.process is not None:
+                r.process.kill()
+        with trio.move_on_after(10):
+            while self.running:
+                await trio.sleep(0.02)
+        # Give the writer a moment to deliver the last completions.
+        with trio.move_on_after(2):
+            while self.session.unacked_count and self.connected.is_set():
+                await trio.sleep(0.02)
+
+
+_RETRYABLE = (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError, ProtocolError)
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    """Trio nurseries wrap errors in groups; the link cares about the first real one."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _task_root_of(root: str, rel: str) -> str:
+    parts = rel.split("/")
+    return os.path.join(root, *parts[:4])
+
+
+def _cg_name(spec: pm.TaskSpec) -> str:
+    return f"{spec.task[:40]}-{spec.attempt & 0xFFFFFFFF}"
+
+
+def _now_dt():  # noqa: ANN202
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]
