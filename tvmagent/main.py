@@ -20,8 +20,8 @@ async def run_agent(opts: AgentOptions) -> int:
             async def _main() -> None:
                 try:
                     await agent.run()
-                except AgentRejected as exc:
-                    log.error("giving up: %s", exc)
+                except* AgentRejected as group:
+                    log.error("giving up: %s", group.exceptions[0])
                     result.append(2)
                     nursery.cancel_scope.cancel()
 

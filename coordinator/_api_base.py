@@ -1,0 +1,149 @@
+"""REST API (ASGI, served by hypercorn's Trio worker) and the agent websocket endpoint.
+
+Routing is a small table of (method, pattern) -> handler; every handler answers a msgspec Struct
+(or raw bytes for files). Errors leave as `{code, message: {lang, value}, values}`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qs, unquote
+
+import msgspec
+
+from . import models as m
+from .errors import ApiError, bad_request
+from .filestore import FileStore
+from .service import CoordinatorService
+from .sharedkey import AuthError, verify
+from .state import CoordinatorState
+
+_json = msgspec.json.Encoder()
+Handler = Callable[..., Awaitable[Any]]
+MAX_BODY = 16 * 1024 * 1024
+MAX_FILE_CHUNK = 4 * 1024 * 1024
+
+
+class Response:
+    __slots__ = ("status", "body", "headers")
+
+    def __init__(self, status: int, body: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers or []
+
+
+def _json_response(status: int, obj: Any) -> Response:
+    return Response(status, _json.encode(obj), [(b"content-type", b"application/json; odata=minimalmetadata")])
+
+
+def _error_response(exc: ApiError) -> Response:
+    body = m.ErrorBody(code=exc.code, message=m.ErrorMessage(value=exc.message),
+                       values=[m.ErrorDetail(key=k, value=v) for k, v in exc.values.items()])
+    return _json_response(exc.status, body)
+
+
+def _decode(body: bytes, typ: type) -> Any:
+    if not body:
+        raise bad_request("MissingRequestBody", "the request needs a JSON body")
+    try:
+        return msgspec.json.decode(body, type=typ)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        field = text.rsplit("`$.", 1)[-1].rstrip("`") if "`$." in text else ""
+        raise bad_request("InvalidRequestBody", f"invalid request body: {text}", field=field) from None
+    except msgspec.DecodeError as exc:
+        raise bad_request("InvalidRequestBody", f"the body is not valid JSON: {exc}") from None
+
+
+class ApiBase:
+    svc: CoordinatorService
+    core: CoordinatorState
+    files: FileStore
+    requests: int
+    _routes: list[tuple[str, re.Pattern[str], Handler]]
+
+    def _route(self, method: str, pattern: str, handler: Handler) -> None:
+        self._routes.append((method, re.compile(pattern + "$"), handler))
+
+    # ------------------------------------------------------------------ ASGI entry
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if kind == "websocket":
+            from .links import serve_agent
+
+            await serve_agent(self.svc, scope, receive, send)
+            return
+        if kind != "http":
+            return
+        resp = await self._http(scope, receive)
+        await send({"type": "http.response.start", "status": resp.status,
+                    "headers": [*resp.headers, (b"content-length", str(len(resp.body)).encode())]})
+        await send({"type": "http.response.body", "body": resp.body if scope["method"] != "HEAD" else b""})
+
+    async def _http(self, scope: dict, receive: Callable) -> Response:
+        self.requests += 1
+        method = scope["method"]
+        path = scope["path"]
+        query = scope.get("query_string", b"").decode("latin-1")
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            body = await self._read_body(receive, streaming=path == "/files" and method == "POST")
+            agent_fetch = path.startswith("/files/sha256/") and self._agent_authorized(headers)
+            if not agent_fetch:
+                try:
+                    verify(method, scope.get("raw_path", path.encode()).decode("latin-1").split("?")[0], query,
+                           headers, self.svc.account, [k for k in self.svc.keys if k], time.time())
+                except AuthError as exc:
+                    raise ApiError(exc.status, exc.code, exc.message) from None
+            for meth, pattern, handler in self._routes:
+                if meth != method:
+                    continue
+                match = pattern.match(path)
+                if match:
+                    params = {k: unquote(v) for k, v in match.groupdict().items()}
+                    q = {k: v[-1] for k, v in parse_qs(query).items()}
+                    return await handler(body=body, query=q, headers=headers, **params)
+            if any(p.match(path) for _, p, _ in self._routes):
+                raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on {path}")
+            raise ApiError(404, "ResourceNotFound", f"no such resource: {path}")
+        except ApiError as exc:
+            return _error_response(exc)
+        except Exception as exc:  # a bug must not take the server down; say so clearly
+            import logging
+
+            logging.getLogger("tvm.api").exception("internal error on %s %s", method, path)
+            return _error_response(ApiError(500, "InternalError", f"internal error: {type(exc).__name__}"))
+
+    def _agent_authorized(self, headers: dict[str, str]) -> bool:
+        token = headers.get("x-tvm-agent-token")
+        return bool(token) and self.svc.check_token(token)
+
+    async def _read_body(self, receive: Callable, streaming: bool) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        limit = 1 << 40 if streaming else MAX_BODY
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                break
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "RequestBodyTooLarge", f"request bodies are limited to {MAX_BODY} bytes")
+            chunks.append(chunk)
+            if not msg.get("more_body"):
+                break
+        return b"".join(chunks)

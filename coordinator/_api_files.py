@@ -1,0 +1,142 @@
+"""REST routes for task/TVM files and the file store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from protocol import messages as pm
+
+from . import models as m
+from ._api_base import ApiBase, Response, _json_response
+from .errors import ApiError, bad_request, not_found
+from .filestore import FileStoreError, parse_range_header
+from .timeutil import rfc3339
+
+MAX_FILE_CHUNK = 4 * 1024 * 1024
+
+
+class FileRoutes(ApiBase):
+    def _register_files(self) -> None:
+        r = self._route
+        r("GET", r"/pools/(?P<pool>[^/]+)/tvms/(?P<tvm>[^/]+)/files", self.list_tvm_files)
+        r("GET", r"/pools/(?P<pool>[^/]+)/tvms/(?P<tvm>[^/]+)/files/(?P<path>.+)", self.get_tvm_file)
+        r("HEAD", r"/pools/(?P<pool>[^/]+)/tvms/(?P<tvm>[^/]+)/files/(?P<path>.+)", self.get_tvm_file)
+        r("GET", r"/workitems/(?P<wi>[^/]+)/jobs/(?P<job>[^/]+)/tasks/(?P<task>[^/]+)/files", self.list_task_files)
+        r("GET", r"/workitems/(?P<wi>[^/]+)/jobs/(?P<job>[^/]+)/tasks/(?P<task>[^/]+)/files/(?P<path>.+)", self.get_task_file)
+        r("HEAD", r"/workitems/(?P<wi>[^/]+)/jobs/(?P<job>[^/]+)/tasks/(?P<task>[^/]+)/files/(?P<path>.+)",
+          self.get_task_file)
+        r("POST", r"/files", self.upload_file)
+        r("GET", r"/files", self.list_store_files)
+        r("GET", r"/files/sha256/(?P<sha>[^/]+)", self.get_store_file)
+        r("HEAD", r"/files/sha256/(?P<sha>[^/]+)", self.get_store_file)
+
+    # ------------------------------------------------------------------ files on TVMs
+
+    def _task_location(self, wi: str, job: str, task: str) -> tuple[str, str]:
+        j, t = self.core.get_task(wi, job, task)
+        if not t.tvm:
+            raise ApiError(409, "TaskNotStarted", f"task {task!r} has not run on a TVM yet; it has no files")
+        tvm = self.core.tvms.get(t.tvm)
+        if tvm is None:
+            raise ApiError(404, "TVMNotFound", f"TVM {t.tvm!r} that ran task {task!r} is no longer in the pool")
+        return tvm.rec.agent_id, f"tasks/{wi}/{job}/{task}"
+
+    async def _ask(self, agent_id: str, req: pm.FileRequest) -> pm.FileResponse:
+        resp = await self.svc.ask_agent_files(agent_id, req)
+        if resp is None:
+            raise ApiError(503, "TVMUnreachable", "the TVM holding these files is not connected")
+        if resp.error_code:
+            status = 410 if resp.error_code == "TaskFilesCleanedUp" else 404
+            if resp.error_code == "InvalidRange":
+                status = 416
+            raise ApiError(status, resp.error_code, resp.message)
+        return resp
+
+    async def list_task_files(self, wi: str, job: str, task: str, query: dict[str, str], **_: Any) -> Response:
+        agent_id, base = self._task_location(wi, job, task)
+        return await self._list(agent_id, base, query)
+
+    async def list_tvm_files(self, pool: str, tvm: str, query: dict[str, str], **_: Any) -> Response:
+        t = self.core.get_tvm(pool, tvm)
+        return await self._list(t.rec.agent_id, "", query)
+
+    async def _list(self, agent_id: str, base: str, query: dict[str, str]) -> Response:
+        recursive = query.get("recursive", "false").lower() == "true"
+        resp = await self._ask(agent_id, pm.FileRequest(req_id=0, op="list", path=base, recursive=recursive))
+        files = [
+            m.NodeFile(name=e.name, is_directory=e.is_directory,
+                       properties=None if e.is_directory else m.FileProperties(
+                           content_length=e.size, last_modified=rfc3339(e.mtime) or ""))
+            for e in resp.entries
+        ]
+        return _json_response(200, {"value": files})
+
+    async def get_task_file(self, wi: str, job: str, task: str, path: str, headers: dict[str, str], **_: Any) -> Response:
+        agent_id, base = self._task_location(wi, job, task)
+        return await self._read(agent_id, f"{base}/{path}", headers)
+
+    async def get_tvm_file(self, pool: str, tvm: str, path: str, headers: dict[str, str], **_: Any) -> Response:
+        t = self.core.get_tvm(pool, tvm)
+        return await self._read(t.rec.agent_id, path, headers)
+
+    async def _read(self, agent_id: str, path: str, headers: dict[str, str]) -> Response:
+        if ".." in path.split("/"):
+            raise bad_request("InvalidFilePath", "file paths may not contain '..'")
+        st = await self._ask(agent_id, pm.FileRequest(req_id=0, op="stat", path=path))
+        try:
+            rng = parse_range_header(headers.get("range", ""), st.size) if headers.get("range") else None
+        except FileStoreError as exc:
+            raise ApiError(416, exc.code, exc.message) from None
+        start, end = rng if rng else (0, st.size - 1)
+        length = max(0, end - start + 1)
+        if length > MAX_FILE_CHUNK and rng is None:
+            length = MAX_FILE_CHUNK  # large files: clients page with Range (the CLI does)
+        data = b""
+        if length:
+            resp = await self._ask(agent_id, pm.FileRequest(req_id=0, op="read", path=path, offset=start,
+                                                            length=min(length, MAX_FILE_CHUNK)))
+            data = resp.data
+        hdrs = [(b"content-type", b"application/octet-stream"),
+                (b"ocp-content-length", str(st.size).encode()),
+                (b"last-modified", (rfc3339(st.mtime) or "").encode()),
+                (b"accept-ranges", b"bytes")]
+        if rng:
+            hdrs.append((b"content-range", f"bytes {start}-{start + len(data) - 1}/{st.size}".encode()))
+            return Response(206, data, hdrs)
+        return Response(200, data, hdrs)
+
+    # ------------------------------------------------------------------ file store
+
+    async def upload_file(self, body: bytes, query: dict[str, str], headers: dict[str, str], **_: Any) -> Response:
+        expected = query.get("sha256") or headers.get("x-tvm-sha256") or None
+
+        async def chunks() -> Any:
+            yield body
+
+        try:
+            stored = await self.files.put(chunks(), expected_sha256=expected)
+        except FileStoreError as exc:
+            raise bad_request(exc.code, exc.message) from None
+        return _json_response(201, {"sha256": stored.sha256, "size": stored.size,
+                                     "blobSource": f"filestore:sha256:{stored.sha256}"})
+
+    async def list_store_files(self, **_: Any) -> Response:
+        return _json_response(200, {"value": [{"sha256": f.sha256, "size": f.size} for f in self.files.list()]})
+
+    async def get_store_file(self, sha: str, headers: dict[str, str], **_: Any) -> Response:
+        try:
+            info = self.files.stat(sha)
+            rng = parse_range_header(headers.get("range", ""), info.size) if headers.get("range") else None
+            start, end = rng if rng else (0, info.size - 1)
+            fh, start, length = self.files.open_range(sha, start, end if info.size else None)
+        except FileStoreError as exc:
+            if exc.code == "FileNotFound":
+                raise not_found("file", sha) from None
+            raise ApiError(416 if exc.code == "InvalidRange" else 400, exc.code, exc.message) from None
+        with fh:
+            data = fh.read(length)
+        hdrs = [(b"content-type", b"application/octet-stream"), (b"accept-ranges", b"bytes")]
+        if rng:
+            hdrs.append((b"content-range", f"bytes {start}-{start + len(data) - 1}/{info.size}".encode()))
+            return Response(206, data, hdrs)
+        return Response(200, data, hdrs)

@@ -1,0 +1,55 @@
+"""REST routes for the account, workitems and jobs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import models as m
+from ._api_base import ApiBase, Response, _decode, _json_response
+from .views import job_view, workitem_view
+
+MAX_FILE_CHUNK = 4 * 1024 * 1024
+
+
+class JobRoutes(ApiBase):
+    def _register_jobs(self) -> None:
+        r = self._route
+        r("GET", r"/workitems", self.list_workitems)
+        r("POST", r"/workitems", self.add_workitem)
+        r("GET", r"/workitems/(?P<wi>[^/]+)", self.get_workitem)
+        r("DELETE", r"/workitems/(?P<wi>[^/]+)", self.delete_workitem)
+        r("GET", r"/workitems/(?P<wi>[^/]+)/jobs", self.list_jobs)
+        r("GET", r"/workitems/(?P<wi>[^/]+)/jobs/(?P<job>[^/]+)", self.get_job)
+        r("GET", r"/workitems/(?P<wi>[^/]+)/jobs/(?P<job>[^/]+)/taskcounts", self.task_counts)
+        r("GET", r"/account", self.get_account)
+
+    # ------------------------------------------------------------------ account
+
+    async def get_account(self, **_: Any) -> Response:
+        return _json_response(200, {"name": self.svc.account, "endpoint": self.svc.endpoint})
+
+    # ------------------------------------------------------------------ workitems and jobs
+
+    async def list_workitems(self, **_: Any) -> Response:
+        return _json_response(200, {"value": [workitem_view(w) for w in self.core.workitems.values()]})
+
+    async def add_workitem(self, body: bytes, **_: Any) -> Response:
+        req = _decode(body, m.WorkitemAdd)
+        await self.svc.execute(self.core.add_workitem, req)
+        return _json_response(201, workitem_view(self.core.workitems[req.name]))
+
+    async def get_workitem(self, wi: str, **_: Any) -> Response:
+        return _json_response(200, workitem_view(self.core.get_workitem(wi)))
+
+    async def delete_workitem(self, wi: str, **_: Any) -> Response:
+        await self.svc.execute(self.core.delete_workitem, wi)
+        return Response(202)
+
+    async def list_jobs(self, wi: str, **_: Any) -> Response:
+        return _json_response(200, {"value": [job_view(self.core, j) for j in self.core.workitem_jobs(wi)]})
+
+    async def get_job(self, wi: str, job: str, **_: Any) -> Response:
+        return _json_response(200, job_view(self.core, self.core.get_job(wi, job)))
+
+    async def task_counts(self, wi: str, job: str, **_: Any) -> Response:
+        return _json_response(200, {"taskCounts": self.core.task_counts(self.core.get_job(wi, job))})

@@ -1,0 +1,191 @@
+"""Agent registration, agent events and the clock tick (part of the pure core)."""
+
+from __future__ import annotations
+
+from protocol import messages as pm
+
+from ._core_base import CoreBase
+from .records import (
+    ACTIVE,
+    COMPLETED,
+    RUNNING,
+    AgentInfo,
+    Tvm,
+)
+
+
+class AgentsMixin(CoreBase):
+    # ------------------------------------------------------------------ agents
+
+    def agent_hello(self, hello: pm.Hello) -> None:
+        now = self.clock()
+        agent = self.agents.get(hello.agent_id)
+        if agent is None:
+            agent = self.agents[hello.agent_id] = AgentInfo(hello.agent_id)
+        agent.connected = True
+        agent.hostname = hello.hostname
+        agent.ip = hello.ip_address
+        agent.cores = hello.cores
+        agent.memory_bytes = hello.memory_bytes
+        agent.capabilities = list(hello.capabilities)
+        agent.last_seen = now
+        agent.disconnected_at = None
+        tvm = self.tvms.get(agent.tvm) if agent.tvm else None
+        if tvm is None:
+            agent.tvm = None
+            for r in hello.running:  # tasks of a TVM we no longer know
+                self._send(agent.agent_id, pm.CancelTask(key=r.key, attempt=r.attempt, reason="unknown TVM"))
+            self._allocate()
+            return
+        tvm.rec.ip = hello.ip_address
+        tvm.last_heartbeat = now
+        if not tvm.ready:
+            # Coordinator restarted (or the agent never confirmed): tell it again who it is.
+            self._send(agent.agent_id, self._join_msg(self.pools[tvm.rec.pool], tvm))
+        for r in hello.running:
+            self._reconcile_running(tvm, r)
+        if tvm.rec.state == "unknown":
+            self._set_tvm_state(tvm, "running" if tvm.running else "idle")
+        self._end_recovery_if_complete()
+
+    def _reconcile_running(self, tvm: Tvm, r: pm.RunningTask) -> None:
+        job, task = self._lookup(r.key)
+        if task is not None and task.state == RUNNING and task.attempt == r.attempt and task.tvm == tvm.rec.name:
+            tvm.running[r.key] = task
+            return
+        if task is not None and task.state == ACTIVE and (r.attempt >> 32) < self.epoch:
+            # Placed by an earlier coordinator run (placements are not journaled): adopt it.
+            task.state = RUNNING
+            task.attempt = r.attempt
+            task.tvm = tvm.rec.name
+            task.pool = tvm.rec.pool
+            tvm.running[r.key] = task
+            return
+        self._send(tvm.rec.agent_id, pm.CancelTask(key=r.key, attempt=r.attempt, reason="not assigned"))
+
+    def _end_recovery_if_complete(self) -> None:
+        if self.recovering_until is None:
+            return
+        if all(self.agents.get(t.rec.agent_id) and self.agents[t.rec.agent_id].connected
+               for t in self.tvms.values()):
+            self.recovering_until = None
+
+    def agent_disconnected(self, agent_id: str) -> None:
+        agent = self.agents.get(agent_id)
+        if agent is None:
+            return
+        agent.connected = False
+        agent.disconnected_at = self.clock()
+
+    def agent_message(self, agent_id: str, msg: pm.Msg) -> None:
+        agent = self.agents.get(agent_id)
+        if agent is None:
+            return
+        now = self.clock()
+        agent.last_seen = now
+        tvm = self.tvms.get(agent.tvm) if agent.tvm else None
+        if isinstance(msg, pm.TaskCompleted):
+            self._task_completed(tvm, msg)
+        elif isinstance(msg, pm.TaskStarted):
+            job, task = self._lookup(msg.key)
+            if task is not None and task.state == RUNNING and task.attempt == msg.attempt:
+                task.start_time = msg.start_time
+        elif isinstance(msg, pm.Heartbeat):
+            if tvm is not None:
+                tvm.last_heartbeat = now
+        elif isinstance(msg, pm.TvmReady):
+            if tvm is not None and tvm.rec.name == msg.tvm_name:
+                tvm.ready = True
+                if tvm.rec.state in ("starting", "unknown", "creating"):
+                    self._set_tvm_state(tvm, "running" if tvm.running else "idle")
+        elif isinstance(msg, pm.StartTaskCompleted):
+            if tvm is not None:
+                self._start_task_completed(tvm, msg)
+        elif isinstance(msg, pm.Draining):
+            if tvm is not None:
+                self._set_tvm_state(tvm, "offline")
+
+    def _start_task_completed(self, tvm: Tvm, msg: pm.StartTaskCompleted) -> None:
+        tvm.rec.start_task = {
+            "state": "completed",
+            "start_time": msg.start_time,
+            "end_time": msg.end_time,
+            "exit_code": msg.exit_code,
+            "retry_count": msg.retry_count,
+            "failure": [msg.failure.category, msg.failure.code, msg.failure.message] if msg.failure else None,
+        }
+        pool = self.pools.get(tvm.rec.pool)
+        waits = bool(pool and pool.spec.start_task and pool.spec.start_task.wait_for_success)
+        if waits and (msg.exit_code != 0 or msg.failure):
+            self._set_tvm_state(tvm, "starttaskfailed")
+        self._put("tvm", tvm.rec.name, tvm.rec)
+
+    def _task_completed(self, tvm: Tvm | None, msg: pm.TaskCompleted) -> None:
+        job, task = self._lookup(msg.key)
+        if job is None or task is None or task.state == COMPLETED:
+            return  # already recorded (resend after reconnect) or deleted: exactly once
+        if task.state == RUNNING and task.attempt != msg.attempt:
+            return  # a run we requeued elsewhere; its twin result is not ours
+        if task.state == ACTIVE and (msg.attempt >> 32) >= self.epoch:
+            return  # requeued in this run of the coordinator: the late result is ignored
+        if task.tvm and task.tvm in self.tvms:
+            holder = self.tvms[task.tvm]
+            holder.running.pop(msg.key, None)
+            holder.rec.total_run += 1
+            if not holder.running and holder.rec.state == "running":
+                self._set_tvm_state(holder, "idle")
+        now = self.clock()
+        task.start_time = msg.start_time
+        task.exit_code = msg.exit_code
+        failure = msg.failure
+        max_retries = task.max_retries if task.max_retries is not None else job.rec.max_retries
+        retry = (
+            failure is None
+            and msg.exit_code != 0
+            and (max_retries == -1 or task.retry_count < max_retries)
+            and job.rec.state == "active"
+        )
+        task.prev_state = task.state
+        task.state_time = now
+        if retry:
+            task.state = ACTIVE
+            task.retry_count += 1
+            task.last_retry = now
+            task.tvm = None
+            job.queue.appendleft(task)
+        else:
+            task.state = COMPLETED
+            task.end_time = msg.end_time
+            task.failure = (failure.category, failure.code, failure.message) if failure else None
+        self._put_task(job, task)
+
+    # ------------------------------------------------------------------ clock
+
+    def tick(self) -> None:
+        """Periodic: lost TVMs, recovery end, resize timeouts."""
+        now = self.clock()
+        if self.recovering_until is not None and now >= self.recovering_until:
+            self.recovering_until = None
+        for tvm in list(self.tvms.values()):
+            agent = self.agents.get(tvm.rec.agent_id)
+            lost = agent is None or (
+                not agent.connected
+                and agent.disconnected_at is not None
+                and now - agent.disconnected_at >= self.heartbeat_timeout
+            )
+            if agent is not None and agent.connected and now - agent.last_seen >= self.heartbeat_timeout:
+                self._fx.closes.append((agent.agent_id, 4008, "heartbeat timeout"))
+                agent.connected = False
+                agent.disconnected_at = now
+            if lost and tvm.rec.state != "unknown":
+                self._requeue_tvm_tasks(tvm)
+                self._set_tvm_state(tvm, "unknown")
+        for name, pool in self.pools.items():
+            if (pool.alloc_state == "resizing" and pool.resize_started is not None
+                    and now - pool.resize_started >= pool.resize_timeout_s):
+                pool.alloc_state = "steady"
+                pool.alloc_time = now
+                pool.resize_started = None
+                pool.resize_error = ("AllocationTimedout",
+                                     "Desired number of dedicated TVMs could not be allocated in time")
+                self._put("pool", name, pool)

@@ -1,0 +1,137 @@
+"""Test harness: a real coordinator (in this process, real sockets and SQLite) and real agent
+processes (`python -m tvmagent`), each with its own TVM root. Stopped by PID at the end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from coordinator.client import AsyncClient
+from coordinator.server import RunningCoordinator, run_coordinator
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def agent_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class AgentProc:
+    name: str
+    root: str
+    proc: subprocess.Popen[bytes]
+    log: str
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+
+    def log_text(self) -> str:
+        try:
+            with open(self.log, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+
+@dataclass
+class Cluster:
+    rc: RunningCoordinator
+    base: str
+    client: AsyncClient
+    agents: list[AgentProc] = field(default_factory=list)
+
+    def start_agent(self, name: str | None = None, *, extra_args: list[str] | None = None,
+                    token: str | None = None, root: str | None = None) -> AgentProc:
+        name = name or f"agent{len(self.agents)}"
+        root = root or os.path.join(self.base, "agents", name)
+        os.makedirs(root, exist_ok=True)
+        log = os.path.join(self.base, "agents", f"{name}.log")
+        out = open(log, "ab")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tvmagent", "--coordinator", self.rc.agent_url, "--root", root,
+             "--name", name, "--log-level", "info", *(extra_args or [])],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+            env=agent_env({"TVM_AGENT_TOKEN": token if token is not None else self.rc.join_token}),
+        )
+        out.close()
+        a = AgentProc(name, root, proc, log)
+        self.agents.append(a)
+        return a
+
+    def stop_agents(self) -> None:
+        for a in self.agents:
+            a.kill(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for a in self.agents:
+            try:
+                a.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                a.kill(signal.SIGKILL)
+                a.proc.wait()
+
+    async def wait_for(self, cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+        """Poll `cond` (sync or async) until truthy; fail with `what` and agent logs."""
+        deadline = trio.current_time() + timeout
+        while True:
+            value = cond()
+            if hasattr(value, "__await__"):
+                value = await value
+            if value:
+                return value
+            if trio.current_time() > deadline:
+                logs = "\n".join(f"--- {a.name}\n{a.log_text()[-3000:]}" for a in self.agents)
+                raise AssertionError(f"timed out waiting for {what}\n{logs}")
+            await trio.sleep(0.05)
+
+    async def pool_with_tvms(self, name: str, n: int, **kw: Any) -> None:
+        await self.client.pools.add(name, target_dedicated=n, **kw)
+        await self.wait_for(lambda: self._idle(name, n), what=f"{n} idle TVMs in {name}")
+
+    async def _idle(self, pool: str, n: int) -> bool:
+        tvms = await self.client.tvms.list(pool)
+        return sum(1 for t in tvms if t.state in ("idle", "running")) >= n
+
+
+class cluster_ctx:
+    """`async with cluster_ctx(nursery, tmp_path, agents=2) as c:` — coordinator + agent processes."""
+
+    def __init__(self, nursery: trio.Nursery, tmp: Any, agents: int = 0, **coord_kw: Any) -> None:
+        self.nursery = nursery
+        self.base = str(tmp)
+        self.n = agents
+        self.kw = coord_kw
+        self.cancel = trio.CancelScope()
+
+    async def __aenter__(self) -> Cluster:
+        kw = dict(self.kw)
+        state = os.path.join(self.base, "state")
+
+        async def _run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            with self.cancel:
+                await run_coordinator(state, task_status=task_status, **kw)
+
+        rc = await self.nursery.start(_run)
+        client = AsyncClient(rc.endpoint, rc.account, rc.key)
+        self.cluster = Cluster(rc, self.base, client)
+        for _ in range(self.n):
+            self.cluster.start_agent()
+        return self.cluster
+
+    async def __aexit__(self, *exc: object) -> None:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self.cluster.stop_agents)
+            await self.cluster.client.aclose()
+        self.cancel.cancel()
