@@ -39,10 +39,16 @@ class AgentsMixin(CoreBase):
             return
         tvm.rec.ip = hello.ip_address
         tvm.last_heartbeat = now
+        if not hello.session_id:
+            # A fresh agent process (restart, reboot): what we placed on this TVM died with the old
+            # process, which is why it reports nothing. Requeue that work and join the TVM again.
+            self._requeue_tvm_tasks(tvm)
+            tvm.ready = False
+            self._set_tvm_state(tvm, "starting")
         if not tvm.ready:
             # Coordinator restarted (or the agent never confirmed): tell it again who it is.
             self._send(agent.agent_id, self._join_msg(self.pools[tvm.rec.pool], tvm))
-        for r in hello.running:
+        for r in [*hello.running, *hello.finished]:
             self._reconcile_running(tvm, r)
         if tvm.rec.state == "unknown":
             self._set_tvm_state(tvm, "running" if tvm.running else "idle")
@@ -96,6 +102,7 @@ class AgentsMixin(CoreBase):
         elif isinstance(msg, pm.TvmReady):
             if tvm is not None and tvm.rec.name == msg.tvm_name:
                 tvm.ready = True
+                self._tvm_ready(tvm, msg)  # type: ignore[attr-defined]
                 if tvm.rec.state in ("starting", "unknown", "creating"):
                     self._set_tvm_state(tvm, "running" if tvm.running else "idle")
         elif isinstance(msg, pm.StartTaskCompleted):
@@ -128,6 +135,22 @@ class AgentsMixin(CoreBase):
             return  # a run we requeued elsewhere; its twin result is not ours
         if task.state == ACTIVE and (msg.attempt >> 32) >= self.epoch:
             return  # requeued in this run of the coordinator: the late result is ignored
+        if msg.failure is not None and msg.failure.code == pm.AGENT_STOPPING:
+            # The agent gave this attempt up while shutting down: not the task's fault, run it again.
+            if task.state == RUNNING:
+                holder = self.tvms.get(task.tvm or "")
+                if holder is not None:
+                    holder.running.pop(msg.key, None)
+                    if not holder.running and holder.rec.state == "running":
+                        self._set_tvm_state(holder, "idle")
+                now = self.clock()
+                task.state, task.prev_state, task.state_time = ACTIVE, RUNNING, now
+                task.requeue_count += 1
+                task.last_requeue = now
+                task.tvm = None
+                job.queue.appendleft(task)
+                self._put_task(job, task)
+            return
         if task.tvm and task.tvm in self.tvms:
             holder = self.tvms[task.tvm]
             holder.running.pop(msg.key, None)
@@ -166,6 +189,7 @@ class AgentsMixin(CoreBase):
         now = self.clock()
         if self.recovering_until is not None and now >= self.recovering_until:
             self.recovering_until = None
+        self._expire_users()  # type: ignore[attr-defined]
         for tvm in list(self.tvms.values()):
             agent = self.agents.get(tvm.rec.agent_id)
             lost = agent is None or (

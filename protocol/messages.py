@@ -97,6 +97,9 @@ class Hello(Msg, tag="hello", kw_only=True):
     last_received: int = 0
     running: list[RunningTask] = []
     tvm_name: str = ""  # the TVM this agent currently backs ("" when free)
+    # Runs that finished but whose completion the coordinator has not acknowledged yet: it must
+    # not place them again before the (resent) completion arrives.
+    finished: list[RunningTask] = []
 
 
 class Welcome(Msg, tag="welcome", kw_only=True):
@@ -156,8 +159,27 @@ class TvmReady(Msg, tag="tvm.ready", kw_only=True):
     cert_errors: list[str] = []
 
 
+class StartTaskStarted(Msg, tag="starttask.started", kw_only=True):
+    """The agent began (or retried) the pool's start task on this TVM."""
+
+    tvm_name: str
+    start_time: float
+    retry_count: int = 0
+
+
+class TvmLeft(Msg, tag="tvm.left", kw_only=True):
+    """The agent finished leaving a TVM (tasks killed, directories wiped): it is free and clean."""
+
+    tvm_name: str
+
+
 class Draining(Msg, tag="draining", kw_only=True):
     reason: str = ""
+
+
+# Failure.code of a TaskCompleted for an attempt the agent abandoned while shutting down (drain grace
+# over, or a RunTask that arrived during the drain): the coordinator requeues the task, no retry used.
+AGENT_STOPPING = "AgentStopping"
 
 
 class Unsupported(Msg, tag="unsupported", kw_only=True):
@@ -179,6 +201,8 @@ class JoinPool(Msg, tag="tvm.join", kw_only=True):
     certificates: list[CertFile] = []
     port_range_low: int = 0
     port_range_high: int = 0
+    # Memory of the pool's VM size; the agent gives each task slot an equal share (0: no limit).
+    memory_limit_bytes: int = 0
 
 
 class LeavePool(Msg, tag="tvm.leave", kw_only=True):
@@ -186,6 +210,14 @@ class LeavePool(Msg, tag="tvm.leave", kw_only=True):
 
     tvm_name: str
     reason: str = ""
+
+
+class RebootTvm(Msg, tag="tvm.reboot", kw_only=True):
+    """Restart the TVM's sandbox: kill every task process; `reimage` also wipes its directories.
+    The coordinator follows with a JoinPool for the same TVM, which re-runs the start task."""
+
+    tvm_name: str
+    reimage: bool = False
 
 
 class RunTask(Msg, tag="task.run", kw_only=True):
@@ -221,6 +253,19 @@ class FileRequest(Msg, tag="file.request", kw_only=True):
     length: int = -1
 
 
+class AddUser(Msg, tag="user.add", kw_only=True):
+    """Create a remote-login user on the TVM (Linux user + authorized_keys) until `expiry` (unix s)."""
+
+    name: str
+    ssh_public_key: str
+    expiry: float
+    is_admin: bool = False
+
+
+class RemoveUser(Msg, tag="user.remove", kw_only=True):
+    name: str
+
+
 class FileEntry(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
     name: str
     is_directory: bool = False
@@ -240,11 +285,11 @@ class FileResponse(Msg, tag="file.response", kw_only=True):
 
 AgentMsg = (
     Heartbeat | TaskStarted | TaskCompleted | StartTaskCompleted | TvmReady | Draining | FileResponse
-    | Unsupported
+    | Unsupported | StartTaskStarted | TvmLeft
 )
 CoordinatorMsg = (
     JoinPool | LeavePool | RunTask | CancelTask | DeleteTaskFiles | PoolMembers | Ping | FileRequest
-    | Unsupported
+    | Unsupported | AddUser | RemoveUser | RebootTvm
 )
 HandshakeMsg = Hello | Welcome | Reject
 

@@ -140,8 +140,11 @@ class LinkSession:
         self._sent_upto = max(self.peer_acked, peer_received)
         self._acked_on_wire = 0
 
-    def restart(self, session_id: str) -> None:
-        """The peer lost its session (it restarted): renumber what is still unacknowledged."""
+    def restart(self, session_id: str) -> int:
+        """The peer lost its session (it restarted): renumber what is still unacknowledged.
+
+        Returns how much every pending sequence number went down (new = old - shift)."""
+        shift = self._unacked[0][0] - 1 if self._unacked else 0
         pending = [data for _, data in self._unacked]
         self._unacked.clear()
         self.session_id = session_id
@@ -154,3 +157,4 @@ class LinkSession:
         for data in pending:
             self._unacked.append((self._next_seq, data))
             self._next_seq += 1
+        return shift

@@ -17,6 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import structlog
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
@@ -45,6 +46,7 @@ class _Running:
     process: RunningProcess | None = None
     cancelled: bool = False
     cancel_reason: str = ""
+    abandoned: bool = False  # killed by the drain: reported as AGENT_STOPPING so it is requeued
 
 
 @dataclass
@@ -82,6 +84,8 @@ class Agent:
         self.wake = trio.Event()
         self.tvm: TvmIdentity | None = None
         self.running: dict[str, _Running] = {}
+        # task key -> (attempt, seq of its TaskCompleted) until the coordinator acknowledges it
+        self.unacked_done: dict[str, tuple[int, int]] = {}
         self.retention: dict[str, float] = {}  # task key -> unix time its directory may be deleted
         self.caps = SandboxCapabilities.detect()
         self.sandbox = Sandbox(self.caps, cgroup_prefix=f"tvm-{self.agent_id[:12]}")
@@ -151,6 +155,8 @@ class Agent:
                 agent_id=self.agent_id, token=self.opts.token, capabilities=self.opts.capabilities,
                 session_id=self.session.session_id, last_received=self.session.received,
                 running=[pm.RunningTask(key=k, attempt=r.spec.attempt) for k, r in self.running.items()],
+                finished=[pm.RunningTask(key=k, attempt=a) for k, (a, seq) in self.unacked_done.items()
+                          if seq > self.session.peer_acked],
                 tvm_name=self.tvm.tvm_name if self.tvm else "", **host_facts(self.root),
             )
             await ws.send_message(codec.encode(hello))
@@ -166,7 +172,9 @@ class Agent:
             if reply.resumed and reply.session_id == self.session.session_id:
                 self.session.resume(reply.last_received)
             else:
-                self.session.restart(reply.session_id)
+                self._forget_acked_done()
+                shift = self.session.restart(reply.session_id)
+                self.unacked_done = {k: (a, seq - shift) for k, (a, seq) in self.unacked_done.items()}
             log.info("connected to %s as %s", url, self.agent_id)
             self.connected.set()
             async with trio.open_nursery() as nursery:
@@ -204,6 +212,13 @@ class Agent:
         assert self._nursery is not None
         if isinstance(msg, pm.RunTask):
             key = msg.spec.key
+            if self.draining:  # placed before the coordinator saw our Draining: hand it back
+                now = time.time()
+                self.send(pm.TaskCompleted(key=key, attempt=msg.spec.attempt, exit_code=-1, start_time=now,
+                                           end_time=now, failure=pm.Failure(category="ServerError",
+                                                                            code=pm.AGENT_STOPPING,
+                                                                            message="the agent is stopping")))
+                return
             if key in self.running or self.tvm is None:
                 if self.tvm is None:
                     now = time.time()
@@ -374,6 +389,10 @@ class Agent:
         running = self.running[spec.key]
         assert self.tvm is not None
         tvm = self.tvm
+        # Every log line of this Trio task (ours and the libraries') carries the task's ids.
+        structlog.contextvars.bind_contextvars(task=spec.key, job=f"{spec.workitem}/{spec.job}",
+                                               tvm=tvm.tvm_name, attempt=spec.attempt)
+        log.debug("task starting")
         tdir = task_dir(self.root, spec.key)
         wd = os.path.join(tdir, "wd")
         start = time.time()
@@ -411,10 +430,23 @@ class Agent:
             exit_code = -1
             failure = pm.Failure(category="ServerError", code="AgentError", message=f"{type(exc).__name__}: {exc}")
         end = time.time()
+        if running.abandoned:
+            failure = pm.Failure(category="ServerError", code=pm.AGENT_STOPPING,
+                                 message="the agent stopped before the task finished")
+        log.log(logging.INFO if failure or exit_code else logging.DEBUG, "task finished: exit code %s%s",
+                exit_code, f", {failure.code}: {failure.message}" if failure else "")
         self.running.pop(spec.key, None)
         self.retention[spec.key] = end + spec.retention_s
-        self.send(pm.TaskCompleted(key=spec.key, attempt=spec.attempt, exit_code=exit_code, start_time=start,
-                                   end_time=end, failure=failure))
+        self._forget_acked_done()
+        self.unacked_done[spec.key] = (spec.attempt, self.session.send(pm.TaskCompleted(
+            key=spec.key, attempt=spec.attempt, exit_code=exit_code, start_time=start,
+                                   end_time=end, failure=failure)))
+        self.wake.set()
+
+    def _forget_acked_done(self) -> None:
+        acked = self.session.peer_acked
+        for key in [k for k, (_, seq) in self.unacked_done.items() if seq <= acked]:
+            del self.unacked_done[key]
 
     # ------------------------------------------------------------------ retention and files
 
@@ -502,9 +534,13 @@ class Agent:
         with trio.move_on_after(grace):
             while self.running:
                 await trio.sleep(0.05)
+        if self.running:
+            log.warning("drain grace of %.0f s over: killing %d task(s), they will be requeued", grace,
+                        len(self.running))
         for r in list(self.running.values()):
             r.cancelled = True
             r.cancel_reason = "agent stopped"
+            r.abandoned = True
             if r.process is not None:
                 r.process.kill()
         with trio.move_on_after(10):
