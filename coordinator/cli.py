@@ -205,14 +205,17 @@ def install_service(coordinator_url: str, token: str, root: str, unit_dir: str, 
         raise click.ClickException(str(exc)) from None
 
 
-from .cli_resources import register  # noqa: E402
-
-register(cli)
-
-
 def main(argv: list[str] | None = None) -> None:
     cli.main(args=argv, prog_name="tvm")
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m coordinator.cli`: run the package's module, or cli_resources would import a second
+    # copy of this one half-way through (circular import).
+    from coordinator.cli import main as _main
+
+    _main()
+else:
+    from .cli_resources import register
+
+    register(cli)

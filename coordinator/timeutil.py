@@ -53,7 +53,8 @@ def format_duration(seconds: float) -> str:
         if m:
             out += f"{m}M"
         if s or frac or (not h and not m):
-            out += f"{s + frac:g}S"
+            # Fixed notation, at most 7 fractional digits like .NET: `:g` would write 1e-05.
+            out += f"{s + frac:.7f}".rstrip("0").rstrip(".") + "S"
     return out
 
 

@@ -6,7 +6,8 @@ import re
 
 from .errors import bad_request
 
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# \Z, not $: `$` also matches before a trailing newline, which would let "name\n" through.
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 
 # The seed's variables: a user setting may never override them (DESIGN.md §3).
 RESERVED_ENV = frozenset(
