@@ -46,6 +46,21 @@ def _error_response(exc: ApiError) -> Response:
     return _json_response(exc.status, body)
 
 
+_ERR_AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_ERR_FIELD = re.compile(r"^Object (?:missing required|contains unknown) field `(?P<name>[^`]+)`")
+
+
+def _error_field(text: str) -> str:
+    """The JSON path a msgspec error is about ("startTask.commandLine", "value[3].name", "")."""
+    at = _ERR_AT.search(text)
+    path = at["path"].lstrip(".") if at else ""
+    # Missing and unknown fields are reported at their parent object: add the field's own name.
+    named = _ERR_FIELD.match(text)
+    if named:
+        path = f"{path}.{named['name']}" if path else named["name"]
+    return path
+
+
 def _decode(body: bytes, typ: type) -> Any:
     if not body:
         raise bad_request("MissingRequestBody", "the request needs a JSON body")
@@ -53,8 +68,9 @@ def _decode(body: bytes, typ: type) -> Any:
         return msgspec.json.decode(body, type=typ)
     except msgspec.ValidationError as exc:
         text = str(exc)
-        field = text.rsplit("`$.", 1)[-1].rstrip("`") if "`$." in text else ""
-        raise bad_request("InvalidRequestBody", f"invalid request body: {text}", field=field) from None
+        field = _error_field(text)
+        values = {"field": field} if field else {}
+        raise bad_request("InvalidRequestBody", f"invalid request body: {text}", **values) from None
     except msgspec.DecodeError as exc:
         raise bad_request("InvalidRequestBody", f"the body is not valid JSON: {exc}") from None
 

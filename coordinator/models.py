@@ -80,7 +80,8 @@ class PoolAdd(_Req):
     name: str
     vm_size: str = "small"
     target_dedicated: int = 0
-    max_tasks_per_vm: int = 1
+    # rename="camel" would spell it maxTasksPerVm; the contract (DESIGN.md §6) says maxTasksPerVM.
+    max_tasks_per_vm: int = msgspec.field(default=1, name="maxTasksPerVM")
     tvm_fill_type: str = "spread"
     start_task: StartTask | None = None
     communication: bool = False
@@ -99,7 +100,7 @@ class Pool(_Res):
     vm_size: str
     target_dedicated: int
     current_dedicated: int
-    max_tasks_per_vm: int
+    max_tasks_per_vm: int = msgspec.field(name="maxTasksPerVM")
     tvm_fill_type: str
     creation_time: str
     state_transition_time: str
@@ -315,7 +316,7 @@ class NodeFile(_Res):
     properties: FileProperties | None = None
 
 
-class ErrorMessage(_Res):
+class ErrorMessage(_Res, omit_defaults=False):  # the wire shape always carries `lang`
     lang: str = "en-us"
     value: str = ""
 

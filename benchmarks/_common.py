@@ -1,0 +1,211 @@
+"""Shared pieces of the benchmarks: result lines, machine facts, an in-process coordinator.
+
+Every benchmark prints one JSON object per result line on stdout —
+`{"name", "parameters", "value", "unit"}` with unit in tasks/s | ms | bytes | s | ratio — and a
+short human summary on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+UNITS = ("tasks/s", "ms", "bytes", "s", "ratio")
+
+
+def emit(name: str, parameters: dict[str, Any], value: float, unit: str) -> dict[str, Any]:
+    if unit not in UNITS:
+        raise ValueError(f"unit {unit!r} is not one of {UNITS}")
+    row = {"name": name, "parameters": parameters, "value": round(float(value), 4), "unit": unit}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="small sizes: finishes in well under 20 s")
+    if extra:
+        extra(p)
+    return p.parse_args()
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"cpus": os.cpu_count(), "cpu": cpu, "memory_bytes": mem, "python": platform.python_version(),
+            "kernel": platform.release()}
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra or {})
+    return env
+
+
+def spawn(module: str, argv: list[str], env: dict[str, str] | None = None,
+          stdout: Any = subprocess.PIPE) -> subprocess.Popen[bytes]:
+    """A helper process (`python -m benchmarks.<module>`), in its own process group."""
+    return subprocess.Popen([sys.executable, "-m", module, *argv], stdin=subprocess.DEVNULL, stdout=stdout,
+                            env=child_env(env), start_new_session=True)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    i = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
+    return s[i]
+
+
+def rss_bytes(pid: int | None = None) -> int:
+    """Resident set size from /proc (VmRSS)."""
+    with open(f"/proc/{pid or 'self'}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@asynccontextmanager
+async def coordinator(state_dir: str, **kw: Any):  # noqa: ANN201 - async generator
+    """A real coordinator (REST + agent websocket, SQLite journal) in this process."""
+    from coordinator.server import run_coordinator
+
+    async with trio.open_nursery() as nursery:
+        scope = trio.CancelScope()
+
+        async def _run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await run_coordinator(state_dir, task_status=task_status, **kw)
+
+        rc = await nursery.start(_run)
+        try:
+            yield rc
+        finally:
+            scope.cancel()
+
+
+async def wait_until(cond: Callable[[], bool], limit: float, what: str, poll: float = 0.005) -> None:
+    deadline = time.monotonic() + limit
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {limit:.0f} s waiting for {what}")
+        await trio.sleep(poll)
+
+
+def pool_ready(core: Any, pool: str, n: int) -> bool:
+    return sum(1 for t in core.tvms.values()
+               if t.rec.pool == pool and t.rec.state in ("idle", "running") and t.ready) >= n
+
+
+def job_finished(core: Any, key: str, total: int) -> bool:
+    """Every one of `total` tasks of job `key` completed (cheap checks first: called often)."""
+    job = core.jobs.get(key)
+    if job is None or len(job.tasks) < total:
+        return False
+    if any(t.rec.pool == job.rec.pool and t.running for t in core.tvms.values()):
+        return False
+    if any(t.state == "active" for t in job.queue):
+        return False
+    c = core.task_counts(job)
+    return c.completed >= total
+
+
+def start_agents(rc: Any, n: int, base: str, log_level: str = "warning") -> list[subprocess.Popen[bytes]]:
+    """Real agent processes (`python -m tvmagent`), each with its own TVM root under `base`."""
+    procs = []
+    for i in range(n):
+        root = os.path.join(base, f"agent{i}")
+        os.makedirs(root, exist_ok=True)
+        log = open(os.path.join(base, f"agent{i}.log"), "ab")  # noqa: SIM115
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tvmagent", "--coordinator", rc.agent_url, "--root", root,
+             "--name", f"bench-agent{i}", "--log-level", log_level],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            env=child_env({"TVM_AGENT_TOKEN": rc.join_token})))
+        log.close()
+    return procs
+
+
+def stop_agents(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, 9)
+            p.wait()
+
+
+async def local_pool(rc: Any, base: str, agents: int, slots: int, size: str, pool: str = "bench",
+                     workitem: str = "wi") -> list[subprocess.Popen[bytes]]:
+    """Start `agents` real agents, a pool using all of them and a workitem on it."""
+    from coordinator import models as m
+
+    svc, core = rc.service, rc.service.core
+    procs = start_agents(rc, agents, os.path.join(base, "agents"))
+    try:
+        await wait_until(lambda: sum(1 for a in core.agents.values() if a.connected) >= agents, 60,
+                         f"{agents} agents")
+        await svc.execute(core.add_pool, m.PoolAdd(name=pool, vm_size=size, target_dedicated=agents,
+                                                   max_tasks_per_vm=slots))
+        await wait_until(lambda: pool_ready(core, pool, agents), 60, f"{agents} ready TVMs")
+        await svc.execute(core.add_workitem, m.WorkitemAdd(
+            name=workitem, job_execution_environment=m.JobExecutionEnvironment(pool_name=pool)))
+    except TimeoutError as exc:
+        stop_agents(procs)
+        logs = [f"--- agent{i}\n{_tail(os.path.join(base, 'agents', f'agent{i}.log'))}" for i in range(agents)]
+        raise TimeoutError(f"{exc}\n" + "\n".join(logs)) from None
+    except BaseException:
+        stop_agents(procs)
+        raise
+    return procs
+
+
+def _tail(path: str, size: int = 1500) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()[-size:]
+    except OSError as exc:
+        return str(exc)
