@@ -1,0 +1,236 @@
+"""Issue 3, the `tvm` CLI as subprocesses against a real coordinator with real agents: every
+resource command, `--output json` parses, `task wait` exits non-zero on failures and shows progress
+on stderr, missing or wrong credentials give a clear message and exit code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import click
+import pytest
+import trio
+from click.testing import CliRunner
+
+from coordinator.cli import cli
+from tests.harness import agent_env, cluster_ctx
+
+JOB = "job-0000000001"
+TVM = [sys.executable, "-m", "coordinator.cli"]
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in agent_env().items() if not k.startswith("TVM_")}
+    env.update(extra or {})
+    env["COLUMNS"] = "200"
+    return env
+
+
+async def tvm(*args: str, env: dict[str, str], stdin: bytes = b"", ok: bool = True) -> subprocess.CompletedProcess:
+    r = await trio.run_process([*TVM, *args], env=env, stdin=stdin, capture_stdout=True, capture_stderr=True,
+                               check=False)
+    if ok:
+        assert r.returncode == 0, (args, r.returncode, r.stdout.decode(), r.stderr.decode())
+    return r
+
+
+async def tvm_json(*args: str, env: dict[str, str], stdin: bytes = b"", ok: bool = True) -> Any:
+    r = await tvm(*args, "--output", "json", env=env, stdin=stdin, ok=ok)
+    return json.loads(r.stdout)
+
+
+async def together(*calls: Any) -> list[Any]:
+    """Run independent CLI invocations concurrently (each one is a Python start-up)."""
+    out: list[Any] = [None] * len(calls)
+
+    async def one(i: int, call: Any) -> None:
+        out[i] = await call
+
+    async with trio.open_nursery() as n:
+        for i, call in enumerate(calls):
+            n.start_soon(one, i, call)
+    return out
+
+
+# ---------------------------------------------------------------------------- help
+
+
+def _walk(group: click.Group, path: list[str]):
+    for name, cmd in group.commands.items():
+        yield [*path, name]
+        if isinstance(cmd, click.Group):
+            yield from _walk(cmd, [*path, name])
+
+
+async def test_help_of_root_and_every_group_as_subprocesses():
+    env = _env()
+    root = await tvm("--help", env=env)
+    out = root.stdout.decode()
+    for group in ("pool", "tvm", "workitem", "job", "task", "file", "up", "coordinator", "agent"):
+        assert group in out
+    groups = [n for n, c in cli.commands.items() if isinstance(c, click.Group)]
+    assert {"pool", "tvm", "workitem", "job", "task", "file", "agent"} <= set(groups)
+    for g in groups:
+        r = await tvm(g, "--help", env=env)
+        assert r.stdout.decode().startswith(f"Usage: tvm {g} "), r.stdout
+
+
+@pytest.mark.parametrize("path", list(_walk(cli, [])), ids=lambda p: " ".join(p))
+def test_help_of_every_command(path):
+    r = CliRunner().invoke(cli, [*path, "--help"], prog_name="tvm")
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("Usage: tvm " + " ".join(path))
+
+
+def test_every_resource_command_offers_output_json():
+    missing = []
+    for path in _walk(cli, []):
+        if path[0] in ("up", "quickstart", "coordinator", "agent"):
+            continue
+        cmd: Any = cli
+        for p in path:
+            cmd = cmd.commands[p]
+        if isinstance(cmd, click.Group) or path == ["file", "get"]:  # file get writes the file's bytes
+            continue
+        if "output" not in {p.name for p in cmd.params}:
+            missing.append(" ".join(path))
+    assert missing == []
+
+
+# ---------------------------------------------------------------------------- credentials
+
+
+async def test_missing_credentials_clear_message_and_exit_code(tmp_path):
+    r = await tvm("pool", "list", env=_env(), ok=False)
+    assert r.returncode != 0
+    err = r.stderr.decode()
+    for var in ("TVM_ENDPOINT", "TVM_ACCOUNT", "TVM_KEY"):
+        assert var in err
+    assert "Traceback" not in err
+    r = await tvm("pool", "list", env=_env({"TVM_ENDPOINT": "http://127.0.0.1:9", "TVM_ACCOUNT": "a"}), ok=False)
+    assert r.returncode != 0
+    assert "TVM_KEY" in r.stderr.decode()
+    assert "TVM_ENDPOINT" not in r.stderr.decode()
+    # Nothing listens there: a clear connection error, not a traceback.
+    r = await tvm("pool", "list", env=_env({"TVM_ENDPOINT": "http://127.0.0.1:9", "TVM_ACCOUNT": "a",
+                                            "TVM_KEY": "aGVsbG8="}), ok=False)
+    assert r.returncode == 1
+    assert "ConnectionFailed" in r.stderr.decode()
+    assert "Traceback" not in r.stderr.decode()
+
+
+# ---------------------------------------------------------------------------- everything against a cluster
+
+
+PRINT_ENV = "import os; print(os.environ['WATASK_TASK_NAME'], os.environ.get('GREETING', ''))"
+
+
+async def test_cli_end_to_end(nursery, tmp_path):
+    async with cluster_ctx(nursery, tmp_path, agents=1, heartbeat_timeout=5) as c:
+        env = _env({"TVM_ENDPOINT": c.rc.endpoint, "TVM_ACCOUNT": c.rc.account, "TVM_KEY": c.rc.key})
+
+        # Wrong key: the service's code, exit 1, no traceback.
+        bad = dict(env, TVM_KEY="d3Jvbmc=")
+        r = await tvm("pool", "list", env=bad, ok=False)
+        assert r.returncode == 1
+        assert "AuthenticationFailed" in r.stderr.decode()
+        assert "Traceback" not in r.stderr.decode()
+
+        # Pools and TVMs.
+        p = await tvm_json("pool", "add", "p", "--target", "1", "--max-tasks-per-vm", "2", "--vm-size", "medium",
+                           "--fill", "pack", env=env)
+        assert (p["name"], p["maxTasksPerVM"], p["tvmFillType"]) == ("p", 2, "pack")
+        await c.wait_for(lambda: c._idle("p", 1), what="an idle TVM")
+        plist, ptable, pshow, tvms, tvm_table, missing = await together(
+            tvm_json("pool", "list", env=env), tvm("pool", "list", env=env), tvm_json("pool", "show", "p", env=env),
+            tvm_json("tvm", "list", "p", env=env), tvm("tvm", "list", "p", env=env),
+            tvm("pool", "show", "nope", env=env, ok=False))
+        assert [x["name"] for x in plist] == ["p"]
+        assert "p" in ptable.stdout.decode()  # table
+        assert pshow["targetDedicated"] == 1
+        assert len(tvms) == 1
+        assert tvms[0]["state"] in ("idle", "running")
+        assert tvms[0]["name"] in tvm_table.stdout.decode()
+        assert missing.returncode == 1
+        assert "PoolNotFound" in missing.stderr.decode()
+
+        # Workitems and jobs.
+        wi = await tvm_json("workitem", "add", "wi", "--pool", "p", "--priority", "5", env=env)
+        assert wi["name"] == "wi"
+        wlist, wshow, jlist, jtable, jshow = await together(
+            tvm_json("workitem", "list", env=env), tvm_json("workitem", "show", "wi", env=env),
+            tvm_json("job", "list", "wi", env=env), tvm("job", "list", "wi", env=env),
+            tvm_json("job", "show", "wi", JOB, env=env))
+        assert [w["name"] for w in wlist] == ["wi"]
+        assert wshow["priority"] == 5
+        assert [j["name"] for j in jlist] == [JOB]
+        assert JOB in jtable.stdout.decode()
+        assert jshow["state"] == "active"
+
+        # Tasks: one by one and many from stdin (plain lines and JSON lines).
+        cmd = f"{sys.executable} -c \"{PRINT_ENV}\""
+        assert await tvm_json("task", "add", "wi", JOB, "t1", cmd, "--env", "GREETING=hello", env=env) == {
+            "added": "t1"}
+        lines = "\n".join([
+            cmd,
+            f"{sys.executable} -c \"import sys; sys.exit(3)\"",
+            json.dumps({"name": "fromjson", "commandLine": cmd}),
+        ]).encode()
+        results = await tvm_json("task", "add-many", "wi", JOB, "--prefix", "m", env=env, stdin=lines)
+        assert [(x["name"], x["status"]) for x in results] == [
+            ("m-000000", "success"), ("m-000001", "success"), ("fromjson", "success")]
+        # A refused task in add-many: per-task error on stderr and a non-zero exit code.
+        r, r2 = await together(
+            tvm("task", "add-many", "wi", JOB, "--prefix", "m", env=env, stdin=cmd.encode(), ok=False),
+            tvm("task", "add", "wi", JOB, "t9", "true", "--env", "WATASK_TASK_NAME=x", env=env, ok=False))
+        assert r.returncode == 1
+        assert "TaskExists" in r.stderr.decode()
+        assert r2.returncode == 1
+        assert "ReservedEnvironmentVariable" in r2.stderr.decode()
+
+        # Wait: shows progress on stderr and exits non-zero because m-000001 failed.
+        r = await tvm("task", "wait", "wi", JOB, "--timeout", "60", env=env, ok=False)
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert f"wi/{JOB}" in r.stderr.decode()  # the progress line
+        assert "4 completed: 3 succeeded, 1 failed" in r.stdout.decode()
+        counts = await tvm_json("task", "wait", "wi", JOB, env=env, ok=False)
+        assert (counts["completed"], counts["failed"]) == (4, 1)
+
+        tlist, done, active, t1, ttable, files, ftable, out, part, _, nofile, badrange = await together(
+            tvm_json("task", "list", "wi", JOB, env=env),
+            tvm_json("task", "list", "wi", JOB, "--state", "completed", env=env),
+            tvm_json("task", "list", "wi", JOB, "--state", "active", env=env),
+            tvm_json("task", "show", "wi", JOB, "t1", env=env),
+            tvm("task", "list", "wi", JOB, env=env),
+            tvm_json("file", "list", "wi", JOB, "t1", env=env),
+            tvm("file", "list", "wi", JOB, "t1", env=env),
+            tvm("file", "get", "wi", JOB, "t1", "stdout.txt", env=env),
+            tvm("file", "get", "wi", JOB, "t1", "stdout.txt", "--range", "0-1", env=env),
+            tvm("file", "get", "wi", JOB, "fromjson", "stdout.txt", "--dest", str(tmp_path / "copy.txt"), env=env),
+            tvm("file", "get", "wi", JOB, "t1", "nope.txt", env=env, ok=False),
+            tvm("file", "get", "wi", JOB, "t1", "stdout.txt", "--range", "x", env=env, ok=False))
+        tasks = {t["name"]: t for t in tlist}
+        assert set(tasks) == {"t1", "m-000000", "m-000001", "fromjson"}
+        assert tasks["m-000001"]["executionInfo"]["exitCode"] == 3
+        assert len(done) == 4
+        assert active == []
+        assert t1["executionInfo"]["exitCode"] == 0
+        assert t1["environmentSettings"] == [{"name": "GREETING", "value": "hello"}]
+        assert "m-000001" in ttable.stdout.decode()
+        assert {"stdout.txt", "stderr.txt"} <= {f["name"] for f in files}
+        assert "stdout.txt" in ftable.stdout.decode()
+        assert out.stdout == b"t1 hello\n"
+        assert part.stdout == b"t1"
+        assert (tmp_path / "copy.txt").read_bytes() == b"fromjson \n"
+        assert nofile.returncode == 1
+        assert "Traceback" not in nofile.stderr.decode()
+        assert badrange.returncode == 2
+        assert "--range" in badrange.stderr.decode()
+
+        # Deletes, then nothing is left.
+        assert await tvm_json("task", "delete", "wi", JOB, "t1", env=env) == {"deleted": "t1"}
+        assert await tvm_json("workitem", "delete", "wi", env=env) == {"deleted": "wi"}
+        assert await tvm_json("pool", "delete", "p", env=env) == {"deleted": "p"}
+        assert await together(tvm_json("workitem", "list", env=env), tvm_json("pool", "list", env=env)) == [[], []]
