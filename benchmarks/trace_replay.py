@@ -43,7 +43,10 @@ from ._common import (
     wait_until,
 )
 
-TRACES = os.path.join(os.path.dirname(REPO), "shared", "traces")
+# In-repo copies first (a clean clone has no ../shared), then the team's shared folder.
+TRACES = next((d for d in (os.path.join(REPO, "benchmarks", "traces"),
+                           os.path.join(os.path.dirname(REPO), "shared", "traces")) if os.path.isdir(d)),
+              os.path.join(REPO, "benchmarks", "traces"))
 AGENTS = 2
 SLOTS = 8  # per agent (medium: 2 cores, up to 4 x cores)
 
