@@ -118,7 +118,7 @@ class ApiBase:
         try:
             body = await self._read_body(receive, streaming=path == "/files" and method == "POST")
             agent_fetch = path.startswith("/files/sha256/") and self._agent_authorized(headers)
-            if not agent_fetch:
+            if not agent_fetch and not self._job_token_authorized(headers, path):
                 try:
                     verify(method, scope.get("raw_path", path.encode()).decode("latin-1").split("?")[0], query,
                            headers, self.svc.account, [k for k in self.svc.keys if k], time.time())
@@ -146,6 +146,22 @@ class ApiBase:
     def _agent_authorized(self, headers: dict[str, str]) -> bool:
         token = headers.get("x-tvm-agent-token")
         return bool(token) and self.svc.check_token(token)
+
+    def _job_token_authorized(self, headers: dict[str, str], path: str) -> bool:
+        """A job manager's credential (`Authorization: TVMJobToken <token>`, issue 6): valid for its
+        own job's resources only; 401 if unknown, 403 anywhere else. False: not such a request."""
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme != "TVMJobToken":
+            return False
+        job = self.core.job_for_token(token.strip())
+        if job is None:
+            raise ApiError(401, "AuthenticationFailed", "the job credential is not valid (unknown or deleted job)")
+        base = f"/workitems/{job.rec.workitem}/jobs/{job.rec.name}"
+        if path != base and not path.startswith(base + "/"):
+            raise ApiError(403, "AuthorizationFailure",
+                           f"this job-manager credential is valid only for {base} and its tasks, not {path}",
+                           scope=base)
+        return True
 
     async def _read_body(self, receive: Callable, streaming: bool) -> bytes:
         chunks: list[bytes] = []

@@ -181,6 +181,8 @@ class AgentsMixin(CoreBase):
             task.end_time = msg.end_time
             task.failure = (failure.category, failure.code, failure.message) if failure else None
         self._put_task(job, task)
+        if task.state == COMPLETED:
+            self._job_task_done(job, task)  # issue 6: job manager done / all tasks complete
 
     # ------------------------------------------------------------------ clock
 
@@ -213,3 +215,4 @@ class AgentsMixin(CoreBase):
                 pool.resize_error = ("AllocationTimedout",
                                      "Desired number of dedicated TVMs could not be allocated in time")
                 self._put("pool", name, pool)
+        self.check_jobs()  # issue 6: schedules, job wall clocks, terminating/disabling ends

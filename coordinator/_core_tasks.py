@@ -64,9 +64,7 @@ class TasksMixin(CoreBase):
 
     def _job_for_add(self, workitem: str, job_name: str) -> Job:
         job = self.get_job(workitem, job_name)
-        if job.rec.state != "active":
-            raise ApiError(409, "JobNotActive", f"job {job_name!r} is {job.rec.state}; tasks cannot be added",
-                           state=job.rec.state)
+        self._check_job_accepts_tasks(job)  # issue 6 (_core_jobs): 409 JobCompleted / JobBeingTerminated
         return job
 
     def add_task(self, workitem: str, job_name: str, req: m.TaskAdd) -> None:
@@ -175,11 +173,11 @@ class TasksMixin(CoreBase):
         """Place what can be placed now; returns the number of tasks placed."""
         if self.recovering_until is not None:
             return 0
+        placed = self._place_job_managers()  # issue 6: job managers go first
         by_pool: dict[str, list[Job]] = {}
         for job in self.jobs.values():
-            if job.queue and job.rec.state == "active":
+            if job.queue and job.rec.state == "active" and not self._jm_pending(job):
                 by_pool.setdefault(job.rec.pool, []).append(job)
-        placed = 0
         for pool_name, jobs in by_pool.items():
             pool = self.pools.get(pool_name)
             if pool is None or pool.state != "active":
@@ -189,9 +187,11 @@ class TasksMixin(CoreBase):
                 if t.rec.pool == pool_name and t.rec.state in ("idle", "running")
                 and t.rec.scheduling == "enabled" and t.free > 0
                 and (a := self.agents.get(t.rec.agent_id)) is not None and a.connected
+                and not self._exclusive_held(t)
             ]
             for job, task, tvm in place(tvms, jobs, pool.spec.tvm_fill_type):
                 self._start(job, task, tvm)
+                job.served = self._attempts  # issue 6: fairness between equal-priority jobs
                 placed += 1
         self.placements += placed
         return placed
@@ -213,6 +213,8 @@ class TasksMixin(CoreBase):
         env = dict(job.rec.common_env)
         if task.env:
             env.update(task.env)
+        if task.job_manager:
+            env.update(self._jm_env(job))  # issue 6: endpoint + job-scoped credential
         wall = task.max_wall_s if task.max_wall_s is not None else job.rec.max_wall_s
         spec = pm.TaskSpec(
             key=key, attempt=task.attempt, command_line=task.command_line, workitem=job.rec.workitem,

@@ -80,8 +80,15 @@ def _credentials(endpoint: str | None, account: str | None, key: str | None) -> 
 
 class _Base:
     def __init__(self, endpoint: str | None, account: str | None, key: str | None, token: str | None) -> None:
+        # A job manager's job-scoped credential (TVM_JOB_TOKEN) is used when no account key is given.
+        if not token and not key and not os.environ.get("TVM_KEY"):
+            token = os.environ.get("TVM_JOB_TOKEN") or None
+        self.token = token
         self.endpoint, self.account, self.key = _credentials(endpoint, account, key) if not token else (
-            (endpoint or os.environ.get("TVM_ENDPOINT", "")).rstrip("/"), account or "", key or "")
+            (endpoint or os.environ.get("TVM_ENDPOINT", "")).rstrip("/"),
+            account or os.environ.get("TVM_ACCOUNT", ""), key or "")
+        if token and not self.endpoint:
+            raise BatchError(0, "MissingCredentials", "set TVM_ENDPOINT or pass endpoint=")
         self._prefix = urlsplit(self.endpoint).path.rstrip("/")
         self.pools = Pools(self)
         self.tvms = Tvms(self)
@@ -100,7 +107,10 @@ class _Base:
             headers["Content-Length"] = str(len(content))
         elif call.method in ("POST", "PUT", "PATCH"):
             headers["Content-Length"] = "0"
-        sign_request(call.method, self._prefix + call.path, query, headers, self.account, self.key)
+        if self.token:
+            headers["Authorization"] = f"TVMJobToken {self.token}"
+        else:
+            sign_request(call.method, self._prefix + call.path, query, headers, self.account, self.key)
         url = self.endpoint + call.path + (f"?{query}" if query else "")
         return call.method, url, headers, content
 
@@ -216,6 +226,21 @@ class Workitems(_Group):
     def delete(self, name: str) -> Any:
         return self._c._call(_Call("DELETE", f"/workitems/{_seg(name)}"))
 
+    def update(self, name: str, *, priority: int | None = None, schedule: m.Schedule | None = None,
+               job_constraints: m.JobConstraints | None = None, on_all_tasks_complete: str | None = None) -> Any:
+        body = m.WorkitemUpdate(priority=priority, schedule=schedule, job_constraints=job_constraints,
+                                on_all_tasks_complete=on_all_tasks_complete)
+        return self._c._call(_Call("PATCH", f"/workitems/{_seg(name)}", body, parse=_one(m.Workitem)))
+
+    def terminate(self, name: str) -> Any:
+        return self._c._call(_Call("POST", f"/workitems/{_seg(name)}/terminate"))
+
+    def disable(self, name: str) -> Any:
+        return self._c._call(_Call("POST", f"/workitems/{_seg(name)}/disable"))
+
+    def enable(self, name: str) -> Any:
+        return self._c._call(_Call("POST", f"/workitems/{_seg(name)}/enable"))
+
 
 class Jobs(_Group):
     def list(self, workitem: str) -> Any:
@@ -223,6 +248,27 @@ class Jobs(_Group):
 
     def get(self, workitem: str, job: str) -> Any:
         return self._c._call(_Call("GET", f"/workitems/{_seg(workitem)}/jobs/{_seg(job)}", parse=_one(m.Job)))
+
+    def update(self, workitem: str, job: str, *, priority: int | None = None,
+               job_constraints: m.JobConstraints | None = None, on_all_tasks_complete: str | None = None) -> Any:
+        body = m.JobUpdate(priority=priority, job_constraints=job_constraints,
+                           on_all_tasks_complete=on_all_tasks_complete)
+        return self._c._call(_Call("PATCH", f"/workitems/{_seg(workitem)}/jobs/{_seg(job)}", body,
+                                   parse=_one(m.Job)))
+
+    def terminate(self, workitem: str, job: str, *, reason: str | None = None) -> Any:
+        return self._c._call(_Call("POST", f"/workitems/{_seg(workitem)}/jobs/{_seg(job)}/terminate",
+                                   m.JobTerminate(terminate_reason=reason)))
+
+    def disable(self, workitem: str, job: str, *, disable_tasks: str = "requeue") -> Any:
+        return self._c._call(_Call("POST", f"/workitems/{_seg(workitem)}/jobs/{_seg(job)}/disable",
+                                   m.JobDisable(disable_tasks=disable_tasks)))
+
+    def enable(self, workitem: str, job: str) -> Any:
+        return self._c._call(_Call("POST", f"/workitems/{_seg(workitem)}/jobs/{_seg(job)}/enable"))
+
+    def delete(self, workitem: str, job: str) -> Any:
+        return self._c._call(_Call("DELETE", f"/workitems/{_seg(workitem)}/jobs/{_seg(job)}"))
 
     def task_counts(self, workitem: str, job: str) -> Any:
         dec = msgspec.json.Decoder(dict[str, m.TaskCounts])

@@ -193,11 +193,13 @@ class WorkitemAdd(_Req):
     schedule: Schedule | None = None
     common_environment_settings: list[EnvironmentSetting] = []
     metadata: list[MetadataItem] = []
+    on_all_tasks_complete: str = "noaction"  # "noaction" | "terminatejob" (issue 6)
 
 
 class WorkitemExecutionInfo(_Res):
     recent_job: str | None = None
     next_run_time: str | None = None
+    end_time: str | None = None
 
 
 class Workitem(_Res):
@@ -213,6 +215,7 @@ class Workitem(_Res):
     common_environment_settings: list[EnvironmentSetting] = []
     execution_info: WorkitemExecutionInfo | None = None
     metadata: list[MetadataItem] = []
+    on_all_tasks_complete: str = "noaction"
 
 
 class JobExecutionInfo(_Res):
@@ -239,6 +242,10 @@ class Job(_Res):
     state_transition_time: str
     execution_info: JobExecutionInfo
     task_counts: TaskCounts | None = None
+    previous_state: str | None = None
+    on_all_tasks_complete: str = "noaction"
+    job_constraints: JobConstraints | None = None
+    job_manager_task_name: str | None = None
 
 
 # --------------------------------------------------------------------------- tasks
@@ -330,3 +337,32 @@ class ErrorBody(_Res):
     code: str
     message: ErrorMessage
     values: list[ErrorDetail] = []
+
+
+# --------------------------------------------------------------------------- workitem and job operations (issue 6)
+
+
+class WorkitemUpdate(_Req):
+    """PATCH /workitems/{wi}: only the fields present change; they apply to jobs created later."""
+
+    priority: int | None = None
+    job_constraints: JobConstraints | None = None
+    schedule: Schedule | None = None
+    on_all_tasks_complete: str | None = None
+    metadata: list[MetadataItem] | None = None
+
+
+class JobUpdate(_Req):
+    """PATCH /workitems/{wi}/jobs/{job}: only the fields present change."""
+
+    priority: int | None = None
+    job_constraints: JobConstraints | None = None
+    on_all_tasks_complete: str | None = None
+
+
+class JobTerminate(_Req):
+    terminate_reason: str | None = None
+
+
+class JobDisable(_Req):
+    disable_tasks: str = "requeue"  # "requeue" | "terminate" | "wait"

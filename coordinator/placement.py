@@ -14,7 +14,9 @@ from .records import ACTIVE, Job, TaskRec, Tvm
 
 
 def _next_tasks(jobs: list[Job]) -> Iterator[tuple[Job, TaskRec]]:
-    ordered = sorted(jobs, key=lambda j: (-j.rec.priority, j.rec.created))
+    # Equal priority: the job served least recently first (`Job.served`), so one slot freed at a
+    # time still alternates between jobs (round robin across scheduling passes, not only within one).
+    ordered = sorted(jobs, key=lambda j: (-j.rec.priority, j.served, j.rec.created))
     for _, level_iter in groupby(ordered, key=lambda j: j.rec.priority):
         level = list(level_iter)
         while level:

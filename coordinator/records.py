@@ -67,6 +67,14 @@ class JobRec(msgspec.Struct, kw_only=True):
     max_wall_s: float | None = None
     max_retries: int = 0
     common_env: dict[str, str] = {}
+    # Issue 6: all-tasks-complete action, job manager, job-scoped credential, disable option.
+    on_all_complete: str = "noaction"  # "noaction" | "terminatejob"
+    jm_name: str | None = None
+    jm_exclusive: bool = False
+    jm_kill: bool = True
+    token: str = ""
+    prev_state: str | None = None
+    disable_option: str = ""
 
 
 class WorkitemRec(msgspec.Struct, kw_only=True):
@@ -76,6 +84,8 @@ class WorkitemRec(msgspec.Struct, kw_only=True):
     state_time: float = 0.0
     job_counter: int = 0
     recent_job: str | None = None
+    next_run: float | None = None  # issue 6: next schedule occurrence not yet used; None = no more
+    end_time: float | None = None
 
 
 class PoolRec(msgspec.Struct, kw_only=True):
@@ -107,12 +117,13 @@ class TvmRec(msgspec.Struct, kw_only=True):
 class Job:
     """A job in memory: its record, its tasks and its queue of active tasks."""
 
-    __slots__ = ("rec", "tasks", "queue")
+    __slots__ = ("rec", "tasks", "queue", "served")
 
     def __init__(self, rec: JobRec) -> None:
         self.rec = rec
         self.tasks: dict[str, TaskRec] = {}
         self.queue: deque[TaskRec] = deque()
+        self.served = -1  # placement counter when it last got a slot: fairness between equal priorities
 
     @property
     def key(self) -> str:

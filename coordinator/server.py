@@ -53,10 +53,12 @@ async def run_coordinator(
     heartbeat_timeout: float = 30.0,
     join_token: str | None = None,
     max_pool_size: int = 1000,
+    clock: Any = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     service = CoordinatorService(state_dir, account=account, heartbeat_timeout=heartbeat_timeout,
-                                 join_token=join_token, max_pool_size=max_pool_size)
+                                 join_token=join_token, max_pool_size=max_pool_size,
+                                 **({"clock": clock} if clock is not None else {}))  # issue 6: tests' fake time
     files = FileStore(os.path.join(state_dir, "files"))
     app = RestApp(service, files)
     sock = bind_socket(host, port)

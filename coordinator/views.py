@@ -63,7 +63,9 @@ def workitem_view(wi: WorkitemRec) -> m.Workitem:
         job_execution_environment=s.job_execution_environment, priority=s.priority,
         job_constraints=s.job_constraints, job_manager=s.job_manager, schedule=s.schedule,
         common_environment_settings=s.common_environment_settings,
-        execution_info=m.WorkitemExecutionInfo(recent_job=wi.recent_job), metadata=s.metadata,
+        execution_info=m.WorkitemExecutionInfo(recent_job=wi.recent_job, next_run_time=rfc3339(wi.next_run),
+                                               end_time=rfc3339(wi.end_time)),
+        metadata=s.metadata, on_all_tasks_complete=s.on_all_tasks_complete,
     )
 
 
@@ -75,6 +77,11 @@ def job_view(core: CoordinatorState, job: Job, counts: bool = True) -> m.Job:
         execution_info=m.JobExecutionInfo(start_time=_t(r.created), pool_name=r.pool, end_time=rfc3339(r.end_time),
                                           terminate_reason=r.terminate_reason),
         task_counts=core.task_counts(job) if counts else None,
+        previous_state=r.prev_state, on_all_tasks_complete=r.on_all_complete,
+        job_constraints=m.JobConstraints(
+            max_wall_clock_time=format_duration(r.max_wall_s) if r.max_wall_s is not None else UNLIMITED,
+            max_task_retry_count=r.max_retries),
+        job_manager_task_name=r.jm_name,
     )
 
 
