@@ -38,6 +38,9 @@ class CertFile(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
     data: bytes
     password: str = ""
 
+    def __repr__(self) -> str:  # certificate data and passwords never reach logs or tracebacks
+        return f"CertFile(sha1-{self.thumbprint}, {self.certificate_format})"
+
 
 class TaskSpec(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
     """What an agent needs to run one attempt of a task."""
@@ -100,6 +103,9 @@ class Hello(Msg, tag="hello", kw_only=True):
     # Runs that finished but whose completion the coordinator has not acknowledged yet: it must
     # not place them again before the (resent) completion arrives.
     finished: list[RunningTask] = []
+    # Per-agent credential (issue 8): HMAC-SHA256(credential, "<agent_id>\n<proof_time>"), hex.
+    proof: str = ""
+    proof_time: int = 0  # unix milliseconds
 
 
 class Welcome(Msg, tag="welcome", kw_only=True):
@@ -110,6 +116,7 @@ class Welcome(Msg, tag="welcome", kw_only=True):
     last_received: int = 0
     heartbeat_interval: float = 5.0
     capabilities: list[str] = []
+    credential: str = ""  # issued after the first join with the join token (issue 8)
 
 
 class Reject(Msg, tag="reject", kw_only=True):
@@ -203,6 +210,7 @@ class JoinPool(Msg, tag="tvm.join", kw_only=True):
     port_range_high: int = 0
     # Memory of the pool's VM size; the agent gives each task slot an equal share (0: no limit).
     memory_limit_bytes: int = 0
+    bubblewrap: bool = False  # run the pool's tasks and start task in a bubblewrap sandbox (issue 8)
 
 
 class LeavePool(Msg, tag="tvm.leave", kw_only=True):

@@ -23,6 +23,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def agent_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    # Test tasks run sys.executable, which lives under /root (pyenv) where unprivileged task users
+    # cannot go: isolation tests (tests/system/test_isolation_*.py) turn it back on.
+    env.setdefault("TVM_AGENT_TASK_ISOLATION", "none")
     env.update(extra or {})
     return env
 

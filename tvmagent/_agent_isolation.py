@@ -1,0 +1,243 @@
+"""The agent's isolation duties (issue 8), kept out of agent.py: certificates, task users,
+the intra-pool port fence and remote-login users. Mixed into `Agent`; see tvmagent/isolation.py
+for the user scheme and tvmagent/ports.py for the fence itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from protocol import messages as pm
+
+from . import isolation
+from .ports import NftError, PortGate, apply_nft, nft_available, remove_nft, render_nft_ruleset
+
+if TYPE_CHECKING:
+    from .taskenv import TvmIdentity
+
+log = logging.getLogger("tvm.agent")
+
+
+class IsolationMixin:
+    root: str
+    agent_id: str
+    opts: Any
+    tvm: TvmIdentity | None
+    slot_users: isolation.SlotUsers | None
+    fence: object | None
+    login_users: dict[str, float]
+    _nursery: trio.Nursery | None
+    # The pool's member addresses: PoolMembers may be handled before the JoinPool setup reaches
+    # the fence (separate Trio tasks), so they are kept here and used when the fence comes up.
+    _fence_members: list[str] = []
+    _pool_bwrap: bool = False  # the pool asked for bubblewrap (JoinPool.bubblewrap)
+
+    def send(self, msg: pm.Msg) -> None:  # provided by Agent
+        raise NotImplementedError
+
+    def _bwrap_paths(self) -> dict[str, tuple[str, ...]]:
+        """Inside bubblewrap a task sees its working directory, shared/ (writable) and the
+        certificates and startup directory (read-only); never another task's directory."""
+        if self.tvm is None:
+            return {}
+        return {"bwrap_writable": (self.tvm.shared_dir,),
+                "bwrap_readonly": tuple(d for d in (self.tvm.certs_dir, self.tvm.start_dir) if os.path.isdir(d))}
+
+    # ------------------------------------------------------------------ TLS
+
+    async def _tls_preflight(self, url: str) -> None:
+        """One TLS handshake before the websocket so a certificate problem is logged as such
+        (ssl.SSLCertVerificationError, an OSError: the connect loop retries and says why)."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        ctx = getattr(self, "ssl_context", None) or __import__("ssl").create_default_context()
+        with trio.fail_after(10):
+            stream = await trio.open_ssl_over_tcp_stream(parts.hostname or "", parts.port or 443, ssl_context=ctx)
+            try:
+                await stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                if isinstance(exc.__cause__, OSError):
+                    raise exc.__cause__ from None
+                raise
+            finally:
+                await trio.aclose_forcefully(stream)
+
+    # ------------------------------------------------------------------ certificates
+
+    async def _install_certs(self, certs: list[pm.CertFile]) -> list[str]:
+        """Install before the start task and any task; one error line per certificate that failed.
+        Errors name the thumbprint and the reason only (never the data or the password)."""
+        assert self.tvm is not None
+        if not certs:
+            return []
+        from .certs import CertSpec, install_certificates
+
+        specs = [CertSpec(thumbprint=c.thumbprint, thumbprint_algorithm=c.thumbprint_algorithm,
+                          certificate_format=c.certificate_format, data=c.data, password=c.password or None)
+                 for c in certs]
+        certs_dir = self.tvm.certs_dir
+        try:
+            results = await trio.to_thread.run_sync(install_certificates, certs_dir, specs, self.opts.task_user)
+            if self.slot_users is not None:  # many task uids: they read through the task group
+                gid = await trio.to_thread.run_sync(isolation.task_group_gid)
+                await trio.to_thread.run_sync(isolation.share_certs_with_group, certs_dir, gid)
+        except (OSError, ValueError) as exc:
+            log.error("certificates could not be installed: %s", exc)
+            return [f"sha1-{c.thumbprint}: {type(exc).__name__}: {exc}" for c in certs]
+        errors = [f"sha1-{r.thumbprint}: {r.error}" for r in results if not r.ok]
+        for e in errors:
+            log.error("certificate install failed: %s", e)
+        return errors
+
+    # ------------------------------------------------------------------ task users
+
+    async def _lease_for(self, directory: str, elevated: bool, mode: int) -> isolation.SlotLease | None:
+        """Take a task user for one run and give it `directory` (recursively: a retry's files too)."""
+        if self.slot_users is None or elevated:
+            return None
+        lease = await trio.to_thread.run_sync(self.slot_users.acquire)
+        try:
+            await trio.to_thread.run_sync(isolation.chown_tree, directory, lease.uid, lease.gid)
+            os.chmod(directory, mode)
+        except BaseException:
+            lease.release()
+            raise
+        return lease
+
+    async def _return_lease(self, lease: isolation.SlotLease | None, directory: str) -> None:
+        """The run is over (its process tree is dead): the next task given this uid must not read
+        the directory, so its top goes back to root, 0700."""
+        if lease is None:
+            return
+        try:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_hand_back, directory)
+        finally:
+            lease.release()
+
+    # ------------------------------------------------------------------ port fence
+
+    def _nft_table(self) -> str:
+        return "tvm_" + hashlib.sha256(self.agent_id.encode()).hexdigest()[:16]
+
+    async def _setup_fence(self, msg: pm.JoinPool) -> None:
+        await self._teardown_fence()
+        if not msg.port_range_low:
+            return
+        self._fence_range = (msg.port_range_low, msg.port_range_high)
+        if os.geteuid() == 0 and await trio.to_thread.run_sync(nft_available):
+            self.fence = self._nft_table()
+            await self._apply_nft()
+            log.info("ports %d-%d: nftables table %s admits pool members only", *self._fence_range, self.fence)
+            return
+        listen = os.environ.get("TVM_AGENT_IP", "")
+        if not listen or self._nursery is None:
+            log.warning("ports %d-%d are NOT fenced: nftables unavailable and TVM_AGENT_IP not set for the "
+                        "user-space gate", *self._fence_range)
+            return
+        gate = PortGate(range(msg.port_range_low, msg.port_range_high + 1), self._fence_members,
+                        listen_host=listen)
+        try:
+            await self._nursery.start(self._run_gate, gate)
+        except OSError as exc:
+            log.warning("ports %d-%d are NOT fenced: %s", *self._fence_range, exc)
+            return
+        self.fence = gate
+        log.info("ports %d-%d: nftables unavailable; user-space gate on %s admits pool members only "
+                 "(tasks bind 127.0.0.1)", *self._fence_range, listen)
+
+    async def _run_gate(self, gate: PortGate, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            self._gate_scope = scope
+            await gate.serve(task_status=task_status)
+
+    async def _apply_nft(self) -> None:
+        assert isinstance(self.fence, str)
+        v4 = [a for a in self._fence_members if ":" not in a]
+        v6 = [a for a in self._fence_members if ":" in a]
+        ruleset = render_nft_ruleset(self.fence, *self._fence_range, v4, v6)
+        try:
+            await trio.to_thread.run_sync(apply_nft, ruleset)
+        except NftError as exc:
+            log.error("cannot update the port fence: %s", exc)
+
+    async def _update_fence(self, addresses: list[str]) -> None:
+        good = []
+        for a in addresses:
+            try:
+                import ipaddress
+
+                ipaddress.ip_address(a)
+                good.append(a)
+            except ValueError:
+                log.warning("ignoring pool member %r: not an IP address", a)
+        self._fence_members = good
+        if isinstance(self.fence, str):
+            await self._apply_nft()
+        elif isinstance(self.fence, PortGate):
+            self.fence.update_members(good)
+
+    async def _teardown_fence(self) -> None:
+        fence, self.fence = self.fence, None
+        if isinstance(fence, str):
+            try:
+                await trio.to_thread.run_sync(remove_nft, fence)
+            except NftError as exc:
+                log.warning("cannot remove nftables table %s: %s", fence, exc)
+        elif isinstance(fence, PortGate):
+            self._gate_scope.cancel()
+
+    async def _teardown_isolation(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self._teardown_fence()
+            self._fence_members = []
+            for name in list(self.login_users):
+                await self._remove_login_user(name)
+
+    # ------------------------------------------------------------------ remote login
+
+    async def _add_login_user(self, msg: pm.AddUser) -> None:
+        if os.geteuid() != 0:
+            log.warning("remote-login user %s not created: the agent is not root", msg.name)
+            return
+        try:
+            await trio.to_thread.run_sync(isolation.add_login_user, msg.name, msg.ssh_public_key, msg.expiry,
+                                          msg.is_admin)
+        except (OSError, ValueError) as exc:
+            log.error("remote-login user %s not created: %s", msg.name, exc)
+            return
+        self.login_users[msg.name] = msg.expiry
+        log.info("remote-login user %s created", msg.name)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._expire_login_user, msg.name, msg.expiry)
+
+    async def _expire_login_user(self, name: str, expiry: float) -> None:
+        import time
+
+        await trio.sleep(max(0.0, expiry - time.time()))
+        if self.login_users.get(name) == expiry:
+            await self._remove_login_user(name)
+
+    async def _remove_login_user(self, name: str) -> None:
+        self.login_users.pop(name, None)
+        try:
+            removed = await trio.to_thread.run_sync(isolation.remove_login_user, name)
+        except (OSError, ValueError) as exc:
+            log.error("remote-login user %s not removed: %s", name, exc)
+            return
+        if removed:
+            log.info("remote-login user %s removed", name)
+
+
+def _hand_back(directory: str) -> None:
+    try:
+        os.chown(directory, 0, 0)
+        os.chmod(directory, 0o700)
+    except FileNotFoundError:
+        pass  # deleted meanwhile (DeleteTaskFiles)

@@ -1,0 +1,208 @@
+"""Who a task runs as, and the Linux users behind remote login (issue 8).
+
+Task users (root agents only). Decision: one Linux user PER RUNNING TASK, taken from a host-wide
+pool of "slot users" ``tvmslot0``, ``tvmslot1``, ... that all have the primary group ``tvmtasks``:
+
+* A task's directory is ``0700`` owned by its slot user, so a sibling task (another uid) cannot
+  even enter it, let alone read its stdout. Finished tasks' directories are handed back to root
+  (``0700 root:root``), so the next task that gets the same slot user cannot read them either.
+* Things every task of the TVM must read are group ``tvmtasks``: ``certs/`` (0750 dir, 0640
+  files, owner root) and ``shared/`` (1777, as before).
+* A slot user is held with an ``flock`` on ``/run/tvm-agent/slots/<user>.lock`` while a task
+  runs as it, so two agents on one host never give the same uid to two live tasks. The kernel
+  drops the lock when the agent dies; the pool is small and reused, so the host's system-uid
+  range is not used up by agents that come and go (tests start hundreds).
+* ``--task-user NAME`` replaces all this with one fixed user (operator's choice: tasks of the
+  TVM then share a uid and can read each other's files; certificates are 0600/0700 owned by it).
+* runElevated tasks run as root. A non-root agent runs everything as itself (said at start).
+
+Remote-login users get a home directory, ``~/.ssh/authorized_keys`` (0600) and an account
+expiry (``useradd -e``); the agent also deletes them when their expiry passes. They are in group
+``tvmlogin`` so the agent only ever deletes users it created.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import grp
+import os
+import pwd
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+
+from ._users import lookup_user, validate_user_name
+
+TASK_GROUP = "tvmtasks"
+LOGIN_GROUP = "tvmlogin"
+SLOT_PREFIX = "tvmslot"
+LOCK_DIR = "/run/tvm-agent/slots"
+MAX_SLOT_USERS = 512
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+
+
+def ensure_group(name: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        pass
+    res = _run([shutil.which("groupadd") or "/usr/sbin/groupadd", "--system", name])
+    if res.returncode not in (0, 9):  # 9: created meanwhile by another agent
+        raise OSError(f"groupadd {name} failed ({res.returncode}): {res.stderr.strip()}")
+    return grp.getgrnam(name).gr_gid
+
+
+def ensure_slot_user(name: str) -> tuple[int, int]:
+    validate_user_name(name)
+    existing = lookup_user(name)
+    if existing is not None:
+        return existing
+    ensure_group(TASK_GROUP)
+    res = _run([shutil.which("useradd") or "/usr/sbin/useradd", "--system", "--gid", TASK_GROUP,
+                "--no-create-home", "--home-dir", "/nonexistent",
+                "--shell", shutil.which("nologin") or "/usr/sbin/nologin", name])
+    if res.returncode not in (0, 9):
+        raise OSError(f"useradd {name} failed ({res.returncode}): {res.stderr.strip()}")
+    created = lookup_user(name)
+    if created is None:
+        raise OSError(f"useradd {name} reported success but the user does not exist")
+    return created
+
+
+@dataclass
+class SlotLease:
+    user: str
+    uid: int
+    gid: int
+    fd: int
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)  # closing drops the flock
+            self.fd = -1
+
+
+class SlotUsers:
+    """Host-wide pool of task users; `acquire()` blocks nothing (it tries the next name)."""
+
+    def __init__(self, lock_dir: str = LOCK_DIR, prefix: str = SLOT_PREFIX, limit: int = MAX_SLOT_USERS) -> None:
+        self.lock_dir = lock_dir
+        self.prefix = prefix
+        self.limit = limit
+
+    def acquire(self) -> SlotLease:
+        os.makedirs(self.lock_dir, mode=0o700, exist_ok=True)
+        for i in range(self.limit):
+            name = f"{self.prefix}{i}"
+            fd = os.open(os.path.join(self.lock_dir, name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            try:
+                uid, gid = ensure_slot_user(name)
+            except BaseException:
+                os.close(fd)
+                raise
+            return SlotLease(name, uid, gid, fd)
+        raise OSError(f"all {self.limit} task users on this host are busy")
+
+
+def untraversable_parent(path: str) -> str | None:
+    """The first directory above `path` that other users may not enter, or None."""
+    parts = os.path.realpath(path).split(os.sep)
+    for i in range(2, len(parts) + 1):
+        d = os.sep.join(parts[:i])
+        if not os.stat(d).st_mode & 0o001:
+            return d
+    return None
+
+
+def task_group_gid() -> int:
+    return ensure_group(TASK_GROUP)
+
+
+def chown_tree(path: str, uid: int, gid: int) -> None:
+    """chown -R without following symlinks (a task may plant links to files it must not own)."""
+    os.lchown(path, uid, gid)
+    for dirpath, dirnames, filenames in os.walk(path):
+        for n in dirnames + filenames:
+            with contextlib.suppress(FileNotFoundError):
+                os.lchown(os.path.join(dirpath, n), uid, gid)
+
+
+def share_certs_with_group(certs_dir: str, gid: int) -> None:
+    """certs/ readable by every task user of the TVM: dir 0750, files 0640 (0644 stays), owner root."""
+    os.chown(certs_dir, 0, gid)
+    os.chmod(certs_dir, 0o750)
+    for name in os.listdir(certs_dir):
+        p = os.path.join(certs_dir, name)
+        st = os.lstat(p)
+        os.lchown(p, 0, gid)
+        if st.st_mode & 0o777 == 0o600:
+            os.chmod(p, 0o640)
+
+
+# ---------------------------------------------------------------------------- remote login
+
+
+def add_login_user(name: str, ssh_public_key: str, expiry: float, is_admin: bool) -> None:
+    validate_user_name(name)
+    if "\n" in ssh_public_key or "\r" in ssh_public_key:
+        raise ValueError("the ssh public key must be one line")
+    ensure_group(LOGIN_GROUP)
+    existing = lookup_user(name)
+    if existing is not None and not _is_login_user(name):
+        raise ValueError(f"user {name!r} already exists on this host and was not created by the agent")
+    if existing is None:
+        day = time.strftime("%Y-%m-%d", time.gmtime(expiry + 86399))  # useradd -e has day granularity
+        groups = [LOGIN_GROUP] + (["sudo"] if is_admin and _group_exists("sudo") else [])
+        res = _run([shutil.which("useradd") or "/usr/sbin/useradd", "--create-home", "--shell", "/bin/bash",
+                    "--groups", ",".join(groups), "--expiredate", day, name])
+        if res.returncode != 0:
+            raise OSError(f"useradd {name} failed ({res.returncode}): {res.stderr.strip()}")
+    pw = pwd.getpwnam(name)
+    ssh = os.path.join(pw.pw_dir, ".ssh")
+    os.makedirs(ssh, mode=0o700, exist_ok=True)
+    os.chown(ssh, pw.pw_uid, pw.pw_gid)
+    os.chmod(ssh, 0o700)
+    keys = os.path.join(ssh, "authorized_keys")
+    fd = os.open(keys + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(ssh_public_key.strip() + "\n")
+    os.chown(keys + ".tmp", pw.pw_uid, pw.pw_gid)
+    os.replace(keys + ".tmp", keys)
+
+
+def remove_login_user(name: str) -> bool:
+    """Delete a user the agent created (and its home). False when there was nothing to delete."""
+    validate_user_name(name)
+    if lookup_user(name) is None or not _is_login_user(name):
+        return False
+    _run(["pkill", "-KILL", "-u", name])
+    res = _run([shutil.which("userdel") or "/usr/sbin/userdel", "--remove", name])
+    if res.returncode not in (0, 12):  # 12: home could not be removed (already gone)
+        raise OSError(f"userdel {name} failed ({res.returncode}): {res.stderr.strip()}")
+    return True
+
+
+def _is_login_user(name: str) -> bool:
+    try:
+        return name in grp.getgrnam(LOGIN_GROUP).gr_mem
+    except KeyError:
+        return False
+
+
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+        return True
+    except KeyError:
+        return False
