@@ -118,7 +118,9 @@ class ApiBase:
         try:
             body = await self._read_body(receive, streaming=path == "/files" and method == "POST")
             agent_fetch = path.startswith("/files/sha256/") and self._agent_authorized(headers)
-            if not agent_fetch and not self._job_token_authorized(headers, path):
+            # /metrics is for scrapers that cannot sign: aggregates only (coordinator/metrics.py).
+            public = method == "GET" and path == "/metrics"
+            if not agent_fetch and not public and not self._job_token_authorized(headers, path):
                 try:
                     verify(method, scope.get("raw_path", path.encode()).decode("latin-1").split("?")[0], query,
                            headers, self.svc.account, [k for k in self.svc.keys if k], time.time())

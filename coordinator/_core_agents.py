@@ -39,7 +39,7 @@ class AgentsMixin(CoreBase):
             return
         tvm.rec.ip = hello.ip_address
         tvm.last_heartbeat = now
-        if not hello.session_id:
+        if not (hello.session_id or hello.tvm_name or hello.running or hello.finished):
             # A fresh agent process (restart, reboot): what we placed on this TVM died with the old
             # process, which is why it reports nothing. Requeue that work and join the TVM again.
             self._requeue_tvm_tasks(tvm)

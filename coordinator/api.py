@@ -9,13 +9,14 @@ from __future__ import annotations
 from ._api_base import Response as Response
 from ._api_files import FileRoutes
 from ._api_jobs import JobRoutes
+from ._api_ops import OpsRoutes
 from ._api_pools import PoolRoutes
 from ._api_tasks import TaskRoutes
 from .filestore import FileStore
 from .service import CoordinatorService
 
 
-class RestApp(PoolRoutes, JobRoutes, TaskRoutes, FileRoutes):
+class RestApp(PoolRoutes, JobRoutes, TaskRoutes, FileRoutes, OpsRoutes):
     def __init__(self, service: CoordinatorService, files: FileStore) -> None:
         self.svc = service
         self.core = service.core
@@ -26,3 +27,4 @@ class RestApp(PoolRoutes, JobRoutes, TaskRoutes, FileRoutes):
         self._register_jobs()
         self._register_tasks()
         self._register_files()
+        self._register_ops()

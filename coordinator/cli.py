@@ -136,6 +136,9 @@ def quickstart(n_tasks: int, agents: int, state_dir: str | None) -> None:
 @click.option("--account", default=None, help="Account name on first start [tvm].")
 @click.option("--heartbeat-timeout", type=float, default=None, help="Seconds [30].")
 @click.option("--join-token", default=None, envvar="TVM_JOIN_TOKEN", help="Token agents must present.")
+@click.option("--log-level", default=None, help="debug|info|warning|error [info].")
+@click.option("--log-format", default=None, help="json (one object per line, for journald/collectors) "
+              "or console [json].")
 def coordinator(config: str | None, **flags: Any) -> None:
     """Run the coordinator service (REST API + agent websocket) in the foreground."""
     import trio
@@ -160,10 +163,12 @@ def coordinator(config: str | None, **flags: Any) -> None:
 @click.option("--root", default=None, help="TVM root directory.")
 @click.option("--name", default=None, help="Agent id (default: generated once, kept in ROOT/agent-id).")
 @click.option("--task-user", default=None, help="Run tasks as this Linux user (root agents).")
-@click.option("--log-level", default=None)
+@click.option("--log-level", default=None, help="debug|info|warning|error [info].")
+@click.option("--log-format", default=None, help="json or console [json].")
 @click.pass_context
 def agent(ctx: click.Context, config: str | None, coordinator_url: str | None, token: str | None,
-          root: str | None, name: str | None, task_user: str | None, log_level: str | None) -> None:
+          root: str | None, name: str | None, task_user: str | None, log_level: str | None,
+          log_format: str | None) -> None:
     """Run a TVM agent in the foreground (or `tvm agent install-service`)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -175,7 +180,8 @@ def agent(ctx: click.Context, config: str | None, coordinator_url: str | None, t
 
     try:
         cfg = load_agent_config(config, {"coordinator": coordinator_url, "token": token, "root": root,
-                                         "name": name, "task_user": task_user, "log_level": log_level})
+                                         "name": name, "task_user": task_user, "log_level": log_level,
+                                         "log_format": log_format})
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     if not cfg.coordinator or not cfg.token:

@@ -572,23 +572,47 @@ def file_upload(path: str, output: str, **cred: Any) -> None:
 
 
 @click.command(context_settings=CONTEXT)
+@click.option("--stale-after", default=30.0, show_default=True,
+              help="Flag TVMs whose last heartbeat is older than this many seconds.")
 @credentials
 @output_option
-def status(output: str, **cred: Any) -> None:
-    """Summarise the cluster: pools, TVMs by state, tasks by state."""
+def status(output: str, stale_after: float, **cred: Any) -> None:
+    """Summarise the cluster: pools, TVMs by state, queued/running tasks, agent health per TVM."""
     c = _mk(**cred)
-    pools = _run(c.pools.list)
-    summary: dict[str, Any] = {"pools": []}
-    for p in pools:
-        tvms = _run(lambda p=p: c.tvms.list(p.name))
-        states: dict[str, int] = {}
-        for t in tvms:
-            states[t.state] = states.get(t.state, 0) + 1
-        summary["pools"].append({"name": p.name, "target": p.target_dedicated, "current": p.current_dedicated,
-                                 "allocationState": p.allocation_state, "tvms": states})
+    summary = _run(c.ops.status)
     if output == "json":
         click.echo(json.dumps(summary, indent=2))
         return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    t = summary["tasks"]
+    console.print(f"account {summary['account']}: {summary['agentsConnected']} agent(s) connected "
+                  f"({summary['agentsFree']} free); tasks: {t['queueDepth']} queued, {t['running']} running, "
+                  f"{t['succeeded']} succeeded, {t['failed']} failed; "
+                  f"{summary['placementsPerSecond']:g} placements/s"
+                  + ("; RECOVERING (waiting for agents to report after a restart)" if summary["recovering"] else ""),
+                  highlight=False)
     for p in summary["pools"]:
-        click.echo(f"pool {p['name']}: {p['current']}/{p['target']} TVMs ({p['allocationState']}) "
-                   + ", ".join(f"{k} {v}" for k, v in sorted(p["tvms"].items())))
+        states = ", ".join(f"{k} {v}" for k, v in sorted(p["tvms"].items())) or "no TVMs"
+        console.print(f"pool {p['name']}: {p['current']}/{p['target']} TVMs ({p['allocationState']}): {states}",
+                      highlight=False)
+    if not summary["tvms"]:
+        return
+    table = Table(title="agent health per TVM")
+    for col in ("pool", "tvm", "state", "agent", "link", "last heartbeat", "rtt", "running"):
+        table.add_column(col)
+    for tv in summary["tvms"]:
+        age = tv["lastHeartbeatAgeSeconds"]
+        if not tv["agentConnected"]:
+            health = "disconnected"
+        elif age is not None and age > stale_after:
+            health = "STALE"
+        else:
+            health = "ok"
+        rtt = tv["linkRttSeconds"]
+        table.add_row(tv["pool"], tv["name"], tv["state"], tv["agentId"], health,
+                      "never" if age is None else f"{age:.1f} s ago", "" if rtt is None else f"{rtt * 1000:.2f} ms",
+                      str(tv["runningTasks"]))
+    console.print(table)

@@ -96,6 +96,7 @@ class _Base:
         self.jobs = Jobs(self)
         self.tasks = Tasks(self)
         self.files = Files(self)
+        self.ops = Ops(self)
 
     def _prepare(self, call: _Call) -> tuple[str, str, dict[str, str], bytes | None]:
         content = call.raw if call.raw is not None else (_enc.encode(call.body) if call.body is not None else None)
@@ -335,6 +336,16 @@ class Tasks(_Group):
         if isinstance(self._c, AsyncClient):
             return add_many_async(self._c, workitem, job, tasks)
         return add_many(self._c, workitem, job, tasks)  # type: ignore[arg-type]
+
+
+class Ops(_Group):
+    """Operations: the cluster summary (`tvm status`) and the Prometheus metrics text."""
+
+    def status(self) -> Any:
+        return self._c._call(_Call("GET", "/ops/status", parse=lambda r: msgspec.json.decode(r.content)))
+
+    def metrics(self) -> Any:
+        return self._c._call(_Call("GET", "/metrics", parse=lambda r: r.text))
 
 
 class Files(_Group):

@@ -61,22 +61,58 @@ async def run_up(state_dir: str, host: str, port: int, agents: int, heartbeat_ti
     return 0
 
 
+def coordinator_status(rc: RunningCoordinator) -> str:
+    """The STATUS= line systemctl shows for the coordinator."""
+    core = rc.service.core
+    agents = sum(1 for a in core.agents.values() if a.connected)
+    running = sum(len(t.running) for t in core.tvms.values())
+    queued = sum(len(j.queue) for j in core.jobs.values())
+    recovering = "; recovering: waiting for agents to report" if core.recovering_until is not None else ""
+    return (f"serving on {rc.endpoint}; {agents} agent(s) connected, {len(core.tvms)} TVM(s), "
+            f"{running} task(s) running, {queued} queued{recovering}")
+
+
+async def _report_status(rc: RunningCoordinator, interval: float = 2.0) -> None:
+    from tvmagent.sdnotify import notify
+
+    last = ""
+    while True:
+        line = coordinator_status(rc)
+        if line != last:
+            notify(f"STATUS={line}")
+            last = line
+        await trio.sleep(interval)
+
+
 async def run_coordinator_main(cfg: Any) -> int:
+    from protocol.config import parse_port_range
     from tvmagent.sdnotify import WatchdogPolicy, notify, watchdog_loop
 
+    try:
+        watchdog = WatchdogPolicy.from_env()
+    except ValueError as exc:  # systemd (or a person) set WATCHDOG_USEC/WATCHDOG_PID to garbage
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     async with trio.open_nursery() as nursery:
-        rc: RunningCoordinator = await nursery.start(
-            lambda task_status: run_coordinator(cfg.state_dir, host=cfg.host, port=cfg.port, account=cfg.account,
-                                                heartbeat_timeout=cfg.heartbeat_timeout,
-                                                join_token=cfg.join_token or None,
-                                                max_pool_size=cfg.max_pool_size, task_status=task_status))
+        try:
+            rc: RunningCoordinator = await nursery.start(
+                lambda task_status: run_coordinator(cfg.state_dir, host=cfg.host, port=cfg.port,
+                                                    account=cfg.account, heartbeat_timeout=cfg.heartbeat_timeout,
+                                                    join_token=cfg.join_token or None,
+                                                    tls_cert=cfg.tls_cert or None, tls_key=cfg.tls_key or None,
+                                                    port_range=parse_port_range(cfg.port_range, cfg.ports_per_tvm),
+                                                    max_pool_size=cfg.max_pool_size, task_status=task_status))
+        except OSError as exc:
+            print(f"error: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
         log.info("coordinator ready on %s (account %s)", rc.endpoint, rc.account)
         sys.stdout.write(_exports(rc) + f"export TVM_JOIN_TOKEN={rc.join_token}\n")
         sys.stdout.flush()
-        notify("READY=1", f"STATUS=serving on {rc.endpoint}")
-        nursery.start_soon(watchdog_loop, WatchdogPolicy.from_env())
+        notify("READY=1", f"STATUS={coordinator_status(rc)}")
+        nursery.start_soon(watchdog_loop, watchdog)
+        nursery.start_soon(_report_status, rc)
         await _until_signal()
-        notify("STOPPING=1")
+        notify("STOPPING=1", "STATUS=stopping")
         nursery.cancel_scope.cancel()
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import structlog
 import trio
 
 from protocol import SUBPROTOCOL, ProtocolError, coordinator_codec
@@ -65,17 +66,26 @@ async def serve_agent(svc: CoordinatorService, scope: dict, receive: Callable, s
         if not hello.agent_id or len(hello.agent_id) > 128:
             await _reject(send, "InvalidAgentId", "agent_id must be 1..128 characters", 4002)
             return
+        # This connection's task (and its log lines) carries the agent id from here on.
+        structlog.contextvars.bind_contextvars(agent=hello.agent_id)
         link, welcome = svc.link_for(hello)
         connection_id = link.connection_id
         await send({"type": "websocket.send", "bytes": _codec.encode(welcome)})
         svc.agent_connected(link, hello)
         log.info("agent %s connected (%s)", hello.agent_id, "resumed" if welcome.resumed else "new session")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_writer, link, connection_id, send, nursery.cancel_scope)
-            while True:
-                data = await _receive_bytes(receive)
-                received = link.session.receive_frame(data)
-                await svc.agent_batch(link, received)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_writer, link, connection_id, send, nursery.cancel_scope)
+                while True:
+                    data = await _receive_bytes(receive)
+                    received = link.session.receive_frame(data)
+                    await svc.agent_batch(link, received)
+        except BaseExceptionGroup as group:
+            # The nursery wraps the reader's _Closed/ProtocolError: unwrap it for the handlers below
+            # (otherwise every ordinary disconnect is logged as "agent link failed").
+            if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+                raise group.exceptions[0] from None
+            raise
     except _Closed:
         pass
     except ProtocolError as exc:

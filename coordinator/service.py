@@ -23,6 +23,7 @@ import trio
 from protocol import LinkSession, coordinator_codec
 from protocol import messages as pm
 
+from .metrics import PING_INTERVAL, LinkMonitor
 from .state import CoordinatorState, Effects
 from .store import Journal, SqliteStore, Ticket
 
@@ -84,6 +85,8 @@ class CoordinatorService:
         self._file_waiters: dict[int, tuple[trio.Event, list[pm.FileResponse]]] = {}
         self._req_ids = itertools.count(1)
         self.endpoint = ""
+        # Link round trips and placement rate for /metrics; ping at least as often as agents heartbeat.
+        self.monitor = LinkMonitor(interval=min(PING_INTERVAL, heartbeat_timeout / 4))
 
     # ------------------------------------------------------------------ running
 
@@ -91,6 +94,7 @@ class CoordinatorService:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.journal.run)
             nursery.start_soon(self._ticker)
+            nursery.start_soon(self.monitor.run, self)
             task_status.started()
 
     async def _ticker(self) -> None:
@@ -171,6 +175,7 @@ class CoordinatorService:
     async def agent_batch(self, link: AgentLink, received: list[Any]) -> None:
         """Messages from one frame: apply, commit, then acknowledge."""
         core = self.core
+        self.monitor.on_frame(link.agent_id, link.session.session_id, link.session.peer_acked)
         for r in received:
             msg = r.msg
             if isinstance(msg, pm.FileResponse):

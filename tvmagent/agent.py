@@ -141,7 +141,11 @@ class Agent:
                     raise leaf from None
                 if not isinstance(leaf, _RETRYABLE):
                     raise
-                log.warning("link to %s lost: %s; retrying in %.1f s", url, _describe(leaf), backoff)
+                if self.connected.is_set():
+                    log.warning("link to %s lost: %s; reconnecting in %.1f s", url, _describe(leaf), backoff)
+                else:
+                    log.warning("cannot reach the coordinator at %s: %s; retrying in %.1f s", url,
+                                _describe(leaf), backoff)
             self.connected = trio.Event()
             self.session.connection_lost()
             await trio.sleep(backoff * (0.5 + random.random()))
@@ -578,5 +582,20 @@ def _now_dt():  # noqa: ANN202
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
+    """One line naming the real cause: trio-websocket wraps e.g. "connection refused" in a bare
+    HandshakeError, so follow the cause chain down to the OS error."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    text = ""
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.strerror:
+            return f"{text or type(exc).__name__}: {cause.strerror}"[:200]
+        if isinstance(cause, OSError) and not text:
+            text = str(cause)  # e.g. "all attempts to connect to host:port failed"
+        if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+            cause = cause.exceptions[0]
+            continue
+        cause = cause.__cause__ or cause.__context__
+    text = text or str(exc) or type(exc).__name__
     return text.splitlines()[0][:200]
