@@ -6,6 +6,7 @@ minutes; everything else is real (coordinator, SQLite, HTTP, agent processes).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -140,8 +141,11 @@ async def test_job_operations_and_bad_input(nursery, tmp_path):
         assert [x.name for x in await cl.tasks.list("wi", J1)] == ["sleeper"]
         # The workitem (no schedule) completed with its only job; delete removes everything.
         assert (await cl.workitems.get("wi")).state == "completed"
+        task_dir = os.path.join(c.agents[0].root, "tasks", "wi", J1, "sleeper")
+        assert _exists(task_dir)
         await cl.jobs.delete("wi", J1)
         assert await cl.jobs.list("wi") == []
+        await c.wait_for(lambda: not _exists(task_dir), what="task files removed with the job")
         # Workitem operations.
         await cl.workitems.add("w2", "p")
         await cl.workitems.disable("w2")
@@ -167,3 +171,7 @@ async def _job_state(c, wi: str, state: str) -> bool:
 
 async def _wi_state(c, wi: str, state: str) -> bool:
     return (await c.client.workitems.get(wi)).state == state
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
