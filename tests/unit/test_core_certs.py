@@ -185,3 +185,20 @@ def test_certificate_data_and_passwords_never_show_in_reprs():
     for text in (repr(join), str(join), repr(rec), repr([rec])):
         assert "SECRET" not in text
         assert "sha1-abab" in text
+
+
+def test_members_are_updated_when_a_tvm_leaves():
+    core = _core()
+    for i in range(2):
+        _hello(core, f"a{i}", f"10.0.0.{i + 1}")
+    core.add_pool(m.PoolAdd(name="comm", target_dedicated=2, communication=True))
+    for t in list(core.tvms.values()):
+        core.agent_message(t.rec.agent_id, pm.TvmReady(tvm_name=t.rec.name))
+    core.take_effects()
+    gone = sorted(core.tvms.values(), key=lambda t: t.rec.name)[0]
+    stays = sorted(core.tvms.values(), key=lambda t: t.rec.name)[1]
+    core.delete_tvm("comm", gone.rec.name)
+    core.agent_message(gone.rec.agent_id, pm.TvmLeft(tvm_name=gone.rec.name))
+    members = [msg.addresses for agent, msg in core.take_effects().sends
+               if isinstance(msg, pm.PoolMembers) and agent == stays.rec.agent_id]
+    assert members[-1] == [core.agents[stays.rec.agent_id].ip]
