@@ -2,7 +2,8 @@
 
 StringToSign = VERB + the values of 11 standard headers, each followed by "\\n" (as received:
 Content-Length "0" is signed as "0", an absent header as an empty line), the canonicalized `ocp-*`
-headers, then "/<account><path>" and the sorted, lower-cased query parameters.
+headers, then "/<account><path>" and the sorted, lower-cased query parameters. The path is signed
+as sent, percent-encoded (the Azure SDKs sign the request URL's encoded path).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def string_to_sign(method: str, path: str, query: str, headers: Mapping[str, str
     ocp = sorted((k, v.strip()) for k, v in h.items() if k.startswith("ocp-"))
     out = "\n".join(parts) + "\n"
     out += "".join(f"{k}:{v}\n" for k, v in ocp)
-    out += f"/{account}{unquote(path)}"
+    out += f"/{account}{path}"
     params: dict[str, list[str]] = {}
     for k, v in parse_qsl(query, keep_blank_values=True):
         params.setdefault(k.lower(), []).append(v)
@@ -93,8 +94,12 @@ def verify(method: str, path: str, query: str, headers: Mapping[str, str], accou
         raise AuthError(403, "InvalidHeaderValue", f"ocp-date is not an RFC 1123 date: {stamp!r}") from None
     if abs(now - when) > MAX_SKEW_S:
         raise AuthError(403, "RequestTooOld", "The request time is more than 15 minutes from the server time")
-    text = string_to_sign(method, path, query, headers, account)
-    for key in keys:
-        if hmac.compare_digest(sign(key, text), signature):
-            return
+    texts = [string_to_sign(method, path, query, headers, account)]
+    if "%" in path:
+        # Also accept a signature over the decoded path (clients that sign the path before encoding).
+        texts.append(string_to_sign(method, unquote(path), query, headers, account))
+    for text in texts:
+        for key in keys:
+            if hmac.compare_digest(sign(key, text), signature):
+                return
     raise AuthError(403, "AuthenticationFailed", "The request signature does not match (wrong key or tampered)")

@@ -301,6 +301,8 @@ async def test_unsigned_wrongly_signed_and_stale_requests(api):
     h = {}
     sign_request("GET", "/pools", "", h, api.account, api.key)
     err(await api.http.get(api.endpoint + "/workitems", headers=h), 403, "AuthenticationFailed")
+    # A percent-encoded path is signed as sent (as the Azure SDKs do): authenticated, then 404.
+    err(await api("GET", f"/workitems/nope/jobs/{JOB}/tasks/t/files/my%20file.txt"), 404, "WorkItemNotFound")
     # Unknown paths need a signature too (no probing without a key).
     err(await api("GET", "/nothing", sign=False), 401, "AuthenticationFailed")
     assert await api.names("/pools") == []

@@ -188,3 +188,20 @@ def test_wrong_account_name_is_403():
 def test_empty_key_list_rejects_everything():
     with pytest.raises(AuthError):
         verify("GET", "/pools", "", _signed(), "acct", [], NOW.timestamp())
+
+
+def test_encoded_path_signed_as_sent_like_the_azure_sdks():
+    path = "/workitems/wi/jobs/job-0000000001/tasks/t/files/wd/my%20file.txt"
+    h = {"ocp-date": DATE}
+    expected = "GET\n" + "\n" * 11 + f"ocp-date:{DATE}\n/acct{path}"
+    assert string_to_sign("GET", path, "", h, "acct") == expected
+    h["Authorization"] = "SharedKey acct:" + _expected_hmac(KEY1, expected)
+    verify("GET", path, "", h, "acct", [KEY1], NOW.timestamp())
+    # A client that signed the decoded path is accepted too.
+    decoded = expected.replace("my%20file", "my file")
+    h["Authorization"] = "SharedKey acct:" + _expected_hmac(KEY1, decoded)
+    verify("GET", path, "", h, "acct", [KEY1], NOW.timestamp())
+    # But not a different path.
+    h["Authorization"] = "SharedKey acct:" + _expected_hmac(KEY1, expected.replace("my%20file", "other"))
+    with pytest.raises(AuthError):
+        verify("GET", path, "", h, "acct", [KEY1], NOW.timestamp())
