@@ -161,7 +161,14 @@ class CoordinatorService:
 
     def agent_connected(self, link: AgentLink, hello: pm.Hello) -> None:
         link.connected = True
+        agent = self.core.agents.get(hello.agent_id)
+        tvm = self.core.tvms.get(agent.tvm) if agent is not None and agent.tvm else None
+        before = set(tvm.running) if tvm is not None else set()
         self.core.agent_hello(hello)
+        lost = sorted(before - set(tvm.running)) if tvm is not None else []
+        if lost:  # the operator should see why tasks run again
+            log.warning("agent %s came back without %d task(s) placed on %s (restarted?): requeued",
+                        hello.agent_id, len(lost), tvm.rec.name, extra={"tvm": tvm.rec.name, "tasks": lost[:20]})
         self.core.schedule()
         self._dispatch(self.core.take_effects())
 
@@ -171,6 +178,11 @@ class CoordinatorService:
         link.connected = False
         link.session.connection_lost()
         self.core.agent_disconnected(link.agent_id)
+        agent = self.core.agents.get(link.agent_id)
+        tvm = agent.tvm if agent is not None else None
+        log.info("agent %s disconnected%s", link.agent_id,
+                 f"; {tvm} is lost unless it is back within {self.core.heartbeat_timeout:g} s" if tvm else "",
+                 extra={"tvm": tvm} if tvm else None)
 
     async def agent_batch(self, link: AgentLink, received: list[Any]) -> None:
         """Messages from one frame: apply, commit, then acknowledge."""

@@ -112,7 +112,7 @@ async def _completed(c: Cluster, name: str):  # noqa: ANN202
     return t if t.state == "completed" else None
 
 
-async def test_agent_crash_and_restart_requeues_the_lost_task_at_once(nursery, tmp_path):
+async def test_agent_crash_and_restart_requeues_the_lost_task_at_once(nursery, tmp_path, caplog):
     runs, pidfile = tmp_path / "runs", tmp_path / "pid"
     script = (f"echo run >> {runs}; [ $(wc -l < {runs}) -ge 2 ] && exit 0; "
               f"sleep 300 & echo $! > {pidfile}; wait")
@@ -136,6 +136,11 @@ async def test_agent_crash_and_restart_requeues_the_lost_task_at_once(nursery, t
             assert done.execution_info.retry_count == 0
             assert runs.read_text() == "run\nrun\n"
             assert await _tvm_state(c, "p") == "idle"
+            # The coordinator says why the task ran again, naming the agent, TVM and task.
+            (rec,) = [r for r in caplog.records if "came back without" in r.getMessage()]
+            assert "crashy" in rec.getMessage()
+            assert rec.tvm == done.tvm_info.tvm_name
+            assert rec.tasks == [f"wi/{JOB}/t"]
         finally:
             # Without cgroups a SIGKILLed agent cannot take its task tree along.
             if child is not None and _alive(child):

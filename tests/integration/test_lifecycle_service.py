@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,35 +30,58 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class NotifyListener:
+    """A NOTIFY_SOCKET like systemd's: a datagram socket read continuously (the kernel queue holds
+    only ~10 datagrams; a sender's notify() drops what does not fit rather than block)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.datagrams: list[dict[str, str]] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except OSError:
+                return  # closed
+            with self._lock:
+                self.datagrams.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
+
+    def snapshot(self) -> list[dict[str, str]]:
+        with self._lock:
+            return list(self.datagrams)
+
+
 @contextmanager
-def notify_socket() -> Iterator[tuple[str, socket.socket]]:
+def notify_socket() -> Iterator[tuple[str, NotifyListener]]:
     # A short directory: AF_UNIX paths are limited to 107 bytes, pytest's tmp_path can be longer.
     d = tempfile.mkdtemp(prefix="tvm-notify-")
     path = os.path.join(d, "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
     try:
-        yield path, sock
+        yield path, NotifyListener(sock)
     finally:
+        sock.shutdown(socket.SHUT_RDWR)
         sock.close()
         os.unlink(path)
         os.rmdir(d)
 
 
-def receive_until(sock: socket.socket, got: list[dict[str, str]], cond: Callable[[list[dict[str, str]]], bool],
-                  what: str, timeout: float = 20.0) -> None:
-    """Collect datagrams (each parsed as KEY=VALUE lines) into `got` until cond(got)."""
+def receive_until(listener: NotifyListener, got: list[dict[str, str]],
+                  cond: Callable[[list[dict[str, str]]], bool], what: str, timeout: float = 20.0) -> None:
+    """Wait until cond(datagrams so far); `got` is updated to all datagrams (KEY=VALUE dicts)."""
     deadline = time.monotonic() + timeout
-    while not cond(got):
-        left = deadline - time.monotonic()
-        if left <= 0:
+    while True:
+        got[:] = listener.snapshot()
+        if cond(got):
+            return
+        if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}; got {got}")
-        sock.settimeout(left)
-        try:
-            data = sock.recv(4096)
-        except TimeoutError:
-            continue
-        got.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
+        time.sleep(0.02)
 
 
 def _count(got: list[dict[str, str]], key: str) -> int:
