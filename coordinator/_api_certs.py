@@ -79,6 +79,7 @@ class CertRoutes(ApiBase):
         if not self.svc.revoke_agent(agent):
             raise ApiError(404, "AgentNotFound", f"no agent {agent!r} has registered with this coordinator",
                            name=agent)
+        await self.svc.execute(self.core.forget_agent, agent)
         return Response(202)
 
     # ------------------------------------------------------------------ remote login

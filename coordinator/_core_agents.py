@@ -22,6 +22,7 @@ class AgentsMixin(CoreBase):
         agent = self.agents.get(hello.agent_id)
         if agent is None:
             agent = self.agents[hello.agent_id] = AgentInfo(hello.agent_id)
+            self._agent_registered()  # type: ignore[attr-defined]
         agent.connected = True
         agent.hostname = hello.hostname
         agent.ip = hello.ip_address
@@ -35,10 +36,15 @@ class AgentsMixin(CoreBase):
             agent.tvm = None
             for r in hello.running:  # tasks of a TVM we no longer know
                 self._send(agent.agent_id, pm.CancelTask(key=r.key, attempt=r.attempt, reason="unknown TVM"))
+            if hello.tvm_name:  # removed while the agent was away: it wipes it before it is free
+                self._send(agent.agent_id, pm.LeavePool(tvm_name=hello.tvm_name, reason="TVM no longer exists"))
             self._allocate()
             return
         tvm.rec.ip = hello.ip_address
         tvm.last_heartbeat = now
+        if tvm.rec.pending_op == "leaving":  # issue 5: the LeavePool may have been lost with the session
+            self._send(agent.agent_id, pm.LeavePool(tvm_name=tvm.rec.name, reason="removed from the pool"))
+            return
         if not (hello.session_id or hello.tvm_name or hello.running or hello.finished):
             # A fresh agent process (restart, reboot): what we placed on this TVM died with the old
             # process, which is why it reports nothing. Requeue that work and join the TVM again.
@@ -100,17 +106,34 @@ class AgentsMixin(CoreBase):
             if tvm is not None:
                 tvm.last_heartbeat = now
         elif isinstance(msg, pm.TvmReady):
-            if tvm is not None and tvm.rec.name == msg.tvm_name:
+            if tvm is not None and tvm.rec.name == msg.tvm_name and not tvm.rec.pending_op.startswith("leav"):
                 tvm.ready = True
                 self._tvm_ready(tvm, msg)  # type: ignore[attr-defined]
-                if tvm.rec.state in ("starting", "unknown", "creating"):
-                    self._set_tvm_state(tvm, "running" if tvm.running else "idle")
+                if tvm.rec.state in ("starting", "unknown", "creating", "waitingforstarttask", "rebooting",
+                                     "reimaging"):
+                    ready_state = "running" if tvm.running else "idle"
+                    self._set_tvm_state(tvm, "offline" if tvm.rec.scheduling == "disabled" else ready_state)
         elif isinstance(msg, pm.StartTaskCompleted):
             if tvm is not None:
                 self._start_task_completed(tvm, msg)
+        elif isinstance(msg, pm.StartTaskStarted):
+            if tvm is not None and tvm.rec.name == msg.tvm_name:
+                self._start_task_started(tvm, msg)
+        elif isinstance(msg, pm.TvmLeft):
+            self.tvm_left(agent_id, msg.tvm_name)  # type: ignore[attr-defined]
         elif isinstance(msg, pm.Draining):
             if tvm is not None:
                 self._set_tvm_state(tvm, "offline")
+        if tvm is not None and tvm.rec.pending_op and not tvm.running:
+            self._advance_tvm(tvm)  # type: ignore[attr-defined]  # issue 5: taskcompletion reached
+
+    def _start_task_started(self, tvm: Tvm, msg: pm.StartTaskStarted) -> None:
+        tvm.rec.start_task = {"state": "running", "start_time": msg.start_time, "retry_count": msg.retry_count}
+        pool = self.pools.get(tvm.rec.pool)
+        waits = bool(pool and pool.spec.start_task and pool.spec.start_task.wait_for_success)
+        if waits and tvm.rec.state in ("starting", "creating", "rebooting", "reimaging", "unknown"):
+            self._set_tvm_state(tvm, "waitingforstarttask")
+        self._put("tvm", tvm.rec.name, tvm.rec)
 
     def _start_task_completed(self, tvm: Tvm, msg: pm.StartTaskCompleted) -> None:
         tvm.rec.start_task = {
@@ -123,7 +146,7 @@ class AgentsMixin(CoreBase):
         }
         pool = self.pools.get(tvm.rec.pool)
         waits = bool(pool and pool.spec.start_task and pool.spec.start_task.wait_for_success)
-        if waits and (msg.exit_code != 0 or msg.failure):
+        if waits and (msg.exit_code != 0 or msg.failure) and not tvm.rec.pending_op:
             self._set_tvm_state(tvm, "starttaskfailed")
         self._put("tvm", tvm.rec.name, tvm.rec)
 
@@ -203,6 +226,9 @@ class AgentsMixin(CoreBase):
                 self._fx.closes.append((agent.agent_id, 4008, "heartbeat timeout"))
                 agent.connected = False
                 agent.disconnected_at = now
+            if lost and tvm.rec.pending_op in ("leave", "leaving"):
+                self._forget_tvm(tvm)  # type: ignore[attr-defined]  # it was leaving anyway
+                continue
             if lost and tvm.rec.state != "unknown":
                 self._requeue_tvm_tasks(tvm)
                 self._set_tvm_state(tvm, "unknown")
@@ -215,4 +241,8 @@ class AgentsMixin(CoreBase):
                 pool.resize_error = ("AllocationTimedout",
                                      "Desired number of dedicated TVMs could not be allocated in time")
                 self._put("pool", name, pool)
+        # Issue 5: taskcompletion waits that ended, auto pools of finished jobs, provisioner retries.
+        self._advance_tvm_ops()  # type: ignore[attr-defined]
+        self._release_auto_pools()  # type: ignore[attr-defined]
+        self._allocate()  # type: ignore[attr-defined]
         self.check_jobs()  # issue 6: schedules, job wall clocks, terminating/disabling ends

@@ -50,6 +50,7 @@ class Effects:
     writes: list[Write] = field(default_factory=list)
     sends: list[tuple[str, pm.Msg]] = field(default_factory=list)
     closes: list[tuple[str, int, str]] = field(default_factory=list)
+    provision: list[tuple[int, str]] = field(default_factory=list)  # (agents wanted, vm size)
 
 
 class CoreBase:

@@ -211,6 +211,18 @@ class CertsMixin(CoreBase):
             tvm.rec.cert_errors = errors
             self._put("tvm", tvm.rec.name, tvm.rec)
 
+    # ------------------------------------------------------------------ revoked agents
+
+    def forget_agent(self, agent_id: str) -> None:
+        """A revoked agent: its TVM leaves the pool at once (running tasks requeued, the pool can
+        allocate a replacement) and the agent is no longer in the inventory."""
+        agent = self.agents.pop(agent_id, None)
+        if agent is None:
+            return
+        tvm = self.tvms.get(agent.tvm) if agent.tvm else None
+        if tvm is not None:
+            self._forget_tvm(tvm)  # type: ignore[attr-defined]
+
     # ------------------------------------------------------------------ remote-login users
 
     def add_tvm_user(self, pool: str, tvm_name: str, req: m.TvmUserAdd) -> TvmUserRec:

@@ -98,7 +98,10 @@ def cli() -> None:
 @click.option("--port", default=7070, show_default=True, help="REST and agent port (0: any free port).")
 @click.option("--heartbeat-timeout", default=30.0, show_default=True, help="Seconds before a silent TVM is lost.")
 @click.option("--log-level", default="info", show_default=True)
-def up(agents: int, state_dir: str, host: str, port: int, heartbeat_timeout: float, log_level: str) -> None:
+@click.option("--provision/--no-provision", default=True, show_default=True,
+              help="Start more local agents when a pool needs more than are free.")
+def up(agents: int, state_dir: str, host: str, port: int, heartbeat_timeout: float, log_level: str,
+       provision: bool) -> None:
     """Run the embedded default: coordinator + SQLite + N local agents, in the foreground.
 
     Prints `export TVM_ENDPOINT=…`, `TVM_ACCOUNT`, `TVM_KEY` on stdout once the REST endpoint
@@ -111,7 +114,7 @@ def up(agents: int, state_dir: str, host: str, port: int, heartbeat_timeout: flo
     _setup_logging(log_level)
     if agents < 0:
         raise click.BadParameter("must be >= 0", param_hint="--agents")
-    sys.exit(trio.run(run_up, state_dir, host, port, agents, heartbeat_timeout))
+    sys.exit(trio.run(run_up, state_dir, host, port, agents, heartbeat_timeout, provision))
 
 
 @cli.command(context_settings=CONTEXT)

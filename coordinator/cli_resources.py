@@ -115,6 +115,46 @@ def pool_delete(name: str, output: str, **cred: Any) -> None:
     _emit(output, {"deleted": name})
 
 
+_OPTION = click.Choice(["requeue", "terminate", "taskcompletion"])
+
+
+@pool.command("stop-resize")
+@click.argument("name")
+@credentials
+@output_option
+def pool_stop_resize(name: str, output: str, **cred: Any) -> None:
+    """Stop a resize: keep the TVMs the pool has now."""
+    c = _mk(**cred)
+    _run(lambda: c.pools.stop_resize(name))
+    _emit(output, {"name": name, "stopped": True})
+
+
+@pool.command("remove-tvms")
+@click.argument("name")
+@click.argument("tvm_names", nargs=-1, required=True)
+@click.option("--deallocation", type=_OPTION, default="requeue", show_default=True,
+              help="What happens to tasks running on the removed TVMs.")
+@credentials
+@output_option
+def pool_remove_tvms(name: str, tvm_names: tuple[str, ...], deallocation: str, output: str, **cred: Any) -> None:
+    """Remove named TVMs from a pool (its target shrinks accordingly)."""
+    c = _mk(**cred)
+    _run(lambda: c.pools.remove_tvms(name, list(tvm_names), tvm_deallocation_option=deallocation))
+    _emit(output, {"name": name, "removing": list(tvm_names)})
+
+
+@pool.command("vm-sizes")
+@credentials
+@output_option
+def pool_vm_sizes(output: str, **cred: Any) -> None:
+    """List VM sizes: built-ins plus the real size of each registered agent."""
+    c = _mk(**cred)
+    _emit(output, _run(c.pools.vm_sizes), [("name", lambda s: s.name), ("cores", lambda s: s.cores),
+                                           ("memoryMiB", lambda s: s.memory_mib),
+                                           ("maxTasksPerVM", lambda s: s.max_tasks_per_vm),
+                                           ("source", lambda s: s.source)])
+
+
 # --------------------------------------------------------------------------- TVMs
 
 
@@ -142,6 +182,30 @@ def tvm_show(pool_name: str, name: str, output: str, **cred: Any) -> None:
     """Show one TVM."""
     c = _mk(**cred)
     _emit(output, _run(lambda: c.tvms.get(pool_name, name)))
+
+
+def _tvm_op(verb: str, doc: str, with_option: bool = True) -> None:
+    """Register `tvm tvm VERB POOL NAME [--option ...]` (issue 5 TVM operations)."""
+
+    def run(pool_name: str, name: str, output: str, option: str = "requeue", **cred: Any) -> None:
+        c = _mk(**cred)
+        method = getattr(c.tvms, verb.replace("-", "_"))
+        _run(lambda: method(pool_name, name, option=option) if with_option else method(pool_name, name))
+        _emit(output, {"pool": pool_name, "tvm": name, "operation": verb})
+
+    run.__doc__ = doc
+    cmd = click.argument("name")(output_option(credentials(run)))
+    if with_option:
+        cmd = click.option("--option", type=_OPTION, default="requeue", show_default=True,
+                           help="What happens to tasks running on the TVM.")(cmd)
+    tvm.command(verb)(click.argument("pool_name")(cmd))
+
+
+_tvm_op("reboot", "Reboot a TVM: its processes are killed and the start task runs again.")
+_tvm_op("reimage", "Reimage a TVM: like reboot, and its task/shared/start directories are wiped.")
+_tvm_op("disable-scheduling", "Take a TVM offline: no new tasks go there.")
+_tvm_op("enable-scheduling", "Let tasks go to a TVM again.", with_option=False)
+_tvm_op("delete", "Remove a TVM from its pool (the pool's target shrinks by one).")
 
 
 # --------------------------------------------------------------------------- workitems and jobs

@@ -101,11 +101,13 @@ def cert_show(thumbprint: str, output: str, **cred: Any) -> None:
 @cert.command("delete")
 @click.argument("thumbprint")
 @credentials
-def cert_delete(thumbprint: str, **cred: Any) -> None:
+@output_option
+def cert_delete(thumbprint: str, output: str, **cred: Any) -> None:
     """Delete a certificate (refused while a pool references it)."""
     c = _client(**cred)
-    _run(lambda: c.certificates.delete(thumbprint.removeprefix("sha1-")))
-    click.echo(f"deleted sha1-{thumbprint.removeprefix('sha1-').lower()}")
+    thumb = thumbprint.removeprefix("sha1-")
+    _run(lambda: c.certificates.delete(thumb))
+    _emit(output, {"deleted": f"sha1-{thumb.lower()}"})
 
 
 # --------------------------------------------------------------------------- keys and agents
@@ -129,11 +131,12 @@ def keys_regenerate(key_name: str, output: str, **cred: Any) -> None:
 @click.command("revoke", context_settings=CONTEXT)
 @click.argument("agent_id")
 @credentials
-def agent_revoke(agent_id: str, **cred: Any) -> None:
-    """Revoke an agent: its link is closed and it can never join again under this id."""
+@output_option
+def agent_revoke(agent_id: str, output: str, **cred: Any) -> None:
+    """Revoke an agent: its link is closed, its TVM leaves its pool, and the id can never join again."""
     c = _client(**cred)
     _run(lambda: c.agents.revoke(agent_id))
-    click.echo(f"revoked {agent_id}")
+    _emit(output, {"revoked": agent_id})
 
 
 # --------------------------------------------------------------------------- remote login
@@ -180,8 +183,9 @@ def tvm_user_list(pool: str, tvm_name: str, output: str, **cred: Any) -> None:
 @click.argument("tvm_name")
 @click.argument("name")
 @credentials
-def tvm_user_delete(pool: str, tvm_name: str, name: str, **cred: Any) -> None:
+@output_option
+def tvm_user_delete(pool: str, tvm_name: str, name: str, output: str, **cred: Any) -> None:
     """Delete a remote-login user (the agent removes the Linux user and its home)."""
     c = _client(**cred)
     _run(lambda: c.tvm_users.delete(pool, tvm_name, name))
-    click.echo(f"deleted {name}")
+    _emit(output, {"deleted": name})

@@ -203,6 +203,18 @@ class Pools(_Group):
                             resize_timeout=resize_timeout)
         return self._c._call(_Call("POST", f"/pools/{_seg(name)}/resize", body))
 
+    def stop_resize(self, name: str) -> Any:
+        return self._c._call(_Call("POST", f"/pools/{_seg(name)}/stopresize"))
+
+    def remove_tvms(self, name: str, tvm_names: list[str], *, tvm_deallocation_option: str = "requeue",
+                    resize_timeout: str | None = None) -> Any:
+        body = m.TvmRemove(tvm_names=list(tvm_names), tvm_deallocation_option=tvm_deallocation_option,
+                           resize_timeout=resize_timeout)
+        return self._c._call(_Call("POST", f"/pools/{_seg(name)}/removetvms", body))
+
+    def vm_sizes(self) -> Any:
+        return self._c._call(_Call("GET", "/vmsizes", parse=_list(m.VmSize)))
+
 
 class Tvms(_Group):
     def list(self, pool: str) -> Any:
@@ -211,11 +223,32 @@ class Tvms(_Group):
     def get(self, pool: str, tvm: str) -> Any:
         return self._c._call(_Call("GET", f"/pools/{_seg(pool)}/tvms/{_seg(tvm)}", parse=_one(m.Tvm)))
 
+    def _op(self, pool: str, tvm: str, op: str, body: Any = None) -> Any:
+        return self._c._call(_Call("POST", f"/pools/{_seg(pool)}/tvms/{_seg(tvm)}/{op}", body))
+
+    def reboot(self, pool: str, tvm: str, *, option: str = "requeue") -> Any:
+        return self._op(pool, tvm, "reboot", m.TvmReboot(tvm_reboot_option=option))
+
+    def reimage(self, pool: str, tvm: str, *, option: str = "requeue") -> Any:
+        return self._op(pool, tvm, "reimage", m.TvmReimage(tvm_reimage_option=option))
+
+    def disable_scheduling(self, pool: str, tvm: str, *, option: str = "requeue") -> Any:
+        return self._op(pool, tvm, "disablescheduling", m.TvmDisableScheduling(tvm_disable_scheduling_option=option))
+
+    def enable_scheduling(self, pool: str, tvm: str) -> Any:
+        return self._op(pool, tvm, "enablescheduling")
+
+    def delete(self, pool: str, tvm: str, *, option: str = "requeue") -> Any:
+        return self._c._call(_Call("DELETE", f"/pools/{_seg(pool)}/tvms/{_seg(tvm)}",
+                                   params={"tvmDeallocationOption": option}))
+
 
 class Workitems(_Group):
-    def add(self, name: str, pool: str, *, priority: int = 0, **extra: Any) -> Any:
-        spec = m.WorkitemAdd(name=name, job_execution_environment=m.JobExecutionEnvironment(pool_name=pool),
-                             priority=priority, **extra)
+    def add(self, name: str, pool: str | None, *, priority: int = 0, auto_pool: dict | None = None,
+            **extra: Any) -> Any:
+        """`pool`: an existing pool's name, or None with `auto_pool` (an autoPoolSpecification object)."""
+        env = m.JobExecutionEnvironment(pool_name=pool, auto_pool_specification=auto_pool)
+        spec = m.WorkitemAdd(name=name, job_execution_environment=env, priority=priority, **extra)
         return self._c._call(_Call("POST", "/workitems", spec, parse=_one(m.Workitem)))
 
     def list(self) -> Any:

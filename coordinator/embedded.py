@@ -33,21 +33,29 @@ async def _until_signal() -> int:
     return 0
 
 
-async def run_up(state_dir: str, host: str, port: int, agents: int, heartbeat_timeout: float) -> int:
+async def run_up(state_dir: str, host: str, port: int, agents: int, heartbeat_timeout: float,
+                 provision: bool = True) -> int:
+    """`provision`: pools short of free agents get more local agents started on demand (issue 5)."""
     try:
         async with trio.open_nursery() as nursery:
             try:
                 rc: RunningCoordinator = await nursery.start(
                     lambda task_status: run_coordinator(state_dir, host=host, port=port,
-                                                        heartbeat_timeout=heartbeat_timeout, task_status=task_status))
+                                                        heartbeat_timeout=heartbeat_timeout,
+                                                        provisioner="local" if provision else None,
+                                                        task_status=task_status))
             except OSError as exc:
                 print(f"error: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
                 return 1
             # The endpoint accepts requests now: the three lines come first on stdout.
             sys.stdout.write(_exports(rc))
             sys.stdout.flush()
-            prov = LocalProvisioner(state_dir, rc.agent_url, rc.join_token)
-            prov.start(agents)
+            if rc.service.provisioner is not None:
+                prov = rc.service.provisioner
+                rc.service.start_agents(agents)
+            else:
+                prov = LocalProvisioner(state_dir, rc.agent_url, rc.join_token)
+                prov.start(agents)
             print(f"tvm up: coordinator on {rc.endpoint}, {agents} local agent(s); Ctrl-C to stop",
                   file=sys.stderr)
             try:

@@ -122,6 +122,33 @@ class PoolResize(_Req):
     tvm_deallocation_option: str = "requeue"
 
 
+class TvmRemove(_Req):
+    tvm_names: list[str]
+    tvm_deallocation_option: str = "requeue"
+    resize_timeout: str | None = None
+
+
+class TvmReboot(_Req):
+    tvm_reboot_option: str = "requeue"
+
+
+class TvmReimage(_Req):
+    tvm_reimage_option: str = "requeue"
+
+
+class TvmDisableScheduling(_Req):
+    tvm_disable_scheduling_option: str = "requeue"
+
+
+class VmSize(_Res):
+    name: str
+    cores: int
+    memory_mib: int
+    disk_gib: int = 0
+    max_tasks_per_vm: int = msgspec.field(default=4, name="maxTasksPerVM")
+    source: str = "builtin"  # "builtin" | "agent" (the real size of a registered agent's machine)
+
+
 class StartTaskInfo(_Res):
     state: str
     start_time: str | None = None

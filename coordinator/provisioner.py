@@ -12,8 +12,16 @@ from typing import Protocol
 
 
 class Provisioner(Protocol):
+    """What the coordinator needs from a provisioner. `start` must not block for long: it is called on
+    the coordinator's event loop and only has to *launch* agents, which then register by themselves
+    (`run_coordinator(provisioner=...)`)."""
+
     def start(self, n: int, size: str) -> list[str]: ...
+    def stop(self, name: str) -> None: ...
     def stop_all(self) -> None: ...
+
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class LocalProvisioner:
@@ -33,6 +41,7 @@ class LocalProvisioner:
             log = open(os.path.join(self.state_dir, "agents", f"agent-{index}.log"), "ab")  # noqa: SIM115
             env = dict(os.environ)
             env["TVM_AGENT_TOKEN"] = self.token  # never on the command line (ps shows it)
+            env["PYTHONPATH"] = _REPO + os.pathsep + env.get("PYTHONPATH", "")
             proc = subprocess.Popen(
                 [sys.executable, "-m", "tvmagent", "--coordinator", self.url, "--root", root,
                  "--name", f"local-{index}", "--log-level", self.log_level],
@@ -42,6 +51,18 @@ class LocalProvisioner:
             self.procs.append(proc)
             started.append(f"local-{index}")
         return started
+
+    def stop(self, name: str, grace: float = 10.0) -> None:
+        """Stop one agent started here (`local-<index>`)."""
+        index = int(name.rpartition("-")[2])
+        p = self.procs[index]
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
 
     def stop_all(self, grace: float = 10.0) -> None:
         for p in self.procs:

@@ -99,6 +99,11 @@ class PoolRec(msgspec.Struct, kw_only=True):
     alloc_time: float = 0.0
     resize_started: float | None = None
     resize_error: tuple[str, str] | None = None
+    # Issue 5: auto pools ("workitem" or "workitem/job" that owns it; "" for a user pool).
+    auto_owner: str = ""
+    auto_lifetime: str = ""  # "job" | "workitem"
+    keep_alive: bool = False
+    shrink_option: str = "requeue"  # tvmDeallocationOption of the last resize
 
 
 class TvmRec(msgspec.Struct, kw_only=True):
@@ -112,6 +117,10 @@ class TvmRec(msgspec.Struct, kw_only=True):
     scheduling: str = "enabled"
     total_run: int = 0
     start_task: dict[str, object] | None = None
+    # Issue 5: what a TVM waits for before it leaves / reboots / goes offline (taskcompletion),
+    # and how it leaves ("requeue" | "terminate" | "taskcompletion").
+    pending_op: str = ""  # "" | "leave" | "reboot" | "reimage" | "offline"
+    pending_option: str = ""
 
 
 class Job:

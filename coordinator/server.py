@@ -54,8 +54,12 @@ async def run_coordinator(
     join_token: str | None = None,
     max_pool_size: int = 1000,
     clock: Any = None,
+    provisioner: Any = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """`provisioner`: None (pools use only agents that register by themselves), "local" (the embedded
+    LocalProvisioner starts `python -m tvmagent` processes under STATE_DIR/agents), or a factory
+    `(agent_url, join_token) -> Provisioner`. Its agents are stopped when the coordinator stops."""
     service = CoordinatorService(state_dir, account=account, heartbeat_timeout=heartbeat_timeout,
                                  join_token=join_token, max_pool_size=max_pool_size,
                                  **({"clock": clock} if clock is not None else {}))  # issue 6: tests' fake time
@@ -67,6 +71,16 @@ async def run_coordinator(
     endpoint = f"http://{shown}:{bound}"
     service.endpoint = endpoint
     service.core.account_url = endpoint
+    prov = None
+    if provisioner is not None:
+        agent_ws = endpoint.replace("https://", "wss://").replace("http://", "ws://") + "/agent"
+        if provisioner == "local":
+            from .provisioner import LocalProvisioner
+
+            prov = LocalProvisioner(state_dir, agent_ws, service.join_token)
+        else:
+            prov = provisioner(agent_ws, service.join_token)
+        service.set_provisioner(prov)
     config = Config()
     # hypercorn wraps the fd in its own socket object and closes it: give it a duplicate.
     config.bind = [f"fd://{os.dup(sock.fileno())}"]
@@ -82,6 +96,9 @@ async def run_coordinator(
             log.info("coordinator listening on %s (restored state in %.2f s)", endpoint, service.restore_seconds)
             task_status.started(RunningCoordinator(service, app, endpoint))
     finally:
+        if prov is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(prov.stop_all)
         sock.close()
         service.close()
 

@@ -87,6 +87,19 @@ class CoordinatorService:
         self.endpoint = ""
         # Link round trips and placement rate for /metrics; ping at least as often as agents heartbeat.
         self.monitor = LinkMonitor(interval=min(PING_INTERVAL, heartbeat_timeout / 4))
+        self.provisioner: Any = None  # issue 5: see set_provisioner
+
+    def set_provisioner(self, provisioner: Any) -> None:
+        """Let the core ask `provisioner.start(n, size)` for agents when pools lack free ones."""
+        self.provisioner = provisioner
+        self.core.provisioning_enabled = provisioner is not None
+
+    def start_agents(self, n: int, size: str = "small") -> list[str]:
+        """Start `n` agents through the provisioner now (e.g. `tvm up --agents N`); pools created before
+        they register do not ask for them a second time."""
+        started = self.provisioner.start(n, size)
+        self.core.expect_agents(len(started))
+        return started
 
     # ------------------------------------------------------------------ running
 
@@ -126,6 +139,14 @@ class CoordinatorService:
 
     def _dispatch(self, fx: Effects) -> Ticket:
         ticket = self.journal.submit(fx.writes)
+        for n, size in fx.provision:
+            if self.provisioner is None:
+                break
+            try:
+                started = self.provisioner.start(n, size)
+                log.info("provisioner started %d agent(s) of size %s: %s", n, size, ", ".join(started))
+            except Exception:  # a broken provisioner must not take the coordinator down
+                log.exception("provisioner failed to start %d agent(s) of size %s", n, size)
         for agent_id, msg in fx.sends:
             link = self.links.get(agent_id)
             if link is None:

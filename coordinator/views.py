@@ -14,7 +14,8 @@ def _t(ts: float | None) -> str:
 
 def pool_view(core: CoordinatorState, pool: PoolRec) -> m.Pool:
     s = pool.spec
-    current = sum(1 for t in core.tvms.values() if t.rec.pool == s.name)
+    # TVMs on their way out (leavingpool) no longer count (issue 5).
+    current = sum(1 for t in core.tvms.values() if t.rec.pool == s.name and t.rec.pending_op not in ("leave", "leaving"))
     return m.Pool(
         name=s.name, state=pool.state, allocation_state=pool.alloc_state, vm_size=s.vm_size,
         target_dedicated=pool.target, current_dedicated=current, max_tasks_per_vm=s.max_tasks_per_vm,

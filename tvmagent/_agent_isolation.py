@@ -40,6 +40,17 @@ class IsolationMixin:
     def send(self, msg: pm.Msg) -> None:  # provided by Agent
         raise NotImplementedError
 
+    def _resource_file_mode(self) -> dict[str, int]:
+        """With per-task users, resource files (root's hard links into the download cache) must be
+        readable and executable by the task's uid: 0775 (the cache directory itself is 0700, so
+        only a task's own directory leads to them)."""
+        if self.slot_users is None:
+            return {}
+        cache_dir = os.path.join(self.root, "cache")
+        if os.path.isdir(cache_dir) and os.stat(cache_dir).st_mode & 0o777 != 0o700:
+            os.chmod(cache_dir, 0o700)
+        return {"mode": 0o775}
+
     def _bwrap_paths(self) -> dict[str, tuple[str, ...]]:
         """Inside bubblewrap a task sees its working directory, shared/ (writable) and the
         certificates and startup directory (read-only); never another task's directory."""

@@ -7,6 +7,7 @@ completion survives any number of reconnects until the coordinator acknowledges 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import shlex
@@ -96,6 +97,13 @@ class Agent:
         self._nursery: trio.Nursery | None = None
         self._http_base = ""
         self._tvm_scope: trio.CancelScope | None = None
+        # Issue 5: join/leave/reboot run one at a time; a running start task can be interrupted.
+        self._tvm_lock = trio.Lock()
+        self._tvm_ops_send, self._tvm_ops_recv = trio.open_memory_channel[pm.Msg](math.inf)
+        self._tvm_ops_started = False
+        self._start_run: _Running | None = None
+        self._setup_replies: list[pm.Msg] = []  # what the last setup reported, resent on a repeated join
+        self._task_memory_limit = 0  # per-task share of the VM size's memory (0: none)
 
     def _load_agent_id(self) -> str:
         path = os.path.join(self.root, "agent-id")
@@ -240,10 +248,14 @@ class Agent:
                 r.cancel_reason = msg.reason
                 if r.process is not None:
                     r.process.kill()
-        elif isinstance(msg, pm.JoinPool):
-            self._nursery.start_soon(self._join, msg)
-        elif isinstance(msg, pm.LeavePool):
-            self._nursery.start_soon(self._leave, msg)
+        elif isinstance(msg, (pm.JoinPool, pm.LeavePool, pm.RebootTvm)):
+            # TVM lifecycle messages are carried out one after the other, in the order they came.
+            if isinstance(msg, (pm.LeavePool, pm.RebootTvm)):
+                self._interrupt_start_task(msg.tvm_name)
+            if not self._tvm_ops_started:
+                self._tvm_ops_started = True
+                self._nursery.start_soon(self._tvm_ops_loop)
+            self._tvm_ops_send.send_nowait(msg)
         elif isinstance(msg, pm.DeleteTaskFiles):
             self._nursery.start_soon(self._delete_task_files, msg.key)
         elif isinstance(msg, pm.FileRequest):
@@ -255,12 +267,33 @@ class Agent:
 
     # ------------------------------------------------------------------ TVM lifecycle
 
+    async def _tvm_ops_loop(self) -> None:
+        async for msg in self._tvm_ops_recv:
+            if isinstance(msg, pm.JoinPool):
+                await self._join(msg)
+            elif isinstance(msg, pm.LeavePool):
+                await self._leave(msg)
+            elif isinstance(msg, pm.RebootTvm):
+                await self._reboot(msg)
+
     async def _join(self, msg: pm.JoinPool) -> None:
+        async with self._tvm_lock:
+            if self.tvm is not None and self.tvm.tvm_name == msg.tvm_name and self._setup_replies:
+                # Already set up (the coordinator restarted or resent): report again, do not re-run.
+                for reply in self._setup_replies:
+                    self.send(reply)
+                return
+            await self._setup(msg)
+
+    async def _setup(self, msg: pm.JoinPool) -> None:
         if self.tvm is not None and self.tvm.tvm_name != msg.tvm_name:
             await self._wipe()
+        self._setup_replies = []
         self.tvm = TvmIdentity(account=msg.account, account_url=msg.account_url, pool=msg.pool,
                                tvm_name=msg.tvm_name, root=self.root, port_low=msg.port_range_low,
                                port_high=msg.port_range_high)
+        # Memory of the VM size, shared equally by the TVM's task slots (a per-task cgroup limit).
+        self._task_memory_limit = msg.memory_limit_bytes // max(1, msg.slots) if msg.memory_limit_bytes else 0
         for d in ("tasks", "shared", "start", "certs"):
             os.makedirs(os.path.join(self.root, d), exist_ok=True)
         os.chmod(os.path.join(self.root, "shared"), 0o777)
@@ -273,60 +306,116 @@ class Agent:
                          certificate_format=c.certificate_format, data=c.data, password=c.password or None)
                 for c in msg.certificates], owner=self.opts.task_user)
             cert_errors = [f"{r.thumbprint}: {r.error}" for r in results if not r.ok]
+        ready = pm.TvmReady(tvm_name=msg.tvm_name, cert_errors=cert_errors)
         st = msg.start_task
         if st is not None and st.wait_for_success:
-            ok = await self._run_start_task(st)
-            if not ok:
+            done = await self._run_start_task(st, msg.tvm_name)
+            if done is None:
+                return  # interrupted (reboot / leave): whoever interrupted decides what comes next
+            self._setup_replies.append(done)
+            if done.exit_code != 0 or done.failure is not None:
                 return  # TVM stays starttaskfailed; no TvmReady, so no tasks come here
-            self.send(pm.TvmReady(tvm_name=msg.tvm_name, cert_errors=cert_errors))
+            self._setup_replies.append(ready)
+            self.send(ready)
             return
-        self.send(pm.TvmReady(tvm_name=msg.tvm_name, cert_errors=cert_errors))
+        self._setup_replies.append(ready)
+        self.send(ready)
         if st is not None:
-            await self._run_start_task(st)
+            # Tasks do not wait for it, and neither do later TVM operations.
+            assert self._nursery is not None
+            self._nursery.start_soon(self._background_start_task, st, msg.tvm_name)
 
-    async def _run_start_task(self, st: pm.StartTaskSpec) -> bool:
+    async def _background_start_task(self, st: pm.StartTaskSpec, tvm_name: str) -> None:
+        done = await self._run_start_task(st, tvm_name)
+        if done is not None and self.tvm is not None and self.tvm.tvm_name == tvm_name:
+            self._setup_replies.append(done)
+
+    def _interrupt_start_task(self, tvm_name: str) -> None:
+        r = self._start_run
+        if r is not None and self.tvm is not None and self.tvm.tvm_name == tvm_name:
+            r.cancelled = True
+            r.cancel_reason = "TVM rebooted or removed"
+            if r.process is not None:
+                r.process.kill()
+
+    async def _run_start_task(self, st: pm.StartTaskSpec, tvm_name: str) -> pm.StartTaskCompleted | None:
+        """Run the start task with its retries; returns what was reported, None when interrupted."""
         assert self.tvm is not None
         attempts = 0
         wd = os.path.join(self.tvm.start_dir, "wd")
-        while True:
-            os.makedirs(wd, exist_ok=True)
-            start = time.time()
-            failure = await self._fetch_files(st.resource_files, wd)
-            code = -1
-            if failure is None:
-                outcome, _ = await self._spawn(
-                    st.command_line, wd, start_task_env(self.tvm, st.env),
-                    os.path.join(self.tvm.start_dir, "stdout.txt"),
-                    os.path.join(self.tvm.start_dir, "stderr.txt"), "starttask", None, st.run_elevated)
-                code = outcome.exit_code
-                if outcome.reason == "launch_failed":
-                    failure = pm.Failure(category="UserError", code="CommandLaunchFailed", message=outcome.message)
-            ok = failure is None and code == 0
-            retry = not ok and failure is None and (st.max_task_retry_count == -1 or attempts < st.max_task_retry_count)
-            if ok or not retry:
-                if not ok:
-                    with open(os.path.join(self.tvm.start_dir, "starttask-failure.txt"), "w") as f:
-                        f.write(f"exit code {code}; {failure.code + ': ' + failure.message if failure else ''}\n")
-                self.send(pm.StartTaskCompleted(exit_code=code, start_time=start, end_time=time.time(),
-                                                retry_count=attempts, failure=failure))
-                return ok
-            attempts += 1
+        run = self._start_run = _Running(pm.TaskSpec(key="", attempt=0, command_line=st.command_line, workitem="",
+                                                      job="", task="starttask"))
+        try:
+            while True:
+                os.makedirs(wd, exist_ok=True)
+                start = time.time()
+                self.send(pm.StartTaskStarted(tvm_name=tvm_name, start_time=start, retry_count=attempts))
+                failure = await self._fetch_files(st.resource_files, wd)
+                code = -1
+                if failure is None and not run.cancelled:
+                    outcome, _ = await self._spawn(
+                        st.command_line, wd, start_task_env(self.tvm, st.env),
+                        os.path.join(self.tvm.start_dir, "stdout.txt"),
+                        os.path.join(self.tvm.start_dir, "stderr.txt"), "starttask", run, st.run_elevated)
+                    code = outcome.exit_code
+                    if outcome.reason == "launch_failed":
+                        failure = pm.Failure(category="UserError", code="CommandLaunchFailed",
+                                             message=outcome.message)
+                if run.cancelled:
+                    return None
+                ok = failure is None and code == 0
+                retry = not ok and failure is None and (
+                    st.max_task_retry_count == -1 or attempts < st.max_task_retry_count)
+                if ok or not retry:
+                    if not ok:
+                        _write_text(os.path.join(self.tvm.start_dir, "starttask-failure.txt"),
+                                    f"start task failed after {attempts + 1} attempt(s): exit code {code}"
+                                    f"{'; ' + failure.code + ': ' + failure.message if failure else ''}\n")
+                    done = pm.StartTaskCompleted(exit_code=code, start_time=start, end_time=time.time(),
+                                                 retry_count=attempts, failure=failure)
+                    self.send(done)
+                    return done
+                attempts += 1
+        finally:
+            if self._start_run is run:
+                self._start_run = None
 
     async def _leave(self, msg: pm.LeavePool) -> None:
-        if self.tvm is None or self.tvm.tvm_name != msg.tvm_name:
-            return
-        await self._wipe()
+        async with self._tvm_lock:
+            if self.tvm is not None and self.tvm.tvm_name != msg.tvm_name:
+                return  # an old request: this agent backs another TVM now
+            await self._wipe()
+            self.send(pm.TvmLeft(tvm_name=msg.tvm_name))
 
-    async def _wipe(self) -> None:
+    async def _reboot(self, msg: pm.RebootTvm) -> None:
+        """Restart the sandbox: kill every task process; a reimage also wipes the TVM's directories.
+        The coordinator's JoinPool that follows sets the TVM up again and re-runs the start task."""
+        async with self._tvm_lock:
+            if self.tvm is None or self.tvm.tvm_name != msg.tvm_name:
+                return
+            await self._kill_all("TVM rebooting")
+            self._setup_replies = []
+            if msg.reimage:
+                self.retention.clear()
+                for d in ("tasks", "shared", "start"):
+                    await trio.to_thread.run_sync(shutil.rmtree, os.path.join(self.root, d), True)
+            log.info("TVM %s %s", msg.tvm_name, "reimaged" if msg.reimage else "rebooted")
+
+    async def _kill_all(self, reason: str) -> None:
         for r in list(self.running.values()):
             r.cancelled = True
-            r.cancel_reason = "TVM removed"
+            r.cancel_reason = reason
             if r.process is not None:
                 r.process.kill()
         with trio.move_on_after(10):
             while self.running:
                 await trio.sleep(0.02)
+
+    async def _wipe(self) -> None:
+        await self._kill_all("TVM removed")
         self.tvm = None
+        self._setup_replies = []
+        self._task_memory_limit = 0
         self.retention.clear()
         for d in ("tasks", "shared", "start", "certs"):
             await trio.to_thread.run_sync(shutil.rmtree, os.path.join(self.root, d), True)
@@ -371,7 +460,8 @@ class Agent:
                 pass  # a retry starts with fresh output files
         spec = ProcessSpec(argv=argv, cwd=cwd, env=env, stdout_path=out, stderr_path=err,
                            run_as=None if elevated else (self.opts.task_user or None),
-                           use_bwrap=self.opts.use_bwrap, name=name)
+                           use_bwrap=self.opts.use_bwrap, name=name,
+                           memory_limit_bytes=self._task_memory_limit or None)
         proc = await self.sandbox.start(spec)
         if running is not None:
             running.process = proc
@@ -569,6 +659,11 @@ def _first_leaf(exc: BaseException) -> BaseException:
 def _task_root_of(root: str, rel: str) -> str:
     parts = rel.split("/")
     return os.path.join(root, *parts[:4])
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def _cg_name(spec: pm.TaskSpec) -> str:

@@ -130,12 +130,20 @@ def task_group_gid() -> int:
 
 
 def chown_tree(path: str, uid: int, gid: int) -> None:
-    """chown -R without following symlinks (a task may plant links to files it must not own)."""
+    """chown -R without following symlinks (a task may plant links to files it must not own).
+
+    Files with more than one hard link are left alone: resource files are hard links into the
+    download cache, and owning one would let a task change the cached bytes the next task gets.
+    They stay root's and read-only; the task, owning the directory, may still replace them."""
     os.lchown(path, uid, gid)
     for dirpath, dirnames, filenames in os.walk(path):
         for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
             with contextlib.suppress(FileNotFoundError):
-                os.lchown(os.path.join(dirpath, n), uid, gid)
+                st = os.lstat(p)
+                if n in filenames and st.st_nlink > 1 and not os.path.islink(p):
+                    continue
+                os.lchown(p, uid, gid)
 
 
 def share_certs_with_group(certs_dir: str, gid: int) -> None:

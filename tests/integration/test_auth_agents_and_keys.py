@@ -150,11 +150,15 @@ async def test_revoked_agent_is_disconnected_and_refused(nursery, tmp_path):
         reply = await _hello(c.rc.agent_url, pm.Hello(agent_id=agent_id, token=c.rc.join_token))
         assert isinstance(reply, pm.Reject)
         assert reply.code == "AgentRevoked"
-        await c.wait_for(lambda: _tvm_state(c, "p", "unknown"), what="the revoked agent's TVM is lost")
+        # Its TVM left the pool at once; a fresh agent takes its place.
+        assert [t.agent_id for t in await c.client.tvms.list("p")] == []
+        c.start_agent("replacement")
+        await c.wait_for(lambda: _tvm_agents(c, "p", ["replacement"]), what="a replacement TVM")
 
 
-async def _tvm_state(c, pool: str, state: str) -> bool:
-    return all(t.state == state for t in await c.client.tvms.list(pool))
+async def _tvm_agents(c, pool: str, agents: list[str]) -> bool:
+    tvms = await c.client.tvms.list(pool)
+    return [t.agent_id for t in tvms] == agents and all(t.state == "idle" for t in tvms)
 
 
 # ------------------------------------------------------------------ TLS and frames

@@ -65,5 +65,11 @@ async def test_cert_cli_add_list_show_delete(nursery, tmp_path):
             assert "CertificateNotFound" in missing.stderr
             keys = _tvm(c, "keys", "regenerate", "secondary", "-o", "json")
             assert json.loads(keys.stdout)["primary"] == c.rc.key
+            unknown = _tvm(c, "agent", "revoke", "no-such-agent")
+            assert unknown.returncode == 1
+            assert "AgentNotFound" in unknown.stderr
+            nopool = _tvm(c, "tvm", "user", "list", "nopool", "tvm-x")
+            assert nopool.returncode == 1
+            assert "PoolNotFound" in nopool.stderr
 
         await trio.to_thread.run_sync(work)

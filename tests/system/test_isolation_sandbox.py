@@ -210,3 +210,37 @@ async def test_a_bubblewrap_pool_hides_other_tasks_entirely(nursery, tmp_path, o
         assert out[0] == "absent"  # not merely denied: a's directory does not exist in b's sandbox
         assert int(out[1]) < 10  # its own pid namespace
         assert os.path.exists(os.path.join(agent.root, "shared", "from-b"))  # noqa: ASYNC240
+
+
+POISON = r"""
+import os
+print(open('input.txt').read().strip())
+try:
+    open('input.txt', 'a').write('poison')
+    print('modified')
+except PermissionError:
+    print('read-only')
+"""
+
+
+async def test_a_task_user_cannot_change_cached_resource_files(nursery, tmp_path, open_root):
+    """Resource files are hard links into the agent's download cache: the task user reads them but
+    cannot change the bytes the next task will get."""
+    from coordinator import models as m
+
+    os.makedirs(tmp_path / "agents", exist_ok=True)
+    async with cluster_ctx(nursery, tmp_path, heartbeat_timeout=3) as c:
+        c.start_agent(extra_args=ISOLATED, root=os.path.join(open_root, "a0"))
+        await c.pool_with_tvms("p", 1)
+        up = await c.client.files.upload(b"original\n")
+        rf = [m.ResourceFile(blob_source=up["blobSource"], file_path="input.txt")]
+        specs = [task_spec(f"t{i}", f"{PY} -c \"{POISON}\"", resource_files=rf) for i in range(2)]
+        await c.client.workitems.add("wi", "p")
+        await c.client.tasks.add_many("wi", JOB, specs[:1])
+        await c.client.tasks.wait("wi", JOB, timeout=30)
+        await c.client.tasks.add_many("wi", JOB, specs[1:])
+        await c.client.tasks.wait("wi", JOB, timeout=30)
+        tasks = {t.name: t for t in await c.client.tasks.list("wi", JOB)}
+        for name in ("t0", "t1"):
+            err = (await c.client.files.get_from_task("wi", JOB, name, "stderr.txt")).decode()
+            assert (await _stdout(c, name)).split() == ["original", "read-only"], (tasks[name], err)
