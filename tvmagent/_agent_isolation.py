@@ -134,6 +134,15 @@ class IsolationMixin:
 
     # ------------------------------------------------------------------ port fence
 
+    def _describe_ports(self) -> list[str]:
+        """At start: how a communicating pool's port block will be fenced here."""
+        if os.geteuid() == 0 and nft_available():
+            return ["nftables available: a communicating pool's ports admit pool members only"]
+        if os.environ.get("TVM_AGENT_IP"):
+            return ["nftables unavailable: a user-space gate on TVM_AGENT_IP fences pool ports "
+                    "(tasks must bind 127.0.0.1)"]
+        return ["nftables unavailable and TVM_AGENT_IP not set: pool ports are NOT fenced"]
+
     def _nft_table(self) -> str:
         return "tvm_" + hashlib.sha256(self.agent_id.encode()).hexdigest()[:16]
 
