@@ -43,7 +43,9 @@ def _json_response(status: int, obj: Any) -> Response:
 def _error_response(exc: ApiError) -> Response:
     body = m.ErrorBody(code=exc.code, message=m.ErrorMessage(value=exc.message),
                        values=[m.ErrorDetail(key=k, value=v) for k, v in exc.values.items()])
-    return _json_response(exc.status, body)
+    resp = _json_response(exc.status, body)
+    resp.headers.append((b"x-tvm-error-code", exc.code.encode()))  # HEAD answers have no body
+    return resp
 
 
 _ERR_AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")

@@ -20,11 +20,11 @@ class FileRoutes(ApiBase):
         r = self._route
         r("GET", r"/pools/(?P<pool>[^/]+)/tvms/(?P<tvm>[^/]+)/files", self.list_tvm_files)
         r("GET", r"/pools/(?P<pool>[^/]+)/tvms/(?P<tvm>[^/]+)/files/(?P<path>.+)", self.get_tvm_file)
-        r("HEAD", r"/pools/(?P<pool>[^/]+)/tvms/(?P<tvm>[^/]+)/files/(?P<path>.+)", self.get_tvm_file)
+        r("HEAD", r"/pools/(?P<pool>[^/]+)/tvms/(?P<tvm>[^/]+)/files/(?P<path>.+)", self.tvm_file_properties)
         r("GET", r"/workitems/(?P<wi>[^/]+)/jobs/(?P<job>[^/]+)/tasks/(?P<task>[^/]+)/files", self.list_task_files)
         r("GET", r"/workitems/(?P<wi>[^/]+)/jobs/(?P<job>[^/]+)/tasks/(?P<task>[^/]+)/files/(?P<path>.+)", self.get_task_file)
         r("HEAD", r"/workitems/(?P<wi>[^/]+)/jobs/(?P<job>[^/]+)/tasks/(?P<task>[^/]+)/files/(?P<path>.+)",
-          self.get_task_file)
+          self.task_file_properties)
         r("POST", r"/files", self.upload_file)
         r("GET", r"/files", self.list_store_files)
         r("GET", r"/files/sha256/(?P<sha>[^/]+)", self.get_store_file)
@@ -79,10 +79,29 @@ class FileRoutes(ApiBase):
         t = self.core.get_tvm(pool, tvm)
         return await self._read(t.rec.agent_id, path, headers)
 
-    async def _read(self, agent_id: str, path: str, headers: dict[str, str]) -> Response:
+    # File properties are a HEAD on the file's URL (as in Azure Batch): no body, the size in
+    # `ocp-content-length`, the modification time in `last-modified` (RFC 3339).
+    async def task_file_properties(self, wi: str, job: str, task: str, path: str, **_: Any) -> Response:
+        agent_id, base = self._task_location(wi, job, task)
+        return self._props_response(await self._stat(agent_id, f"{base}/{path}"))
+
+    async def tvm_file_properties(self, pool: str, tvm: str, path: str, **_: Any) -> Response:
+        t = self.core.get_tvm(pool, tvm)
+        return self._props_response(await self._stat(t.rec.agent_id, path))
+
+    def _props_response(self, st: pm.FileResponse) -> Response:
+        return Response(200, b"", [(b"content-type", b"application/octet-stream"),
+                                   (b"ocp-content-length", str(st.size).encode()),
+                                   (b"last-modified", (rfc3339(st.mtime) or "").encode()),
+                                   (b"accept-ranges", b"bytes")])
+
+    async def _stat(self, agent_id: str, path: str) -> pm.FileResponse:
         if ".." in path.split("/"):
             raise bad_request("InvalidFilePath", "file paths may not contain '..'")
-        st = await self._ask(agent_id, pm.FileRequest(req_id=0, op="stat", path=path))
+        return await self._ask(agent_id, pm.FileRequest(req_id=0, op="stat", path=path))
+
+    async def _read(self, agent_id: str, path: str, headers: dict[str, str]) -> Response:
+        st = await self._stat(agent_id, path)
         try:
             rng = parse_range_header(headers.get("range", ""), st.size) if headers.get("range") else None
         except FileStoreError as exc:

@@ -225,7 +225,9 @@ class AgentsMixin(CoreBase):
             if agent is not None and agent.connected and now - agent.last_seen >= self.heartbeat_timeout:
                 self._fx.closes.append((agent.agent_id, 4008, "heartbeat timeout"))
                 agent.connected = False
-                agent.disconnected_at = now
+                # The silence already lasted a heartbeat timeout: the TVM is lost at the next tick
+                # unless the agent reconnects first (issue 4), not after a second full timeout.
+                agent.disconnected_at = agent.last_seen
             if lost and tvm.rec.pending_op in ("leave", "leaving"):
                 self._forget_tvm(tvm)  # type: ignore[attr-defined]  # it was leaving anyway
                 continue

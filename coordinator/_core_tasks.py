@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from protocol import messages as pm
 from protocol.paths import validate_relative_path
 
@@ -20,6 +22,8 @@ from .records import (
 from .timeutil import parse_duration
 from .validation import check_env, check_name, check_range
 
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+
 
 class TasksMixin(CoreBase):
     # ------------------------------------------------------------------ tasks
@@ -32,10 +36,18 @@ class TasksMixin(CoreBase):
                 raise bad_request("InvalidResourceFilePath", f"{field}[{i}].filePath: {exc}",
                                   field=f"{field}[{i}].filePath") from None
             src = rf.blob_source
-            if not (src.startswith(("http://", "https://")) or src.startswith("filestore:sha256:")):
+            store = src.startswith("filestore:sha256:")
+            if not (src.startswith(("http://", "https://")) or store) or (
+                    store and not _SHA256.fullmatch(src[len("filestore:sha256:"):])):
                 raise bad_request("InvalidResourceFileSource",
-                                  f"{field}[{i}].blobSource must be an http(s) URL or filestore:sha256:<hex>",
+                                  f"{field}[{i}].blobSource must be an http(s) URL or filestore:sha256:<64 hex>",
                                   field=f"{field}[{i}].blobSource")
+            if rf.sha256 is not None and not _SHA256.fullmatch(rf.sha256):
+                raise bad_request("InvalidPropertyValue", f"{field}[{i}].sha256 must be 64 hex digits",
+                                  field=f"{field}[{i}].sha256")
+            if rf.file_size is not None and rf.file_size < 0:
+                raise bad_request("InvalidPropertyValue", f"{field}[{i}].fileSize must not be negative",
+                                  field=f"{field}[{i}].fileSize")
 
     def _new_task(self, job: Job, req: m.TaskAdd, now: float) -> TaskRec:
         check_name(req.name)

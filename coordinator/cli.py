@@ -193,7 +193,8 @@ def agent(ctx: click.Context, config: str | None, coordinator_url: str | None, t
     opts = AgentOptions(coordinator=cfg.coordinator, token=cfg.token, root=cfg.root, agent_id=cfg.name,
                         heartbeat_interval=cfg.heartbeat_interval,
                         reconnect_max_backoff=cfg.reconnect_max_backoff, task_user=cfg.task_user or None,
-                        use_bwrap=cfg.use_bwrap, drain_grace=cfg.drain_grace)
+                        use_bwrap=cfg.use_bwrap, drain_grace=cfg.drain_grace,
+                        retention_sweep_interval=cfg.retention_sweep_interval)
     sys.exit(trio.run(run_agent, opts))
 
 

@@ -65,7 +65,8 @@ def _error_from(resp: httpx2.Response) -> BatchError:
         body = msgspec.json.decode(resp.content, type=m.ErrorBody)
         return BatchError(resp.status_code, body.code, body.message.value, {v.key: v.value for v in body.values})
     except (msgspec.DecodeError, msgspec.ValidationError):
-        return BatchError(resp.status_code, f"HTTP{resp.status_code}", resp.text[:200])
+        code = resp.headers.get("x-tvm-error-code") or f"HTTP{resp.status_code}"
+        return BatchError(resp.status_code, code, resp.text[:200] or code)
 
 
 def _credentials(endpoint: str | None, account: str | None, key: str | None) -> tuple[str, str, str]:
@@ -400,10 +401,23 @@ class Files(_Group):
         return self._c._call(_Call("GET", f"/pools/{_seg(pool)}/tvms/{_seg(tvm)}/files/{quote(path)}",
                                    headers=_range(byte_range), parse=lambda r: r.content))
 
+    def properties_from_task(self, workitem: str, job: str, task: str, path: str) -> Any:
+        """{"size": int, "lastModified": RFC 3339 str} of a task's file (a HEAD request)."""
+        url = f"/workitems/{_seg(workitem)}/jobs/{_seg(job)}/tasks/{_seg(task)}/files/{quote(path)}"
+        return self._c._call(_Call("HEAD", url, parse=_file_props))
+
+    def properties_from_tvm(self, pool: str, tvm: str, path: str) -> Any:
+        return self._c._call(_Call("HEAD", f"/pools/{_seg(pool)}/tvms/{_seg(tvm)}/files/{quote(path)}",
+                                   parse=_file_props))
+
     def upload(self, data: bytes, *, sha256: str | None = None) -> Any:
         """Put bytes in the coordinator's file store; returns {sha256, size, blobSource}."""
         return self._c._call(_Call("POST", "/files", raw=data, params={"sha256": sha256} if sha256 else None,
                                    parse=lambda r: msgspec.json.decode(r.content)))
+
+
+def _file_props(resp: httpx2.Response) -> dict[str, Any]:
+    return {"size": int(resp.headers["ocp-content-length"]), "lastModified": resp.headers["last-modified"]}
 
 
 def _range(byte_range: tuple[int, int] | None) -> dict[str, str] | None:

@@ -68,6 +68,8 @@ class AgentConfig(_Config):
     port_range_low: int = 20000
     port_range_high: int = 29999
     drain_grace: float = 60.0
+    # how often expired task directories (retentionTime) are looked for and deleted
+    retention_sweep_interval: float = 20.0
     # run tasks as this user; empty means the agent's own user
     task_user: str = ""
     use_bwrap: bool = False
@@ -263,6 +265,7 @@ def _check_agent(cfg: AgentConfig, src: Mapping[str, str]) -> None:
         raise _fail(src, "name", f"must be 1-64 letters, digits, '.', '_' or '-', got {cfg.name!r}")
     _positive(src, "heartbeat-interval", cfg.heartbeat_interval)
     _positive(src, "reconnect-max-backoff", cfg.reconnect_max_backoff)
+    _positive(src, "retention-sweep-interval", cfg.retention_sweep_interval)
     if not math.isfinite(cfg.drain_grace) or cfg.drain_grace < 0:
         raise _fail(src, "drain-grace", f"must be 0 or more seconds, got {cfg.drain_grace}")
     _port(src, "port-range-low", cfg.port_range_low)

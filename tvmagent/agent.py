@@ -6,6 +6,7 @@ completion survives any number of reconnects until the coordinator acknowledges 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -34,6 +35,7 @@ log = logging.getLogger("tvm.agent")
 
 WALL_CLOCK_EXIT_CODE = 0xC000013A
 CLEANED_MARKER = ".tvm-cleaned"
+RETENTION_SUFFIX = ".tvm-retention"  # beside a finished task's directory: when it may be deleted
 MAX_READ = 4 * 1024 * 1024
 
 
@@ -87,6 +89,7 @@ class Agent:
         self.running: dict[str, _Running] = {}
         # task key -> (attempt, seq of its TaskCompleted) until the coordinator acknowledges it
         self.unacked_done: dict[str, tuple[int, int]] = {}
+        self.deferred_runs: dict[str, pm.TaskSpec] = {}  # key -> new attempt waiting for the old run
         self.retention: dict[str, float] = {}  # task key -> unix time its directory may be deleted
         self.caps = SandboxCapabilities.detect()
         self.sandbox = Sandbox(self.caps, cgroup_prefix=f"tvm-{self.agent_id[:12]}")
@@ -231,6 +234,12 @@ class Agent:
                                                                             code=pm.AGENT_STOPPING,
                                                                             message="the agent is stopping")))
                 return
+            old = self.running.get(key)
+            if old is not None and old.spec.attempt != msg.spec.attempt and self.tvm is not None:
+                # A requeued task placed here again while its old run is still being cancelled:
+                # start the new run as soon as the old one has ended (same task directory).
+                self.deferred_runs[key] = msg.spec
+                return
             if key in self.running or self.tvm is None:
                 if self.tvm is None:
                     now = time.time()
@@ -242,6 +251,9 @@ class Agent:
             self.running[key] = _Running(msg.spec)
             self._nursery.start_soon(self._run_task, msg.spec)
         elif isinstance(msg, pm.CancelTask):
+            waiting = self.deferred_runs.get(msg.key)
+            if waiting is not None and waiting.attempt == msg.attempt:
+                del self.deferred_runs[msg.key]
             r = self.running.get(msg.key)
             if r is not None and r.spec.attempt == msg.attempt:
                 r.cancelled = True
@@ -412,6 +424,7 @@ class Agent:
                 await trio.sleep(0.02)
 
     async def _wipe(self) -> None:
+        self.deferred_runs.clear()
         await self._kill_all("TVM removed")
         self.tvm = None
         self._setup_replies = []
@@ -491,10 +504,7 @@ class Agent:
         wd = os.path.join(tdir, "wd")
         start = time.time()
         try:
-            marker = os.path.join(os.path.dirname(tdir), os.path.basename(tdir) + CLEANED_MARKER)
-            if os.path.exists(marker):
-                os.unlink(marker)
-            os.makedirs(wd, exist_ok=True)
+            _prepare_task_dir(tdir, wd)
             self.send(pm.TaskStarted(key=spec.key, attempt=spec.attempt, start_time=start))
             failure = await self._fetch_files(spec.resource_files, wd)
             exit_code = -1
@@ -531,6 +541,11 @@ class Agent:
                 exit_code, f", {failure.code}: {failure.message}" if failure else "")
         self.running.pop(spec.key, None)
         self.retention[spec.key] = end + spec.retention_s
+        _save_retention(task_dir(self.root, spec.key), end + spec.retention_s)
+        deferred = self.deferred_runs.pop(spec.key, None)
+        if deferred is not None and self.tvm is not None and self._nursery is not None:
+            self.running[spec.key] = _Running(deferred)
+            self._nursery.start_soon(self._run_task, deferred)
         self._forget_acked_done()
         self.unacked_done[spec.key] = (spec.attempt, self.session.send(pm.TaskCompleted(
             key=spec.key, attempt=spec.attempt, exit_code=exit_code, start_time=start,
@@ -545,6 +560,9 @@ class Agent:
     # ------------------------------------------------------------------ retention and files
 
     async def _retention_loop(self) -> None:
+        # Deadlines survive an agent restart: each finished task leaves one beside its directory.
+        for key, deadline in (await trio.to_thread.run_sync(_load_retention, self.root)).items():
+            self.retention.setdefault(key, deadline)
         while True:
             await trio.sleep(self.opts.retention_sweep_interval)
             now = time.time()
@@ -559,11 +577,7 @@ class Agent:
             r.cancelled = True
             if r.process is not None:
                 r.process.kill()
-        tdir = task_dir(self.root, key)
-        await trio.to_thread.run_sync(shutil.rmtree, tdir, True)
-        if cleaned and os.path.isdir(os.path.dirname(tdir)):
-            with open(tdir + CLEANED_MARKER, "w"):
-                pass
+        await trio.to_thread.run_sync(_remove_task_dir, task_dir(self.root, key), cleaned)
 
     def _safe_path(self, rel: str) -> str | None:
         full = os.path.realpath(os.path.join(self.root, rel))
@@ -654,6 +668,54 @@ def _first_leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return exc
+
+
+def _prepare_task_dir(tdir: str, wd: str) -> None:
+    """A task placed again (retry, requeue) after its files were cleaned up has files again."""
+    for suffix in (CLEANED_MARKER, RETENTION_SUFFIX):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tdir + suffix)
+    os.makedirs(wd, exist_ok=True)
+
+
+def _save_retention(tdir: str, deadline: float) -> None:
+    try:
+        with open(tdir + RETENTION_SUFFIX + ".tmp", "w") as f:
+            f.write(f"{deadline!r}\n")
+        os.replace(tdir + RETENTION_SUFFIX + ".tmp", tdir + RETENTION_SUFFIX)
+    except OSError as exc:  # the in-memory deadline still applies while this agent runs
+        log.warning("cannot record the retention deadline of %s: %s", tdir, exc)
+
+
+def _load_retention(root: str) -> dict[str, float]:
+    """Task key -> deadline from the files `_save_retention` left under root/tasks/<wi>/<job>/."""
+    out: dict[str, float] = {}
+    base = os.path.join(root, "tasks")
+    for dirpath, _dirs, files in os.walk(base):
+        rel = os.path.relpath(dirpath, base).split(os.sep)
+        if len(rel) != 2:
+            continue
+        _dirs[:] = []  # no need to walk into the task directories themselves
+        for name in files:
+            if name.endswith(RETENTION_SUFFIX):
+                try:
+                    with open(os.path.join(dirpath, name)) as f:
+                        deadline = float(f.read().strip())
+                except (OSError, ValueError):
+                    continue
+                out["/".join([*rel, name[: -len(RETENTION_SUFFIX)]])] = deadline
+    return out
+
+
+def _remove_task_dir(tdir: str, cleaned: bool) -> None:
+    """Delete a task's directory; `cleaned` (retention expired) leaves a marker beside it so the file
+    APIs can answer TaskFilesCleanedUp instead of a bare not-found."""
+    shutil.rmtree(tdir, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tdir + RETENTION_SUFFIX)
+    if cleaned and os.path.isdir(os.path.dirname(tdir)):
+        with open(tdir + CLEANED_MARKER, "w"):
+            pass
 
 
 def _task_root_of(root: str, rel: str) -> str:
