@@ -10,7 +10,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs
 
 import msgspec
 
@@ -133,7 +133,9 @@ class ApiBase:
                     continue
                 match = pattern.match(path)
                 if match:
-                    params = {k: unquote(v) for k, v in match.groupdict().items()}
+                    # scope["path"] is already percent-decoded (ASGI): decoding again would turn a
+                    # file named "a%41" into "aA".
+                    params = match.groupdict()
                     q = {k: v[-1] for k, v in parse_qs(query).items()}
                     return await handler(body=body, query=q, headers=headers, **params)
             if any(p.match(path) for _, p, _ in self._routes):

@@ -79,6 +79,18 @@ def _credentials(endpoint: str | None, account: str | None, key: str | None) -> 
     return endpoint.rstrip("/"), account, key
 
 
+def _endpoint_path(endpoint: str) -> str:
+    """The endpoint's path prefix; a clear BatchError (not a traceback) when it is not an http(s) URL."""
+    try:
+        parts = urlsplit(endpoint)
+        parts.port  # noqa: B018  (raises ValueError for a port out of range)
+    except ValueError as exc:
+        raise BatchError(0, "InvalidEndpoint", f"endpoint {endpoint!r} is not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BatchError(0, "InvalidEndpoint", f"endpoint {endpoint!r} must look like http://HOST:PORT")
+    return parts.path.rstrip("/")
+
+
 class _Base:
     def __init__(self, endpoint: str | None, account: str | None, key: str | None, token: str | None) -> None:
         # A job manager's job-scoped credential (TVM_JOB_TOKEN) is used when no account key is given.
@@ -90,7 +102,7 @@ class _Base:
             account or os.environ.get("TVM_ACCOUNT", ""), key or "")
         if token and not self.endpoint:
             raise BatchError(0, "MissingCredentials", "set TVM_ENDPOINT or pass endpoint=")
-        self._prefix = urlsplit(self.endpoint).path.rstrip("/")
+        self._prefix = _endpoint_path(self.endpoint)
         self.pools = Pools(self)
         self.tvms = Tvms(self)
         self.workitems = Workitems(self)
@@ -464,7 +476,7 @@ def wait_for_tasks(client: Client, workitem: str, job: str, *, timeout: float | 
         time.sleep(poll)
 
 
-async def wait_for_tasks_async(client: AsyncClient, workitem: str, job: str, *, timeout: float | None = None,
+async def wait_for_tasks_async(client: AsyncClient, workitem: str, job: str, *, timeout: float | None = None,  # noqa: ASYNC109 (mirrors the sync API)
                                poll: float = 0.25,
                                progress: Callable[[m.TaskCounts], None] | None = None) -> m.TaskCounts:
     import anyio

@@ -113,6 +113,12 @@ async def test_missing_credentials_clear_message_and_exit_code(tmp_path):
     assert r.returncode != 0
     assert "TVM_KEY" in r.stderr.decode()
     assert "TVM_ENDPOINT" not in r.stderr.decode()
+    for bad in ("localhost:7070", "http://[::1", "http://127.0.0.1:99999"):
+        r = await tvm("pool", "list", env=_env({"TVM_ENDPOINT": bad, "TVM_ACCOUNT": "a", "TVM_KEY": "aGVsbG8="}),
+                      ok=False)
+        assert r.returncode == 1
+        assert "endpoint" in r.stderr.decode()
+        assert "Traceback" not in r.stderr.decode()
     # Nothing listens there: a clear connection error, not a traceback.
     r = await tvm("pool", "list", env=_env({"TVM_ENDPOINT": "http://127.0.0.1:9", "TVM_ACCOUNT": "a",
                                             "TVM_KEY": "aGVsbG8="}), ok=False)

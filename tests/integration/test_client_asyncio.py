@@ -102,6 +102,12 @@ async def _scenario(rc: RunningCoordinator) -> None:
         assert job.task_counts.completed == 60
         assert t7.execution_info.exit_code == 1
         assert await client.files.get_from_task("wi", JOB, "t7", "stdout.txt") == b"7\n"
+        # A file name that needs percent-encoding (and holds a '%') comes back byte for byte.
+        await client.tasks.add("wi", JOB, "odd", f"{sys.executable} -c \"open('a%41 b.txt', 'w').write('x')\"")
+        await client.tasks.wait("wi", JOB, timeout=30, poll=0.1)
+        names = {f.name for f in await client.files.list_from_task("wi", JOB, "odd", recursive=True)}
+        assert "wd/a%41 b.txt" in names
+        assert await client.files.get_from_task("wi", JOB, "odd", "wd/a%41 b.txt") == b"x"
         with pytest.raises(BatchError) as e:
             await client.pools.get("nope")
         assert (e.value.status, e.value.code) == (404, "PoolNotFound")

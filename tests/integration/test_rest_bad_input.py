@@ -167,6 +167,9 @@ async def test_unknown_resources_are_404_with_a_code(api):
         assert body_["values"], (path, body_)  # names the missing resource
     assert await api.names(f"/workitems/wi/jobs/{JOB}/tasks") == []
     assert await api.names("/workitems/wi/jobs") == [JOB]
+    # Percent-encoding is decoded once: "a%2541" names the pool "a%41", not "aA".
+    body = err(await api("GET", "/pools/a%2541"), 404, "PoolNotFound")
+    assert body["values"] == [{"key": "name", "value": "a%41"}]
 
 
 async def test_unknown_path_and_method_not_allowed(api):
