@@ -40,9 +40,13 @@ async def run_one(k: int, n: int, slots: int, size: str, concurrency: int) -> di
                     "--job", "job-0000000001", "--n", str(n), "--concurrency", str(concurrency)],
                     env={"TVM_KEY": rc.key})
                 commits0 = svc.journal.commits
+                cpu0 = time.process_time()
+                sims0 = proc_cpu(sims.pid)
                 try:
                     await wait_until(lambda: job_finished(core, "wi/job-0000000001", n), 600, f"{n} completions")
                     done = time.time()
+                    cpu = time.process_time() - cpu0
+                    sims_cpu = proc_cpu(sims.pid) - sims0
                     out, _ = await trio.to_thread.run_sync(sub.communicate)
                 finally:
                     stop(sub)
@@ -50,9 +54,16 @@ async def run_one(k: int, n: int, slots: int, size: str, concurrency: int) -> di
                 if times.get("failures"):
                     raise RuntimeError(f"{times['failures']} tasks were refused")
                 return {"elapsed": done - times["first"], "submit_s": times["last"] - times["first"],
-                        "commits": svc.journal.commits - commits0}
+                        "commits": svc.journal.commits - commits0, "cpu": cpu, "sims_cpu": sims_cpu}
             finally:
                 stop(sims)
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process `pid`."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -60,7 +71,7 @@ def main() -> None:
         p.add_argument("--agents", default=""),
         p.add_argument("--tasks", type=int, default=0),
         p.add_argument("--slots", type=int, default=16),
-        p.add_argument("--concurrency", type=int, default=4),
+        p.add_argument("--concurrency", type=int, default=32),
     ))
     ks = [int(x) for x in a.agents.split(",")] if a.agents else ([10] if a.quick else [10, 100, 1000])
     n = a.tasks or (3000 if a.quick else 100_000)
@@ -71,7 +82,9 @@ def main() -> None:
         emit("placement", {"agents": k, "tasks": n, "slots_per_agent": a.slots,
                            "submit_concurrency": a.concurrency}, rate, "tasks/s")
         say(f"placement: K={k} agents x {a.slots} slots, {n} tasks: {rate:,.0f} tasks/s "
-            f"({r['elapsed']:.2f} s; submitting alone took {r['submit_s']:.2f} s; {r['commits']} journal commits)")
+            f"({r['elapsed']:.2f} s; submitting alone took {r['submit_s']:.2f} s; {r['commits']} journal commits; "
+            f"CPU per task: coordinator {r['cpu'] / n * 1e6:.0f} µs, simulated agents {r['sims_cpu'] / n * 1e6:.0f} µs; "
+            f"load average {os.getloadavg()[0]:.1f})")
 
 
 if __name__ == "__main__":
