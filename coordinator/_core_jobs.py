@@ -58,6 +58,9 @@ def _check_all_complete(value: str | None, field: str = "onAllTasksComplete") ->
 
 
 class JobsMixin(CoreBase):
+    # TVMs being emptied for a waiting runExclusive job manager (recomputed on every placement pass).
+    _jm_reserved: set[str] | frozenset[str] = frozenset()
+
     # ------------------------------------------------------------------ workitems
 
     def add_workitem(self, req: m.WorkitemAdd) -> None:
@@ -440,7 +443,10 @@ class JobsMixin(CoreBase):
         return jm is not None and jm.state == ACTIVE
 
     def _exclusive_held(self, tvm: Tvm) -> bool:
-        """A runExclusive job manager runs on `tvm`: nothing else may start there."""
+        """A runExclusive job manager runs on `tvm`, or `tvm` is being emptied for one that waits:
+        nothing else may start there."""
+        if tvm.rec.name in self._jm_reserved:
+            return True
         for key, t in tvm.running.items():
             if t.job_manager:
                 job = self.jobs.get(key.rpartition("/")[0])
@@ -454,6 +460,8 @@ class JobsMixin(CoreBase):
     def _place_job_managers(self) -> int:
         """Place waiting job managers first: restarts before first starts, then by job priority.
         A restarted manager that finds no room requeues tasks of lower-or-equal priority jobs."""
+        reserved: set[str] = set()
+        self._jm_reserved = reserved
         waiting = [(job, job.tasks[job.rec.jm_name]) for job in self.jobs.values()
                    if job.rec.state == "active" and self._jm_pending(job)]  # type: ignore[index]
         if not waiting:
@@ -480,6 +488,12 @@ class JobsMixin(CoreBase):
             if tvm is not None:
                 self._start(job, task, tvm)  # type: ignore[attr-defined]
                 placed += 1
+            elif exclusive:
+                # Without this a busy multi-slot pool could refill every freed slot and never have a
+                # whole TVM free: let the least busy TVM drain (nothing new starts there).
+                free = [t for t in tvms if not self._exclusive_held(t)]
+                if free:
+                    reserved.add(min(free, key=lambda t: (len(t.running), t.rec.name)).rec.name)
         return placed
 
     def _make_room(self, job: Job, tvms: list[Tvm], exclusive: bool) -> Tvm | None:

@@ -518,3 +518,17 @@ def test_schedule_jobs_and_credentials_survive_a_restart() -> None:
     assert restored.job_for_token(core.get_job("wi", J1).rec.token) is job
     assert restored.get_workitem("wi").next_run == pytest.approx(clock.now + 300)
     assert restored.get_task("wi", J1, "jm")[1].job_manager
+
+
+def test_exclusive_job_manager_is_not_starved_on_a_busy_multi_slot_tvm() -> None:
+    core, _ = _core(n_agents=1, slots=2)
+    _wi(core, "busy")
+    _add(core, "busy", [f"b{i}" for i in range(6)])
+    first = _runs(core)
+    assert len(first) == 2
+    _wi(core, job_manager=_jm())
+    _complete(core, first[0])
+    assert _runs(core) == []  # the freed slot is kept: the TVM drains for the exclusive manager
+    _complete(core, first[1])
+    assert [s.task for s in _runs(core)] == ["jm"]
+    assert _runs(core) == []  # nothing else beside it
