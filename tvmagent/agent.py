@@ -577,6 +577,8 @@ class Agent:
             r.cancelled = True
             if r.process is not None:
                 r.process.kill()
+        if not cleaned:
+            self.retention.pop(key, None)  # deleted: nothing left for the sweep to do
         await trio.to_thread.run_sync(_remove_task_dir, task_dir(self.root, key), cleaned)
 
     def _safe_path(self, rel: str) -> str | None:
@@ -621,6 +623,8 @@ class Agent:
                 for d in sorted(dirnames):
                     entries.append(pm.FileEntry(name=os.path.normpath(os.path.join(rel, d)), is_directory=True))
                 for fn in sorted(filenames):
+                    if fn.endswith((CLEANED_MARKER, RETENTION_SUFFIX)):
+                        continue  # the agent's own bookkeeping beside task directories
                     p = os.path.join(dirpath, fn)
                     try:
                         fst = os.stat(p)

@@ -129,6 +129,10 @@ async def test_retries_wall_clock_retention_and_update(nursery, tmp_path, monkey
         # A task with the default retention (7 days) keeps its files.
         await c.wait_for(lambda: _completed(c, "wi", "kept"), what="kept completed")
         assert await c.client.files.get_from_task("wi", JOB, "kept", "stdout.txt") == b"kept\n"
+        # The agent's bookkeeping files beside task directories are not shown.
+        names = {f.name for f in await c.client.files.list_from_tvm("p", tvm, recursive=True)}
+        assert f"tasks/wi/{JOB}/kept/stdout.txt" in names
+        assert not [n for n in names if n.endswith((".tvm-cleaned", ".tvm-retention"))]
 
 
 async def test_bad_constraints_over_rest(nursery, tmp_path):
