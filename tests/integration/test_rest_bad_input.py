@@ -318,3 +318,13 @@ async def test_both_account_keys_are_accepted(api):
         r = await api("POST", "/pools", {**POOL, "name": f"p{api.keys.index(key)}"}, key=key)
         assert r.status_code == 201, r.text
     assert sorted(await api.names("/pools")) == ["p0", "p1"]
+
+
+async def test_bad_list_filters(api):
+    await _pool_and_workitem(api)
+    tasks = f"/workitems/wi/jobs/{JOB}/tasks"
+    err(await api("GET", tasks, query="%24filter=name%20eq%20%27x%27"), 400, "InvalidFilter")
+    err(await api("GET", tasks, query="state=finished"), 400, "InvalidPropertyValue", "state")
+    r = await api("GET", tasks, query="%24filter=state%20eq%20%27active%27")
+    assert r.status_code == 200
+    assert r.json()["value"] == []

@@ -73,8 +73,8 @@ def _processes_under(path: str) -> list[int]:
     return pids
 
 
-def _stop(proc: subprocess.Popen[bytes], state: str) -> tuple[int, str]:
-    proc.send_signal(signal.SIGTERM)
+def _stop(proc: subprocess.Popen[bytes], state: str, sig: int = signal.SIGTERM) -> tuple[int, str]:
+    proc.send_signal(sig)
     try:
         rc = proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
@@ -135,7 +135,7 @@ def test_tvm_up_exports_first_sigterm_stops_all_and_restart_keeps_everything(tmp
             assert (task.state, task.execution_info.exit_code) == ("completed", 0)
             _wait(lambda: _idle_tvms(client, "p") == 1, 30, "the pool's TVM back after the restart")
     finally:
-        rc, _ = _stop(proc, state)
+        rc, _ = _stop(proc, state, signal.SIGINT)  # Ctrl-C stops it as cleanly as SIGTERM
     assert rc == 0
     _wait(lambda: not _processes_under(os.path.join(state, "agents")), 15, "agents to be gone")
 
