@@ -40,8 +40,11 @@ class AgentsMixin(CoreBase):
                 self._send(agent.agent_id, pm.LeavePool(tvm_name=hello.tvm_name, reason="TVM no longer exists"))
             self._allocate()
             return
+        moved = tvm.rec.ip != hello.ip_address
         tvm.rec.ip = hello.ip_address
         tvm.last_heartbeat = now
+        if moved:  # issue 8: the pool's fences must admit the new address (and drop the old one)
+            self._members_changed(tvm.rec.pool)  # type: ignore[attr-defined]
         if tvm.rec.pending_op == "leaving":  # issue 5: the LeavePool may have been lost with the session
             self._send(agent.agent_id, pm.LeavePool(tvm_name=tvm.rec.name, reason="removed from the pool"))
             return

@@ -139,6 +139,10 @@ def quickstart(n_tasks: int, agents: int, state_dir: str | None) -> None:
 @click.option("--account", default=None, help="Account name on first start [tvm].")
 @click.option("--heartbeat-timeout", type=float, default=None, help="Seconds [30].")
 @click.option("--join-token", default=None, envvar="TVM_JOIN_TOKEN", help="Token agents must present.")
+@click.option("--tls-cert", default=None, help="PEM certificate (chain): serve https:// and wss://.")
+@click.option("--tls-key", default=None, help="PEM private key for --tls-cert.")
+@click.option("--port-range", default=None, help="Ports for communicating pools, LOW-HIGH [1100-32767].")
+@click.option("--ports-per-tvm", type=int, default=None, help="Ports each TVM of such a pool gets [50].")
 @click.option("--log-level", default=None, help="debug|info|warning|error [info].")
 @click.option("--log-format", default=None, help="json (one object per line, for journald/collectors) "
               "or console [json].")
@@ -166,12 +170,15 @@ def coordinator(config: str | None, **flags: Any) -> None:
 @click.option("--root", default=None, help="TVM root directory.")
 @click.option("--name", default=None, help="Agent id (default: generated once, kept in ROOT/agent-id).")
 @click.option("--task-user", default=None, help="Run tasks as this Linux user (root agents).")
+@click.option("--task-isolation", default=None, envvar="TVM_AGENT_TASK_ISOLATION",
+              help="users: one unprivileged user per running task (root agents); none [users].")
+@click.option("--ca-file", default=None, help="CA certificate to trust for wss:// / https:// coordinators.")
 @click.option("--log-level", default=None, help="debug|info|warning|error [info].")
 @click.option("--log-format", default=None, help="json or console [json].")
 @click.pass_context
 def agent(ctx: click.Context, config: str | None, coordinator_url: str | None, token: str | None,
-          root: str | None, name: str | None, task_user: str | None, log_level: str | None,
-          log_format: str | None) -> None:
+          root: str | None, name: str | None, task_user: str | None, task_isolation: str | None,
+          ca_file: str | None, log_level: str | None, log_format: str | None) -> None:
     """Run a TVM agent in the foreground (or `tvm agent install-service`)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -184,7 +191,8 @@ def agent(ctx: click.Context, config: str | None, coordinator_url: str | None, t
     try:
         cfg = load_agent_config(config, {"coordinator": coordinator_url, "token": token, "root": root,
                                          "name": name, "task_user": task_user, "log_level": log_level,
-                                         "log_format": log_format})
+                                         "log_format": log_format, "task_isolation": task_isolation,
+                                         "ca_file": ca_file})
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     if not cfg.coordinator or not cfg.token:
@@ -194,7 +202,8 @@ def agent(ctx: click.Context, config: str | None, coordinator_url: str | None, t
                         heartbeat_interval=cfg.heartbeat_interval,
                         reconnect_max_backoff=cfg.reconnect_max_backoff, task_user=cfg.task_user or None,
                         use_bwrap=cfg.use_bwrap, drain_grace=cfg.drain_grace,
-                        retention_sweep_interval=cfg.retention_sweep_interval)
+                        retention_sweep_interval=cfg.retention_sweep_interval,
+                        task_isolation=cfg.task_isolation, ca_file=cfg.ca_file or None)
     sys.exit(trio.run(run_agent, opts))
 
 

@@ -7,8 +7,10 @@ never reaches the server (python-ecosystem §1, rule 3).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
+import msgspec
 import structlog
 import trio
 
@@ -59,16 +61,19 @@ async def serve_agent(svc: CoordinatorService, scope: dict, receive: Callable, s
             await _reject(send, "ProtocolVersionMismatch",
                           f"coordinator speaks protocol {pm.PROTOCOL_VERSION}, agent {hello.protocol_version}", 4009)
             return
-        if not svc.check_token(hello.token):
-            log.warning("agent %s refused: wrong join token", hello.agent_id or "?")
-            await _reject(send, "InvalidJoinToken", "the join token is not valid", 4003)
-            return
         if not hello.agent_id or len(hello.agent_id) > 128:
             await _reject(send, "InvalidAgentId", "agent_id must be 1..128 characters", 4002)
+            return
+        verdict = svc.auth.authenticate(hello.agent_id, hello.token, hello.proof, hello.proof_time, time.time())
+        if not verdict.ok:
+            log.warning("agent %s refused: %s", hello.agent_id, verdict.code)
+            await _reject(send, verdict.code, verdict.message, 4003)
             return
         # This connection's task (and its log lines) carries the agent id from here on.
         structlog.contextvars.bind_contextvars(agent=hello.agent_id)
         link, welcome = svc.link_for(hello)
+        if verdict.new_credential:
+            welcome = msgspec.structs.replace(welcome, credential=verdict.new_credential)
         connection_id = link.connection_id
         await send({"type": "websocket.send", "bytes": _codec.encode(welcome)})
         svc.agent_connected(link, hello)

@@ -42,6 +42,9 @@ class LocalProvisioner:
             env = dict(os.environ)
             env["TVM_AGENT_TOKEN"] = self.token  # never on the command line (ps shows it)
             env["PYTHONPATH"] = _REPO + os.pathsep + env.get("PYTHONPATH", "")
+            if not _others_can_run(sys.executable):
+                # Local sample tasks run this interpreter; unprivileged task users could not (issue 8).
+                env.setdefault("TVM_AGENT_TASK_ISOLATION", "none")
             proc = subprocess.Popen(
                 [sys.executable, "-m", "tvmagent", "--coordinator", self.url, "--root", root,
                  "--name", f"local-{index}", "--log-level", self.log_level],
@@ -75,3 +78,13 @@ class LocalProvisioner:
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+
+
+def _others_can_run(path: str) -> bool:
+    """True when an unprivileged user may execute `path` (every directory on the way searchable)."""
+    real = os.path.realpath(path)
+    parts = real.split(os.sep)
+    for i in range(2, len(parts)):
+        if not os.stat(os.sep.join(parts[:i]) or os.sep).st_mode & 0o001:
+            return False
+    return bool(os.stat(real).st_mode & 0o001)

@@ -8,8 +8,6 @@ are queued on their link sessions at once, and the caller awaits the commit befo
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import itertools
 import logging
 import os
@@ -23,6 +21,7 @@ import trio
 from protocol import LinkSession, coordinator_codec
 from protocol import messages as pm
 
+from .agentauth import AgentAuth, token_hash
 from .metrics import PING_INTERVAL, LinkMonitor
 from .state import CoordinatorState, Effects
 from .store import Journal, SqliteStore, Ticket
@@ -66,12 +65,8 @@ class CoordinatorService:
             self.store.set_meta("key1", self.keys[0])
             self.store.set_meta("key2", self.keys[1])
             self.store.set_meta("account", self.account)
-        token = join_token or self.store.get_meta("join_token_plain") or secrets.token_urlsafe(32)
-        if not self.store.get_meta("join_token_plain"):
-            # The embedded default keeps the token to hand to local agents; only its hash is compared.
-            self.store.set_meta("join_token_plain", token)
-        self.join_token = token
-        self._token_hash = hashlib.sha256(token.encode()).digest()
+        self.join_token = self._load_join_token(join_token)
+        self.auth = AgentAuth(self.store.get_meta, self.store.set_meta, self.store.get_meta("join_token_sha256") or "")
         epoch = int(self.store.get_meta("epoch") or "0") + 1
         self.store.set_meta("epoch", str(epoch))
         self.core = CoordinatorState(self.account, epoch=epoch, clock=clock,
@@ -118,7 +113,42 @@ class CoordinatorService:
             self._dispatch(self.core.take_effects())
 
     def check_token(self, token: str) -> bool:
-        return hmac.compare_digest(hashlib.sha256(token.encode()).digest(), self._token_hash)
+        return self.auth.check_token(token)
+
+    def _load_join_token(self, given: str | None) -> str:
+        """The database keeps only the token's SHA-256. The plain token is kept in a 0600 file next
+        to it (STATE_DIR/join-token) so the embedded provisioner can hand it to local agents."""
+        path = os.path.join(self.state_dir, "join-token")
+        token = given or ""
+        if not token and os.path.exists(path):
+            with open(path) as f:
+                token = f.read().strip()
+        token = token or self.store.get_meta("join_token_plain") or secrets.token_urlsafe(32)
+        fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
+        os.replace(path + ".tmp", path)
+        self.store.set_meta("join_token_sha256", token_hash(token))
+        self.store.set_meta("join_token_plain", "")  # older databases kept it in clear
+        return token
+
+    def regenerate_key(self, which: str) -> str:
+        """Replace the primary or secondary account key; the other one keeps working (rotation)."""
+        index = 0 if which == "primary" else 1
+        self.keys[index] = base64.b64encode(secrets.token_bytes(64)).decode()
+        self.store.set_meta(f"key{index + 1}", self.keys[index])
+        return self.keys[index]
+
+    def revoke_agent(self, agent_id: str) -> bool:
+        if agent_id not in self.core.agents and not self.auth.known(agent_id):
+            return False
+        self.auth.revoke(agent_id)
+        link = self.links.get(agent_id)
+        if link is not None:
+            link.close_request = (4003, "agent revoked")
+            link.poke()
+        log.warning("agent %s revoked", agent_id)
+        return True
 
     # ------------------------------------------------------------------ commands
 

@@ -72,6 +72,8 @@ class AgentConfig(_Config):
     retention_sweep_interval: float = 20.0
     # run tasks as this user; empty means the agent's own user
     task_user: str = ""
+    # "users": one unprivileged user per running task (root agents); "none": the agent's user
+    task_isolation: Literal["users", "none"] = "users"
     use_bwrap: bool = False
     log_level: LogLevel = "info"
     log_format: LogFormat = "json"
@@ -88,6 +90,9 @@ class CoordinatorConfig(_Config):
     tls_cert: str = ""
     tls_key: str = ""
     join_token: str = ""
+    # intra-pool ports (issue 8): "LOW-HIGH", at least 1100 and outside the kernel's ephemeral range
+    port_range: str = "1100-32767"
+    ports_per_tvm: int = 50
     log_level: LogLevel = "info"
     log_format: LogFormat = "json"
 
@@ -296,3 +301,19 @@ def _check_coordinator(cfg: CoordinatorConfig, src: Mapping[str, str]) -> None:
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         missing = "tls-key" if cfg.tls_cert else "tls-cert"
         raise _fail(src, missing, "must be set together with tls-cert/tls-key (both or neither)")
+    try:
+        parse_port_range(cfg.port_range, cfg.ports_per_tvm)
+    except ValueError as exc:
+        raise _fail(src, "port-range", str(exc)) from None
+
+
+def parse_port_range(text: str, per_tvm: int) -> tuple[int, int, int]:
+    """"LOW-HIGH" and ports per TVM -> (low, high, per_tvm); ValueError says what is wrong
+    (below 1100, overlapping this host's ephemeral range, ...)."""
+    from tvmagent.ports import PortRangeConfig
+
+    low, sep, high = text.partition("-")
+    if not sep or not low.strip().isdigit() or not high.strip().isdigit():
+        raise ValueError(f"must be LOW-HIGH like 1100-32767, got {text!r}")
+    cfg = PortRangeConfig(int(low), int(high), per_tvm)
+    return cfg.low, cfg.high, cfg.per_tvm

@@ -7,6 +7,8 @@ completion survives any number of reconnects until the coordinator acknowledges 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import logging
 import math
 import os
@@ -14,6 +16,7 @@ import random
 import shlex
 import shutil
 import socket
+import ssl
 import stat
 import time
 import uuid
@@ -26,6 +29,8 @@ from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 from protocol import SUBPROTOCOL, LinkSession, ProtocolError, agent_codec
 from protocol import messages as pm
 
+from . import isolation
+from ._agent_isolation import IsolationMixin
 from .downloads import DownloadCache, DownloadError
 from .metrics import HostSampler, host_facts
 from .sandbox import ProcessSpec, RunningProcess, Sandbox, SandboxCapabilities
@@ -64,6 +69,10 @@ class AgentOptions:
     task_user: str | None = None
     use_bwrap: bool = False
     drain_grace: float = 60.0
+    ca_file: str | None = None  # trust this CA for wss:// and https:// to the coordinator (issue 8)
+    # "users": a root agent runs each task as its own unprivileged user (tvmagent/isolation.py);
+    # "none": as the agent's user. Empty: $TVM_AGENT_TASK_ISOLATION, else "users".
+    task_isolation: str = ""
     capabilities: list[str] = field(default_factory=lambda: ["files", "starttask", "certs"])
 
 
@@ -77,7 +86,7 @@ def agent_url(url: str) -> str:
     return url
 
 
-class Agent:
+class Agent(IsolationMixin):
     def __init__(self, opts: AgentOptions) -> None:
         self.opts = opts
         self.root = os.path.abspath(opts.root)
@@ -93,7 +102,21 @@ class Agent:
         self.retention: dict[str, float] = {}  # task key -> unix time its directory may be deleted
         self.caps = SandboxCapabilities.detect()
         self.sandbox = Sandbox(self.caps, cgroup_prefix=f"tvm-{self.agent_id[:12]}")
-        self.cache = DownloadCache(os.path.join(self.root, "cache"))
+        # Issue 8: TLS trust, per-agent credential, task users, port fence, remote-login users.
+        self.ssl_context: ssl.SSLContext | None = None
+        if opts.ca_file:
+            self.ssl_context = ssl.create_default_context(cafile=opts.ca_file)
+        self.credential = self._read_private("agent-credential")
+        # One uid per running task from a host-wide pool, unless an operator fixed --task-user.
+        mode = opts.task_isolation or os.environ.get("TVM_AGENT_TASK_ISOLATION", "") or "users"
+        if mode not in ("users", "none"):
+            raise ValueError(f"task isolation must be 'users' or 'none', not {mode!r}")
+        self.slot_users = (isolation.SlotUsers() if mode == "users" and self.caps.can_switch_user
+                           and not opts.task_user else None)
+        self.fence: object | None = None  # ports.PortGate or the nft table name
+        self.login_users: dict[str, float] = {}  # remote-login user -> expiry
+        self.cache = DownloadCache(os.path.join(self.root, "cache"),
+                                   **({"verify": self.ssl_context} if self.ssl_context else {}))
         self.sampler = HostSampler(self.root)
         self.connected = trio.Event()
         self.draining = False
@@ -123,11 +146,46 @@ class Agent:
         os.replace(path + ".tmp", path)
         return value
 
+    def _read_private(self, name: str) -> str:
+        try:
+            with open(os.path.join(self.root, name)) as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            return ""
+
+    def _write_private(self, name: str, value: str) -> None:
+        path = os.path.join(self.root, name)
+        fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(value)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+
+    def _proof(self) -> tuple[str, int]:
+        if not self.credential:
+            return "", 0
+        t = int(time.time() * 1000)
+        return hmac.new(self.credential.encode(), f"{self.agent_id}\n{t}".encode(), hashlib.sha256).hexdigest(), t
+
     # ------------------------------------------------------------------ main loop
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         for line in self.caps.describe():
             log.info("sandbox: %s", line)
+        if self.slot_users is not None:
+            log.info("sandbox: tasks run as per-task users %s<N> (group %s); runElevated tasks as root",
+                     isolation.SLOT_PREFIX, isolation.TASK_GROUP)
+            blocked = isolation.untraversable_parent(self.root)
+            if blocked:
+                log.warning("sandbox: task users cannot enter %s (no o+x): their tasks will fail to reach the "
+                            "TVM root %s", blocked, self.root)
+        elif self.opts.task_user:
+            log.info("sandbox: every task runs as %s (runElevated tasks as root)", self.opts.task_user)
+        elif self.caps.can_switch_user:
+            log.warning("sandbox: task isolation is off: tasks run as the agent's user (root)")
+        for line in self._describe_ports():
+            log.info("ports: %s", line)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._retention_loop)
@@ -164,9 +222,13 @@ class Agent:
 
     async def _connection(self, url: str) -> None:
         codec = self.session.codec
+        proof, proof_time = self._proof()
+        if url.startswith("wss://"):
+            await self._tls_preflight(url)  # trio-websocket turns TLS errors into a bare timeout
         async with open_websocket_url(url, subprotocols=[SUBPROTOCOL], connect_timeout=10,
-                                      disconnect_timeout=5, max_message_size=64 * 1024 * 1024) as ws:
-            hello = pm.Hello(
+                                      disconnect_timeout=5, max_message_size=64 * 1024 * 1024,
+                                      ssl_context=self.ssl_context) as ws:
+            hello = pm.Hello(proof=proof, proof_time=proof_time,
                 agent_id=self.agent_id, token=self.opts.token, capabilities=self.opts.capabilities,
                 session_id=self.session.session_id, last_received=self.session.received,
                 running=[pm.RunningTask(key=k, attempt=r.spec.attempt) for k, r in self.running.items()],
@@ -179,11 +241,15 @@ class Agent:
                 reply = codec.decode_handshake(await ws.get_message())
             if isinstance(reply, pm.Reject):
                 log.error("coordinator refused this agent: %s: %s", reply.code, reply.message)
-                if reply.code in ("InvalidJoinToken", "ProtocolVersionMismatch"):
+                if reply.code in ("InvalidJoinToken", "ProtocolVersionMismatch", "AgentRevoked",
+                                  "InvalidAgentCredential"):
                     raise AgentRejected(f"{reply.code}: {reply.message}")
                 raise ProtocolError(reply.message)
             if not isinstance(reply, pm.Welcome):
                 raise ProtocolError("expected welcome")
+            if reply.credential:
+                self._write_private("agent-credential", reply.credential)  # durable before we use it
+                self.credential = reply.credential
             if reply.resumed and reply.session_id == self.session.session_id:
                 self.session.resume(reply.last_received)
             else:
@@ -272,6 +338,12 @@ class Agent:
             self._nursery.start_soon(self._delete_task_files, msg.key)
         elif isinstance(msg, pm.FileRequest):
             self._nursery.start_soon(self._file_request, msg)
+        elif isinstance(msg, pm.PoolMembers):
+            self._nursery.start_soon(self._update_fence, list(msg.addresses))
+        elif isinstance(msg, pm.AddUser):
+            self._nursery.start_soon(self._add_login_user, msg)
+        elif isinstance(msg, pm.RemoveUser):
+            self._nursery.start_soon(self._remove_login_user, msg.name)
         elif isinstance(msg, pm.Ping):
             pass
         elif isinstance(msg, pm.Unsupported):
@@ -308,16 +380,12 @@ class Agent:
         self._task_memory_limit = msg.memory_limit_bytes // max(1, msg.slots) if msg.memory_limit_bytes else 0
         for d in ("tasks", "shared", "start", "certs"):
             os.makedirs(os.path.join(self.root, d), exist_ok=True)
-        os.chmod(os.path.join(self.root, "shared"), 0o777)
-        cert_errors: list[str] = []
-        if msg.certificates:
-            from .certs import CertSpec, install_certificates
-
-            results = install_certificates(self.tvm.certs_dir, [
-                CertSpec(thumbprint=c.thumbprint, thumbprint_algorithm=c.thumbprint_algorithm,
-                         certificate_format=c.certificate_format, data=c.data, password=c.password or None)
-                for c in msg.certificates], owner=self.opts.task_user)
-            cert_errors = [f"{r.thumbprint}: {r.error}" for r in results if not r.ok]
+        os.chmod(os.path.join(self.root, "shared"), 0o1777)  # every task writes; only owners delete
+        cert_errors = await self._install_certs(msg.certificates)  # before the start task and tasks
+        self._pool_bwrap = msg.bubblewrap
+        if msg.bubblewrap and not self.caps.has_bwrap:
+            log.warning("pool %s asks for bubblewrap, which is not installed: tasks run without it", msg.pool)
+        await self._setup_fence(msg)
         ready = pm.TvmReady(tvm_name=msg.tvm_name, cert_errors=cert_errors)
         st = msg.start_task
         if st is not None and st.wait_for_success:
@@ -365,10 +433,16 @@ class Agent:
                 failure = await self._fetch_files(st.resource_files, wd)
                 code = -1
                 if failure is None and not run.cancelled:
-                    outcome, _ = await self._spawn(
-                        st.command_line, wd, start_task_env(self.tvm, st.env),
-                        os.path.join(self.tvm.start_dir, "stdout.txt"),
-                        os.path.join(self.tvm.start_dir, "stderr.txt"), "starttask", run, st.run_elevated)
+                    lease = await self._lease_for(self.tvm.start_dir, st.run_elevated, mode=0o750)
+                    try:
+                        outcome, _ = await self._spawn(
+                            st.command_line, wd, start_task_env(self.tvm, st.env),
+                            os.path.join(self.tvm.start_dir, "stdout.txt"),
+                            os.path.join(self.tvm.start_dir, "stderr.txt"), "starttask", run, st.run_elevated,
+                            run_as=lease.user if lease else None)
+                    finally:
+                        if lease is not None:
+                            lease.release()
                     code = outcome.exit_code
                     if outcome.reason == "launch_failed":
                         failure = pm.Failure(category="UserError", code="CommandLaunchFailed",
@@ -430,6 +504,7 @@ class Agent:
         self._setup_replies = []
         self._task_memory_limit = 0
         self.retention.clear()
+        await self._teardown_isolation()
         for d in ("tasks", "shared", "start", "certs"):
             await trio.to_thread.run_sync(shutil.rmtree, os.path.join(self.root, d), True)
 
@@ -448,13 +523,15 @@ class Agent:
                 expected = rf.sha256 or None
             try:
                 await self.cache.fetch(url, dest, rf.file_path, sha256=expected or None,
-                                       size=rf.size if rf.size >= 0 else None, headers=headers or None)
+                                       size=rf.size if rf.size >= 0 else None, headers=headers or None,
+                                       **self._resource_file_mode())
             except DownloadError as exc:
                 return pm.Failure(category="UserError", code=exc.code, message=exc.message)
         return None
 
     async def _spawn(self, command_line: str, cwd: str, env: dict[str, str], out: str, err: str, name: str,
-                     running: _Running | None, elevated: bool, wall: float = 0.0):  # noqa: ANN202
+                     running: _Running | None, elevated: bool, wall: float = 0.0,
+                     run_as: str | None = None):  # noqa: ANN202
         try:
             argv = shlex.split(command_line)
         except ValueError as exc:
@@ -472,8 +549,9 @@ class Agent:
             with open(p, "wb"):
                 pass  # a retry starts with fresh output files
         spec = ProcessSpec(argv=argv, cwd=cwd, env=env, stdout_path=out, stderr_path=err,
-                           run_as=None if elevated else (self.opts.task_user or None),
-                           use_bwrap=self.opts.use_bwrap, name=name,
+                           run_as=None if elevated else (run_as or self.opts.task_user or None),
+                           use_bwrap=self.opts.use_bwrap or self._pool_bwrap, name=name,
+                           **self._bwrap_paths(),
                            memory_limit_bytes=self._task_memory_limit or None)
         proc = await self.sandbox.start(spec)
         if running is not None:
@@ -509,9 +587,15 @@ class Agent:
             failure = await self._fetch_files(spec.resource_files, wd)
             exit_code = -1
             if failure is None and not running.cancelled:
-                outcome, timed_out = await self._spawn(spec.command_line, wd, task_env(tvm, spec),
-                                            os.path.join(tdir, "stdout.txt"), os.path.join(tdir, "stderr.txt"),
-                                            _cg_name(spec), running, spec.run_elevated, spec.max_wall_clock_s)
+                # Issue 8: a uid of its own; its directory 0700 to it, handed back to root afterwards.
+                lease = await self._lease_for(tdir, spec.run_elevated, mode=0o700)
+                try:
+                    outcome, timed_out = await self._spawn(
+                        spec.command_line, wd, task_env(tvm, spec), os.path.join(tdir, "stdout.txt"),
+                        os.path.join(tdir, "stderr.txt"), _cg_name(spec), running, spec.run_elevated,
+                        spec.max_wall_clock_s, run_as=lease.user if lease else None)
+                finally:
+                    await self._return_lease(lease, tdir)
                 exit_code = outcome.exit_code
                 start = outcome.start_time.timestamp()
                 if timed_out:
