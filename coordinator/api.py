@@ -6,6 +6,7 @@ One private module per area registers its routes: `_api_pools`, `_api_jobs`, `_a
 
 from __future__ import annotations
 
+from ._api_autoscale import AutoscaleRoutes
 from ._api_base import Response as Response
 from ._api_files import FileRoutes
 from ._api_jobs import JobRoutes
@@ -16,7 +17,7 @@ from .filestore import FileStore
 from .service import CoordinatorService
 
 
-class RestApp(PoolRoutes, JobRoutes, TaskRoutes, FileRoutes, OpsRoutes):
+class RestApp(PoolRoutes, JobRoutes, TaskRoutes, FileRoutes, OpsRoutes, AutoscaleRoutes):
     def __init__(self, service: CoordinatorService, files: FileStore) -> None:
         self.svc = service
         self.core = service.core
@@ -24,6 +25,7 @@ class RestApp(PoolRoutes, JobRoutes, TaskRoutes, FileRoutes, OpsRoutes):
         self.requests = 0
         self._routes = []
         self._register_pools()
+        self._register_autoscale()
         self._register_jobs()
         self._register_tasks()
         self._register_files()

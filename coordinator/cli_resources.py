@@ -115,6 +115,66 @@ def pool_delete(name: str, output: str, **cred: Any) -> None:
     _emit(output, {"deleted": name})
 
 
+@pool.group("autoscale", context_settings=CONTEXT)
+def pool_autoscale() -> None:
+    """Autoscale formulas: enable, disable, evaluate (issue 7)."""
+
+
+def _formula(formula: str | None, formula_file: str | None) -> str | None:
+    if formula is not None and formula_file is not None:
+        raise click.UsageError("give --formula or --formula-file, not both")
+    if formula_file is not None:
+        with open(formula_file, encoding="utf-8") as f:
+            return f.read()
+    return formula
+
+
+@pool_autoscale.command("enable")
+@click.argument("name")
+@click.option("--formula", default=None, help="The formula text (required unless autoscale is already on).")
+@click.option("--formula-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Read the formula from this file.")
+@click.option("--interval", default=None, help="Evaluation interval, ISO 8601 (PT5M .. PT168H; default PT15M).")
+@credentials
+@output_option
+def pool_autoscale_enable(name: str, formula: str | None, formula_file: str | None, interval: str | None,
+                          output: str, **cred: Any) -> None:
+    """Turn autoscale on for a pool, or change its formula or interval; the formula runs at once."""
+    text = _formula(formula, formula_file)
+    c = _mk(**cred)
+    _run(lambda: c.pools.enable_autoscale(name, text, evaluation_interval=interval))
+    p = _run(lambda: c.pools.get(name))
+    _emit(output, {"name": name, "targetDedicated": p.target_dedicated, "autoScaleRun": p.auto_scale_run})
+
+
+@pool_autoscale.command("disable")
+@click.argument("name")
+@credentials
+@output_option
+def pool_autoscale_disable(name: str, output: str, **cred: Any) -> None:
+    """Turn autoscale off (the target stays where the last run put it)."""
+    c = _mk(**cred)
+    _run(lambda: c.pools.disable_autoscale(name))
+    _emit(output, {"name": name, "enableAutoScale": False})
+
+
+@pool_autoscale.command("evaluate")
+@click.argument("name")
+@click.option("--formula", default=None, help="The formula text.")
+@click.option("--formula-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Read the formula from this file.")
+@credentials
+@output_option
+def pool_autoscale_evaluate(name: str, formula: str | None, formula_file: str | None, output: str,
+                            **cred: Any) -> None:
+    """Evaluate a formula on the pool's current metrics without applying it."""
+    text = _formula(formula, formula_file)
+    if text is None:
+        raise click.UsageError("give --formula or --formula-file")
+    c = _mk(**cred)
+    _emit(output, _run(lambda: c.pools.evaluate_autoscale(name, text)))
+
+
 _OPTION = click.Choice(["requeue", "terminate", "taskcompletion"])
 
 

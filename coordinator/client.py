@@ -228,6 +228,20 @@ class Pools(_Group):
     def vm_sizes(self) -> Any:
         return self._c._call(_Call("GET", "/vmsizes", parse=_list(m.VmSize)))
 
+    def enable_autoscale(self, name: str, formula: str | None = None, *,
+                         evaluation_interval: str | None = None) -> Any:
+        """Turn autoscale on (the formula is required then) or change its formula/interval."""
+        body = m.PoolEnableAutoScale(auto_scale_formula=formula, auto_scale_evaluation_interval=evaluation_interval)
+        return self._c._call(_Call("POST", f"/pools/{_seg(name)}/enableautoscale", body))
+
+    def disable_autoscale(self, name: str) -> Any:
+        return self._c._call(_Call("POST", f"/pools/{_seg(name)}/disableautoscale"))
+
+    def evaluate_autoscale(self, name: str, formula: str) -> Any:
+        """Run `formula` on the pool's data without applying it -> AutoScaleRun {timestamp, results, error}."""
+        body = m.PoolEvaluateAutoScale(auto_scale_formula=formula)
+        return self._c._call(_Call("POST", f"/pools/{_seg(name)}/evaluateautoscale", body, parse=_one(m.AutoScaleRun)))
+
 
 class Tvms(_Group):
     def list(self, pool: str) -> Any:

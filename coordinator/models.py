@@ -114,6 +114,7 @@ class Pool(_Res):
     auto_scale_evaluation_interval: str | None = None
     resize_error: ResizeError | None = None
     metadata: list[MetadataItem] = []
+    auto_scale_run: AutoScaleRun | None = None  # the last autoscale evaluation (issue 7)
 
 
 class PoolResize(_Req):
@@ -393,3 +394,30 @@ class JobTerminate(_Req):
 
 class JobDisable(_Req):
     disable_tasks: str = "requeue"  # "requeue" | "terminate" | "wait"
+
+
+# --------------------------------------------------------------------------- autoscale (issue 7)
+
+
+class AutoScaleRunError(_Res):
+    code: str
+    message: str = ""
+
+
+class AutoScaleRun(_Res):
+    """pool.autoScaleRun and the answer of evaluateautoscale: `results` is `$name=value;...`."""
+
+    timestamp: str
+    results: str = ""
+    error: AutoScaleRunError | None = None
+
+
+class PoolEnableAutoScale(_Req):
+    """POST /pools/{pool}/enableautoscale: the formula is required unless autoscale is already on."""
+
+    auto_scale_formula: str | None = None
+    auto_scale_evaluation_interval: str | None = None
+
+
+class PoolEvaluateAutoScale(_Req):
+    auto_scale_formula: str

@@ -104,6 +104,8 @@ class PoolRec(msgspec.Struct, kw_only=True):
     auto_lifetime: str = ""  # "job" | "workitem"
     keep_alive: bool = False
     shrink_option: str = "requeue"  # tvmDeallocationOption of the last resize
+    # Issue 7: the last autoscale run (timestamp, results, error code, error message).
+    auto_scale_run: tuple[float, str, str | None, str | None] | None = None
 
 
 class TvmRec(msgspec.Struct, kw_only=True):

@@ -11,6 +11,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from ._core_autoscale import AutoscaleTiming
 from .api import RestApp
 from .filestore import FileStore
 from .service import CoordinatorService
@@ -55,11 +56,16 @@ async def run_coordinator(
     max_pool_size: int = 1000,
     clock: Any = None,
     provisioner: Any = None,
+    autoscale_timing: AutoscaleTiming | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """`provisioner`: None (pools use only agents that register by themselves), "local" (the embedded
     LocalProvisioner starts `python -m tvmagent` processes under STATE_DIR/agents), or a factory
-    `(agent_url, join_token) -> Provisioner`. Its agents are stopped when the coordinator stops."""
+    `(agent_url, join_token) -> Provisioner`. Its agents are stopped when the coordinator stops.
+
+    `autoscale_timing` (tests): shorter autoscale sample period, visibility delay and evaluation
+    interval bounds (see `AutoscaleTiming`), so a test runs hours of autoscale in seconds while
+    heartbeats and timeouts keep the real clock."""
     service = CoordinatorService(state_dir, account=account, heartbeat_timeout=heartbeat_timeout,
                                  join_token=join_token, max_pool_size=max_pool_size,
                                  **({"clock": clock} if clock is not None else {}))  # issue 6: tests' fake time
@@ -71,6 +77,8 @@ async def run_coordinator(
     endpoint = f"http://{shown}:{bound}"
     service.endpoint = endpoint
     service.core.account_url = endpoint
+    if autoscale_timing is not None:
+        service.core.autoscale_timing = autoscale_timing
     prov = None
     if provisioner is not None:
         agent_ws = endpoint.replace("https://", "wss://").replace("http://", "ws://") + "/agent"

@@ -13,6 +13,7 @@ a small public surface): `_core_base` (state, effects, restore), `_core_pools`, 
 from __future__ import annotations
 
 from ._core_agents import AgentsMixin
+from ._core_autoscale import AutoscaleMixin
 from ._core_base import MAX_COLLECTION as MAX_COLLECTION
 from ._core_base import WALL_CLOCK_EXIT_CODE as WALL_CLOCK_EXIT_CODE
 from ._core_base import Effects as Effects
@@ -22,5 +23,5 @@ from ._core_pools import PoolsMixin
 from ._core_tasks import TasksMixin
 
 
-class CoordinatorState(PoolsMixin, AgentsMixin, JobsMixin, TasksMixin):
+class CoordinatorState(AutoscaleMixin, PoolsMixin, AgentsMixin, JobsMixin, TasksMixin):
     """The whole pure core (see the module docstring)."""

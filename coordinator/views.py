@@ -25,8 +25,17 @@ def pool_view(core: CoordinatorState, pool: PoolRec) -> m.Pool:
         enable_auto_scale=s.enable_auto_scale, auto_scale_formula=s.auto_scale_formula,
         auto_scale_evaluation_interval=s.auto_scale_evaluation_interval,
         resize_error=m.ResizeError(code=pool.resize_error[0], message=pool.resize_error[1]) if pool.resize_error else None,
-        metadata=s.metadata,
+        metadata=s.metadata, auto_scale_run=autoscale_run_view(pool.auto_scale_run),
     )
+
+
+def autoscale_run_view(run: tuple[float, str, str | None, str | None] | None) -> m.AutoScaleRun | None:
+    """(timestamp, results, error code, error message) -> `{timestamp, results, error?}`."""
+    if run is None:
+        return None
+    ts, results, code, message = run
+    error = m.AutoScaleRunError(code=code, message=message or "") if code else None
+    return m.AutoScaleRun(timestamp=_t(ts), results=results, error=error)
 
 
 def tvm_view(core: CoordinatorState, tvm: Tvm) -> m.Tvm:
