@@ -59,6 +59,8 @@ async def test_pending_tasks_scale_a_pool_from_zero_to_three_and_back(nursery, t
         await c.wait_for(lambda: _running(c, 3), timeout=30, what="3 tasks running")
         pool = await c.client.pools.get("auto")
         assert pool.auto_scale_run.results.startswith("$TargetDedicatedNodes=3;")
+        # the agents' heartbeats feed the resource series
+        await c.wait_for(lambda: _resource_samples(c), what="resource samples from heartbeats")
 
         gate.write_text("go")
         counts = await c.client.tasks.wait("wi", JOB, timeout=60)
@@ -101,6 +103,15 @@ async def _pool_is(c, pool: str, *, target: int, idle_or_running: int, total: in
     tvms = await c.client.tvms.list(pool)
     ok = sum(1 for t in tvms if t.state in ("idle", "running")) == idle_or_running
     return p.target_dedicated == target and ok and (total is None or len(tvms) == total)
+
+
+async def _resource_samples(c) -> bool:
+    run = await c.client.pools.evaluate_autoscale(
+        "auto", "$cpu = $CPUPercent.Count(); $mem = max($MemoryBytes.GetSample(1)); $nodes = max($SampleNodeCount.GetSample(1));")
+    if run.error is not None:  # no sample yet: GetSample(1) of an empty history fails
+        return False
+    values = dict(part.split("=", 1) for part in run.results.split(";"))
+    return float(values["$cpu"]) > 0 and float(values["$mem"]) > 0 and values["$nodes"] == "3"
 
 
 async def _running(c, n: int) -> bool:
