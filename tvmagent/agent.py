@@ -44,6 +44,10 @@ RETENTION_SUFFIX = ".tvm-retention"  # beside a finished task's directory: when 
 MAX_READ = 4 * 1024 * 1024
 
 
+# A link that stayed up this long resets the reconnect backoff when it drops.
+STABLE_LINK_S = 1.0
+
+
 class AgentRejected(Exception):
     pass
 
@@ -119,6 +123,7 @@ class Agent(IsolationMixin):
                                    **({"verify": self.ssl_context} if self.ssl_context else {}))
         self.sampler = HostSampler(self.root)
         self.connected = trio.Event()
+        self._coordinator_heartbeat = 0.0  # the last Welcome's heartbeat interval (reconnect cap)
         self.draining = False
         self._nursery: trio.Nursery | None = None
         self._http_base = ""
@@ -201,6 +206,7 @@ class Agent(IsolationMixin):
         self._http_base = url.replace("ws://", "http://").replace("wss://", "https://").rsplit("/agent", 1)[0]
         backoff = 0.1
         while True:
+            attempt_started = trio.current_time()
             try:
                 await self._connection(url)
                 backoff = 0.1
@@ -210,6 +216,10 @@ class Agent(IsolationMixin):
                     raise leaf from None
                 if not isinstance(leaf, _RETRYABLE):
                     raise
+                if self.connected.is_set() and trio.current_time() - attempt_started >= STABLE_LINK_S:
+                    # A link that worked for a while: come back fast (a restarted coordinator waits
+                    # for its agents only a heartbeat timeout), not after the backoff of old failures.
+                    backoff = 0.1
                 if self.connected.is_set():
                     log.warning("link to %s lost: %s; reconnecting in %.1f s", url, _describe(leaf), backoff)
                 else:
@@ -218,7 +228,7 @@ class Agent(IsolationMixin):
             self.connected = trio.Event()
             self.session.connection_lost()
             await trio.sleep(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, self.opts.reconnect_max_backoff)
+            backoff = next_backoff(backoff, self.opts.reconnect_max_backoff, self._coordinator_heartbeat)
 
     async def _connection(self, url: str) -> None:
         codec = self.session.codec
@@ -257,6 +267,7 @@ class Agent(IsolationMixin):
                 shift = self.session.restart(reply.session_id)
                 self.unacked_done = {k: (a, seq - shift) for k, (a, seq) in self.unacked_done.items()}
             log.info("connected to %s as %s", url, self.agent_id)
+            self._coordinator_heartbeat = reply.heartbeat_interval
             self.connected.set()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, ws)
@@ -749,6 +760,16 @@ class Agent(IsolationMixin):
 
 
 _RETRYABLE = (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError, ProtocolError)
+
+
+def next_backoff(backoff: float, max_backoff: float, coordinator_heartbeat: float) -> float:
+    """Double the reconnect delay up to `max_backoff` — but once a coordinator told us its heartbeat
+    interval, retry at least that often: a restarted coordinator waits one heartbeat timeout (four
+    intervals) for its agents before it re-places their tasks elsewhere."""
+    cap = max_backoff
+    if coordinator_heartbeat > 0:
+        cap = min(cap, max(0.1, coordinator_heartbeat))
+    return min(backoff * 2, cap)
 
 
 def _first_leaf(exc: BaseException) -> BaseException:
