@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ._api_autoscale import AutoscaleRoutes
 from ._api_base import Response as Response
+from ._api_certs import CertRoutes
 from ._api_files import FileRoutes
 from ._api_jobs import JobRoutes
 from ._api_ops import OpsRoutes
@@ -17,7 +18,7 @@ from .filestore import FileStore
 from .service import CoordinatorService
 
 
-class RestApp(PoolRoutes, JobRoutes, TaskRoutes, FileRoutes, OpsRoutes, AutoscaleRoutes):
+class RestApp(PoolRoutes, JobRoutes, TaskRoutes, FileRoutes, CertRoutes, OpsRoutes, AutoscaleRoutes):
     def __init__(self, service: CoordinatorService, files: FileStore) -> None:
         self.svc = service
         self.core = service.core
@@ -29,4 +30,5 @@ class RestApp(PoolRoutes, JobRoutes, TaskRoutes, FileRoutes, OpsRoutes, Autoscal
         self._register_jobs()
         self._register_tasks()
         self._register_files()
+        self._register_certs()
         self._register_ops()

@@ -110,6 +110,10 @@ class _Base:
         self.tasks = Tasks(self)
         self.files = Files(self)
         self.ops = Ops(self)
+        self.certificates = Certificates(self)  # issue 8: certificates, keys, agents, remote login
+        self.account_keys = AccountKeys(self)
+        self.agents = Agents(self)
+        self.tvm_users = TvmUsers(self)
 
     def _prepare(self, call: _Call) -> tuple[str, str, dict[str, str], bytes | None]:
         content = call.raw if call.raw is not None else (_enc.encode(call.body) if call.body is not None else None)
@@ -141,9 +145,9 @@ class Client(_Base):
     """Synchronous client. Credentials default to TVM_ENDPOINT, TVM_ACCOUNT and TVM_KEY."""
 
     def __init__(self, endpoint: str | None = None, account: str | None = None, key: str | None = None,
-                 *, timeout: float = 60.0, token: str | None = None) -> None:
+                 *, timeout: float = 60.0, token: str | None = None, verify: Any = True) -> None:
         super().__init__(endpoint, account, key, token)
-        self._http = httpx2.Client(timeout=timeout)
+        self._http = httpx2.Client(timeout=timeout, verify=verify)  # verify: a CA file or SSLContext
 
     def _call(self, call: _Call) -> Any:
         method, url, headers, content = self._prepare(call)
@@ -167,9 +171,9 @@ class AsyncClient(_Base):
     """Asynchronous client (anyio: works under asyncio and trio). Methods return awaitables."""
 
     def __init__(self, endpoint: str | None = None, account: str | None = None, key: str | None = None,
-                 *, timeout: float = 60.0, token: str | None = None) -> None:
+                 *, timeout: float = 60.0, token: str | None = None, verify: Any = True) -> None:
         super().__init__(endpoint, account, key, token)
-        self._http = httpx2.AsyncClient(timeout=timeout)
+        self._http = httpx2.AsyncClient(timeout=timeout, verify=verify)  # verify: a CA file or SSLContext
 
     async def _call(self, call: _Call) -> Any:  # type: ignore[override]
         method, url, headers, content = self._prepare(call)
@@ -505,3 +509,54 @@ async def wait_for_tasks_async(client: AsyncClient, workitem: str, job: str, *, 
         if deadline is not None and time.monotonic() > deadline:
             raise BatchError(0, "WaitTimedOut", f"tasks still unfinished after {timeout} s")
         await anyio.sleep(poll)
+
+
+# --------------------------------------------------------------------------- issue 8
+
+
+class Certificates(_Group):
+    def add(self, thumbprint: str, data_b64: str, *, certificate_format: str = "pfx", password: str | None = None,
+            thumbprint_algorithm: str = "sha1") -> Any:
+        req = m.CertificateAdd(thumbprint=thumbprint, thumbprint_algorithm=thumbprint_algorithm, data=data_b64,
+                               certificate_format=certificate_format, password=password)
+        return self._c._call(_Call("POST", "/certificates", req, parse=_one(m.Certificate)))
+
+    def list(self) -> Any:
+        return self._c._call(_Call("GET", "/certificates", parse=_list(m.Certificate)))
+
+    def get(self, thumbprint: str, thumbprint_algorithm: str = "sha1") -> Any:
+        return self._c._call(_Call("GET", f"/certificates/{_seg(thumbprint_algorithm)}-{_seg(thumbprint)}",
+                                   parse=_one(m.Certificate)))
+
+    def delete(self, thumbprint: str, thumbprint_algorithm: str = "sha1") -> Any:
+        return self._c._call(_Call("DELETE", f"/certificates/{_seg(thumbprint_algorithm)}-{_seg(thumbprint)}"))
+
+
+class AccountKeys(_Group):
+    def regenerate(self, key_name: str) -> Any:
+        """key_name "primary" or "secondary"; returns both keys (the other one is unchanged)."""
+        return self._c._call(_Call("POST", "/account/regeneratekeys", m.RegenerateKey(key_name=key_name),
+                                   parse=_one(m.AccountKeys)))
+
+
+class Agents(_Group):
+    def revoke(self, agent_id: str) -> Any:
+        return self._c._call(_Call("POST", f"/agents/{_seg(agent_id)}/revoke"))
+
+
+class TvmUsers(_Group):
+    def add(self, pool: str, tvm: str, name: str, ssh_public_key: str, *, expiry_time: str | None = None,
+            is_admin: bool = False) -> Any:
+        req = m.TvmUserAdd(name=name, ssh_public_key=ssh_public_key, expiry_time=expiry_time, is_admin=is_admin)
+        return self._c._call(_Call("POST", f"/pools/{_seg(pool)}/tvms/{_seg(tvm)}/users", req,
+                                   parse=_one(m.TvmUser)))
+
+    def list(self, pool: str, tvm: str) -> Any:
+        return self._c._call(_Call("GET", f"/pools/{_seg(pool)}/tvms/{_seg(tvm)}/users", parse=_list(m.TvmUser)))
+
+    def delete(self, pool: str, tvm: str, name: str) -> Any:
+        return self._c._call(_Call("DELETE", f"/pools/{_seg(pool)}/tvms/{_seg(tvm)}/users/{_seg(name)}"))
+
+    def remote_login_settings(self, pool: str, tvm: str) -> Any:
+        return self._c._call(_Call("GET", f"/pools/{_seg(pool)}/tvms/{_seg(tvm)}/remoteloginsettings",
+                                   parse=_one(m.RemoteLoginSettings)))

@@ -91,6 +91,7 @@ class PoolAdd(_Req):
     auto_scale_evaluation_interval: str | None = None
     resize_timeout: str | None = None
     metadata: list[MetadataItem] = []
+    bubblewrap: bool = False  # run this pool's tasks in a bubblewrap sandbox (issue 8)
 
 
 class Pool(_Res):
@@ -115,6 +116,7 @@ class Pool(_Res):
     resize_error: ResizeError | None = None
     metadata: list[MetadataItem] = []
     auto_scale_run: AutoScaleRun | None = None  # the last autoscale evaluation (issue 7)
+    bubblewrap: bool = False  # issue 8
 
 
 class PoolResize(_Req):
@@ -184,6 +186,9 @@ class Tvm(_Res):
     cores: int = 0
     memory_bytes: int = 0
     last_heartbeat_time: str | None = None
+    cert_errors: list[str] = []  # certificates this TVM could not install (issue 8)
+    port_range_low: int = 0
+    port_range_high: int = 0
 
 
 # --------------------------------------------------------------------------- workitems and jobs
@@ -365,6 +370,62 @@ class ErrorBody(_Res):
     code: str
     message: ErrorMessage
     values: list[ErrorDetail] = []
+
+
+# --------------------------------------------------------------------------- certificates (issue 8)
+
+
+class CertificateAdd(_Req):
+    thumbprint: str
+    thumbprint_algorithm: str
+    data: str  # base64
+    certificate_format: str = "pfx"
+    password: str | None = None
+
+
+class Certificate(_Res):
+    thumbprint: str
+    thumbprint_algorithm: str
+    state: str
+    state_transition_time: str
+    certificate_format: str = ""
+    subject: str = ""
+    expiry: str = ""
+    has_private_key: bool = False
+    public_data: str = ""  # base64 DER of the certificate (never the pfx or its password)
+    pools: list[str] = []  # pools that reference it
+
+
+# --------------------------------------------------------------------------- keys, agents, remote login (issue 8)
+
+
+class RegenerateKey(_Req):
+    key_name: str  # "primary" | "secondary"
+
+
+class AccountKeys(_Res):
+    account_name: str
+    primary: str
+    secondary: str
+
+
+class TvmUserAdd(_Req):
+    name: str
+    ssh_public_key: str
+    expiry_time: str | None = None  # RFC 3339; default one day from now
+    is_admin: bool = False
+
+
+class TvmUser(_Res):
+    name: str
+    expiry_time: str
+    ssh_public_key: str = ""
+    is_admin: bool = False
+
+
+class RemoteLoginSettings(_Res):
+    remote_login_ip_address: str
+    remote_login_port: int = 22
 
 
 # --------------------------------------------------------------------------- workitem and job operations (issue 6)

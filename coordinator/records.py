@@ -108,6 +108,13 @@ class PoolRec(msgspec.Struct, kw_only=True):
     auto_scale_run: tuple[float, str, str | None, str | None] | None = None
 
 
+class TvmUserRec(msgspec.Struct, kw_only=True):
+    name: str
+    ssh_public_key: str
+    expiry: float
+    is_admin: bool = False
+
+
 class TvmRec(msgspec.Struct, kw_only=True):
     name: str
     pool: str
@@ -119,6 +126,11 @@ class TvmRec(msgspec.Struct, kw_only=True):
     scheduling: str = "enabled"
     total_run: int = 0
     start_task: dict[str, object] | None = None
+    # Issue 8: intra-pool port block, certificate install errors, remote-login users.
+    port_low: int = 0
+    port_high: int = 0
+    cert_errors: list[str] = []
+    users: list[TvmUserRec] = []
     # Issue 5: what a TVM waits for before it leaves / reboots / goes offline (taskcompletion),
     # and how it leaves ("requeue" | "terminate" | "taskcompletion").
     pending_op: str = ""  # "" | "leave" | "reboot" | "reimage" | "offline"

@@ -54,9 +54,13 @@ async def run_coordinator(
     heartbeat_timeout: float = 30.0,
     join_token: str | None = None,
     max_pool_size: int = 1000,
-    clock: Any = None,
     provisioner: Any = None,
     autoscale_timing: AutoscaleTiming | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    port_range: tuple[int, int, int] | None = None,
+    max_agent_frame: int = 64 * 1024 * 1024,
+    clock: Any = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """`provisioner`: None (pools use only agents that register by themselves), "local" (the embedded
@@ -74,8 +78,13 @@ async def run_coordinator(
     sock = bind_socket(host, port)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
-    endpoint = f"http://{shown}:{bound}"
+    # TLS (issue 8): https:// for REST and wss:// for agents on the same port.
+    endpoint = f"{'https' if tls_cert else 'http'}://{shown}:{bound}"
     service.endpoint = endpoint
+    if port_range is not None:  # (low, high, per TVM) for communicating pools (issue 8)
+        from tvmagent.ports import PortRangeConfig
+
+        service.core.port_range = PortRangeConfig(*port_range)
     service.core.account_url = endpoint
     if autoscale_timing is not None:
         service.core.autoscale_timing = autoscale_timing
@@ -92,7 +101,10 @@ async def run_coordinator(
     config = Config()
     # hypercorn wraps the fd in its own socket object and closes it: give it a duplicate.
     config.bind = [f"fd://{os.dup(sock.fileno())}"]
-    config.websocket_max_message_size = 64 * 1024 * 1024
+    config.websocket_max_message_size = max_agent_frame  # larger frames close the link (1009)
+    if tls_cert:
+        config.certfile = tls_cert
+        config.keyfile = tls_key
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.keep_alive_timeout = 75

@@ -18,10 +18,11 @@ from ._core_base import MAX_COLLECTION as MAX_COLLECTION
 from ._core_base import WALL_CLOCK_EXIT_CODE as WALL_CLOCK_EXIT_CODE
 from ._core_base import Effects as Effects
 from ._core_base import Write as Write
+from ._core_certs import CertsMixin
 from ._core_jobs import JobsMixin
 from ._core_pools import PoolsMixin
 from ._core_tasks import TasksMixin
 
 
-class CoordinatorState(AutoscaleMixin, PoolsMixin, AgentsMixin, JobsMixin, TasksMixin):
+class CoordinatorState(AutoscaleMixin, PoolsMixin, AgentsMixin, JobsMixin, TasksMixin, CertsMixin):
     """The whole pure core (see the module docstring)."""

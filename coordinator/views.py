@@ -22,6 +22,7 @@ def pool_view(core: CoordinatorState, pool: PoolRec) -> m.Pool:
         tvm_fill_type=s.tvm_fill_type, creation_time=_t(pool.created), state_transition_time=_t(pool.state_time),
         allocation_state_transition_time=_t(pool.alloc_time), resize_timeout=format_duration(pool.resize_timeout_s),
         start_task=s.start_task, communication=s.communication, certificate_references=s.certificate_references,
+        bubblewrap=s.bubblewrap,
         enable_auto_scale=s.enable_auto_scale, auto_scale_formula=s.auto_scale_formula,
         auto_scale_evaluation_interval=s.auto_scale_evaluation_interval,
         resize_error=m.ResizeError(code=pool.resize_error[0], message=pool.resize_error[1]) if pool.resize_error else None,
@@ -63,6 +64,7 @@ def tvm_view(core: CoordinatorState, tvm: Tvm) -> m.Tvm:
         running_tasks_count=len(tvm.running), total_tasks_run=r.total_run, start_task_info=st, recent_tasks=recent,
         agent_id=r.agent_id, hostname=agent.hostname if agent else "", cores=agent.cores if agent else 0,
         memory_bytes=agent.memory_bytes if agent else 0, last_heartbeat_time=rfc3339(tvm.last_heartbeat),
+        cert_errors=r.cert_errors, port_range_low=r.port_low, port_range_high=r.port_high,
     )
 
 
