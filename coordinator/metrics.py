@@ -39,7 +39,8 @@ RATE_WINDOW = 60.0
 # Round-trip buckets (seconds): loopback is ~100 µs, a WAN link tens of ms, a wedged agent seconds.
 RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # States shown even at zero, so dashboards do not lose series.
-TVM_STATES = ("creating", "starting", "idle", "running", "offline", "unknown", "starttaskfailed")
+TVM_STATES = ("creating", "starting", "waitingforstarttask", "idle", "running", "offline", "rebooting",
+              "reimaging", "leavingpool", "unknown", "starttaskfailed")
 TASK_STATES = ("active", "running", "completed")
 
 
