@@ -71,6 +71,9 @@ class PoolsMixin(CoreBase):
         return sizes
 
     def _size_of(self, pool: PoolRec) -> tuple[int, int, int, str] | None:
+        builtin = VM_SIZES.get(pool.spec.vm_size)
+        if builtin is not None:  # the common case, without a pass over every agent
+            return (*builtin, "builtin")
         return self.vm_sizes().get(pool.spec.vm_size)
 
     # ------------------------------------------------------------------ pools
