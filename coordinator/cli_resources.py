@@ -41,6 +41,10 @@ FILE_COLS = [("name", lambda f: f.name), ("dir", lambda f: "d" if f.is_directory
 def register(cli: click.Group) -> None:
     for group in (pool, tvm, workitem, job, task, file, status):
         cli.add_command(group)
+    # issue 8: tvm cert, tvm keys, tvm agent revoke, tvm tvm user
+    from .cli_security import register as register_security
+
+    register_security(cli)
 
 
 # --------------------------------------------------------------------------- pools
@@ -115,6 +119,46 @@ def pool_delete(name: str, output: str, **cred: Any) -> None:
     _emit(output, {"deleted": name})
 
 
+_OPTION = click.Choice(["requeue", "terminate", "taskcompletion"])
+
+
+@pool.command("stop-resize")
+@click.argument("name")
+@credentials
+@output_option
+def pool_stop_resize(name: str, output: str, **cred: Any) -> None:
+    """Stop a resize: keep the TVMs the pool has now."""
+    c = _mk(**cred)
+    _run(lambda: c.pools.stop_resize(name))
+    _emit(output, {"name": name, "stopped": True})
+
+
+@pool.command("remove-tvms")
+@click.argument("name")
+@click.argument("tvm_names", nargs=-1, required=True)
+@click.option("--deallocation", type=_OPTION, default="requeue", show_default=True,
+              help="What happens to tasks running on the removed TVMs.")
+@credentials
+@output_option
+def pool_remove_tvms(name: str, tvm_names: tuple[str, ...], deallocation: str, output: str, **cred: Any) -> None:
+    """Remove named TVMs from a pool (its target shrinks accordingly)."""
+    c = _mk(**cred)
+    _run(lambda: c.pools.remove_tvms(name, list(tvm_names), tvm_deallocation_option=deallocation))
+    _emit(output, {"name": name, "removing": list(tvm_names)})
+
+
+@pool.command("vm-sizes")
+@credentials
+@output_option
+def pool_vm_sizes(output: str, **cred: Any) -> None:
+    """List VM sizes: built-ins plus the real size of each registered agent."""
+    c = _mk(**cred)
+    _emit(output, _run(c.pools.vm_sizes), [("name", lambda s: s.name), ("cores", lambda s: s.cores),
+                                           ("memoryMiB", lambda s: s.memory_mib),
+                                           ("maxTasksPerVM", lambda s: s.max_tasks_per_vm),
+                                           ("source", lambda s: s.source)])
+
+
 @pool.group("autoscale", context_settings=CONTEXT)
 def pool_autoscale() -> None:
     """Autoscale formulas: enable, disable, evaluate (issue 7)."""
@@ -173,46 +217,6 @@ def pool_autoscale_evaluate(name: str, formula: str | None, formula_file: str | 
         raise click.UsageError("give --formula or --formula-file")
     c = _mk(**cred)
     _emit(output, _run(lambda: c.pools.evaluate_autoscale(name, text)))
-
-
-_OPTION = click.Choice(["requeue", "terminate", "taskcompletion"])
-
-
-@pool.command("stop-resize")
-@click.argument("name")
-@credentials
-@output_option
-def pool_stop_resize(name: str, output: str, **cred: Any) -> None:
-    """Stop a resize: keep the TVMs the pool has now."""
-    c = _mk(**cred)
-    _run(lambda: c.pools.stop_resize(name))
-    _emit(output, {"name": name, "stopped": True})
-
-
-@pool.command("remove-tvms")
-@click.argument("name")
-@click.argument("tvm_names", nargs=-1, required=True)
-@click.option("--deallocation", type=_OPTION, default="requeue", show_default=True,
-              help="What happens to tasks running on the removed TVMs.")
-@credentials
-@output_option
-def pool_remove_tvms(name: str, tvm_names: tuple[str, ...], deallocation: str, output: str, **cred: Any) -> None:
-    """Remove named TVMs from a pool (its target shrinks accordingly)."""
-    c = _mk(**cred)
-    _run(lambda: c.pools.remove_tvms(name, list(tvm_names), tvm_deallocation_option=deallocation))
-    _emit(output, {"name": name, "removing": list(tvm_names)})
-
-
-@pool.command("vm-sizes")
-@credentials
-@output_option
-def pool_vm_sizes(output: str, **cred: Any) -> None:
-    """List VM sizes: built-ins plus the real size of each registered agent."""
-    c = _mk(**cred)
-    _emit(output, _run(c.pools.vm_sizes), [("name", lambda s: s.name), ("cores", lambda s: s.cores),
-                                           ("memoryMiB", lambda s: s.memory_mib),
-                                           ("maxTasksPerVM", lambda s: s.max_tasks_per_vm),
-                                           ("source", lambda s: s.source)])
 
 
 # --------------------------------------------------------------------------- TVMs

@@ -26,7 +26,7 @@ def _start_coordinator(state: str, port: int, log: str) -> tuple[subprocess.Pope
     out = open(log, "ab")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "coordinator", "coordinator", "--state-dir", state, "--port", str(port),
-         "--heartbeat-timeout", "4"],
+         "--heartbeat-timeout", "15"],
         stdout=subprocess.PIPE, stderr=out, stdin=subprocess.DEVNULL, env=agent_env(), start_new_session=True,
     )
     out.close()
