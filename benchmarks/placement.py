@@ -3,6 +3,7 @@ process, answering every RunTask at once), N tasks added by add-task-collection 
 submitter process. Value: tasks/s from the first submit to the last completion recorded.
 
     python -m benchmarks.placement [--quick] [--agents 10,100,1000] [--tasks 100000] [--slots 16]
+        [--concurrency 32] [--fill spread|pack]
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from coordinator import models as m
 from ._common import args, coordinator, emit, job_finished, pool_ready, say, spawn, stop, wait_until
 
 
-async def run_one(k: int, n: int, slots: int, size: str, concurrency: int) -> dict:
+async def run_one(k: int, n: int, slots: int, size: str, concurrency: int, fill: str = "spread") -> dict:
     with tempfile.TemporaryDirectory(prefix="tvm-bench-") as tmp:
         async with coordinator(os.path.join(tmp, "state"), heartbeat_timeout=120.0,
                                max_pool_size=max(1000, k)) as rc:
@@ -31,7 +32,7 @@ async def run_one(k: int, n: int, slots: int, size: str, concurrency: int) -> di
                 await wait_until(lambda: sum(1 for a in core.agents.values() if a.connected) >= k,
                                  60 + k / 10, f"{k} simulated agents")
                 await svc.execute(core.add_pool, m.PoolAdd(name="bench", vm_size=size, target_dedicated=k,
-                                                           max_tasks_per_vm=slots))
+                                                           max_tasks_per_vm=slots, tvm_fill_type=fill))
                 await wait_until(lambda: pool_ready(core, "bench", k), 60, f"{k} ready TVMs")
                 await svc.execute(core.add_workitem, m.WorkitemAdd(
                     name="wi", job_execution_environment=m.JobExecutionEnvironment(pool_name="bench")))
@@ -72,15 +73,16 @@ def main() -> None:
         p.add_argument("--tasks", type=int, default=0),
         p.add_argument("--slots", type=int, default=16),
         p.add_argument("--concurrency", type=int, default=32),
+        p.add_argument("--fill", choices=["spread", "pack"], default="spread"),
     ))
     ks = [int(x) for x in a.agents.split(",")] if a.agents else ([10] if a.quick else [10, 100, 1000])
     n = a.tasks or (3000 if a.quick else 100_000)
     size = "extralarge" if a.slots > 16 else "large"
     for k in ks:
-        r = trio.run(run_one, k, n, a.slots, size, a.concurrency)
+        r = trio.run(run_one, k, n, a.slots, size, a.concurrency, a.fill)
         rate = n / r["elapsed"]
         emit("placement", {"agents": k, "tasks": n, "slots_per_agent": a.slots,
-                           "submit_concurrency": a.concurrency}, rate, "tasks/s")
+                           "submit_concurrency": a.concurrency, "fill": a.fill}, rate, "tasks/s")
         say(f"placement: K={k} agents x {a.slots} slots, {n} tasks: {rate:,.0f} tasks/s "
             f"({r['elapsed']:.2f} s; submitting alone took {r['submit_s']:.2f} s; {r['commits']} journal commits; "
             f"CPU per task: coordinator {r['cpu'] / n * 1e6:.0f} µs, simulated agents {r['sims_cpu'] / n * 1e6:.0f} µs; "
