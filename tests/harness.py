@@ -85,7 +85,9 @@ class Cluster:
                 a.kill(signal.SIGKILL)
                 a.proc.wait()
 
-    async def wait_for(self, cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    async def wait_for(
+        self, cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition"
+    ) -> Any:
         """Poll `cond` (sync or async) until truthy; fail with `what` and agent logs."""
         deadline = trio.current_time() + timeout
         while True:

@@ -1,9 +1,8 @@
 """Issue 3: a real coordinator and two real agent processes run 200 tasks end to end."""
 
 import json
+import os
 import sys
-
-import trio
 
 from coordinator.client import task_spec
 from tests.harness import cluster_ctx
@@ -48,8 +47,9 @@ async def test_two_hundred_tasks_on_two_agents(nursery, tmp_path):
             assert env["WATASK_POOL_NAME"] == "p1"
             assert env["WATASK_ACCOUNT_NAME"] == c.rc.account
             assert env["WATASK_TVM_NAME"] == t.tvm_info.tvm_name
-            assert env["AZ_BATCH_TASK_ID"] == t.name and env["AZ_BATCH_POOL_ID"] == "p1"
-            assert env["WATASK_TVM_ROOT_DIR"].endswith(env["WATASK_TVM_ROOT_DIR"].rsplit("/", 1)[-1])
+            assert env["AZ_BATCH_TASK_ID"] == t.name
+            assert env["AZ_BATCH_POOL_ID"] == "p1"
+            assert env["WATASK_TVM_ROOT_DIR"] in {os.path.abspath(a.root) for a in c.agents}
             used.add(t.tvm_info.tvm_name)
             assert await c.client.files.get_from_task("wi", job, t.name, "stderr.txt") == b"err\n"
         assert used <= tvm_names
@@ -82,9 +82,7 @@ async def _running(c):
 async def test_wrong_join_token_is_refused_and_server_keeps_serving(nursery, tmp_path):
     async with cluster_ctx(nursery, tmp_path) as c:
         bad = c.start_agent("intruder", token="not-the-token")
-        with trio.fail_after(20):
-            while bad.proc.poll() is None:
-                await trio.sleep(0.05)
+        await c.wait_for(lambda: bad.proc.poll() is not None, timeout=20, what="refused agent to exit")
         assert bad.proc.returncode == 2
         assert "InvalidJoinToken" in bad.log_text()
         good = c.start_agent("good")
