@@ -140,3 +140,53 @@ class cluster_ctx:
             await trio.to_thread.run_sync(self.cluster.stop_agents)
             await self.cluster.client.aclose()
         self.cancel.cancel()
+
+
+# --------------------------------------------------------------------------- separate processes
+
+
+def free_port() -> int:
+    """A loopback port free right now (for a coordinator that must come back on the same port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_coordinator_process(state: str, port: int, log: str, *extra: str) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    """`tvm coordinator` as its own process; returns it and the export lines it printed."""
+    out = open(log, "ab")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "coordinator", "coordinator", "--state-dir", state, "--port", str(port), *extra],
+        stdout=subprocess.PIPE, stderr=out, stdin=subprocess.DEVNULL, env=agent_env(), start_new_session=True,
+    )
+    out.close()
+    exports: dict[str, str] = {}
+    assert proc.stdout is not None
+    while len(exports) < 4:
+        line = proc.stdout.readline().decode()
+        if not line:
+            with open(log, errors="replace") as f:
+                raise AssertionError(f"coordinator exited early:\n{f.read()}")
+        k, _, v = line.strip().removeprefix("export ").partition("=")
+        exports[k] = v
+    return proc, exports
+
+
+def wait_sync(cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition", *,
+              tolerate_errors: bool = False) -> Any:
+    """Blocking poll for tests that drive separate processes with the sync client."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = cond()
+        except Exception:  # noqa: BLE001 - e.g. the coordinator is restarting
+            if not tolerate_errors:
+                raise
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

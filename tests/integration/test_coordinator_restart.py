@@ -6,57 +6,21 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections import Counter
 
 from coordinator.client import Client, task_spec
-from tests.harness import agent_env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_coordinator(state: str, port: int, log: str) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
-    out = open(log, "ab")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "coordinator", "coordinator", "--state-dir", state, "--port", str(port),
-         "--heartbeat-timeout", "15"],
-        stdout=subprocess.PIPE, stderr=out, stdin=subprocess.DEVNULL, env=agent_env(), start_new_session=True,
-    )
-    out.close()
-    exports: dict[str, str] = {}
-    assert proc.stdout is not None
-    while len(exports) < 4:
-        line = proc.stdout.readline().decode()
-        if not line:
-            raise AssertionError(f"coordinator exited early:\n{open(log).read()}")
-        k, _, v = line.strip().removeprefix("export ").partition("=")
-        exports[k] = v
-    return proc, exports
-
-
-def _wait(cond, timeout: float, what: str):  # noqa: ANN001, ANN202
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.harness import agent_env, free_port, start_coordinator_process, wait_sync
 
 
 def test_sigkill_coordinator_loses_nothing_and_runs_nothing_twice(tmp_path):
     state = str(tmp_path / "state")
     runs = tmp_path / "runs"
     runs.mkdir()
-    port = _free_port()
-    coord, env = _start_coordinator(state, port, str(tmp_path / "coord.log"))
+    port = free_port()
+    coord, env = start_coordinator_process(state, port, str(tmp_path / "coord.log"), "--heartbeat-timeout", "15")
     agents: list[subprocess.Popen[bytes]] = []
     try:
         for i in range(2):
@@ -71,7 +35,7 @@ def test_sigkill_coordinator_loses_nothing_and_runs_nothing_twice(tmp_path):
             log.close()
         client = Client(env["TVM_ENDPOINT"], env["TVM_ACCOUNT"], env["TVM_KEY"])
         client.pools.add("p", target_dedicated=2, max_tasks_per_vm=2, vm_size="medium")
-        _wait(lambda: sum(t.state == "idle" for t in client.tvms.list("p")) == 2, 30, "2 idle TVMs")
+        wait_sync(lambda: sum(t.state == "idle" for t in client.tvms.list("p")) == 2, 30, "2 idle TVMs")
         client.workitems.add("wi", "p")
         job = "job-0000000001"
 
@@ -81,14 +45,14 @@ def test_sigkill_coordinator_loses_nothing_and_runs_nothing_twice(tmp_path):
         quick = [task_spec(f"q{i:02d}", cmd(0)) for i in range(20)]
         slow = [task_spec(f"s{i:02d}", cmd(2)) for i in range(8)]
         assert all(r.status == "success" for r in client.tasks.add_many("wi", job, quick + slow))
-        _wait(lambda: client.jobs.task_counts("wi", job).running >= 3, 30, "slow tasks running")
+        wait_sync(lambda: client.jobs.task_counts("wi", job).running >= 3, 30, "slow tasks running")
         before = {t.name: t.state for t in client.tasks.list("wi", job)}
         # Acknowledged just before the kill: must survive.
         client.tasks.add("wi", job, "late", "/bin/true")
         coord.send_signal(signal.SIGKILL)
         coord.wait()
         time.sleep(2.5)  # running tasks finish while the coordinator is down
-        coord, env2 = _start_coordinator(state, port, str(tmp_path / "coord2.log"))
+        coord, env2 = start_coordinator_process(state, port, str(tmp_path / "coord2.log"), "--heartbeat-timeout", "15")
         assert env2["TVM_KEY"] == env["TVM_KEY"]
         assert env2["TVM_ACCOUNT"] == env["TVM_ACCOUNT"]
         client = Client(env["TVM_ENDPOINT"], env["TVM_ACCOUNT"], env["TVM_KEY"])

@@ -9,7 +9,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,34 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 from coordinator.client import Client
-from tests.harness import agent_env
+from tests.harness import agent_env, free_port, start_coordinator_process
 
 TVM = os.path.join(os.path.dirname(sys.executable), "tvm")
 JOB = "job-0000000001"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _coordinator(state: str, port: int, log: str) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
-    out = open(log, "ab")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [TVM, "coordinator", "--state-dir", state, "--port", str(port), "--heartbeat-timeout", "3",
-         "--log-format", "json"],
-        stdout=subprocess.PIPE, stderr=out, stdin=subprocess.DEVNULL, env=agent_env(), start_new_session=True)
-    out.close()
-    exports: dict[str, str] = {}
-    assert proc.stdout is not None
-    while len(exports) < 4:
-        line = proc.stdout.readline().decode()
-        if not line:
-            raise AssertionError(f"coordinator exited early:\n{open(log).read()}")
-        k, _, v = line.strip().removeprefix("export ").partition("=")
-        exports[k] = v
-    return proc, exports
 
 
 def _wait(cond: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
@@ -73,11 +48,11 @@ def _gated(started: str, gate: str) -> str:
 
 
 def test_coordinator_restart_keeps_running_tasks_and_delivers_results_once(tmp_path):
-    state, port = str(tmp_path / "state"), _free_port()
+    state, port = str(tmp_path / "state"), free_port()
     long_log, long_gate = tmp_path / "long", tmp_path / "long.gate"
     meanwhile_log, meanwhile_gate = tmp_path / "meanwhile", tmp_path / "meanwhile.gate"
     clog = str(tmp_path / "coord.log")
-    coord, env = _coordinator(state, port, clog)
+    coord, env = start_coordinator_process(state, port, clog, "--heartbeat-timeout", "3", "--log-format", "json")
     agent = None
     try:
         alog = open(tmp_path / "agent.log", "ab")  # noqa: SIM115
@@ -101,7 +76,7 @@ def test_coordinator_restart_keeps_running_tasks_and_delivers_results_once(tmp_p
         meanwhile_gate.touch()  # finishes while nobody listens
         _wait(lambda: meanwhile_log.read_text() == "start\nend\n", "meanwhile finished")
 
-        coord, env2 = _coordinator(state, port, clog)
+        coord, env2 = start_coordinator_process(state, port, clog, "--heartbeat-timeout", "3", "--log-format", "json")
         assert env2["TVM_KEY"] == env["TVM_KEY"]
         c = Client(env["TVM_ENDPOINT"], env["TVM_ACCOUNT"], env["TVM_KEY"], timeout=10)
         done = _wait(lambda: [t for t in [c.tasks.get("wi", JOB, "meanwhile")] if t.state == "completed"],
