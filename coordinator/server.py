@@ -99,8 +99,6 @@ async def run_coordinator(
             prov = provisioner(agent_ws, service.join_token)
         service.set_provisioner(prov)
     config = Config()
-    # hypercorn wraps the fd in its own socket object and closes it: give it a duplicate.
-    config.bind = [f"fd://{os.dup(sock.fileno())}"]
     config.websocket_max_message_size = max_agent_frame  # larger frames close the link (1009)
     if tls_cert:
         config.certfile = tls_cert
@@ -112,7 +110,7 @@ async def run_coordinator(
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(service.run)
-            await nursery.start(_serve, app, config)
+            await nursery.start(_serve, app, config, sock)
             log.info("coordinator listening on %s (restored state in %.2f s)", endpoint, service.restore_seconds)
             task_status.started(RunningCoordinator(service, app, endpoint))
     finally:
@@ -123,5 +121,60 @@ async def run_coordinator(
         service.close()
 
 
-async def _serve(app: RestApp, config: Config, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    await serve(app, config, task_status=task_status)  # type: ignore[arg-type]
+async def _serve(app: RestApp, config: Config, sock: socket.socket,
+                 task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until cancelled. If hypercorn's server task ever dies of an internal error (it has
+    crashed on a send race, see `_patch_hypercorn`), log it and serve again on the same socket:
+    agents reconnect and resend, clients retry, the coordinator's state is untouched."""
+    _patch_hypercorn()
+    status = _StartedOnce(task_status)
+    while True:
+        # hypercorn wraps the fd in its own socket object and closes it: give it a duplicate.
+        config.bind = [f"fd://{os.dup(sock.fileno())}"]
+        try:
+            await serve(app, config, task_status=status)  # type: ignore[arg-type]
+        except Exception:
+            if not status.done:
+                raise  # failing to start (bad certificate, ...) is the caller's error
+            log.exception("the HTTP/websocket server failed; serving again")
+            await trio.sleep(0.1)
+            continue
+        return
+
+
+class _StartedOnce:
+    """Pass `started()` to the real task status the first time only (restarts are silent)."""
+
+    def __init__(self, task_status: Any) -> None:
+        self._status = task_status
+        self.done = False
+
+    def started(self, value: Any = None) -> None:
+        if not self.done:
+            self.done = True
+            self._status.started(value)
+
+
+_patched = False
+
+
+def _patch_hypercorn() -> None:
+    """hypercorn 0.17/0.18 (trio) races `_close()`'s unlocked `send_eof()` against a locked
+    `send_all()` when a websocket closes while a frame is going out; the BusyResourceError escapes
+    and tears down the whole server. Treat it like the broken connection it is."""
+    global _patched
+    if _patched:
+        return
+    from hypercorn.events import Closed
+    from hypercorn.trio.tcp_server import TCPServer
+
+    original = TCPServer.protocol_send
+
+    async def protocol_send(self: TCPServer, event: Any) -> None:
+        try:
+            await original(self, event)
+        except trio.BusyResourceError:
+            await self.protocol.handle(Closed())
+
+    TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
+    _patched = True
