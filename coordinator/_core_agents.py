@@ -28,6 +28,7 @@ class AgentsMixin(CoreBase):
         agent.ip = hello.ip_address
         agent.cores = hello.cores
         agent.memory_bytes = hello.memory_bytes
+        agent.disk_bytes = hello.disk_bytes
         agent.capabilities = list(hello.capabilities)
         agent.last_seen = now
         agent.disconnected_at = None
@@ -108,6 +109,7 @@ class AgentsMixin(CoreBase):
         elif isinstance(msg, pm.Heartbeat):
             if tvm is not None:
                 tvm.last_heartbeat = now
+                self._check_disk(agent, tvm, msg)
         elif isinstance(msg, pm.TvmReady):
             if tvm is not None and tvm.rec.name == msg.tvm_name and not tvm.rec.pending_op.startswith("leav"):
                 tvm.ready = True
@@ -129,6 +131,20 @@ class AgentsMixin(CoreBase):
                 self._set_tvm_state(tvm, "offline")
         if tvm is not None and tvm.rec.pending_op and not tvm.running:
             self._advance_tvm(tvm)  # type: ignore[attr-defined]  # issue 5: taskcompletion reached
+
+    # Below this much free space on the TVM root a TVM is `unusable` (reference §4.2: disk full):
+    # it keeps what runs but gets no new tasks until space comes back.
+    unusable_free_disk_bytes: int = 256 * 1024 * 1024
+
+    def _check_disk(self, agent: AgentInfo, tvm: Tvm, msg: pm.Heartbeat) -> None:
+        if agent.disk_bytes <= 0 or msg.disk_used_bytes <= 0:
+            return
+        full = agent.disk_bytes - msg.disk_used_bytes < self.unusable_free_disk_bytes
+        if full and tvm.rec.state in ("idle", "running", "offline"):
+            self._set_tvm_state(tvm, "unusable")
+        elif not full and tvm.rec.state == "unusable":
+            back = "running" if tvm.running else "idle"
+            self._set_tvm_state(tvm, "offline" if tvm.rec.scheduling == "disabled" else back)
 
     def _start_task_started(self, tvm: Tvm, msg: pm.StartTaskStarted) -> None:
         tvm.rec.start_task = {"state": "running", "start_time": msg.start_time, "retry_count": msg.retry_count}

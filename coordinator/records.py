@@ -156,7 +156,7 @@ class Job:
 class AgentInfo:
     """A registered agent (free, or backing a TVM)."""
 
-    __slots__ = ("agent_id", "connected", "hostname", "ip", "cores", "memory_bytes", "tvm",
+    __slots__ = ("agent_id", "connected", "hostname", "ip", "cores", "memory_bytes", "disk_bytes", "tvm",
                  "last_seen", "disconnected_at", "capabilities")
 
     def __init__(self, agent_id: str) -> None:
@@ -166,6 +166,7 @@ class AgentInfo:
         self.ip = ""
         self.cores = 1
         self.memory_bytes = 0
+        self.disk_bytes = 0
         self.tvm: str | None = None
         self.last_seen = 0.0
         self.disconnected_at: float | None = None
