@@ -53,6 +53,10 @@ class LinkSession:
         self._unacked.append((seq, self.codec.encode(msg)))
         return seq
 
+    def has_messages(self) -> bool:
+        """Messages, not only an acknowledgement, wait to be written."""
+        return self._sent_upto < self._next_seq - 1
+
     def has_output(self) -> bool:
         return self._sent_upto < self._next_seq - 1 or self._acked_on_wire < self.confirmed
 
