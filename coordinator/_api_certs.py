@@ -80,6 +80,7 @@ class CertRoutes(ApiBase):
             raise ApiError(404, "AgentNotFound", f"no agent {agent!r} has registered with this coordinator",
                            name=agent)
         await self.svc.execute(self.core.forget_agent, agent)
+        await self.svc.journal.barrier().wait()  # the revocation (a meta row) is durable
         return Response(202)
 
     # ------------------------------------------------------------------ remote login

@@ -65,6 +65,7 @@ async def serve_agent(svc: CoordinatorService, scope: dict, receive: Callable, s
             await _reject(send, "InvalidAgentId", "agent_id must be 1..128 characters", 4002)
             return
         verdict = svc.auth.authenticate(hello.agent_id, hello.token, hello.proof, hello.proof_time, time.time())
+        await svc.journal.barrier().wait()  # a new or confirmed credential is durable before we answer
         if not verdict.ok:
             log.warning("agent %s refused: %s", hello.agent_id, verdict.code)
             await _reject(send, verdict.code, verdict.message, 4003)

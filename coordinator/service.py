@@ -66,7 +66,11 @@ class CoordinatorService:
             self.store.set_meta("key2", self.keys[1])
             self.store.set_meta("account", self.account)
         self.join_token = self._load_join_token(join_token)
-        self.auth = AgentAuth(self.store.get_meta, self.store.set_meta, self.store.get_meta("join_token_sha256") or "")
+        # Agent credentials: read from memory, written through the group commit (an fsync per
+        # agent connection on the event loop stalled everything while 1,000 agents connected).
+        # Whoever acts on a put awaits `journal.barrier()` first (links: before Welcome).
+        self._auth_meta = self.store.all_meta()
+        self.auth = AgentAuth(self._auth_meta.get, self._auth_put, self.store.get_meta("join_token_sha256") or "")
         epoch = int(self.store.get_meta("epoch") or "0") + 1
         self.store.set_meta("epoch", str(epoch))
         self.core = CoordinatorState(self.account, epoch=epoch, clock=clock,
@@ -83,6 +87,10 @@ class CoordinatorService:
         # Link round trips and placement rate for /metrics; ping at least as often as agents heartbeat.
         self.monitor = LinkMonitor(interval=min(PING_INTERVAL, heartbeat_timeout / 4))
         self.provisioner: Any = None  # issue 5: see set_provisioner
+
+    def _auth_put(self, key: str, value: str) -> None:
+        self._auth_meta[key] = value
+        self.journal.put_meta(key, value)
 
     def set_provisioner(self, provisioner: Any) -> None:
         """Let the core ask `provisioner.start(n, size)` for agents when pools lack free ones."""

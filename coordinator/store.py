@@ -15,6 +15,8 @@ import trio
 
 from .state import Write
 
+META_KIND = "\x00meta"  # Write.kind of a meta table row (object kinds are plain words)
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
     kind TEXT NOT NULL,
@@ -49,6 +51,9 @@ class SqliteStore:
     def set_meta(self, key: str, value: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
+    def all_meta(self) -> dict[str, str]:
+        return dict(self._db.execute("SELECT key, value FROM meta"))
+
     def load(self) -> Iterator[tuple[str, str, bytes]]:
         # Parents before children so restore() can attach tasks to jobs in one pass.
         for kind in ("pool", "tvm", "workitem", "job", "task", "cert", "file"):
@@ -61,6 +66,10 @@ class SqliteStore:
         try:
             puts: list[tuple[str, str, bytes]] = []
             for w in writes:
+                if w.kind == META_KIND:  # a meta key (Journal.put_meta), committed with the batch
+                    cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                                (w.key, (w.body or b"").decode()))
+                    continue
                 if w.body is not None:
                     puts.append((w.kind, w.key, w.body))
                     continue
@@ -98,6 +107,21 @@ class Journal:
         self.commits = 0
         self.rows = 0
         self._closed = False
+        self._last: Ticket | None = None  # the newest ticket with writes
+
+    def put_meta(self, key: str, value: str) -> Ticket:
+        """Queue a meta row for the next group commit (no fsync on the caller's thread)."""
+        return self.submit([Write(META_KIND, key, value.encode())])
+
+    def barrier(self) -> Ticket:
+        """A ticket that is done once everything submitted so far is durable (commits are in order)."""
+        last = self._last
+        if last is None or last.event.is_set():
+            ticket = Ticket()
+            ticket.done = True
+            ticket.event.set()
+            return ticket
+        return last
 
     def submit(self, writes: list[Write]) -> Ticket:
         ticket = Ticket()
@@ -107,6 +131,7 @@ class Journal:
             return ticket
         self._pending.extend(writes)
         self._tickets.append(ticket)
+        self._last = ticket
         self._wakeup.set()
         return ticket
 
