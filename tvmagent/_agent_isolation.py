@@ -121,14 +121,27 @@ class IsolationMixin:
             raise
         return lease
 
+    def _lease_now(self, directory: str, elevated: bool, mode: int) -> isolation.SlotLease | None:
+        """`_lease_for` for a worker thread that is already there (the task launch)."""
+        if self.slot_users is None or elevated:
+            return None
+        lease = self.slot_users.acquire()
+        try:
+            isolation.chown_tree(directory, lease.uid, lease.gid)
+            os.chmod(directory, mode)
+        except BaseException:
+            lease.release()
+            raise
+        return lease
+
     async def _return_lease(self, lease: isolation.SlotLease | None, directory: str) -> None:
         """The run is over (its process tree is dead): the next task given this uid must not read
-        the directory, so its top goes back to root, 0700."""
+        the directory, so its top goes back to root, 0700. One chown + chmod: on the event loop,
+        a thread hop would cost more."""
         if lease is None:
             return
         try:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(_hand_back, directory)
+            _hand_back(directory)
         finally:
             lease.release()
 

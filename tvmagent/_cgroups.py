@@ -256,17 +256,37 @@ def _probe_kill_file(base: str) -> bool:
 class TaskCgroup:
     """The cgroup directories of one task across hierarchies."""
 
-    def __init__(self, layout: CgroupLayout, prefix: str, name: str) -> None:
+    def __init__(
+        self, layout: CgroupLayout, prefix: str, name: str, keys: tuple[str, ...] | None = None
+    ) -> None:
+        """``keys``: the hierarchies to use ("v2" and/or v1 controller names); default all."""
         self.layout = layout
         leaf = f"{sanitize_name(name)}-{secrets.token_hex(4)}"
         self.prefix = sanitize_name(prefix)
         self.dirs: dict[str, str] = {}  # "v2" or v1 controller -> dir
-        if layout.v2_base is not None:
+        if layout.v2_base is not None and (keys is None or "v2" in keys):
             self.dirs["v2"] = os.path.join(layout.v2_base, self.prefix, leaf)
         for c, base in layout.v1_bases.items():
-            self.dirs[c] = os.path.join(base, self.prefix, leaf)
+            if keys is None or c in keys:
+                self.dirs[c] = os.path.join(base, self.prefix, leaf)
+        self.keys = tuple(self.dirs)
+        self.created = False
+        self._limits: tuple[int | None, int | None] = (None, None)  # as last written
+        self._oom_base = 0  # oom kills counted before this task (a reused cgroup keeps counting)
+
+    def rearm(self, memory_bytes: int | None, pids: int | None) -> None:
+        """Ready the (new or reused, empty) cgroup for one task: its limits, a zero oom count."""
+        if (memory_bytes, pids) != self._limits:
+            self.set_limits(memory_bytes, pids)
+        self._oom_base = 0
+        if self.enforces("memory"):
+            if "memory" in self.dirs:  # v1: the fallback evidence (failcnt) starts from zero again
+                with contextlib.suppress(OSError):
+                    _write(os.path.join(self.dirs["memory"], "memory.failcnt"), "0")
+            self._oom_base = self._oom_count()
 
     def create(self) -> None:
+        self.created = True
         try:
             for key, d in self.dirs.items():
                 _mkdir_retry(d)
@@ -284,22 +304,32 @@ class TaskCgroup:
         return [os.path.join(d, "cgroup.procs") for d in self.dirs.values()]
 
     def set_limits(self, memory_bytes: int | None, pids: int | None) -> None:
-        if memory_bytes is not None:
+        """Write both limits; None means "no limit" (a reused cgroup may still hold an old one)."""
+        old_mem, old_pids = self._limits
+        if memory_bytes is not None or old_mem is not None:
             if "memory" in self.layout.v2_controllers:
-                _write(os.path.join(self.dirs["v2"], "memory.max"), str(memory_bytes))
+                value = "max" if memory_bytes is None else str(memory_bytes)
+                _write(os.path.join(self.dirs["v2"], "memory.max"), value)
                 with contextlib.suppress(OSError):
-                    _write(os.path.join(self.dirs["v2"], "memory.swap.max"), "0")
+                    _write(os.path.join(self.dirs["v2"], "memory.swap.max"), "0" if memory_bytes else "max")
             elif "memory" in self.dirs:
                 md = self.dirs["memory"]
-                _write(os.path.join(md, "memory.limit_in_bytes"), str(memory_bytes))
+                value = "-1" if memory_bytes is None else str(memory_bytes)
+                # memsw must stay >= the RAM limit: raise it first when the limit grows, lower it
+                # after when it shrinks (one of the two memsw writes fails harmlessly).
+                with contextlib.suppress(OSError):
+                    _write(os.path.join(md, "memory.memsw.limit_in_bytes"), value)
+                _write(os.path.join(md, "memory.limit_in_bytes"), value)
                 # Without this the limit only covers RAM and the task can swap past it.
                 with contextlib.suppress(OSError):
-                    _write(os.path.join(md, "memory.memsw.limit_in_bytes"), str(memory_bytes))
-        if pids is not None:
+                    _write(os.path.join(md, "memory.memsw.limit_in_bytes"), value)
+        if pids is not None or old_pids is not None:
+            value = "max" if pids is None else str(pids)
             if "pids" in self.layout.v2_controllers:
-                _write(os.path.join(self.dirs["v2"], "pids.max"), str(pids))
+                _write(os.path.join(self.dirs["v2"], "pids.max"), value)
             elif "pids" in self.dirs:
-                _write(os.path.join(self.dirs["pids"], "pids.max"), str(pids))
+                _write(os.path.join(self.dirs["pids"], "pids.max"), value)
+        self._limits = (memory_bytes, pids)
 
     def enforces(self, controller: str) -> bool:
         if controller in self.layout.v2_controllers:
@@ -325,7 +355,11 @@ class TaskCgroup:
                 os.kill(pid, sig)
 
     def oom_kills(self) -> int:
-        """How many processes the kernel OOM-killed in this task's memory cgroup."""
+        """How many processes the kernel OOM-killed in this task's memory cgroup (this task's run)."""
+        return max(0, self._oom_count() - self._oom_base)
+
+    def _oom_count(self) -> int:
+        """The cgroup's cumulative oom-kill count."""
         try:
             if "memory" in self.layout.v2_controllers and "v2" in self.dirs:
                 return parse_flat_keyed(_read(os.path.join(self.dirs["v2"], "memory.events"))).get(

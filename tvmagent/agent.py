@@ -7,6 +7,8 @@ completion survives any number of reconnects until the coordinator acknowledges 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import hmac
 import logging
@@ -20,6 +22,7 @@ import ssl
 import stat
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -42,6 +45,9 @@ WALL_CLOCK_EXIT_CODE = 0xC000013A
 CLEANED_MARKER = ".tvm-cleaned"
 RETENTION_SUFFIX = ".tvm-retention"  # beside a finished task's directory: when it may be deleted
 MAX_READ = 4 * 1024 * 1024
+# A TaskStarted waits this long for a frame to share (a short task's TaskCompleted) before it goes alone.
+LAZY_SEND_S = 0.02
+REUSE_CGROUPS = 64
 
 
 # A link that stayed up this long resets the reconnect backoff when it drops.
@@ -98,6 +104,7 @@ class Agent(IsolationMixin):
         self.agent_id = opts.agent_id or self._load_agent_id()
         self.session = LinkSession(agent_codec())
         self.wake = trio.Event()
+        self._lazy_wake = trio.Event()
         self.tvm: TvmIdentity | None = None
         self.running: dict[str, _Running] = {}
         # task key -> (attempt, seq of its TaskCompleted) until the coordinator acknowledges it
@@ -105,7 +112,9 @@ class Agent(IsolationMixin):
         self.deferred_runs: dict[str, pm.TaskSpec] = {}  # key -> new attempt waiting for the old run
         self.retention: dict[str, float] = {}  # task key -> unix time its directory may be deleted
         self.caps = SandboxCapabilities.detect()
-        self.sandbox = Sandbox(self.caps, cgroup_prefix=f"tvm-{self.agent_id[:12]}")
+        # Task cgroups are kept and reused (emptied) up to REUSE_CGROUPS: cgroupfs mkdir/rmdir per task
+        # cost more than the rest of a short task's set-up.
+        self.sandbox = Sandbox(self.caps, cgroup_prefix=f"tvm-{self.agent_id[:12]}", reuse_cgroups=REUSE_CGROUPS)
         # Issue 8: TLS trust, per-agent credential, task users, port fence, remote-login users.
         self.ssl_context: ssl.SSLContext | None = None
         if opts.ca_file:
@@ -191,11 +200,15 @@ class Agent(IsolationMixin):
             log.warning("sandbox: task isolation is off: tasks run as the agent's user (root)")
         for line in self._describe_ports():
             log.info("ports: %s", line)
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._retention_loop)
-            task_status.started()
-            await self._connect_loop()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._retention_loop)
+                nursery.start_soon(self._lazy_sender)
+                task_status.started()
+                await self._connect_loop()
+        finally:
+            self.sandbox.close()  # the idle task cgroups kept for reuse
 
     def send(self, msg: pm.Msg) -> None:
         self.session.send(msg)
@@ -444,16 +457,11 @@ class Agent(IsolationMixin):
                 failure = await self._fetch_files(st.resource_files, wd)
                 code = -1
                 if failure is None and not run.cancelled:
-                    lease = await self._lease_for(self.tvm.start_dir, st.run_elevated, mode=0o750)
-                    try:
-                        outcome, _ = await self._spawn(
-                            st.command_line, wd, start_task_env(self.tvm, st.env),
-                            os.path.join(self.tvm.start_dir, "stdout.txt"),
-                            os.path.join(self.tvm.start_dir, "stderr.txt"), "starttask", run, st.run_elevated,
-                            run_as=lease.user if lease else None)
-                    finally:
-                        if lease is not None:
-                            lease.release()
+                    outcome, _ = await self._spawn(
+                        st.command_line, wd, start_task_env(self.tvm, st.env),
+                        os.path.join(self.tvm.start_dir, "stdout.txt"),
+                        os.path.join(self.tvm.start_dir, "stderr.txt"), "starttask", run, st.run_elevated,
+                        lease_dir=self.tvm.start_dir, lease_mode=0o750, hand_back=False)
                     code = outcome.exit_code
                     if outcome.reason == "launch_failed":
                         failure = pm.Failure(category="UserError", code="CommandLaunchFailed",
@@ -511,6 +519,7 @@ class Agent(IsolationMixin):
     async def _wipe(self) -> None:
         self.deferred_runs.clear()
         await self._kill_all("TVM removed")
+        self.sandbox.close()
         self.tvm = None
         self._setup_replies = []
         self._task_memory_limit = 0
@@ -542,7 +551,11 @@ class Agent(IsolationMixin):
 
     async def _spawn(self, command_line: str, cwd: str, env: dict[str, str], out: str, err: str, name: str,
                      running: _Running | None, elevated: bool, wall: float = 0.0,
-                     run_as: str | None = None):  # noqa: ANN202
+                     setup: Callable[[], None] | None = None, lease_dir: str = "", lease_mode: int = 0o700,
+                     hand_back: bool = True, announce: pm.TaskSpec | None = None):  # noqa: ANN202
+        """Run one command to its end. The blocking set-up — `setup()` (directories), fresh output
+        files, a task user's lease for `lease_dir` (issue 8), cgroup, fork/exec — is one worker-thread
+        call; `announce`: send its TaskStarted once the process runs (lazily, see `_send_lazily`)."""
         try:
             argv = shlex.split(command_line)
         except ValueError as exc:
@@ -553,33 +566,69 @@ class Agent(IsolationMixin):
         from .sandbox import ProcessOutcome
 
         if not argv:
+            if setup is not None:
+                setup()
             now_dt = _now_dt()
             return ProcessOutcome(exit_code=-1, reason="launch_failed", message=f"cannot parse command line: {bad}",
                                   start_time=now_dt, end_time=now_dt, pid=None), False
-        for p in (out, err):
-            with open(p, "wb"):
-                pass  # a retry starts with fresh output files
+        leases: list[isolation.SlotLease | None] = []
+
+        def prepare(spec: ProcessSpec) -> ProcessSpec:  # runs in the sandbox's worker thread
+            if setup is not None:
+                setup()
+            for p in (out, err):
+                with open(p, "wb"):
+                    pass  # a retry starts with fresh output files
+            if lease_dir:
+                lease = self._lease_now(lease_dir, elevated, lease_mode)
+                leases.append(lease)
+                if lease is not None:
+                    spec = dataclasses.replace(spec, run_as=lease.user)
+            return spec
+
         spec = ProcessSpec(argv=argv, cwd=cwd, env=env, stdout_path=out, stderr_path=err,
-                           run_as=None if elevated else (run_as or self.opts.task_user or None),
+                           run_as=None if elevated else (self.opts.task_user or None),
                            use_bwrap=self.opts.use_bwrap or self._pool_bwrap, name=name,
                            **self._bwrap_paths(),
                            memory_limit_bytes=self._task_memory_limit or None)
-        proc = await self.sandbox.start(spec)
-        if running is not None:
-            running.process = proc
-            if running.cancelled:
-                proc.kill()
-        timed_out = False
-        if wall > 0:
-            with trio.move_on_after(wall) as cs:
+        try:
+            proc = await self.sandbox.start(spec, prepare)
+            if announce is not None and proc.pid is not None:
+                self._send_lazily(pm.TaskStarted(key=announce.key, attempt=announce.attempt,
+                                                 start_time=proc.start_time.timestamp()))
+            if running is not None:
+                running.process = proc
+                if running.cancelled:
+                    proc.kill()
+            timed_out = False
+            if wall > 0:
+                with trio.move_on_after(wall) as cs:
+                    outcome = await proc.wait()
+                if cs.cancelled_caught:
+                    timed_out = True
+                    proc.kill()
+                    outcome = await proc.wait()
+            else:
                 outcome = await proc.wait()
-            if cs.cancelled_caught:
-                timed_out = True
-                proc.kill()
-                outcome = await proc.wait()
-        else:
-            outcome = await proc.wait()
+        finally:
+            if leases and hand_back:
+                await self._return_lease(leases[0], lease_dir)
+            elif leases and leases[0] is not None:
+                leases[0].release()  # the start task's directory stays its user's (0750, group readable)
         return outcome, timed_out
+
+    def _send_lazily(self, msg: pm.Msg) -> None:
+        """Queue a message that need not travel alone: it leaves with the next frame (a quick task's
+        TaskCompleted), or at most LAZY_SEND_S later. One frame per short task instead of two."""
+        self.session.send(msg)
+        self._lazy_wake.set()
+
+    async def _lazy_sender(self) -> None:
+        while True:
+            await self._lazy_wake.wait()
+            self._lazy_wake = trio.Event()
+            await trio.sleep(LAZY_SEND_S)
+            self.wake.set()
 
     async def _run_task(self, spec: pm.TaskSpec) -> None:
         running = self.running[spec.key]
@@ -593,20 +642,21 @@ class Agent(IsolationMixin):
         wd = os.path.join(tdir, "wd")
         start = time.time()
         try:
-            _prepare_task_dir(tdir, wd)
-            self.send(pm.TaskStarted(key=spec.key, attempt=spec.attempt, start_time=start))
-            failure = await self._fetch_files(spec.resource_files, wd)
+            failure = None
+            if spec.resource_files:
+                # Running from here on (downloads count as the task's run); the spawn's own thread
+                # call repeats the (idempotent) directory set-up.
+                await trio.to_thread.run_sync(_prepare_task_dir, tdir, wd)
+                self.send(pm.TaskStarted(key=spec.key, attempt=spec.attempt, start_time=start))
+                failure = await self._fetch_files(spec.resource_files, wd)
             exit_code = -1
             if failure is None and not running.cancelled:
                 # Issue 8: a uid of its own; its directory 0700 to it, handed back to root afterwards.
-                lease = await self._lease_for(tdir, spec.run_elevated, mode=0o700)
-                try:
-                    outcome, timed_out = await self._spawn(
-                        spec.command_line, wd, task_env(tvm, spec), os.path.join(tdir, "stdout.txt"),
-                        os.path.join(tdir, "stderr.txt"), _cg_name(spec), running, spec.run_elevated,
-                        spec.max_wall_clock_s, run_as=lease.user if lease else None)
-                finally:
-                    await self._return_lease(lease, tdir)
+                outcome, timed_out = await self._spawn(
+                    spec.command_line, wd, task_env(tvm, spec), os.path.join(tdir, "stdout.txt"),
+                    os.path.join(tdir, "stderr.txt"), _cg_name(spec), running, spec.run_elevated,
+                    spec.max_wall_clock_s, setup=functools.partial(_prepare_task_dir, tdir, wd),
+                    lease_dir=tdir, lease_mode=0o700, announce=None if spec.resource_files else spec)
                 exit_code = outcome.exit_code
                 start = outcome.start_time.timestamp()
                 if timed_out:

@@ -19,7 +19,7 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -389,6 +389,7 @@ class Sandbox:
         caps: SandboxCapabilities,
         cgroup_prefix: str = "tvm",
         kill_grace: float = KILL_GRACE_SECONDS,
+        reuse_cgroups: int = 0,
     ) -> None:
         if not isinstance(cgroup_prefix, str) or not cgroup_prefix:
             raise ValueError("cgroup_prefix must be a non-empty string")
@@ -396,9 +397,16 @@ class Sandbox:
             raise ValueError(f"cgroup_prefix {cgroup_prefix!r} may only hold [A-Za-z0-9_.-]")
         if not (isinstance(kill_grace, int | float) and 0 <= kill_grace < math.inf):
             raise ValueError(f"kill_grace must be a finite number >= 0, not {kill_grace!r}")
+        if not isinstance(reuse_cgroups, int) or isinstance(reuse_cgroups, bool) or reuse_cgroups < 0:
+            raise ValueError(f"reuse_cgroups must be an int >= 0, not {reuse_cgroups!r}")
         self.caps = caps
         self.cgroup_prefix = cgroup_prefix
         self.kill_grace = float(kill_grace)
+        # Emptied task cgroups kept for the next task (up to this many): mkdir/rmdir in cgroupfs
+        # cost more than the rest of a short task's setup. 0: one fresh cgroup per task.
+        self.reuse_cgroups = reuse_cgroups
+        self._idle_cgroups: dict[tuple[str, ...], list[_cgroups.TaskCgroup]] = {}
+        self.inline = False
 
     async def reap_stale(self) -> list[str]:
         """Kill and remove task cgroups left under our prefix by a previous (crashed) agent.
@@ -413,15 +421,52 @@ class Sandbox:
             await trio.sleep(0.05)
         return pending
 
-    async def start(self, spec: ProcessSpec) -> RunningProcess:
+    async def start(
+        self, spec: ProcessSpec, prepare: Callable[[ProcessSpec], ProcessSpec] | None = None
+    ) -> RunningProcess:
+        """Start ``spec``. Everything blocking (the caller's ``prepare``, output files, cgroup
+        set-up, fork/exec) happens in ONE worker-thread call: thread hops, not the work, dominated
+        the cost of short tasks. ``prepare`` may return an updated spec (e.g. its ``run_as``);
+        its exceptions other than LaunchError propagate."""
         start_time = _utcnow()
-        fds: list[int] = []
-        cgroup: _cgroups.TaskCgroup | None = None
+        cgroup = self._take_cgroup(spec)
         try:
-            # Local files, /proc and cgroupfs only: quick enough to do on the event loop.
-            plan, fds, cgroup = self._prepare(spec)
+            if self.inline:
+                popen = self._launch(spec, prepare, cgroup)
+            else:
+                popen = await trio.to_thread.run_sync(self._launch, spec, prepare, cgroup)
+        except LaunchError as e:
+            return RunningProcess._failed(str(e), start_time)
+        except BaseException:
+            if cgroup is not None:
+                self._discard_cgroup(cgroup)
+            raise
+        proc = trio.Process._create(popen, None, None, None)  # what trio.lowlevel.open_process does
+        enforced = cgroup is not None and cgroup.enforces("memory")
+        return RunningProcess(
+            proc=proc,
+            cgroup=cgroup,
+            start_time=start_time,
+            grace=self.kill_grace,
+            memory_limit=spec.memory_limit_bytes,
+            watchdog_limit=None if enforced else spec.memory_limit_bytes,
+            release=self._release_cgroup,
+        )
+
+    def _launch(
+        self,
+        spec: ProcessSpec,
+        prepare: Callable[[ProcessSpec], ProcessSpec] | None,
+        cgroup: _cgroups.TaskCgroup | None,
+    ) -> subprocess.Popen[bytes]:
+        """(worker thread) prepare + spawn; on LaunchError the cgroup is given back or removed."""
+        fds: list[int] = []
+        try:
+            if prepare is not None:
+                spec = prepare(spec)
+            plan, fds = self._prepare(spec, cgroup)
             try:
-                proc = await trio.lowlevel.open_process(
+                return subprocess.Popen(
                     plan.argv,
                     executable=plan.executable,
                     stdin=subprocess.DEVNULL,
@@ -434,39 +479,73 @@ class Sandbox:
                 )
             except (OSError, subprocess.SubprocessError) as e:
                 raise LaunchError(_os_error_text(e)) from e
-        except LaunchError as e:
+        except LaunchError:
             if cgroup is not None:
-                cgroup.remove()
-            return RunningProcess._failed(str(e), start_time)
+                self._discard_cgroup(cgroup)
+            raise
         finally:
             for fd in fds:
                 os.close(fd)  # the child holds its own copies
-        enforced = cgroup is not None and cgroup.enforces("memory")
-        return RunningProcess(
-            proc=proc,
-            cgroup=cgroup,
-            start_time=start_time,
-            grace=self.kill_grace,
-            memory_limit=spec.memory_limit_bytes,
-            watchdog_limit=None if enforced else spec.memory_limit_bytes,
-        )
 
-    def _prepare(self, spec: ProcessSpec) -> tuple[Plan, list[int], _cgroups.TaskCgroup | None]:
-        """Everything before the spawn; raises LaunchError and leaves nothing behind."""
+    def _needs(self, spec: ProcessSpec) -> tuple[str, ...]:
+        """Hierarchies a task needs: v2 (whole-tree kill) always; a v1 controller only for its limit
+        (every v1 one when there is no v2 to track the tree)."""
+        lay = self.caps.layout
+        keys = ["v2"] if lay.v2_base is not None else []
+        for c in lay.v1_bases:
+            if lay.v2_base is None or (c == "memory" and spec.memory_limit_bytes is not None) or (
+                c == "pids" and spec.pids_limit is not None
+            ):
+                keys.append(c)
+        return tuple(keys)
+
+    def _take_cgroup(self, spec: ProcessSpec) -> _cgroups.TaskCgroup | None:
+        """An idle cgroup with the same hierarchies, else a new (not yet created) one."""
+        if not self.caps.layout.usable:
+            return None
+        keys = self._needs(spec)
+        idle = self._idle_cgroups.get(keys)
+        if idle:
+            return idle.pop()
+        return _cgroups.TaskCgroup(self.caps.layout, self.cgroup_prefix, spec.name, keys=keys)
+
+    def _release_cgroup(self, cgroup: _cgroups.TaskCgroup) -> list[str]:
+        """The task's tree is gone: keep its cgroup for the next task, or remove it."""
+        idle = self._idle_cgroups.setdefault(cgroup.keys, [])
+        if cgroup.created and len(idle) < self.reuse_cgroups:
+            idle.append(cgroup)
+            return []
+        return cgroup.remove()
+
+    def _discard_cgroup(self, cgroup: _cgroups.TaskCgroup) -> None:
+        if cgroup.created:
+            cgroup.remove()
+
+    def close(self) -> list[str]:
+        """Remove the idle cgroups kept for reuse; returns the ones that could not be removed."""
+        failures: list[str] = []
+        for idle in self._idle_cgroups.values():
+            while idle:
+                failures += idle.pop().remove()
+        return failures
+
+    def _prepare(
+        self, spec: ProcessSpec, cgroup: _cgroups.TaskCgroup | None
+    ) -> tuple[Plan, list[int]]:
+        """Everything before the spawn; raises LaunchError and leaves no fd behind."""
         user_ids = self._user_ids(spec)
         exe = resolve_executable(spec.argv[0], spec.env.get("PATH"), spec.cwd)
         if not os.path.isdir(spec.cwd):
             raise LaunchError(f"No such directory: working directory {spec.cwd!r}")
         fds: list[int] = []
-        cgroup: _cgroups.TaskCgroup | None = None
         try:
             fds.append(_open_output(spec.stdout_path, user_ids))
             fds.append(_open_output(spec.stderr_path, user_ids))
-            if self.caps.layout.usable:
-                cgroup = _cgroups.TaskCgroup(self.caps.layout, self.cgroup_prefix, spec.name)
+            if cgroup is not None:
                 try:
-                    cgroup.create()
-                    cgroup.set_limits(spec.memory_limit_bytes, spec.pids_limit)
+                    if not cgroup.created:
+                        cgroup.create()
+                    cgroup.rearm(spec.memory_limit_bytes, spec.pids_limit)
                 except OSError as e:
                     raise LaunchError(f"cannot set up the task cgroup: {e}") from e
             bwrap = None
@@ -478,10 +557,8 @@ class Sandbox:
         except BaseException:
             for fd in fds:
                 os.close(fd)
-            if cgroup is not None:
-                cgroup.remove()
             raise
-        return plan, fds, cgroup
+        return plan, fds
 
     def _user_ids(self, spec: ProcessSpec) -> tuple[int, int] | None:
         if spec.run_as is None or not self.caps.can_switch_user:
@@ -523,6 +600,7 @@ class RunningProcess:
         memory_limit: int | None = None,
         watchdog_limit: int | None = None,
         launch_error: str | None = None,
+        release: Callable[[_cgroups.TaskCgroup], list[str]] | None = None,
     ) -> None:
         self.pid: int | None = proc.pid if proc is not None else None
         self.start_time = start_time
@@ -532,6 +610,8 @@ class RunningProcess:
         self._memory_limit = memory_limit
         self._watchdog_limit = watchdog_limit
         self._launch_error = launch_error
+        # Called with the cgroup once the tree is gone (the sandbox keeps or removes it).
+        self._release = release or _cgroups.TaskCgroup.remove
         self._killed = False  # kill() while the main process was alive
         self._kill_deadline: float | None = None  # trio time at which SIGKILL is due
         self._sigkill_sent = False
@@ -674,7 +754,7 @@ class RunningProcess:
             if self._tree_pids():
                 problems.append("some processes of the task could not be killed")
             else:
-                problems += [f"cgroup not removed: {f}" for f in self._cgroup.remove()]
+                problems += [f"cgroup not removed: {f}" for f in self._release(self._cgroup)]
         limit = format_bytes(self._memory_limit) if self._memory_limit else "?"
         if self._watchdog_oom or (oom_kills and exit_code != 0):
             reason = "oom"

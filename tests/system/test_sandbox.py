@@ -375,6 +375,45 @@ async def test_reap_stale_cgroups_of_a_crashed_agent(
     assert not alive(rp.pid)
 
 
+async def test_reused_cgroups_start_clean_and_close_removes_them(
+    caps: SandboxCapabilities, tmp_path: Path
+) -> None:
+    """Issue 10: an agent keeps emptied task cgroups for the next task. A reused one must not leak
+    the previous task's oom kills or limits, must still catch a setsid escapee, and `close()`
+    removes what is kept."""
+    require_memory_cgroup(caps)
+    sb = Sandbox(caps, cgroup_prefix=f"tvmtest-reuse-{os.getpid()}", kill_grace=1.0, reuse_cgroups=1)
+    try:
+        hog = await sb.start(mkspec(tmp_path, [sys.executable, "-c", HOG], memory_limit_bytes=64 << 20))
+        first = hog._cgroup
+        assert first is not None
+        with trio.fail_after(20):
+            assert (await hog.wait()).reason == "oom"
+        dirs = list(first.dirs.values())
+        assert all(exists(d) for d in dirs)  # kept, not removed
+        # The next task gets the same cgroup, a larger limit and a zero oom count.
+        rp = await sb.start(mkspec(tmp_path, ["sh", "-c", "exit 3"], memory_limit_bytes=128 << 20))
+        assert rp._cgroup is first
+        mem = first.dirs.get("v2") if "memory" in caps.layout.v2_controllers else first.dirs["memory"]
+        limit_file = "memory.max" if "memory" in caps.layout.v2_controllers else "memory.limit_in_bytes"
+        assert int(Path(mem, limit_file).read_text()) == 128 << 20
+        out = await rp.wait()
+        assert (out.reason, out.exit_code) == ("exited", 3), out.message
+        assert "memory" not in out.message
+        # A setsid escapee in a reused cgroup is still found and killed.
+        pidfile = tmp_path / "escapee.pid"
+        script = f"setsid sh -c 'echo $$ > {pidfile}; sleep 100' & sleep 100"
+        rp = await sb.start(mkspec(tmp_path, ["sh", "-c", script], memory_limit_bytes=128 << 20))
+        assert rp._cgroup is first
+        (escapee,) = await read_pids(pidfile, 1)
+        await wait_with_deadline(rp, 0.2)
+        assert (await rp.wait()).reason == "killed"
+        assert not alive(escapee)
+    finally:
+        assert sb.close() == []
+    assert not any(exists(d) for d in dirs)
+
+
 # ------------------------------------------------------------------ limits
 
 HOG = "x = 'a' * (300 << 20); import time; time.sleep(30)"
