@@ -28,9 +28,9 @@ import shutil
 import ssl
 import time
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx2
 import trio
 
 from protocol.paths import validate_relative_path
@@ -189,21 +189,34 @@ class DownloadCache:
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(self._tmp, name))
         self._limiter = trio.CapacityLimiter(max_concurrency)
-        self._client = httpx2.AsyncClient(
-            timeout=httpx2.Timeout(http_timeout),
-            limits=httpx2.Limits(
-                max_connections=max_concurrency, max_keepalive_connections=max_concurrency
-            ),
-            follow_redirects=True,
-            verify=verify,
-        )
+        # The HTTP client (and httpx2, ~2.4 MiB of imports) only once something is downloaded:
+        # most agents' tasks have no resource files, and idle agent RSS counts (issue 10).
+        self._client_args = (http_timeout, max_concurrency, verify)
+        self._client_obj: Any = None
         self._inflight: dict[str, _Flight] = {}
         self._in_use: dict[str, int] = {}
         self._closed = False
 
+    @property
+    def _client(self) -> Any:  # httpx2.AsyncClient
+        if self._client_obj is None:
+            import httpx2
+
+            http_timeout, max_concurrency, verify = self._client_args
+            self._client_obj = httpx2.AsyncClient(
+                timeout=httpx2.Timeout(http_timeout),
+                limits=httpx2.Limits(
+                    max_connections=max_concurrency, max_keepalive_connections=max_concurrency
+                ),
+                follow_redirects=True,
+                verify=verify,
+            )
+        return self._client_obj
+
     async def aclose(self) -> None:
         self._closed = True
-        await self._client.aclose()
+        if self._client_obj is not None:
+            await self._client_obj.aclose()
 
     async def fetch(
         self,
@@ -407,8 +420,11 @@ class DownloadCache:
         received = 0
         # identity: the bytes must land exactly as stored, not transparently decompressed.
         request_headers = {"Accept-Encoding": "identity", **headers}
+        client = self._client
+        import httpx2  # already imported by `_client`
+
         try:
-            async with self._client.stream("GET", url, headers=request_headers) as resp:
+            async with client.stream("GET", url, headers=request_headers) as resp:
                 if resp.status_code != 200:
                     raise status_error(resp.status_code, shown)
                 announced = resp.headers.get("content-length", "")
