@@ -48,6 +48,7 @@ async def run_one(k: int, n: int, slots: int, size: str, concurrency: int, fill:
                     done = time.time()
                     cpu = time.process_time() - cpu0
                     sims_cpu = proc_cpu(sims.pid) - sims0
+                    sub_cpu = proc_cpu(sub.pid)  # exited or about to: a zombie's /proc entry still counts
                     out, _ = await trio.to_thread.run_sync(sub.communicate)
                 finally:
                     stop(sub)
@@ -55,7 +56,8 @@ async def run_one(k: int, n: int, slots: int, size: str, concurrency: int, fill:
                 if times.get("failures"):
                     raise RuntimeError(f"{times['failures']} tasks were refused")
                 return {"elapsed": done - times["first"], "submit_s": times["last"] - times["first"],
-                        "commits": svc.journal.commits - commits0, "cpu": cpu, "sims_cpu": sims_cpu}
+                        "commits": svc.journal.commits - commits0, "cpu": cpu, "sims_cpu": sims_cpu,
+                        "sub_cpu": sub_cpu}
             finally:
                 stop(sims)
 
@@ -85,7 +87,8 @@ def main() -> None:
                            "submit_concurrency": a.concurrency, "fill": a.fill}, rate, "tasks/s")
         say(f"placement: K={k} agents x {a.slots} slots, {n} tasks: {rate:,.0f} tasks/s "
             f"({r['elapsed']:.2f} s; submitting alone took {r['submit_s']:.2f} s; {r['commits']} journal commits; "
-            f"CPU per task: coordinator {r['cpu'] / n * 1e6:.0f} µs, simulated agents {r['sims_cpu'] / n * 1e6:.0f} µs; "
+            f"CPU per task: coordinator {r['cpu'] / n * 1e6:.0f} µs, simulated agents {r['sims_cpu'] / n * 1e6:.0f} µs, "
+            f"submitter {r['sub_cpu'] / n * 1e6:.0f} µs; "
             f"load average {os.getloadavg()[0]:.1f})")
 
 

@@ -136,6 +136,12 @@ async def _writer(link: AgentLink, connection_id: int, send: Callable, scope: tr
                 link.wake = trio.Event()
                 continue
         ack_waited = False
+        # Let the tasks woken with us (other REST adds, other frames' placements) queue their
+        # messages first: under `spread` every add deals one task to each TVM, and one frame for
+        # two adds costs half of two frames (placement K=100: frames out 13-16k -> 7-13k).
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        if link.connection_id != connection_id:
+            break  # a newer connection took the session over: its writer sends from here on
         frame = session.next_frame()
         if frame is None:
             continue
