@@ -289,10 +289,18 @@ class Agent(IsolationMixin):
                     data = await ws.get_message()
                     if isinstance(data, str):
                         raise ProtocolError("text frame from coordinator")
+                    only_runs = True
                     for r in self.session.receive_frame(data):
                         self.session.confirm(r.seq)
                         self._handle(r.msg)
-                    self.wake.set()
+                        only_runs = only_runs and isinstance(r.msg, pm.RunTask)
+                    if only_runs:
+                        # Nobody waits for the acknowledgement of a RunTask: it rides on the task's
+                        # TaskStarted/TaskCompleted frame instead of costing both sides a frame of its
+                        # own. Anything else (Ping: the coordinator times the link) is acked now.
+                        self._lazy_wake.set()
+                    else:
+                        self.wake.set()
 
     async def _writer(self, ws) -> None:  # noqa: ANN001 - trio_websocket.WebSocketConnection
         while True:
