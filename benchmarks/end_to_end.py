@@ -3,11 +3,16 @@
 in the same run: a plain loop of `/bin/true` spawns (subprocess, wait) with the same concurrency
 (4 = 2 agents x 2 slots) and no coordinator.
 
-    python -m benchmarks.end_to_end [--quick] [--tasks 2000]
+The agents run as root, so by default each task runs as its own Linux user (`--task-isolation
+users`: a `setpriv` exec and a chown of the task directory per task, which the raw loop does not
+do); `--task-isolation none` runs tasks as the agent's user. Both keep the per-task cgroup.
+
+    python -m benchmarks.end_to_end [--quick] [--tasks 2000] [--task-isolation users|none]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import tempfile
@@ -72,19 +77,29 @@ async def run(n: int) -> float:
     return n / elapsed
 
 
+def _options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", type=int, default=0)
+    p.add_argument("--task-isolation", choices=("users", "none"), default="users",
+                   help="how the (root) agents run tasks: each as its own Linux user, or as root")
+
+
 def main() -> None:
-    a = args(__doc__ or "", lambda p: p.add_argument("--tasks", type=int, default=0))
+    a = args(__doc__ or "", _options)
+    # The agents read it at start (child_env copies this process's environment).
+    os.environ["TVM_AGENT_TASK_ISOLATION"] = a.task_isolation
     n = a.tasks or (200 if a.quick else 3000)
     concurrency = AGENTS * SLOTS
     raw_before = raw_spawn_rate(n, concurrency)
     rate = trio.run(run, n)
     raw_after = raw_spawn_rate(n, concurrency)
     raw = (raw_before + raw_after) / 2  # measured on both sides of the run: drift shows up in the spread
-    params = {"tasks": n, "agents": AGENTS, "slots_per_agent": SLOTS, "command": "/bin/true"}
+    params = {"tasks": n, "agents": AGENTS, "slots_per_agent": SLOTS, "command": "/bin/true",
+              "task_isolation": a.task_isolation}
     emit("end_to_end", params, rate, "tasks/s")
     emit("raw_spawn", {"spawns": n, "concurrency": concurrency, "command": "/bin/true"}, raw, "tasks/s")
     emit("end_to_end_ratio", params, rate / raw, "ratio")
-    say(f"end_to_end: {n} tasks of /bin/true on {AGENTS} agents x {SLOTS} slots: {rate:,.0f} tasks/s; "
+    say(f"end_to_end: {n} tasks of /bin/true on {AGENTS} agents x {SLOTS} slots, task isolation "
+        f"{a.task_isolation}: {rate:,.0f} tasks/s; "
         f"raw spawn {raw:,.0f}/s (before {raw_before:,.0f}, after {raw_after:,.0f}); ratio {rate / raw:.2f}")
 
 

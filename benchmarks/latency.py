@@ -5,11 +5,12 @@ submit = client clock just before the POST; start = the agent's report of the pr
 host, same clock); complete = the moment the coordinator's record shows the task completed (polled
 every 0.2 ms in this process, which hosts the coordinator).
 
-    python -m benchmarks.latency [--quick] [--tasks 1000]
+    python -m benchmarks.latency [--quick] [--tasks 1000] [--task-isolation users|none]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 import time
@@ -51,15 +52,23 @@ async def run(n: int) -> tuple[list[float], list[float]]:
     return starts, completes
 
 
+def _options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", type=int, default=0)
+    p.add_argument("--task-isolation", choices=("users", "none"), default="users",
+                   help="how the (root) agents run tasks: each as its own Linux user, or as root")
+
+
 def main() -> None:
-    a = args(__doc__ or "", lambda p: p.add_argument("--tasks", type=int, default=0))
+    a = args(__doc__ or "", _options)
+    os.environ["TVM_AGENT_TASK_ISOLATION"] = a.task_isolation  # read by the agents at start
     n = a.tasks or (50 if a.quick else 1000)
     starts, completes = trio.run(run, n)
-    params = {"tasks": n, "agents": 2, "slots_per_agent": 2, "command": "/bin/true"}
+    params = {"tasks": n, "agents": 2, "slots_per_agent": 2, "command": "/bin/true",
+              "task_isolation": a.task_isolation}
     for label, values in (("submit_to_start", starts), ("submit_to_complete", completes)):
         for q in (50, 99):
             emit(f"latency_{label}_p{q}", params, percentile(values, q), "ms")
-    say(f"latency over {n} single tasks: submit→start p50 {percentile(starts, 50):.2f} ms, "
+    say(f"latency over {n} single tasks (task isolation {a.task_isolation}): submit→start p50 {percentile(starts, 50):.2f} ms, "
         f"p99 {percentile(starts, 99):.2f} ms; submit→complete p50 {percentile(completes, 50):.2f} ms, "
         f"p99 {percentile(completes, 99):.2f} ms")
 
