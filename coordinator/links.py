@@ -82,6 +82,7 @@ async def serve_agent(svc: CoordinatorService, scope: dict, receive: Callable, s
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_writer, link, connection_id, send, nursery.cancel_scope)
+                nursery.start_soon(svc.ack_committed, link, connection_id)
                 while True:
                     data = await _receive_bytes(receive)
                     received = link.session.receive_frame(data)

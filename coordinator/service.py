@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,9 @@ from .store import Journal, SqliteStore, Ticket
 log = logging.getLogger("tvm.coordinator")
 
 
+MAX_PENDING_ACKS = 64  # frames a link's reader may apply ahead of their commit
+
+
 class AgentLink:
     """One agent's session plus, while connected, the means to write frames to it."""
 
@@ -39,6 +43,9 @@ class AgentLink:
         self.connected = False
         self.close_request: tuple[int, str] | None = None
         self.connection_id = 0
+        # (journal barrier, seq): frames applied but not yet durable, acknowledged in this order.
+        self.pending_acks: deque[tuple[Ticket, int]] = deque()
+        self.acks_wake = trio.Event()
 
     def poke(self) -> None:
         self.wake.set()
@@ -210,6 +217,7 @@ class CoordinatorService:
                 self.links[hello.agent_id] = link
             else:
                 link.session = session
+                link.pending_acks.clear()  # sequence numbers of the old session
         else:
             link.session.resume(hello.last_received)
         link.connection_id += 1
@@ -244,7 +252,11 @@ class CoordinatorService:
                  extra={"tvm": tvm} if tvm else None)
 
     async def agent_batch(self, link: AgentLink, received: list[Any]) -> None:
-        """Messages from one frame: apply, commit, then acknowledge."""
+        """Messages from one frame: apply, submit the writes, and queue the acknowledgement for
+        when everything submitted so far is durable (`ack_committed`). The link's reader does not
+        wait for the commit: a reader that waited let an agent's frames queue up behind every
+        commit, and a long queue then drained at one or two tasks per frame and per commit. Only
+        a reader far ahead of the disk (MAX_PENDING_ACKS frames) waits."""
         core = self.core
         self.monitor.on_frame(link.agent_id, link.session.session_id, link.session.peer_acked)
         for r in received:
@@ -257,12 +269,34 @@ class CoordinatorService:
                 continue
             core.agent_message(link.agent_id, msg)
         core.schedule()
-        ticket = self._dispatch(core.take_effects())
+        self._dispatch(core.take_effects())
         if received:
-            last = received[-1].seq
-            await ticket.wait()
-            link.session.confirm(last)
-            link.poke()
+            # Not this frame's own ticket: a frame without writes must not be acknowledged before
+            # the writes of earlier frames (its seq acknowledges theirs too).
+            barrier = self.journal.barrier()
+            if barrier.done and not link.pending_acks:
+                link.session.confirm(received[-1].seq)
+                link.poke()
+                return
+            link.pending_acks.append((barrier, received[-1].seq))
+            link.acks_wake.set()
+            if len(link.pending_acks) > MAX_PENDING_ACKS:
+                await link.pending_acks[0][0].wait()
+
+    async def ack_committed(self, link: AgentLink, connection_id: int) -> None:
+        """Per connection: acknowledge applied frames as their commits finish, in order. A failed
+        commit raises here and closes the link, so what it held is never acknowledged."""
+        while True:
+            while link.pending_acks:
+                barrier, seq = link.pending_acks[0]
+                await barrier.wait()
+                if link.connection_id != connection_id:
+                    return  # a newer connection's acker took over
+                link.pending_acks.popleft()
+                link.session.confirm(seq)
+                link.poke()
+            await link.acks_wake.wait()
+            link.acks_wake = trio.Event()
 
     async def ask_agent_files(self, agent_id: str, request: pm.FileRequest, timeout: float = 30.0) -> pm.FileResponse | None:
         link = self.links.get(agent_id)

@@ -49,3 +49,30 @@ async def test_put_meta_is_committed_with_the_batch(tmp_path) -> None:
     assert again.all_meta()["agentcred:a1"] == "pending:abc"
     assert not list(again.load())  # a meta row is not an object
     again.close()
+
+
+async def test_agent_frame_is_acked_only_after_earlier_writes_commit(tmp_path) -> None:
+    """The link's reader does not wait for commits (pipelined acks), so the ack of a frame without
+    writes of its own (a heartbeat) must still wait for the writes submitted before it."""
+    from coordinator.service import CoordinatorService
+    from protocol import messages as pm
+    from protocol.session import Received
+
+    svc = CoordinatorService(str(tmp_path / "state"))
+    link, _ = svc.link_for(pm.Hello(agent_id="a1", token="x"))
+    svc.journal.submit([Write("task", "wi/j/t1", b"x")])  # e.g. the previous frame's completion
+    link.session.received = 1  # seq 1 arrived: a heartbeat
+    await svc.agent_batch(link, [Received(1, pm.Heartbeat())])
+    assert link.session.confirmed == 0  # applied, but not acknowledged before the commit
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(svc.ack_committed, link, link.connection_id)
+        await trio.sleep(0.05)
+        assert link.session.confirmed == 0  # the journal has not run yet
+        nursery.start_soon(svc.journal.run)
+        with trio.fail_after(10):
+            while link.session.confirmed < 1:  # the acker pokes the link's writer
+                await link.wake.wait()
+                link.wake = trio.Event()
+        assert [r[1] for r in svc.store.load()] == ["wi/j/t1"]
+        nursery.cancel_scope.cancel()
+    svc.close()
