@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import hmac
@@ -44,6 +45,7 @@ log = logging.getLogger("tvm.agent")
 WALL_CLOCK_EXIT_CODE = 0xC000013A
 CLEANED_MARKER = ".tvm-cleaned"
 RETENTION_SUFFIX = ".tvm-retention"  # beside a finished task's directory: when it may be deleted
+RETENTION_XATTR = "user.tvm.retention"  # the same on the directory itself, where xattrs work
 MAX_READ = 4 * 1024 * 1024
 # A TaskStarted waits this long for a frame to share (a short task's TaskCompleted) before it goes alone.
 LAZY_SEND_S = 0.02
@@ -842,26 +844,45 @@ def _prepare_task_dir(tdir: str, wd: str) -> None:
     for suffix in (CLEANED_MARKER, RETENTION_SUFFIX):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tdir + suffix)
+    with contextlib.suppress(OSError):  # no such attribute / directory: the usual case
+        os.removexattr(tdir, RETENTION_XATTR)
     os.makedirs(wd, exist_ok=True)
 
 
 def _save_retention(tdir: str, deadline: float) -> None:
+    """Record the deadline where a restarted agent finds it: an extended attribute of the task
+    directory (no file to create: inode allocation was a visible share of a short task's cost),
+    else a file beside it (file systems without user xattrs)."""
+    value = f"{deadline!r}"
+    try:
+        os.setxattr(tdir, RETENTION_XATTR, value.encode())
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+            log.warning("cannot record the retention deadline of %s: %s", tdir, exc)
+            return  # the in-memory deadline still applies while this agent runs
     try:
         with open(tdir + RETENTION_SUFFIX + ".tmp", "w") as f:
-            f.write(f"{deadline!r}\n")
+            f.write(value + "\n")
         os.replace(tdir + RETENTION_SUFFIX + ".tmp", tdir + RETENTION_SUFFIX)
-    except OSError as exc:  # the in-memory deadline still applies while this agent runs
+    except OSError as exc:
         log.warning("cannot record the retention deadline of %s: %s", tdir, exc)
 
 
 def _load_retention(root: str) -> dict[str, float]:
-    """Task key -> deadline from the files `_save_retention` left under root/tasks/<wi>/<job>/."""
+    """Task key -> deadline from what `_save_retention` left under root/tasks/<wi>/<job>/."""
     out: dict[str, float] = {}
     base = os.path.join(root, "tasks")
     for dirpath, _dirs, files in os.walk(base):
         rel = os.path.relpath(dirpath, base).split(os.sep)
         if len(rel) != 2:
             continue
+        for name in _dirs:
+            try:
+                deadline = float(os.getxattr(os.path.join(dirpath, name), RETENTION_XATTR))
+            except (OSError, ValueError):
+                continue  # still running when the agent stopped, or never finished here
+            out["/".join([*rel, name])] = deadline
         _dirs[:] = []  # no need to walk into the task directories themselves
         for name in files:
             if name.endswith(RETENTION_SUFFIX):
