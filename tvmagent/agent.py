@@ -33,7 +33,7 @@ from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 from protocol import SUBPROTOCOL, LinkSession, ProtocolError, agent_codec
 from protocol import messages as pm
 
-from . import isolation
+from . import _cgroups, isolation
 from ._agent_isolation import IsolationMixin
 from .downloads import DownloadCache, DownloadError
 from .metrics import HostSampler, host_facts
@@ -116,7 +116,11 @@ class Agent(IsolationMixin):
         self.caps = SandboxCapabilities.detect()
         # Task cgroups are kept and reused (emptied) up to REUSE_CGROUPS: cgroupfs mkdir/rmdir per task
         # cost more than the rest of a short task's set-up.
-        self.sandbox = Sandbox(self.caps, cgroup_prefix=f"tvm-{self.agent_id[:12]}", reuse_cgroups=REUSE_CGROUPS)
+        # The prefix is this agent's own (the whole id, not a hostname prefix several agents of a host
+        # share), so the empty cgroups a killed agent kept for reuse can be removed at its restart.
+        self.sandbox = Sandbox(self.caps, cgroup_prefix=f"tvm-{_cgroups.sanitize_name(self.agent_id, 36)}",
+                               reuse_cgroups=REUSE_CGROUPS)
+        self.sandbox.remove_empty_leftovers()
         # Issue 8: TLS trust, per-agent credential, task users, port fence, remote-login users.
         self.ssl_context: ssl.SSLContext | None = None
         if opts.ca_file:

@@ -521,6 +521,14 @@ class Sandbox:
         if cgroup.created:
             cgroup.remove()
 
+    def remove_empty_leftovers(self) -> None:
+        """rmdir the task cgroups under our prefix that hold no process (the idle ones a killed
+        agent kept for reuse); a cgroup with members refuses (EBUSY) and stays."""
+        for d in _cgroups.stale_task_dirs(self.caps.layout, self.cgroup_prefix):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+                os.rmdir(os.path.dirname(d))  # the prefix dir, once it is empty
+
     def close(self) -> list[str]:
         """Remove the idle cgroups kept for reuse; returns the ones that could not be removed."""
         failures: list[str] = []

@@ -414,6 +414,33 @@ async def test_reused_cgroups_start_clean_and_close_removes_them(
     assert not any(exists(d) for d in dirs)
 
 
+async def test_restart_removes_idle_cgroups_a_killed_agent_kept(
+    caps: SandboxCapabilities, tmp_path: Path
+) -> None:
+    """An agent killed with idle cgroups in its reuse pool leaves them behind; the next agent with
+    the same prefix removes the empty ones at start and leaves a cgroup that still has members."""
+    require_cgroups(caps)
+    prefix = f"tvmtest-leftover-{os.getpid()}"
+    old = Sandbox(caps, cgroup_prefix=prefix, kill_grace=1.0, reuse_cgroups=4)
+    busy = await old.start(mkspec(tmp_path, ["sleep", "100"]))
+    done = await old.start(mkspec(tmp_path, ["true"]))
+    await done.wait()
+    assert done._cgroup is not None
+    assert busy._cgroup is not None
+    assert done._cgroup is not busy._cgroup
+    idle_dirs = list(done._cgroup.dirs.values())
+    busy_cgroup = busy._cgroup
+    await until(lambda: busy.pid in busy_cgroup.pids())
+    assert all(exists(d) for d in idle_dirs)  # "killed" here: nobody calls old.close()
+    Sandbox(caps, cgroup_prefix=prefix).remove_empty_leftovers()
+    assert not any(exists(d) for d in idle_dirs)
+    assert all(exists(d) for d in busy_cgroup.dirs.values())
+    await wait_with_deadline(busy, 0.1)
+    assert (await busy.wait()).reason == "killed"
+    assert old.close() == []
+    assert not any(exists(d) for d in busy_cgroup.dirs.values())
+
+
 # ------------------------------------------------------------------ limits
 
 HOG = "x = 'a' * (300 << 20); import time; time.sleep(30)"
