@@ -285,8 +285,12 @@ class TaskCgroup:
                     _write(os.path.join(self.dirs["memory"], "memory.failcnt"), "0")
             self._oom_base = self._oom_count()
 
+    def exists(self) -> bool:
+        return all(os.path.isdir(d) for d in self.dirs.values())
+
     def create(self) -> None:
         self.created = True
+        self._limits = (None, None)  # a fresh directory has none
         try:
             for key, d in self.dirs.items():
                 _mkdir_retry(d)
@@ -442,6 +446,8 @@ def _mkdir_retry(d: str) -> None:
             os.makedirs(os.path.dirname(d), exist_ok=True)
             os.mkdir(d)
             return
+        except FileExistsError:
+            return  # a reused cgroup of which another hierarchy's directory had gone
         except FileNotFoundError:
             continue
     os.mkdir(d)

@@ -551,7 +551,7 @@ class Sandbox:
             fds.append(_open_output(spec.stderr_path, user_ids))
             if cgroup is not None:
                 try:
-                    if not cgroup.created:
+                    if not cgroup.created or not cgroup.exists():  # a reused one removed meanwhile
                         cgroup.create()
                     cgroup.rearm(spec.memory_limit_bytes, spec.pids_limit)
                 except OSError as e:

@@ -441,6 +441,32 @@ async def test_restart_removes_idle_cgroups_a_killed_agent_kept(
     assert not any(exists(d) for d in busy_cgroup.dirs.values())
 
 
+async def test_reused_cgroup_removed_meanwhile_is_recreated(
+    caps: SandboxCapabilities, tmp_path: Path
+) -> None:
+    """Someone (an operator, another agent's start-up clean-up) removed an idle kept cgroup: the
+    next task recreates it, limits included, instead of failing to join it."""
+    require_memory_cgroup(caps)
+    sb = Sandbox(caps, cgroup_prefix=f"tvmtest-gone-{os.getpid()}", kill_grace=1.0, reuse_cgroups=1)
+    try:
+        first = await sb.start(mkspec(tmp_path, ["true"], memory_limit_bytes=64 << 20))
+        await first.wait()
+        cgroup = first._cgroup
+        assert cgroup is not None
+        for d in cgroup.dirs.values():
+            os.rmdir(d)
+        rp = await sb.start(mkspec(tmp_path, ["sh", "-c", "exit 4"], memory_limit_bytes=64 << 20))
+        assert rp._cgroup is cgroup
+        assert all(exists(d) for d in cgroup.dirs.values())
+        mem = cgroup.dirs.get("v2") if "memory" in caps.layout.v2_controllers else cgroup.dirs["memory"]
+        limit_file = "memory.max" if "memory" in caps.layout.v2_controllers else "memory.limit_in_bytes"
+        assert int(Path(mem, limit_file).read_text()) == 64 << 20
+        out = await rp.wait()
+        assert (out.reason, out.exit_code) == ("exited", 4), out.message
+    finally:
+        assert sb.close() == []
+
+
 # ------------------------------------------------------------------ limits
 
 HOG = "x = 'a' * (300 << 20); import time; time.sleep(30)"
