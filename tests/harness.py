@@ -63,11 +63,16 @@ class Cluster:
         os.makedirs(root, exist_ok=True)
         log = os.path.join(self.base, "agents", f"{name}.log")
         out = open(log, "ab")  # noqa: SIM115
+        env = {"TVM_AGENT_TOKEN": token if token is not None else self.rc.join_token}
+        if "--config" not in (extra_args or []):
+            # A short drain: at teardown SIGTERM kills task trees at once, so a failed test leaves
+            # no task processes behind (tasks run in their own sessions, outside the agent's group).
+            env["TVM_AGENT_DRAIN_GRACE"] = "2"
         proc = subprocess.Popen(
             [sys.executable, "-m", "tvmagent", "--coordinator", self.rc.agent_url, "--root", root,
              "--name", name, "--log-level", "info", *(extra_args or [])],
             stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-            env=agent_env({"TVM_AGENT_TOKEN": token if token is not None else self.rc.join_token}),
+            env=agent_env(env),
         )
         out.close()
         a = AgentProc(name, root, proc, log)
