@@ -298,7 +298,10 @@ class CoordinatorService:
             await link.acks_wake.wait()
             link.acks_wake = trio.Event()
 
-    async def ask_agent_files(self, agent_id: str, request: pm.FileRequest, timeout: float = 30.0) -> pm.FileResponse | None:
+    # An agent that does not answer a file request within this many seconds is reported unreachable.
+    FILE_REQUEST_WAIT_S = 30.0
+
+    async def ask_agent_files(self, agent_id: str, request: pm.FileRequest) -> pm.FileResponse | None:
         link = self.links.get(agent_id)
         if link is None or not link.connected:
             return None
@@ -311,7 +314,7 @@ class CoordinatorService:
         try:
             link.session.send(req)
             link.poke()
-            with trio.move_on_after(timeout):
+            with trio.move_on_after(self.FILE_REQUEST_WAIT_S):
                 await event.wait()
         finally:
             del self._file_waiters[req_id]

@@ -109,6 +109,7 @@ class Agent(IsolationMixin):
         self._lazy_wake = trio.Event()
         self.tvm: TvmIdentity | None = None
         self.running: dict[str, _Running] = {}
+        self._changed = trio.Event()
         # task key -> (attempt, seq of its TaskCompleted) until the coordinator acknowledges it
         self.unacked_done: dict[str, tuple[int, int]] = {}
         self.deferred_runs: dict[str, pm.TaskSpec] = {}  # key -> new attempt waiting for the old run
@@ -245,6 +246,7 @@ class Agent(IsolationMixin):
                     log.warning("cannot reach the coordinator at %s: %s; retrying in %.1f s", url,
                                 _describe(leaf), backoff)
             self.connected = trio.Event()
+            self._notify_changed()
             self.session.connection_lost()
             await trio.sleep(backoff * (0.5 + random.random()))
             backoff = next_backoff(backoff, self.opts.reconnect_max_backoff, self._coordinator_heartbeat)
@@ -296,7 +298,9 @@ class Agent(IsolationMixin):
                     if isinstance(data, str):
                         raise ProtocolError("text frame from coordinator")
                     only_runs = True
-                    for r in self.session.receive_frame(data):
+                    received = self.session.receive_frame(data)
+                    self._notify_changed()  # acks may have arrived (drain waits for them)
+                    for r in received:
                         self.session.confirm(r.seq)
                         self._handle(r.msg)
                         only_runs = only_runs and isinstance(r.msg, pm.RunTask)
@@ -527,8 +531,7 @@ class Agent(IsolationMixin):
             if r.process is not None:
                 r.process.kill()
         with trio.move_on_after(10):
-            while self.running:
-                await trio.sleep(0.02)
+            await self._until(lambda: not self.running)
 
     async def _wipe(self) -> None:
         self.deferred_runs.clear()
@@ -699,6 +702,7 @@ class Agent(IsolationMixin):
         log.log(logging.INFO if failure or exit_code else logging.DEBUG, "task finished: exit code %s%s",
                 exit_code, f", {failure.code}: {failure.message}" if failure else "")
         self.running.pop(spec.key, None)
+        self._notify_changed()
         self.retention[spec.key] = end + spec.retention_s
         _save_retention(task_dir(self.root, spec.key), end + spec.retention_s)
         deferred = self.deferred_runs.pop(spec.key, None)
@@ -798,13 +802,21 @@ class Agent(IsolationMixin):
             return pm.FileResponse(req_id=req.req_id, entries=entries)
         return pm.FileResponse(req_id=req.req_id, error_code="UnknownOperation", message=req.op)
 
+    def _notify_changed(self) -> None:
+        """Running tasks or acknowledgements changed: wake whoever waits in `_until`."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _until(self, cond: Callable[[], bool]) -> None:
+        while not cond():
+            await self._changed.wait()
+
     async def drain(self, grace: float) -> None:
         """Stop taking tasks, let running ones finish for up to `grace` seconds, then kill them."""
         self.draining = True
         self.send(pm.Draining(reason="agent stopping"))
         with trio.move_on_after(grace):
-            while self.running:
-                await trio.sleep(0.05)
+            await self._until(lambda: not self.running)
         if self.running:
             log.warning("drain grace of %.0f s over: killing %d task(s), they will be requeued", grace,
                         len(self.running))
@@ -815,12 +827,10 @@ class Agent(IsolationMixin):
             if r.process is not None:
                 r.process.kill()
         with trio.move_on_after(10):
-            while self.running:
-                await trio.sleep(0.02)
+            await self._until(lambda: not self.running)
         # Give the writer a moment to deliver the last completions.
         with trio.move_on_after(2):
-            while self.session.unacked_count and self.connected.is_set():
-                await trio.sleep(0.02)
+            await self._until(lambda: not self.session.unacked_count or not self.connected.is_set())
 
 
 _RETRYABLE = (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError, ProtocolError)
