@@ -135,7 +135,7 @@ async def _task_on_other(c, old: str):  # noqa: ANN001, ANN202
 
 
 async def test_resize_timeout_and_stop_resize(nursery, tmp_path):
-    async with cluster_ctx(nursery, tmp_path, agents=1, heartbeat_timeout=1.0) as c:
+    async with cluster_ctx(nursery, tmp_path, agents=1, heartbeat_timeout=3.0) as c:
         core = c.rc.service.core
         await c.wait_for(lambda: any(a.connected for a in core.agents.values()), what="the agent")
         await c.client.pools.add("p", target_dedicated=3, resize_timeout="PT1S")
