@@ -152,12 +152,12 @@ class VmSize(_Res):
     source: str = "builtin"  # "builtin" | "agent" (the real size of a registered agent's machine)
 
 
-class StartTaskInfo(_Res):
+class StartTaskInfo(_Res, kw_only=True):
     state: str
     start_time: str | None = None
     end_time: str | None = None
     exit_code: int | None = None
-    retry_count: int = 0
+    retry_count: int  # always on the wire, like Azure (omit_defaults would drop a 0)
     scheduling_error: SchedulingError | None = None
 
 
@@ -168,7 +168,7 @@ class TaskInformation(_Res):
     task_state: str
 
 
-class Tvm(_Res):
+class Tvm(_Res, kw_only=True):
     name: str
     state: str
     pool_name: str
@@ -177,8 +177,8 @@ class Tvm(_Res):
     state_transition_time: str
     allocation_time: str
     scheduling_state: str = "enabled"
-    running_tasks_count: int = 0
-    total_tasks_run: int = 0
+    running_tasks_count: int
+    total_tasks_run: int
     start_task_info: StartTaskInfo | None = None
     recent_tasks: list[TaskInformation] = []
     agent_id: str = ""
@@ -235,13 +235,13 @@ class WorkitemExecutionInfo(_Res):
     end_time: str | None = None
 
 
-class Workitem(_Res):
+class Workitem(_Res, kw_only=True):
     name: str
     state: str
     creation_time: str
     state_transition_time: str
     job_execution_environment: JobExecutionEnvironment
-    priority: int = 0
+    priority: int
     job_constraints: JobConstraints | None = None
     job_manager: JobManager | None = None
     schedule: Schedule | None = None
@@ -258,7 +258,7 @@ class JobExecutionInfo(_Res):
     terminate_reason: str | None = None
 
 
-class TaskCounts(_Res):
+class TaskCounts(_Res, omit_defaults=False):  # zero counts are shown, not dropped
     active: int = 0
     running: int = 0
     completed: int = 0
@@ -311,12 +311,12 @@ class TaskUpdate(_Req):
     task_constraints: TaskConstraints | None = None
 
 
-class TaskExecutionInfo(_Res):
+class TaskExecutionInfo(_Res, kw_only=True):
     start_time: str | None = None
     end_time: str | None = None
     exit_code: int | None = None
-    retry_count: int = 0
-    requeue_count: int = 0
+    retry_count: int
+    requeue_count: int
     last_retry_time: str | None = None
     last_requeue_time: str | None = None
     scheduling_error: SchedulingError | None = None
