@@ -78,7 +78,6 @@ class CoreBase:
         self._attempts = 0
         self._seq = 0
         self._fx = Effects()
-        self._dirty_pools: set[str] = set()
         self.recovering_until: float | None = None
         self.placements = 0  # counter for metrics
 
@@ -99,6 +98,19 @@ class CoreBase:
 
     def _put_task(self, job: Job, task: TaskRec) -> None:
         self._fx.writes.append(Write("task", f"{job.key}/{task.name}", _enc.encode(task)))
+
+    def _requeue(self, job: Job, task: TaskRec) -> None:
+        """A running task goes back to the front of its job's queue: requeueCount+1, retryCount
+        unchanged (its TVM was lost, removed or rebooted, or its slot went to a job manager)."""
+        now = self.clock()
+        task.state = ACTIVE
+        task.prev_state = RUNNING
+        task.state_time = now
+        task.requeue_count += 1
+        task.last_requeue = now
+        task.tvm = None
+        job.queue.appendleft(task)
+        self._put_task(job, task)
 
     # ------------------------------------------------------------------ restore
 

@@ -224,7 +224,6 @@ class JobsMixin(CoreBase):
             # Not queued: `_place_job_managers` places it ahead of the job's other tasks.
             job.tasks[task.name] = task
             self._put_task(job, task)
-            self._dirty_pools.add(rec.pool)
         return job
 
     # ------------------------------------------------------------------ jobs
@@ -267,7 +266,6 @@ class JobsMixin(CoreBase):
         if req.on_all_tasks_complete is not None:
             job.rec.on_all_complete = req.on_all_tasks_complete
         self._put("job", job.key, job.rec)
-        self._dirty_pools.add(job.rec.pool)
 
     def terminate_job(self, workitem: str, name: str, reason: str | None = None) -> None:
         job = self.get_job(workitem, name)
@@ -302,7 +300,6 @@ class JobsMixin(CoreBase):
             raise _job_conflict(job, "enable it")
         # enabling -> active is immediate: nothing has to be waited for.
         self._set_job_state(job, "active", self.clock())
-        self._dirty_pools.add(job.rec.pool)
 
     def delete_job(self, workitem: str, name: str) -> None:
         job = self.get_job(workitem, name)
@@ -346,17 +343,8 @@ class JobsMixin(CoreBase):
 
     def _requeue_running(self, job: Job, task: TaskRec, reason: str) -> None:
         """Stop a running task and put it back at the front of its job's queue (requeueCount++)."""
-        now = self.clock()
         self._release(job, task, reason)  # type: ignore[attr-defined]
-        task.state = ACTIVE
-        task.prev_state = RUNNING
-        task.state_time = now
-        task.requeue_count += 1
-        task.last_requeue = now
-        task.tvm = None
-        job.queue.appendleft(task)
-        self._put_task(job, task)
-        self._dirty_pools.add(job.rec.pool)
+        self._requeue(job, task)
 
     # ------------------------------------------------------------------ events and the clock
 

@@ -22,7 +22,6 @@ from . import models as m
 from ._core_base import WALL_CLOCK_EXIT_CODE, CoreBase
 from .errors import ApiError, bad_request, conflict, not_found
 from .records import (
-    ACTIVE,
     COMPLETED,
     RUNNING,
     VM_SIZES,
@@ -510,19 +509,10 @@ class PoolsMixin(CoreBase):
             self._put("tvm", tvm.rec.name, tvm.rec)
 
     def _requeue_tvm_tasks(self, tvm: Tvm) -> None:
-        now = self.clock()
         for key, task in list(tvm.running.items()):
             job = self.jobs.get(key.rpartition("/")[0])
-            if job is None or task.state != RUNNING:
-                continue
-            task.state = ACTIVE
-            task.prev_state = RUNNING
-            task.state_time = now
-            task.requeue_count += 1
-            task.last_requeue = now
-            task.tvm = None
-            job.queue.appendleft(task)
-            self._put_task(job, task)
+            if job is not None and task.state == RUNNING:
+                self._requeue(job, task)
         tvm.running.clear()
 
     # ------------------------------------------------------------------ auto pools

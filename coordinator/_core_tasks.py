@@ -112,7 +112,6 @@ class TasksMixin(CoreBase):
         job.tasks[task.name] = task
         job.queue.append(task)
         self._put_task(job, task)
-        self._dirty_pools.add(job.rec.pool)
 
     def get_task(self, workitem: str, job_name: str, name: str) -> tuple[Job, TaskRec]:
         job = self.get_job(workitem, job_name)
