@@ -28,8 +28,6 @@ import trio
 
 from protocol import messages as pm
 
-from .records import ACTIVE, RUNNING
-
 if TYPE_CHECKING:
     from .service import CoordinatorService
     from .state import CoordinatorState
@@ -157,24 +155,17 @@ class ClusterStatus(msgspec.Struct, rename="camel"):
 
 
 def task_totals(core: CoordinatorState) -> TaskTotals:
-    """One pass over every task (the only O(tasks) part of a scrape)."""
+    """One pass over every task (the only O(tasks) part of a scrape), counted by the core."""
     t = TaskTotals()
     for job in core.jobs.values():
-        schedulable = job.rec.state == "active"
-        for task in job.tasks.values():
-            state = task.state
-            if state == ACTIVE:
-                t.active += 1
-                if schedulable:
-                    t.queue_depth += 1
-            elif state == RUNNING:
-                t.running += 1
-            else:
-                t.completed += 1
-                if task.exit_code == 0 and task.failure is None:
-                    t.succeeded += 1
-                else:
-                    t.failed += 1
+        c = core.task_counts(job)
+        t.active += c.active
+        t.running += c.running
+        t.completed += c.completed
+        t.succeeded += c.succeeded
+        t.failed += c.failed
+        if job.rec.state == "active":
+            t.queue_depth += c.active
     return t
 
 
