@@ -150,6 +150,14 @@ class ApiBase:
             return _error_response(ApiError(500, "InternalError", f"internal error: {type(exc).__name__}"))
 
     def _agent_authorized(self, headers: dict[str, str]) -> bool:
+        # An enrolled agent proves its own credential; the account join token is still accepted.
+        agent_id = headers.get("x-tvm-agent-id", "")
+        if agent_id:
+            try:
+                t = int(headers.get("x-tvm-agent-proof-time", ""))
+            except ValueError:
+                return False
+            return self.svc.auth.check_http_proof(agent_id, headers.get("x-tvm-agent-proof", ""), t, time.time())
         token = headers.get("x-tvm-agent-token")
         return bool(token) and self.svc.check_token(token)
 

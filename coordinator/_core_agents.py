@@ -17,7 +17,8 @@ from .records import (
 class AgentsMixin(CoreBase):
     # ------------------------------------------------------------------ agents
 
-    def agent_hello(self, hello: pm.Hello) -> None:
+    def agent_hello(self, hello: pm.Hello, in_flight: set[str] | frozenset[str] = frozenset()) -> None:
+        """`in_flight`: keys of RunTasks still on their way to the agent (its session resumed)."""
         now = self.clock()
         agent = self.agents.get(hello.agent_id)
         if agent is None:
@@ -60,6 +61,7 @@ class AgentsMixin(CoreBase):
             self._send(agent.agent_id, self._join_msg(self.pools[tvm.rec.pool], tvm))
         for r in [*hello.running, *hello.finished]:
             self._reconcile_running(tvm, r)
+        self._requeue_unreported(tvm, hello, in_flight)
         if tvm.rec.state == "unknown":
             self._set_tvm_state(tvm, "running" if tvm.running else "idle")
         self._end_recovery_if_complete()
@@ -78,6 +80,22 @@ class AgentsMixin(CoreBase):
             tvm.running[r.key] = task
             return
         self._send(tvm.rec.agent_id, pm.CancelTask(key=r.key, attempt=r.attempt, reason="not assigned"))
+
+    def _requeue_unreported(self, tvm: Tvm, hello: pm.Hello, in_flight: set[str] | frozenset[str]) -> None:
+        """Tasks placed on this TVM that the agent neither runs nor finished, and whose RunTask is not
+        still on its way, are lost (a restart, a session that could not resume, or a connection that
+        was not the real agent's and never reported them): run them again (requeueCount+1, not a
+        retry). Without this such a task stayed "running" for ever."""
+        reported = {r.key for r in hello.running} | {r.key for r in hello.finished}
+        for key, task in list(tvm.running.items()):
+            if key in reported or key in in_flight:
+                continue
+            del tvm.running[key]
+            job = self.jobs.get(key.rpartition("/")[0])
+            if job is not None and task.state == RUNNING and task.tvm == tvm.rec.name:
+                self._requeue(job, task)
+        if not tvm.running and tvm.rec.state == "running":
+            self._set_tvm_state(tvm, "idle")
 
     def _end_recovery_if_complete(self) -> None:
         if self.recovering_until is None:

@@ -10,13 +10,14 @@ import logging
 import time
 from collections.abc import Callable
 
-import msgspec
 import structlog
 import trio
 
 from protocol import SUBPROTOCOL, ProtocolError, coordinator_codec
 from protocol import messages as pm
 
+from . import agentident
+from .agentauth import Verdict
 from .service import AgentLink, CoordinatorService
 
 log = logging.getLogger("tvm.links")
@@ -64,20 +65,26 @@ async def serve_agent(svc: CoordinatorService, scope: dict, receive: Callable, s
         if not hello.agent_id or len(hello.agent_id) > 128:
             await _reject(send, "InvalidAgentId", "agent_id must be 1..128 characters", 4002)
             return
-        verdict = svc.auth.authenticate(hello.agent_id, hello.token, hello.proof, hello.proof_time, time.time())
+        verdict = svc.auth.authenticate(hello.agent_id, hello.token, hello.proof, hello.proof_time, time.time(),
+                                        hello.credential)
         await svc.journal.barrier().wait()  # a new or confirmed credential is durable before we answer
+        if verdict.ok and svc.auth.revoked(hello.agent_id):  # revoked while we waited for the commit
+            verdict = Verdict(False, "AgentRevoked", f"agent {hello.agent_id!r} was revoked")
         if not verdict.ok:
             log.warning("agent %s refused: %s", hello.agent_id, verdict.code)
+            agentident.count(svc, verdict.code)
             await _reject(send, verdict.code, verdict.message, 4003)
+            return
+        refused = agentident.second_connection(svc, hello.agent_id, svc.core.clock())
+        if refused is not None:
+            await _reject(send, *refused, 4003)
             return
         # This connection's task (and its log lines) carries the agent id from here on.
         structlog.contextvars.bind_contextvars(agent=hello.agent_id)
         link, welcome = svc.link_for(hello)
-        if verdict.new_credential:
-            welcome = msgspec.structs.replace(welcome, credential=verdict.new_credential)
         connection_id = link.connection_id
         await send({"type": "websocket.send", "bytes": _codec.encode(welcome)})
-        svc.agent_connected(link, hello)
+        svc.agent_connected(link, hello, agentident.in_flight_runs(link.session) if welcome.resumed else set())
         log.info("agent %s connected (%s)", hello.agent_id, "resumed" if welcome.resumed else "new session")
         try:
             async with trio.open_nursery() as nursery:

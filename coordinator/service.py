@@ -77,7 +77,9 @@ class CoordinatorService:
         # agent connection on the event loop stalled everything while 1,000 agents connected).
         # Whoever acts on a put awaits `journal.barrier()` first (links: before Welcome).
         self._auth_meta = self.store.all_meta()
-        self.auth = AgentAuth(self._auth_meta.get, self._auth_put, self.store.get_meta("join_token_sha256") or "")
+        self.auth = AgentAuth(self._auth_meta.get, self._auth_put, self.store.get_meta("join_token_sha256") or "",
+                              items=self._auth_meta.items)
+        self.agent_link_events: dict[str, int] = {}  # refused hellos by Reject code, replaced links (/metrics)
         epoch = int(self.store.get_meta("epoch") or "0") + 1
         self.store.set_meta("epoch", str(epoch))
         self.core = CoordinatorState(self.account, epoch=epoch, clock=clock,
@@ -226,15 +228,17 @@ class CoordinatorService:
                              heartbeat_interval=max(0.05, self.core.heartbeat_timeout / 4))
         return link, welcome
 
-    def agent_connected(self, link: AgentLink, hello: pm.Hello) -> None:
+    def agent_connected(self, link: AgentLink, hello: pm.Hello, in_flight: set[str] | None = None) -> None:
+        """`in_flight`: keys of RunTasks the agent has not received yet (resent on a resumed session)."""
         link.connected = True
         agent = self.core.agents.get(hello.agent_id)
         tvm = self.core.tvms.get(agent.tvm) if agent is not None and agent.tvm else None
         before = set(tvm.running) if tvm is not None else set()
-        self.core.agent_hello(hello)
+        self.core.agent_hello(hello, in_flight or set())
         lost = sorted(before - set(tvm.running)) if tvm is not None else []
         if lost:  # the operator should see why tasks run again
-            log.warning("agent %s came back without %d task(s) placed on %s (restarted?): requeued",
+            log.warning("agent %s came back without %d task(s) placed on %s (restarted, or not the agent"
+                        " they were given to?): requeued",
                         hello.agent_id, len(lost), tvm.rec.name, extra={"tvm": tvm.rec.name, "tasks": lost[:20]})
         self.core.schedule()
         self._dispatch(self.core.take_effects())

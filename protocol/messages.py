@@ -106,6 +106,9 @@ class Hello(Msg, tag="hello", kw_only=True):
     # Per-agent credential (issue 8): HMAC-SHA256(credential, "<agent_id>\n<proof_time>"), hex.
     proof: str = ""
     proof_time: int = 0  # unix milliseconds
+    # The credential this agent made up for itself, offered with the join token when it enrols (the
+    # coordinator stores it before its Welcome; every later hello only proves it).
+    credential: str = ""
 
 
 class Welcome(Msg, tag="welcome", kw_only=True):
@@ -116,7 +119,7 @@ class Welcome(Msg, tag="welcome", kw_only=True):
     last_received: int = 0
     heartbeat_interval: float = 5.0
     capabilities: list[str] = []
-    credential: str = ""  # issued after the first join with the join token (issue 8)
+    credential: str = ""  # unused: credentials were once issued here (agents now make up their own)
 
 
 class Reject(Msg, tag="reject", kw_only=True):

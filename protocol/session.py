@@ -85,6 +85,10 @@ class LinkSession:
         for i in range(start, len(self._unacked)):
             yield self._unacked[i]
 
+    def pending(self) -> list[bytes]:
+        """Encoded messages sent but not yet acknowledged by the peer (resent on resume)."""
+        return [data for _, data in self._unacked]
+
     @property
     def unacked_count(self) -> int:
         return len(self._unacked)

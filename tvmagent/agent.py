@@ -10,8 +10,6 @@ import contextlib
 import dataclasses
 import errno
 import functools
-import hashlib
-import hmac
 import logging
 import math
 import os
@@ -36,6 +34,7 @@ from protocol import messages as pm
 from . import _cgroups, isolation
 from ._agent_isolation import IsolationMixin
 from .downloads import DownloadCache, DownloadError
+from .identity import FATAL_REJECTS, AgentIdentity
 from .metrics import HostSampler, host_facts
 from .sandbox import ProcessSpec, RunningProcess, Sandbox, SandboxCapabilities
 from .taskenv import TvmIdentity, start_task_env, task_dir, task_env
@@ -126,7 +125,7 @@ class Agent(IsolationMixin):
         self.ssl_context: ssl.SSLContext | None = None
         if opts.ca_file:
             self.ssl_context = ssl.create_default_context(cafile=opts.ca_file)
-        self.credential = self._read_private("agent-credential")
+        self.identity = AgentIdentity(self.agent_id, self._read_private, self._write_private)
         # One uid per running task from a host-wide pool, unless an operator fixed --task-user.
         mode = opts.task_isolation or os.environ.get("TVM_AGENT_TASK_ISOLATION", "") or "users"
         if mode not in ("users", "none"):
@@ -182,12 +181,6 @@ class Agent(IsolationMixin):
             f.flush()
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
-
-    def _proof(self) -> tuple[str, int]:
-        if not self.credential:
-            return "", 0
-        t = int(time.time() * 1000)
-        return hmac.new(self.credential.encode(), f"{self.agent_id}\n{t}".encode(), hashlib.sha256).hexdigest(), t
 
     # ------------------------------------------------------------------ main loop
 
@@ -253,13 +246,12 @@ class Agent(IsolationMixin):
 
     async def _connection(self, url: str) -> None:
         codec = self.session.codec
-        proof, proof_time = self._proof()
         if url.startswith("wss://"):
             await self._tls_preflight(url)  # trio-websocket turns TLS errors into a bare timeout
         async with open_websocket_url(url, subprotocols=[SUBPROTOCOL], connect_timeout=10,
                                       disconnect_timeout=5, max_message_size=64 * 1024 * 1024,
                                       ssl_context=self.ssl_context) as ws:
-            hello = pm.Hello(proof=proof, proof_time=proof_time,
+            hello = pm.Hello(**self.identity.hello_fields(),  # type: ignore[arg-type]
                 agent_id=self.agent_id, token=self.opts.token, capabilities=self.opts.capabilities,
                 session_id=self.session.session_id, last_received=self.session.received,
                 running=[pm.RunningTask(key=k, attempt=r.spec.attempt) for k, r in self.running.items()],
@@ -272,15 +264,12 @@ class Agent(IsolationMixin):
                 reply = codec.decode_handshake(await ws.get_message())
             if isinstance(reply, pm.Reject):
                 log.error("coordinator refused this agent: %s: %s", reply.code, reply.message)
-                if reply.code in ("InvalidJoinToken", "ProtocolVersionMismatch", "AgentRevoked",
-                                  "InvalidAgentCredential"):
+                if reply.code in FATAL_REJECTS:
                     raise AgentRejected(f"{reply.code}: {reply.message}")
                 raise ProtocolError(reply.message)
             if not isinstance(reply, pm.Welcome):
                 raise ProtocolError("expected welcome")
-            if reply.credential:
-                self._write_private("agent-credential", reply.credential)  # durable before we use it
-                self.credential = reply.credential
+            self.identity.welcomed()
             if reply.resumed and reply.session_id == self.session.session_id:
                 self.session.resume(reply.last_received)
             else:
@@ -554,7 +543,7 @@ class Agent(IsolationMixin):
             if url.startswith("filestore:sha256:"):
                 sha = url.rsplit(":", 1)[1]
                 url = f"{self._http_base}/files/sha256/{sha}"
-                headers["X-TVM-Agent-Token"] = self.opts.token
+                headers.update(self.identity.http_headers())
                 expected = rf.sha256 or sha
             else:
                 expected = rf.sha256 or None

@@ -1,5 +1,5 @@
-"""Issue 8: client keys (rotation, stale requests) and agent authentication (hashed join token,
-per-agent HMAC credential, replay, revocation, TLS, oversized frames)."""
+"""Client keys (rotation, stale requests) and agent authentication (hashed join token, per-agent
+HMAC credential, replay, revocation, TLS, oversized frames)."""
 
 from __future__ import annotations
 
@@ -102,13 +102,15 @@ async def test_join_token_is_stored_hashed_and_agents_get_a_credential(nursery, 
         await c.wait_for(lambda: os.path.exists(cred_file), what="agent credential")
         assert stat.S_IMODE(os.stat(cred_file).st_mode) == 0o600
         agent_id = agent.name  # the harness passes --name
-        # Reconnect with the credential (kill the link by restarting the agent) confirms it.
+        # The agent's own credential is registered by its first handshake (no pending state).
+        await c.wait_for(lambda: (_meta(state, f"agentcred:{agent_id}") or "").startswith("ok:"),
+                         what="credential registered")
+        cred = open(cred_file).read().strip()  # noqa: ASYNC230, SIM115 - small local file
+        assert _meta(state, f"agentcred:{agent_id}") == f"ok:{cred}"
+        # One connection per agent: the real agent stops so the proofs below can open links.
         agent.kill()
         agent.proc.wait()
-        c.start_agent("agent0", root=agent.root)
-        await c.wait_for(lambda: (_meta(state, f"agentcred:{agent_id}") or "").startswith("ok:"),
-                         what="credential confirmed")
-        cred = open(cred_file).read().strip()  # noqa: ASYNC230, SIM115 - small local file
+        await c.wait_for(lambda: not c.rc.service.links[agent_id].connected, what="the agent's link closed")
         url = c.rc.agent_url
         # The join token alone no longer opens this agent id (a stolen token cannot take it over).
         reply = await _hello(url, pm.Hello(agent_id=agent_id, token=token))

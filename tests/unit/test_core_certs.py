@@ -1,5 +1,5 @@
-"""Issue 8, pure parts: agent authentication decisions and the core's certificate / port-block /
-pool-membership bookkeeping (no sockets, no Trio)."""
+"""Pure parts: the core's certificate / port-block / pool-membership bookkeeping (no sockets, no
+Trio). Agent authentication decisions are in test_agent_auth.py."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from coordinator import models as m
-from coordinator.agentauth import AgentAuth, agent_proof, token_hash
 from coordinator.errors import ApiError
 from coordinator.state import CoordinatorState
 from protocol import messages as pm
@@ -26,59 +25,6 @@ class _Clock:
 
     def __call__(self) -> float:
         return self.t
-
-
-# ------------------------------------------------------------------ agent auth
-
-
-def _auth() -> tuple[AgentAuth, dict[str, str]]:
-    store: dict[str, str] = {}
-    return AgentAuth(store.get, store.__setitem__, token_hash("jt")), store
-
-
-def test_first_join_issues_a_pending_credential_confirmed_by_the_first_proof():
-    auth, store = _auth()
-    v = auth.authenticate("a1", "jt", "", 0, now=100.0)
-    assert v.ok
-    assert v.new_credential
-    assert store["agentcred:a1"] == f"pending:{v.new_credential}"
-    # While pending, the token still works (the Welcome may have been lost) and re-issues.
-    v2 = auth.authenticate("a1", "jt", "", 0, now=101.0)
-    assert v2.ok
-    assert v2.new_credential != v.new_credential
-    cred = v2.new_credential
-    t = 102_000
-    assert auth.authenticate("a1", "", agent_proof(cred, "a1", t), t, now=102.0).ok
-    assert store["agentcred:a1"] == f"ok:{cred}"
-    # Confirmed: the token alone is refused for this id, other ids still join with it.
-    assert auth.authenticate("a1", "jt", "", 0, now=103.0).code == "InvalidAgentCredential"
-    assert auth.authenticate("a2", "jt", "", 0, now=103.0).ok
-
-
-def test_proofs_forged_replayed_stale_or_for_another_agent_are_refused():
-    auth, store = _auth()
-    store["agentcred:a1"] = "ok:secret"
-    t = 200_000
-    assert auth.authenticate("a1", "", "f" * 64, t, now=200.0).code == "InvalidAgentCredential"
-    assert auth.authenticate("a1", "", agent_proof("secret", "a2", t), t, now=200.0).code == "InvalidAgentCredential"
-    assert auth.authenticate("a1", "", agent_proof("secret", "a1", t), t, now=200.0).ok
-    replay = auth.authenticate("a1", "", agent_proof("secret", "a1", t), t, now=200.5)
-    assert not replay.ok
-    assert "replay" in replay.message
-    old = 200_000 - 301_000
-    assert not auth.authenticate("a1", "", agent_proof("secret", "a1", old), old, now=200.0).ok
-    assert not auth.authenticate("a1", "jt-wrong", "", 0, now=200.0).ok
-
-
-def test_revoked_agents_are_refused_even_with_token_and_proof():
-    auth, store = _auth()
-    v = auth.authenticate("a1", "jt", "", 0, now=1.0)
-    auth.revoke("a1")
-    t = 2000
-    assert auth.authenticate("a1", "jt", agent_proof(v.new_credential, "a1", t), t, now=2.0).code == "AgentRevoked"
-    assert not auth.known("a1")
-    assert not auth.check_token("jt ")
-    assert auth.check_token("jt")
 
 
 # ------------------------------------------------------------------ certificates in the core

@@ -77,7 +77,7 @@ def test_reconnect_of_the_same_process_keeps_running_tasks():
     # A resumed session with a RunTask still in flight (not yet reported) is not "lost" either.
     (spec2,) = _place(core, "t2")
     core.agent_hello(pm.Hello(agent_id=agent, token="t", session_id="s1", tvm_name=tvm_name,
-                              running=[pm.RunningTask(key=spec.key, attempt=spec.attempt)]))
+                              running=[pm.RunningTask(key=spec.key, attempt=spec.attempt)]), {spec2.key})
     assert core.get_task("wi", JOB, "t2")[1].state == "running"
     assert core.tvms[tvm_name].rec.state == "running"
 
