@@ -6,6 +6,9 @@
     DELETE /certificates/{thumbprintAlgorithm}-{thumbprint}  409 CertificateInUse while a pool references it
     POST   /account/regeneratekeys {keyName: primary|secondary}  -> {accountName, primary, secondary}
     POST   /agents/{agentId}/revoke                         drop the agent's credential, close its link (4003)
+    POST   /agenttokens {expiresIn?, singleUse?}            a join token that expires / enrols one agent
+    GET    /agenttokens                                     list (never the secrets)
+    DELETE /agenttokens/{id}                                revoke (agents it enrolled keep their credential)
     POST   /pools/{pool}/tvms/{tvm}/users                   {name, sshPublicKey, expiryTime, isAdmin}
     GET    /pools/{pool}/tvms/{tvm}/users
     DELETE /pools/{pool}/tvms/{tvm}/users/{user}
@@ -17,11 +20,22 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+import msgspec
+
 from . import models as m
 from ._api_base import ApiBase, Response, _decode, _json_response
 from ._core_certs import CertRec
+from .agentauth import AgentToken as AgentTokenRec
 from .errors import ApiError, bad_request
-from .timeutil import rfc3339
+from .timeutil import parse_duration, rfc3339
+
+MAX_TOKEN_LIFETIME_S = 365 * 86400
+
+
+def _token_view(rec: AgentTokenRec) -> m.AgentToken:
+    return m.AgentToken(id=rec.id, creation_time=rfc3339(rec.created) or "",
+                        expiry_time=rfc3339(rec.expires) if rec.expires else None,
+                        single_use=rec.single_use, used_by=rec.used_by)
 
 
 def cert_view(core: Any, rec: CertRec) -> m.Certificate:
@@ -42,6 +56,9 @@ class CertRoutes(ApiBase):
         r("DELETE", r"/certificates/(?P<name>[^/]+)", self.delete_certificate)
         r("POST", r"/account/regeneratekeys", self.regenerate_keys)
         r("POST", r"/agents/(?P<agent>[^/]+)/revoke", self.revoke_agent)
+        r("POST", r"/agenttokens", self.create_agent_token)
+        r("GET", r"/agenttokens", self.list_agent_tokens)
+        r("DELETE", r"/agenttokens/(?P<token_id>[^/]+)", self.revoke_agent_token)
         r("POST", r"/pools/(?P<pool>[^/]+)/tvms/(?P<tvm>[^/]+)/users", self.add_user)
         r("GET", r"/pools/(?P<pool>[^/]+)/tvms/(?P<tvm>[^/]+)/users", self.list_users)
         r("DELETE", r"/pools/(?P<pool>[^/]+)/tvms/(?P<tvm>[^/]+)/users/(?P<user>[^/]+)", self.delete_user)
@@ -82,6 +99,27 @@ class CertRoutes(ApiBase):
         await self.svc.execute(self.core.forget_agent, agent)
         await self.svc.journal.barrier().wait()  # the revocation (a meta row) is durable
         return Response(202)
+
+    async def create_agent_token(self, body: bytes, **_: Any) -> Response:
+        req = _decode(body, m.AgentTokenAdd)
+        if not isinstance(req.single_use, bool):
+            raise bad_request("InvalidPropertyValue", "singleUse must be true or false", field="singleUse")
+        expires_in = parse_duration(req.expires_in, "expiresIn") if req.expires_in is not None else 0.0
+        if req.expires_in is not None and not 0 < expires_in <= MAX_TOKEN_LIFETIME_S:
+            raise bad_request("InvalidPropertyValue", "expiresIn must be more than 0 and at most 365 days",
+                              field="expiresIn")
+        rec, token = self.svc.auth.create_token(self.core.clock(), expires_in, req.single_use)
+        await self.svc.journal.barrier().wait()  # usable (durable) before it is shown
+        return _json_response(201, msgspec.structs.replace(_token_view(rec), token=token))
+
+    async def list_agent_tokens(self, **_: Any) -> Response:
+        return _json_response(200, {"value": [_token_view(t) for t in self.svc.auth.tokens()]})
+
+    async def revoke_agent_token(self, token_id: str, **_: Any) -> Response:
+        if not self.svc.auth.revoke_token(token_id):
+            raise ApiError(404, "AgentTokenNotFound", f"no agent token {token_id!r}", name=token_id)
+        await self.svc.journal.barrier().wait()
+        return Response(200)
 
     # ------------------------------------------------------------------ remote login
 

@@ -20,7 +20,8 @@ class OpsRoutes(ApiBase):
     async def get_metrics(self, **_: Any) -> Response:
         mon = self.svc.monitor
         text = render_prometheus(self.core, mon.latency, mon.rate, self.core.clock(),
-                                 http_requests=self.requests, started_at=mon.started_at)
+                                 http_requests=self.requests, started_at=mon.started_at,
+                                 agent_link_events=self.svc.agent_link_events)
         return Response(200, text.encode(), [(b"content-type", PROMETHEUS_TEXT), (b"cache-control", b"no-store")])
 
     async def get_status(self, **_: Any) -> Response:

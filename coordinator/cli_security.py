@@ -1,4 +1,4 @@
-"""`tvm cert ...`, `tvm keys regenerate`, `tvm agent revoke`, `tvm tvm user ...` (issue 8)."""
+"""`tvm cert ...`, `tvm keys regenerate`, `tvm agent revoke`, `tvm token ...`, `tvm tvm user ...`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ USER_COLS = [("name", lambda u: u.name), ("expiry", lambda u: u.expiry_time), ("
 def register(cli: click.Group) -> None:
     cli.add_command(cert)
     cli.add_command(keys)
+    cli.add_command(token)
     agent_group = cli.commands.get("agent")
     if isinstance(agent_group, click.Group):
         agent_group.add_command(agent_revoke)
@@ -137,6 +138,50 @@ def agent_revoke(agent_id: str, output: str, **cred: Any) -> None:
     c = _client(**cred)
     _run(lambda: c.agents.revoke(agent_id))
     _emit(output, {"revoked": agent_id})
+
+
+# --------------------------------------------------------------------------- agent join tokens
+
+TOKEN_COLS = [("id", lambda t: t.id), ("created", lambda t: t.creation_time),
+              ("expires", lambda t: t.expiry_time or "never"), ("single-use", lambda t: t.single_use),
+              ("used-by", lambda t: t.used_by)]
+
+
+@click.group(context_settings=CONTEXT)
+def token() -> None:
+    """Join tokens for agents that expire and/or enrol a single agent (besides the account's join token)."""
+
+
+@token.command("create")
+@click.option("--expires", "expires", default=None, metavar="DURATION",
+              help="ISO 8601 duration after which the token enrols no new agent (e.g. PT1H); default: never")
+@click.option("--single-use", is_flag=True, help="the token enrols exactly one agent id")
+@credentials
+@output_option
+def token_create(expires: str | None, single_use: bool, output: str, **cred: Any) -> None:
+    """Create a join token; its secret is printed this once (give it to the agent, not on a command line)."""
+    c = _client(**cred)
+    _emit(output, _run(lambda: c.agents.create_token(expires_in=expires, single_use=single_use)))
+
+
+@token.command("list")
+@credentials
+@output_option
+def token_list(output: str, **cred: Any) -> None:
+    """Agent join tokens (never their secrets)."""
+    c = _client(**cred)
+    _emit(output, _run(lambda: c.agents.list_tokens()), TOKEN_COLS)
+
+
+@token.command("revoke")
+@click.argument("token_id")
+@credentials
+@output_option
+def token_revoke(token_id: str, output: str, **cred: Any) -> None:
+    """Revoke a join token: it enrols no further agent (agents it enrolled keep their credential)."""
+    c = _client(**cred)
+    _run(lambda: c.agents.revoke_token(token_id))
+    _emit(output, {"revoked": token_id})
 
 
 # --------------------------------------------------------------------------- remote login

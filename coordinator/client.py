@@ -543,6 +543,18 @@ class Agents(_Group):
     def revoke(self, agent_id: str) -> Any:
         return self._c._call(_Call("POST", f"/agents/{_seg(agent_id)}/revoke"))
 
+    def create_token(self, *, expires_in: str | None = None, single_use: bool = False) -> Any:
+        """A join token for agents that expires (ISO 8601 duration) and/or enrols one agent only;
+        the answer's `token` is the only time the secret is shown."""
+        return self._c._call(_Call("POST", "/agenttokens", m.AgentTokenAdd(expires_in=expires_in, single_use=single_use),
+                                   parse=_one(m.AgentToken)))
+
+    def list_tokens(self) -> Any:
+        return self._c._call(_Call("GET", "/agenttokens", parse=_list(m.AgentToken)))
+
+    def revoke_token(self, token_id: str) -> Any:
+        return self._c._call(_Call("DELETE", f"/agenttokens/{_seg(token_id)}"))
+
 
 class TvmUsers(_Group):
     def add(self, pool: str, tvm: str, name: str, ssh_public_key: str, *, expiry_time: str | None = None,

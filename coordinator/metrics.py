@@ -238,7 +238,8 @@ def _labels(labels: dict[str, str]) -> str:
 
 
 def render_prometheus(core: CoordinatorState, latency: LinkLatency, rate: RateWindow, now: float,
-                      *, http_requests: int = 0, started_at: float = 0.0) -> str:
+                      *, http_requests: int = 0, started_at: float = 0.0,
+                      agent_link_events: dict[str, int] | None = None) -> str:
     """Prometheus text exposition format 0.0.4 (aggregates only; see the module docstring)."""
     tt = task_totals(core)
     out = _Text()
@@ -285,6 +286,10 @@ def render_prometheus(core: CoordinatorState, latency: LinkLatency, rate: RateWi
     out.metric("tvm_recovering", "gauge", "1 while the coordinator waits for agents after a restart.",
                [({}, 1 if core.recovering_until is not None else 0)])
     out.metric("tvm_http_requests_total", "counter", "REST requests served.", [({}, http_requests)])
+    out.metric("tvm_agent_link_events_total", "counter",
+               "Agent hellos refused, by Reject code (AgentAlreadyConnected: a second connection while the"
+               " first is alive), and silent links replaced by a new connection (ReplacedSilentLink).",
+               [({"event": k}, n) for k, n in sorted((agent_link_events or {}).items())])
     if started_at:
         out.metric("process_start_time_seconds", "gauge", "Start time of the coordinator (unix seconds).",
                    [({}, round(started_at, 3))])

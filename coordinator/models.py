@@ -409,6 +409,20 @@ class AccountKeys(_Res):
     secondary: str
 
 
+class AgentTokenAdd(_Req):
+    expires_in: str | None = None  # ISO 8601 duration (PT1H); absent: never expires
+    single_use: bool = False  # enrols exactly one agent id
+
+
+class AgentToken(_Res):
+    id: str
+    creation_time: str
+    expiry_time: str | None = None
+    single_use: bool = False
+    used_by: str = ""  # the agent id a single-use token enrolled
+    token: str = ""  # the secret: only in the answer to its creation
+
+
 class TvmUserAdd(_Req):
     name: str
     ssh_public_key: str
