@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 import time
 
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+from coordinator.agentauth import agent_proof
 from protocol import SUBPROTOCOL, LinkSession, agent_codec
 from protocol import messages as pm
 
@@ -28,7 +30,12 @@ async def sim_agent(url: str, token: str, agent_id: str, ready: trio.Semaphore |
     wake = trio.Event()
     async with open_websocket_url(url, subprotocols=[SUBPROTOCOL], connect_timeout=60,
                                   max_message_size=64 * 1024 * 1024) as ws:
-        await ws.send_message(codec.encode(pm.Hello(agent_id=agent_id, token=token, hostname="sim", cores=8)))
+        # Enrol with a credential of its own (the benchmarks start every run on a fresh state).
+        cred = secrets.token_urlsafe(32)
+        t = int(time.time() * 1000)
+        await ws.send_message(codec.encode(pm.Hello(agent_id=agent_id, token=token, hostname="sim", cores=8,
+                                                    credential=cred, proof=agent_proof(cred, agent_id, t),
+                                                    proof_time=t)))
         welcome = codec.decode_handshake(await ws.get_message())
         if not isinstance(welcome, pm.Welcome):
             raise SystemExit(f"{agent_id}: refused: {welcome}")
