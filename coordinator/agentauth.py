@@ -15,7 +15,7 @@
   enrols exactly one agent id (JoinTokenUsed for any other).
 * Older agents: an id left "pending:<cred>" by the previous scheme is confirmed by a proof from that
   credential; the join token alone no longer opens it. An agent that offers no credential of its
-  own is refused (AgentCredentialRequired): it is older than its coordinator.
+  own (older than this scheme) gets one in its Welcome, stored as confirmed at once.
 * Revocation (meta `revoked:<id>` = "1") refuses the agent id for good.
 
 The credential itself has to be kept (not a hash): the coordinator recomputes the HMAC.
@@ -52,6 +52,7 @@ class Verdict:
     code: str = ""
     message: str = ""
     enrolled: bool = False  # a new agent id was registered by this handshake
+    new_credential: str = ""  # for an older agent that did not offer one: sent in its Welcome
 
 
 @dataclass
@@ -116,9 +117,13 @@ class AgentAuth:
         if refused:
             return refused
         if not credential:
-            return Verdict(False, "AgentCredentialRequired",
-                           "this agent does not offer a credential of its own in its first hello: it is older"
-                           " than the coordinator; upgrade it")
+            # An agent older than this scheme: it gets a credential in the Welcome, stored as
+            # confirmed at once (never "pending"), so the join token alone cannot claim the id later.
+            # A lost Welcome locks that agent out; it has to enrol again under another id.
+            issued = secrets.token_urlsafe(32)
+            self._put(f"agentcred:{agent_id}", f"ok:{issued}")
+            self._use_token(token, agent_id)
+            return Verdict(True, enrolled=True, new_credential=issued)
         if not MIN_CREDENTIAL_CHARS <= len(credential) <= MAX_CREDENTIAL_CHARS:
             return Verdict(False, "InvalidAgentCredential",
                            f"an agent credential is {MIN_CREDENTIAL_CHARS}..{MAX_CREDENTIAL_CHARS} characters")

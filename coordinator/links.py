@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 
+import msgspec
 import structlog
 import trio
 
@@ -82,6 +83,8 @@ async def serve_agent(svc: CoordinatorService, scope: dict, receive: Callable, s
         # This connection's task (and its log lines) carries the agent id from here on.
         structlog.contextvars.bind_contextvars(agent=hello.agent_id)
         link, welcome = svc.link_for(hello)
+        if verdict.new_credential:  # an older agent that did not make up its own
+            welcome = msgspec.structs.replace(welcome, credential=verdict.new_credential)
         connection_id = link.connection_id
         await send({"type": "websocket.send", "bytes": _codec.encode(welcome)})
         svc.agent_connected(link, hello, agentident.in_flight_runs(link.session) if welcome.resumed else set())

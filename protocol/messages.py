@@ -119,7 +119,7 @@ class Welcome(Msg, tag="welcome", kw_only=True):
     last_received: int = 0
     heartbeat_interval: float = 5.0
     capabilities: list[str] = []
-    credential: str = ""  # unused: credentials were once issued here (agents now make up their own)
+    credential: str = ""  # issued only to an agent that offered none of its own (an older agent)
 
 
 class Reject(Msg, tag="reject", kw_only=True):

@@ -20,7 +20,7 @@ CREDENTIAL_FILE = "agent-credential"
 # Reject codes after which retrying cannot help: the agent stops and says why.
 FATAL_REJECTS = frozenset({
     "InvalidJoinToken", "ProtocolVersionMismatch", "AgentRevoked", "InvalidAgentCredential",
-    "JoinTokenExpired", "JoinTokenUsed", "AgentCredentialRequired",
+    "JoinTokenExpired", "JoinTokenUsed",
 })
 
 

@@ -47,12 +47,21 @@ def test_enrolment_stores_the_agents_own_credential_in_the_first_handshake():
 def test_enrolment_needs_a_valid_token_a_credential_and_a_matching_proof():
     auth, store = _auth()
     assert _enrol(auth, "a1", token="jt-wrong").code == "InvalidJoinToken"
-    assert auth.authenticate("a1", "jt", "", 0, NOW).code == "AgentCredentialRequired"  # an old agent
     assert _enrol(auth, "a1", cred="short").code == "InvalidAgentCredential"
     t = int(NOW * 1000)
     wrong_proof = auth.authenticate("a1", "jt", agent_proof("y" * 43, "a1", t), t, NOW, CRED)
     assert wrong_proof.code == "InvalidAgentCredential"
     assert "agentcred:a1" not in store  # nothing registered by a refused hello
+
+
+def test_an_older_agent_without_a_credential_gets_one_confirmed_at_once():
+    auth, store = _auth()
+    assert _enrol(auth, "a1", token="jt-wrong", cred="").code == "InvalidJoinToken"
+    v = auth.authenticate("a1", "jt", "", 0, NOW)
+    assert (v.ok, v.enrolled) == (True, True)
+    assert store["agentcred:a1"] == f"ok:{v.new_credential}"  # not "pending"
+    assert auth.authenticate("a1", "jt", "", 0, NOW).code == "InvalidAgentCredential"
+    assert _prove(auth, "a1", cred=v.new_credential).ok
 
 
 def test_a_pending_credential_of_the_old_scheme_opens_only_with_its_proof():
