@@ -87,7 +87,9 @@ async def serve_agent(svc: CoordinatorService, scope: dict, receive: Callable, s
             welcome = msgspec.structs.replace(welcome, credential=verdict.new_credential)
         connection_id = link.connection_id
         await send({"type": "websocket.send", "bytes": _codec.encode(welcome)})
-        svc.agent_connected(link, hello, agentident.in_flight_runs(link.session) if welcome.resumed else set())
+        # What the session still holds reaches the agent after this hello: resent RunTasks of a resumed
+        # session, or ones placed while the Welcome was being sent.
+        svc.agent_connected(link, hello, agentident.in_flight_runs(link.session))
         log.info("agent %s connected (%s)", hello.agent_id, "resumed" if welcome.resumed else "new session")
         try:
             async with trio.open_nursery() as nursery:
