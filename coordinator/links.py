@@ -17,6 +17,7 @@ import trio
 from protocol import SUBPROTOCOL, ProtocolError, coordinator_codec
 from protocol import messages as pm
 
+from ._api_limits import WS_AUTHENTICATED
 from .service import AgentLink, CoordinatorService
 
 log = logging.getLogger("tvm.links")
@@ -70,6 +71,7 @@ async def serve_agent(svc: CoordinatorService, scope: dict, receive: Callable, s
             log.warning("agent %s refused: %s", hello.agent_id, verdict.code)
             await _reject(send, verdict.code, verdict.message, 4003)
             return
+        await send({"type": WS_AUTHENTICATED})  # the full message limit from here on
         # This connection's task (and its log lines) carries the agent id from here on.
         structlog.contextvars.bind_contextvars(agent=hello.agent_id)
         link, welcome = svc.link_for(hello)
