@@ -15,6 +15,7 @@ from urllib.parse import parse_qs
 import msgspec
 
 from . import models as m
+from ._api_limits import BodyStream, decode_depth_error, json_body_limit, read_body
 from .errors import ApiError, bad_request
 from .filestore import FileStore
 from .service import CoordinatorService
@@ -23,7 +24,6 @@ from .state import CoordinatorState
 
 _json = msgspec.json.Encoder()
 Handler = Callable[..., Awaitable[Any]]
-MAX_BODY = 16 * 1024 * 1024
 MAX_FILE_CHUNK = 4 * 1024 * 1024
 
 
@@ -75,6 +75,8 @@ def _decode(body: bytes, typ: type) -> Any:
         raise bad_request("InvalidRequestBody", f"invalid request body: {text}", **values) from None
     except msgspec.DecodeError as exc:
         raise bad_request("InvalidRequestBody", f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise decode_depth_error() from None
 
 
 class ApiBase:
@@ -82,6 +84,7 @@ class ApiBase:
     core: CoordinatorState
     files: FileStore
     requests: int
+    max_upload_size: int
     _routes: list[tuple[str, re.Pattern[str], Handler]]
 
     def _route(self, method: str, pattern: str, handler: Handler) -> None:
@@ -118,16 +121,22 @@ class ApiBase:
         query = scope.get("query_string", b"").decode("latin-1")
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         try:
-            body = await self._read_body(receive, streaming=path == "/files" and method == "POST")
             agent_fetch = path.startswith("/files/sha256/") and self._agent_authorized(headers)
             # /metrics is for scrapers that cannot sign: aggregates only (coordinator/metrics.py).
             public = method == "GET" and path == "/metrics"
+            # The signature covers the headers, not the body: check it before reading any body.
             if not agent_fetch and not public and not self._job_token_authorized(headers, path):
                 try:
                     verify(method, scope.get("raw_path", path.encode()).decode("latin-1").split("?")[0], query,
                            headers, self.svc.account, [k for k in self.svc.keys if k], time.time())
                 except AuthError as exc:
                     raise ApiError(exc.status, exc.code, exc.message) from None
+            stream: BodyStream | None = None
+            if path == "/files" and method == "POST":  # uploads stream to disk (FileRoutes.upload_file)
+                stream = BodyStream(receive, headers, self.max_upload_size)
+                body = b""
+            else:
+                body = await read_body(receive, headers, json_body_limit(path))
             for meth, pattern, handler in self._routes:
                 if meth != method:
                     continue
@@ -137,6 +146,8 @@ class ApiBase:
                     # file named "a%41" into "aA".
                     params = match.groupdict()
                     q = {k: v[-1] for k, v in parse_qs(query).items()}
+                    if stream is not None:
+                        params["stream"] = stream
                     return await handler(body=body, query=q, headers=headers, **params)
             if any(p.match(path) for _, p, _ in self._routes):
                 raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on {path}")
@@ -176,20 +187,3 @@ class ApiBase:
                            f"this job-manager credential is valid only for {base} and its tasks, not {path}",
                            scope=base)
         return True
-
-    async def _read_body(self, receive: Callable, streaming: bool) -> bytes:
-        chunks: list[bytes] = []
-        size = 0
-        limit = 1 << 40 if streaming else MAX_BODY
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                break
-            chunk = msg.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, "RequestBodyTooLarge", f"request bodies are limited to {MAX_BODY} bytes")
-            chunks.append(chunk)
-            if not msg.get("more_body"):
-                break
-        return b"".join(chunks)

@@ -8,6 +8,7 @@ from protocol import messages as pm
 
 from . import models as m
 from ._api_base import ApiBase, Response, _json_response
+from ._api_limits import BodyStream
 from .errors import ApiError, bad_request, not_found
 from .filestore import FileStoreError, parse_range_header
 from .timeutil import rfc3339
@@ -126,14 +127,13 @@ class FileRoutes(ApiBase):
 
     # ------------------------------------------------------------------ file store
 
-    async def upload_file(self, body: bytes, query: dict[str, str], headers: dict[str, str], **_: Any) -> Response:
+    async def upload_file(self, stream: BodyStream, query: dict[str, str], headers: dict[str, str],
+                          **_: Any) -> Response:
+        """Streamed to a temporary file under the store, hashed on the way (never held in memory);
+        over the size limit, a wrong Content-MD5 or sha256, or a client gone: 4xx and nothing kept."""
         expected = query.get("sha256") or headers.get("x-tvm-sha256") or None
-
-        async def chunks() -> Any:
-            yield body
-
         try:
-            stored = await self.files.put(chunks(), expected_sha256=expected)
+            stored = await self.files.put(stream.chunks(), expected_sha256=expected)
         except FileStoreError as exc:
             raise bad_request(exc.code, exc.message) from None
         return _json_response(201, {"sha256": stored.sha256, "size": stored.size,

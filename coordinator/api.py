@@ -11,6 +11,7 @@ from ._api_base import Response as Response
 from ._api_certs import CertRoutes
 from ._api_files import FileRoutes
 from ._api_jobs import JobRoutes
+from ._api_limits import DEFAULT_MAX_UPLOAD
 from ._api_ops import OpsRoutes
 from ._api_pools import PoolRoutes
 from ._api_tasks import TaskRoutes
@@ -19,8 +20,10 @@ from .service import CoordinatorService
 
 
 class RestApp(PoolRoutes, JobRoutes, TaskRoutes, FileRoutes, CertRoutes, OpsRoutes, AutoscaleRoutes):
-    def __init__(self, service: CoordinatorService, files: FileStore) -> None:
+    def __init__(self, service: CoordinatorService, files: FileStore, *,
+                 max_upload_size: int = DEFAULT_MAX_UPLOAD) -> None:
         self.svc = service
+        self.max_upload_size = max_upload_size
         self.core = service.core
         self.files = files
         self.requests = 0

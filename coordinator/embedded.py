@@ -109,7 +109,8 @@ async def run_coordinator_main(cfg: Any) -> int:
                                                     join_token=cfg.join_token or None,
                                                     tls_cert=cfg.tls_cert or None, tls_key=cfg.tls_key or None,
                                                     port_range=parse_port_range(cfg.port_range, cfg.ports_per_tvm),
-                                                    max_pool_size=cfg.max_pool_size, task_status=task_status))
+                                                    max_pool_size=cfg.max_pool_size,
+                                                    max_upload_size=cfg.max_upload_size, task_status=task_status))
         except OSError as exc:
             print(f"error: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}", file=sys.stderr)
             return 1

@@ -18,6 +18,7 @@ from protocol import SUBPROTOCOL, ProtocolError, coordinator_codec
 from protocol import messages as pm
 
 from . import agentident
+from ._api_limits import WS_AUTHENTICATED
 from .agentauth import Verdict
 from .service import AgentLink, CoordinatorService
 
@@ -80,6 +81,7 @@ async def serve_agent(svc: CoordinatorService, scope: dict, receive: Callable, s
         if refused is not None:
             await _reject(send, *refused, 4003)
             return
+        await send({"type": WS_AUTHENTICATED})  # the full message limit from here on
         # This connection's task (and its log lines) carries the agent id from here on.
         structlog.contextvars.bind_contextvars(agent=hello.agent_id)
         link, welcome = svc.link_for(hello)

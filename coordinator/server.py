@@ -11,6 +11,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from ._api_limits import DEFAULT_MAX_UPLOAD, patch_websocket_limits
 from ._core_autoscale import AutoscaleTiming
 from .api import RestApp
 from .filestore import FileStore
@@ -60,6 +61,7 @@ async def run_coordinator(
     tls_key: str | None = None,
     port_range: tuple[int, int, int] | None = None,
     max_agent_frame: int = 64 * 1024 * 1024,
+    max_upload_size: int = DEFAULT_MAX_UPLOAD,
     clock: Any = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -74,7 +76,7 @@ async def run_coordinator(
                                  join_token=join_token, max_pool_size=max_pool_size,
                                  **({"clock": clock} if clock is not None else {}))  # issue 6: tests' fake time
     files = FileStore(os.path.join(state_dir, "files"))
-    app = RestApp(service, files)
+    app = RestApp(service, files, max_upload_size=max_upload_size)
     sock = bind_socket(host, port)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
@@ -99,7 +101,9 @@ async def run_coordinator(
             prov = provisioner(agent_ws, service.join_token)
         service.set_provisioner(prov)
     config = Config()
-    config.websocket_max_message_size = max_agent_frame  # larger frames close the link (1009)
+    # Larger frames close the link (1009); before the hello is accepted the limit is far smaller
+    # (MAX_PRE_AUTH_MESSAGE, see patch_websocket_limits).
+    config.websocket_max_message_size = max_agent_frame
     if tls_cert:
         config.certfile = tls_cert
         config.keyfile = tls_key
@@ -127,6 +131,7 @@ async def _serve(app: RestApp, config: Config, sock: socket.socket,
     crashed on a send race, see `_patch_hypercorn`), log it and serve again on the same socket:
     agents reconnect and resend, clients retry, the coordinator's state is untouched."""
     _patch_hypercorn()
+    patch_websocket_limits()
     status = _StartedOnce(task_status)
     while True:
         # hypercorn wraps the fd in its own socket object and closes it: give it a duplicate.

@@ -4,6 +4,11 @@ StringToSign = VERB + the values of 11 standard headers, each followed by "\\n" 
 Content-Length "0" is signed as "0", an absent header as an empty line), the canonicalized `ocp-*`
 headers, then "/<account><path>" and the sorted, lower-cased query parameters. The path is signed
 as sent, percent-encoded (the Azure SDKs sign the request URL's encoded path).
+
+The SDKs disagree on the query part: the Python Azure SDKs keep each parameter name's case and leave
+out parameters with an empty value; the Java SDK lower-cases the names and the account. `verify`
+accepts every one of these canonical forms (each covers the same request), `sign_request` produces
+the lower-cased one.
 """
 
 from __future__ import annotations
@@ -41,7 +46,10 @@ class AuthError(Exception):
         self.message = message
 
 
-def string_to_sign(method: str, path: str, query: str, headers: Mapping[str, str], account: str) -> str:
+def string_to_sign(method: str, path: str, query: str, headers: Mapping[str, str], account: str, *,
+                   keep_case: bool = False, skip_blank: bool = False) -> str:
+    """`keep_case`: query names as sent (Python SDKs), else lower-cased; `skip_blank`: parameters
+    with an empty value are left out (Python SDKs)."""
     h = {k.lower(): v for k, v in headers.items()}
     parts = [method.upper()]
     parts.extend(h.get(name, "") for name in _STANDARD)
@@ -51,7 +59,9 @@ def string_to_sign(method: str, path: str, query: str, headers: Mapping[str, str
     out += f"/{account}{path}"
     params: dict[str, list[str]] = {}
     for k, v in parse_qsl(query, keep_blank_values=True):
-        params.setdefault(k.lower(), []).append(v)
+        if skip_blank and not v:
+            continue
+        params.setdefault(k if keep_case else k.lower(), []).append(v)
     for k in sorted(params):
         out += f"\n{k}:{','.join(sorted(params[k]))}"
     return out
@@ -94,12 +104,23 @@ def verify(method: str, path: str, query: str, headers: Mapping[str, str], accou
         raise AuthError(403, "InvalidHeaderValue", f"ocp-date is not an RFC 1123 date: {stamp!r}") from None
     if abs(now - when) > MAX_SKEW_S:
         raise AuthError(403, "RequestTooOld", "The request time is more than 15 minutes from the server time")
-    texts = [string_to_sign(method, path, query, headers, account)]
-    if "%" in path:
-        # Also accept a signature over the decoded path (clients that sign the path before encoding).
-        texts.append(string_to_sign(method, unquote(path), query, headers, account))
-    for text in texts:
+    for text in _candidate_texts(method, path, query, headers, account):
         for key in keys:
             if hmac.compare_digest(sign(key, text), signature):
                 return
     raise AuthError(403, "AuthenticationFailed", "The request signature does not match (wrong key or tampered)")
+
+
+def _candidate_texts(method: str, path: str, query: str, headers: Mapping[str, str], account: str) -> list[str]:
+    """Every canonical form a known client may have signed, without repeats (usually one or two)."""
+    paths = [path, unquote(path)] if "%" in path else [path]  # decoded: clients that sign before encoding
+    accounts = [account, account.lower()] if account != account.lower() else [account]  # Java lower-cases it
+    texts: list[str] = []
+    for p in paths:
+        for acct in accounts:
+            for keep_case in (False, True):
+                for skip_blank in (False, True):
+                    text = string_to_sign(method, p, query, headers, acct, keep_case=keep_case, skip_blank=skip_blank)
+                    if text not in texts:
+                        texts.append(text)
+    return texts

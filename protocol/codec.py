@@ -34,6 +34,10 @@ def _tags(union: Any) -> frozenset[str]:
     return frozenset(cls.__struct_config__.tag for cls in union.__args__)
 
 
+# msgspec skips unknown fields recursively: a deeply nested value is a RecursionError, not a DecodeError.
+_TOO_DEEP = "malformed {}: nested too deeply"
+
+
 class MessageCodec:
     """Typed encoder/decoder for one direction of a link (built once, reused)."""
 
@@ -51,12 +55,16 @@ class MessageCodec:
     def decode_frame(self, data: bytes) -> Frame:
         try:
             return self._frame_decoder.decode(data)
+        except RecursionError:
+            raise ProtocolError(_TOO_DEEP.format("frame")) from None
         except msgspec.DecodeError as exc:
             raise ProtocolError(f"malformed frame: {exc}") from None
 
     def decode_message(self, raw: msgspec.Raw | bytes) -> Msg:
         try:
             return self._decoder.decode(raw)
+        except RecursionError:
+            raise ProtocolError(_TOO_DEEP.format("message")) from None
         except msgspec.DecodeError as exc:
             try:
                 tag = self._envelope.decode(raw).t
@@ -69,6 +77,8 @@ class MessageCodec:
     def decode_handshake(self, data: bytes) -> Msg:
         try:
             return self._handshake_decoder.decode(data)
+        except RecursionError:
+            raise ProtocolError(_TOO_DEEP.format("handshake"), close_code=4002) from None
         except msgspec.DecodeError as exc:
             raise ProtocolError(f"malformed handshake: {exc}", close_code=4002) from None
 

@@ -93,6 +93,8 @@ class CoordinatorConfig(_Config):
     # intra-pool ports (issue 8): "LOW-HIGH", at least 1100 and outside the kernel's ephemeral range
     port_range: str = "1100-32767"
     ports_per_tvm: int = 50
+    # largest `POST /files` upload in bytes (streamed to disk; larger: 413 RequestBodyTooLarge)
+    max_upload_size: int = 4 * 1024 * 1024 * 1024
     log_level: LogLevel = "info"
     log_format: LogFormat = "json"
 
@@ -298,6 +300,8 @@ def _check_coordinator(cfg: CoordinatorConfig, src: Mapping[str, str]) -> None:
     _positive(src, "heartbeat-timeout", cfg.heartbeat_timeout)
     if cfg.max_pool_size < 1:
         raise _fail(src, "max-pool-size", f"must be at least 1, got {cfg.max_pool_size}")
+    if cfg.max_upload_size < 0:
+        raise _fail(src, "max-upload-size", f"must be 0 or more bytes, got {cfg.max_upload_size}")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         missing = "tls-key" if cfg.tls_cert else "tls-cert"
         raise _fail(src, missing, "must be set together with tls-cert/tls-key (both or neither)")

@@ -205,3 +205,31 @@ def test_encoded_path_signed_as_sent_like_the_azure_sdks():
     h["Authorization"] = "SharedKey acct:" + _expected_hmac(KEY1, expected.replace("my%20file", "other"))
     with pytest.raises(AuthError):
         verify("GET", path, "", h, "acct", [KEY1], NOW.timestamp())
+
+
+def _hand_signed(text: str, account: str) -> dict[str, str]:
+    return {"ocp-date": DATE, "Authorization": f"SharedKey {account}:{_expected_hmac(KEY1, text)}"}
+
+
+_SDK_HEAD = "GET\n" + "\n" * 11 + f"ocp-date:{DATE}\n"
+
+
+def test_python_sdk_form_names_keep_their_case_and_empty_values_are_left_out():
+    query = "timeOut=30&api-version=2024-07-01.20.0&empty="
+    # Written out by hand as the Python Azure SDKs build it (sorted by the names as sent).
+    text = _SDK_HEAD + "/Acct/pools\napi-version:2024-07-01.20.0\ntimeOut:30"
+    assert string_to_sign("GET", "/pools", query, {"ocp-date": DATE}, "Acct", keep_case=True, skip_blank=True) == text
+    verify("GET", "/pools", query, _hand_signed(text, "Acct"), "Acct", [KEY1], NOW.timestamp())
+
+
+def test_java_sdk_form_names_and_account_lower_cased():
+    query = "timeOut=30&empty="
+    text = _SDK_HEAD + "/acct/pools\nempty:\ntimeout:30"
+    verify("GET", "/pools", query, _hand_signed(text, "Acct"), "Acct", [KEY1], NOW.timestamp())
+
+
+def test_every_canonical_form_still_covers_the_parameters():
+    text = _SDK_HEAD + "/Acct/pools\ntimeOut:30"
+    for query in ("timeOut=31", "timeOut=30&maxresults=5", ""):
+        with pytest.raises(AuthError):
+            verify("GET", "/pools", query, _hand_signed(text, "Acct"), "Acct", [KEY1], NOW.timestamp())
