@@ -202,7 +202,7 @@ class CertsMixin(CoreBase):
         members = [t for t in self.tvms.values() if t.rec.pool == pool_name]
         addresses = sorted({t.rec.ip for t in members if t.rec.ip})
         for t in members:
-            self._send(t.rec.agent_id, pm.PoolMembers(addresses=addresses))
+            self._send(t.rec.agent_id, pm.PoolMembers(addresses=addresses, pool=pool_name))
 
     def _tvm_ready(self, tvm: Tvm, msg: pm.TvmReady) -> None:
         """Record what the agent reported when the TVM became ready (certificate install errors)."""

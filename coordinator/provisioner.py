@@ -24,6 +24,12 @@ class Provisioner(Protocol):
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _primary_ip() -> str:
+    from tvmagent.metrics import _primary_ip as primary
+
+    return primary()
+
+
 class LocalProvisioner:
     def __init__(self, state_dir: str, coordinator_url: str, token: str, *, log_level: str = "warning") -> None:
         self.state_dir = os.path.abspath(state_dir)
@@ -42,6 +48,8 @@ class LocalProvisioner:
             env = dict(os.environ)
             env["TVM_AGENT_TOKEN"] = self.token  # never on the command line (ps shows it)
             env["PYTHONPATH"] = _REPO + os.pathsep + env.get("PYTHONPATH", "")
+            # The address the pool's port gate listens on when nftables is missing (fail closed).
+            env.setdefault("TVM_AGENT_IP", _primary_ip())
             if not _others_can_run(sys.executable):
                 # Local sample tasks run this interpreter; unprivileged task users could not (issue 8).
                 env.setdefault("TVM_AGENT_TASK_ISOLATION", "none")

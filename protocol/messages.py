@@ -247,6 +247,9 @@ class DeleteTaskFiles(Msg, tag="task.delete_files", kw_only=True):
 
 class PoolMembers(Msg, tag="pool.members", kw_only=True):
     addresses: list[str]
+    # The pool the list is for: one that arrives while the agent still leaves its old pool must not
+    # be dropped by that teardown, nor an old pool's list be applied to the new one ("": any).
+    pool: str = ""
 
 
 class Ping(Msg, tag="ping", kw_only=True):

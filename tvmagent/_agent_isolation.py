@@ -6,6 +6,7 @@ for the user scheme and tvmagent/ports.py for the fence itself.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import os
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,13 @@ class IsolationMixin:
     # The pool's member addresses: PoolMembers may be handled before the JoinPool setup reaches
     # the fence (separate Trio tasks), so they are kept here and used when the fence comes up.
     _fence_members: list[str] = []
+    _fence_pool: str = ""  # the pool _fence_members belong to ("": an older coordinator did not say)
+    # Membership changes are numbered in arrival order; nft updates run one at a time under
+    # _fence_lock and each records the generation it rendered, so the newest list always lands last.
+    _fence_generation: int = 0
+    _fence_applied: int = -1
+    _fence_lock_obj: trio.Lock | None = None
+    ports_unfenced: bool = False  # degraded: neither nftables nor the user-space gate fences the ports
     _pool_bwrap: bool = False  # the pool asked for bubblewrap (JoinPool.bubblewrap)
 
     def send(self, msg: pm.Msg) -> None:  # provided by Agent
@@ -151,37 +159,52 @@ class IsolationMixin:
         """At start: how a communicating pool's port block will be fenced here."""
         if os.geteuid() == 0 and nft_available():
             return ["nftables available: a communicating pool's ports admit pool members only"]
-        if os.environ.get("TVM_AGENT_IP"):
-            return ["nftables unavailable: a user-space gate on TVM_AGENT_IP fences pool ports "
+        listen = _gate_address()
+        try:
+            usable = not ipaddress.ip_address(listen).is_loopback
+        except ValueError:
+            usable = False
+        if usable:
+            return [f"nftables unavailable: a user-space gate on {listen} fences pool ports "
                     "(tasks must bind 127.0.0.1)"]
-        return ["nftables unavailable and TVM_AGENT_IP not set: pool ports are NOT fenced"]
+        return ["DEGRADED: ports unfenced: nftables unavailable and no non-loopback address for the "
+                "user-space gate (set TVM_AGENT_IP)"]
 
     def _nft_table(self) -> str:
         return "tvm_" + hashlib.sha256(self.agent_id.encode()).hexdigest()[:16]
 
+    def _fence_lock(self) -> trio.Lock:
+        if self._fence_lock_obj is None:
+            self._fence_lock_obj = trio.Lock()
+        return self._fence_lock_obj
+
     async def _setup_fence(self, msg: pm.JoinPool) -> None:
         await self._teardown_fence()
+        self.ports_unfenced = False
         if not msg.port_range_low:
             return
         self._fence_range = (msg.port_range_low, msg.port_range_high)
         if os.geteuid() == 0 and await trio.to_thread.run_sync(nft_available):
             self.fence = self._nft_table()
-            await self._apply_nft()
+            await self._sync_fence(force=True)
             log.info("ports %d-%d: nftables table %s admits pool members only", *self._fence_range, self.fence)
             return
-        listen = os.environ.get("TVM_AGENT_IP", "")
-        if not listen or self._nursery is None:
-            log.warning("ports %d-%d are NOT fenced: nftables unavailable and TVM_AGENT_IP not set for the "
-                        "user-space gate", *self._fence_range)
-            return
-        gate = PortGate(range(msg.port_range_low, msg.port_range_high + 1), self._fence_members,
-                        listen_host=listen)
+        # Fail closed: without nftables the gate listens on the address the coordinator gives the
+        # pool as ours (TVM_AGENT_IP, else the primary address), so outsiders meet the gate.
+        listen = _gate_address()
         try:
+            gate = PortGate(range(msg.port_range_low, msg.port_range_high + 1), self._current_members(),
+                            listen_host=listen)
+            if self._nursery is None:
+                raise OSError("the agent is not running")
             await self._nursery.start(self._run_gate, gate)
-        except OSError as exc:
-            log.warning("ports %d-%d are NOT fenced: %s", *self._fence_range, exc)
+        except (OSError, ValueError) as exc:
+            self.ports_unfenced = True
+            log.warning("DEGRADED: ports unfenced: ports %d-%d admit anyone (nftables unavailable, user-space "
+                        "gate on %s impossible: %s)", *self._fence_range, listen, exc)
             return
         self.fence = gate
+        gate.update_members(self._current_members())  # lists that arrived while it was binding
         log.info("ports %d-%d: nftables unavailable; user-space gate on %s admits pool members only "
                  "(tasks bind 127.0.0.1)", *self._fence_range, listen)
 
@@ -190,37 +213,53 @@ class IsolationMixin:
             self._gate_scope = scope
             await gate.serve(task_status=task_status)
 
-    async def _apply_nft(self) -> None:
-        assert isinstance(self.fence, str)
-        v4 = [a for a in self._fence_members if ":" not in a]
-        v6 = [a for a in self._fence_members if ":" in a]
-        ruleset = render_nft_ruleset(self.fence, *self._fence_range, v4, v6)
-        try:
-            await trio.to_thread.run_sync(apply_nft, ruleset)
-        except NftError as exc:
-            log.error("cannot update the port fence: %s", exc)
+    async def _sync_fence(self, force: bool = False) -> None:
+        """Bring the nft table to the newest member list (one update at a time)."""
+        async with self._fence_lock():
+            if not isinstance(self.fence, str) or (self._fence_applied == self._fence_generation and not force):
+                return
+            generation = self._fence_generation
+            members = self._current_members()
+            v4 = [a for a in members if ":" not in a]
+            v6 = [a for a in members if ":" in a]
+            ruleset = render_nft_ruleset(self.fence, *self._fence_range, v4, v6)
+            try:
+                await trio.to_thread.run_sync(apply_nft, ruleset)
+            except NftError as exc:
+                log.error("cannot update the port fence: %s", exc)
+                return
+            self._fence_applied = generation
 
-    async def _update_fence(self, addresses: list[str]) -> None:
+    def _current_members(self) -> list[str]:
+        """The newest list, if it is for the pool this TVM is in now (else closed: nobody)."""
+        if self._fence_pool and (self.tvm is None or self._fence_pool != self.tvm.pool):
+            return []
+        return self._fence_members
+
+    def _on_pool_members(self, addresses: list[str], pool: str = "") -> None:
+        """A PoolMembers message, handled in arrival order (not in a Trio task of its own: their
+        start order is not the message order, and a stale list could land last)."""
         good = []
         for a in addresses:
             try:
-                import ipaddress
-
                 ipaddress.ip_address(a)
                 good.append(a)
             except ValueError:
                 log.warning("ignoring pool member %r: not an IP address", a)
         self._fence_members = good
-        if isinstance(self.fence, str):
-            await self._apply_nft()
-        elif isinstance(self.fence, PortGate):
-            self.fence.update_members(good)
+        self._fence_pool = pool
+        self._fence_generation += 1
+        if isinstance(self.fence, PortGate):
+            self.fence.update_members(self._current_members())
+        elif isinstance(self.fence, str) and self._nursery is not None:
+            self._nursery.start_soon(self._sync_fence)
 
     async def _teardown_fence(self) -> None:
         fence, self.fence = self.fence, None
         if isinstance(fence, str):
             try:
-                await trio.to_thread.run_sync(remove_nft, fence)
+                async with self._fence_lock():  # not under an update still running
+                    await trio.to_thread.run_sync(remove_nft, fence)
             except NftError as exc:
                 log.warning("cannot remove nftables table %s: %s", fence, exc)
         elif isinstance(fence, PortGate):
@@ -229,7 +268,8 @@ class IsolationMixin:
     async def _teardown_isolation(self) -> None:
         with trio.CancelScope(shield=True):
             await self._teardown_fence()
-            self._fence_members = []
+            # _fence_members stay: a PoolMembers for the next pool may already have arrived
+            # (_setup_fence drops a list that belongs to another pool).
             for name in list(self.login_users):
                 await self._remove_login_user(name)
 
@@ -266,6 +306,13 @@ class IsolationMixin:
             return
         if removed:
             log.info("remote-login user %s removed", name)
+
+
+def _gate_address() -> str:
+    """The address the coordinator publishes for this agent (see metrics.host_facts)."""
+    from .metrics import _primary_ip
+
+    return os.environ.get("TVM_AGENT_IP") or _primary_ip()
 
 
 def _hand_back(directory: str) -> None:

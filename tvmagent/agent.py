@@ -370,7 +370,7 @@ class Agent(IsolationMixin):
         elif isinstance(msg, pm.FileRequest):
             self._nursery.start_soon(self._file_request, msg)
         elif isinstance(msg, pm.PoolMembers):
-            self._nursery.start_soon(self._update_fence, list(msg.addresses))
+            self._on_pool_members(list(msg.addresses), msg.pool)
         elif isinstance(msg, pm.AddUser):
             self._nursery.start_soon(self._add_login_user, msg)
         elif isinstance(msg, pm.RemoveUser):
