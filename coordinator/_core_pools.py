@@ -20,6 +20,7 @@ from protocol import messages as pm
 
 from . import models as m
 from ._core_base import WALL_CLOCK_EXIT_CODE, CoreBase
+from ._pool_limits import check_pool_limits, join_limits
 from .errors import ApiError, bad_request, conflict, not_found
 from .records import (
     COMPLETED,
@@ -101,6 +102,7 @@ class PoolsMixin(CoreBase):
             check_env(req.start_task.environment_settings, prefix + "startTask.environmentSettings")
             self._check_files(req.start_task.resource_files, prefix + "startTask.resourceFiles")  # type: ignore[attr-defined]
             check_range(req.start_task.max_task_retry_count, -1, 1000, prefix + "startTask.maxTaskRetryCount")
+        check_pool_limits(req, prefix)
         cert_refs = self._check_certificate_references(req.certificate_references, prefix)  # type: ignore[attr-defined]
         spec = msgspec.structs.replace(req, tvm_fill_type=req.tvm_fill_type.lower(), vm_size=req.vm_size.lower(),
                                        certificate_references=cert_refs)
@@ -500,7 +502,7 @@ class PoolsMixin(CoreBase):
                            memory_limit_bytes=memory,
                            certificates=self._cert_files(pool),  # type: ignore[attr-defined]  # issue 8
                            port_range_low=tvm.rec.port_low, port_range_high=tvm.rec.port_high,
-                           bubblewrap=pool.spec.bubblewrap)
+                           bubblewrap=pool.spec.bubblewrap, **join_limits(pool.spec))
 
     def _set_tvm_state(self, tvm: Tvm, state: str) -> None:
         if tvm.rec.state != state:

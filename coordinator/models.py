@@ -92,6 +92,10 @@ class PoolAdd(_Req):
     resize_timeout: str | None = None
     metadata: list[MetadataItem] = []
     bubblewrap: bool = False  # run this pool's tasks in a bubblewrap sandbox (issue 8)
+    # Per-task process limit (pids cgroup; None: the agent's default, 4,096) and the TVM's disk limit
+    # for the files of its running tasks (None: only the host's nearly-full check). See _pool_limits.py.
+    task_pids_limit: int | None = None
+    tvm_disk_limit_mib: int | None = msgspec.field(default=None, name="tvmDiskLimitMiB")
 
 
 class Pool(_Res):
@@ -117,6 +121,8 @@ class Pool(_Res):
     metadata: list[MetadataItem] = []
     auto_scale_run: AutoScaleRun | None = None  # the last autoscale evaluation (issue 7)
     bubblewrap: bool = False  # issue 8
+    task_pids_limit: int | None = None
+    tvm_disk_limit_mib: int | None = msgspec.field(default=None, name="tvmDiskLimitMiB")
 
 
 class PoolResize(_Req):

@@ -22,7 +22,7 @@ def pool_view(core: CoordinatorState, pool: PoolRec) -> m.Pool:
         tvm_fill_type=s.tvm_fill_type, creation_time=_t(pool.created), state_transition_time=_t(pool.state_time),
         allocation_state_transition_time=_t(pool.alloc_time), resize_timeout=format_duration(pool.resize_timeout_s),
         start_task=s.start_task, communication=s.communication, certificate_references=s.certificate_references,
-        bubblewrap=s.bubblewrap,
+        bubblewrap=s.bubblewrap, task_pids_limit=s.task_pids_limit, tvm_disk_limit_mib=s.tvm_disk_limit_mib,
         enable_auto_scale=s.enable_auto_scale, auto_scale_formula=s.auto_scale_formula,
         auto_scale_evaluation_interval=s.auto_scale_evaluation_interval,
         resize_error=m.ResizeError(code=pool.resize_error[0], message=pool.resize_error[1]) if pool.resize_error else None,

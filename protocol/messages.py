@@ -214,6 +214,8 @@ class JoinPool(Msg, tag="tvm.join", kw_only=True):
     # Memory of the pool's VM size; the agent gives each task slot an equal share (0: no limit).
     memory_limit_bytes: int = 0
     bubblewrap: bool = False  # run the pool's tasks and start task in a bubblewrap sandbox (issue 8)
+    task_pids_limit: int = 0  # processes per task (0: the agent's default)
+    disk_limit_bytes: int = 0  # bytes the TVM's running tasks may hold on disk (0: no limit)
 
 
 class LeavePool(Msg, tag="tvm.leave", kw_only=True):

@@ -33,6 +33,7 @@ from protocol import messages as pm
 
 from . import _cgroups, isolation
 from ._agent_isolation import IsolationMixin
+from ._agent_limits import LimitsMixin
 from .downloads import DownloadCache, DownloadError
 from .identity import FATAL_REJECTS, AgentIdentity
 from .metrics import HostSampler, host_facts
@@ -65,6 +66,7 @@ class _Running:
     process: RunningProcess | None = None
     cancelled: bool = False
     cancel_reason: str = ""
+    cancel_code: str = "TaskEnded"  # the failure code of a killed run (DiskLimitExceeded, ...)
     abandoned: bool = False  # killed by the drain: reported as AGENT_STOPPING so it is requeued
 
 
@@ -97,7 +99,7 @@ def agent_url(url: str) -> str:
     return url
 
 
-class Agent(IsolationMixin):
+class Agent(IsolationMixin, LimitsMixin):
     def __init__(self, opts: AgentOptions) -> None:
         self.opts = opts
         self.root = os.path.abspath(opts.root)
@@ -149,7 +151,6 @@ class Agent(IsolationMixin):
         self._tvm_ops_started = False
         self._start_run: _Running | None = None
         self._setup_replies: list[pm.Msg] = []  # what the last setup reported, resent on a repeated join
-        self._task_memory_limit = 0  # per-task share of the VM size's memory (0: none)
 
     def _load_agent_id(self) -> str:
         path = os.path.join(self.root, "agent-id")
@@ -205,6 +206,7 @@ class Agent(IsolationMixin):
                 self._nursery = nursery
                 nursery.start_soon(self._retention_loop)
                 nursery.start_soon(self._lazy_sender)
+                nursery.start_soon(self._disk_watch_loop)
                 task_status.started()
                 await self._connect_loop()
         finally:
@@ -407,8 +409,7 @@ class Agent(IsolationMixin):
         self.tvm = TvmIdentity(account=msg.account, account_url=msg.account_url, pool=msg.pool,
                                tvm_name=msg.tvm_name, root=self.root, port_low=msg.port_range_low,
                                port_high=msg.port_range_high)
-        # Memory of the VM size, shared equally by the TVM's task slots (a per-task cgroup limit).
-        self._task_memory_limit = msg.memory_limit_bytes // max(1, msg.slots) if msg.memory_limit_bytes else 0
+        self._apply_join_limits(msg)  # memory share, process and disk limits
         for d in ("tasks", "shared", "start", "certs"):
             os.makedirs(os.path.join(self.root, d), exist_ok=True)
         os.chmod(os.path.join(self.root, "shared"), 0o1777)  # every task writes; only owners delete
@@ -596,7 +597,7 @@ class Agent(IsolationMixin):
                            run_as=None if elevated else (self.opts.task_user or None),
                            use_bwrap=self.opts.use_bwrap or self._pool_bwrap, name=name,
                            **self._bwrap_paths(),
-                           memory_limit_bytes=self._task_memory_limit or None)
+                           **self._limit_kwargs())
         try:
             proc = await self.sandbox.start(spec, prepare)
             if announce is not None and proc.pid is not None:
@@ -676,8 +677,10 @@ class Agent(IsolationMixin):
                     failure = pm.Failure(category="UserError", code="TaskMemoryLimitExceeded",
                                          message=outcome.message)
                 elif running.cancelled:
-                    failure = pm.Failure(category="UserError", code="TaskEnded",
+                    failure = pm.Failure(category="UserError", code=running.cancel_code,
                                          message=f"task killed: {running.cancel_reason}")
+                else:
+                    failure = await self._disk_verdict(spec.key)  # a writer quicker than the check
             elif running.cancelled:
                 failure = pm.Failure(category="UserError", code="TaskEnded", message=running.cancel_reason)
         except Exception as exc:  # the task fails, never the agent

@@ -184,7 +184,8 @@ class SandboxCapabilities:
                 f"{WATCHDOG_INTERVAL:g} s (spikes between checks are not caught)"
             )
         if lay.controller_dir("pids") is None:
-            lines.append("no pids cgroup: pids limits are NOT enforced")
+            lines.append("DEGRADED: no pids cgroup: a task's process limit falls back to RLIMIT_NPROC on its"
+                         " own task user (per uid); tasks running as root or a shared user are NOT limited")
         if not self.has_prlimit:
             lines.append("prlimit not found: nofile limits are NOT enforced")
         if not self.can_switch_user:
@@ -286,14 +287,17 @@ def build_command(
     procs_files: list[str],
     user_ids: tuple[int, int] | None,
     bwrap_prefix: list[str] | None,
+    nproc: int | None = None,
 ) -> Plan:
-    """The full wrapper chain for ``spec`` (pure)."""
+    """The full wrapper chain for ``spec`` (pure). ``nproc``: RLIMIT_NPROC, the pids limit's
+    fallback where no pids cgroup enforces it."""
     chain: list[str] = []
     if procs_files:
         chain += [tools["sh"], "-c", _CGROUP_JOIN_SCRIPT, "sh", str(len(procs_files)), *procs_files]
-    if spec.nofile_limit is not None and "prlimit" in tools:
-        n = spec.nofile_limit
-        chain += [tools["prlimit"], f"--nofile={n}:{n}", "--"]
+    limits = [f"--nofile={n}:{n}" for n in (spec.nofile_limit,) if n is not None]
+    limits += [f"--nproc={n}:{n}" for n in (nproc,) if n is not None]
+    if limits and "prlimit" in tools:
+        chain += [tools["prlimit"], *limits, "--"]
     if user_ids is not None:
         uid, gid = user_ids
         chain += [tools["setpriv"], f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
@@ -561,7 +565,9 @@ class Sandbox:
                 bwrap = bwrap_args(self.caps.tools["bwrap"], spec.cwd, spec.bwrap_writable,
                                    spec.bwrap_readonly, _root_entries())  # fmt: skip
             procs = cgroup.procs_files() if cgroup else []
-            plan = build_command(spec, exe, self.caps.tools, procs, user_ids, bwrap)
+            # RLIMIT_NPROC counts every process of the uid: only a task user of its own may carry it.
+            nproc = spec.pids_limit if user_ids is not None and not (cgroup and cgroup.enforces("pids")) else None
+            plan = build_command(spec, exe, self.caps.tools, procs, user_ids, bwrap, nproc)
         except BaseException:
             for fd in fds:
                 os.close(fd)

@@ -295,7 +295,7 @@ def test_describe_says_what_degrades() -> None:
     text = "\n".join(caps.describe())
     assert "no writable cgroup" in text
     assert "RSS watchdog" in text
-    assert "pids limits are NOT enforced" in text
+    assert "process limit falls back to RLIMIT_NPROC" in text
     assert "nofile limits are NOT enforced" in text
     assert "agent is not root" in text
     assert "bwrap not found" in text
@@ -309,3 +309,11 @@ def test_describe_says_what_degrades() -> None:
     assert "cgroup v1 memory controller at /m" in text
     assert "NOT enforced" not in text
     assert "cannot switch user" not in text
+
+
+def test_build_command_nproc_fallback_goes_through_prlimit_before_the_user_switch() -> None:
+    plan = build_command(spec(), "/usr/bin/prog", TOOLS, [], (1001, 1002), None, 64)
+    i_pl = plan.argv.index("/usr/bin/prlimit")
+    assert plan.argv[i_pl + 1 : i_pl + 3] == ["--nproc=64:64", "--"]
+    assert i_pl < plan.argv.index("/usr/bin/setpriv")
+    assert "/usr/bin/prlimit" not in build_command(spec(), "/usr/bin/prog", TOOLS, [], (1001, 1002), None).argv
