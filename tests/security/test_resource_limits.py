@@ -4,17 +4,20 @@ the TVM keeps running other tasks; nothing of the flood is left in /proc."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from coordinator.client import BatchError, task_spec
 from tests.harness import cluster_ctx
-from tvmagent.sandbox import SandboxCapabilities
+from tvmagent.sandbox import ProcessSpec, Sandbox, SandboxCapabilities, ensure_user
 
 PY = "/usr/bin/python3"  # readable by unprivileged users (the venv's interpreter lives under /root)
 ISOLATED = ["--task-isolation", "users"]
@@ -125,3 +128,41 @@ async def test_a_disk_flood_fails_with_disk_limit_exceeded_and_the_tvm_keeps_wor
         assert tasks["after"].execution_info.exit_code == 0
         assert tasks["after"].execution_info.scheduling_error is None
         assert (await c.client.tvms.list("p"))[0].state in ("idle", "running")
+
+
+@pytest.fixture
+def own_user() -> Iterator[str]:
+    """A task user of this test's own (RLIMIT_NPROC counts every process of the uid)."""
+    name = f"tvmnp{os.getpid()}{secrets.token_hex(2)}"
+    ensure_user(name)
+    try:
+        yield name
+    finally:
+        subprocess.run(["userdel", name], check=False, capture_output=True)
+
+
+@pytest.mark.skipif(_root_reason is not None or not _caps.has_prlimit, reason=_root_reason or "needs prlimit")
+async def test_without_a_pids_cgroup_a_fork_flood_meets_rlimit_nproc(open_root, own_user):
+    marker = f"tvmforkflood{os.getpid()}{secrets.token_hex(3)}"
+    lay = _caps.layout
+    no_pids = dataclasses.replace(lay, v2_controllers=lay.v2_controllers - {"pids"},
+                                  v1_bases={k: v for k, v in lay.v1_bases.items() if k != "pids"})
+    caps = dataclasses.replace(_caps, layout=no_pids, cgroup_mode=no_pids.mode, notes=[])
+    assert any("falls back to RLIMIT_NPROC" in line for line in caps.describe())
+    sandbox = Sandbox(caps, cgroup_prefix=f"tvmtest-np-{os.getpid()}", kill_grace=1.0)
+    wd = Path(open_root)
+    try:
+        proc = await sandbox.start(ProcessSpec(
+            argv=[PY, "-c", FORK_FLOOD, marker], cwd=str(wd), env={"PATH": "/usr/bin:/bin"},
+            stdout_path=str(wd / "stdout.txt"), stderr_path=str(wd / "stderr.txt"), run_as=own_user,
+            pids_limit=64))
+        outcome = await proc.wait()
+        out = (wd / "stdout.txt").read_text().split()
+        assert outcome.exit_code == 0, (outcome, (wd / "stderr.txt").read_text())
+        assert out[0] == "forked", out
+        assert int(out[1]) < 64, out
+        assert _procs_with(marker) == []
+    finally:
+        for pid in _procs_with(marker):
+            os.kill(pid, 9)
+        sandbox.close()

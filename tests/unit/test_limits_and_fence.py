@@ -1,0 +1,60 @@
+"""Pool limits on the wire and the agent's disk measurement (pure, files in tmp_path)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from coordinator import models as m
+from coordinator._pool_limits import check_pool_limits, join_limits
+from coordinator.errors import ApiError
+from protocol import agent_codec
+from protocol import messages as pm
+from tvmagent._agent_limits import DEFAULT_TASK_PIDS, LimitsMixin, dir_usage
+
+
+def test_old_coordinators_messages_decode_with_the_defaults() -> None:
+    # What a coordinator without the limits (or the pool of PoolMembers) sends.
+    old_join = msgspec.msgpack.encode({"t": "tvm.join", "pool": "p", "tvm_name": "t", "account": "a"})
+    join = agent_codec().decode_message(old_join)
+    assert isinstance(join, pm.JoinPool)
+    assert (join.task_pids_limit, join.disk_limit_bytes) == (0, 0)
+    limits = LimitsMixin()
+    limits._apply_join_limits(join)
+    assert limits._limit_kwargs() == {"memory_limit_bytes": None, "pids_limit": DEFAULT_TASK_PIDS}
+    members = agent_codec().decode_message(msgspec.msgpack.encode({"t": "pool.members", "addresses": ["10.0.0.1"]}))
+    assert isinstance(members, pm.PoolMembers)
+    assert members.pool == ""
+
+
+@pytest.mark.parametrize(("kw", "field"), [({"task_pids_limit": 15}, "taskPidsLimit"),
+                                          ({"task_pids_limit": 1_000_001}, "taskPidsLimit"),
+                                          ({"tvm_disk_limit_mib": 0}, "tvmDiskLimitMiB"),
+                                          ({"tvm_disk_limit_mib": -5}, "tvmDiskLimitMiB")])
+def test_pool_limits_out_of_range_name_the_field(kw: dict[str, int], field: str) -> None:
+    with pytest.raises(ApiError) as err:
+        check_pool_limits(m.PoolAdd(name="p", **kw), "autoPoolSpecification.pool.")
+    assert f"autoPoolSpecification.pool.{field}" in str(err.value.__dict__)
+
+
+def test_pool_limits_reach_the_join_message() -> None:
+    spec = m.PoolAdd(name="p", task_pids_limit=16, tvm_disk_limit_mib=50)
+    check_pool_limits(spec)
+    assert join_limits(spec) == {"task_pids_limit": 16, "disk_limit_bytes": 50 << 20}
+    assert join_limits(m.PoolAdd(name="p")) == {"task_pids_limit": 0, "disk_limit_bytes": 0}
+    wire = msgspec.json.decode(msgspec.json.encode(spec))
+    assert (wire["taskPidsLimit"], wire["tvmDiskLimitMiB"]) == (16, 50)
+
+
+def test_dir_usage_counts_each_inode_once_and_follows_no_symlink(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    big = tmp_path / "d" / "big"
+    big.write_bytes(os.urandom(1 << 20))
+    os.link(big, tmp_path / "d" / "hardlink")
+    os.symlink("/usr", tmp_path / "d" / "link-out")
+    used = dir_usage(str(tmp_path), set(), [1000])
+    assert (1 << 20) <= used < (1 << 20) + (64 << 10)  # the file once, plus directory blocks
+    assert dir_usage(str(tmp_path), set(), [1]) == 0  # the entry budget bounds the walk
