@@ -186,9 +186,10 @@ class IsolationMixin:
         self._fence_range = (msg.port_range_low, msg.port_range_high)
         if os.geteuid() == 0 and await trio.to_thread.run_sync(nft_available):
             self.fence = self._nft_table()
-            await self._sync_fence(force=True)
-            log.info("ports %d-%d: nftables table %s admits pool members only", *self._fence_range, self.fence)
-            return
+            if await self._sync_fence(force=True):
+                log.info("ports %d-%d: nftables table %s admits pool members only", *self._fence_range, self.fence)
+                return
+            await self._teardown_fence()  # nft refused: the gate below still closes the range
         # Fail closed: without nftables the gate listens on the address the coordinator gives the
         # pool as ours (TVM_AGENT_IP, else the primary address), so outsiders meet the gate.
         listen = _gate_address()
@@ -213,11 +214,11 @@ class IsolationMixin:
             self._gate_scope = scope
             await gate.serve(task_status=task_status)
 
-    async def _sync_fence(self, force: bool = False) -> None:
-        """Bring the nft table to the newest member list (one update at a time)."""
+    async def _sync_fence(self, force: bool = False) -> bool:
+        """Bring the nft table to the newest member list (one update at a time); False if nft refused."""
         async with self._fence_lock():
             if not isinstance(self.fence, str) or (self._fence_applied == self._fence_generation and not force):
-                return
+                return True
             generation = self._fence_generation
             members = self._current_members()
             v4 = [a for a in members if ":" not in a]
@@ -227,8 +228,9 @@ class IsolationMixin:
                 await trio.to_thread.run_sync(apply_nft, ruleset)
             except NftError as exc:
                 log.error("cannot update the port fence: %s", exc)
-                return
+                return False
             self._fence_applied = generation
+            return True
 
     def _current_members(self) -> list[str]:
         """The newest list, if it is for the pool this TVM is in now (else closed: nobody)."""
