@@ -14,6 +14,12 @@ from .filestore import FileStoreError, parse_range_header
 from .timeutil import rfc3339
 
 MAX_FILE_CHUNK = 4 * 1024 * 1024
+# The agent's file error codes (tvmagent/files.py) and their HTTP status; any other code is a 404.
+_FILE_ERROR_STATUS = {
+    "TaskFilesCleanedUp": 410, "InvalidRange": 416, "InvalidFilePath": 400,
+    # Outside the served areas, a symbolic link, a FIFO/socket/device: exists, but is never served.
+    "FilePathForbidden": 403, "SymbolicLinkNotFollowed": 403, "NotARegularFile": 403,
+}
 
 
 class FileRoutes(ApiBase):
@@ -47,10 +53,7 @@ class FileRoutes(ApiBase):
         if resp is None:
             raise ApiError(503, "TVMUnreachable", "the TVM holding these files is not connected")
         if resp.error_code:
-            status = 410 if resp.error_code == "TaskFilesCleanedUp" else 404
-            if resp.error_code == "InvalidRange":
-                status = 416
-            raise ApiError(status, resp.error_code, resp.message)
+            raise ApiError(_FILE_ERROR_STATUS.get(resp.error_code, 404), resp.error_code, resp.message)
         return resp
 
     async def list_task_files(self, wi: str, job: str, task: str, query: dict[str, str], **_: Any) -> Response:

@@ -18,7 +18,6 @@ import shlex
 import shutil
 import socket
 import ssl
-import stat
 import time
 import uuid
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from . import _cgroups, isolation
 from ._agent_isolation import IsolationMixin
 from ._agent_limits import LimitsMixin
 from .downloads import DownloadCache, DownloadError
+from .files import serve as serve_files
 from .identity import FATAL_REJECTS, AgentIdentity
 from .metrics import HostSampler, host_facts
 from .sandbox import ProcessSpec, RunningProcess, Sandbox, SandboxCapabilities
@@ -46,7 +46,6 @@ WALL_CLOCK_EXIT_CODE = 0xC000013A
 CLEANED_MARKER = ".tvm-cleaned"
 RETENTION_SUFFIX = ".tvm-retention"  # beside a finished task's directory: when it may be deleted
 RETENTION_XATTR = "user.tvm.retention"  # the same on the directory itself, where xattrs work
-MAX_READ = 4 * 1024 * 1024
 # A TaskStarted waits this long for a frame to share (a short task's TaskCompleted) before it goes alone.
 LAZY_SEND_S = 0.02
 REUSE_CGROUPS = 64
@@ -736,63 +735,13 @@ class Agent(IsolationMixin, LimitsMixin):
             self.retention.pop(key, None)  # deleted: nothing left for the sweep to do
         await trio.to_thread.run_sync(_remove_task_dir, task_dir(self.root, key), cleaned)
 
-    def _safe_path(self, rel: str) -> str | None:
-        full = os.path.realpath(os.path.join(self.root, rel))
-        if full != self.root and not full.startswith(self.root + os.sep):
-            return None
-        return full
-
     async def _file_request(self, req: pm.FileRequest) -> None:
         try:
-            resp = await trio.to_thread.run_sync(self._file_op, req)
+            resp = await trio.to_thread.run_sync(
+                lambda: serve_files(self.root, req, cleaned_marker=CLEANED_MARKER))
         except Exception as exc:  # noqa: BLE001 - reported to the caller, not fatal
             resp = pm.FileResponse(req_id=req.req_id, error_code="FileReadFailed", message=str(exc))
         self.send(resp)
-
-    def _file_op(self, req: pm.FileRequest) -> pm.FileResponse:
-        full = self._safe_path(req.path)
-        if full is None or ".." in req.path.split("/"):
-            return pm.FileResponse(req_id=req.req_id, error_code="InvalidFilePath", message="path outside the TVM")
-        if req.path.startswith("tasks/") and os.path.exists(_task_root_of(self.root, req.path) + CLEANED_MARKER):
-            return pm.FileResponse(req_id=req.req_id, error_code="TaskFilesCleanedUp",
-                                   message="the task's files were cleaned up after its retention time")
-        if not os.path.lexists(full):
-            return pm.FileResponse(req_id=req.req_id, error_code="FileNotFound", message=f"{req.path} does not exist")
-        st = os.stat(full)
-        if req.op == "stat":
-            if stat.S_ISDIR(st.st_mode):
-                return pm.FileResponse(req_id=req.req_id, error_code="FileIsDirectory",
-                                       message=f"{req.path} is a directory")
-            return pm.FileResponse(req_id=req.req_id, size=st.st_size, mtime=st.st_mtime)
-        if req.op == "read":
-            with open(full, "rb") as f:
-                f.seek(req.offset)
-                data = f.read(min(req.length if req.length >= 0 else MAX_READ, MAX_READ))
-            return pm.FileResponse(req_id=req.req_id, data=data, size=st.st_size, mtime=st.st_mtime)
-        if req.op == "list":
-            if not stat.S_ISDIR(st.st_mode):
-                return pm.FileResponse(req_id=req.req_id, error_code="NotADirectory", message=req.path)
-            entries: list[pm.FileEntry] = []
-            for dirpath, dirnames, filenames in os.walk(full):
-                rel = os.path.relpath(dirpath, full)
-                for d in sorted(dirnames):
-                    entries.append(pm.FileEntry(name=os.path.normpath(os.path.join(rel, d)), is_directory=True))
-                for fn in sorted(filenames):
-                    if fn.endswith((CLEANED_MARKER, RETENTION_SUFFIX)):
-                        continue  # the agent's own bookkeeping beside task directories
-                    p = os.path.join(dirpath, fn)
-                    try:
-                        fst = os.stat(p)
-                    except OSError:
-                        continue
-                    entries.append(pm.FileEntry(name=os.path.normpath(os.path.join(rel, fn)), size=fst.st_size,
-                                                mtime=fst.st_mtime))
-                if not req.recursive:
-                    break
-                if len(entries) > 100_000:
-                    break
-            return pm.FileResponse(req_id=req.req_id, entries=entries)
-        return pm.FileResponse(req_id=req.req_id, error_code="UnknownOperation", message=req.op)
 
     def _notify_changed(self) -> None:
         """Running tasks or acknowledgements changed: wake whoever waits in `_until`."""
@@ -910,11 +859,6 @@ def _remove_task_dir(tdir: str, cleaned: bool) -> None:
     if cleaned and os.path.isdir(os.path.dirname(tdir)):
         with open(tdir + CLEANED_MARKER, "w"):
             pass
-
-
-def _task_root_of(root: str, rel: str) -> str:
-    parts = rel.split("/")
-    return os.path.join(root, *parts[:4])
 
 
 def _write_text(path: str, text: str) -> None:
