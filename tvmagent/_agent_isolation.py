@@ -5,10 +5,13 @@ for the user scheme and tvmagent/ports.py for the fence itself.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import ipaddress
 import logging
 import os
+import subprocess
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -19,9 +22,11 @@ from . import isolation
 from .ports import NftError, PortGate, apply_nft, nft_available, remove_nft, render_nft_ruleset
 
 if TYPE_CHECKING:
+    from .sandbox import ProcessSpec, Sandbox
     from .taskenv import TvmIdentity
 
 log = logging.getLogger("tvm.agent")
+POOL_GROUP_FILE = "pool-group"  # in the agent's root: the group to delete after a crash
 
 
 class IsolationMixin:
@@ -30,6 +35,7 @@ class IsolationMixin:
     opts: Any
     tvm: TvmIdentity | None
     slot_users: isolation.SlotUsers | None
+    sandbox: Sandbox
     fence: object | None
     login_users: dict[str, float]
     _nursery: trio.Nursery | None
@@ -44,6 +50,11 @@ class IsolationMixin:
     _fence_lock_obj: trio.Lock | None = None
     ports_unfenced: bool = False  # degraded: neither nftables nor the user-space gate fences the ports
     _pool_bwrap: bool = False  # the pool asked for bubblewrap (JoinPool.bubblewrap)
+    # The group of this agent's current pool membership (certs/ and start/ are its) and its gid.
+    _pool_group: str = ""
+    _pool_gid: int | None = None
+    # The start task's user, held while the TVM is in the pool: it owns start/, no task gets it.
+    _start_lease: isolation.SlotLease | None = None
 
     def send(self, msg: pm.Msg) -> None:  # provided by Agent
         raise NotImplementedError
@@ -91,8 +102,10 @@ class IsolationMixin:
 
     async def _install_certs(self, certs: list[pm.CertFile]) -> list[str]:
         """Install before the start task and any task; one error line per certificate that failed.
-        Errors name the thumbprint and the reason only (never the data or the password)."""
+        Errors name the thumbprint and the reason only (never the data or the password).
+        First the pool's group, which certs/ and start/ belong to."""
         assert self.tvm is not None
+        await trio.to_thread.run_sync(self._join_pool_group)
         if not certs:
             return []
         from .certs import CertSpec, install_certificates
@@ -103,9 +116,8 @@ class IsolationMixin:
         certs_dir = self.tvm.certs_dir
         try:
             results = await trio.to_thread.run_sync(install_certificates, certs_dir, specs, self.opts.task_user)
-            if self.slot_users is not None:  # many task uids: they read through the task group
-                gid = await trio.to_thread.run_sync(isolation.task_group_gid)
-                await trio.to_thread.run_sync(isolation.share_certs_with_group, certs_dir, gid)
+            if self._pool_gid is not None:  # many task uids: the pool's read through its group
+                await trio.to_thread.run_sync(isolation.share_certs_with_group, certs_dir, self._pool_gid)
         except (OSError, ValueError) as exc:
             log.error("certificates could not be installed: %s", exc)
             return [f"sha1-{c.thumbprint}: {type(exc).__name__}: {exc}" for c in certs]
@@ -116,42 +128,114 @@ class IsolationMixin:
 
     # ------------------------------------------------------------------ task users
 
-    async def _lease_for(self, directory: str, elevated: bool, mode: int) -> isolation.SlotLease | None:
-        """Take a task user for one run and give it `directory` (recursively: a retry's files too)."""
+    # ------------------------------------------------------------------ task users
+
+    def _join_pool_group(self) -> None:
+        """(thread) Make this membership's group; give it certs/ and start/ (0750, owner root until
+        the start task's user takes start/). A group a crashed agent left is deleted first."""
+        if self.slot_users is None or self.tvm is None:
+            return
+        t = self.tvm
+        name = isolation.pool_group_name(self.agent_id, t.account, t.pool, t.tvm_name)
+        stale = _read_small(os.path.join(self.root, POOL_GROUP_FILE))
+        if stale and stale != name:
+            self._drop_pool_group(stale)
+        _write_small(os.path.join(self.root, POOL_GROUP_FILE), name)  # before it exists: never leaked
+        self._pool_gid = isolation.ensure_group(name)
+        self._pool_group = name
+        for d in (t.certs_dir, t.start_dir):
+            os.makedirs(d, exist_ok=True)
+            os.chown(d, 0, self._pool_gid)
+            os.chmod(d, 0o750)
+
+    def _drop_pool_group(self, name: str) -> None:
+        try:
+            isolation.remove_group(name)
+        except (OSError, ValueError) as exc:
+            log.warning("pool group %s not removed: %s", name, exc)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.root, POOL_GROUP_FILE))
+
+    def _as_lease_user(self, spec: ProcessSpec, lease: isolation.SlotLease) -> ProcessSpec:
+        """The run's uid, its own group as primary, the pool's group as the only other one. The start
+        task runs with the pool's group as primary, so what it leaves is the pool's to read."""
+        if self._pool_gid is None:
+            return dataclasses.replace(spec, run_as=lease.user, gid=lease.gid, groups=())
+        if lease is self._start_lease:
+            return dataclasses.replace(spec, run_as=lease.user, gid=self._pool_gid, groups=())
+        return dataclasses.replace(spec, run_as=lease.user, gid=lease.gid, groups=(self._pool_gid,))
+
+    def _lease_now(self, directory: str, elevated: bool, mode: int, keep: bool = False) -> isolation.SlotLease | None:
+        """(worker thread) A task user for one run, owning `directory` (recursively: a retry's files
+        too). `keep`: the start task,
+        whose user stays reserved (the same one on every retry and reboot) and whose directory
+        belongs to the pool group, so the pool's tasks read it and no task writes it."""
         if self.slot_users is None or elevated:
             return None
-        lease = await trio.to_thread.run_sync(self.slot_users.acquire)
+        reuse = keep and self._start_lease is not None
+        lease = self._start_lease if reuse else self.slot_users.acquire()
+        assert lease is not None
+        gid = self._pool_gid if keep and self._pool_gid is not None else lease.gid
         try:
-            await trio.to_thread.run_sync(isolation.chown_tree, directory, lease.uid, lease.gid)
+            isolation.chown_tree(directory, lease.uid, gid)
             os.chmod(directory, mode)
+            if keep and os.path.isdir(os.path.join(directory, "wd")):
+                os.chmod(os.path.join(directory, "wd"), mode)  # its working dir: the pool's to read too
         except BaseException:
-            lease.release()
+            if not reuse:
+                lease.release()
             raise
+        if keep:
+            self._start_lease = lease
         return lease
 
-    def _lease_now(self, directory: str, elevated: bool, mode: int) -> isolation.SlotLease | None:
-        """`_lease_for` for a worker thread that is already there (the task launch)."""
-        if self.slot_users is None or elevated:
-            return None
-        lease = self.slot_users.acquire()
-        try:
-            isolation.chown_tree(directory, lease.uid, lease.gid)
-            os.chmod(directory, mode)
-        except BaseException:
-            lease.release()
-            raise
-        return lease
+    def _keep_lease(self, lease: isolation.SlotLease) -> None:
+        """The start task's run is over; its user stays reserved (see `_lease_now`)."""
+        if lease is not self._start_lease:
+            self._release_later(lease)
 
     async def _return_lease(self, lease: isolation.SlotLease | None, directory: str) -> None:
         """The run is over (its process tree is dead): the next task given this uid must not read
         the directory, so its top goes back to root, 0700. One chown + chmod: on the event loop,
-        a thread hop would cost more."""
+        a thread hop would cost more. What else the uid left is swept before it is free again."""
         if lease is None:
             return
         try:
             _hand_back(directory)
         finally:
-            lease.release()
+            self._release_later(lease)
+
+    def _release_later(self, lease: isolation.SlotLease) -> None:
+        if self._nursery is None:
+            lease.release()  # stays "dirty": the next holder sweeps
+            return
+        self._nursery.start_soon(self._sweep_and_release, lease)
+
+    async def _sweep_and_release(self, lease: isolation.SlotLease) -> None:
+        """Remove what the uid left in /tmp, /dev/shm...; kill its processes where no cgroup held
+        the tree (a cgroup's tree is gone by now, and a task cannot leave its cgroup)."""
+        from ._uid_sweep import cleanup_uid
+
+        kill = not self.sandbox.caps.layout.usable
+        clean = False
+        try:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(cleanup_uid, lease.uid, lease.gid, kill)
+            clean = True
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.warning("leftovers of task user %s not removed: %s", lease.user, exc)
+        finally:
+            lease.release(clean=clean)
+
+    async def _leave_pool_group(self) -> None:
+        """The TVM leaves the pool: the start task's user is swept and freed, the group deleted."""
+        lease, self._start_lease = self._start_lease, None
+        if lease is not None:
+            await self._sweep_and_release(lease)
+        name, self._pool_group, self._pool_gid = self._pool_group, "", None
+        if name:
+            await trio.to_thread.run_sync(self._drop_pool_group, name)
 
     # ------------------------------------------------------------------ port fence
 
@@ -269,6 +353,7 @@ class IsolationMixin:
 
     async def _teardown_isolation(self) -> None:
         with trio.CancelScope(shield=True):
+            await self._leave_pool_group()
             await self._teardown_fence()
             # _fence_members stay: a PoolMembers for the next pool may already have arrived
             # (_setup_fence drops a list that belongs to another pool).
@@ -323,3 +408,18 @@ def _hand_back(directory: str) -> None:
         os.chmod(directory, 0o700)
     except FileNotFoundError:
         pass  # deleted meanwhile (DeleteTaskFiles)
+
+
+def _read_small(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def _write_small(path: str, value: str) -> None:
+    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value)
+    os.replace(path + ".tmp", path)

@@ -7,7 +7,6 @@ completion survives any number of reconnects until the coordinator acknowledges 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import functools
 import logging
@@ -188,8 +187,8 @@ class Agent(IsolationMixin, LimitsMixin):
         for line in self.caps.describe():
             log.info("sandbox: %s", line)
         if self.slot_users is not None:
-            log.info("sandbox: tasks run as per-task users %s<N> (group %s); runElevated tasks as root",
-                     isolation.SLOT_PREFIX, isolation.TASK_GROUP)
+            log.info("sandbox: tasks run as per-task users %s<N> (plus the pool's group %s<hash>); runElevated "
+                     "tasks as root", isolation.SLOT_PREFIX, isolation.POOL_GROUP_PREFIX)
             blocked = isolation.untraversable_parent(self.root)
             if blocked:
                 log.warning("sandbox: task users cannot enter %s (no o+x): their tasks will fail to reach the "
@@ -586,10 +585,10 @@ class Agent(IsolationMixin, LimitsMixin):
                 with open(p, "wb"):
                     pass  # a retry starts with fresh output files
             if lease_dir:
-                lease = self._lease_now(lease_dir, elevated, lease_mode)
+                lease = self._lease_now(lease_dir, elevated, lease_mode, keep=not hand_back)
                 leases.append(lease)
                 if lease is not None:
-                    spec = dataclasses.replace(spec, run_as=lease.user)
+                    spec = self._as_lease_user(spec, lease)
             return spec
 
         spec = ProcessSpec(argv=argv, cwd=cwd, env=env, stdout_path=out, stderr_path=err,
@@ -620,7 +619,7 @@ class Agent(IsolationMixin, LimitsMixin):
             if leases and hand_back:
                 await self._return_lease(leases[0], lease_dir)
             elif leases and leases[0] is not None:
-                leases[0].release()  # the start task's directory stays its user's (0750, group readable)
+                self._keep_lease(leases[0])  # the start task's directory stays its user's (0750, pool group)
         return outcome, timed_out
 
     def _send_lazily(self, msg: pm.Msg) -> None:

@@ -1,13 +1,23 @@
 """Who a task runs as, and the Linux users behind remote login (issue 8).
 
 Task users (root agents only). Decision: one Linux user PER RUNNING TASK, taken from a host-wide
-pool of "slot users" ``tvmslot0``, ``tvmslot1``, ... that all have the primary group ``tvmtasks``:
+pool of "slot users" ``tvmslot0``, ``tvmslot1``, ... Each runs with its own group (``tvmslotN``,
+which grants nothing) as primary group, plus the group of the pool the TVM is in as the only
+supplementary group (``tvmp-<hash>``, created when the agent joins the pool, deleted when it leaves):
 
 * A task's directory is ``0700`` owned by its slot user, so a sibling task (another uid) cannot
   even enter it, let alone read its stdout. Finished tasks' directories are handed back to root
   (``0700 root:root``), so the next task that gets the same slot user cannot read them either.
-* Things every task of the TVM must read are group ``tvmtasks``: ``certs/`` (0750 dir, 0640
-  files, owner root) and ``shared/`` (1777, as before).
+* Things only the pool's tasks may read are the pool group's: ``certs/`` (0750 dir, 0640 files,
+  owner root) and ``start/`` (0750, owned by the start task's user, whose lease is held while the
+  TVM is in the pool so no later task runs as that uid). ``shared/`` is 1777, as before. A task of
+  another TVM on the same host (another agent, another pool group) reads none of them.
+* Hosts set up by older agents have slot users whose passwd group is ``tvmtasks`` (or a group that
+  no longer exists): they are adopted as they are, the passwd group is never used at launch.
+* Before a uid is given to another task, what the last one left in /tmp, /var/tmp, /dev/shm and
+  /dev/mqueue is removed (tvmagent/_uid_sweep.py) and, where no cgroup held the task's tree, its
+  remaining processes are killed. The lock file says "dirty" until that is done, so a crashed
+  agent's leftovers are swept by whoever takes the uid next.
 * A slot user is held with an ``flock`` on ``/run/tvm-agent/slots/<user>.lock`` while a task
   runs as it, so two agents on one host never give the same uid to two live tasks. The kernel
   drops the lock when the agent dies; the pool is small and reused, so the host's system-uid
@@ -26,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import grp
+import hashlib
 import os
 import pwd
 import shutil
@@ -35,7 +46,8 @@ from dataclasses import dataclass
 
 from ._users import lookup_user, validate_user_name
 
-TASK_GROUP = "tvmtasks"
+TASK_GROUP = "tvmtasks"  # the shared group of older agents; no longer granted anything
+POOL_GROUP_PREFIX = "tvmp-"
 LOGIN_GROUP = "tvmlogin"
 SLOT_PREFIX = "tvmslot"
 LOCK_DIR = "/run/tvm-agent/slots"
@@ -47,23 +59,40 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess:
 
 
 def ensure_group(name: str) -> int:
+    """The gid of group `name`, made on demand with a gid that no user has as its passwd group:
+    groupadd alone may take the dangling primary gid of some user (its group deleted), which would
+    then be that user's group and could not be deleted again."""
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError:
         pass
-    res = _run([shutil.which("groupadd") or "/usr/sbin/groupadd", "--system", name])
-    if res.returncode not in (0, 9):  # 9: created meanwhile by another agent
-        raise OSError(f"groupadd {name} failed ({res.returncode}): {res.stderr.strip()}")
+    for _ in range(5):
+        used = {g.gr_gid for g in grp.getgrall()} | {p.pw_gid for p in pwd.getpwall()}
+        gid = next((g for g in range(999, 99, -1) if g not in used), None)
+        argv = [shutil.which("groupadd") or "/usr/sbin/groupadd", "--system", name]
+        res = _run(argv[:2] + (["--gid", str(gid)] if gid is not None else []) + argv[2:])
+        if res.returncode == 4:  # the gid was taken meanwhile (another agent): look again
+            continue
+        if res.returncode not in (0, 9):  # 9: created meanwhile by another agent
+            raise OSError(f"groupadd {name} failed ({res.returncode}): {res.stderr.strip()}")
+        break
     return grp.getgrnam(name).gr_gid
 
 
 def ensure_slot_user(name: str) -> tuple[int, int]:
+    """(uid, gid) of slot user `name`, created on demand; gid is the user's own group ``name``.
+
+    An existing user keeps its passwd entry (older agents gave it ``tvmtasks``; its group may even
+    be gone): the task runs with the own group anyway, so a stale passwd group cannot wedge it."""
     validate_user_name(name)
     existing = lookup_user(name)
     if existing is not None:
-        return existing
-    ensure_group(TASK_GROUP)
-    res = _run([shutil.which("useradd") or "/usr/sbin/useradd", "--system", "--gid", TASK_GROUP,
+        try:
+            return existing[0], ensure_group(name)
+        except OSError:
+            return existing  # no group can be made here: its passwd group (granted nothing)
+    gid = ensure_group(name)
+    res = _run([shutil.which("useradd") or "/usr/sbin/useradd", "--system", "--gid", str(gid),
                 "--no-create-home", "--home-dir", "/nonexistent",
                 "--shell", shutil.which("nologin") or "/usr/sbin/nologin", name])
     if res.returncode not in (0, 9):
@@ -71,19 +100,44 @@ def ensure_slot_user(name: str) -> tuple[int, int]:
     created = lookup_user(name)
     if created is None:
         raise OSError(f"useradd {name} reported success but the user does not exist")
-    return created
+    return created[0], gid
+
+
+def pool_group_name(agent_id: str, account: str, pool: str, tvm_name: str) -> str:
+    """The group of one agent's membership in one pool: a new one per join, so a process that
+    somehow survived the last membership does not get the next pool's certificates."""
+    digest = hashlib.sha256(f"{agent_id}\n{account}\n{pool}\n{tvm_name}".encode()).hexdigest()
+    return POOL_GROUP_PREFIX + digest[:16]
+
+
+def remove_group(name: str) -> bool:
+    """groupdel a pool group the agent made; False when it was not there."""
+    if not name.startswith(POOL_GROUP_PREFIX):
+        raise ValueError(f"refusing to delete group {name!r}: not a pool group")
+    if not _group_exists(name):
+        return False
+    res = _run([shutil.which("groupdel") or "/usr/sbin/groupdel", name])
+    if res.returncode not in (0, 6):  # 6: deleted meanwhile
+        raise OSError(f"groupdel {name} failed ({res.returncode}): {res.stderr.strip()}")
+    return True
+
+
+_DIRTY = b"dirty"
 
 
 @dataclass
 class SlotLease:
     user: str
     uid: int
-    gid: int
+    gid: int  # the user's own group: the task's primary group
     fd: int
 
-    def release(self) -> None:
+    def release(self, clean: bool = False) -> None:
+        """Give the uid back; `clean`: its leftovers are gone (else the next holder sweeps)."""
         if self.fd >= 0:
             with contextlib.suppress(OSError):
+                if clean:
+                    os.ftruncate(self.fd, 0)
                 os.close(self.fd)  # closing drops the flock
             self.fd = -1
 
@@ -97,6 +151,10 @@ class SlotUsers:
         self.limit = limit
 
     def acquire(self) -> SlotLease:
+        """A free slot user. Its lock file says "dirty" while a task may have left something as
+        it: a holder that died before its cleanup leaves the sweep to this one."""
+        from ._uid_sweep import cleanup_uid
+
         os.makedirs(self.lock_dir, mode=0o700, exist_ok=True)
         for i in range(self.limit):
             name = f"{self.prefix}{i}"
@@ -108,6 +166,10 @@ class SlotUsers:
                 continue
             try:
                 uid, gid = ensure_slot_user(name)
+                if os.pread(fd, len(_DIRTY), 0) == _DIRTY:
+                    cleanup_uid(uid, gid)
+                else:
+                    os.pwrite(fd, _DIRTY, 0)
             except BaseException:
                 os.close(fd)
                 raise
@@ -123,10 +185,6 @@ def untraversable_parent(path: str) -> str | None:
         if not os.stat(d).st_mode & 0o001:
             return d
     return None
-
-
-def task_group_gid() -> int:
-    return ensure_group(TASK_GROUP)
 
 
 def chown_tree(path: str, uid: int, gid: int) -> None:

@@ -73,6 +73,10 @@ class ProcessSpec:
     stdout_path: str
     stderr_path: str
     run_as: str | None = None
+    # With run_as: the primary group (default: the user's passwd group) and the only
+    # supplementary groups (default: none), so access comes from exactly these groups.
+    gid: int | None = None
+    groups: tuple[int, ...] = ()
     memory_limit_bytes: int | None = None
     pids_limit: int | None = None
     nofile_limit: int | None = None
@@ -104,6 +108,9 @@ class ProcessSpec:
                 raise ValueError(f"{label} must be a non-empty path")
         if self.run_as is not None:
             validate_user_name(self.run_as)
+        for g in (*(() if self.gid is None else (self.gid,)), *self.groups):
+            if isinstance(g, bool) or not isinstance(g, int) or g < 0:
+                raise ValueError(f"group ids must be ints >= 0, got {g!r}")
         _check_limit("memory_limit_bytes", self.memory_limit_bytes)
         _check_limit("pids_limit", self.pids_limit)
         _check_limit("nofile_limit", self.nofile_limit)
@@ -288,9 +295,10 @@ def build_command(
     user_ids: tuple[int, int] | None,
     bwrap_prefix: list[str] | None,
     nproc: int | None = None,
+    groups: tuple[int, ...] = (),
 ) -> Plan:
     """The full wrapper chain for ``spec`` (pure). ``nproc``: RLIMIT_NPROC, the pids limit's
-    fallback where no pids cgroup enforces it."""
+    fallback where no pids cgroup enforces it; ``groups``: the user's supplementary groups."""
     chain: list[str] = []
     if procs_files:
         chain += [tools["sh"], "-c", _CGROUP_JOIN_SCRIPT, "sh", str(len(procs_files)), *procs_files]
@@ -300,7 +308,8 @@ def build_command(
         chain += [tools["prlimit"], *limits, "--"]
     if user_ids is not None:
         uid, gid = user_ids
-        chain += [tools["setpriv"], f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
+        extra = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
+        chain += [tools["setpriv"], f"--reuid={uid}", f"--regid={gid}", extra, "--"]
     spawn_env, held = split_env(spec.env, wrapped=bool(chain) or bwrap_prefix is not None)
     if held:
         chain += [tools["env"], "--", *(f"{k}={v}" for k, v in held.items())]
@@ -567,7 +576,8 @@ class Sandbox:
             procs = cgroup.procs_files() if cgroup else []
             # RLIMIT_NPROC counts every process of the uid: only a task user of its own may carry it.
             nproc = spec.pids_limit if user_ids is not None and not (cgroup and cgroup.enforces("pids")) else None
-            plan = build_command(spec, exe, self.caps.tools, procs, user_ids, bwrap, nproc)
+            plan = build_command(spec, exe, self.caps.tools, procs, user_ids, bwrap, nproc,
+                                 spec.groups if user_ids is not None else ())
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -580,6 +590,8 @@ class Sandbox:
         ids = lookup_user(spec.run_as)
         if ids is None:
             raise LaunchError(f"No such user: {spec.run_as!r}")
+        if spec.gid is not None:
+            ids = (ids[0], spec.gid)
         if ids == (os.geteuid(), os.getegid()):
             return None
         return ids

@@ -23,7 +23,8 @@ from cryptography.x509.oid import NameOID
 
 from coordinator.client import task_spec
 from tests.harness import cluster_ctx
-from tvmagent.isolation import SLOT_PREFIX, TASK_GROUP
+from tests.security.pool_groups import remove_pool_groups
+from tvmagent.isolation import POOL_GROUP_PREFIX, SLOT_PREFIX
 from tvmagent.sandbox import SandboxCapabilities
 
 PY = "/usr/bin/python3"  # readable by unprivileged users (the venv's interpreter lives under /root)
@@ -37,11 +38,15 @@ pytestmark = pytest.mark.skipif(not (_caps.can_switch_user and os.path.exists(PY
 
 @pytest.fixture
 def open_root():
-    """Agent roots for task users: pytest's tmp dirs sit under a 0700 directory nobody else may enter."""
+    """Agent roots for task users: pytest's tmp dirs sit under a 0700 directory nobody else may enter.
+    The pool groups the agents made there are deleted afterwards."""
     base = tempfile.mkdtemp(prefix="tvm-isolation-")
     os.chmod(base, 0o755)
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
+    try:
+        yield base
+    finally:
+        remove_pool_groups(base)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 async def _run(c, pool: str, specs, wait_s: float = 60):
@@ -98,7 +103,7 @@ async def test_a_task_cannot_read_a_sibling_tasks_directory(nursery, tmp_path, o
         for uid in (uid_a, uid_b):
             pw = pwd.getpwuid(uid)
             assert pw.pw_name.startswith(SLOT_PREFIX)
-            assert grp.getgrgid(pw.pw_gid).gr_name == TASK_GROUP
+            assert grp.getgrnam(pw.pw_name)  # its own group: what it runs with as primary group
         # After the run the directory goes back to root, so the next user of that uid cannot read it.
         a_dir = os.path.join(agent.root, "tasks", "wi", JOB, "a")
         st = os.stat(a_dir)
@@ -150,18 +155,19 @@ def _pfx() -> tuple[str, str, str]:
 
 
 # Run by the start task AS A TASK USER: every file is there, readable by it through the task group,
-# with the modes of the many-users layout (owner root, group tvmtasks; private material 0640).
+# with the modes of the many-users layout (owner root, the pool's group; private material 0640).
 START_CHECK = r"""
 import grp, os, stat, sys
 d = os.environ['AZ_BATCH_CERTIFICATES_DIR']
 t = sys.argv[1]
 want = {f'sha1-{t}.cer': 0o644, f'sha1-{t}.pfx': 0o640, f'sha1-{t}.pfx.pw': 0o640, f'sha1-{t}.pem': 0o640}
 got = {n: stat.S_IMODE(os.stat(os.path.join(d, n)).st_mode) for n in os.listdir(d)}
-gid = grp.getgrnam('tvmtasks').gr_gid
+gid = os.stat(d).st_gid
 owners = {(os.stat(os.path.join(d, n)).st_uid, os.stat(os.path.join(d, n)).st_gid) for n in got}
 pem = open(os.path.join(d, f'sha1-{t}.pem')).read()
 ok = (got == want and stat.S_IMODE(os.stat(d).st_mode) == 0o750 and owners == {(0, gid)}
-      and 'PRIVATE KEY' in pem and os.getuid() != 0)
+      and 'PRIVATE KEY' in pem and os.getuid() != 0 and os.getgid() == gid
+      and grp.getgrgid(gid).gr_name.startswith(sys.argv[2]))
 print('uid', os.getuid(), sorted(got.items()), ok)
 sys.exit(0 if ok else 3)
 """
@@ -173,7 +179,7 @@ async def test_certificates_are_installed_before_the_start_task_which_reads_them
     async with cluster_ctx(nursery, tmp_path, heartbeat_timeout=3) as c:
         c.start_agent(extra_args=ISOLATED, root=os.path.join(open_root, "a0"))
         await c.client.certificates.add(thumb, data, password=pw)
-        start = {"commandLine": f"{PY} -c \"{START_CHECK}\" {thumb}", "waitForSuccess": True}
+        start = {"commandLine": f"{PY} -c \"{START_CHECK}\" {thumb} {POOL_GROUP_PREFIX}", "waitForSuccess": True}
         await c.pool_with_tvms("p", 1, certificate_references=[{"thumbprint": thumb}], start_task=start)
         tvm = (await c.client.tvms.list("p"))[0]
         assert tvm.start_task_info.exit_code == 0

@@ -205,6 +205,12 @@ def test_build_command_full_chain_order() -> None:
     assert plan.executable == "/bin/sh"
 
 
+def test_build_command_gives_exactly_the_supplementary_groups_asked_for() -> None:
+    plan = build_command(spec(), "/usr/bin/prog", TOOLS, [], (1001, 1002), None, groups=(2001,))
+    i_sp = plan.argv.index("/usr/bin/setpriv")
+    assert plan.argv[i_sp + 1 : i_sp + 5] == ["--reuid=1001", "--regid=1002", "--groups=2001", "--"]
+
+
 def test_bwrap_args() -> None:
     args = bwrap_args("/usr/bin/bwrap", "/t", ["/shared"], ["/certs"],
                       {"/bin": "usr/bin", "/etc": None})  # fmt: skip
@@ -246,6 +252,8 @@ def test_exit_codes_and_sizes() -> None:
         ({"pids_limit": -1}, "pids_limit"),
         ({"nofile_limit": True}, "nofile_limit"),
         ({"name": ""}, "name must be a non-empty string"),
+        ({"gid": -1}, "group ids must be ints"),
+        ({"groups": (5, "tvmtasks")}, "group ids must be ints"),
         ({"use_bwrap": True, "bwrap_writable": ("rel",)}, "bwrap paths must be absolute"),
     ],
 )

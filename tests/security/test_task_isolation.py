@@ -1,0 +1,192 @@
+"""Hostile tasks against the users-and-groups isolation, end to end: a real coordinator and real root
+agents running tasks as per-task slot users.
+
+* a task in pool B reads pool A's certificate files (pfx, password, PEM key) on the same host;
+* a task writes into ``start/`` after the start task ran;
+* a task leaves a 0600 file in /dev/shm and /tmp for the next task that gets the same slot user.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import os
+import shutil
+import tempfile
+import uuid
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.oid import NameOID
+
+from coordinator.client import task_spec
+from tests.harness import cluster_ctx
+from tests.security.pool_groups import remove_pool_groups
+from tvmagent.sandbox import SandboxCapabilities
+
+PY = "/usr/bin/python3"  # readable by task users (the venv's interpreter lives under /root)
+ISOLATED = ["--task-isolation", "users"]
+JOB = "job-0000000001"
+
+_caps = SandboxCapabilities.detect()
+pytestmark = pytest.mark.skipif(not (_caps.can_switch_user and os.path.exists(PY)),
+                                reason="needs root, setpriv and /usr/bin/python3")
+
+
+@pytest.fixture
+def open_root():
+    """Agent roots task users can reach (pytest's tmp dirs sit under a 0700 directory); the pool
+    groups the agents made are deleted afterwards (the harness kills agents, they do not leave)."""
+    base = tempfile.mkdtemp(prefix="tvm-sec-")
+    os.chmod(base, 0o755)
+    try:
+        yield base
+    finally:
+        remove_pool_groups(base)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def _run_one(c, workitem: str, pool: str, name: str, command: str) -> str:
+    """Run one task to its end in `workitem` (created on first use); its stdout."""
+    if workitem not in {w.name for w in await c.client.workitems.list()}:
+        await c.client.workitems.add(workitem, pool)
+    await c.client.tasks.add_many(workitem, JOB, [task_spec(name, command)])
+    await c.client.tasks.wait(workitem, JOB, timeout=60)
+    task = await c.client.tasks.get(workitem, JOB, name)
+    out = (await c.client.files.get_from_task(workitem, JOB, name, "stdout.txt")).decode()
+    err = (await c.client.files.get_from_task(workitem, JOB, name, "stderr.txt")).decode()
+    assert task.execution_info.exit_code == 0, (task.execution_info, out, err)
+    return out
+
+
+def _pfx() -> tuple[str, str, str]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "isolation-test")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(days=3)).sign(key, hashes.SHA256()))
+    pw = f"pw-{uuid.uuid4().hex}"
+    raw = pkcs12.serialize_key_and_certificates(b"k", key, cert, None,
+                                                serialization.BestAvailableEncryption(pw.encode()))
+    return cert.fingerprint(hashes.SHA1()).hex(), base64.b64encode(raw).decode(), pw
+
+
+# Tries to read each path given; prints one word per path: allowed / denied / absent.
+READ = r"""
+import os, sys
+res = []
+for p in sys.argv[1:]:
+    try:
+        open(p, 'rb').read(); res.append('allowed')
+    except PermissionError:
+        res.append('denied')
+    except FileNotFoundError:
+        res.append('absent')
+print(' '.join(res), 'uid', os.getuid())
+"""
+
+
+async def test_a_task_in_another_pool_cannot_read_a_pools_certificates(nursery, tmp_path, open_root):
+    thumb, data, pw = _pfx()
+    os.makedirs(tmp_path / "agents", exist_ok=True)
+    async with cluster_ctx(nursery, tmp_path, heartbeat_timeout=3) as c:
+        a = c.start_agent("a", extra_args=ISOLATED, root=os.path.join(open_root, "a"))
+        await c.client.certificates.add(thumb, data, password=pw)
+        await c.pool_with_tvms("pa", 1, certificate_references=[{"thumbprint": thumb}])
+        c.start_agent("b", extra_args=ISOLATED, root=os.path.join(open_root, "b"))
+        await c.pool_with_tvms("pb", 1)
+        secret = [os.path.join(a.root, "certs", f"sha1-{thumb}{s}") for s in (".pfx", ".pfx.pw", ".pem")]
+        for p in secret:
+            assert os.path.exists(p), p  # noqa: ASYNC240 - installed on A's TVM
+        cmd = f"{PY} -c \"{READ}\" {' '.join(secret)}"
+        own = (await _run_one(c, "wa", "pa", "own", cmd)).split()
+        other = (await _run_one(c, "wb", "pb", "other", cmd)).split()
+        assert other[:3] == ["denied"] * 3, other  # another pool's task on the same host does not
+        assert own[:3] == ["allowed"] * 3, own  # the pool's own tasks read them
+        assert int(own[-1]) != 0
+        assert int(other[-1]) != 0
+
+
+START = r"""
+import os
+d = os.environ['AZ_BATCH_NODE_STARTUP_DIR']
+with open(os.path.join(d, 'tool.txt'), 'w') as f:
+    f.write('from the start task')
+os.chmod(os.path.join(d, 'tool.txt'), 0o640)
+"""
+# A later task: read what the start task left, then try to change start/ in every way.
+WRITE_START = r"""
+import os
+d = os.environ['AZ_BATCH_NODE_STARTUP_DIR']
+res = [open(os.path.join(d, 'tool.txt')).read().replace(' ', '_')]
+def attempt(fn):
+    try:
+        fn(); res.append('allowed')
+    except PermissionError:
+        res.append('denied')
+attempt(lambda: open(os.path.join(d, 'tool.txt'), 'a').write('poison'))
+attempt(lambda: open(os.path.join(d, 'planted.sh'), 'w').write('poison'))
+attempt(lambda: open(os.path.join(d, 'wd', 'planted.sh'), 'w').write('poison'))
+attempt(lambda: os.rename(os.path.join(d, 'tool.txt'), os.path.join(d, 'moved')))
+print(' '.join(res), os.getuid(), os.stat(d).st_uid)
+"""
+
+
+async def test_a_later_task_cannot_write_into_the_start_directory(nursery, tmp_path, open_root):
+    os.makedirs(tmp_path / "agents", exist_ok=True)
+    async with cluster_ctx(nursery, tmp_path, heartbeat_timeout=3) as c:
+        agent = c.start_agent(extra_args=ISOLATED, root=os.path.join(open_root, "a0"))
+        start = {"commandLine": f"{PY} -c \"{START}\"", "waitForSuccess": True}
+        await c.pool_with_tvms("p", 1, max_tasks_per_vm=1, start_task=start)
+        assert (await c.client.tvms.list("p"))[0].start_task_info.exit_code == 0
+        out = (await _run_one(c, "wi", "p", "later", f"{PY} -c \"{WRITE_START}\"")).split()
+        assert out[0] == "from_the_start_task"  # the pool's tasks read what the start task left
+        assert out[1:5] == ["denied"] * 4, out
+        task_uid, start_uid = int(out[5]), int(out[6])
+        assert task_uid != start_uid  # the start task's user is never handed to a task
+        st = os.stat(os.path.join(agent.root, "start"))  # noqa: ASYNC240
+        assert st.st_uid == start_uid != 0
+        assert st.st_mode & 0o777 == 0o750
+
+
+# The first task leaves secrets in /dev/shm and /tmp (a 0600 file, and one in a directory of its own).
+LEAVE = r"""
+import os, sys
+for p in sys.argv[1:]:
+    os.makedirs(os.path.dirname(p), exist_ok=True)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b'secret'); os.close(fd)
+print('uid', os.getuid())
+"""
+
+
+async def test_the_next_task_of_a_slot_user_does_not_find_what_the_last_one_left(nursery, tmp_path, open_root):
+    tag = f"tvm-sec-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    left = [f"/dev/shm/{tag}", f"/tmp/{tag}", f"/tmp/{tag}.d/inner"]
+    os.makedirs(tmp_path / "agents", exist_ok=True)
+    try:
+        async with cluster_ctx(nursery, tmp_path, heartbeat_timeout=3) as c:
+            c.start_agent(extra_args=ISOLATED, root=os.path.join(open_root, "a0"))
+            await c.pool_with_tvms("p", 1, max_tasks_per_vm=1)  # one slot: tasks run one after another
+            first = (await _run_one(c, "wi", "p", "leave", f"{PY} -c \"{LEAVE}\" {' '.join(left)}")).split()
+            uid = int(first[1])
+            # Slot users are a host-wide pool that other agents use too: run readers until one gets
+            # the same uid again (the lowest free slot user is taken, so it comes back at once).
+            same = None
+            for i in range(10):
+                out = (await _run_one(c, "wi", "p", f"read{i}", f"{PY} -c \"{READ}\" {' '.join(left)}")).split()
+                if int(out[-1]) == uid:
+                    same = out
+                    break
+            assert same is not None, "the slot user never came back"
+            assert same[:3] == ["absent"] * 3, same
+    finally:
+        for p in left:
+            if os.path.lexists(p):
+                os.unlink(p)
+        if os.path.isdir(f"/tmp/{tag}.d"):
+            os.rmdir(f"/tmp/{tag}.d")

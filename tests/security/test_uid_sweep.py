@@ -1,0 +1,88 @@
+"""The per-uid sweep that runs before a slot user is handed to another task: it removes what the uid
+owns where every user may write, never follows a link, and makes a directory it cannot empty
+unusable to the uid. Runs on a private tree with a uid no process uses (root only: chown)."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from tvmagent._uid_sweep import kill_uid, sweep_uid
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown to another uid)")
+
+UID = 3_000_000 + os.getpid() % 100_000  # no such user: nothing else owns files as it
+OTHER = UID + 1
+
+
+def _make(path, uid: int, mode: int = 0o600, data: bytes = b"secret") -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    os.write(fd, data)
+    os.close(fd)
+    os.lchown(path, uid, uid)
+
+
+def test_sweep_removes_the_uids_files_and_nothing_else(tmp_path) -> None:
+    root = tmp_path / "tmp"
+    root.mkdir()
+    os.chmod(root, 0o1777)
+    outside = tmp_path / "outside.txt"
+    _make(outside, OTHER)
+    _make(root / "left.bin", UID)
+    _make(root / "keep.bin", OTHER)
+    os.symlink(outside, root / "link")  # a link of the uid to someone else's file
+    os.lchown(root / "link", UID, UID)
+    own = root / "own.d" / "deeper"
+    own.mkdir(parents=True)
+    _make(own / "f", UID)
+    for d in (root / "own.d", own):
+        os.chown(d, UID, UID)
+    shared = root / "shared.d"  # someone else's world-writable directory
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    os.chown(shared, OTHER, OTHER)
+    _make(shared / "left", UID)
+    _make(shared / "theirs", OTHER)
+
+    removed = sweep_uid(UID, (str(root),))
+
+    assert sorted(os.listdir(root)) == ["keep.bin", "shared.d"]
+    assert os.listdir(shared) == ["theirs"]
+    assert outside.read_bytes() == b"secret"  # the link went, not its target
+    assert removed == 6  # left.bin, link, own.d/deeper/f, deeper, own.d, shared.d/left
+
+
+def test_a_directory_of_the_uid_that_cannot_be_emptied_is_closed_to_it(tmp_path) -> None:
+    root = tmp_path / "tmp"
+    root.mkdir()
+    os.chmod(root, 0o1777)
+    d = root / "mine"
+    d.mkdir(mode=0o777)
+    os.chown(d, UID, UID)
+    _make(d / "theirs", OTHER)  # another uid's file inside: not the sweep's to delete
+    sweep_uid(UID, (str(root),))
+    st = os.stat(d)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o700)
+    assert os.listdir(d) == ["theirs"]
+
+
+def test_root_is_refused() -> None:
+    with pytest.raises(ValueError, match="root"):
+        sweep_uid(0, ("/nonexistent",))
+    with pytest.raises(ValueError, match="root"):
+        kill_uid(0, 0)
+
+
+def test_kill_uid_ends_a_process_that_left_its_session() -> None:
+    import subprocess
+
+    proc = subprocess.Popen(["sleep", "600"], user=UID, group=UID, extra_groups=[], start_new_session=True)
+    try:
+        kill_uid(UID, UID)
+        assert proc.wait(timeout=10) == -9
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
