@@ -207,10 +207,12 @@ class IsolationMixin:
             self._release_later(lease)
 
     def _release_later(self, lease: isolation.SlotLease) -> None:
-        if self._nursery is None:
+        try:
+            if self._nursery is None:
+                raise RuntimeError("no nursery")
+            self._nursery.start_soon(self._sweep_and_release, lease)
+        except RuntimeError:  # not running, or shutting down
             lease.release()  # stays "dirty": the next holder sweeps
-            return
-        self._nursery.start_soon(self._sweep_and_release, lease)
 
     async def _sweep_and_release(self, lease: isolation.SlotLease) -> None:
         """Remove what the uid left in /tmp, /dev/shm...; kill its processes where no cgroup held

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import grp
 import os
 import shutil
 import tempfile
@@ -62,6 +63,14 @@ async def _run_one(c, workitem: str, pool: str, name: str, command: str) -> str:
     return out
 
 
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
 def _pfx() -> tuple[str, str, str]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "isolation-test")])
@@ -107,6 +116,12 @@ async def test_a_task_in_another_pool_cannot_read_a_pools_certificates(nursery, 
         other = (await _run_one(c, "wb", "pb", "other", cmd)).split()
         assert other[:3] == ["denied"] * 3, other  # another pool's task on the same host does not
         assert own[:3] == ["allowed"] * 3, own  # the pool's own tasks read them
+        # Leaving the pool deletes the group the agent made for it.
+        with open(os.path.join(a.root, "pool-group")) as f:  # noqa: ASYNC230
+            group = f.read().strip()
+        assert grp.getgrnam(group).gr_gid == os.stat(os.path.join(a.root, "certs")).st_gid  # noqa: ASYNC240
+        await c.client.pools.delete("pa")
+        await c.wait_for(lambda: not _group_exists(group), what=f"group {group} deleted")
         assert int(own[-1]) != 0
         assert int(other[-1]) != 0
 
