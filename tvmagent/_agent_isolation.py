@@ -128,8 +128,6 @@ class IsolationMixin:
 
     # ------------------------------------------------------------------ task users
 
-    # ------------------------------------------------------------------ task users
-
     def _join_pool_group(self) -> None:
         """(thread) Make this membership's group; give it certs/ and start/ (0750, owner root until
         the start task's user takes start/). A group a crashed agent left is deleted first."""
@@ -168,9 +166,8 @@ class IsolationMixin:
 
     def _lease_now(self, directory: str, elevated: bool, mode: int, keep: bool = False) -> isolation.SlotLease | None:
         """(worker thread) A task user for one run, owning `directory` (recursively: a retry's files
-        too). `keep`: the start task,
-        whose user stays reserved (the same one on every retry and reboot) and whose directory
-        belongs to the pool group, so the pool's tasks read it and no task writes it."""
+        too). `keep`: the start task, whose user stays reserved (the same one on every retry and
+        reboot) and whose directory belongs to the pool group: the pool's tasks read it, none writes."""
         if self.slot_users is None or elevated:
             return None
         reuse = keep and self._start_lease is not None
