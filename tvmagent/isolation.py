@@ -39,6 +39,7 @@ import grp
 import hashlib
 import os
 import pwd
+import random
 import shutil
 import subprocess
 import time
@@ -59,24 +60,38 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess:
 
 
 def ensure_group(name: str) -> int:
-    """The gid of group `name`, made on demand with a gid that no user has as its passwd group:
-    groupadd alone may take the dangling primary gid of some user (its group deleted), which would
-    then be that user's group and could not be deleted again."""
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        pass
-    for _ in range(5):
-        used = {g.gr_gid for g in grp.getgrall()} | {p.pw_gid for p in pwd.getpwall()}
-        gid = next((g for g in range(999, 99, -1) if g not in used), None)
-        argv = [shutil.which("groupadd") or "/usr/sbin/groupadd", "--system", name]
-        res = _run(argv[:2] + (["--gid", str(gid)] if gid is not None else []) + argv[2:])
-        if res.returncode == 4:  # the gid was taken meanwhile (another agent): look again
+    """The gid of group `name`, made on demand with a gid no other group has and no user has as its
+    passwd group. groupadd alone may take the dangling primary gid of some user (its group deleted),
+    which would make the group that user's; and groupadd checks an explicit gid before it takes its
+    lock, so two agents may both get the same one: each checks afterwards, and the one that finds a
+    twin deletes its own group and tries another gid."""
+    for _ in range(20):
+        try:
+            gid = grp.getgrnam(name).gr_gid
+        except KeyError:
+            gid = None
+        if gid is not None:
+            if _gid_unique(gid):
+                return gid
+            res = _run([shutil.which("groupdel") or "/usr/sbin/groupdel", name])  # a twin: ours goes
+            if res.returncode not in (0, 6):  # e.g. 8: some user's passwd group, cannot be replaced
+                raise OSError(f"group {name} shares gid {gid} with another group and cannot be deleted "
+                              f"({res.returncode}): {res.stderr.strip()}")
+            time.sleep(random.random() * 0.05)
             continue
-        if res.returncode not in (0, 9):  # 9: created meanwhile by another agent
+        used = {g.gr_gid for g in grp.getgrall()} | {p.pw_gid for p in pwd.getpwall()}
+        free = [g for g in range(100, 1000) if g not in used]
+        if not free:
+            raise OSError(f"groupadd {name}: no free system gid")
+        res = _run([shutil.which("groupadd") or "/usr/sbin/groupadd", "--system", "--gid",
+                    str(random.choice(free)), name])
+        if res.returncode not in (0, 4, 9):  # 4: gid taken meanwhile; 9: name made meanwhile
             raise OSError(f"groupadd {name} failed ({res.returncode}): {res.stderr.strip()}")
-        break
-    return grp.getgrnam(name).gr_gid
+    raise OSError(f"groupadd {name}: no gid of its own after 20 attempts")
+
+
+def _gid_unique(gid: int) -> bool:
+    return sum(1 for g in grp.getgrall() if g.gr_gid == gid) == 1
 
 
 def ensure_slot_user(name: str) -> tuple[int, int]:
