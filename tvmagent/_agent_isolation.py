@@ -227,6 +227,13 @@ class IsolationMixin:
         finally:
             lease.release(clean=clean)
 
+    def _drop_pool_group_at_exit(self) -> None:
+        """The agent stops: its group goes (a restarted agent makes it again when it rejoins), so
+        an agent whose root is then deleted leaves no group behind. Its task processes are gone."""
+        name, self._pool_group, self._pool_gid = self._pool_group, "", None
+        if name:
+            self._drop_pool_group(name)
+
     async def _leave_pool_group(self) -> None:
         """The TVM leaves the pool: the start task's user is swept and freed, the group deleted."""
         lease, self._start_lease = self._start_lease, None

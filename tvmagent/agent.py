@@ -209,6 +209,7 @@ class Agent(IsolationMixin, LimitsMixin):
                 await self._connect_loop()
         finally:
             self.sandbox.close()  # the idle task cgroups kept for reuse
+            self._drop_pool_group_at_exit()
 
     def send(self, msg: pm.Msg) -> None:
         self.session.send(msg)

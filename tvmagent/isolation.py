@@ -131,10 +131,14 @@ def remove_group(name: str) -> bool:
         raise ValueError(f"refusing to delete group {name!r}: not a pool group")
     if not _group_exists(name):
         return False
-    res = _run([shutil.which("groupdel") or "/usr/sbin/groupdel", name])
-    if res.returncode not in (0, 6):  # 6: deleted meanwhile
-        raise OSError(f"groupdel {name} failed ({res.returncode}): {res.stderr.strip()}")
-    return True
+    for attempt in range(10):
+        res = _run([shutil.which("groupdel") or "/usr/sbin/groupdel", name])
+        if res.returncode in (0, 6):  # 6: deleted meanwhile
+            return True
+        if res.returncode != 10:  # 10: /etc/group locked by another useradd/groupadd: try again
+            break
+        time.sleep(0.1 * (attempt + 1))
+    raise OSError(f"groupdel {name} failed ({res.returncode}): {res.stderr.strip()}")
 
 
 _DIRTY = b"dirty"

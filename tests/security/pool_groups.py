@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
+import warnings
 
 from tvmagent import isolation
 
@@ -17,7 +17,9 @@ def remove_pool_groups(base: str) -> list[str]:
             continue
         with open(os.path.join(dirpath, "pool-group")) as f:
             name = f.read().strip()
-        with contextlib.suppress(OSError, ValueError):
+        try:
             if isolation.remove_group(name):
                 removed.append(name)
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"pool group {name} left behind: {exc}", stacklevel=2)
     return removed
