@@ -190,14 +190,16 @@ async def test_the_next_task_of_a_slot_user_does_not_find_what_the_last_one_left
             first = (await _run_one(c, "wi", "p", "leave", f"{PY} -c \"{LEAVE}\" {' '.join(left)}")).split()
             uid = int(first[1])
             # Slot users are a host-wide pool that other agents use too: run readers until one gets
-            # the same uid again (the lowest free slot user is taken, so it comes back at once).
-            same = None
-            for i in range(10):
+            # the same uid again (the lowest free slot user is taken, so it comes back unless another
+            # agent on the host holds it at that moment).
+            same, seen = None, []
+            for i in range(30):
                 out = (await _run_one(c, "wi", "p", f"read{i}", f"{PY} -c \"{READ}\" {' '.join(left)}")).split()
-                if int(out[-1]) == uid:
+                seen.append(int(out[-1]))
+                if seen[-1] == uid:
                     same = out
                     break
-            assert same is not None, "the slot user never came back"
+            assert same is not None, f"the slot user {uid} never came back: {seen}"
             assert same[:3] == ["absent"] * 3, same
     finally:
         for p in left:
