@@ -34,7 +34,7 @@ async def _until_signal() -> int:
     return 0
 
 
-async def warn_degraded(rc: RunningCoordinator, out: Any = None, interval: float = 0.5) -> None:
+async def warn_degraded(rc: RunningCoordinator, out: Any = None, interval: float = 0.5, who: str = "tvm up") -> None:
     """Say on `tvm up`'s own stderr, once per agent and finding, what an agent's host cannot enforce
     (the same lines are on the TVM's record and in `tvm status`)."""
     said: set[tuple[str, str]] = set()
@@ -43,8 +43,9 @@ async def warn_degraded(rc: RunningCoordinator, out: Any = None, interval: float
             for mode in agent.degraded:
                 if (agent.agent_id, mode) not in said:
                     said.add((agent.agent_id, mode))
-                    print(f"tvm up: WARNING: agent {agent.agent_id} is degraded: {mode} "
-                          "(--accept-degraded silences this)", file=out or sys.stderr, flush=True)
+                    hint = " (--accept-degraded silences this)" if who == "tvm up" else ""
+                    print(f"{who}: WARNING: agent {agent.agent_id} is degraded: {mode}{hint}",
+                          file=out or sys.stderr, flush=True)
         await trio.sleep(interval)
 
 
@@ -170,6 +171,7 @@ async def run_quickstart(n_tasks: int, agents: int, state_dir: str | None) -> in
             console.print(f"[bold]coordinator[/] {rc.endpoint}  (state in {state_dir})")
             prov = LocalProvisioner(state_dir, rc.agent_url, rc.join_token)
             prov.start(agents)
+            nursery.start_soon(warn_degraded, rc, None, 0.5, "tvm quickstart")
             async with AsyncClient(rc.endpoint, rc.account, rc.key) as client:
                 await client.pools.add("quickstart", target_dedicated=agents, max_tasks_per_vm=2,
                                        vm_size="medium")

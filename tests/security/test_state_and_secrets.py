@@ -222,6 +222,17 @@ def test_agent_refuses_the_token_on_its_command_line_and_loose_token_files(tmp_p
     assert "0644" in r.stderr
     assert not os.path.exists(root)
 
+    # The private directory may not sit where tasks and file APIs reach (inside the TVM root).
+    good = tmp_path / "good-token"
+    good.write_text("sekrit\n")
+    good.chmod(0o600)
+    r = subprocess.run([*base, "--token-file", str(good), "--private-dir", os.path.join(root, "private")],
+                       capture_output=True, text=True, env=_env(), timeout=60)
+    assert r.returncode != 0
+    assert "must not be inside the TVM root" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not os.path.exists(root)
+
 
 async def test_agent_token_file_works_and_private_files_leave_the_tvm_root(nursery, tmp_path) -> None:
     from tests.harness import cluster_ctx
