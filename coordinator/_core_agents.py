@@ -31,6 +31,7 @@ class AgentsMixin(CoreBase):
         agent.memory_bytes = hello.memory_bytes
         agent.disk_bytes = hello.disk_bytes
         agent.capabilities = list(hello.capabilities)
+        agent.degraded = list(hello.degraded)
         agent.last_seen = now
         agent.disconnected_at = None
         tvm = self.tvms.get(agent.tvm) if agent.tvm else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -100,8 +101,12 @@ def cli() -> None:
 @click.option("--log-level", default="info", show_default=True)
 @click.option("--provision/--no-provision", default=True, show_default=True,
               help="Start more local agents when a pool needs more than are free.")
+@click.option("--tvm-root-dir", default=None,
+              help="Where local agents' TVM roots go (made 0711) [root: /var/lib/tvm-up/<id>, else STATE_DIR/tvms].")
+@click.option("--accept-degraded", is_flag=True,
+              help="Do not warn about what this host cannot enforce (it is still shown by `tvm status`).")
 def up(agents: int, state_dir: str, host: str, port: int, heartbeat_timeout: float, log_level: str,
-       provision: bool) -> None:
+       provision: bool, tvm_root_dir: str | None, accept_degraded: bool) -> None:
     """Run the embedded default: coordinator + SQLite + N local agents, in the foreground.
 
     Prints `export TVM_ENDPOINT=…`, `TVM_ACCOUNT`, `TVM_KEY` on stdout once the REST endpoint
@@ -114,7 +119,20 @@ def up(agents: int, state_dir: str, host: str, port: int, heartbeat_timeout: flo
     _setup_logging(log_level)
     if agents < 0:
         raise click.BadParameter("must be >= 0", param_hint="--agents")
-    sys.exit(trio.run(run_up, state_dir, host, port, agents, heartbeat_timeout, provision))
+    _check_state_dir(state_dir)
+    sys.exit(trio.run(run_up, state_dir, host, port, agents, heartbeat_timeout, provision, tvm_root_dir,
+                      accept_degraded))
+
+
+def _check_state_dir(state_dir: str) -> None:
+    """Private from the first byte: umask 077 for this process, the directory created or repaired 0700."""
+    from .statedir import PRIVATE_UMASK, StateDirError, secure_state_dir
+
+    os.umask(PRIVATE_UMASK)
+    try:
+        secure_state_dir(state_dir)
+    except (StateDirError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @cli.command(context_settings=CONTEXT)
@@ -128,6 +146,12 @@ def quickstart(n_tasks: int, agents: int, state_dir: str | None) -> None:
     from .embedded import run_quickstart
 
     _setup_logging("warning")
+    if state_dir is not None:
+        _check_state_dir(state_dir)
+    else:
+        from .statedir import PRIVATE_UMASK
+
+        os.umask(PRIVATE_UMASK)
     sys.exit(trio.run(run_quickstart, n_tasks, agents, state_dir))
 
 
@@ -138,7 +162,9 @@ def quickstart(n_tasks: int, agents: int, state_dir: str | None) -> None:
 @click.option("--state-dir", default=None, help="State directory [./tvm-state].")
 @click.option("--account", default=None, help="Account name on first start [tvm].")
 @click.option("--heartbeat-timeout", type=float, default=None, help="Seconds [30].")
-@click.option("--join-token", default=None, envvar="TVM_JOIN_TOKEN", help="Token agents must present.")
+@click.option("--join-token", default=None, hidden=True, help="Refused: use TVM_JOIN_TOKEN or --join-token-file.")
+@click.option("--join-token-file", default=None, help="0600 file holding the token agents must present "
+              "(or env TVM_JOIN_TOKEN; default: generated, kept in STATE_DIR/join-token).")
 @click.option("--tls-cert", default=None, help="PEM certificate (chain): serve https:// and wss://.")
 @click.option("--tls-key", default=None, help="PEM private key for --tls-cert.")
 @click.option("--port-range", default=None, help="Ports for communicating pools, LOW-HIGH [1100-32767].")
@@ -151,13 +177,23 @@ def coordinator(config: str | None, **flags: Any) -> None:
     import trio
 
     from protocol.config import ConfigError, load_coordinator_config
+    from tvmagent.tokens import TokenError, resolve_token
 
     from .embedded import run_coordinator_main
+    from .statedir import PRIVATE_UMASK
 
+    if flags.pop("join_token") is not None:
+        raise click.UsageError("--join-token is not accepted on the command line (ps shows command lines to "
+                               "every user): set TVM_JOIN_TOKEN or pass --join-token-file PATH (a 0600 file)")
+    if os.environ.get("TVM_JOIN_TOKEN"):
+        flags["join_token"] = os.environ["TVM_JOIN_TOKEN"]
+    os.umask(PRIVATE_UMASK)  # state, keys and tokens: nothing this process writes is for other users
     try:
         cfg = load_coordinator_config(config, flags)
-    except ConfigError as exc:
+        cfg.join_token = resolve_token(cfg.join_token, cfg.join_token_file, config, "join-token")
+    except (ConfigError, TokenError) as exc:
         raise click.ClickException(str(exc)) from None
+    _check_state_dir(cfg.state_dir)
     _setup_logging(cfg.log_level, cfg.log_format)
     sys.exit(trio.run(run_coordinator_main, cfg))
 
@@ -166,8 +202,10 @@ def coordinator(config: str | None, **flags: Any) -> None:
 @click.option("--config", type=click.Path(dir_okay=False), help="TOML config file.")
 @click.option("--coordinator", "coordinator_url", default=None, envvar="TVM_AGENT_COORDINATOR",
               help="Coordinator URL (http://host:port or ws://host:port/agent).")
-@click.option("--token", default=None, envvar="TVM_AGENT_TOKEN", help="Join token.")
-@click.option("--root", default=None, help="TVM root directory.")
+@click.option("--token", default=None, hidden=True, help="Refused: use TVM_AGENT_TOKEN or --token-file.")
+@click.option("--token-file", default=None, help="0600 file holding the join token (or env TVM_AGENT_TOKEN).")
+@click.option("--root", default=None, help="TVM root directory (tasks/, shared/, start/, certs/; made 0711).")
+@click.option("--private-dir", default=None, help="The agent's id and credential, 0700 [ROOT.private].")
 @click.option("--name", default=None, help="Agent id (default: generated once, kept in ROOT/agent-id).")
 @click.option("--task-user", default=None, help="Run tasks as this Linux user (root agents).")
 @click.option("--task-isolation", default=None, envvar="TVM_AGENT_TASK_ISOLATION",
@@ -177,46 +215,72 @@ def coordinator(config: str | None, **flags: Any) -> None:
 @click.option("--log-format", default=None, help="json or console [json].")
 @click.pass_context
 def agent(ctx: click.Context, config: str | None, coordinator_url: str | None, token: str | None,
-          root: str | None, name: str | None, task_user: str | None, task_isolation: str | None,
-          ca_file: str | None, log_level: str | None, log_format: str | None) -> None:
-    """Run a TVM agent in the foreground (or `tvm agent install-service`)."""
+          token_file: str | None, root: str | None, private_dir: str | None, name: str | None,
+          task_user: str | None, task_isolation: str | None, ca_file: str | None, log_level: str | None,
+          log_format: str | None) -> None:
+    """Run a TVM agent in the foreground (or `tvm agent install-service`).
+
+    The join token comes from TVM_AGENT_TOKEN, --token-file or a 0600 --config file, never from the
+    command line."""
     if ctx.invoked_subcommand is not None:
         return
     import trio
 
     from protocol.config import ConfigError, load_agent_config
     from tvmagent.agent import AgentOptions
+    from tvmagent.layout import LayoutError
     from tvmagent.main import run_agent
+    from tvmagent.tokens import COMMAND_LINE_REFUSED, TokenError, resolve_token
 
+    if token is not None:
+        raise click.UsageError(f"--token: {COMMAND_LINE_REFUSED}")
     try:
-        cfg = load_agent_config(config, {"coordinator": coordinator_url, "token": token, "root": root,
+        cfg = load_agent_config(config, {"coordinator": coordinator_url, "root": root, "token_file": token_file,
+                                         "private_dir": private_dir,
                                          "name": name, "task_user": task_user, "log_level": log_level,
                                          "log_format": log_format, "task_isolation": task_isolation,
                                          "ca_file": ca_file})
-    except ConfigError as exc:
+        cfg.token = resolve_token(cfg.token, cfg.token_file, config)
+    except (ConfigError, TokenError) as exc:
         raise click.ClickException(str(exc)) from None
     if not cfg.coordinator or not cfg.token:
-        raise click.UsageError("--coordinator and --token are required (or set them in --config)")
+        raise click.UsageError("--coordinator and a join token are required: TVM_AGENT_TOKEN, --token-file "
+                               "or `token`/`token-file` in a 0600 --config file")
     _setup_logging(cfg.log_level, cfg.log_format)
     opts = AgentOptions(coordinator=cfg.coordinator, token=cfg.token, root=cfg.root, agent_id=cfg.name,
+                        private_dir=cfg.private_dir,
                         heartbeat_interval=cfg.heartbeat_interval,
                         reconnect_max_backoff=cfg.reconnect_max_backoff, task_user=cfg.task_user or None,
                         use_bwrap=cfg.use_bwrap, drain_grace=cfg.drain_grace,
                         retention_sweep_interval=cfg.retention_sweep_interval,
                         task_isolation=cfg.task_isolation, ca_file=cfg.ca_file or None)
-    sys.exit(trio.run(run_agent, opts))
+    try:
+        sys.exit(trio.run(run_agent, opts))
+    except LayoutError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @agent.command("install-service", context_settings=CONTEXT)
 @click.option("--coordinator", "coordinator_url", required=True, help="Coordinator URL.")
-@click.option("--token", required=True, help="Join token.")
+@click.option("--token", default=None, hidden=True, help="Refused: use TVM_AGENT_TOKEN or --token-file.")
+@click.option("--token-file", default=None, help="0600 file holding the join token (or env TVM_AGENT_TOKEN).")
 @click.option("--root", default="/var/lib/tvm-agent", show_default=True)
 @click.option("--unit-dir", default="/etc/systemd/system", show_default=True)
 @click.option("--config-dir", default="/etc/tvm", show_default=True)
-def install_service(coordinator_url: str, token: str, root: str, unit_dir: str, config_dir: str) -> None:
-    """Write and enable a systemd unit running this agent."""
+def install_service(coordinator_url: str, token: str | None, token_file: str | None, root: str, unit_dir: str,
+                    config_dir: str) -> None:
+    """Write and enable a systemd unit running this agent (the token goes into a 0600 agent.toml)."""
     from tvmagent.install_service import InstallError, install_agent_service
+    from tvmagent.tokens import COMMAND_LINE_REFUSED, TokenError, resolve_token
 
+    if token is not None:
+        raise click.UsageError(f"--token: {COMMAND_LINE_REFUSED}")
+    try:
+        token = resolve_token(os.environ.get("TVM_AGENT_TOKEN", ""), token_file or "", None)
+    except TokenError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not token:
+        raise click.UsageError("a join token is required: set TVM_AGENT_TOKEN or pass --token-file PATH")
     try:
         for line in install_agent_service(coordinator_url, token, root, unit_dir=unit_dir, config_dir=config_dir):
             click.echo(line)

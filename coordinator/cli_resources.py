@@ -744,3 +744,6 @@ def status(output: str, stale_after: float, **cred: Any) -> None:
                       "never" if age is None else f"{age:.1f} s ago", "" if rtt is None else f"{rtt * 1000:.2f} ms",
                       str(tv["runningTasks"]))
     console.print(table)
+    for tv in summary["tvms"]:  # said per TVM, in full: a degraded host is never silent
+        for mode in tv.get("degradedModes") or []:
+            console.print(f"DEGRADED {tv['pool']}/{tv['name']}: {mode}", highlight=False, soft_wrap=True)

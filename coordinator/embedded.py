@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -33,9 +34,25 @@ async def _until_signal() -> int:
     return 0
 
 
+async def warn_degraded(rc: RunningCoordinator, out: Any = None, interval: float = 0.5, who: str = "tvm up") -> None:
+    """Say on `tvm up`'s own stderr, once per agent and finding, what an agent's host cannot enforce
+    (the same lines are on the TVM's record and in `tvm status`)."""
+    said: set[tuple[str, str]] = set()
+    while True:
+        for agent in list(rc.service.core.agents.values()):
+            for mode in agent.degraded:
+                if (agent.agent_id, mode) not in said:
+                    said.add((agent.agent_id, mode))
+                    hint = " (--accept-degraded silences this)" if who == "tvm up" else ""
+                    print(f"{who}: WARNING: agent {agent.agent_id} is degraded: {mode}{hint}",
+                          file=out or sys.stderr, flush=True)
+        await trio.sleep(interval)
+
+
 async def run_up(state_dir: str, host: str, port: int, agents: int, heartbeat_timeout: float,
-                 provision: bool = True) -> int:
-    """`provision`: pools short of free agents get more local agents started on demand (issue 5)."""
+                 provision: bool = True, tvm_root_dir: str | None = None, accept_degraded: bool = False) -> int:
+    """`provision`: pools short of free agents get more local agents started on demand (issue 5).
+    `accept_degraded` only silences the warnings about degraded hosts; it changes nothing that runs."""
     try:
         async with trio.open_nursery() as nursery:
             try:
@@ -43,6 +60,7 @@ async def run_up(state_dir: str, host: str, port: int, agents: int, heartbeat_ti
                     lambda task_status: run_coordinator(state_dir, host=host, port=port,
                                                         heartbeat_timeout=heartbeat_timeout,
                                                         provisioner="local" if provision else None,
+                                                        tvm_root_dir=tvm_root_dir,
                                                         task_status=task_status))
             except OSError as exc:
                 print(f"error: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
@@ -54,10 +72,12 @@ async def run_up(state_dir: str, host: str, port: int, agents: int, heartbeat_ti
                 prov = rc.service.provisioner
                 rc.service.start_agents(agents)
             else:
-                prov = LocalProvisioner(state_dir, rc.agent_url, rc.join_token)
+                prov = LocalProvisioner(state_dir, rc.agent_url, rc.join_token, tvm_root_dir=tvm_root_dir)
                 prov.start(agents)
             print(f"tvm up: coordinator on {rc.endpoint}, {agents} local agent(s); Ctrl-C to stop",
                   file=sys.stderr)
+            if not accept_degraded:
+                nursery.start_soon(warn_degraded, rc)
             try:
                 await _until_signal()
             finally:
@@ -126,11 +146,9 @@ async def run_coordinator_main(cfg: Any) -> int:
     return 0
 
 
-SAMPLE_SCRIPT = (
-    "import hashlib, os, sys; n = int(sys.argv[1]); "
-    "h = hashlib.sha256(str(n).encode()).hexdigest(); "
-    "print(f\"task {os.environ['WATASK_TASK_NAME']} on {os.environ['WATASK_TVM_NAME']}: sha256({n}) = {h[:16]}\")"
-)
+# /bin/sh and coreutils: reachable by the unprivileged task users (this interpreter may not be).
+SAMPLE_SCRIPT = ('h=$(printf %s "$1" | sha256sum | cut -c1-16); '
+                 'echo "task $WATASK_TASK_NAME on $WATASK_TVM_NAME: sha256($1) = $h"')
 
 
 async def run_quickstart(n_tasks: int, agents: int, state_dir: str | None) -> int:
@@ -153,12 +171,13 @@ async def run_quickstart(n_tasks: int, agents: int, state_dir: str | None) -> in
             console.print(f"[bold]coordinator[/] {rc.endpoint}  (state in {state_dir})")
             prov = LocalProvisioner(state_dir, rc.agent_url, rc.join_token)
             prov.start(agents)
+            nursery.start_soon(warn_degraded, rc, None, 0.5, "tvm quickstart")
             async with AsyncClient(rc.endpoint, rc.account, rc.key) as client:
                 await client.pools.add("quickstart", target_dedicated=agents, max_tasks_per_vm=2,
                                        vm_size="medium")
                 await client.workitems.add("sample", "quickstart")
                 job = "job-0000000001"
-                tasks = [task_spec(f"t{i:04d}", f"{shlex.quote(sys.executable)} -c {shlex.quote(SAMPLE_SCRIPT)} {i}")
+                tasks = [task_spec(f"t{i:04d}", f"/bin/sh -c {shlex.quote(SAMPLE_SCRIPT)} sample {i}")
                          for i in range(n_tasks)]
                 started = time.monotonic()
                 await client.tasks.add_many("sample", job, tasks)
@@ -181,5 +200,7 @@ async def run_quickstart(n_tasks: int, agents: int, state_dir: str | None) -> in
             prov.stop_all()
         if tmp is not None:
             tmp.cleanup()
+            if prov is not None:  # the TVM roots of a throw-away state directory go with it
+                shutil.rmtree(prov.tvm_root_dir, ignore_errors=True)
         elif state_dir:
             os.makedirs(state_dir, exist_ok=True)

@@ -140,6 +140,7 @@ class TvmHealth(msgspec.Struct, rename="camel"):
     # Seconds since the agent's last heartbeat (or any message) on this coordinator run; None: not seen.
     last_heartbeat_age_seconds: float | None
     link_rtt_seconds: float | None
+    degraded_modes: list[str] = []  # what the agent's host cannot enforce (tvmagent/degraded.py)
 
 
 class ClusterStatus(msgspec.Struct, rename="camel"):
@@ -189,6 +190,7 @@ def cluster_status(core: CoordinatorState, latency: LinkLatency, rate: RateWindo
             last_heartbeat_age_seconds=None if (heard := _last_heard(core, tvm)) is None
             else round(max(0.0, now - heard), 3),
             link_rtt_seconds=latency.last_rtt.get(tvm.rec.agent_id),
+            degraded_modes=list(agent.degraded) if agent else [],
         ))
     pools = [
         PoolSummary(name=name, state=p.state, allocation_state=p.alloc_state, target=p.target,

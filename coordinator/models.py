@@ -193,6 +193,7 @@ class Tvm(_Res, kw_only=True):
     memory_bytes: int = 0
     last_heartbeat_time: str | None = None
     cert_errors: list[str] = []  # certificates this TVM could not install (issue 8)
+    degraded_modes: list[str] = []  # what its agent's host cannot enforce ("<code>: <why>")
     port_range_low: int = 0
     port_range_high: int = 0
 

@@ -3,6 +3,7 @@ agent processes on this machine, each with its own TVM root."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -31,32 +32,41 @@ def _primary_ip() -> str:
 
 
 class LocalProvisioner:
-    def __init__(self, state_dir: str, coordinator_url: str, token: str, *, log_level: str = "warning") -> None:
+    """Agent N keeps its private files (agent-id, credential) and its log in STATE_DIR/agents/agent-N
+    (inside the 0700 state directory), and backs its TVM in TVM_ROOT_DIR/agent-N, a 0711 path task
+    users can traverse to their own directories without seeing the coordinator's state."""
+
+    def __init__(self, state_dir: str, coordinator_url: str, token: str, *, log_level: str = "warning",
+                 tvm_root_dir: str | None = None) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.url = coordinator_url
         self.token = token
         self.log_level = log_level
+        self.tvm_root_dir = os.path.abspath(tvm_root_dir or default_tvm_root_dir(self.state_dir))
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, n: int, size: str = "small") -> list[str]:
         started = []
+        if n > 0:
+            make_traversable_dir(self.tvm_root_dir)
         for _ in range(n):
             index = len(self.procs)
-            root = os.path.join(self.state_dir, "agents", f"agent-{index}")
-            os.makedirs(root, exist_ok=True)
+            private = os.path.join(self.state_dir, "agents", f"agent-{index}")
+            os.makedirs(private, mode=0o700, exist_ok=True)
+            root = os.path.join(self.tvm_root_dir, f"agent-{index}")
             log = open(os.path.join(self.state_dir, "agents", f"agent-{index}.log"), "ab")  # noqa: SIM115
             env = dict(os.environ)
             env["TVM_AGENT_TOKEN"] = self.token  # never on the command line (ps shows it)
             env["PYTHONPATH"] = _REPO + os.pathsep + env.get("PYTHONPATH", "")
             # The address the pool's port gate listens on when nftables is missing (fail closed).
             env.setdefault("TVM_AGENT_IP", _primary_ip())
-            if not _others_can_run(sys.executable):
-                # Local sample tasks run this interpreter; unprivileged task users could not (issue 8).
-                env.setdefault("TVM_AGENT_TASK_ISOLATION", "none")
+            # Tasks run as unprivileged per-task users (root agents). Isolation is never switched off
+            # here; an operator's explicit TVM_AGENT_TASK_ISOLATION=none is reported as a degraded mode.
             proc = subprocess.Popen(
                 [sys.executable, "-m", "tvmagent", "--coordinator", self.url, "--root", root,
-                 "--name", f"local-{index}", "--log-level", self.log_level],
+                 "--private-dir", private, "--name", f"local-{index}", "--log-level", self.log_level],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True,
+                umask=0o022,  # the coordinator's 0077 would make the TVM root's directories unreachable
             )
             log.close()
             self.procs.append(proc)
@@ -88,11 +98,27 @@ class LocalProvisioner:
                 p.wait()
 
 
-def _others_can_run(path: str) -> bool:
-    """True when an unprivileged user may execute `path` (every directory on the way searchable)."""
-    real = os.path.realpath(path)
-    parts = real.split(os.sep)
-    for i in range(2, len(parts)):
-        if not os.stat(os.sep.join(parts[:i]) or os.sep).st_mode & 0o001:
-            return False
-    return bool(os.stat(real).st_mode & 0o001)
+TVM_UP_ROOTS = "/var/lib/tvm-up"
+
+
+def default_tvm_root_dir(state_dir: str) -> str:
+    """Where local agents' TVM roots go. As root, tasks run as other users who must reach their
+    directories, and the state directory (0700, often under a 0700 home) is no way there: a
+    directory of its own under /var/lib, one per state directory. Otherwise tasks run as this user
+    and the roots stay beside the state."""
+    if os.geteuid() != 0:
+        return os.path.join(os.path.abspath(state_dir), "tvms")
+    digest = hashlib.sha256(os.path.realpath(state_dir).encode()).hexdigest()[:16]
+    return os.path.join(TVM_UP_ROOTS, digest)
+
+
+def make_traversable_dir(path: str) -> None:
+    """Create `path` 0711 (enter, never list): task users reach their own directories below it."""
+    os.makedirs(path, mode=0o711, exist_ok=True)
+    st = os.lstat(path)
+    if not os.path.isdir(path) or os.path.islink(path) or st.st_uid != os.geteuid():
+        raise OSError(f"TVM root directory {path} is not a directory of this user")
+    os.chmod(path, 0o711)
+    parent = os.path.dirname(path)
+    if parent == TVM_UP_ROOTS and os.stat(parent).st_mode & 0o777 != 0o711:
+        os.chmod(parent, 0o711)

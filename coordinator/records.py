@@ -157,7 +157,7 @@ class AgentInfo:
     """A registered agent (free, or backing a TVM)."""
 
     __slots__ = ("agent_id", "connected", "hostname", "ip", "cores", "memory_bytes", "disk_bytes", "tvm",
-                 "last_seen", "disconnected_at", "capabilities")
+                 "last_seen", "disconnected_at", "capabilities", "degraded")
 
     def __init__(self, agent_id: str) -> None:
         self.agent_id = agent_id
@@ -171,6 +171,7 @@ class AgentInfo:
         self.last_seen = 0.0
         self.disconnected_at: float | None = None
         self.capabilities: list[str] = []
+        self.degraded: list[str] = []  # what the agent's host cannot enforce (Hello.degraded)
 
 
 class Tvm:

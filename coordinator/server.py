@@ -16,6 +16,7 @@ from ._core_autoscale import AutoscaleTiming
 from .api import RestApp
 from .filestore import FileStore
 from .service import CoordinatorService
+from .statedir import make_private_dir
 
 log = logging.getLogger("tvm.coordinator")
 
@@ -63,6 +64,7 @@ async def run_coordinator(
     max_agent_frame: int = 64 * 1024 * 1024,
     max_upload_size: int = DEFAULT_MAX_UPLOAD,
     clock: Any = None,
+    tvm_root_dir: str | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """`provisioner`: None (pools use only agents that register by themselves), "local" (the embedded
@@ -71,11 +73,12 @@ async def run_coordinator(
 
     `autoscale_timing` (tests): shorter autoscale sample period, visibility delay and evaluation
     interval bounds (see `AutoscaleTiming`), so a test runs hours of autoscale in seconds while
-    heartbeats and timeouts keep the real clock."""
+    heartbeats and timeouts keep the real clock. `tvm_root_dir`: where the local provisioner puts
+    its agents' TVM roots (`LocalProvisioner`)."""
     service = CoordinatorService(state_dir, account=account, heartbeat_timeout=heartbeat_timeout,
                                  join_token=join_token, max_pool_size=max_pool_size,
                                  **({"clock": clock} if clock is not None else {}))  # issue 6: tests' fake time
-    files = FileStore(os.path.join(state_dir, "files"))
+    files = FileStore(make_private_dir(os.path.join(state_dir, "files")))
     app = RestApp(service, files, max_upload_size=max_upload_size)
     sock = bind_socket(host, port)
     bound = sock.getsockname()[1]
@@ -96,7 +99,7 @@ async def run_coordinator(
         if provisioner == "local":
             from .provisioner import LocalProvisioner
 
-            prov = LocalProvisioner(state_dir, agent_ws, service.join_token)
+            prov = LocalProvisioner(state_dir, agent_ws, service.join_token, tvm_root_dir=tvm_root_dir)
         else:
             prov = provisioner(agent_ws, service.join_token)
         service.set_provisioner(prov)

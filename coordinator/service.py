@@ -25,6 +25,7 @@ from protocol import messages as pm
 from .agentauth import AgentAuth, token_hash
 from .metrics import PING_INTERVAL, LinkMonitor
 from .state import CoordinatorState, Effects
+from .statedir import secure_state_dir
 from .store import Journal, SqliteStore, Ticket
 
 log = logging.getLogger("tvm.coordinator")
@@ -62,7 +63,7 @@ class CoordinatorService:
         clock: Callable[[], float] = time.time,
         max_pool_size: int = 1000,
     ) -> None:
-        os.makedirs(state_dir, exist_ok=True)
+        state_dir = secure_state_dir(state_dir)  # 0700 dir, 0600 db/WAL/token: tasks must not read keys
         self.state_dir = state_dir
         self.store = SqliteStore(os.path.join(state_dir, "coordinator.db"))
         self.account = self.store.get_meta("account") or account

@@ -65,6 +65,7 @@ def tvm_view(core: CoordinatorState, tvm: Tvm) -> m.Tvm:
         agent_id=r.agent_id, hostname=agent.hostname if agent else "", cores=agent.cores if agent else 0,
         memory_bytes=agent.memory_bytes if agent else 0, last_heartbeat_time=rfc3339(tvm.last_heartbeat),
         cert_errors=r.cert_errors, port_range_low=r.port_low, port_range_high=r.port_high,
+        degraded_modes=list(agent.degraded) if agent else [],
     )
 
 

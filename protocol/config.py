@@ -58,8 +58,12 @@ class _Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_onl
 class AgentConfig(_Config):
     # ws:// or wss:// URL of the agent link, or an http(s) base URL of the coordinator
     coordinator: str = ""
+    # the join token: prefer TVM_AGENT_TOKEN or token-file; here only in a 0600 config file
     token: str = ""
+    token_file: str = ""
     root: str = "/var/lib/tvm-agent"
+    # agent-id and credential, 0700; empty: ROOT.private beside the root (tvmagent/layout.py)
+    private_dir: str = ""
     # agent id; empty means "generate one and persist it under root"
     name: str = ""
     heartbeat_interval: float = 5.0
@@ -90,6 +94,7 @@ class CoordinatorConfig(_Config):
     tls_cert: str = ""
     tls_key: str = ""
     join_token: str = ""
+    join_token_file: str = ""
     # intra-pool ports (issue 8): "LOW-HIGH", at least 1100 and outside the kernel's ephemeral range
     port_range: str = "1100-32767"
     ports_per_tvm: int = 50

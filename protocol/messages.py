@@ -109,6 +109,8 @@ class Hello(Msg, tag="hello", kw_only=True):
     # The credential this agent made up for itself, offered with the join token when it enrols (the
     # coordinator stores it before its Welcome; every later hello only proves it).
     credential: str = ""
+    # What this host cannot enforce ("<code>: <why>", tvmagent/degraded.py); [] from older agents.
+    degraded: list[str] = []
 
 
 class Welcome(Msg, tag="welcome", kw_only=True):

@@ -15,10 +15,8 @@ import os
 import random
 import shlex
 import shutil
-import socket
 import ssl
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,9 +27,10 @@ from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 from protocol import SUBPROTOCOL, LinkSession, ProtocolError, agent_codec
 from protocol import messages as pm
 
-from . import _cgroups, isolation
+from . import _cgroups, isolation, layout
 from ._agent_isolation import IsolationMixin
 from ._agent_limits import LimitsMixin
+from .degraded import detect_degraded
 from .downloads import DownloadCache, DownloadError
 from .files import serve as serve_files
 from .identity import FATAL_REJECTS, AgentIdentity
@@ -74,6 +73,7 @@ class AgentOptions:
     token: str
     root: str
     agent_id: str = ""
+    private_dir: str = ""  # agent-id, credential: 0700, outside the root (default ROOT.private)
     heartbeat_interval: float = 5.0
     reconnect_max_backoff: float = 30.0
     retention_sweep_interval: float = 20.0
@@ -101,8 +101,8 @@ class Agent(IsolationMixin, LimitsMixin):
     def __init__(self, opts: AgentOptions) -> None:
         self.opts = opts
         self.root = os.path.abspath(opts.root)
-        os.makedirs(self.root, exist_ok=True)
-        self.agent_id = opts.agent_id or self._load_agent_id()
+        self.private_dir = layout.prepare_agent_dirs(self.root, opts.private_dir)
+        self.agent_id = opts.agent_id or layout.load_agent_id(self.private_dir)
         self.session = LinkSession(agent_codec())
         self.wake = trio.Event()
         self._lazy_wake = trio.Event()
@@ -133,6 +133,8 @@ class Agent(IsolationMixin, LimitsMixin):
         self.slot_users = (isolation.SlotUsers() if mode == "users" and self.caps.can_switch_user
                            and not opts.task_user else None)
         self.fence: object | None = None  # ports.PortGate or the nft table name
+        self.degraded = detect_degraded(self.caps, self.root, isolation_mode=mode, task_user=opts.task_user,
+                                        per_task_users=self.slot_users is not None)
         self.login_users: dict[str, float] = {}  # remote-login user -> expiry
         self.cache = DownloadCache(os.path.join(self.root, "cache"),
                                    **({"verify": self.ssl_context} if self.ssl_context else {}))
@@ -150,30 +152,15 @@ class Agent(IsolationMixin, LimitsMixin):
         self._start_run: _Running | None = None
         self._setup_replies: list[pm.Msg] = []  # what the last setup reported, resent on a repeated join
 
-    def _load_agent_id(self) -> str:
-        path = os.path.join(self.root, "agent-id")
-        try:
-            with open(path) as f:
-                value = f.read().strip()
-            if value:
-                return value
-        except FileNotFoundError:
-            pass
-        value = f"{socket.gethostname()[:20]}-{uuid.uuid4().hex[:10]}"
-        with open(path + ".tmp", "w") as f:
-            f.write(value)
-        os.replace(path + ".tmp", path)
-        return value
-
     def _read_private(self, name: str) -> str:
         try:
-            with open(os.path.join(self.root, name)) as f:
+            with open(os.path.join(self.private_dir, name)) as f:
                 return f.read().strip()
         except FileNotFoundError:
             return ""
 
     def _write_private(self, name: str, value: str) -> None:
-        path = os.path.join(self.root, name)
+        path = os.path.join(self.private_dir, name)
         fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(value)
@@ -258,7 +245,7 @@ class Agent(IsolationMixin, LimitsMixin):
                 running=[pm.RunningTask(key=k, attempt=r.spec.attempt) for k, r in self.running.items()],
                 finished=[pm.RunningTask(key=k, attempt=a) for k, (a, seq) in self.unacked_done.items()
                           if seq > self.session.peer_acked],
-                tvm_name=self.tvm.tvm_name if self.tvm else "", **host_facts(self.root),
+                tvm_name=self.tvm.tvm_name if self.tvm else "", **host_facts(self.root), degraded=self.degraded,
             )
             await ws.send_message(codec.encode(hello))
             with trio.fail_after(15):

@@ -98,7 +98,7 @@ async def test_join_token_is_stored_hashed_and_agents_get_a_credential(nursery, 
             assert token.encode() not in f.read()
         assert stat.S_IMODE(os.stat(os.path.join(state, "join-token")).st_mode) == 0o600
         agent = c.agents[0]
-        cred_file = os.path.join(agent.root, "agent-credential")
+        cred_file = os.path.join(agent.root + ".private", "agent-credential")  # outside the TVM root
         await c.wait_for(lambda: os.path.exists(cred_file), what="agent credential")
         assert stat.S_IMODE(os.stat(cred_file).st_mode) == 0o600
         agent_id = agent.name  # the harness passes --name

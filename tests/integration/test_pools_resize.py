@@ -36,9 +36,12 @@ async def _running(c, n: int) -> bool:  # noqa: ANN001
     return sum(1 for t in await c.client.tasks.list("wi", JOB) if t.state == "running") == n
 
 
-async def test_resize_up_with_local_provisioner_then_down_with_taskcompletion(nursery, tmp_path):
+async def test_resize_up_with_local_provisioner_then_down_with_taskcompletion(nursery, tmp_path, monkeypatch):
     gate = tmp_path / "gate"
-    async with cluster_ctx(nursery, tmp_path, agents=2, heartbeat_timeout=2.0, provisioner="local") as c:
+    # Like the harness's agents: the gated tasks run this interpreter, which task users cannot reach.
+    monkeypatch.setenv("TVM_AGENT_TASK_ISOLATION", "none")
+    async with cluster_ctx(nursery, tmp_path, agents=2, heartbeat_timeout=2.0, provisioner="local",
+                           tvm_root_dir=str(tmp_path / "tvms")) as c:
         # Let the two harness agents register first, so only the resize needs the provisioner.
         core = c.rc.service.core
         await c.wait_for(lambda: sum(a.connected for a in core.agents.values()) == 2, what="2 agents")

@@ -7,12 +7,14 @@ from __future__ import annotations
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 from coordinator.client import Client
+from coordinator.provisioner import default_tvm_root_dir
 from tests.harness import agent_env
 
 LINES = [re.compile(r"export TVM_ENDPOINT=http://127\.0\.0\.1:(\d+)"), re.compile(r"export TVM_ACCOUNT=([\w-]+)"),
@@ -104,6 +106,13 @@ def _idle_tvms(client: Client, pool: str) -> int:
 
 def test_tvm_up_exports_first_sigterm_stops_all_and_restart_keeps_everything(tmp_path):
     state = str(tmp_path / "state")
+    try:
+        _run_up_twice(state)
+    finally:  # the agents' TVM roots live outside the (private) state directory
+        shutil.rmtree(default_tvm_root_dir(state), ignore_errors=True)
+
+
+def _run_up_twice(state: str) -> None:
     proc = _start(state)
     try:
         endpoint, account, key = _exports(proc)
@@ -112,7 +121,8 @@ def test_tvm_up_exports_first_sigterm_stops_all_and_restart_keeps_everything(tmp
             assert client.pools.list() == []
             client.pools.add("p", target_dedicated=1)
             client.workitems.add("wi", "p")
-            client.tasks.add("wi", "job-0000000001", "t", f"{sys.executable} -c print(42)")
+            # /bin/sh: tasks run as unprivileged task users, who may not reach this interpreter.
+            client.tasks.add("wi", "job-0000000001", "t", "/bin/sh -c 'echo 42'")
             counts = client.tasks.wait("wi", "job-0000000001", timeout=60)
             assert (counts.completed, counts.succeeded) == (1, 1)
             assert client.files.get_from_task("wi", "job-0000000001", "t", "stdout.txt") == b"42\n"

@@ -37,7 +37,7 @@ def _assert_rejected(reply: pm.Msg, code: str) -> None:
 
 
 def _credential(agent) -> str:  # noqa: ANN001 - harness AgentProc
-    with open(os.path.join(agent.root, "agent-credential")) as f:
+    with open(os.path.join(agent.root + ".private", "agent-credential")) as f:  # the agent's private dir
         return f.read().strip()
 
 
