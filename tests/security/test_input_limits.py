@@ -9,9 +9,10 @@ from __future__ import annotations
 import sys
 
 import pytest
+import trio
 
 from coordinator import models as m
-from coordinator.client import task_spec
+from coordinator.client import Client, task_spec
 from tests.harness import cluster_ctx
 from tests.integration.test_rest_bad_input import Raw, err
 
@@ -158,6 +159,12 @@ async def test_2500_tasks_come_in_pages_and_the_client_returns_all(env):
     # The Python client follows nextLink: all 2,500, in order.
     listed = await c.client.tasks.list("wi", JOB)
     assert [t.name for t in listed] == names
+
+    def sync_list() -> list[str]:  # the CLI's client
+        with Client(c.rc.endpoint, c.rc.account, c.rc.key) as client:
+            return [t.name for t in client.tasks.list("wi", JOB)]
+
+    assert await trio.to_thread.run_sync(sync_list) == names
 
 
 async def test_deleting_while_paging_neither_repeats_nor_skips(env):
