@@ -15,9 +15,11 @@ from urllib.parse import parse_qs
 import msgspec
 
 from . import models as m
+from . import paging
 from ._api_limits import BodyStream, decode_depth_error, json_body_limit, read_body
 from .errors import ApiError, bad_request
 from .filestore import FileStore
+from .inputlimits import check_request
 from .service import CoordinatorService
 from .sharedkey import AuthError, verify
 from .state import CoordinatorState
@@ -63,11 +65,11 @@ def _error_field(text: str) -> str:
     return path
 
 
-def _decode(body: bytes, typ: type) -> Any:
+def _decode(body: bytes, typ: type, *, check: bool = True) -> Any:
     if not body:
         raise bad_request("MissingRequestBody", "the request needs a JSON body")
     try:
-        return msgspec.json.decode(body, type=typ)
+        req = msgspec.json.decode(body, type=typ)
     except msgspec.ValidationError as exc:
         text = str(exc)
         field = _error_field(text)
@@ -77,6 +79,9 @@ def _decode(body: bytes, typ: type) -> Any:
         raise bad_request("InvalidRequestBody", f"the body is not valid JSON: {exc}") from None
     except RecursionError:
         raise decode_depth_error() from None
+    if check:
+        check_request(req)  # command-line length, NUL, zero wall clock: refused before anything is stored
+    return req
 
 
 class ApiBase:
@@ -120,6 +125,8 @@ class ApiBase:
         path = scope["path"]
         query = scope.get("query_string", b"").decode("latin-1")
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        paging.REQUEST.set((scope.get("scheme", "http"), headers.get("host", "localhost"),
+                            scope.get("raw_path", path.encode()).decode("latin-1").split("?")[0], query))
         try:
             agent_fetch = path.startswith("/files/sha256/") and self._agent_authorized(headers)
             # /metrics is for scrapers that cannot sign: aggregates only (coordinator/metrics.py).

@@ -23,6 +23,7 @@ from typing import Any
 import msgspec
 
 from . import models as m
+from . import paging
 from ._api_base import ApiBase, Response, _decode, _json_response
 from ._core_certs import CertRec
 from .agentauth import AgentToken as AgentTokenRec
@@ -71,9 +72,10 @@ class CertRoutes(ApiBase):
         rec = await self.svc.execute(self.core.add_certificate, req)
         return _json_response(201, cert_view(self.core, rec))
 
-    async def list_certificates(self, **_: Any) -> Response:
+    async def list_certificates(self, query: dict[str, str], **_: Any) -> Response:
         recs = sorted(self.core.certificates.values(), key=lambda c: c.thumbprint)
-        return _json_response(200, {"value": [cert_view(self.core, c) for c in recs]})
+        return _json_response(200, paging.listing(recs, query, lambda c: c.thumbprint,
+                                                  lambda c: cert_view(self.core, c)))
 
     async def get_certificate(self, name: str, **_: Any) -> Response:
         return _json_response(200, cert_view(self.core, self.core.get_certificate(name)))
@@ -128,9 +130,9 @@ class CertRoutes(ApiBase):
         user = await self.svc.execute(self.core.add_tvm_user, pool, tvm, req)
         return _json_response(201, _user_view(user))
 
-    async def list_users(self, pool: str, tvm: str, **_: Any) -> Response:
+    async def list_users(self, pool: str, tvm: str, query: dict[str, str], **_: Any) -> Response:
         t = self.core.get_tvm(pool, tvm)
-        return _json_response(200, {"value": [_user_view(u) for u in t.rec.users]})
+        return _json_response(200, paging.listing(list(t.rec.users), query, lambda u: u.name, _user_view))
 
     async def delete_user(self, pool: str, tvm: str, user: str, **_: Any) -> Response:
         await self.svc.execute(self.core.delete_tvm_user, pool, tvm, user)

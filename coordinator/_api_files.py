@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import trio
+
 from protocol import messages as pm
 
 from . import models as m
+from . import paging
 from ._api_base import ApiBase, Response, _json_response
 from ._api_limits import BodyStream
 from .errors import ApiError, bad_request, not_found
@@ -66,14 +69,12 @@ class FileRoutes(ApiBase):
 
     async def _list(self, agent_id: str, base: str, query: dict[str, str]) -> Response:
         recursive = query.get("recursive", "false").lower() == "true"
+        paging.max_results(query)  # a bad maxresults is a 400 before the agent is asked
         resp = await self._ask(agent_id, pm.FileRequest(req_id=0, op="list", path=base, recursive=recursive))
-        files = [
-            m.NodeFile(name=e.name, is_directory=e.is_directory,
-                       properties=None if e.is_directory else m.FileProperties(
-                           content_length=e.size, last_modified=rfc3339(e.mtime) or ""))
-            for e in resp.entries
-        ]
-        return _json_response(200, {"value": files})
+        return _json_response(200, paging.listing(resp.entries, query, lambda e: e.name, lambda e: m.NodeFile(
+            name=e.name, is_directory=e.is_directory,
+            properties=None if e.is_directory else m.FileProperties(content_length=e.size,
+                                                                    last_modified=rfc3339(e.mtime) or ""))))
 
     async def get_task_file(self, wi: str, job: str, task: str, path: str, headers: dict[str, str], **_: Any) -> Response:
         agent_id, base = self._task_location(wi, job, task)
@@ -142,8 +143,11 @@ class FileRoutes(ApiBase):
         return _json_response(201, {"sha256": stored.sha256, "size": stored.size,
                                      "blobSource": f"filestore:sha256:{stored.sha256}"})
 
-    async def list_store_files(self, **_: Any) -> Response:
-        return _json_response(200, {"value": [{"sha256": f.sha256, "size": f.size} for f in self.files.list()]})
+    async def list_store_files(self, query: dict[str, str], **_: Any) -> Response:
+        paging.max_results(query)
+        files = await trio.to_thread.run_sync(self.files.list)  # a directory walk: off the event loop
+        return _json_response(200, paging.listing(files, query, lambda f: f.sha256,
+                                                  lambda f: {"sha256": f.sha256, "size": f.size}))
 
     async def get_store_file(self, sha: str, headers: dict[str, str], **_: Any) -> Response:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import models as m
+from . import paging
 from ._api_base import ApiBase, Response, _decode, _json_response
 from .views import job_view, workitem_view
 
@@ -37,8 +38,9 @@ class JobRoutes(ApiBase):
 
     # ------------------------------------------------------------------ workitems and jobs
 
-    async def list_workitems(self, **_: Any) -> Response:
-        return _json_response(200, {"value": [workitem_view(w) for w in self.core.workitems.values()]})
+    async def list_workitems(self, query: dict[str, str], **_: Any) -> Response:
+        return _json_response(200, paging.listing(list(self.core.workitems.values()), query,
+                                                  lambda w: w.spec.name, workitem_view))
 
     async def add_workitem(self, body: bytes, **_: Any) -> Response:
         req = _decode(body, m.WorkitemAdd)
@@ -52,8 +54,9 @@ class JobRoutes(ApiBase):
         await self.svc.execute(self.core.delete_workitem, wi)
         return Response(202)
 
-    async def list_jobs(self, wi: str, **_: Any) -> Response:
-        return _json_response(200, {"value": [job_view(self.core, j) for j in self.core.workitem_jobs(wi)]})
+    async def list_jobs(self, wi: str, query: dict[str, str], **_: Any) -> Response:
+        return _json_response(200, paging.listing(list(self.core.workitem_jobs(wi)), query, lambda j: j.rec.name,
+                                                  lambda j: job_view(self.core, j)))
 
     async def get_job(self, wi: str, job: str, **_: Any) -> Response:
         return _json_response(200, job_view(self.core, self.core.get_job(wi, job)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import models as m
+from . import paging
 from ._api_base import ApiBase, Response, _decode, _json_response
 from .views import pool_view, tvm_view
 
@@ -32,8 +33,9 @@ class PoolRoutes(ApiBase):
 
     # ------------------------------------------------------------------ pools
 
-    async def list_pools(self, **_: Any) -> Response:
-        return _json_response(200, {"value": [pool_view(self.core, p) for p in self.core.pools.values()]})
+    async def list_pools(self, query: dict[str, str], **_: Any) -> Response:
+        return _json_response(200, paging.listing(list(self.core.pools.values()), query, lambda p: p.spec.name,
+                                                  lambda p: pool_view(self.core, p)))
 
     async def add_pool(self, body: bytes, **_: Any) -> Response:
         req = _decode(body, m.PoolAdd)
@@ -52,8 +54,9 @@ class PoolRoutes(ApiBase):
         await self.svc.execute(self.core.resize_pool, pool, req)
         return Response(202)
 
-    async def list_tvms(self, pool: str, **_: Any) -> Response:
-        return _json_response(200, {"value": [tvm_view(self.core, t) for t in self.core.pool_tvms(pool)]})
+    async def list_tvms(self, pool: str, query: dict[str, str], **_: Any) -> Response:
+        return _json_response(200, paging.listing(list(self.core.pool_tvms(pool)), query, lambda t: t.rec.name,
+                                                  lambda t: tvm_view(self.core, t)))
 
     async def get_tvm(self, pool: str, tvm: str, **_: Any) -> Response:
         return _json_response(200, tvm_view(self.core, self.core.get_tvm(pool, tvm)))
@@ -93,7 +96,7 @@ class PoolRoutes(ApiBase):
         await self.svc.execute(self.core.enable_scheduling, pool, tvm)
         return Response(200)
 
-    async def list_vm_sizes(self, **_: Any) -> Response:
+    async def list_vm_sizes(self, query: dict[str, str], **_: Any) -> Response:
         sizes = [m.VmSize(name=k, cores=v[0], memory_mib=v[1], disk_gib=v[2], max_tasks_per_vm=4 * v[0], source=v[3])
                  for k, v in self.core.vm_sizes().items()]
-        return _json_response(200, {"value": sizes})
+        return _json_response(200, paging.listing(sizes, query, lambda s: s.name, lambda s: s))

@@ -6,9 +6,12 @@ import re
 from typing import Any
 
 from . import models as m
+from . import paging
 from ._api_base import ApiBase, Response, _decode, _json_response
-from .errors import bad_request
+from .errors import ApiError, bad_request
+from .inputlimits import check_request
 from .records import ACTIVE, COMPLETED, RUNNING
+from .state import MAX_COLLECTION
 from .views import task_view
 
 MAX_FILE_CHUNK = 4 * 1024 * 1024
@@ -39,8 +42,8 @@ class TaskRoutes(ApiBase):
             state = mt.group(1)
         if state and state not in (ACTIVE, RUNNING, COMPLETED):
             raise bad_request("InvalidPropertyValue", "state must be active, running or completed", field="state")
-        tasks = [task_view(j, t) for t in j.tasks.values() if not state or t.state == state]
-        return _json_response(200, {"value": tasks})
+        tasks = list(j.tasks.values()) if not state else [t for t in j.tasks.values() if t.state == state]
+        return _json_response(200, paging.listing(tasks, query, lambda t: t.name, lambda t: task_view(j, t)))
 
     async def add_task(self, wi: str, job: str, body: bytes, **_: Any) -> Response:
         req = _decode(body, m.TaskAdd)
@@ -48,8 +51,20 @@ class TaskRoutes(ApiBase):
         return Response(201)
 
     async def add_task_collection(self, wi: str, job: str, body: bytes, **_: Any) -> Response:
-        req = _decode(body, m.TaskAddCollection)
-        results = await self.svc.execute(self.core.add_tasks, wi, job, req.value)
+        req = _decode(body, m.TaskAddCollection, check=False)
+        # A task over the input limits fails alone (clienterror at its index), like a bad name does.
+        refused: dict[int, m.TaskAddResult] = {}
+        if len(req.value) <= MAX_COLLECTION:  # over the cap the whole request is refused below
+            for i, t in enumerate(req.value):
+                try:
+                    check_request(t)
+                except ApiError as exc:
+                    refused[i] = m.TaskAddResult(name=t.name, status="clienterror", error={
+                        "code": exc.code, "message": {"lang": "en-us", "value": exc.message},
+                        "values": [{"key": k, "value": v} for k, v in exc.values.items()]})
+        added = iter(await self.svc.execute(self.core.add_tasks, wi, job,
+                                            [t for i, t in enumerate(req.value) if i not in refused]))
+        results = [refused[i] if i in refused else next(added) for i in range(len(req.value))]
         return _json_response(200, m.TaskAddCollectionResult(value=results))
 
     async def get_task(self, wi: str, job: str, task: str, **_: Any) -> Response:

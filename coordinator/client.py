@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import httpx2
 import msgspec
@@ -46,9 +46,29 @@ class _Call:
     raw: bytes | None = None
 
 
+@dataclass
+class _Page:
+    items: list[Any]
+    next_link: str | None
+
+
 def _list(typ: type) -> Callable[[httpx2.Response], Any]:
-    dec = msgspec.json.Decoder(dict[str, list[typ]])  # type: ignore[valid-type]
-    return lambda r: dec.decode(r.content)["value"]
+    """A list answer: one page and its odata.nextLink, which `_call` follows until the last page."""
+    dec = msgspec.json.Decoder(dict[str, list[typ] | str | None])  # type: ignore[valid-type]
+
+    def parse(r: httpx2.Response) -> _Page:
+        body = dec.decode(r.content)
+        link = body.get("odata.nextLink")
+        return _Page(list(body.get("value") or []), link if isinstance(link, str) else None)
+
+    return parse
+
+
+def _next_call(call: _Call, link: str) -> _Call:
+    """The same list call with the query of the server's nextLink (its $skiptoken among them). The path
+    stays the client's own, so an endpoint behind a path prefix or a proxy keeps working."""
+    params = dict(parse_qsl(urlsplit(link).query, keep_blank_values=True))
+    return replace(call, params=params)
 
 
 def _one(typ: type) -> Callable[[httpx2.Response], Any]:
@@ -140,6 +160,9 @@ class _Base:
     def _call(self, call: _Call) -> Any:
         raise NotImplementedError
 
+    def _send(self, call: _Call) -> Any:
+        raise NotImplementedError
+
 
 class Client(_Base):
     """Synchronous client. Credentials default to TVM_ENDPOINT, TVM_ACCOUNT and TVM_KEY."""
@@ -150,6 +173,17 @@ class Client(_Base):
         self._http = httpx2.Client(timeout=timeout, verify=verify)  # verify: a CA file or SSLContext
 
     def _call(self, call: _Call) -> Any:
+        result = self._send(call)
+        if not isinstance(result, _Page):
+            return result
+        items = result.items
+        while result.next_link:  # every page: a list of 100k tasks is all of them
+            call = _next_call(call, result.next_link)
+            result = self._send(call)
+            items.extend(result.items)
+        return items
+
+    def _send(self, call: _Call) -> Any:
         method, url, headers, content = self._prepare(call)
         try:
             resp = self._http.request(method, url, headers=headers, content=content)
@@ -176,6 +210,17 @@ class AsyncClient(_Base):
         self._http = httpx2.AsyncClient(timeout=timeout, verify=verify)  # verify: a CA file or SSLContext
 
     async def _call(self, call: _Call) -> Any:  # type: ignore[override]
+        result = await self._send(call)
+        if not isinstance(result, _Page):
+            return result
+        items = result.items
+        while result.next_link:
+            call = _next_call(call, result.next_link)
+            result = await self._send(call)
+            items.extend(result.items)
+        return items
+
+    async def _send(self, call: _Call) -> Any:  # type: ignore[override]
         method, url, headers, content = self._prepare(call)
         try:
             resp = await self._http.request(method, url, headers=headers, content=content)

@@ -7,13 +7,13 @@ completion survives any number of reconnects until the coordinator acknowledges 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import logging
 import math
 import os
 import random
-import shlex
 import shutil
 import ssl
 import time
@@ -27,7 +27,7 @@ from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 from protocol import SUBPROTOCOL, LinkSession, ProtocolError, agent_codec
 from protocol import messages as pm
 
-from . import _cgroups, isolation, layout
+from . import _cgroups, cmdline, isolation, layout
 from ._agent_isolation import IsolationMixin
 from ._agent_limits import LimitsMixin
 from .degraded import detect_degraded
@@ -35,7 +35,7 @@ from .downloads import DownloadCache, DownloadError
 from .files import serve as serve_files
 from .identity import FATAL_REJECTS, AgentIdentity
 from .metrics import HostSampler, host_facts
-from .sandbox import ProcessSpec, RunningProcess, Sandbox, SandboxCapabilities
+from .sandbox import LaunchError, ProcessSpec, RunningProcess, Sandbox, SandboxCapabilities
 from .taskenv import TvmIdentity, start_task_env, task_dir, task_env
 
 log = logging.getLogger("tvm.agent")
@@ -549,21 +549,6 @@ class Agent(IsolationMixin, LimitsMixin):
         """Run one command to its end. The blocking set-up — `setup()` (directories), fresh output
         files, a task user's lease for `lease_dir` (issue 8), cgroup, fork/exec — is one worker-thread
         call; `announce`: send its TaskStarted once the process runs (lazily, see `_send_lazily`)."""
-        try:
-            argv = shlex.split(command_line)
-        except ValueError as exc:
-            argv = []
-            bad = str(exc)
-        else:
-            bad = "empty command line"
-        from .sandbox import ProcessOutcome
-
-        if not argv:
-            if setup is not None:
-                setup()
-            now_dt = _now_dt()
-            return ProcessOutcome(exit_code=-1, reason="launch_failed", message=f"cannot parse command line: {bad}",
-                                  start_time=now_dt, end_time=now_dt, pid=None), False
         leases: list[isolation.SlotLease | None] = []
 
         def prepare(spec: ProcessSpec) -> ProcessSpec:  # runs in the sandbox's worker thread
@@ -572,6 +557,11 @@ class Agent(IsolationMixin, LimitsMixin):
             for p in (out, err):
                 with open(p, "wb"):
                     pass  # a retry starts with fresh output files
+            # Split here, off the event loop, in linear time (a poison line must not stall the agent).
+            try:
+                spec = dataclasses.replace(spec, argv=cmdline.parse(command_line))
+            except ValueError as exc:  # CommandLineError, or ProcessSpec refusing e.g. an empty program
+                raise LaunchError(str(exc)) from None
             if lease_dir:
                 lease = self._lease_now(lease_dir, elevated, lease_mode, keep=not hand_back)
                 leases.append(lease)
@@ -579,7 +569,8 @@ class Agent(IsolationMixin, LimitsMixin):
                     spec = self._as_lease_user(spec, lease)
             return spec
 
-        spec = ProcessSpec(argv=argv, cwd=cwd, env=env, stdout_path=out, stderr_path=err,
+        # argv: a placeholder until prepare() splits the command line in the worker thread.
+        spec = ProcessSpec(argv=["-"], cwd=cwd, env=env, stdout_path=out, stderr_path=err,
                            run_as=None if elevated else (self.opts.task_user or None),
                            use_bwrap=self.opts.use_bwrap or self._pool_bwrap, name=name,
                            **self._bwrap_paths(),
@@ -855,12 +846,6 @@ def _write_text(path: str, text: str) -> None:
 
 def _cg_name(spec: pm.TaskSpec) -> str:
     return f"{spec.task[:40]}-{spec.attempt & 0xFFFFFFFF}"
-
-
-def _now_dt():  # noqa: ANN202
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC)
 
 
 def _describe(exc: BaseException) -> str:
