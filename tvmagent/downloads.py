@@ -182,8 +182,11 @@ class DownloadCache:
             raise ValueError(f"http_timeout must be > 0, not {http_timeout}")
         self.root = os.path.abspath(cache_dir)
         self._tmp = os.path.join(self.root, "tmp")
+        # The cache holds every job's resource files: no task user may list or read it directly.
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        os.chmod(self.root, 0o700)
         for sub in ("tmp", "sha256", "url"):
-            os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+            os.makedirs(os.path.join(self.root, sub), mode=0o700, exist_ok=True)
         # A crash mid-download leaves .part files nobody will finish.
         for name in os.listdir(self._tmp):
             with contextlib.suppress(OSError):

@@ -509,3 +509,12 @@ async def test_https_with_custom_ca(tmp_path: Path) -> None:
         await untrusting.aclose()
         tls.httpd.shutdown()
         tls.httpd.server_close()
+
+
+def test_cache_is_private_to_the_agent_even_when_it_was_left_open(tmp_path: Path) -> None:
+    # Every job's resource files pass through the cache: a task user must not list or read it.
+    (tmp_path / "cache" / "sha256").mkdir(parents=True)
+    os.chmod(tmp_path / "cache", 0o755)
+    DownloadCache(str(tmp_path / "cache"))
+    assert stat.S_IMODE(os.stat(tmp_path / "cache").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(tmp_path / "cache" / "url").st_mode) == 0o700
