@@ -22,8 +22,8 @@ import msgspec
 
 from coordinator import models as m
 from coordinator.client import BatchError, Client
+from coordinator.core import CoordinatorState, Write
 from coordinator.service import CoordinatorService
-from coordinator.state import CoordinatorState, Write
 from coordinator.store import SqliteStore
 
 from ._common import args, child_env, emit, say

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import trio
 
 from coordinator import models as m
-from coordinator._core_base import WALL_CLOCK_EXIT_CODE
 from coordinator.client import AsyncClient
+from coordinator.core import WALL_CLOCK_EXIT_CODE
 
 from ._common import (
     REPO,

@@ -17,12 +17,12 @@ import msgspec
 from . import models as m
 from . import paging
 from ._api_limits import BodyStream, decode_depth_error, json_body_limit, read_body
+from .core import CoordinatorState
 from .errors import ApiError, bad_request
 from .filestore import FileStore
 from .inputlimits import check_request
 from .service import CoordinatorService
 from .sharedkey import AuthError, verify
-from .state import CoordinatorState
 
 _json = msgspec.json.Encoder()
 Handler = Callable[..., Awaitable[Any]]

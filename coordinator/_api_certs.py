@@ -25,8 +25,8 @@ import msgspec
 from . import models as m
 from . import paging
 from ._api_base import ApiBase, Response, _decode, _json_response
-from ._core_certs import CertRec
 from .agentauth import AgentToken as AgentTokenRec
+from .core import CertRec
 from .errors import ApiError, bad_request
 from .timeutil import parse_duration, rfc3339
 

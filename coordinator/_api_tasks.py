@@ -8,10 +8,10 @@ from typing import Any
 from . import models as m
 from . import paging
 from ._api_base import ApiBase, Response, _decode, _json_response
+from .core import MAX_COLLECTION
+from .core.records import ACTIVE, COMPLETED, RUNNING
 from .errors import ApiError, bad_request
 from .inputlimits import check_request
-from .records import ACTIVE, COMPLETED, RUNNING
-from .state import MAX_COLLECTION
 from .views import task_view
 
 MAX_FILE_CHUNK = 4 * 1024 * 1024

@@ -29,8 +29,8 @@ import trio
 from protocol import messages as pm
 
 if TYPE_CHECKING:
+    from .core import CoordinatorState
     from .service import CoordinatorService
-    from .state import CoordinatorState
 
 PING_INTERVAL = 5.0
 RATE_WINDOW = 60.0

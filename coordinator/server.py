@@ -12,8 +12,8 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from ._api_limits import DEFAULT_MAX_UPLOAD, patch_websocket_limits
-from ._core_autoscale import AutoscaleTiming
 from .api import RestApp
+from .core import AutoscaleTiming
 from .filestore import FileStore
 from .service import CoordinatorService
 from .statedir import make_private_dir

@@ -23,8 +23,8 @@ from protocol import LinkSession, coordinator_codec
 from protocol import messages as pm
 
 from .agentauth import AgentAuth, token_hash
+from .core import CoordinatorState, Effects
 from .metrics import PING_INTERVAL, LinkMonitor
-from .state import CoordinatorState, Effects
 from .statedir import secure_state_dir
 from .store import Journal, SqliteStore, Ticket
 
@@ -187,24 +187,24 @@ class CoordinatorService:
 
     def _dispatch(self, fx: Effects) -> Ticket:
         ticket = self.journal.submit(fx.writes)
-        for n, size in fx.provision:
+        for p in fx.provision:
             if self.provisioner is None:
                 break
             try:
-                started = self.provisioner.start(n, size)
-                log.info("provisioner started %d agent(s) of size %s: %s", n, size, ", ".join(started))
+                started = self.provisioner.start(p.count, p.vm_size)
+                log.info("provisioner started %d agent(s) of size %s: %s", p.count, p.vm_size, ", ".join(started))
             except Exception:  # a broken provisioner must not take the coordinator down
-                log.exception("provisioner failed to start %d agent(s) of size %s", n, size)
-        for agent_id, msg in fx.sends:
-            link = self.links.get(agent_id)
+                log.exception("provisioner failed to start %d agent(s) of size %s", p.count, p.vm_size)
+        for send in fx.sends:
+            link = self.links.get(send.agent_id)
             if link is None:
                 continue  # never connected in this run: it will re-register and reconcile
-            link.session.send(msg)
+            link.session.send(send.msg)
             link.poke()
-        for agent_id, code, reason in fx.closes:
-            link = self.links.get(agent_id)
+        for close in fx.closes:
+            link = self.links.get(close.agent_id)
             if link is not None:
-                link.close_request = (code, reason)
+                link.close_request = (close.code, close.reason)
                 link.poke()
         return ticket
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import trio
 
-from .state import Write
+from .core import Write
 
 META_KIND = "\x00meta"  # Write.kind of a meta table row (object kinds are plain words)
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from . import models as m
-from .records import ACTIVE, COMPLETED, Job, PoolRec, TaskRec, Tvm, WorkitemRec
-from .state import CoordinatorState
+from .core import CoordinatorState
+from .core.records import ACTIVE, COMPLETED, Job, PoolRec, TaskRec, Tvm, WorkitemRec
 from .timeutil import UNLIMITED, format_duration, rfc3339
 
 

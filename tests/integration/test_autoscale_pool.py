@@ -13,9 +13,9 @@ import pytest
 import trio
 from click.testing import CliRunner
 
-from coordinator._core_autoscale import AutoscaleTiming
 from coordinator.cli import cli
 from coordinator.client import BatchError, task_spec
+from coordinator.core import AutoscaleTiming
 from tests.harness import cluster_ctx
 
 FAST = AutoscaleTiming(sample_period=0.2, visibility_delay=0.4, min_interval=1.0, enable_throttle=0.0)

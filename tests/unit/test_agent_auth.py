@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from coordinator import agentident
 from coordinator import models as m
 from coordinator.agentauth import AgentAuth, agent_proof, token_hash
-from coordinator.state import CoordinatorState
+from coordinator.core import CoordinatorState
 from protocol import LinkSession, coordinator_codec
 from protocol import messages as pm
 
@@ -176,7 +176,7 @@ def _core_with_task() -> tuple[CoordinatorState, str, pm.TaskSpec]:
     core.add_workitem(m.WorkitemAdd(name="wi", job_execution_environment=m.JobExecutionEnvironment(pool_name="p")))
     core.add_task("wi", "job-0000000001", m.TaskAdd(name="t1", command_line="run"))
     core.schedule()
-    (spec,) = [msg.spec for _, msg in core.take_effects().sends if isinstance(msg, pm.RunTask)]
+    (spec,) = [s.msg.spec for s in core.take_effects().sends if isinstance(s.msg, pm.RunTask)]
     return core, tvm.rec.name, spec
 
 

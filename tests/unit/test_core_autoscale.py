@@ -7,12 +7,13 @@ in microseconds); effects and records are inspected directly.
 from __future__ import annotations
 
 import pytest
+from msgspec.structs import astuple
 
 from coordinator import models as m
 from coordinator.autoscale import SYNTAX_ERROR, TOO_LONG
+from coordinator.core import CoordinatorState
 from coordinator.errors import ApiError
 from coordinator.metrics_history import MetricsHistory, TvmCounters, resource_values
-from coordinator.state import CoordinatorState
 from coordinator.views import pool_view
 from protocol import messages as pm
 
@@ -65,7 +66,7 @@ def _advance(core: CoordinatorState, clock: Clock, seconds: float, step: float =
         core.tick()
         core.schedule()
         while sends := core.take_effects().sends:
-            for agent_id, msg in sends:
+            for agent_id, msg in map(astuple, sends):
                 if isinstance(msg, pm.JoinPool):
                     core.agent_message(agent_id, pm.TvmReady(tvm_name=msg.tvm_name))
                 elif isinstance(msg, pm.LeavePool):
@@ -119,7 +120,7 @@ def test_succeeded_and_failed_count_tasks_finished_in_the_period() -> None:
     core.add_task("wi", job, m.TaskAdd(name="ok", command_line="x"))
     core.add_task("wi", job, m.TaskAdd(name="bad", command_line="x"))
     core.schedule()
-    runs = [msg.spec for _, msg in core.take_effects().sends if isinstance(msg, pm.RunTask)]
+    runs = [msg.spec for _, msg in map(astuple, core.take_effects().sends) if isinstance(msg, pm.RunTask)]
     assert len(runs) == 2
     clock.now += 30
     core.tick()

@@ -12,10 +12,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from msgspec.structs import astuple
 
 from coordinator import models as m
+from coordinator.core import CoordinatorState
 from coordinator.errors import ApiError
-from coordinator.state import CoordinatorState
 from protocol import messages as pm
 
 
@@ -64,7 +65,7 @@ def test_certificate_add_reference_join_delete_and_restore():
     _hello(core, "a1", "10.0.0.1")
     core.add_pool(m.PoolAdd(name="p", target_dedicated=1,
                             certificate_references=[m.CertificateReference(thumbprint=thumb.upper())]))
-    joins = [msg for _, msg in core.take_effects().sends if isinstance(msg, pm.JoinPool)]
+    joins = [msg for _, msg in map(astuple, core.take_effects().sends) if isinstance(msg, pm.JoinPool)]
     assert len(joins) == 1
     assert [c.thumbprint for c in joins[0].certificates] == [thumb]
     assert joins[0].port_range_low == 0  # not a communicating pool
@@ -90,13 +91,13 @@ def test_communicating_pools_get_disjoint_port_blocks_and_member_updates():
     core.add_pool(m.PoolAdd(name="comm", target_dedicated=2, communication=True))
     core.add_pool(m.PoolAdd(name="other", target_dedicated=1, communication=True))
     fx = core.take_effects()
-    joins = {msg.tvm_name: msg for _, msg in fx.sends if isinstance(msg, pm.JoinPool)}
+    joins = {msg.tvm_name: msg for _, msg in map(astuple, fx.sends) if isinstance(msg, pm.JoinPool)}
     blocks = sorted((j.port_range_low, j.port_range_high) for j in joins.values())
     assert len(blocks) == 3
     assert all(lo >= 1100 and hi < 32768 for lo, hi in blocks)
     assert all(blocks[i][1] < blocks[i + 1][0] for i in range(2))  # across pools too
     last_members: dict[str, list[str]] = {}
-    for agent, msg in fx.sends:
+    for agent, msg in map(astuple, fx.sends):
         if isinstance(msg, pm.PoolMembers):
             last_members[agent] = msg.addresses
     comm = {t.rec.agent_id for t in core.tvms.values() if t.rec.pool == "comm"}
@@ -121,7 +122,7 @@ def test_coordinator_port_range_config_errors(text, per, why):
 
 
 def test_certificate_data_and_passwords_never_show_in_reprs():
-    from coordinator._core_certs import CertRec
+    from coordinator.core import CertRec
 
     f = pm.CertFile(thumbprint="ab" * 20, thumbprint_algorithm="sha1", certificate_format="pfx",
                     data=b"SECRET-BYTES", password="SECRET-PW")
@@ -145,6 +146,6 @@ def test_members_are_updated_when_a_tvm_leaves():
     stays = sorted(core.tvms.values(), key=lambda t: t.rec.name)[1]
     core.delete_tvm("comm", gone.rec.name)
     core.agent_message(gone.rec.agent_id, pm.TvmLeft(tvm_name=gone.rec.name))
-    members = [msg.addresses for agent, msg in core.take_effects().sends
+    members = [msg.addresses for agent, msg in map(astuple, core.take_effects().sends)
                if isinstance(msg, pm.PoolMembers) and agent == stays.rec.agent_id]
     assert members[-1] == [core.agents[stays.rec.agent_id].ip]

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import msgspec
 import pytest
+from msgspec.structs import astuple
 
 from coordinator import models as m
+from coordinator.core import CoordinatorState, Effects
+from coordinator.core.records import TaskRec
 from coordinator.errors import ApiError
-from coordinator.records import TaskRec
-from coordinator.state import CoordinatorState, Effects
 from protocol import messages as pm
 
 JOB = "job-0000000001"
@@ -75,7 +76,7 @@ def _ready_cluster(n_agents: int = 2, slots: int = 1) -> tuple[CoordinatorState,
 
 
 def _runs(fx: Effects) -> list[tuple[str, pm.TaskSpec]]:
-    return [(agent, msg.spec) for agent, msg in fx.sends if isinstance(msg, pm.RunTask)]
+    return [(agent, msg.spec) for agent, msg in map(astuple, fx.sends) if isinstance(msg, pm.RunTask)]
 
 
 def _done(core: CoordinatorState, agent: str, spec: pm.TaskSpec, code: int = 0) -> None:
@@ -205,7 +206,7 @@ def test_agent_hello_joins_pool_and_tvm_ready_makes_it_idle():
     assert core.take_effects().sends == []
     core.add_pool(m.PoolAdd(name="p", target_dedicated=1, max_tasks_per_vm=2, vm_size="medium"))
     fx = core.take_effects()
-    joins = [(a, msg) for a, msg in fx.sends if isinstance(msg, pm.JoinPool)]
+    joins = [(a, msg) for a, msg in map(astuple, fx.sends) if isinstance(msg, pm.JoinPool)]
     assert len(joins) == 1
     agent, join = joins[0]
     assert agent == "a0"

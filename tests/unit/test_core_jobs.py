@@ -6,10 +6,11 @@ No I/O: the core is driven with agent events and a fake clock; effects are inspe
 from __future__ import annotations
 
 import pytest
+from msgspec.structs import astuple
 
 from coordinator import models as m
+from coordinator.core import WALL_CLOCK_EXIT_CODE, CoordinatorState
 from coordinator.errors import ApiError
-from coordinator.state import WALL_CLOCK_EXIT_CODE, CoordinatorState
 from coordinator.timeutil import rfc3339
 from protocol import messages as pm
 
@@ -49,7 +50,7 @@ def _add(core: CoordinatorState, wi: str, names: list[str], job: str = J1) -> No
 
 def _runs(core: CoordinatorState) -> list[pm.TaskSpec]:
     core.schedule()
-    return [msg.spec for _, msg in core.take_effects().sends if isinstance(msg, pm.RunTask)]
+    return [msg.spec for _, msg in map(astuple, core.take_effects().sends) if isinstance(msg, pm.RunTask)]
 
 
 def _complete(core: CoordinatorState, spec: pm.TaskSpec, code: int = 0) -> None:
@@ -242,7 +243,7 @@ def test_job_max_wall_clock_ends_job_and_running_tasks() -> None:
     job = core.get_job("wi", J1)
     assert job.rec.terminate_reason == "MaxWallClockTimeExpiry"
     sends = core.take_effects().sends
-    assert any(isinstance(msg, pm.CancelTask) and msg.key == spec.key for _, msg in sends)
+    assert any(isinstance(msg, pm.CancelTask) and msg.key == spec.key for _, msg in map(astuple, sends))
     _, t = core.get_task("wi", J1, spec.task)
     assert t.state == "completed"
     assert t.exit_code == WALL_CLOCK_EXIT_CODE
@@ -332,8 +333,8 @@ def test_delete_job_kills_tasks_and_removes_files() -> None:
     spec = _runs(core)[0]
     core.delete_job("wi", J1)
     fx = core.take_effects()
-    assert any(isinstance(msg, pm.CancelTask) and msg.key == spec.key for _, msg in fx.sends)
-    assert any(isinstance(msg, pm.DeleteTaskFiles) and msg.key == spec.key for _, msg in fx.sends)
+    assert any(isinstance(msg, pm.CancelTask) and msg.key == spec.key for _, msg in map(astuple, fx.sends))
+    assert any(isinstance(msg, pm.DeleteTaskFiles) and msg.key == spec.key for _, msg in map(astuple, fx.sends))
     assert any(w.kind == "task" and w.prefix and w.body is None for w in fx.writes)
     assert core.workitem_jobs("wi") == []
     _refused(core, core.get_job, "wi", J1, status=404, code="JobNotFound")

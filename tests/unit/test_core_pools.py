@@ -5,10 +5,11 @@ deallocation options, TVM operations, auto pools and bad input. Driven with agen
 from __future__ import annotations
 
 import pytest
+from msgspec.structs import astuple
 
 from coordinator import models as m
+from coordinator.core import WALL_CLOCK_EXIT_CODE, CoordinatorState, Provision
 from coordinator.errors import ApiError
-from coordinator.state import WALL_CLOCK_EXIT_CODE, CoordinatorState
 from protocol import messages as pm
 
 JOB = "job-0000000001"
@@ -59,7 +60,7 @@ def _states(core: CoordinatorState) -> list[str]:
 
 
 def _sends(core: CoordinatorState, typ: type) -> list:
-    return [msg for _, msg in core.take_effects().sends if isinstance(msg, typ)]
+    return [msg for _, msg in map(astuple, core.take_effects().sends) if isinstance(msg, typ)]
 
 
 def _refused(fn, *args: object, status: int, code: str) -> ApiError:  # noqa: ANN001
@@ -141,7 +142,7 @@ def test_resize_asks_the_provisioner_once_for_missing_agents() -> None:
     _pool(core, 1)
     core.resize_pool("p", m.PoolResize(target_dedicated=3))
     assert core.pools["p"].alloc_state == "resizing"
-    assert core.take_effects().provision == [(2, "small")]
+    assert core.take_effects().provision == [Provision(2, "small")]
     core.tick()
     assert core.take_effects().provision == []  # already asked
     _hello(core, "new1")
@@ -187,8 +188,8 @@ def test_shrink_requeue_moves_running_tasks() -> None:
     core.take_effects()
     core.resize_pool("p", m.PoolResize(target_dedicated=1))
     fx = core.take_effects()
-    (leave,) = [msg for _, msg in fx.sends if isinstance(msg, pm.LeavePool)]
-    assert any(isinstance(msg, pm.CancelTask) for _, msg in fx.sends)
+    (leave,) = [msg for _, msg in map(astuple, fx.sends) if isinstance(msg, pm.LeavePool)]
+    assert any(isinstance(msg, pm.CancelTask) for _, msg in map(astuple, fx.sends))
     gone = core.tvms[leave.tvm_name]
     assert gone.rec.state == "leavingpool"
     assert core.pools["p"].alloc_state == "resizing"
@@ -320,7 +321,7 @@ def test_reboot_requeues_and_rejoins() -> None:
     core.take_effects()
     core.reboot_tvm("p", tvm.rec.name, m.TvmReboot())
     assert tvm.rec.state == "rebooting"
-    sends = [msg for _, msg in core.take_effects().sends]
+    sends = [msg for _, msg in map(astuple, core.take_effects().sends)]
     kinds = [type(x).__name__ for x in sends]
     assert kinds.index("RebootTvm") < kinds.index("JoinPool")
     assert "CancelTask" in kinds
@@ -434,7 +435,7 @@ def test_agents_started_at_startup_are_not_asked_for_twice() -> None:
     core, _ = _core(0, provisioning=True)
     core.expect_agents(2)  # `tvm up --agents 2` launched them; they have not registered yet
     core.add_pool(m.PoolAdd(name="p", target_dedicated=3))
-    assert core.take_effects().provision == [(1, "small")]
+    assert core.take_effects().provision == [Provision(1, "small")]
     for i in range(3):
         _hello(core, f"a{i}")
     assert len(core.tvms) == 3

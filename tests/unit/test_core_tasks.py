@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import msgspec
 import pytest
+from msgspec.structs import astuple
 
 from coordinator import models as m
+from coordinator.core import WALL_CLOCK_EXIT_CODE, CoordinatorState, Send
 from coordinator.errors import ApiError
-from coordinator.state import WALL_CLOCK_EXIT_CODE, CoordinatorState
 from protocol import messages as pm
 
 
@@ -49,7 +50,7 @@ def _add(core: CoordinatorState, name: str = "t", **kw: object) -> None:
 
 def _run(core: CoordinatorState) -> list[pm.RunTask]:
     core.schedule()
-    return [msg for _, msg in core.take_effects().sends if isinstance(msg, pm.RunTask)]
+    return [msg for _, msg in map(astuple, core.take_effects().sends) if isinstance(msg, pm.RunTask)]
 
 
 def _agent_of(core: CoordinatorState, task: str) -> str:
@@ -251,7 +252,7 @@ def test_terminate_running_task_cancels_it_and_late_result_is_ignored():
     agent = _agent_of(core, "t")
     core.terminate_task("wi", JOB, "t")
     sends = core.take_effects().sends
-    assert (agent, pm.CancelTask(key=run.spec.key, attempt=run.spec.attempt, reason="terminated")) in sends
+    assert Send(agent, pm.CancelTask(key=run.spec.key, attempt=run.spec.attempt, reason="terminated")) in sends
     _complete(core, run.spec, 137, agent=agent)  # the killed process reports: not a retry
     _, t = core.get_task("wi", JOB, "t")
     assert t.state == "completed"
@@ -270,7 +271,7 @@ def test_delete_task_tells_the_tvm_to_remove_files():
     core.take_effects()
     core.delete_task("wi", JOB, "t")
     fx = core.take_effects()
-    assert (agent, pm.DeleteTaskFiles(key=run.spec.key)) in fx.sends
+    assert Send(agent, pm.DeleteTaskFiles(key=run.spec.key)) in fx.sends
     assert any(w.kind == "task" and w.body is None for w in fx.writes)
     with pytest.raises(ApiError) as e:
         core.get_task("wi", JOB, "t")
@@ -312,7 +313,7 @@ def test_lost_tvm_requeues_running_task_and_late_result_is_recorded_once():
     core.agent_hello(pm.Hello(agent_id=old_agent, token="t",
                               running=[pm.RunningTask(key=first.spec.key, attempt=first.spec.attempt)]))
     sends = core.take_effects().sends
-    assert (old_agent, pm.CancelTask(key=first.spec.key, attempt=first.spec.attempt, reason="not assigned")) in sends
+    assert Send(old_agent, pm.CancelTask(key=first.spec.key, attempt=first.spec.attempt, reason="not assigned")) in sends
     # ...and its late (failing) result changes nothing.
     _complete(core, first.spec, 9, agent=old_agent)
     _, t = core.get_task("wi", JOB, "t")
@@ -349,7 +350,7 @@ def test_silent_link_past_heartbeat_timeout_is_closed_and_requeues():
             core.agent_message(a.agent_id, pm.Heartbeat())
     core.tick()  # silent past the timeout: the link is closed
     fx = core.take_effects()
-    assert [c[0] for c in fx.closes] == [agent]
+    assert [c.agent_id for c in fx.closes] == [agent]
     clock.now += 0.2
     core.tick()  # and at the next tick, without a reconnect, the TVM is lost
     assert core.tvms[core.agents[agent].tvm].rec.state == "unknown"

@@ -4,7 +4,7 @@ comes back. Pure core, fake clock, no sockets."""
 from __future__ import annotations
 
 from coordinator import models as m
-from coordinator.state import CoordinatorState
+from coordinator.core import CoordinatorState
 from protocol import messages as pm
 
 GIB = 1024**3

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import trio
 
-from coordinator.state import Write
+from coordinator.core import Write
 from coordinator.store import Journal, SqliteStore
 
 

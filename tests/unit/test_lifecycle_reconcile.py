@@ -4,8 +4,10 @@ same agent process changes nothing."""
 
 from __future__ import annotations
 
+from msgspec.structs import astuple
+
 from coordinator import models as m
-from coordinator.state import CoordinatorState
+from coordinator.core import CoordinatorState
 from protocol import messages as pm
 
 
@@ -36,7 +38,7 @@ def _place(core: CoordinatorState, *names: str) -> list[pm.TaskSpec]:
     for n in names:
         core.add_task("wi", JOB, m.TaskAdd(name=n, command_line="run"))
     core.schedule()
-    return [msg.spec for _, msg in core.take_effects().sends if isinstance(msg, pm.RunTask)]
+    return [msg.spec for _, msg in map(astuple, core.take_effects().sends) if isinstance(msg, pm.RunTask)]
 
 
 def test_fresh_agent_process_requeues_what_ran_and_rejoins_the_same_tvm():
@@ -54,7 +56,7 @@ def test_fresh_agent_process_requeues_what_ran_and_rejoins_the_same_tvm():
     assert tvm.running == {}
     assert tvm.rec.state == "starting"
     assert not tvm.ready
-    assert any(isinstance(msg, pm.JoinPool) and msg.tvm_name == tvm_name for _, msg in sends)
+    assert any(isinstance(msg, pm.JoinPool) and msg.tvm_name == tvm_name for _, msg in map(astuple, sends))
     # Nothing is placed on the TVM before it is ready again...
     assert core.schedule() == 0
     # ...then both run again, as new attempts.
@@ -73,7 +75,7 @@ def test_reconnect_of_the_same_process_keeps_running_tasks():
     sends = core.take_effects().sends
     _, t = core.get_task("wi", JOB, "t1")
     assert (t.state, t.attempt, t.requeue_count) == ("running", spec.attempt, 0)
-    assert not any(isinstance(msg, (pm.JoinPool, pm.CancelTask)) for _, msg in sends)
+    assert not any(isinstance(msg, (pm.JoinPool, pm.CancelTask)) for _, msg in map(astuple, sends))
     # A resumed session with a RunTask still in flight (not yet reported) is not "lost" either.
     (spec2,) = _place(core, "t2")
     core.agent_hello(pm.Hello(agent_id=agent, token="t", session_id="s1", tvm_name=tvm_name,

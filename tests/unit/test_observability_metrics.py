@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 
 import pytest
+from msgspec.structs import astuple
 
 from coordinator import models as m
+from coordinator.core import CoordinatorState
 from coordinator.metrics import LinkLatency, RateWindow, cluster_status, render_prometheus
-from coordinator.state import CoordinatorState
 from protocol import messages as pm
 
 
@@ -86,7 +87,7 @@ def _busy_core() -> tuple[CoordinatorState, Clock]:
     for i in range(5):
         core.add_task("wi", "job-0000000001", m.TaskAdd(name=f"t{i}", command_line="run"))
     core.schedule()
-    runs = [(a, msg.spec) for a, msg in core.take_effects().sends if isinstance(msg, pm.RunTask)]
+    runs = [(a, msg.spec) for a, msg in map(astuple, core.take_effects().sends) if isinstance(msg, pm.RunTask)]
     a, spec = runs[0]
     core.agent_message(a, pm.TaskCompleted(key=spec.key, attempt=spec.attempt, exit_code=0, start_time=1, end_time=2))
     a, spec = runs[1]

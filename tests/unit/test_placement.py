@@ -1,4 +1,4 @@
-"""Pure placement (coordinator/placement.py) and the scheduler's use of it: priority order,
+"""Pure placement (coordinator/core/scheduler.py) and the scheduler's use of it: priority order,
 equal-priority round robin, submission order, pack vs spread, maxTasksPerVM, one pass per call."""
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ from collections import deque
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from msgspec.structs import astuple
 
-from coordinator import _core_tasks
 from coordinator import models as m
-from coordinator.placement import place
-from coordinator.records import COMPLETED, Job, JobRec, TaskRec, Tvm, TvmRec
-from coordinator.state import CoordinatorState
+from coordinator.core import CoordinatorState, scheduler
+from coordinator.core.records import COMPLETED, Job, JobRec, TaskRec, Tvm, TvmRec
+from coordinator.core.scheduler import place
 from protocol import messages as pm
 
 
@@ -192,7 +192,7 @@ def test_schedule_calls_placement_once_per_pool(monkeypatch):
         calls.append(len(jobs))
         return place(tvms, jobs, fill)
 
-    monkeypatch.setattr(_core_tasks, "place", counting)
+    monkeypatch.setattr(scheduler, "place", counting)
     core = _core(2, 3)
     for w in ("w1", "w2"):
         core.add_workitem(m.WorkitemAdd(name=w, job_execution_environment=m.JobExecutionEnvironment(pool_name="p")))
@@ -200,7 +200,7 @@ def test_schedule_calls_placement_once_per_pool(monkeypatch):
     core.take_effects()
     assert core.schedule() == 6
     assert calls == [2]
-    runs = [msg for _, msg in core.take_effects().sends if isinstance(msg, pm.RunTask)]
+    runs = [msg for _, msg in map(astuple, core.take_effects().sends) if isinstance(msg, pm.RunTask)]
     assert len(runs) == 6
     assert core.schedule() == 0  # every slot taken: nothing more, and no busy loop
     assert core.take_effects().sends == []
@@ -213,7 +213,7 @@ def test_schedule_honours_max_tasks_per_vm_and_pack():
     core.take_effects()
     core.schedule()
     runs = core.take_effects().sends
-    assert len({agent for agent, _ in runs}) == 1  # pack: one TVM
+    assert len({agent for agent, _ in map(astuple, runs)}) == 1  # pack: one TVM
     core.add_tasks("w", "job-0000000001", [m.TaskAdd(name=f"u{i}", command_line="c") for i in range(10)])
     core.schedule()
     assert all(len(t.running) == 4 for t in core.tvms.values())

@@ -1,12 +1,12 @@
-"""Issue 6: workitem schedules, pure (coordinator/schedule.py)."""
+"""Issue 6: workitem schedules, pure (coordinator/core/schedules.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from coordinator import models as m
+from coordinator.core.schedules import Plan, decide, parse_schedule
 from coordinator.errors import ApiError
-from coordinator.schedule import Plan, decide, parse_schedule
 from coordinator.timeutil import rfc3339
 
 T0 = 1_700_000_000.0

@@ -4,7 +4,7 @@ values are still omitted rather than sent as null."""
 import msgspec
 
 from coordinator import models as m
-from coordinator.state import CoordinatorState
+from coordinator.core import CoordinatorState
 from coordinator.views import job_view, task_view, workitem_view
 
 

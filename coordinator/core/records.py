@@ -10,12 +10,11 @@ from collections import deque
 
 import msgspec
 
-from . import models as m
-
-# Task states (interned strings: every record shares the same objects).
-ACTIVE = "active"
-RUNNING = "running"
-COMPLETED = "completed"
+from .. import models as m
+from .states import ACTIVE as ACTIVE
+from .states import COMPLETED as COMPLETED
+from .states import RUNNING as RUNNING
+from .states import AllocState, JobState, PoolState, TaskState, TvmState, WorkitemState
 
 VM_SIZES: dict[str, tuple[int, int, int]] = {
     # name: (cores, memory MiB, disk GiB) — the seed's sizes
@@ -38,7 +37,7 @@ class TaskRec(msgspec.Struct, array_like=True, gc=False, kw_only=True):
     retention_s: float | None = None
     run_elevated: bool = False
     job_manager: bool = False
-    state: str = ACTIVE
+    state: TaskState = ACTIVE
     state_time: float = 0.0
     prev_state: str | None = None
     start_time: float | None = None
@@ -60,7 +59,7 @@ class JobRec(msgspec.Struct, kw_only=True):
     pool: str
     priority: int
     created: float
-    state: str = "active"
+    state: JobState = "active"
     state_time: float = 0.0
     end_time: float | None = None
     terminate_reason: str | None = None
@@ -80,7 +79,7 @@ class JobRec(msgspec.Struct, kw_only=True):
 class WorkitemRec(msgspec.Struct, kw_only=True):
     spec: m.WorkitemAdd
     created: float
-    state: str = "active"
+    state: WorkitemState = "active"
     state_time: float = 0.0
     job_counter: int = 0
     recent_job: str | None = None
@@ -93,9 +92,9 @@ class PoolRec(msgspec.Struct, kw_only=True):
     created: float
     target: int
     resize_timeout_s: float = 900.0
-    state: str = "active"
+    state: PoolState = "active"
     state_time: float = 0.0
-    alloc_state: str = "steady"
+    alloc_state: AllocState = "steady"
     alloc_time: float = 0.0
     resize_started: float | None = None
     resize_error: tuple[str, str] | None = None
@@ -106,6 +105,24 @@ class PoolRec(msgspec.Struct, kw_only=True):
     shrink_option: str = "requeue"  # tvmDeallocationOption of the last resize
     # Issue 7: the last autoscale run (timestamp, results, error code, error message).
     auto_scale_run: tuple[float, str, str | None, str | None] | None = None
+
+
+class CertRec(msgspec.Struct, kw_only=True):
+    thumbprint: str  # 40 lowercase hex digits
+    thumbprint_algorithm: str
+    certificate_format: str
+    data: bytes = msgspec.field(default=b"")
+    password: str = ""
+    subject: str = ""
+    not_after: float = 0.0
+    has_private_key: bool = False
+    public_der: bytes = b""
+    created: float = 0.0
+    state: str = "active"
+    state_time: float = 0.0
+
+    def __repr__(self) -> str:  # certificate data and passwords never reach logs
+        return f"CertRec(sha1-{self.thumbprint}, {self.certificate_format})"
 
 
 class TvmUserRec(msgspec.Struct, kw_only=True):
@@ -120,7 +137,7 @@ class TvmRec(msgspec.Struct, kw_only=True):
     pool: str
     agent_id: str
     created: float
-    state: str = "starting"
+    state: TvmState = "starting"
     state_time: float = 0.0
     ip: str = ""
     scheduling: str = "enabled"

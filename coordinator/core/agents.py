@@ -1,0 +1,244 @@
+"""Agents: registration, what they report, and losing them.
+
+An agent is free (in the inventory) or backs one TVM. On hello it tells what it still runs and
+what finished while it was away; the core reconciles that with its records. An agent silent for a
+heartbeat timeout is closed; its TVM is lost (`unknown`, tasks requeued) if it does not come back.
+"""
+
+from __future__ import annotations
+
+from protocol import messages as pm
+
+from .instructions import Outbox
+from .membership import Membership
+from .records import ACTIVE, RUNNING, AgentInfo, Tvm
+from .runs import Runs
+from .states import move
+from .store import Store
+from .tasks import Tasks
+
+# Below this much free space on the TVM root a TVM is `unusable` (reference §4.2: disk full):
+# it keeps what runs but gets no new tasks until space comes back.
+UNUSABLE_FREE_DISK_BYTES = 256 * 1024 * 1024
+
+_READY_FROM = ("starting", "unknown", "creating", "waitingforstarttask", "rebooting", "reimaging")
+
+
+class Agents:
+    def __init__(self, store: Store, out: Outbox, runs: Runs, membership: Membership, tasks: Tasks) -> None:
+        self.s = store
+        self.out = out
+        self.runs = runs
+        self.membership = membership
+        self.tasks = tasks
+        self.unusable_free_disk_bytes = UNUSABLE_FREE_DISK_BYTES
+
+    # ------------------------------------------------------------------ hello and goodbye
+
+    def hello(self, hello: pm.Hello, in_flight: set[str] | frozenset[str] = frozenset()) -> None:
+        """`in_flight`: keys of RunTasks still on their way to the agent (its session resumed)."""
+        s = self.s
+        now = s.clock()
+        agent = s.agents.get(hello.agent_id)
+        if agent is None:
+            agent = s.agents[hello.agent_id] = AgentInfo(hello.agent_id)
+            self.membership.agent_registered()
+        agent.connected = True
+        agent.hostname = hello.hostname
+        agent.ip = hello.ip_address
+        agent.cores = hello.cores
+        agent.memory_bytes = hello.memory_bytes
+        agent.disk_bytes = hello.disk_bytes
+        agent.capabilities = list(hello.capabilities)
+        agent.degraded = list(hello.degraded)
+        agent.last_seen = now
+        agent.disconnected_at = None
+        tvm = s.tvms.get(agent.tvm) if agent.tvm else None
+        if tvm is None:
+            agent.tvm = None
+            for r in hello.running:  # tasks of a TVM we no longer know
+                self.out.send(agent.agent_id, pm.CancelTask(key=r.key, attempt=r.attempt, reason="unknown TVM"))
+            if hello.tvm_name:  # removed while the agent was away: it wipes it before it is free
+                self.out.send(agent.agent_id, pm.LeavePool(tvm_name=hello.tvm_name, reason="TVM no longer exists"))
+            self.membership.allocate()
+            return
+        moved = tvm.rec.ip != hello.ip_address
+        tvm.rec.ip = hello.ip_address
+        tvm.last_heartbeat = now
+        if moved:  # the pool's fences must admit the new address (and drop the old one)
+            self.membership.members_changed(tvm.rec.pool)
+        if tvm.rec.pending_op == "leaving":  # the LeavePool may have been lost with the session
+            self.out.send(agent.agent_id, pm.LeavePool(tvm_name=tvm.rec.name, reason="removed from the pool"))
+            return
+        if not (hello.session_id or hello.tvm_name or hello.running or hello.finished):
+            # A fresh agent process (restart, reboot): what we placed on this TVM died with the old
+            # process, which is why it reports nothing. Requeue that work and join the TVM again.
+            self.runs.requeue_tvm_tasks(tvm)
+            tvm.ready = False
+            self.runs.set_tvm_state(tvm, "starting")
+        if not tvm.ready:
+            # Coordinator restarted (or the agent never confirmed): tell it again who it is.
+            self.out.send(agent.agent_id, self.membership.join_msg(s.pools[tvm.rec.pool], tvm))
+        for r in [*hello.running, *hello.finished]:
+            self._reconcile_running(tvm, r)
+        self._requeue_unreported(tvm, hello, in_flight)
+        if tvm.rec.state == "unknown":
+            self.runs.set_tvm_state(tvm, "running" if tvm.running else "idle")
+        self._end_recovery_if_complete()
+
+    def _reconcile_running(self, tvm: Tvm, r: pm.RunningTask) -> None:
+        job, task = self.s.lookup(r.key)
+        if task is not None and task.state == RUNNING and task.attempt == r.attempt and task.tvm == tvm.rec.name:
+            tvm.running[r.key] = task
+            return
+        if task is not None and task.state == ACTIVE and (r.attempt >> 32) < self.s.epoch:
+            # Placed by an earlier coordinator run (placements are not journaled): adopt it.
+            move("task", task, RUNNING)
+            task.attempt = r.attempt
+            task.tvm = tvm.rec.name
+            task.pool = tvm.rec.pool
+            tvm.running[r.key] = task
+            return
+        self.out.send(tvm.rec.agent_id, pm.CancelTask(key=r.key, attempt=r.attempt, reason="not assigned"))
+
+    def _requeue_unreported(self, tvm: Tvm, hello: pm.Hello, in_flight: set[str] | frozenset[str]) -> None:
+        """Tasks placed on this TVM that the agent neither runs nor finished, and whose RunTask is not
+        still on its way, are lost (a restart, a session that could not resume, or a connection that
+        was not the real agent's and never reported them): run them again (requeueCount+1, not a
+        retry). Without this such a task stayed "running" for ever."""
+        reported = {r.key for r in hello.running} | {r.key for r in hello.finished}
+        for key, task in list(tvm.running.items()):
+            if key in reported or key in in_flight:
+                continue
+            del tvm.running[key]
+            job = self.s.job_of(key)
+            if job is not None and task.state == RUNNING and task.tvm == tvm.rec.name:
+                self.runs.requeue(job, task)
+        if not tvm.running and tvm.rec.state == "running":
+            self.runs.set_tvm_state(tvm, "idle")
+
+    def _end_recovery_if_complete(self) -> None:
+        s = self.s
+        if s.recovering_until is None:
+            return
+        if all(s.agents.get(t.rec.agent_id) and s.agents[t.rec.agent_id].connected for t in s.tvms.values()):
+            s.recovering_until = None
+
+    def disconnected(self, agent_id: str) -> None:
+        agent = self.s.agents.get(agent_id)
+        if agent is None:
+            return
+        agent.connected = False
+        agent.disconnected_at = self.s.clock()
+
+    def forget(self, agent_id: str) -> None:
+        """A revoked agent: its TVM leaves the pool at once (running tasks requeued, the pool can
+        allocate a replacement) and the agent is no longer in the inventory."""
+        agent = self.s.agents.pop(agent_id, None)
+        if agent is None:
+            return
+        tvm = self.s.tvms.get(agent.tvm) if agent.tvm else None
+        if tvm is not None:
+            self.membership.forget_tvm(tvm)
+
+    # ------------------------------------------------------------------ messages
+
+    def message(self, agent_id: str, msg: pm.Msg) -> None:
+        s = self.s
+        agent = s.agents.get(agent_id)
+        if agent is None:
+            return
+        now = s.clock()
+        agent.last_seen = now
+        tvm = s.tvms.get(agent.tvm) if agent.tvm else None
+        if isinstance(msg, pm.TaskCompleted):
+            self.tasks.task_completed(msg)
+        elif isinstance(msg, pm.TaskStarted):
+            self.tasks.task_started(msg)
+        elif isinstance(msg, pm.Heartbeat):
+            if tvm is not None:
+                tvm.last_heartbeat = now
+                self._check_disk(agent, tvm, msg)
+        elif isinstance(msg, pm.TvmReady):
+            if tvm is not None and tvm.rec.name == msg.tvm_name and not tvm.rec.pending_op.startswith("leav"):
+                tvm.ready = True
+                self.membership.tvm_ready(tvm, msg)
+                if tvm.rec.state in _READY_FROM:
+                    ready_state = "running" if tvm.running else "idle"
+                    self.runs.set_tvm_state(tvm, "offline" if tvm.rec.scheduling == "disabled" else ready_state)
+        elif isinstance(msg, pm.StartTaskCompleted):
+            if tvm is not None:
+                self._start_task_completed(tvm, msg)
+        elif isinstance(msg, pm.StartTaskStarted):
+            if tvm is not None and tvm.rec.name == msg.tvm_name:
+                self._start_task_started(tvm, msg)
+        elif isinstance(msg, pm.TvmLeft):
+            self.membership.tvm_left(agent_id, msg.tvm_name)
+        elif isinstance(msg, pm.Draining):
+            if tvm is not None:
+                self.runs.set_tvm_state(tvm, "offline")
+        if tvm is not None and tvm.rec.pending_op and not tvm.running:
+            self.membership.advance(tvm)  # taskcompletion reached
+
+    def _check_disk(self, agent: AgentInfo, tvm: Tvm, msg: pm.Heartbeat) -> None:
+        if agent.disk_bytes <= 0 or msg.disk_used_bytes <= 0:
+            return
+        full = agent.disk_bytes - msg.disk_used_bytes < self.unusable_free_disk_bytes
+        if full and tvm.rec.state in ("idle", "running", "offline"):
+            self.runs.set_tvm_state(tvm, "unusable")
+        elif not full and tvm.rec.state == "unusable":
+            back = "running" if tvm.running else "idle"
+            self.runs.set_tvm_state(tvm, "offline" if tvm.rec.scheduling == "disabled" else back)
+
+    def _start_task_started(self, tvm: Tvm, msg: pm.StartTaskStarted) -> None:
+        tvm.rec.start_task = {"state": "running", "start_time": msg.start_time, "retry_count": msg.retry_count}
+        pool = self.s.pools.get(tvm.rec.pool)
+        waits = bool(pool and pool.spec.start_task and pool.spec.start_task.wait_for_success)
+        if waits and tvm.rec.state in ("starting", "creating", "rebooting", "reimaging", "unknown"):
+            self.runs.set_tvm_state(tvm, "waitingforstarttask")
+        self.out.put("tvm", tvm.rec.name, tvm.rec)
+
+    def _start_task_completed(self, tvm: Tvm, msg: pm.StartTaskCompleted) -> None:
+        tvm.rec.start_task = {
+            "state": "completed",
+            "start_time": msg.start_time,
+            "end_time": msg.end_time,
+            "exit_code": msg.exit_code,
+            "retry_count": msg.retry_count,
+            "failure": [msg.failure.category, msg.failure.code, msg.failure.message] if msg.failure else None,
+        }
+        pool = self.s.pools.get(tvm.rec.pool)
+        waits = bool(pool and pool.spec.start_task and pool.spec.start_task.wait_for_success)
+        if waits and (msg.exit_code != 0 or msg.failure) and not tvm.rec.pending_op:
+            self.runs.set_tvm_state(tvm, "starttaskfailed")
+        self.out.put("tvm", tvm.rec.name, tvm.rec)
+
+    # ------------------------------------------------------------------ clock
+
+    def end_recovery_if_due(self, now: float) -> None:
+        if self.s.recovering_until is not None and now >= self.s.recovering_until:
+            self.s.recovering_until = None
+
+    def check_lost(self, now: float) -> None:
+        """Close agents silent for a heartbeat timeout; a TVM whose agent stayed away that long is
+        lost (`unknown`, its tasks requeued), or forgotten if it was leaving anyway."""
+        s = self.s
+        for tvm in list(s.tvms.values()):
+            agent = s.agents.get(tvm.rec.agent_id)
+            lost = agent is None or (
+                not agent.connected
+                and agent.disconnected_at is not None
+                and now - agent.disconnected_at >= s.heartbeat_timeout
+            )
+            if agent is not None and agent.connected and now - agent.last_seen >= s.heartbeat_timeout:
+                self.out.close(agent.agent_id, 4008, "heartbeat timeout")
+                agent.connected = False
+                # The silence already lasted a heartbeat timeout: the TVM is lost at the next tick
+                # unless the agent reconnects first, not after a second full timeout.
+                agent.disconnected_at = agent.last_seen
+            if lost and tvm.rec.pending_op in ("leave", "leaving"):
+                self.membership.forget_tvm(tvm)  # it was leaving anyway
+                continue
+            if lost and tvm.rec.state != "unknown":
+                self.runs.requeue_tvm_tasks(tvm)
+                self.runs.set_tvm_state(tvm, "unknown")

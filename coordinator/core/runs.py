@@ -1,0 +1,133 @@
+"""Tasks on TVMs: starting, stopping, requeueing and ending a run, and TVM state changes.
+
+The lowest area: every other one that moves a task on or off a TVM comes through here.
+"""
+
+from __future__ import annotations
+
+from protocol import messages as pm
+
+from .instructions import Outbox
+from .records import ACTIVE, COMPLETED, RUNNING, Job, TaskRec, Tvm
+from .specs import DEFAULT_RETENTION_S, WALL_CLOCK_EXIT_CODE, resource_file
+from .states import move
+from .store import Store
+
+
+class Runs:
+    def __init__(self, store: Store, out: Outbox) -> None:
+        self.s = store
+        self.out = out
+
+    def put_task(self, job: Job, task: TaskRec) -> None:
+        self.out.put("task", f"{job.key}/{task.name}", task)
+
+    def set_tvm_state(self, tvm: Tvm, state: str) -> None:
+        if tvm.rec.state != state:
+            move("tvm", tvm.rec, state)
+            tvm.rec.state_time = self.s.clock()
+            self.out.put("tvm", tvm.rec.name, tvm.rec)
+
+    def jm_env(self, job: Job) -> dict[str, str]:
+        """What a job manager needs to call the service for its own job."""
+        return {
+            "TVM_ENDPOINT": self.s.account_url,
+            "TVM_ACCOUNT": self.s.account,
+            "TVM_JOB_TOKEN": job.rec.token,
+            "TVM_WORKITEM_NAME": job.rec.workitem,
+            "TVM_JOB_NAME": job.rec.name,
+        }
+
+    def start(self, job: Job, task: TaskRec, tvm: Tvm) -> None:
+        s = self.s
+        s.attempts += 1
+        task.attempt = (s.epoch << 32) | s.attempts
+        move("task", task, RUNNING)
+        task.prev_state = ACTIVE
+        task.state_time = s.clock()
+        task.tvm = tvm.rec.name
+        task.pool = tvm.rec.pool
+        task.start_time = None
+        key = f"{job.key}/{task.name}"
+        tvm.running[key] = task
+        if tvm.rec.state == "idle":
+            move("tvm", tvm.rec, "running")
+            tvm.rec.state_time = task.state_time
+        env = dict(job.rec.common_env)
+        if task.env:
+            env.update(task.env)
+        if task.job_manager:
+            env.update(self.jm_env(job))  # endpoint + job-scoped credential
+        wall = task.max_wall_s if task.max_wall_s is not None else job.rec.max_wall_s
+        spec = pm.TaskSpec(
+            key=key, attempt=task.attempt, command_line=task.command_line, workitem=job.rec.workitem,
+            job=job.rec.name, task=task.name, env=env,
+            resource_files=[resource_file(r) for r in task.resource_files] if task.resource_files else [],
+            max_wall_clock_s=wall or 0.0,
+            retention_s=task.retention_s if task.retention_s is not None else DEFAULT_RETENTION_S,
+            run_elevated=task.run_elevated, job_manager=task.job_manager,
+        )
+        self.out.send(tvm.rec.agent_id, pm.RunTask(spec=spec))
+
+    def off_tvm(self, task_key: str, task: TaskRec) -> Tvm | None:
+        """Take a running task off its TVM's books (an idle TVM goes idle); returns the TVM."""
+        holder = self.s.tvms.get(task.tvm or "")
+        if holder is not None:
+            holder.running.pop(task_key, None)
+            if not holder.running and holder.rec.state == "running":
+                self.set_tvm_state(holder, "idle")
+        return holder
+
+    def release(self, job: Job, task: TaskRec, reason: str) -> None:
+        """Stop a running task on its TVM (the agent kills the tree)."""
+        if task.state != RUNNING or not task.tvm:
+            return
+        tvm = self.s.tvms.get(task.tvm)
+        key = f"{job.key}/{task.name}"
+        if tvm is not None:
+            tvm.running.pop(key, None)
+            self.out.send(tvm.rec.agent_id, pm.CancelTask(key=key, attempt=task.attempt, reason=reason))
+            if not tvm.running and tvm.rec.state == "running":
+                self.set_tvm_state(tvm, "idle")
+
+    def requeue(self, job: Job, task: TaskRec) -> None:
+        """A running task goes back to the front of its job's queue: requeueCount+1, retryCount
+        unchanged (its TVM was lost, removed or rebooted, or its slot went to a job manager)."""
+        now = self.s.clock()
+        move("task", task, ACTIVE)
+        task.prev_state = RUNNING
+        task.state_time = now
+        task.requeue_count += 1
+        task.last_requeue = now
+        task.tvm = None
+        job.queue.appendleft(task)
+        self.put_task(job, task)
+
+    def requeue_running(self, job: Job, task: TaskRec, reason: str) -> None:
+        """Stop a running task and put it back at the front of its job's queue (requeueCount++)."""
+        self.release(job, task, reason)
+        self.requeue(job, task)
+
+    def requeue_tvm_tasks(self, tvm: Tvm) -> None:
+        for key, task in list(tvm.running.items()):
+            job = self.s.job_of(key)
+            if job is not None and task.state == RUNNING:
+                self.requeue(job, task)
+        tvm.running.clear()
+
+    def end_running(self, job: Job, task: TaskRec, now: float, why: str) -> None:
+        """Kill a running task because its job ended or was disabled: it completes with a failure."""
+        self.release(job, task, "job ended")
+        task.prev_state = move("task", task, COMPLETED)
+        task.state_time = task.end_time = now
+        if task.exit_code is None:
+            task.exit_code = WALL_CLOCK_EXIT_CODE
+        task.failure = ("ServerError", "TaskEnded", why)
+        self.put_task(job, task)
+
+    def forget_task(self, job: Job, task: TaskRec) -> None:
+        """Before a task (or its job) is deleted: stop it and have its TVM delete its files."""
+        self.release(job, task, "deleted")
+        where = task.tvm and self.s.tvms.get(task.tvm)
+        if where:
+            self.out.send(where.rec.agent_id, pm.DeleteTaskFiles(key=f"{job.key}/{task.name}"))

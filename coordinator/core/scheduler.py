@@ -1,0 +1,196 @@
+"""The scheduler: the whole placement decision.
+
+Job managers first (`Scheduler.place_job_managers`): restarts before first starts, then by job
+priority; a restarted manager that finds no room requeues tasks of lower-or-equal priority jobs
+(`make_room`); a waiting runExclusive manager reserves the least busy TVM so it drains. Then, pool by
+pool, `place`: order by job priority (high first); between jobs of equal priority, round robin (fair);
+within a job, submission order. Fill policy: `spread` deals tasks across TVMs, most free slots first;
+`pack` fills one TVM before the next. No per-task allocation beyond the result list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from itertools import groupby
+
+from .records import ACTIVE, Job, TaskRec, Tvm
+from .runs import Runs
+from .store import Store
+
+
+def _next_tasks(jobs: list[Job]) -> Iterator[tuple[Job, TaskRec]]:
+    # Equal priority: the job served least recently first (`Job.served`), so one slot freed at a
+    # time still alternates between jobs (round robin across scheduling passes, not only within one).
+    ordered = sorted(jobs, key=lambda j: (-j.rec.priority, j.served, j.rec.created))
+    for _, level_iter in groupby(ordered, key=lambda j: j.rec.priority):
+        level = list(level_iter)
+        while level:
+            still: list[Job] = []
+            for job in level:
+                q = job.queue
+                while q:
+                    task = q.popleft()
+                    # Lazy removal: tasks terminated or deleted while queued are skipped here.
+                    if task.state == ACTIVE and job.tasks.get(task.name) is task:
+                        yield job, task
+                        break
+                if q:
+                    still.append(job)
+            level = still
+
+
+def place(tvms: list[Tvm], jobs: list[Job], fill: str) -> list[tuple[Job, TaskRec, Tvm]]:
+    """Assign queued tasks of `jobs` to free slots of `tvms` (already filtered to schedulable)."""
+    slots = [[t.free, t] for t in tvms if t.free > 0]
+    if not slots or not jobs:
+        return []
+    out: list[tuple[Job, TaskRec, Tvm]] = []
+    tasks = _next_tasks(jobs)
+    if fill == "pack":
+        slots.sort(key=lambda s: (s[0], s[1].rec.name))
+        for entry in slots:
+            for _ in range(entry[0]):
+                nxt = next(tasks, None)
+                if nxt is None:
+                    return out
+                out.append((nxt[0], nxt[1], entry[1]))
+        return out
+    # spread: deal one task per TVM per round, TVMs with more free slots first.
+    slots.sort(key=lambda s: (-s[0], s[1].rec.name))
+    while slots:
+        remaining = []
+        for entry in slots:
+            nxt = next(tasks, None)
+            if nxt is None:
+                return out
+            out.append((nxt[0], nxt[1], entry[1]))
+            entry[0] -= 1
+            if entry[0] > 0:
+                remaining.append(entry)
+        slots = remaining
+    # Tasks pulled from a queue but not placed would be lost; the generator only pulls on demand.
+    return out
+
+
+def jm_pending(job: Job) -> bool:
+    """The job's manager waits to be placed: none of its other tasks may start before it."""
+    if not job.rec.jm_name:
+        return False
+    jm = job.tasks.get(job.rec.jm_name)
+    return jm is not None and jm.state == ACTIVE
+
+
+class Scheduler:
+    def __init__(self, store: Store, runs: Runs) -> None:
+        self.s = store
+        self.runs = runs
+        # TVMs being emptied for a waiting runExclusive job manager (recomputed on every pass).
+        self.jm_reserved: set[str] | frozenset[str] = frozenset()
+
+    def schedule(self) -> int:
+        """Place what can be placed now; returns the number of tasks placed."""
+        s = self.s
+        if s.recovering_until is not None:
+            return 0
+        placed = self.place_job_managers()  # job managers go first
+        by_pool: dict[str, list[Job]] = {}
+        for job in s.jobs.values():
+            if job.queue and job.rec.state == "active" and not jm_pending(job):
+                by_pool.setdefault(job.rec.pool, []).append(job)
+        agents = s.agents
+        start = self.runs.start
+        for pool_name, jobs in by_pool.items():
+            pool = s.pools.get(pool_name)
+            if pool is None or pool.state != "active":
+                continue
+            tvms = [
+                t for t in s.tvms.values()
+                if t.rec.pool == pool_name and t.rec.state in ("idle", "running")
+                and t.rec.scheduling == "enabled" and t.free > 0
+                and (a := agents.get(t.rec.agent_id)) is not None and a.connected
+                and not self._exclusive_held(t)
+            ]
+            for job, task, tvm in place(tvms, jobs, pool.spec.tvm_fill_type):
+                start(job, task, tvm)
+                job.served = s.attempts  # fairness between equal-priority jobs
+                placed += 1
+        s.placements += placed
+        return placed
+
+    def _exclusive_held(self, tvm: Tvm) -> bool:
+        """A runExclusive job manager runs on `tvm`, or `tvm` is being emptied for one that waits:
+        nothing else may start there."""
+        if tvm.rec.name in self.jm_reserved:
+            return True
+        for key, t in tvm.running.items():
+            if t.job_manager:
+                job = self.s.job_of(key)
+                if job is None or job.rec.jm_exclusive:
+                    return True
+        return False
+
+    def place_job_managers(self) -> int:
+        """Place waiting job managers first: restarts before first starts, then by job priority.
+        A restarted manager that finds no room requeues tasks of lower-or-equal priority jobs."""
+        s = self.s
+        reserved: set[str] = set()
+        self.jm_reserved = reserved
+        waiting = [(job, job.tasks[job.rec.jm_name]) for job in s.jobs.values()
+                   if job.rec.state == "active" and job.rec.jm_name and jm_pending(job)]
+        if not waiting:
+            return 0
+        waiting.sort(key=lambda jt: (-(jt[1].requeue_count + jt[1].retry_count > 0), -jt[0].rec.priority,
+                                     jt[0].rec.created))
+        placed = 0
+        for job, task in waiting:
+            pool = s.pools.get(job.rec.pool)
+            if pool is None or pool.state != "active":
+                continue
+            tvms = sorted((
+                t for t in s.tvms.values()
+                if t.rec.pool == job.rec.pool and t.rec.state in ("idle", "running")
+                and t.rec.scheduling == "enabled" and s.connected(t)
+            ), key=lambda t: (-t.free, t.rec.name))
+            exclusive = job.rec.jm_exclusive
+            fits = [t for t in tvms if not self._exclusive_held(t)
+                    and (t.free == t.slots if exclusive else t.free > 0)]
+            tvm = fits[0] if fits else None
+            if tvm is None and task.requeue_count + task.retry_count > 0:
+                tvm = self._make_room(job, tvms, exclusive)
+            if tvm is not None:
+                self.runs.start(job, task, tvm)
+                placed += 1
+            elif exclusive:
+                # Without this a busy multi-slot pool could refill every freed slot and never have a
+                # whole TVM free: let the least busy TVM drain (nothing new starts there).
+                free = [t for t in tvms if not self._exclusive_held(t)]
+                if free:
+                    reserved.add(min(free, key=lambda t: (len(t.running), t.rec.name)).rec.name)
+        return placed
+
+    def _make_room(self, job: Job, tvms: list[Tvm], exclusive: bool) -> Tvm | None:
+        """Requeue running tasks of jobs of lower or equal priority on one TVM so `job`'s manager fits.
+        Never displaces another job manager or a task of a higher-priority job."""
+        best: tuple[int, Tvm, list[tuple[Job, TaskRec]]] | None = None
+        for tvm in tvms:
+            victims: list[tuple[Job, TaskRec]] = []
+            ok = True
+            for key, t in tvm.running.items():
+                owner = self.s.job_of(key)
+                if t.job_manager or owner is None or owner.rec.priority > job.rec.priority:
+                    ok = False
+                    break
+                victims.append((owner, t))
+            if not ok:
+                continue
+            if not exclusive:
+                # One slot is enough: the victim of the lowest priority, most recently started.
+                victims.sort(key=lambda ot: (ot[0].rec.priority, -ot[1].state_time))
+                victims = victims[:1] if tvm.free == 0 else []
+            if best is None or len(victims) < best[0]:
+                best = (len(victims), tvm, victims)
+        if best is None:
+            return None
+        for owner, t in best[2]:
+            self.runs.requeue_running(owner, t, "making room for a job manager")
+        return best[1]

@@ -1,0 +1,129 @@
+"""The states of tasks, TVMs, jobs, workitems and pools, and one transition table per entity.
+
+Transitions are data (h11's `_state.py`): every state change in the core goes through `move`,
+which refuses a change the table does not list with `IllegalTransition`. Staying in the same state
+is not a transition and is always allowed (several commands re-journal a record unchanged).
+A record is created in its initial state; that is not a transition either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal, Protocol, get_args
+
+TaskState = Literal["active", "running", "completed"]
+TvmState = Literal[
+    "creating", "starting", "waitingforstarttask", "idle", "running", "offline", "unusable",
+    "starttaskfailed", "unknown", "leavingpool", "rebooting", "reimaging",
+]
+JobState = Literal["active", "disabling", "disabled", "enabling", "terminating", "completed", "deleting"]
+WorkitemState = Literal["active", "disabled", "terminating", "completed"]
+PoolState = Literal["active", "deleting"]
+AllocState = Literal["steady", "resizing", "stopping"]
+
+# Task states (interned strings: every record shares the same objects).
+ACTIVE: TaskState = "active"
+RUNNING: TaskState = "running"
+COMPLETED: TaskState = "completed"
+
+Table = Mapping[str, frozenset[str]]
+
+TASK: Table = {
+    # placed; terminated while queued (or a late result of an earlier coordinator run)
+    "active": frozenset({"running", "completed"}),
+    # requeued or retried; finished, terminated or killed with its job
+    "running": frozenset({"active", "completed"}),
+    "completed": frozenset(),
+}
+
+_TVM_STATES: tuple[str, ...] = get_args(TvmState)
+# Reachable from every other state: a fresh agent process (starting), a drain (offline), a lost
+# agent (unknown), a removal (leavingpool), a failed start task (starttaskfailed).
+_FROM_ANYWHERE = frozenset({"starting", "offline", "unknown", "leavingpool", "starttaskfailed"})
+_RESTARTS = frozenset({"rebooting", "reimaging"})
+_READY = frozenset({"idle", "running", "offline"})
+_TVM_EXTRA: dict[str, frozenset[str]] = {
+    "creating": _READY | {"waitingforstarttask"},
+    "starting": _READY | {"waitingforstarttask"},
+    "waitingforstarttask": _READY | _RESTARTS,
+    "idle": frozenset({"running", "unusable"}) | _RESTARTS,
+    "running": frozenset({"idle", "unusable"}) | _RESTARTS,
+    "offline": frozenset({"idle", "running", "unusable"}) | _RESTARTS,
+    "unusable": frozenset({"idle", "running"}) | _RESTARTS,
+    "starttaskfailed": _RESTARTS,
+    "unknown": frozenset({"idle", "running", "waitingforstarttask"}),
+    "leavingpool": frozenset(),
+    "rebooting": _READY | {"waitingforstarttask"},
+    "reimaging": _READY | {"waitingforstarttask"},
+}
+TVM: Table = {s: (_FROM_ANYWHERE | _TVM_EXTRA[s]) - {s} for s in _TVM_STATES}
+
+JOB: Table = {
+    "active": frozenset({"disabling", "terminating"}),
+    "disabling": frozenset({"disabled", "active", "terminating"}),
+    "disabled": frozenset({"active", "terminating"}),
+    "enabling": frozenset({"active", "terminating"}),
+    "terminating": frozenset({"completed"}),
+    "completed": frozenset(),
+    "deleting": frozenset(),
+}
+
+WORKITEM: Table = {
+    "active": frozenset({"disabled", "terminating", "completed"}),
+    "disabled": frozenset({"active", "terminating"}),
+    "terminating": frozenset({"completed"}),
+    "completed": frozenset(),
+}
+
+POOL: Table = {"active": frozenset({"deleting"}), "deleting": frozenset()}
+
+ALLOC: Table = {
+    "steady": frozenset({"resizing"}),
+    "resizing": frozenset({"steady", "stopping"}),
+    "stopping": frozenset({"steady", "resizing"}),
+}
+
+TABLES: dict[str, Table] = {
+    "task": TASK, "tvm": TVM, "job": JOB, "workitem": WORKITEM, "pool": POOL, "alloc": ALLOC,
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A state change the entity's table does not allow: a bug in the core, never a user error."""
+
+    def __init__(self, entity: str, old: str, new: str) -> None:
+        super().__init__(f"{entity}: illegal transition {old!r} -> {new!r}")
+        self.entity = entity
+        self.old = old
+        self.new = new
+
+
+class _HasState(Protocol):
+    state: str
+
+
+class _HasAllocState(Protocol):
+    alloc_state: str
+
+
+def check(entity: str, old: str, new: str) -> None:
+    """Raise IllegalTransition unless `old -> new` is in `entity`'s table (or old == new)."""
+    if old != new and new not in TABLES[entity][old]:
+        raise IllegalTransition(entity, old, new)
+
+
+def move(entity: str, rec: _HasState, new: str) -> str:
+    """Set `rec.state` to `new` through `entity`'s table; returns the previous state."""
+    old = rec.state
+    if old != new and new not in TABLES[entity][old]:
+        raise IllegalTransition(entity, old, new)
+    rec.state = new
+    return old
+
+
+def move_alloc(pool: _HasAllocState, new: str) -> str:
+    """Set a pool's allocation state through the ALLOC table; returns the previous one."""
+    old = pool.alloc_state
+    check("alloc", old, new)
+    pool.alloc_state = new
+    return old

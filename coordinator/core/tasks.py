@@ -1,0 +1,185 @@
+"""Tasks: adding, updating, terminating and deleting them, their completion, and task counts."""
+
+from __future__ import annotations
+
+from protocol import messages as pm
+
+from .. import models as m
+from ..errors import ApiError, bad_request, conflict
+from ..validation import check_env, check_name
+from .instructions import Outbox
+from .jobs import Jobs
+from .records import ACTIVE, COMPLETED, RUNNING, Job, TaskRec, Tvm
+from .runs import Runs
+from .specs import MAX_COLLECTION, WALL_CLOCK_EXIT_CODE, check_files, task_constraints
+from .states import move
+from .store import Store
+
+
+class Tasks:
+    def __init__(self, store: Store, out: Outbox, runs: Runs, jobs: Jobs) -> None:
+        self.s = store
+        self.out = out
+        self.runs = runs
+        self.jobs = jobs
+
+    # ------------------------------------------------------------------ commands
+
+    def _new_task(self, req: m.TaskAdd, now: float) -> TaskRec:
+        check_name(req.name)
+        if not req.command_line.strip():
+            raise bad_request("MissingRequiredProperty", "commandLine must not be empty", field="commandLine")
+        env = check_env(req.environment_settings, "environmentSettings")
+        check_files(req.resource_files, "resourceFiles")
+        max_wall = max_retries = retention = None
+        c = req.task_constraints
+        if c is not None:
+            max_wall, max_retries, retention = task_constraints(c)
+        self.s.seq += 1
+        return TaskRec(name=req.name, command_line=req.command_line, seq=self.s.seq, created=now,
+                       state_time=now, env=env or None, resource_files=list(req.resource_files) or None,
+                       max_wall_s=max_wall, max_retries=max_retries, retention_s=retention,
+                       run_elevated=req.run_elevated)
+
+    def _job_for_add(self, workitem: str, job_name: str) -> Job:
+        job = self.s.get_job(workitem, job_name)
+        self.jobs.check_accepts_tasks(job)  # 409 JobCompleted / JobBeingTerminated
+        return job
+
+    def add_task(self, workitem: str, job_name: str, req: m.TaskAdd) -> None:
+        job = self._job_for_add(workitem, job_name)
+        if req.name in job.tasks:
+            raise conflict("task", req.name)
+        task = self._new_task(req, self.s.clock())
+        self._insert(job, task)
+
+    def add_tasks(self, workitem: str, job_name: str, reqs: list[m.TaskAdd]) -> list[m.TaskAddResult]:
+        job = self._job_for_add(workitem, job_name)
+        if len(reqs) > MAX_COLLECTION:
+            raise bad_request("TooManyTasks", f"a collection holds at most {MAX_COLLECTION} tasks, got {len(reqs)}",
+                              count=len(reqs))
+        now = self.s.clock()
+        results: list[m.TaskAddResult] = []
+        seen: set[str] = set()
+        for req in reqs:
+            try:
+                if req.name in job.tasks or req.name in seen:
+                    raise conflict("task", req.name)
+                task = self._new_task(req, now)
+            except ApiError as exc:
+                results.append(m.TaskAddResult(name=req.name, status="clienterror", error={
+                    "code": exc.code, "message": {"lang": "en-us", "value": exc.message}}))
+                continue
+            seen.add(req.name)
+            self._insert(job, task)
+            results.append(m.TaskAddResult(name=req.name, status="success"))
+        return results
+
+    def _insert(self, job: Job, task: TaskRec) -> None:
+        job.tasks[task.name] = task
+        job.queue.append(task)
+        self.runs.put_task(job, task)
+
+    def update_task(self, workitem: str, job_name: str, name: str, req: m.TaskUpdate) -> None:
+        job, task = self.s.get_task(workitem, job_name, name)
+        if req.task_constraints is not None:
+            max_wall, max_retries, retention = task_constraints(req.task_constraints)
+            if req.task_constraints.max_wall_clock_time is not None:
+                task.max_wall_s = max_wall
+            if req.task_constraints.max_task_retry_count is not None:
+                task.max_retries = max_retries
+            if req.task_constraints.retention_time is not None:
+                task.retention_s = retention
+        self.runs.put_task(job, task)
+
+    def terminate_task(self, workitem: str, job_name: str, name: str) -> None:
+        job, task = self.s.get_task(workitem, job_name, name)
+        if task.state == COMPLETED:
+            return
+        now = self.s.clock()
+        self.runs.release(job, task, "terminated")
+        task.prev_state = move("task", task, COMPLETED)
+        task.state_time = now
+        task.end_time = now
+        task.failure = ("UserError", "TaskEnded", "The task was terminated by the user")
+        if task.exit_code is None and task.prev_state == RUNNING:
+            task.exit_code = WALL_CLOCK_EXIT_CODE
+        self.runs.put_task(job, task)
+
+    def delete_task(self, workitem: str, job_name: str, name: str) -> None:
+        job, task = self.s.get_task(workitem, job_name, name)
+        self.runs.forget_task(job, task)
+        del job.tasks[name]
+        self.out.delete("task", f"{job.key}/{name}")
+
+    # ------------------------------------------------------------------ events
+
+    def task_started(self, msg: pm.TaskStarted) -> None:
+        _, task = self.s.lookup(msg.key)
+        if task is not None and task.state == RUNNING and task.attempt == msg.attempt:
+            task.start_time = msg.start_time
+
+    def task_completed(self, msg: pm.TaskCompleted) -> None:
+        s = self.s
+        job, task = s.lookup(msg.key)
+        if job is None or task is None or task.state == COMPLETED:
+            return  # already recorded (resend after reconnect) or deleted: exactly once
+        if task.state == RUNNING and task.attempt != msg.attempt:
+            return  # a run we requeued elsewhere; its twin result is not ours
+        if task.state == ACTIVE and (msg.attempt >> 32) >= s.epoch:
+            return  # requeued in this run of the coordinator: the late result is ignored
+        if msg.failure is not None and msg.failure.code == pm.AGENT_STOPPING:
+            # The agent gave this attempt up while shutting down: not the task's fault, run it again.
+            if task.state == RUNNING:
+                self.runs.off_tvm(msg.key, task)
+                self.runs.requeue(job, task)
+            return
+        holder: Tvm | None = s.tvms.get(task.tvm) if task.tvm else None
+        if holder is not None:
+            holder.running.pop(msg.key, None)
+            holder.rec.total_run += 1
+            if not holder.running and holder.rec.state == "running":
+                self.runs.set_tvm_state(holder, "idle")
+        now = s.clock()
+        task.start_time = msg.start_time
+        task.exit_code = msg.exit_code
+        failure = msg.failure
+        max_retries = task.max_retries if task.max_retries is not None else job.rec.max_retries
+        retry = (
+            failure is None
+            and msg.exit_code != 0
+            and (max_retries == -1 or task.retry_count < max_retries)
+            and job.rec.state == "active"
+        )
+        task.prev_state = task.state
+        task.state_time = now
+        if retry:
+            move("task", task, ACTIVE)
+            task.retry_count += 1
+            task.last_retry = now
+            task.tvm = None
+            job.queue.appendleft(task)
+        else:
+            move("task", task, COMPLETED)
+            task.end_time = msg.end_time
+            task.failure = (failure.category, failure.code, failure.message) if failure else None
+        self.runs.put_task(job, task)
+        if task.state == COMPLETED:
+            self.jobs.task_done(job, task)  # job manager done / all tasks complete
+
+    # ------------------------------------------------------------------ counts
+
+    def task_counts(self, job: Job) -> m.TaskCounts:
+        c = m.TaskCounts()
+        for t in job.tasks.values():
+            if t.state == ACTIVE:
+                c.active += 1
+            elif t.state == RUNNING:
+                c.running += 1
+            else:
+                c.completed += 1
+                if t.exit_code == 0 and t.failure is None:
+                    c.succeeded += 1
+                else:
+                    c.failed += 1
+        return c
