@@ -13,7 +13,7 @@ from .instructions import Outbox
 from .membership import Membership
 from .records import ACTIVE, RUNNING, AgentInfo, Tvm
 from .runs import Runs
-from .states import move
+from .states import TvmState, move_task
 from .store import Store
 from .tasks import Tasks
 
@@ -93,7 +93,7 @@ class Agents:
             return
         if task is not None and task.state == ACTIVE and (r.attempt >> 32) < self.s.epoch:
             # Placed by an earlier coordinator run (placements are not journaled): adopt it.
-            move("task", task, RUNNING)
+            move_task(task, RUNNING)
             task.attempt = r.attempt
             task.tvm = tvm.rec.name
             task.pool = tvm.rec.pool
@@ -164,7 +164,7 @@ class Agents:
                 tvm.ready = True
                 self.membership.tvm_ready(tvm, msg)
                 if tvm.rec.state in _READY_FROM:
-                    ready_state = "running" if tvm.running else "idle"
+                    ready_state: TvmState = "running" if tvm.running else "idle"
                     self.runs.set_tvm_state(tvm, "offline" if tvm.rec.scheduling == "disabled" else ready_state)
         elif isinstance(msg, pm.StartTaskCompleted):
             if tvm is not None:
@@ -187,7 +187,7 @@ class Agents:
         if full and tvm.rec.state in ("idle", "running", "offline"):
             self.runs.set_tvm_state(tvm, "unusable")
         elif not full and tvm.rec.state == "unusable":
-            back = "running" if tvm.running else "idle"
+            back: TvmState = "running" if tvm.running else "idle"
             self.runs.set_tvm_state(tvm, "offline" if tvm.rec.scheduling == "disabled" else back)
 
     def _start_task_started(self, tvm: Tvm, msg: pm.StartTaskStarted) -> None:

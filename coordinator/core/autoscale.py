@@ -201,7 +201,7 @@ class Autoscale:
                 "SampleNodeCount": len(members),
                 "PreemptedNodeCount": 0,  # dedicated TVMs are never preempted
             }
-            values.update(resource_values(c for t in members if (c := self.tvm_counters.get(t.rec.name))))
+            values.update(resource_values(tc for t in members if (tc := self.tvm_counters.get(t.rec.name))))
             self.metrics.record(name, now, values)
 
     # ------------------------------------------------------------------ evaluation

@@ -124,6 +124,6 @@ def _public_der(raw: bytes, fmt: str, password: str | None) -> bytes:
         cert = (x509.load_pem_x509_certificate(raw) if raw.lstrip().startswith(b"-----BEGIN")
                 else x509.load_der_x509_certificate(raw))
     else:
-        _, cert, extra = pkcs12.load_key_and_certificates(raw, (password or "").encode())
-        cert = cert or extra[0]
+        _, main, extra = pkcs12.load_key_and_certificates(raw, (password or "").encode())
+        cert = main or extra[0]
     return cert.public_bytes(Encoding.DER)

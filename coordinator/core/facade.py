@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar, overload
 
 from protocol import messages as pm
+from tvmagent.ports import PortRangeConfig
 
 from .. import models as m
 from ..metrics_history import MetricsHistory
@@ -75,7 +76,7 @@ class CoordinatorState:
     certificates = _StoreField[dict[str, CertRec]]()
     recovering_until = _StoreField[float | None]()
     placements = _StoreField[int]()
-    port_range = _StoreField[Any]()
+    port_range = _StoreField[PortRangeConfig]()
     autoscale_timing = _StoreField[AutoscaleTiming]()
     provisioning_enabled = _StoreField[bool]()
     provision_pending = _StoreField[int]()

@@ -23,7 +23,7 @@ from .records import ACTIVE, COMPLETED, Job, JobRec, TaskRec, WorkitemRec
 from .runs import Runs
 from .schedules import Plan, decide, parse_schedule
 from .specs import check_all_complete, check_files, job_constraints, task_constraints
-from .states import move
+from .states import JobState, WorkitemState, move_job, move_workitem
 from .store import Store
 
 DISABLE_OPTIONS = ("requeue", "terminate", "wait")
@@ -141,9 +141,9 @@ class Jobs:
             raise _wi_conflict(wi, "enable it")
         self._set_wi_state(wi, "active", self.s.clock())
 
-    def _set_wi_state(self, wi: WorkitemRec, state: str, now: float) -> None:
+    def _set_wi_state(self, wi: WorkitemRec, state: WorkitemState, now: float) -> None:
         if wi.state != state:
-            move("workitem", wi, state)
+            move_workitem(wi, state)
             wi.state_time = now
             if state == "completed":
                 wi.end_time = now
@@ -172,7 +172,7 @@ class Jobs:
                 active = self._active_job(wi)
                 changed = True
         if wi.state in ("active", "terminating") and wi.next_run is None and active is None:
-            move("workitem", wi, "completed")
+            move_workitem(wi, "completed")
             wi.state_time = wi.end_time = now
             changed = True
         return changed
@@ -284,9 +284,9 @@ class Jobs:
         self.out.delete("job", job.key)
         self.out.delete("task", job.key + "/", prefix=True)
 
-    def _set_job_state(self, job: Job, state: str, now: float) -> None:
+    def _set_job_state(self, job: Job, state: JobState, now: float) -> None:
         if job.rec.state != state:
-            job.rec.prev_state = move("job", job.rec, state)
+            job.rec.prev_state = move_job(job.rec, state)
             job.rec.state_time = now
             if state == "completed":
                 job.rec.end_time = now
@@ -348,9 +348,9 @@ class Jobs:
                 self.terminate(job, "AllTasksComplete", now)
             if job.rec.state == "terminating" and not s.running_tasks(job):
                 self._set_job_state(job, "completed", now)
-                wi = s.workitems.get(r.workitem)
-                if wi is not None and self._run_schedule(wi, parse_schedule(wi.spec.schedule), now):
-                    self.out.put("workitem", wi.spec.name, wi)
+                owner = s.workitems.get(r.workitem)
+                if owner is not None and self._run_schedule(owner, parse_schedule(owner.spec.schedule), now):
+                    self.out.put("workitem", owner.spec.name, owner)
             elif job.rec.state == "disabling" and not s.running_tasks(job):
                 self._set_job_state(job, "disabled", now)
 

@@ -31,7 +31,7 @@ from .instructions import Outbox
 from .records import COMPLETED, RUNNING, AgentInfo, PoolRec, Tvm, TvmRec
 from .runs import Runs
 from .specs import WALL_CLOCK_EXIT_CODE, resource_file
-from .states import move, move_alloc
+from .states import AllocState, move_alloc, move_task
 from .store import Store
 
 # A provisioner request not answered by new agents within this time is asked again.
@@ -84,7 +84,7 @@ class Membership:
             if growing and current < pool.target:
                 missing.append((pool.target - current, pool.spec.vm_size))
             leaving = any(t.rec.pool == name and t.rec.pending_op in ("leave", "leaving") for t in s.tvms.values())
-            want = "resizing" if growing and (current != pool.target or leaving) else "steady"
+            want: AllocState = "resizing" if growing and (current != pool.target or leaving) else "steady"
             if want != pool.alloc_state:
                 move_alloc(pool, want)
                 pool.alloc_time = now
@@ -211,7 +211,7 @@ class Membership:
             job = self.s.job_of(key)
             if job is None or task.state != RUNNING:
                 continue
-            move("task", task, COMPLETED)
+            move_task(task, COMPLETED)
             task.prev_state = RUNNING
             task.state_time = now
             task.end_time = now

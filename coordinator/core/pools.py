@@ -20,7 +20,7 @@ from .instructions import Outbox
 from .membership import Membership
 from .records import PoolRec, Tvm, WorkitemRec
 from .specs import check_files
-from .states import move, move_alloc
+from .states import move_alloc, move_pool
 from .store import Store
 
 DEALLOCATION_OPTIONS = ("requeue", "terminate", "taskcompletion")
@@ -108,7 +108,7 @@ class Pools:
         if pool.state == "deleting":
             return  # repeated delete: already under way
         now = self.s.clock()
-        move("pool", pool, "deleting")
+        move_pool(pool, "deleting")
         pool.state_time = now
         pool.target = 0
         move_alloc(pool, "steady")

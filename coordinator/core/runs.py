@@ -10,7 +10,7 @@ from protocol import messages as pm
 from .instructions import Outbox
 from .records import ACTIVE, COMPLETED, RUNNING, Job, TaskRec, Tvm
 from .specs import DEFAULT_RETENTION_S, WALL_CLOCK_EXIT_CODE, resource_file
-from .states import move
+from .states import TvmState, move_task, move_tvm
 from .store import Store
 
 
@@ -22,9 +22,9 @@ class Runs:
     def put_task(self, job: Job, task: TaskRec) -> None:
         self.out.put("task", f"{job.key}/{task.name}", task)
 
-    def set_tvm_state(self, tvm: Tvm, state: str) -> None:
+    def set_tvm_state(self, tvm: Tvm, state: TvmState) -> None:
         if tvm.rec.state != state:
-            move("tvm", tvm.rec, state)
+            move_tvm(tvm.rec, state)
             tvm.rec.state_time = self.s.clock()
             self.out.put("tvm", tvm.rec.name, tvm.rec)
 
@@ -42,7 +42,7 @@ class Runs:
         s = self.s
         s.attempts += 1
         task.attempt = (s.epoch << 32) | s.attempts
-        move("task", task, RUNNING)
+        move_task(task, RUNNING)
         task.prev_state = ACTIVE
         task.state_time = s.clock()
         task.tvm = tvm.rec.name
@@ -51,7 +51,7 @@ class Runs:
         key = f"{job.key}/{task.name}"
         tvm.running[key] = task
         if tvm.rec.state == "idle":
-            move("tvm", tvm.rec, "running")
+            move_tvm(tvm.rec, "running")
             tvm.rec.state_time = task.state_time
         env = dict(job.rec.common_env)
         if task.env:
@@ -94,7 +94,7 @@ class Runs:
         """A running task goes back to the front of its job's queue: requeueCount+1, retryCount
         unchanged (its TVM was lost, removed or rebooted, or its slot went to a job manager)."""
         now = self.s.clock()
-        move("task", task, ACTIVE)
+        move_task(task, ACTIVE)
         task.prev_state = RUNNING
         task.state_time = now
         task.requeue_count += 1
@@ -118,7 +118,7 @@ class Runs:
     def end_running(self, job: Job, task: TaskRec, now: float, why: str) -> None:
         """Kill a running task because its job ended or was disabled: it completes with a failure."""
         self.release(job, task, "job ended")
-        task.prev_state = move("task", task, COMPLETED)
+        task.prev_state = move_task(task, COMPLETED)
         task.state_time = task.end_time = now
         if task.exit_code is None:
             task.exit_code = WALL_CLOCK_EXIT_CODE

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from itertools import groupby
+from typing import Any
 
 from .records import ACTIVE, Job, TaskRec, Tvm
 from .runs import Runs
@@ -41,7 +42,8 @@ def _next_tasks(jobs: list[Job]) -> Iterator[tuple[Job, TaskRec]]:
 
 def place(tvms: list[Tvm], jobs: list[Job], fill: str) -> list[tuple[Job, TaskRec, Tvm]]:
     """Assign queued tasks of `jobs` to free slots of `tvms` (already filtered to schedulable)."""
-    slots = [[t.free, t] for t in tvms if t.free > 0]
+    # [free slots, TVM]: a list so the count goes down in place as tasks are dealt.
+    slots: list[list[Any]] = [[t.free, t] for t in tvms if t.free > 0]
     if not slots or not jobs:
         return []
     out: list[tuple[Job, TaskRec, Tvm]] = []

@@ -1,7 +1,7 @@
 """The states of tasks, TVMs, jobs, workitems and pools, and one transition table per entity.
 
-Transitions are data (h11's `_state.py`): every state change in the core goes through `move`,
-which refuses a change the table does not list with `IllegalTransition`. Staying in the same state
+Transitions are data (h11's `_state.py`): every state change in the core goes through the
+entity's mover (`move_task`, `move_tvm`, ...), which refuses a change the table does not list with `IllegalTransition`. Staying in the same state
 is not a transition and is always allowed (several commands re-journal a record unchanged).
 A record is created in its initial state; that is not a transition either.
 """
@@ -98,32 +98,81 @@ class IllegalTransition(RuntimeError):
         self.new = new
 
 
-class _HasState(Protocol):
-    state: str
-
-
-class _HasAllocState(Protocol):
-    alloc_state: str
-
-
 def check(entity: str, old: str, new: str) -> None:
     """Raise IllegalTransition unless `old -> new` is in `entity`'s table (or old == new)."""
     if old != new and new not in TABLES[entity][old]:
         raise IllegalTransition(entity, old, new)
 
 
-def move(entity: str, rec: _HasState, new: str) -> str:
-    """Set `rec.state` to `new` through `entity`'s table; returns the previous state."""
+# One typed mover per entity: each sets the state through its table and returns the previous one.
+
+class _Task(Protocol):
+    state: TaskState
+
+
+class _Tvm(Protocol):
+    state: TvmState
+
+
+class _Job(Protocol):
+    state: JobState
+
+
+class _Workitem(Protocol):
+    state: WorkitemState
+
+
+class _Pool(Protocol):
+    state: PoolState
+
+
+class _Alloc(Protocol):
+    alloc_state: AllocState
+
+
+def move_task(rec: _Task, new: TaskState) -> TaskState:
     old = rec.state
-    if old != new and new not in TABLES[entity][old]:
-        raise IllegalTransition(entity, old, new)
+    if old != new and new not in TASK[old]:
+        raise IllegalTransition("task", old, new)
     rec.state = new
     return old
 
 
-def move_alloc(pool: _HasAllocState, new: str) -> str:
-    """Set a pool's allocation state through the ALLOC table; returns the previous one."""
-    old = pool.alloc_state
-    check("alloc", old, new)
-    pool.alloc_state = new
+def move_tvm(rec: _Tvm, new: TvmState) -> TvmState:
+    old = rec.state
+    if old != new and new not in TVM[old]:
+        raise IllegalTransition("tvm", old, new)
+    rec.state = new
+    return old
+
+
+def move_job(rec: _Job, new: JobState) -> JobState:
+    old = rec.state
+    if old != new and new not in JOB[old]:
+        raise IllegalTransition("job", old, new)
+    rec.state = new
+    return old
+
+
+def move_workitem(rec: _Workitem, new: WorkitemState) -> WorkitemState:
+    old = rec.state
+    if old != new and new not in WORKITEM[old]:
+        raise IllegalTransition("workitem", old, new)
+    rec.state = new
+    return old
+
+
+def move_pool(rec: _Pool, new: PoolState) -> PoolState:
+    old = rec.state
+    if old != new and new not in POOL[old]:
+        raise IllegalTransition("pool", old, new)
+    rec.state = new
+    return old
+
+
+def move_alloc(rec: _Alloc, new: AllocState) -> AllocState:
+    old = rec.alloc_state
+    if old != new and new not in ALLOC[old]:
+        raise IllegalTransition("alloc", old, new)
+    rec.alloc_state = new
     return old

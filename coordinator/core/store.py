@@ -29,7 +29,7 @@ from .records import (
     TvmRec,
     WorkitemRec,
 )
-from .states import move
+from .states import move_task
 
 DEFAULT_PORT_RANGE = (1100, 32767, 50)  # below the Linux default ephemeral range 32768-60999
 
@@ -212,7 +212,7 @@ class Store:
             if job is None:
                 continue
             if task.state == RUNNING:
-                move("task", task, ACTIVE)
+                move_task(task, ACTIVE)
             job.tasks[task.name] = task
             if task.state == ACTIVE:
                 job.queue.append(task)

@@ -12,7 +12,7 @@ from .jobs import Jobs
 from .records import ACTIVE, COMPLETED, RUNNING, Job, TaskRec, Tvm
 from .runs import Runs
 from .specs import MAX_COLLECTION, WALL_CLOCK_EXIT_CODE, check_files, task_constraints
-from .states import move
+from .states import move_task
 from .store import Store
 
 
@@ -98,7 +98,7 @@ class Tasks:
             return
         now = self.s.clock()
         self.runs.release(job, task, "terminated")
-        task.prev_state = move("task", task, COMPLETED)
+        task.prev_state = move_task(task, COMPLETED)
         task.state_time = now
         task.end_time = now
         task.failure = ("UserError", "TaskEnded", "The task was terminated by the user")
@@ -154,13 +154,13 @@ class Tasks:
         task.prev_state = task.state
         task.state_time = now
         if retry:
-            move("task", task, ACTIVE)
+            move_task(task, ACTIVE)
             task.retry_count += 1
             task.last_retry = now
             task.tvm = None
             job.queue.appendleft(task)
         else:
-            move("task", task, COMPLETED)
+            move_task(task, COMPLETED)
             task.end_time = msg.end_time
             task.failure = (failure.category, failure.code, failure.message) if failure else None
         self.runs.put_task(job, task)

@@ -4,7 +4,8 @@ IllegalTransition without changing the record."""
 
 from __future__ import annotations
 
-from typing import get_args
+from collections.abc import Callable
+from typing import Any, get_args
 
 import pytest
 
@@ -32,6 +33,10 @@ def _pairs(legal: bool) -> list[tuple[str, str, str]]:
 
 ILLEGAL = _pairs(legal=False)
 LEGAL = _pairs(legal=True)
+MOVERS: dict[str, Callable[[Any, Any], str]] = {
+    "task": st.move_task, "tvm": st.move_tvm, "job": st.move_job, "workitem": st.move_workitem,
+    "pool": st.move_pool,
+}
 
 
 class _Rec:
@@ -67,7 +72,7 @@ def test_illegal_transition_is_refused(entity: str, old: str, new: str):
     else:
         rec = _Rec(old)
         with pytest.raises(IllegalTransition):
-            st.move(entity, rec, new)
+            MOVERS[entity](rec, new)
         assert rec.state == old
 
 
@@ -79,7 +84,7 @@ def test_legal_transition_is_taken(entity: str, old: str, new: str):
         assert rec.alloc_state == new
     else:
         plain = _Rec(old)
-        assert st.move(entity, plain, new) == old
+        assert MOVERS[entity](plain, new) == old
         assert plain.state == new
 
 
