@@ -13,7 +13,7 @@ import msgspec
 
 from protocol import messages as pm
 
-_enc = msgspec.msgpack.Encoder()
+ENCODER = msgspec.msgpack.Encoder()  # records go to the journal as msgpack
 
 
 @dataclass(slots=True)
@@ -69,7 +69,7 @@ class Outbox:
         return fx
 
     def put(self, kind: str, key: str, rec: msgspec.Struct) -> None:
-        self.fx.writes.append(Write(kind, key, _enc.encode(rec)))
+        self.fx.writes.append(Write(kind, key, ENCODER.encode(rec)))
 
     def delete(self, kind: str, key: str, prefix: bool = False) -> None:
         self.fx.writes.append(Write(kind, key, None, prefix))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from protocol import messages as pm
 
-from .instructions import Outbox
+from .instructions import ENCODER, Outbox, Write
 from .records import ACTIVE, COMPLETED, RUNNING, Job, TaskRec, Tvm
 from .specs import DEFAULT_RETENTION_S, WALL_CLOCK_EXIT_CODE, resource_file
 from .states import TvmState, move_task, move_tvm
@@ -20,7 +20,8 @@ class Runs:
         self.out = out
 
     def put_task(self, job: Job, task: TaskRec) -> None:
-        self.out.put("task", f"{job.key}/{task.name}", task)
+        # Once or twice per task: the journal write is built here rather than through Outbox.put.
+        self.out.fx.writes.append(Write("task", f"{job.rec.workitem}/{job.rec.name}/{task.name}", ENCODER.encode(task)))
 
     def set_tvm_state(self, tvm: Tvm, state: TvmState) -> None:
         if tvm.rec.state != state:
