@@ -17,15 +17,11 @@ from ..certificates import (
 )
 from ..errors import ApiError, bad_request, conflict, not_found
 from .instructions import Outbox
-from .membership import ref_thumb
 from .records import CertRec
+from .specs import cert_key, ref_thumb
 from .store import Store
 
 MAX_CERTIFICATES = 1000
-
-
-def cert_key(thumbprint: str) -> str:
-    return f"sha1-{thumbprint}"
 
 
 def _norm_thumb(thumbprint: str, algorithm: str) -> str:

@@ -3,10 +3,16 @@
 Commands (REST) and events (agent messages, the clock tick) come in here; each is handed to the
 area that owns it. Where one event concerns several areas (the tick, an agent message, adding or
 deleting a pool, restoring from the journal), this class calls them in order, explicitly. The
-areas are built bottom-up and each gets only the ones below it:
+areas are built bottom-up and each gets only the ones below it (imports go the same way):
 
-    store, outbox -> runs -> membership -> certs -> pools -> tvm_ops, jobs, autoscale
-    -> tasks -> scheduler, agents
+    store, outbox       records and indexes; instructions for the shell
+    runs                tasks on TVMs (start, stop, requeue, end), TVM state changes
+    membership, certs   agents joining and leaving pools, ports, members; certificates
+    pools               pool commands, auto pools
+    tvm_ops, jobs,      operations on one TVM; workitems, schedules, jobs;
+    autoscale           metric samples, formula runs
+    tasks               task commands and completions
+    scheduler, agents   the placement decision; agent registration and reports
 """
 
 from __future__ import annotations

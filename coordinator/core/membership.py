@@ -24,25 +24,16 @@ import secrets
 from protocol import messages as pm
 from tvmagent.ports import allocate_tvm_range
 
-from .. import models as m
 from .._pool_limits import join_limits
-from ..certificates import CertificateError, normalize_thumbprint
 from .instructions import Outbox
 from .records import COMPLETED, RUNNING, AgentInfo, PoolRec, Tvm, TvmRec
 from .runs import Runs
-from .specs import WALL_CLOCK_EXIT_CODE, resource_file
+from .specs import WALL_CLOCK_EXIT_CODE, cert_key, ref_thumb, resource_file
 from .states import AllocState, move_alloc, move_task
 from .store import Store
 
 # A provisioner request not answered by new agents within this time is asked again.
 PROVISION_PATIENCE_S = 60.0
-
-
-def ref_thumb(ref: m.CertificateReference) -> str:
-    try:
-        return normalize_thumbprint(ref.thumbprint)
-    except CertificateError:
-        return ref.thumbprint
 
 
 class Membership:
@@ -157,7 +148,7 @@ class Membership:
         before the start task and tasks."""
         files = []
         for ref in pool.spec.certificate_references:
-            rec = self.s.certificates.get(f"sha1-{ref_thumb(ref)}")
+            rec = self.s.certificates.get(cert_key(ref_thumb(ref)))
             if rec is not None:
                 files.append(pm.CertFile(thumbprint=rec.thumbprint, thumbprint_algorithm=rec.thumbprint_algorithm,
                                          certificate_format=rec.certificate_format, data=rec.data,

@@ -8,6 +8,7 @@ from protocol import messages as pm
 from protocol.paths import validate_relative_path
 
 from .. import models as m
+from ..certificates import CertificateError, normalize_thumbprint
 from ..errors import bad_request
 from ..timeutil import parse_duration
 from ..validation import check_range
@@ -73,3 +74,16 @@ def check_all_complete(value: str | None, field: str = "onAllTasksComplete") -> 
 def resource_file(r: m.ResourceFile) -> pm.ResourceFile:
     return pm.ResourceFile(url=r.blob_source, file_path=r.file_path, sha256=r.sha256 or "",
                            size=r.file_size if r.file_size is not None else -1)
+
+
+def cert_key(thumbprint: str) -> str:
+    """A certificate's key in the account (and the journal): "sha1-<thumbprint>"."""
+    return f"sha1-{thumbprint}"
+
+
+def ref_thumb(ref: m.CertificateReference) -> str:
+    """The normalised thumbprint a pool's certificate reference names (as given if malformed)."""
+    try:
+        return normalize_thumbprint(ref.thumbprint)
+    except CertificateError:
+        return ref.thumbprint
