@@ -66,7 +66,7 @@ class JobRec(msgspec.Struct, kw_only=True):
     max_wall_s: float | None = None
     max_retries: int = 0
     common_env: dict[str, str] = {}
-    # Issue 6: all-tasks-complete action, job manager, job-scoped credential, disable option.
+    # All-tasks-complete action, job manager, job-scoped credential, disable option.
     on_all_complete: str = "noaction"  # "noaction" | "terminatejob"
     jm_name: str | None = None
     jm_exclusive: bool = False
@@ -83,7 +83,7 @@ class WorkitemRec(msgspec.Struct, kw_only=True):
     state_time: float = 0.0
     job_counter: int = 0
     recent_job: str | None = None
-    next_run: float | None = None  # issue 6: next schedule occurrence not yet used; None = no more
+    next_run: float | None = None  # next schedule occurrence not yet used; None = no more
     end_time: float | None = None
 
 
@@ -98,12 +98,12 @@ class PoolRec(msgspec.Struct, kw_only=True):
     alloc_time: float = 0.0
     resize_started: float | None = None
     resize_error: tuple[str, str] | None = None
-    # Issue 5: auto pools ("workitem" or "workitem/job" that owns it; "" for a user pool).
+    # Auto pools ("workitem" or "workitem/job" that owns it; "" for a user pool).
     auto_owner: str = ""
     auto_lifetime: str = ""  # "job" | "workitem"
     keep_alive: bool = False
     shrink_option: str = "requeue"  # tvmDeallocationOption of the last resize
-    # Issue 7: the last autoscale run (timestamp, results, error code, error message).
+    # The last autoscale run (timestamp, results, error code, error message).
     auto_scale_run: tuple[float, str, str | None, str | None] | None = None
 
 
@@ -143,12 +143,12 @@ class TvmRec(msgspec.Struct, kw_only=True):
     scheduling: str = "enabled"
     total_run: int = 0
     start_task: dict[str, object] | None = None
-    # Issue 8: intra-pool port block, certificate install errors, remote-login users.
+    # Intra-pool port block, certificate install errors, remote-login users.
     port_low: int = 0
     port_high: int = 0
     cert_errors: list[str] = []
     users: list[TvmUserRec] = []
-    # Issue 5: what a TVM waits for before it leaves / reboots / goes offline (taskcompletion),
+    # What a TVM waits for before it leaves / reboots / goes offline (taskcompletion),
     # and how it leaves ("requeue" | "terminate" | "taskcompletion").
     pending_op: str = ""  # "" | "leave" | "reboot" | "reimage" | "offline"
     pending_option: str = ""
