@@ -44,7 +44,8 @@ T = TypeVar("T")
 
 
 class _StoreField(Generic[T]):
-    """A facade attribute that is the store's attribute of the same name (read and write)."""
+    """A facade attribute that is the store's attribute of the same name (read and write): for the
+    settings and counters the shell sets or reads."""
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
@@ -74,12 +75,6 @@ class CoordinatorState:
     clock = _StoreField[Callable[[], float]]()
     heartbeat_timeout = _StoreField[float]()
     max_pool_size = _StoreField[int]()
-    pools = _StoreField[dict[str, PoolRec]]()
-    tvms = _StoreField[dict[str, Tvm]]()
-    agents = _StoreField[dict[str, AgentInfo]]()
-    workitems = _StoreField[dict[str, WorkitemRec]]()
-    jobs = _StoreField[dict[str, Job]]()
-    certificates = _StoreField[dict[str, CertRec]]()
     recovering_until = _StoreField[float | None]()
     placements = _StoreField[int]()
     port_range = _StoreField[PortRangeConfig]()
@@ -100,6 +95,13 @@ class CoordinatorState:
         self.store = store = Store(account, epoch=epoch, clock=clock, heartbeat_timeout=heartbeat_timeout,
                                    max_pool_size=max_pool_size, account_url=account_url)
         self.outbox = out = Outbox()
+        # The store's collections are never replaced, only changed: the facade shares them.
+        self.pools: dict[str, PoolRec] = store.pools
+        self.tvms: dict[str, Tvm] = store.tvms
+        self.agents: dict[str, AgentInfo] = store.agents
+        self.workitems: dict[str, WorkitemRec] = store.workitems
+        self.jobs: dict[str, Job] = store.jobs
+        self.certificates: dict[str, CertRec] = store.certificates
         self.runs = Runs(store, out)
         self.membership = Membership(store, out, self.runs)
         self.certs = Certs(store, out)
