@@ -16,7 +16,11 @@ SUBPROTOCOL = "tvm.v1"
 
 
 class Msg(msgspec.Struct, tag_field="t", omit_defaults=True, frozen=True, kw_only=True):
-    """Base of every protocol message."""
+    """Base of every protocol message.
+
+    Subclasses inherit `frozen` at run time, but type checkers read each class's own keywords
+    (dataclass_transform), so every subclass says `frozen=True` again.
+    """
 
 
 # --------------------------------------------------------------------------- shared value types
@@ -83,7 +87,7 @@ class RunningTask(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True)
 # --------------------------------------------------------------------------- handshake (unsequenced)
 
 
-class Hello(Msg, tag="hello", kw_only=True):
+class Hello(Msg, tag="hello", frozen=True, kw_only=True):
     protocol_version: int = PROTOCOL_VERSION
     protocol_minor: int = PROTOCOL_MINOR
     agent_id: str
@@ -113,7 +117,7 @@ class Hello(Msg, tag="hello", kw_only=True):
     degraded: list[str] = []
 
 
-class Welcome(Msg, tag="welcome", kw_only=True):
+class Welcome(Msg, tag="welcome", frozen=True, kw_only=True):
     protocol_version: int = PROTOCOL_VERSION
     protocol_minor: int = PROTOCOL_MINOR
     session_id: str
@@ -124,7 +128,7 @@ class Welcome(Msg, tag="welcome", kw_only=True):
     credential: str = ""  # issued only to an agent that offered none of its own (an older agent)
 
 
-class Reject(Msg, tag="reject", kw_only=True):
+class Reject(Msg, tag="reject", frozen=True, kw_only=True):
     code: str
     message: str
 
@@ -132,7 +136,7 @@ class Reject(Msg, tag="reject", kw_only=True):
 # --------------------------------------------------------------------------- agent -> coordinator
 
 
-class Heartbeat(Msg, tag="hb", kw_only=True):
+class Heartbeat(Msg, tag="hb", frozen=True, kw_only=True):
     running: int = 0
     cpu_percent: float = 0.0
     memory_used_bytes: int = 0
@@ -141,13 +145,13 @@ class Heartbeat(Msg, tag="hb", kw_only=True):
     net_tx_bytes: int = 0
 
 
-class TaskStarted(Msg, tag="task.started", kw_only=True):
+class TaskStarted(Msg, tag="task.started", frozen=True, kw_only=True):
     key: str
     attempt: int
     start_time: float  # unix seconds
 
 
-class TaskCompleted(Msg, tag="task.completed", kw_only=True):
+class TaskCompleted(Msg, tag="task.completed", frozen=True, kw_only=True):
     key: str
     attempt: int
     exit_code: int
@@ -156,7 +160,7 @@ class TaskCompleted(Msg, tag="task.completed", kw_only=True):
     failure: Failure | None = None
 
 
-class StartTaskCompleted(Msg, tag="starttask.completed", kw_only=True):
+class StartTaskCompleted(Msg, tag="starttask.completed", frozen=True, kw_only=True):
     exit_code: int
     start_time: float
     end_time: float
@@ -164,14 +168,14 @@ class StartTaskCompleted(Msg, tag="starttask.completed", kw_only=True):
     failure: Failure | None = None
 
 
-class TvmReady(Msg, tag="tvm.ready", kw_only=True):
+class TvmReady(Msg, tag="tvm.ready", frozen=True, kw_only=True):
     """The agent finished setting up a TVM (directories, certificates, start task if waited for)."""
 
     tvm_name: str
     cert_errors: list[str] = []
 
 
-class StartTaskStarted(Msg, tag="starttask.started", kw_only=True):
+class StartTaskStarted(Msg, tag="starttask.started", frozen=True, kw_only=True):
     """The agent began (or retried) the pool's start task on this TVM."""
 
     tvm_name: str
@@ -179,13 +183,13 @@ class StartTaskStarted(Msg, tag="starttask.started", kw_only=True):
     retry_count: int = 0
 
 
-class TvmLeft(Msg, tag="tvm.left", kw_only=True):
+class TvmLeft(Msg, tag="tvm.left", frozen=True, kw_only=True):
     """The agent finished leaving a TVM (tasks killed, directories wiped): it is free and clean."""
 
     tvm_name: str
 
 
-class Draining(Msg, tag="draining", kw_only=True):
+class Draining(Msg, tag="draining", frozen=True, kw_only=True):
     reason: str = ""
 
 
@@ -194,7 +198,7 @@ class Draining(Msg, tag="draining", kw_only=True):
 AGENT_STOPPING = "AgentStopping"
 
 
-class Unsupported(Msg, tag="unsupported", kw_only=True):
+class Unsupported(Msg, tag="unsupported", frozen=True, kw_only=True):
     """Answer to a message type the receiver does not know (an older peer)."""
 
     type: str
@@ -203,7 +207,7 @@ class Unsupported(Msg, tag="unsupported", kw_only=True):
 # --------------------------------------------------------------------------- coordinator -> agent
 
 
-class JoinPool(Msg, tag="tvm.join", kw_only=True):
+class JoinPool(Msg, tag="tvm.join", frozen=True, kw_only=True):
     pool: str
     tvm_name: str
     account: str
@@ -220,14 +224,14 @@ class JoinPool(Msg, tag="tvm.join", kw_only=True):
     disk_limit_bytes: int = 0  # bytes the TVM's running tasks may hold on disk (0: no limit)
 
 
-class LeavePool(Msg, tag="tvm.leave", kw_only=True):
+class LeavePool(Msg, tag="tvm.leave", frozen=True, kw_only=True):
     """Give the TVM back: kill what runs, wipe the TVM's directories, return to the free inventory."""
 
     tvm_name: str
     reason: str = ""
 
 
-class RebootTvm(Msg, tag="tvm.reboot", kw_only=True):
+class RebootTvm(Msg, tag="tvm.reboot", frozen=True, kw_only=True):
     """Restart the TVM's sandbox: kill every task process; `reimage` also wipes its directories.
     The coordinator follows with a JoinPool for the same TVM, which re-runs the start task."""
 
@@ -235,32 +239,32 @@ class RebootTvm(Msg, tag="tvm.reboot", kw_only=True):
     reimage: bool = False
 
 
-class RunTask(Msg, tag="task.run", kw_only=True):
+class RunTask(Msg, tag="task.run", frozen=True, kw_only=True):
     spec: TaskSpec
 
 
-class CancelTask(Msg, tag="task.cancel", kw_only=True):
+class CancelTask(Msg, tag="task.cancel", frozen=True, kw_only=True):
     key: str
     attempt: int
     reason: str = "terminated"
 
 
-class DeleteTaskFiles(Msg, tag="task.delete_files", kw_only=True):
+class DeleteTaskFiles(Msg, tag="task.delete_files", frozen=True, kw_only=True):
     key: str
 
 
-class PoolMembers(Msg, tag="pool.members", kw_only=True):
+class PoolMembers(Msg, tag="pool.members", frozen=True, kw_only=True):
     addresses: list[str]
     # The pool the list is for: one that arrives while the agent still leaves its old pool must not
     # be dropped by that teardown, nor an old pool's list be applied to the new one ("": any).
     pool: str = ""
 
 
-class Ping(Msg, tag="ping", kw_only=True):
+class Ping(Msg, tag="ping", frozen=True, kw_only=True):
     pass
 
 
-class FileRequest(Msg, tag="file.request", kw_only=True):
+class FileRequest(Msg, tag="file.request", frozen=True, kw_only=True):
     """Ask the agent about files under its TVM root (task and TVM file APIs)."""
 
     req_id: int
@@ -271,7 +275,7 @@ class FileRequest(Msg, tag="file.request", kw_only=True):
     length: int = -1
 
 
-class AddUser(Msg, tag="user.add", kw_only=True):
+class AddUser(Msg, tag="user.add", frozen=True, kw_only=True):
     """Create a remote-login user on the TVM (Linux user + authorized_keys) until `expiry` (unix s)."""
 
     name: str
@@ -280,7 +284,7 @@ class AddUser(Msg, tag="user.add", kw_only=True):
     is_admin: bool = False
 
 
-class RemoveUser(Msg, tag="user.remove", kw_only=True):
+class RemoveUser(Msg, tag="user.remove", frozen=True, kw_only=True):
     name: str
 
 
@@ -291,7 +295,7 @@ class FileEntry(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
     mtime: float = 0.0
 
 
-class FileResponse(Msg, tag="file.response", kw_only=True):
+class FileResponse(Msg, tag="file.response", frozen=True, kw_only=True):
     req_id: int
     error_code: str = ""
     message: str = ""
