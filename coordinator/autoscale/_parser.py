@@ -41,7 +41,7 @@ class Program:
     rw_spellings: tuple[tuple[tuple[str, bool], str], ...]
 
 
-def _fail(tok: Token | Name | Expr, text: str) -> FormulaError:
+def _fail(tok: Token | Expr | Statement, text: str) -> FormulaError:
     return FormulaError(SYNTAX_ERROR, text, tok.line, tok.column)
 
 

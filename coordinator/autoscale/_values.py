@@ -8,6 +8,7 @@ import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from ._names import TICKS_PER_SECOND
 
@@ -112,7 +113,8 @@ _ARITH: dict[str, Callable[[float, float], float]] = {
     "*": operator.mul,
     "/": _div,
 }
-_COMPARE: dict[str, Callable[[object, object], bool]] = {
+# Operands are two doubles, two strings or two tick counts: the table below only pairs like with like.
+_COMPARE: dict[str, Callable[[Any, Any], bool]] = {
     "<": operator.lt,
     "<=": operator.le,
     "==": operator.eq,
@@ -127,54 +129,112 @@ BinFn = Callable[[Value, Value], Value]
 BINARY: dict[tuple[str, T, T], tuple[T, BinFn]] = {}
 
 
+# The evaluator picks an implementation by the operands' types (`type_of`), so these only narrow
+# what the table's key already guarantees.
+def _dbl(v: Value) -> float:
+    assert isinstance(v, float | int)
+    return v
+
+
+def _vec(v: Value) -> Vec:
+    assert isinstance(v, Vec)
+    return v
+
+
+def _str(v: Value) -> str:
+    assert isinstance(v, str)
+    return v
+
+
+def _ticks(v: Value) -> int:
+    assert isinstance(v, Interval | Timestamp)
+    return v.ticks
+
+
 def _vec_vec(f: Callable[[float, float], float]) -> BinFn:
     def run(a: Value, b: Value) -> Value:
-        assert isinstance(a, Vec)
-        assert isinstance(b, Vec)
-        if len(a.items) != len(b.items):
-            raise OpError(f"vectors of different lengths ({len(a.items)} and {len(b.items)})")
-        return Vec(tuple(number(f(x, y)) for x, y in zip(a.items, b.items, strict=True)))
+        av, bv = _vec(a), _vec(b)
+        if len(av.items) != len(bv.items):
+            raise OpError(f"vectors of different lengths ({len(av.items)} and {len(bv.items)})")
+        return Vec(tuple(number(f(x, y)) for x, y in zip(av.items, bv.items, strict=True)))
 
     return run
 
 
+def _dbl_dbl(f: Callable[[float, float], float]) -> BinFn:
+    return lambda a, b: number(f(_dbl(a), _dbl(b)))
+
+
+def _vec_dbl(f: Callable[[float, float], float]) -> BinFn:
+    return lambda a, b: Vec(tuple(number(f(x, _dbl(b))) for x in _vec(a).items))
+
+
+def _dbl_vec(f: Callable[[float, float], float]) -> BinFn:
+    return lambda a, b: Vec(tuple(number(f(_dbl(a), y)) for y in _vec(b).items))
+
+
+def _compare(f: Callable[[Any, Any], bool], operand: Callable[[Value], object]) -> BinFn:
+    return lambda a, b: float(f(operand(a), operand(b)))
+
+
 def _register() -> None:
     for op, f in _ARITH.items():
-        BINARY[op, T.DOUBLE, T.DOUBLE] = (T.DOUBLE, lambda a, b, f=f: number(f(a, b)))
-        BINARY[op, T.VEC, T.DOUBLE] = (
-            T.VEC,
-            lambda a, b, f=f: Vec(tuple(number(f(x, b)) for x in a.items)),
-        )
-        BINARY[op, T.DOUBLE, T.VEC] = (
-            T.VEC,
-            lambda a, b, f=f: Vec(tuple(number(f(a, y)) for y in b.items)),
-        )
+        BINARY[op, T.DOUBLE, T.DOUBLE] = (T.DOUBLE, _dbl_dbl(f))
+        BINARY[op, T.VEC, T.DOUBLE] = (T.VEC, _vec_dbl(f))
+        BINARY[op, T.DOUBLE, T.VEC] = (T.VEC, _dbl_vec(f))
         BINARY[op, T.VEC, T.VEC] = (T.VEC, _vec_vec(f))
-    BINARY["*", T.DOUBLE, T.INTERVAL] = (T.INTERVAL, lambda a, b: interval(a * b.ticks))
-    BINARY["*", T.INTERVAL, T.DOUBLE] = (T.INTERVAL, lambda a, b: interval(a.ticks * b))
-    BINARY["/", T.INTERVAL, T.DOUBLE] = (T.INTERVAL, lambda a, b: interval(_div(a.ticks, b)))
-    BINARY["+", T.INTERVAL, T.INTERVAL] = (T.INTERVAL, lambda a, b: interval(a.ticks + b.ticks))
-    BINARY["-", T.INTERVAL, T.INTERVAL] = (T.INTERVAL, lambda a, b: interval(a.ticks - b.ticks))
-    BINARY["+", T.INTERVAL, T.TIMESTAMP] = (T.TIMESTAMP, lambda a, b: timestamp(a.ticks + b.ticks))
-    BINARY["+", T.TIMESTAMP, T.INTERVAL] = (T.TIMESTAMP, lambda a, b: timestamp(a.ticks + b.ticks))
-    BINARY["-", T.TIMESTAMP, T.INTERVAL] = (T.TIMESTAMP, lambda a, b: timestamp(a.ticks - b.ticks))
-    BINARY["-", T.TIMESTAMP, T.TIMESTAMP] = (T.INTERVAL, lambda a, b: interval(a.ticks - b.ticks))
-    for op, f in _COMPARE.items():
-        BINARY[op, T.DOUBLE, T.DOUBLE] = (T.DOUBLE, lambda a, b, f=f: float(f(a, b)))
-        BINARY[op, T.STRING, T.STRING] = (T.DOUBLE, lambda a, b, f=f: float(f(a, b)))
+    BINARY["*", T.DOUBLE, T.INTERVAL] = (T.INTERVAL, lambda a, b: interval(_dbl(a) * _ticks(b)))
+    BINARY["*", T.INTERVAL, T.DOUBLE] = (T.INTERVAL, lambda a, b: interval(_ticks(a) * _dbl(b)))
+    BINARY["/", T.INTERVAL, T.DOUBLE] = (
+        T.INTERVAL,
+        lambda a, b: interval(_div(_ticks(a), _dbl(b))),
+    )
+    BINARY["+", T.INTERVAL, T.INTERVAL] = (
+        T.INTERVAL,
+        lambda a, b: interval(_ticks(a) + _ticks(b)),
+    )
+    BINARY["-", T.INTERVAL, T.INTERVAL] = (
+        T.INTERVAL,
+        lambda a, b: interval(_ticks(a) - _ticks(b)),
+    )
+    BINARY["+", T.INTERVAL, T.TIMESTAMP] = (
+        T.TIMESTAMP,
+        lambda a, b: timestamp(_ticks(a) + _ticks(b)),
+    )
+    BINARY["+", T.TIMESTAMP, T.INTERVAL] = (
+        T.TIMESTAMP,
+        lambda a, b: timestamp(_ticks(a) + _ticks(b)),
+    )
+    BINARY["-", T.TIMESTAMP, T.INTERVAL] = (
+        T.TIMESTAMP,
+        lambda a, b: timestamp(_ticks(a) - _ticks(b)),
+    )
+    BINARY["-", T.TIMESTAMP, T.TIMESTAMP] = (
+        T.INTERVAL,
+        lambda a, b: interval(_ticks(a) - _ticks(b)),
+    )
+    for op, g in _COMPARE.items():
+        BINARY[op, T.DOUBLE, T.DOUBLE] = (T.DOUBLE, _compare(g, _dbl))
+        BINARY[op, T.STRING, T.STRING] = (T.DOUBLE, _compare(g, _str))
         for t in (T.TIMESTAMP, T.INTERVAL):
-            BINARY[op, t, t] = (T.DOUBLE, lambda a, b, f=f: float(f(a.ticks, b.ticks)))
+            BINARY[op, t, t] = (T.DOUBLE, _compare(g, _ticks))
     # the evaluator short-circuits these; the entries give their types
-    BINARY["&&", T.DOUBLE, T.DOUBLE] = (T.DOUBLE, lambda a, b: float(a != 0 and b != 0))
-    BINARY["||", T.DOUBLE, T.DOUBLE] = (T.DOUBLE, lambda a, b: float(a != 0 or b != 0))
+    BINARY["&&", T.DOUBLE, T.DOUBLE] = (
+        T.DOUBLE,
+        lambda a, b: float(_dbl(a) != 0 and _dbl(b) != 0),
+    )
+    BINARY["||", T.DOUBLE, T.DOUBLE] = (
+        T.DOUBLE,
+        lambda a, b: float(_dbl(a) != 0 or _dbl(b) != 0),
+    )
 
 
 _register()
 
 UNARY: dict[tuple[str, T], tuple[T, Callable[[Value], Value]]] = {
-    ("-", T.DOUBLE): (T.DOUBLE, lambda a: -a),
-    ("!", T.DOUBLE): (T.DOUBLE, lambda a: float(a == 0)),
-    ("-", T.INTERVAL): (T.INTERVAL, lambda a: interval(-a.ticks)),
+    ("-", T.DOUBLE): (T.DOUBLE, lambda a: -_dbl(a)),
+    ("!", T.DOUBLE): (T.DOUBLE, lambda a: float(_dbl(a) == 0)),
+    ("-", T.INTERVAL): (T.INTERVAL, lambda a: interval(-_ticks(a))),
 }
 
 
