@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs
 
 import msgspec
@@ -65,7 +65,10 @@ def _error_field(text: str) -> str:
     return path
 
 
-def _decode(body: bytes, typ: type, *, check: bool = True) -> Any:
+_S = TypeVar("_S", bound=msgspec.Struct)
+
+
+def _decode(body: bytes, typ: type[_S], *, check: bool = True) -> _S:
     if not body:
         raise bad_request("MissingRequestBody", "the request needs a JSON body")
     try:
@@ -177,7 +180,9 @@ class ApiBase:
                 return False
             return self.svc.auth.check_http_proof(agent_id, headers.get("x-tvm-agent-proof", ""), t, time.time())
         token = headers.get("x-tvm-agent-token")
-        return bool(token) and self.svc.check_token(token)
+        if not token:
+            return False
+        return self.svc.check_token(token)
 
     def _job_token_authorized(self, headers: dict[str, str], path: str) -> bool:
         """A job manager's credential (`Authorization: TVMJobToken <token>`, issue 6): valid for its

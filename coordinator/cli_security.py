@@ -34,14 +34,15 @@ def _thumbprint_of(raw: bytes, fmt: str, password: str | None) -> str:
     from cryptography.hazmat.primitives.serialization import pkcs12
 
     try:
+        cert: x509.Certificate | None
         if fmt == "cer":
             cert = (x509.load_pem_x509_certificate(raw) if raw.lstrip().startswith(b"-----BEGIN")
                     else x509.load_der_x509_certificate(raw))
         else:
             _, cert, extra = pkcs12.load_key_and_certificates(raw, (password or "").encode())
             cert = cert or (extra[0] if extra else None)
-            if cert is None:
-                raise ValueError("no certificate in the pfx")
+        if cert is None:
+            raise ValueError("no certificate in the pfx")
     except ValueError:
         raise click.ClickException(f"cannot read the {fmt} file (wrong password or not a {fmt} file); "
                                    "pass --thumbprint to let the service check it") from None

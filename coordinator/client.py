@@ -8,11 +8,12 @@ transport either performs it (sync) or returns an awaitable (async). Every servi
 
 from __future__ import annotations
 
+import builtins
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import httpx2
@@ -71,7 +72,10 @@ def _next_call(call: _Call, link: str) -> _Call:
     return replace(call, params=params)
 
 
-def _one(typ: type) -> Callable[[httpx2.Response], Any]:
+_T = TypeVar("_T")
+
+
+def _one(typ: type[_T]) -> Callable[[httpx2.Response], _T]:
     dec = msgspec.json.Decoder(typ)
     return lambda r: dec.decode(r.content)
 
@@ -209,7 +213,7 @@ class AsyncClient(_Base):
         super().__init__(endpoint, account, key, token)
         self._http = httpx2.AsyncClient(timeout=timeout, verify=verify)  # verify: a CA file or SSLContext
 
-    async def _call(self, call: _Call) -> Any:  # type: ignore[override]
+    async def _call(self, call: _Call) -> Any:
         result = await self._send(call)
         if not isinstance(result, _Page):
             return result
@@ -220,7 +224,7 @@ class AsyncClient(_Base):
             items.extend(result.items)
         return items
 
-    async def _send(self, call: _Call) -> Any:  # type: ignore[override]
+    async def _send(self, call: _Call) -> Any:
         method, url, headers, content = self._prepare(call)
         try:
             resp = await self._http.request(method, url, headers=headers, content=content)
@@ -268,7 +272,8 @@ class Pools(_Group):
     def stop_resize(self, name: str) -> Any:
         return self._c._call(_Call("POST", f"/pools/{_seg(name)}/stopresize"))
 
-    def remove_tvms(self, name: str, tvm_names: list[str], *, tvm_deallocation_option: str = "requeue",
+    # builtins.list: in this class's body a bare `list` is the method `list` above.
+    def remove_tvms(self, name: str, tvm_names: builtins.list[str], *, tvm_deallocation_option: str = "requeue",
                     resize_timeout: str | None = None) -> Any:
         body = m.TvmRemove(tvm_names=list(tvm_names), tvm_deallocation_option=tvm_deallocation_option,
                            resize_timeout=resize_timeout)

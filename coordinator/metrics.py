@@ -274,7 +274,7 @@ def render_prometheus(core: CoordinatorState, latency: LinkLatency, rate: RateWi
                "Oldest last-heartbeat age among TVMs with a connected agent.",
                [({}, round(max(heartbeat_ages, default=0.0), 3))])
     cumulative = 0
-    buckets = []
+    buckets: list[tuple[str, dict[str, str], float]] = []
     for bound, n in zip(latency.buckets, latency.counts, strict=False):
         cumulative += n
         buckets.append(("_bucket", {"le": _fmt(bound)}, cumulative))

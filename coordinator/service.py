@@ -237,7 +237,7 @@ class CoordinatorService:
         before = set(tvm.running) if tvm is not None else set()
         self.core.agent_hello(hello, in_flight or set())
         lost = sorted(before - set(tvm.running)) if tvm is not None else []
-        if lost:  # the operator should see why tasks run again
+        if tvm is not None and lost:  # the operator should see why tasks run again
             log.warning("agent %s came back without %d task(s) placed on %s (restarted, or not the agent"
                         " they were given to?): requeued",
                         hello.agent_id, len(lost), tvm.rec.name, extra={"tvm": tvm.rec.name, "tasks": lost[:20]})
