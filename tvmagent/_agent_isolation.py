@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from protocol import messages as pm
+from protocol.hostio import primary_ip
 
 from . import isolation
 from .ports import NftError, PortGate, apply_nft, nft_available, remove_nft, render_nft_ruleset
@@ -403,9 +404,7 @@ class IsolationMixin:
 
 def _gate_address() -> str:
     """The address the coordinator publishes for this agent (see metrics.host_facts)."""
-    from .metrics import _primary_ip
-
-    return os.environ.get("TVM_AGENT_IP") or _primary_ip()
+    return os.environ.get("TVM_AGENT_IP") or primary_ip()
 
 
 def _hand_back(directory: str) -> None:
