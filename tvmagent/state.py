@@ -110,7 +110,12 @@ class TvmWiped:
 
 @dataclass(frozen=True, slots=True)
 class RebootStarted:
-    reimage: bool
+    """A reboot or reimage: every run is killed (the coordinator requeues them)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reimaged:
+    """The runs are gone and so are the task directories: no retention deadlines."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +164,7 @@ class DiskMeasured:
 
 
 Event = (RunTaskReceived | CancelReceived | RunFinished | CompletionQueued | SessionRestarted | TvmOpReceived
-         | TvmSetUp | WipeStarted | TvmWiped | RebootStarted | StartTaskBegan | StartTaskEnded | DrainStarted
+         | TvmSetUp | WipeStarted | TvmWiped | RebootStarted | Reimaged | StartTaskBegan | StartTaskEnded | DrainStarted
          | DrainGraceOver | RetentionLoaded | RetentionSweep | DeleteFilesReceived | DiskMeasured)
 
 
@@ -371,10 +376,11 @@ class AgentState:
         return []
 
     def _reboot(self, ev: RebootStarted) -> list[Instruction]:
-        out = self._kill_all("TVM rebooting")
-        if ev.reimage:
-            self.retention.clear()
-        return out
+        return self._kill_all("TVM rebooting")
+
+    def _reimaged(self, ev: Reimaged) -> list[Instruction]:
+        self.retention.clear()
+        return []
 
     def _start_began(self, ev: StartTaskBegan) -> list[Instruction]:
         self.start_run = ev.run
@@ -446,6 +452,7 @@ _HANDLERS = {
     WipeStarted: AgentState._wipe_started,
     TvmWiped: AgentState._wiped,
     RebootStarted: AgentState._reboot,
+    Reimaged: AgentState._reimaged,
     StartTaskBegan: AgentState._start_began,
     StartTaskEnded: AgentState._start_ended,
     DrainStarted: AgentState._drain_started,
