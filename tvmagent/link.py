@@ -19,7 +19,7 @@ from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 from protocol import SUBPROTOCOL, LinkSession, ProtocolError, agent_codec
 from protocol import messages as pm
 
-from .identity import FATAL_REJECTS
+from .state import rejected_for_good
 
 log = logging.getLogger("tvm.agent")
 
@@ -126,7 +126,7 @@ class Link:
                 reply = codec.decode_handshake(await ws.get_message())
             if isinstance(reply, pm.Reject):
                 log.error("coordinator refused this agent: %s: %s", reply.code, reply.message)
-                if reply.code in FATAL_REJECTS:
+                if rejected_for_good(reply.code):
                     raise AgentRejected(f"{reply.code}: {reply.message}")
                 raise ProtocolError(reply.message)
             if not isinstance(reply, pm.Welcome):

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from protocol import messages as pm
 from protocol.exitcodes import NO_EXIT_CODE, WALL_CLOCK_EXIT_CODE
 
+from .identity import FATAL_REJECTS
+
 DISK_LIMIT_CODE = "DiskLimitExceeded"
 
 
@@ -232,6 +234,14 @@ def _handed_back(key: str, attempt: int, now: float, code: str, message: str) ->
     return SendCompletion(pm.TaskCompleted(key=key, attempt=attempt, exit_code=NO_EXIT_CODE, start_time=now,
                                            end_time=now, failure=pm.Failure(category="ServerError", code=code,
                                                                             message=message)))
+
+
+def rejected_for_good(code: str) -> bool:
+    """A Reject the agent gives up on (bad credentials, revoked, wrong version), against one it retries
+    with backoff: AgentAlreadyConnected (the coordinator still hears this agent's previous link: a
+    restart faster than the coordinator noticed, or someone else holding the credential) clears once
+    that link is closed or presumed dead."""
+    return code in FATAL_REJECTS
 
 
 def run_verdict(run: Run, exit_code: int, reason: str, message: str, timed_out: bool) -> tuple[int, pm.Failure | None]:

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
+import tvmagent.state
 from protocol import messages as pm
 from protocol.exitcodes import WALL_CLOCK_EXIT_CODE
 from tvmagent.state import (
@@ -38,6 +44,7 @@ from tvmagent.state import (
     TvmWiped,
     Warn,
     WipeStarted,
+    rejected_for_good,
     run_verdict,
 )
 
@@ -317,3 +324,20 @@ def test_run_verdict(reason: str, timed_out: bool, code: int, failure_code: str 
 def test_unknown_run_finishing_is_ignored() -> None:
     s = joined()
     assert finish(s, "wi/job/ghost") == []
+
+
+@pytest.mark.parametrize(("code", "fatal"), [("AgentAlreadyConnected", False), ("InvalidAgentCredential", True),
+                                             ("AgentRevoked", True), ("InvalidJoinToken", True),
+                                             ("SomethingNew", False)])
+def test_second_connection_refusal_is_retried_bad_credentials_are_not(code: str, fatal: bool) -> None:
+    assert rejected_for_good(code) is fatal
+
+
+def test_the_state_machine_imports_no_io_library() -> None:
+    # Its own imports (ast) and what importing it loads (trio must not come along).
+    tree = ast.parse(Path(tvmagent.state.__file__).read_text())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level}
+    assert not names & {"trio", "anyio", "os", "subprocess", "socket", "trio_websocket", "shutil", "threading"}
+    code = "import sys, tvmagent.state; raise SystemExit(1 if {'trio', 'trio_websocket'} & set(sys.modules) else 0)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
