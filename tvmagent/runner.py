@@ -21,7 +21,8 @@ from . import cmdline, isolation
 from .downloads import DownloadCache, DownloadError
 from .limits import TaskLimits
 from .pool_isolation import PoolIsolation
-from .sandbox import LaunchError, ProcessOutcome, ProcessSpec, RunningProcess, Sandbox
+from .procspec import LaunchError, ProcessOutcome, ProcessSpec
+from .sandbox import RunningProcess, Sandbox
 from .state import AgentState, Run, run_verdict
 from .taskdirs import prepare_task_dir
 from .taskenv import TvmIdentity, task_dir, task_env
