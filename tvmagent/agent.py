@@ -121,8 +121,7 @@ class Agent:
                            and not opts.task_user else None)
         self.degraded = detect_degraded(self.caps, self.root, isolation_mode=mode, task_user=opts.task_user,
                                         per_task_users=self.slot_users is not None)
-        self.cache = DownloadCache(os.path.join(self.root, "cache"),
-                                   **({"verify": self.ssl_context} if self.ssl_context else {}))
+        self.cache = DownloadCache(os.path.join(self.root, "cache"), verify=self.ssl_context or True)
         self.sampler = HostSampler(self.root)
         self._nursery: trio.Nursery | None = None
         self.link = Link(opts.coordinator, self.agent_id, self.ssl_context, opts.reconnect_max_backoff,

@@ -123,7 +123,8 @@ class Link:
                                       ssl_context=self.ssl_context) as ws:
             await ws.send_message(codec.encode(self._hello()))
             with trio.fail_after(15):
-                reply = codec.decode_handshake(await ws.get_message())
+                first = await ws.get_message()
+                reply = codec.decode_handshake(first.encode() if isinstance(first, str) else first)
             if isinstance(reply, pm.Reject):
                 log.error("coordinator refused this agent: %s: %s", reply.code, reply.message)
                 if rejected_for_good(reply.code):
