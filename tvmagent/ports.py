@@ -1,10 +1,7 @@
-"""Intra-pool port ranges: allocation, the nftables "pool members only" fence, and a
-user-space gate for nodes where nftables cannot be used.
+"""Intra-pool port fences: the nftables "pool members only" fence, and a user-space gate for
+nodes where nftables cannot be used. (The blocks themselves, ``PortRangeConfig`` and
+``allocate_tvm_range``, are protocol/ports.py: the coordinator allocates what the agent fences.)
 
-* A communicating pool has one configured range (``PortRangeConfig``), cut into blocks of
-  ``per_tvm`` ports; TVM number ``index`` gets block ``index`` (``allocate_tvm_range``). The
-  range must stay outside the kernel's ephemeral range so outgoing connections never take
-  a task's port.
 * As root, the agent keeps its own nftables table (``inet <table>``) that resets TCP and
   drops UDP to the TVM's block from any source that is not a pool member. Loopback traffic
   is allowed: the fence is against the network, local isolation is the sandbox's job.
@@ -12,7 +9,7 @@ user-space gate for nodes where nftables cannot be used.
 * Without nftables, ``PortGate`` does the same in user space (see its docstring for the
   exact scheme). It costs a proxy hop; it is a fallback.
 
-``render_nft_ruleset``, ``allocate_tvm_range`` and the config checks are pure. The nft
+``render_nft_ruleset`` and ``parse_members`` are pure. The nft
 functions block (subprocess); call them from ``trio.to_thread.run_sync``.
 """
 
