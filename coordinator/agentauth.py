@@ -30,16 +30,13 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from protocol.agentproof import agent_proof as agent_proof
+
 MAX_PROOF_SKEW_S = 300.0
 AGENT_TOKEN_PREFIX = "tvmjt."
 # What an agent's own credential must look like (it makes it up: 32 random bytes, url-safe base64).
 MIN_CREDENTIAL_CHARS = 32
 MAX_CREDENTIAL_CHARS = 256
-
-
-def agent_proof(credential: str, agent_id: str, t_ms: int, purpose: str = "") -> str:
-    text = f"{agent_id}\n{t_ms}" + (f"\n{purpose}" if purpose else "")
-    return hmac.new(credential.encode(), text.encode(), hashlib.sha256).hexdigest()
 
 
 def token_hash(token: str) -> str:

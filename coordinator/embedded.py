@@ -101,7 +101,7 @@ def coordinator_status(rc: RunningCoordinator) -> str:
 
 
 async def _report_status(rc: RunningCoordinator, interval: float = 2.0) -> None:
-    from tvmagent.sdnotify import notify
+    from protocol.sdnotify import notify
 
     last = ""
     while True:
@@ -114,7 +114,7 @@ async def _report_status(rc: RunningCoordinator, interval: float = 2.0) -> None:
 
 async def run_coordinator_main(cfg: Any) -> int:
     from protocol.config import parse_port_range
-    from tvmagent.sdnotify import WatchdogPolicy, notify, watchdog_loop
+    from protocol.sdnotify import WatchdogPolicy, notify, watchdog_loop
 
     try:
         watchdog = WatchdogPolicy.from_env()

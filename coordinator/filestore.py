@@ -19,6 +19,8 @@ from typing import BinaryIO
 
 import trio
 
+from protocol.hostio import fsync_dir
+
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _RANGE = re.compile(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", re.IGNORECASE)
 _TMP = ".tmp"
@@ -163,7 +165,7 @@ class FileStore:
         os.makedirs(os.path.dirname(final), exist_ok=True)
         os.chmod(part, 0o444)
         os.replace(part, final)
-        _fsync_dir(os.path.dirname(final))
+        fsync_dir(os.path.dirname(final))
 
     def stat(self, sha256: str) -> StoredFile:
         path = self.path_for(sha256)
@@ -240,10 +242,3 @@ def _check_open_range(start: int, end: int | None, size: int) -> None:
         raise FileStoreError("InvalidRange", f"range {shown} is outside the {size}-byte file")
 
 
-def _fsync_dir(path: str) -> None:
-    # Makes the rename durable; without it a power loss can forget the new name.
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

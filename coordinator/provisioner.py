@@ -26,7 +26,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _primary_ip() -> str:
-    from tvmagent.metrics import _primary_ip as primary
+    from protocol.hostio import primary_ip as primary
 
     return primary()
 

@@ -87,7 +87,7 @@ async def run_coordinator(
     endpoint = f"{'https' if tls_cert else 'http'}://{shown}:{bound}"
     service.endpoint = endpoint
     if port_range is not None:  # (low, high, per TVM) for communicating pools (issue 8)
-        from tvmagent.ports import PortRangeConfig
+        from protocol.ports import PortRangeConfig
 
         service.core.port_range = PortRangeConfig(*port_range)
     service.core.account_url = endpoint

@@ -1,7 +1,5 @@
 """`python -m tvmagent ...` is `tvm agent ...` (used to start local agents)."""
 
-import sys
+from .cli import main
 
-from coordinator.cli import main
-
-main(["agent", *sys.argv[1:]])
+main()

@@ -29,6 +29,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
+from protocol.hostio import fsync_dir
+
 _HEX = re.compile(r"[0-9a-fA-F]{1,40}")
 
 
@@ -73,7 +75,7 @@ def install_certificates(
     if ids is not None:
         os.chown(certs_dir, *ids)
     results = [_install_one(certs_dir, spec, ids) for spec in certs]
-    _fsync_dir(certs_dir)
+    fsync_dir(certs_dir)
     return results
 
 
@@ -194,9 +196,3 @@ def _owner_ids(owner: str | None) -> tuple[int, int] | None:
     return entry.pw_uid, entry.pw_gid
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import trio
 
+from protocol.hostio import fsync_dir
 from protocol.paths import validate_relative_path
 
 NOT_FOUND = "ResourceFileNotFound"
@@ -138,14 +139,6 @@ def _describe(exc: BaseException, url: str, shown: str) -> str:
 
 def _within(path: str, root: str) -> bool:
     return path != root and os.path.commonpath([path, root]) == root
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _EntryVanished(Exception):
@@ -414,7 +407,7 @@ class DownloadCache:
             f.flush()
             os.fsync(f.fileno())
         os.replace(meta_tmp, path + ".json")
-        _fsync_dir(os.path.dirname(path))
+        fsync_dir(os.path.dirname(path))
 
     async def _stream(
         self, url: str, shown: str, part: str, size: int | None, headers: dict[str, str]

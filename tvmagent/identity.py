@@ -13,7 +13,7 @@ import secrets
 import time
 from collections.abc import Callable
 
-from coordinator.agentauth import agent_proof
+from protocol.agentproof import agent_proof
 
 CREDENTIAL_FILE = "agent-credential"
 

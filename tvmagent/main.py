@@ -13,8 +13,9 @@ import signal
 
 import trio
 
+from protocol.sdnotify import WatchdogPolicy, notify, watchdog_loop
+
 from .agent import Agent, AgentOptions, AgentRejected
-from .sdnotify import WatchdogPolicy, notify, watchdog_loop
 
 log = logging.getLogger("tvm.agent")
 

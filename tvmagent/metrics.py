@@ -7,15 +7,7 @@ import shutil
 import socket
 from dataclasses import dataclass
 
-
-def _primary_ip() -> str:
-    """The address peers would use to reach this host (no packet is sent by a UDP connect)."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("10.255.255.255", 1))
-            return s.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
+from protocol.hostio import primary_ip
 
 
 def _mem_total() -> int:
@@ -32,7 +24,7 @@ def _mem_total() -> int:
 def host_facts(root: str) -> dict[str, object]:
     return {
         "hostname": socket.gethostname(),
-        "ip_address": os.environ.get("TVM_AGENT_IP") or _primary_ip(),
+        "ip_address": os.environ.get("TVM_AGENT_IP") or primary_ip(),
         "cores": os.cpu_count() or 1,
         "memory_bytes": _mem_total(),
         "disk_bytes": shutil.disk_usage(root).total,

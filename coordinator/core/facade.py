@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar, overload
 
 from protocol import messages as pm
-from tvmagent.ports import PortRangeConfig
+from protocol.ports import PortRangeConfig
 
 from .. import models as m
 from ..metrics_history import MetricsHistory

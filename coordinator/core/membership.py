@@ -22,7 +22,7 @@ from __future__ import annotations
 import secrets
 
 from protocol import messages as pm
-from tvmagent.ports import allocate_tvm_range
+from protocol.ports import allocate_tvm_range
 
 from .._pool_limits import join_limits
 from .instructions import Outbox

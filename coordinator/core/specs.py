@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from protocol import messages as pm
+from protocol.exitcodes import WALL_CLOCK_EXIT_CODE as WALL_CLOCK_EXIT_CODE
 from protocol.paths import validate_relative_path
 
 from .. import models as m
@@ -13,7 +14,6 @@ from ..errors import bad_request
 from ..timeutil import parse_duration
 from ..validation import check_range
 
-WALL_CLOCK_EXIT_CODE = 0xC000013A
 MAX_COLLECTION = 100
 DEFAULT_RETENTION_S = 7 * 86400.0
 ALL_COMPLETE_ACTIONS = ("noaction", "terminatejob")

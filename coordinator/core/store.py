@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from tvmagent.ports import PortRangeConfig
+from protocol.ports import PortRangeConfig
 
 from ..errors import not_found
 from .records import (

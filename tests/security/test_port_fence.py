@@ -61,7 +61,7 @@ async def main():
             if i % 10 == 0:
                 await trio.sleep(0)
         with trio.fail_after(120):
-            while not (agent.tvm and agent.tvm.tvm_name == "tvm-99" and agent._setup_replies):
+            while not (agent.tvm and agent.tvm.tvm_name == "tvm-99" and agent.lifecycle.setup_replies):
                 await trio.sleep(0.05)
         await trio.sleep(0.5)  # nft updates still queued behind the lock
         socks = []
@@ -72,8 +72,8 @@ async def main():
             except OSError:
                 s.bind(("127.0.0.1", port))
             s.listen(); socks.append(s)
-        fence = type(agent.fence).__name__ if agent.fence is not None else "none"
-        print(json.dumps({"ready": True, "fence": fence, "unfenced": getattr(agent, "ports_unfenced", None)}), flush=True)
+        fence = type(agent.isolation.fence).__name__ if agent.isolation.fence is not None else "none"
+        print(json.dumps({"ready": True, "fence": fence, "unfenced": getattr(agent.isolation, "ports_unfenced", None)}), flush=True)
         async def serve(s):
             s.setblocking(False)
             ts = trio.socket.from_stdlib_socket(s)
@@ -85,7 +85,7 @@ async def main():
             nursery.start_soon(serve, s)
         await trio.to_thread.run_sync(sys.stdin.read)  # until the test closes our stdin
         nursery.cancel_scope.cancel()
-    await agent._teardown_isolation()
+    await agent.isolation.teardown()
 
 trio.run(main)
 """

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from protocol.ports import PortRangeConfig, allocate_tvm_range
 from tvmagent.ports import (
-    PortRangeConfig,
-    allocate_tvm_range,
     apply_nft,
     nft_available,
     remove_nft,

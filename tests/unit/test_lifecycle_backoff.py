@@ -3,7 +3,7 @@ interval once known, so a restarted coordinator sees its agents within its recov
 
 from __future__ import annotations
 
-from tvmagent.agent import next_backoff
+from tvmagent.link import next_backoff
 
 
 def _series(n: int, max_backoff: float, heartbeat: float) -> list[float]:

@@ -13,7 +13,7 @@ from coordinator._pool_limits import check_pool_limits, join_limits
 from coordinator.errors import ApiError
 from protocol import agent_codec
 from protocol import messages as pm
-from tvmagent._agent_limits import DEFAULT_TASK_PIDS, LimitsMixin, dir_usage
+from tvmagent.limits import DEFAULT_TASK_PIDS, TaskLimits, dir_usage
 
 
 def test_old_coordinators_messages_decode_with_the_defaults() -> None:
@@ -22,9 +22,9 @@ def test_old_coordinators_messages_decode_with_the_defaults() -> None:
     join = agent_codec().decode_message(old_join)
     assert isinstance(join, pm.JoinPool)
     assert (join.task_pids_limit, join.disk_limit_bytes) == (0, 0)
-    limits = LimitsMixin()
-    limits._apply_join_limits(join)
-    assert limits._limit_kwargs() == {"memory_limit_bytes": None, "pids_limit": DEFAULT_TASK_PIDS}
+    limits = TaskLimits("/nonexistent")
+    limits.apply_join(join)
+    assert limits.process_limits() == {"memory_limit_bytes": None, "pids_limit": DEFAULT_TASK_PIDS}
     members = agent_codec().decode_message(msgspec.msgpack.encode({"t": "pool.members", "addresses": ["10.0.0.1"]}))
     assert isinstance(members, pm.PoolMembers)
     assert members.pool == ""

@@ -11,15 +11,13 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tvmagent.ports import (
-    PortGate,
+from protocol.ports import (
     PortRangeConfig,
     allocate_tvm_range,
     first_free_index,
-    parse_members,
     read_ephemeral_range,
-    render_nft_ruleset,
 )
+from tvmagent.ports import PortGate, parse_members, render_nft_ruleset
 
 EPH = (32768, 60999)
 

@@ -9,11 +9,10 @@ import pytest
 
 from tvmagent import _cgroups
 from tvmagent._users import prepare_private_dir, validate_user_name
-from tvmagent.sandbox import (
+from tvmagent.procspec import (
     LaunchError,
     ProcessSpec,
     ProcInfo,
-    Sandbox,
     SandboxCapabilities,
     build_command,
     bwrap_args,
@@ -24,6 +23,7 @@ from tvmagent.sandbox import (
     select_tree,
     split_env,
 )
+from tvmagent.sandbox import Sandbox
 
 HYBRID_MOUNTINFO = """\
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755

@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from tvmagent.sdnotify import SYSTEMD_ENV_VARS, WatchdogPolicy, notify, watchdog_loop
+from protocol.sdnotify import SYSTEMD_ENV_VARS, WatchdogPolicy, notify, watchdog_loop
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def test_notify_abstract_socket(abstract_socket: socket.socket) -> None:
 
 
 def test_notify_from_child_process_inherits_socket(path_socket: socket.socket) -> None:
-    code = "from tvmagent.sdnotify import notify; raise SystemExit(0 if notify('READY=1') else 3)"
+    code = "from protocol.sdnotify import notify; raise SystemExit(0 if notify('READY=1') else 3)"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     assert path_socket.recv(4096) == b"READY=1"
 

@@ -1,4 +1,4 @@
-"""The agent's per-task resource limits, kept out of agent.py: the memory share, the process limit
+"""The agent's per-task resource limits: the memory share, the process limit
 (pids cgroup, see sandbox.py for its RLIMIT_NPROC fallback) and the TVM's disk limit.
 
 The disk limit is a periodic check, not a quota: about every DISK_CHECK_INTERVAL seconds (while
@@ -15,12 +15,12 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from typing import Any
 
 import trio
 
 from protocol import messages as pm
 
+from .state import DISK_LIMIT_CODE, disk_message
 from .taskenv import task_dir
 
 log = logging.getLogger("tvm.agent")
@@ -28,7 +28,6 @@ log = logging.getLogger("tvm.agent")
 DEFAULT_TASK_PIDS = 4096  # per task slot, when the pool does not say
 DISK_CHECK_INTERVAL = 1.0
 DISK_SCAN_MAX_ENTRIES = 200_000  # a task with more files is measured on the first ones (a lower bound)
-DISK_LIMIT_CODE = "DiskLimitExceeded"
 
 
 def dir_usage(path: str, seen: set[tuple[int, int]], budget: list[int]) -> int:
@@ -67,64 +66,47 @@ def tasks_usage(root: str, keys: list[str]) -> tuple[dict[str, int], bool]:
     return usage, budget[0] <= 0
 
 
-class LimitsMixin:
-    root: str
-    running: dict[str, Any]  # task key -> agent._Running
-    _task_memory_limit: int = 0  # per-task share of the VM size's memory (0: none)
-    _task_pids_limit: int = DEFAULT_TASK_PIDS
-    _disk_limit: int = 0  # bytes the running tasks of this TVM may hold (0: no limit)
-    _disk_scan_truncated_logged = False
+class TaskLimits:
+    """The limits of the current TVM (from its JoinPool) and the checks against them. The decision
+    which task the disk limit kills is the state machine's (`DiskMeasured`)."""
 
-    def _apply_join_limits(self, msg: pm.JoinPool) -> None:
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.task_memory_limit = 0  # per-task share of the VM size's memory (0: none)
+        self.task_pids_limit = DEFAULT_TASK_PIDS
+        self.disk_limit = 0  # bytes the running tasks of this TVM may hold (0: no limit)
+        self._disk_scan_truncated_logged = False
+
+    def apply_join(self, msg: pm.JoinPool) -> None:
         # Memory of the VM size, shared equally by the TVM's task slots (a per-task cgroup limit).
-        self._task_memory_limit = msg.memory_limit_bytes // max(1, msg.slots) if msg.memory_limit_bytes else 0
-        self._task_pids_limit = msg.task_pids_limit or DEFAULT_TASK_PIDS
-        self._disk_limit = msg.disk_limit_bytes
-        if self._disk_limit:
+        self.task_memory_limit = msg.memory_limit_bytes // max(1, msg.slots) if msg.memory_limit_bytes else 0
+        self.task_pids_limit = msg.task_pids_limit or DEFAULT_TASK_PIDS
+        self.disk_limit = msg.disk_limit_bytes
+        if self.disk_limit:
             log.info("disk limit: the running tasks of TVM %s may hold %d MiB (checked every %g s)",
-                     msg.tvm_name, self._disk_limit >> 20, DISK_CHECK_INTERVAL)
+                     msg.tvm_name, self.disk_limit >> 20, DISK_CHECK_INTERVAL)
 
-    def _limit_kwargs(self) -> dict[str, int | None]:
+    def process_limits(self) -> dict[str, int | None]:
         """ProcessSpec limits for a task or start task of this TVM."""
-        return {"memory_limit_bytes": self._task_memory_limit or None, "pids_limit": self._task_pids_limit}
+        return {"memory_limit_bytes": self.task_memory_limit or None, "pids_limit": self.task_pids_limit}
 
-    async def _disk_verdict(self, key: str) -> pm.Failure | None:
+    async def disk_verdict(self, key: str, others: list[str]) -> pm.Failure | None:
         """At a task's end: did the running tasks, this one included, go over the limit? (A task that
         writes and exits between two checks is caught here.)"""
-        if not self._disk_limit:
+        if not self.disk_limit:
             return None
-        usage, _ = await trio.to_thread.run_sync(tasks_usage, self.root, [key, *(k for k in self.running if k != key)])
+        usage, _ = await trio.to_thread.run_sync(tasks_usage, self.root, [key, *(k for k in others if k != key)])
         total = sum(usage.values())
-        if total <= self._disk_limit:
+        if total <= self.disk_limit:
             return None
         return pm.Failure(category="UserError", code=DISK_LIMIT_CODE,
-                          message=f"the TVM's disk limit of {self._disk_limit >> 20} MiB for running tasks was "
-                                  f"exceeded ({total >> 20} MiB in use, {usage[key] >> 20} MiB by this task)")
+                          message=disk_message(self.disk_limit, total, usage[key]))
 
-    async def _disk_watch_loop(self) -> None:
-        while True:
-            await trio.sleep(DISK_CHECK_INTERVAL)
-            if self._disk_limit and self.running:
-                await self._check_disk_limit()
-
-    async def _check_disk_limit(self) -> None:
-        keys = [k for k, r in self.running.items() if not r.cancelled]
+    async def measure(self, keys: list[str]) -> dict[str, int]:
+        """Disk use of these running tasks (see the module docstring for how it is counted)."""
         usage, truncated = await trio.to_thread.run_sync(tasks_usage, self.root, keys)
         if truncated and not self._disk_scan_truncated_logged:
             self._disk_scan_truncated_logged = True
             log.warning("disk limit: more than %d files in the running tasks' directories; only the first "
                         "ones are counted", DISK_SCAN_MAX_ENTRIES)
-        total = sum(usage.values())
-        if total <= self._disk_limit or not usage:
-            return
-        key = max(usage, key=lambda k: usage[k])
-        running = self.running.get(key)
-        if running is None or running.cancelled:
-            return
-        running.cancelled = True
-        running.cancel_code = DISK_LIMIT_CODE
-        running.cancel_reason = (f"the TVM's disk limit of {self._disk_limit >> 20} MiB for running tasks was "
-                                 f"exceeded ({total >> 20} MiB in use, {usage[key] >> 20} MiB by this task)")
-        log.warning("task %s killed: %s", key, running.cancel_reason)
-        if running.process is not None:
-            running.process.kill()
+        return usage

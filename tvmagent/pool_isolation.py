@@ -1,6 +1,6 @@
-"""The agent's isolation duties (issue 8), kept out of agent.py: certificates, task users,
-the intra-pool port fence and remote-login users. Mixed into `Agent`; see tvmagent/isolation.py
-for the user scheme and tvmagent/ports.py for the fence itself.
+"""The agent's isolation duties for the TVM it backs: certificates, task users (leases and the pool's
+group), the intra-pool port fence and remote-login users. One object the agent holds
+(`Agent.isolation`); see tvmagent/isolation.py for the user scheme and tvmagent/ports.py for the fence.
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ import ipaddress
 import logging
 import os
 import subprocess
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from protocol import messages as pm
+from protocol.hostio import primary_ip
 
 from . import isolation
 from .ports import NftError, PortGate, apply_nft, nft_available, remove_nft, render_nft_ruleset
@@ -29,37 +31,47 @@ log = logging.getLogger("tvm.agent")
 POOL_GROUP_FILE = "pool-group"  # in the agent's root: the group to delete after a crash
 
 
-class IsolationMixin:
-    root: str
-    agent_id: str
-    opts: Any
-    tvm: TvmIdentity | None
-    slot_users: isolation.SlotUsers | None
-    sandbox: Sandbox
-    fence: object | None
-    login_users: dict[str, float]
-    _nursery: trio.Nursery | None
-    # The pool's member addresses: PoolMembers may be handled before the JoinPool setup reaches
-    # the fence (separate Trio tasks), so they are kept here and used when the fence comes up.
-    _fence_members: list[str] = []
-    _fence_pool: str = ""  # the pool _fence_members belong to ("": an older coordinator did not say)
-    # Membership changes are numbered in arrival order; nft updates run one at a time under
-    # _fence_lock and each records the generation it rendered, so the newest list always lands last.
-    _fence_generation: int = 0
-    _fence_applied: int = -1
-    _fence_lock_obj: trio.Lock | None = None
-    ports_unfenced: bool = False  # degraded: neither nftables nor the user-space gate fences the ports
-    _pool_bwrap: bool = False  # the pool asked for bubblewrap (JoinPool.bubblewrap)
-    # The group of this agent's current pool membership (certs/ and start/ are its) and its gid.
-    _pool_group: str = ""
-    _pool_gid: int | None = None
-    # The start task's user, held while the TVM is in the pool: it owns start/, no task gets it.
-    _start_lease: isolation.SlotLease | None = None
+class PoolIsolation:
+    def __init__(self, root: str, agent_id: str, task_user: str | None, slot_users: isolation.SlotUsers | None,
+                 sandbox: Sandbox, current_tvm: Callable[[], TvmIdentity | None],
+                 nursery: Callable[[], trio.Nursery | None]) -> None:
+        self.root = root
+        self.agent_id = agent_id
+        self.task_user = task_user
+        self.slot_users = slot_users
+        self.sandbox = sandbox
+        self._current_tvm = current_tvm
+        self._nursery_of = nursery
+        self.fence: object | None = None  # ports.PortGate or the nft table name
+        self.login_users: dict[str, float] = {}  # remote-login user -> expiry
+        # The pool's member addresses: PoolMembers may be handled before the JoinPool setup reaches
+        # the fence (separate Trio tasks), so they are kept here and used when the fence comes up.
+        self._fence_members: list[str] = []
+        self._fence_pool = ""  # the pool _fence_members belong to ("": an older coordinator did not say)
+        # Membership changes are numbered in arrival order; nft updates run one at a time under
+        # _fence_lock and each records the generation it rendered, so the newest list always lands last.
+        self._fence_generation = 0
+        self._fence_applied = -1
+        self._fence_lock_obj: trio.Lock | None = None
+        self._fence_range = (0, 0)
+        self._gate_scope: trio.CancelScope | None = None
+        self.ports_unfenced = False  # degraded: neither nftables nor the user-space gate fences the ports
+        self.pool_bwrap = False  # the pool asked for bubblewrap (JoinPool.bubblewrap)
+        # The group of this agent's current pool membership (certs/ and start/ are its) and its gid.
+        self._pool_group = ""
+        self._pool_gid: int | None = None
+        # The start task's user, held while the TVM is in the pool: it owns start/, no task gets it.
+        self._start_lease: isolation.SlotLease | None = None
 
-    def send(self, msg: pm.Msg) -> None:  # provided by Agent
-        raise NotImplementedError
+    @property
+    def tvm(self) -> TvmIdentity | None:
+        return self._current_tvm()
 
-    def _resource_file_mode(self) -> dict[str, int]:
+    @property
+    def _nursery(self) -> trio.Nursery | None:
+        return self._nursery_of()
+
+    def resource_file_mode(self) -> dict[str, int]:
         """With per-task users, resource files (root's hard links into the download cache) must be
         readable and executable by the task's uid: 0775 (the cache directory itself is 0700, so
         only a task's own directory leads to them)."""
@@ -70,7 +82,7 @@ class IsolationMixin:
             os.chmod(cache_dir, 0o700)
         return {"mode": 0o775}
 
-    def _bwrap_paths(self) -> dict[str, tuple[str, ...]]:
+    def bwrap_paths(self) -> dict[str, tuple[str, ...]]:
         """Inside bubblewrap a task sees its working directory, shared/ (writable) and the
         certificates and startup directory (read-only); never another task's directory."""
         if self.tvm is None:
@@ -78,29 +90,9 @@ class IsolationMixin:
         return {"bwrap_writable": (self.tvm.shared_dir,),
                 "bwrap_readonly": tuple(d for d in (self.tvm.certs_dir, self.tvm.start_dir) if os.path.isdir(d))}
 
-    # ------------------------------------------------------------------ TLS
-
-    async def _tls_preflight(self, url: str) -> None:
-        """One TLS handshake before the websocket so a certificate problem is logged as such
-        (ssl.SSLCertVerificationError, an OSError: the connect loop retries and says why)."""
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(url)
-        ctx = getattr(self, "ssl_context", None) or __import__("ssl").create_default_context()
-        with trio.fail_after(10):
-            stream = await trio.open_ssl_over_tcp_stream(parts.hostname or "", parts.port or 443, ssl_context=ctx)
-            try:
-                await stream.do_handshake()
-            except trio.BrokenResourceError as exc:
-                if isinstance(exc.__cause__, OSError):
-                    raise exc.__cause__ from None
-                raise
-            finally:
-                await trio.aclose_forcefully(stream)
-
     # ------------------------------------------------------------------ certificates
 
-    async def _install_certs(self, certs: list[pm.CertFile]) -> list[str]:
+    async def install_certs(self, certs: list[pm.CertFile]) -> list[str]:
         """Install before the start task and any task; one error line per certificate that failed.
         Errors name the thumbprint and the reason only (never the data or the password).
         First the pool's group, which certs/ and start/ belong to."""
@@ -115,7 +107,7 @@ class IsolationMixin:
                  for c in certs]
         certs_dir = self.tvm.certs_dir
         try:
-            results = await trio.to_thread.run_sync(install_certificates, certs_dir, specs, self.opts.task_user)
+            results = await trio.to_thread.run_sync(install_certificates, certs_dir, specs, self.task_user)
             if self._pool_gid is not None:  # many task uids: the pool's read through its group
                 await trio.to_thread.run_sync(isolation.share_certs_with_group, certs_dir, self._pool_gid)
         except (OSError, ValueError) as exc:
@@ -155,7 +147,7 @@ class IsolationMixin:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.root, POOL_GROUP_FILE))
 
-    def _as_lease_user(self, spec: ProcessSpec, lease: isolation.SlotLease) -> ProcessSpec:
+    def as_lease_user(self, spec: ProcessSpec, lease: isolation.SlotLease) -> ProcessSpec:
         """The run's uid, its own group as primary, the pool's group as the only other one. The start
         task runs with the pool's group as primary, so what it leaves is the pool's to read."""
         if self._pool_gid is None:
@@ -164,7 +156,7 @@ class IsolationMixin:
             return dataclasses.replace(spec, run_as=lease.user, gid=self._pool_gid, groups=())
         return dataclasses.replace(spec, run_as=lease.user, gid=lease.gid, groups=(self._pool_gid,))
 
-    def _lease_now(self, directory: str, elevated: bool, mode: int, keep: bool = False) -> isolation.SlotLease | None:
+    def lease_now(self, directory: str, elevated: bool, mode: int, keep: bool = False) -> isolation.SlotLease | None:
         """(worker thread) A task user for one run, owning `directory` (recursively: a retry's files
         too). `keep`: the start task, whose user stays reserved (the same one on every retry and
         reboot) and whose directory belongs to the pool group: the pool's tasks read it, none writes."""
@@ -187,12 +179,12 @@ class IsolationMixin:
             self._start_lease = lease
         return lease
 
-    def _keep_lease(self, lease: isolation.SlotLease) -> None:
-        """The start task's run is over; its user stays reserved (see `_lease_now`)."""
+    def keep_lease(self, lease: isolation.SlotLease) -> None:
+        """The start task's run is over; its user stays reserved (see `lease_now`)."""
         if lease is not self._start_lease:
             self._release_later(lease)
 
-    async def _return_lease(self, lease: isolation.SlotLease | None, directory: str) -> None:
+    async def return_lease(self, lease: isolation.SlotLease | None, directory: str) -> None:
         """The run is over (its process tree is dead): the next task given this uid must not read
         the directory, so its top goes back to root, 0700. One chown + chmod: on the event loop,
         a thread hop would cost more. What else the uid left is swept before it is free again."""
@@ -227,7 +219,7 @@ class IsolationMixin:
         finally:
             lease.release(clean=clean)
 
-    def _drop_pool_group_at_exit(self) -> None:
+    def drop_pool_group_at_exit(self) -> None:
         """The agent stops: its group goes (a restarted agent makes it again when it rejoins), so
         an agent whose root is then deleted leaves no group behind. Its task processes are gone."""
         name, self._pool_group, self._pool_gid = self._pool_group, "", None
@@ -245,7 +237,7 @@ class IsolationMixin:
 
     # ------------------------------------------------------------------ port fence
 
-    def _describe_ports(self) -> list[str]:
+    def describe_ports(self) -> list[str]:
         """At start: how a communicating pool's port block will be fenced here."""
         if os.geteuid() == 0 and nft_available():
             return ["nftables available: a communicating pool's ports admit pool members only"]
@@ -268,7 +260,7 @@ class IsolationMixin:
             self._fence_lock_obj = trio.Lock()
         return self._fence_lock_obj
 
-    async def _setup_fence(self, msg: pm.JoinPool) -> None:
+    async def setup_fence(self, msg: pm.JoinPool) -> None:
         await self._teardown_fence()
         self.ports_unfenced = False
         if not msg.port_range_low:
@@ -328,7 +320,7 @@ class IsolationMixin:
             return []
         return self._fence_members
 
-    def _on_pool_members(self, addresses: list[str], pool: str = "") -> None:
+    def on_pool_members(self, addresses: list[str], pool: str = "") -> None:
         """A PoolMembers message, handled in arrival order (not in a Trio task of its own: their
         start order is not the message order, and a stale list could land last)."""
         good = []
@@ -354,21 +346,21 @@ class IsolationMixin:
                     await trio.to_thread.run_sync(remove_nft, fence)
             except NftError as exc:
                 log.warning("cannot remove nftables table %s: %s", fence, exc)
-        elif isinstance(fence, PortGate):
+        elif isinstance(fence, PortGate) and self._gate_scope is not None:
             self._gate_scope.cancel()
 
-    async def _teardown_isolation(self) -> None:
+    async def teardown(self) -> None:
         with trio.CancelScope(shield=True):
             await self._leave_pool_group()
             await self._teardown_fence()
             # _fence_members stay: a PoolMembers for the next pool may already have arrived
-            # (_setup_fence drops a list that belongs to another pool).
+            # (setup_fence drops a list that belongs to another pool).
             for name in list(self.login_users):
-                await self._remove_login_user(name)
+                await self.remove_login_user(name)
 
     # ------------------------------------------------------------------ remote login
 
-    async def _add_login_user(self, msg: pm.AddUser) -> None:
+    async def add_login_user(self, msg: pm.AddUser) -> None:
         if os.geteuid() != 0:
             log.warning("remote-login user %s not created: the agent is not root", msg.name)
             return
@@ -388,9 +380,9 @@ class IsolationMixin:
 
         await trio.sleep(max(0.0, expiry - time.time()))
         if self.login_users.get(name) == expiry:
-            await self._remove_login_user(name)
+            await self.remove_login_user(name)
 
-    async def _remove_login_user(self, name: str) -> None:
+    async def remove_login_user(self, name: str) -> None:
         self.login_users.pop(name, None)
         try:
             removed = await trio.to_thread.run_sync(isolation.remove_login_user, name)
@@ -403,9 +395,7 @@ class IsolationMixin:
 
 def _gate_address() -> str:
     """The address the coordinator publishes for this agent (see metrics.host_facts)."""
-    from .metrics import _primary_ip
-
-    return os.environ.get("TVM_AGENT_IP") or _primary_ip()
+    return os.environ.get("TVM_AGENT_IP") or primary_ip()
 
 
 def _hand_back(directory: str) -> None:

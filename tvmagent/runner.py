@@ -1,0 +1,182 @@
+"""The agent's task runner: fetch resource files, spawn one command in the sandbox (as a task user
+where the agent has them), wait for it with its wall-clock limit, and say how it ended. Whether to run
+at all, and what to report, is the state machine's (tvmagent/state.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import structlog
+import trio
+
+from protocol import messages as pm
+from protocol.exitcodes import NO_EXIT_CODE
+
+from . import cmdline, isolation
+from .downloads import DownloadCache, DownloadError
+from .limits import TaskLimits
+from .pool_isolation import PoolIsolation
+from .procspec import LaunchError, ProcessOutcome, ProcessSpec
+from .sandbox import RunningProcess, Sandbox
+from .state import AgentState, Run, run_verdict
+from .taskdirs import prepare_task_dir
+from .taskenv import TvmIdentity, task_dir, task_env
+
+log = logging.getLogger("tvm.agent")
+
+START_TASK_SLOT = ""  # the start task's process, among task keys (never empty)
+
+
+def _cg_name(spec: pm.TaskSpec) -> str:
+    return f"{spec.task[:40]}-{spec.attempt & 0xFFFFFFFF}"
+
+
+class TaskRunner:
+    def __init__(self, root: str, task_user: str | None, use_bwrap: bool, sandbox: Sandbox,
+                 isolation: PoolIsolation, limits: TaskLimits, cache: DownloadCache, state: AgentState,
+                 send: Callable[[pm.Msg], object], send_lazily: Callable[[pm.Msg], None],
+                 http_base: Callable[[], str], http_headers: Callable[[], dict[str, str]],
+                 finished: Callable[[str, int, float, float, pm.Failure | None], None]) -> None:
+        self.root = root
+        self.task_user = task_user
+        self.use_bwrap = use_bwrap
+        self.sandbox = sandbox
+        self.isolation = isolation
+        self.limits = limits
+        self.cache = cache
+        self.state = state
+        self._send = send
+        self._send_lazily = send_lazily
+        self._http_base = http_base
+        self._http_headers = http_headers
+        self._finished = finished
+        self.procs: dict[str, RunningProcess] = {}  # task key (or START_TASK_SLOT) -> its process
+
+    def kill(self, slot: str) -> None:
+        proc = self.procs.get(slot)
+        if proc is not None:
+            proc.kill()
+
+    async def fetch_files(self, files: list[pm.ResourceFile], dest: str) -> pm.Failure | None:
+        for rf in files:
+            url = rf.url
+            headers = dict(rf.headers)
+            if url.startswith("filestore:sha256:"):
+                sha = url.rsplit(":", 1)[1]
+                url = f"{self._http_base()}/files/sha256/{sha}"
+                headers.update(self._http_headers())
+                expected = rf.sha256 or sha
+            else:
+                expected = rf.sha256 or ""
+            try:
+                await self.cache.fetch(url, dest, rf.file_path, sha256=expected or None,
+                                       size=rf.size if rf.size >= 0 else None, headers=headers or None,
+                                       **self.isolation.resource_file_mode())
+            except DownloadError as exc:
+                return pm.Failure(category="UserError", code=exc.code, message=exc.message)
+        return None
+
+    async def spawn(self, command_line: str, cwd: str, env: dict[str, str], out: str, err: str, name: str,
+                    run: Run | None, slot: str | None, elevated: bool, wall: float = 0.0,
+                    setup: Callable[[], None] | None = None, lease_dir: str = "", lease_mode: int = 0o700,
+                    hand_back: bool = True, announce: pm.TaskSpec | None = None) -> tuple[ProcessOutcome, bool]:
+        """Run one command to its end. The blocking set-up — `setup()` (directories), fresh output
+        files, a task user's lease for `lease_dir`, cgroup, fork/exec — is one worker-thread call;
+        `announce`: send its TaskStarted once the process runs (lazily, see `Link.send_lazily`).
+        `slot`: where `kill` finds the process. Returns (outcome, killed for its wall clock)."""
+        leases: list[isolation.SlotLease | None] = []
+        iso = self.isolation
+
+        def prepare(spec: ProcessSpec) -> ProcessSpec:  # runs in the sandbox's worker thread
+            if setup is not None:
+                setup()
+            for p in (out, err):
+                with open(p, "wb"):
+                    pass  # a retry starts with fresh output files
+            # Split here, off the event loop, in linear time (a poison line must not stall the agent).
+            try:
+                spec = dataclasses.replace(spec, argv=cmdline.parse(command_line))
+            except ValueError as exc:  # CommandLineError, or ProcessSpec refusing e.g. an empty program
+                raise LaunchError(str(exc)) from None
+            if lease_dir:
+                lease = iso.lease_now(lease_dir, elevated, lease_mode, keep=not hand_back)
+                leases.append(lease)
+                if lease is not None:
+                    spec = iso.as_lease_user(spec, lease)
+            return spec
+
+        # argv: a placeholder until prepare() splits the command line in the worker thread.
+        spec = ProcessSpec(argv=["-"], cwd=cwd, env=env, stdout_path=out, stderr_path=err,
+                           run_as=None if elevated else (self.task_user or None),
+                           use_bwrap=self.use_bwrap or iso.pool_bwrap, name=name,
+                           **iso.bwrap_paths(),  # type: ignore[arg-type]
+                           **self.limits.process_limits())  # type: ignore[arg-type]
+        try:
+            proc = await self.sandbox.start(spec, prepare)
+            if announce is not None and proc.pid is not None:
+                self._send_lazily(pm.TaskStarted(key=announce.key, attempt=announce.attempt,
+                                                 start_time=proc.start_time.timestamp()))
+            if slot is not None:
+                self.procs[slot] = proc
+            if run is not None and run.cancelled:
+                proc.kill()
+            timed_out = False
+            if wall > 0:
+                with trio.move_on_after(wall) as cs:
+                    outcome = await proc.wait()
+                if cs.cancelled_caught:
+                    timed_out = True
+                    proc.kill()
+                    outcome = await proc.wait()
+            else:
+                outcome = await proc.wait()
+        finally:
+            if slot is not None:
+                self.procs.pop(slot, None)
+            if leases and hand_back:
+                await iso.return_lease(leases[0], lease_dir)
+            elif leases and leases[0] is not None:
+                iso.keep_lease(leases[0])  # the start task's directory stays its user's (0750, pool group)
+        return outcome, timed_out
+
+    async def run_task(self, spec: pm.TaskSpec, tvm: TvmIdentity) -> None:
+        run = self.state.running[spec.key]
+        # Every log line of this Trio task (ours and the libraries') carries the task's ids.
+        structlog.contextvars.bind_contextvars(task=spec.key, job=f"{spec.workitem}/{spec.job}",
+                                               tvm=tvm.tvm_name, attempt=spec.attempt)
+        log.debug("task starting")
+        tdir = task_dir(self.root, spec.key)
+        wd = os.path.join(tdir, "wd")
+        start = time.time()
+        failure: pm.Failure | None = None
+        exit_code = NO_EXIT_CODE
+        try:
+            if spec.resource_files:
+                # Running from here on (downloads count as the task's run); the spawn's own thread
+                # call repeats the (idempotent) directory set-up.
+                await trio.to_thread.run_sync(prepare_task_dir, tdir, wd)
+                self._send(pm.TaskStarted(key=spec.key, attempt=spec.attempt, start_time=start))
+                failure = await self.fetch_files(spec.resource_files, wd)
+            if failure is None and not run.cancelled:
+                outcome, timed_out = await self.spawn(
+                    spec.command_line, wd, task_env(tvm, spec), os.path.join(tdir, "stdout.txt"),
+                    os.path.join(tdir, "stderr.txt"), _cg_name(spec), run, spec.key, spec.run_elevated,
+                    spec.max_wall_clock_s, setup=functools.partial(prepare_task_dir, tdir, wd),
+                    lease_dir=tdir, lease_mode=0o700, announce=None if spec.resource_files else spec)
+                start = outcome.start_time.timestamp()
+                exit_code, failure = run_verdict(run, outcome.exit_code, outcome.reason, outcome.message, timed_out)
+                if failure is None:
+                    # a writer quicker than the periodic check
+                    failure = await self.limits.disk_verdict(spec.key, list(self.state.running))
+            elif run.cancelled:
+                failure = pm.Failure(category="UserError", code="TaskEnded", message=run.cancel_reason)
+        except Exception as exc:  # the task fails, never the agent
+            log.exception("task %s failed inside the agent", spec.key)
+            exit_code = NO_EXIT_CODE
+            failure = pm.Failure(category="ServerError", code="AgentError", message=f"{type(exc).__name__}: {exc}")
+        self._finished(spec.key, exit_code, start, time.time(), failure)
