@@ -108,7 +108,7 @@ def max_rss_bytes() -> int:
 @asynccontextmanager
 async def coordinator(state_dir: str, **kw: Any):  # noqa: ANN201 - async generator
     """A real coordinator (REST + agent websocket, SQLite journal) in this process."""
-    from coordinator.server import run_coordinator
+    from coordinator.daemon.server import run_coordinator
 
     async with trio.open_nursery() as nursery:
         scope = trio.CancelScope()
@@ -181,7 +181,7 @@ def stop_agents(procs: list[subprocess.Popen[bytes]]) -> None:
 async def local_pool(rc: Any, base: str, agents: int, slots: int, size: str, pool: str = "bench",
                      workitem: str = "wi") -> list[subprocess.Popen[bytes]]:
     """Start `agents` real agents, a pool using all of them and a workitem on it."""
-    from coordinator import models as m
+    from coordinator.common import models as m
 
     svc, core = rc.service, rc.service.core
     procs = start_agents(rc, agents, os.path.join(base, "agents"))

@@ -19,7 +19,7 @@ import time
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from coordinator.agentauth import agent_proof
+from coordinator.runtime.agentauth import agent_proof
 from protocol import SUBPROTOCOL, LinkSession, agent_codec
 from protocol import messages as pm
 

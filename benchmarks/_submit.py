@@ -14,8 +14,8 @@ import time
 
 import trio
 
-from coordinator import models as m
 from coordinator.client import AsyncClient
+from coordinator.common import models as m
 
 
 async def main(a: argparse.Namespace) -> None:

@@ -21,8 +21,8 @@ import time
 
 import trio
 
-from coordinator import models as m
 from coordinator.client import AsyncClient, add_many_async
+from coordinator.common import models as m
 
 from ._common import args, coordinator, emit, job_finished, local_pool, say, stop_agents, wait_until
 

@@ -20,7 +20,7 @@ import tempfile
 
 import trio
 
-from coordinator import models as m
+from coordinator.common import models as m
 from coordinator.core import CoordinatorState
 
 from ._common import args, coordinator, emit, local_pool, rss_bytes, say, stop_agents

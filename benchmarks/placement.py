@@ -15,7 +15,7 @@ import time
 
 import trio
 
-from coordinator import models as m
+from coordinator.common import models as m
 
 from ._common import args, coordinator, emit, job_finished, pool_ready, say, spawn, stop, wait_until
 

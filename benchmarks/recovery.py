@@ -20,11 +20,11 @@ import time
 
 import msgspec
 
-from coordinator import models as m
 from coordinator.client import BatchError, Client
+from coordinator.common import models as m
 from coordinator.core import CoordinatorState, Write
-from coordinator.service import CoordinatorService
-from coordinator.store import SqliteStore
+from coordinator.runtime.journal import SqliteStore
+from coordinator.runtime.service import CoordinatorService
 
 from ._common import args, child_env, emit, say
 

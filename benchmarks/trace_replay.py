@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import trio
 
-from coordinator import models as m
 from coordinator.client import AsyncClient
+from coordinator.common import models as m
 from coordinator.core import WALL_CLOCK_EXIT_CODE
 
 from ._common import (

@@ -15,7 +15,7 @@ from typing import Any
 import trio
 
 from coordinator.client import AsyncClient
-from coordinator.server import RunningCoordinator, run_coordinator
+from coordinator.daemon.server import RunningCoordinator, run_coordinator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

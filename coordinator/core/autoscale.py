@@ -19,15 +19,22 @@ from datetime import timedelta
 
 import msgspec
 
+from coordinator.autoscale import (
+    AutoscaleInputs,
+    AutoscaleResult,
+    FormulaError,
+    Program,
+    evaluate,
+    parse,
+)
+from coordinator.common.errors import ApiError, bad_request
+from coordinator.common.timeutil import format_duration
 from protocol import messages as pm
 
-from ..autoscale import AutoscaleInputs, AutoscaleResult, FormulaError, Program, evaluate, parse
-from ..errors import ApiError, bad_request
-from ..metrics_history import MetricsHistory, TvmCounters, resource_values, to_datetime
-from ..timeutil import format_duration
 from .autoscale_rules import interval_of, parse_formula, parse_interval
 from .instructions import Outbox
 from .membership import Membership
+from .metrics_history import MetricsHistory, TvmCounters, resource_values, to_datetime
 from .records import ACTIVE, COMPLETED, RUNNING, PoolRec
 from .store import Store
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import msgspec
 
-from .. import models as m
-from ..autoscale import FormulaError, Program, parse
-from ..errors import ApiError, bad_request
-from ..timeutil import format_duration, parse_duration
+from coordinator.autoscale import FormulaError, Program, parse
+from coordinator.common import models as m
+from coordinator.common.errors import ApiError, bad_request
+from coordinator.common.timeutil import format_duration, parse_duration
+
 from .records import PoolRec
 from .store import AutoscaleTiming
 

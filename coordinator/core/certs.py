@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import base64
 
-from .. import models as m
-from ..certificates import (
+from coordinator.common import models as m
+from coordinator.common.certificates import (
     CertificateError,
     normalize_thumbprint,
     normalize_thumbprint_algorithm,
     validate_certificate,
 )
-from ..errors import ApiError, bad_request, conflict, not_found
+from coordinator.common.errors import ApiError, bad_request, conflict, not_found
+
 from .instructions import Outbox
 from .records import CertRec
 from .specs import cert_key, ref_thumb

@@ -21,17 +21,17 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar, overload
 
+from coordinator.common import models as m
 from protocol import messages as pm
 from protocol.ports import PortRangeConfig
 
-from .. import models as m
-from ..metrics_history import MetricsHistory
 from .agents import Agents
 from .autoscale import Autoscale, RunRec
 from .certs import Certs
 from .instructions import Effects, Outbox
 from .jobs import Jobs
 from .membership import Membership
+from .metrics_history import MetricsHistory
 from .pools import Pools
 from .records import AgentInfo, CertRec, Job, PoolRec, TaskRec, Tvm, TvmUserRec, WorkitemRec
 from .runs import Runs

@@ -14,9 +14,10 @@ import secrets
 
 import msgspec
 
-from .. import models as m
-from ..errors import ApiError, bad_request, conflict
-from ..validation import check_env, check_name, check_range
+from coordinator.common import models as m
+from coordinator.common.errors import ApiError, bad_request, conflict
+from coordinator.common.validation import check_env, check_name, check_range
+
 from .instructions import Outbox
 from .pools import Pools
 from .records import ACTIVE, COMPLETED, Job, JobRec, TaskRec, WorkitemRec

@@ -24,8 +24,8 @@ import secrets
 from protocol import messages as pm
 from protocol.ports import allocate_tvm_range
 
-from .._pool_limits import join_limits
 from .instructions import Outbox
+from .pool_limits import join_limits
 from .records import COMPLETED, RUNNING, AgentInfo, PoolRec, Tvm, TvmRec
 from .runs import Runs
 from .specs import WALL_CLOCK_EXIT_CODE, cert_key, ref_thumb, resource_file

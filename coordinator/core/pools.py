@@ -9,15 +9,16 @@ import secrets
 
 import msgspec
 
-from .. import models as m
-from .._pool_limits import check_pool_limits
-from ..errors import ApiError, bad_request, conflict, not_found
-from ..timeutil import parse_duration
-from ..validation import check_env, check_name, check_range
+from coordinator.common import models as m
+from coordinator.common.errors import ApiError, bad_request, conflict, not_found
+from coordinator.common.timeutil import parse_duration
+from coordinator.common.validation import check_env, check_name, check_range
+
 from .autoscale_rules import check_autoscale_spec
 from .certs import Certs
 from .instructions import Outbox
 from .membership import Membership
+from .pool_limits import check_pool_limits
 from .records import PoolRec, Tvm, WorkitemRec
 from .specs import check_files
 from .states import move_alloc, move_pool

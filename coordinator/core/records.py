@@ -10,7 +10,8 @@ from collections import deque
 
 import msgspec
 
-from .. import models as m
+from coordinator.common import models as m
+
 from .states import ACTIVE as ACTIVE
 from .states import COMPLETED as COMPLETED
 from .states import RUNNING as RUNNING

@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .. import models as m
-from ..errors import bad_request
-from ..timeutil import parse_duration, parse_time
+from coordinator.common import models as m
+from coordinator.common.errors import bad_request
+from coordinator.common.timeutil import parse_duration, parse_time
 
 MIN_RECURRENCE_S = 60.0
 MIN_START_WINDOW_S = 60.0

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import re
 
+from coordinator.common import models as m
+from coordinator.common.certificates import CertificateError, normalize_thumbprint
+from coordinator.common.errors import bad_request
+from coordinator.common.timeutil import parse_duration
+from coordinator.common.validation import check_range
 from protocol import messages as pm
 from protocol.exitcodes import WALL_CLOCK_EXIT_CODE as WALL_CLOCK_EXIT_CODE
 from protocol.paths import validate_relative_path
-
-from .. import models as m
-from ..certificates import CertificateError, normalize_thumbprint
-from ..errors import bad_request
-from ..timeutil import parse_duration
-from ..validation import check_range
 
 MAX_COLLECTION = 100
 DEFAULT_RETENTION_S = 7 * 86400.0

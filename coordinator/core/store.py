@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import msgspec
 
+from coordinator.common.errors import not_found
 from protocol.ports import PortRangeConfig
 
-from ..errors import not_found
 from .records import (
     ACTIVE,
     RUNNING,

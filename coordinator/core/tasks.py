@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from coordinator.common import models as m
+from coordinator.common.errors import ApiError, bad_request, conflict
+from coordinator.common.validation import check_env, check_name
 from protocol import messages as pm
 
-from .. import models as m
-from ..errors import ApiError, bad_request, conflict
-from ..validation import check_env, check_name
 from .instructions import Outbox
 from .jobs import Jobs
 from .records import ACTIVE, COMPLETED, RUNNING, Job, TaskRec, Tvm

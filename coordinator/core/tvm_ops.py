@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import re
 
+from coordinator.common import models as m
+from coordinator.common.errors import ApiError, bad_request
+from coordinator.common.timeutil import parse_time
 from protocol import messages as pm
 
-from .. import models as m
-from ..errors import ApiError, bad_request
-from ..timeutil import parse_time
 from .instructions import Outbox
 from .membership import Membership
 from .pools import Pools, check_option

@@ -16,10 +16,10 @@ import trio
 import trustme
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from coordinator.agentauth import agent_proof
 from coordinator.client import AsyncClient, BatchError, task_spec
-from coordinator.server import run_coordinator
-from coordinator.sharedkey import sign_request
+from coordinator.common.sharedkey import sign_request
+from coordinator.daemon.server import run_coordinator
+from coordinator.runtime.agentauth import agent_proof
 from protocol import SUBPROTOCOL, coordinator_codec
 from protocol import messages as pm
 from tests.harness import cluster_ctx
@@ -107,7 +107,10 @@ async def test_join_token_is_stored_hashed_and_agents_get_a_credential(nursery, 
                          what="credential registered")
         cred = open(cred_file).read().strip()  # noqa: ASYNC230, SIM115 - small local file
         assert _meta(state, f"agentcred:{agent_id}") == f"ok:{cred}"
-        # One connection per agent: the real agent stops so the proofs below can open links.
+        # One connection per agent: the real agent stops so the proofs below can open links. The
+        # credential is durable before the link is registered: wait for the link before killing.
+        await c.wait_for(lambda: agent_id in c.rc.service.links and c.rc.service.links[agent_id].connected,
+                         what="the agent's link")
         agent.kill()
         agent.proc.wait()
         await c.wait_for(lambda: not c.rc.service.links[agent_id].connected, what="the agent's link closed")

@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from coordinator.client import AsyncClient, BatchError, task_spec
-from coordinator.server import RunningCoordinator, run_coordinator
+from coordinator.daemon.server import RunningCoordinator, run_coordinator
 from tests.harness import agent_env
 
 JOB = "job-0000000001"

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from coordinator import models as m
+from coordinator.common import models as m
 from tests.harness import REPO, cluster_ctx
 
 J1 = "job-0000000001"

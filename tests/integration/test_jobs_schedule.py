@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from coordinator import models as m
 from coordinator.client import AsyncClient, BatchError, task_spec
-from coordinator.timeutil import rfc3339
+from coordinator.common import models as m
+from coordinator.common.timeutil import rfc3339
 from tests.harness import cluster_ctx
 
 J1 = "job-0000000001"

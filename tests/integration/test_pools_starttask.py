@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import shlex
 
-from coordinator import models as m
+from coordinator.common import models as m
 from tests.harness import cluster_ctx
 
 JOB = "job-0000000001"

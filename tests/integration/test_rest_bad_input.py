@@ -1,7 +1,7 @@
 """Issue 3, bad input over real HTTP: every refused request gets a clear code and message, the right
 status, the offending field in `values`, and leaves nothing stored (checked with a GET afterwards).
 
-Raw requests (httpx2) against a real coordinator, signed with coordinator.sharedkey.sign_request
+Raw requests (httpx2) against a real coordinator, signed with coordinator.common.sharedkey.sign_request
 or deliberately not."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import httpx2
 import pytest
 
-from coordinator.sharedkey import sign_request
+from coordinator.common.sharedkey import sign_request
 from tests.harness import cluster_ctx
 
 JOB = "job-0000000001"

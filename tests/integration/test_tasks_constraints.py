@@ -9,8 +9,8 @@ import uuid
 import pytest
 import trio
 
-from coordinator import models as m
 from coordinator.client import BatchError, task_spec
+from coordinator.common import models as m
 from tests.harness import cluster_ctx
 
 JOB = "job-0000000001"

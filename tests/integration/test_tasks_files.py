@@ -15,8 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import trio
 
-from coordinator import models as m
-from coordinator.client import BatchError, _Call, task_spec
+from coordinator.client._client import BatchError, _Call, task_spec
+from coordinator.common import models as m
 from tests.harness import REPO, agent_env, cluster_ctx
 
 JOB = "job-0000000001"

@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from coordinator import models as m
 from coordinator.client import BatchError, task_spec
+from coordinator.common import models as m
 from tests.harness import cluster_ctx
 from tests.integration.test_tasks_constraints import _exists, _marked_pids
 

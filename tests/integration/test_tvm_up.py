@@ -14,7 +14,7 @@ import sys
 import time
 
 from coordinator.client import Client
-from coordinator.provisioner import default_tvm_root_dir
+from coordinator.runtime.provisioner import default_tvm_root_dir
 from tests.harness import agent_env
 
 LINES = [re.compile(r"export TVM_ENDPOINT=http://127\.0\.0\.1:(\d+)"), re.compile(r"export TVM_ACCOUNT=([\w-]+)"),

@@ -12,7 +12,7 @@ from typing import Any
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from coordinator.agentauth import agent_proof
+from coordinator.runtime.agentauth import agent_proof
 from protocol import SUBPROTOCOL, LinkSession, agent_codec
 from protocol import messages as pm
 

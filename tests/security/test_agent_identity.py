@@ -16,8 +16,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from coordinator.agentauth import agent_proof
 from coordinator.client import BatchError, task_spec
+from coordinator.runtime.agentauth import agent_proof
 from protocol import LinkSession, agent_codec
 from protocol import messages as pm
 from tests.harness import agent_env, cluster_ctx
@@ -85,7 +85,7 @@ async def test_rogue_enrolment_with_an_expired_used_or_revoked_token_fails(nurse
 
 
 def pm_resource(blob_source: str):  # noqa: ANN201 - REST model
-    from coordinator import models as m
+    from coordinator.common import models as m
 
     return m.ResourceFile(blob_source=blob_source, file_path="data")
 

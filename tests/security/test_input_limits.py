@@ -11,8 +11,8 @@ import sys
 import pytest
 import trio
 
-from coordinator import models as m
 from coordinator.client import Client, task_spec
+from coordinator.common import models as m
 from tests.harness import cluster_ctx
 from tests.integration.test_rest_bad_input import Raw, err
 

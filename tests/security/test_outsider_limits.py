@@ -18,7 +18,7 @@ import pytest
 import trio
 import trio_websocket
 
-from coordinator.sharedkey import now_header, sign
+from coordinator.common.sharedkey import now_header, sign
 from protocol import SUBPROTOCOL
 from tests.harness import free_port, start_coordinator_process
 

@@ -232,7 +232,7 @@ except PermissionError:
 async def test_a_task_user_cannot_change_cached_resource_files(nursery, tmp_path, open_root):
     """Resource files are hard links into the agent's download cache: the task user reads them but
     cannot change the bytes the next task will get."""
-    from coordinator import models as m
+    from coordinator.common import models as m
 
     os.makedirs(tmp_path / "agents", exist_ok=True)
     async with cluster_ctx(nursery, tmp_path, heartbeat_timeout=3) as c:

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from coordinator import agentident
-from coordinator import models as m
-from coordinator.agentauth import AgentAuth, agent_proof, token_hash
+from coordinator.common import models as m
 from coordinator.core import CoordinatorState
+from coordinator.runtime import agentident
+from coordinator.runtime.agentauth import AgentAuth, agent_proof, token_hash
 from protocol import LinkSession, coordinator_codec
 from protocol import messages as pm
 

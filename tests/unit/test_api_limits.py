@@ -8,9 +8,9 @@ import hashlib
 import msgspec
 import pytest
 
-from coordinator._api_base import _decode
-from coordinator._api_limits import MAX_PRE_AUTH_MESSAGE, BodyStream, read_body
-from coordinator.errors import ApiError
+from coordinator.common.errors import ApiError
+from coordinator.rest.dispatch import _decode
+from coordinator.rest.limits import MAX_PRE_AUTH_MESSAGE, BodyStream, read_body
 
 
 class _Loose(msgspec.Struct):

@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 from msgspec.structs import astuple
 
-from coordinator import models as m
 from coordinator.autoscale import SYNTAX_ERROR, TOO_LONG
+from coordinator.common import models as m
+from coordinator.common.errors import ApiError
 from coordinator.core import CoordinatorState
-from coordinator.errors import ApiError
-from coordinator.metrics_history import MetricsHistory, TvmCounters, resource_values
-from coordinator.views import pool_view
+from coordinator.core.metrics_history import MetricsHistory, TvmCounters, resource_values
+from coordinator.rest.views import pool_view
 from protocol import messages as pm
 
 PENDING = """

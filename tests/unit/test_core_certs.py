@@ -14,9 +14,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from msgspec.structs import astuple
 
-from coordinator import models as m
+from coordinator.common import models as m
+from coordinator.common.errors import ApiError
 from coordinator.core import CoordinatorState
-from coordinator.errors import ApiError
 from protocol import messages as pm
 
 

@@ -9,10 +9,10 @@ import msgspec
 import pytest
 from msgspec.structs import astuple
 
-from coordinator import models as m
+from coordinator.common import models as m
+from coordinator.common.errors import ApiError
 from coordinator.core import CoordinatorState, Effects
 from coordinator.core.records import TaskRec
-from coordinator.errors import ApiError
 from protocol import messages as pm
 
 JOB = "job-0000000001"

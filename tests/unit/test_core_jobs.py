@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 from msgspec.structs import astuple
 
-from coordinator import models as m
+from coordinator.common import models as m
+from coordinator.common.errors import ApiError
+from coordinator.common.timeutil import rfc3339
 from coordinator.core import WALL_CLOCK_EXIT_CODE, CoordinatorState
-from coordinator.errors import ApiError
-from coordinator.timeutil import rfc3339
 from protocol import messages as pm
 
 

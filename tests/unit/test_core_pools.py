@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 from msgspec.structs import astuple
 
-from coordinator import models as m
+from coordinator.common import models as m
+from coordinator.common.errors import ApiError
 from coordinator.core import WALL_CLOCK_EXIT_CODE, CoordinatorState, Provision
-from coordinator.errors import ApiError
 from protocol import messages as pm
 
 JOB = "job-0000000001"

@@ -9,9 +9,9 @@ import msgspec
 import pytest
 from msgspec.structs import astuple
 
-from coordinator import models as m
+from coordinator.common import models as m
+from coordinator.common.errors import ApiError
 from coordinator.core import WALL_CLOCK_EXIT_CODE, CoordinatorState, Send
-from coordinator.errors import ApiError
 from protocol import messages as pm
 
 

@@ -9,7 +9,7 @@ from typing import Any, get_args
 
 import pytest
 
-from coordinator import models as m
+from coordinator.common import models as m
 from coordinator.core import CoordinatorState, IllegalTransition
 from coordinator.core import states as st
 from protocol import messages as pm

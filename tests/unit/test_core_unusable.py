@@ -3,7 +3,7 @@ comes back. Pure core, fake clock, no sockets."""
 
 from __future__ import annotations
 
-from coordinator import models as m
+from coordinator.common import models as m
 from coordinator.core import CoordinatorState
 from protocol import messages as pm
 

@@ -4,7 +4,7 @@ from collections.abc import AsyncIterator, Iterable
 
 import pytest
 
-from coordinator.filestore import FileStore, FileStoreError, parse_range_header
+from coordinator.runtime.filestore import FileStore, FileStoreError, parse_range_header
 
 DATA = bytes(range(256)) * 1000  # 256000 bytes
 DATA_SHA = hashlib.sha256(DATA).hexdigest()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import trio
 
 from coordinator.core import Write
-from coordinator.store import Journal, SqliteStore
+from coordinator.runtime.journal import Journal, SqliteStore
 
 
 async def test_barrier_covers_earlier_writes_even_for_a_frame_without_writes(tmp_path) -> None:
@@ -54,7 +54,7 @@ async def test_put_meta_is_committed_with_the_batch(tmp_path) -> None:
 async def test_agent_frame_is_acked_only_after_earlier_writes_commit(tmp_path) -> None:
     """The link's reader does not wait for commits (pipelined acks), so the ack of a frame without
     writes of its own (a heartbeat) must still wait for the writes submitted before it."""
-    from coordinator.service import CoordinatorService
+    from coordinator.runtime.service import CoordinatorService
     from protocol import messages as pm
     from protocol.session import Received
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from msgspec.structs import astuple
 
-from coordinator import models as m
+from coordinator.common import models as m
 from coordinator.core import CoordinatorState
 from protocol import messages as pm
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from coordinator import models as m
-from coordinator._pool_limits import check_pool_limits, join_limits
-from coordinator.errors import ApiError
+from coordinator.common import models as m
+from coordinator.common.errors import ApiError
+from coordinator.core.pool_limits import check_pool_limits, join_limits
 from protocol import agent_codec
 from protocol import messages as pm
 from tvmagent.limits import DEFAULT_TASK_PIDS, TaskLimits, dir_usage

@@ -7,9 +7,9 @@ import re
 import pytest
 from msgspec.structs import astuple
 
-from coordinator import models as m
+from coordinator.common import models as m
 from coordinator.core import CoordinatorState
-from coordinator.metrics import LinkLatency, RateWindow, cluster_status, render_prometheus
+from coordinator.runtime.metrics import LinkLatency, RateWindow, cluster_status, render_prometheus
 from protocol import messages as pm
 
 

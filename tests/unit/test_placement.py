@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from msgspec.structs import astuple
 
-from coordinator import models as m
+from coordinator.common import models as m
 from coordinator.core import CoordinatorState, scheduler
 from coordinator.core.records import COMPLETED, Job, JobRec, TaskRec, Tvm, TvmRec
 from coordinator.core.scheduler import place

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator import models as m
+from coordinator.common import models as m
+from coordinator.common.errors import ApiError
+from coordinator.common.timeutil import rfc3339
 from coordinator.core.schedules import Plan, decide, parse_schedule
-from coordinator.errors import ApiError
-from coordinator.timeutil import rfc3339
 
 T0 = 1_700_000_000.0
 

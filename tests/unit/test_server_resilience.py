@@ -5,7 +5,7 @@ import socket
 import pytest
 import trio
 
-from coordinator import server
+from coordinator.daemon import server
 
 
 async def test_server_failure_after_start_serves_again(monkeypatch):

@@ -10,7 +10,7 @@ from email.utils import format_datetime
 
 import pytest
 
-from coordinator.sharedkey import (
+from coordinator.common.sharedkey import (
     MAX_SKEW_S,
     AuthError,
     sign,
@@ -26,7 +26,7 @@ DATE = format_datetime(NOW, usegmt=True)  # "Fri, 02 Jan 2026 03:04:05 GMT"
 
 
 def _expected_hmac(key_b64: str, text: str) -> str:
-    """Computed here, independently of coordinator.sharedkey."""
+    """Computed here, independently of coordinator.common.sharedkey."""
     return base64.b64encode(hmac.new(base64.b64decode(key_b64), text.encode("utf-8"), hashlib.sha256).digest()).decode()
 
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coordinator.errors import ApiError
-from coordinator.timeutil import (
+from coordinator.common.errors import ApiError
+from coordinator.common.timeutil import (
     UNLIMITED,
     UNLIMITED_S,
     format_duration,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator import models as m
-from coordinator.errors import ApiError
-from coordinator.validation import RESERVED_ENV, check_env, check_name, check_range
+from coordinator.common import models as m
+from coordinator.common.errors import ApiError
+from coordinator.common.validation import RESERVED_ENV, check_env, check_name, check_range
 
 SEED_VARS = ["WATASK_ACCOUNT_NAME", "WATASK_WORKITEM_NAME", "WATASK_JOB_NAME", "WATASK_TASK_NAME",
              "WATASK_POOL_NAME", "WATASK_TVM_NAME", "WATASK_TVM_ROOT_DIR", "WATASK_PORTRANGE_LOW",

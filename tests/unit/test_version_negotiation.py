@@ -3,7 +3,7 @@
 An older peer is faked with a codec whose union lacks a message type the newer side sends; a newer
 peer with a message type (and fields) the older side does not know. Unknown types are answered with
 `Unsupported` and acknowledged, never fatal; unknown fields are ignored; the major version is what
-the coordinator's handshake checks (coordinator/links.py).
+the coordinator's handshake checks (coordinator/runtime/links.py).
 """
 
 from __future__ import annotations

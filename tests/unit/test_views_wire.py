@@ -3,9 +3,9 @@ values are still omitted rather than sent as null."""
 
 import msgspec
 
-from coordinator import models as m
+from coordinator.common import models as m
 from coordinator.core import CoordinatorState
-from coordinator.views import job_view, task_view, workitem_view
+from coordinator.rest.views import job_view, task_view, workitem_view
 
 
 def test_zero_counters_and_priority_are_on_the_wire() -> None:

@@ -1,0 +1,78 @@
+"""What every `tvm` command group shares: options, output, the client and its errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+CONTEXT: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _setup_logging(level: str = "info", fmt: str = "console") -> None:
+    from protocol.logsetup import configure_logging
+
+    configure_logging(level, fmt)
+
+
+# --------------------------------------------------------------------------- output helpers
+
+
+def _to_plain(obj: Any) -> Any:
+    import msgspec
+
+    return msgspec.to_builtins(obj)
+
+
+def _emit(ctx_output: str, obj: Any, columns: list[tuple[str, Callable[[Any], Any]]] | None = None,
+          title: str | None = None) -> None:
+    plain = _to_plain(obj)
+    if ctx_output == "json":
+        click.echo(json.dumps(plain, indent=2, sort_keys=False))
+        return
+    if columns is None or not isinstance(obj, list):
+        click.echo(json.dumps(plain, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    for name, _ in columns:
+        table.add_column(name)
+    for item in obj:
+        table.add_row(*[("" if (v := fn(item)) is None else str(v)) for _, fn in columns])
+    Console().print(table)
+
+
+def output_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table",
+                        show_default=True, help="Output format (json for scripts).")(f)
+
+
+def credentials(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--key", envvar="TVM_KEY", help="Account key (env TVM_KEY).", show_envvar=False)(f)
+    f = click.option("--account", envvar="TVM_ACCOUNT", help="Account name (env TVM_ACCOUNT).")(f)
+    f = click.option("--endpoint", envvar="TVM_ENDPOINT", help="Service URL (env TVM_ENDPOINT).")(f)
+    return f
+
+
+def _client(endpoint: str | None, account: str | None, key: str | None):  # noqa: ANN202
+    from coordinator.client import BatchError, Client
+
+    try:
+        return Client(endpoint, account, key)
+    except BatchError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    from coordinator.client import BatchError
+
+    try:
+        return fn()
+    except BatchError as exc:
+        click.echo(f"error: {exc.code}: {exc.message}", err=True)
+        sys.exit(1)

@@ -1,0 +1,207 @@
+"""`tvm up`, `tvm quickstart` and `tvm coordinator`: the Trio main functions behind the CLI."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from typing import Any
+
+import trio
+
+from coordinator.runtime.provisioner import LocalProvisioner
+
+from .server import RunningCoordinator, run_coordinator
+
+log = logging.getLogger("tvm.up")
+
+
+def _exports(rc: RunningCoordinator) -> str:
+    return (f"export TVM_ENDPOINT={rc.endpoint}\n"
+            f"export TVM_ACCOUNT={rc.account}\n"
+            f"export TVM_KEY={rc.key}\n")
+
+
+async def _until_signal() -> int:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s, stopping", signal.Signals(signum).name)
+            return 0
+    return 0
+
+
+async def warn_degraded(rc: RunningCoordinator, out: Any = None, interval: float = 0.5, who: str = "tvm up") -> None:
+    """Say on `tvm up`'s own stderr, once per agent and finding, what an agent's host cannot enforce
+    (the same lines are on the TVM's record and in `tvm status`)."""
+    said: set[tuple[str, str]] = set()
+    while True:
+        for agent in list(rc.service.core.agents.values()):
+            for mode in agent.degraded:
+                if (agent.agent_id, mode) not in said:
+                    said.add((agent.agent_id, mode))
+                    hint = " (--accept-degraded silences this)" if who == "tvm up" else ""
+                    print(f"{who}: WARNING: agent {agent.agent_id} is degraded: {mode}{hint}",
+                          file=out or sys.stderr, flush=True)
+        await trio.sleep(interval)
+
+
+async def run_up(state_dir: str, host: str, port: int, agents: int, heartbeat_timeout: float,
+                 provision: bool = True, tvm_root_dir: str | None = None, accept_degraded: bool = False) -> int:
+    """`provision`: pools short of free agents get more local agents started on demand (issue 5).
+    `accept_degraded` only silences the warnings about degraded hosts; it changes nothing that runs."""
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                rc: RunningCoordinator = await nursery.start(
+                    lambda task_status: run_coordinator(state_dir, host=host, port=port,
+                                                        heartbeat_timeout=heartbeat_timeout,
+                                                        provisioner="local" if provision else None,
+                                                        tvm_root_dir=tvm_root_dir,
+                                                        task_status=task_status))
+            except OSError as exc:
+                print(f"error: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+                return 1
+            # The endpoint accepts requests now: the three lines come first on stdout.
+            sys.stdout.write(_exports(rc))
+            sys.stdout.flush()
+            if rc.service.provisioner is not None:
+                prov = rc.service.provisioner
+                rc.service.start_agents(agents)
+            else:
+                prov = LocalProvisioner(state_dir, rc.agent_url, rc.join_token, tvm_root_dir=tvm_root_dir)
+                prov.start(agents)
+            print(f"tvm up: coordinator on {rc.endpoint}, {agents} local agent(s); Ctrl-C to stop",
+                  file=sys.stderr)
+            if not accept_degraded:
+                nursery.start_soon(warn_degraded, rc)
+            try:
+                await _until_signal()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(prov.stop_all)
+                nursery.cancel_scope.cancel()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def coordinator_status(rc: RunningCoordinator) -> str:
+    """The STATUS= line systemctl shows for the coordinator."""
+    core = rc.service.core
+    agents = sum(1 for a in core.agents.values() if a.connected)
+    running = sum(len(t.running) for t in core.tvms.values())
+    queued = sum(len(j.queue) for j in core.jobs.values())
+    recovering = "; recovering: waiting for agents to report" if core.recovering_until is not None else ""
+    return (f"serving on {rc.endpoint}; {agents} agent(s) connected, {len(core.tvms)} TVM(s), "
+            f"{running} task(s) running, {queued} queued{recovering}")
+
+
+async def _report_status(rc: RunningCoordinator, interval: float = 2.0) -> None:
+    from protocol.sdnotify import notify
+
+    last = ""
+    while True:
+        line = coordinator_status(rc)
+        if line != last:
+            notify(f"STATUS={line}")
+            last = line
+        await trio.sleep(interval)
+
+
+async def run_coordinator_main(cfg: Any) -> int:
+    from protocol.config import parse_port_range
+    from protocol.sdnotify import WatchdogPolicy, notify, watchdog_loop
+
+    try:
+        watchdog = WatchdogPolicy.from_env()
+    except ValueError as exc:  # systemd (or a person) set WATCHDOG_USEC/WATCHDOG_PID to garbage
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    async with trio.open_nursery() as nursery:
+        try:
+            rc: RunningCoordinator = await nursery.start(
+                lambda task_status: run_coordinator(cfg.state_dir, host=cfg.host, port=cfg.port,
+                                                    account=cfg.account, heartbeat_timeout=cfg.heartbeat_timeout,
+                                                    join_token=cfg.join_token or None,
+                                                    tls_cert=cfg.tls_cert or None, tls_key=cfg.tls_key or None,
+                                                    port_range=parse_port_range(cfg.port_range, cfg.ports_per_tvm),
+                                                    max_pool_size=cfg.max_pool_size,
+                                                    max_upload_size=cfg.max_upload_size, task_status=task_status))
+        except OSError as exc:
+            print(f"error: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        log.info("coordinator ready on %s (account %s)", rc.endpoint, rc.account)
+        sys.stdout.write(_exports(rc) + f"export TVM_JOIN_TOKEN={rc.join_token}\n")
+        sys.stdout.flush()
+        notify("READY=1", f"STATUS={coordinator_status(rc)}")
+        nursery.start_soon(watchdog_loop, watchdog)
+        nursery.start_soon(_report_status, rc)
+        await _until_signal()
+        notify("STOPPING=1", "STATUS=stopping")
+        nursery.cancel_scope.cancel()
+    return 0
+
+
+# /bin/sh and coreutils: reachable by the unprivileged task users (this interpreter may not be).
+SAMPLE_SCRIPT = ('h=$(printf %s "$1" | sha256sum | cut -c1-16); '
+                 'echo "task $WATASK_TASK_NAME on $WATASK_TVM_NAME: sha256($1) = $h"')
+
+
+async def run_quickstart(n_tasks: int, agents: int, state_dir: str | None) -> int:
+    """The main job: embedded coordinator + local agents + a real workload, end to end."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from coordinator.client import AsyncClient, task_spec
+
+    console = Console(stderr=True)
+    tmp = None
+    if state_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="tvm-quickstart-")
+        state_dir = tmp.name
+    prov: LocalProvisioner | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            rc: RunningCoordinator = await nursery.start(
+                lambda task_status: run_coordinator(state_dir, port=0, task_status=task_status))
+            console.print(f"[bold]coordinator[/] {rc.endpoint}  (state in {state_dir})")
+            prov = LocalProvisioner(state_dir, rc.agent_url, rc.join_token)
+            prov.start(agents)
+            nursery.start_soon(warn_degraded, rc, None, 0.5, "tvm quickstart")
+            async with AsyncClient(rc.endpoint, rc.account, rc.key) as client:
+                await client.pools.add("quickstart", target_dedicated=agents, max_tasks_per_vm=2,
+                                       vm_size="medium")
+                await client.workitems.add("sample", "quickstart")
+                job = "job-0000000001"
+                tasks = [task_spec(f"t{i:04d}", f"/bin/sh -c {shlex.quote(SAMPLE_SCRIPT)} sample {i}")
+                         for i in range(n_tasks)]
+                started = time.monotonic()
+                await client.tasks.add_many("sample", job, tasks)
+                with Progress(TextColumn("tasks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                              console=console) as bar:
+                    tid = bar.add_task("tasks", total=n_tasks)
+                    counts = await client.tasks.wait(
+                        "sample", job, timeout=600,
+                        progress=lambda c: bar.update(tid, completed=c.completed))
+                elapsed = time.monotonic() - started
+                first = await client.files.get_from_task("sample", job, "t0000", "stdout.txt")
+                tvms = await client.tvms.list("quickstart")
+            console.print(f"[green]{counts.succeeded} succeeded[/], {counts.failed} failed, "
+                          f"{n_tasks / elapsed:.0f} tasks/s on {len(tvms)} TVMs")
+            console.print(f"stdout of t0000: {first.decode().strip()}")
+            nursery.cancel_scope.cancel()
+        return 0 if counts.failed == 0 else 1
+    finally:
+        if prov is not None:
+            prov.stop_all()
+        if tmp is not None:
+            tmp.cleanup()
+            if prov is not None:  # the TVM roots of a throw-away state directory go with it
+                shutil.rmtree(prov.tvm_root_dir, ignore_errors=True)
+        elif state_dir:
+            os.makedirs(state_dir, exist_ok=True)

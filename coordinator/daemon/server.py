@@ -1,0 +1,189 @@
+"""Run a coordinator: service + REST/websocket server on one port (hypercorn, Trio worker)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from coordinator.core import AutoscaleTiming
+from coordinator.rest.app import make_app
+from coordinator.rest.dispatch import Dispatcher
+from coordinator.rest.limits import DEFAULT_MAX_UPLOAD, patch_websocket_limits
+from coordinator.runtime.filestore import FileStore
+from coordinator.runtime.service import CoordinatorService
+from coordinator.runtime.statedir import make_private_dir
+
+log = logging.getLogger("tvm.coordinator")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+class RunningCoordinator:
+    """Handle given to `task_status.started()`: endpoint, account, key, token, service."""
+
+    def __init__(self, service: CoordinatorService, app: Dispatcher, endpoint: str) -> None:
+        self.service = service
+        self.app = app
+        self.endpoint = endpoint
+        self.account = service.account
+        self.key = service.keys[0]
+        self.join_token = service.join_token
+
+    @property
+    def agent_url(self) -> str:
+        return self.endpoint.replace("http://", "ws://").replace("https://", "wss://") + "/agent"
+
+
+async def run_coordinator(
+    state_dir: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    account: str = "tvm",
+    heartbeat_timeout: float = 30.0,
+    join_token: str | None = None,
+    max_pool_size: int = 1000,
+    provisioner: Any = None,
+    autoscale_timing: AutoscaleTiming | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    port_range: tuple[int, int, int] | None = None,
+    max_agent_frame: int = 64 * 1024 * 1024,
+    max_upload_size: int = DEFAULT_MAX_UPLOAD,
+    clock: Any = None,
+    tvm_root_dir: str | None = None,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """`provisioner`: None (pools use only agents that register by themselves), "local" (the embedded
+    LocalProvisioner starts `python -m tvmagent` processes under STATE_DIR/agents), or a factory
+    `(agent_url, join_token) -> Provisioner`. Its agents are stopped when the coordinator stops.
+
+    `autoscale_timing` (tests): shorter autoscale sample period, visibility delay and evaluation
+    interval bounds (see `AutoscaleTiming`), so a test runs hours of autoscale in seconds while
+    heartbeats and timeouts keep the real clock. `tvm_root_dir`: where the local provisioner puts
+    its agents' TVM roots (`LocalProvisioner`)."""
+    service = CoordinatorService(state_dir, account=account, heartbeat_timeout=heartbeat_timeout,
+                                 join_token=join_token, max_pool_size=max_pool_size,
+                                 **({"clock": clock} if clock is not None else {}))  # issue 6: tests' fake time
+    files = FileStore(make_private_dir(os.path.join(state_dir, "files")))
+    app = make_app(service, files, max_upload_size=max_upload_size)
+    sock = bind_socket(host, port)
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    # TLS (issue 8): https:// for REST and wss:// for agents on the same port.
+    endpoint = f"{'https' if tls_cert else 'http'}://{shown}:{bound}"
+    service.endpoint = endpoint
+    if port_range is not None:  # (low, high, per TVM) for communicating pools (issue 8)
+        from protocol.ports import PortRangeConfig
+
+        service.core.port_range = PortRangeConfig(*port_range)
+    service.core.account_url = endpoint
+    if autoscale_timing is not None:
+        service.core.autoscale_timing = autoscale_timing
+    prov = None
+    if provisioner is not None:
+        agent_ws = endpoint.replace("https://", "wss://").replace("http://", "ws://") + "/agent"
+        if provisioner == "local":
+            from coordinator.runtime.provisioner import LocalProvisioner
+
+            prov = LocalProvisioner(state_dir, agent_ws, service.join_token, tvm_root_dir=tvm_root_dir)
+        else:
+            prov = provisioner(agent_ws, service.join_token)
+        service.set_provisioner(prov)
+    config = Config()
+    # Larger frames close the link (1009); before the hello is accepted the limit is far smaller
+    # (MAX_PRE_AUTH_MESSAGE, see patch_websocket_limits).
+    config.websocket_max_message_size = max_agent_frame
+    if tls_cert:
+        config.certfile = tls_cert
+        config.keyfile = tls_key
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.keep_alive_timeout = 75
+    config.graceful_timeout = 1.0
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            await nursery.start(_serve, app, config, sock)
+            log.info("coordinator listening on %s (restored state in %.2f s)", endpoint, service.restore_seconds)
+            task_status.started(RunningCoordinator(service, app, endpoint))
+    finally:
+        if prov is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(prov.stop_all)
+        sock.close()
+        service.close()
+
+
+async def _serve(app: Dispatcher, config: Config, sock: socket.socket,
+                 task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until cancelled. If hypercorn's server task ever dies of an internal error (it has
+    crashed on a send race, see `_patch_hypercorn`), log it and serve again on the same socket:
+    agents reconnect and resend, clients retry, the coordinator's state is untouched."""
+    _patch_hypercorn()
+    patch_websocket_limits()
+    status = _StartedOnce(task_status)
+    while True:
+        # hypercorn wraps the fd in its own socket object and closes it: give it a duplicate.
+        config.bind = [f"fd://{os.dup(sock.fileno())}"]
+        try:
+            await serve(app, config, task_status=status)  # type: ignore[arg-type]
+        except Exception:
+            if not status.done:
+                raise  # failing to start (bad certificate, ...) is the caller's error
+            log.exception("the HTTP/websocket server failed; serving again")
+            await trio.sleep(0.1)
+            continue
+        return
+
+
+class _StartedOnce:
+    """Pass `started()` to the real task status the first time only (restarts are silent)."""
+
+    def __init__(self, task_status: Any) -> None:
+        self._status = task_status
+        self.done = False
+
+    def started(self, value: Any = None) -> None:
+        if not self.done:
+            self.done = True
+            self._status.started(value)
+
+
+_patched = False
+
+
+def _patch_hypercorn() -> None:
+    """hypercorn 0.17/0.18 (trio) races `_close()`'s unlocked `send_eof()` against a locked
+    `send_all()` when a websocket closes while a frame is going out; the BusyResourceError escapes
+    and tears down the whole server. Treat it like the broken connection it is."""
+    global _patched
+    if _patched:
+        return
+    from hypercorn.events import Closed
+    from hypercorn.trio.tcp_server import TCPServer
+
+    original = TCPServer.protocol_send
+
+    async def protocol_send(self: TCPServer, event: Any) -> None:
+        try:
+            await original(self, event)
+        except trio.BusyResourceError:
+            await self.protocol.handle(Closed())
+
+    TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
+    _patched = True

@@ -1,0 +1,209 @@
+"""REST API (ASGI, served by hypercorn's Trio worker) and the agent websocket endpoint.
+
+Routing is a small table of (method, pattern) -> handler; every handler answers a msgspec Struct
+(or raw bytes for files). Errors leave as `{code, message: {lang, value}, values}`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import parse_qs
+
+import msgspec
+
+from coordinator.common import models as m
+from coordinator.common.errors import ApiError, bad_request
+from coordinator.common.sharedkey import AuthError, verify
+from coordinator.core import CoordinatorState
+from coordinator.runtime.filestore import FileStore
+from coordinator.runtime.service import CoordinatorService
+
+from . import paging
+from .inputlimits import check_request
+from .limits import BodyStream, decode_depth_error, json_body_limit, read_body
+
+_json = msgspec.json.Encoder()
+Handler = Callable[..., Awaitable[Any]]
+MAX_FILE_CHUNK = 4 * 1024 * 1024
+
+
+class Response:
+    __slots__ = ("status", "body", "headers")
+
+    def __init__(self, status: int, body: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers or []
+
+
+def _json_response(status: int, obj: Any) -> Response:
+    return Response(status, _json.encode(obj), [(b"content-type", b"application/json; odata=minimalmetadata")])
+
+
+def _error_response(exc: ApiError) -> Response:
+    body = m.ErrorBody(code=exc.code, message=m.ErrorMessage(value=exc.message),
+                       values=[m.ErrorDetail(key=k, value=v) for k, v in exc.values.items()])
+    resp = _json_response(exc.status, body)
+    resp.headers.append((b"x-tvm-error-code", exc.code.encode()))  # HEAD answers have no body
+    return resp
+
+
+_ERR_AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_ERR_FIELD = re.compile(r"^Object (?:missing required|contains unknown) field `(?P<name>[^`]+)`")
+
+
+def _error_field(text: str) -> str:
+    """The JSON path a msgspec error is about ("startTask.commandLine", "value[3].name", "")."""
+    at = _ERR_AT.search(text)
+    path = at["path"].lstrip(".") if at else ""
+    # Missing and unknown fields are reported at their parent object: add the field's own name.
+    named = _ERR_FIELD.match(text)
+    if named:
+        path = f"{path}.{named['name']}" if path else named["name"]
+    return path
+
+
+_S = TypeVar("_S", bound=msgspec.Struct)
+
+
+def _decode(body: bytes, typ: type[_S], *, check: bool = True) -> _S:
+    if not body:
+        raise bad_request("MissingRequestBody", "the request needs a JSON body")
+    try:
+        req = msgspec.json.decode(body, type=typ)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        field = _error_field(text)
+        values = {"field": field} if field else {}
+        raise bad_request("InvalidRequestBody", f"invalid request body: {text}", **values) from None
+    except msgspec.DecodeError as exc:
+        raise bad_request("InvalidRequestBody", f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise decode_depth_error() from None
+    if check:
+        check_request(req)  # command-line length, NUL, zero wall clock: refused before anything is stored
+    return req
+
+
+RouteAdder = Callable[[str, str, Handler], None]
+
+
+class Dispatcher:
+    """The ASGI application: authentication, body limits, the route table and error rendering.
+    Route groups (`routes_*.py`) add their handlers to it; see `app.make_app`."""
+
+    def __init__(self, service: CoordinatorService, files: FileStore, *, max_upload_size: int) -> None:
+        self.svc = service
+        self.core: CoordinatorState = service.core
+        self.files = files
+        self.max_upload_size = max_upload_size
+        self.requests = 0
+        self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
+
+    def route(self, method: str, pattern: str, handler: Handler) -> None:
+        self._routes.append((method, re.compile(pattern + "$"), handler))
+
+    # ------------------------------------------------------------------ ASGI entry
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if kind == "websocket":
+            from coordinator.runtime.links import serve_agent
+
+            await serve_agent(self.svc, scope, receive, send)
+            return
+        if kind != "http":
+            return
+        resp = await self._http(scope, receive)
+        await send({"type": "http.response.start", "status": resp.status,
+                    "headers": [*resp.headers, (b"content-length", str(len(resp.body)).encode())]})
+        await send({"type": "http.response.body", "body": resp.body if scope["method"] != "HEAD" else b""})
+
+    async def _http(self, scope: dict, receive: Callable) -> Response:
+        self.requests += 1
+        method = scope["method"]
+        path = scope["path"]
+        query = scope.get("query_string", b"").decode("latin-1")
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        paging.REQUEST.set((scope.get("scheme", "http"), headers.get("host", "localhost"),
+                            scope.get("raw_path", path.encode()).decode("latin-1").split("?")[0], query))
+        try:
+            agent_fetch = path.startswith("/files/sha256/") and self._agent_authorized(headers)
+            # /metrics is for scrapers that cannot sign: aggregates only (coordinator/runtime/metrics.py).
+            public = method == "GET" and path == "/metrics"
+            # The signature covers the headers, not the body: check it before reading any body.
+            if not agent_fetch and not public and not self._job_token_authorized(headers, path):
+                try:
+                    verify(method, scope.get("raw_path", path.encode()).decode("latin-1").split("?")[0], query,
+                           headers, self.svc.account, [k for k in self.svc.keys if k], time.time())
+                except AuthError as exc:
+                    raise ApiError(exc.status, exc.code, exc.message) from None
+            stream: BodyStream | None = None
+            if path == "/files" and method == "POST":  # uploads stream to disk (FileRoutes.upload_file)
+                stream = BodyStream(receive, headers, self.max_upload_size)
+                body = b""
+            else:
+                body = await read_body(receive, headers, json_body_limit(path))
+            for meth, pattern, handler in self._routes:
+                if meth != method:
+                    continue
+                match = pattern.match(path)
+                if match:
+                    # scope["path"] is already percent-decoded (ASGI): decoding again would turn a
+                    # file named "a%41" into "aA".
+                    params = match.groupdict()
+                    q = {k: v[-1] for k, v in parse_qs(query).items()}
+                    if stream is not None:
+                        params["stream"] = stream
+                    return await handler(body=body, query=q, headers=headers, **params)
+            if any(p.match(path) for _, p, _ in self._routes):
+                raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on {path}")
+            raise ApiError(404, "ResourceNotFound", f"no such resource: {path}")
+        except ApiError as exc:
+            return _error_response(exc)
+        except Exception as exc:  # a bug must not take the server down; say so clearly
+            import logging
+
+            logging.getLogger("tvm.api").exception("internal error on %s %s", method, path)
+            return _error_response(ApiError(500, "InternalError", f"internal error: {type(exc).__name__}"))
+
+    def _agent_authorized(self, headers: dict[str, str]) -> bool:
+        # An enrolled agent proves its own credential; the account join token is still accepted.
+        agent_id = headers.get("x-tvm-agent-id", "")
+        if agent_id:
+            try:
+                t = int(headers.get("x-tvm-agent-proof-time", ""))
+            except ValueError:
+                return False
+            return self.svc.auth.check_http_proof(agent_id, headers.get("x-tvm-agent-proof", ""), t, time.time())
+        token = headers.get("x-tvm-agent-token")
+        if not token:
+            return False
+        return self.svc.check_token(token)
+
+    def _job_token_authorized(self, headers: dict[str, str], path: str) -> bool:
+        """A job manager's credential (`Authorization: TVMJobToken <token>`, issue 6): valid for its
+        own job's resources only; 401 if unknown, 403 anywhere else. False: not such a request."""
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme != "TVMJobToken":
+            return False
+        job = self.core.job_for_token(token.strip())
+        if job is None:
+            raise ApiError(401, "AuthenticationFailed", "the job credential is not valid (unknown or deleted job)")
+        base = f"/workitems/{job.rec.workitem}/jobs/{job.rec.name}"
+        if path != base and not path.startswith(base + "/"):
+            raise ApiError(403, "AuthorizationFailure",
+                           f"this job-manager credential is valid only for {base} and its tasks, not {path}",
+                           scope=base)
+        return True

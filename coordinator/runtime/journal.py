@@ -1,0 +1,170 @@
+"""SQLite journal: the durable copy of the coordinator's in-memory state.
+
+One table of (kind, key) -> msgpack body, written only by the group-commit writer (`Journal`), in
+WAL mode with synchronous=FULL so a commit that returned survives power loss. The narrow interface
+(`load`, `apply`, `meta`) is what a PostgreSQL backend would implement (DESIGN.md §7).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator, Sequence
+
+import trio
+
+from coordinator.core import Write
+
+META_KIND = "\x00meta"  # Write.kind of a meta table row (object kinds are plain words)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS objects (
+    kind TEXT NOT NULL,
+    key  TEXT NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (kind, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+
+class SqliteStore:
+    def __init__(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    def all_meta(self) -> dict[str, str]:
+        return dict(self._db.execute("SELECT key, value FROM meta"))
+
+    def load(self) -> Iterator[tuple[str, str, bytes]]:
+        # Parents before children so restore() can attach tasks to jobs in one pass.
+        for kind in ("pool", "tvm", "workitem", "job", "task", "cert", "file"):
+            yield from self._db.execute("SELECT kind, key, body FROM objects WHERE kind=?", (kind,))
+
+    def apply(self, writes: Sequence[Write]) -> None:
+        """Apply a batch in one transaction (called from the writer thread only)."""
+        cur = self._db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            puts: list[tuple[str, str, bytes]] = []
+            for w in writes:
+                if w.kind == META_KIND:  # a meta key (Journal.put_meta), committed with the batch
+                    cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                                (w.key, (w.body or b"").decode()))
+                    continue
+                if w.body is not None:
+                    puts.append((w.kind, w.key, w.body))
+                    continue
+                if puts:
+                    cur.executemany("INSERT OR REPLACE INTO objects(kind, key, body) VALUES (?,?,?)", puts)
+                    puts = []
+                if w.prefix:
+                    # Keys are "a/b/c" with names of [A-Za-z0-9_-]; "0" sorts right after "/".
+                    cur.execute("DELETE FROM objects WHERE kind=? AND key>=? AND key<?",
+                                (w.kind, w.key, w.key[:-1] + "0"))
+                else:
+                    cur.execute("DELETE FROM objects WHERE kind=? AND key=?", (w.kind, w.key))
+            if puts:
+                cur.executemany("INSERT OR REPLACE INTO objects(kind, key, body) VALUES (?,?,?)", puts)
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+
+
+class Journal:
+    """Group commit: many producers, one writer thread, one transaction per batch.
+
+    `submit()` returns at once with a ticket; `await ticket.wait()` returns once the writes are
+    durable. Everything submitted while a commit runs goes into the next one.
+    """
+
+    def __init__(self, store: SqliteStore, max_batch: int = 50_000) -> None:
+        self.store = store
+        self.max_batch = max_batch
+        self._pending: list[Write] = []
+        self._tickets: list[Ticket] = []
+        self._wakeup = trio.Event()
+        self._limiter = trio.CapacityLimiter(1)
+        self.commits = 0
+        self.rows = 0
+        self._closed = False
+        self._last: Ticket | None = None  # the newest ticket with writes
+
+    def put_meta(self, key: str, value: str) -> Ticket:
+        """Queue a meta row for the next group commit (no fsync on the caller's thread)."""
+        return self.submit([Write(META_KIND, key, value.encode())])
+
+    def barrier(self) -> Ticket:
+        """A ticket that is done once everything submitted so far is durable (commits are in order)."""
+        last = self._last
+        if last is None or last.event.is_set():
+            ticket = Ticket()
+            ticket.done = True
+            ticket.event.set()
+            return ticket
+        return last
+
+    def submit(self, writes: list[Write]) -> Ticket:
+        ticket = Ticket()
+        if not writes:
+            ticket.done = True
+            ticket.event.set()
+            return ticket
+        self._pending.extend(writes)
+        self._tickets.append(ticket)
+        self._last = ticket
+        self._wakeup.set()
+        return ticket
+
+    async def run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            while self._pending:
+                batch, self._pending = self._pending, []
+                tickets, self._tickets = self._tickets, []
+                try:
+                    await trio.to_thread.run_sync(self.store.apply, batch, limiter=self._limiter)
+                except Exception as exc:  # the disk failed: every waiter gets the error
+                    for t in tickets:
+                        t.error = exc
+                        t.event.set()
+                    continue
+                self.commits += 1
+                self.rows += len(batch)
+                for t in tickets:
+                    t.done = True
+                    t.event.set()
+
+
+class Ticket:
+    __slots__ = ("event", "done", "error")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.done = False
+        self.error: Exception | None = None
+
+    async def wait(self) -> None:
+        await self.event.wait()
+        if self.error is not None:
+            raise self.error

@@ -1,0 +1,329 @@
+"""The coordinator's Trio shell: runs commands on the pure core and carries out their effects.
+
+Order of effects for one command: journal writes are submitted (group commit), messages to agents
+are queued on their link sessions at once, and the caller awaits the commit before answering — so a
+2xx means durable, and an agent's completion is acknowledged only after it is durable.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import logging
+import os
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from coordinator.core import CoordinatorState, Effects
+from protocol import LinkSession, coordinator_codec
+from protocol import messages as pm
+
+from .agentauth import AgentAuth, token_hash
+from .journal import Journal, SqliteStore, Ticket
+from .metrics import PING_INTERVAL, LinkMonitor
+from .statedir import secure_state_dir
+
+log = logging.getLogger("tvm.coordinator")
+
+
+MAX_PENDING_ACKS = 64  # frames a link's reader may apply ahead of their commit
+
+
+class AgentLink:
+    """One agent's session plus, while connected, the means to write frames to it."""
+
+    def __init__(self, agent_id: str, session: LinkSession) -> None:
+        self.agent_id = agent_id
+        self.session = session
+        self.wake = trio.Event()
+        self.connected = False
+        self.close_request: tuple[int, str] | None = None
+        self.connection_id = 0
+        # (journal barrier, seq): frames applied but not yet durable, acknowledged in this order.
+        self.pending_acks: deque[tuple[Ticket, int]] = deque()
+        self.acks_wake = trio.Event()
+
+    def poke(self) -> None:
+        self.wake.set()
+
+
+class CoordinatorService:
+    def __init__(
+        self,
+        state_dir: str,
+        *,
+        account: str = "tvm",
+        heartbeat_timeout: float = 30.0,
+        join_token: str | None = None,
+        clock: Callable[[], float] = time.time,
+        max_pool_size: int = 1000,
+    ) -> None:
+        state_dir = secure_state_dir(state_dir)  # 0700 dir, 0600 db/WAL/token: tasks must not read keys
+        self.state_dir = state_dir
+        self.store = SqliteStore(os.path.join(state_dir, "coordinator.db"))
+        self.account = self.store.get_meta("account") or account
+        self.keys = [self.store.get_meta("key1") or "", self.store.get_meta("key2") or ""]
+        if not self.keys[0]:
+            self.keys = [base64.b64encode(secrets.token_bytes(64)).decode() for _ in range(2)]
+            self.store.set_meta("key1", self.keys[0])
+            self.store.set_meta("key2", self.keys[1])
+            self.store.set_meta("account", self.account)
+        self.join_token = self._load_join_token(join_token)
+        # Agent credentials: read from memory, written through the group commit (an fsync per
+        # agent connection on the event loop stalled everything while 1,000 agents connected).
+        # Whoever acts on a put awaits `journal.barrier()` first (links: before Welcome).
+        self._auth_meta = self.store.all_meta()
+        self.auth = AgentAuth(self._auth_meta.get, self._auth_put, self.store.get_meta("join_token_sha256") or "",
+                              items=self._auth_meta.items)
+        self.agent_link_events: dict[str, int] = {}  # refused hellos by Reject code, replaced links (/metrics)
+        epoch = int(self.store.get_meta("epoch") or "0") + 1
+        self.store.set_meta("epoch", str(epoch))
+        self.core = CoordinatorState(self.account, epoch=epoch, clock=clock,
+                                     heartbeat_timeout=heartbeat_timeout, max_pool_size=max_pool_size)
+        started = time.monotonic()
+        self.core.restore(self.store.load())
+        self.restore_seconds = time.monotonic() - started
+        self.journal = Journal(self.store)
+        self.links: dict[str, AgentLink] = {}
+        self.tick_interval = max(0.05, min(1.0, heartbeat_timeout / 5))
+        self._file_waiters: dict[int, tuple[trio.Event, list[pm.FileResponse]]] = {}
+        self._req_ids = itertools.count(1)
+        self.endpoint = ""
+        # Link round trips and placement rate for /metrics; ping at least as often as agents heartbeat.
+        self.monitor = LinkMonitor(interval=min(PING_INTERVAL, heartbeat_timeout / 4))
+        self.provisioner: Any = None  # issue 5: see set_provisioner
+
+    def _auth_put(self, key: str, value: str) -> None:
+        self._auth_meta[key] = value
+        self.journal.put_meta(key, value)
+
+    def set_provisioner(self, provisioner: Any) -> None:
+        """Let the core ask `provisioner.start(n, size)` for agents when pools lack free ones."""
+        self.provisioner = provisioner
+        self.core.provisioning_enabled = provisioner is not None
+
+    def start_agents(self, n: int, size: str = "small") -> list[str]:
+        """Start `n` agents through the provisioner now (e.g. `tvm up --agents N`); pools created before
+        they register do not ask for them a second time."""
+        started = self.provisioner.start(n, size)
+        self.core.expect_agents(len(started))
+        return started
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.journal.run)
+            nursery.start_soon(self._ticker)
+            nursery.start_soon(self.monitor.run, self)
+            task_status.started()
+
+    async def _ticker(self) -> None:
+        while True:
+            await trio.sleep(self.tick_interval)
+            self.core.tick()
+            self.core.schedule()
+            self._dispatch(self.core.take_effects())
+
+    def check_token(self, token: str) -> bool:
+        return self.auth.check_token(token)
+
+    def _load_join_token(self, given: str | None) -> str:
+        """The database keeps only the token's SHA-256. The plain token is kept in a 0600 file next
+        to it (STATE_DIR/join-token) so the embedded provisioner can hand it to local agents."""
+        path = os.path.join(self.state_dir, "join-token")
+        token = given or ""
+        if not token and os.path.exists(path):
+            with open(path) as f:
+                token = f.read().strip()
+        token = token or self.store.get_meta("join_token_plain") or secrets.token_urlsafe(32)
+        fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
+        os.replace(path + ".tmp", path)
+        self.store.set_meta("join_token_sha256", token_hash(token))
+        self.store.set_meta("join_token_plain", "")  # older databases kept it in clear
+        return token
+
+    def regenerate_key(self, which: str) -> str:
+        """Replace the primary or secondary account key; the other one keeps working (rotation)."""
+        index = 0 if which == "primary" else 1
+        self.keys[index] = base64.b64encode(secrets.token_bytes(64)).decode()
+        self.store.set_meta(f"key{index + 1}", self.keys[index])
+        return self.keys[index]
+
+    def revoke_agent(self, agent_id: str) -> bool:
+        if agent_id not in self.core.agents and not self.auth.known(agent_id):
+            return False
+        self.auth.revoke(agent_id)
+        link = self.links.get(agent_id)
+        if link is not None:
+            link.close_request = (4003, "agent revoked")
+            link.poke()
+        log.warning("agent %s revoked", agent_id)
+        return True
+
+    # ------------------------------------------------------------------ commands
+
+    async def execute(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a command on the core; answer once its writes are durable."""
+        error: Exception | None = None
+        result = None
+        try:
+            result = fn(*args)
+        except Exception as exc:  # validation refused it: nothing was mutated
+            error = exc
+        self.core.schedule()
+        ticket = self._dispatch(self.core.take_effects())
+        await ticket.wait()
+        if error is not None:
+            raise error
+        return result
+
+    def _dispatch(self, fx: Effects) -> Ticket:
+        ticket = self.journal.submit(fx.writes)
+        for p in fx.provision:
+            if self.provisioner is None:
+                break
+            try:
+                started = self.provisioner.start(p.count, p.vm_size)
+                log.info("provisioner started %d agent(s) of size %s: %s", p.count, p.vm_size, ", ".join(started))
+            except Exception:  # a broken provisioner must not take the coordinator down
+                log.exception("provisioner failed to start %d agent(s) of size %s", p.count, p.vm_size)
+        for send in fx.sends:
+            link = self.links.get(send.agent_id)
+            if link is None:
+                continue  # never connected in this run: it will re-register and reconcile
+            link.session.send(send.msg)
+            link.poke()
+        for close in fx.closes:
+            link = self.links.get(close.agent_id)
+            if link is not None:
+                link.close_request = (close.code, close.reason)
+                link.poke()
+        return ticket
+
+    # ------------------------------------------------------------------ agent links
+
+    def link_for(self, hello: pm.Hello) -> tuple[AgentLink, pm.Welcome]:
+        link = self.links.get(hello.agent_id)
+        resumed = bool(link and hello.session_id and hello.session_id == link.session.session_id)
+        if link is None or not resumed:
+            session = LinkSession(coordinator_codec(), secrets.token_hex(8))
+            if link is None:
+                link = AgentLink(hello.agent_id, session)
+                self.links[hello.agent_id] = link
+            else:
+                link.session = session
+                link.pending_acks.clear()  # sequence numbers of the old session
+        else:
+            link.session.resume(hello.last_received)
+        link.connection_id += 1
+        welcome = pm.Welcome(session_id=link.session.session_id, resumed=resumed,
+                             last_received=link.session.received,
+                             heartbeat_interval=max(0.05, self.core.heartbeat_timeout / 4))
+        return link, welcome
+
+    def agent_connected(self, link: AgentLink, hello: pm.Hello, in_flight: set[str] | None = None) -> None:
+        """`in_flight`: keys of RunTasks the agent has not received yet (resent on a resumed session)."""
+        link.connected = True
+        agent = self.core.agents.get(hello.agent_id)
+        tvm = self.core.tvms.get(agent.tvm) if agent is not None and agent.tvm else None
+        before = set(tvm.running) if tvm is not None else set()
+        self.core.agent_hello(hello, in_flight or set())
+        lost = sorted(before - set(tvm.running)) if tvm is not None else []
+        if tvm is not None and lost:  # the operator should see why tasks run again
+            log.warning("agent %s came back without %d task(s) placed on %s (restarted, or not the agent"
+                        " they were given to?): requeued",
+                        hello.agent_id, len(lost), tvm.rec.name, extra={"tvm": tvm.rec.name, "tasks": lost[:20]})
+        self.core.schedule()
+        self._dispatch(self.core.take_effects())
+
+    def agent_lost(self, link: AgentLink, connection_id: int) -> None:
+        if link.connection_id != connection_id:
+            return  # a newer connection of the same agent already took over
+        link.connected = False
+        link.session.connection_lost()
+        self.core.agent_disconnected(link.agent_id)
+        agent = self.core.agents.get(link.agent_id)
+        tvm = agent.tvm if agent is not None else None
+        log.info("agent %s disconnected%s", link.agent_id,
+                 f"; {tvm} is lost unless it is back within {self.core.heartbeat_timeout:g} s" if tvm else "",
+                 extra={"tvm": tvm} if tvm else None)
+
+    async def agent_batch(self, link: AgentLink, received: list[Any]) -> None:
+        """Messages from one frame: apply, submit the writes, and queue the acknowledgement for
+        when everything submitted so far is durable (`ack_committed`). The link's reader does not
+        wait for the commit: a reader that waited let an agent's frames queue up behind every
+        commit, and a long queue then drained at one or two tasks per frame and per commit. Only
+        a reader far ahead of the disk (MAX_PENDING_ACKS frames) waits."""
+        core = self.core
+        self.monitor.on_frame(link.agent_id, link.session.session_id, link.session.peer_acked)
+        for r in received:
+            msg = r.msg
+            if isinstance(msg, pm.FileResponse):
+                waiter = self._file_waiters.get(msg.req_id)
+                if waiter is not None:
+                    waiter[1].append(msg)
+                    waiter[0].set()
+                continue
+            core.agent_message(link.agent_id, msg)
+        core.schedule()
+        self._dispatch(core.take_effects())
+        if received:
+            # Not this frame's own ticket: a frame without writes must not be acknowledged before
+            # the writes of earlier frames (its seq acknowledges theirs too).
+            barrier = self.journal.barrier()
+            if barrier.done and not link.pending_acks:
+                link.session.confirm(received[-1].seq)
+                link.poke()
+                return
+            link.pending_acks.append((barrier, received[-1].seq))
+            link.acks_wake.set()
+            if len(link.pending_acks) > MAX_PENDING_ACKS:
+                await link.pending_acks[0][0].wait()
+
+    async def ack_committed(self, link: AgentLink, connection_id: int) -> None:
+        """Per connection: acknowledge applied frames as their commits finish, in order. A failed
+        commit raises here and closes the link, so what it held is never acknowledged."""
+        while True:
+            while link.pending_acks:
+                barrier, seq = link.pending_acks[0]
+                await barrier.wait()
+                if link.connection_id != connection_id:
+                    return  # a newer connection's acker took over
+                link.pending_acks.popleft()
+                link.session.confirm(seq)
+                link.poke()
+            await link.acks_wake.wait()
+            link.acks_wake = trio.Event()
+
+    # An agent that does not answer a file request within this many seconds is reported unreachable.
+    FILE_REQUEST_WAIT_S = 30.0
+
+    async def ask_agent_files(self, agent_id: str, request: pm.FileRequest) -> pm.FileResponse | None:
+        link = self.links.get(agent_id)
+        if link is None or not link.connected:
+            return None
+        req_id = next(self._req_ids)
+        req = pm.FileRequest(req_id=req_id, op=request.op, path=request.path, recursive=request.recursive,
+                             offset=request.offset, length=request.length)
+        event = trio.Event()
+        box: list[pm.FileResponse] = []
+        self._file_waiters[req_id] = (event, box)
+        try:
+            link.session.send(req)
+            link.poke()
+            with trio.move_on_after(self.FILE_REQUEST_WAIT_S):
+                await event.wait()
+        finally:
+            del self._file_waiters[req_id]
+        return box[0] if box else None
+
+    def close(self) -> None:
+        self.store.close()
