@@ -37,7 +37,9 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+def args(
+    description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None
+) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="small sizes: finishes in well under 20 s")
     if extra:
@@ -56,8 +58,13 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"cpus": os.cpu_count(), "cpu": cpu, "memory_bytes": mem, "python": platform.python_version(),
-            "kernel": platform.release()}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "memory_bytes": mem,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -67,11 +74,17 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def spawn(module: str, argv: list[str], env: dict[str, str] | None = None,
-          stdout: Any = subprocess.PIPE) -> subprocess.Popen[bytes]:
+def spawn(
+    module: str, argv: list[str], env: dict[str, str] | None = None, stdout: Any = subprocess.PIPE
+) -> subprocess.Popen[bytes]:
     """A helper process (`python -m benchmarks.<module>`), in its own process group."""
-    return subprocess.Popen([sys.executable, "-m", module, *argv], stdin=subprocess.DEVNULL, stdout=stdout,
-                            env=child_env(env), start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        env=child_env(env),
+        start_new_session=True,
+    )
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
@@ -124,7 +137,9 @@ async def coordinator(state_dir: str, **kw: Any):  # noqa: ANN201 - async genera
             scope.cancel()
 
 
-async def wait_until(cond: Callable[[], bool], limit: float, what: str, poll: float = 0.005) -> None:
+async def wait_until(
+    cond: Callable[[], bool], limit: float, what: str, poll: float = 0.005
+) -> None:
     deadline = time.monotonic() + limit
     while not cond():
         if time.monotonic() > deadline:
@@ -133,8 +148,14 @@ async def wait_until(cond: Callable[[], bool], limit: float, what: str, poll: fl
 
 
 def pool_ready(core: Any, pool: str, n: int) -> bool:
-    return sum(1 for t in core.tvms.values()
-               if t.rec.pool == pool and t.rec.state in ("idle", "running") and t.ready) >= n
+    return (
+        sum(
+            1
+            for t in core.tvms.values()
+            if t.rec.pool == pool and t.rec.state in ("idle", "running") and t.ready
+        )
+        >= n
+    )
 
 
 def job_finished(core: Any, key: str, total: int) -> bool:
@@ -150,18 +171,37 @@ def job_finished(core: Any, key: str, total: int) -> bool:
     return c.completed >= total
 
 
-def start_agents(rc: Any, n: int, base: str, log_level: str = "warning") -> list[subprocess.Popen[bytes]]:
+def start_agents(
+    rc: Any, n: int, base: str, log_level: str = "warning"
+) -> list[subprocess.Popen[bytes]]:
     """Real agent processes (`python -m tvmagent`), each with its own TVM root under `base`."""
     procs = []
     for i in range(n):
         root = os.path.join(base, f"agent{i}")
         os.makedirs(root, exist_ok=True)
         log = open(os.path.join(base, f"agent{i}.log"), "ab")  # noqa: SIM115
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "tvmagent", "--coordinator", rc.agent_url, "--root", root,
-             "--name", f"bench-agent{i}", "--log-level", log_level],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-            env=child_env({"TVM_AGENT_TOKEN": rc.join_token})))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tvmagent",
+                    "--coordinator",
+                    rc.agent_url,
+                    "--root",
+                    root,
+                    "--name",
+                    f"bench-agent{i}",
+                    "--log-level",
+                    log_level,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                env=child_env({"TVM_AGENT_TOKEN": rc.join_token}),
+            )
+        )
         log.close()
     return procs
 
@@ -178,24 +218,43 @@ def stop_agents(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait()
 
 
-async def local_pool(rc: Any, base: str, agents: int, slots: int, size: str, pool: str = "bench",
-                     workitem: str = "wi") -> list[subprocess.Popen[bytes]]:
+async def local_pool(
+    rc: Any,
+    base: str,
+    agents: int,
+    slots: int,
+    size: str,
+    pool: str = "bench",
+    workitem: str = "wi",
+) -> list[subprocess.Popen[bytes]]:
     """Start `agents` real agents, a pool using all of them and a workitem on it."""
     from coordinator.common import models as m
 
     svc, core = rc.service, rc.service.core
     procs = start_agents(rc, agents, os.path.join(base, "agents"))
     try:
-        await wait_until(lambda: sum(1 for a in core.agents.values() if a.connected) >= agents, 60,
-                         f"{agents} agents")
-        await svc.execute(core.add_pool, m.PoolAdd(name=pool, vm_size=size, target_dedicated=agents,
-                                                   max_tasks_per_vm=slots))
+        await wait_until(
+            lambda: sum(1 for a in core.agents.values() if a.connected) >= agents,
+            60,
+            f"{agents} agents",
+        )
+        await svc.execute(
+            core.add_pool,
+            m.PoolAdd(name=pool, vm_size=size, target_dedicated=agents, max_tasks_per_vm=slots),
+        )
         await wait_until(lambda: pool_ready(core, pool, agents), 60, f"{agents} ready TVMs")
-        await svc.execute(core.add_workitem, m.WorkitemAdd(
-            name=workitem, job_execution_environment=m.JobExecutionEnvironment(pool_name=pool)))
+        await svc.execute(
+            core.add_workitem,
+            m.WorkitemAdd(
+                name=workitem, job_execution_environment=m.JobExecutionEnvironment(pool_name=pool)
+            ),
+        )
     except TimeoutError as exc:
         stop_agents(procs)
-        logs = [f"--- agent{i}\n{_tail(os.path.join(base, 'agents', f'agent{i}.log'))}" for i in range(agents)]
+        logs = [
+            f"--- agent{i}\n{_tail(os.path.join(base, 'agents', f'agent{i}.log'))}"
+            for i in range(agents)
+        ]
         raise TimeoutError(f"{exc}\n" + "\n".join(logs)) from None
     except BaseException:
         stop_agents(procs)

@@ -24,18 +24,31 @@ from protocol import SUBPROTOCOL, LinkSession, agent_codec
 from protocol import messages as pm
 
 
-async def sim_agent(url: str, token: str, agent_id: str, ready: trio.Semaphore | None = None) -> None:
+async def sim_agent(
+    url: str, token: str, agent_id: str, ready: trio.Semaphore | None = None
+) -> None:
     session = LinkSession(agent_codec())
     codec = session.codec
     wake = trio.Event()
-    async with open_websocket_url(url, subprotocols=[SUBPROTOCOL], connect_timeout=60,
-                                  max_message_size=64 * 1024 * 1024) as ws:
+    async with open_websocket_url(
+        url, subprotocols=[SUBPROTOCOL], connect_timeout=60, max_message_size=64 * 1024 * 1024
+    ) as ws:
         # Enrol with a credential of its own (the benchmarks start every run on a fresh state).
         cred = secrets.token_urlsafe(32)
         t = int(time.time() * 1000)
-        await ws.send_message(codec.encode(pm.Hello(agent_id=agent_id, token=token, hostname="sim", cores=8,
-                                                    credential=cred, proof=agent_proof(cred, agent_id, t),
-                                                    proof_time=t)))
+        await ws.send_message(
+            codec.encode(
+                pm.Hello(
+                    agent_id=agent_id,
+                    token=token,
+                    hostname="sim",
+                    cores=8,
+                    credential=cred,
+                    proof=agent_proof(cred, agent_id, t),
+                    proof_time=t,
+                )
+            )
+        )
         welcome = codec.decode_handshake(await ws.get_message())
         if not isinstance(welcome, pm.Welcome):
             raise SystemExit(f"{agent_id}: refused: {welcome}")
@@ -67,8 +80,15 @@ async def sim_agent(url: str, token: str, agent_id: str, ready: trio.Semaphore |
                     session.confirm(r.seq)
                     msg = r.msg
                     if isinstance(msg, pm.RunTask):
-                        session.send(pm.TaskCompleted(key=msg.spec.key, attempt=msg.spec.attempt, exit_code=0,
-                                                      start_time=now, end_time=now))
+                        session.send(
+                            pm.TaskCompleted(
+                                key=msg.spec.key,
+                                attempt=msg.spec.attempt,
+                                exit_code=0,
+                                start_time=now,
+                                end_time=now,
+                            )
+                        )
                     elif isinstance(msg, pm.JoinPool):
                         session.send(pm.TvmReady(tvm_name=msg.tvm_name))
                     elif isinstance(msg, pm.CancelTask):

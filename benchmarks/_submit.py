@@ -20,7 +20,10 @@ from coordinator.common import models as m
 
 async def main(a: argparse.Namespace) -> None:
     names = [f"t{i:07d}" for i in range(a.n)]
-    parts = [[m.TaskAdd(name=n, command_line=a.command) for n in names[i:i + 100]] for i in range(0, a.n, 100)]
+    parts = [
+        [m.TaskAdd(name=n, command_line=a.command) for n in names[i : i + 100]]
+        for i in range(0, a.n, 100)
+    ]
     client = AsyncClient(a.endpoint, a.account, os.environ["TVM_KEY"], timeout=300)
     times: dict[str, float] = {}
     failures = 0

@@ -64,8 +64,9 @@ async def run(n: int) -> float:
                 results = await add_many_async(client, "wi", "job-0000000001", tasks)
                 if any(r.status != "success" for r in results):
                     raise RuntimeError("some tasks were refused")
-                await wait_until(lambda: job_finished(core, "wi/job-0000000001", n), 600, f"{n} tasks",
-                                 poll=0.01)
+                await wait_until(
+                    lambda: job_finished(core, "wi/job-0000000001", n), 600, f"{n} tasks", poll=0.01
+                )
                 elapsed = time.time() - t0
                 job = core.jobs["wi/job-0000000001"]
                 failed = sum(1 for t in job.tasks.values() if t.exit_code != 0)
@@ -79,8 +80,12 @@ async def run(n: int) -> float:
 
 def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", type=int, default=0)
-    p.add_argument("--task-isolation", choices=("users", "none"), default="users",
-                   help="how the (root) agents run tasks: each as its own Linux user, or as root")
+    p.add_argument(
+        "--task-isolation",
+        choices=("users", "none"),
+        default="users",
+        help="how the (root) agents run tasks: each as its own Linux user, or as root",
+    )
 
 
 def main() -> None:
@@ -92,15 +97,29 @@ def main() -> None:
     raw_before = raw_spawn_rate(n, concurrency)
     rate = trio.run(run, n)
     raw_after = raw_spawn_rate(n, concurrency)
-    raw = (raw_before + raw_after) / 2  # measured on both sides of the run: drift shows up in the spread
-    params = {"tasks": n, "agents": AGENTS, "slots_per_agent": SLOTS, "command": "/bin/true",
-              "task_isolation": a.task_isolation}
+    raw = (
+        raw_before + raw_after
+    ) / 2  # measured on both sides of the run: drift shows up in the spread
+    params = {
+        "tasks": n,
+        "agents": AGENTS,
+        "slots_per_agent": SLOTS,
+        "command": "/bin/true",
+        "task_isolation": a.task_isolation,
+    }
     emit("end_to_end", params, rate, "tasks/s")
-    emit("raw_spawn", {"spawns": n, "concurrency": concurrency, "command": "/bin/true"}, raw, "tasks/s")
+    emit(
+        "raw_spawn",
+        {"spawns": n, "concurrency": concurrency, "command": "/bin/true"},
+        raw,
+        "tasks/s",
+    )
     emit("end_to_end_ratio", params, rate / raw, "ratio")
-    say(f"end_to_end: {n} tasks of /bin/true on {AGENTS} agents x {SLOTS} slots, task isolation "
+    say(
+        f"end_to_end: {n} tasks of /bin/true on {AGENTS} agents x {SLOTS} slots, task isolation "
         f"{a.task_isolation}: {rate:,.0f} tasks/s; "
-        f"raw spawn {raw:,.0f}/s (before {raw_before:,.0f}, after {raw_after:,.0f}); ratio {rate / raw:.2f}")
+        f"raw spawn {raw:,.0f}/s (before {raw_before:,.0f}, after {raw_after:,.0f}); ratio {rate / raw:.2f}"
+    )
 
 
 if __name__ == "__main__":

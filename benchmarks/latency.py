@@ -39,10 +39,14 @@ async def run(n: int) -> tuple[list[float], list[float]]:
                     await client.tasks.add("wi", "job-0000000001", name, "/bin/true")
                     job = core.jobs[JOB]
                     task = job.tasks[name]
-                    await wait_until(lambda t=task: t.state == "completed", 30, f"task {name}", poll=0.0002)
+                    await wait_until(
+                        lambda t=task: t.state == "completed", 30, f"task {name}", poll=0.0002
+                    )
                     done = time.time()
                     if task.exit_code != 0 or task.start_time is None:
-                        raise RuntimeError(f"task {name} failed: exit {task.exit_code} {task.failure}")
+                        raise RuntimeError(
+                            f"task {name} failed: exit {task.exit_code} {task.failure}"
+                        )
                     if i >= 5:
                         starts.append((task.start_time - t0) * 1000)
                         completes.append((done - t0) * 1000)
@@ -54,8 +58,12 @@ async def run(n: int) -> tuple[list[float], list[float]]:
 
 def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", type=int, default=0)
-    p.add_argument("--task-isolation", choices=("users", "none"), default="users",
-                   help="how the (root) agents run tasks: each as its own Linux user, or as root")
+    p.add_argument(
+        "--task-isolation",
+        choices=("users", "none"),
+        default="users",
+        help="how the (root) agents run tasks: each as its own Linux user, or as root",
+    )
 
 
 def main() -> None:
@@ -63,14 +71,21 @@ def main() -> None:
     os.environ["TVM_AGENT_TASK_ISOLATION"] = a.task_isolation  # read by the agents at start
     n = a.tasks or (50 if a.quick else 1000)
     starts, completes = trio.run(run, n)
-    params = {"tasks": n, "agents": 2, "slots_per_agent": 2, "command": "/bin/true",
-              "task_isolation": a.task_isolation}
+    params = {
+        "tasks": n,
+        "agents": 2,
+        "slots_per_agent": 2,
+        "command": "/bin/true",
+        "task_isolation": a.task_isolation,
+    }
     for label, values in (("submit_to_start", starts), ("submit_to_complete", completes)):
         for q in (50, 99):
             emit(f"latency_{label}_p{q}", params, percentile(values, q), "ms")
-    say(f"latency over {n} single tasks (task isolation {a.task_isolation}): submit→start p50 {percentile(starts, 50):.2f} ms, "
+    say(
+        f"latency over {n} single tasks (task isolation {a.task_isolation}): submit→start p50 {percentile(starts, 50):.2f} ms, "
         f"p99 {percentile(starts, 99):.2f} ms; submit→complete p50 {percentile(completes, 50):.2f} ms, "
-        f"p99 {percentile(completes, 99):.2f} ms")
+        f"p99 {percentile(completes, 99):.2f} ms"
+    )
 
 
 if __name__ == "__main__":

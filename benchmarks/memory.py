@@ -29,13 +29,19 @@ from ._common import args, coordinator, emit, local_pool, rss_bytes, say, stop_a
 def per_task_bytes(n: int) -> tuple[float, int]:
     core = CoordinatorState("bench", clock=lambda: 1_700_000_000.0)
     core.add_pool(m.PoolAdd(name="p", vm_size="small", target_dedicated=0))
-    core.add_workitem(m.WorkitemAdd(name="wi", job_execution_environment=m.JobExecutionEnvironment(pool_name="p")))
+    core.add_workitem(
+        m.WorkitemAdd(name="wi", job_execution_environment=m.JobExecutionEnvironment(pool_name="p"))
+    )
     core.take_effects()
     gc.collect()
     before = rss_bytes()
     for start in range(0, n, 100):
-        batch = [m.TaskAdd(name=f"task-{i:07d}", command_line=f'/bin/sh -c "render frame {i} --quality high"')
-                 for i in range(start, min(n, start + 100))]
+        batch = [
+            m.TaskAdd(
+                name=f"task-{i:07d}", command_line=f'/bin/sh -c "render frame {i} --quality high"'
+            )
+            for i in range(start, min(n, start + 100))
+        ]
         core.add_tasks("wi", "job-0000000001", batch)
         core.take_effects()
     core.schedule()  # nothing to place on (no TVMs): the tasks stay queued
@@ -65,8 +71,10 @@ def main() -> None:
     emit("coordinator_rss_per_queued_task", {"queued_tasks": n}, per_task, "bytes")
     agent = trio.run(idle_agent_rss)
     emit("idle_agent_rss", {"agents": 1}, agent, "bytes")
-    say(f"memory: {per_task:.0f} bytes per queued task ({n:,} queued, core process RSS {total / 2**20:.0f} MiB); "
-        f"idle agent RSS {agent / 2**20:.1f} MiB")
+    say(
+        f"memory: {per_task:.0f} bytes per queued task ({n:,} queued, core process RSS {total / 2**20:.0f} MiB); "
+        f"idle agent RSS {agent / 2**20:.1f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -20,44 +20,90 @@ from coordinator.common import models as m
 from ._common import args, coordinator, emit, job_finished, pool_ready, say, spawn, stop, wait_until
 
 
-async def run_one(k: int, n: int, slots: int, size: str, concurrency: int, fill: str = "spread") -> dict:
+async def run_one(
+    k: int, n: int, slots: int, size: str, concurrency: int, fill: str = "spread"
+) -> dict:
     with tempfile.TemporaryDirectory(prefix="tvm-bench-") as tmp:
-        async with coordinator(os.path.join(tmp, "state"), heartbeat_timeout=120.0,
-                               max_pool_size=max(1000, k)) as rc:
+        async with coordinator(
+            os.path.join(tmp, "state"), heartbeat_timeout=120.0, max_pool_size=max(1000, k)
+        ) as rc:
             svc = rc.service
             core = svc.core
-            sims = spawn("benchmarks._simagents", ["--url", rc.agent_url, "--count", str(k)],
-                         env={"TVM_AGENT_TOKEN": rc.join_token}, stdout=None)
+            sims = spawn(
+                "benchmarks._simagents",
+                ["--url", rc.agent_url, "--count", str(k)],
+                env={"TVM_AGENT_TOKEN": rc.join_token},
+                stdout=None,
+            )
             try:
-                await wait_until(lambda: sum(1 for a in core.agents.values() if a.connected) >= k,
-                                 60 + k / 10, f"{k} simulated agents")
-                await svc.execute(core.add_pool, m.PoolAdd(name="bench", vm_size=size, target_dedicated=k,
-                                                           max_tasks_per_vm=slots, tvm_fill_type=fill))
+                await wait_until(
+                    lambda: sum(1 for a in core.agents.values() if a.connected) >= k,
+                    60 + k / 10,
+                    f"{k} simulated agents",
+                )
+                await svc.execute(
+                    core.add_pool,
+                    m.PoolAdd(
+                        name="bench",
+                        vm_size=size,
+                        target_dedicated=k,
+                        max_tasks_per_vm=slots,
+                        tvm_fill_type=fill,
+                    ),
+                )
                 await wait_until(lambda: pool_ready(core, "bench", k), 60, f"{k} ready TVMs")
-                await svc.execute(core.add_workitem, m.WorkitemAdd(
-                    name="wi", job_execution_environment=m.JobExecutionEnvironment(pool_name="bench")))
-                sub = spawn("benchmarks._submit", [
-                    "--endpoint", rc.endpoint, "--account", rc.account, "--workitem", "wi",
-                    "--job", "job-0000000001", "--n", str(n), "--concurrency", str(concurrency)],
-                    env={"TVM_KEY": rc.key})
+                await svc.execute(
+                    core.add_workitem,
+                    m.WorkitemAdd(
+                        name="wi",
+                        job_execution_environment=m.JobExecutionEnvironment(pool_name="bench"),
+                    ),
+                )
+                sub = spawn(
+                    "benchmarks._submit",
+                    [
+                        "--endpoint",
+                        rc.endpoint,
+                        "--account",
+                        rc.account,
+                        "--workitem",
+                        "wi",
+                        "--job",
+                        "job-0000000001",
+                        "--n",
+                        str(n),
+                        "--concurrency",
+                        str(concurrency),
+                    ],
+                    env={"TVM_KEY": rc.key},
+                )
                 commits0 = svc.journal.commits
                 cpu0 = time.process_time()
                 sims0 = proc_cpu(sims.pid)
                 try:
-                    await wait_until(lambda: job_finished(core, "wi/job-0000000001", n), 600, f"{n} completions")
+                    await wait_until(
+                        lambda: job_finished(core, "wi/job-0000000001", n), 600, f"{n} completions"
+                    )
                     done = time.time()
                     cpu = time.process_time() - cpu0
                     sims_cpu = proc_cpu(sims.pid) - sims0
-                    sub_cpu = proc_cpu(sub.pid)  # exited or about to: a zombie's /proc entry still counts
+                    sub_cpu = proc_cpu(
+                        sub.pid
+                    )  # exited or about to: a zombie's /proc entry still counts
                     out, _ = await trio.to_thread.run_sync(sub.communicate)
                 finally:
                     stop(sub)
                 times = json.loads(out)
                 if times.get("failures"):
                     raise RuntimeError(f"{times['failures']} tasks were refused")
-                return {"elapsed": done - times["first"], "submit_s": times["last"] - times["first"],
-                        "commits": svc.journal.commits - commits0, "cpu": cpu, "sims_cpu": sims_cpu,
-                        "sub_cpu": sub_cpu}
+                return {
+                    "elapsed": done - times["first"],
+                    "submit_s": times["last"] - times["first"],
+                    "commits": svc.journal.commits - commits0,
+                    "cpu": cpu,
+                    "sims_cpu": sims_cpu,
+                    "sub_cpu": sub_cpu,
+                }
             finally:
                 stop(sims)
 
@@ -70,26 +116,45 @@ def proc_cpu(pid: int) -> float:
 
 
 def main() -> None:
-    a = args(__doc__ or "", lambda p: (
-        p.add_argument("--agents", default=""),
-        p.add_argument("--tasks", type=int, default=0),
-        p.add_argument("--slots", type=int, default=16),
-        p.add_argument("--concurrency", type=int, default=32),
-        p.add_argument("--fill", choices=["spread", "pack"], default="spread"),
-    ))
-    ks = [int(x) for x in a.agents.split(",")] if a.agents else ([10] if a.quick else [10, 100, 1000])
+    a = args(
+        __doc__ or "",
+        lambda p: (
+            p.add_argument("--agents", default=""),
+            p.add_argument("--tasks", type=int, default=0),
+            p.add_argument("--slots", type=int, default=16),
+            p.add_argument("--concurrency", type=int, default=32),
+            p.add_argument("--fill", choices=["spread", "pack"], default="spread"),
+        ),
+    )
+    ks = (
+        [int(x) for x in a.agents.split(",")]
+        if a.agents
+        else ([10] if a.quick else [10, 100, 1000])
+    )
     n = a.tasks or (3000 if a.quick else 100_000)
     size = "extralarge" if a.slots > 16 else "large"
     for k in ks:
         r = trio.run(run_one, k, n, a.slots, size, a.concurrency, a.fill)
         rate = n / r["elapsed"]
-        emit("placement", {"agents": k, "tasks": n, "slots_per_agent": a.slots,
-                           "submit_concurrency": a.concurrency, "fill": a.fill}, rate, "tasks/s")
-        say(f"placement: K={k} agents x {a.slots} slots, {n} tasks: {rate:,.0f} tasks/s "
+        emit(
+            "placement",
+            {
+                "agents": k,
+                "tasks": n,
+                "slots_per_agent": a.slots,
+                "submit_concurrency": a.concurrency,
+                "fill": a.fill,
+            },
+            rate,
+            "tasks/s",
+        )
+        say(
+            f"placement: K={k} agents x {a.slots} slots, {n} tasks: {rate:,.0f} tasks/s "
             f"({r['elapsed']:.2f} s; submitting alone took {r['submit_s']:.2f} s; {r['commits']} journal commits; "
             f"CPU per task: coordinator {r['cpu'] / n * 1e6:.0f} µs, simulated agents {r['sims_cpu'] / n * 1e6:.0f} µs, "
             f"submitter {r['sub_cpu'] / n * 1e6:.0f} µs; "
-            f"load average {os.getloadavg()[0]:.1f})")
+            f"load average {os.getloadavg()[0]:.1f})"
+        )
 
 
 if __name__ == "__main__":

@@ -33,21 +33,31 @@ def fill(state_dir: str, n: int) -> None:
     svc = CoordinatorService(state_dir)  # creates keys, epoch, schema
     core: CoordinatorState = svc.core
     core.add_pool(m.PoolAdd(name="p", vm_size="small", target_dedicated=0))
-    core.add_workitem(m.WorkitemAdd(name="wi", job_execution_environment=m.JobExecutionEnvironment(pool_name="p")))
+    core.add_workitem(
+        m.WorkitemAdd(name="wi", job_execution_environment=m.JobExecutionEnvironment(pool_name="p"))
+    )
     svc.store.apply(core.take_effects().writes)
     job = core.jobs["wi/job-0000000001"]
     enc = msgspec.msgpack.Encoder()
     pending: list[Write] = []
     for start in range(0, n, 100):
         names = [f"task-{i:07d}" for i in range(start, min(n, start + 100))]
-        core.add_tasks("wi", "job-0000000001", [
-            m.TaskAdd(name=name, command_line=f'/bin/sh -c "render {name}"') for name in names])
+        core.add_tasks(
+            "wi",
+            "job-0000000001",
+            [m.TaskAdd(name=name, command_line=f'/bin/sh -c "render {name}"') for name in names],
+        )
         writes = core.take_effects().writes
         if (start // 100) % 2 == 1:  # half the tasks finished before the restart
             writes = []
             for name in names:
                 t = job.tasks[name]
-                t.state, t.prev_state, t.exit_code, t.end_time = "completed", "running", 0, t.created + 1
+                t.state, t.prev_state, t.exit_code, t.end_time = (
+                    "completed",
+                    "running",
+                    0,
+                    t.created + 1,
+                )
                 writes.append(Write("task", f"{job.key}/{name}", enc.encode(t)))
         pending.extend(writes)
         if len(pending) >= 20_000:
@@ -70,17 +80,34 @@ def restart_time(state_dir: str) -> float:
     store.close()
     log = open(os.path.join(os.path.dirname(state_dir), "coordinator.log"), "wb")  # noqa: SIM115
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "coordinator", "--state-dir", state_dir,
-                             "--port", str(port), "--log-level", "warning"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                            env=child_env(), start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "coordinator.cli",
+            "coordinator",
+            "--state-dir",
+            state_dir,
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        env=child_env(),
+        start_new_session=True,
+    )
     try:
         client = Client(f"http://127.0.0.1:{port}", account, key, timeout=5)
         while True:
             if proc.poll() is not None:
                 log.close()
                 with open(log.name, errors="replace") as f:
-                    raise RuntimeError(f"coordinator exited with {proc.returncode}: {f.read()[-2000:]}")
+                    raise RuntimeError(
+                        f"coordinator exited with {proc.returncode}: {f.read()[-2000:]}"
+                    )
             try:
                 client.pools.list()
                 break
@@ -117,8 +144,10 @@ def main() -> None:
             raise RuntimeError(f"restored {loaded} tasks, expected {n}")
     emit("coordinator_restart", {"tasks_in_store": n}, restart, "s")
     emit("coordinator_restore_in_process", {"tasks_in_store": n}, restore, "s")
-    say(f"recovery: {n:,} tasks in the store (filled in {fill_s:.1f} s): restart until the API answers "
-        f"{restart:.2f} s; restore alone {restore:.2f} s")
+    say(
+        f"recovery: {n:,} tasks in the store (filled in {fill_s:.1f} s): restart until the API answers "
+        f"{restart:.2f} s; restore alone {restore:.2f} s"
+    )
 
 
 if __name__ == "__main__":

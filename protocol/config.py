@@ -317,7 +317,7 @@ def _check_coordinator(cfg: CoordinatorConfig, src: Mapping[str, str]) -> None:
 
 
 def parse_port_range(text: str, per_tvm: int) -> tuple[int, int, int]:
-    """"LOW-HIGH" and ports per TVM -> (low, high, per_tvm); ValueError says what is wrong
+    """ "LOW-HIGH" and ports per TVM -> (low, high, per_tvm); ValueError says what is wrong
     (below 1100, overlapping this host's ephemeral range, ...)."""
     from .ports import PortRangeConfig
 

@@ -219,7 +219,9 @@ class JoinPool(Msg, tag="tvm.join", frozen=True, kw_only=True):
     port_range_high: int = 0
     # Memory of the pool's VM size; the agent gives each task slot an equal share (0: no limit).
     memory_limit_bytes: int = 0
-    bubblewrap: bool = False  # run the pool's tasks and start task in a bubblewrap sandbox (issue 8)
+    bubblewrap: bool = (
+        False  # run the pool's tasks and start task in a bubblewrap sandbox (issue 8)
+    )
     task_pids_limit: int = 0  # processes per task (0: the agent's default)
     disk_limit_bytes: int = 0  # bytes the TVM's running tasks may hold on disk (0: no limit)
 
@@ -306,12 +308,30 @@ class FileResponse(Msg, tag="file.response", frozen=True, kw_only=True):
 
 
 AgentMsg = (
-    Heartbeat | TaskStarted | TaskCompleted | StartTaskCompleted | TvmReady | Draining | FileResponse
-    | Unsupported | StartTaskStarted | TvmLeft
+    Heartbeat
+    | TaskStarted
+    | TaskCompleted
+    | StartTaskCompleted
+    | TvmReady
+    | Draining
+    | FileResponse
+    | Unsupported
+    | StartTaskStarted
+    | TvmLeft
 )
 CoordinatorMsg = (
-    JoinPool | LeavePool | RunTask | CancelTask | DeleteTaskFiles | PoolMembers | Ping | FileRequest
-    | Unsupported | AddUser | RemoveUser | RebootTvm
+    JoinPool
+    | LeavePool
+    | RunTask
+    | CancelTask
+    | DeleteTaskFiles
+    | PoolMembers
+    | Ping
+    | FileRequest
+    | Unsupported
+    | AddUser
+    | RemoveUser
+    | RebootTvm
 )
 HandshakeMsg = Hello | Welcome | Reject
 

@@ -56,8 +56,14 @@ class Cluster:
     client: AsyncClient
     agents: list[AgentProc] = field(default_factory=list)
 
-    def start_agent(self, name: str | None = None, *, extra_args: list[str] | None = None,
-                    token: str | None = None, root: str | None = None) -> AgentProc:
+    def start_agent(
+        self,
+        name: str | None = None,
+        *,
+        extra_args: list[str] | None = None,
+        token: str | None = None,
+        root: str | None = None,
+    ) -> AgentProc:
         name = name or f"agent{len(self.agents)}"
         root = root or os.path.join(self.base, "agents", name)
         os.makedirs(root, exist_ok=True)
@@ -69,9 +75,24 @@ class Cluster:
             # no task processes behind (tasks run in their own sessions, outside the agent's group).
             env["TVM_AGENT_DRAIN_GRACE"] = "2"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tvmagent", "--coordinator", self.rc.agent_url, "--root", root,
-             "--name", name, "--log-level", "info", *(extra_args or [])],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "tvmagent",
+                "--coordinator",
+                self.rc.agent_url,
+                "--root",
+                root,
+                "--name",
+                name,
+                "--log-level",
+                "info",
+                *(extra_args or []),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
             env=agent_env(env),
         )
         out.close()
@@ -159,12 +180,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_coordinator_process(state: str, port: int, log: str, *extra: str) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+def start_coordinator_process(
+    state: str, port: int, log: str, *extra: str
+) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
     """`tvm coordinator` as its own process; returns it and the export lines it printed."""
     out = open(log, "ab")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "coordinator", "coordinator", "--state-dir", state, "--port", str(port), *extra],
-        stdout=subprocess.PIPE, stderr=out, stdin=subprocess.DEVNULL, env=agent_env(), start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "coordinator",
+            "coordinator",
+            "--state-dir",
+            state,
+            "--port",
+            str(port),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=out,
+        stdin=subprocess.DEVNULL,
+        env=agent_env(),
+        start_new_session=True,
     )
     out.close()
     exports: dict[str, str] = {}
@@ -179,8 +216,13 @@ def start_coordinator_process(state: str, port: int, log: str, *extra: str) -> t
     return proc, exports
 
 
-def wait_sync(cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition", *,
-              tolerate_errors: bool = False) -> Any:
+def wait_sync(
+    cond: Callable[[], Any],
+    timeout: float = 30.0,
+    what: str = "condition",
+    *,
+    tolerate_errors: bool = False,
+) -> Any:
     """Blocking poll for tests that drive separate processes with the sync client."""
     deadline = time.monotonic() + timeout
     while True:

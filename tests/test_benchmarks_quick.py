@@ -15,12 +15,21 @@ UNITS = {"tasks/s", "ms", "bytes", "s", "ratio"}
 EXPECTED = {
     "placement": {"placement"},
     "end_to_end": {"end_to_end", "raw_spawn", "end_to_end_ratio"},
-    "latency": {"latency_submit_to_start_p50", "latency_submit_to_start_p99",
-                "latency_submit_to_complete_p50", "latency_submit_to_complete_p99"},
+    "latency": {
+        "latency_submit_to_start_p50",
+        "latency_submit_to_start_p99",
+        "latency_submit_to_complete_p50",
+        "latency_submit_to_complete_p99",
+    },
     "memory": {"coordinator_rss_per_queued_task", "idle_agent_rss"},
     "recovery": {"coordinator_restart", "coordinator_restore_in_process"},
-    "trace_replay": {"trace_makespan", "trace_wait_mean", "trace_wait_p50", "trace_wait_p90",
-                     "trace_slot_utilisation"},
+    "trace_replay": {
+        "trace_makespan",
+        "trace_wait_mean",
+        "trace_wait_p50",
+        "trace_wait_p90",
+        "trace_slot_utilisation",
+    },
 }
 
 
@@ -28,8 +37,14 @@ EXPECTED = {
 def test_benchmark_quick(name: str) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--quick"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{name}", "--quick"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
     assert rows, f"no result lines; stderr: {proc.stderr[-2000:]}"

@@ -315,7 +315,10 @@ class TaskCgroup:
                 value = "max" if memory_bytes is None else str(memory_bytes)
                 _write(os.path.join(self.dirs["v2"], "memory.max"), value)
                 with contextlib.suppress(OSError):
-                    _write(os.path.join(self.dirs["v2"], "memory.swap.max"), "0" if memory_bytes else "max")
+                    _write(
+                        os.path.join(self.dirs["v2"], "memory.swap.max"),
+                        "0" if memory_bytes else "max",
+                    )
             elif "memory" in self.dirs:
                 md = self.dirs["memory"]
                 value = "-1" if memory_bytes is None else str(memory_bytes)

@@ -38,9 +38,17 @@ def kill_uid(uid: int, gid: int) -> None:
     kill = shutil.which("kill", path="/usr/bin:/bin") or "/bin/kill"
     for _ in range(2):
         # user=/group= make CPython fork (not vfork) and drop to the uid before exec.
-        subprocess.run([kill, "-KILL", "--", "-1"], user=uid, group=gid, extra_groups=[],
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       check=False, close_fds=True)
+        subprocess.run(
+            [kill, "-KILL", "--", "-1"],
+            user=uid,
+            group=gid,
+            extra_groups=[],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+            close_fds=True,
+        )
 
 
 def sweep_uid(uid: int, roots: tuple[str, ...] = SWEEP_ROOTS) -> int:

@@ -106,8 +106,11 @@ class Agent:
         # cost more than the rest of a short task's set-up.
         # The prefix is this agent's own (the whole id, not a hostname prefix several agents of a host
         # share), so the empty cgroups a killed agent kept for reuse can be removed at its restart.
-        self.sandbox = Sandbox(self.caps, cgroup_prefix=f"tvm-{_cgroups.sanitize_name(self.agent_id, 36)}",
-                               reuse_cgroups=REUSE_CGROUPS)
+        self.sandbox = Sandbox(
+            self.caps,
+            cgroup_prefix=f"tvm-{_cgroups.sanitize_name(self.agent_id, 36)}",
+            reuse_cgroups=REUSE_CGROUPS,
+        )
         self.sandbox.remove_empty_leftovers()
         self.ssl_context: ssl.SSLContext | None = None
         if opts.ca_file:
@@ -117,26 +120,71 @@ class Agent:
         mode = opts.task_isolation or os.environ.get("TVM_AGENT_TASK_ISOLATION", "") or "users"
         if mode not in ("users", "none"):
             raise ValueError(f"task isolation must be 'users' or 'none', not {mode!r}")
-        self.slot_users = (isolation.SlotUsers() if mode == "users" and self.caps.can_switch_user
-                           and not opts.task_user else None)
-        self.degraded = detect_degraded(self.caps, self.root, isolation_mode=mode, task_user=opts.task_user,
-                                        per_task_users=self.slot_users is not None)
-        self.cache = DownloadCache(os.path.join(self.root, "cache"), verify=self.ssl_context or True)
+        self.slot_users = (
+            isolation.SlotUsers()
+            if mode == "users" and self.caps.can_switch_user and not opts.task_user
+            else None
+        )
+        self.degraded = detect_degraded(
+            self.caps,
+            self.root,
+            isolation_mode=mode,
+            task_user=opts.task_user,
+            per_task_users=self.slot_users is not None,
+        )
+        self.cache = DownloadCache(
+            os.path.join(self.root, "cache"), verify=self.ssl_context or True
+        )
         self.sampler = HostSampler(self.root)
         self._nursery: trio.Nursery | None = None
-        self.link = Link(opts.coordinator, self.agent_id, self.ssl_context, opts.reconnect_max_backoff,
-                         hello=self._hello, on_welcome=self._welcomed, on_message=self._handle,
-                         heartbeat=self._heartbeat, on_acks=self._notify_changed)
-        self.isolation = PoolIsolation(self.root, self.agent_id, opts.task_user, self.slot_users, self.sandbox,
-                                       current_tvm=lambda: self.tvm, nursery=lambda: self._nursery)
+        self.link = Link(
+            opts.coordinator,
+            self.agent_id,
+            self.ssl_context,
+            opts.reconnect_max_backoff,
+            hello=self._hello,
+            on_welcome=self._welcomed,
+            on_message=self._handle,
+            heartbeat=self._heartbeat,
+            on_acks=self._notify_changed,
+        )
+        self.isolation = PoolIsolation(
+            self.root,
+            self.agent_id,
+            opts.task_user,
+            self.slot_users,
+            self.sandbox,
+            current_tvm=lambda: self.tvm,
+            nursery=lambda: self._nursery,
+        )
         self.limits = TaskLimits(self.root)
-        self.runner = TaskRunner(self.root, opts.task_user, opts.use_bwrap, self.sandbox, self.isolation,
-                                 self.limits, self.cache, self.state, send=self.send,
-                                 send_lazily=self.link.send_lazily, http_base=lambda: self.link.http_base,
-                                 http_headers=self.identity.http_headers, finished=self._run_finished)
-        self.lifecycle = TvmLifecycle(self.root, self.state, self.runner, self.isolation, self.limits,
-                                      self.sandbox, send=self.send, carry_out=self._carry_out,
-                                      wait_idle=self._wait_idle, nursery=lambda: self._nursery)
+        self.runner = TaskRunner(
+            self.root,
+            opts.task_user,
+            opts.use_bwrap,
+            self.sandbox,
+            self.isolation,
+            self.limits,
+            self.cache,
+            self.state,
+            send=self.send,
+            send_lazily=self.link.send_lazily,
+            http_base=lambda: self.link.http_base,
+            http_headers=self.identity.http_headers,
+            finished=self._run_finished,
+        )
+        self.lifecycle = TvmLifecycle(
+            self.root,
+            self.state,
+            self.runner,
+            self.isolation,
+            self.limits,
+            self.sandbox,
+            send=self.send,
+            carry_out=self._carry_out,
+            wait_idle=self._wait_idle,
+            nursery=lambda: self._nursery,
+        )
 
     # ------------------------------------------------------------------ what others read
 
@@ -180,14 +228,24 @@ class Agent:
         for line in self.caps.describe():
             log.info("sandbox: %s", line)
         if self.slot_users is not None:
-            log.info("sandbox: tasks run as per-task users %s<N> (plus the pool's group %s<hash>); runElevated "
-                     "tasks as root", isolation.SLOT_PREFIX, isolation.POOL_GROUP_PREFIX)
+            log.info(
+                "sandbox: tasks run as per-task users %s<N> (plus the pool's group %s<hash>); runElevated "
+                "tasks as root",
+                isolation.SLOT_PREFIX,
+                isolation.POOL_GROUP_PREFIX,
+            )
             blocked = isolation.untraversable_parent(self.root)
             if blocked:
-                log.warning("sandbox: task users cannot enter %s (no o+x): their tasks will fail to reach the "
-                            "TVM root %s", blocked, self.root)
+                log.warning(
+                    "sandbox: task users cannot enter %s (no o+x): their tasks will fail to reach the "
+                    "TVM root %s",
+                    blocked,
+                    self.root,
+                )
         elif self.opts.task_user:
-            log.info("sandbox: every task runs as %s (runElevated tasks as root)", self.opts.task_user)
+            log.info(
+                "sandbox: every task runs as %s (runElevated tasks as root)", self.opts.task_user
+            )
         elif self.caps.can_switch_user:
             log.warning("sandbox: task isolation is off: tasks run as the agent's user (root)")
         for line in self.isolation.describe_ports():
@@ -209,12 +267,19 @@ class Agent:
 
     def _hello(self) -> pm.Hello:
         session = self.link.session
-        return pm.Hello(**self.identity.hello_fields(),  # type: ignore[arg-type]
-                        agent_id=self.agent_id, token=self.opts.token, capabilities=self.opts.capabilities,
-                        session_id=session.session_id, last_received=session.received,
-                        running=self.state.hello_running(), finished=self.state.hello_finished(session.peer_acked),
-                        tvm_name=self.tvm.tvm_name if self.tvm else "", **host_facts(self.root),  # type: ignore[arg-type]
-                        degraded=self.degraded)
+        return pm.Hello(
+            **self.identity.hello_fields(),  # type: ignore[arg-type]
+            agent_id=self.agent_id,
+            token=self.opts.token,
+            capabilities=self.opts.capabilities,
+            session_id=session.session_id,
+            last_received=session.received,
+            running=self.state.hello_running(),
+            finished=self.state.hello_finished(session.peer_acked),
+            tvm_name=self.tvm.tvm_name if self.tvm else "",
+            **host_facts(self.root),  # type: ignore[arg-type]
+            degraded=self.degraded,
+        )
 
     def _welcomed(self, reply: pm.Welcome) -> None:
         self.identity.welcomed()
@@ -228,9 +293,14 @@ class Agent:
 
     def _heartbeat(self) -> pm.Msg:
         s = self.sampler.sample()
-        return pm.Heartbeat(running=len(self.state.running), cpu_percent=s.cpu_percent,
-                            memory_used_bytes=s.memory_used, disk_used_bytes=s.disk_used, net_rx_bytes=s.net_rx,
-                            net_tx_bytes=s.net_tx)
+        return pm.Heartbeat(
+            running=len(self.state.running),
+            cpu_percent=s.cpu_percent,
+            memory_used_bytes=s.memory_used,
+            disk_used_bytes=s.disk_used,
+            net_rx_bytes=s.net_rx,
+            net_tx_bytes=s.net_tx,
+        )
 
     # ------------------------------------------------------------------ messages
 
@@ -274,8 +344,12 @@ class Agent:
                 save_retention(task_dir(self.root, ins.key), ins.deadline)
             elif isinstance(ins, DeleteTaskFiles):
                 assert self._nursery is not None
-                self._nursery.start_soon(trio.to_thread.run_sync, remove_task_dir, task_dir(self.root, ins.key),
-                                         ins.cleaned)
+                self._nursery.start_soon(
+                    trio.to_thread.run_sync,
+                    remove_task_dir,
+                    task_dir(self.root, ins.key),
+                    ins.cleaned,
+                )
             elif isinstance(ins, QueueTvmOp):
                 self.lifecycle.queue(ins.msg)
             elif isinstance(ins, KillStartTask):
@@ -283,13 +357,21 @@ class Agent:
             elif isinstance(ins, Warn):
                 log.warning("%s", ins.text)
 
-    def _run_finished(self, key: str, exit_code: int, start: float, end: float, failure: pm.Failure | None) -> None:
-        out = self.state.handle(RunFinished(key, exit_code, start, end, failure, self.link.session.peer_acked))
+    def _run_finished(
+        self, key: str, exit_code: int, start: float, end: float, failure: pm.Failure | None
+    ) -> None:
+        out = self.state.handle(
+            RunFinished(key, exit_code, start, end, failure, self.link.session.peer_acked)
+        )
         done = next((i.msg for i in out if isinstance(i, SendCompletion)), None)
         if done is not None:  # the failure as reported (a drained run's is AgentStopping)
             f = done.failure
-            log.log(logging.INFO if f or exit_code else logging.DEBUG, "task finished: exit code %s%s",
-                    exit_code, f", {f.code}: {f.message}" if f else "")
+            log.log(
+                logging.INFO if f or exit_code else logging.DEBUG,
+                "task finished: exit code %s%s",
+                exit_code,
+                f", {f.code}: {f.message}" if f else "",
+            )
         self._notify_changed()
         self._carry_out(out)
 
@@ -313,7 +395,8 @@ class Agent:
     async def _file_request(self, req: pm.FileRequest) -> None:
         try:
             resp = await trio.to_thread.run_sync(
-                lambda: serve_files(self.root, req, cleaned_marker=CLEANED_MARKER))
+                lambda: serve_files(self.root, req, cleaned_marker=CLEANED_MARKER)
+            )
         except Exception as exc:  # noqa: BLE001 - reported to the caller, not fatal
             resp = pm.FileResponse(req_id=req.req_id, error_code="FileReadFailed", message=str(exc))
         self.send(resp)
@@ -339,8 +422,11 @@ class Agent:
         with trio.move_on_after(grace):
             await self._until(lambda: not self.state.running)
         if self.state.running:
-            log.warning("drain grace of %.0f s over: killing %d task(s), they will be requeued", grace,
-                        len(self.state.running))
+            log.warning(
+                "drain grace of %.0f s over: killing %d task(s), they will be requeued",
+                grace,
+                len(self.state.running),
+            )
         self._carry_out(self.state.handle(DrainGraceOver()))
         await self._wait_idle(10)
         # Give the writer a moment to deliver the last completions.

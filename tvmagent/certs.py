@@ -194,5 +194,3 @@ def _owner_ids(owner: str | None) -> tuple[int, int] | None:
     except (KeyError, TypeError):
         raise ValueError(f"certificate owner {owner!r} is not a user on this node") from None
     return entry.pw_uid, entry.pw_gid
-
-

@@ -16,24 +16,56 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 @click.group("agent", context_settings=CONTEXT, invoke_without_command=True)
 @click.option("--config", type=click.Path(dir_okay=False), help="TOML config file.")
-@click.option("--coordinator", "coordinator_url", default=None, envvar="TVM_AGENT_COORDINATOR",
-              help="Coordinator URL (http://host:port or ws://host:port/agent).")
-@click.option("--token", default=None, hidden=True, help="Refused: use TVM_AGENT_TOKEN or --token-file.")
-@click.option("--token-file", default=None, help="0600 file holding the join token (or env TVM_AGENT_TOKEN).")
-@click.option("--root", default=None, help="TVM root directory (tasks/, shared/, start/, certs/; made 0711).")
-@click.option("--private-dir", default=None, help="The agent's id and credential, 0700 [ROOT.private].")
-@click.option("--name", default=None, help="Agent id (default: generated once, kept in ROOT/agent-id).")
+@click.option(
+    "--coordinator",
+    "coordinator_url",
+    default=None,
+    envvar="TVM_AGENT_COORDINATOR",
+    help="Coordinator URL (http://host:port or ws://host:port/agent).",
+)
+@click.option(
+    "--token", default=None, hidden=True, help="Refused: use TVM_AGENT_TOKEN or --token-file."
+)
+@click.option(
+    "--token-file", default=None, help="0600 file holding the join token (or env TVM_AGENT_TOKEN)."
+)
+@click.option(
+    "--root", default=None, help="TVM root directory (tasks/, shared/, start/, certs/; made 0711)."
+)
+@click.option(
+    "--private-dir", default=None, help="The agent's id and credential, 0700 [ROOT.private]."
+)
+@click.option(
+    "--name", default=None, help="Agent id (default: generated once, kept in ROOT/agent-id)."
+)
 @click.option("--task-user", default=None, help="Run tasks as this Linux user (root agents).")
-@click.option("--task-isolation", default=None, envvar="TVM_AGENT_TASK_ISOLATION",
-              help="users: one unprivileged user per running task (root agents); none [users].")
-@click.option("--ca-file", default=None, help="CA certificate to trust for wss:// / https:// coordinators.")
+@click.option(
+    "--task-isolation",
+    default=None,
+    envvar="TVM_AGENT_TASK_ISOLATION",
+    help="users: one unprivileged user per running task (root agents); none [users].",
+)
+@click.option(
+    "--ca-file", default=None, help="CA certificate to trust for wss:// / https:// coordinators."
+)
 @click.option("--log-level", default=None, help="debug|info|warning|error [info].")
 @click.option("--log-format", default=None, help="json or console [json].")
 @click.pass_context
-def agent(ctx: click.Context, config: str | None, coordinator_url: str | None, token: str | None,
-          token_file: str | None, root: str | None, private_dir: str | None, name: str | None,
-          task_user: str | None, task_isolation: str | None, ca_file: str | None, log_level: str | None,
-          log_format: str | None) -> None:
+def agent(
+    ctx: click.Context,
+    config: str | None,
+    coordinator_url: str | None,
+    token: str | None,
+    token_file: str | None,
+    root: str | None,
+    private_dir: str | None,
+    name: str | None,
+    task_user: str | None,
+    task_isolation: str | None,
+    ca_file: str | None,
+    log_level: str | None,
+    log_format: str | None,
+) -> None:
     """Run a TVM agent in the foreground (or `tvm agent install-service`).
 
     The join token comes from TVM_AGENT_TOKEN, --token-file or a 0600 --config file, never from the
@@ -52,25 +84,45 @@ def agent(ctx: click.Context, config: str | None, coordinator_url: str | None, t
     if token is not None:
         raise click.UsageError(f"--token: {COMMAND_LINE_REFUSED}")
     try:
-        cfg = load_agent_config(config, {"coordinator": coordinator_url, "root": root, "token_file": token_file,
-                                         "private_dir": private_dir,
-                                         "name": name, "task_user": task_user, "log_level": log_level,
-                                         "log_format": log_format, "task_isolation": task_isolation,
-                                         "ca_file": ca_file})
+        cfg = load_agent_config(
+            config,
+            {
+                "coordinator": coordinator_url,
+                "root": root,
+                "token_file": token_file,
+                "private_dir": private_dir,
+                "name": name,
+                "task_user": task_user,
+                "log_level": log_level,
+                "log_format": log_format,
+                "task_isolation": task_isolation,
+                "ca_file": ca_file,
+            },
+        )
         cfg.token = resolve_token(cfg.token, cfg.token_file, config)
     except (ConfigError, TokenError) as exc:
         raise click.ClickException(str(exc)) from None
     if not cfg.coordinator or not cfg.token:
-        raise click.UsageError("--coordinator and a join token are required: TVM_AGENT_TOKEN, --token-file "
-                               "or `token`/`token-file` in a 0600 --config file")
+        raise click.UsageError(
+            "--coordinator and a join token are required: TVM_AGENT_TOKEN, --token-file "
+            "or `token`/`token-file` in a 0600 --config file"
+        )
     configure_logging(cfg.log_level, cfg.log_format)
-    opts = AgentOptions(coordinator=cfg.coordinator, token=cfg.token, root=cfg.root, agent_id=cfg.name,
-                        private_dir=cfg.private_dir,
-                        heartbeat_interval=cfg.heartbeat_interval,
-                        reconnect_max_backoff=cfg.reconnect_max_backoff, task_user=cfg.task_user or None,
-                        use_bwrap=cfg.use_bwrap, drain_grace=cfg.drain_grace,
-                        retention_sweep_interval=cfg.retention_sweep_interval,
-                        task_isolation=cfg.task_isolation, ca_file=cfg.ca_file or None)
+    opts = AgentOptions(
+        coordinator=cfg.coordinator,
+        token=cfg.token,
+        root=cfg.root,
+        agent_id=cfg.name,
+        private_dir=cfg.private_dir,
+        heartbeat_interval=cfg.heartbeat_interval,
+        reconnect_max_backoff=cfg.reconnect_max_backoff,
+        task_user=cfg.task_user or None,
+        use_bwrap=cfg.use_bwrap,
+        drain_grace=cfg.drain_grace,
+        retention_sweep_interval=cfg.retention_sweep_interval,
+        task_isolation=cfg.task_isolation,
+        ca_file=cfg.ca_file or None,
+    )
     try:
         sys.exit(trio.run(run_agent, opts))
     except LayoutError as exc:
@@ -79,13 +131,23 @@ def agent(ctx: click.Context, config: str | None, coordinator_url: str | None, t
 
 @agent.command("install-service", context_settings=CONTEXT)
 @click.option("--coordinator", "coordinator_url", required=True, help="Coordinator URL.")
-@click.option("--token", default=None, hidden=True, help="Refused: use TVM_AGENT_TOKEN or --token-file.")
-@click.option("--token-file", default=None, help="0600 file holding the join token (or env TVM_AGENT_TOKEN).")
+@click.option(
+    "--token", default=None, hidden=True, help="Refused: use TVM_AGENT_TOKEN or --token-file."
+)
+@click.option(
+    "--token-file", default=None, help="0600 file holding the join token (or env TVM_AGENT_TOKEN)."
+)
 @click.option("--root", default="/var/lib/tvm-agent", show_default=True)
 @click.option("--unit-dir", default="/etc/systemd/system", show_default=True)
 @click.option("--config-dir", default="/etc/tvm", show_default=True)
-def install_service(coordinator_url: str, token: str | None, token_file: str | None, root: str, unit_dir: str,
-                    config_dir: str) -> None:
+def install_service(
+    coordinator_url: str,
+    token: str | None,
+    token_file: str | None,
+    root: str,
+    unit_dir: str,
+    config_dir: str,
+) -> None:
     """Write and enable a systemd unit running this agent (the token goes into a 0600 agent.toml)."""
     from .install_service import InstallError, install_agent_service
 
@@ -96,9 +158,13 @@ def install_service(coordinator_url: str, token: str | None, token_file: str | N
     except TokenError as exc:
         raise click.ClickException(str(exc)) from None
     if not token:
-        raise click.UsageError("a join token is required: set TVM_AGENT_TOKEN or pass --token-file PATH")
+        raise click.UsageError(
+            "a join token is required: set TVM_AGENT_TOKEN or pass --token-file PATH"
+        )
     try:
-        for line in install_agent_service(coordinator_url, token, root, unit_dir=unit_dir, config_dir=config_dir):
+        for line in install_agent_service(
+            coordinator_url, token, root, unit_dir=unit_dir, config_dir=config_dir
+        ):
             click.echo(line)
     except InstallError as exc:
         raise click.ClickException(str(exc)) from None

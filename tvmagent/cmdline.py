@@ -29,7 +29,9 @@ def refusal(command_line: str) -> str | None:
     """Why this command line is refused before any parsing (too long, NUL), else None. Cheap:
     `len` and one C-level scan, so it is safe to call on the event loop."""
     if len(command_line) > MAX_COMMAND_LINE:
-        return (f"commandLine is {len(command_line)} characters long; the limit is {MAX_COMMAND_LINE}")
+        return (
+            f"commandLine is {len(command_line)} characters long; the limit is {MAX_COMMAND_LINE}"
+        )
     if "\0" in command_line:
         return "commandLine contains a NUL character, which no program argument can carry"
     return None
@@ -48,7 +50,7 @@ def split(s: str) -> list[str]:
                 end = s.find("'", i + 1)
                 if end < 0:
                     raise CommandLineError("No closing quotation")
-                parts.append(s[i + 1:end])
+                parts.append(s[i + 1 : end])
                 i = end + 1
             elif c == '"':
                 i = _double_quoted(s, i + 1, parts)

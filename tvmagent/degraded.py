@@ -23,26 +23,44 @@ NO_BUBBLEWRAP = "no-bubblewrap"
 ROOT_UNREACHABLE = "tvm-root-unreachable"
 
 
-def detect_degraded(caps: SandboxCapabilities, root: str, *, isolation_mode: str, task_user: str | None,
-                    per_task_users: bool) -> list[str]:
+def detect_degraded(
+    caps: SandboxCapabilities,
+    root: str,
+    *,
+    isolation_mode: str,
+    task_user: str | None,
+    per_task_users: bool,
+) -> list[str]:
     out: list[str] = []
     if not caps.can_switch_user:
         why = "the agent is not root" if not caps.is_root else "setpriv is not installed"
-        out.append(f"{ISOLATION_OFF}: {why}; every task runs as the agent's own user and can read its files")
+        out.append(
+            f"{ISOLATION_OFF}: {why}; every task runs as the agent's own user and can read its files"
+        )
     elif isolation_mode == "none" and not task_user:
-        out.append(f"{ISOLATION_OFF}: task isolation is configured off (task-isolation = none); tasks run as root")
+        out.append(
+            f"{ISOLATION_OFF}: task isolation is configured off (task-isolation = none); tasks run as root"
+        )
     elif task_user:
-        out.append(f"{SHARED_TASK_USER}: every task runs as {task_user}; tasks can read each other's files")
+        out.append(
+            f"{SHARED_TASK_USER}: every task runs as {task_user}; tasks can read each other's files"
+        )
     if per_task_users:
         blocked = isolation.untraversable_parent(root)
         if blocked:
-            out.append(f"{ROOT_UNREACHABLE}: task users cannot enter {blocked} above the TVM root {root}")
+            out.append(
+                f"{ROOT_UNREACHABLE}: task users cannot enter {blocked} above the TVM root {root}"
+            )
     lay = caps.layout
     if not lay.usable:
-        out.append(f"{NO_CGROUPS}: no writable cgroup; a task that leaves its session can escape the kill")
+        out.append(
+            f"{NO_CGROUPS}: no writable cgroup; a task that leaves its session can escape the kill"
+        )
     else:
         if lay.controller_dir("memory") is None:
-            out.append(f"{NO_MEMORY_CGROUP}: memory limits are only checked by a periodic RSS watchdog")
+            out.append(
+                f"{NO_MEMORY_CGROUP}: memory limits are only checked by a periodic RSS watchdog"
+            )
         if lay.controller_dir("pids") is None:
             out.append(f"{NO_PIDS_CGROUP}: no per-task process limit")
     if not (caps.is_root and nft_available()) and not os.environ.get("TVM_AGENT_IP"):

@@ -43,8 +43,19 @@ RESOLVE_BENEATH = 0x08
 _RESOLVE = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
 # openat2 has the same number on every architecture that uses the common syscall table (x86_64,
 # aarch64, arm, riscv, ppc, s390x, i386); elsewhere the O_NOFOLLOW walk is used.
-_OPENAT2_NR = {"x86_64": 437, "aarch64": 437, "arm64": 437, "armv7l": 437, "armv8l": 437, "riscv64": 437,
-               "ppc64le": 437, "ppc64": 437, "s390x": 437, "i686": 437, "i386": 437}.get(platform.machine())
+_OPENAT2_NR = {
+    "x86_64": 437,
+    "aarch64": 437,
+    "arm64": 437,
+    "armv7l": 437,
+    "armv8l": 437,
+    "riscv64": 437,
+    "ppc64le": 437,
+    "ppc64": 437,
+    "s390x": 437,
+    "i686": 437,
+    "i386": 437,
+}.get(platform.machine())
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO (or a file with a lease) must not block the agent's thread.
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -68,8 +79,13 @@ _openat2_usable: bool | None = None  # probed once: None until then
 
 def _openat2(dir_fd: int, rel: str, flags: int) -> int:
     how = _OpenHow(flags, 0, _RESOLVE)
-    fd = _libc.syscall(ctypes.c_long(_OPENAT2_NR or -1), ctypes.c_int(dir_fd), ctypes.c_char_p(os.fsencode(rel)),
-                       ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+    fd = _libc.syscall(
+        ctypes.c_long(_OPENAT2_NR or -1),
+        ctypes.c_int(dir_fd),
+        ctypes.c_char_p(os.fsencode(rel)),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), rel)
@@ -140,7 +156,9 @@ def open_beneath(dir_fd: int, parts: list[str], flags: int) -> int:
                 # O_DIRECTORY on a link would say ENOTDIR instead).
                 return _openat2(dir_fd, "/".join(parts), flags & ~os.O_NOFOLLOW)
             except OSError as exc:
-                if exc.errno != errno.EAGAIN:  # EAGAIN: a concurrent rename; the kernel asks to retry
+                if (
+                    exc.errno != errno.EAGAIN
+                ):  # EAGAIN: a concurrent rename; the kernel asks to retry
                     raise
     return _walk_open(dir_fd, parts, flags)
 
@@ -163,12 +181,18 @@ def _translate(exc: OSError, path: str) -> FileApiError | OSError:
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         return FileApiError("FileNotFound", f"{path} does not exist")
     if exc.errno == errno.ELOOP:
-        return FileApiError("SymbolicLinkNotFollowed",
-                            f"{path}: the file API does not follow symbolic links (the path is or passes through one)")
+        return FileApiError(
+            "SymbolicLinkNotFollowed",
+            f"{path}: the file API does not follow symbolic links (the path is or passes through one)",
+        )
     if exc.errno == errno.ENXIO:  # a socket (or a device with no driver behind it)
-        return FileApiError("NotARegularFile", f"{path} is not a regular file (FIFO, socket or device)")
+        return FileApiError(
+            "NotARegularFile", f"{path} is not a regular file (FIFO, socket or device)"
+        )
     if exc.errno == errno.EXDEV:
-        return FileApiError("FilePathForbidden", f"{path} leads outside the directory it is served from")
+        return FileApiError(
+            "FilePathForbidden", f"{path} leads outside the directory it is served from"
+        )
     if exc.errno == errno.ENAMETOOLONG:
         return FileApiError("InvalidFilePath", f"{path[:80]}…: path too long")
     return exc
@@ -208,8 +232,10 @@ def _serve(root: str, req: pm.FileRequest, marker: str, fds: _Fds) -> pm.FileRes
         raise FileApiError("UnknownOperation", req.op)
     parts = split_path(req.path)
     if parts and parts[0] not in SERVED_AREAS:
-        raise FileApiError("FilePathForbidden",
-                           f"{req.path}: the TVM file API serves only tasks/, shared/ and start/")
+        raise FileApiError(
+            "FilePathForbidden",
+            f"{req.path}: the TVM file API serves only tasks/, shared/ and start/",
+        )
     root_fd = fds.keep(os.open(root, _DIR_FLAGS))
     try:
         if not parts or (parts[0] == "tasks" and len(parts) < TASK_LEVEL):
@@ -239,14 +265,17 @@ def _serve(root: str, req: pm.FileRequest, marker: str, fds: _Fds) -> pm.FileRes
     if stat.S_ISDIR(st.st_mode):
         raise FileApiError("FileIsDirectory", f"{req.path} is a directory")
     if not stat.S_ISREG(st.st_mode):
-        raise FileApiError("NotARegularFile", f"{req.path} is not a regular file (FIFO, socket or device)")
+        raise FileApiError(
+            "NotARegularFile", f"{req.path} is not a regular file (FIFO, socket or device)"
+        )
     if req.op == "stat":
         return pm.FileResponse(req_id=req.req_id, size=st.st_size, mtime=st.st_mtime)
     if req.offset < 0:
         raise FileApiError("InvalidRange", f"offset {req.offset} is negative")
     want = min(req.length if req.length >= 0 else MAX_READ, MAX_READ)
-    return pm.FileResponse(req_id=req.req_id, data=_pread(fd, want, req.offset), size=st.st_size,
-                           mtime=st.st_mtime)
+    return pm.FileResponse(
+        req_id=req.req_id, data=_pread(fd, want, req.offset), size=st.st_size, mtime=st.st_mtime
+    )
 
 
 def _open_base(root_fd: int, parts: list[str], marker: str, path: str) -> int:
@@ -257,7 +286,9 @@ def _open_base(root_fd: int, parts: list[str], marker: str, path: str) -> int:
     try:
         task = parts[TASK_LEVEL - 1]
         if _exists(job_fd, task + marker):
-            raise FileApiError("TaskFilesCleanedUp", "the task's files were cleaned up after its retention time")
+            raise FileApiError(
+                "TaskFilesCleanedUp", "the task's files were cleaned up after its retention time"
+            )
         # A task directory must be a directory: bookkeeping files beside it are not found.
         return open_beneath(job_fd, [task], _DIR_FLAGS)
     finally:
@@ -294,7 +325,9 @@ def _scan(fd: int) -> tuple[list[str], list[tuple[str, os.stat_result]]]:
                 if e.is_dir(follow_symlinks=False):
                     dirs.append(e.name)
                 elif e.is_file(follow_symlinks=False):
-                    files.append((e.name, e.stat(follow_symlinks=False)))  # fstatat(fd, name, AT_SYMLINK_NOFOLLOW)
+                    files.append(
+                        (e.name, e.stat(follow_symlinks=False))
+                    )  # fstatat(fd, name, AT_SYMLINK_NOFOLLOW)
             except OSError:
                 continue  # removed while listed
     dirs.sort()
@@ -306,7 +339,9 @@ def _join(*names: str) -> str:
     return "/".join(n for n in names if n)
 
 
-def _list_levels(fd: int, level: int, prefix: str, recursive: bool, out: list[pm.FileEntry]) -> None:
+def _list_levels(
+    fd: int, level: int, prefix: str, recursive: bool, out: list[pm.FileEntry]
+) -> None:
     """List the TVM root (level 0) or a level of `tasks/` above task directories: directories only
     (at level 0 only the served areas), descending into each task directory through its own fd."""
     names = [a for a in SERVED_AREAS if _is_dir_at(fd, a)] if level == 0 else _scan(fd)[0]
@@ -363,7 +398,9 @@ def _walk(base: int, prefix: str, recursive: bool, out: list[pm.FileEntry]) -> N
         for f, st in files:
             if len(out) >= MAX_ENTRIES:
                 return
-            out.append(pm.FileEntry(name=_join(prefix, *rel, f), size=st.st_size, mtime=st.st_mtime))
+            out.append(
+                pm.FileEntry(name=_join(prefix, *rel, f), size=st.st_size, mtime=st.st_mtime)
+            )
         if not recursive:
             return
         stack.extend([*rel, d] for d in reversed(dirs))

@@ -18,15 +18,25 @@ from protocol.agentproof import agent_proof
 CREDENTIAL_FILE = "agent-credential"
 
 # Reject codes after which retrying cannot help: the agent stops and says why.
-FATAL_REJECTS = frozenset({
-    "InvalidJoinToken", "ProtocolVersionMismatch", "AgentRevoked", "InvalidAgentCredential",
-    "JoinTokenExpired", "JoinTokenUsed",
-})
+FATAL_REJECTS = frozenset(
+    {
+        "InvalidJoinToken",
+        "ProtocolVersionMismatch",
+        "AgentRevoked",
+        "InvalidAgentCredential",
+        "JoinTokenExpired",
+        "JoinTokenUsed",
+    }
+)
 
 
 class AgentIdentity:
-    def __init__(self, agent_id: str, read_private: Callable[[str], str],
-                 write_private: Callable[[str, str], None]) -> None:
+    def __init__(
+        self,
+        agent_id: str,
+        read_private: Callable[[str], str],
+        write_private: Callable[[str, str], None],
+    ) -> None:
         self.agent_id = agent_id
         self.credential = read_private(CREDENTIAL_FILE)
         if not self.credential:
@@ -39,7 +49,10 @@ class AgentIdentity:
 
     def hello_fields(self) -> dict[str, object]:
         t = int(time.time() * 1000)
-        fields: dict[str, object] = {"proof": agent_proof(self.credential, self.agent_id, t), "proof_time": t}
+        fields: dict[str, object] = {
+            "proof": agent_proof(self.credential, self.agent_id, t),
+            "proof_time": t,
+        }
         if not self._welcomed:
             fields["credential"] = self.credential
         return fields
@@ -49,5 +62,8 @@ class AgentIdentity:
 
     def http_headers(self) -> dict[str, str]:
         t = int(time.time() * 1000)
-        return {"X-TVM-Agent-Id": self.agent_id, "X-TVM-Agent-Proof-Time": str(t),
-                "X-TVM-Agent-Proof": agent_proof(self.credential, self.agent_id, t, "http")}
+        return {
+            "X-TVM-Agent-Id": self.agent_id,
+            "X-TVM-Agent-Proof-Time": str(t),
+            "X-TVM-Agent-Proof": agent_proof(self.credential, self.agent_id, t, "http"),
+        }

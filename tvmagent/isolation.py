@@ -56,7 +56,9 @@ MAX_SLOT_USERS = 512
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+    return subprocess.run(
+        argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
+    )
 
 
 def ensure_group(name: str) -> int:
@@ -73,18 +75,29 @@ def ensure_group(name: str) -> int:
         if gid is not None:
             if _gid_unique(gid):
                 return gid
-            res = _run([shutil.which("groupdel") or "/usr/sbin/groupdel", name])  # a twin: ours goes
+            res = _run(
+                [shutil.which("groupdel") or "/usr/sbin/groupdel", name]
+            )  # a twin: ours goes
             if res.returncode not in (0, 6):  # e.g. 8: some user's passwd group, cannot be replaced
-                raise OSError(f"group {name} shares gid {gid} with another group and cannot be deleted "
-                              f"({res.returncode}): {res.stderr.strip()}")
+                raise OSError(
+                    f"group {name} shares gid {gid} with another group and cannot be deleted "
+                    f"({res.returncode}): {res.stderr.strip()}"
+                )
             time.sleep(random.random() * 0.05)
             continue
         used = {g.gr_gid for g in grp.getgrall()} | {p.pw_gid for p in pwd.getpwall()}
         free = [g for g in range(100, 1000) if g not in used]
         if not free:
             raise OSError(f"groupadd {name}: no free system gid")
-        res = _run([shutil.which("groupadd") or "/usr/sbin/groupadd", "--system", "--gid",
-                    str(random.choice(free)), name])
+        res = _run(
+            [
+                shutil.which("groupadd") or "/usr/sbin/groupadd",
+                "--system",
+                "--gid",
+                str(random.choice(free)),
+                name,
+            ]
+        )
         if res.returncode not in (0, 4, 9):  # 4: gid taken meanwhile; 9: name made meanwhile
             raise OSError(f"groupadd {name} failed ({res.returncode}): {res.stderr.strip()}")
     raise OSError(f"groupadd {name}: no gid of its own after 20 attempts")
@@ -107,9 +120,20 @@ def ensure_slot_user(name: str) -> tuple[int, int]:
         except OSError:
             return existing  # no group can be made here: its passwd group (granted nothing)
     gid = ensure_group(name)
-    res = _run([shutil.which("useradd") or "/usr/sbin/useradd", "--system", "--gid", str(gid),
-                "--no-create-home", "--home-dir", "/nonexistent",
-                "--shell", shutil.which("nologin") or "/usr/sbin/nologin", name])
+    res = _run(
+        [
+            shutil.which("useradd") or "/usr/sbin/useradd",
+            "--system",
+            "--gid",
+            str(gid),
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            shutil.which("nologin") or "/usr/sbin/nologin",
+            name,
+        ]
+    )
     if res.returncode not in (0, 9):
         raise OSError(f"useradd {name} failed ({res.returncode}): {res.stderr.strip()}")
     created = lookup_user(name)
@@ -164,7 +188,9 @@ class SlotLease:
 class SlotUsers:
     """Host-wide pool of task users; `acquire()` blocks nothing (it tries the next name)."""
 
-    def __init__(self, lock_dir: str = LOCK_DIR, prefix: str = SLOT_PREFIX, limit: int = MAX_SLOT_USERS) -> None:
+    def __init__(
+        self, lock_dir: str = LOCK_DIR, prefix: str = SLOT_PREFIX, limit: int = MAX_SLOT_USERS
+    ) -> None:
         self.lock_dir = lock_dir
         self.prefix = prefix
         self.limit = limit
@@ -177,7 +203,11 @@ class SlotUsers:
         os.makedirs(self.lock_dir, mode=0o700, exist_ok=True)
         for i in range(self.limit):
             name = f"{self.prefix}{i}"
-            fd = os.open(os.path.join(self.lock_dir, name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(
+                os.path.join(self.lock_dir, name + ".lock"),
+                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                0o600,
+            )
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -245,12 +275,27 @@ def add_login_user(name: str, ssh_public_key: str, expiry: float, is_admin: bool
     ensure_group(LOGIN_GROUP)
     existing = lookup_user(name)
     if existing is not None and not _is_login_user(name):
-        raise ValueError(f"user {name!r} already exists on this host and was not created by the agent")
+        raise ValueError(
+            f"user {name!r} already exists on this host and was not created by the agent"
+        )
     if existing is None:
-        day = time.strftime("%Y-%m-%d", time.gmtime(expiry + 86399))  # useradd -e has day granularity
+        day = time.strftime(
+            "%Y-%m-%d", time.gmtime(expiry + 86399)
+        )  # useradd -e has day granularity
         groups = [LOGIN_GROUP] + (["sudo"] if is_admin and _group_exists("sudo") else [])
-        res = _run([shutil.which("useradd") or "/usr/sbin/useradd", "--create-home", "--shell", "/bin/bash",
-                    "--groups", ",".join(groups), "--expiredate", day, name])
+        res = _run(
+            [
+                shutil.which("useradd") or "/usr/sbin/useradd",
+                "--create-home",
+                "--shell",
+                "/bin/bash",
+                "--groups",
+                ",".join(groups),
+                "--expiredate",
+                day,
+                name,
+            ]
+        )
         if res.returncode != 0:
             raise OSError(f"useradd {name} failed ({res.returncode}): {res.stderr.strip()}")
     pw = pwd.getpwnam(name)

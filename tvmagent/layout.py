@@ -38,7 +38,9 @@ def _own_dir(path: str, mode: int, what: str) -> None:
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
         raise LayoutError(f"the {what} {path} is not a directory (or is a symlink)")
     if st.st_uid != os.geteuid():
-        raise LayoutError(f"the {what} {path} belongs to uid {st.st_uid}, not to this agent (uid {os.geteuid()})")
+        raise LayoutError(
+            f"the {what} {path} belongs to uid {st.st_uid}, not to this agent (uid {os.geteuid()})"
+        )
     if stat.S_IMODE(st.st_mode) != mode:
         os.chmod(path, mode)
 
@@ -49,8 +51,10 @@ def prepare_agent_dirs(root: str, private_dir: str = "") -> str:
     root = os.path.abspath(root)
     private = os.path.abspath(private_dir) if private_dir else default_private_dir(root)
     if private == root or private.startswith(root + os.sep):
-        raise LayoutError(f"the private directory {private} must not be inside the TVM root {root}: "
-                          "what is under the root is reachable by tasks and file APIs")
+        raise LayoutError(
+            f"the private directory {private} must not be inside the TVM root {root}: "
+            "what is under the root is reachable by tasks and file APIs"
+        )
     _own_dir(root, 0o711, "TVM root")
     _own_dir(private, 0o700, "agent private directory")
     for name in MIGRATED:

@@ -41,10 +41,19 @@ TvmOp = pm.JoinPool | pm.LeavePool | pm.RebootTvm
 
 
 class TvmLifecycle:
-    def __init__(self, root: str, state: AgentState, runner: TaskRunner, isolation: PoolIsolation,
-                 limits: TaskLimits, sandbox: Sandbox, send: Callable[[pm.Msg], object],
-                 carry_out: Callable[[list[Instruction]], None], wait_idle: Callable[[float], Awaitable[None]],
-                 nursery: Callable[[], trio.Nursery | None]) -> None:
+    def __init__(
+        self,
+        root: str,
+        state: AgentState,
+        runner: TaskRunner,
+        isolation: PoolIsolation,
+        limits: TaskLimits,
+        sandbox: Sandbox,
+        send: Callable[[pm.Msg], object],
+        carry_out: Callable[[list[Instruction]], None],
+        wait_idle: Callable[[float], Awaitable[None]],
+        nursery: Callable[[], trio.Nursery | None],
+    ) -> None:
         self.root = root
         self.state = state
         self.runner = runner
@@ -56,7 +65,9 @@ class TvmLifecycle:
         self._wait_idle = wait_idle
         self._nursery = nursery
         self.tvm: TvmIdentity | None = None
-        self.setup_replies: list[pm.Msg] = []  # what the last setup reported, resent on a repeated join
+        self.setup_replies: list[
+            pm.Msg
+        ] = []  # what the last setup reported, resent on a repeated join
         self._lock = trio.Lock()
         self._ops_send, self._ops_recv = trio.open_memory_channel[TvmOp](math.inf)
         self._ops_started = False
@@ -91,18 +102,29 @@ class TvmLifecycle:
         if self.tvm is not None and self.tvm.tvm_name != msg.tvm_name:
             await self.wipe()
         self.setup_replies = []
-        self.tvm = TvmIdentity(account=msg.account, account_url=msg.account_url, pool=msg.pool,
-                               tvm_name=msg.tvm_name, root=self.root, port_low=msg.port_range_low,
-                               port_high=msg.port_range_high)
+        self.tvm = TvmIdentity(
+            account=msg.account,
+            account_url=msg.account_url,
+            pool=msg.pool,
+            tvm_name=msg.tvm_name,
+            root=self.root,
+            port_low=msg.port_range_low,
+            port_high=msg.port_range_high,
+        )
         self._carry_out(self.state.handle(TvmSetUp(msg.tvm_name)))
         self.limits.apply_join(msg)  # memory share, process and disk limits
         for d in ("tasks", "shared", "start", "certs"):
             os.makedirs(os.path.join(self.root, d), exist_ok=True)
         os.chmod(os.path.join(self.root, "shared"), 0o1777)  # every task writes; only owners delete
-        cert_errors = await self.isolation.install_certs(msg.certificates)  # before the start task and tasks
+        cert_errors = await self.isolation.install_certs(
+            msg.certificates
+        )  # before the start task and tasks
         self.isolation.pool_bwrap = msg.bubblewrap
         if msg.bubblewrap and not self.sandbox.caps.has_bwrap:
-            log.warning("pool %s asks for bubblewrap, which is not installed: tasks run without it", msg.pool)
+            log.warning(
+                "pool %s asks for bubblewrap, which is not installed: tasks run without it",
+                msg.pool,
+            )
         await self.isolation.setup_fence(msg)
         ready = pm.TvmReady(tvm_name=msg.tvm_name, cert_errors=cert_errors)
         st = msg.start_task
@@ -129,41 +151,78 @@ class TvmLifecycle:
         if done is not None and self.tvm is not None and self.tvm.tvm_name == tvm_name:
             self.setup_replies.append(done)
 
-    async def _run_start_task(self, st: pm.StartTaskSpec, tvm_name: str) -> pm.StartTaskCompleted | None:
+    async def _run_start_task(
+        self, st: pm.StartTaskSpec, tvm_name: str
+    ) -> pm.StartTaskCompleted | None:
         """Run the start task with its retries; returns what was reported, None when interrupted."""
         assert self.tvm is not None
         tvm = self.tvm
         attempts = 0
         wd = os.path.join(tvm.start_dir, "wd")
-        run = Run(pm.TaskSpec(key="", attempt=0, command_line=st.command_line, workitem="", job="", task="starttask"))
+        run = Run(
+            pm.TaskSpec(
+                key="",
+                attempt=0,
+                command_line=st.command_line,
+                workitem="",
+                job="",
+                task="starttask",
+            )
+        )
         self.state.handle(StartTaskBegan(run))
         try:
             while True:
                 os.makedirs(wd, exist_ok=True)
                 start = time.time()
-                self._send(pm.StartTaskStarted(tvm_name=tvm_name, start_time=start, retry_count=attempts))
+                self._send(
+                    pm.StartTaskStarted(tvm_name=tvm_name, start_time=start, retry_count=attempts)
+                )
                 failure = await self.runner.fetch_files(st.resource_files, wd)
                 code = NO_EXIT_CODE
                 if failure is None and not run.cancelled:
                     outcome, _ = await self.runner.spawn(
-                        st.command_line, wd, start_task_env(tvm, st.env), os.path.join(tvm.start_dir, "stdout.txt"),
-                        os.path.join(tvm.start_dir, "stderr.txt"), "starttask", run, START_TASK_SLOT,
-                        st.run_elevated, lease_dir=tvm.start_dir, lease_mode=0o750, hand_back=False)
+                        st.command_line,
+                        wd,
+                        start_task_env(tvm, st.env),
+                        os.path.join(tvm.start_dir, "stdout.txt"),
+                        os.path.join(tvm.start_dir, "stderr.txt"),
+                        "starttask",
+                        run,
+                        START_TASK_SLOT,
+                        st.run_elevated,
+                        lease_dir=tvm.start_dir,
+                        lease_mode=0o750,
+                        hand_back=False,
+                    )
                     code = outcome.exit_code
                     if outcome.reason == "launch_failed":
-                        failure = pm.Failure(category="UserError", code="CommandLaunchFailed", message=outcome.message)
+                        failure = pm.Failure(
+                            category="UserError",
+                            code="CommandLaunchFailed",
+                            message=outcome.message,
+                        )
                 if run.cancelled:
                     return None
                 ok = failure is None and code == 0
-                retry = not ok and failure is None and (
-                    st.max_task_retry_count == -1 or attempts < st.max_task_retry_count)
+                retry = (
+                    not ok
+                    and failure is None
+                    and (st.max_task_retry_count == -1 or attempts < st.max_task_retry_count)
+                )
                 if ok or not retry:
                     if not ok:
-                        write_text(os.path.join(tvm.start_dir, "starttask-failure.txt"),
-                                   f"start task failed after {attempts + 1} attempt(s): exit code {code}"
-                                   f"{'; ' + failure.code + ': ' + failure.message if failure else ''}\n")
-                    done = pm.StartTaskCompleted(exit_code=code, start_time=start, end_time=time.time(),
-                                                 retry_count=attempts, failure=failure)
+                        write_text(
+                            os.path.join(tvm.start_dir, "starttask-failure.txt"),
+                            f"start task failed after {attempts + 1} attempt(s): exit code {code}"
+                            f"{'; ' + failure.code + ': ' + failure.message if failure else ''}\n",
+                        )
+                    done = pm.StartTaskCompleted(
+                        exit_code=code,
+                        start_time=start,
+                        end_time=time.time(),
+                        retry_count=attempts,
+                        failure=failure,
+                    )
                     self._send(done)
                     return done
                 attempts += 1

@@ -27,7 +27,9 @@ log = logging.getLogger("tvm.agent")
 
 DEFAULT_TASK_PIDS = 4096  # per task slot, when the pool does not say
 DISK_CHECK_INTERVAL = 1.0
-DISK_SCAN_MAX_ENTRIES = 200_000  # a task with more files is measured on the first ones (a lower bound)
+DISK_SCAN_MAX_ENTRIES = (
+    200_000  # a task with more files is measured on the first ones (a lower bound)
+)
 
 
 def dir_usage(path: str, seen: set[tuple[int, int]], budget: list[int]) -> int:
@@ -79,34 +81,51 @@ class TaskLimits:
 
     def apply_join(self, msg: pm.JoinPool) -> None:
         # Memory of the VM size, shared equally by the TVM's task slots (a per-task cgroup limit).
-        self.task_memory_limit = msg.memory_limit_bytes // max(1, msg.slots) if msg.memory_limit_bytes else 0
+        self.task_memory_limit = (
+            msg.memory_limit_bytes // max(1, msg.slots) if msg.memory_limit_bytes else 0
+        )
         self.task_pids_limit = msg.task_pids_limit or DEFAULT_TASK_PIDS
         self.disk_limit = msg.disk_limit_bytes
         if self.disk_limit:
-            log.info("disk limit: the running tasks of TVM %s may hold %d MiB (checked every %g s)",
-                     msg.tvm_name, self.disk_limit >> 20, DISK_CHECK_INTERVAL)
+            log.info(
+                "disk limit: the running tasks of TVM %s may hold %d MiB (checked every %g s)",
+                msg.tvm_name,
+                self.disk_limit >> 20,
+                DISK_CHECK_INTERVAL,
+            )
 
     def process_limits(self) -> dict[str, int | None]:
         """ProcessSpec limits for a task or start task of this TVM."""
-        return {"memory_limit_bytes": self.task_memory_limit or None, "pids_limit": self.task_pids_limit}
+        return {
+            "memory_limit_bytes": self.task_memory_limit or None,
+            "pids_limit": self.task_pids_limit,
+        }
 
     async def disk_verdict(self, key: str, others: list[str]) -> pm.Failure | None:
         """At a task's end: did the running tasks, this one included, go over the limit? (A task that
         writes and exits between two checks is caught here.)"""
         if not self.disk_limit:
             return None
-        usage, _ = await trio.to_thread.run_sync(tasks_usage, self.root, [key, *(k for k in others if k != key)])
+        usage, _ = await trio.to_thread.run_sync(
+            tasks_usage, self.root, [key, *(k for k in others if k != key)]
+        )
         total = sum(usage.values())
         if total <= self.disk_limit:
             return None
-        return pm.Failure(category="UserError", code=DISK_LIMIT_CODE,
-                          message=disk_message(self.disk_limit, total, usage[key]))
+        return pm.Failure(
+            category="UserError",
+            code=DISK_LIMIT_CODE,
+            message=disk_message(self.disk_limit, total, usage[key]),
+        )
 
     async def measure(self, keys: list[str]) -> dict[str, int]:
         """Disk use of these running tasks (see the module docstring for how it is counted)."""
         usage, truncated = await trio.to_thread.run_sync(tasks_usage, self.root, keys)
         if truncated and not self._disk_scan_truncated_logged:
             self._disk_scan_truncated_logged = True
-            log.warning("disk limit: more than %d files in the running tasks' directories; only the first "
-                        "ones are counted", DISK_SCAN_MAX_ENTRIES)
+            log.warning(
+                "disk limit: more than %d files in the running tasks' directories; only the first "
+                "ones are counted",
+                DISK_SCAN_MAX_ENTRIES,
+            )
         return usage

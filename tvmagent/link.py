@@ -35,9 +35,9 @@ class AgentRejected(Exception):
 
 def agent_url(url: str) -> str:
     if url.startswith("http://"):
-        url = "ws://" + url[len("http://"):]
+        url = "ws://" + url[len("http://") :]
     elif url.startswith("https://"):
-        url = "wss://" + url[len("https://"):]
+        url = "wss://" + url[len("https://") :]
     if not url.rstrip("/").endswith("/agent"):
         url = url.rstrip("/") + "/agent"
     return url
@@ -48,12 +48,24 @@ class Link:
     accepted it (before any message of that connection); `on_message(msg)` for each message in order;
     `heartbeat()` the periodic Heartbeat; `on_acks()` whenever acknowledgements may have arrived."""
 
-    def __init__(self, url: str, agent_id: str, ssl_context: ssl.SSLContext | None, max_backoff: float,
-                 hello: Callable[[], pm.Hello], on_welcome: Callable[[pm.Welcome], None],
-                 on_message: Callable[[pm.Msg], None], heartbeat: Callable[[], pm.Msg],
-                 on_acks: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        url: str,
+        agent_id: str,
+        ssl_context: ssl.SSLContext | None,
+        max_backoff: float,
+        hello: Callable[[], pm.Hello],
+        on_welcome: Callable[[pm.Welcome], None],
+        on_message: Callable[[pm.Msg], None],
+        heartbeat: Callable[[], pm.Msg],
+        on_acks: Callable[[], None],
+    ) -> None:
         self.url = agent_url(url)
-        self.http_base = self.url.replace("ws://", "http://").replace("wss://", "https://").rsplit("/agent", 1)[0]
+        self.http_base = (
+            self.url.replace("ws://", "http://")
+            .replace("wss://", "https://")
+            .rsplit("/agent", 1)[0]
+        )
         self.agent_id = agent_id
         self.ssl_context = ssl_context
         self.max_backoff = max_backoff
@@ -99,15 +111,27 @@ class Link:
                     raise leaf from None
                 if not isinstance(leaf, _RETRYABLE):
                     raise
-                if self.connected.is_set() and trio.current_time() - attempt_started >= STABLE_LINK_S:
+                if (
+                    self.connected.is_set()
+                    and trio.current_time() - attempt_started >= STABLE_LINK_S
+                ):
                     # A link that worked for a while: come back fast (a restarted coordinator waits
                     # for its agents only a heartbeat timeout), not after the backoff of old failures.
                     backoff = 0.1
                 if self.connected.is_set():
-                    log.warning("link to %s lost: %s; reconnecting in %.1f s", self.url, _describe(leaf), backoff)
+                    log.warning(
+                        "link to %s lost: %s; reconnecting in %.1f s",
+                        self.url,
+                        _describe(leaf),
+                        backoff,
+                    )
                 else:
-                    log.warning("cannot reach the coordinator at %s: %s; retrying in %.1f s", self.url,
-                                _describe(leaf), backoff)
+                    log.warning(
+                        "cannot reach the coordinator at %s: %s; retrying in %.1f s",
+                        self.url,
+                        _describe(leaf),
+                        backoff,
+                    )
             self.connected = trio.Event()
             self._on_acks()
             self.session.connection_lost()
@@ -118,9 +142,14 @@ class Link:
         codec = self.session.codec
         if self.url.startswith("wss://"):
             await self._tls_preflight()  # trio-websocket turns TLS errors into a bare timeout
-        async with open_websocket_url(self.url, subprotocols=[SUBPROTOCOL], connect_timeout=10,
-                                      disconnect_timeout=5, max_message_size=64 * 1024 * 1024,
-                                      ssl_context=self.ssl_context) as ws:
+        async with open_websocket_url(
+            self.url,
+            subprotocols=[SUBPROTOCOL],
+            connect_timeout=10,
+            disconnect_timeout=5,
+            max_message_size=64 * 1024 * 1024,
+            ssl_context=self.ssl_context,
+        ) as ws:
             await ws.send_message(codec.encode(self._hello()))
             with trio.fail_after(15):
                 first = await ws.get_message()
@@ -178,7 +207,9 @@ class Link:
         parts = urlsplit(self.url)
         ctx = self.ssl_context or ssl.create_default_context()
         with trio.fail_after(10):
-            stream = await trio.open_ssl_over_tcp_stream(parts.hostname or "", parts.port or 443, ssl_context=ctx)
+            stream = await trio.open_ssl_over_tcp_stream(
+                parts.hostname or "", parts.port or 443, ssl_context=ctx
+            )
             try:
                 await stream.do_handshake()
             except trio.BrokenResourceError as exc:
@@ -227,4 +258,3 @@ def _describe(exc: BaseException) -> str:
         cause = cause.__cause__ or cause.__context__
     text = text or str(exc) or type(exc).__name__
     return text.splitlines()[0][:200]
-

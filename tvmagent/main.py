@@ -60,6 +60,7 @@ async def run_agent(opts: AgentOptions) -> int:
     result: list[int] = []
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
+
             async def _main() -> None:
                 try:
                     await agent.run()
@@ -73,7 +74,11 @@ async def run_agent(opts: AgentOptions) -> int:
             nursery.start_soon(watchdog_loop, watchdog)
             nursery.start_soon(_report_status, agent, opts.coordinator)
             async for signum in signals:
-                log.info("signal %s: draining (grace %.0f s)", signal.Signals(signum).name, opts.drain_grace)
+                log.info(
+                    "signal %s: draining (grace %.0f s)",
+                    signal.Signals(signum).name,
+                    opts.drain_grace,
+                )
                 notify("STOPPING=1", f"STATUS=draining: {len(agent.running)} task(s) running")
                 await agent.drain(opts.drain_grace)
                 log.info("drained; exiting")

@@ -62,7 +62,11 @@ class HostSampler:
         s = Sample(cpu_percent=self._cpu())
         try:
             with open("/proc/meminfo") as f:
-                info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:]}
+                info = {
+                    line.split(":")[0]: int(line.split()[1]) * 1024
+                    for line in f
+                    if line.split()[1:]
+                }
             s.memory_used = info.get("MemTotal", 0) - info.get("MemAvailable", 0)
         except (OSError, ValueError):
             pass

@@ -32,9 +32,16 @@ POOL_GROUP_FILE = "pool-group"  # in the agent's root: the group to delete after
 
 
 class PoolIsolation:
-    def __init__(self, root: str, agent_id: str, task_user: str | None, slot_users: isolation.SlotUsers | None,
-                 sandbox: Sandbox, current_tvm: Callable[[], TvmIdentity | None],
-                 nursery: Callable[[], trio.Nursery | None]) -> None:
+    def __init__(
+        self,
+        root: str,
+        agent_id: str,
+        task_user: str | None,
+        slot_users: isolation.SlotUsers | None,
+        sandbox: Sandbox,
+        current_tvm: Callable[[], TvmIdentity | None],
+        nursery: Callable[[], trio.Nursery | None],
+    ) -> None:
         self.root = root
         self.agent_id = agent_id
         self.task_user = task_user
@@ -47,7 +54,9 @@ class PoolIsolation:
         # The pool's member addresses: PoolMembers may be handled before the JoinPool setup reaches
         # the fence (separate Trio tasks), so they are kept here and used when the fence comes up.
         self._fence_members: list[str] = []
-        self._fence_pool = ""  # the pool _fence_members belong to ("": an older coordinator did not say)
+        self._fence_pool = (
+            ""  # the pool _fence_members belong to ("": an older coordinator did not say)
+        )
         # Membership changes are numbered in arrival order; nft updates run one at a time under
         # _fence_lock and each records the generation it rendered, so the newest list always lands last.
         self._fence_generation = 0
@@ -55,7 +64,9 @@ class PoolIsolation:
         self._fence_lock_obj: trio.Lock | None = None
         self._fence_range = (0, 0)
         self._gate_scope: trio.CancelScope | None = None
-        self.ports_unfenced = False  # degraded: neither nftables nor the user-space gate fences the ports
+        self.ports_unfenced = (
+            False  # degraded: neither nftables nor the user-space gate fences the ports
+        )
         self.pool_bwrap = False  # the pool asked for bubblewrap (JoinPool.bubblewrap)
         # The group of this agent's current pool membership (certs/ and start/ are its) and its gid.
         self._pool_group = ""
@@ -87,8 +98,12 @@ class PoolIsolation:
         certificates and startup directory (read-only); never another task's directory."""
         if self.tvm is None:
             return {}
-        return {"bwrap_writable": (self.tvm.shared_dir,),
-                "bwrap_readonly": tuple(d for d in (self.tvm.certs_dir, self.tvm.start_dir) if os.path.isdir(d))}
+        return {
+            "bwrap_writable": (self.tvm.shared_dir,),
+            "bwrap_readonly": tuple(
+                d for d in (self.tvm.certs_dir, self.tvm.start_dir) if os.path.isdir(d)
+            ),
+        }
 
     # ------------------------------------------------------------------ certificates
 
@@ -102,14 +117,25 @@ class PoolIsolation:
             return []
         from .certs import CertSpec, install_certificates
 
-        specs = [CertSpec(thumbprint=c.thumbprint, thumbprint_algorithm=c.thumbprint_algorithm,
-                          certificate_format=c.certificate_format, data=c.data, password=c.password or None)
-                 for c in certs]
+        specs = [
+            CertSpec(
+                thumbprint=c.thumbprint,
+                thumbprint_algorithm=c.thumbprint_algorithm,
+                certificate_format=c.certificate_format,
+                data=c.data,
+                password=c.password or None,
+            )
+            for c in certs
+        ]
         certs_dir = self.tvm.certs_dir
         try:
-            results = await trio.to_thread.run_sync(install_certificates, certs_dir, specs, self.task_user)
+            results = await trio.to_thread.run_sync(
+                install_certificates, certs_dir, specs, self.task_user
+            )
             if self._pool_gid is not None:  # many task uids: the pool's read through its group
-                await trio.to_thread.run_sync(isolation.share_certs_with_group, certs_dir, self._pool_gid)
+                await trio.to_thread.run_sync(
+                    isolation.share_certs_with_group, certs_dir, self._pool_gid
+                )
         except (OSError, ValueError) as exc:
             log.error("certificates could not be installed: %s", exc)
             return [f"sha1-{c.thumbprint}: {type(exc).__name__}: {exc}" for c in certs]
@@ -130,7 +156,9 @@ class PoolIsolation:
         stale = _read_small(os.path.join(self.root, POOL_GROUP_FILE))
         if stale and stale != name:
             self._drop_pool_group(stale)
-        _write_small(os.path.join(self.root, POOL_GROUP_FILE), name)  # before it exists: never leaked
+        _write_small(
+            os.path.join(self.root, POOL_GROUP_FILE), name
+        )  # before it exists: never leaked
         self._pool_gid = isolation.ensure_group(name)
         self._pool_group = name
         for d in (t.certs_dir, t.start_dir):
@@ -156,7 +184,9 @@ class PoolIsolation:
             return dataclasses.replace(spec, run_as=lease.user, gid=self._pool_gid, groups=())
         return dataclasses.replace(spec, run_as=lease.user, gid=lease.gid, groups=(self._pool_gid,))
 
-    def lease_now(self, directory: str, elevated: bool, mode: int, keep: bool = False) -> isolation.SlotLease | None:
+    def lease_now(
+        self, directory: str, elevated: bool, mode: int, keep: bool = False
+    ) -> isolation.SlotLease | None:
         """(worker thread) A task user for one run, owning `directory` (recursively: a retry's files
         too). `keep`: the start task, whose user stays reserved (the same one on every retry and
         reboot) and whose directory belongs to the pool group: the pool's tasks read it, none writes."""
@@ -170,7 +200,9 @@ class PoolIsolation:
             isolation.chown_tree(directory, lease.uid, gid)
             os.chmod(directory, mode)
             if keep and os.path.isdir(os.path.join(directory, "wd")):
-                os.chmod(os.path.join(directory, "wd"), mode)  # its working dir: the pool's to read too
+                os.chmod(
+                    os.path.join(directory, "wd"), mode
+                )  # its working dir: the pool's to read too
         except BaseException:
             if not reuse:
                 lease.release()
@@ -247,10 +279,14 @@ class PoolIsolation:
         except ValueError:
             usable = False
         if usable:
-            return [f"nftables unavailable: a user-space gate on {listen} fences pool ports "
-                    "(tasks must bind 127.0.0.1)"]
-        return ["DEGRADED: ports unfenced: nftables unavailable and no non-loopback address for the "
-                "user-space gate (set TVM_AGENT_IP)"]
+            return [
+                f"nftables unavailable: a user-space gate on {listen} fences pool ports "
+                "(tasks must bind 127.0.0.1)"
+            ]
+        return [
+            "DEGRADED: ports unfenced: nftables unavailable and no non-loopback address for the "
+            "user-space gate (set TVM_AGENT_IP)"
+        ]
 
     def _nft_table(self) -> str:
         return "tvm_" + hashlib.sha256(self.agent_id.encode()).hexdigest()[:16]
@@ -269,27 +305,43 @@ class PoolIsolation:
         if os.geteuid() == 0 and await trio.to_thread.run_sync(nft_available):
             self.fence = self._nft_table()
             if await self._sync_fence(force=True):
-                log.info("ports %d-%d: nftables table %s admits pool members only", *self._fence_range, self.fence)
+                log.info(
+                    "ports %d-%d: nftables table %s admits pool members only",
+                    *self._fence_range,
+                    self.fence,
+                )
                 return
             await self._teardown_fence()  # nft refused: the gate below still closes the range
         # Fail closed: without nftables the gate listens on the address the coordinator gives the
         # pool as ours (TVM_AGENT_IP, else the primary address), so outsiders meet the gate.
         listen = _gate_address()
         try:
-            gate = PortGate(range(msg.port_range_low, msg.port_range_high + 1), self._current_members(),
-                            listen_host=listen)
+            gate = PortGate(
+                range(msg.port_range_low, msg.port_range_high + 1),
+                self._current_members(),
+                listen_host=listen,
+            )
             if self._nursery is None:
                 raise OSError("the agent is not running")
             await self._nursery.start(self._run_gate, gate)
         except (OSError, ValueError) as exc:
             self.ports_unfenced = True
-            log.warning("DEGRADED: ports unfenced: ports %d-%d admit anyone (nftables unavailable, user-space "
-                        "gate on %s impossible: %s)", *self._fence_range, listen, exc)
+            log.warning(
+                "DEGRADED: ports unfenced: ports %d-%d admit anyone (nftables unavailable, user-space "
+                "gate on %s impossible: %s)",
+                *self._fence_range,
+                listen,
+                exc,
+            )
             return
         self.fence = gate
         gate.update_members(self._current_members())  # lists that arrived while it was binding
-        log.info("ports %d-%d: nftables unavailable; user-space gate on %s admits pool members only "
-                 "(tasks bind 127.0.0.1)", *self._fence_range, listen)
+        log.info(
+            "ports %d-%d: nftables unavailable; user-space gate on %s admits pool members only "
+            "(tasks bind 127.0.0.1)",
+            *self._fence_range,
+            listen,
+        )
 
     async def _run_gate(self, gate: PortGate, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         with trio.CancelScope() as scope:
@@ -299,7 +351,9 @@ class PoolIsolation:
     async def _sync_fence(self, force: bool = False) -> bool:
         """Bring the nft table to the newest member list (one update at a time); False if nft refused."""
         async with self._fence_lock():
-            if not isinstance(self.fence, str) or (self._fence_applied == self._fence_generation and not force):
+            if not isinstance(self.fence, str) or (
+                self._fence_applied == self._fence_generation and not force
+            ):
                 return True
             generation = self._fence_generation
             members = self._current_members()
@@ -365,8 +419,9 @@ class PoolIsolation:
             log.warning("remote-login user %s not created: the agent is not root", msg.name)
             return
         try:
-            await trio.to_thread.run_sync(isolation.add_login_user, msg.name, msg.ssh_public_key, msg.expiry,
-                                          msg.is_admin)
+            await trio.to_thread.run_sync(
+                isolation.add_login_user, msg.name, msg.ssh_public_key, msg.expiry, msg.is_admin
+            )
         except (OSError, ValueError) as exc:
             log.error("remote-login user %s not created: %s", msg.name, exc)
             return
@@ -415,7 +470,9 @@ def _read_small(path: str) -> str:
 
 
 def _write_small(path: str, value: str) -> None:
-    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd = os.open(
+        path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+    )
     with os.fdopen(fd, "w") as f:
         f.write(value)
     os.replace(path + ".tmp", path)

@@ -167,8 +167,10 @@ class SandboxCapabilities:
                 f"{WATCHDOG_INTERVAL:g} s (spikes between checks are not caught)"
             )
         if lay.controller_dir("pids") is None:
-            lines.append("DEGRADED: no pids cgroup: a task's process limit falls back to RLIMIT_NPROC on its"
-                         " own task user (per uid); tasks running as root or a shared user are NOT limited")
+            lines.append(
+                "DEGRADED: no pids cgroup: a task's process limit falls back to RLIMIT_NPROC on its"
+                " own task user (per uid); tasks running as root or a shared user are NOT limited"
+            )
         if not self.has_prlimit:
             lines.append("prlimit not found: nofile limits are NOT enforced")
         if not self.can_switch_user:

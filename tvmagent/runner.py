@@ -37,11 +37,22 @@ def _cg_name(spec: pm.TaskSpec) -> str:
 
 
 class TaskRunner:
-    def __init__(self, root: str, task_user: str | None, use_bwrap: bool, sandbox: Sandbox,
-                 isolation: PoolIsolation, limits: TaskLimits, cache: DownloadCache, state: AgentState,
-                 send: Callable[[pm.Msg], object], send_lazily: Callable[[pm.Msg], None],
-                 http_base: Callable[[], str], http_headers: Callable[[], dict[str, str]],
-                 finished: Callable[[str, int, float, float, pm.Failure | None], None]) -> None:
+    def __init__(
+        self,
+        root: str,
+        task_user: str | None,
+        use_bwrap: bool,
+        sandbox: Sandbox,
+        isolation: PoolIsolation,
+        limits: TaskLimits,
+        cache: DownloadCache,
+        state: AgentState,
+        send: Callable[[pm.Msg], object],
+        send_lazily: Callable[[pm.Msg], None],
+        http_base: Callable[[], str],
+        http_headers: Callable[[], dict[str, str]],
+        finished: Callable[[str, int, float, float, pm.Failure | None], None],
+    ) -> None:
         self.root = root
         self.task_user = task_user
         self.use_bwrap = use_bwrap
@@ -74,17 +85,37 @@ class TaskRunner:
             else:
                 expected = rf.sha256 or ""
             try:
-                await self.cache.fetch(url, dest, rf.file_path, sha256=expected or None,
-                                       size=rf.size if rf.size >= 0 else None, headers=headers or None,
-                                       **self.isolation.resource_file_mode())
+                await self.cache.fetch(
+                    url,
+                    dest,
+                    rf.file_path,
+                    sha256=expected or None,
+                    size=rf.size if rf.size >= 0 else None,
+                    headers=headers or None,
+                    **self.isolation.resource_file_mode(),
+                )
             except DownloadError as exc:
                 return pm.Failure(category="UserError", code=exc.code, message=exc.message)
         return None
 
-    async def spawn(self, command_line: str, cwd: str, env: dict[str, str], out: str, err: str, name: str,
-                    run: Run | None, slot: str | None, elevated: bool, wall: float = 0.0,
-                    setup: Callable[[], None] | None = None, lease_dir: str = "", lease_mode: int = 0o700,
-                    hand_back: bool = True, announce: pm.TaskSpec | None = None) -> tuple[ProcessOutcome, bool]:
+    async def spawn(
+        self,
+        command_line: str,
+        cwd: str,
+        env: dict[str, str],
+        out: str,
+        err: str,
+        name: str,
+        run: Run | None,
+        slot: str | None,
+        elevated: bool,
+        wall: float = 0.0,
+        setup: Callable[[], None] | None = None,
+        lease_dir: str = "",
+        lease_mode: int = 0o700,
+        hand_back: bool = True,
+        announce: pm.TaskSpec | None = None,
+    ) -> tuple[ProcessOutcome, bool]:
         """Run one command to its end. The blocking set-up — `setup()` (directories), fresh output
         files, a task user's lease for `lease_dir`, cgroup, fork/exec — is one worker-thread call;
         `announce`: send its TaskStarted once the process runs (lazily, see `Link.send_lazily`).
@@ -101,7 +132,9 @@ class TaskRunner:
             # Split here, off the event loop, in linear time (a poison line must not stall the agent).
             try:
                 spec = dataclasses.replace(spec, argv=cmdline.parse(command_line))
-            except ValueError as exc:  # CommandLineError, or ProcessSpec refusing e.g. an empty program
+            except (
+                ValueError
+            ) as exc:  # CommandLineError, or ProcessSpec refusing e.g. an empty program
                 raise LaunchError(str(exc)) from None
             if lease_dir:
                 lease = iso.lease_now(lease_dir, elevated, lease_mode, keep=not hand_back)
@@ -111,16 +144,28 @@ class TaskRunner:
             return spec
 
         # argv: a placeholder until prepare() splits the command line in the worker thread.
-        spec = ProcessSpec(argv=["-"], cwd=cwd, env=env, stdout_path=out, stderr_path=err,
-                           run_as=None if elevated else (self.task_user or None),
-                           use_bwrap=self.use_bwrap or iso.pool_bwrap, name=name,
-                           **iso.bwrap_paths(),  # type: ignore[arg-type]
-                           **self.limits.process_limits())  # type: ignore[arg-type]
+        spec = ProcessSpec(
+            argv=["-"],
+            cwd=cwd,
+            env=env,
+            stdout_path=out,
+            stderr_path=err,
+            run_as=None if elevated else (self.task_user or None),
+            use_bwrap=self.use_bwrap or iso.pool_bwrap,
+            name=name,
+            **iso.bwrap_paths(),  # type: ignore[arg-type]
+            **self.limits.process_limits(),  # type: ignore[arg-type]
+        )
         try:
             proc = await self.sandbox.start(spec, prepare)
             if announce is not None and proc.pid is not None:
-                self._send_lazily(pm.TaskStarted(key=announce.key, attempt=announce.attempt,
-                                                 start_time=proc.start_time.timestamp()))
+                self._send_lazily(
+                    pm.TaskStarted(
+                        key=announce.key,
+                        attempt=announce.attempt,
+                        start_time=proc.start_time.timestamp(),
+                    )
+                )
             if slot is not None:
                 self.procs[slot] = proc
             if run is not None and run.cancelled:
@@ -141,14 +186,17 @@ class TaskRunner:
             if leases and hand_back:
                 await iso.return_lease(leases[0], lease_dir)
             elif leases and leases[0] is not None:
-                iso.keep_lease(leases[0])  # the start task's directory stays its user's (0750, pool group)
+                iso.keep_lease(
+                    leases[0]
+                )  # the start task's directory stays its user's (0750, pool group)
         return outcome, timed_out
 
     async def run_task(self, spec: pm.TaskSpec, tvm: TvmIdentity) -> None:
         run = self.state.running[spec.key]
         # Every log line of this Trio task (ours and the libraries') carries the task's ids.
-        structlog.contextvars.bind_contextvars(task=spec.key, job=f"{spec.workitem}/{spec.job}",
-                                               tvm=tvm.tvm_name, attempt=spec.attempt)
+        structlog.contextvars.bind_contextvars(
+            task=spec.key, job=f"{spec.workitem}/{spec.job}", tvm=tvm.tvm_name, attempt=spec.attempt
+        )
         log.debug("task starting")
         tdir = task_dir(self.root, spec.key)
         wd = os.path.join(tdir, "wd")
@@ -164,19 +212,36 @@ class TaskRunner:
                 failure = await self.fetch_files(spec.resource_files, wd)
             if failure is None and not run.cancelled:
                 outcome, timed_out = await self.spawn(
-                    spec.command_line, wd, task_env(tvm, spec), os.path.join(tdir, "stdout.txt"),
-                    os.path.join(tdir, "stderr.txt"), _cg_name(spec), run, spec.key, spec.run_elevated,
-                    spec.max_wall_clock_s, setup=functools.partial(prepare_task_dir, tdir, wd),
-                    lease_dir=tdir, lease_mode=0o700, announce=None if spec.resource_files else spec)
+                    spec.command_line,
+                    wd,
+                    task_env(tvm, spec),
+                    os.path.join(tdir, "stdout.txt"),
+                    os.path.join(tdir, "stderr.txt"),
+                    _cg_name(spec),
+                    run,
+                    spec.key,
+                    spec.run_elevated,
+                    spec.max_wall_clock_s,
+                    setup=functools.partial(prepare_task_dir, tdir, wd),
+                    lease_dir=tdir,
+                    lease_mode=0o700,
+                    announce=None if spec.resource_files else spec,
+                )
                 start = outcome.start_time.timestamp()
-                exit_code, failure = run_verdict(run, outcome.exit_code, outcome.reason, outcome.message, timed_out)
+                exit_code, failure = run_verdict(
+                    run, outcome.exit_code, outcome.reason, outcome.message, timed_out
+                )
                 if failure is None:
                     # a writer quicker than the periodic check
                     failure = await self.limits.disk_verdict(spec.key, list(self.state.running))
             elif run.cancelled:
-                failure = pm.Failure(category="UserError", code="TaskEnded", message=run.cancel_reason)
+                failure = pm.Failure(
+                    category="UserError", code="TaskEnded", message=run.cancel_reason
+                )
         except Exception as exc:  # the task fails, never the agent
             log.exception("task %s failed inside the agent", spec.key)
             exit_code = NO_EXIT_CODE
-            failure = pm.Failure(category="ServerError", code="AgentError", message=f"{type(exc).__name__}: {exc}")
+            failure = pm.Failure(
+                category="ServerError", code="AgentError", message=f"{type(exc).__name__}: {exc}"
+            )
         self._finished(spec.key, exit_code, start, time.time(), failure)

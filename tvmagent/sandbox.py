@@ -72,7 +72,11 @@ class Sandbox:
             raise ValueError(f"cgroup_prefix {cgroup_prefix!r} may only hold [A-Za-z0-9_.-]")
         if not (isinstance(kill_grace, int | float) and 0 <= kill_grace < math.inf):
             raise ValueError(f"kill_grace must be a finite number >= 0, not {kill_grace!r}")
-        if not isinstance(reuse_cgroups, int) or isinstance(reuse_cgroups, bool) or reuse_cgroups < 0:
+        if (
+            not isinstance(reuse_cgroups, int)
+            or isinstance(reuse_cgroups, bool)
+            or reuse_cgroups < 0
+        ):
             raise ValueError(f"reuse_cgroups must be an int >= 0, not {reuse_cgroups!r}")
         self.caps = caps
         self.cgroup_prefix = cgroup_prefix
@@ -168,8 +172,10 @@ class Sandbox:
         lay = self.caps.layout
         keys = ["v2"] if lay.v2_base is not None else []
         for c in lay.v1_bases:
-            if lay.v2_base is None or (c == "memory" and spec.memory_limit_bytes is not None) or (
-                c == "pids" and spec.pids_limit is not None
+            if (
+                lay.v2_base is None
+                or (c == "memory" and spec.memory_limit_bytes is not None)
+                or (c == "pids" and spec.pids_limit is not None)
             ):
                 keys.append(c)
         return tuple(keys)
@@ -237,9 +243,21 @@ class Sandbox:
                                    spec.bwrap_readonly, root_entries())  # fmt: skip
             procs = cgroup.procs_files() if cgroup else []
             # RLIMIT_NPROC counts every process of the uid: only a task user of its own may carry it.
-            nproc = spec.pids_limit if user_ids is not None and not (cgroup and cgroup.enforces("pids")) else None
-            plan = build_command(spec, exe, self.caps.tools, procs, user_ids, bwrap, nproc,
-                                 spec.groups if user_ids is not None else ())
+            nproc = (
+                spec.pids_limit
+                if user_ids is not None and not (cgroup and cgroup.enforces("pids"))
+                else None
+            )
+            plan = build_command(
+                spec,
+                exe,
+                self.caps.tools,
+                procs,
+                user_ids,
+                bwrap,
+                nproc,
+                spec.groups if user_ids is not None else (),
+            )
         except BaseException:
             for fd in fds:
                 os.close(fd)

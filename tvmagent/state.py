@@ -165,9 +165,27 @@ class DiskMeasured:
     limit_bytes: int
 
 
-Event = (RunTaskReceived | CancelReceived | RunFinished | CompletionQueued | SessionRestarted | TvmOpReceived
-         | TvmSetUp | WipeStarted | TvmWiped | RebootStarted | Reimaged | StartTaskBegan | StartTaskEnded | DrainStarted
-         | DrainGraceOver | RetentionLoaded | RetentionSweep | DeleteFilesReceived | DiskMeasured)
+Event = (
+    RunTaskReceived
+    | CancelReceived
+    | RunFinished
+    | CompletionQueued
+    | SessionRestarted
+    | TvmOpReceived
+    | TvmSetUp
+    | WipeStarted
+    | TvmWiped
+    | RebootStarted
+    | Reimaged
+    | StartTaskBegan
+    | StartTaskEnded
+    | DrainStarted
+    | DrainGraceOver
+    | RetentionLoaded
+    | RetentionSweep
+    | DeleteFilesReceived
+    | DiskMeasured
+)
 
 
 # ----------------------------------------------------------------------------- instructions
@@ -226,14 +244,30 @@ class Warn:
     text: str
 
 
-Instruction = (Send | SendCompletion | StartRun | KillProcess | KillStartTask | SaveRetention | DeleteTaskFiles
-               | QueueTvmOp | Warn)
+Instruction = (
+    Send
+    | SendCompletion
+    | StartRun
+    | KillProcess
+    | KillStartTask
+    | SaveRetention
+    | DeleteTaskFiles
+    | QueueTvmOp
+    | Warn
+)
 
 
 def _handed_back(key: str, attempt: int, now: float, code: str, message: str) -> SendCompletion:
-    return SendCompletion(pm.TaskCompleted(key=key, attempt=attempt, exit_code=NO_EXIT_CODE, start_time=now,
-                                           end_time=now, failure=pm.Failure(category="ServerError", code=code,
-                                                                            message=message)))
+    return SendCompletion(
+        pm.TaskCompleted(
+            key=key,
+            attempt=attempt,
+            exit_code=NO_EXIT_CODE,
+            start_time=now,
+            end_time=now,
+            failure=pm.Failure(category="ServerError", code=code, message=message),
+        )
+    )
 
 
 def rejected_for_good(code: str) -> bool:
@@ -244,21 +278,30 @@ def rejected_for_good(code: str) -> bool:
     return code in FATAL_REJECTS
 
 
-def run_verdict(run: Run, exit_code: int, reason: str, message: str, timed_out: bool) -> tuple[int, pm.Failure | None]:
+def run_verdict(
+    run: Run, exit_code: int, reason: str, message: str, timed_out: bool
+) -> tuple[int, pm.Failure | None]:
     """A spawned run's exit code and failure from how its process ended (`reason`: the sandbox's
     "exited", "launch_failed", "oom"...). (code, None) may still fail the disk check afterwards."""
     spec = run.spec
     if timed_out:
         return WALL_CLOCK_EXIT_CODE, pm.Failure(
-            category="ServerError", code="TaskEnded",
-            message=f"maxWallClockTime of {spec.max_wall_clock_s:g} s exceeded; the task's process tree was killed")
+            category="ServerError",
+            code="TaskEnded",
+            message=f"maxWallClockTime of {spec.max_wall_clock_s:g} s exceeded; the task's process tree was killed",
+        )
     if reason == "launch_failed":
-        return exit_code, pm.Failure(category="UserError", code="CommandLaunchFailed", message=message)
+        return exit_code, pm.Failure(
+            category="UserError", code="CommandLaunchFailed", message=message
+        )
     if reason == "oom":
-        return exit_code, pm.Failure(category="UserError", code="TaskMemoryLimitExceeded", message=message)
+        return exit_code, pm.Failure(
+            category="UserError", code="TaskMemoryLimitExceeded", message=message
+        )
     if run.cancelled:
-        return exit_code, pm.Failure(category="UserError", code=run.cancel_code,
-                                     message=f"task killed: {run.cancel_reason}")
+        return exit_code, pm.Failure(
+            category="UserError", code=run.cancel_code, message=f"task killed: {run.cancel_reason}"
+        )
     return exit_code, None
 
 
@@ -267,10 +310,14 @@ class AgentState:
     tvm_name: str | None = None  # the TVM this agent backs (set up or being set up)
     draining: bool = False
     running: dict[str, Run] = field(default_factory=dict)
-    deferred: dict[str, pm.TaskSpec] = field(default_factory=dict)  # key -> new attempt waiting for the old run
+    deferred: dict[str, pm.TaskSpec] = field(
+        default_factory=dict
+    )  # key -> new attempt waiting for the old run
     # task key -> (attempt, seq of its TaskCompleted) until the coordinator acknowledges it
     unacked_done: dict[str, tuple[int, int]] = field(default_factory=dict)
-    retention: dict[str, float] = field(default_factory=dict)  # task key -> unix time its files may go
+    retention: dict[str, float] = field(
+        default_factory=dict
+    )  # task key -> unix time its files may go
     start_run: Run | None = None  # the start task's current run (a leave or reboot interrupts it)
 
     # ------------------------------------------------------------------ queries
@@ -280,7 +327,11 @@ class AgentState:
 
     def hello_finished(self, peer_acked: int) -> list[pm.RunningTask]:
         """Completions the coordinator has not acknowledged: it must not requeue these."""
-        return [pm.RunningTask(key=k, attempt=a) for k, (a, seq) in self.unacked_done.items() if seq > peer_acked]
+        return [
+            pm.RunningTask(key=k, attempt=a)
+            for k, (a, seq) in self.unacked_done.items()
+            if seq > peer_acked
+        ]
 
     def acked(self, peer_acked: int) -> None:
         """The coordinator acknowledged up to `peer_acked`: those completions are durable there."""
@@ -296,7 +347,11 @@ class AgentState:
     def _run_task(self, ev: RunTaskReceived) -> list[Instruction]:
         spec = ev.spec
         if self.draining:  # placed before the coordinator saw our Draining: hand it back
-            return [_handed_back(spec.key, spec.attempt, ev.now, pm.AGENT_STOPPING, "the agent is stopping")]
+            return [
+                _handed_back(
+                    spec.key, spec.attempt, ev.now, pm.AGENT_STOPPING, "the agent is stopping"
+                )
+            ]
         old = self.running.get(spec.key)
         if old is not None and old.spec.attempt != spec.attempt and self.tvm_name is not None:
             # A requeued task placed here again while its old run is still being cancelled: start the
@@ -328,8 +383,11 @@ class AgentState:
         spec = run.spec
         failure = ev.failure
         if run.abandoned:
-            failure = pm.Failure(category="ServerError", code=pm.AGENT_STOPPING,
-                                 message="the agent stopped before the task finished")
+            failure = pm.Failure(
+                category="ServerError",
+                code=pm.AGENT_STOPPING,
+                message="the agent stopped before the task finished",
+            )
         deadline = ev.end_time + spec.retention_s
         self.retention[ev.key] = deadline
         out: list[Instruction] = [SaveRetention(ev.key, deadline)]
@@ -338,8 +396,18 @@ class AgentState:
             self.running[ev.key] = Run(deferred)
             out.append(StartRun(deferred))
         self.acked(ev.peer_acked)
-        out.append(SendCompletion(pm.TaskCompleted(key=ev.key, attempt=spec.attempt, exit_code=ev.exit_code,
-                                                   start_time=ev.start_time, end_time=ev.end_time, failure=failure)))
+        out.append(
+            SendCompletion(
+                pm.TaskCompleted(
+                    key=ev.key,
+                    attempt=spec.attempt,
+                    exit_code=ev.exit_code,
+                    start_time=ev.start_time,
+                    end_time=ev.end_time,
+                    failure=failure,
+                )
+            )
+        )
         return out
 
     def _completion_queued(self, ev: CompletionQueued) -> list[Instruction]:
@@ -447,8 +515,10 @@ class AgentState:
 
 
 def disk_message(limit: int, total: int, own: int) -> str:
-    return (f"the TVM's disk limit of {limit >> 20} MiB for running tasks was exceeded ({total >> 20} MiB in use, "
-            f"{own >> 20} MiB by this task)")
+    return (
+        f"the TVM's disk limit of {limit >> 20} MiB for running tasks was exceeded ({total >> 20} MiB in use, "
+        f"{own >> 20} MiB by this task)"
+    )
 
 
 _HANDLERS = {

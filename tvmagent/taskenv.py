@@ -75,14 +75,16 @@ def task_env(tvm: TvmIdentity, spec: TaskSpec) -> dict[str, str]:
     env = {"PATH": f"{DEFAULT_PATH}:{tvm.shared_dir}:{wd}", "HOME": wd, "PWD": wd}
     env.update(spec.env)
     env.update(tvm_env(tvm))
-    env.update({
-        "WATASK_WORKITEM_NAME": spec.workitem,
-        "WATASK_JOB_NAME": spec.job,
-        "WATASK_TASK_NAME": spec.task,
-        "AZ_BATCH_JOB_ID": spec.job,
-        "AZ_BATCH_TASK_ID": spec.task,
-        "AZ_BATCH_TASK_DIR": tdir,
-        "AZ_BATCH_TASK_WORKING_DIR": wd,
-        "TVM_WORKITEM_NAME": spec.workitem,
-    })
+    env.update(
+        {
+            "WATASK_WORKITEM_NAME": spec.workitem,
+            "WATASK_JOB_NAME": spec.job,
+            "WATASK_TASK_NAME": spec.task,
+            "AZ_BATCH_JOB_ID": spec.job,
+            "AZ_BATCH_TASK_ID": spec.task,
+            "AZ_BATCH_TASK_DIR": tdir,
+            "AZ_BATCH_TASK_WORKING_DIR": wd,
+            "TVM_WORKITEM_NAME": spec.workitem,
+        }
+    )
     return env

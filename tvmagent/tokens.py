@@ -21,8 +21,10 @@ def check_private_file(path: str, what: str) -> os.stat_result:
     if not stat.S_ISREG(st.st_mode):
         raise TokenError(f"{what} {path} is not a regular file")
     if stat.S_IMODE(st.st_mode) & 0o077:
-        raise TokenError(f"{what} {path} is readable or writable by other users (mode "
-                         f"{stat.S_IMODE(st.st_mode):04o}): it holds a secret, make it 0600 (chmod 600 {path})")
+        raise TokenError(
+            f"{what} {path} is readable or writable by other users (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}): it holds a secret, make it 0600 (chmod 600 {path})"
+        )
     return st
 
 
@@ -40,9 +42,11 @@ def read_token_file(path: str) -> str:
     return token
 
 
-COMMAND_LINE_REFUSED = ("the join token is not accepted on the command line (every user, tasks included, "
-                        "can read command lines with ps): set TVM_AGENT_TOKEN in the environment or pass "
-                        "--token-file PATH (a 0600 file)")
+COMMAND_LINE_REFUSED = (
+    "the join token is not accepted on the command line (every user, tasks included, "
+    "can read command lines with ps): set TVM_AGENT_TOKEN in the environment or pass "
+    "--token-file PATH (a 0600 file)"
+)
 
 
 def file_sets_key(path: str | None, key: str) -> bool:

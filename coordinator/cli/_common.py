@@ -27,8 +27,12 @@ def _to_plain(obj: Any) -> Any:
     return msgspec.to_builtins(obj)
 
 
-def _emit(ctx_output: str, obj: Any, columns: list[tuple[str, Callable[[Any], Any]]] | None = None,
-          title: str | None = None) -> None:
+def _emit(
+    ctx_output: str,
+    obj: Any,
+    columns: list[tuple[str, Callable[[Any], Any]]] | None = None,
+    title: str | None = None,
+) -> None:
     plain = _to_plain(obj)
     if ctx_output == "json":
         click.echo(json.dumps(plain, indent=2, sort_keys=False))
@@ -48,12 +52,20 @@ def _emit(ctx_output: str, obj: Any, columns: list[tuple[str, Callable[[Any], An
 
 
 def output_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table",
-                        show_default=True, help="Output format (json for scripts).")(f)
+    return click.option(
+        "--output",
+        "-o",
+        type=click.Choice(["table", "json"]),
+        default="table",
+        show_default=True,
+        help="Output format (json for scripts).",
+    )(f)
 
 
 def credentials(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = click.option("--key", envvar="TVM_KEY", help="Account key (env TVM_KEY).", show_envvar=False)(f)
+    f = click.option(
+        "--key", envvar="TVM_KEY", help="Account key (env TVM_KEY).", show_envvar=False
+    )(f)
     f = click.option("--account", envvar="TVM_ACCOUNT", help="Account name (env TVM_ACCOUNT).")(f)
     f = click.option("--endpoint", envvar="TVM_ENDPOINT", help="Service URL (env TVM_ENDPOINT).")(f)
     return f

@@ -28,19 +28,47 @@ def cli() -> None:
 
 @cli.command(context_settings=CONTEXT)
 @click.option("--agents", default=2, show_default=True, help="Local agent processes to start.")
-@click.option("--state-dir", default="./tvm-state", show_default=True, help="Database, files and agent roots.")
+@click.option(
+    "--state-dir", default="./tvm-state", show_default=True, help="Database, files and agent roots."
+)
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=7070, show_default=True, help="REST and agent port (0: any free port).")
-@click.option("--heartbeat-timeout", default=30.0, show_default=True, help="Seconds before a silent TVM is lost.")
+@click.option(
+    "--port", default=7070, show_default=True, help="REST and agent port (0: any free port)."
+)
+@click.option(
+    "--heartbeat-timeout",
+    default=30.0,
+    show_default=True,
+    help="Seconds before a silent TVM is lost.",
+)
 @click.option("--log-level", default="info", show_default=True)
-@click.option("--provision/--no-provision", default=True, show_default=True,
-              help="Start more local agents when a pool needs more than are free.")
-@click.option("--tvm-root-dir", default=None,
-              help="Where local agents' TVM roots go (made 0711) [root: /var/lib/tvm-up/<id>, else STATE_DIR/tvms].")
-@click.option("--accept-degraded", is_flag=True,
-              help="Do not warn about what this host cannot enforce (it is still shown by `tvm status`).")
-def up(agents: int, state_dir: str, host: str, port: int, heartbeat_timeout: float, log_level: str,
-       provision: bool, tvm_root_dir: str | None, accept_degraded: bool) -> None:
+@click.option(
+    "--provision/--no-provision",
+    default=True,
+    show_default=True,
+    help="Start more local agents when a pool needs more than are free.",
+)
+@click.option(
+    "--tvm-root-dir",
+    default=None,
+    help="Where local agents' TVM roots go (made 0711) [root: /var/lib/tvm-up/<id>, else STATE_DIR/tvms].",
+)
+@click.option(
+    "--accept-degraded",
+    is_flag=True,
+    help="Do not warn about what this host cannot enforce (it is still shown by `tvm status`).",
+)
+def up(
+    agents: int,
+    state_dir: str,
+    host: str,
+    port: int,
+    heartbeat_timeout: float,
+    log_level: str,
+    provision: bool,
+    tvm_root_dir: str | None,
+    accept_degraded: bool,
+) -> None:
     """Run the embedded default: coordinator + SQLite + N local agents, in the foreground.
 
     Prints `export TVM_ENDPOINT=…`, `TVM_ACCOUNT`, `TVM_KEY` on stdout once the REST endpoint
@@ -54,8 +82,19 @@ def up(agents: int, state_dir: str, host: str, port: int, heartbeat_timeout: flo
     if agents < 0:
         raise click.BadParameter("must be >= 0", param_hint="--agents")
     _check_state_dir(state_dir)
-    sys.exit(trio.run(run_up, state_dir, host, port, agents, heartbeat_timeout, provision, tvm_root_dir,
-                      accept_degraded))
+    sys.exit(
+        trio.run(
+            run_up,
+            state_dir,
+            host,
+            port,
+            agents,
+            heartbeat_timeout,
+            provision,
+            tvm_root_dir,
+            accept_degraded,
+        )
+    )
 
 
 def _check_state_dir(state_dir: str) -> None:
@@ -70,7 +109,9 @@ def _check_state_dir(state_dir: str) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.option("--tasks", "n_tasks", default=200, show_default=True, help="Tasks in the sample workload.")
+@click.option(
+    "--tasks", "n_tasks", default=200, show_default=True, help="Tasks in the sample workload."
+)
 @click.option("--agents", default=2, show_default=True)
 @click.option("--state-dir", default=None, help="Keep state here (default: a temporary directory).")
 def quickstart(n_tasks: int, agents: int, state_dir: str | None) -> None:
@@ -96,16 +137,34 @@ def quickstart(n_tasks: int, agents: int, state_dir: str | None) -> None:
 @click.option("--state-dir", default=None, help="State directory [./tvm-state].")
 @click.option("--account", default=None, help="Account name on first start [tvm].")
 @click.option("--heartbeat-timeout", type=float, default=None, help="Seconds [30].")
-@click.option("--join-token", default=None, hidden=True, help="Refused: use TVM_JOIN_TOKEN or --join-token-file.")
-@click.option("--join-token-file", default=None, help="0600 file holding the token agents must present "
-              "(or env TVM_JOIN_TOKEN; default: generated, kept in STATE_DIR/join-token).")
-@click.option("--tls-cert", default=None, help="PEM certificate (chain): serve https:// and wss://.")
+@click.option(
+    "--join-token",
+    default=None,
+    hidden=True,
+    help="Refused: use TVM_JOIN_TOKEN or --join-token-file.",
+)
+@click.option(
+    "--join-token-file",
+    default=None,
+    help="0600 file holding the token agents must present "
+    "(or env TVM_JOIN_TOKEN; default: generated, kept in STATE_DIR/join-token).",
+)
+@click.option(
+    "--tls-cert", default=None, help="PEM certificate (chain): serve https:// and wss://."
+)
 @click.option("--tls-key", default=None, help="PEM private key for --tls-cert.")
-@click.option("--port-range", default=None, help="Ports for communicating pools, LOW-HIGH [1100-32767].")
-@click.option("--ports-per-tvm", type=int, default=None, help="Ports each TVM of such a pool gets [50].")
+@click.option(
+    "--port-range", default=None, help="Ports for communicating pools, LOW-HIGH [1100-32767]."
+)
+@click.option(
+    "--ports-per-tvm", type=int, default=None, help="Ports each TVM of such a pool gets [50]."
+)
 @click.option("--log-level", default=None, help="debug|info|warning|error [info].")
-@click.option("--log-format", default=None, help="json (one object per line, for journald/collectors) "
-              "or console [json].")
+@click.option(
+    "--log-format",
+    default=None,
+    help="json (one object per line, for journald/collectors) or console [json].",
+)
 def coordinator(config: str | None, **flags: Any) -> None:
     """Run the coordinator service (REST API + agent websocket) in the foreground."""
     import trio
@@ -116,11 +175,15 @@ def coordinator(config: str | None, **flags: Any) -> None:
     from tvmagent.tokens import TokenError, resolve_token
 
     if flags.pop("join_token") is not None:
-        raise click.UsageError("--join-token is not accepted on the command line (ps shows command lines to "
-                               "every user): set TVM_JOIN_TOKEN or pass --join-token-file PATH (a 0600 file)")
+        raise click.UsageError(
+            "--join-token is not accepted on the command line (ps shows command lines to "
+            "every user): set TVM_JOIN_TOKEN or pass --join-token-file PATH (a 0600 file)"
+        )
     if os.environ.get("TVM_JOIN_TOKEN"):
         flags["join_token"] = os.environ["TVM_JOIN_TOKEN"]
-    os.umask(PRIVATE_UMASK)  # state, keys and tokens: nothing this process writes is for other users
+    os.umask(
+        PRIVATE_UMASK
+    )  # state, keys and tokens: nothing this process writes is for other users
     try:
         cfg = load_coordinator_config(config, flags)
         cfg.join_token = resolve_token(cfg.join_token, cfg.join_token_file, config, "join-token")

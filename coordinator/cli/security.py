@@ -10,10 +10,19 @@ import click
 
 from ._common import CONTEXT, _client, _emit, _run, credentials, output_option
 
-CERT_COLS = [("thumbprint", lambda c: c.thumbprint), ("format", lambda c: c.certificate_format),
-             ("state", lambda c: c.state), ("subject", lambda c: c.subject), ("expiry", lambda c: c.expiry),
-             ("pools", lambda c: ",".join(c.pools))]
-USER_COLS = [("name", lambda u: u.name), ("expiry", lambda u: u.expiry_time), ("admin", lambda u: u.is_admin)]
+CERT_COLS = [
+    ("thumbprint", lambda c: c.thumbprint),
+    ("format", lambda c: c.certificate_format),
+    ("state", lambda c: c.state),
+    ("subject", lambda c: c.subject),
+    ("expiry", lambda c: c.expiry),
+    ("pools", lambda c: ",".join(c.pools)),
+]
+USER_COLS = [
+    ("name", lambda u: u.name),
+    ("expiry", lambda u: u.expiry_time),
+    ("admin", lambda u: u.is_admin),
+]
 
 
 def register(cli: click.Group) -> None:
@@ -36,16 +45,21 @@ def _thumbprint_of(raw: bytes, fmt: str, password: str | None) -> str:
     try:
         cert: x509.Certificate | None
         if fmt == "cer":
-            cert = (x509.load_pem_x509_certificate(raw) if raw.lstrip().startswith(b"-----BEGIN")
-                    else x509.load_der_x509_certificate(raw))
+            cert = (
+                x509.load_pem_x509_certificate(raw)
+                if raw.lstrip().startswith(b"-----BEGIN")
+                else x509.load_der_x509_certificate(raw)
+            )
         else:
             _, cert, extra = pkcs12.load_key_and_certificates(raw, (password or "").encode())
             cert = cert or (extra[0] if extra else None)
         if cert is None:
             raise ValueError("no certificate in the pfx")
     except ValueError:
-        raise click.ClickException(f"cannot read the {fmt} file (wrong password or not a {fmt} file); "
-                                   "pass --thumbprint to let the service check it") from None
+        raise click.ClickException(
+            f"cannot read the {fmt} file (wrong password or not a {fmt} file); "
+            "pass --thumbprint to let the service check it"
+        ) from None
     return cert.fingerprint(hashes.SHA1()).hex()
 
 
@@ -59,26 +73,46 @@ def cert() -> None:
 
 @cert.command("add")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["pfx", "cer"]), default=None,
-              help="Default: from the file name (.cer/.crt/.pem -> cer, else pfx).")
-@click.option("--password-env", default="TVM_CERT_PASSWORD", show_default=True,
-              help="Environment variable holding the pfx password (never on the command line).")
-@click.option("--thumbprint", default=None, help="sha1 thumbprint (default: computed from the file).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["pfx", "cer"]),
+    default=None,
+    help="Default: from the file name (.cer/.crt/.pem -> cer, else pfx).",
+)
+@click.option(
+    "--password-env",
+    default="TVM_CERT_PASSWORD",
+    show_default=True,
+    help="Environment variable holding the pfx password (never on the command line).",
+)
+@click.option(
+    "--thumbprint", default=None, help="sha1 thumbprint (default: computed from the file)."
+)
 @credentials
 @output_option
-def cert_add(path: str, fmt: str | None, password_env: str, thumbprint: str | None, output: str,
-             **cred: Any) -> None:
+def cert_add(
+    path: str, fmt: str | None, password_env: str, thumbprint: str | None, output: str, **cred: Any
+) -> None:
     """Add the certificate in PATH."""
     with open(path, "rb") as f:
         raw = f.read()
-    fmt = fmt or ("cer" if os.path.splitext(path)[1].lower() in (".cer", ".crt", ".pem", ".der") else "pfx")
+    fmt = fmt or (
+        "cer" if os.path.splitext(path)[1].lower() in (".cer", ".crt", ".pem", ".der") else "pfx"
+    )
     password = os.environ.get(password_env) if fmt == "pfx" else None
     if fmt == "pfx" and password is None:
         password = click.prompt("pfx password", hide_input=True, default="", show_default=False)
     thumb = thumbprint or _thumbprint_of(raw, fmt, password)
     c = _client(**cred)
-    _emit(output, _run(lambda: c.certificates.add(thumb, base64.b64encode(raw).decode(), certificate_format=fmt,
-                                                  password=password)))
+    _emit(
+        output,
+        _run(
+            lambda: c.certificates.add(
+                thumb, base64.b64encode(raw).decode(), certificate_format=fmt, password=password
+            )
+        ),
+    )
 
 
 @cert.command("list")
@@ -143,9 +177,13 @@ def agent_revoke(agent_id: str, output: str, **cred: Any) -> None:
 
 # --------------------------------------------------------------------------- agent join tokens
 
-TOKEN_COLS = [("id", lambda t: t.id), ("created", lambda t: t.creation_time),
-              ("expires", lambda t: t.expiry_time or "never"), ("single-use", lambda t: t.single_use),
-              ("used-by", lambda t: t.used_by)]
+TOKEN_COLS = [
+    ("id", lambda t: t.id),
+    ("created", lambda t: t.creation_time),
+    ("expires", lambda t: t.expiry_time or "never"),
+    ("single-use", lambda t: t.single_use),
+    ("used-by", lambda t: t.used_by),
+]
 
 
 @click.group(context_settings=CONTEXT)
@@ -154,8 +192,13 @@ def token() -> None:
 
 
 @token.command("create")
-@click.option("--expires", "expires", default=None, metavar="DURATION",
-              help="ISO 8601 duration after which the token enrols no new agent (e.g. PT1H); default: never")
+@click.option(
+    "--expires",
+    "expires",
+    default=None,
+    metavar="DURATION",
+    help="ISO 8601 duration after which the token enrols no new agent (e.g. PT1H); default: never",
+)
 @click.option("--single-use", is_flag=True, help="the token enrols exactly one agent id")
 @credentials
 @output_option
@@ -202,15 +245,30 @@ def tvm_user() -> None:
 @click.option("--admin", is_flag=True, help="Add the user to sudo.")
 @credentials
 @output_option
-def tvm_user_add(pool: str, tvm_name: str, name: str, ssh_key_file: str, expiry: str | None, admin: bool,
-                 output: str, **cred: Any) -> None:
+def tvm_user_add(
+    pool: str,
+    tvm_name: str,
+    name: str,
+    ssh_key_file: str,
+    expiry: str | None,
+    admin: bool,
+    output: str,
+    **cred: Any,
+) -> None:
     """Add user NAME to a TVM."""
     with open(ssh_key_file) as f:
         key = f.read().strip()
     c = _client(**cred)
-    _emit(output, _run(lambda: c.tvm_users.add(pool, tvm_name, name, key, expiry_time=expiry, is_admin=admin)))
+    _emit(
+        output,
+        _run(
+            lambda: c.tvm_users.add(pool, tvm_name, name, key, expiry_time=expiry, is_admin=admin)
+        ),
+    )
     settings = _run(lambda: c.tvm_users.remote_login_settings(pool, tvm_name))
-    click.echo(f"ssh -p {settings.remote_login_port} {name}@{settings.remote_login_ip_address}", err=True)
+    click.echo(
+        f"ssh -p {settings.remote_login_port} {name}@{settings.remote_login_ip_address}", err=True
+    )
 
 
 @tvm_user.command("list")

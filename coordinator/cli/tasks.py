@@ -14,13 +14,20 @@ def _mk(endpoint: str | None, account: str | None, key: str | None):  # noqa: AN
     return _client(endpoint, account, key)
 
 
-TASK_COLS = [("name", lambda t: t.name), ("state", lambda t: t.state),
-             ("exit", lambda t: t.execution_info.exit_code if t.execution_info else None),
-             ("retries", lambda t: t.execution_info.retry_count if t.execution_info else 0),
-             ("tvm", lambda t: t.tvm_info.tvm_name if t.tvm_info else None), ("command", lambda t: t.command_line[:60])]
-FILE_COLS = [("name", lambda f: f.name), ("dir", lambda f: "d" if f.is_directory else ""),
-             ("size", lambda f: f.properties.content_length if f.properties else ""),
-             ("modified", lambda f: f.properties.last_modified if f.properties else "")]
+TASK_COLS = [
+    ("name", lambda t: t.name),
+    ("state", lambda t: t.state),
+    ("exit", lambda t: t.execution_info.exit_code if t.execution_info else None),
+    ("retries", lambda t: t.execution_info.retry_count if t.execution_info else 0),
+    ("tvm", lambda t: t.tvm_info.tvm_name if t.tvm_info else None),
+    ("command", lambda t: t.command_line[:60]),
+]
+FILE_COLS = [
+    ("name", lambda f: f.name),
+    ("dir", lambda f: "d" if f.is_directory else ""),
+    ("size", lambda f: f.properties.content_length if f.properties else ""),
+    ("modified", lambda f: f.properties.last_modified if f.properties else ""),
+]
 
 
 def register(cli: click.Group) -> None:
@@ -39,8 +46,12 @@ def task() -> None:
 def _task_opts(f: Any) -> Any:
     f = click.option("--env", "-e", multiple=True, help="NAME=VALUE (repeatable).")(f)
     f = click.option("--max-wall-clock", default=None, help="ISO 8601 duration, e.g. PT10M.")(f)
-    f = click.option("--max-retries", type=int, default=None, help="maxTaskRetryCount (-1: unlimited).")(f)
-    f = click.option("--retention", default=None, help="ISO 8601 duration to keep files (default P7D).")(f)
+    f = click.option(
+        "--max-retries", type=int, default=None, help="maxTaskRetryCount (-1: unlimited)."
+    )(f)
+    f = click.option(
+        "--retention", default=None, help="ISO 8601 duration to keep files (default P7D)."
+    )(f)
     return f
 
 
@@ -62,29 +73,64 @@ def _env(pairs: tuple[str, ...]) -> dict[str, str]:
 @_task_opts
 @credentials
 @output_option
-def task_add(workitem_name: str, job_name: str, name: str, command_line: str, env: tuple[str, ...],
-             max_wall_clock: str | None, max_retries: int | None, retention: str | None, output: str,
-             **cred: Any) -> None:
+def task_add(
+    workitem_name: str,
+    job_name: str,
+    name: str,
+    command_line: str,
+    env: tuple[str, ...],
+    max_wall_clock: str | None,
+    max_retries: int | None,
+    retention: str | None,
+    output: str,
+    **cred: Any,
+) -> None:
     """Add one task. The command line runs without a shell (use `/bin/sh -c '...'` for one)."""
     c = _mk(**cred)
-    _run(lambda: c.tasks.add(workitem_name, job_name, name, command_line, env=_env(env),
-                             max_wall_clock_time=max_wall_clock, max_task_retry_count=max_retries,
-                             retention_time=retention))
+    _run(
+        lambda: c.tasks.add(
+            workitem_name,
+            job_name,
+            name,
+            command_line,
+            env=_env(env),
+            max_wall_clock_time=max_wall_clock,
+            max_task_retry_count=max_retries,
+            retention_time=retention,
+        )
+    )
     _emit(output, {"added": name})
 
 
 @task.command("add-many")
 @click.argument("workitem_name")
 @click.argument("job_name")
-@click.option("--file", "path", type=click.File("r"), default="-", show_default=True,
-              help="One command line per line, or JSON lines of TaskAdd objects.")
-@click.option("--prefix", default="task", show_default=True, help="Name prefix for plain command lines.")
+@click.option(
+    "--file",
+    "path",
+    type=click.File("r"),
+    default="-",
+    show_default=True,
+    help="One command line per line, or JSON lines of TaskAdd objects.",
+)
+@click.option(
+    "--prefix", default="task", show_default=True, help="Name prefix for plain command lines."
+)
 @_task_opts
 @credentials
 @output_option
-def task_add_many(workitem_name: str, job_name: str, path: Any, prefix: str, env: tuple[str, ...],
-                  max_wall_clock: str | None, max_retries: int | None, retention: str | None, output: str,
-                  **cred: Any) -> None:
+def task_add_many(
+    workitem_name: str,
+    job_name: str,
+    path: Any,
+    prefix: str,
+    env: tuple[str, ...],
+    max_wall_clock: str | None,
+    max_retries: int | None,
+    retention: str | None,
+    output: str,
+    **cred: Any,
+) -> None:
     """Add many tasks (chunked into collections of 100)."""
     import msgspec
 
@@ -99,8 +145,16 @@ def task_add_many(workitem_name: str, job_name: str, path: Any, prefix: str, env
             except msgspec.ValidationError as exc:
                 raise click.ClickException(f"line {i + 1}: {exc}") from None
         else:
-            specs.append(task_spec(f"{prefix}-{i:06d}", line, env=_env(env), max_wall_clock_time=max_wall_clock,
-                                   max_task_retry_count=max_retries, retention_time=retention))
+            specs.append(
+                task_spec(
+                    f"{prefix}-{i:06d}",
+                    line,
+                    env=_env(env),
+                    max_wall_clock_time=max_wall_clock,
+                    max_task_retry_count=max_retries,
+                    retention_time=retention,
+                )
+            )
     c = _mk(**cred)
     results = _run(lambda: c.tasks.add_many(workitem_name, job_name, specs))
     failed = [r for r in results if r.status != "success"]
@@ -120,7 +174,9 @@ def task_add_many(workitem_name: str, job_name: str, path: Any, prefix: str, env
 @click.option("--state", type=click.Choice(["active", "running", "completed"]), default=None)
 @credentials
 @output_option
-def task_list(workitem_name: str, job_name: str, state: str | None, output: str, **cred: Any) -> None:
+def task_list(
+    workitem_name: str, job_name: str, state: str | None, output: str, **cred: Any
+) -> None:
     """List tasks, optionally by state."""
     c = _mk(**cred)
     _emit(output, _run(lambda: c.tasks.list(workitem_name, job_name, state=state)), TASK_COLS)
@@ -170,26 +226,39 @@ def task_delete(workitem_name: str, job_name: str, name: str, output: str, **cre
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
 @credentials
 @output_option
-def task_wait(workitem_name: str, job_name: str, timeout: float | None, output: str, **cred: Any) -> None:
+def task_wait(
+    workitem_name: str, job_name: str, timeout: float | None, output: str, **cred: Any
+) -> None:
     """Wait until every task of the job completed; exit 1 if any failed."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     c = _mk(**cred)
     console = Console(stderr=True)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
-                  disable=output == "json") as bar:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=output == "json",
+    ) as bar:
         tid = bar.add_task(f"{workitem_name}/{job_name}", total=None, detail="")
 
         def show(cn: Any) -> None:
             total = cn.active + cn.running + cn.completed
-            bar.update(tid, total=total, completed=cn.completed,
-                       detail=f"{cn.running} running, {cn.active} active, {cn.failed} failed")
+            bar.update(
+                tid,
+                total=total,
+                completed=cn.completed,
+                detail=f"{cn.running} running, {cn.active} active, {cn.failed} failed",
+            )
 
         counts = _run(lambda: c.tasks.wait(workitem_name, job_name, timeout=timeout, progress=show))
     _emit(output, counts) if output == "json" else click.echo(
-        f"{counts.completed} completed: {counts.succeeded} succeeded, {counts.failed} failed")
+        f"{counts.completed} completed: {counts.succeeded} succeeded, {counts.failed} failed"
+    )
     if counts.failed:
         sys.exit(1)
 
@@ -209,11 +278,18 @@ def file() -> None:
 @click.option("--recursive", "-r", is_flag=True)
 @credentials
 @output_option
-def file_list(workitem_name: str, job_name: str, task_name: str, recursive: bool, output: str, **cred: Any) -> None:
+def file_list(
+    workitem_name: str, job_name: str, task_name: str, recursive: bool, output: str, **cred: Any
+) -> None:
     """List a task's files."""
     c = _mk(**cred)
-    _emit(output, _run(lambda: c.files.list_from_task(workitem_name, job_name, task_name, recursive=recursive)),
-          FILE_COLS)
+    _emit(
+        output,
+        _run(
+            lambda: c.files.list_from_task(workitem_name, job_name, task_name, recursive=recursive)
+        ),
+        FILE_COLS,
+    )
 
 
 @file.command("get")
@@ -221,11 +297,20 @@ def file_list(workitem_name: str, job_name: str, task_name: str, recursive: bool
 @click.argument("job_name")
 @click.argument("task_name")
 @click.argument("path")
-@click.option("--dest", type=click.Path(dir_okay=False), default=None, help="Write here instead of stdout.")
+@click.option(
+    "--dest", type=click.Path(dir_okay=False), default=None, help="Write here instead of stdout."
+)
 @click.option("--range", "byte_range", default=None, help="START-END byte range (inclusive).")
 @credentials
-def file_get(workitem_name: str, job_name: str, task_name: str, path: str, dest: str | None,
-             byte_range: str | None, **cred: Any) -> None:
+def file_get(
+    workitem_name: str,
+    job_name: str,
+    task_name: str,
+    path: str,
+    dest: str | None,
+    byte_range: str | None,
+    **cred: Any,
+) -> None:
     """Get a task's file (e.g. stdout.txt)."""
     rng = None
     if byte_range:
@@ -235,7 +320,9 @@ def file_get(workitem_name: str, job_name: str, task_name: str, path: str, dest:
         except ValueError:
             raise click.BadParameter("use START-END, e.g. 0-1023", param_hint="--range") from None
     c = _mk(**cred)
-    data = _run(lambda: c.files.get_from_task(workitem_name, job_name, task_name, path, byte_range=rng))
+    data = _run(
+        lambda: c.files.get_from_task(workitem_name, job_name, task_name, path, byte_range=rng)
+    )
     if dest:
         with open(dest, "wb") as f:
             f.write(data)

@@ -1,1 +1,48 @@
-from ._client import *  # noqa: F403
+"""Python client for the TVM Batch REST API (see `_client` for how it is built)."""
+
+from ._client import AsyncClient, Client
+from ._http import BatchError
+from ._resources import (
+    AccountKeys,
+    Agents,
+    Certificates,
+    Jobs,
+    Ops,
+    Pools,
+    Tvms,
+    TvmUsers,
+    Workitems,
+)
+from ._tasks import (
+    Files,
+    Tasks,
+    add_many,
+    add_many_async,
+    chunks,
+    task_spec,
+    wait_for_tasks,
+    wait_for_tasks_async,
+)
+
+__all__ = [
+    "AccountKeys",
+    "Agents",
+    "AsyncClient",
+    "BatchError",
+    "Certificates",
+    "Client",
+    "Files",
+    "Jobs",
+    "Ops",
+    "Pools",
+    "Tasks",
+    "Tvms",
+    "TvmUsers",
+    "Workitems",
+    "add_many",
+    "add_many_async",
+    "chunks",
+    "task_spec",
+    "wait_for_tasks",
+    "wait_for_tasks_async",
+]

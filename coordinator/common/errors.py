@@ -26,8 +26,12 @@ def not_found(kind: str, name: str) -> ApiError:
         "file": "FileNotFound",
         "certificate": "CertificateNotFound",
     }
-    return ApiError(404, codes.get(kind, "ResourceNotFound"), f"The specified {kind} '{name}' does not exist.",
-                    name=name)
+    return ApiError(
+        404,
+        codes.get(kind, "ResourceNotFound"),
+        f"The specified {kind} '{name}' does not exist.",
+        name=name,
+    )
 
 
 def conflict(kind: str, name: str) -> ApiError:
@@ -37,5 +41,9 @@ def conflict(kind: str, name: str) -> ApiError:
         "task": "TaskExists",
         "certificate": "CertificateExists",
     }
-    return ApiError(409, codes.get(kind, "ResourceExists"), f"The specified {kind} '{name}' already exists.",
-                    name=name)
+    return ApiError(
+        409,
+        codes.get(kind, "ResourceExists"),
+        f"The specified {kind} '{name}' already exists.",
+        name=name,
+    )

@@ -9,7 +9,9 @@ from __future__ import annotations
 import msgspec
 
 
-class _Req(msgspec.Struct, rename="camel", omit_defaults=True, kw_only=True, forbid_unknown_fields=True):
+class _Req(
+    msgspec.Struct, rename="camel", omit_defaults=True, kw_only=True, forbid_unknown_fields=True
+):
     pass
 
 

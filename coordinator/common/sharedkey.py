@@ -46,8 +46,16 @@ class AuthError(Exception):
         self.message = message
 
 
-def string_to_sign(method: str, path: str, query: str, headers: Mapping[str, str], account: str, *,
-                   keep_case: bool = False, skip_blank: bool = False) -> str:
+def string_to_sign(
+    method: str,
+    path: str,
+    query: str,
+    headers: Mapping[str, str],
+    account: str,
+    *,
+    keep_case: bool = False,
+    skip_blank: bool = False,
+) -> str:
     """`keep_case`: query names as sent (Python SDKs), else lower-cased; `skip_blank`: parameters
     with an empty value are left out (Python SDKs)."""
     h = {k.lower(): v for k, v in headers.items()}
@@ -76,23 +84,38 @@ def now_header() -> str:
     return format_datetime(datetime.now(UTC), usegmt=True)
 
 
-def sign_request(method: str, path: str, query: str, headers: dict[str, str], account: str, key_b64: str) -> None:
+def sign_request(
+    method: str, path: str, query: str, headers: dict[str, str], account: str, key_b64: str
+) -> None:
     """Add `ocp-date` and `Authorization` to `headers` (mutated)."""
     headers.setdefault("ocp-date", now_header())
-    headers["Authorization"] = f"SharedKey {account}:{sign(key_b64, string_to_sign(method, path, query, headers, account))}"
+    headers["Authorization"] = (
+        f"SharedKey {account}:{sign(key_b64, string_to_sign(method, path, query, headers, account))}"
+    )
 
 
-def verify(method: str, path: str, query: str, headers: Mapping[str, str], account: str,
-           keys: list[str], now: float) -> None:
+def verify(
+    method: str,
+    path: str,
+    query: str,
+    headers: Mapping[str, str],
+    account: str,
+    keys: list[str],
+    now: float,
+) -> None:
     """Raise AuthError unless the request is signed with one of `keys` and is fresh."""
     h = {k.lower(): v for k, v in headers.items()}
     auth = h.get("authorization")
     if not auth:
-        raise AuthError(401, "AuthenticationFailed", "The request is not signed (no Authorization header)")
+        raise AuthError(
+            401, "AuthenticationFailed", "The request is not signed (no Authorization header)"
+        )
     scheme, _, cred = auth.partition(" ")
     name, _, signature = cred.partition(":")
     if scheme != "SharedKey" or not signature:
-        raise AuthError(401, "AuthenticationFailed", "Authorization must be 'SharedKey <account>:<signature>'")
+        raise AuthError(
+            401, "AuthenticationFailed", "Authorization must be 'SharedKey <account>:<signature>'"
+        )
     if name != account:
         raise AuthError(403, "AccountNameMismatch", f"unknown account {name!r}")
     stamp = h.get("ocp-date") or h.get("date")
@@ -101,26 +124,40 @@ def verify(method: str, path: str, query: str, headers: Mapping[str, str], accou
     try:
         when = parsedate_to_datetime(stamp).timestamp()
     except (TypeError, ValueError):
-        raise AuthError(403, "InvalidHeaderValue", f"ocp-date is not an RFC 1123 date: {stamp!r}") from None
+        raise AuthError(
+            403, "InvalidHeaderValue", f"ocp-date is not an RFC 1123 date: {stamp!r}"
+        ) from None
     if abs(now - when) > MAX_SKEW_S:
-        raise AuthError(403, "RequestTooOld", "The request time is more than 15 minutes from the server time")
+        raise AuthError(
+            403, "RequestTooOld", "The request time is more than 15 minutes from the server time"
+        )
     for text in _candidate_texts(method, path, query, headers, account):
         for key in keys:
             if hmac.compare_digest(sign(key, text), signature):
                 return
-    raise AuthError(403, "AuthenticationFailed", "The request signature does not match (wrong key or tampered)")
+    raise AuthError(
+        403, "AuthenticationFailed", "The request signature does not match (wrong key or tampered)"
+    )
 
 
-def _candidate_texts(method: str, path: str, query: str, headers: Mapping[str, str], account: str) -> list[str]:
+def _candidate_texts(
+    method: str, path: str, query: str, headers: Mapping[str, str], account: str
+) -> list[str]:
     """Every canonical form a known client may have signed, without repeats (usually one or two)."""
-    paths = [path, unquote(path)] if "%" in path else [path]  # decoded: clients that sign before encoding
-    accounts = [account, account.lower()] if account != account.lower() else [account]  # Java lower-cases it
+    paths = (
+        [path, unquote(path)] if "%" in path else [path]
+    )  # decoded: clients that sign before encoding
+    accounts = (
+        [account, account.lower()] if account != account.lower() else [account]
+    )  # Java lower-cases it
     texts: list[str] = []
     for p in paths:
         for acct in accounts:
             for keep_case in (False, True):
                 for skip_blank in (False, True):
-                    text = string_to_sign(method, p, query, headers, acct, keep_case=keep_case, skip_blank=skip_blank)
+                    text = string_to_sign(
+                        method, p, query, headers, acct, keep_case=keep_case, skip_blank=skip_blank
+                    )
                     if text not in texts:
                         texts.append(text)
     return texts

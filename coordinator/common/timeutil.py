@@ -19,19 +19,28 @@ UNLIMITED_S = 10675199 * 86400 + 2 * 3600 + 48 * 60 + 5.4775807
 def parse_duration(text: str, field: str) -> float:
     """Seconds in an ISO 8601 duration (days, hours, minutes, seconds); 400 naming `field` if bad."""
     if not isinstance(text, str):
-        raise bad_request("InvalidPropertyValue", f"{field} must be an ISO 8601 duration string", field=field)
+        raise bad_request(
+            "InvalidPropertyValue", f"{field} must be an ISO 8601 duration string", field=field
+        )
     t = text.strip().upper()
     if t.startswith("-"):
-        raise bad_request("InvalidPropertyValue", f"{field} must not be negative: {text!r}", field=field)
+        raise bad_request(
+            "InvalidPropertyValue", f"{field} must not be negative: {text!r}", field=field
+        )
     if t == UNLIMITED:
         return UNLIMITED_S
     m = _DURATION.match(t)
     if not m:
         raise bad_request(
-            "InvalidPropertyValue", f"{field} is not an ISO 8601 duration (like PT1H30M): {text!r}", field=field
+            "InvalidPropertyValue",
+            f"{field} is not an ISO 8601 duration (like PT1H30M): {text!r}",
+            field=field,
         )
     return (
-        float(m["d"] or 0) * 86400 + float(m["h"] or 0) * 3600 + float(m["m"] or 0) * 60 + float(m["s"] or 0)
+        float(m["d"] or 0) * 86400
+        + float(m["h"] or 0) * 3600
+        + float(m["m"] or 0) * 60
+        + float(m["s"] or 0)
     )
 
 
@@ -68,7 +77,9 @@ def parse_time(text: str, field: str) -> float:
     try:
         dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except (ValueError, AttributeError):
-        raise bad_request("InvalidPropertyValue", f"{field} is not an RFC 3339 time: {text!r}", field=field) from None
+        raise bad_request(
+            "InvalidPropertyValue", f"{field} is not an RFC 3339 time: {text!r}", field=field
+        ) from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()

@@ -28,10 +28,14 @@ RESERVED_ENV = frozenset(
 
 def check_name(name: object, field: str = "name") -> str:
     if not isinstance(name, str) or not name:
-        raise bad_request("MissingRequiredProperty", f"{field} must be a non-empty string", field=field)
+        raise bad_request(
+            "MissingRequiredProperty", f"{field} must be a non-empty string", field=field
+        )
     if not _NAME.match(name):
         if len(name) > 64:
-            raise bad_request("InvalidPropertyValue", f"{field} is longer than 64 characters", field=field)
+            raise bad_request(
+                "InvalidPropertyValue", f"{field} is longer than 64 characters", field=field
+            )
         raise bad_request(
             "InvalidPropertyValue",
             f"{field} {name!r} may contain only letters, digits, '-' and '_'",
@@ -46,7 +50,9 @@ def check_env(settings: list, field: str) -> dict[str, str]:
         name = s.name
         if not name or "=" in name or "\0" in name or "\0" in s.value:
             raise bad_request(
-                "InvalidPropertyValue", f"{field}[{i}].name {name!r} is not a valid variable name", field=field
+                "InvalidPropertyValue",
+                f"{field}[{i}].name {name!r} is not a valid variable name",
+                field=field,
             )
         if name.upper() in RESERVED_ENV or name.upper().startswith(("WATASK_", "AZ_BATCH_")):
             raise bad_request(
@@ -61,6 +67,9 @@ def check_env(settings: list, field: str) -> dict[str, str]:
 
 def check_range(value: int, low: int, high: int, field: str) -> int:
     if value < low or value > high:
-        raise bad_request("InvalidPropertyValue", f"{field} must be between {low} and {high}, got {value}",
-                          field=field)
+        raise bad_request(
+            "InvalidPropertyValue",
+            f"{field} must be between {low} and {high}, got {value}",
+            field=field,
+        )
     return value

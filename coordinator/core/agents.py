@@ -25,7 +25,9 @@ _READY_FROM = ("starting", "unknown", "creating", "waitingforstarttask", "reboot
 
 
 class Agents:
-    def __init__(self, store: Store, out: Outbox, runs: Runs, membership: Membership, tasks: Tasks) -> None:
+    def __init__(
+        self, store: Store, out: Outbox, runs: Runs, membership: Membership, tasks: Tasks
+    ) -> None:
         self.s = store
         self.out = out
         self.runs = runs
@@ -57,9 +59,15 @@ class Agents:
         if tvm is None:
             agent.tvm = None
             for r in hello.running:  # tasks of a TVM we no longer know
-                self.out.send(agent.agent_id, pm.CancelTask(key=r.key, attempt=r.attempt, reason="unknown TVM"))
+                self.out.send(
+                    agent.agent_id,
+                    pm.CancelTask(key=r.key, attempt=r.attempt, reason="unknown TVM"),
+                )
             if hello.tvm_name:  # removed while the agent was away: it wipes it before it is free
-                self.out.send(agent.agent_id, pm.LeavePool(tvm_name=hello.tvm_name, reason="TVM no longer exists"))
+                self.out.send(
+                    agent.agent_id,
+                    pm.LeavePool(tvm_name=hello.tvm_name, reason="TVM no longer exists"),
+                )
             self.membership.allocate()
             return
         moved = tvm.rec.ip != hello.ip_address
@@ -68,7 +76,9 @@ class Agents:
         if moved:  # the pool's fences must admit the new address (and drop the old one)
             self.membership.members_changed(tvm.rec.pool)
         if tvm.rec.pending_op == "leaving":  # the LeavePool may have been lost with the session
-            self.out.send(agent.agent_id, pm.LeavePool(tvm_name=tvm.rec.name, reason="removed from the pool"))
+            self.out.send(
+                agent.agent_id, pm.LeavePool(tvm_name=tvm.rec.name, reason="removed from the pool")
+            )
             return
         if not (hello.session_id or hello.tvm_name or hello.running or hello.finished):
             # A fresh agent process (restart, reboot): what we placed on this TVM died with the old
@@ -88,7 +98,12 @@ class Agents:
 
     def _reconcile_running(self, tvm: Tvm, r: pm.RunningTask) -> None:
         job, task = self.s.lookup(r.key)
-        if task is not None and task.state == RUNNING and task.attempt == r.attempt and task.tvm == tvm.rec.name:
+        if (
+            task is not None
+            and task.state == RUNNING
+            and task.attempt == r.attempt
+            and task.tvm == tvm.rec.name
+        ):
             tvm.running[r.key] = task
             return
         if task is not None and task.state == ACTIVE and (r.attempt >> 32) < self.s.epoch:
@@ -99,9 +114,13 @@ class Agents:
             task.pool = tvm.rec.pool
             tvm.running[r.key] = task
             return
-        self.out.send(tvm.rec.agent_id, pm.CancelTask(key=r.key, attempt=r.attempt, reason="not assigned"))
+        self.out.send(
+            tvm.rec.agent_id, pm.CancelTask(key=r.key, attempt=r.attempt, reason="not assigned")
+        )
 
-    def _requeue_unreported(self, tvm: Tvm, hello: pm.Hello, in_flight: set[str] | frozenset[str]) -> None:
+    def _requeue_unreported(
+        self, tvm: Tvm, hello: pm.Hello, in_flight: set[str] | frozenset[str]
+    ) -> None:
         """Tasks placed on this TVM that the agent neither runs nor finished, and whose RunTask is not
         still on its way, are lost (a restart, a session that could not resume, or a connection that
         was not the real agent's and never reported them): run them again (requeueCount+1, not a
@@ -121,7 +140,10 @@ class Agents:
         s = self.s
         if s.recovering_until is None:
             return
-        if all(s.agents.get(t.rec.agent_id) and s.agents[t.rec.agent_id].connected for t in s.tvms.values()):
+        if all(
+            s.agents.get(t.rec.agent_id) and s.agents[t.rec.agent_id].connected
+            for t in s.tvms.values()
+        ):
             s.recovering_until = None
 
     def disconnected(self, agent_id: str) -> None:
@@ -160,12 +182,18 @@ class Agents:
                 tvm.last_heartbeat = now
                 self._check_disk(agent, tvm, msg)
         elif isinstance(msg, pm.TvmReady):
-            if tvm is not None and tvm.rec.name == msg.tvm_name and not tvm.rec.pending_op.startswith("leav"):
+            if (
+                tvm is not None
+                and tvm.rec.name == msg.tvm_name
+                and not tvm.rec.pending_op.startswith("leav")
+            ):
                 tvm.ready = True
                 self.membership.tvm_ready(tvm, msg)
                 if tvm.rec.state in _READY_FROM:
                     ready_state: TvmState = "running" if tvm.running else "idle"
-                    self.runs.set_tvm_state(tvm, "offline" if tvm.rec.scheduling == "disabled" else ready_state)
+                    self.runs.set_tvm_state(
+                        tvm, "offline" if tvm.rec.scheduling == "disabled" else ready_state
+                    )
         elif isinstance(msg, pm.StartTaskCompleted):
             if tvm is not None:
                 self._start_task_completed(tvm, msg)
@@ -191,7 +219,11 @@ class Agents:
             self.runs.set_tvm_state(tvm, "offline" if tvm.rec.scheduling == "disabled" else back)
 
     def _start_task_started(self, tvm: Tvm, msg: pm.StartTaskStarted) -> None:
-        tvm.rec.start_task = {"state": "running", "start_time": msg.start_time, "retry_count": msg.retry_count}
+        tvm.rec.start_task = {
+            "state": "running",
+            "start_time": msg.start_time,
+            "retry_count": msg.retry_count,
+        }
         pool = self.s.pools.get(tvm.rec.pool)
         waits = bool(pool and pool.spec.start_task and pool.spec.start_task.wait_for_success)
         if waits and tvm.rec.state in ("starting", "creating", "rebooting", "reimaging", "unknown"):
@@ -205,7 +237,9 @@ class Agents:
             "end_time": msg.end_time,
             "exit_code": msg.exit_code,
             "retry_count": msg.retry_count,
-            "failure": [msg.failure.category, msg.failure.code, msg.failure.message] if msg.failure else None,
+            "failure": [msg.failure.category, msg.failure.code, msg.failure.message]
+            if msg.failure
+            else None,
         }
         pool = self.s.pools.get(tvm.rec.pool)
         waits = bool(pool and pool.spec.start_task and pool.spec.start_task.wait_for_success)
@@ -230,7 +264,11 @@ class Agents:
                 and agent.disconnected_at is not None
                 and now - agent.disconnected_at >= s.heartbeat_timeout
             )
-            if agent is not None and agent.connected and now - agent.last_seen >= s.heartbeat_timeout:
+            if (
+                agent is not None
+                and agent.connected
+                and now - agent.last_seen >= s.heartbeat_timeout
+            ):
                 self.out.close(agent.agent_id, 4008, "heartbeat timeout")
                 agent.connected = False
                 # The silence already lasted a heartbeat timeout: the TVM is lost at the next tick

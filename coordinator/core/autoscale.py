@@ -75,28 +75,44 @@ class Autoscale:
         now = s.clock()
         enabled = pool.spec.enable_auto_scale
         if pool.state != "active":
-            raise ApiError(409, "PoolBeingDeleted" if pool.state == "deleting" else "PoolNotActive",
-                           f"pool {name!r} is {pool.state}")
+            raise ApiError(
+                409,
+                "PoolBeingDeleted" if pool.state == "deleting" else "PoolNotActive",
+                f"pool {name!r} is {pool.state}",
+            )
         if not enabled and pool.alloc_state == "resizing":
-            raise ApiError(409, "PoolBeingResized", f"pool {name!r} is resizing; wait until it is steady")
+            raise ApiError(
+                409, "PoolBeingResized", f"pool {name!r} is resizing; wait until it is steady"
+            )
         last = self.enabled_at.get(name)
         throttle = s.autoscale_timing.enable_throttle
         if last is not None and now - last < throttle:
-            raise ApiError(409, "TooManyEnableAutoScaleRequests",
-                           f"autoscale of pool {name!r} was enabled {now - last:.0f} s ago; "
-                           f"enable calls must be at least {throttle:g} s apart")
+            raise ApiError(
+                409,
+                "TooManyEnableAutoScaleRequests",
+                f"autoscale of pool {name!r} was enabled {now - last:.0f} s ago; "
+                f"enable calls must be at least {throttle:g} s apart",
+            )
         if formula is None and not enabled:
-            raise bad_request("MissingRequiredProperty", "enabling autoscale needs autoScaleFormula",
-                              field="autoScaleFormula")
+            raise bad_request(
+                "MissingRequiredProperty",
+                "enabling autoscale needs autoScaleFormula",
+                field="autoScaleFormula",
+            )
         program = parse_formula(formula) if formula is not None else None
-        interval = parse_interval(s.autoscale_timing, interval_text) if interval_text is not None else None
+        interval = (
+            parse_interval(s.autoscale_timing, interval_text) if interval_text is not None else None
+        )
         # validated: mutate
         spec = pool.spec
         pool.spec = msgspec.structs.replace(
-            spec, enable_auto_scale=True,
+            spec,
+            enable_auto_scale=True,
             auto_scale_formula=formula if formula is not None else spec.auto_scale_formula,
-            auto_scale_evaluation_interval=format_duration(interval) if interval is not None
-            else spec.auto_scale_evaluation_interval or format_duration(s.autoscale_timing.default_interval),
+            auto_scale_evaluation_interval=format_duration(interval)
+            if interval is not None
+            else spec.auto_scale_evaluation_interval
+            or format_duration(s.autoscale_timing.default_interval),
         )
         if program is not None and formula is not None:
             self.programs[name] = (formula, program)
@@ -109,8 +125,12 @@ class Autoscale:
         pool = self.s.get_pool(name)
         if not pool.spec.enable_auto_scale:
             return  # already off: nothing to do (the real service answers 200 too)
-        pool.spec = msgspec.structs.replace(pool.spec, enable_auto_scale=False, auto_scale_formula=None,
-                                            auto_scale_evaluation_interval=None)
+        pool.spec = msgspec.structs.replace(
+            pool.spec,
+            enable_auto_scale=False,
+            auto_scale_formula=None,
+            auto_scale_evaluation_interval=None,
+        )
         self.next_run.pop(name, None)
         self.programs.pop(name, None)
         self.out.put("pool", name, pool)  # targets stay at their last values
@@ -119,8 +139,11 @@ class Autoscale:
         """Run `formula` on the pool's current data without applying anything."""
         pool = self.s.get_pool(name)
         if not pool.spec.enable_auto_scale:
-            raise ApiError(409, "OperationInvalidForCurrentState",
-                           f"pool {name!r} does not have autoscale enabled; enable it before evaluating")
+            raise ApiError(
+                409,
+                "OperationInvalidForCurrentState",
+                f"pool {name!r} does not have autoscale enabled; enable it before evaluating",
+            )
         program = parse_formula(formula)
         now = self.s.clock()
         return _run_rec(now, self._evaluate(pool, program, now))
@@ -142,7 +165,9 @@ class Autoscale:
     def before_tick(self) -> None:
         for pool in self.s.pools.values():
             if pool.spec.enable_auto_scale and pool.resize_started is not None:
-                pool.resize_started = None  # resize timeouts do not apply to autoscale resizes (§5.8)
+                pool.resize_started = (
+                    None  # resize timeouts do not apply to autoscale resizes (§5.8)
+                )
 
     def after_tick(self, now: float) -> None:
         self._sample_metrics(now)
@@ -152,7 +177,9 @@ class Autoscale:
             due = self.next_run.get(name)
             if due is None:  # restored from the journal: one interval after the last run
                 run = pool.auto_scale_run
-                due = self.next_run[name] = (run[0] + interval_of(self.s.autoscale_timing, pool)) if run else now
+                due = self.next_run[name] = (
+                    (run[0] + interval_of(self.s.autoscale_timing, pool)) if run else now
+                )
             if now >= due:
                 self.run(name, reschedule=True)
 
@@ -162,15 +189,20 @@ class Autoscale:
         s = self.s
         period = s.autoscale_timing.sample_period
         last = self.metrics.last_sample
-        due = {name for name, p in s.pools.items()
-               if p.state != "deleting" and (name not in last or now - last[name] >= period)}
+        due = {
+            name
+            for name, p in s.pools.items()
+            if p.state != "deleting" and (name not in last or now - last[name] >= period)
+        }
         for name in [n for n in self.tvm_counters if n not in s.tvms]:
             del self.tvm_counters[name]
         for name in [n for n in self.metrics.pools() if s.pools.get(n) is None]:
             self.metrics.drop(name)  # the pool is gone (deletion finishes after its TVMs left)
         if not due:
             return
-        counts = {name: [0, 0, 0, 0, 0.0] for name in due}  # active, running, succeeded, failed, wall s
+        counts = {
+            name: [0, 0, 0, 0, 0.0] for name in due
+        }  # active, running, succeeded, failed, wall s
         boundary: dict[str, set[int]] = {name: set() for name in due}
         for job in s.jobs.values():
             c = counts.get(job.rec.pool)
@@ -208,7 +240,9 @@ class Autoscale:
                 "SampleNodeCount": len(members),
                 "PreemptedNodeCount": 0,  # dedicated TVMs are never preempted
             }
-            values.update(resource_values(tc for t in members if (tc := self.tvm_counters.get(t.rec.name))))
+            values.update(
+                resource_values(tc for t in members if (tc := self.tvm_counters.get(t.rec.name)))
+            )
             self.metrics.record(name, now, values)
 
     # ------------------------------------------------------------------ evaluation

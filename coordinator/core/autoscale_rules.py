@@ -23,7 +23,9 @@ def parse_formula(formula: str, prefix: str = "") -> Program:
         values: dict[str, object] = {"field": prefix + "autoScaleFormula"}
         if exc.line is not None:
             values.update(line=exc.line, column=exc.column)
-        raise ApiError(400, exc.code, f"{prefix}autoScaleFormula: {exc.message}", **values) from None
+        raise ApiError(
+            400, exc.code, f"{prefix}autoScaleFormula: {exc.message}", **values
+        ) from None
 
 
 def parse_interval(t: AutoscaleTiming, text: str | None, prefix: str = "") -> float:
@@ -54,17 +56,25 @@ def check_autoscale_spec(t: AutoscaleTiming, req: m.PoolAdd, prefix: str = "") -
     its interval normalised."""
     if req.enable_auto_scale:
         if req.target_dedicated:
-            raise bad_request("InvalidPropertyValue",
-                              f"{prefix}targetDedicated must be absent (or 0) when enableAutoScale is true: "
-                              "the formula sets the target", field=prefix + "targetDedicated")
+            raise bad_request(
+                "InvalidPropertyValue",
+                f"{prefix}targetDedicated must be absent (or 0) when enableAutoScale is true: "
+                "the formula sets the target",
+                field=prefix + "targetDedicated",
+            )
         if req.auto_scale_formula is None:
-            raise bad_request("MissingRequiredProperty", f"{prefix}enableAutoScale needs autoScaleFormula",
-                              field=prefix + "autoScaleFormula")
+            raise bad_request(
+                "MissingRequiredProperty",
+                f"{prefix}enableAutoScale needs autoScaleFormula",
+                field=prefix + "autoScaleFormula",
+            )
         parse_formula(req.auto_scale_formula, prefix)
         interval = parse_interval(t, req.auto_scale_evaluation_interval, prefix)
         req = msgspec.structs.replace(req, auto_scale_evaluation_interval=format_duration(interval))
     elif req.auto_scale_formula is not None or req.auto_scale_evaluation_interval is not None:
-        raise bad_request("InvalidPropertyValue",
-                          f"{prefix}autoScaleFormula and autoScaleEvaluationInterval need enableAutoScale: true",
-                          field=prefix + "enableAutoScale")
+        raise bad_request(
+            "InvalidPropertyValue",
+            f"{prefix}autoScaleFormula and autoScaleEvaluationInterval need enableAutoScale: true",
+            field=prefix + "enableAutoScale",
+        )
     return req

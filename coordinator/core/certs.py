@@ -37,8 +37,13 @@ class Certs:
 
     def add_certificate(self, req: m.CertificateAdd) -> CertRec:
         try:
-            info = validate_certificate(req.thumbprint, req.thumbprint_algorithm, req.data,
-                                        req.certificate_format, req.password)
+            info = validate_certificate(
+                req.thumbprint,
+                req.thumbprint_algorithm,
+                req.data,
+                req.certificate_format,
+                req.password,
+            )
         except CertificateError as exc:
             raise bad_request(exc.code, exc.message, field=exc.field) from None
         key = cert_key(info.thumbprint)
@@ -46,14 +51,26 @@ class Certs:
         if key in certificates:
             raise conflict("certificate", key)
         if len(certificates) >= MAX_CERTIFICATES:
-            raise ApiError(409, "TooManyCertificates", f"an account holds at most {MAX_CERTIFICATES} certificates")
+            raise ApiError(
+                409,
+                "TooManyCertificates",
+                f"an account holds at most {MAX_CERTIFICATES} certificates",
+            )
         raw = base64.b64decode("".join(req.data.split()))
         now = self.s.clock()
-        rec = CertRec(thumbprint=info.thumbprint, thumbprint_algorithm=info.thumbprint_algorithm,
-                      certificate_format=info.format, data=raw, password=req.password or "",
-                      subject=info.subject, not_after=info.not_after.timestamp(),
-                      has_private_key=info.has_private_key, public_der=_public_der(raw, info.format, req.password),
-                      created=now, state_time=now)
+        rec = CertRec(
+            thumbprint=info.thumbprint,
+            thumbprint_algorithm=info.thumbprint_algorithm,
+            certificate_format=info.format,
+            data=raw,
+            password=req.password or "",
+            subject=info.subject,
+            not_after=info.not_after.timestamp(),
+            has_private_key=info.has_private_key,
+            public_der=_public_der(raw, info.format, req.password),
+            created=now,
+            state_time=now,
+        )
         certificates[key] = rec
         self.out.put("cert", key, rec)
         return rec
@@ -61,8 +78,10 @@ class Certs:
     def _key_from_path(self, name: str) -> str:
         algo, sep, thumb = name.partition("-")
         if not sep:
-            raise bad_request("InvalidCertificateName",
-                              f"expected <thumbprintAlgorithm>-<thumbprint> (like sha1-0a1b...), got {name!r}")
+            raise bad_request(
+                "InvalidCertificateName",
+                f"expected <thumbprintAlgorithm>-<thumbprint> (like sha1-0a1b...), got {name!r}",
+            )
         try:
             return cert_key(_norm_thumb(thumb, algo))
         except CertificateError as exc:
@@ -76,21 +95,30 @@ class Certs:
         return rec
 
     def certificate_users(self, thumbprint: str) -> list[str]:
-        return sorted(p.spec.name for p in self.s.pools.values()
-                      if any(ref_thumb(r) == thumbprint for r in p.spec.certificate_references))
+        return sorted(
+            p.spec.name
+            for p in self.s.pools.values()
+            if any(ref_thumb(r) == thumbprint for r in p.spec.certificate_references)
+        )
 
     def delete_certificate(self, name: str) -> None:
         rec = self.get_certificate(name)
         users = self.certificate_users(rec.thumbprint)
         if users:
-            raise ApiError(409, "CertificateInUse",
-                           f"certificate sha1-{rec.thumbprint} is referenced by pool(s) {', '.join(users)};"
-                           " delete those pools or remove the reference first", pools=",".join(users))
+            raise ApiError(
+                409,
+                "CertificateInUse",
+                f"certificate sha1-{rec.thumbprint} is referenced by pool(s) {', '.join(users)};"
+                " delete those pools or remove the reference first",
+                pools=",".join(users),
+            )
         key = cert_key(rec.thumbprint)
         del self.s.certificates[key]
         self.out.delete("cert", key)
 
-    def check_references(self, refs: list[m.CertificateReference], prefix: str = "") -> list[m.CertificateReference]:
+    def check_references(
+        self, refs: list[m.CertificateReference], prefix: str = ""
+    ) -> list[m.CertificateReference]:
         """Called by the pool spec check before anything is stored: every reference must name a
         known certificate."""
         out: list[m.CertificateReference] = []
@@ -102,11 +130,17 @@ class Certs:
             except CertificateError as exc:
                 raise bad_request(exc.code, f"{field}: {exc.message}", field=field) from None
             if cert_key(thumb) not in self.s.certificates:
-                raise bad_request("CertificateNotFound",
-                                  f"{field}: certificate sha1-{thumb} does not exist in the account", field=field)
+                raise bad_request(
+                    "CertificateNotFound",
+                    f"{field}: certificate sha1-{thumb} does not exist in the account",
+                    field=field,
+                )
             if thumb in seen:
-                raise bad_request("DuplicateCertificateReference", f"{field}: sha1-{thumb} is listed twice",
-                                  field=field)
+                raise bad_request(
+                    "DuplicateCertificateReference",
+                    f"{field}: sha1-{thumb} is listed twice",
+                    field=field,
+                )
             seen.add(thumb)
             out.append(m.CertificateReference(thumbprint=thumb, thumbprint_algorithm="sha1"))
         return out
@@ -118,8 +152,11 @@ def _public_der(raw: bytes, fmt: str, password: str | None) -> bytes:
     from cryptography.hazmat.primitives.serialization import Encoding, pkcs12
 
     if fmt == "cer":
-        cert = (x509.load_pem_x509_certificate(raw) if raw.lstrip().startswith(b"-----BEGIN")
-                else x509.load_der_x509_certificate(raw))
+        cert = (
+            x509.load_pem_x509_certificate(raw)
+            if raw.lstrip().startswith(b"-----BEGIN")
+            else x509.load_der_x509_certificate(raw)
+        )
     else:
         _, main, extra = pkcs12.load_key_and_certificates(raw, (password or "").encode())
         cert = main or extra[0]

@@ -92,8 +92,14 @@ class CoordinatorState:
         max_pool_size: int = 1000,
         account_url: str = "",
     ) -> None:
-        self.store = store = Store(account, epoch=epoch, clock=clock, heartbeat_timeout=heartbeat_timeout,
-                                   max_pool_size=max_pool_size, account_url=account_url)
+        self.store = store = Store(
+            account,
+            epoch=epoch,
+            clock=clock,
+            heartbeat_timeout=heartbeat_timeout,
+            max_pool_size=max_pool_size,
+            account_url=account_url,
+        )
         self.outbox = out = Outbox()
         # The store's collections are never replaced, only changed: the facade shares them.
         self.pools: dict[str, PoolRec] = store.pools
@@ -150,7 +156,9 @@ class CoordinatorState:
         self.job_area.check_jobs()
         self.autoscale.after_tick(now)
 
-    def agent_hello(self, hello: pm.Hello, in_flight: set[str] | frozenset[str] = frozenset()) -> None:
+    def agent_hello(
+        self, hello: pm.Hello, in_flight: set[str] | frozenset[str] = frozenset()
+    ) -> None:
         """`in_flight`: keys of RunTasks still on their way to the agent (its session resumed)."""
         self.agent_area.hello(hello, in_flight)
 
@@ -227,7 +235,9 @@ class CoordinatorState:
     def reimage_tvm(self, pool: str, name: str, req: m.TvmReimage | None = None) -> None:
         self.tvm_ops.reimage_tvm(pool, name, req)
 
-    def disable_scheduling(self, pool: str, name: str, req: m.TvmDisableScheduling | None = None) -> None:
+    def disable_scheduling(
+        self, pool: str, name: str, req: m.TvmDisableScheduling | None = None
+    ) -> None:
         self.tvm_ops.disable_scheduling(pool, name, req)
 
     def enable_scheduling(self, pool: str, name: str) -> None:
@@ -308,7 +318,9 @@ class CoordinatorState:
     def add_task(self, workitem: str, job_name: str, req: m.TaskAdd) -> None:
         self.tasks.add_task(workitem, job_name, req)
 
-    def add_tasks(self, workitem: str, job_name: str, reqs: list[m.TaskAdd]) -> list[m.TaskAddResult]:
+    def add_tasks(
+        self, workitem: str, job_name: str, reqs: list[m.TaskAdd]
+    ) -> list[m.TaskAddResult]:
         return self.tasks.add_tasks(workitem, job_name, reqs)
 
     def get_task(self, workitem: str, job_name: str, name: str) -> tuple[Job, TaskRec]:

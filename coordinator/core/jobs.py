@@ -34,23 +34,32 @@ TOKEN_SCHEME = "TVMJobToken"
 
 def _job_conflict(job: Job, action: str) -> ApiError:
     state = job.rec.state
-    code = {"completed": "JobCompleted", "terminating": "JobBeingTerminated",
-            "deleting": "JobBeingDeleted"}.get(state, "JobNotActive")
+    code = {
+        "completed": "JobCompleted",
+        "terminating": "JobBeingTerminated",
+        "deleting": "JobBeingDeleted",
+    }.get(state, "JobNotActive")
     return ApiError(409, code, f"job {job.rec.name!r} is {state}; cannot {action}", state=state)
 
 
 def _wi_conflict(wi: WorkitemRec, action: str) -> ApiError:
     state = wi.state
     code = {"completed": "WorkItemCompleted", "terminating": "WorkItemBeingTerminated"}.get(
-        state, "WorkItemNotActive")
-    return ApiError(409, code, f"workitem {wi.spec.name!r} is {state}; cannot {action}", state=state)
+        state, "WorkItemNotActive"
+    )
+    return ApiError(
+        409, code, f"workitem {wi.spec.name!r} is {state}; cannot {action}", state=state
+    )
 
 
 def check_job_manager(jm: m.JobManager) -> None:
     check_name(jm.name, "jobManager.name")
     if not jm.command_line.strip():
-        raise bad_request("MissingRequiredProperty", "jobManager.commandLine must not be empty",
-                          field="jobManager.commandLine")
+        raise bad_request(
+            "MissingRequiredProperty",
+            "jobManager.commandLine must not be empty",
+            field="jobManager.commandLine",
+        )
     check_env(jm.environment_settings, "jobManager.environmentSettings")
     check_files(jm.resource_files, "jobManager.resourceFiles")
     if jm.task_constraints is not None:
@@ -75,8 +84,11 @@ class Jobs:
             self.pools.check_auto_pool(env)
         else:
             if not env.pool_name:
-                raise bad_request("MissingRequiredProperty", "jobExecutionEnvironment.poolName is required",
-                                  field="jobExecutionEnvironment.poolName")
+                raise bad_request(
+                    "MissingRequiredProperty",
+                    "jobExecutionEnvironment.poolName is required",
+                    field="jobExecutionEnvironment.poolName",
+                )
             check_name(env.pool_name, "jobExecutionEnvironment.poolName")
         check_range(req.priority, -1000, 1000, "priority")
         check_env(req.common_environment_settings, "commonEnvironmentSettings")
@@ -185,14 +197,22 @@ class Jobs:
         wi.recent_job = name
         wall, retries = job_constraints(spec.job_constraints)
         jm = spec.job_manager
-        rec = JobRec(workitem=spec.name, name=name, pool=self.pools.job_pool(wi, name),
-                     priority=spec.priority, created=now, state_time=now, max_wall_s=wall,
-                     max_retries=retries or 0,
-                     common_env={e.name: e.value for e in spec.common_environment_settings},
-                     on_all_complete=spec.on_all_tasks_complete,
-                     jm_name=jm.name if jm else None, jm_exclusive=bool(jm and jm.run_exclusive),
-                     jm_kill=bool(jm.kill_job_on_completion) if jm else True,
-                     token=f"{spec.name}.{name}.{secrets.token_urlsafe(24)}")
+        rec = JobRec(
+            workitem=spec.name,
+            name=name,
+            pool=self.pools.job_pool(wi, name),
+            priority=spec.priority,
+            created=now,
+            state_time=now,
+            max_wall_s=wall,
+            max_retries=retries or 0,
+            common_env={e.name: e.value for e in spec.common_environment_settings},
+            on_all_complete=spec.on_all_tasks_complete,
+            jm_name=jm.name if jm else None,
+            jm_exclusive=bool(jm and jm.run_exclusive),
+            jm_kill=bool(jm.kill_job_on_completion) if jm else True,
+            token=f"{spec.name}.{name}.{secrets.token_urlsafe(24)}",
+        )
         job = Job(rec)
         self.s.jobs[job.key] = job
         self.out.put("job", job.key, rec)
@@ -201,11 +221,20 @@ class Jobs:
             wall_t = retries_t = retention = None
             if jm.task_constraints is not None:
                 wall_t, retries_t, retention = task_constraints(jm.task_constraints)
-            task = TaskRec(name=jm.name, command_line=jm.command_line, seq=self.s.seq, created=now,
-                           state_time=now, env={e.name: e.value for e in jm.environment_settings} or None,
-                           resource_files=list(jm.resource_files) or None, max_wall_s=wall_t,
-                           max_retries=retries_t, retention_s=retention, run_elevated=jm.run_elevated,
-                           job_manager=True)
+            task = TaskRec(
+                name=jm.name,
+                command_line=jm.command_line,
+                seq=self.s.seq,
+                created=now,
+                state_time=now,
+                env={e.name: e.value for e in jm.environment_settings} or None,
+                resource_files=list(jm.resource_files) or None,
+                max_wall_s=wall_t,
+                max_retries=retries_t,
+                retention_s=retention,
+                run_elevated=jm.run_elevated,
+                job_manager=True,
+            )
             # Not queued: the scheduler places it ahead of the job's other tasks.
             job.tasks[task.name] = task
             self.runs.put_task(job, task)
@@ -227,9 +256,11 @@ class Jobs:
         wall, retries = job_constraints(req.job_constraints)
         check_all_complete(req.on_all_tasks_complete)
         if req.on_all_tasks_complete == "noaction" and job.rec.on_all_complete == "terminatejob":
-            raise bad_request("InvalidPropertyValue",
-                              "onAllTasksComplete cannot change from terminatejob back to noaction",
-                              field="onAllTasksComplete")
+            raise bad_request(
+                "InvalidPropertyValue",
+                "onAllTasksComplete cannot change from terminatejob back to noaction",
+                field="onAllTasksComplete",
+            )
         if req.priority is not None:
             job.rec.priority = req.priority
         if req.job_constraints is not None:
@@ -247,15 +278,21 @@ class Jobs:
             raise _job_conflict(job, "terminate it")
         reason = reason or "UserTerminate"
         if len(reason) > 256:
-            raise bad_request("InvalidPropertyValue", "terminateReason is longer than 256 characters",
-                              field="terminateReason")
+            raise bad_request(
+                "InvalidPropertyValue",
+                "terminateReason is longer than 256 characters",
+                field="terminateReason",
+            )
         self.terminate(job, reason, self.s.clock())
 
     def disable_job(self, workitem: str, name: str, option: str = "requeue") -> None:
         job = self.s.get_job(workitem, name)
         if option not in DISABLE_OPTIONS:
-            raise bad_request("InvalidPropertyValue", f"disableTasks must be requeue, terminate or wait, got {option!r}",
-                              field="disableTasks")
+            raise bad_request(
+                "InvalidPropertyValue",
+                f"disableTasks must be requeue, terminate or wait, got {option!r}",
+                field="disableTasks",
+            )
         if job.rec.state not in ("active", "disabling", "disabled"):
             raise _job_conflict(job, "disable it")
         now = self.s.clock()
@@ -264,7 +301,9 @@ class Jobs:
                 if option == "requeue":
                     self.runs.requeue_running(job, task, "job disabled")
                 else:
-                    self.runs.end_running(job, task, now, "The task was terminated because its job was disabled")
+                    self.runs.end_running(
+                        job, task, now, "The task was terminated because its job was disabled"
+                    )
         job.rec.disable_option = option
         self._set_job_state(job, "disabling" if job.rec.state == "active" else job.rec.state, now)
 
@@ -296,8 +335,9 @@ class Jobs:
     def terminate(self, job: Job, reason: str, now: float) -> None:
         """Kill the job's running tasks (they complete); active ones stay active and never run."""
         for task in self.s.running_tasks(job):
-            self.runs.end_running(job, task, now,
-                                  f"The task was terminated because its job was terminated ({reason})")
+            self.runs.end_running(
+                job, task, now, f"The task was terminated because its job was terminated ({reason})"
+            )
         job.rec.terminate_reason = reason
         self._set_job_state(job, "terminating", now)
 
@@ -308,7 +348,12 @@ class Jobs:
         if job.rec.state not in ("active", "disabling", "disabled"):
             return
         now = self.s.clock()
-        if task.job_manager and task.state == COMPLETED and job.rec.jm_kill and task.name == job.rec.jm_name:
+        if (
+            task.job_manager
+            and task.state == COMPLETED
+            and job.rec.jm_kill
+            and task.name == job.rec.jm_name
+        ):
             self.terminate(job, "JMComplete", now)
         elif job.rec.on_all_complete == "terminatejob" and self._all_complete(job):
             self.terminate(job, "AllTasksComplete", now)
@@ -338,19 +383,29 @@ class Jobs:
         for job in list(s.jobs.values()):
             r = job.rec
             state = r.state
-            if state in LIVE_JOB_STATES and r.max_wall_s is not None and now - r.created >= r.max_wall_s:
+            if (
+                state in LIVE_JOB_STATES
+                and r.max_wall_s is not None
+                and now - r.created >= r.max_wall_s
+            ):
                 self.terminate(job, "MaxWallClockTimeExpiry", now)
             elif state == "active" and r.jm_name and r.jm_kill:
                 jm = job.tasks.get(r.jm_name)
                 if jm is not None and jm.state == COMPLETED:
                     self.terminate(job, "JMComplete", now)
-            if state == "active" and r.on_all_complete == "terminatejob" and job.rec.state == "active" \
-                    and self._all_complete(job):
+            if (
+                state == "active"
+                and r.on_all_complete == "terminatejob"
+                and job.rec.state == "active"
+                and self._all_complete(job)
+            ):
                 self.terminate(job, "AllTasksComplete", now)
             if job.rec.state == "terminating" and not s.running_tasks(job):
                 self._set_job_state(job, "completed", now)
                 owner = s.workitems.get(r.workitem)
-                if owner is not None and self._run_schedule(owner, parse_schedule(owner.spec.schedule), now):
+                if owner is not None and self._run_schedule(
+                    owner, parse_schedule(owner.spec.schedule), now
+                ):
                     self.out.put("workitem", owner.spec.name, owner)
             elif job.rec.state == "disabling" and not s.running_tasks(job):
                 self._set_job_state(job, "disabled", now)

@@ -50,7 +50,8 @@ class Membership:
         s = self.s
         now = s.clock()
         free = sorted(
-            (a for a in s.agents.values() if a.connected and a.tvm is None), key=lambda a: a.agent_id
+            (a for a in s.agents.values() if a.connected and a.tvm is None),
+            key=lambda a: a.agent_id,
         )
         missing: list[tuple[int, str]] = []
         for name, pool in sorted(s.pools.items(), key=lambda kv: kv[1].created):
@@ -66,16 +67,25 @@ class Membership:
             if current > pool.target:
                 # Shrink: job-manager TVMs last, then idle before busy.
                 def order(t: Tvm) -> tuple[bool, int, bool, str]:
-                    return (any(x.job_manager for x in t.running.values()), len(t.running),
-                            t.rec.state in ("idle", "running"), t.rec.name)
+                    return (
+                        any(x.job_manager for x in t.running.values()),
+                        len(t.running),
+                        t.rec.state in ("idle", "running"),
+                        t.rec.name,
+                    )
 
                 for tvm in sorted(members, key=order)[: current - pool.target]:
                     self.begin_leave(tvm, pool.shrink_option, "pool resized")
                 current = pool.target
             if growing and current < pool.target:
                 missing.append((pool.target - current, pool.spec.vm_size))
-            leaving = any(t.rec.pool == name and t.rec.pending_op in ("leave", "leaving") for t in s.tvms.values())
-            want: AllocState = "resizing" if growing and (current != pool.target or leaving) else "steady"
+            leaving = any(
+                t.rec.pool == name and t.rec.pending_op in ("leave", "leaving")
+                for t in s.tvms.values()
+            )
+            want: AllocState = (
+                "resizing" if growing and (current != pool.target or leaving) else "steady"
+            )
             if want != pool.alloc_state:
                 move_alloc(pool, want)
                 pool.alloc_time = now
@@ -113,8 +123,15 @@ class Membership:
 
     def join(self, pool: PoolRec, agent: AgentInfo, now: float) -> None:
         name = f"tvm-{secrets.token_hex(5)}"
-        rec = TvmRec(name=name, pool=pool.spec.name, agent_id=agent.agent_id, created=now,
-                     state="starting", state_time=now, ip=agent.ip)
+        rec = TvmRec(
+            name=name,
+            pool=pool.spec.name,
+            agent_id=agent.agent_id,
+            created=now,
+            state="starting",
+            state_time=now,
+            ip=agent.ip,
+        )
         tvm = Tvm(rec, pool.spec.max_tasks_per_vm)
         self.s.tvms[name] = tvm
         agent.tvm = name
@@ -137,11 +154,20 @@ class Membership:
             )
         size = self.s.size_of(pool)
         memory = size[1] * 1024 * 1024 if size else 0
-        return pm.JoinPool(pool=pool.spec.name, tvm_name=tvm.rec.name, account=self.s.account,
-                           account_url=self.s.account_url, slots=tvm.slots, start_task=start,
-                           memory_limit_bytes=memory, certificates=self.cert_files(pool),
-                           port_range_low=tvm.rec.port_low, port_range_high=tvm.rec.port_high,
-                           bubblewrap=pool.spec.bubblewrap, **join_limits(pool.spec))
+        return pm.JoinPool(
+            pool=pool.spec.name,
+            tvm_name=tvm.rec.name,
+            account=self.s.account,
+            account_url=self.s.account_url,
+            slots=tvm.slots,
+            start_task=start,
+            memory_limit_bytes=memory,
+            certificates=self.cert_files(pool),
+            port_range_low=tvm.rec.port_low,
+            port_range_high=tvm.rec.port_high,
+            bubblewrap=pool.spec.bubblewrap,
+            **join_limits(pool.spec),
+        )
 
     def cert_files(self, pool: PoolRec) -> list[pm.CertFile]:
         """The certificates a pool references (raw bytes + password): the agent installs them
@@ -150,9 +176,15 @@ class Membership:
         for ref in pool.spec.certificate_references:
             rec = self.s.certificates.get(cert_key(ref_thumb(ref)))
             if rec is not None:
-                files.append(pm.CertFile(thumbprint=rec.thumbprint, thumbprint_algorithm=rec.thumbprint_algorithm,
-                                         certificate_format=rec.certificate_format, data=rec.data,
-                                         password=rec.password))
+                files.append(
+                    pm.CertFile(
+                        thumbprint=rec.thumbprint,
+                        thumbprint_algorithm=rec.thumbprint_algorithm,
+                        certificate_format=rec.certificate_format,
+                        data=rec.data,
+                        password=rec.password,
+                    )
+                )
         return files
 
     # ------------------------------------------------------------------ port blocks and members
@@ -162,14 +194,20 @@ class Membership:
         if not pool.spec.communication or tvm.rec.port_low:
             return
         cfg = self.s.port_range
-        used = {(t.rec.port_low - cfg.low) // cfg.per_tvm for t in self.s.tvms.values() if t.rec.port_low}
+        used = {
+            (t.rec.port_low - cfg.low) // cfg.per_tvm
+            for t in self.s.tvms.values()
+            if t.rec.port_low
+        }
         for index in range(cfg.capacity):
             if index not in used:
                 tvm.rec.port_low, tvm.rec.port_high = allocate_tvm_range(cfg, index)
                 return
         # No block left: the TVM still joins; its tasks see port range 0-0 and the reason on the TVM.
-        tvm.rec.cert_errors = [*tvm.rec.cert_errors,
-                               f"no free port block: {cfg.capacity} blocks of {cfg.per_tvm} ports in use"]
+        tvm.rec.cert_errors = [
+            *tvm.rec.cert_errors,
+            f"no free port block: {cfg.capacity} blocks of {cfg.per_tvm} ports in use",
+        ]
 
     def members_changed(self, pool_name: str) -> None:
         """Tell every TVM of a communicating pool who its members are now."""
@@ -183,7 +221,9 @@ class Membership:
 
     def tvm_ready(self, tvm: Tvm, msg: pm.TvmReady) -> None:
         """Record what the agent reported when the TVM became ready (certificate install errors)."""
-        errors = [e for e in tvm.rec.cert_errors if e.startswith("no free port block")] + list(msg.cert_errors)
+        errors = [e for e in tvm.rec.cert_errors if e.startswith("no free port block")] + list(
+            msg.cert_errors
+        )
         if errors != tvm.rec.cert_errors:
             tvm.rec.cert_errors = errors
             self.out.put("tvm", tvm.rec.name, tvm.rec)
@@ -193,7 +233,9 @@ class Membership:
     def evict(self, tvm: Tvm, option: str, reason: str) -> None:
         """Kill what runs on the TVM: requeue it, or complete it with a failure (terminate)."""
         for key, task in tvm.running.items():
-            self.out.send(tvm.rec.agent_id, pm.CancelTask(key=key, attempt=task.attempt, reason=reason))
+            self.out.send(
+                tvm.rec.agent_id, pm.CancelTask(key=key, attempt=task.attempt, reason=reason)
+            )
         if option == "requeue":
             self.runs.requeue_tvm_tasks(tvm)
             return
@@ -242,7 +284,9 @@ class Membership:
             if agent is None or not agent.connected:
                 self.forget_tvm(tvm)  # nobody to wipe it now; the agent is told when it comes back
                 return
-            self.out.send(rec.agent_id, pm.LeavePool(tvm_name=rec.name, reason="removed from the pool"))
+            self.out.send(
+                rec.agent_id, pm.LeavePool(tvm_name=rec.name, reason="removed from the pool")
+            )
         elif op in ("reboot", "reimage"):
             rec.pending_op = ""
             rec.pending_option = ""
@@ -287,4 +331,3 @@ class Membership:
             return
         del self.s.pools[name]
         self.out.delete("pool", name)
-

@@ -14,19 +14,26 @@ from __future__ import annotations
 from coordinator.common import models as m
 from coordinator.common.validation import check_range
 
-PIDS_MIN, PIDS_MAX = 16, 1_000_000  # below 16 even a shell pipeline fails; the kernel's pid_max bounds the rest
+PIDS_MIN, PIDS_MAX = (
+    16,
+    1_000_000,
+)  # below 16 even a shell pipeline fails; the kernel's pid_max bounds the rest
 DISK_MIB_MIN, DISK_MIB_MAX = 1, 1 << 30  # 1 MiB .. 1 PiB
 
 
 def check_pool_limits(req: m.PoolAdd, prefix: str = "") -> None:
     """400 naming the field for an out-of-range limit."""
-    for value, low, high, name in ((req.task_pids_limit, PIDS_MIN, PIDS_MAX, "taskPidsLimit"),
-                                   (req.tvm_disk_limit_mib, DISK_MIB_MIN, DISK_MIB_MAX, "tvmDiskLimitMiB")):
+    for value, low, high, name in (
+        (req.task_pids_limit, PIDS_MIN, PIDS_MAX, "taskPidsLimit"),
+        (req.tvm_disk_limit_mib, DISK_MIB_MIN, DISK_MIB_MAX, "tvmDiskLimitMiB"),
+    ):
         if value is not None:
             check_range(value, low, high, prefix + name)
 
 
 def join_limits(spec: m.PoolAdd) -> dict[str, int]:
     """The JoinPool fields for the pool's limits (0: the agent's default / none)."""
-    return {"task_pids_limit": spec.task_pids_limit or 0,
-            "disk_limit_bytes": (spec.tvm_disk_limit_mib or 0) * 1024 * 1024}
+    return {
+        "task_pids_limit": spec.task_pids_limit or 0,
+        "disk_limit_bytes": (spec.tvm_disk_limit_mib or 0) * 1024 * 1024,
+    }

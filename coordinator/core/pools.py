@@ -34,8 +34,11 @@ AutoPool = tuple[m.PoolAdd, float, str, bool]
 def check_option(option: str, field: str) -> str:
     value = (option or "requeue").lower()
     if value not in DEALLOCATION_OPTIONS:
-        raise bad_request("InvalidPropertyValue", f"{field} must be requeue, terminate or taskcompletion, "
-                          f"got {option!r}", field=field)
+        raise bad_request(
+            "InvalidPropertyValue",
+            f"{field} must be requeue, terminate or taskcompletion, got {option!r}",
+            field=field,
+        )
     return value
 
 
@@ -54,29 +57,53 @@ class Pools:
         sizes = self.s.vm_sizes()
         size = sizes.get(req.vm_size.lower())
         if size is None:
-            raise bad_request("InvalidVmSize", f"unknown {prefix}vmSize {req.vm_size!r}; known sizes: "
-                              + ", ".join(sizes), field=prefix + "vmSize")
+            raise bad_request(
+                "InvalidVmSize",
+                f"unknown {prefix}vmSize {req.vm_size!r}; known sizes: " + ", ".join(sizes),
+                field=prefix + "vmSize",
+            )
         check_range(req.target_dedicated, 0, self.s.max_pool_size, prefix + "targetDedicated")
         if req.max_tasks_per_vm < 1 or req.max_tasks_per_vm > 4 * size[0]:
-            raise bad_request("InvalidPropertyValue",
-                              f"{prefix}maxTasksPerVM must be between 1 and {4 * size[0]} (4 x the {size[0]} "
-                              f"core(s) of vmSize {req.vm_size!r}), got {req.max_tasks_per_vm}",
-                              field=prefix + "maxTasksPerVM")
+            raise bad_request(
+                "InvalidPropertyValue",
+                f"{prefix}maxTasksPerVM must be between 1 and {4 * size[0]} (4 x the {size[0]} "
+                f"core(s) of vmSize {req.vm_size!r}), got {req.max_tasks_per_vm}",
+                field=prefix + "maxTasksPerVM",
+            )
         if req.tvm_fill_type.lower() not in ("pack", "spread"):
-            raise bad_request("InvalidPropertyValue", f"{prefix}tvmFillType must be 'pack' or 'spread'",
-                              field=prefix + "tvmFillType")
-        timeout = parse_duration(req.resize_timeout, prefix + "resizeTimeout") if req.resize_timeout else 900.0
+            raise bad_request(
+                "InvalidPropertyValue",
+                f"{prefix}tvmFillType must be 'pack' or 'spread'",
+                field=prefix + "tvmFillType",
+            )
+        timeout = (
+            parse_duration(req.resize_timeout, prefix + "resizeTimeout")
+            if req.resize_timeout
+            else 900.0
+        )
         if req.start_task is not None:
             if not req.start_task.command_line.strip():
-                raise bad_request("MissingRequiredProperty", f"{prefix}startTask.commandLine must not be empty",
-                                  field=prefix + "startTask.commandLine")
+                raise bad_request(
+                    "MissingRequiredProperty",
+                    f"{prefix}startTask.commandLine must not be empty",
+                    field=prefix + "startTask.commandLine",
+                )
             check_env(req.start_task.environment_settings, prefix + "startTask.environmentSettings")
             check_files(req.start_task.resource_files, prefix + "startTask.resourceFiles")
-            check_range(req.start_task.max_task_retry_count, -1, 1000, prefix + "startTask.maxTaskRetryCount")
+            check_range(
+                req.start_task.max_task_retry_count,
+                -1,
+                1000,
+                prefix + "startTask.maxTaskRetryCount",
+            )
         check_pool_limits(req, prefix)
         cert_refs = self.certs.check_references(req.certificate_references, prefix)
-        spec = msgspec.structs.replace(req, tvm_fill_type=req.tvm_fill_type.lower(), vm_size=req.vm_size.lower(),
-                                       certificate_references=cert_refs)
+        spec = msgspec.structs.replace(
+            req,
+            tvm_fill_type=req.tvm_fill_type.lower(),
+            vm_size=req.vm_size.lower(),
+            certificate_references=cert_refs,
+        )
         return spec, timeout
 
     def add_pool(self, req: m.PoolAdd) -> None:
@@ -86,12 +113,26 @@ class Pools:
         spec, timeout = self.check_pool_spec(req)
         self._create_pool(spec, timeout)
 
-    def _create_pool(self, spec: m.PoolAdd, timeout: float, auto_owner: str = "", auto_lifetime: str = "",
-                     keep_alive: bool = False) -> PoolRec:
+    def _create_pool(
+        self,
+        spec: m.PoolAdd,
+        timeout: float,
+        auto_owner: str = "",
+        auto_lifetime: str = "",
+        keep_alive: bool = False,
+    ) -> PoolRec:
         now = self.s.clock()
-        rec = PoolRec(spec=spec, created=now, target=spec.target_dedicated, resize_timeout_s=timeout,
-                      state_time=now, alloc_time=now, auto_owner=auto_owner, auto_lifetime=auto_lifetime,
-                      keep_alive=keep_alive)
+        rec = PoolRec(
+            spec=spec,
+            created=now,
+            target=spec.target_dedicated,
+            resize_timeout_s=timeout,
+            state_time=now,
+            alloc_time=now,
+            auto_owner=auto_owner,
+            auto_lifetime=auto_lifetime,
+            keep_alive=keep_alive,
+        )
         self.s.pools[spec.name] = rec
         self.out.put("pool", spec.name, rec)
         self.membership.allocate()
@@ -122,13 +163,23 @@ class Pools:
     def resize_pool(self, name: str, req: m.PoolResize) -> None:
         pool = self.active_pool(name)
         if pool.spec.enable_auto_scale:
-            raise ApiError(409, "AutoScaleEnabled", f"pool {name!r} has autoscale enabled; disable it to resize")
+            raise ApiError(
+                409,
+                "AutoScaleEnabled",
+                f"pool {name!r} has autoscale enabled; disable it to resize",
+            )
         if pool.alloc_state != "steady":
-            raise ApiError(409, "PoolBeingResized", f"pool {name!r} is {pool.alloc_state}; resize it again when "
-                           "it is steady (or stop the resize first)")
+            raise ApiError(
+                409,
+                "PoolBeingResized",
+                f"pool {name!r} is {pool.alloc_state}; resize it again when "
+                "it is steady (or stop the resize first)",
+            )
         check_range(req.target_dedicated, 0, self.s.max_pool_size, "targetDedicated")
         option = check_option(req.tvm_deallocation_option, "tvmDeallocationOption")
-        timeout = parse_duration(req.resize_timeout, "resizeTimeout") if req.resize_timeout else None
+        timeout = (
+            parse_duration(req.resize_timeout, "resizeTimeout") if req.resize_timeout else None
+        )
         if timeout is not None:
             pool.resize_timeout_s = timeout
         pool.target = req.target_dedicated
@@ -141,7 +192,9 @@ class Pools:
         """Keep whatever TVMs exist now (no rollback); the pool goes steady."""
         pool = self.active_pool(name)
         if pool.alloc_state != "resizing":
-            raise ApiError(409, "PoolNotResizing", f"pool {name!r} is {pool.alloc_state}, not resizing")
+            raise ApiError(
+                409, "PoolNotResizing", f"pool {name!r} is {pool.alloc_state}, not resizing"
+            )
         now = self.s.clock()
         pool.target = len(self.s.members(name))
         move_alloc(pool, "stopping")
@@ -154,25 +207,44 @@ class Pools:
     def remove_tvms(self, name: str, req: m.TvmRemove) -> None:
         pool = self.active_pool(name)
         if pool.alloc_state != "steady":
-            raise ApiError(409, "PoolBeingResized", f"pool {name!r} is {pool.alloc_state}; remove TVMs when it is "
-                           "steady")
+            raise ApiError(
+                409,
+                "PoolBeingResized",
+                f"pool {name!r} is {pool.alloc_state}; remove TVMs when it is steady",
+            )
         if not req.tvm_names:
-            raise bad_request("MissingRequiredProperty", "tvmNames must name at least one TVM", field="tvmNames")
+            raise bad_request(
+                "MissingRequiredProperty", "tvmNames must name at least one TVM", field="tvmNames"
+            )
         if len(req.tvm_names) > MAX_REMOVE:
-            raise bad_request("TooManyTvms", f"at most {MAX_REMOVE} TVMs per call, got {len(req.tvm_names)}",
-                              field="tvmNames")
+            raise bad_request(
+                "TooManyTvms",
+                f"at most {MAX_REMOVE} TVMs per call, got {len(req.tvm_names)}",
+                field="tvmNames",
+            )
         option = check_option(req.tvm_deallocation_option, "tvmDeallocationOption")
-        timeout = parse_duration(req.resize_timeout, "resizeTimeout") if req.resize_timeout else None
+        timeout = (
+            parse_duration(req.resize_timeout, "resizeTimeout") if req.resize_timeout else None
+        )
         victims: list[Tvm] = []
         for tvm_name in dict.fromkeys(req.tvm_names):
             tvm = self.s.tvms.get(tvm_name)
             if tvm is None:
                 raise not_found("tvm", tvm_name)
             if tvm.rec.pool != name:
-                raise bad_request("TVMNotInPool", f"TVM {tvm_name!r} belongs to pool {tvm.rec.pool!r}, not {name!r}",
-                                  field="tvmNames", name=tvm_name)
+                raise bad_request(
+                    "TVMNotInPool",
+                    f"TVM {tvm_name!r} belongs to pool {tvm.rec.pool!r}, not {name!r}",
+                    field="tvmNames",
+                    name=tvm_name,
+                )
             if tvm.rec.pending_op in ("leave", "leaving"):
-                raise ApiError(409, "TVMLeavingPool", f"TVM {tvm_name!r} is already leaving the pool", name=tvm_name)
+                raise ApiError(
+                    409,
+                    "TVMLeavingPool",
+                    f"TVM {tvm_name!r} is already leaving the pool",
+                    name=tvm_name,
+                )
             victims.append(tvm)
         if timeout is not None:
             pool.resize_timeout_s = timeout
@@ -186,13 +258,18 @@ class Pools:
     def expire_resizes(self, now: float) -> None:
         """Resizes that ran past their timeout stop where they are (called by the tick)."""
         for name, pool in self.s.pools.items():
-            if (pool.alloc_state == "resizing" and pool.resize_started is not None
-                    and now - pool.resize_started >= pool.resize_timeout_s):
+            if (
+                pool.alloc_state == "resizing"
+                and pool.resize_started is not None
+                and now - pool.resize_started >= pool.resize_timeout_s
+            ):
                 move_alloc(pool, "steady")
                 pool.alloc_time = now
                 pool.resize_started = None
-                pool.resize_error = ("AllocationTimedout",
-                                     "Desired number of dedicated TVMs could not be allocated in time")
+                pool.resize_error = (
+                    "AllocationTimedout",
+                    "Desired number of dedicated TVMs could not be allocated in time",
+                )
                 self.out.put("pool", name, pool)
 
     # ------------------------------------------------------------------ auto pools
@@ -203,39 +280,62 @@ class Pools:
         field = "jobExecutionEnvironment.autoPoolSpecification"
         spec = env.auto_pool_specification
         if env.pool_name:
-            raise bad_request("InvalidPropertyValue", f"give jobExecutionEnvironment.poolName or {field}, not both",
-                              field=field)
+            raise bad_request(
+                "InvalidPropertyValue",
+                f"give jobExecutionEnvironment.poolName or {field}, not both",
+                field=field,
+            )
         if not isinstance(spec, dict):
             raise bad_request("InvalidPropertyValue", f"{field} must be an object", field=field)
         unknown = set(spec) - {"poolLifetimeOption", "keepAlive", "pool", "autoPoolNamePrefix"}
         if unknown:
-            raise bad_request("InvalidPropertyValue", f"{field} has unknown field(s): {', '.join(sorted(unknown))}",
-                              field=field)
+            raise bad_request(
+                "InvalidPropertyValue",
+                f"{field} has unknown field(s): {', '.join(sorted(unknown))}",
+                field=field,
+            )
         lifetime = spec.get("poolLifetimeOption")
         if lifetime not in ("job", "workitem"):
-            raise bad_request("InvalidPropertyValue", f"{field}.poolLifetimeOption must be 'job' or 'workitem'",
-                              field=field + ".poolLifetimeOption")
+            raise bad_request(
+                "InvalidPropertyValue",
+                f"{field}.poolLifetimeOption must be 'job' or 'workitem'",
+                field=field + ".poolLifetimeOption",
+            )
         keep = spec.get("keepAlive", False)
         if not isinstance(keep, bool):
-            raise bad_request("InvalidPropertyValue", f"{field}.keepAlive must be true or false",
-                              field=field + ".keepAlive")
+            raise bad_request(
+                "InvalidPropertyValue",
+                f"{field}.keepAlive must be true or false",
+                field=field + ".keepAlive",
+            )
         prefix = spec.get("autoPoolNamePrefix", "")
         if prefix:
             check_name(prefix, field + ".autoPoolNamePrefix")
             if len(prefix) > 40:
-                raise bad_request("InvalidPropertyValue", f"{field}.autoPoolNamePrefix is longer than 40 characters",
-                                  field=field + ".autoPoolNamePrefix")
+                raise bad_request(
+                    "InvalidPropertyValue",
+                    f"{field}.autoPoolNamePrefix is longer than 40 characters",
+                    field=field + ".autoPoolNamePrefix",
+                )
         body = spec.get("pool")
         if not isinstance(body, dict):
-            raise bad_request("MissingRequiredProperty", f"{field}.pool (the pool's properties) is required",
-                              field=field + ".pool")
+            raise bad_request(
+                "MissingRequiredProperty",
+                f"{field}.pool (the pool's properties) is required",
+                field=field + ".pool",
+            )
         if "name" in body:
-            raise bad_request("InvalidPropertyValue", f"{field}.pool must not have a name: the service names it",
-                              field=field + ".pool.name")
+            raise bad_request(
+                "InvalidPropertyValue",
+                f"{field}.pool must not have a name: the service names it",
+                field=field + ".pool.name",
+            )
         try:
             req = msgspec.convert({**body, "name": prefix or "auto"}, m.PoolAdd)
         except msgspec.ValidationError as exc:
-            raise bad_request("InvalidPropertyValue", f"{field}.pool: {exc}", field=field + ".pool") from None
+            raise bad_request(
+                "InvalidPropertyValue", f"{field}.pool: {exc}", field=field + ".pool"
+            ) from None
         checked, timeout = self.check_pool_spec(req, field + ".pool.")
         return checked, timeout, lifetime, keep
 
@@ -248,8 +348,13 @@ class Pools:
                 return name
         prefix = spec.name if spec.name != "auto" else "auto"
         name = f"{prefix}-{secrets.token_hex(6)}"
-        self._create_pool(msgspec.structs.replace(spec, name=name), timeout, auto_owner=owner,
-                          auto_lifetime=lifetime, keep_alive=keep)
+        self._create_pool(
+            msgspec.structs.replace(spec, name=name),
+            timeout,
+            auto_owner=owner,
+            auto_lifetime=lifetime,
+            keep_alive=keep,
+        )
         return name
 
     def job_pool(self, wi: WorkitemRec, job_name: str) -> str:
@@ -263,7 +368,9 @@ class Pools:
             # Validated when the workitem was added; a later job (schedule) may meet a changed catalogue
             # (an agent's native size gone). Never fail inside a tick: take the spec as it is.
             spec = env.auto_pool_specification
-            req = msgspec.convert({**spec["pool"], "name": spec.get("autoPoolNamePrefix") or "auto"}, m.PoolAdd)
+            req = msgspec.convert(
+                {**spec["pool"], "name": spec.get("autoPoolNamePrefix") or "auto"}, m.PoolAdd
+            )
             checked = (req, 900.0, spec["poolLifetimeOption"], bool(spec.get("keepAlive", False)))
         return self._ensure_auto_pool(checked, wi.spec.name, job_name)
 

@@ -164,7 +164,9 @@ class Job:
         self.rec = rec
         self.tasks: dict[str, TaskRec] = {}
         self.queue: deque[TaskRec] = deque()
-        self.served = -1  # placement counter when it last got a slot: fairness between equal priorities
+        self.served = (
+            -1
+        )  # placement counter when it last got a slot: fairness between equal priorities
 
     @property
     def key(self) -> str:
@@ -174,8 +176,20 @@ class Job:
 class AgentInfo:
     """A registered agent (free, or backing a TVM)."""
 
-    __slots__ = ("agent_id", "connected", "hostname", "ip", "cores", "memory_bytes", "disk_bytes", "tvm",
-                 "last_seen", "disconnected_at", "capabilities", "degraded")
+    __slots__ = (
+        "agent_id",
+        "connected",
+        "hostname",
+        "ip",
+        "cores",
+        "memory_bytes",
+        "disk_bytes",
+        "tvm",
+        "last_seen",
+        "disconnected_at",
+        "capabilities",
+        "degraded",
+    )
 
     def __init__(self, agent_id: str) -> None:
         self.agent_id = agent_id

@@ -21,7 +21,9 @@ class Runs:
 
     def put_task(self, job: Job, task: TaskRec) -> None:
         # Once or twice per task: the journal write is built here rather than through Outbox.put.
-        self.out.fx.writes.append(Write("task", f"{job.rec.workitem}/{job.rec.name}/{task.name}", ENCODER.encode(task)))
+        self.out.fx.writes.append(
+            Write("task", f"{job.rec.workitem}/{job.rec.name}/{task.name}", ENCODER.encode(task))
+        )
 
     def set_tvm_state(self, tvm: Tvm, state: TvmState) -> None:
         if tvm.rec.state != state:
@@ -61,12 +63,20 @@ class Runs:
             env.update(self.jm_env(job))  # endpoint + job-scoped credential
         wall = task.max_wall_s if task.max_wall_s is not None else job.rec.max_wall_s
         spec = pm.TaskSpec(
-            key=key, attempt=task.attempt, command_line=task.command_line, workitem=job.rec.workitem,
-            job=job.rec.name, task=task.name, env=env,
-            resource_files=[resource_file(r) for r in task.resource_files] if task.resource_files else [],
+            key=key,
+            attempt=task.attempt,
+            command_line=task.command_line,
+            workitem=job.rec.workitem,
+            job=job.rec.name,
+            task=task.name,
+            env=env,
+            resource_files=[resource_file(r) for r in task.resource_files]
+            if task.resource_files
+            else [],
             max_wall_clock_s=wall or 0.0,
             retention_s=task.retention_s if task.retention_s is not None else DEFAULT_RETENTION_S,
-            run_elevated=task.run_elevated, job_manager=task.job_manager,
+            run_elevated=task.run_elevated,
+            job_manager=task.job_manager,
         )
         self.out.send(tvm.rec.agent_id, pm.RunTask(spec=spec))
 
@@ -87,7 +97,9 @@ class Runs:
         key = f"{job.key}/{task.name}"
         if tvm is not None:
             tvm.running.pop(key, None)
-            self.out.send(tvm.rec.agent_id, pm.CancelTask(key=key, attempt=task.attempt, reason=reason))
+            self.out.send(
+                tvm.rec.agent_id, pm.CancelTask(key=key, attempt=task.attempt, reason=reason)
+            )
             if not tvm.running and tvm.rec.state == "running":
                 self.set_tvm_state(tvm, "idle")
 

@@ -106,10 +106,14 @@ class Scheduler:
             if pool is None or pool.state != "active":
                 continue
             tvms = [
-                t for t in s.tvms.values()
-                if t.rec.pool == pool_name and t.rec.state in ("idle", "running")
-                and t.rec.scheduling == "enabled" and t.free > 0
-                and (a := agents.get(t.rec.agent_id)) is not None and a.connected
+                t
+                for t in s.tvms.values()
+                if t.rec.pool == pool_name
+                and t.rec.state in ("idle", "running")
+                and t.rec.scheduling == "enabled"
+                and t.free > 0
+                and (a := agents.get(t.rec.agent_id)) is not None
+                and a.connected
                 and not self._exclusive_held(t)
             ]
             for job, task, tvm in place(tvms, jobs, pool.spec.tvm_fill_type):
@@ -137,25 +141,42 @@ class Scheduler:
         s = self.s
         reserved: set[str] = set()
         self.jm_reserved = reserved
-        waiting = [(job, job.tasks[job.rec.jm_name]) for job in s.jobs.values()
-                   if job.rec.state == "active" and job.rec.jm_name and jm_pending(job)]
+        waiting = [
+            (job, job.tasks[job.rec.jm_name])
+            for job in s.jobs.values()
+            if job.rec.state == "active" and job.rec.jm_name and jm_pending(job)
+        ]
         if not waiting:
             return 0
-        waiting.sort(key=lambda jt: (-(jt[1].requeue_count + jt[1].retry_count > 0), -jt[0].rec.priority,
-                                     jt[0].rec.created))
+        waiting.sort(
+            key=lambda jt: (
+                -(jt[1].requeue_count + jt[1].retry_count > 0),
+                -jt[0].rec.priority,
+                jt[0].rec.created,
+            )
+        )
         placed = 0
         for job, task in waiting:
             pool = s.pools.get(job.rec.pool)
             if pool is None or pool.state != "active":
                 continue
-            tvms = sorted((
-                t for t in s.tvms.values()
-                if t.rec.pool == job.rec.pool and t.rec.state in ("idle", "running")
-                and t.rec.scheduling == "enabled" and s.connected(t)
-            ), key=lambda t: (-t.free, t.rec.name))
+            tvms = sorted(
+                (
+                    t
+                    for t in s.tvms.values()
+                    if t.rec.pool == job.rec.pool
+                    and t.rec.state in ("idle", "running")
+                    and t.rec.scheduling == "enabled"
+                    and s.connected(t)
+                ),
+                key=lambda t: (-t.free, t.rec.name),
+            )
             exclusive = job.rec.jm_exclusive
-            fits = [t for t in tvms if not self._exclusive_held(t)
-                    and (t.free == t.slots if exclusive else t.free > 0)]
+            fits = [
+                t
+                for t in tvms
+                if not self._exclusive_held(t) and (t.free == t.slots if exclusive else t.free > 0)
+            ]
             tvm = fits[0] if fits else None
             if tvm is None and task.requeue_count + task.retry_count > 0:
                 tvm = self._make_room(job, tvms, exclusive)

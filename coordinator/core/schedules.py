@@ -52,21 +52,37 @@ def parse_schedule(s: m.Schedule | None) -> Plan:
     """Validate and convert a REST schedule; 400 naming the field on bad input."""
     if s is None:
         return Plan()
-    not_before = parse_time(s.do_not_run_until, "schedule.doNotRunUntil") if s.do_not_run_until else None
-    not_after = parse_time(s.do_not_run_after, "schedule.doNotRunAfter") if s.do_not_run_after else None
+    not_before = (
+        parse_time(s.do_not_run_until, "schedule.doNotRunUntil") if s.do_not_run_until else None
+    )
+    not_after = (
+        parse_time(s.do_not_run_after, "schedule.doNotRunAfter") if s.do_not_run_after else None
+    )
     if not_before is not None and not_after is not None and not_after < not_before:
-        raise bad_request("InvalidPropertyValue",
-                          "schedule.doNotRunAfter must not be earlier than schedule.doNotRunUntil",
-                          field="schedule.doNotRunAfter")
+        raise bad_request(
+            "InvalidPropertyValue",
+            "schedule.doNotRunAfter must not be earlier than schedule.doNotRunUntil",
+            field="schedule.doNotRunAfter",
+        )
     window = parse_duration(s.start_window, "schedule.startWindow") if s.start_window else None
     if window is not None and window < MIN_START_WINDOW_S:
-        raise bad_request("InvalidPropertyValue", "schedule.startWindow must be at least 1 minute (PT1M), "
-                          f"got {s.start_window}", field="schedule.startWindow")
-    recurrence = parse_duration(s.recurrence_interval, "schedule.recurrenceInterval") \
-        if s.recurrence_interval else None
+        raise bad_request(
+            "InvalidPropertyValue",
+            f"schedule.startWindow must be at least 1 minute (PT1M), got {s.start_window}",
+            field="schedule.startWindow",
+        )
+    recurrence = (
+        parse_duration(s.recurrence_interval, "schedule.recurrenceInterval")
+        if s.recurrence_interval
+        else None
+    )
     if recurrence is not None and recurrence < MIN_RECURRENCE_S:
-        raise bad_request("InvalidPropertyValue", "schedule.recurrenceInterval must be at least 1 minute "
-                          f"(PT1M), got {s.recurrence_interval}", field="schedule.recurrenceInterval")
+        raise bad_request(
+            "InvalidPropertyValue",
+            "schedule.recurrenceInterval must be at least 1 minute "
+            f"(PT1M), got {s.recurrence_interval}",
+            field="schedule.recurrenceInterval",
+        )
     return Plan(not_before, not_after, window, recurrence)
 
 

@@ -25,39 +25,63 @@ def check_files(files: list[m.ResourceFile], field: str) -> None:
         try:
             validate_relative_path(rf.file_path)
         except ValueError as exc:
-            raise bad_request("InvalidResourceFilePath", f"{field}[{i}].filePath: {exc}",
-                              field=f"{field}[{i}].filePath") from None
+            raise bad_request(
+                "InvalidResourceFilePath",
+                f"{field}[{i}].filePath: {exc}",
+                field=f"{field}[{i}].filePath",
+            ) from None
         src = rf.blob_source
         store = src.startswith("filestore:sha256:")
         if not (src.startswith(("http://", "https://")) or store) or (
-                store and not _SHA256.fullmatch(src[len("filestore:sha256:"):])):
-            raise bad_request("InvalidResourceFileSource",
-                              f"{field}[{i}].blobSource must be an http(s) URL or filestore:sha256:<64 hex>",
-                              field=f"{field}[{i}].blobSource")
+            store and not _SHA256.fullmatch(src[len("filestore:sha256:") :])
+        ):
+            raise bad_request(
+                "InvalidResourceFileSource",
+                f"{field}[{i}].blobSource must be an http(s) URL or filestore:sha256:<64 hex>",
+                field=f"{field}[{i}].blobSource",
+            )
         if rf.sha256 is not None and not _SHA256.fullmatch(rf.sha256):
-            raise bad_request("InvalidPropertyValue", f"{field}[{i}].sha256 must be 64 hex digits",
-                              field=f"{field}[{i}].sha256")
+            raise bad_request(
+                "InvalidPropertyValue",
+                f"{field}[{i}].sha256 must be 64 hex digits",
+                field=f"{field}[{i}].sha256",
+            )
         if rf.file_size is not None and rf.file_size < 0:
-            raise bad_request("InvalidPropertyValue", f"{field}[{i}].fileSize must not be negative",
-                              field=f"{field}[{i}].fileSize")
+            raise bad_request(
+                "InvalidPropertyValue",
+                f"{field}[{i}].fileSize must not be negative",
+                field=f"{field}[{i}].fileSize",
+            )
 
 
 def task_constraints(c: m.TaskConstraints) -> tuple[float | None, int | None, float | None]:
     """(max wall clock s, max retries, retention s) of a task's constraints."""
-    max_wall = parse_duration(c.max_wall_clock_time, "taskConstraints.maxWallClockTime") \
-        if c.max_wall_clock_time else None
+    max_wall = (
+        parse_duration(c.max_wall_clock_time, "taskConstraints.maxWallClockTime")
+        if c.max_wall_clock_time
+        else None
+    )
     max_retries = None
     if c.max_task_retry_count is not None:
-        max_retries = check_range(c.max_task_retry_count, -1, 10**6, "taskConstraints.maxTaskRetryCount")
-    retention = parse_duration(c.retention_time, "taskConstraints.retentionTime") if c.retention_time else None
+        max_retries = check_range(
+            c.max_task_retry_count, -1, 10**6, "taskConstraints.maxTaskRetryCount"
+        )
+    retention = (
+        parse_duration(c.retention_time, "taskConstraints.retentionTime")
+        if c.retention_time
+        else None
+    )
     return max_wall, max_retries, retention
 
 
 def job_constraints(c: m.JobConstraints | None) -> tuple[float | None, int | None]:
     if c is None:
         return None, None
-    wall = parse_duration(c.max_wall_clock_time, "jobConstraints.maxWallClockTime") \
-        if c.max_wall_clock_time else None
+    wall = (
+        parse_duration(c.max_wall_clock_time, "jobConstraints.maxWallClockTime")
+        if c.max_wall_clock_time
+        else None
+    )
     retries = None
     if c.max_task_retry_count is not None:
         retries = check_range(c.max_task_retry_count, -1, 10**6, "jobConstraints.maxTaskRetryCount")
@@ -66,13 +90,20 @@ def job_constraints(c: m.JobConstraints | None) -> tuple[float | None, int | Non
 
 def check_all_complete(value: str | None, field: str = "onAllTasksComplete") -> None:
     if value is not None and value not in ALL_COMPLETE_ACTIONS:
-        raise bad_request("InvalidPropertyValue", f"{field} must be noaction or terminatejob, got {value!r}",
-                          field=field)
+        raise bad_request(
+            "InvalidPropertyValue",
+            f"{field} must be noaction or terminatejob, got {value!r}",
+            field=field,
+        )
 
 
 def resource_file(r: m.ResourceFile) -> pm.ResourceFile:
-    return pm.ResourceFile(url=r.blob_source, file_path=r.file_path, sha256=r.sha256 or "",
-                           size=r.file_size if r.file_size is not None else -1)
+    return pm.ResourceFile(
+        url=r.blob_source,
+        file_path=r.file_path,
+        sha256=r.sha256 or "",
+        size=r.file_size if r.file_size is not None else -1,
+    )
 
 
 def cert_key(thumbprint: str) -> str:

@@ -13,10 +13,22 @@ from typing import Literal, Protocol, get_args
 
 TaskState = Literal["active", "running", "completed"]
 TvmState = Literal[
-    "creating", "starting", "waitingforstarttask", "idle", "running", "offline", "unusable",
-    "starttaskfailed", "unknown", "leavingpool", "rebooting", "reimaging",
+    "creating",
+    "starting",
+    "waitingforstarttask",
+    "idle",
+    "running",
+    "offline",
+    "unusable",
+    "starttaskfailed",
+    "unknown",
+    "leavingpool",
+    "rebooting",
+    "reimaging",
 ]
-JobState = Literal["active", "disabling", "disabled", "enabling", "terminating", "completed", "deleting"]
+JobState = Literal[
+    "active", "disabling", "disabled", "enabling", "terminating", "completed", "deleting"
+]
 WorkitemState = Literal["active", "disabled", "terminating", "completed"]
 PoolState = Literal["active", "deleting"]
 AllocState = Literal["steady", "resizing", "stopping"]
@@ -84,7 +96,12 @@ ALLOC: Table = {
 }
 
 TABLES: dict[str, Table] = {
-    "task": TASK, "tvm": TVM, "job": JOB, "workitem": WORKITEM, "pool": POOL, "alloc": ALLOC,
+    "task": TASK,
+    "tvm": TVM,
+    "job": JOB,
+    "workitem": WORKITEM,
+    "pool": POOL,
+    "alloc": ALLOC,
 }
 
 
@@ -105,6 +122,7 @@ def check(entity: str, old: str, new: str) -> None:
 
 
 # One typed mover per entity: each sets the state through its table and returns the previous one.
+
 
 class _Task(Protocol):
     state: TaskState

@@ -111,7 +111,9 @@ class Store:
 
     def pool_tvms(self, name: str) -> list[Tvm]:
         self.get_pool(name)
-        return sorted((t for t in self.tvms.values() if t.rec.pool == name), key=lambda t: t.rec.name)
+        return sorted(
+            (t for t in self.tvms.values() if t.rec.pool == name), key=lambda t: t.rec.name
+        )
 
     def get_workitem(self, name: str) -> WorkitemRec:
         wi = self.workitems.get(name)
@@ -152,8 +154,11 @@ class Store:
 
     def members(self, pool: str) -> list[Tvm]:
         """TVMs that count towards the pool's size (not those on their way out)."""
-        return [t for t in self.tvms.values()
-                if t.rec.pool == pool and t.rec.pending_op not in ("leave", "leaving")]
+        return [
+            t
+            for t in self.tvms.values()
+            if t.rec.pool == pool and t.rec.pending_op not in ("leave", "leaving")
+        ]
 
     def all_pool_tvms(self, pool: str) -> list[Tvm]:
         """Every TVM of the pool, leaving ones included."""

@@ -28,7 +28,9 @@ class Tasks:
     def _new_task(self, req: m.TaskAdd, now: float) -> TaskRec:
         check_name(req.name)
         if not req.command_line.strip():
-            raise bad_request("MissingRequiredProperty", "commandLine must not be empty", field="commandLine")
+            raise bad_request(
+                "MissingRequiredProperty", "commandLine must not be empty", field="commandLine"
+            )
         env = check_env(req.environment_settings, "environmentSettings")
         check_files(req.resource_files, "resourceFiles")
         max_wall = max_retries = retention = None
@@ -36,10 +38,19 @@ class Tasks:
         if c is not None:
             max_wall, max_retries, retention = task_constraints(c)
         self.s.seq += 1
-        return TaskRec(name=req.name, command_line=req.command_line, seq=self.s.seq, created=now,
-                       state_time=now, env=env or None, resource_files=list(req.resource_files) or None,
-                       max_wall_s=max_wall, max_retries=max_retries, retention_s=retention,
-                       run_elevated=req.run_elevated)
+        return TaskRec(
+            name=req.name,
+            command_line=req.command_line,
+            seq=self.s.seq,
+            created=now,
+            state_time=now,
+            env=env or None,
+            resource_files=list(req.resource_files) or None,
+            max_wall_s=max_wall,
+            max_retries=max_retries,
+            retention_s=retention,
+            run_elevated=req.run_elevated,
+        )
 
     def _job_for_add(self, workitem: str, job_name: str) -> Job:
         job = self.s.get_job(workitem, job_name)
@@ -53,11 +64,16 @@ class Tasks:
         task = self._new_task(req, self.s.clock())
         self._insert(job, task)
 
-    def add_tasks(self, workitem: str, job_name: str, reqs: list[m.TaskAdd]) -> list[m.TaskAddResult]:
+    def add_tasks(
+        self, workitem: str, job_name: str, reqs: list[m.TaskAdd]
+    ) -> list[m.TaskAddResult]:
         job = self._job_for_add(workitem, job_name)
         if len(reqs) > MAX_COLLECTION:
-            raise bad_request("TooManyTasks", f"a collection holds at most {MAX_COLLECTION} tasks, got {len(reqs)}",
-                              count=len(reqs))
+            raise bad_request(
+                "TooManyTasks",
+                f"a collection holds at most {MAX_COLLECTION} tasks, got {len(reqs)}",
+                count=len(reqs),
+            )
         now = self.s.clock()
         results: list[m.TaskAddResult] = []
         seen: set[str] = set()
@@ -67,8 +83,16 @@ class Tasks:
                     raise conflict("task", req.name)
                 task = self._new_task(req, now)
             except ApiError as exc:
-                results.append(m.TaskAddResult(name=req.name, status="clienterror", error={
-                    "code": exc.code, "message": {"lang": "en-us", "value": exc.message}}))
+                results.append(
+                    m.TaskAddResult(
+                        name=req.name,
+                        status="clienterror",
+                        error={
+                            "code": exc.code,
+                            "message": {"lang": "en-us", "value": exc.message},
+                        },
+                    )
+                )
                 continue
             seen.add(req.name)
             self._insert(job, task)

@@ -22,9 +22,11 @@ log = logging.getLogger("tvm.up")
 
 
 def _exports(rc: RunningCoordinator) -> str:
-    return (f"export TVM_ENDPOINT={rc.endpoint}\n"
-            f"export TVM_ACCOUNT={rc.account}\n"
-            f"export TVM_KEY={rc.key}\n")
+    return (
+        f"export TVM_ENDPOINT={rc.endpoint}\n"
+        f"export TVM_ACCOUNT={rc.account}\n"
+        f"export TVM_KEY={rc.key}\n"
+    )
 
 
 async def _until_signal() -> int:
@@ -35,7 +37,9 @@ async def _until_signal() -> int:
     return 0
 
 
-async def warn_degraded(rc: RunningCoordinator, out: Any = None, interval: float = 0.5, who: str = "tvm up") -> None:
+async def warn_degraded(
+    rc: RunningCoordinator, out: Any = None, interval: float = 0.5, who: str = "tvm up"
+) -> None:
     """Say on `tvm up`'s own stderr, once per agent and finding, what an agent's host cannot enforce
     (the same lines are on the TVM's record and in `tvm status`)."""
     said: set[tuple[str, str]] = set()
@@ -45,24 +49,40 @@ async def warn_degraded(rc: RunningCoordinator, out: Any = None, interval: float
                 if (agent.agent_id, mode) not in said:
                     said.add((agent.agent_id, mode))
                     hint = " (--accept-degraded silences this)" if who == "tvm up" else ""
-                    print(f"{who}: WARNING: agent {agent.agent_id} is degraded: {mode}{hint}",
-                          file=out or sys.stderr, flush=True)
+                    print(
+                        f"{who}: WARNING: agent {agent.agent_id} is degraded: {mode}{hint}",
+                        file=out or sys.stderr,
+                        flush=True,
+                    )
         await trio.sleep(interval)
 
 
-async def run_up(state_dir: str, host: str, port: int, agents: int, heartbeat_timeout: float,
-                 provision: bool = True, tvm_root_dir: str | None = None, accept_degraded: bool = False) -> int:
+async def run_up(
+    state_dir: str,
+    host: str,
+    port: int,
+    agents: int,
+    heartbeat_timeout: float,
+    provision: bool = True,
+    tvm_root_dir: str | None = None,
+    accept_degraded: bool = False,
+) -> int:
     """`provision`: pools short of free agents get more local agents started on demand (issue 5).
     `accept_degraded` only silences the warnings about degraded hosts; it changes nothing that runs."""
     try:
         async with trio.open_nursery() as nursery:
             try:
                 rc: RunningCoordinator = await nursery.start(
-                    lambda task_status: run_coordinator(state_dir, host=host, port=port,
-                                                        heartbeat_timeout=heartbeat_timeout,
-                                                        provisioner="local" if provision else None,
-                                                        tvm_root_dir=tvm_root_dir,
-                                                        task_status=task_status))
+                    lambda task_status: run_coordinator(
+                        state_dir,
+                        host=host,
+                        port=port,
+                        heartbeat_timeout=heartbeat_timeout,
+                        provisioner="local" if provision else None,
+                        tvm_root_dir=tvm_root_dir,
+                        task_status=task_status,
+                    )
+                )
             except OSError as exc:
                 print(f"error: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
                 return 1
@@ -73,10 +93,14 @@ async def run_up(state_dir: str, host: str, port: int, agents: int, heartbeat_ti
                 prov = rc.service.provisioner
                 rc.service.start_agents(agents)
             else:
-                prov = LocalProvisioner(state_dir, rc.agent_url, rc.join_token, tvm_root_dir=tvm_root_dir)
+                prov = LocalProvisioner(
+                    state_dir, rc.agent_url, rc.join_token, tvm_root_dir=tvm_root_dir
+                )
                 prov.start(agents)
-            print(f"tvm up: coordinator on {rc.endpoint}, {agents} local agent(s); Ctrl-C to stop",
-                  file=sys.stderr)
+            print(
+                f"tvm up: coordinator on {rc.endpoint}, {agents} local agent(s); Ctrl-C to stop",
+                file=sys.stderr,
+            )
             if not accept_degraded:
                 nursery.start_soon(warn_degraded, rc)
             try:
@@ -96,9 +120,13 @@ def coordinator_status(rc: RunningCoordinator) -> str:
     agents = sum(1 for a in core.agents.values() if a.connected)
     running = sum(len(t.running) for t in core.tvms.values())
     queued = sum(len(j.queue) for j in core.jobs.values())
-    recovering = "; recovering: waiting for agents to report" if core.recovering_until is not None else ""
-    return (f"serving on {rc.endpoint}; {agents} agent(s) connected, {len(core.tvms)} TVM(s), "
-            f"{running} task(s) running, {queued} queued{recovering}")
+    recovering = (
+        "; recovering: waiting for agents to report" if core.recovering_until is not None else ""
+    )
+    return (
+        f"serving on {rc.endpoint}; {agents} agent(s) connected, {len(core.tvms)} TVM(s), "
+        f"{running} task(s) running, {queued} queued{recovering}"
+    )
 
 
 async def _report_status(rc: RunningCoordinator, interval: float = 2.0) -> None:
@@ -125,15 +153,26 @@ async def run_coordinator_main(cfg: Any) -> int:
     async with trio.open_nursery() as nursery:
         try:
             rc: RunningCoordinator = await nursery.start(
-                lambda task_status: run_coordinator(cfg.state_dir, host=cfg.host, port=cfg.port,
-                                                    account=cfg.account, heartbeat_timeout=cfg.heartbeat_timeout,
-                                                    join_token=cfg.join_token or None,
-                                                    tls_cert=cfg.tls_cert or None, tls_key=cfg.tls_key or None,
-                                                    port_range=parse_port_range(cfg.port_range, cfg.ports_per_tvm),
-                                                    max_pool_size=cfg.max_pool_size,
-                                                    max_upload_size=cfg.max_upload_size, task_status=task_status))
+                lambda task_status: run_coordinator(
+                    cfg.state_dir,
+                    host=cfg.host,
+                    port=cfg.port,
+                    account=cfg.account,
+                    heartbeat_timeout=cfg.heartbeat_timeout,
+                    join_token=cfg.join_token or None,
+                    tls_cert=cfg.tls_cert or None,
+                    tls_key=cfg.tls_key or None,
+                    port_range=parse_port_range(cfg.port_range, cfg.ports_per_tvm),
+                    max_pool_size=cfg.max_pool_size,
+                    max_upload_size=cfg.max_upload_size,
+                    task_status=task_status,
+                )
+            )
         except OSError as exc:
-            print(f"error: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}", file=sys.stderr)
+            print(
+                f"error: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}",
+                file=sys.stderr,
+            )
             return 1
         log.info("coordinator ready on %s (account %s)", rc.endpoint, rc.account)
         sys.stdout.write(_exports(rc) + f"export TVM_JOIN_TOKEN={rc.join_token}\n")
@@ -148,8 +187,10 @@ async def run_coordinator_main(cfg: Any) -> int:
 
 
 # /bin/sh and coreutils: reachable by the unprivileged task users (this interpreter may not be).
-SAMPLE_SCRIPT = ('h=$(printf %s "$1" | sha256sum | cut -c1-16); '
-                 'echo "task $WATASK_TASK_NAME on $WATASK_TVM_NAME: sha256($1) = $h"')
+SAMPLE_SCRIPT = (
+    'h=$(printf %s "$1" | sha256sum | cut -c1-16); '
+    'echo "task $WATASK_TASK_NAME on $WATASK_TVM_NAME: sha256($1) = $h"'
+)
 
 
 async def run_quickstart(n_tasks: int, agents: int, state_dir: str | None) -> int:
@@ -168,31 +209,45 @@ async def run_quickstart(n_tasks: int, agents: int, state_dir: str | None) -> in
     try:
         async with trio.open_nursery() as nursery:
             rc: RunningCoordinator = await nursery.start(
-                lambda task_status: run_coordinator(state_dir, port=0, task_status=task_status))
+                lambda task_status: run_coordinator(state_dir, port=0, task_status=task_status)
+            )
             console.print(f"[bold]coordinator[/] {rc.endpoint}  (state in {state_dir})")
             prov = LocalProvisioner(state_dir, rc.agent_url, rc.join_token)
             prov.start(agents)
             nursery.start_soon(warn_degraded, rc, None, 0.5, "tvm quickstart")
             async with AsyncClient(rc.endpoint, rc.account, rc.key) as client:
-                await client.pools.add("quickstart", target_dedicated=agents, max_tasks_per_vm=2,
-                                       vm_size="medium")
+                await client.pools.add(
+                    "quickstart", target_dedicated=agents, max_tasks_per_vm=2, vm_size="medium"
+                )
                 await client.workitems.add("sample", "quickstart")
                 job = "job-0000000001"
-                tasks = [task_spec(f"t{i:04d}", f"/bin/sh -c {shlex.quote(SAMPLE_SCRIPT)} sample {i}")
-                         for i in range(n_tasks)]
+                tasks = [
+                    task_spec(f"t{i:04d}", f"/bin/sh -c {shlex.quote(SAMPLE_SCRIPT)} sample {i}")
+                    for i in range(n_tasks)
+                ]
                 started = time.monotonic()
                 await client.tasks.add_many("sample", job, tasks)
-                with Progress(TextColumn("tasks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                              console=console) as bar:
+                with Progress(
+                    TextColumn("tasks"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeElapsedColumn(),
+                    console=console,
+                ) as bar:
                     tid = bar.add_task("tasks", total=n_tasks)
                     counts = await client.tasks.wait(
-                        "sample", job, timeout=600,
-                        progress=lambda c: bar.update(tid, completed=c.completed))
+                        "sample",
+                        job,
+                        timeout=600,
+                        progress=lambda c: bar.update(tid, completed=c.completed),
+                    )
                 elapsed = time.monotonic() - started
                 first = await client.files.get_from_task("sample", job, "t0000", "stdout.txt")
                 tvms = await client.tvms.list("quickstart")
-            console.print(f"[green]{counts.succeeded} succeeded[/], {counts.failed} failed, "
-                          f"{n_tasks / elapsed:.0f} tasks/s on {len(tvms)} TVMs")
+            console.print(
+                f"[green]{counts.succeeded} succeeded[/], {counts.failed} failed, "
+                f"{n_tasks / elapsed:.0f} tasks/s on {len(tvms)} TVMs"
+            )
             console.print(f"stdout of t0000: {first.decode().strip()}")
             nursery.cancel_scope.cancel()
         return 0 if counts.failed == 0 else 1

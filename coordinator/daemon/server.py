@@ -76,9 +76,14 @@ async def run_coordinator(
     interval bounds (see `AutoscaleTiming`), so a test runs hours of autoscale in seconds while
     heartbeats and timeouts keep the real clock. `tvm_root_dir`: where the local provisioner puts
     its agents' TVM roots (`LocalProvisioner`)."""
-    service = CoordinatorService(state_dir, account=account, heartbeat_timeout=heartbeat_timeout,
-                                 join_token=join_token, max_pool_size=max_pool_size,
-                                 **({"clock": clock} if clock is not None else {}))  # issue 6: tests' fake time
+    service = CoordinatorService(
+        state_dir,
+        account=account,
+        heartbeat_timeout=heartbeat_timeout,
+        join_token=join_token,
+        max_pool_size=max_pool_size,
+        **({"clock": clock} if clock is not None else {}),
+    )  # issue 6: tests' fake time
     files = FileStore(make_private_dir(os.path.join(state_dir, "files")))
     app = make_app(service, files, max_upload_size=max_upload_size)
     sock = bind_socket(host, port)
@@ -100,7 +105,9 @@ async def run_coordinator(
         if provisioner == "local":
             from coordinator.runtime.provisioner import LocalProvisioner
 
-            prov = LocalProvisioner(state_dir, agent_ws, service.join_token, tvm_root_dir=tvm_root_dir)
+            prov = LocalProvisioner(
+                state_dir, agent_ws, service.join_token, tvm_root_dir=tvm_root_dir
+            )
         else:
             prov = provisioner(agent_ws, service.join_token)
         service.set_provisioner(prov)
@@ -119,7 +126,11 @@ async def run_coordinator(
         async with trio.open_nursery() as nursery:
             await nursery.start(service.run)
             await nursery.start(_serve, app, config, sock)
-            log.info("coordinator listening on %s (restored state in %.2f s)", endpoint, service.restore_seconds)
+            log.info(
+                "coordinator listening on %s (restored state in %.2f s)",
+                endpoint,
+                service.restore_seconds,
+            )
             task_status.started(RunningCoordinator(service, app, endpoint))
     finally:
         if prov is not None:
@@ -129,8 +140,12 @@ async def run_coordinator(
         service.close()
 
 
-async def _serve(app: Dispatcher, config: Config, sock: socket.socket,
-                 task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+async def _serve(
+    app: Dispatcher,
+    config: Config,
+    sock: socket.socket,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve until cancelled. If hypercorn's server task ever dies of an internal error (it has
     crashed on a send race, see `_patch_hypercorn`), log it and serve again on the same socket:
     agents reconnect and resend, clients retry, the coordinator's state is untouched."""

@@ -21,11 +21,20 @@ from .routes_ops import OpsRoutes
 from .routes_pools import PoolRoutes
 from .routes_tasks import TaskRoutes
 
-ROUTE_GROUPS = (PoolRoutes, AutoscaleRoutes, JobRoutes, TaskRoutes, FileRoutes, CertRoutes, OpsRoutes)
+ROUTE_GROUPS = (
+    PoolRoutes,
+    AutoscaleRoutes,
+    JobRoutes,
+    TaskRoutes,
+    FileRoutes,
+    CertRoutes,
+    OpsRoutes,
+)
 
 
-def make_app(service: CoordinatorService, files: FileStore, *,
-             max_upload_size: int = DEFAULT_MAX_UPLOAD) -> Dispatcher:
+def make_app(
+    service: CoordinatorService, files: FileStore, *, max_upload_size: int = DEFAULT_MAX_UPLOAD
+) -> Dispatcher:
     app = Dispatcher(service, files, max_upload_size=max_upload_size)
     for group in ROUTE_GROUPS:
         group(app).register(app.route)

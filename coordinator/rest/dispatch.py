@@ -33,19 +33,26 @@ MAX_FILE_CHUNK = 4 * 1024 * 1024
 class Response:
     __slots__ = ("status", "body", "headers")
 
-    def __init__(self, status: int, body: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    def __init__(
+        self, status: int, body: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         self.status = status
         self.body = body
         self.headers = headers or []
 
 
 def _json_response(status: int, obj: Any) -> Response:
-    return Response(status, _json.encode(obj), [(b"content-type", b"application/json; odata=minimalmetadata")])
+    return Response(
+        status, _json.encode(obj), [(b"content-type", b"application/json; odata=minimalmetadata")]
+    )
 
 
 def _error_response(exc: ApiError) -> Response:
-    body = m.ErrorBody(code=exc.code, message=m.ErrorMessage(value=exc.message),
-                       values=[m.ErrorDetail(key=k, value=v) for k, v in exc.values.items()])
+    body = m.ErrorBody(
+        code=exc.code,
+        message=m.ErrorMessage(value=exc.message),
+        values=[m.ErrorDetail(key=k, value=v) for k, v in exc.values.items()],
+    )
     resp = _json_response(exc.status, body)
     resp.headers.append((b"x-tvm-error-code", exc.code.encode()))  # HEAD answers have no body
     return resp
@@ -84,7 +91,9 @@ def _decode(body: bytes, typ: type[_S], *, check: bool = True) -> _S:
     except RecursionError:
         raise decode_depth_error() from None
     if check:
-        check_request(req)  # command-line length, NUL, zero wall clock: refused before anything is stored
+        check_request(
+            req
+        )  # command-line length, NUL, zero wall clock: refused before anything is stored
     return req
 
 
@@ -95,7 +104,9 @@ class Dispatcher:
     """The ASGI application: authentication, body limits, the route table and error rendering.
     Route groups (`routes_*.py`) add their handlers to it; see `app.make_app`."""
 
-    def __init__(self, service: CoordinatorService, files: FileStore, *, max_upload_size: int) -> None:
+    def __init__(
+        self, service: CoordinatorService, files: FileStore, *, max_upload_size: int
+    ) -> None:
         self.svc = service
         self.core: CoordinatorState = service.core
         self.files = files
@@ -126,9 +137,16 @@ class Dispatcher:
         if kind != "http":
             return
         resp = await self._http(scope, receive)
-        await send({"type": "http.response.start", "status": resp.status,
-                    "headers": [*resp.headers, (b"content-length", str(len(resp.body)).encode())]})
-        await send({"type": "http.response.body", "body": resp.body if scope["method"] != "HEAD" else b""})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": resp.status,
+                "headers": [*resp.headers, (b"content-length", str(len(resp.body)).encode())],
+            }
+        )
+        await send(
+            {"type": "http.response.body", "body": resp.body if scope["method"] != "HEAD" else b""}
+        )
 
     async def _http(self, scope: dict, receive: Callable) -> Response:
         self.requests += 1
@@ -136,8 +154,14 @@ class Dispatcher:
         path = scope["path"]
         query = scope.get("query_string", b"").decode("latin-1")
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        paging.REQUEST.set((scope.get("scheme", "http"), headers.get("host", "localhost"),
-                            scope.get("raw_path", path.encode()).decode("latin-1").split("?")[0], query))
+        paging.REQUEST.set(
+            (
+                scope.get("scheme", "http"),
+                headers.get("host", "localhost"),
+                scope.get("raw_path", path.encode()).decode("latin-1").split("?")[0],
+                query,
+            )
+        )
         try:
             agent_fetch = path.startswith("/files/sha256/") and self._agent_authorized(headers)
             # /metrics is for scrapers that cannot sign: aggregates only (coordinator/runtime/metrics.py).
@@ -145,12 +169,21 @@ class Dispatcher:
             # The signature covers the headers, not the body: check it before reading any body.
             if not agent_fetch and not public and not self._job_token_authorized(headers, path):
                 try:
-                    verify(method, scope.get("raw_path", path.encode()).decode("latin-1").split("?")[0], query,
-                           headers, self.svc.account, [k for k in self.svc.keys if k], time.time())
+                    verify(
+                        method,
+                        scope.get("raw_path", path.encode()).decode("latin-1").split("?")[0],
+                        query,
+                        headers,
+                        self.svc.account,
+                        [k for k in self.svc.keys if k],
+                        time.time(),
+                    )
                 except AuthError as exc:
                     raise ApiError(exc.status, exc.code, exc.message) from None
             stream: BodyStream | None = None
-            if path == "/files" and method == "POST":  # uploads stream to disk (FileRoutes.upload_file)
+            if (
+                path == "/files" and method == "POST"
+            ):  # uploads stream to disk (FileRoutes.upload_file)
                 stream = BodyStream(receive, headers, self.max_upload_size)
                 body = b""
             else:
@@ -176,7 +209,9 @@ class Dispatcher:
             import logging
 
             logging.getLogger("tvm.api").exception("internal error on %s %s", method, path)
-            return _error_response(ApiError(500, "InternalError", f"internal error: {type(exc).__name__}"))
+            return _error_response(
+                ApiError(500, "InternalError", f"internal error: {type(exc).__name__}")
+            )
 
     def _agent_authorized(self, headers: dict[str, str]) -> bool:
         # An enrolled agent proves its own credential; the account join token is still accepted.
@@ -186,7 +221,9 @@ class Dispatcher:
                 t = int(headers.get("x-tvm-agent-proof-time", ""))
             except ValueError:
                 return False
-            return self.svc.auth.check_http_proof(agent_id, headers.get("x-tvm-agent-proof", ""), t, time.time())
+            return self.svc.auth.check_http_proof(
+                agent_id, headers.get("x-tvm-agent-proof", ""), t, time.time()
+            )
         token = headers.get("x-tvm-agent-token")
         if not token:
             return False
@@ -200,10 +237,17 @@ class Dispatcher:
             return False
         job = self.core.job_for_token(token.strip())
         if job is None:
-            raise ApiError(401, "AuthenticationFailed", "the job credential is not valid (unknown or deleted job)")
+            raise ApiError(
+                401,
+                "AuthenticationFailed",
+                "the job credential is not valid (unknown or deleted job)",
+            )
         base = f"/workitems/{job.rec.workitem}/jobs/{job.rec.name}"
         if path != base and not path.startswith(base + "/"):
-            raise ApiError(403, "AuthorizationFailure",
-                           f"this job-manager credential is valid only for {base} and its tasks, not {path}",
-                           scope=base)
+            raise ApiError(
+                403,
+                "AuthorizationFailure",
+                f"this job-manager credential is valid only for {base} and its tasks, not {path}",
+                scope=base,
+            )
         return True

@@ -46,8 +46,11 @@ def _walk(obj: Any, path: str) -> None:
                 _command_line(value, field)
             elif f.name == "max_wall_clock_time" and isinstance(value, str):
                 if parse_duration(value, field) == 0:
-                    raise bad_request("InvalidPropertyValue",
-                                      f"{field} must be longer than zero; omit it for no limit", field=field)
+                    raise bad_request(
+                        "InvalidPropertyValue",
+                        f"{field} must be longer than zero; omit it for no limit",
+                        field=field,
+                    )
             else:
                 _walk(value, field)
     elif isinstance(obj, list | tuple):
@@ -60,14 +63,20 @@ def _walk(obj: Any, path: str) -> None:
 
 def _command_line(value: str, field: str) -> None:
     if len(value) > MAX_COMMAND_LINE:
-        raise bad_request("InvalidPropertyValue",
-                          f"{field} is {len(value)} characters long; the limit is {MAX_COMMAND_LINE}",
-                          field=field, maxLength=str(MAX_COMMAND_LINE))
+        raise bad_request(
+            "InvalidPropertyValue",
+            f"{field} is {len(value)} characters long; the limit is {MAX_COMMAND_LINE}",
+            field=field,
+            maxLength=str(MAX_COMMAND_LINE),
+        )
     _no_nul(value, field)
 
 
 def _no_nul(value: str, field: str) -> None:
     if "\0" in value:
-        raise bad_request("InvalidPropertyValue",
-                          f"{field} contains a NUL character, which a command line, an environment "
-                          "variable or a file name cannot carry", field=field)
+        raise bad_request(
+            "InvalidPropertyValue",
+            f"{field} contains a NUL character, which a command line, an environment "
+            "variable or a file name cannot carry",
+            field=field,
+        )

@@ -34,8 +34,12 @@ def json_body_limit(path: str) -> int:
 
 
 def _too_large(limit: int) -> ApiError:
-    return ApiError(413, "RequestBodyTooLarge", f"the request body is larger than the limit of {limit} bytes",
-                    limit=str(limit))
+    return ApiError(
+        413,
+        "RequestBodyTooLarge",
+        f"the request body is larger than the limit of {limit} bytes",
+        limit=str(limit),
+    )
 
 
 def _declared_length(headers: dict[str, str], limit: int) -> None:
@@ -55,15 +59,22 @@ def expected_md5(headers: dict[str, str]) -> bytes | None:
     except (binascii.Error, ValueError):
         digest = b""
     if len(digest) != 16:
-        raise bad_request("InvalidHeaderValue", f"Content-MD5 must be the base64 of a 16-byte MD5 digest, not {value[:64]!r}",
-                          HeaderName="Content-MD5", HeaderValue=value[:64])
+        raise bad_request(
+            "InvalidHeaderValue",
+            f"Content-MD5 must be the base64 of a 16-byte MD5 digest, not {value[:64]!r}",
+            HeaderName="Content-MD5",
+            HeaderValue=value[:64],
+        )
     return digest
 
 
 def check_md5(expected: bytes | None, md5: Any) -> None:
     if expected is not None and md5.digest() != expected:
-        raise bad_request("Md5Mismatch", "the MD5 of the request body does not match its Content-MD5 header",
-                          HeaderName="Content-MD5")
+        raise bad_request(
+            "Md5Mismatch",
+            "the MD5 of the request body does not match its Content-MD5 header",
+            HeaderName="Content-MD5",
+        )
 
 
 async def read_body(receive: Callable, headers: dict[str, str], limit: int) -> bytes:
@@ -105,7 +116,11 @@ class BodyStream:
         while True:
             msg = await self._receive()
             if msg["type"] == "http.disconnect":
-                raise ApiError(400, "IncompleteRequestBody", "the client went away before the body was complete")
+                raise ApiError(
+                    400,
+                    "IncompleteRequestBody",
+                    "the client went away before the body was complete",
+                )
             chunk = msg.get("body", b"")
             self.size += len(chunk)
             if self.size > self._limit:
@@ -120,7 +135,9 @@ class BodyStream:
 
 def decode_depth_error() -> ApiError:
     """A JSON body nested deeper than the decoder's recursion limit (msgspec raises RecursionError)."""
-    return bad_request("InvalidRequestBody", "the JSON body is nested too deeply", reason="JsonNestingTooDeep")
+    return bad_request(
+        "InvalidRequestBody", "the JSON body is nested too deeply", reason="JsonNestingTooDeep"
+    )
 
 
 # --------------------------------------------------------------------------- websocket (hypercorn)

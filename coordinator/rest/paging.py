@@ -35,9 +35,12 @@ def max_results(query: dict[str, str]) -> int:
     except ValueError:
         n = 0
     if not 1 <= n <= MAX_RESULTS or not raw.strip().isdigit():
-        raise bad_request("InvalidQueryParameterValue",
-                          f"maxresults must be a whole number from 1 to {MAX_RESULTS}, got {raw!r}",
-                          field="maxresults", value=raw)
+        raise bad_request(
+            "InvalidQueryParameterValue",
+            f"maxresults must be a whole number from 1 to {MAX_RESULTS}, got {raw!r}",
+            field="maxresults",
+            value=raw,
+        )
     return n
 
 
@@ -54,26 +57,32 @@ def _decode_token(token: str) -> tuple[int, str]:
             raise ValueError
         return offset, last
     except (ValueError, TypeError, KeyError):
-        raise bad_request("InvalidQueryParameterValue",
-                          f"{SKIP_TOKEN} is not a token this service handed out (take it from odata.nextLink)",
-                          field=SKIP_TOKEN) from None
+        raise bad_request(
+            "InvalidQueryParameterValue",
+            f"{SKIP_TOKEN} is not a token this service handed out (take it from odata.nextLink)",
+            field=SKIP_TOKEN,
+        ) from None
 
 
 def _start(items: Sequence[T], key: Callable[[T], str], offset: int, last: str) -> int:
     if 0 < offset <= len(items) and key(items[offset - 1]) == last:
         return offset
-    for i, item in enumerate(items):  # earlier items were deleted (or added): find the last one sent
+    for i, item in enumerate(
+        items
+    ):  # earlier items were deleted (or added): find the last one sent
         if key(item) == last:
             return i + 1
     return min(offset, len(items))  # the last item sent is gone too: resume at its position
 
 
-def page(items: Sequence[T], query: dict[str, str], key: Callable[[T], str]) -> tuple[list[T], str | None]:
+def page(
+    items: Sequence[T], query: dict[str, str], key: Callable[[T], str]
+) -> tuple[list[T], str | None]:
     """The page of `items` this request asks for, and the nextLink to the following one (or None)."""
     limit = max_results(query)
     token = query.get(SKIP_TOKEN)
     start = _start(items, key, *_decode_token(token)) if token else 0
-    chunk = list(items[start:start + limit])
+    chunk = list(items[start : start + limit])
     if start + limit >= len(items) or not chunk:
         return chunk, None
     return chunk, _next_link(_encode_token(start + len(chunk), key(chunk[-1])))
@@ -86,8 +95,9 @@ def _next_link(token: str) -> str:
     return f"{scheme}://{host}{path}?{urlencode(params)}"
 
 
-def listing(items: Sequence[T], query: dict[str, str], key: Callable[[T], str],
-            view: Callable[[T], Any]) -> dict[str, Any]:
+def listing(
+    items: Sequence[T], query: dict[str, str], key: Callable[[T], str], view: Callable[[T], Any]
+) -> dict[str, Any]:
     """The list body: `{"value": [...], "odata.nextLink": ...}` (the link only when more follow)."""
     chunk, link = page(items, query, key)
     body: dict[str, Any] = {"value": [view(x) for x in chunk]}

@@ -24,8 +24,12 @@ class AutoscaleRoutes:
 
     async def enable_autoscale(self, pool: str, body: bytes, **_: Any) -> Response:
         req = _decode(body or b"{}", m.PoolEnableAutoScale)
-        await self.svc.execute(self.core.enable_autoscale, pool, req.auto_scale_formula,
-                               req.auto_scale_evaluation_interval)
+        await self.svc.execute(
+            self.core.enable_autoscale,
+            pool,
+            req.auto_scale_formula,
+            req.auto_scale_evaluation_interval,
+        )
         return Response(200)
 
     async def disable_autoscale(self, pool: str, **_: Any) -> Response:

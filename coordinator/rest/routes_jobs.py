@@ -26,7 +26,11 @@ class JobRoutes:
         r("GET", r"/workitems/(?P<wi>[^/]+)", self.get_workitem)
         r("DELETE", r"/workitems/(?P<wi>[^/]+)", self.delete_workitem)
         r("PATCH", r"/workitems/(?P<wi>[^/]+)", self.update_workitem)
-        r("POST", r"/workitems/(?P<wi>[^/]+)/(?P<verb>terminate|disable|enable)", self.workitem_action)
+        r(
+            "POST",
+            r"/workitems/(?P<wi>[^/]+)/(?P<verb>terminate|disable|enable)",
+            self.workitem_action,
+        )
         r("GET", r"/workitems/(?P<wi>[^/]+)/jobs", self.list_jobs)
         r("GET", r"/workitems/(?P<wi>[^/]+)/jobs/(?P<job>[^/]+)", self.get_job)
         r("PATCH", r"/workitems/(?P<wi>[^/]+)/jobs/(?P<job>[^/]+)", self.update_job)
@@ -45,8 +49,12 @@ class JobRoutes:
     # ------------------------------------------------------------------ workitems and jobs
 
     async def list_workitems(self, query: dict[str, str], **_: Any) -> Response:
-        return _json_response(200, paging.listing(list(self.core.workitems.values()), query,
-                                                  lambda w: w.spec.name, workitem_view))
+        return _json_response(
+            200,
+            paging.listing(
+                list(self.core.workitems.values()), query, lambda w: w.spec.name, workitem_view
+            ),
+        )
 
     async def add_workitem(self, body: bytes, **_: Any) -> Response:
         req = _decode(body, m.WorkitemAdd)
@@ -61,14 +69,23 @@ class JobRoutes:
         return Response(202)
 
     async def list_jobs(self, wi: str, query: dict[str, str], **_: Any) -> Response:
-        return _json_response(200, paging.listing(list(self.core.workitem_jobs(wi)), query, lambda j: j.rec.name,
-                                                  lambda j: job_view(self.core, j)))
+        return _json_response(
+            200,
+            paging.listing(
+                list(self.core.workitem_jobs(wi)),
+                query,
+                lambda j: j.rec.name,
+                lambda j: job_view(self.core, j),
+            ),
+        )
 
     async def get_job(self, wi: str, job: str, **_: Any) -> Response:
         return _json_response(200, job_view(self.core, self.core.get_job(wi, job)))
 
     async def task_counts(self, wi: str, job: str, **_: Any) -> Response:
-        return _json_response(200, {"taskCounts": self.core.task_counts(self.core.get_job(wi, job))})
+        return _json_response(
+            200, {"taskCounts": self.core.task_counts(self.core.get_job(wi, job))}
+        )
 
     # ------------------------------------------------------------------ operations (issue 6)
 
@@ -78,8 +95,11 @@ class JobRoutes:
         return _json_response(200, workitem_view(self.core.get_workitem(wi)))
 
     async def workitem_action(self, wi: str, verb: str, **_: Any) -> Response:
-        fn = {"terminate": self.core.terminate_workitem, "disable": self.core.disable_workitem,
-              "enable": self.core.enable_workitem}[verb]
+        fn = {
+            "terminate": self.core.terminate_workitem,
+            "disable": self.core.disable_workitem,
+            "enable": self.core.enable_workitem,
+        }[verb]
         await self.svc.execute(fn, wi)
         return Response(202 if verb == "terminate" else 204)
 

@@ -25,10 +25,20 @@ class OpsRoutes:
 
     async def get_metrics(self, **_: Any) -> Response:
         mon = self.svc.monitor
-        text = render_prometheus(self.core, mon.latency, mon.rate, self.core.clock(),
-                                 http_requests=self.app.requests, started_at=mon.started_at,
-                                 agent_link_events=self.svc.agent_link_events)
-        return Response(200, text.encode(), [(b"content-type", PROMETHEUS_TEXT), (b"cache-control", b"no-store")])
+        text = render_prometheus(
+            self.core,
+            mon.latency,
+            mon.rate,
+            self.core.clock(),
+            http_requests=self.app.requests,
+            started_at=mon.started_at,
+            agent_link_events=self.svc.agent_link_events,
+        )
+        return Response(
+            200,
+            text.encode(),
+            [(b"content-type", PROMETHEUS_TEXT), (b"cache-control", b"no-store")],
+        )
 
     async def get_status(self, **_: Any) -> Response:
         return _json_response(200, status_json(self.svc, self.svc.monitor))

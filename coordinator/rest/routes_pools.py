@@ -33,15 +33,30 @@ class PoolRoutes:
         r("DELETE", r"/pools/(?P<pool>[^/]+)/tvms/(?P<tvm>[^/]+)", self.delete_tvm)
         r("POST", r"/pools/(?P<pool>[^/]+)/tvms/(?P<tvm>[^/]+)/reboot", self.reboot_tvm)
         r("POST", r"/pools/(?P<pool>[^/]+)/tvms/(?P<tvm>[^/]+)/reimage", self.reimage_tvm)
-        r("POST", r"/pools/(?P<pool>[^/]+)/tvms/(?P<tvm>[^/]+)/disablescheduling", self.disable_scheduling)
-        r("POST", r"/pools/(?P<pool>[^/]+)/tvms/(?P<tvm>[^/]+)/enablescheduling", self.enable_scheduling)
+        r(
+            "POST",
+            r"/pools/(?P<pool>[^/]+)/tvms/(?P<tvm>[^/]+)/disablescheduling",
+            self.disable_scheduling,
+        )
+        r(
+            "POST",
+            r"/pools/(?P<pool>[^/]+)/tvms/(?P<tvm>[^/]+)/enablescheduling",
+            self.enable_scheduling,
+        )
         r("GET", r"/vmsizes", self.list_vm_sizes)
 
     # ------------------------------------------------------------------ pools
 
     async def list_pools(self, query: dict[str, str], **_: Any) -> Response:
-        return _json_response(200, paging.listing(list(self.core.pools.values()), query, lambda p: p.spec.name,
-                                                  lambda p: pool_view(self.core, p)))
+        return _json_response(
+            200,
+            paging.listing(
+                list(self.core.pools.values()),
+                query,
+                lambda p: p.spec.name,
+                lambda p: pool_view(self.core, p),
+            ),
+        )
 
     async def add_pool(self, body: bytes, **_: Any) -> Response:
         req = _decode(body, m.PoolAdd)
@@ -61,8 +76,15 @@ class PoolRoutes:
         return Response(202)
 
     async def list_tvms(self, pool: str, query: dict[str, str], **_: Any) -> Response:
-        return _json_response(200, paging.listing(list(self.core.pool_tvms(pool)), query, lambda t: t.rec.name,
-                                                  lambda t: tvm_view(self.core, t)))
+        return _json_response(
+            200,
+            paging.listing(
+                list(self.core.pool_tvms(pool)),
+                query,
+                lambda t: t.rec.name,
+                lambda t: tvm_view(self.core, t),
+            ),
+        )
 
     async def get_tvm(self, pool: str, tvm: str, **_: Any) -> Response:
         return _json_response(200, tvm_view(self.core, self.core.get_tvm(pool, tvm)))
@@ -78,7 +100,9 @@ class PoolRoutes:
         await self.svc.execute(self.core.remove_tvms, pool, req)
         return Response(202)
 
-    async def delete_tvm(self, pool: str, tvm: str, query: dict[str, str] | None = None, **_: Any) -> Response:
+    async def delete_tvm(
+        self, pool: str, tvm: str, query: dict[str, str] | None = None, **_: Any
+    ) -> Response:
         option = (query or {}).get("tvmDeallocationOption", "requeue")
         await self.svc.execute(self.core.delete_tvm, pool, tvm, option)
         return Response(202)
@@ -93,7 +117,9 @@ class PoolRoutes:
         await self.svc.execute(self.core.reimage_tvm, pool, tvm, req)
         return Response(202)
 
-    async def disable_scheduling(self, pool: str, tvm: str, body: bytes = b"", **_: Any) -> Response:
+    async def disable_scheduling(
+        self, pool: str, tvm: str, body: bytes = b"", **_: Any
+    ) -> Response:
         req = _decode(body, m.TvmDisableScheduling) if body.strip() else m.TvmDisableScheduling()
         await self.svc.execute(self.core.disable_scheduling, pool, tvm, req)
         return Response(200)
@@ -103,6 +129,15 @@ class PoolRoutes:
         return Response(200)
 
     async def list_vm_sizes(self, query: dict[str, str], **_: Any) -> Response:
-        sizes = [m.VmSize(name=k, cores=v[0], memory_mib=v[1], disk_gib=v[2], max_tasks_per_vm=4 * v[0], source=v[3])
-                 for k, v in self.core.vm_sizes().items()]
+        sizes = [
+            m.VmSize(
+                name=k,
+                cores=v[0],
+                memory_mib=v[1],
+                disk_gib=v[2],
+                max_tasks_per_vm=4 * v[0],
+                source=v[3],
+            )
+            for k, v in self.core.vm_sizes().items()
+        ]
         return _json_response(200, paging.listing(sizes, query, lambda s: s.name, lambda s: s))

@@ -26,14 +26,33 @@ class TaskRoutes:
         self.files = app.files
 
     def register(self, r: RouteAdder) -> None:
-        r("POST", r"/workitems/(?P<wi>[^/]+)/jobs/(?P<job>[^/]+)/tasks/(?P<task>[^/]+)/terminate",
-          self.terminate_task)
+        r(
+            "POST",
+            r"/workitems/(?P<wi>[^/]+)/jobs/(?P<job>[^/]+)/tasks/(?P<task>[^/]+)/terminate",
+            self.terminate_task,
+        )
         r("GET", r"/workitems/(?P<wi>[^/]+)/jobs/(?P<job>[^/]+)/tasks", self.list_tasks)
         r("POST", r"/workitems/(?P<wi>[^/]+)/jobs/(?P<job>[^/]+)/tasks", self.add_task)
-        r("POST", r"/workitems/(?P<wi>[^/]+)/jobs/(?P<job>[^/]+)/addtaskcollection", self.add_task_collection)
-        r("GET", r"/workitems/(?P<wi>[^/]+)/jobs/(?P<job>[^/]+)/tasks/(?P<task>[^/]+)", self.get_task)
-        r("PATCH", r"/workitems/(?P<wi>[^/]+)/jobs/(?P<job>[^/]+)/tasks/(?P<task>[^/]+)", self.update_task)
-        r("DELETE", r"/workitems/(?P<wi>[^/]+)/jobs/(?P<job>[^/]+)/tasks/(?P<task>[^/]+)", self.delete_task)
+        r(
+            "POST",
+            r"/workitems/(?P<wi>[^/]+)/jobs/(?P<job>[^/]+)/addtaskcollection",
+            self.add_task_collection,
+        )
+        r(
+            "GET",
+            r"/workitems/(?P<wi>[^/]+)/jobs/(?P<job>[^/]+)/tasks/(?P<task>[^/]+)",
+            self.get_task,
+        )
+        r(
+            "PATCH",
+            r"/workitems/(?P<wi>[^/]+)/jobs/(?P<job>[^/]+)/tasks/(?P<task>[^/]+)",
+            self.update_task,
+        )
+        r(
+            "DELETE",
+            r"/workitems/(?P<wi>[^/]+)/jobs/(?P<job>[^/]+)/tasks/(?P<task>[^/]+)",
+            self.delete_task,
+        )
 
     # ------------------------------------------------------------------ tasks
 
@@ -44,12 +63,22 @@ class TaskRoutes:
         if not state and flt:
             mt = re.fullmatch(r"\s*state\s+eq\s+'(\w+)'\s*", flt)
             if not mt:
-                raise bad_request("InvalidFilter", f"unsupported $filter {flt!r}; use state eq 'active'")
+                raise bad_request(
+                    "InvalidFilter", f"unsupported $filter {flt!r}; use state eq 'active'"
+                )
             state = mt.group(1)
         if state and state not in (ACTIVE, RUNNING, COMPLETED):
-            raise bad_request("InvalidPropertyValue", "state must be active, running or completed", field="state")
-        tasks = list(j.tasks.values()) if not state else [t for t in j.tasks.values() if t.state == state]
-        return _json_response(200, paging.listing(tasks, query, lambda t: t.name, lambda t: task_view(j, t)))
+            raise bad_request(
+                "InvalidPropertyValue", "state must be active, running or completed", field="state"
+            )
+        tasks = (
+            list(j.tasks.values())
+            if not state
+            else [t for t in j.tasks.values() if t.state == state]
+        )
+        return _json_response(
+            200, paging.listing(tasks, query, lambda t: t.name, lambda t: task_view(j, t))
+        )
 
     async def add_task(self, wi: str, job: str, body: bytes, **_: Any) -> Response:
         req = _decode(body, m.TaskAdd)
@@ -65,11 +94,23 @@ class TaskRoutes:
                 try:
                     check_request(t)
                 except ApiError as exc:
-                    refused[i] = m.TaskAddResult(name=t.name, status="clienterror", error={
-                        "code": exc.code, "message": {"lang": "en-us", "value": exc.message},
-                        "values": [{"key": k, "value": v} for k, v in exc.values.items()]})
-        added = iter(await self.svc.execute(self.core.add_tasks, wi, job,
-                                            [t for i, t in enumerate(req.value) if i not in refused]))
+                    refused[i] = m.TaskAddResult(
+                        name=t.name,
+                        status="clienterror",
+                        error={
+                            "code": exc.code,
+                            "message": {"lang": "en-us", "value": exc.message},
+                            "values": [{"key": k, "value": v} for k, v in exc.values.items()],
+                        },
+                    )
+        added = iter(
+            await self.svc.execute(
+                self.core.add_tasks,
+                wi,
+                job,
+                [t for i, t in enumerate(req.value) if i not in refused],
+            )
+        )
         results = [refused[i] if i in refused else next(added) for i in range(len(req.value))]
         return _json_response(200, m.TaskAddCollectionResult(value=results))
 

@@ -64,22 +64,40 @@ class AgentToken:
     used_by: str = ""  # the agent id a single-use token enrolled
 
     def to_json(self) -> str:
-        return json.dumps({"sha256": self.sha256, "created": self.created, "expires": self.expires,
-                           "singleUse": self.single_use, "usedBy": self.used_by})
+        return json.dumps(
+            {
+                "sha256": self.sha256,
+                "created": self.created,
+                "expires": self.expires,
+                "singleUse": self.single_use,
+                "usedBy": self.used_by,
+            }
+        )
 
     @classmethod
     def from_json(cls, token_id: str, text: str) -> AgentToken:
         d = json.loads(text)
-        return cls(token_id, d["sha256"], d["created"], d.get("expires", 0.0), d.get("singleUse", False),
-                   d.get("usedBy", ""))
+        return cls(
+            token_id,
+            d["sha256"],
+            d["created"],
+            d.get("expires", 0.0),
+            d.get("singleUse", False),
+            d.get("usedBy", ""),
+        )
 
 
 class AgentAuth:
     """Pure decisions over a small key/value store (`get(key) -> str|None`, `put(key, value)`,
     `items() -> (key, value) pairs`). The caller makes puts durable before acting on a verdict."""
 
-    def __init__(self, get: Callable[[str], str | None], put: Callable[[str, str], None], token_sha256: str,
-                 items: Callable[[], object] | None = None) -> None:
+    def __init__(
+        self,
+        get: Callable[[str], str | None],
+        put: Callable[[str, str], None],
+        token_sha256: str,
+        items: Callable[[], object] | None = None,
+    ) -> None:
         self._get = get
         self._put = put
         self._items = items
@@ -92,8 +110,15 @@ class AgentAuth:
 
     # ------------------------------------------------------------------ handshake
 
-    def authenticate(self, agent_id: str, token: str, proof: str, proof_time_ms: int, now: float,
-                     credential: str = "") -> Verdict:
+    def authenticate(
+        self,
+        agent_id: str,
+        token: str,
+        proof: str,
+        proof_time_ms: int,
+        now: float,
+        credential: str = "",
+    ) -> Verdict:
         if self.revoked(agent_id):
             return Verdict(False, "AgentRevoked", f"agent {agent_id!r} was revoked")
         stored = self._get(f"agentcred:{agent_id}") or ""
@@ -101,8 +126,11 @@ class AgentAuth:
         if cred:
             # A known id: only its credential opens it (the join token is not even looked at).
             if not proof:
-                return Verdict(False, "InvalidAgentCredential",
-                               f"agent {agent_id!r} has a credential; the join token alone is not accepted for it")
+                return Verdict(
+                    False,
+                    "InvalidAgentCredential",
+                    f"agent {agent_id!r} has a credential; the join token alone is not accepted for it",
+                )
             bad = self._check_proof(cred, agent_id, proof, proof_time_ms, now)
             if bad:
                 return bad
@@ -122,8 +150,11 @@ class AgentAuth:
             self._use_token(token, agent_id)
             return Verdict(True, enrolled=True, new_credential=issued)
         if not MIN_CREDENTIAL_CHARS <= len(credential) <= MAX_CREDENTIAL_CHARS:
-            return Verdict(False, "InvalidAgentCredential",
-                           f"an agent credential is {MIN_CREDENTIAL_CHARS}..{MAX_CREDENTIAL_CHARS} characters")
+            return Verdict(
+                False,
+                "InvalidAgentCredential",
+                f"an agent credential is {MIN_CREDENTIAL_CHARS}..{MAX_CREDENTIAL_CHARS} characters",
+            )
         bad = self._check_proof(credential, agent_id, proof, proof_time_ms, now)
         if bad:
             return bad
@@ -132,11 +163,15 @@ class AgentAuth:
         self._use_token(token, agent_id)
         return Verdict(True, enrolled=True)
 
-    def _check_proof(self, cred: str, agent_id: str, proof: str, t_ms: int, now: float,
-                     purpose: str = "") -> Verdict | None:
+    def _check_proof(
+        self, cred: str, agent_id: str, proof: str, t_ms: int, now: float, purpose: str = ""
+    ) -> Verdict | None:
         if abs(now * 1000 - t_ms) > MAX_PROOF_SKEW_S * 1000:
-            return Verdict(False, "InvalidAgentCredential",
-                           "the agent's proof time is more than 5 minutes from the coordinator's clock")
+            return Verdict(
+                False,
+                "InvalidAgentCredential",
+                "the agent's proof time is more than 5 minutes from the coordinator's clock",
+            )
         if not purpose and t_ms <= self._last_proof.get(agent_id, 0):
             return Verdict(False, "InvalidAgentCredential", "replayed agent proof")
         if not hmac.compare_digest(agent_proof(cred, agent_id, t_ms, purpose), proof):
@@ -153,13 +188,15 @@ class AgentAuth:
         if rec.expires and now >= rec.expires:
             return Verdict(False, "JoinTokenExpired", f"join token {rec.id} has expired")
         if rec.single_use and rec.used_by and rec.used_by != agent_id:
-            return Verdict(False, "JoinTokenUsed", f"single-use join token {rec.id} already enrolled an agent")
+            return Verdict(
+                False, "JoinTokenUsed", f"single-use join token {rec.id} already enrolled an agent"
+            )
         return None
 
     def _agent_token(self, token: str) -> AgentToken | None:
         if not token.startswith(AGENT_TOKEN_PREFIX):
             return None
-        token_id, _, secret = token[len(AGENT_TOKEN_PREFIX):].partition(".")
+        token_id, _, secret = token[len(AGENT_TOKEN_PREFIX) :].partition(".")
         text = self._get(f"agenttoken:{token_id}") if token_id and secret else None
         if not text:
             return None
@@ -182,16 +219,26 @@ class AgentAuth:
         if not agent_id or not proof or self.revoked(agent_id):
             return False
         cred = (self._get(f"agentcred:{agent_id}") or "").partition(":")[2]
-        return bool(cred) and self._check_proof(cred, agent_id, proof, proof_time_ms, now, "http") is None
+        return (
+            bool(cred)
+            and self._check_proof(cred, agent_id, proof, proof_time_ms, now, "http") is None
+        )
 
     # ------------------------------------------------------------------ tokens
 
-    def create_token(self, now: float, expires_in_s: float = 0.0, single_use: bool = False) -> tuple[AgentToken, str]:
+    def create_token(
+        self, now: float, expires_in_s: float = 0.0, single_use: bool = False
+    ) -> tuple[AgentToken, str]:
         """A new agent token; returns its record and the token text (shown once, never stored)."""
         token_id = secrets.token_hex(6)
         secret = secrets.token_urlsafe(32)
-        rec = AgentToken(token_id, token_hash(secret), now, now + expires_in_s if expires_in_s else 0.0,
-                         single_use)
+        rec = AgentToken(
+            token_id,
+            token_hash(secret),
+            now,
+            now + expires_in_s if expires_in_s else 0.0,
+            single_use,
+        )
         self._put(f"agenttoken:{token_id}", rec.to_json())
         return rec, f"{AGENT_TOKEN_PREFIX}{token_id}.{secret}"
 

@@ -43,10 +43,16 @@ def second_connection(svc: CoordinatorService, agent_id: str, now: float) -> tup
         return None
     if silent < svc.core.heartbeat_timeout / 2:
         count(svc, "AgentAlreadyConnected")
-        log.error("SECOND CONNECTION refused for agent %s: its current link is alive (heard %.1f s ago); "
-                  "if this agent did not restart, someone else holds its credential (revoke it)", agent_id, silent)
-        return ("AgentAlreadyConnected",
-                f"agent {agent_id!r} is already connected and answering; try again once that link is closed")
+        log.error(
+            "SECOND CONNECTION refused for agent %s: its current link is alive (heard %.1f s ago); "
+            "if this agent did not restart, someone else holds its credential (revoke it)",
+            agent_id,
+            silent,
+        )
+        return (
+            "AgentAlreadyConnected",
+            f"agent {agent_id!r} is already connected and answering; try again once that link is closed",
+        )
     count(svc, "ReplacedSilentLink")
     log.warning("agent %s: a new connection replaces its link, silent for %.1f s", agent_id, silent)
     return None

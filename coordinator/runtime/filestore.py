@@ -240,5 +240,3 @@ def _check_open_range(start: int, end: int | None, size: int) -> None:
         return  # the whole of an empty file: zero bytes, still a valid read
     if start >= size or (end is not None and end >= size):
         raise FileStoreError("InvalidRange", f"range {shown} is outside the {size}-byte file")
-
-

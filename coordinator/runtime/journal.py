@@ -67,23 +67,31 @@ class SqliteStore:
             puts: list[tuple[str, str, bytes]] = []
             for w in writes:
                 if w.kind == META_KIND:  # a meta key (Journal.put_meta), committed with the batch
-                    cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
-                                (w.key, (w.body or b"").decode()))
+                    cur.execute(
+                        "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                        (w.key, (w.body or b"").decode()),
+                    )
                     continue
                 if w.body is not None:
                     puts.append((w.kind, w.key, w.body))
                     continue
                 if puts:
-                    cur.executemany("INSERT OR REPLACE INTO objects(kind, key, body) VALUES (?,?,?)", puts)
+                    cur.executemany(
+                        "INSERT OR REPLACE INTO objects(kind, key, body) VALUES (?,?,?)", puts
+                    )
                     puts = []
                 if w.prefix:
                     # Keys are "a/b/c" with names of [A-Za-z0-9_-]; "0" sorts right after "/".
-                    cur.execute("DELETE FROM objects WHERE kind=? AND key>=? AND key<?",
-                                (w.kind, w.key, w.key[:-1] + "0"))
+                    cur.execute(
+                        "DELETE FROM objects WHERE kind=? AND key>=? AND key<?",
+                        (w.kind, w.key, w.key[:-1] + "0"),
+                    )
                 else:
                     cur.execute("DELETE FROM objects WHERE kind=? AND key=?", (w.kind, w.key))
             if puts:
-                cur.executemany("INSERT OR REPLACE INTO objects(kind, key, body) VALUES (?,?,?)", puts)
+                cur.executemany(
+                    "INSERT OR REPLACE INTO objects(kind, key, body) VALUES (?,?,?)", puts
+                )
             cur.execute("COMMIT")
         except BaseException:
             cur.execute("ROLLBACK")

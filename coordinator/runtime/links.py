@@ -40,7 +40,9 @@ async def _receive_bytes(receive: Callable) -> bytes:
     return data
 
 
-async def serve_agent(svc: CoordinatorService, scope: dict, receive: Callable, send: Callable) -> None:
+async def serve_agent(
+    svc: CoordinatorService, scope: dict, receive: Callable, send: Callable
+) -> None:
     if scope.get("path") != "/agent":
         msg = await receive()
         await send({"type": "websocket.close", "code": 4004})
@@ -61,16 +63,30 @@ async def serve_agent(svc: CoordinatorService, scope: dict, receive: Callable, s
         if not isinstance(hello, pm.Hello):
             raise ProtocolError("the first message must be hello")
         if hello.protocol_version != pm.PROTOCOL_VERSION:
-            await _reject(send, "ProtocolVersionMismatch",
-                          f"coordinator speaks protocol {pm.PROTOCOL_VERSION}, agent {hello.protocol_version}", 4009)
+            await _reject(
+                send,
+                "ProtocolVersionMismatch",
+                f"coordinator speaks protocol {pm.PROTOCOL_VERSION}, agent {hello.protocol_version}",
+                4009,
+            )
             return
         if not hello.agent_id or len(hello.agent_id) > 128:
             await _reject(send, "InvalidAgentId", "agent_id must be 1..128 characters", 4002)
             return
-        verdict = svc.auth.authenticate(hello.agent_id, hello.token, hello.proof, hello.proof_time, time.time(),
-                                        hello.credential)
-        await svc.journal.barrier().wait()  # a new or confirmed credential is durable before we answer
-        if verdict.ok and svc.auth.revoked(hello.agent_id):  # revoked while we waited for the commit
+        verdict = svc.auth.authenticate(
+            hello.agent_id,
+            hello.token,
+            hello.proof,
+            hello.proof_time,
+            time.time(),
+            hello.credential,
+        )
+        await (
+            svc.journal.barrier().wait()
+        )  # a new or confirmed credential is durable before we answer
+        if verdict.ok and svc.auth.revoked(
+            hello.agent_id
+        ):  # revoked while we waited for the commit
             verdict = Verdict(False, "AgentRevoked", f"agent {hello.agent_id!r} was revoked")
         if not verdict.ok:
             log.warning("agent %s refused: %s", hello.agent_id, verdict.code)
@@ -92,7 +108,11 @@ async def serve_agent(svc: CoordinatorService, scope: dict, receive: Callable, s
         # What the session still holds reaches the agent after this hello: resent RunTasks of a resumed
         # session, or ones placed while the Welcome was being sent.
         svc.agent_connected(link, hello, agentident.in_flight_runs(link.session))
-        log.info("agent %s connected (%s)", hello.agent_id, "resumed" if welcome.resumed else "new session")
+        log.info(
+            "agent %s connected (%s)",
+            hello.agent_id,
+            "resumed" if welcome.resumed else "new session",
+        )
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_writer, link, connection_id, send, nursery.cancel_scope)
@@ -129,7 +149,9 @@ async def serve_agent(svc: CoordinatorService, scope: dict, receive: Callable, s
 ACK_DELAY = 0.01
 
 
-async def _writer(link: AgentLink, connection_id: int, send: Callable, scope: trio.CancelScope) -> None:
+async def _writer(
+    link: AgentLink, connection_id: int, send: Callable, scope: trio.CancelScope
+) -> None:
     session = link.session
     ack_waited = False
     while link.connection_id == connection_id:
@@ -166,7 +188,12 @@ async def _writer(link: AgentLink, connection_id: int, send: Callable, scope: tr
 
 async def _reject(send: Callable, code: str, message: str, close_code: int) -> None:
     try:
-        await send({"type": "websocket.send", "bytes": _codec.encode(pm.Reject(code=code, message=message))})
+        await send(
+            {
+                "type": "websocket.send",
+                "bytes": _codec.encode(pm.Reject(code=code, message=message)),
+            }
+        )
     except Exception:  # noqa: BLE001 - the peer may already be gone
         pass
     await _close(send, close_code, message)

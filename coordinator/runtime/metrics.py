@@ -37,8 +37,19 @@ RATE_WINDOW = 60.0
 # Round-trip buckets (seconds): loopback is ~100 µs, a WAN link tens of ms, a wedged agent seconds.
 RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # States shown even at zero, so dashboards do not lose series.
-TVM_STATES = ("creating", "starting", "waitingforstarttask", "idle", "running", "offline", "rebooting",
-              "reimaging", "leavingpool", "unknown", "starttaskfailed")
+TVM_STATES = (
+    "creating",
+    "starting",
+    "waitingforstarttask",
+    "idle",
+    "running",
+    "offline",
+    "rebooting",
+    "reimaging",
+    "leavingpool",
+    "unknown",
+    "starttaskfailed",
+)
 TASK_STATES = ("active", "running", "completed")
 
 
@@ -177,32 +188,51 @@ def _last_heard(core: CoordinatorState, tvm: Any) -> float | None:
     return seen or None
 
 
-def cluster_status(core: CoordinatorState, latency: LinkLatency, rate: RateWindow, now: float) -> ClusterStatus:
+def cluster_status(
+    core: CoordinatorState, latency: LinkLatency, rate: RateWindow, now: float
+) -> ClusterStatus:
     by_pool: dict[str, dict[str, int]] = {name: {} for name in core.pools}
     tvms: list[TvmHealth] = []
     for tvm in sorted(core.tvms.values(), key=lambda t: (t.rec.pool, t.rec.name)):
         states = by_pool.setdefault(tvm.rec.pool, {})
         states[tvm.rec.state] = states.get(tvm.rec.state, 0) + 1
         agent = core.agents.get(tvm.rec.agent_id)
-        tvms.append(TvmHealth(
-            pool=tvm.rec.pool, name=tvm.rec.name, state=tvm.rec.state, agent_id=tvm.rec.agent_id,
-            agent_connected=bool(agent and agent.connected), running_tasks=len(tvm.running),
-            last_heartbeat_age_seconds=None if (heard := _last_heard(core, tvm)) is None
-            else round(max(0.0, now - heard), 3),
-            link_rtt_seconds=latency.last_rtt.get(tvm.rec.agent_id),
-            degraded_modes=list(agent.degraded) if agent else [],
-        ))
+        tvms.append(
+            TvmHealth(
+                pool=tvm.rec.pool,
+                name=tvm.rec.name,
+                state=tvm.rec.state,
+                agent_id=tvm.rec.agent_id,
+                agent_connected=bool(agent and agent.connected),
+                running_tasks=len(tvm.running),
+                last_heartbeat_age_seconds=None
+                if (heard := _last_heard(core, tvm)) is None
+                else round(max(0.0, now - heard), 3),
+                link_rtt_seconds=latency.last_rtt.get(tvm.rec.agent_id),
+                degraded_modes=list(agent.degraded) if agent else [],
+            )
+        )
     pools = [
-        PoolSummary(name=name, state=p.state, allocation_state=p.alloc_state, target=p.target,
-                    current=sum(by_pool.get(name, {}).values()), tvms=by_pool.get(name, {}))
+        PoolSummary(
+            name=name,
+            state=p.state,
+            allocation_state=p.alloc_state,
+            target=p.target,
+            current=sum(by_pool.get(name, {}).values()),
+            tvms=by_pool.get(name, {}),
+        )
         for name, p in sorted(core.pools.items())
     ]
     return ClusterStatus(
-        account=core.account, recovering=core.recovering_until is not None,
+        account=core.account,
+        recovering=core.recovering_until is not None,
         agents_connected=sum(1 for a in core.agents.values() if a.connected),
         agents_free=sum(1 for a in core.agents.values() if a.connected and a.tvm is None),
-        tasks=task_totals(core), placements_total=core.placements, placements_per_second=round(rate.rate(), 3),
-        pools=pools, tvms=tvms,
+        tasks=task_totals(core),
+        placements_total=core.placements,
+        placements_per_second=round(rate.rate(), 3),
+        pools=pools,
+        tvms=tvms,
     )
 
 
@@ -212,15 +242,25 @@ def cluster_status(core: CoordinatorState, latency: LinkLatency, rate: RateWindo
 def _fmt(value: float) -> str:
     if value == float("inf"):
         return "+Inf"
-    return repr(float(value)) if isinstance(value, float) and not value.is_integer() else str(int(value))
+    return (
+        repr(float(value))
+        if isinstance(value, float) and not value.is_integer()
+        else str(int(value))
+    )
 
 
 class _Text:
     def __init__(self) -> None:
         self.lines: list[str] = []
 
-    def metric(self, name: str, kind: str, help_: str, samples: Iterable[tuple[dict[str, str], float]],
-               suffix_samples: Iterable[tuple[str, dict[str, str], float]] = ()) -> None:
+    def metric(
+        self,
+        name: str,
+        kind: str,
+        help_: str,
+        samples: Iterable[tuple[dict[str, str], float]],
+        suffix_samples: Iterable[tuple[str, dict[str, str], float]] = (),
+    ) -> None:
         self.lines.append(f"# HELP {name} {help_}")
         self.lines.append(f"# TYPE {name} {kind}")
         for labels, value in samples:
@@ -239,22 +279,49 @@ def _labels(labels: dict[str, str]) -> str:
     return "{" + inner + "}"
 
 
-def render_prometheus(core: CoordinatorState, latency: LinkLatency, rate: RateWindow, now: float,
-                      *, http_requests: int = 0, started_at: float = 0.0,
-                      agent_link_events: dict[str, int] | None = None) -> str:
+def render_prometheus(
+    core: CoordinatorState,
+    latency: LinkLatency,
+    rate: RateWindow,
+    now: float,
+    *,
+    http_requests: int = 0,
+    started_at: float = 0.0,
+    agent_link_events: dict[str, int] | None = None,
+) -> str:
     """Prometheus text exposition format 0.0.4 (aggregates only; see the module docstring)."""
     tt = task_totals(core)
     out = _Text()
-    out.metric("tvm_tasks", "gauge", "Tasks by state.",
-               [({"state": s}, getattr(tt, s)) for s in TASK_STATES])
-    out.metric("tvm_tasks_completed", "gauge", "Completed tasks by result.",
-               [({"result": "succeeded"}, tt.succeeded), ({"result": "failed"}, tt.failed)])
-    out.metric("tvm_queue_depth", "gauge", "Active tasks of active jobs waiting for a TVM slot.",
-               [({}, tt.queue_depth)])
-    out.metric("tvm_placements_total", "counter", "Tasks placed on TVMs since the coordinator started.",
-               [({}, core.placements)])
-    out.metric("tvm_placements_per_second", "gauge",
-               f"Placements per second over the last {RATE_WINDOW:.0f} s.", [({}, round(rate.rate(), 3))])
+    out.metric(
+        "tvm_tasks",
+        "gauge",
+        "Tasks by state.",
+        [({"state": s}, getattr(tt, s)) for s in TASK_STATES],
+    )
+    out.metric(
+        "tvm_tasks_completed",
+        "gauge",
+        "Completed tasks by result.",
+        [({"result": "succeeded"}, tt.succeeded), ({"result": "failed"}, tt.failed)],
+    )
+    out.metric(
+        "tvm_queue_depth",
+        "gauge",
+        "Active tasks of active jobs waiting for a TVM slot.",
+        [({}, tt.queue_depth)],
+    )
+    out.metric(
+        "tvm_placements_total",
+        "counter",
+        "Tasks placed on TVMs since the coordinator started.",
+        [({}, core.placements)],
+    )
+    out.metric(
+        "tvm_placements_per_second",
+        "gauge",
+        f"Placements per second over the last {RATE_WINDOW:.0f} s.",
+        [({}, round(rate.rate(), 3))],
+    )
     tvm_states = dict.fromkeys(TVM_STATES, 0)
     heartbeat_ages: list[float] = []
     for tvm in core.tvms.values():
@@ -263,16 +330,28 @@ def render_prometheus(core: CoordinatorState, latency: LinkLatency, rate: RateWi
         heard = _last_heard(core, tvm)
         if heard is not None and agent is not None and agent.connected:
             heartbeat_ages.append(max(0.0, now - heard))
-    out.metric("tvm_tvms", "gauge", "TVMs by state.", [({"state": s}, n) for s, n in tvm_states.items()])
+    out.metric(
+        "tvm_tvms", "gauge", "TVMs by state.", [({"state": s}, n) for s, n in tvm_states.items()]
+    )
     out.metric("tvm_pools", "gauge", "Pools.", [({}, len(core.pools))])
     connected = sum(1 for a in core.agents.values() if a.connected)
     free = sum(1 for a in core.agents.values() if a.connected and a.tvm is None)
-    out.metric("tvm_agents", "gauge", "Registered agents by link status.",
-               [({"status": "connected"}, connected), ({"status": "free"}, free),
-                ({"status": "disconnected"}, len(core.agents) - connected)])
-    out.metric("tvm_heartbeat_age_max_seconds", "gauge",
-               "Oldest last-heartbeat age among TVMs with a connected agent.",
-               [({}, round(max(heartbeat_ages, default=0.0), 3))])
+    out.metric(
+        "tvm_agents",
+        "gauge",
+        "Registered agents by link status.",
+        [
+            ({"status": "connected"}, connected),
+            ({"status": "free"}, free),
+            ({"status": "disconnected"}, len(core.agents) - connected),
+        ],
+    )
+    out.metric(
+        "tvm_heartbeat_age_max_seconds",
+        "gauge",
+        "Oldest last-heartbeat age among TVMs with a connected agent.",
+        [({}, round(max(heartbeat_ages, default=0.0), 3))],
+    )
     cumulative = 0
     buckets: list[tuple[str, dict[str, str], float]] = []
     for bound, n in zip(latency.buckets, latency.counts, strict=False):
@@ -281,20 +360,40 @@ def render_prometheus(core: CoordinatorState, latency: LinkLatency, rate: RateWi
     buckets.append(("_bucket", {"le": "+Inf"}, latency.observations))
     buckets.append(("_sum", {}, round(latency.total, 6)))
     buckets.append(("_count", {}, latency.observations))
-    out.metric("tvm_link_rtt_seconds", "histogram",
-               "Agent link round trip (Ping until acknowledged) as measured by the coordinator.", [], buckets)
-    out.metric("tvm_link_rtt_max_seconds", "gauge", "Largest most recent round trip among connected agents.",
-               [({}, round(max(latency.last_rtt.values(), default=0.0), 6))])
-    out.metric("tvm_recovering", "gauge", "1 while the coordinator waits for agents after a restart.",
-               [({}, 1 if core.recovering_until is not None else 0)])
+    out.metric(
+        "tvm_link_rtt_seconds",
+        "histogram",
+        "Agent link round trip (Ping until acknowledged) as measured by the coordinator.",
+        [],
+        buckets,
+    )
+    out.metric(
+        "tvm_link_rtt_max_seconds",
+        "gauge",
+        "Largest most recent round trip among connected agents.",
+        [({}, round(max(latency.last_rtt.values(), default=0.0), 6))],
+    )
+    out.metric(
+        "tvm_recovering",
+        "gauge",
+        "1 while the coordinator waits for agents after a restart.",
+        [({}, 1 if core.recovering_until is not None else 0)],
+    )
     out.metric("tvm_http_requests_total", "counter", "REST requests served.", [({}, http_requests)])
-    out.metric("tvm_agent_link_events_total", "counter",
-               "Agent hellos refused, by Reject code (AgentAlreadyConnected: a second connection while the"
-               " first is alive), and silent links replaced by a new connection (ReplacedSilentLink).",
-               [({"event": k}, n) for k, n in sorted((agent_link_events or {}).items())])
+    out.metric(
+        "tvm_agent_link_events_total",
+        "counter",
+        "Agent hellos refused, by Reject code (AgentAlreadyConnected: a second connection while the"
+        " first is alive), and silent links replaced by a new connection (ReplacedSilentLink).",
+        [({"event": k}, n) for k, n in sorted((agent_link_events or {}).items())],
+    )
     if started_at:
-        out.metric("process_start_time_seconds", "gauge", "Start time of the coordinator (unix seconds).",
-                   [({}, round(started_at, 3))])
+        out.metric(
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the coordinator (unix seconds).",
+            [({}, round(started_at, 3))],
+        )
     return "\n".join(out.lines) + "\n"
 
 

@@ -36,8 +36,15 @@ class LocalProvisioner:
     (inside the 0700 state directory), and backs its TVM in TVM_ROOT_DIR/agent-N, a 0711 path task
     users can traverse to their own directories without seeing the coordinator's state."""
 
-    def __init__(self, state_dir: str, coordinator_url: str, token: str, *, log_level: str = "warning",
-                 tvm_root_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: str,
+        coordinator_url: str,
+        token: str,
+        *,
+        log_level: str = "warning",
+        tvm_root_dir: str | None = None,
+    ) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.url = coordinator_url
         self.token = token
@@ -63,9 +70,26 @@ class LocalProvisioner:
             # Tasks run as unprivileged per-task users (root agents). Isolation is never switched off
             # here; an operator's explicit TVM_AGENT_TASK_ISOLATION=none is reported as a degraded mode.
             proc = subprocess.Popen(
-                [sys.executable, "-m", "tvmagent", "--coordinator", self.url, "--root", root,
-                 "--private-dir", private, "--name", f"local-{index}", "--log-level", self.log_level],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "tvmagent",
+                    "--coordinator",
+                    self.url,
+                    "--root",
+                    root,
+                    "--private-dir",
+                    private,
+                    "--name",
+                    f"local-{index}",
+                    "--log-level",
+                    self.log_level,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+                start_new_session=True,
                 umask=0o022,  # the coordinator's 0077 would make the TVM root's directories unreachable
             )
             log.close()

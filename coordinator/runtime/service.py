@@ -63,7 +63,9 @@ class CoordinatorService:
         clock: Callable[[], float] = time.time,
         max_pool_size: int = 1000,
     ) -> None:
-        state_dir = secure_state_dir(state_dir)  # 0700 dir, 0600 db/WAL/token: tasks must not read keys
+        state_dir = secure_state_dir(
+            state_dir
+        )  # 0700 dir, 0600 db/WAL/token: tasks must not read keys
         self.state_dir = state_dir
         self.store = SqliteStore(os.path.join(state_dir, "coordinator.db"))
         self.account = self.store.get_meta("account") or account
@@ -78,13 +80,24 @@ class CoordinatorService:
         # agent connection on the event loop stalled everything while 1,000 agents connected).
         # Whoever acts on a put awaits `journal.barrier()` first (links: before Welcome).
         self._auth_meta = self.store.all_meta()
-        self.auth = AgentAuth(self._auth_meta.get, self._auth_put, self.store.get_meta("join_token_sha256") or "",
-                              items=self._auth_meta.items)
-        self.agent_link_events: dict[str, int] = {}  # refused hellos by Reject code, replaced links (/metrics)
+        self.auth = AgentAuth(
+            self._auth_meta.get,
+            self._auth_put,
+            self.store.get_meta("join_token_sha256") or "",
+            items=self._auth_meta.items,
+        )
+        self.agent_link_events: dict[
+            str, int
+        ] = {}  # refused hellos by Reject code, replaced links (/metrics)
         epoch = int(self.store.get_meta("epoch") or "0") + 1
         self.store.set_meta("epoch", str(epoch))
-        self.core = CoordinatorState(self.account, epoch=epoch, clock=clock,
-                                     heartbeat_timeout=heartbeat_timeout, max_pool_size=max_pool_size)
+        self.core = CoordinatorState(
+            self.account,
+            epoch=epoch,
+            clock=clock,
+            heartbeat_timeout=heartbeat_timeout,
+            max_pool_size=max_pool_size,
+        )
         started = time.monotonic()
         self.core.restore(self.store.load())
         self.restore_seconds = time.monotonic() - started
@@ -192,9 +205,16 @@ class CoordinatorService:
                 break
             try:
                 started = self.provisioner.start(p.count, p.vm_size)
-                log.info("provisioner started %d agent(s) of size %s: %s", p.count, p.vm_size, ", ".join(started))
+                log.info(
+                    "provisioner started %d agent(s) of size %s: %s",
+                    p.count,
+                    p.vm_size,
+                    ", ".join(started),
+                )
             except Exception:  # a broken provisioner must not take the coordinator down
-                log.exception("provisioner failed to start %d agent(s) of size %s", p.count, p.vm_size)
+                log.exception(
+                    "provisioner failed to start %d agent(s) of size %s", p.count, p.vm_size
+                )
         for send in fx.sends:
             link = self.links.get(send.agent_id)
             if link is None:
@@ -224,12 +244,17 @@ class CoordinatorService:
         else:
             link.session.resume(hello.last_received)
         link.connection_id += 1
-        welcome = pm.Welcome(session_id=link.session.session_id, resumed=resumed,
-                             last_received=link.session.received,
-                             heartbeat_interval=max(0.05, self.core.heartbeat_timeout / 4))
+        welcome = pm.Welcome(
+            session_id=link.session.session_id,
+            resumed=resumed,
+            last_received=link.session.received,
+            heartbeat_interval=max(0.05, self.core.heartbeat_timeout / 4),
+        )
         return link, welcome
 
-    def agent_connected(self, link: AgentLink, hello: pm.Hello, in_flight: set[str] | None = None) -> None:
+    def agent_connected(
+        self, link: AgentLink, hello: pm.Hello, in_flight: set[str] | None = None
+    ) -> None:
         """`in_flight`: keys of RunTasks the agent has not received yet (resent on a resumed session)."""
         link.connected = True
         agent = self.core.agents.get(hello.agent_id)
@@ -238,9 +263,14 @@ class CoordinatorService:
         self.core.agent_hello(hello, in_flight or set())
         lost = sorted(before - set(tvm.running)) if tvm is not None else []
         if tvm is not None and lost:  # the operator should see why tasks run again
-            log.warning("agent %s came back without %d task(s) placed on %s (restarted, or not the agent"
-                        " they were given to?): requeued",
-                        hello.agent_id, len(lost), tvm.rec.name, extra={"tvm": tvm.rec.name, "tasks": lost[:20]})
+            log.warning(
+                "agent %s came back without %d task(s) placed on %s (restarted, or not the agent"
+                " they were given to?): requeued",
+                hello.agent_id,
+                len(lost),
+                tvm.rec.name,
+                extra={"tvm": tvm.rec.name, "tasks": lost[:20]},
+            )
         self.core.schedule()
         self._dispatch(self.core.take_effects())
 
@@ -252,9 +282,14 @@ class CoordinatorService:
         self.core.agent_disconnected(link.agent_id)
         agent = self.core.agents.get(link.agent_id)
         tvm = agent.tvm if agent is not None else None
-        log.info("agent %s disconnected%s", link.agent_id,
-                 f"; {tvm} is lost unless it is back within {self.core.heartbeat_timeout:g} s" if tvm else "",
-                 extra={"tvm": tvm} if tvm else None)
+        log.info(
+            "agent %s disconnected%s",
+            link.agent_id,
+            f"; {tvm} is lost unless it is back within {self.core.heartbeat_timeout:g} s"
+            if tvm
+            else "",
+            extra={"tvm": tvm} if tvm else None,
+        )
 
     async def agent_batch(self, link: AgentLink, received: list[Any]) -> None:
         """Messages from one frame: apply, submit the writes, and queue the acknowledgement for
@@ -306,13 +341,21 @@ class CoordinatorService:
     # An agent that does not answer a file request within this many seconds is reported unreachable.
     FILE_REQUEST_WAIT_S = 30.0
 
-    async def ask_agent_files(self, agent_id: str, request: pm.FileRequest) -> pm.FileResponse | None:
+    async def ask_agent_files(
+        self, agent_id: str, request: pm.FileRequest
+    ) -> pm.FileResponse | None:
         link = self.links.get(agent_id)
         if link is None or not link.connected:
             return None
         req_id = next(self._req_ids)
-        req = pm.FileRequest(req_id=req_id, op=request.op, path=request.path, recursive=request.recursive,
-                             offset=request.offset, length=request.length)
+        req = pm.FileRequest(
+            req_id=req_id,
+            op=request.op,
+            path=request.path,
+            recursive=request.recursive,
+            offset=request.offset,
+            length=request.length,
+        )
         event = trio.Event()
         box: list[pm.FileResponse] = []
         self._file_waiters[req_id] = (event, box)

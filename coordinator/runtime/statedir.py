@@ -30,12 +30,16 @@ def make_private_dir(path: str) -> str:
         os.makedirs(path, mode=0o700, exist_ok=True)
         st = os.lstat(path)
     except OSError as exc:
-        raise StateDirError(f"cannot create the state directory {path}: {exc.strerror or exc}") from None
+        raise StateDirError(
+            f"cannot create the state directory {path}: {exc.strerror or exc}"
+        ) from None
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
         raise StateDirError(f"state directory {path} is not a directory (or is a symlink)")
     if st.st_uid != os.geteuid():
-        raise StateDirError(f"state directory {path} belongs to uid {st.st_uid}, not to this user "
-                            f"(uid {os.geteuid()}): refusing to keep secrets there")
+        raise StateDirError(
+            f"state directory {path} belongs to uid {st.st_uid}, not to this user "
+            f"(uid {os.geteuid()}): refusing to keep secrets there"
+        )
     if stat.S_IMODE(st.st_mode) != 0o700:
         os.chmod(path, 0o700)
     return path

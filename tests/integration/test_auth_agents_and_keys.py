@@ -98,22 +98,30 @@ async def test_join_token_is_stored_hashed_and_agents_get_a_credential(nursery, 
             assert token.encode() not in f.read()
         assert stat.S_IMODE(os.stat(os.path.join(state, "join-token")).st_mode) == 0o600
         agent = c.agents[0]
-        cred_file = os.path.join(agent.root + ".private", "agent-credential")  # outside the TVM root
+        cred_file = os.path.join(
+            agent.root + ".private", "agent-credential"
+        )  # outside the TVM root
         await c.wait_for(lambda: os.path.exists(cred_file), what="agent credential")
         assert stat.S_IMODE(os.stat(cred_file).st_mode) == 0o600
         agent_id = agent.name  # the harness passes --name
         # The agent's own credential is registered by its first handshake (no pending state).
-        await c.wait_for(lambda: (_meta(state, f"agentcred:{agent_id}") or "").startswith("ok:"),
-                         what="credential registered")
+        await c.wait_for(
+            lambda: (_meta(state, f"agentcred:{agent_id}") or "").startswith("ok:"),
+            what="credential registered",
+        )
         cred = open(cred_file).read().strip()  # noqa: ASYNC230, SIM115 - small local file
         assert _meta(state, f"agentcred:{agent_id}") == f"ok:{cred}"
         # One connection per agent: the real agent stops so the proofs below can open links. The
         # credential is durable before the link is registered: wait for the link before killing.
-        await c.wait_for(lambda: agent_id in c.rc.service.links and c.rc.service.links[agent_id].connected,
-                         what="the agent's link")
+        await c.wait_for(
+            lambda: agent_id in c.rc.service.links and c.rc.service.links[agent_id].connected,
+            what="the agent's link",
+        )
         agent.kill()
         agent.proc.wait()
-        await c.wait_for(lambda: not c.rc.service.links[agent_id].connected, what="the agent's link closed")
+        await c.wait_for(
+            lambda: not c.rc.service.links[agent_id].connected, what="the agent's link closed"
+        )
         url = c.rc.agent_url
         # The join token alone no longer opens this agent id (a stolen token cannot take it over).
         reply = await _hello(url, pm.Hello(agent_id=agent_id, token=token))
@@ -121,17 +129,28 @@ async def test_join_token_is_stored_hashed_and_agents_get_a_credential(nursery, 
         assert reply.code == "InvalidAgentCredential"
         # A forged proof is refused; so is a replay of an accepted one.
         t = int(time.time() * 1000)
-        reply = await _hello(url, pm.Hello(agent_id=agent_id, token="", proof="0" * 64, proof_time=t))
+        reply = await _hello(
+            url, pm.Hello(agent_id=agent_id, token="", proof="0" * 64, proof_time=t)
+        )
         assert isinstance(reply, pm.Reject)
         assert reply.code == "InvalidAgentCredential"
-        good = pm.Hello(agent_id=agent_id, token="", proof=agent_proof(cred, agent_id, t), proof_time=t)
+        good = pm.Hello(
+            agent_id=agent_id, token="", proof=agent_proof(cred, agent_id, t), proof_time=t
+        )
         assert isinstance(await _hello(url, good), pm.Welcome)
         replay = await _hello(url, good)
         assert isinstance(replay, pm.Reject)
         assert "replay" in replay.message
         stale_t = int((time.time() - 600) * 1000)
-        stale = await _hello(url, pm.Hello(agent_id=agent_id, token="", proof_time=stale_t,
-                                           proof=agent_proof(cred, agent_id, stale_t)))
+        stale = await _hello(
+            url,
+            pm.Hello(
+                agent_id=agent_id,
+                token="",
+                proof_time=stale_t,
+                proof=agent_proof(cred, agent_id, stale_t),
+            ),
+        )
         assert isinstance(stale, pm.Reject)
         assert stale.code == "InvalidAgentCredential"
         # A forged join token for a new agent id.
@@ -180,15 +199,19 @@ async def test_tls_agent_link_and_rest(nursery, tmp_path):
         assert c.rc.endpoint.startswith("https://")
         assert c.rc.agent_url.startswith("wss://")
         await c.client.aclose()
-        c.client = AsyncClient(c.rc.endpoint, c.rc.account, c.rc.key, verify=ssl.create_default_context(cafile=ca_file))
+        c.client = AsyncClient(
+            c.rc.endpoint, c.rc.account, c.rc.key, verify=ssl.create_default_context(cafile=ca_file)
+        )
         untrusting = c.start_agent("untrusting")
         c.start_agent("trusting", extra_args=["--ca-file", ca_file])
         await c.pool_with_tvms("p", 1)
         await c.client.workitems.add("wi", "p")
         await c.client.tasks.add_many("wi", "job-0000000001", [task_spec("t", f"{PY} -c pass")])
         assert (await c.client.tasks.wait("wi", "job-0000000001", timeout=30)).failed == 0
-        await c.wait_for(lambda: "CERTIFICATE_VERIFY_FAILED" in untrusting.log_text(),
-                         what="the agent without the CA refuses the server")
+        await c.wait_for(
+            lambda: "CERTIFICATE_VERIFY_FAILED" in untrusting.log_text(),
+            what="the agent without the CA refuses the server",
+        )
         assert len(await c.client.tvms.list("p")) == 1
         async with AsyncClient(c.rc.endpoint, c.rc.account, c.rc.key) as plain:
             with pytest.raises(BatchError) as ei:
@@ -198,7 +221,9 @@ async def test_tls_agent_link_and_rest(nursery, tmp_path):
 
 async def test_oversized_agent_frame_closes_only_that_link(nursery, tmp_path):
     async def run(task_status=trio.TASK_STATUS_IGNORED):
-        await run_coordinator(str(tmp_path / "state"), max_agent_frame=64 * 1024, task_status=task_status)
+        await run_coordinator(
+            str(tmp_path / "state"), max_agent_frame=64 * 1024, task_status=task_status
+        )
 
     cancel = trio.CancelScope()
 
@@ -209,7 +234,9 @@ async def test_oversized_agent_frame_closes_only_that_link(nursery, tmp_path):
     rc = await nursery.start(guarded)
     try:
         # disconnect_timeout: trio-websocket otherwise waits 10 s on a link the server already closed
-        async with open_websocket_url(rc.agent_url, subprotocols=[SUBPROTOCOL], disconnect_timeout=0.5) as ws:
+        async with open_websocket_url(
+            rc.agent_url, subprotocols=[SUBPROTOCOL], disconnect_timeout=0.5
+        ) as ws:
             await ws.send_message(b"\x00" * (256 * 1024))
             with pytest.raises(ConnectionClosed) as ei, trio.fail_after(10):
                 await ws.get_message()

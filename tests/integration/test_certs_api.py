@@ -26,9 +26,16 @@ def _cert(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
     now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
-            .not_valid_after(now + dt.timedelta(days=30)).sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )
     return key, cert
 
 
@@ -39,8 +46,9 @@ def _thumb(cert: x509.Certificate) -> str:
 @pytest.fixture(scope="module")
 def pfx_cert():
     key, cert = _cert("tvm-pfx")
-    raw = pkcs12.serialize_key_and_certificates(b"k", key, cert, None,
-                                                serialization.BestAvailableEncryption(PASSWORD.encode()))
+    raw = pkcs12.serialize_key_and_certificates(
+        b"k", key, cert, None, serialization.BestAvailableEncryption(PASSWORD.encode())
+    )
     return _thumb(cert), base64.b64encode(raw).decode()
 
 
@@ -66,8 +74,9 @@ sys.exit(0 if ok else 3)
 """
 
 
-async def test_certificates_crud_pool_references_and_install_before_start_task(nursery, tmp_path, pfx_cert,
-                                                                               cer_cert):
+async def test_certificates_crud_pool_references_and_install_before_start_task(
+    nursery, tmp_path, pfx_cert, cer_cert
+):
     pfx_thumb, pfx_data = pfx_cert
     cer_thumb, cer_data = cer_cert
     async with cluster_ctx(nursery, tmp_path, agents=1, heartbeat_timeout=3) as c:
@@ -85,27 +94,45 @@ async def test_certificates_crud_pool_references_and_install_before_start_task(n
 
         # An unknown reference is refused and nothing is stored.
         with pytest.raises(BatchError) as ei:
-            await cl.pools.add("bad", target_dedicated=1,
-                               certificate_references=[{"thumbprint": "ab" * 20, "thumbprintAlgorithm": "sha1"}])
+            await cl.pools.add(
+                "bad",
+                target_dedicated=1,
+                certificate_references=[{"thumbprint": "ab" * 20, "thumbprintAlgorithm": "sha1"}],
+            )
         assert (ei.value.status, ei.value.code) == (400, "CertificateNotFound")
         assert "certificateReferences[0]" in ei.value.message
         assert [p.name for p in await cl.pools.list()] == []
 
-        refs = [{"thumbprint": pfx_thumb, "thumbprintAlgorithm": "sha1"},
-                {"thumbprint": cer_thumb.upper(), "thumbprintAlgorithm": "SHA1"}]
-        start = {"commandLine": f"{PY} -c \"{CHECK_CERTS}\" {pfx_thumb} {cer_thumb}", "waitForSuccess": True}
+        refs = [
+            {"thumbprint": pfx_thumb, "thumbprintAlgorithm": "sha1"},
+            {"thumbprint": cer_thumb.upper(), "thumbprintAlgorithm": "SHA1"},
+        ]
+        start = {
+            "commandLine": f'{PY} -c "{CHECK_CERTS}" {pfx_thumb} {cer_thumb}',
+            "waitForSuccess": True,
+        }
         await c.pool_with_tvms("p", 1, certificate_references=refs, start_task=start)
         tvm = (await cl.tvms.list("p"))[0]
         assert tvm.start_task_info.exit_code == 0
         assert tvm.cert_errors == []
         pool = await cl.pools.get("p")
-        assert sorted(r.thumbprint for r in pool.certificate_references) == sorted([pfx_thumb, cer_thumb])
+        assert sorted(r.thumbprint for r in pool.certificate_references) == sorted(
+            [pfx_thumb, cer_thumb]
+        )
         assert (await cl.certificates.get(cer_thumb)).pools == ["p"]
 
         # Tasks see the directory too.
         await cl.workitems.add("wi", "p")
-        await cl.tasks.add_many("wi", "job-0000000001", [task_spec(
-            "t", f"{PY} -c \"import os; print(os.listdir(os.environ['AZ_BATCH_CERTIFICATES_DIR']))\"")])
+        await cl.tasks.add_many(
+            "wi",
+            "job-0000000001",
+            [
+                task_spec(
+                    "t",
+                    f"{PY} -c \"import os; print(os.listdir(os.environ['AZ_BATCH_CERTIFICATES_DIR']))\"",
+                )
+            ],
+        )
         counts = await cl.tasks.wait("wi", "job-0000000001", timeout=30)
         assert counts.failed == 0
 
@@ -129,23 +156,50 @@ async def _no_pool(cl, name: str) -> bool:
     return name not in [p.name for p in await cl.pools.list()]
 
 
-async def test_bad_certificates_are_refused_and_nothing_is_stored(nursery, tmp_path, pfx_cert, cer_cert):
+async def test_bad_certificates_are_refused_and_nothing_is_stored(
+    nursery, tmp_path, pfx_cert, cer_cert
+):
     pfx_thumb, pfx_data = pfx_cert
     cer_thumb, cer_data = cer_cert
     async with cluster_ctx(nursery, tmp_path, agents=0) as c:
         cl = c.client
         cases = [
-            (dict(thumbprint=pfx_thumb, data_b64=pfx_data, password="wrong"), "InvalidCertificatePassword"),
-            (dict(thumbprint=cer_thumb, data_b64=pfx_data, password=PASSWORD), "ThumbprintMismatch"),
+            (
+                dict(thumbprint=pfx_thumb, data_b64=pfx_data, password="wrong"),
+                "InvalidCertificatePassword",
+            ),
+            (
+                dict(thumbprint=cer_thumb, data_b64=pfx_data, password=PASSWORD),
+                "ThumbprintMismatch",
+            ),
             (dict(thumbprint=pfx_thumb, data_b64=pfx_data), "MissingPassword"),
-            (dict(thumbprint=cer_thumb, data_b64=cer_data, certificate_format="cer", password="x"),
-             "PasswordNotAllowedForCer"),
-            (dict(thumbprint=cer_thumb, data_b64="!!not base64!!", certificate_format="cer"),
-             "InvalidCertificateData"),
-            (dict(thumbprint="xyz", data_b64=cer_data, certificate_format="cer"), "InvalidThumbprint"),
-            (dict(thumbprint=cer_thumb, data_b64=cer_data, certificate_format="p7b"), "InvalidCertificateFormat"),
-            (dict(thumbprint=cer_thumb, data_b64=cer_data, certificate_format="cer", thumbprint_algorithm="md5"),
-             "InvalidThumbprintAlgorithm"),
+            (
+                dict(
+                    thumbprint=cer_thumb, data_b64=cer_data, certificate_format="cer", password="x"
+                ),
+                "PasswordNotAllowedForCer",
+            ),
+            (
+                dict(thumbprint=cer_thumb, data_b64="!!not base64!!", certificate_format="cer"),
+                "InvalidCertificateData",
+            ),
+            (
+                dict(thumbprint="xyz", data_b64=cer_data, certificate_format="cer"),
+                "InvalidThumbprint",
+            ),
+            (
+                dict(thumbprint=cer_thumb, data_b64=cer_data, certificate_format="p7b"),
+                "InvalidCertificateFormat",
+            ),
+            (
+                dict(
+                    thumbprint=cer_thumb,
+                    data_b64=cer_data,
+                    certificate_format="cer",
+                    thumbprint_algorithm="md5",
+                ),
+                "InvalidThumbprintAlgorithm",
+            ),
         ]
         for kwargs, code in cases:
             with pytest.raises(BatchError) as ei:
@@ -159,7 +213,9 @@ async def test_bad_certificates_are_refused_and_nothing_is_stored(nursery, tmp_p
         assert (ei.value.status, ei.value.code) == (409, "CertificateExists")
         for name in ("nodash", "md5-" + cer_thumb, "sha1-zz"):
             with pytest.raises(BatchError) as ei:
-                await cl.certificates.get(name.split("-")[-1], name.split("-")[0] if "-" in name else "")
+                await cl.certificates.get(
+                    name.split("-")[-1], name.split("-")[0] if "-" in name else ""
+                )
             assert ei.value.status == 400, name
         with pytest.raises(BatchError) as ei:
             await cl.certificates.delete("ab" * 20)
@@ -167,7 +223,8 @@ async def test_bad_certificates_are_refused_and_nothing_is_stored(nursery, tmp_p
 
 
 async def test_wrong_password_on_the_tvm_marks_its_install_failed_and_agent_keeps_running(
-        nursery, tmp_path, pfx_cert, cer_cert):
+    nursery, tmp_path, pfx_cert, cer_cert
+):
     """The coordinator validates passwords, so a pfx that fails on a TVM cannot come through REST;
     the test puts a wrong password straight into the coordinator's memory to get one there."""
     pfx_thumb, pfx_data = pfx_cert
@@ -177,7 +234,9 @@ async def test_wrong_password_on_the_tvm_marks_its_install_failed_and_agent_keep
         await cl.certificates.add(pfx_thumb, pfx_data, password=PASSWORD)
         await cl.certificates.add(cer_thumb, cer_data, certificate_format="cer")
         rec = c.rc.service.core.certificates[f"sha1-{pfx_thumb}"]
-        c.rc.service.core.certificates[f"sha1-{pfx_thumb}"] = msgspec.structs.replace(rec, password="not-it")
+        c.rc.service.core.certificates[f"sha1-{pfx_thumb}"] = msgspec.structs.replace(
+            rec, password="not-it"
+        )
         refs = [{"thumbprint": pfx_thumb}, {"thumbprint": cer_thumb}]
         await c.pool_with_tvms("p", 1, certificate_references=refs)
         tvm = (await cl.tvms.list("p"))[0]
@@ -185,7 +244,9 @@ async def test_wrong_password_on_the_tvm_marks_its_install_failed_and_agent_keep
         assert tvm.cert_errors[0].startswith(f"sha1-{pfx_thumb}:")
         assert "password" in tvm.cert_errors[0]
         certs = os.path.join(c.agents[0].root, "certs")
-        assert sorted(os.listdir(certs)) == [f"sha1-{cer_thumb}.cer"]  # the good one still installed
+        assert sorted(os.listdir(certs)) == [
+            f"sha1-{cer_thumb}.cer"
+        ]  # the good one still installed
         await cl.workitems.add("wi", "p")
         await cl.tasks.add_many("wi", "job-0000000001", [task_spec("t", f"{PY} -c pass")])
         assert (await cl.tasks.wait("wi", "job-0000000001", timeout=30)).failed == 0

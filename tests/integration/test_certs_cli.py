@@ -24,26 +24,46 @@ def _files(tmp) -> tuple[str, str, str, str]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cli-test")])
     now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
-            .not_valid_after(now + dt.timedelta(days=3)).sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=3))
+        .sign(key, hashes.SHA256())
+    )
     pfx, cer = os.path.join(tmp, "a.pfx"), os.path.join(tmp, "a.cer")
     with open(pfx, "wb") as f:
-        f.write(pkcs12.serialize_key_and_certificates(b"k", key, cert, None,
-                                                      serialization.BestAvailableEncryption(b"cli-pw")))
+        f.write(
+            pkcs12.serialize_key_and_certificates(
+                b"k", key, cert, None, serialization.BestAvailableEncryption(b"cli-pw")
+            )
+        )
     with open(cer, "wb") as f:
         f.write(cert.public_bytes(serialization.Encoding.DER))
     return pfx, cer, cert.fingerprint(hashes.SHA1()).hex(), "cli-pw"
 
 
 def _tvm(c, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    e = agent_env({"TVM_ENDPOINT": c.rc.endpoint, "TVM_ACCOUNT": c.rc.account, "TVM_KEY": c.rc.key, **(env or {})})
-    return subprocess.run([TVM, *args], capture_output=True, text=True, timeout=60, env=e, stdin=subprocess.DEVNULL)
+    e = agent_env(
+        {
+            "TVM_ENDPOINT": c.rc.endpoint,
+            "TVM_ACCOUNT": c.rc.account,
+            "TVM_KEY": c.rc.key,
+            **(env or {}),
+        }
+    )
+    return subprocess.run(
+        [TVM, *args], capture_output=True, text=True, timeout=60, env=e, stdin=subprocess.DEVNULL
+    )
 
 
 async def test_cert_cli_add_list_show_delete(nursery, tmp_path):
     pfx, cer, thumb, pw = _files(str(tmp_path))
     async with cluster_ctx(nursery, tmp_path) as c:
+
         def work() -> None:
             bad = _tvm(c, "cert", "add", pfx, env={"TVM_CERT_PASSWORD": "wrong"})
             assert bad.returncode != 0

@@ -28,9 +28,12 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-async def tvm(*args: str, env: dict[str, str], stdin: bytes = b"", ok: bool = True) -> subprocess.CompletedProcess:
-    r = await trio.run_process([*TVM, *args], env=env, stdin=stdin, capture_stdout=True, capture_stderr=True,
-                               check=False)
+async def tvm(
+    *args: str, env: dict[str, str], stdin: bytes = b"", ok: bool = True
+) -> subprocess.CompletedProcess:
+    r = await trio.run_process(
+        [*TVM, *args], env=env, stdin=stdin, capture_stdout=True, capture_stderr=True, check=False
+    )
     if ok:
         assert r.returncode == 0, (args, r.returncode, r.stdout.decode(), r.stderr.decode())
     return r
@@ -92,11 +95,16 @@ def test_every_resource_command_offers_output_json():
         cmd: Any = cli
         for p in path:
             cmd = cmd.commands[p]
-        if isinstance(cmd, click.Group) or path == ["file", "get"]:  # file get writes the file's bytes
+        if isinstance(cmd, click.Group) or path == [
+            "file",
+            "get",
+        ]:  # file get writes the file's bytes
             continue
         if "output" not in {p.name for p in cmd.params}:
             missing.append(" ".join(path))
-    assert missing == [], f"issue 3 asks for --output json on every command; these lack it: {missing}"
+    assert missing == [], (
+        f"issue 3 asks for --output json on every command; these lack it: {missing}"
+    )
 
 
 # ---------------------------------------------------------------------------- credentials
@@ -109,19 +117,32 @@ async def test_missing_credentials_clear_message_and_exit_code(tmp_path):
     for var in ("TVM_ENDPOINT", "TVM_ACCOUNT", "TVM_KEY"):
         assert var in err
     assert "Traceback" not in err
-    r = await tvm("pool", "list", env=_env({"TVM_ENDPOINT": "http://127.0.0.1:9", "TVM_ACCOUNT": "a"}), ok=False)
+    r = await tvm(
+        "pool",
+        "list",
+        env=_env({"TVM_ENDPOINT": "http://127.0.0.1:9", "TVM_ACCOUNT": "a"}),
+        ok=False,
+    )
     assert r.returncode != 0
     assert "TVM_KEY" in r.stderr.decode()
     assert "TVM_ENDPOINT" not in r.stderr.decode()
     for bad in ("localhost:7070", "http://[::1", "http://127.0.0.1:99999"):
-        r = await tvm("pool", "list", env=_env({"TVM_ENDPOINT": bad, "TVM_ACCOUNT": "a", "TVM_KEY": "aGVsbG8="}),
-                      ok=False)
+        r = await tvm(
+            "pool",
+            "list",
+            env=_env({"TVM_ENDPOINT": bad, "TVM_ACCOUNT": "a", "TVM_KEY": "aGVsbG8="}),
+            ok=False,
+        )
         assert r.returncode == 1
         assert "endpoint" in r.stderr.decode()
         assert "Traceback" not in r.stderr.decode()
     # Nothing listens there: a clear connection error, not a traceback.
-    r = await tvm("pool", "list", env=_env({"TVM_ENDPOINT": "http://127.0.0.1:9", "TVM_ACCOUNT": "a",
-                                            "TVM_KEY": "aGVsbG8="}), ok=False)
+    r = await tvm(
+        "pool",
+        "list",
+        env=_env({"TVM_ENDPOINT": "http://127.0.0.1:9", "TVM_ACCOUNT": "a", "TVM_KEY": "aGVsbG8="}),
+        ok=False,
+    )
     assert r.returncode == 1
     assert "ConnectionFailed" in r.stderr.decode()
     assert "Traceback" not in r.stderr.decode()
@@ -135,7 +156,9 @@ PRINT_ENV = "import os; print(os.environ['WATASK_TASK_NAME'], os.environ.get('GR
 
 async def test_cli_end_to_end(nursery, tmp_path):
     async with cluster_ctx(nursery, tmp_path, agents=1, heartbeat_timeout=5) as c:
-        env = _env({"TVM_ENDPOINT": c.rc.endpoint, "TVM_ACCOUNT": c.rc.account, "TVM_KEY": c.rc.key})
+        env = _env(
+            {"TVM_ENDPOINT": c.rc.endpoint, "TVM_ACCOUNT": c.rc.account, "TVM_KEY": c.rc.key}
+        )
 
         # Wrong key: the service's code, exit 1, no traceback.
         bad = dict(env, TVM_KEY="d3Jvbmc=")
@@ -145,14 +168,30 @@ async def test_cli_end_to_end(nursery, tmp_path):
         assert "Traceback" not in r.stderr.decode()
 
         # Pools and TVMs.
-        p = await tvm_json("pool", "add", "p", "--target", "1", "--max-tasks-per-vm", "2", "--vm-size", "medium",
-                           "--fill", "pack", env=env)
+        p = await tvm_json(
+            "pool",
+            "add",
+            "p",
+            "--target",
+            "1",
+            "--max-tasks-per-vm",
+            "2",
+            "--vm-size",
+            "medium",
+            "--fill",
+            "pack",
+            env=env,
+        )
         assert (p["name"], p["maxTasksPerVM"], p["tvmFillType"]) == ("p", 2, "pack")
         await c.wait_for(lambda: c._idle("p", 1), what="an idle TVM")
         plist, ptable, pshow, tvms, tvm_table, missing = await together(
-            tvm_json("pool", "list", env=env), tvm("pool", "list", env=env), tvm_json("pool", "show", "p", env=env),
-            tvm_json("tvm", "list", "p", env=env), tvm("tvm", "list", "p", env=env),
-            tvm("pool", "show", "nope", env=env, ok=False))
+            tvm_json("pool", "list", env=env),
+            tvm("pool", "list", env=env),
+            tvm_json("pool", "show", "p", env=env),
+            tvm_json("tvm", "list", "p", env=env),
+            tvm("tvm", "list", "p", env=env),
+            tvm("pool", "show", "nope", env=env, ok=False),
+        )
         assert [x["name"] for x in plist] == ["p"]
         assert "p" in ptable.stdout.decode()  # table
         assert pshow["targetDedicated"] == 1
@@ -166,9 +205,12 @@ async def test_cli_end_to_end(nursery, tmp_path):
         wi = await tvm_json("workitem", "add", "wi", "--pool", "p", "--priority", "5", env=env)
         assert wi["name"] == "wi"
         wlist, wshow, jlist, jtable, jshow = await together(
-            tvm_json("workitem", "list", env=env), tvm_json("workitem", "show", "wi", env=env),
-            tvm_json("job", "list", "wi", env=env), tvm("job", "list", "wi", env=env),
-            tvm_json("job", "show", "wi", JOB, env=env))
+            tvm_json("workitem", "list", env=env),
+            tvm_json("workitem", "show", "wi", env=env),
+            tvm_json("job", "list", "wi", env=env),
+            tvm("job", "list", "wi", env=env),
+            tvm_json("job", "show", "wi", JOB, env=env),
+        )
         assert [w["name"] for w in wlist] == ["wi"]
         assert wshow["priority"] == 5
         assert [j["name"] for j in jlist] == [JOB]
@@ -176,21 +218,51 @@ async def test_cli_end_to_end(nursery, tmp_path):
         assert jshow["state"] == "active"
 
         # Tasks: one by one and many from stdin (plain lines and JSON lines).
-        cmd = f"{sys.executable} -c \"{PRINT_ENV}\""
-        assert await tvm_json("task", "add", "wi", JOB, "t1", cmd, "--env", "GREETING=hello", env=env) == {
-            "added": "t1"}
-        lines = "\n".join([
-            cmd,
-            f"{sys.executable} -c \"import sys; sys.exit(3)\"",
-            json.dumps({"name": "fromjson", "commandLine": cmd}),
-        ]).encode()
-        results = await tvm_json("task", "add-many", "wi", JOB, "--prefix", "m", env=env, stdin=lines)
+        cmd = f'{sys.executable} -c "{PRINT_ENV}"'
+        assert await tvm_json(
+            "task", "add", "wi", JOB, "t1", cmd, "--env", "GREETING=hello", env=env
+        ) == {"added": "t1"}
+        lines = "\n".join(
+            [
+                cmd,
+                f'{sys.executable} -c "import sys; sys.exit(3)"',
+                json.dumps({"name": "fromjson", "commandLine": cmd}),
+            ]
+        ).encode()
+        results = await tvm_json(
+            "task", "add-many", "wi", JOB, "--prefix", "m", env=env, stdin=lines
+        )
         assert [(x["name"], x["status"]) for x in results] == [
-            ("m-000000", "success"), ("m-000001", "success"), ("fromjson", "success")]
+            ("m-000000", "success"),
+            ("m-000001", "success"),
+            ("fromjson", "success"),
+        ]
         # A refused task in add-many: per-task error on stderr and a non-zero exit code.
         r, r2 = await together(
-            tvm("task", "add-many", "wi", JOB, "--prefix", "m", env=env, stdin=cmd.encode(), ok=False),
-            tvm("task", "add", "wi", JOB, "t9", "true", "--env", "WATASK_TASK_NAME=x", env=env, ok=False))
+            tvm(
+                "task",
+                "add-many",
+                "wi",
+                JOB,
+                "--prefix",
+                "m",
+                env=env,
+                stdin=cmd.encode(),
+                ok=False,
+            ),
+            tvm(
+                "task",
+                "add",
+                "wi",
+                JOB,
+                "t9",
+                "true",
+                "--env",
+                "WATASK_TASK_NAME=x",
+                env=env,
+                ok=False,
+            ),
+        )
         assert r.returncode == 1
         assert "TaskExists" in r.stderr.decode()
         assert r2.returncode == 1
@@ -204,7 +276,20 @@ async def test_cli_end_to_end(nursery, tmp_path):
         counts = await tvm_json("task", "wait", "wi", JOB, env=env, ok=False)
         assert (counts["completed"], counts["failed"]) == (4, 1)
 
-        tlist, done, active, t1, ttable, files, ftable, out, part, _, nofile, badrange = await together(
+        (
+            tlist,
+            done,
+            active,
+            t1,
+            ttable,
+            files,
+            ftable,
+            out,
+            part,
+            _,
+            nofile,
+            badrange,
+        ) = await together(
             tvm_json("task", "list", "wi", JOB, env=env),
             tvm_json("task", "list", "wi", JOB, "--state", "completed", env=env),
             tvm_json("task", "list", "wi", JOB, "--state", "active", env=env),
@@ -214,9 +299,20 @@ async def test_cli_end_to_end(nursery, tmp_path):
             tvm("file", "list", "wi", JOB, "t1", env=env),
             tvm("file", "get", "wi", JOB, "t1", "stdout.txt", env=env),
             tvm("file", "get", "wi", JOB, "t1", "stdout.txt", "--range", "0-1", env=env),
-            tvm("file", "get", "wi", JOB, "fromjson", "stdout.txt", "--dest", str(tmp_path / "copy.txt"), env=env),
+            tvm(
+                "file",
+                "get",
+                "wi",
+                JOB,
+                "fromjson",
+                "stdout.txt",
+                "--dest",
+                str(tmp_path / "copy.txt"),
+                env=env,
+            ),
             tvm("file", "get", "wi", JOB, "t1", "nope.txt", env=env, ok=False),
-            tvm("file", "get", "wi", JOB, "t1", "stdout.txt", "--range", "x", env=env, ok=False))
+            tvm("file", "get", "wi", JOB, "t1", "stdout.txt", "--range", "x", env=env, ok=False),
+        )
         tasks = {t["name"]: t for t in tlist}
         assert set(tasks) == {"t1", "m-000000", "m-000001", "fromjson"}
         assert tasks["m-000001"]["executionInfo"]["exitCode"] == 3
@@ -239,4 +335,6 @@ async def test_cli_end_to_end(nursery, tmp_path):
         assert await tvm_json("task", "delete", "wi", JOB, "t1", env=env) == {"deleted": "t1"}
         assert await tvm_json("workitem", "delete", "wi", env=env) == {"deleted": "wi"}
         assert await tvm_json("pool", "delete", "p", env=env) == {"deleted": "p"}
-        assert await together(tvm_json("workitem", "list", env=env), tvm_json("pool", "list", env=env)) == [[], []]
+        assert await together(
+            tvm_json("workitem", "list", env=env), tvm_json("pool", "list", env=env)
+        ) == [[], []]

@@ -40,8 +40,11 @@ def coordinator(tmp_path) -> Iterator[Background]:
     async def main() -> None:
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as n:
-                rc = await n.start(lambda task_status: run_coordinator(
-                    str(tmp_path / "state"), heartbeat_timeout=5, task_status=task_status))
+                rc = await n.start(
+                    lambda task_status: run_coordinator(
+                        str(tmp_path / "state"), heartbeat_timeout=5, task_status=task_status
+                    )
+                )
                 started.put((rc, trio.lowlevel.current_trio_token(), scope))
 
     def runner() -> None:
@@ -58,10 +61,25 @@ def coordinator(tmp_path) -> Iterator[Background]:
     rc, token, scope = item  # type: ignore[misc]
     bg = Background(rc, token, scope, thread)
     agent = subprocess.Popen(
-        [sys.executable, "-m", "tvmagent", "--coordinator", rc.agent_url, "--root", str(tmp_path / "agent"),
-         "--name", "a0", "--log-level", "warning"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        env=agent_env({"TVM_AGENT_TOKEN": rc.join_token}))
+        [
+            sys.executable,
+            "-m",
+            "tvmagent",
+            "--coordinator",
+            rc.agent_url,
+            "--root",
+            str(tmp_path / "agent"),
+            "--name",
+            "a0",
+            "--log-level",
+            "warning",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=agent_env({"TVM_AGENT_TOKEN": rc.join_token}),
+    )
     try:
         yield bg
     finally:
@@ -85,27 +103,40 @@ async def _scenario(rc: RunningCoordinator) -> None:
                 if [t for t in await client.tvms.list("p") if t.state in ("idle", "running")]:
                     break
                 await anyio.sleep(0.05)
-        results = await client.tasks.add_many("wi", JOB, [
-            task_spec(f"t{i}", f"{sys.executable} -c \"import sys; print({i}); sys.exit({i % 2})\"")
-            for i in range(60)])
+        results = await client.tasks.add_many(
+            "wi",
+            JOB,
+            [
+                task_spec(
+                    f"t{i}", f'{sys.executable} -c "import sys; print({i}); sys.exit({i % 2})"'
+                )
+                for i in range(60)
+            ],
+        )
         assert len(results) == 60
         assert all(r.status == "success" for r in results)
         seen: list[int] = []
-        counts = await client.tasks.wait("wi", JOB, timeout=90, poll=0.1,
-                                         progress=lambda c: seen.append(c.completed))
+        counts = await client.tasks.wait(
+            "wi", JOB, timeout=90, poll=0.1, progress=lambda c: seen.append(c.completed)
+        )
         assert (counts.completed, counts.failed) == (60, 30)
         assert seen[-1] == 60
         # Concurrent requests on one client.
         pools, job, t7 = await gather(
-            client.pools.list(), client.jobs.get("wi", JOB), client.tasks.get("wi", JOB, "t7"))
+            client.pools.list(), client.jobs.get("wi", JOB), client.tasks.get("wi", JOB, "t7")
+        )
         assert [p.name for p in pools] == ["p"]
         assert job.task_counts.completed == 60
         assert t7.execution_info.exit_code == 1
         assert await client.files.get_from_task("wi", JOB, "t7", "stdout.txt") == b"7\n"
         # A file name that needs percent-encoding (and holds a '%') comes back byte for byte.
-        await client.tasks.add("wi", JOB, "odd", f"{sys.executable} -c \"open('a%41 b.txt', 'w').write('x')\"")
+        await client.tasks.add(
+            "wi", JOB, "odd", f"{sys.executable} -c \"open('a%41 b.txt', 'w').write('x')\""
+        )
         await client.tasks.wait("wi", JOB, timeout=30, poll=0.1)
-        names = {f.name for f in await client.files.list_from_task("wi", JOB, "odd", recursive=True)}
+        names = {
+            f.name for f in await client.files.list_from_task("wi", JOB, "odd", recursive=True)
+        }
         assert "wd/a%41 b.txt" in names
         assert await client.files.get_from_task("wi", JOB, "odd", "wd/a%41 b.txt") == b"x"
         with pytest.raises(BatchError) as e:
@@ -140,7 +171,9 @@ def test_async_client_plain_asyncio_run(coordinator):
     """Without anyio.run: a user's own asyncio.run() program."""
 
     async def main() -> list[str]:
-        async with AsyncClient(coordinator.rc.endpoint, coordinator.rc.account, coordinator.rc.key) as c:
+        async with AsyncClient(
+            coordinator.rc.endpoint, coordinator.rc.account, coordinator.rc.key
+        ) as c:
             await asyncio.gather(*(c.pools.add(f"p{i}") for i in range(5)))
             return sorted(p.name for p in await c.pools.list())
 

@@ -20,22 +20,41 @@ def test_sigkill_coordinator_loses_nothing_and_runs_nothing_twice(tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir()
     port = free_port()
-    coord, env = start_coordinator_process(state, port, str(tmp_path / "coord.log"), "--heartbeat-timeout", "15")
+    coord, env = start_coordinator_process(
+        state, port, str(tmp_path / "coord.log"), "--heartbeat-timeout", "15"
+    )
     agents: list[subprocess.Popen[bytes]] = []
     try:
         for i in range(2):
             root = tmp_path / f"agent{i}"
             root.mkdir()
             log = open(tmp_path / f"agent{i}.log", "ab")  # noqa: SIM115
-            agents.append(subprocess.Popen(
-                [sys.executable, "-m", "tvmagent", "--coordinator", env["TVM_ENDPOINT"], "--root", str(root),
-                 "--name", f"a{i}"],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
-                env=agent_env({"TVM_AGENT_TOKEN": env["TVM_JOIN_TOKEN"]})))
+            agents.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "tvmagent",
+                        "--coordinator",
+                        env["TVM_ENDPOINT"],
+                        "--root",
+                        str(root),
+                        "--name",
+                        f"a{i}",
+                    ],
+                    stdout=log,
+                    stderr=log,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    env=agent_env({"TVM_AGENT_TOKEN": env["TVM_JOIN_TOKEN"]}),
+                )
+            )
             log.close()
         client = Client(env["TVM_ENDPOINT"], env["TVM_ACCOUNT"], env["TVM_KEY"])
         client.pools.add("p", target_dedicated=2, max_tasks_per_vm=2, vm_size="medium")
-        wait_sync(lambda: sum(t.state == "idle" for t in client.tvms.list("p")) == 2, 30, "2 idle TVMs")
+        wait_sync(
+            lambda: sum(t.state == "idle" for t in client.tvms.list("p")) == 2, 30, "2 idle TVMs"
+        )
         client.workitems.add("wi", "p")
         job = "job-0000000001"
 
@@ -52,7 +71,9 @@ def test_sigkill_coordinator_loses_nothing_and_runs_nothing_twice(tmp_path):
         coord.send_signal(signal.SIGKILL)
         coord.wait()
         time.sleep(2.5)  # running tasks finish while the coordinator is down
-        coord, env2 = start_coordinator_process(state, port, str(tmp_path / "coord2.log"), "--heartbeat-timeout", "15")
+        coord, env2 = start_coordinator_process(
+            state, port, str(tmp_path / "coord2.log"), "--heartbeat-timeout", "15"
+        )
         assert env2["TVM_KEY"] == env["TVM_KEY"]
         assert env2["TVM_ACCOUNT"] == env["TVM_ACCOUNT"]
         client = Client(env["TVM_ENDPOINT"], env["TVM_ACCOUNT"], env["TVM_KEY"])
@@ -76,5 +97,3 @@ def test_sigkill_coordinator_loses_nothing_and_runs_nothing_twice(tmp_path):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-
-

@@ -51,13 +51,35 @@ def nobody_dir() -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _up(python: str, state: str, err: str, *extra: str) -> tuple[subprocess.Popen[str], dict[str, str]]:
+def _up(
+    python: str, state: str, err: str, *extra: str
+) -> tuple[subprocess.Popen[str], dict[str, str]]:
     env = {"PYTHONPATH": f"{REPO}:{SITE}", "PATH": os.environ.get("PATH", ""), "HOME": "/tmp"}
     errf = open(err, "w")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen([*NOBODY, python, "-m", "coordinator.cli", "up", "--port", "0", "--agents", "1",
-                             "--state-dir", state, "--heartbeat-timeout", "5", *extra],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errf, text=True, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            *NOBODY,
+            python,
+            "-m",
+            "coordinator.cli",
+            "up",
+            "--port",
+            "0",
+            "--agents",
+            "1",
+            "--state-dir",
+            state,
+            "--heartbeat-timeout",
+            "5",
+            *extra,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=errf,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     errf.close()
     assert proc.stdout is not None
     ex = {}
@@ -107,7 +129,9 @@ def test_an_unprivileged_tvm_up_says_its_tasks_are_not_isolated(nobody_dir: str)
     try:
         with Client(ex["TVM_ENDPOINT"], ex["TVM_ACCOUNT"], ex["TVM_KEY"], timeout=10) as c:
             c.pools.add("p", target_dedicated=1)
-            tvm = _wait(lambda: [t for t in c.tvms.list("p") if t.state == "idle"], what="an idle TVM")[0]
+            tvm = _wait(
+                lambda: [t for t in c.tvms.list("p") if t.state == "idle"], what="an idle TVM"
+            )[0]
             modes = c.tvms.get("p", tvm.name).degraded_modes
             assert any(m.startswith("isolation-off: the agent is not root") for m in modes), modes
             c.workitems.add("wi", "p")
@@ -115,12 +139,23 @@ def test_an_unprivileged_tvm_up_says_its_tasks_are_not_isolated(nobody_dir: str)
             assert c.tasks.wait("wi", "job-0000000001", timeout=60).succeeded == 1
             assert c.files.get_from_task("wi", "job-0000000001", "who", "stdout.txt") == b"nobody\n"
         # tvm up's own output says it, per agent.
-        _wait(lambda: "WARNING: agent local-0 is degraded: isolation-off" in _read(err), 30, "the warning")
+        _wait(
+            lambda: "WARNING: agent local-0 is degraded: isolation-off" in _read(err),
+            30,
+            "the warning",
+        )
         # tvm status says it per TVM.
-        st = subprocess.run([sys.executable, "-m", "coordinator.cli", "status"], capture_output=True, text=True,
-                            timeout=60, env={**os.environ, **ex, "PYTHONPATH": REPO, "COLUMNS": "200"})
+        st = subprocess.run(
+            [sys.executable, "-m", "coordinator.cli", "status"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, **ex, "PYTHONPATH": REPO, "COLUMNS": "200"},
+        )
         assert st.returncode == 0, st.stderr
-        assert f"DEGRADED p/{tvm.name}: isolation-off: the agent is not root" in st.stdout, st.stdout
+        assert f"DEGRADED p/{tvm.name}: isolation-off: the agent is not root" in st.stdout, (
+            st.stdout
+        )
     finally:
         _stop(proc)
 
@@ -129,12 +164,19 @@ def test_an_unprivileged_tvm_up_says_its_tasks_are_not_isolated(nobody_dir: str)
     proc, ex = _up(python, state, err, "--accept-degraded")
     try:
         with Client(ex["TVM_ENDPOINT"], ex["TVM_ACCOUNT"], ex["TVM_KEY"], timeout=10) as c:
-            tvm = _wait(lambda: [t for t in c.tvms.list("p") if t.state == "idle" and t.degraded_modes],
-                        what="the TVM back, with its degraded modes")[0]
+            tvm = _wait(
+                lambda: [t for t in c.tvms.list("p") if t.state == "idle" and t.degraded_modes],
+                what="the TVM back, with its degraded modes",
+            )[0]
             assert any(m.startswith("isolation-off") for m in tvm.degraded_modes)
             c.tasks.add("wi", "job-0000000001", "who2", "id -un")
-            _wait(lambda: c.tasks.get("wi", "job-0000000001", "who2").state == "completed", what="who2")
-            assert c.files.get_from_task("wi", "job-0000000001", "who2", "stdout.txt") == b"nobody\n"
+            _wait(
+                lambda: c.tasks.get("wi", "job-0000000001", "who2").state == "completed",
+                what="who2",
+            )
+            assert (
+                c.files.get_from_task("wi", "job-0000000001", "who2", "stdout.txt") == b"nobody\n"
+            )
         time.sleep(1.0)  # the warning loop runs every 0.5 s: give it the chance to (wrongly) speak
         assert "WARNING" not in _read(err), _read(err)
     finally:

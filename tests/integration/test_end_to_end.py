@@ -14,9 +14,17 @@ SCRIPT = (
     "print('err', file=sys.stderr); sys.exit(int(sys.argv[1]) % 7)"
 )
 
-SEED_VARS = ["WATASK_ACCOUNT_NAME", "WATASK_WORKITEM_NAME", "WATASK_JOB_NAME", "WATASK_TASK_NAME",
-             "WATASK_POOL_NAME", "WATASK_TVM_NAME", "WATASK_TVM_ROOT_DIR", "WATASK_PORTRANGE_LOW",
-             "WATASK_PORTRANGE_HIGH"]
+SEED_VARS = [
+    "WATASK_ACCOUNT_NAME",
+    "WATASK_WORKITEM_NAME",
+    "WATASK_JOB_NAME",
+    "WATASK_TASK_NAME",
+    "WATASK_POOL_NAME",
+    "WATASK_TVM_NAME",
+    "WATASK_TVM_ROOT_DIR",
+    "WATASK_PORTRANGE_LOW",
+    "WATASK_PORTRANGE_HIGH",
+]
 
 
 async def test_two_hundred_tasks_on_two_agents(nursery, tmp_path):
@@ -24,7 +32,7 @@ async def test_two_hundred_tasks_on_two_agents(nursery, tmp_path):
         await c.pool_with_tvms("p1", 2, max_tasks_per_vm=2, vm_size="medium")
         await c.client.workitems.add("wi", "p1")
         job = "job-0000000001"
-        specs = [task_spec(f"t{i:03d}", f"{sys.executable} -c \"{SCRIPT}\" {i}") for i in range(200)]
+        specs = [task_spec(f"t{i:03d}", f'{sys.executable} -c "{SCRIPT}" {i}') for i in range(200)]
         results = await c.client.tasks.add_many("wi", job, specs)
         assert all(r.status == "success" for r in results)
         counts = await c.client.tasks.wait("wi", job, timeout=120)
@@ -59,7 +67,9 @@ async def test_two_hundred_tasks_on_two_agents(nursery, tmp_path):
             names = {f.name for f in await c.client.files.list_from_tvm("p1", tvm)}
             assert {"shared", "start", "tasks"} <= names
         # byte range of a task file
-        part = await c.client.files.get_from_task("wi", job, "t000", "stderr.txt", byte_range=(0, 1))
+        part = await c.client.files.get_from_task(
+            "wi", job, "t000", "stderr.txt", byte_range=(0, 1)
+        )
         assert part == b"er"
 
 
@@ -82,7 +92,9 @@ async def _running(c):
 async def test_wrong_join_token_is_refused_and_server_keeps_serving(nursery, tmp_path):
     async with cluster_ctx(nursery, tmp_path) as c:
         bad = c.start_agent("intruder", token="not-the-token")
-        await c.wait_for(lambda: bad.proc.poll() is not None, timeout=20, what="refused agent to exit")
+        await c.wait_for(
+            lambda: bad.proc.poll() is not None, timeout=20, what="refused agent to exit"
+        )
         assert bad.proc.returncode == 2
         assert "InvalidJoinToken" in bad.log_text()
         good = c.start_agent("good")

@@ -10,12 +10,29 @@ J1 = "job-0000000001"
 
 async def test_workitem_and_job_commands(nursery, tmp_path):
     async with cluster_ctx(nursery, tmp_path, agents=0, heartbeat_timeout=2.0) as c:
-        env = _env({"TVM_ENDPOINT": c.rc.endpoint, "TVM_ACCOUNT": c.rc.account, "TVM_KEY": c.rc.key})
-        bad = await tvm("workitem", "add", "wi", "--pool", "p", "--recurrence", "PT30S", env=env, ok=False)
+        env = _env(
+            {"TVM_ENDPOINT": c.rc.endpoint, "TVM_ACCOUNT": c.rc.account, "TVM_KEY": c.rc.key}
+        )
+        bad = await tvm(
+            "workitem", "add", "wi", "--pool", "p", "--recurrence", "PT30S", env=env, ok=False
+        )
         assert bad.returncode != 0
         assert b"recurrenceInterval must be at least 1 minute" in bad.stderr + bad.stdout
-        wi = await tvm_json("workitem", "add", "wi", "--pool", "p", "--priority", "5", "--job-manager",
-                            "/bin/true", "--no-kill-job-on-completion", "--max-wall-clock", "PT1H", env=env)
+        wi = await tvm_json(
+            "workitem",
+            "add",
+            "wi",
+            "--pool",
+            "p",
+            "--priority",
+            "5",
+            "--job-manager",
+            "/bin/true",
+            "--no-kill-job-on-completion",
+            "--max-wall-clock",
+            "PT1H",
+            env=env,
+        )
         assert wi["jobManager"]["killJobOnCompletion"] is False
         job = await tvm_json("job", "update", "wi", J1, "--priority", "700", env=env)
         assert job["priority"] == 700

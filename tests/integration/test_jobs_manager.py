@@ -41,10 +41,16 @@ async def test_job_manager_adds_50_tasks_and_job_completes_when_done(nursery, tm
     async with cluster_ctx(nursery, tmp_path, agents=2, heartbeat_timeout=2.0) as c:
         await c.pool_with_tvms("p", 2, max_tasks_per_vm=2, vm_size="medium")
         await c.client.workitems.add("other", "p")
-        jm = m.JobManager(name="manager", command_line=f"{sys.executable} {script}", kill_job_on_completion=False)
-        await c.client.workitems.add("wi", "p", job_manager=jm, on_all_tasks_complete="terminatejob",
-                                     common_environment_settings=[m.EnvironmentSetting(name="PYTHONPATH",
-                                                                                        value=REPO)])
+        jm = m.JobManager(
+            name="manager", command_line=f"{sys.executable} {script}", kill_job_on_completion=False
+        )
+        await c.client.workitems.add(
+            "wi",
+            "p",
+            job_manager=jm,
+            on_all_tasks_complete="terminatejob",
+            common_environment_settings=[m.EnvironmentSetting(name="PYTHONPATH", value=REPO)],
+        )
 
         async def job_done() -> bool:
             return (await c.client.jobs.get("wi", J1)).state == "completed"
@@ -53,13 +59,18 @@ async def test_job_manager_adds_50_tasks_and_job_completes_when_done(nursery, tm
         job = await c.client.jobs.get("wi", J1)
         assert job.execution_info.terminate_reason == "AllTasksComplete"
         assert job.task_counts.completed == 51
-        assert job.task_counts.succeeded == 51, await c.client.files.get_from_task("wi", J1, "manager", "stderr.txt")
+        assert job.task_counts.succeeded == 51, await c.client.files.get_from_task(
+            "wi", J1, "manager", "stderr.txt"
+        )
         out = json.loads(await c.client.files.get_from_task("wi", J1, "manager", "stdout.txt"))
         assert out["added"] == 50
         assert out["token"] is True
         assert out["env"]["TVM_ENDPOINT"] == c.rc.endpoint == out["env"]["AZ_BATCH_ACCOUNT_URL"]
         assert out["env"]["TVM_ACCOUNT"] == c.rc.account
-        assert out["other"] == [403, "AuthorizationFailure"]  # the credential is scoped to its own job
+        assert out["other"] == [
+            403,
+            "AuthorizationFailure",
+        ]  # the credential is scoped to its own job
         assert out["pools"] == [403, "AuthorizationFailure"]
         # runExclusive: nothing else ran on the manager's TVM while it ran (it ran first).
         tasks = await c.client.tasks.list("wi", J1)
@@ -70,18 +81,23 @@ async def test_job_manager_adds_50_tasks_and_job_completes_when_done(nursery, tm
 
 
 async def test_killing_the_managers_agent_restarts_it_elsewhere_first(nursery, tmp_path):
-    sleep = f"{sys.executable} -c \"import time; time.sleep(120)\""
+    sleep = f'{sys.executable} -c "import time; time.sleep(120)"'
     async with cluster_ctx(nursery, tmp_path, agents=2, heartbeat_timeout=1.0) as c:
         await c.pool_with_tvms("p", 2)
-        await c.client.workitems.add("wi", "p", job_manager=m.JobManager(name="manager", command_line=sleep))
-        await c.client.tasks.add_collection("wi", J1, [m.TaskAdd(name=f"t{i}", command_line=sleep)
-                                                       for i in range(3)])
+        await c.client.workitems.add(
+            "wi", "p", job_manager=m.JobManager(name="manager", command_line=sleep)
+        )
+        await c.client.tasks.add_collection(
+            "wi", J1, [m.TaskAdd(name=f"t{i}", command_line=sleep) for i in range(3)]
+        )
 
         async def task(name: str) -> m.Task:
             return await c.client.tasks.get("wi", J1, name)
 
         async def placed() -> bool:
-            return (await task("manager")).state == "running" and (await task("t0")).state == "running"
+            return (await task("manager")).state == "running" and (
+                await task("t0")
+            ).state == "running"
 
         await c.wait_for(placed, timeout=30, what="manager and t0 running")
         first_tvm = (await task("manager")).tvm_info.tvm_name

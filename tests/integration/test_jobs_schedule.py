@@ -33,8 +33,11 @@ async def test_one_minute_recurrence_creates_job_1_2_3_then_completes(nursery, t
     async with cluster_ctx(nursery, tmp_path, agents=0, heartbeat_timeout=1.0, clock=clock) as c:
         start = clock()
         await c.client.workitems.add(
-            "every-minute", "nopool", on_all_tasks_complete="terminatejob",
-            schedule=m.Schedule(recurrence_interval="PT1M", do_not_run_after=rfc3339(start + 150)))
+            "every-minute",
+            "nopool",
+            on_all_tasks_complete="terminatejob",
+            schedule=m.Schedule(recurrence_interval="PT1M", do_not_run_after=rfc3339(start + 150)),
+        )
 
         async def names() -> list[str]:
             return sorted(j.name for j in await c.client.jobs.list("every-minute"))
@@ -48,12 +51,18 @@ async def test_one_minute_recurrence_creates_job_1_2_3_then_completes(nursery, t
         await c.wait_for(lambda: completed(1), timeout=10, what="job 1 completed")
         for n in (2, 3):
             clock.offset += 61
-            await c.wait_for(lambda n=n: completed(n), timeout=10, what=f"job {n} created and completed")
+            await c.wait_for(
+                lambda n=n: completed(n), timeout=10, what=f"job {n} created and completed"
+            )
         assert await names() == [J1, "job-0000000002", "job-0000000003"]
         jobs = {j.name: j for j in await c.client.jobs.list("every-minute")}
         assert all(j.state == "completed" for j in jobs.values())
         assert jobs[J1].execution_info.terminate_reason == "AllTasksComplete"
-        assert jobs[J1].creation_time < jobs["job-0000000002"].creation_time < jobs["job-0000000003"].creation_time
+        assert (
+            jobs[J1].creation_time
+            < jobs["job-0000000002"].creation_time
+            < jobs["job-0000000003"].creation_time
+        )
 
         async def wi_done() -> bool:
             return (await c.client.workitems.get("every-minute")).state == "completed"
@@ -71,12 +80,16 @@ async def test_priority_500_job_starts_before_earlier_priority_0_job(nursery, tm
     async with cluster_ctx(nursery, tmp_path, agents=1, heartbeat_timeout=2.0) as c:
         await c.pool_with_tvms("p", 1)
         await c.client.workitems.add("block", "p", priority=1000)
-        await c.client.tasks.add("block", J1, "blocker", f"{py} -c \"import time; time.sleep(2)\"")
+        await c.client.tasks.add("block", J1, "blocker", f'{py} -c "import time; time.sleep(2)"')
         await c.wait_for(lambda: _state(c, "block", "blocker", "running"), what="blocker running")
         await c.client.workitems.add("low", "p", priority=0)
-        await c.client.tasks.add_collection("low", J1, [task_spec(f"l{i}", f"{py} -c pass") for i in range(2)])
+        await c.client.tasks.add_collection(
+            "low", J1, [task_spec(f"l{i}", f"{py} -c pass") for i in range(2)]
+        )
         await c.client.workitems.add("high", "p", priority=500)
-        await c.client.tasks.add_collection("high", J1, [task_spec(f"h{i}", f"{py} -c pass") for i in range(2)])
+        await c.client.tasks.add_collection(
+            "high", J1, [task_spec(f"h{i}", f"{py} -c pass") for i in range(2)]
+        )
         # PATCH: a third job raised above both while waiting goes first of all.
         await c.client.workitems.add("late", "p")
         await c.client.tasks.add("late", J1, "z0", f"{py} -c pass")
@@ -101,22 +114,33 @@ async def test_job_operations_and_bad_input(nursery, tmp_path):
         await c.pool_with_tvms("p", 1)
         cl = c.client
         # Bad input: clear errors, nothing stored.
-        for kw, field in [({"priority": 1001}, "priority"),
-                          ({"schedule": m.Schedule(recurrence_interval="PT30S")}, "schedule.recurrenceInterval"),
-                          ({"schedule": m.Schedule(do_not_run_until="2030-01-02T00:00:00Z",
-                                                   do_not_run_after="2030-01-01T00:00:00Z")},
-                           "schedule.doNotRunAfter")]:
+        for kw, field in [
+            ({"priority": 1001}, "priority"),
+            ({"schedule": m.Schedule(recurrence_interval="PT30S")}, "schedule.recurrenceInterval"),
+            (
+                {
+                    "schedule": m.Schedule(
+                        do_not_run_until="2030-01-02T00:00:00Z",
+                        do_not_run_after="2030-01-01T00:00:00Z",
+                    )
+                },
+                "schedule.doNotRunAfter",
+            ),
+        ]:
             with pytest.raises(BatchError) as exc:
                 await cl.workitems.add("bad", "p", **kw)
-            assert (exc.value.status, exc.value.code, exc.value.values.get("field")) == \
-                (400, "InvalidPropertyValue", field)
+            assert (exc.value.status, exc.value.code, exc.value.values.get("field")) == (
+                400,
+                "InvalidPropertyValue",
+                field,
+            )
         assert await cl.workitems.list() == []
 
         await cl.workitems.add("wi", "p")
         with pytest.raises(BatchError) as exc:
             await cl.jobs.update("wi", J1, priority=-1001)
         assert exc.value.status == 400
-        await cl.tasks.add("wi", J1, "sleeper", f"{py} -c \"import time; time.sleep(60)\"")
+        await cl.tasks.add("wi", J1, "sleeper", f'{py} -c "import time; time.sleep(60)"')
         await c.wait_for(lambda: _state(c, "wi", "sleeper", "running"), what="sleeper running")
         # Disable (requeue) -> the running task goes back to active; enable -> it runs again.
         await cl.jobs.disable("wi", J1, disable_tasks="requeue")
@@ -125,7 +149,9 @@ async def test_job_operations_and_bad_input(nursery, tmp_path):
         assert t.state == "active"
         assert t.execution_info.requeue_count == 1
         await cl.jobs.enable("wi", J1)
-        await c.wait_for(lambda: _state(c, "wi", "sleeper", "running"), what="sleeper running again")
+        await c.wait_for(
+            lambda: _state(c, "wi", "sleeper", "running"), what="sleeper running again"
+        )
         # Terminate with a reason: the running task is killed, the job completes.
         await cl.jobs.terminate("wi", J1, reason="enough for today")
         await c.wait_for(lambda: _job_state(c, "wi", "completed"), what="job completed")
@@ -153,7 +179,9 @@ async def test_job_operations_and_bad_input(nursery, tmp_path):
         await cl.workitems.enable("w2")
         await cl.workitems.terminate("w2")
         await c.wait_for(lambda: _wi_state(c, "w2", "completed"), what="workitem completed")
-        assert (await cl.jobs.get("w2", J1)).execution_info.terminate_reason == "TerminateJobSchedule"
+        assert (
+            await cl.jobs.get("w2", J1)
+        ).execution_info.terminate_reason == "TerminateJobSchedule"
         with pytest.raises(BatchError) as exc:
             await cl.workitems.disable("w2")
         assert (exc.value.status, exc.value.code) == (409, "WorkItemCompleted")

@@ -71,10 +71,14 @@ async def _is(c: Cluster, state: str) -> bool:
     return await _tvm_state(c, "p") == state
 
 
-async def test_drain_grace_over_kills_the_task_tree_requeues_it_and_a_restart_runs_it_again(nursery, tmp_path):
+async def test_drain_grace_over_kills_the_task_tree_requeues_it_and_a_restart_runs_it_again(
+    nursery, tmp_path
+):
     runs, pidfile = tmp_path / "runs", tmp_path / "pid"
-    script = (f"echo run >> {runs}; [ $(wc -l < {runs}) -ge 2 ] && exit 0; "
-              f"sleep 300 & echo $! > {pidfile}; wait")
+    script = (
+        f"echo run >> {runs}; [ $(wc -l < {runs}) -ge 2 ] && exit 0; "
+        f"sleep 300 & echo $! > {pidfile}; wait"
+    )
     async with cluster_ctx(nursery, tmp_path, heartbeat_timeout=30) as c:
         cfg = _config(tmp_path, 0.3)
         agent = c.start_agent("impatient", extra_args=["--config", cfg])
@@ -82,7 +86,9 @@ async def test_drain_grace_over_kills_the_task_tree_requeues_it_and_a_restart_ru
         (tvm_before,) = [t.name for t in await c.client.tvms.list("p")]
         await c.client.workitems.add("wi", "p")
         await c.client.tasks.add("wi", JOB, "t", f"sh -c {shlex.quote(script)}")
-        await c.wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="task's child started")
+        await c.wait_for(
+            lambda: pidfile.exists() and pidfile.read_text().strip(), what="task's child started"
+        )
         child = int(pidfile.read_text())
         agent.kill(signal.SIGTERM)
         assert await _exit_code(agent) == 0
@@ -104,7 +110,11 @@ async def test_drain_grace_over_kills_the_task_tree_requeues_it_and_a_restart_ru
 
 async def _requeued(c: Cluster):  # noqa: ANN202
     t = await _task(c, "t")
-    return t if t.state == "active" and t.execution_info and t.execution_info.requeue_count == 1 else None
+    return (
+        t
+        if t.state == "active" and t.execution_info and t.execution_info.requeue_count == 1
+        else None
+    )
 
 
 async def _completed(c: Cluster, name: str):  # noqa: ANN202
@@ -114,8 +124,10 @@ async def _completed(c: Cluster, name: str):  # noqa: ANN202
 
 async def test_agent_crash_and_restart_requeues_the_lost_task_at_once(nursery, tmp_path, caplog):
     runs, pidfile = tmp_path / "runs", tmp_path / "pid"
-    script = (f"echo run >> {runs}; [ $(wc -l < {runs}) -ge 2 ] && exit 0; "
-              f"sleep 300 & echo $! > {pidfile}; wait")
+    script = (
+        f"echo run >> {runs}; [ $(wc -l < {runs}) -ge 2 ] && exit 0; "
+        f"sleep 300 & echo $! > {pidfile}; wait"
+    )
     child = None
     # A long heartbeat timeout: the requeue below can only come from the restart reconciliation.
     async with cluster_ctx(nursery, tmp_path, heartbeat_timeout=60) as c:
@@ -124,13 +136,17 @@ async def test_agent_crash_and_restart_requeues_the_lost_task_at_once(nursery, t
             await c.pool_with_tvms("p", 1)
             await c.client.workitems.add("wi", "p")
             await c.client.tasks.add("wi", JOB, "t", f"sh -c {shlex.quote(script)}")
-            await c.wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="task running")
+            await c.wait_for(
+                lambda: pidfile.exists() and pidfile.read_text().strip(), what="task running"
+            )
             child = int(pidfile.read_text())
             agent.kill(signal.SIGKILL)
             await _exit_code(agent)
             assert (await _task(c, "t")).state == "running"  # the coordinator cannot know yet
             c.start_agent("crashy", root=agent.root)
-            done = await c.wait_for(lambda: _completed(c, "t"), timeout=30, what="requeued task completed")
+            done = await c.wait_for(
+                lambda: _completed(c, "t"), timeout=30, what="requeued task completed"
+            )
             assert done.execution_info.exit_code == 0
             assert done.execution_info.requeue_count == 1
             assert done.execution_info.retry_count == 0

@@ -43,8 +43,10 @@ def _kill(proc: subprocess.Popen[bytes], sig: int) -> None:
 
 
 def _gated(started: str, gate: str) -> str:
-    return "sh -c " + shlex.quote(f"echo start >> {started}; while [ ! -e {gate} ]; do sleep 0.05; done; "
-                                  f"echo end >> {started}")
+    return "sh -c " + shlex.quote(
+        f"echo start >> {started}; while [ ! -e {gate} ]; do sleep 0.05; done; "
+        f"echo end >> {started}"
+    )
 
 
 def test_coordinator_restart_keeps_running_tasks_and_delivers_results_once(tmp_path):
@@ -52,14 +54,29 @@ def test_coordinator_restart_keeps_running_tasks_and_delivers_results_once(tmp_p
     long_log, long_gate = tmp_path / "long", tmp_path / "long.gate"
     meanwhile_log, meanwhile_gate = tmp_path / "meanwhile", tmp_path / "meanwhile.gate"
     clog = str(tmp_path / "coord.log")
-    coord, env = start_coordinator_process(state, port, clog, "--heartbeat-timeout", "3", "--log-format", "json")
+    coord, env = start_coordinator_process(
+        state, port, clog, "--heartbeat-timeout", "3", "--log-format", "json"
+    )
     agent = None
     try:
         alog = open(tmp_path / "agent.log", "ab")  # noqa: SIM115
         agent = subprocess.Popen(
-            [TVM, "agent", "--coordinator", env["TVM_ENDPOINT"], "--root", str(tmp_path / "root"), "--name", "steady"],
-            stdout=alog, stderr=alog, stdin=subprocess.DEVNULL, start_new_session=True,
-            env=agent_env({"TVM_AGENT_TOKEN": env["TVM_JOIN_TOKEN"]}))
+            [
+                TVM,
+                "agent",
+                "--coordinator",
+                env["TVM_ENDPOINT"],
+                "--root",
+                str(tmp_path / "root"),
+                "--name",
+                "steady",
+            ],
+            stdout=alog,
+            stderr=alog,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=agent_env({"TVM_AGENT_TOKEN": env["TVM_JOIN_TOKEN"]}),
+        )
         alog.close()
         c = Client(env["TVM_ENDPOINT"], env["TVM_ACCOUNT"], env["TVM_KEY"], timeout=10)
         c.pools.add("p", target_dedicated=1, max_tasks_per_vm=2)
@@ -76,21 +93,29 @@ def test_coordinator_restart_keeps_running_tasks_and_delivers_results_once(tmp_p
         meanwhile_gate.touch()  # finishes while nobody listens
         _wait(lambda: meanwhile_log.read_text() == "start\nend\n", "meanwhile finished")
 
-        coord, env2 = start_coordinator_process(state, port, clog, "--heartbeat-timeout", "3", "--log-format", "json")
+        coord, env2 = start_coordinator_process(
+            state, port, clog, "--heartbeat-timeout", "3", "--log-format", "json"
+        )
         assert env2["TVM_KEY"] == env["TVM_KEY"]
         c = Client(env["TVM_ENDPOINT"], env["TVM_ACCOUNT"], env["TVM_KEY"], timeout=10)
-        done = _wait(lambda: [t for t in [c.tasks.get("wi", JOB, "meanwhile")] if t.state == "completed"],
-                     "the result produced meanwhile")[0]
+        done = _wait(
+            lambda: [t for t in [c.tasks.get("wi", JOB, "meanwhile")] if t.state == "completed"],
+            "the result produced meanwhile",
+        )[0]
         assert done.execution_info.exit_code == 0
         assert done.execution_info.requeue_count == 0
         # The long task is still running, where it was, as the same run.
-        long = _wait(lambda: [t for t in [c.tasks.get("wi", JOB, "long")] if t.state == "running"],
-                     "long task reconciled as running")[0]
+        long = _wait(
+            lambda: [t for t in [c.tasks.get("wi", JOB, "long")] if t.state == "running"],
+            "long task reconciled as running",
+        )[0]
         assert long.tvm_info.tvm_name == before["long"].tvm_info.tvm_name
         assert long.execution_info.requeue_count == 0
         long_gate.touch()
-        long = _wait(lambda: [t for t in [c.tasks.get("wi", JOB, "long")] if t.state == "completed"],
-                     "long task completed")[0]
+        long = _wait(
+            lambda: [t for t in [c.tasks.get("wi", JOB, "long")] if t.state == "completed"],
+            "long task completed",
+        )[0]
         assert long.execution_info.exit_code == 0
         # Each ran exactly once, and each completion was recorded once.
         assert long_log.read_text() == "start\nend\n"
@@ -100,7 +125,11 @@ def test_coordinator_restart_keeps_running_tasks_and_delivers_results_once(tmp_p
         c.close()
         # JSON logs: every line one object; the link lines carry the agent id.
         records = [json.loads(line) for line in open(clog) if line.strip()]
-        connected = [r for r in records if "connected" in r.get("event", "") and r.get("logger") == "tvm.links"]
+        connected = [
+            r
+            for r in records
+            if "connected" in r.get("event", "") and r.get("logger") == "tvm.links"
+        ]
         assert len(connected) >= 2  # before and after the restart
         assert all(r.get("agent") == "steady" for r in connected)
     finally:

@@ -48,7 +48,9 @@ class NotifyListener:
             except OSError:
                 return  # closed
             with self._lock:
-                self.datagrams.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
+                self.datagrams.append(
+                    dict(line.split("=", 1) for line in data.decode().splitlines())
+                )
 
     def snapshot(self) -> list[dict[str, str]]:
         with self._lock:
@@ -71,8 +73,13 @@ def notify_socket() -> Iterator[tuple[str, NotifyListener]]:
         os.rmdir(d)
 
 
-def receive_until(listener: NotifyListener, got: list[dict[str, str]],
-                  cond: Callable[[list[dict[str, str]]], bool], what: str, timeout: float = 20.0) -> None:
+def receive_until(
+    listener: NotifyListener,
+    got: list[dict[str, str]],
+    cond: Callable[[list[dict[str, str]]], bool],
+    what: str,
+    timeout: float = 20.0,
+) -> None:
     """Wait until cond(datagrams so far); `got` is updated to all datagrams (KEY=VALUE dicts)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -99,12 +106,29 @@ def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: flo
         raise
 
 
-def _start_coordinator(tmp: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+def _start_coordinator(
+    tmp: str, env: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
     log = open(os.path.join(tmp, "coord.log"), "ab")  # noqa: SIM115
     proc = subprocess.Popen(
-        [TVM, "coordinator", "--state-dir", os.path.join(tmp, "state"), "--port", "0",
-         "--heartbeat-timeout", "2", "--log-format", "json"],
-        stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=agent_env(env), start_new_session=True)
+        [
+            TVM,
+            "coordinator",
+            "--state-dir",
+            os.path.join(tmp, "state"),
+            "--port",
+            "0",
+            "--heartbeat-timeout",
+            "2",
+            "--log-format",
+            "json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+        env=agent_env(env),
+        start_new_session=True,
+    )
     log.close()
     exports: dict[str, str] = {}
     assert proc.stdout is not None
@@ -112,7 +136,9 @@ def _start_coordinator(tmp: str, env: dict[str, str]) -> tuple[subprocess.Popen[
         line = proc.stdout.readline().decode()
         if not line:
             _stop(proc, signal.SIGKILL)
-            raise AssertionError("coordinator exited early:\n" + open(os.path.join(tmp, "coord.log")).read())
+            raise AssertionError(
+                "coordinator exited early:\n" + open(os.path.join(tmp, "coord.log")).read()
+            )
         k, _, v = line.strip().removeprefix("export ").partition("=")
         exports[k] = v
     return proc, exports
@@ -136,8 +162,14 @@ def test_broken_config_file_exits_non_zero_naming_the_problem(tmp_path, command,
         words = ["heartbeat-timeout"]
     cfg = tmp_path / "bad.toml"
     cfg.write_text(text)
-    proc = subprocess.run([TVM, command, "--config", str(cfg)], capture_output=True, text=True, timeout=60,
-                          env=agent_env(), stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [TVM, command, "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=agent_env(),
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode != 0
     assert str(cfg) in proc.stderr
     for w in words:
@@ -148,15 +180,32 @@ def test_broken_config_file_exits_non_zero_naming_the_problem(tmp_path, command,
 
 @pytest.mark.parametrize("command", ["coordinator", "agent"])
 def test_missing_config_file_and_bad_log_format(tmp_path, command):
-    proc = subprocess.run([TVM, command, "--config", str(tmp_path / "nope.toml")], capture_output=True, text=True,
-                          timeout=60, env=agent_env(), stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [TVM, command, "--config", str(tmp_path / "nope.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=agent_env(),
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode != 0
     assert "nope.toml" in proc.stderr
     assert "Traceback" not in proc.stderr
-    proc = subprocess.run([TVM, command, "--log-format", "xml", "--coordinator" if command == "agent" else "--port",
-                           "ws://127.0.0.1:1/agent" if command == "agent" else "0"],
-                          capture_output=True, text=True, timeout=60, env=agent_env({"TVM_AGENT_TOKEN": "x"}),
-                          stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [
+            TVM,
+            command,
+            "--log-format",
+            "xml",
+            "--coordinator" if command == "agent" else "--port",
+            "ws://127.0.0.1:1/agent" if command == "agent" else "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=agent_env({"TVM_AGENT_TOKEN": "x"}),
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode != 0
     assert "log-format" in proc.stderr
     assert "xml" in proc.stderr
@@ -169,12 +218,18 @@ def test_sd_notify_ready_status_watchdog_stopping_from_coordinator_and_agent(tmp
     tmp = str(tmp_path)
     with notify_socket() as (cpath, csock), notify_socket() as (apath, asock):
         # WATCHDOG_USEC = 0.2 s: both must pet every 0.1 s
-        coord, exports = _start_coordinator(tmp, {"NOTIFY_SOCKET": cpath, "WATCHDOG_USEC": "200000"})
+        coord, exports = _start_coordinator(
+            tmp, {"NOTIFY_SOCKET": cpath, "WATCHDOG_USEC": "200000"}
+        )
         agent = None
         try:
             cgot: list[dict[str, str]] = []
-            receive_until(csock, cgot, lambda g: _count(g, "READY") and _count(g, "WATCHDOG") >= 3,
-                          "coordinator READY and WATCHDOG")
+            receive_until(
+                csock,
+                cgot,
+                lambda g: _count(g, "READY") and _count(g, "WATCHDOG") >= 3,
+                "coordinator READY and WATCHDOG",
+            )
             ready = next(d for d in cgot if "READY" in d)
             assert ready["READY"] == "1"
             assert exports["TVM_ENDPOINT"] in ready["STATUS"]
@@ -183,21 +238,48 @@ def test_sd_notify_ready_status_watchdog_stopping_from_coordinator_and_agent(tmp
             url = exports["TVM_ENDPOINT"]
             log = open(os.path.join(tmp, "agent.log"), "ab")  # noqa: SIM115
             agent = subprocess.Popen(
-                [TVM, "agent", "--coordinator", url, "--root", os.path.join(tmp, "root"), "--name", "svc-agent",
-                 "--log-format", "json"],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
-                env=agent_env({"TVM_AGENT_TOKEN": exports["TVM_JOIN_TOKEN"], "NOTIFY_SOCKET": apath,
-                               "WATCHDOG_USEC": "200000"}))
+                [
+                    TVM,
+                    "agent",
+                    "--coordinator",
+                    url,
+                    "--root",
+                    os.path.join(tmp, "root"),
+                    "--name",
+                    "svc-agent",
+                    "--log-format",
+                    "json",
+                ],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=agent_env(
+                    {
+                        "TVM_AGENT_TOKEN": exports["TVM_JOIN_TOKEN"],
+                        "NOTIFY_SOCKET": apath,
+                        "WATCHDOG_USEC": "200000",
+                    }
+                ),
+            )
             log.close()
             agot: list[dict[str, str]] = []
-            receive_until(asock, agot, lambda g: _count(g, "READY") and _count(g, "WATCHDOG") >= 3,
-                          "agent READY and WATCHDOG")
+            receive_until(
+                asock,
+                agot,
+                lambda g: _count(g, "READY") and _count(g, "WATCHDOG") >= 3,
+                "agent READY and WATCHDOG",
+            )
             ready = next(d for d in agot if "READY" in d)
             assert "connected to" in ready["STATUS"]
             assert "svc-agent" in ready["STATUS"]
             # The coordinator's STATUS follows the cluster: one agent connected now.
-            receive_until(csock, cgot, lambda g: any("1 agent(s) connected" in d.get("STATUS", "") for d in g),
-                          "coordinator STATUS with the agent")
+            receive_until(
+                csock,
+                cgot,
+                lambda g: any("1 agent(s) connected" in d.get("STATUS", "") for d in g),
+                "coordinator STATUS with the agent",
+            )
 
             assert _stop(agent) == 0
             receive_until(asock, agot, lambda g: _count(g, "STOPPING"), "agent STOPPING")
@@ -216,10 +298,29 @@ def test_watchdog_meant_for_another_pid_is_not_petted(tmp_path):
     with notify_socket() as (apath, asock):
         log = open(tmp_path / "agent.log", "ab")  # noqa: SIM115
         agent = subprocess.Popen(
-            [TVM, "agent", "--coordinator", f"ws://127.0.0.1:{_free_port()}/agent", "--root", str(tmp_path / "r"),
-             "--name", "wd"], stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
-            env=agent_env({"TVM_AGENT_TOKEN": "t", "NOTIFY_SOCKET": apath, "WATCHDOG_USEC": "200000",
-                           "WATCHDOG_PID": "1"}))
+            [
+                TVM,
+                "agent",
+                "--coordinator",
+                f"ws://127.0.0.1:{_free_port()}/agent",
+                "--root",
+                str(tmp_path / "r"),
+                "--name",
+                "wd",
+            ],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=agent_env(
+                {
+                    "TVM_AGENT_TOKEN": "t",
+                    "NOTIFY_SOCKET": apath,
+                    "WATCHDOG_USEC": "200000",
+                    "WATCHDOG_PID": "1",
+                }
+            ),
+        )
         log.close()
         try:
             got: list[dict[str, str]] = []
@@ -245,14 +346,33 @@ def test_unanswered_coordinator_url_logs_clear_retries_with_backoff(tmp_path):
     with notify_socket() as (apath, asock):
         log = open(log_path, "ab")  # noqa: SIM115
         agent = subprocess.Popen(
-            [TVM, "agent", "--coordinator", url, "--root", str(tmp_path / "r"), "--name", "lonely",
-             "--log-format", "json"], stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
-            env=agent_env({"TVM_AGENT_TOKEN": "t", "NOTIFY_SOCKET": apath}))
+            [
+                TVM,
+                "agent",
+                "--coordinator",
+                url,
+                "--root",
+                str(tmp_path / "r"),
+                "--name",
+                "lonely",
+                "--log-format",
+                "json",
+            ],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=agent_env({"TVM_AGENT_TOKEN": "t", "NOTIFY_SOCKET": apath}),
+        )
         log.close()
         try:
             got: list[dict[str, str]] = []
-            receive_until(asock, got, lambda g: any("connecting to" in d.get("STATUS", "") for d in g),
-                          "STATUS connecting")
+            receive_until(
+                asock,
+                got,
+                lambda g: any("connecting to" in d.get("STATUS", "") for d in g),
+                "STATUS connecting",
+            )
             assert not _count(got, "READY")  # not ready: never connected (READY comes after 30 s)
 
             def retries() -> list[dict]:
@@ -276,7 +396,9 @@ def test_unanswered_coordinator_url_logs_clear_retries_with_backoff(tmp_path):
                 assert f"ws://127.0.0.1:{port}/agent" in rec["event"]
                 assert "cannot reach the coordinator" in rec["event"]
                 assert "Connection refused" in rec["event"]
-            delays = [float(re.search(r"retrying in ([0-9.]+) s", r["event"]).group(1)) for r in recs]
+            delays = [
+                float(re.search(r"retrying in ([0-9.]+) s", r["event"]).group(1)) for r in recs
+            ]
             assert delays == sorted(delays)
             assert delays[-1] > delays[0]
             assert _stop(agent) == 0  # SIGTERM while still retrying: drains (nothing) and exits 0
@@ -287,10 +409,24 @@ def test_unanswered_coordinator_url_logs_clear_retries_with_backoff(tmp_path):
 
 @pytest.mark.parametrize("command", ["coordinator", "agent"])
 def test_garbage_watchdog_env_is_a_clear_error(tmp_path, command):
-    args = ["--port", "0", "--state-dir", str(tmp_path / "s")] if command == "coordinator" else [
-        "--coordinator", f"ws://127.0.0.1:{_free_port()}/agent", "--root", str(tmp_path / "r")]
-    proc = subprocess.run([TVM, command, *args], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-                          env=agent_env({"TVM_AGENT_TOKEN": "t", "WATCHDOG_USEC": "soon"}))
+    args = (
+        ["--port", "0", "--state-dir", str(tmp_path / "s")]
+        if command == "coordinator"
+        else [
+            "--coordinator",
+            f"ws://127.0.0.1:{_free_port()}/agent",
+            "--root",
+            str(tmp_path / "r"),
+        ]
+    )
+    proc = subprocess.run(
+        [TVM, command, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        env=agent_env({"TVM_AGENT_TOKEN": "t", "WATCHDOG_USEC": "soon"}),
+    )
     assert proc.returncode == 2
     assert "WATCHDOG_USEC must be a whole number of microseconds, got 'soon'" in proc.stderr
     assert "Traceback" not in proc.stderr

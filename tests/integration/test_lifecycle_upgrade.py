@@ -19,8 +19,16 @@ from protocol.codec import MessageCodec
 from tests.harness import cluster_ctx
 
 # The coordinator->agent messages a minor-0 agent knows (it predates Ping, say).
-OLD_UNION = (pm.JoinPool | pm.LeavePool | pm.RunTask | pm.CancelTask | pm.DeleteTaskFiles | pm.PoolMembers
-             | pm.FileRequest | pm.Unsupported)
+OLD_UNION = (
+    pm.JoinPool
+    | pm.LeavePool
+    | pm.RunTask
+    | pm.CancelTask
+    | pm.DeleteTaskFiles
+    | pm.PoolMembers
+    | pm.FileRequest
+    | pm.Unsupported
+)
 
 
 class FutureMsg(pm.Msg, tag="tvm.future", kw_only=True):
@@ -28,7 +36,9 @@ class FutureMsg(pm.Msg, tag="tvm.future", kw_only=True):
 
 
 class FakeAgent:
-    def __init__(self, url: str, hello: dict[str, Any], on_msg: Callable[[pm.Msg, LinkSession], None]) -> None:
+    def __init__(
+        self, url: str, hello: dict[str, Any], on_msg: Callable[[pm.Msg, LinkSession], None]
+    ) -> None:
         self.url = url
         self.hello = hello
         self.on_msg = on_msg
@@ -64,8 +74,15 @@ class FakeAgent:
 
 def _old_hello(token: str) -> dict[str, Any]:
     # Only what a minor-0 agent sends: no resume, proof or newer fields.
-    return {"t": "hello", "protocol_version": pm.PROTOCOL_VERSION, "protocol_minor": 0, "agent_id": "old-agent",
-            "token": token, "hostname": "old", "cores": 1}
+    return {
+        "t": "hello",
+        "protocol_version": pm.PROTOCOL_VERSION,
+        "protocol_minor": 0,
+        "agent_id": "old-agent",
+        "token": token,
+        "hostname": "old",
+        "cores": 1,
+    }
 
 
 def _old_agent_behaviour(msg: pm.Msg, session: LinkSession) -> None:
@@ -74,7 +91,11 @@ def _old_agent_behaviour(msg: pm.Msg, session: LinkSession) -> None:
     elif isinstance(msg, pm.RunTask):
         s = msg.spec
         session.send(pm.TaskStarted(key=s.key, attempt=s.attempt, start_time=1.0))
-        session.send(pm.TaskCompleted(key=s.key, attempt=s.attempt, exit_code=0, start_time=1.0, end_time=2.0))
+        session.send(
+            pm.TaskCompleted(
+                key=s.key, attempt=s.attempt, exit_code=0, start_time=1.0, end_time=2.0
+            )
+        )
 
 
 async def test_agent_one_minor_version_older_still_works(nursery, tmp_path):
@@ -88,11 +109,15 @@ async def test_agent_one_minor_version_older_still_works(nursery, tmp_path):
         done = await c.wait_for(lambda: _completed(c), what="task run by the old agent")
         assert done.execution_info.exit_code == 0
         # Pings are unknown to it: answered with Unsupported, acked, and the round trip measured.
-        await c.wait_for(lambda: "old-agent" in svc.monitor.latency.last_rtt, what="RTT of the old agent")
+        await c.wait_for(
+            lambda: "old-agent" in svc.monitor.latency.last_rtt, what="RTT of the old agent"
+        )
         assert not any(isinstance(m, pm.Ping) for m in fake.received)
         # A message type the coordinator does not know: answered, not fatal.
         fake.session.send(FutureMsg(detail="from the future"))
-        await c.wait_for(lambda: pm.Unsupported(type="tvm.future") in fake.received, what="Unsupported answer")
+        await c.wait_for(
+            lambda: pm.Unsupported(type="tvm.future") in fake.received, what="Unsupported answer"
+        )
         assert svc.links["old-agent"].connected
         assert svc.core.agents["old-agent"].connected
         (tvm,) = await c.client.tvms.list("p")
@@ -106,12 +131,20 @@ async def _completed(c):  # noqa: ANN001, ANN202
 
 async def test_newer_minor_hello_is_welcomed_other_major_is_refused(nursery, tmp_path):
     async with cluster_ctx(nursery, tmp_path, heartbeat_timeout=2) as c:
-        newer = {"t": "hello", "protocol_version": pm.PROTOCOL_VERSION, "protocol_minor": pm.PROTOCOL_MINOR + 1,
-                 "agent_id": "new-agent", "token": c.rc.join_token, "quantum_cores": 64}
+        newer = {
+            "t": "hello",
+            "protocol_version": pm.PROTOCOL_VERSION,
+            "protocol_minor": pm.PROTOCOL_MINOR + 1,
+            "agent_id": "new-agent",
+            "token": c.rc.join_token,
+            "quantum_cores": 64,
+        }
         fake = FakeAgent(c.rc.agent_url, newer, lambda m, s: None)
         await nursery.start(fake.run)
         assert isinstance(fake.welcome, pm.Welcome)
-        await c.wait_for(lambda: "new-agent" in c.rc.service.monitor.latency.last_rtt, what="link working")
+        await c.wait_for(
+            lambda: "new-agent" in c.rc.service.monitor.latency.last_rtt, what="link working"
+        )
 
         other_major = dict(newer, agent_id="alien", protocol_version=pm.PROTOCOL_VERSION + 1)
         async with open_websocket_url(c.rc.agent_url, subprotocols=[SUBPROTOCOL]) as ws:

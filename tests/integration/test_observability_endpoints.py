@@ -43,11 +43,15 @@ async def _metrics(c: Cluster) -> dict[str, float]:
 
 async def test_metrics_status_and_json_logs(nursery, tmp_path):
     async with cluster_ctx(nursery, tmp_path, heartbeat_timeout=2) as c:
-        agents = [c.start_agent(f"obs{i}", extra_args=["--log-format", "json", "--log-level", "debug"])
-                  for i in range(2)]
+        agents = [
+            c.start_agent(f"obs{i}", extra_args=["--log-format", "json", "--log-level", "debug"])
+            for i in range(2)
+        ]
         await c.pool_with_tvms("p", 2)
         await c.client.workitems.add("wi", "p")
-        await c.client.tasks.add_many("wi", JOB, [task_spec(f"t{i}", f"sh -c 'exit {i % 3}'") for i in range(6)])
+        await c.client.tasks.add_many(
+            "wi", JOB, [task_spec(f"t{i}", f"sh -c 'exit {i % 3}'") for i in range(6)]
+        )
         await c.client.tasks.wait("wi", JOB, timeout=60)
 
         # /metrics: unsigned, Prometheus text, the numbers of this cluster.
@@ -76,20 +80,37 @@ async def test_metrics_status_and_json_logs(nursery, tmp_path):
             assert t["lastHeartbeatAgeSeconds"] < 2
         agents[1].kill(signal.SIGKILL)
         await c.wait_for(lambda: _tvm_state_of(c, "obs1", "unknown"), what="obs1's TVM lost")
-        env = agent_env({"TVM_ENDPOINT": c.rc.endpoint, "TVM_ACCOUNT": c.rc.account, "TVM_KEY": c.rc.key,
-                         "COLUMNS": "200"})
-        out = await trio.to_thread.run_sync(lambda: subprocess.run(
-            [TVM, "status"], capture_output=True, text=True, env=env, timeout=60))
+        env = agent_env(
+            {
+                "TVM_ENDPOINT": c.rc.endpoint,
+                "TVM_ACCOUNT": c.rc.account,
+                "TVM_KEY": c.rc.key,
+                "COLUMNS": "200",
+            }
+        )
+        out = await trio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [TVM, "status"], capture_output=True, text=True, env=env, timeout=60
+            )
+        )
         assert out.returncode == 0, out.stderr
         assert "pool p: 2/2 TVMs (steady): idle 1, unknown 1" in out.stdout
         assert "2 succeeded, 4 failed" in out.stdout
-        lines = {line.split("│")[4].strip(): line for line in out.stdout.splitlines() if "obs" in line}
+        lines = {
+            line.split("│")[4].strip(): line for line in out.stdout.splitlines() if "obs" in line
+        }
         assert "disconnected" in lines["obs1"]
         assert " ok " in lines["obs0"]
-        out = await trio.to_thread.run_sync(lambda: subprocess.run(
-            [TVM, "status", "-o", "json"], capture_output=True, text=True, env=env, timeout=60))
+        out = await trio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [TVM, "status", "-o", "json"], capture_output=True, text=True, env=env, timeout=60
+            )
+        )
         js = json.loads(out.stdout)
-        assert {t["agentId"]: t["agentConnected"] for t in js["tvms"]} == {"obs0": True, "obs1": False}
+        assert {t["agentId"]: t["agentConnected"] for t in js["tvms"]} == {
+            "obs0": True,
+            "obs1": False,
+        }
         m = await _metrics(c)
         assert m['tvm_tvms{state="unknown"}'] == 1
         assert m['tvm_agents{status="disconnected"}'] == 1

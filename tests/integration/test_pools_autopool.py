@@ -22,18 +22,24 @@ def sh(script: str) -> str:
 
 async def test_auto_pool_per_job_runs_tasks_and_goes_away(nursery, tmp_path):
     async with cluster_ctx(nursery, tmp_path, agents=2, heartbeat_timeout=2.0) as c:
-        spec = {"poolLifetimeOption": "job", "autoPoolNamePrefix": "ap",
-                "pool": {"vmSize": "small", "targetDedicated": 2}}
+        spec = {
+            "poolLifetimeOption": "job",
+            "autoPoolNamePrefix": "ap",
+            "pool": {"vmSize": "small", "targetDedicated": 2},
+        }
         await c.client.workitems.add("wi", None, auto_pool=spec)
         job = await c.client.jobs.get("wi", JOB)
         pool = job.execution_info.pool_name
         assert pool.startswith("ap-")
         # Tasks go to TVMs as soon as each is ready (never waiting for the whole pool).
-        await c.client.tasks.add_many("wi", JOB, [task_spec(f"t{i}", "/bin/true") for i in range(4)])
+        await c.client.tasks.add_many(
+            "wi", JOB, [task_spec(f"t{i}", "/bin/true") for i in range(4)]
+        )
         counts = await c.client.tasks.wait("wi", JOB, timeout=30)
         assert counts.succeeded == 4
-        assert {t.tvm_info.tvm_name for t in await c.client.tasks.list("wi", JOB)} <= \
-            {t.name for t in await c.client.tvms.list(pool)}
+        assert {t.tvm_info.tvm_name for t in await c.client.tasks.list("wi", JOB)} <= {
+            t.name for t in await c.client.tvms.list(pool)
+        }
         await c.client.workitems.delete("wi")
 
         async def pool_gone() -> bool:
@@ -50,7 +56,9 @@ async def test_disable_scheduling_keeps_new_tasks_off(nursery, tmp_path):
         await c.pool_with_tvms("p", 1)
         (tvm,) = await c.client.tvms.list("p")
         await c.client.workitems.add("wi", "p")
-        await c.client.tasks.add("wi", JOB, "first", sh(f"while [ ! -e {gate} ]; do sleep 0.05; done"))
+        await c.client.tasks.add(
+            "wi", JOB, "first", sh(f"while [ ! -e {gate} ]; do sleep 0.05; done")
+        )
 
         async def running() -> bool:
             return (await c.client.tasks.get("wi", JOB, "first")).state == "running"
@@ -76,7 +84,9 @@ async def test_disable_scheduling_keeps_new_tasks_off(nursery, tmp_path):
         res = await trio.to_thread.run_sync(tvm_cli, "tvm", "disable-scheduling", "p", tvm.name)
         assert res.exit_code == 1
         assert "TVMAlreadyInTargetSchedulingState" in res.output
-        res = await trio.to_thread.run_sync(tvm_cli, "tvm", "enable-scheduling", "p", tvm.name, "-o", "json")
+        res = await trio.to_thread.run_sync(
+            tvm_cli, "tvm", "enable-scheduling", "p", tvm.name, "-o", "json"
+        )
         assert res.exit_code == 0, res.output
         assert json.loads(res.output)["operation"] == "enable-scheduling"
         counts = await c.client.tasks.wait("wi", JOB, timeout=30)

@@ -28,23 +28,36 @@ async def _tvms(c, pool: str, *states: str) -> list:  # noqa: ANN001
 
 async def _steady(c, pool: str, current: int) -> bool:  # noqa: ANN001
     p = await c.client.pools.get(pool)
-    return p.allocation_state == "steady" and p.current_dedicated == current \
+    return (
+        p.allocation_state == "steady"
+        and p.current_dedicated == current
         and len(await _tvms(c, pool)) == current
+    )
 
 
 async def _running(c, n: int) -> bool:  # noqa: ANN001
     return sum(1 for t in await c.client.tasks.list("wi", JOB) if t.state == "running") == n
 
 
-async def test_resize_up_with_local_provisioner_then_down_with_taskcompletion(nursery, tmp_path, monkeypatch):
+async def test_resize_up_with_local_provisioner_then_down_with_taskcompletion(
+    nursery, tmp_path, monkeypatch
+):
     gate = tmp_path / "gate"
     # Like the harness's agents: the gated tasks run this interpreter, which task users cannot reach.
     monkeypatch.setenv("TVM_AGENT_TASK_ISOLATION", "none")
-    async with cluster_ctx(nursery, tmp_path, agents=2, heartbeat_timeout=2.0, provisioner="local",
-                           tvm_root_dir=str(tmp_path / "tvms")) as c:
+    async with cluster_ctx(
+        nursery,
+        tmp_path,
+        agents=2,
+        heartbeat_timeout=2.0,
+        provisioner="local",
+        tvm_root_dir=str(tmp_path / "tvms"),
+    ) as c:
         # Let the two harness agents register first, so only the resize needs the provisioner.
         core = c.rc.service.core
-        await c.wait_for(lambda: sum(a.connected for a in core.agents.values()) == 2, what="2 agents")
+        await c.wait_for(
+            lambda: sum(a.connected for a in core.agents.values()) == 2, what="2 agents"
+        )
         await c.pool_with_tvms("p", 2)
         assert not _exists(os.path.join(tmp_path, "state", "agents"))
         await c.client.pools.resize("p", 4)
@@ -56,7 +69,9 @@ async def test_resize_up_with_local_provisioner_then_down_with_taskcompletion(nu
         assert {t.agent_id for t in await _tvms(c, "p")} >= {"local-0", "local-1"}
         await c.wait_for(lambda: _steady(c, "p", 4), what="steady at 4")
         await c.client.workitems.add("wi", "p")
-        await c.client.tasks.add_many("wi", JOB, [task_spec(f"t{i}", gated(gate)) for i in range(4)])
+        await c.client.tasks.add_many(
+            "wi", JOB, [task_spec(f"t{i}", gated(gate)) for i in range(4)]
+        )
         await c.wait_for(lambda: _running(c, 4), what="4 tasks running")
         tasks = await c.client.tasks.list("wi", JOB)
         assert len({t.tvm_info.tvm_name for t in tasks}) == 4  # one per TVM, the new ones included
@@ -70,7 +85,9 @@ async def test_resize_up_with_local_provisioner_then_down_with_taskcompletion(nu
         gate.write_text("")
         counts = await c.client.tasks.wait("wi", JOB, timeout=30)
         assert counts.succeeded == 4
-        assert all(t.execution_info.requeue_count == 0 for t in await c.client.tasks.list("wi", JOB))
+        assert all(
+            t.execution_info.requeue_count == 0 for t in await c.client.tasks.list("wi", JOB)
+        )
         await c.wait_for(lambda: _steady(c, "p", 2), what="steady at 2")
 
 
@@ -79,7 +96,9 @@ async def test_resize_down_with_requeue_moves_tasks(nursery, tmp_path):
     async with cluster_ctx(nursery, tmp_path, agents=2, heartbeat_timeout=2.0) as c:
         await c.pool_with_tvms("p", 2)
         await c.client.workitems.add("wi", "p")
-        await c.client.tasks.add_many("wi", JOB, [task_spec(f"t{i}", gated(gate)) for i in range(2)])
+        await c.client.tasks.add_many(
+            "wi", JOB, [task_spec(f"t{i}", gated(gate)) for i in range(2)]
+        )
         await c.wait_for(lambda: _running(c, 2), what="2 tasks running")
         await c.client.pools.resize("p", 1)  # requeue is the default
         await c.wait_for(lambda: _steady(c, "p", 1), what="steady at 1")
@@ -160,10 +179,16 @@ async def test_resize_timeout_and_stop_resize(nursery, tmp_path):
 
 
 async def test_pool_bad_input_over_rest(nursery, tmp_path):
-    async with cluster_ctx(nursery, tmp_path, agents=0, heartbeat_timeout=2.0, max_pool_size=10) as c:
+    async with cluster_ctx(
+        nursery, tmp_path, agents=0, heartbeat_timeout=2.0, max_pool_size=10
+    ) as c:
         cases = [
             (lambda: c.client.pools.add("a", vm_size="galactic"), 400, "InvalidVmSize"),
-            (lambda: c.client.pools.add("a", vm_size="small", max_tasks_per_vm=5), 400, "InvalidPropertyValue"),
+            (
+                lambda: c.client.pools.add("a", vm_size="small", max_tasks_per_vm=5),
+                400,
+                "InvalidPropertyValue",
+            ),
             (lambda: c.client.pools.add("a", target_dedicated=11), 400, "InvalidPropertyValue"),
         ]
         for call, status, code in cases:
@@ -172,12 +197,17 @@ async def test_pool_bad_input_over_rest(nursery, tmp_path):
             assert (info.value.status, info.value.code) == (status, code)
         assert await c.client.pools.list() == []
         await c.client.pools.add("p")
-        await c.client.pools.add("auto", enable_auto_scale=True, auto_scale_formula="$TargetDedicated = 0;")
+        await c.client.pools.add(
+            "auto", enable_auto_scale=True, auto_scale_formula="$TargetDedicated = 0;"
+        )
         cases = [
             (lambda: c.client.pools.resize("p", -1), 400, "InvalidPropertyValue"),
             (lambda: c.client.pools.resize("p", 11), 400, "InvalidPropertyValue"),
-            (lambda: c.client.pools.resize("p", 1, tvm_deallocation_option="whenever"), 400,
-             "InvalidPropertyValue"),
+            (
+                lambda: c.client.pools.resize("p", 1, tvm_deallocation_option="whenever"),
+                400,
+                "InvalidPropertyValue",
+            ),
             (lambda: c.client.pools.resize("auto", 1), 409, "AutoScaleEnabled"),
             (lambda: c.client.pools.stop_resize("p"), 409, "PoolNotResizing"),
             (lambda: c.client.pools.remove_tvms("p", ["tvm-nope"]), 404, "TVMNotFound"),

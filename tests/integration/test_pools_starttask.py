@@ -53,14 +53,18 @@ async def test_wait_for_success_holds_tasks_until_exit_zero(nursery, tmp_path):
     async with cluster_ctx(nursery, tmp_path, agents=1, heartbeat_timeout=2.0) as c:
         blob = await c.client.files.upload(b"resource-data")
         st = m.StartTask(
-            command_line=sh(f'while [ ! -e {gate} ]; do sleep 0.05; done; cat data.txt; echo " $FOO"'),
+            command_line=sh(
+                f'while [ ! -e {gate} ]; do sleep 0.05; done; cat data.txt; echo " $FOO"'
+            ),
             environment_settings=[m.EnvironmentSetting(name="FOO", value="bar")],
             resource_files=[m.ResourceFile(blob_source=blob["blobSource"], file_path="data.txt")],
         )
         await c.client.pools.add("p", target_dedicated=1, start_task=st)
         await c.client.workitems.add("wi", "p")
         await c.client.tasks.add("wi", JOB, "t", "/bin/true")
-        tvm = await c.wait_for(lambda: _state(c, "p", "waitingforstarttask"), what="waitingforstarttask")
+        tvm = await c.wait_for(
+            lambda: _state(c, "p", "waitingforstarttask"), what="waitingforstarttask"
+        )
         assert tvm.start_task_info.state == "running"
         assert (await c.client.tasks.get("wi", JOB, "t")).state == "active"
         gate.write_text("")
@@ -79,7 +83,9 @@ async def test_wait_for_success_holds_tasks_until_exit_zero(nursery, tmp_path):
 async def test_without_wait_for_success_tasks_start_at_once(nursery, tmp_path):
     gate = tmp_path / "never"
     async with cluster_ctx(nursery, tmp_path, agents=1, heartbeat_timeout=2.0) as c:
-        st = m.StartTask(command_line=sh(f"while [ ! -e {gate} ]; do sleep 0.05; done"), wait_for_success=False)
+        st = m.StartTask(
+            command_line=sh(f"while [ ! -e {gate} ]; do sleep 0.05; done"), wait_for_success=False
+        )
         await c.pool_with_tvms("p", 1, start_task=st)
         await c.client.workitems.add("wi", "p")
         await c.client.tasks.add("wi", JOB, "t", "/bin/true")
@@ -101,7 +107,9 @@ async def test_reboot_reruns_start_task_and_requeues_running_task(nursery, tmp_p
         await c.wait_for(lambda: _state(c, "p", "running"), what="task running")
         await c.client.tvms.reboot("p", tvm.name)
         # The task was requeued, the start task ran again and the task runs once more.
-        await c.wait_for(lambda: runs.exists() and runs.read_text().count("run") == 2, what="start task re-run")
+        await c.wait_for(
+            lambda: runs.exists() and runs.read_text().count("run") == 2, what="start task re-run"
+        )
         await c.wait_for(lambda: _state(c, "p", "running"), what="task running again")
         gate.write_text("")
         await c.client.tasks.wait("wi", JOB, timeout=30)
@@ -122,7 +130,9 @@ async def test_reimage_wipes_directories(nursery, tmp_path):
         assert _exists(os.path.join(agent_root, "shared", "marker"))
         await c.client.tvms.reimage("p", tvm.name)
         await c.wait_for(lambda: _state(c, "p", "idle"), what="idle after reimage")
-        await c.wait_for(lambda: not os.path.exists(os.path.join(agent_root, "shared", "marker")), what="wiped")
+        await c.wait_for(
+            lambda: not os.path.exists(os.path.join(agent_root, "shared", "marker")), what="wiped"
+        )
         assert not _exists(os.path.join(agent_root, "tasks", "wi"))
         assert (await _tvm(c, "p")).name == tvm.name  # same TVM, same name
 

@@ -29,9 +29,20 @@ class Raw:
         self.http = httpx2.AsyncClient(timeout=30)
         self.keys: list[str] = []
 
-    async def __call__(self, method: str, path: str, body: Any = None, *, query: str = "", sign: bool = True,
-                       key: str | None = None, account: str | None = None, date: str | None = None,
-                       content: bytes | None = None, headers: dict[str, str] | None = None) -> httpx2.Response:
+    async def __call__(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        query: str = "",
+        sign: bool = True,
+        key: str | None = None,
+        account: str | None = None,
+        date: str | None = None,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> httpx2.Response:
         h = dict(headers or {})
         if content is None and body is not None:
             content = json.dumps(body).encode()
@@ -88,9 +99,15 @@ async def _pool_and_workitem(api: Raw) -> None:
 # ---------------------------------------------------------------------------- names
 
 
-BAD_NAMES = [("", "MissingRequiredProperty"), ("x" * 65, "InvalidPropertyValue"),
-             ("a b", "InvalidPropertyValue"), ("a.b", "InvalidPropertyValue"), ("ü", "InvalidPropertyValue"),
-             ("a\n", "InvalidPropertyValue"), ("a/b", "InvalidPropertyValue")]
+BAD_NAMES = [
+    ("", "MissingRequiredProperty"),
+    ("x" * 65, "InvalidPropertyValue"),
+    ("a b", "InvalidPropertyValue"),
+    ("a.b", "InvalidPropertyValue"),
+    ("ü", "InvalidPropertyValue"),
+    ("a\n", "InvalidPropertyValue"),
+    ("a/b", "InvalidPropertyValue"),
+]
 
 
 async def test_bad_names_are_refused_and_nothing_is_stored(api):
@@ -98,10 +115,24 @@ async def test_bad_names_are_refused_and_nothing_is_stored(api):
     for name, code in BAD_NAMES:
         err(await api("POST", "/pools", {**POOL, "name": name}), 400, code, "name")
         err(await api("POST", "/workitems", {**WI, "name": name}), 400, code, "name")
-        err(await api("POST", f"/workitems/wi/jobs/{JOB}/tasks", {"name": name, "commandLine": "true"}),
-            400, code, "name")
-    err(await api("POST", "/workitems", {"name": "w2", "jobExecutionEnvironment": {"poolName": "bad pool"}}),
-        400, "InvalidPropertyValue", "jobExecutionEnvironment.poolName")
+        err(
+            await api(
+                "POST", f"/workitems/wi/jobs/{JOB}/tasks", {"name": name, "commandLine": "true"}
+            ),
+            400,
+            code,
+            "name",
+        )
+    err(
+        await api(
+            "POST",
+            "/workitems",
+            {"name": "w2", "jobExecutionEnvironment": {"poolName": "bad pool"}},
+        ),
+        400,
+        "InvalidPropertyValue",
+        "jobExecutionEnvironment.poolName",
+    )
     assert await api.names("/pools") == ["p"]
     assert await api.names("/workitems") == ["wi"]
     assert await api.names(f"/workitems/wi/jobs/{JOB}/tasks") == []
@@ -111,7 +142,9 @@ async def test_bad_names_are_refused_and_nothing_is_stored(api):
 
 async def test_bad_names_in_a_collection_get_per_task_errors(api):
     await _pool_and_workitem(api)
-    tasks = [{"name": n, "commandLine": "true"} for n, _ in BAD_NAMES] + [{"name": "good", "commandLine": "true"}]
+    tasks = [{"name": n, "commandLine": "true"} for n, _ in BAD_NAMES] + [
+        {"name": "good", "commandLine": "true"}
+    ]
     r = await api("POST", f"/workitems/wi/jobs/{JOB}/addtaskcollection", {"value": tasks})
     assert r.status_code == 200, r.text
     results = r.json()["value"]
@@ -125,14 +158,22 @@ async def test_bad_names_in_a_collection_get_per_task_errors(api):
 
 async def test_duplicates_are_409_with_a_code_per_resource(api):
     await _pool_and_workitem(api)
-    assert (await api("POST", f"/workitems/wi/jobs/{JOB}/tasks", {"name": "t", "commandLine": "a"})).status_code == 201
+    assert (
+        await api("POST", f"/workitems/wi/jobs/{JOB}/tasks", {"name": "t", "commandLine": "a"})
+    ).status_code == 201
     err(await api("POST", "/pools", {**POOL, "targetDedicated": 3}), 409, "PoolExists")
     err(await api("POST", "/pools", {**POOL, "name": "P"}), 409, "PoolExists")  # case-insensitive
     err(await api("POST", "/workitems", {**WI, "priority": 5}), 409, "WorkItemExists")
-    err(await api("POST", f"/workitems/wi/jobs/{JOB}/tasks", {"name": "t", "commandLine": "b"}), 409, "TaskExists")
+    err(
+        await api("POST", f"/workitems/wi/jobs/{JOB}/tasks", {"name": "t", "commandLine": "b"}),
+        409,
+        "TaskExists",
+    )
     assert await api.names("/pools") == ["p"]
     assert (await api("GET", "/pools/p")).json()["targetDedicated"] == 0
-    assert (await api("GET", "/workitems/wi")).json().get("priority", 0) == 0  # 0 is omitted (omit_defaults)
+    assert (await api("GET", "/workitems/wi")).json().get(
+        "priority", 0
+    ) == 0  # 0 is omitted (omit_defaults)
     assert (await api("GET", f"/workitems/wi/jobs/{JOB}/tasks/t")).json()["commandLine"] == "a"
 
 
@@ -152,11 +193,24 @@ async def test_unknown_resources_are_404_with_a_code(api):
         ("GET", f"/workitems/nope/jobs/{JOB}", None, "WorkItemNotFound"),
         ("GET", "/workitems/wi/jobs/job-0000000009", None, "JobNotFound"),
         ("GET", "/workitems/wi/jobs/job-0000000009/tasks", None, "JobNotFound"),
-        ("POST", "/workitems/wi/jobs/job-0000000009/tasks", {"name": "t", "commandLine": "x"}, "JobNotFound"),
-        ("POST", "/workitems/nope/jobs/job-0000000001/tasks", {"name": "t", "commandLine": "x"},
-         "WorkItemNotFound"),
-        ("POST", "/workitems/wi/jobs/job-0000000009/addtaskcollection",
-         {"value": [{"name": "t", "commandLine": "x"}]}, "JobNotFound"),
+        (
+            "POST",
+            "/workitems/wi/jobs/job-0000000009/tasks",
+            {"name": "t", "commandLine": "x"},
+            "JobNotFound",
+        ),
+        (
+            "POST",
+            "/workitems/nope/jobs/job-0000000001/tasks",
+            {"name": "t", "commandLine": "x"},
+            "WorkItemNotFound",
+        ),
+        (
+            "POST",
+            "/workitems/wi/jobs/job-0000000009/addtaskcollection",
+            {"value": [{"name": "t", "commandLine": "x"}]},
+            "JobNotFound",
+        ),
         ("GET", f"/workitems/wi/jobs/{JOB}/tasks/nope", None, "TaskNotFound"),
         ("DELETE", f"/workitems/wi/jobs/{JOB}/tasks/nope", None, "TaskNotFound"),
         ("POST", f"/workitems/wi/jobs/{JOB}/tasks/nope/terminate", None, "TaskNotFound"),
@@ -192,43 +246,134 @@ async def test_malformed_json_and_wrong_types_name_the_field(api):
     err(await api("POST", "/pools"), 400, "MissingRequestBody")
     err(await api("POST", "/pools", ["q"]), 400, "InvalidRequestBody")
     err(await api("POST", "/pools", {"name": 5}), 400, "InvalidRequestBody", "name")
-    err(await api("POST", "/pools", {"name": "q", "targetDedicated": "3"}), 400, "InvalidRequestBody",
-        "targetDedicated")
-    err(await api("POST", "/pools", {"name": "q", "targetDedicated": 1.5}), 400, "InvalidRequestBody",
-        "targetDedicated")
-    err(await api("POST", "/pools", {"name": "q", "communication": "yes"}), 400, "InvalidRequestBody",
-        "communication")
+    err(
+        await api("POST", "/pools", {"name": "q", "targetDedicated": "3"}),
+        400,
+        "InvalidRequestBody",
+        "targetDedicated",
+    )
+    err(
+        await api("POST", "/pools", {"name": "q", "targetDedicated": 1.5}),
+        400,
+        "InvalidRequestBody",
+        "targetDedicated",
+    )
+    err(
+        await api("POST", "/pools", {"name": "q", "communication": "yes"}),
+        400,
+        "InvalidRequestBody",
+        "communication",
+    )
     err(await api("POST", "/pools", {"vmSize": "small"}), 400, "InvalidRequestBody", "name")
-    err(await api("POST", "/pools", {"name": "q", "tagetDedicated": 1}), 400, "InvalidRequestBody", "tagetDedicated")
-    err(await api("POST", "/pools", {"name": "q", "startTask": {}}), 400, "InvalidRequestBody",
-        "startTask.commandLine")
-    err(await api("POST", "/pools", {"name": "q", "startTask": {"commandLine": "x", "bogus": 1}}), 400,
-        "InvalidRequestBody", "startTask.bogus")
-    err(await api("POST", "/pools", {"name": "q", "vmSize": "huge"}), 400, "InvalidVmSize", "vmSize")
-    err(await api("POST", "/pools", {"name": "q", "maxTasksPerVM": 0}), 400, "InvalidPropertyValue", "maxTasksPerVM")
-    err(await api("POST", "/pools", {"name": "q", "tvmFillType": "random"}), 400, "InvalidPropertyValue",
-        "tvmFillType")
-    err(await api("POST", "/pools", {"name": "q", "targetDedicated": -1}), 400, "InvalidPropertyValue",
-        "targetDedicated")
-    err(await api("POST", "/workitems", {"name": "w2"}), 400, "InvalidRequestBody", "jobExecutionEnvironment")
-    err(await api("POST", "/workitems", {**WI, "name": "w2", "priority": "high"}), 400, "InvalidRequestBody",
-        "priority")
-    err(await api("POST", "/workitems", {**WI, "name": "w2", "priority": 1001}), 400, "InvalidPropertyValue",
-        "priority")
+    err(
+        await api("POST", "/pools", {"name": "q", "tagetDedicated": 1}),
+        400,
+        "InvalidRequestBody",
+        "tagetDedicated",
+    )
+    err(
+        await api("POST", "/pools", {"name": "q", "startTask": {}}),
+        400,
+        "InvalidRequestBody",
+        "startTask.commandLine",
+    )
+    err(
+        await api("POST", "/pools", {"name": "q", "startTask": {"commandLine": "x", "bogus": 1}}),
+        400,
+        "InvalidRequestBody",
+        "startTask.bogus",
+    )
+    err(
+        await api("POST", "/pools", {"name": "q", "vmSize": "huge"}), 400, "InvalidVmSize", "vmSize"
+    )
+    err(
+        await api("POST", "/pools", {"name": "q", "maxTasksPerVM": 0}),
+        400,
+        "InvalidPropertyValue",
+        "maxTasksPerVM",
+    )
+    err(
+        await api("POST", "/pools", {"name": "q", "tvmFillType": "random"}),
+        400,
+        "InvalidPropertyValue",
+        "tvmFillType",
+    )
+    err(
+        await api("POST", "/pools", {"name": "q", "targetDedicated": -1}),
+        400,
+        "InvalidPropertyValue",
+        "targetDedicated",
+    )
+    err(
+        await api("POST", "/workitems", {"name": "w2"}),
+        400,
+        "InvalidRequestBody",
+        "jobExecutionEnvironment",
+    )
+    err(
+        await api("POST", "/workitems", {**WI, "name": "w2", "priority": "high"}),
+        400,
+        "InvalidRequestBody",
+        "priority",
+    )
+    err(
+        await api("POST", "/workitems", {**WI, "name": "w2", "priority": 1001}),
+        400,
+        "InvalidPropertyValue",
+        "priority",
+    )
     err(await api("POST", tasks, {"name": "t"}), 400, "InvalidRequestBody", "commandLine")
-    err(await api("POST", tasks, {"name": "t", "commandLine": ["a"]}), 400, "InvalidRequestBody", "commandLine")
-    err(await api("POST", tasks, {"name": "t", "commandLine": "x", "taskConstraints": {"maxWallClockTime": "1h"}}),
-        400, "InvalidPropertyValue", "taskConstraints.maxWallClockTime")
-    err(await api("POST", tasks, {"name": "t", "commandLine": "x",
-                                  "taskConstraints": {"maxTaskRetryCount": "3"}}),
-        400, "InvalidRequestBody", "taskConstraints.maxTaskRetryCount")
-    err(await api("POST", tasks, {"name": "t", "commandLine": "x", "environmentSettings": [{"value": "v"}]}),
-        400, "InvalidRequestBody", "environmentSettings[0].name")
-    err(await api("POST", f"/workitems/wi/jobs/{JOB}/addtaskcollection",
-                  {"value": [{"name": "a", "commandLine": "x"}, {"name": "b", "commandLine": 7}]}),
-        400, "InvalidRequestBody", "value[1].commandLine")
-    err(await api("POST", f"/workitems/wi/jobs/{JOB}/addtaskcollection", {"tasks": []}), 400,
-        "InvalidRequestBody")
+    err(
+        await api("POST", tasks, {"name": "t", "commandLine": ["a"]}),
+        400,
+        "InvalidRequestBody",
+        "commandLine",
+    )
+    err(
+        await api(
+            "POST",
+            tasks,
+            {"name": "t", "commandLine": "x", "taskConstraints": {"maxWallClockTime": "1h"}},
+        ),
+        400,
+        "InvalidPropertyValue",
+        "taskConstraints.maxWallClockTime",
+    )
+    err(
+        await api(
+            "POST",
+            tasks,
+            {"name": "t", "commandLine": "x", "taskConstraints": {"maxTaskRetryCount": "3"}},
+        ),
+        400,
+        "InvalidRequestBody",
+        "taskConstraints.maxTaskRetryCount",
+    )
+    err(
+        await api(
+            "POST",
+            tasks,
+            {"name": "t", "commandLine": "x", "environmentSettings": [{"value": "v"}]},
+        ),
+        400,
+        "InvalidRequestBody",
+        "environmentSettings[0].name",
+    )
+    err(
+        await api(
+            "POST",
+            f"/workitems/wi/jobs/{JOB}/addtaskcollection",
+            {"value": [{"name": "a", "commandLine": "x"}, {"name": "b", "commandLine": 7}]},
+        ),
+        400,
+        "InvalidRequestBody",
+        "value[1].commandLine",
+    )
+    err(
+        await api("POST", f"/workitems/wi/jobs/{JOB}/addtaskcollection", {"tasks": []}),
+        400,
+        "InvalidRequestBody",
+    )
     assert await api.names("/pools") == ["p"]
     assert await api.names("/workitems") == ["wi"]
     assert await api.names(tasks) == []
@@ -240,25 +385,80 @@ async def test_malformed_json_and_wrong_types_name_the_field(api):
 async def test_reserved_environment_variables_are_refused(api):
     await _pool_and_workitem(api)
     tasks = f"/workitems/wi/jobs/{JOB}/tasks"
-    for var in ("WATASK_TASK_NAME", "WATASK_TVM_ROOT_DIR", "watask_portrange_low", "WATASK_NEW_THING",
-                "AZ_BATCH_TASK_ID"):
-        body = err(await api("POST", tasks, {"name": "t", "commandLine": "x",
-                                              "environmentSettings": [{"name": "OK", "value": "1"},
-                                                                      {"name": var, "value": "evil"}]}),
-                   400, "ReservedEnvironmentVariable", "environmentSettings")
+    for var in (
+        "WATASK_TASK_NAME",
+        "WATASK_TVM_ROOT_DIR",
+        "watask_portrange_low",
+        "WATASK_NEW_THING",
+        "AZ_BATCH_TASK_ID",
+    ):
+        body = err(
+            await api(
+                "POST",
+                tasks,
+                {
+                    "name": "t",
+                    "commandLine": "x",
+                    "environmentSettings": [
+                        {"name": "OK", "value": "1"},
+                        {"name": var, "value": "evil"},
+                    ],
+                },
+            ),
+            400,
+            "ReservedEnvironmentVariable",
+            "environmentSettings",
+        )
         assert var in body["message"]["value"]
-    err(await api("POST", "/workitems", {**WI, "name": "w2",
-                                         "commonEnvironmentSettings": [{"name": "WATASK_JOB_NAME", "value": "x"}]}),
-        400, "ReservedEnvironmentVariable", "commonEnvironmentSettings")
-    err(await api("POST", "/pools", {"name": "q", "startTask": {
-        "commandLine": "x", "environmentSettings": [{"name": "WATASK_POOL_NAME", "value": "x"}]}}),
-        400, "ReservedEnvironmentVariable", "startTask.environmentSettings")
-    r = await api("POST", f"/workitems/wi/jobs/{JOB}/addtaskcollection", {"value": [
-        {"name": "c1", "commandLine": "x", "environmentSettings": [{"name": "WATASK_TVM_NAME", "value": "x"}]},
-        {"name": "c2", "commandLine": "x"}]})
+    err(
+        await api(
+            "POST",
+            "/workitems",
+            {
+                **WI,
+                "name": "w2",
+                "commonEnvironmentSettings": [{"name": "WATASK_JOB_NAME", "value": "x"}],
+            },
+        ),
+        400,
+        "ReservedEnvironmentVariable",
+        "commonEnvironmentSettings",
+    )
+    err(
+        await api(
+            "POST",
+            "/pools",
+            {
+                "name": "q",
+                "startTask": {
+                    "commandLine": "x",
+                    "environmentSettings": [{"name": "WATASK_POOL_NAME", "value": "x"}],
+                },
+            },
+        ),
+        400,
+        "ReservedEnvironmentVariable",
+        "startTask.environmentSettings",
+    )
+    r = await api(
+        "POST",
+        f"/workitems/wi/jobs/{JOB}/addtaskcollection",
+        {
+            "value": [
+                {
+                    "name": "c1",
+                    "commandLine": "x",
+                    "environmentSettings": [{"name": "WATASK_TVM_NAME", "value": "x"}],
+                },
+                {"name": "c2", "commandLine": "x"},
+            ]
+        },
+    )
     assert r.status_code == 200
     assert [(x["status"], (x.get("error") or {}).get("code")) for x in r.json()["value"]] == [
-        ("clienterror", "ReservedEnvironmentVariable"), ("success", None)]
+        ("clienterror", "ReservedEnvironmentVariable"),
+        ("success", None),
+    ]
     assert await api.names(tasks) == ["c2"]
     assert await api.names("/workitems") == ["wi"]
     assert await api.names("/pools") == ["p"]
@@ -267,8 +467,11 @@ async def test_reserved_environment_variables_are_refused(api):
 async def test_more_than_100_tasks_in_a_collection_is_400_and_stores_none(api):
     await _pool_and_workitem(api)
     value = [{"name": f"t{i}", "commandLine": "x"} for i in range(101)]
-    body = err(await api("POST", f"/workitems/wi/jobs/{JOB}/addtaskcollection", {"value": value}), 400,
-               "TooManyTasks")
+    body = err(
+        await api("POST", f"/workitems/wi/jobs/{JOB}/addtaskcollection", {"value": value}),
+        400,
+        "TooManyTasks",
+    )
     assert "100" in body["message"]["value"]
     assert await api.names(f"/workitems/wi/jobs/{JOB}/tasks") == []
     r = await api("POST", f"/workitems/wi/jobs/{JOB}/addtaskcollection", {"value": value[:100]})
@@ -284,7 +487,11 @@ async def test_unsigned_wrongly_signed_and_stale_requests(api):
     assert ok.status_code == 200
     err(await api("GET", "/pools", sign=False), 401, "AuthenticationFailed")
     err(await api("POST", "/pools", POOL, sign=False), 401, "AuthenticationFailed")
-    err(await api("GET", "/pools", headers={"Authorization": "Bearer abc"}, sign=False), 401, "AuthenticationFailed")
+    err(
+        await api("GET", "/pools", headers={"Authorization": "Bearer abc"}, sign=False),
+        401,
+        "AuthenticationFailed",
+    )
     wrong = base64.b64encode(b"w" * 64).decode()
     err(await api("POST", "/pools", POOL, key=wrong), 403, "AuthenticationFailed")
     err(await api("POST", "/pools", POOL, account="intruder"), 403, "AccountNameMismatch")
@@ -305,7 +512,11 @@ async def test_unsigned_wrongly_signed_and_stale_requests(api):
     sign_request("GET", "/pools", "", h, api.account, api.key)
     err(await api.http.get(api.endpoint + "/workitems", headers=h), 403, "AuthenticationFailed")
     # A percent-encoded path is signed as sent (as the Azure SDKs do): authenticated, then 404.
-    err(await api("GET", f"/workitems/nope/jobs/{JOB}/tasks/t/files/my%20file.txt"), 404, "WorkItemNotFound")
+    err(
+        await api("GET", f"/workitems/nope/jobs/{JOB}/tasks/t/files/my%20file.txt"),
+        404,
+        "WorkItemNotFound",
+    )
     # Unknown paths need a signature too (no probing without a key).
     err(await api("GET", "/nothing", sign=False), 401, "AuthenticationFailed")
     assert await api.names("/pools") == []

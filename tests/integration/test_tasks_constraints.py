@@ -56,24 +56,50 @@ async def test_retries_wall_clock_retention_and_update(nursery, tmp_path, monkey
     async with cluster_ctx(nursery, tmp_path, agents=2, heartbeat_timeout=5) as c:
         await c.pool_with_tvms("p", 1, max_tasks_per_vm=4)
         await c.client.workitems.add("wi", "p")
-        await c.client.workitems.add("wi2", "later", job_constraints=m.JobConstraints(max_task_retry_count=1))
+        await c.client.workitems.add(
+            "wi2", "later", job_constraints=m.JobConstraints(max_task_retry_count=1)
+        )
         env = {"TVM_TEST_MARK": mark}
         count = "$AZ_BATCH_NODE_SHARED_DIR/retries-$AZ_BATCH_TASK_ID"
-        await c.client.tasks.add_many("wi", JOB, [
-            task_spec("retry", f"sh -c 'echo run >> {count}; exit 3'", max_task_retry_count=2),
-            task_spec("tree", "sh -c 'sleep 100 & sleep 100'", env=env, max_wall_clock_time="PT2S",
-                      max_task_retry_count=3),
-            task_spec("setsid", "sh -c 'setsid sleep 100 & setsid sh -c \"sleep 100 &\"; sleep 100'", env=env,
-                      max_wall_clock_time="PT2S"),
-            task_spec("kept", "echo kept"),
-            task_spec("gone", "echo gone", retention_time="PT1S"),
-        ])
+        await c.client.tasks.add_many(
+            "wi",
+            JOB,
+            [
+                task_spec("retry", f"sh -c 'echo run >> {count}; exit 3'", max_task_retry_count=2),
+                task_spec(
+                    "tree",
+                    "sh -c 'sleep 100 & sleep 100'",
+                    env=env,
+                    max_wall_clock_time="PT2S",
+                    max_task_retry_count=3,
+                ),
+                task_spec(
+                    "setsid",
+                    "sh -c 'setsid sleep 100 & setsid sh -c \"sleep 100 &\"; sleep 100'",
+                    env=env,
+                    max_wall_clock_time="PT2S",
+                ),
+                task_spec("kept", "echo kept"),
+                task_spec("gone", "echo gone", retention_time="PT1S"),
+            ],
+        )
         # Tasks waiting for a pool that does not exist yet: their constraints can still change.
-        await c.client.tasks.add("wi2", JOB, "patched", "sh -c 'echo x >> $AZ_BATCH_NODE_SHARED_DIR/patched; "
-                                 "sleep 100'", env=env)
+        await c.client.tasks.add(
+            "wi2",
+            JOB,
+            "patched",
+            "sh -c 'echo x >> $AZ_BATCH_NODE_SHARED_DIR/patched; sleep 100'",
+            env=env,
+        )
         await c.client.tasks.add("wi2", JOB, "jobdefault", f"sh -c 'echo run >> {count}; exit 4'")
-        await c.client.tasks.update("wi2", JOB, "patched", max_wall_clock_time="PT1S", max_task_retry_count=0,
-                                    retention_time="PT1H")
+        await c.client.tasks.update(
+            "wi2",
+            JOB,
+            "patched",
+            max_wall_clock_time="PT1S",
+            max_task_retry_count=0,
+            retention_time="PT1H",
+        )
         got = await _task(c, "wi2", "patched")
         assert got.task_constraints.max_wall_clock_time == "PT1S"
         assert got.task_constraints.max_task_retry_count == 0
@@ -92,17 +118,27 @@ async def test_retries_wall_clock_retention_and_update(nursery, tmp_path, monkey
         assert runs == b"run\n" * 3
 
         # The job's default (1) applies when the task says nothing.
-        t = await c.wait_for(lambda: _completed(c, "wi2", "jobdefault"), what="jobdefault completed")
+        t = await c.wait_for(
+            lambda: _completed(c, "wi2", "jobdefault"), what="jobdefault completed"
+        )
         assert (t.execution_info.exit_code, t.execution_info.retry_count) == (4, 1)
         later_tvm = t.tvm_info.tvm_name
-        assert await c.client.files.get_from_tvm("later", later_tvm, "shared/retries-jobdefault") == b"run\n" * 2
+        assert (
+            await c.client.files.get_from_tvm("later", later_tvm, "shared/retries-jobdefault")
+            == b"run\n" * 2
+        )
 
         # maxWallClockTime: killed with the whole tree, never retried.
         for wi, name in (("wi", "tree"), ("wi", "setsid"), ("wi2", "patched")):
-            t = await c.wait_for(lambda wi=wi, name=name: _completed(c, wi, name), what=f"{name} completed")
+            t = await c.wait_for(
+                lambda wi=wi, name=name: _completed(c, wi, name), what=f"{name} completed"
+            )
             info = t.execution_info
             assert info.exit_code == WALL_CLOCK_EXIT, name
-            assert (info.scheduling_error.category, info.scheduling_error.code) == ("ServerError", "TaskEnded")
+            assert (info.scheduling_error.category, info.scheduling_error.code) == (
+                "ServerError",
+                "TaskEnded",
+            )
             assert info.retry_count == 0, name
         assert await c.client.files.get_from_tvm("later", later_tvm, "shared/patched") == b"x\n"
         assert _marked_pids(mark) == []
@@ -175,7 +211,9 @@ async def test_retention_survives_an_agent_restart(nursery, tmp_path, monkeypatc
         rdir = os.path.join(old.root, "tasks", "wi", JOB, "r")
         assert _exists(rdir)
         c.start_agent(old.name, root=old.root)
-        await c.wait_for(lambda: not _exists(rdir), timeout=20, what="r's directory removed after restart")
+        await c.wait_for(
+            lambda: not _exists(rdir), timeout=20, what="r's directory removed after restart"
+        )
 
         async def cleaned():
             try:

@@ -15,7 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import trio
 
-from coordinator.client._client import BatchError, _Call, task_spec
+from coordinator.client import BatchError, task_spec
+from coordinator.client._http import _Call
 from coordinator.common import models as m
 from tests.harness import REPO, agent_env, cluster_ctx
 
@@ -106,43 +107,105 @@ async def test_resource_files_from_http_and_file_store(nursery, tmp_path):
             path = tmp_path / "blob.bin"
             path.write_bytes(BLOB)
             cli = await trio.run_process(
-                [sys.executable, "-c", "from coordinator.cli import main; main()", "file", "upload", str(path)],
-                capture_stdout=True, capture_stderr=True, cwd=REPO,
-                env=agent_env({"TVM_ENDPOINT": c.rc.endpoint, "TVM_ACCOUNT": c.rc.account, "TVM_KEY": c.rc.key}))
+                [
+                    sys.executable,
+                    "-c",
+                    "from coordinator.cli import main; main()",
+                    "file",
+                    "upload",
+                    str(path),
+                ],
+                capture_stdout=True,
+                capture_stderr=True,
+                cwd=REPO,
+                env=agent_env(
+                    {
+                        "TVM_ENDPOINT": c.rc.endpoint,
+                        "TVM_ACCOUNT": c.rc.account,
+                        "TVM_KEY": c.rc.key,
+                    }
+                ),
+            )
             source = cli.stdout.decode().strip()
             assert source == f"filestore:sha256:{_sha(BLOB)}"
             res = await c.client.files.upload(BLOB, sha256=_sha(BLOB))
             assert res == {"sha256": _sha(BLOB), "size": len(BLOB), "blobSource": source}
-            assert {f["sha256"] for f in await _store_list(c)} == {f["sha256"] for f in before} | {_sha(BLOB)}
-            part = await c.client._call(_Call("GET", f"/files/sha256/{_sha(BLOB)}", headers={"Range": "bytes=10-19"},
-                                              parse=lambda r: (r.status_code, r.content)))
+            assert {f["sha256"] for f in await _store_list(c)} == {f["sha256"] for f in before} | {
+                _sha(BLOB)
+            }
+            part = await c.client._call(
+                _Call(
+                    "GET",
+                    f"/files/sha256/{_sha(BLOB)}",
+                    headers={"Range": "bytes=10-19"},
+                    parse=lambda r: (r.status_code, r.content),
+                )
+            )
             assert part == (206, BLOB[10:20])
 
             url = f"{http.base}/data.bin?{SAS}"
-            files = [m.ResourceFile(blob_source=url, file_path="in/data.bin"),
-                     m.ResourceFile(blob_source=source, file_path="store/blob.bin")]
+            files = [
+                m.ResourceFile(blob_source=url, file_path="in/data.bin"),
+                m.ResourceFile(blob_source=source, file_path="store/blob.bin"),
+            ]
             show = "sh -c 'stat -c %a in/data.bin store/blob.bin'"
             bad = f"{http.base}/other.bin"
-            await c.client.tasks.add_many("wi", JOB, [
-                task_spec("rf", show, resource_files=files),
-                task_spec("nf", "true", resource_files=[m.ResourceFile(blob_source=f"{http.base}/missing",
-                                                                       file_path="x")], max_task_retry_count=3),
-                task_spec("forbid", "true", resource_files=[m.ResourceFile(blob_source=f"{http.base}/forbidden",
-                                                                           file_path="x")], max_task_retry_count=3),
-                task_spec("unreach", "true", resource_files=[m.ResourceFile(
-                    blob_source=f"http://127.0.0.1:{_closed_port()}/x", file_path="x")], max_task_retry_count=3),
-                task_spec("badhash", "true", resource_files=[m.ResourceFile(
-                    blob_source=bad, file_path="x", sha256=_sha(b"not it"))], max_task_retry_count=3),
-            ])
+            await c.client.tasks.add_many(
+                "wi",
+                JOB,
+                [
+                    task_spec("rf", show, resource_files=files),
+                    task_spec(
+                        "nf",
+                        "true",
+                        resource_files=[
+                            m.ResourceFile(blob_source=f"{http.base}/missing", file_path="x")
+                        ],
+                        max_task_retry_count=3,
+                    ),
+                    task_spec(
+                        "forbid",
+                        "true",
+                        resource_files=[
+                            m.ResourceFile(blob_source=f"{http.base}/forbidden", file_path="x")
+                        ],
+                        max_task_retry_count=3,
+                    ),
+                    task_spec(
+                        "unreach",
+                        "true",
+                        resource_files=[
+                            m.ResourceFile(
+                                blob_source=f"http://127.0.0.1:{_closed_port()}/x", file_path="x"
+                            )
+                        ],
+                        max_task_retry_count=3,
+                    ),
+                    task_spec(
+                        "badhash",
+                        "true",
+                        resource_files=[
+                            m.ResourceFile(blob_source=bad, file_path="x", sha256=_sha(b"not it"))
+                        ],
+                        max_task_retry_count=3,
+                    ),
+                ],
+            )
             rf = await c.wait_for(lambda: _done(c, "rf"), what="rf completed")
-            assert rf.execution_info.exit_code == 0, await c.client.files.get_from_task("wi", JOB, "rf", "stderr.txt")
-            assert await c.client.files.get_from_task("wi", JOB, "rf", "stdout.txt") == b"770\n770\n"
+            assert rf.execution_info.exit_code == 0, await c.client.files.get_from_task(
+                "wi", JOB, "rf", "stderr.txt"
+            )
+            assert (
+                await c.client.files.get_from_task("wi", JOB, "rf", "stdout.txt") == b"770\n770\n"
+            )
             wd = os.path.join(c.agents[0].root, "tasks", "wi", JOB, "rf", "wd")
             for rel, want in (("in/data.bin", DATA), ("store/blob.bin", BLOB)):
                 assert _read(os.path.join(wd, rel)) == want, rel
                 assert os.stat(os.path.join(wd, rel)).st_mode & 0o777 == 0o770
             assert await c.client.files.get_from_task("wi", JOB, "rf", "wd/in/data.bin") == DATA
-            assert http.paths.count(f"/data.bin?{SAS}") == 1  # the SAS query reached the server intact
+            assert (
+                http.paths.count(f"/data.bin?{SAS}") == 1
+            )  # the SAS query reached the server intact
 
             # The same URL again on the same TVM comes from the cache.
             await c.client.tasks.add("wi", JOB, "rf2", show, resource_files=files)
@@ -150,11 +213,22 @@ async def test_resource_files_from_http_and_file_store(nursery, tmp_path):
             assert rf2.execution_info.exit_code == 0
             assert rf2.tvm_info.tvm_name == rf.tvm_info.tvm_name
             assert http.counts["/data.bin"] == 1
-            assert _read(os.path.join(c.agents[0].root, "tasks", "wi", JOB, "rf2", "wd", "in", "data.bin")) == DATA
+            assert (
+                _read(
+                    os.path.join(
+                        c.agents[0].root, "tasks", "wi", JOB, "rf2", "wd", "in", "data.bin"
+                    )
+                )
+                == DATA
+            )
 
             # Failed downloads: completed with a UserError naming the cause, never retried.
-            for name, code in (("nf", "ResourceFileNotFound"), ("forbid", "ResourceFileAccessDenied"),
-                               ("unreach", "ResourceFileUnreachable"), ("badhash", "ResourceFileHashMismatch")):
+            for name, code in (
+                ("nf", "ResourceFileNotFound"),
+                ("forbid", "ResourceFileAccessDenied"),
+                ("unreach", "ResourceFileUnreachable"),
+                ("badhash", "ResourceFileHashMismatch"),
+            ):
                 t = await c.wait_for(lambda name=name: _done(c, name), what=f"{name} completed")
                 err = t.execution_info.scheduling_error
                 assert (err.category, err.code) == ("UserError", code), (name, err)
@@ -167,8 +241,13 @@ async def test_resource_files_from_http_and_file_store(nursery, tmp_path):
             # Paths escaping the task directory are refused when the task is added.
             for p in ("../x", "/etc/x", "a/../../x"):
                 with pytest.raises(BatchError) as e:
-                    await c.client.tasks.add("wi", JOB, "escape", "true",
-                                             resource_files=[m.ResourceFile(blob_source=url, file_path=p)])
+                    await c.client.tasks.add(
+                        "wi",
+                        JOB,
+                        "escape",
+                        "true",
+                        resource_files=[m.ResourceFile(blob_source=url, file_path=p)],
+                    )
                 assert (e.value.status, e.value.code) == (400, "InvalidResourceFilePath")
             with pytest.raises(BatchError) as e:
                 await c.client.tasks.get("wi", JOB, "escape")
@@ -178,26 +257,35 @@ async def test_resource_files_from_http_and_file_store(nursery, tmp_path):
 async def _store_list(c):
     import msgspec
 
-    return await c.client._call(_Call("GET", "/files", parse=lambda r: msgspec.json.decode(r.content)["value"]))
+    return await c.client._call(
+        _Call("GET", "/files", parse=lambda r: msgspec.json.decode(r.content)["value"])
+    )
 
 
 async def test_task_and_tvm_files(nursery, tmp_path):
     async with cluster_ctx(nursery, tmp_path, agents=1) as c:
         await c.pool_with_tvms("p", 1, max_tasks_per_vm=2)
         await c.client.workitems.add("wi", "p")
-        script = ("sh -c 'mkdir -p sub/deeper; echo deep > sub/deeper/f.txt; printf 0123456789 > digits; "
-                  "echo partial-out; echo partial-err >&2; sleep 100'")
+        script = (
+            "sh -c 'mkdir -p sub/deeper; echo deep > sub/deeper/f.txt; printf 0123456789 > digits; "
+            "echo partial-out; echo partial-err >&2; sleep 100'"
+        )
         await c.client.tasks.add("wi", JOB, "run", script)
 
         async def partial():
             try:
-                return await c.client.files.get_from_task("wi", JOB, "run", "stdout.txt") == b"partial-out\n"
+                return (
+                    await c.client.files.get_from_task("wi", JOB, "run", "stdout.txt")
+                    == b"partial-out\n"
+                )
             except BatchError:
                 return False
 
         await c.wait_for(partial, what="partial stdout of the running task")
         assert (await c.client.tasks.get("wi", JOB, "run")).state == "running"
-        assert await c.client.files.get_from_task("wi", JOB, "run", "stderr.txt") == b"partial-err\n"
+        assert (
+            await c.client.files.get_from_task("wi", JOB, "run", "stderr.txt") == b"partial-err\n"
+        )
 
         top = {f.name: f for f in await c.client.files.list_from_task("wi", JOB, "run")}
         assert {"stdout.txt", "stderr.txt", "wd"} <= set(top)
@@ -205,12 +293,17 @@ async def test_task_and_tvm_files(nursery, tmp_path):
         assert top["wd"].properties is None
         assert top["stdout.txt"].properties.content_length == len(b"partial-out\n")
         assert "wd/digits" not in top
-        deep = {f.name: f for f in await c.client.files.list_from_task("wi", JOB, "run", recursive=True)}
+        deep = {
+            f.name: f for f in await c.client.files.list_from_task("wi", JOB, "run", recursive=True)
+        }
         assert {"wd/digits", "wd/sub", "wd/sub/deeper", "wd/sub/deeper/f.txt"} <= set(deep)
         assert deep["wd/sub/deeper/f.txt"].properties.content_length == 5
 
         assert await c.client.files.get_from_task("wi", JOB, "run", "wd/digits") == b"0123456789"
-        assert await c.client.files.get_from_task("wi", JOB, "run", "wd/digits", byte_range=(2, 5)) == b"2345"
+        assert (
+            await c.client.files.get_from_task("wi", JOB, "run", "wd/digits", byte_range=(2, 5))
+            == b"2345"
+        )
         props = await c.client.files.properties_from_task("wi", JOB, "run", "wd/digits")
         assert props["size"] == 10
         mtime = datetime.fromisoformat(props["lastModified"].replace("Z", "+00:00"))
@@ -227,8 +320,10 @@ async def test_task_and_tvm_files(nursery, tmp_path):
         assert "tasks/wi" not in {f.name for f in await c.client.files.list_from_tvm("p", tvm)}
 
         # Clear errors.
-        for call in (c.client.files.get_from_task("wi", JOB, "run", "wd/nope"),
-                     c.client.files.properties_from_task("wi", JOB, "run", "wd/nope")):
+        for call in (
+            c.client.files.get_from_task("wi", JOB, "run", "wd/nope"),
+            c.client.files.properties_from_task("wi", JOB, "run", "wd/nope"),
+        ):
             with pytest.raises(BatchError) as e:
                 await call
             assert (e.value.status, e.value.code) == (404, "FileNotFound")

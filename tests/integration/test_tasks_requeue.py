@@ -48,7 +48,9 @@ async def _setup(c):
 async def test_sigkilled_agent_task_finishes_on_the_other(nursery, tmp_path):
     async with cluster_ctx(nursery, tmp_path, agents=2, heartbeat_timeout=1.5) as c:
         tvm, agent = await _setup(c)
-        _write(os.path.join(agent.root, "shared", "code"), "7\n")  # a recorded lost run would fail with 7
+        _write(
+            os.path.join(agent.root, "shared", "code"), "7\n"
+        )  # a recorded lost run would fail with 7
         agent.kill(signal.SIGKILL)
         await c.wait_for(lambda: _tvm_state(c, tvm, "unknown"), what="lost TVM unknown")
         t = await c.wait_for(lambda: _done(c), timeout=30, what="t completed elsewhere")
@@ -63,7 +65,11 @@ async def test_sigkilled_agent_task_finishes_on_the_other(nursery, tmp_path):
         await c.wait_for(lambda: _tvm_state(c, tvm, "idle"), what="old TVM idle again")
         await _barrier(c, tvm)
         t = await _task(c)
-        assert (t.state, t.execution_info.exit_code, t.execution_info.requeue_count) == ("completed", 0, 1)
+        assert (t.state, t.execution_info.exit_code, t.execution_info.requeue_count) == (
+            "completed",
+            0,
+            1,
+        )
         assert t.tvm_info.tvm_name != tvm
         assert await _total_run(c) == 3  # t once, b1, b2
 
@@ -87,7 +93,12 @@ async def test_silent_agent_result_after_requeue_recorded_once(nursery, tmp_path
         await _barrier(c, tvm)
         t = await _task(c)
         info = t.execution_info
-        assert (t.state, info.exit_code, info.requeue_count, info.retry_count) == ("completed", 0, 1, 0)
+        assert (t.state, info.exit_code, info.requeue_count, info.retry_count) == (
+            "completed",
+            0,
+            1,
+            0,
+        )
         assert t.tvm_info.tvm_name != tvm
         assert await _total_run(c) == 3  # t once, b1, b2
 
@@ -121,7 +132,9 @@ async def test_requeued_task_placed_again_on_the_same_tvm_runs(nursery, tmp_path
         try:
             await c.wait_for(lambda: _tvm_state(c, tvm, "unknown"), what="silent TVM unknown")
             assert (await _task(c)).execution_info.requeue_count == 1
-            await c.client.tasks.update("wi", JOB, "t", max_wall_clock_time="PT1S")  # the new run ends fast
+            await c.client.tasks.update(
+                "wi", JOB, "t", max_wall_clock_time="PT1S"
+            )  # the new run ends fast
         finally:
             os.kill(agent.proc.pid, signal.SIGCONT)
         t = await c.wait_for(lambda: _done(c), timeout=30, what="t completed after requeue")

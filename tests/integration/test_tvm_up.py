@@ -17,16 +17,35 @@ from coordinator.client import Client
 from coordinator.runtime.provisioner import default_tvm_root_dir
 from tests.harness import agent_env
 
-LINES = [re.compile(r"export TVM_ENDPOINT=http://127\.0\.0\.1:(\d+)"), re.compile(r"export TVM_ACCOUNT=([\w-]+)"),
-         re.compile(r"export TVM_KEY=([A-Za-z0-9+/]+={0,2})")]
+LINES = [
+    re.compile(r"export TVM_ENDPOINT=http://127\.0\.0\.1:(\d+)"),
+    re.compile(r"export TVM_ACCOUNT=([\w-]+)"),
+    re.compile(r"export TVM_KEY=([A-Za-z0-9+/]+={0,2})"),
+]
 
 
 def _start(state: str, agents: int = 1) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in agent_env().items() if not k.startswith("TVM_")}
     return subprocess.Popen(
-        [sys.executable, "-m", "coordinator.cli", "up", "--port", "0", "--agents", str(agents), "--state-dir", state,
-         "--heartbeat-timeout", "5"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "coordinator.cli",
+            "up",
+            "--port",
+            "0",
+            "--agents",
+            str(agents),
+            "--state-dir",
+            state,
+            "--heartbeat-timeout",
+            "5",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
     )
 
 
@@ -42,7 +61,9 @@ def _read_line(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> str:
         ch = os.read(proc.stdout.fileno(), 1)  # one byte at a time: never read past the line
         if not ch:
             err = proc.stderr.read().decode() if proc.stderr else ""
-            raise AssertionError(f"tvm up ended early (rc {proc.wait()}); stdout {buf!r}; stderr:\n{err}")
+            raise AssertionError(
+                f"tvm up ended early (rc {proc.wait()}); stdout {buf!r}; stderr:\n{err}"
+            )
         buf += ch
     return buf.decode().rstrip("\n")
 
@@ -158,8 +179,23 @@ def test_tvm_up_refuses_a_busy_port_clearly(tmp_path):
         s.listen(1)
         port = s.getsockname()[1]
         env = {k: v for k, v in agent_env().items() if not k.startswith("TVM_")}
-        r = subprocess.run([sys.executable, "-m", "coordinator.cli", "up", "--port", str(port), "--agents", "0",
-                            "--state-dir", str(tmp_path / "s")], capture_output=True, env=env, timeout=60)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "coordinator.cli",
+                "up",
+                "--port",
+                str(port),
+                "--agents",
+                "0",
+                "--state-dir",
+                str(tmp_path / "s"),
+            ],
+            capture_output=True,
+            env=env,
+            timeout=60,
+        )
     assert r.returncode != 0
     assert r.stdout == b""  # no export lines for an endpoint that does not exist
     assert str(port) in r.stderr.decode()

@@ -17,7 +17,9 @@ from protocol import SUBPROTOCOL, LinkSession, agent_codec
 from protocol import messages as pm
 
 
-def hello(agent_id: str, *, token: str = "", credential: str = "", offer: bool = True, **kw: Any) -> pm.Hello:
+def hello(
+    agent_id: str, *, token: str = "", credential: str = "", offer: bool = True, **kw: Any
+) -> pm.Hello:
     """A Hello proving `credential` (and offering it, as an enrolling agent does, unless offer=False)."""
     fields: dict[str, Any] = {}
     if credential:
@@ -69,7 +71,9 @@ async def handshake(url: str, msg: pm.Hello) -> pm.Msg:
 
 
 @asynccontextmanager
-async def rogue_link(url: str, msg: pm.Hello, session: LinkSession | None = None) -> AsyncIterator[RogueLink]:
+async def rogue_link(
+    url: str, msg: pm.Hello, session: LinkSession | None = None
+) -> AsyncIterator[RogueLink]:
     """A connection that must be welcomed (AssertionError with the Reject otherwise)."""
     session = session or LinkSession(agent_codec())
     async with open_websocket_url(url, subprotocols=[SUBPROTOCOL], disconnect_timeout=1) as ws:

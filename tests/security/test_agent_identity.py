@@ -37,7 +37,9 @@ def _assert_rejected(reply: pm.Msg, code: str) -> None:
 
 
 def _credential(agent) -> str:  # noqa: ANN001 - harness AgentProc
-    with open(os.path.join(agent.root + ".private", "agent-credential")) as f:  # the agent's private dir
+    with open(
+        os.path.join(agent.root + ".private", "agent-credential")
+    ) as f:  # the agent's private dir
         return f.read().strip()
 
 
@@ -61,20 +63,29 @@ async def test_rogue_enrolment_with_an_expired_used_or_revoked_token_fails(nurse
         blob = await c.client.files.upload(b"payload")
         await c.client.workitems.add("wi", "p")
         rf = [pm_resource(blob["blobSource"])]
-        await c.client.tasks.add_many("wi", JOB, [task_spec("t", f"{PY} -c \"print(open('data').read())\"",
-                                                            resource_files=rf)])
+        await c.client.tasks.add_many(
+            "wi",
+            JOB,
+            [task_spec("t", f"{PY} -c \"print(open('data').read())\"", resource_files=rf)],
+        )
         assert (await c.client.tasks.wait("wi", JOB, timeout=30)).failed == 0
         # ... and no other.
-        reply = await handshake(url, hello("rogue-1", token=once.token, credential=new_credential()))
+        reply = await handshake(
+            url, hello("rogue-1", token=once.token, credential=new_credential())
+        )
         _assert_rejected(reply, "JoinTokenUsed")
         tokens = {t.id: t for t in await c.client.agents.list_tokens()}
         assert tokens[once.id].used_by == "real"
         assert not tokens[once.id].token  # no secret in lists
         await trio.sleep(1.2)  # the short token's lifetime
-        reply = await handshake(url, hello("rogue-2", token=short.token, credential=new_credential()))
+        reply = await handshake(
+            url, hello("rogue-2", token=short.token, credential=new_credential())
+        )
         _assert_rejected(reply, "JoinTokenExpired")
         await c.client.agents.revoke_token(revoked.id)
-        reply = await handshake(url, hello("rogue-3", token=revoked.token, credential=new_credential()))
+        reply = await handshake(
+            url, hello("rogue-3", token=revoked.token, credential=new_credential())
+        )
         _assert_rejected(reply, "InvalidJoinToken")
         with pytest.raises(BatchError) as ei:
             await c.client.agents.revoke_token(revoked.id)
@@ -97,8 +108,10 @@ async def test_an_agent_cannot_be_taken_over_with_the_join_token_alone(nursery, 
         url, token = c.rc.agent_url, c.rc.join_token
         # The agent connected once and never again: under a two-step enrolment its credential is
         # still "pending" here. Neither the join token alone nor a credential of the attacker's opens it.
-        for attempt in (hello(agent.name, token=token),
-                        hello(agent.name, token=token, credential=new_credential())):
+        for attempt in (
+            hello(agent.name, token=token),
+            hello(agent.name, token=token, credential=new_credential()),
+        ):
             reply = await handshake(url, attempt)
             _assert_rejected(reply, "InvalidAgentCredential")
         # The real agent keeps its TVM and keeps working.
@@ -110,7 +123,9 @@ async def test_an_agent_cannot_be_taken_over_with_the_join_token_alone(nursery, 
         assert [t.agent_id for t in await c.client.tvms.list("p")] == [agent.name]
 
 
-async def test_a_stolen_credentials_ghost_task_is_requeued_and_completes_on_the_real_agent(nursery, tmp_path):
+async def test_a_stolen_credentials_ghost_task_is_requeued_and_completes_on_the_real_agent(
+    nursery, tmp_path
+):
     async with cluster_ctx(nursery, tmp_path, agents=1, heartbeat_timeout=20) as c:
         await c.pool_with_tvms("p", 1)
         agent = c.agents[0]
@@ -118,19 +133,30 @@ async def test_a_stolen_credentials_ghost_task_is_requeued_and_completes_on_the_
         tvm_name = (await c.client.tvms.list("p"))[0].name
         agent.kill(signal.SIGKILL)  # the real agent is down (a reboot); its TVM waits for it
         agent.proc.wait()
-        await c.wait_for(lambda: not c.rc.service.links[agent.name].connected, what="the agent's link closed")
+        await c.wait_for(
+            lambda: not c.rc.service.links[agent.name].connected, what="the agent's link closed"
+        )
         session = LinkSession(agent_codec())
-        async with rogue_link(c.rc.agent_url, hello(agent.name, credential=stolen, offer=False),
-                              session) as imp:
+        async with rogue_link(
+            c.rc.agent_url, hello(agent.name, credential=stolen, offer=False), session
+        ) as imp:
             await imp.pump(lambda m: isinstance(m, pm.JoinPool))
             await c.client.workitems.add("wi", "p")
             await c.client.tasks.add_many("wi", JOB, [task_spec("t", f"{PY} -c print(42)")])
             run = await imp.pump(lambda m: isinstance(m, pm.RunTask))
-            assert run.spec.task == "t"  # the impostor got it, acknowledged it, and will never report it
+            assert (
+                run.spec.task == "t"
+            )  # the impostor got it, acknowledged it, and will never report it
         assert (await _task(c, "wi", "t")).state == "running"
         # The impostor comes back on the same session as the TVM's agent, reporting nothing.
-        back = hello(agent.name, credential=stolen, offer=False, session_id=session.session_id,
-                     last_received=session.received, tvm_name=tvm_name)
+        back = hello(
+            agent.name,
+            credential=stolen,
+            offer=False,
+            session_id=session.session_id,
+            last_received=session.received,
+            tvm_name=tvm_name,
+        )
         async with rogue_link(c.rc.agent_url, back, session) as imp:
             assert imp.welcome.resumed
             await c.wait_for(lambda: _requeued(c, "t"), what="the ghost task requeued")
@@ -149,8 +175,11 @@ async def _requeued(c, name: str) -> bool:  # noqa: ANN001 - harness cluster
 
 async def _fetch(c, sha256: str, agent_id: str, cred: str) -> int:  # noqa: ANN001 - harness cluster
     t = int(time.time() * 1000)
-    headers = {"X-TVM-Agent-Id": agent_id, "X-TVM-Agent-Proof-Time": str(t),
-               "X-TVM-Agent-Proof": agent_proof(cred, agent_id, t, "http")}
+    headers = {
+        "X-TVM-Agent-Id": agent_id,
+        "X-TVM-Agent-Proof-Time": str(t),
+        "X-TVM-Agent-Proof": agent_proof(cred, agent_id, t, "http"),
+    }
     async with httpx2.AsyncClient() as h:
         return (await h.get(f"{c.rc.endpoint}/files/sha256/{sha256}", headers=headers)).status_code
 
@@ -158,20 +187,26 @@ async def _fetch(c, sha256: str, agent_id: str, cred: str) -> int:  # noqa: ANN0
 async def test_revocation_closes_the_link_at_once_and_requeues_its_tasks(nursery, tmp_path):
     async with cluster_ctx(nursery, tmp_path, heartbeat_timeout=20) as c:
         cred = new_credential()
-        async with rogue_link(c.rc.agent_url, hello("rogue", token=c.rc.join_token, credential=cred)) as rogue:
+        async with rogue_link(
+            c.rc.agent_url, hello("rogue", token=c.rc.join_token, credential=cred)
+        ) as rogue:
             await c.client.pools.add("p", target_dedicated=1)
             await rogue.pump(lambda m: isinstance(m, pm.JoinPool))
             await c.client.workitems.add("wi", "p")
             await c.client.tasks.add_many("wi", JOB, [task_spec("t", f"{PY} -c pass")])
             await rogue.pump(lambda m: isinstance(m, pm.RunTask))
             blob = await c.client.files.upload(b"secret input")
-            assert await _fetch(c, blob["sha256"], "rogue", cred) == 200  # an agent's own credential
+            assert (
+                await _fetch(c, blob["sha256"], "rogue", cred) == 200
+            )  # an agent's own credential
             await c.client.agents.revoke("rogue")
             # Closed by the coordinator (not by a heartbeat timeout, which is 20 s here).
             with pytest.raises(ConnectionClosed) as ei, trio.fail_after(5):
                 await rogue.pump(lambda m: False)
             assert ei.value.reason.code == 4003
-        assert await _fetch(c, blob["sha256"], "rogue", cred) == 401  # nor the file store (no SharedKey either)
+        assert (
+            await _fetch(c, blob["sha256"], "rogue", cred) == 401
+        )  # nor the file store (no SharedKey either)
         t = await _task(c, "wi", "t")
         assert t.state == "active"
         assert t.execution_info.requeue_count == 1
@@ -199,9 +234,18 @@ async def test_a_second_connection_is_refused_while_the_first_is_alive(nursery, 
 
 
 def _tvm_cli(c, *args: str) -> subprocess.CompletedProcess[str]:  # noqa: ANN001 - harness cluster
-    env = agent_env({"TVM_ENDPOINT": c.rc.endpoint, "TVM_ACCOUNT": c.rc.account, "TVM_KEY": c.rc.key})
-    return subprocess.run([PY, "-m", "coordinator.cli", *args], capture_output=True, text=True, timeout=60,
-                          env=env, stdin=subprocess.DEVNULL, check=False)
+    env = agent_env(
+        {"TVM_ENDPOINT": c.rc.endpoint, "TVM_ACCOUNT": c.rc.account, "TVM_KEY": c.rc.key}
+    )
+    return subprocess.run(
+        [PY, "-m", "coordinator.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
 
 
 async def test_token_cli_creates_lists_and_revokes(nursery, tmp_path):

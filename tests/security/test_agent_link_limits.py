@@ -9,11 +9,15 @@ JOB = "job-0000000001"
 MiB = 1024 * 1024
 
 
-async def test_authenticated_agent_sends_frames_far_over_the_pre_auth_limit(nursery, tmp_path) -> None:
+async def test_authenticated_agent_sends_frames_far_over_the_pre_auth_limit(
+    nursery, tmp_path
+) -> None:
     async with cluster_ctx(nursery, tmp_path, agents=1) as c:
         await c.pool_with_tvms("p", 1)
         await c.client.workitems.add("wi", "p")
-        await c.client.tasks.add("wi", JOB, "big", f"sh -c 'head -c {MiB} /dev/zero | tr \"\\\\0\" x > big'")
+        await c.client.tasks.add(
+            "wi", JOB, "big", f"sh -c 'head -c {MiB} /dev/zero | tr \"\\\\0\" x > big'"
+        )
 
         async def done() -> bool:
             return (await c.client.tasks.get("wi", JOB, "big")).state == "completed"

@@ -39,19 +39,37 @@ async def env(nursery, tmp_path):
 
 async def test_command_line_over_8191_characters_is_400_naming_the_field(env):
     c, api = env
-    body = err(await api("POST", TASKS, {"name": "long", "commandLine": "x" * 8192}), 400, "InvalidPropertyValue",
-               "commandLine")
+    body = err(
+        await api("POST", TASKS, {"name": "long", "commandLine": "x" * 8192}),
+        400,
+        "InvalidPropertyValue",
+        "commandLine",
+    )
     assert "8191" in body["message"]["value"]
-    assert (await api("POST", TASKS, {"name": "edge", "commandLine": "x" * 8191})).status_code == 201
+    assert (
+        await api("POST", TASKS, {"name": "edge", "commandLine": "x" * 8191})
+    ).status_code == 201
     start = {"commandLine": "y" * 8192}
-    err(await api("POST", "/pools", {**POOL, "name": "p2", "startTask": start}), 400, "InvalidPropertyValue",
-        "startTask.commandLine")
+    err(
+        await api("POST", "/pools", {**POOL, "name": "p2", "startTask": start}),
+        400,
+        "InvalidPropertyValue",
+        "startTask.commandLine",
+    )
     jm = {"name": "jm", "commandLine": "z" * 8192}
-    err(await api("POST", "/workitems", {**WI, "name": "w2", "jobManager": jm}), 400,
-        "InvalidPropertyValue", "jobManager.commandLine")
+    err(
+        await api("POST", "/workitems", {**WI, "name": "w2", "jobManager": jm}),
+        400,
+        "InvalidPropertyValue",
+        "jobManager.commandLine",
+    )
     # A 1.6 MB one (the reported attack) is refused the same way.
-    err(await api("POST", TASKS, {"name": "huge", "commandLine": "a" * 1_600_000}), 400, "InvalidPropertyValue",
-        "commandLine")
+    err(
+        await api("POST", TASKS, {"name": "huge", "commandLine": "a" * 1_600_000}),
+        400,
+        "InvalidPropertyValue",
+        "commandLine",
+    )
     assert await api.names(TASKS) == ["edge"]
     assert await api.names("/pools") == ["p"]
     assert await api.names("/workitems") == ["wi"]
@@ -59,8 +77,11 @@ async def test_command_line_over_8191_characters_is_400_naming_the_field(env):
 
 async def test_long_command_line_in_a_collection_fails_that_task_only(env):
     c, api = env
-    tasks = [{"name": "a", "commandLine": "true"}, {"name": "b", "commandLine": "x" * 9000},
-             {"name": "c", "commandLine": "true"}]
+    tasks = [
+        {"name": "a", "commandLine": "true"},
+        {"name": "b", "commandLine": "x" * 9000},
+        {"name": "c", "commandLine": "true"},
+    ]
     r = await api("POST", f"/workitems/wi/jobs/{JOB}/addtaskcollection", {"value": tasks})
     assert r.status_code == 200, r.text
     results = r.json()["value"]
@@ -70,15 +91,27 @@ async def test_long_command_line_in_a_collection_fails_that_task_only(env):
     assert await api.names(TASKS) == ["a", "c"]
 
 
-@pytest.mark.parametrize(("task", "field"), [
-    ({"commandLine": "echo a\u0000b"}, "commandLine"),
-    ({"commandLine": "true", "environmentSettings": [{"name": "A", "value": "x\u0000y"}]},
-     "environmentSettings[0].value"),
-    ({"commandLine": "true", "environmentSettings": [{"name": "A\u0000B", "value": "x"}]},
-     "environmentSettings[0].name"),
-    ({"commandLine": "true", "resourceFiles": [{"blobSource": "http://127.0.0.1:1/x", "filePath": "a\u0000b"}]},
-     "resourceFiles[0].filePath"),
-])
+@pytest.mark.parametrize(
+    ("task", "field"),
+    [
+        ({"commandLine": "echo a\u0000b"}, "commandLine"),
+        (
+            {"commandLine": "true", "environmentSettings": [{"name": "A", "value": "x\u0000y"}]},
+            "environmentSettings[0].value",
+        ),
+        (
+            {"commandLine": "true", "environmentSettings": [{"name": "A\u0000B", "value": "x"}]},
+            "environmentSettings[0].name",
+        ),
+        (
+            {
+                "commandLine": "true",
+                "resourceFiles": [{"blobSource": "http://127.0.0.1:1/x", "filePath": "a\u0000b"}],
+            },
+            "resourceFiles[0].filePath",
+        ),
+    ],
+)
 async def test_nul_is_400_naming_the_field_and_nothing_is_stored(env, task, field):
     c, api = env
     err(await api("POST", TASKS, {"name": "t", **task}), 400, "InvalidPropertyValue", field)
@@ -88,8 +121,12 @@ async def test_nul_is_400_naming_the_field_and_nothing_is_stored(env, task, fiel
 async def test_nul_in_a_start_task_is_refused(env):
     c, api = env
     start = {"commandLine": "true", "environmentSettings": [{"name": "K", "value": "\u0000"}]}
-    err(await api("POST", "/pools", {**POOL, "name": "p2", "startTask": start}), 400, "InvalidPropertyValue",
-        "startTask.environmentSettings[0].value")
+    err(
+        await api("POST", "/pools", {**POOL, "name": "p2", "startTask": start}),
+        400,
+        "InvalidPropertyValue",
+        "startTask.environmentSettings[0].value",
+    )
     assert await api.names("/pools") == ["p"]
 
 
@@ -99,25 +136,53 @@ async def test_nul_in_a_start_task_is_refused(env):
 async def test_zero_max_wall_clock_time_is_refused_not_unlimited(env):
     c, api = env
     for zero in ("PT0S", "P0D", "PT0H0M0S"):
-        body = err(await api("POST", TASKS, {"name": "t", "commandLine": "true",
-                                             "taskConstraints": {"maxWallClockTime": zero}}),
-                   400, "InvalidPropertyValue", "taskConstraints.maxWallClockTime")
+        body = err(
+            await api(
+                "POST",
+                TASKS,
+                {"name": "t", "commandLine": "true", "taskConstraints": {"maxWallClockTime": zero}},
+            ),
+            400,
+            "InvalidPropertyValue",
+            "taskConstraints.maxWallClockTime",
+        )
         assert "zero" in body["message"]["value"]
     assert await api.names(TASKS) == []
-    err(await api("POST", "/workitems", {**WI, "name": "w2", "jobConstraints": {"maxWallClockTime": "PT0S"}}),
-        400, "InvalidPropertyValue", "jobConstraints.maxWallClockTime")
+    err(
+        await api(
+            "POST",
+            "/workitems",
+            {**WI, "name": "w2", "jobConstraints": {"maxWallClockTime": "PT0S"}},
+        ),
+        400,
+        "InvalidPropertyValue",
+        "jobConstraints.maxWallClockTime",
+    )
     assert await api.names("/workitems") == ["wi"]
     # An update cannot turn a limit into "unlimited" by sending zero either.
-    assert (await api("POST", TASKS, {"name": "u", "commandLine": "true",
-                                      "taskConstraints": {"maxWallClockTime": "PT1H"}})).status_code == 201
-    err(await api("PATCH", f"{TASKS}/u", {"taskConstraints": {"maxWallClockTime": "PT0S"}}), 400,
-        "InvalidPropertyValue", "taskConstraints.maxWallClockTime")
+    assert (
+        await api(
+            "POST",
+            TASKS,
+            {"name": "u", "commandLine": "true", "taskConstraints": {"maxWallClockTime": "PT1H"}},
+        )
+    ).status_code == 201
+    err(
+        await api("PATCH", f"{TASKS}/u", {"taskConstraints": {"maxWallClockTime": "PT0S"}}),
+        400,
+        "InvalidPropertyValue",
+        "taskConstraints.maxWallClockTime",
+    )
     assert (await api("GET", f"{TASKS}/u")).json()["taskConstraints"]["maxWallClockTime"] == "PT1H"
 
 
 async def test_zero_retention_time_means_zero(env):
     c, api = env
-    r = await api("POST", TASKS, {"name": "t", "commandLine": "true", "taskConstraints": {"retentionTime": "PT0S"}})
+    r = await api(
+        "POST",
+        TASKS,
+        {"name": "t", "commandLine": "true", "taskConstraints": {"retentionTime": "PT0S"}},
+    )
     assert r.status_code == 201, r.text
     assert (await api("GET", f"{TASKS}/t")).json()["taskConstraints"]["retentionTime"] == "PT0S"
 
@@ -129,8 +194,11 @@ async def test_2500_tasks_come_in_pages_and_the_client_returns_all(env):
     c, api = env
     names = [f"t{i:05d}" for i in range(2500)]
     for i in range(0, len(names), 100):
-        r = await api("POST", f"/workitems/wi/jobs/{JOB}/addtaskcollection",
-                      {"value": [{"name": n, "commandLine": "true"} for n in names[i:i + 100]]})
+        r = await api(
+            "POST",
+            f"/workitems/wi/jobs/{JOB}/addtaskcollection",
+            {"value": [{"name": n, "commandLine": "true"} for n in names[i : i + 100]]},
+        )
         assert r.status_code == 200, r.text
     seen: list[str] = []
     pages = 0
@@ -169,8 +237,11 @@ async def test_2500_tasks_come_in_pages_and_the_client_returns_all(env):
 
 async def test_deleting_while_paging_neither_repeats_nor_skips(env):
     c, api = env
-    r = await api("POST", f"/workitems/wi/jobs/{JOB}/addtaskcollection",
-                  {"value": [{"name": f"t{i}", "commandLine": "true"} for i in range(10)]})
+    r = await api(
+        "POST",
+        f"/workitems/wi/jobs/{JOB}/addtaskcollection",
+        {"value": [{"name": f"t{i}", "commandLine": "true"} for i in range(10)]},
+    )
     assert r.status_code == 200
     first = (await api("GET", TASKS, query="maxresults=4")).json()
     assert [t["name"] for t in first["value"]] == ["t0", "t1", "t2", "t3"]
@@ -179,20 +250,30 @@ async def test_deleting_while_paging_neither_repeats_nor_skips(env):
     assert [t["name"] for t in second["value"]] == ["t4", "t5", "t6", "t7"]
 
 
-@pytest.mark.parametrize("path", ["/pools", "/workitems", "/workitems/wi/jobs", TASKS, "/certificates",
-                                  "/vmsizes", "/files"])
+@pytest.mark.parametrize(
+    "path",
+    ["/pools", "/workitems", "/workitems/wi/jobs", TASKS, "/certificates", "/vmsizes", "/files"],
+)
 @pytest.mark.parametrize("bad", ["0", "1001", "abc", "-1", "1e3"])
 async def test_bad_maxresults_is_a_clear_400(env, path, bad):
     c, api = env
-    body = err(await api("GET", path, query=f"maxresults={bad}"), 400, "InvalidQueryParameterValue",
-               "maxresults")
+    body = err(
+        await api("GET", path, query=f"maxresults={bad}"),
+        400,
+        "InvalidQueryParameterValue",
+        "maxresults",
+    )
     assert "1000" in body["message"]["value"]
 
 
 async def test_forged_skiptoken_is_a_clear_400(env):
     c, api = env
-    err(await api("GET", "/pools", query="$skiptoken=not-a-token"), 400, "InvalidQueryParameterValue",
-        "$skiptoken")
+    err(
+        await api("GET", "/pools", query="$skiptoken=not-a-token"),
+        400,
+        "InvalidQueryParameterValue",
+        "$skiptoken",
+    )
 
 
 async def test_every_list_route_pages(env):
@@ -220,11 +301,15 @@ async def test_poison_command_line_sent_anyway_does_not_stall_the_agent(nursery,
         await c.client.workitems.add("wi", "p")
         core = c.rc.service.core
         # The coordinator's own core, below the REST check: what an older coordinator would send.
-        await c.rc.service.execute(core.add_task, "wi", JOB, m.TaskAdd(name="poison", command_line="a" * 400_000))
+        await c.rc.service.execute(
+            core.add_task, "wi", JOB, m.TaskAdd(name="poison", command_line="a" * 400_000)
+        )
         await c.wait_for(lambda: _state(c, "poison") != "active", what="the poison task dispatched")
         await c.client.tasks.add("wi", JOB, "quick", f"{sys.executable} -c pass")
         # Liveness, loosely: the stalled loop took tens of seconds; now it is a moment.
-        quick = await c.wait_for(lambda: _completed(c, "quick"), timeout=5, what="a task beside the poison")
+        quick = await c.wait_for(
+            lambda: _completed(c, "quick"), timeout=5, what="a task beside the poison"
+        )
         assert quick.execution_info.exit_code == 0
         poison = await c.wait_for(lambda: _completed(c, "poison"), what="the poison task failed")
         failure = poison.execution_info.scheduling_error

@@ -29,7 +29,9 @@ MiB = 1024 * 1024
 
 
 class Coord:
-    def __init__(self, proc: subprocess.Popen[bytes], port: int, key: str, state: str, log: str) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], port: int, key: str, state: str, log: str
+    ) -> None:
         self.proc = proc
         self.port = port
         self.key = key
@@ -46,7 +48,11 @@ class Coord:
     def store_files(self) -> list[str]:
         """Every file under the file store, temporary ones included."""
         root = os.path.join(self.state, "files")
-        return sorted(os.path.relpath(os.path.join(d, n), root) for d, _, names in os.walk(root) for n in names)
+        return sorted(
+            os.path.relpath(os.path.join(d, n), root)
+            for d, _, names in os.walk(root)
+            for n in names
+        )
 
 
 @pytest.fixture(scope="module")
@@ -74,32 +80,68 @@ def coord(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coord]:
 
 
 def _head(method: str, target: str, headers: dict[str, str]) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", *(f"{k}: {v}" for k, v in headers.items())]
+    lines = [
+        f"{method} {target} HTTP/1.1",
+        "Host: 127.0.0.1",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-_SIGNED = ("content-encoding", "content-language", "content-length", "content-md5", "content-type", "date",
-           "if-modified-since", "if-match", "if-none-match", "if-unmodified-since", "range")
+_SIGNED = (
+    "content-encoding",
+    "content-language",
+    "content-length",
+    "content-md5",
+    "content-type",
+    "date",
+    "if-modified-since",
+    "if-match",
+    "if-none-match",
+    "if-unmodified-since",
+    "range",
+)
 
 
-def _string_to_sign(method: str, path: str, query: str, headers: dict[str, str], account: str, *,
-                    keep_case: bool, skip_blank: bool) -> str:
+def _string_to_sign(
+    method: str,
+    path: str,
+    query: str,
+    headers: dict[str, str],
+    account: str,
+    *,
+    keep_case: bool,
+    skip_blank: bool,
+) -> str:
     """Written here from the Azure Batch scheme, as each SDK does it (not the coordinator's code)."""
     h = {k.lower(): v for k, v in headers.items()}
     text = method + "\n" + "".join(h.get(name, "") + "\n" for name in _SIGNED)
     text += "".join(f"{k}:{v.strip()}\n" for k, v in sorted(h.items()) if k.startswith("ocp-"))
     text += f"/{account}{path}"
     pairs = [tuple(p.split("=", 1)) for p in query.split("&") if p]
-    for name, value in sorted((n if keep_case else n.lower(), v) for n, v in pairs if v or not skip_blank):
+    for name, value in sorted(
+        (n if keep_case else n.lower(), v) for n, v in pairs if v or not skip_blank
+    ):
         text += f"\n{name}:{value}"
     return text
 
 
-def _signed(coord: Coord, method: str, path: str, query: str, headers: dict[str, str], *,
-            keep_case: bool = False, skip_blank: bool = False, lower_account: bool = False) -> dict[str, str]:
+def _signed(
+    coord: Coord,
+    method: str,
+    path: str,
+    query: str,
+    headers: dict[str, str],
+    *,
+    keep_case: bool = False,
+    skip_blank: bool = False,
+    lower_account: bool = False,
+) -> dict[str, str]:
     headers = {**headers, "ocp-date": now_header()}
     account = ACCOUNT.lower() if lower_account else ACCOUNT
-    text = _string_to_sign(method, path, query, headers, account, keep_case=keep_case, skip_blank=skip_blank)
+    text = _string_to_sign(
+        method, path, query, headers, account, keep_case=keep_case, skip_blank=skip_blank
+    )
     headers["Authorization"] = f"SharedKey {ACCOUNT}:{sign(coord.key, text)}"
     return headers
 
@@ -108,12 +150,16 @@ def _parse_response(data: bytes) -> tuple[int, dict[str, str], bytes]:
     head, _, body = data.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    headers = {
+        k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])
+    }
     length = int(headers.get("content-length", len(body)))
     return status, headers, body[:length]
 
 
-def _exchange(coord: Coord, head: bytes, body: Iterator[bytes]) -> tuple[int, dict[str, str], bytes, int]:
+def _exchange(
+    coord: Coord, head: bytes, body: Iterator[bytes]
+) -> tuple[int, dict[str, str], bytes, int]:
     """Send `head`, then the chunks of `body` for as long as the server takes them, reading as we
     go; return (status, headers, body, bytes of body sent). The body is produced lazily: a 1 GiB
     request never exists in this process's memory."""
@@ -186,7 +232,9 @@ def _expect(status: int, body: bytes, want: int, code: str) -> None:
 def test_unsigned_1gib_upload_is_refused_before_its_body_is_read(coord: Coord) -> None:
     rss_before = coord.rss_kib()
     peak_before = coord.rss_kib("VmHWM")
-    head = _head("POST", "/files", {"Content-Length": str(GiB), "Content-Type": "application/octet-stream"})
+    head = _head(
+        "POST", "/files", {"Content-Length": str(GiB), "Content-Type": "application/octet-stream"}
+    )
     status, _, body, sent = _exchange(coord, head, _zeros(GiB))
     assert status in (401, 403), body
     assert _code(body) == "AuthenticationFailed"
@@ -221,8 +269,9 @@ def test_signed_upload_over_the_limit_declared_length(coord: Coord) -> None:
 def test_signed_chunked_upload_over_the_limit_leaves_nothing(coord: Coord) -> None:
     # No Content-Length: the limit is found while streaming; the partial file must go.
     headers = _signed(coord, "POST", "/files", "", {"Transfer-Encoding": "chunked"})
-    status, _, body, sent = _exchange(coord, _head("POST", "/files", headers),
-                                      _chunked(_zeros(8 * UPLOAD_LIMIT, 64 * 1024)))
+    status, _, body, sent = _exchange(
+        coord, _head("POST", "/files", headers), _chunked(_zeros(8 * UPLOAD_LIMIT, 64 * 1024))
+    )
     _expect(status, body, 413, "RequestBodyTooLarge")
     assert sent > UPLOAD_LIMIT  # it really was streamed up to the limit, not refused by header
     assert coord.store_files() == []
@@ -232,23 +281,35 @@ def test_upload_within_the_limit_is_stored_and_md5_checked(coord: Coord) -> None
     data = os.urandom(UPLOAD_LIMIT // 2)
     good = base64.b64encode(hashlib.md5(data).digest()).decode()
     bad = base64.b64encode(hashlib.md5(data + b"x").digest()).decode()
-    headers = _signed(coord, "POST", "/files", "", {"Content-Length": str(len(data)), "Content-MD5": bad})
+    headers = _signed(
+        coord, "POST", "/files", "", {"Content-Length": str(len(data)), "Content-MD5": bad}
+    )
     status, _, body, _ = _exchange(coord, _head("POST", "/files", headers), iter([data]))
     _expect(status, body, 400, "Md5Mismatch")
     assert coord.store_files() == []
-    headers = _signed(coord, "POST", "/files", "", {"Content-Length": str(len(data)), "Content-MD5": good})
+    headers = _signed(
+        coord, "POST", "/files", "", {"Content-Length": str(len(data)), "Content-MD5": good}
+    )
     status, _, body, _ = _exchange(coord, _head("POST", "/files", headers), iter([data]))
     assert status == 201, body
     sha = hashlib.sha256(data).hexdigest()
     assert json.loads(body)["sha256"] == sha
-    assert [f for f in coord.store_files() if not f.startswith(".tmp/")] == [f"{sha[:2]}/{sha[2:4]}/{sha}"]
+    assert [f for f in coord.store_files() if not f.startswith(".tmp/")] == [
+        f"{sha[:2]}/{sha[2:4]}/{sha}"
+    ]
 
 
-def _post_json(coord: Coord, path: str, body: bytes, extra: dict[str, str] | None = None) -> tuple[int, bytes]:
-    headers = {"Content-Type": "application/json; odata=minimalmetadata", "Content-Length": str(len(body)),
-               **(extra or {})}
-    status, _, rbody, _ = _exchange(coord, _head("POST", path, _signed(coord, "POST", path, "", headers)),
-                                    iter([body]))
+def _post_json(
+    coord: Coord, path: str, body: bytes, extra: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    headers = {
+        "Content-Type": "application/json; odata=minimalmetadata",
+        "Content-Length": str(len(body)),
+        **(extra or {}),
+    }
+    status, _, rbody, _ = _exchange(
+        coord, _head("POST", path, _signed(coord, "POST", path, "", headers)), iter([body])
+    )
     return status, rbody
 
 
@@ -273,15 +334,19 @@ def test_json_body_with_a_wrong_content_md5_is_refused_and_nothing_is_created(co
 
 
 def test_oversized_json_body_is_refused(coord: Coord) -> None:
-    body = json.dumps({"name": "big", "metadata": [{"name": "k", "value": "v" * (5 * MiB)}]}).encode()
+    body = json.dumps(
+        {"name": "big", "metadata": [{"name": "k", "value": "v" * (5 * MiB)}]}
+    ).encode()
     status, rbody = _post_json(coord, "/pools", body)
     _expect(status, rbody, 413, "RequestBodyTooLarge")
 
 
 def test_deeply_nested_json_is_a_400(coord: Coord) -> None:
-    for body in (b"[" * 100_000 + b"]" * 100_000,
-                 b'{"name": "p", "metadata": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-                 b'{"value": [' + b'{"a":' * 50_000 + b"1" + b"}" * 50_000 + b"]}"):
+    for body in (
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"name": "p", "metadata": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"value": [' + b'{"a":' * 50_000 + b"1" + b"}" * 50_000 + b"]}",
+    ):
         status, rbody = _post_json(coord, "/pools", body)
         _expect(status, rbody, 400, "InvalidRequestBody")
         status, rbody = _post_json(coord, "/workitems/w/jobs/j/addtaskcollection", body)
@@ -309,9 +374,9 @@ def test_query_names_signed_with_their_case_or_lower_cased_are_accepted(coord: C
 
 async def test_large_message_before_authentication_closes_the_agent_link(coord: Coord) -> None:
     peak_before = coord.rss_kib("VmHWM")
-    async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{coord.port}/agent",
-                                                 subprotocols=[SUBPROTOCOL],
-                                                 message_queue_size=1) as ws:
+    async with trio_websocket.open_websocket_url(
+        f"ws://127.0.0.1:{coord.port}/agent", subprotocols=[SUBPROTOCOL], message_queue_size=1
+    ) as ws:
         await ws.send_message(bytes(2 * MiB))
         with trio.fail_after(30), pytest.raises(trio_websocket.ConnectionClosed) as closed:
             await ws.get_message()
@@ -324,8 +389,9 @@ async def test_large_message_before_authentication_closes_the_agent_link(coord: 
 
 async def test_small_bad_hello_still_gets_the_protocol_answer(coord: Coord) -> None:
     # Under the pre-auth limit the endpoint decides as before (a malformed hello: 4002).
-    async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{coord.port}/agent",
-                                                 subprotocols=[SUBPROTOCOL]) as ws:
+    async with trio_websocket.open_websocket_url(
+        f"ws://127.0.0.1:{coord.port}/agent", subprotocols=[SUBPROTOCOL]
+    ) as ws:
         await ws.send_message(b"\x00" * 1024)
         with trio.fail_after(30), pytest.raises(trio_websocket.ConnectionClosed) as closed:
             await _drain(ws)
@@ -341,8 +407,9 @@ async def test_deeply_nested_hello_is_a_protocol_error_not_an_internal_error(coo
     # Under the pre-auth size limit but 60,000 levels deep in a field the decoder skips.
     hello = msgspec.msgpack.encode({"t": "hello", "agent_id": "nested", "zz": 0})
     hello = hello.replace(msgspec.msgpack.encode(0), b"\x91" * 60_000 + b"\x00", 1)
-    async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{coord.port}/agent",
-                                                 subprotocols=[SUBPROTOCOL]) as ws:
+    async with trio_websocket.open_websocket_url(
+        f"ws://127.0.0.1:{coord.port}/agent", subprotocols=[SUBPROTOCOL]
+    ) as ws:
         await ws.send_message(hello)
         with trio.fail_after(30), pytest.raises(trio_websocket.ConnectionClosed) as closed:
             await _drain(ws)

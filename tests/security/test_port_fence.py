@@ -132,10 +132,26 @@ def netns() -> Iterator[dict[str, str]]:
             sh("ip", "netns", "add", ns)
             created.append(ns)
             sh("ip", "-n", ns, "link", "set", "lo", "up")
-        for end, peer, node_ip, peer_ip in (("m", "member", NODE, MEMBER), ("o", "outsider", NODE_OUT, OUTSIDER)):
+        for end, peer, node_ip, peer_ip in (
+            ("m", "member", NODE, MEMBER),
+            ("o", "outsider", NODE_OUT, OUTSIDER),
+        ):
             a, b = f"tf{tag}{end}0", f"tf{tag}{end}1"
-            sh("ip", "-n", names["node"], "link", "add", a, "type", "veth", "peer", "name", b,
-               "netns", names[peer])
+            sh(
+                "ip",
+                "-n",
+                names["node"],
+                "link",
+                "add",
+                a,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                b,
+                "netns",
+                names[peer],
+            )
             sh("ip", "-n", names["node"], "addr", "add", f"{node_ip}/24", "dev", a)
             sh("ip", "-n", names["node"], "link", "set", a, "up")
             sh("ip", "-n", names[peer], "addr", "add", f"{peer_ip}/24", "dev", b)
@@ -150,24 +166,56 @@ def netns() -> Iterator[dict[str, str]]:
 
 
 def _connect(ns: str, host: str) -> list[str]:
-    done = subprocess.run(["ip", "netns", "exec", ns, PY, "-c", CLIENT, host,
-                           *(str(p) for p in range(LOW, HIGH + 1))],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            PY,
+            "-c",
+            CLIENT,
+            host,
+            *(str(p) for p in range(LOW, HIGH + 1)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return done.stdout.split() or [done.stderr.strip()]
 
 
 @pytest.mark.parametrize("agent_ip", ["env", "primary"])
 def test_after_100_new_pools_every_member_is_admitted_and_every_outsider_refused(
-        netns: dict[str, str], tmp_path: Path, agent_ip: str) -> None:
+    netns: dict[str, str], tmp_path: Path, agent_ip: str
+) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TVM_AGENT_IP"}
     env["PYTHONPATH"] = REPO
     if agent_ip == "env":
         env["TVM_AGENT_IP"] = NODE  # how tvm up and the README's agents are told their address
     log = open(tmp_path / "driver.log", "wb")  # noqa: SIM115 - closed in finally
     driver = subprocess.Popen(
-        ["ip", "netns", "exec", netns["node"], PY, "-c", DRIVER, str(tmp_path / "root"), str(LOW), str(HIGH),
-         MEMBER, NODE], cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-        text=True)
+        [
+            "ip",
+            "netns",
+            "exec",
+            netns["node"],
+            PY,
+            "-c",
+            DRIVER,
+            str(tmp_path / "root"),
+            str(LOW),
+            str(HIGH),
+            MEMBER,
+            NODE,
+        ],
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
     try:
         assert driver.stdout is not None
         assert driver.stdin is not None

@@ -24,7 +24,11 @@ ISOLATED = ["--task-isolation", "users"]
 JOB = "job-0000000001"
 
 _caps = SandboxCapabilities.detect()
-_root_reason = None if (_caps.can_switch_user and os.path.exists(PY)) else "needs root, setpriv and /usr/bin/python3"
+_root_reason = (
+    None
+    if (_caps.can_switch_user and os.path.exists(PY))
+    else "needs root, setpriv and /usr/bin/python3"
+)
 
 # Forks up to 1,000 sleeping children (each tagged with a unique marker on its command line) and
 # reports how many it got; the children are the task's leftovers, killed with its tree.
@@ -72,9 +76,13 @@ async def _run(c, specs, wait_s: float = 120):
     return {t.name: t for t in await c.client.tasks.list("wi", JOB)}
 
 
-@pytest.mark.parametrize(("field", "value"), [("taskPidsLimit", 15), ("taskPidsLimit", 1_000_001),
-                                              ("tvmDiskLimitMiB", 0)])
-async def test_a_pool_limit_out_of_range_is_refused_naming_the_field(nursery, tmp_path, field, value):
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("taskPidsLimit", 15), ("taskPidsLimit", 1_000_001), ("tvmDiskLimitMiB", 0)],
+)
+async def test_a_pool_limit_out_of_range_is_refused_naming_the_field(
+    nursery, tmp_path, field, value
+):
     async with cluster_ctx(nursery, tmp_path) as c:
         kw = {"task_pids_limit" if field == "taskPidsLimit" else "tvm_disk_limit_mib": value}
         with pytest.raises(BatchError) as err:
@@ -95,8 +103,12 @@ async def test_a_fork_flood_is_stopped_by_the_pools_process_limit(nursery, tmp_p
         await c.pool_with_tvms("p", 1, task_pids_limit=64)
         await c.client.workitems.add("wi", "p")
         try:
-            tasks = await _run(c, [task_spec("flood", f"{PY} -c \"{FORK_FLOOD}\" {marker}")])
-            out = (await c.client.files.get_from_task("wi", JOB, "flood", "stdout.txt")).decode().split()
+            tasks = await _run(c, [task_spec("flood", f'{PY} -c "{FORK_FLOOD}" {marker}')])
+            out = (
+                (await c.client.files.get_from_task("wi", JOB, "flood", "stdout.txt"))
+                .decode()
+                .split()
+            )
             assert out[0] == "forked", out
             assert int(out[1]) < 64, out  # the limit counts the task's own python too
             assert tasks["flood"].execution_info.exit_code == 0
@@ -112,14 +124,22 @@ async def test_a_fork_flood_is_stopped_by_the_pools_process_limit(nursery, tmp_p
 @pytest.mark.skipif(_root_reason is not None, reason=_root_reason or "")
 @pytest.mark.parametrize("linger", [True, False], ids=["writes-and-waits", "writes-and-exits"])
 async def test_a_disk_flood_fails_with_disk_limit_exceeded_and_the_tvm_keeps_working(
-        nursery, tmp_path, open_root, linger):
+    nursery, tmp_path, open_root, linger
+):
     os.makedirs(tmp_path / "agents", exist_ok=True)
     async with cluster_ctx(nursery, tmp_path, heartbeat_timeout=5) as c:
         c.start_agent(extra_args=ISOLATED, root=os.path.join(open_root, "a0"))
         await c.pool_with_tvms("p", 1, tvm_disk_limit_mib=50)
         await c.client.workitems.add("wi", "p")
         then = "; sleep 120" if linger else ""
-        tasks = await _run(c, [task_spec("flood", f"sh -c 'dd if=/dev/zero of=big bs=1M count=200 2>/dev/null{then}'")])
+        tasks = await _run(
+            c,
+            [
+                task_spec(
+                    "flood", f"sh -c 'dd if=/dev/zero of=big bs=1M count=200 2>/dev/null{then}'"
+                )
+            ],
+        )
         info = tasks["flood"].execution_info
         assert info.scheduling_error is not None, info
         assert info.scheduling_error.code == "DiskLimitExceeded"
@@ -141,21 +161,33 @@ def own_user() -> Iterator[str]:
         subprocess.run(["userdel", name], check=False, capture_output=True)
 
 
-@pytest.mark.skipif(_root_reason is not None or not _caps.has_prlimit, reason=_root_reason or "needs prlimit")
+@pytest.mark.skipif(
+    _root_reason is not None or not _caps.has_prlimit, reason=_root_reason or "needs prlimit"
+)
 async def test_without_a_pids_cgroup_a_fork_flood_meets_rlimit_nproc(open_root, own_user):
     marker = f"tvmforkflood{os.getpid()}{secrets.token_hex(3)}"
     lay = _caps.layout
-    no_pids = dataclasses.replace(lay, v2_controllers=lay.v2_controllers - {"pids"},
-                                  v1_bases={k: v for k, v in lay.v1_bases.items() if k != "pids"})
+    no_pids = dataclasses.replace(
+        lay,
+        v2_controllers=lay.v2_controllers - {"pids"},
+        v1_bases={k: v for k, v in lay.v1_bases.items() if k != "pids"},
+    )
     caps = dataclasses.replace(_caps, layout=no_pids, cgroup_mode=no_pids.mode, notes=[])
     assert any("falls back to RLIMIT_NPROC" in line for line in caps.describe())
     sandbox = Sandbox(caps, cgroup_prefix=f"tvmtest-np-{os.getpid()}", kill_grace=1.0)
     wd = Path(open_root)
     try:
-        proc = await sandbox.start(ProcessSpec(
-            argv=[PY, "-c", FORK_FLOOD, marker], cwd=str(wd), env={"PATH": "/usr/bin:/bin"},
-            stdout_path=str(wd / "stdout.txt"), stderr_path=str(wd / "stderr.txt"), run_as=own_user,
-            pids_limit=64))
+        proc = await sandbox.start(
+            ProcessSpec(
+                argv=[PY, "-c", FORK_FLOOD, marker],
+                cwd=str(wd),
+                env={"PATH": "/usr/bin:/bin"},
+                stdout_path=str(wd / "stdout.txt"),
+                stderr_path=str(wd / "stderr.txt"),
+                run_as=own_user,
+                pids_limit=64,
+            )
+        )
         outcome = await proc.wait()
         out = (wd / "stdout.txt").read_text().split()
         assert outcome.exit_code == 0, (outcome, (wd / "stderr.txt").read_text())

@@ -22,8 +22,10 @@ from tests.harness import REPO, agent_env
 
 TVM = [sys.executable, "-m", "coordinator.cli"]
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
-                                reason="needs root and setpriv (tasks as other users, reads as nobody)")
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv (tasks as other users, reads as nobody)",
+)
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -33,8 +35,12 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *argv],
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *argv],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 @pytest.fixture
@@ -62,7 +68,9 @@ def _read_exports(proc: subprocess.Popen[str], n: int, timeout: float = 60.0) ->
         assert time.monotonic() < deadline, "no export lines in time"
         line = proc.stdout.readline()
         if not line:
-            raise AssertionError(f"exited early: rc {proc.wait()} stderr {proc.stderr.read() if proc.stderr else ''}")
+            raise AssertionError(
+                f"exited early: rc {proc.wait()} stderr {proc.stderr.read() if proc.stderr else ''}"
+            )
         key, _, value = line.strip().removeprefix("export ").partition("=")
         out[key] = value
     return out
@@ -97,15 +105,35 @@ def test_tvm_up_tasks_run_unprivileged_and_cannot_read_the_state(open_dir: str) 
     state = os.path.join(open_dir, "state")  # does not exist yet: tvm up creates it private
     roots = os.path.join(open_dir, "tvms")
     proc = subprocess.Popen(
-        [*TVM, "up", "--port", "0", "--agents", "1", "--state-dir", state, "--tvm-root-dir", roots,
-         "--heartbeat-timeout", "5", "--accept-degraded"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=_env(), start_new_session=True)
+        [
+            *TVM,
+            "up",
+            "--port",
+            "0",
+            "--agents",
+            "1",
+            "--state-dir",
+            state,
+            "--tvm-root-dir",
+            roots,
+            "--heartbeat-timeout",
+            "5",
+            "--accept-degraded",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        start_new_session=True,
+    )
     try:
         ex = _read_exports(proc, 3)
         db, token_file = os.path.join(state, "coordinator.db"), os.path.join(state, "join-token")
-        probe = (f"id -un; for f in {db} {db}-wal {token_file}; do cat $f >/dev/null 2>&1 && echo READ $f; done; "
-                 f"ls {state} >/dev/null 2>&1 && echo LISTED; true")
+        probe = (
+            f"id -un; for f in {db} {db}-wal {token_file}; do cat $f >/dev/null 2>&1 && echo READ $f; done; "
+            f"ls {state} >/dev/null 2>&1 && echo LISTED; true"
+        )
         with Client(ex["TVM_ENDPOINT"], ex["TVM_ACCOUNT"], ex["TVM_KEY"], timeout=10) as c:
             c.pools.add("p", target_dedicated=1)
             c.workitems.add("wi", "p")
@@ -161,9 +189,15 @@ def test_coordinator_repairs_a_loose_state_dir_from_an_older_version(open_dir: s
     os.mkdir(os.path.join(state, "files"), 0o755)
     os.chmod(os.path.join(state, "files"), 0o755)
 
-    proc = subprocess.Popen([*TVM, "coordinator", "--port", "0", "--state-dir", state, "--log-level", "error"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(), start_new_session=True)
+    proc = subprocess.Popen(
+        [*TVM, "coordinator", "--port", "0", "--state-dir", state, "--log-level", "error"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        start_new_session=True,
+    )
     try:
         ex = _read_exports(proc, 4)
         assert ex["TVM_JOIN_TOKEN"] == "old-join-token"  # repaired, not replaced
@@ -180,8 +214,13 @@ def test_coordinator_repairs_a_loose_state_dir_from_an_older_version(open_dir: s
 
 def test_coordinator_refuses_the_join_token_on_its_command_line(tmp_path) -> None:
     state = str(tmp_path / "s")
-    r = subprocess.run([*TVM, "coordinator", "--port", "0", "--state-dir", state, "--join-token", "sekrit"],
-                       capture_output=True, text=True, env=_env(), timeout=60)
+    r = subprocess.run(
+        [*TVM, "coordinator", "--port", "0", "--state-dir", state, "--join-token", "sekrit"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
     assert r.returncode != 0
     assert r.stdout == ""
     assert "TVM_JOIN_TOKEN" in r.stderr
@@ -196,7 +235,9 @@ def test_coordinator_refuses_the_join_token_on_its_command_line(tmp_path) -> Non
 def test_agent_refuses_the_token_on_its_command_line_and_loose_token_files(tmp_path) -> None:
     root = str(tmp_path / "root")
     base = [*TVM, "agent", "--coordinator", "http://127.0.0.1:9", "--root", root]
-    r = subprocess.run([*base, "--token", "sekrit"], capture_output=True, text=True, env=_env(), timeout=60)
+    r = subprocess.run(
+        [*base, "--token", "sekrit"], capture_output=True, text=True, env=_env(), timeout=60
+    )
     assert r.returncode != 0
     assert "TVM_AGENT_TOKEN" in r.stderr
     assert "--token-file" in r.stderr
@@ -206,7 +247,9 @@ def test_agent_refuses_the_token_on_its_command_line_and_loose_token_files(tmp_p
     loose = tmp_path / "token"
     loose.write_text("sekrit\n")
     loose.chmod(0o644)
-    r = subprocess.run([*base, "--token-file", str(loose)], capture_output=True, text=True, env=_env(), timeout=60)
+    r = subprocess.run(
+        [*base, "--token-file", str(loose)], capture_output=True, text=True, env=_env(), timeout=60
+    )
     assert r.returncode != 0
     assert "chmod 600" in r.stderr
     assert "Traceback" not in r.stderr
@@ -215,8 +258,13 @@ def test_agent_refuses_the_token_on_its_command_line_and_loose_token_files(tmp_p
     config = tmp_path / "agent.toml"
     config.write_text('coordinator = "http://127.0.0.1:9"\ntoken = "sekrit"\n')
     config.chmod(0o644)
-    r = subprocess.run([*TVM, "agent", "--config", str(config), "--root", root], capture_output=True, text=True,
-                       env=_env(), timeout=60)
+    r = subprocess.run(
+        [*TVM, "agent", "--config", str(config), "--root", root],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
     assert r.returncode != 0
     assert "config file" in r.stderr
     assert "0644" in r.stderr
@@ -226,15 +274,22 @@ def test_agent_refuses_the_token_on_its_command_line_and_loose_token_files(tmp_p
     good = tmp_path / "good-token"
     good.write_text("sekrit\n")
     good.chmod(0o600)
-    r = subprocess.run([*base, "--token-file", str(good), "--private-dir", os.path.join(root, "private")],
-                       capture_output=True, text=True, env=_env(), timeout=60)
+    r = subprocess.run(
+        [*base, "--token-file", str(good), "--private-dir", os.path.join(root, "private")],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
     assert r.returncode != 0
     assert "must not be inside the TVM root" in r.stderr
     assert "Traceback" not in r.stderr
     assert not os.path.exists(root)
 
 
-async def test_agent_token_file_works_and_private_files_leave_the_tvm_root(nursery, tmp_path) -> None:
+async def test_agent_token_file_works_and_private_files_leave_the_tvm_root(
+    nursery, tmp_path
+) -> None:
     from tests.harness import cluster_ctx
 
     async with cluster_ctx(nursery, tmp_path) as c:
@@ -245,11 +300,17 @@ async def test_agent_token_file_works_and_private_files_leave_the_tvm_root(nurse
         private = root + ".private"
         # An agent root as an older version left it: id and credential inside the TVM root.
         a = c.start_agent("a", token="", extra_args=["--token-file", str(token_file)])
-        await c.wait_for(lambda: c.rc.service.core.agents.get("a") and c.rc.service.core.agents["a"].connected,
-                         what="agent a connected with its token file")
-        await c.wait_for(lambda: os.path.exists(os.path.join(private, "agent-credential")), what="credential")
+        await c.wait_for(
+            lambda: c.rc.service.core.agents.get("a") and c.rc.service.core.agents["a"].connected,
+            what="agent a connected with its token file",
+        )
+        await c.wait_for(
+            lambda: os.path.exists(os.path.join(private, "agent-credential")), what="credential"
+        )
         c.stop_agents()
-        os.replace(os.path.join(private, "agent-credential"), os.path.join(root, "agent-credential"))
+        os.replace(
+            os.path.join(private, "agent-credential"), os.path.join(root, "agent-credential")
+        )
         with open(os.path.join(root, "agent-id"), "w") as f:
             f.write("a")
         for name in ("agent-id", "agent-credential"):
@@ -262,8 +323,10 @@ async def test_agent_token_file_works_and_private_files_leave_the_tvm_root(nurse
 
         # Restarted with no token at all: only the migrated credential can get it back in.
         b = c.start_agent("a", token="x-not-the-token")
-        await c.wait_for(lambda: b.proc.poll() is None and b.log_text().count("connected to") == 2,
-                         what="agent a back with its migrated credential")  # one log for both runs
+        await c.wait_for(
+            lambda: b.proc.poll() is None and b.log_text().count("connected to") == 2,
+            what="agent a back with its migrated credential",
+        )  # one log for both runs
         assert not os.path.exists(os.path.join(root, "agent-credential"))
         assert not os.path.exists(os.path.join(root, "agent-id"))
         assert _mode(root) == 0o711
@@ -276,9 +339,20 @@ async def test_agent_token_file_works_and_private_files_leave_the_tvm_root(nurse
 
 
 def test_install_service_keeps_the_token_off_command_lines(tmp_path) -> None:
-    base = [*TVM, "agent", "install-service", "--coordinator", "http://127.0.0.1:7070",
-            "--unit-dir", str(tmp_path / "units"), "--config-dir", str(tmp_path / "etc")]
-    r = subprocess.run([*base, "--token", "sekrit"], capture_output=True, text=True, env=_env(), timeout=60)
+    base = [
+        *TVM,
+        "agent",
+        "install-service",
+        "--coordinator",
+        "http://127.0.0.1:7070",
+        "--unit-dir",
+        str(tmp_path / "units"),
+        "--config-dir",
+        str(tmp_path / "etc"),
+    ]
+    r = subprocess.run(
+        [*base, "--token", "sekrit"], capture_output=True, text=True, env=_env(), timeout=60
+    )
     assert r.returncode != 0
     assert "TVM_AGENT_TOKEN" in r.stderr
     assert not (tmp_path / "etc").exists()

@@ -33,8 +33,10 @@ ISOLATED = ["--task-isolation", "users"]
 JOB = "job-0000000001"
 
 _caps = SandboxCapabilities.detect()
-pytestmark = pytest.mark.skipif(not (_caps.can_switch_user and os.path.exists(PY)),
-                                reason="needs root, setpriv and /usr/bin/python3")
+pytestmark = pytest.mark.skipif(
+    not (_caps.can_switch_user and os.path.exists(PY)),
+    reason="needs root, setpriv and /usr/bin/python3",
+)
 
 
 @pytest.fixture
@@ -75,12 +77,20 @@ def _pfx() -> tuple[str, str, str]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "isolation-test")])
     now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
-            .not_valid_after(now + dt.timedelta(days=3)).sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=3))
+        .sign(key, hashes.SHA256())
+    )
     pw = f"pw-{uuid.uuid4().hex}"
-    raw = pkcs12.serialize_key_and_certificates(b"k", key, cert, None,
-                                                serialization.BestAvailableEncryption(pw.encode()))
+    raw = pkcs12.serialize_key_and_certificates(
+        b"k", key, cert, None, serialization.BestAvailableEncryption(pw.encode())
+    )
     return cert.fingerprint(hashes.SHA1()).hex(), base64.b64encode(raw).decode(), pw
 
 
@@ -99,7 +109,9 @@ print(' '.join(res), 'uid', os.getuid())
 """
 
 
-async def test_a_task_in_another_pool_cannot_read_a_pools_certificates(nursery, tmp_path, open_root):
+async def test_a_task_in_another_pool_cannot_read_a_pools_certificates(
+    nursery, tmp_path, open_root
+):
     thumb, data, pw = _pfx()
     os.makedirs(tmp_path / "agents", exist_ok=True)
     async with cluster_ctx(nursery, tmp_path, heartbeat_timeout=3) as c:
@@ -108,10 +120,12 @@ async def test_a_task_in_another_pool_cannot_read_a_pools_certificates(nursery, 
         await c.pool_with_tvms("pa", 1, certificate_references=[{"thumbprint": thumb}])
         c.start_agent("b", extra_args=ISOLATED, root=os.path.join(open_root, "b"))
         await c.pool_with_tvms("pb", 1)
-        secret = [os.path.join(a.root, "certs", f"sha1-{thumb}{s}") for s in (".pfx", ".pfx.pw", ".pem")]
+        secret = [
+            os.path.join(a.root, "certs", f"sha1-{thumb}{s}") for s in (".pfx", ".pfx.pw", ".pem")
+        ]
         for p in secret:
             assert os.path.exists(p), p  # noqa: ASYNC240 - installed on A's TVM
-        cmd = f"{PY} -c \"{READ}\" {' '.join(secret)}"
+        cmd = f'{PY} -c "{READ}" {" ".join(secret)}'
         own = (await _run_one(c, "wa", "pa", "own", cmd)).split()
         other = (await _run_one(c, "wb", "pb", "other", cmd)).split()
         assert other[:3] == ["denied"] * 3, other  # another pool's task on the same host does not
@@ -155,10 +169,10 @@ async def test_a_later_task_cannot_write_into_the_start_directory(nursery, tmp_p
     os.makedirs(tmp_path / "agents", exist_ok=True)
     async with cluster_ctx(nursery, tmp_path, heartbeat_timeout=3) as c:
         agent = c.start_agent(extra_args=ISOLATED, root=os.path.join(open_root, "a0"))
-        start = {"commandLine": f"{PY} -c \"{START}\"", "waitForSuccess": True}
+        start = {"commandLine": f'{PY} -c "{START}"', "waitForSuccess": True}
         await c.pool_with_tvms("p", 1, max_tasks_per_vm=1, start_task=start)
         assert (await c.client.tvms.list("p"))[0].start_task_info.exit_code == 0
-        out = (await _run_one(c, "wi", "p", "later", f"{PY} -c \"{WRITE_START}\"")).split()
+        out = (await _run_one(c, "wi", "p", "later", f'{PY} -c "{WRITE_START}"')).split()
         assert out[0] == "from_the_start_task"  # the pool's tasks read what the start task left
         assert out[1:5] == ["denied"] * 4, out
         task_uid, start_uid = int(out[5]), int(out[6])
@@ -179,22 +193,30 @@ print('uid', os.getuid())
 """
 
 
-async def test_the_next_task_of_a_slot_user_does_not_find_what_the_last_one_left(nursery, tmp_path, open_root):
+async def test_the_next_task_of_a_slot_user_does_not_find_what_the_last_one_left(
+    nursery, tmp_path, open_root
+):
     tag = f"tvm-sec-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     left = [f"/dev/shm/{tag}", f"/tmp/{tag}", f"/tmp/{tag}.d/inner"]
     os.makedirs(tmp_path / "agents", exist_ok=True)
     try:
         async with cluster_ctx(nursery, tmp_path, heartbeat_timeout=3) as c:
             c.start_agent(extra_args=ISOLATED, root=os.path.join(open_root, "a0"))
-            await c.pool_with_tvms("p", 1, max_tasks_per_vm=1)  # one slot: tasks run one after another
-            first = (await _run_one(c, "wi", "p", "leave", f"{PY} -c \"{LEAVE}\" {' '.join(left)}")).split()
+            await c.pool_with_tvms(
+                "p", 1, max_tasks_per_vm=1
+            )  # one slot: tasks run one after another
+            first = (
+                await _run_one(c, "wi", "p", "leave", f'{PY} -c "{LEAVE}" {" ".join(left)}')
+            ).split()
             uid = int(first[1])
             # Slot users are a host-wide pool that other agents use too: run readers until one gets
             # the same uid again (the lowest free slot user is taken, so it comes back unless another
             # agent on the host holds it at that moment).
             same, seen = None, []
             for i in range(30):
-                out = (await _run_one(c, "wi", "p", f"read{i}", f"{PY} -c \"{READ}\" {' '.join(left)}")).split()
+                out = (
+                    await _run_one(c, "wi", "p", f"read{i}", f'{PY} -c "{READ}" {" ".join(left)}')
+                ).split()
                 seen.append(int(out[-1]))
                 if seen[-1] == uid:
                     same = out

@@ -78,7 +78,9 @@ def test_root_is_refused() -> None:
 def test_kill_uid_ends_a_process_that_left_its_session() -> None:
     import subprocess
 
-    proc = subprocess.Popen(["sleep", "600"], user=UID, group=UID, extra_groups=[], start_new_session=True)
+    proc = subprocess.Popen(
+        ["sleep", "600"], user=UID, group=UID, extra_groups=[], start_new_session=True
+    )
     try:
         kill_uid(UID, UID)
         assert proc.wait(timeout=10) == -9

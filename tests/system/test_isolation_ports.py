@@ -119,8 +119,12 @@ def netns():
 
 
 def _connect(ns: str, host: str, port: int, payload: str = "hi") -> str:
-    done = subprocess.run(["ip", "netns", "exec", ns, PY, "-c", CLIENT, host, str(port), payload],
-                          capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        ["ip", "netns", "exec", ns, PY, "-c", CLIENT, host, str(port), payload],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return done.stdout.strip() or done.stderr.strip()
 
 
@@ -130,16 +134,38 @@ async def test_member_connects_into_a_tvms_port_range_outsider_is_refused(nurser
     async with cluster_ctx(nursery, tmp_path, host="0.0.0.0", heartbeat_timeout=5) as c:
         port = int(c.rc.endpoint.rsplit(":", 1)[1])
         try:
-            for name, ns, coord_ip, own_ip in (("A", netns["node"], "10.214.10.1", "10.214.1.1"),
-                                               ("B", netns["member"], "10.214.11.1", "10.214.1.2")):
+            for name, ns, coord_ip, own_ip in (
+                ("A", netns["node"], "10.214.10.1", "10.214.1.1"),
+                ("B", netns["member"], "10.214.11.1", "10.214.1.2"),
+            ):
                 root = tmp_path / "agents" / name
                 root.mkdir()
                 log = open(tmp_path / "agents" / f"{name}.log", "ab")  # noqa: SIM115, ASYNC230
-                procs.append(subprocess.Popen(  # noqa: ASYNC220 - started once, killed by pid
-                    ["ip", "netns", "exec", ns, sys.executable, "-m", "tvmagent", "--coordinator",
-                     f"ws://{coord_ip}:{port}/agent", "--root", str(root), "--name", f"ports-{name}"],
-                    cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                    env=agent_env({"TVM_AGENT_TOKEN": c.rc.join_token, "TVM_AGENT_IP": own_ip})))
+                procs.append(
+                    subprocess.Popen(  # noqa: ASYNC220 - started once, killed by pid
+                        [
+                            "ip",
+                            "netns",
+                            "exec",
+                            ns,
+                            sys.executable,
+                            "-m",
+                            "tvmagent",
+                            "--coordinator",
+                            f"ws://{coord_ip}:{port}/agent",
+                            "--root",
+                            str(root),
+                            "--name",
+                            f"ports-{name}",
+                        ],
+                        cwd=REPO,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=log,
+                        start_new_session=True,
+                        env=agent_env({"TVM_AGENT_TOKEN": c.rc.join_token, "TVM_AGENT_IP": own_ip}),
+                    )
+                )
                 log.close()
             await c.client.pools.add("plain", target_dedicated=0)
             await c.pool_with_tvms("comm", 2, communication=True)
@@ -148,14 +174,19 @@ async def test_member_connects_into_a_tvms_port_range_outsider_is_refused(nurser
             assert a.port_range_low >= 1100
             assert b.port_range_low >= 1100
             assert a.port_range_high < 32768  # below the ephemeral range
-            assert a.port_range_high < b.port_range_low or b.port_range_high < a.port_range_low  # disjoint
+            assert (
+                a.port_range_high < b.port_range_low or b.port_range_high < a.port_range_low
+            )  # disjoint
             assert (a.ip_address, b.ip_address) == ("10.214.1.1", "10.214.1.2")
             await c.client.workitems.add("wi", "comm")
-            await c.client.tasks.add_many("wi", JOB, [task_spec(f"l{i}", f"{PY} -c \"{LISTENER}\"")
-                                                      for i in range(2)])
+            await c.client.tasks.add_many(
+                "wi", JOB, [task_spec(f"l{i}", f'{PY} -c "{LISTENER}"') for i in range(2)]
+            )
             low = a.port_range_low
-            await c.wait_for(lambda: _connect(netns["node"], "127.0.0.1", low).startswith("connected"),
-                             what="the task on A listening on its first port")
+            await c.wait_for(
+                lambda: _connect(netns["node"], "127.0.0.1", low).startswith("connected"),
+                what="the task on A listening on its first port",
+            )
             assert _connect(netns["member"], "10.214.1.1", low) == "connected:hello from task"
             assert _connect(netns["outsider"], "10.214.2.1", low) == "failed:ConnectionRefusedError"
             nft = ["ip", "netns", "exec", netns["node"], "nft", "list", "ruleset"]
@@ -165,10 +196,14 @@ async def test_member_connects_into_a_tvms_port_range_outsider_is_refused(nurser
             # The task saw its range in the environment.
             for name in ("l0", "l1"):
                 out = (await c.client.files.get_from_task("wi", JOB, name, "stdout.txt")).decode()
-                assert out.split()[1:3] in ([str(a.port_range_low), str(a.port_range_high)],
-                                            [str(b.port_range_low), str(b.port_range_high)])
+                assert out.split()[1:3] in (
+                    [str(a.port_range_low), str(a.port_range_high)],
+                    [str(b.port_range_low), str(b.port_range_high)],
+                )
             assert _connect(netns["node"], "127.0.0.1", low, "quit").startswith("connected")
-            assert _connect(netns["member"], "10.214.1.2", b.port_range_low, "quit").startswith("connected")
+            assert _connect(netns["member"], "10.214.1.2", b.port_range_low, "quit").startswith(
+                "connected"
+            )
             await c.client.tasks.wait("wi", JOB, timeout=30)
         finally:
             for p in procs:

@@ -72,7 +72,11 @@ BAD = [
     ("name", {"name": "root"}, "InvalidUserName"),
     ("name", {"name": "tvmslot0"}, "InvalidUserName"),
     ("sshPublicKey", {"ssh_public_key": "not a key"}, "InvalidSshPublicKey"),
-    ("sshPublicKey", {"ssh_public_key": KEY + "\nssh-rsa AAAAB3NzaC1yc2EAAAADAQAB x"}, "InvalidSshPublicKey"),
+    (
+        "sshPublicKey",
+        {"ssh_public_key": KEY + "\nssh-rsa AAAAB3NzaC1yc2EAAAADAQAB x"},
+        "InvalidSshPublicKey",
+    ),
     ("expiryTime", {"expiry_time": "2001-01-01T00:00:00Z"}, "InvalidPropertyValue"),
     ("expiryTime", {"expiry_time": "tomorrow"}, "InvalidPropertyValue"),
     ("expiryTime", {"expiry_time": "2999-01-01T00:00:00Z"}, "InvalidPropertyValue"),
@@ -86,7 +90,9 @@ async def test_bad_remote_login_users_are_refused(nursery, tmp_path):
         for field, kwargs, code in BAD:
             args = {"name": "okname", "ssh_public_key": KEY, **kwargs}
             with pytest.raises(BatchError) as ei:
-                await c.client.tvm_users.add("p", tvm.name, args.pop("name"), args.pop("ssh_public_key"), **args)
+                await c.client.tvm_users.add(
+                    "p", tvm.name, args.pop("name"), args.pop("ssh_public_key"), **args
+                )
             assert (ei.value.status, ei.value.code) == (400, code), kwargs
             assert ei.value.values.get("field") == field, kwargs
         assert await c.client.tvm_users.list("p", tvm.name) == []

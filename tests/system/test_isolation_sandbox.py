@@ -32,8 +32,10 @@ ISOLATED = ["--task-isolation", "users"]
 JOB = "job-0000000001"
 
 _caps = SandboxCapabilities.detect()
-pytestmark = pytest.mark.skipif(not (_caps.can_switch_user and os.path.exists(PY)),
-                                reason="needs root, setpriv and /usr/bin/python3")
+pytestmark = pytest.mark.skipif(
+    not (_caps.can_switch_user and os.path.exists(PY)),
+    reason="needs root, setpriv and /usr/bin/python3",
+)
 
 
 @pytest.fixture
@@ -91,13 +93,17 @@ async def test_a_task_cannot_read_a_sibling_tasks_directory(nursery, tmp_path, o
     async with cluster_ctx(nursery, tmp_path, heartbeat_timeout=3) as c:
         agent = c.start_agent(extra_args=ISOLATED, root=os.path.join(open_root, "a0"))
         await c.pool_with_tvms("p", 1, max_tasks_per_vm=2, vm_size="medium")
-        tasks = await _run(c, "p", [task_spec("a", f"{PY} -c \"{TASK_A}\""),
-                                    task_spec("b", f"{PY} -c \"{TASK_B}\"")])
+        tasks = await _run(
+            c, "p", [task_spec("a", f'{PY} -c "{TASK_A}"'), task_spec("b", f'{PY} -c "{TASK_B}"')]
+        )
         assert [tasks[n].execution_info.exit_code for n in ("a", "b")] == [0, 0]
         out_a, out_b = await _stdout(c, "a"), await _stdout(c, "b")
         assert "b-tried True" in out_a  # b ran while a was still running
         assert out_b.startswith("read:denied list:denied")
-        uid_a, uid_b = int(out_a.split("uid ")[1].split()[0]), int(out_b.split("uid ")[1].split()[0])
+        uid_a, uid_b = (
+            int(out_a.split("uid ")[1].split()[0]),
+            int(out_b.split("uid ")[1].split()[0]),
+        )
         assert uid_a != uid_b
         assert 0 not in (uid_a, uid_b)
         for uid in (uid_a, uid_b):
@@ -109,8 +115,11 @@ async def test_a_task_cannot_read_a_sibling_tasks_directory(nursery, tmp_path, o
         st = os.stat(a_dir)
         assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o700)
         # runElevated tasks run as root.
-        await c.client.tasks.add_many("wi", JOB, [task_spec("root", f"{PY} -c \"import os; print(os.getuid())\"",
-                                                            run_elevated=True)])
+        await c.client.tasks.add_many(
+            "wi",
+            JOB,
+            [task_spec("root", f'{PY} -c "import os; print(os.getuid())"', run_elevated=True)],
+        )
         await c.client.tasks.wait("wi", JOB, timeout=30)
         assert (await _stdout(c, "root")).strip() == "0"
 
@@ -125,15 +134,18 @@ print('survived', flush=True)
 """
 
 
-@pytest.mark.skipif(_caps.layout.controller_dir("memory") is None, reason="no memory cgroup controller")
+@pytest.mark.skipif(
+    _caps.layout.controller_dir("memory") is None, reason="no memory cgroup controller"
+)
 async def test_a_memory_hog_is_killed_by_its_limit_and_reported(nursery, tmp_path, open_root):
     os.makedirs(tmp_path / "agents", exist_ok=True)
     async with cluster_ctx(nursery, tmp_path, heartbeat_timeout=3) as c:
         c.start_agent(extra_args=ISOLATED, root=os.path.join(open_root, "a0"))
         # small = 1792 MiB shared by 4 slots: 448 MiB per task; the hog wants 2 GiB.
         await c.pool_with_tvms("p", 1, max_tasks_per_vm=4, vm_size="small")
-        tasks = await _run(c, "p", [task_spec("hog", f"{PY} -c \"{HOG}\""),
-                                    task_spec("fine", f"{PY} -c \"print(1)\"")])
+        tasks = await _run(
+            c, "p", [task_spec("hog", f'{PY} -c "{HOG}"'), task_spec("fine", f'{PY} -c "print(1)"')]
+        )
         hog = tasks["hog"].execution_info
         assert hog.scheduling_error is not None, hog
         assert hog.scheduling_error.code == "TaskMemoryLimitExceeded"
@@ -145,12 +157,20 @@ def _pfx() -> tuple[str, str, str]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sandbox-test")])
     now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
-            .not_valid_after(now + dt.timedelta(days=3)).sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=3))
+        .sign(key, hashes.SHA256())
+    )
     pw = "sandbox-pw"
-    raw = pkcs12.serialize_key_and_certificates(b"k", key, cert, None,
-                                                serialization.BestAvailableEncryption(pw.encode()))
+    raw = pkcs12.serialize_key_and_certificates(
+        b"k", key, cert, None, serialization.BestAvailableEncryption(pw.encode())
+    )
     return cert.fingerprint(hashes.SHA1()).hex(), base64.b64encode(raw).decode(), pw
 
 
@@ -173,14 +193,21 @@ sys.exit(0 if ok else 3)
 """
 
 
-async def test_certificates_are_installed_before_the_start_task_which_reads_them(nursery, tmp_path, open_root):
+async def test_certificates_are_installed_before_the_start_task_which_reads_them(
+    nursery, tmp_path, open_root
+):
     thumb, data, pw = _pfx()
     os.makedirs(tmp_path / "agents", exist_ok=True)
     async with cluster_ctx(nursery, tmp_path, heartbeat_timeout=3) as c:
         c.start_agent(extra_args=ISOLATED, root=os.path.join(open_root, "a0"))
         await c.client.certificates.add(thumb, data, password=pw)
-        start = {"commandLine": f"{PY} -c \"{START_CHECK}\" {thumb} {POOL_GROUP_PREFIX}", "waitForSuccess": True}
-        await c.pool_with_tvms("p", 1, certificate_references=[{"thumbprint": thumb}], start_task=start)
+        start = {
+            "commandLine": f'{PY} -c "{START_CHECK}" {thumb} {POOL_GROUP_PREFIX}',
+            "waitForSuccess": True,
+        }
+        await c.pool_with_tvms(
+            "p", 1, certificate_references=[{"thumbprint": thumb}], start_task=start
+        )
         tvm = (await c.client.tvms.list("p"))[0]
         assert tvm.start_task_info.exit_code == 0
         assert tvm.cert_errors == []
@@ -210,7 +237,7 @@ async def test_a_bubblewrap_pool_hides_other_tasks_entirely(nursery, tmp_path, o
         await c.client.workitems.add("wi", "p")
         await c.client.tasks.add_many("wi", JOB, [task_spec("a", f"{PY} -c \"print('secret')\"")])
         await c.client.tasks.wait("wi", JOB, timeout=30)
-        await c.client.tasks.add_many("wi", JOB, [task_spec("b", f"{PY} -c \"{BWRAP_PROBE}\"")])
+        await c.client.tasks.add_many("wi", JOB, [task_spec("b", f'{PY} -c "{BWRAP_PROBE}"')])
         await c.client.tasks.wait("wi", JOB, timeout=30)
         out = (await _stdout(c, "b")).split()
         assert out[0] == "absent"  # not merely denied: a's directory does not exist in b's sandbox
@@ -240,7 +267,7 @@ async def test_a_task_user_cannot_change_cached_resource_files(nursery, tmp_path
         await c.pool_with_tvms("p", 1)
         up = await c.client.files.upload(b"original\n")
         rf = [m.ResourceFile(blob_source=up["blobSource"], file_path="input.txt")]
-        specs = [task_spec(f"t{i}", f"{PY} -c \"{POISON}\"", resource_files=rf) for i in range(2)]
+        specs = [task_spec(f"t{i}", f'{PY} -c "{POISON}"', resource_files=rf) for i in range(2)]
         await c.client.workitems.add("wi", "p")
         await c.client.tasks.add_many("wi", JOB, specs[:1])
         await c.client.tasks.wait("wi", JOB, timeout=30)

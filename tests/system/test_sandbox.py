@@ -382,9 +382,13 @@ async def test_reused_cgroups_start_clean_and_close_removes_them(
     the previous task's oom kills or limits, must still catch a setsid escapee, and `close()`
     removes what is kept."""
     require_memory_cgroup(caps)
-    sb = Sandbox(caps, cgroup_prefix=f"tvmtest-reuse-{os.getpid()}", kill_grace=1.0, reuse_cgroups=1)
+    sb = Sandbox(
+        caps, cgroup_prefix=f"tvmtest-reuse-{os.getpid()}", kill_grace=1.0, reuse_cgroups=1
+    )
     try:
-        hog = await sb.start(mkspec(tmp_path, [sys.executable, "-c", HOG], memory_limit_bytes=64 << 20))
+        hog = await sb.start(
+            mkspec(tmp_path, [sys.executable, "-c", HOG], memory_limit_bytes=64 << 20)
+        )
         first = hog._cgroup
         assert first is not None
         with trio.fail_after(20):
@@ -394,8 +398,12 @@ async def test_reused_cgroups_start_clean_and_close_removes_them(
         # The next task gets the same cgroup, a larger limit and a zero oom count.
         rp = await sb.start(mkspec(tmp_path, ["sh", "-c", "exit 3"], memory_limit_bytes=128 << 20))
         assert rp._cgroup is first
-        mem = first.dirs.get("v2") if "memory" in caps.layout.v2_controllers else first.dirs["memory"]
-        limit_file = "memory.max" if "memory" in caps.layout.v2_controllers else "memory.limit_in_bytes"
+        mem = (
+            first.dirs.get("v2") if "memory" in caps.layout.v2_controllers else first.dirs["memory"]
+        )
+        limit_file = (
+            "memory.max" if "memory" in caps.layout.v2_controllers else "memory.limit_in_bytes"
+        )
         assert int(Path(mem, limit_file).read_text()) == 128 << 20
         out = await rp.wait()
         assert (out.reason, out.exit_code) == ("exited", 3), out.message
@@ -458,8 +466,14 @@ async def test_reused_cgroup_removed_meanwhile_is_recreated(
         rp = await sb.start(mkspec(tmp_path, ["sh", "-c", "exit 4"], memory_limit_bytes=64 << 20))
         assert rp._cgroup is cgroup
         assert all(exists(d) for d in cgroup.dirs.values())
-        mem = cgroup.dirs.get("v2") if "memory" in caps.layout.v2_controllers else cgroup.dirs["memory"]
-        limit_file = "memory.max" if "memory" in caps.layout.v2_controllers else "memory.limit_in_bytes"
+        mem = (
+            cgroup.dirs.get("v2")
+            if "memory" in caps.layout.v2_controllers
+            else cgroup.dirs["memory"]
+        )
+        limit_file = (
+            "memory.max" if "memory" in caps.layout.v2_controllers else "memory.limit_in_bytes"
+        )
         assert int(Path(mem, limit_file).read_text()) == 64 << 20
         out = await rp.wait()
         assert (out.reason, out.exit_code) == ("exited", 4), out.message

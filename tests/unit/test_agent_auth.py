@@ -22,7 +22,14 @@ def _auth() -> tuple[AgentAuth, dict[str, str]]:
     return AgentAuth(store.get, store.__setitem__, token_hash("jt"), items=store.items), store
 
 
-def _enrol(auth: AgentAuth, agent: str, token: str = "jt", cred: str = CRED, now: float = NOW, dt_ms: int = 0):  # noqa: ANN202
+def _enrol(
+    auth: AgentAuth,
+    agent: str,
+    token: str = "jt",
+    cred: str = CRED,
+    now: float = NOW,
+    dt_ms: int = 0,
+):  # noqa: ANN202
     t = int(now * 1000) + dt_ms
     return auth.authenticate(agent, token, agent_proof(cred, agent, t), t, now, cred)
 
@@ -79,15 +86,23 @@ def test_proofs_forged_replayed_stale_or_for_another_purpose_are_refused():
     assert _enrol(auth, "a1").ok
     t = int(NOW * 1000) + 10
     assert auth.authenticate("a1", "", "f" * 64, t, NOW).code == "InvalidAgentCredential"
-    assert auth.authenticate("a1", "", agent_proof(CRED, "a2", t), t, NOW).code == "InvalidAgentCredential"
+    assert (
+        auth.authenticate("a1", "", agent_proof(CRED, "a2", t), t, NOW).code
+        == "InvalidAgentCredential"
+    )
     http = agent_proof(CRED, "a1", t, "http")
     assert auth.authenticate("a1", "", http, t, NOW).code == "InvalidAgentCredential"
     assert auth.check_http_proof("a1", http, t, NOW)
-    assert not auth.check_http_proof("a1", agent_proof(CRED, "a1", t), t, NOW)  # a hello proof is not one
+    assert not auth.check_http_proof(
+        "a1", agent_proof(CRED, "a1", t), t, NOW
+    )  # a hello proof is not one
     assert auth.authenticate("a1", "", agent_proof(CRED, "a1", t), t, NOW).ok
     assert "replay" in auth.authenticate("a1", "", agent_proof(CRED, "a1", t), t, NOW).message
     old = int((NOW - 600) * 1000)
-    assert auth.authenticate("a1", "", agent_proof(CRED, "a1", old), old, NOW).code == "InvalidAgentCredential"
+    assert (
+        auth.authenticate("a1", "", agent_proof(CRED, "a1", old), old, NOW).code
+        == "InvalidAgentCredential"
+    )
     assert not auth.check_http_proof("a1", agent_proof(CRED, "a1", old, "http"), old, NOW)
 
 
@@ -134,7 +149,9 @@ def test_revoked_agents_are_refused_even_with_token_and_proof():
 def _svc(connected: bool, last_seen: float) -> SimpleNamespace:
     agent = SimpleNamespace(connected=connected, last_seen=last_seen)
     core = SimpleNamespace(agents={"a1": agent}, heartbeat_timeout=10.0)
-    return SimpleNamespace(links={"a1": SimpleNamespace(connected=connected)}, core=core, agent_link_events={})
+    return SimpleNamespace(
+        links={"a1": SimpleNamespace(connected=connected)}, core=core, agent_link_events={}
+    )
 
 
 def test_a_second_connection_is_refused_while_the_first_answers():
@@ -151,7 +168,9 @@ def test_a_second_connection_is_refused_while_the_first_answers():
 
 def test_in_flight_runs_are_the_run_tasks_not_yet_acknowledged():
     session = LinkSession(coordinator_codec(), "s")
-    spec = pm.TaskSpec(key="wi/j/t1", attempt=1, command_line="x", workitem="wi", job="j", task="t1")
+    spec = pm.TaskSpec(
+        key="wi/j/t1", attempt=1, command_line="x", workitem="wi", job="j", task="t1"
+    )
     session.send(pm.Ping())
     session.send(pm.RunTask(spec=spec))
     assert agentident.in_flight_runs(session) == {"wi/j/t1"}
@@ -173,7 +192,9 @@ def _core_with_task() -> tuple[CoordinatorState, str, pm.TaskSpec]:
     core.add_pool(m.PoolAdd(name="p", target_dedicated=1))
     (tvm,) = core.tvms.values()
     core.agent_message("a0", pm.TvmReady(tvm_name=tvm.rec.name))
-    core.add_workitem(m.WorkitemAdd(name="wi", job_execution_environment=m.JobExecutionEnvironment(pool_name="p")))
+    core.add_workitem(
+        m.WorkitemAdd(name="wi", job_execution_environment=m.JobExecutionEnvironment(pool_name="p"))
+    )
     core.add_task("wi", "job-0000000001", m.TaskAdd(name="t1", command_line="run"))
     core.schedule()
     (spec,) = [s.msg.spec for s in core.take_effects().sends if isinstance(s.msg, pm.RunTask)]
@@ -194,9 +215,18 @@ def test_a_placed_task_the_agent_does_not_report_is_requeued_at_its_hello():
 
 def test_reported_or_in_flight_tasks_stay_running():
     core, tvm_name, spec = _core_with_task()
-    core.agent_hello(pm.Hello(agent_id="a0", token="t", session_id="s1", tvm_name=tvm_name), {spec.key})
+    core.agent_hello(
+        pm.Hello(agent_id="a0", token="t", session_id="s1", tvm_name=tvm_name), {spec.key}
+    )
     assert core.get_task("wi", "job-0000000001", "t1")[1].state == "running"
-    core.agent_hello(pm.Hello(agent_id="a0", token="t", session_id="s1", tvm_name=tvm_name,
-                              finished=[pm.RunningTask(key=spec.key, attempt=spec.attempt)]))
+    core.agent_hello(
+        pm.Hello(
+            agent_id="a0",
+            token="t",
+            session_id="s1",
+            tvm_name=tvm_name,
+            finished=[pm.RunningTask(key=spec.key, attempt=spec.attempt)],
+        )
+    )
     _, t = core.get_task("wi", "job-0000000001", "t1")
     assert (t.state, t.requeue_count) == ("running", 0)

@@ -56,7 +56,9 @@ def root(tmp_path: Path) -> Path:
 
 
 def ask(root: Path, op: str, path: str, **kw: object) -> pm.FileResponse:
-    return files.serve(str(root), pm.FileRequest(req_id=7, op=op, path=path, **kw), cleaned_marker=MARKER)
+    return files.serve(
+        str(root), pm.FileRequest(req_id=7, op=op, path=path, **kw), cleaned_marker=MARKER
+    )
 
 
 def code(root: Path, op: str, path: str, **kw: object) -> str:
@@ -103,8 +105,13 @@ def test_clear_errors(root: Path, mode: str) -> None:
     assert code(root, "read", f"tasks/wi/{JOB}/gone/stdout.txt") == "TaskFilesCleanedUp"
     assert code(root, "read", f"{T1}/wd/digits", offset=-1) == "InvalidRange"
     assert code(root, "delete", f"{T1}/wd/digits") == "UnknownOperation"
-    for bad in (f"{T1}/../t2/secret", "../root/agent-credential", f"{T1}/wd/..", "/etc/shadow",
-                f"{T1}/wd/di\0gits"):
+    for bad in (
+        f"{T1}/../t2/secret",
+        "../root/agent-credential",
+        f"{T1}/wd/..",
+        "/etc/shadow",
+        f"{T1}/wd/di\0gits",
+    ):
         assert code(root, "read", bad) == "InvalidFilePath", bad
     assert code(root, "read", f"{T1}/" + "x/" * 3000 + "y") == "InvalidFilePath"
 
@@ -135,7 +142,9 @@ def test_fifo_socket_and_device_are_refused_without_hanging(root: Path, mode: st
     wd = root / T1 / "wd"
     os.mkfifo(wd / "fifo")
     results: list[str] = []
-    reader = threading.Thread(target=lambda: results.append(code(root, "read", f"{T1}/wd/fifo")), daemon=True)
+    reader = threading.Thread(
+        target=lambda: results.append(code(root, "read", f"{T1}/wd/fifo")), daemon=True
+    )
     reader.start()
     reader.join(30)  # with a blocking open this waits for a writer forever
     assert results == ["NotARegularFile"]
@@ -164,9 +173,15 @@ def test_only_the_served_areas(root: Path, mode: str) -> None:
     everything = names(ask(root, "list", "", recursive=True))
     assert f"{T1}/wd/sub/f.txt" in everything
     assert "start/stdout.txt" in everything
-    assert not [n for n in everything if "credential" in n or "certs" in n or "cache" in n or ".tvm-" in n]
+    assert not [
+        n for n in everything if "credential" in n or "certs" in n or "cache" in n or ".tvm-" in n
+    ]
     assert names(ask(root, "list", f"tasks/wi/{JOB}")) == ["t1", "t2"]
-    assert names(ask(root, "list", "tasks/wi", recursive=True))[:3] == [JOB, f"{JOB}/t1", f"{JOB}/t2"]
+    assert names(ask(root, "list", "tasks/wi", recursive=True))[:3] == [
+        JOB,
+        f"{JOB}/t1",
+        f"{JOB}/t2",
+    ]
 
 
 def test_listing_bound_and_depth(root: Path, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -51,10 +51,20 @@ from tvmagent.state import (
 NOW = 1_000_000.0
 
 
-def spec(key: str = "wi/job/t1", attempt: int = 1, retention_s: float = 600.0, wall: float = 0.0) -> pm.TaskSpec:
+def spec(
+    key: str = "wi/job/t1", attempt: int = 1, retention_s: float = 600.0, wall: float = 0.0
+) -> pm.TaskSpec:
     wi, job, task = key.split("/")
-    return pm.TaskSpec(key=key, attempt=attempt, command_line="true", workitem=wi, job=job, task=task,
-                       retention_s=retention_s, max_wall_clock_s=wall)
+    return pm.TaskSpec(
+        key=key,
+        attempt=attempt,
+        command_line="true",
+        workitem=wi,
+        job=job,
+        task=task,
+        retention_s=retention_s,
+        max_wall_clock_s=wall,
+    )
 
 
 def joined() -> AgentState:
@@ -63,8 +73,14 @@ def joined() -> AgentState:
     return s
 
 
-def finish(s: AgentState, key: str = "wi/job/t1", code: int = 0, failure: pm.Failure | None = None,
-           peer_acked: int = 0, end: float = NOW + 5) -> list:
+def finish(
+    s: AgentState,
+    key: str = "wi/job/t1",
+    code: int = 0,
+    failure: pm.Failure | None = None,
+    peer_acked: int = 0,
+    end: float = NOW + 5,
+) -> list:
     return s.handle(RunFinished(key, code, NOW, end, failure, peer_acked))
 
 
@@ -121,7 +137,9 @@ def test_a_cancelled_run_reports_task_killed() -> None:
     s.handle(RunTaskReceived(spec(), NOW))
     s.handle(CancelReceived("wi/job/t1", 1, "job terminated"))
     code, failure = run_verdict(s.running["wi/job/t1"], -9, "killed", "", timed_out=False)
-    assert failure == pm.Failure(category="UserError", code="TaskEnded", message="task killed: job terminated")
+    assert failure == pm.Failure(
+        category="UserError", code="TaskEnded", message="task killed: job terminated"
+    )
     assert code == -9
 
 
@@ -132,7 +150,9 @@ def test_a_requeued_attempt_waits_for_the_old_run_then_starts() -> None:
     s = joined()
     s.handle(RunTaskReceived(spec(attempt=1), NOW))
     s.handle(CancelReceived("wi/job/t1", 1, "requeued"))
-    assert s.handle(RunTaskReceived(spec(attempt=2), NOW)) == []  # deferred, not started beside the old one
+    assert (
+        s.handle(RunTaskReceived(spec(attempt=2), NOW)) == []
+    )  # deferred, not started beside the old one
     assert s.deferred["wi/job/t1"].attempt == 2
     out = finish(s, code=-9)
     assert StartRun(spec(attempt=2)) in out
@@ -168,7 +188,10 @@ def test_completion_stays_unacknowledged_until_the_coordinator_acks_its_seq() ->
     s.handle(RunTaskReceived(spec(), NOW))
     s.handle(RunTaskReceived(spec("wi/job/t2"), NOW))
     # While running, a Hello reports both as running (the coordinator requeues the others).
-    assert s.hello_running() == [pm.RunningTask(key="wi/job/t1", attempt=1), pm.RunningTask(key="wi/job/t2", attempt=1)]
+    assert s.hello_running() == [
+        pm.RunningTask(key="wi/job/t1", attempt=1),
+        pm.RunningTask(key="wi/job/t2", attempt=1),
+    ]
     done = completion(finish(s))
     s.handle(CompletionQueued(done.key, done.attempt, seq=7))
     assert s.hello_running() == [pm.RunningTask(key="wi/job/t2", attempt=1)]
@@ -209,7 +232,9 @@ def test_drain_kills_what_outlives_the_grace_and_reports_it_as_agent_stopping() 
     assert s.handle(DrainGraceOver()) == [KillProcess("wi/job/t1")]
     run = s.running["wi/job/t1"]
     assert (run.cancelled, run.abandoned, run.cancel_reason) == (True, True, "agent stopped")
-    done = completion(finish(s, code=-9, failure=pm.Failure(category="UserError", code="TaskEnded")))
+    done = completion(
+        finish(s, code=-9, failure=pm.Failure(category="UserError", code="TaskEnded"))
+    )
     assert done.failure is not None
     assert (done.failure.category, done.failure.code) == ("ServerError", pm.AGENT_STOPPING)
 
@@ -223,7 +248,9 @@ def test_retention_deadline_is_recorded_and_swept_only_when_due_and_not_running(
     out = finish(s, end=NOW + 5)
     assert SaveRetention("wi/job/t1", NOW + 65) in out
     assert s.handle(RetentionSweep(NOW + 64)) == []
-    s.handle(RunTaskReceived(spec(attempt=2, retention_s=60), NOW + 64))  # placed here again: its files are in use
+    s.handle(
+        RunTaskReceived(spec(attempt=2, retention_s=60), NOW + 64)
+    )  # placed here again: its files are in use
     assert s.handle(RetentionSweep(NOW + 100)) == []
     assert "wi/job/t1" in s.retention
     finish(s, end=NOW + 101)
@@ -243,11 +270,15 @@ def test_retention_loaded_after_a_restart_does_not_override_newer_deadlines() ->
 def test_delete_task_files_kills_a_running_task_and_drops_its_deadline() -> None:
     s = joined()
     s.retention["wi/job/old"] = NOW + 10
-    assert s.handle(DeleteFilesReceived("wi/job/old")) == [DeleteTaskFiles("wi/job/old", cleaned=False)]
+    assert s.handle(DeleteFilesReceived("wi/job/old")) == [
+        DeleteTaskFiles("wi/job/old", cleaned=False)
+    ]
     assert s.retention == {}
     s.handle(RunTaskReceived(spec(), NOW))
-    assert s.handle(DeleteFilesReceived("wi/job/t1")) == [KillProcess("wi/job/t1"),
-                                                           DeleteTaskFiles("wi/job/t1", cleaned=False)]
+    assert s.handle(DeleteFilesReceived("wi/job/t1")) == [
+        KillProcess("wi/job/t1"),
+        DeleteTaskFiles("wi/job/t1", cleaned=False),
+    ]
     assert s.running["wi/job/t1"].cancelled
 
 
@@ -275,14 +306,18 @@ def test_tvm_ops_are_queued_in_order_and_leave_or_reboot_interrupt_that_tvms_sta
     join = pm.JoinPool(pool="p", tvm_name="tvm-1", account="a")
     assert s.handle(TvmOpReceived(join)) == [QueueTvmOp(join)]  # a join does not interrupt
     other = pm.RebootTvm(tvm_name="tvm-2")
-    assert s.handle(TvmOpReceived(other)) == [QueueTvmOp(other)]  # another TVM's reboot: an old request
+    assert s.handle(TvmOpReceived(other)) == [
+        QueueTvmOp(other)
+    ]  # another TVM's reboot: an old request
     assert not run.cancelled
     leave = pm.LeavePool(tvm_name="tvm-1")
     assert s.handle(TvmOpReceived(leave)) == [KillStartTask(), QueueTvmOp(leave)]
     assert (run.cancelled, run.cancel_reason) == (True, "TVM rebooted or removed")
     s.handle(StartTaskEnded(run))
     assert s.start_run is None
-    assert s.handle(TvmOpReceived(pm.RebootTvm(tvm_name="tvm-1"))) == [QueueTvmOp(pm.RebootTvm(tvm_name="tvm-1"))]
+    assert s.handle(TvmOpReceived(pm.RebootTvm(tvm_name="tvm-1"))) == [
+        QueueTvmOp(pm.RebootTvm(tvm_name="tvm-1"))
+    ]
 
 
 # ----------------------------------------------------------------------------- limits and verdicts
@@ -305,14 +340,19 @@ def test_disk_over_limit_kills_the_biggest_running_task_once() -> None:
     assert failure.code == DISK_LIMIT_CODE
 
 
-@pytest.mark.parametrize(("reason", "timed_out", "code", "failure_code"), [
-    ("exited", True, WALL_CLOCK_EXIT_CODE, "TaskEnded"),
-    ("launch_failed", False, -1, "CommandLaunchFailed"),
-    ("oom", False, 137, "TaskMemoryLimitExceeded"),
-    ("exited", False, 3, None),
-])
+@pytest.mark.parametrize(
+    ("reason", "timed_out", "code", "failure_code"),
+    [
+        ("exited", True, WALL_CLOCK_EXIT_CODE, "TaskEnded"),
+        ("launch_failed", False, -1, "CommandLaunchFailed"),
+        ("oom", False, 137, "TaskMemoryLimitExceeded"),
+        ("exited", False, 3, None),
+    ],
+)
 def test_run_verdict(reason: str, timed_out: bool, code: int, failure_code: str | None) -> None:
-    got_code, failure = run_verdict(Run(spec(wall=2)), code if not timed_out else -9, reason, "why", timed_out)
+    got_code, failure = run_verdict(
+        Run(spec(wall=2)), code if not timed_out else -9, reason, "why", timed_out
+    )
     assert got_code == code
     assert (failure.code if failure else None) == failure_code
     if timed_out:
@@ -326,18 +366,42 @@ def test_unknown_run_finishing_is_ignored() -> None:
     assert finish(s, "wi/job/ghost") == []
 
 
-@pytest.mark.parametrize(("code", "fatal"), [("AgentAlreadyConnected", False), ("InvalidAgentCredential", True),
-                                             ("AgentRevoked", True), ("InvalidJoinToken", True),
-                                             ("SomethingNew", False)])
-def test_second_connection_refusal_is_retried_bad_credentials_are_not(code: str, fatal: bool) -> None:
+@pytest.mark.parametrize(
+    ("code", "fatal"),
+    [
+        ("AgentAlreadyConnected", False),
+        ("InvalidAgentCredential", True),
+        ("AgentRevoked", True),
+        ("InvalidJoinToken", True),
+        ("SomethingNew", False),
+    ],
+)
+def test_second_connection_refusal_is_retried_bad_credentials_are_not(
+    code: str, fatal: bool
+) -> None:
     assert rejected_for_good(code) is fatal
 
 
 def test_the_state_machine_imports_no_io_library() -> None:
     # Its own imports (ast) and what importing it loads (trio must not come along).
     tree = ast.parse(Path(tvmagent.state.__file__).read_text())
-    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    names |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level}
-    assert not names & {"trio", "anyio", "os", "subprocess", "socket", "trio_websocket", "shutil", "threading"}
+    names = {
+        a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
+    names |= {
+        (n.module or "").split(".")[0]
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom) and not n.level
+    }
+    assert not names & {
+        "trio",
+        "anyio",
+        "os",
+        "subprocess",
+        "socket",
+        "trio_websocket",
+        "shutil",
+        "threading",
+    }
     code = "import sys, tvmagent.state; raise SystemExit(1 if {'trio', 'trio_websocket'} & set(sys.modules) else 0)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

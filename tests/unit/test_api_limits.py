@@ -33,7 +33,10 @@ def test_shallow_json_still_decodes() -> None:
 
 
 def _receiver(chunks: list[bytes]):  # noqa: ANN202 - an ASGI receive callable
-    messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+    messages = [
+        {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+        for i, c in enumerate(chunks)
+    ]
 
     async def receive() -> dict:
         return messages.pop(0)
@@ -52,7 +55,9 @@ async def test_read_body_limits_and_md5() -> None:
         await read_body(_receiver([]), {"content-length": "21"}, 20)  # refused before any receive
     assert err.value.status == 413
     with pytest.raises(ApiError) as err:
-        await read_body(_receiver(list(data)), {"content-md5": base64.b64encode(b"x" * 16).decode()}, 20)
+        await read_body(
+            _receiver(list(data)), {"content-md5": base64.b64encode(b"x" * 16).decode()}, 20
+        )
     assert (err.value.status, err.value.code) == (400, "Md5Mismatch")
     for bad in ("zz", base64.b64encode(b"short").decode()):
         with pytest.raises(ApiError) as err:
@@ -61,7 +66,9 @@ async def test_read_body_limits_and_md5() -> None:
 
 
 async def test_body_stream_checks_md5_only_at_its_end() -> None:
-    stream = BodyStream(_receiver([b"x" * 5, b"y" * 5]), {"content-md5": base64.b64encode(b"0" * 16).decode()}, 100)
+    stream = BodyStream(
+        _receiver([b"x" * 5, b"y" * 5]), {"content-md5": base64.b64encode(b"0" * 16).decode()}, 100
+    )
     seen: list[bytes] = []
 
     async def consume() -> None:
@@ -80,6 +87,14 @@ def test_the_largest_legitimate_hello_fits_the_pre_auth_limit() -> None:
     # 256 cores x 4 slots running, as many finished and unacknowledged, names at their longest.
     key = "w" * 64 + "/" + "j" * 64 + "/" + "t" * 64
     entries = [pm.RunningTask(key=f"{key}{i:05d}", attempt=99) for i in range(1024)]
-    hello = pm.Hello(agent_id="a" * 128, token="t" * 64, capabilities=["c" * 32] * 16, hostname="h" * 255,
-                     running=entries, finished=entries, session_id="s" * 64, proof="p" * 64)
+    hello = pm.Hello(
+        agent_id="a" * 128,
+        token="t" * 64,
+        capabilities=["c" * 32] * 16,
+        hostname="h" * 255,
+        running=entries,
+        finished=entries,
+        session_id="s" * 64,
+        proof="p" * 64,
+    )
     assert len(msgspec.msgpack.encode(hello)) < MAX_PRE_AUTH_MESSAGE

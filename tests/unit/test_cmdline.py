@@ -40,21 +40,43 @@ def test_split_matches_shlex_on_any_text(s: str) -> None:
     assert _ours(s) == _shlex(s)
 
 
-@pytest.mark.parametrize("s", [
-    "", "   ", "a", "a b", "'a b' c", '"a \\" b"', '"a\\b"', "a\\ b", '""', "''", 'a"b c"d', "\\", "'open",
-    '"open', '"\\', 'x "" y', "a\\\nb", "\t a \r\n",
-])
+@pytest.mark.parametrize(
+    "s",
+    [
+        "",
+        "   ",
+        "a",
+        "a b",
+        "'a b' c",
+        '"a \\" b"',
+        '"a\\b"',
+        "a\\ b",
+        '""',
+        "''",
+        'a"b c"d',
+        "\\",
+        "'open",
+        '"open',
+        '"\\',
+        'x "" y',
+        "a\\\nb",
+        "\t a \r\n",
+    ],
+)
 def test_split_matches_shlex_on_edges(s: str) -> None:
     assert _ours(s) == _shlex(s)
 
 
-@pytest.mark.parametrize("poison", [
-    "a" * 2_000_000,
-    '"' + "a" * 2_000_000 + '"',
-    '"' + "\\a" * 1_000_000 + '"',
-    "'" + "a" * 2_000_000,  # unterminated: an error, found without quadratic work
-    "a'b'" * 500_000,
-])
+@pytest.mark.parametrize(
+    "poison",
+    [
+        "a" * 2_000_000,
+        '"' + "a" * 2_000_000 + '"',
+        '"' + "\\a" * 1_000_000 + '"',
+        "'" + "a" * 2_000_000,  # unterminated: an error, found without quadratic work
+        "a'b'" * 500_000,
+    ],
+)
 def test_two_megabyte_poison_returns(poison: str) -> None:
     # No timing assertion: shlex.split needs minutes here; this returns (or refuses) promptly.
     result = _ours(poison)

@@ -42,19 +42,34 @@ def _core(agents: int = 4) -> tuple[CoordinatorState, Clock]:
     return core, clock
 
 
-def _autopool(core: CoordinatorState, formula: str = PENDING, interval: str | None = "PT5M",
-              name: str = "p") -> None:
-    core.add_pool(m.PoolAdd(name=name, enable_auto_scale=True, auto_scale_formula=formula,
-                            auto_scale_evaluation_interval=interval))
+def _autopool(
+    core: CoordinatorState, formula: str = PENDING, interval: str | None = "PT5M", name: str = "p"
+) -> None:
+    core.add_pool(
+        m.PoolAdd(
+            name=name,
+            enable_auto_scale=True,
+            auto_scale_formula=formula,
+            auto_scale_evaluation_interval=interval,
+        )
+    )
 
 
 def _workitem(core: CoordinatorState, pool: str = "p") -> str:
-    core.add_workitem(m.WorkitemAdd(name="wi", job_execution_environment=m.JobExecutionEnvironment(pool_name=pool)))
+    core.add_workitem(
+        m.WorkitemAdd(
+            name="wi", job_execution_environment=m.JobExecutionEnvironment(pool_name=pool)
+        )
+    )
     return next(iter(core.jobs)).split("/")[1]
 
 
-def _advance(core: CoordinatorState, clock: Clock, seconds: float, step: float = 10.0,
-             ) -> list[tuple[str, pm.TaskSpec]]:
+def _advance(
+    core: CoordinatorState,
+    clock: Clock,
+    seconds: float,
+    step: float = 10.0,
+) -> list[tuple[str, pm.TaskSpec]]:
     """Let time pass: agents keep heartbeating, confirm joins and leaves; the core ticks and
     schedules. Returns the tasks sent to agents meanwhile (agent, spec)."""
     runs: list[tuple[str, pm.TaskSpec]] = []
@@ -77,9 +92,19 @@ def _advance(core: CoordinatorState, clock: Clock, seconds: float, step: float =
     return runs
 
 
-def _complete(core: CoordinatorState, clock: Clock, agent: str, spec: pm.TaskSpec, code: int = 0) -> None:
-    core.agent_message(agent, pm.TaskCompleted(key=spec.key, attempt=spec.attempt, exit_code=code,
-                                               start_time=clock.now, end_time=clock.now))
+def _complete(
+    core: CoordinatorState, clock: Clock, agent: str, spec: pm.TaskSpec, code: int = 0
+) -> None:
+    core.agent_message(
+        agent,
+        pm.TaskCompleted(
+            key=spec.key,
+            attempt=spec.attempt,
+            exit_code=code,
+            start_time=clock.now,
+            end_time=clock.now,
+        ),
+    )
 
 
 def _size(core: CoordinatorState, pool: str = "p") -> int:
@@ -120,18 +145,35 @@ def test_succeeded_and_failed_count_tasks_finished_in_the_period() -> None:
     core.add_task("wi", job, m.TaskAdd(name="ok", command_line="x"))
     core.add_task("wi", job, m.TaskAdd(name="bad", command_line="x"))
     core.schedule()
-    runs = [msg.spec for _, msg in map(astuple, core.take_effects().sends) if isinstance(msg, pm.RunTask)]
+    runs = [
+        msg.spec
+        for _, msg in map(astuple, core.take_effects().sends)
+        if isinstance(msg, pm.RunTask)
+    ]
     assert len(runs) == 2
     clock.now += 30
     core.tick()
     assert core.metrics.visible("p", clock.now, 0)["RunningTasks"][-1].value == 2
     for spec, code in zip(runs, (0, 3), strict=True):
-        core.agent_message("a0", pm.TaskCompleted(key=spec.key, attempt=spec.attempt, exit_code=code,
-                                                  start_time=clock.now - 5, end_time=clock.now))
+        core.agent_message(
+            "a0",
+            pm.TaskCompleted(
+                key=spec.key,
+                attempt=spec.attempt,
+                exit_code=code,
+                start_time=clock.now - 5,
+                end_time=clock.now,
+            ),
+        )
     clock.now += 30
     core.tick()
     last = {k: v[-1].value for k, v in core.metrics.visible("p", clock.now, 0).items()}
-    assert (last["SucceededTasks"], last["FailedTasks"], last["RunningTasks"], last["WallClockSeconds"]) == (1, 1, 0, 10)
+    assert (
+        last["SucceededTasks"],
+        last["FailedTasks"],
+        last["RunningTasks"],
+        last["WallClockSeconds"],
+    ) == (1, 1, 0, 10)
     clock.now += 30
     core.tick()
     last = {k: v[-1].value for k, v in core.metrics.visible("p", clock.now, 0).items()}
@@ -143,18 +185,31 @@ def test_resource_metrics_come_from_heartbeats() -> None:
     core.add_pool(m.PoolAdd(name="p", target_dedicated=2))
     _advance(core, clock, 30)
     for i, agent in enumerate(("a0", "a1")):
-        core.agent_message(agent, pm.Heartbeat(cpu_percent=20.0 + 40 * i, memory_used_bytes=1000 * (i + 1),
-                                               disk_used_bytes=10, net_rx_bytes=5000, net_tx_bytes=100))
+        core.agent_message(
+            agent,
+            pm.Heartbeat(
+                cpu_percent=20.0 + 40 * i,
+                memory_used_bytes=1000 * (i + 1),
+                disk_used_bytes=10,
+                net_rx_bytes=5000,
+                net_tx_bytes=100,
+            ),
+        )
     clock.now += 30
     core.tick()
     for agent in ("a0", "a1"):
-        core.agent_message(agent, pm.Heartbeat(cpu_percent=40.0, net_rx_bytes=5500, net_tx_bytes=300))
+        core.agent_message(
+            agent, pm.Heartbeat(cpu_percent=40.0, net_rx_bytes=5500, net_tx_bytes=300)
+        )
     clock.now += 30
     core.tick()
     s = core.metrics.visible("p", clock.now, 0)
     assert [x.value for x in s["CPUPercent"][-2:]] == [40.0, 40.0]
     assert s["MemoryBytes"][-2].value == 1500.0
-    assert [x.value for x in s["NetworkInBytes"][-2:]] == [10000.0, 1000.0]  # deltas of the counters
+    assert [x.value for x in s["NetworkInBytes"][-2:]] == [
+        10000.0,
+        1000.0,
+    ]  # deltas of the counters
     assert s["NetworkOutBytes"][-1].value == 400.0
     assert s["SampleNodeCount"][-1].value == 2
 
@@ -203,13 +258,18 @@ def test_default_interval_is_15_minutes_and_runs_repeat() -> None:
     assert core.pools["p"].target == 3
 
 
-@pytest.mark.parametrize(("formula", "code", "where"), [
-    ("$TargetDedicatedNodes = ;", SYNTAX_ERROR, "line 1, column"),
-    ("$a = 1;\n$TargetDedicatedNodes = max(;", SYNTAX_ERROR, "line 2, column"),
-    ("$TargetDedicatedNodes = nosuchfunction(1);", SYNTAX_ERROR, "line 1, column"),
-    ("$TargetDedicatedNodes = 1;" + " " * 8200, TOO_LONG, ""),
-])
-def test_bad_formula_is_refused_on_create_and_nothing_is_stored(formula: str, code: str, where: str) -> None:
+@pytest.mark.parametrize(
+    ("formula", "code", "where"),
+    [
+        ("$TargetDedicatedNodes = ;", SYNTAX_ERROR, "line 1, column"),
+        ("$a = 1;\n$TargetDedicatedNodes = max(;", SYNTAX_ERROR, "line 2, column"),
+        ("$TargetDedicatedNodes = nosuchfunction(1);", SYNTAX_ERROR, "line 1, column"),
+        ("$TargetDedicatedNodes = 1;" + " " * 8200, TOO_LONG, ""),
+    ],
+)
+def test_bad_formula_is_refused_on_create_and_nothing_is_stored(
+    formula: str, code: str, where: str
+) -> None:
     core, _ = _core()
     err = _refused(_autopool, core, formula)
     assert (err.status, err.code) == (400, code)
@@ -222,18 +282,53 @@ def test_bad_formula_is_refused_on_create_and_nothing_is_stored(formula: str, co
     assert core.take_effects().writes == []
 
 
-@pytest.mark.parametrize(("kw", "code", "field"), [
-    ({"enable_auto_scale": True}, "MissingRequiredProperty", "autoScaleFormula"),
-    ({"enable_auto_scale": True, "auto_scale_formula": "$TargetDedicatedNodes=1",
-      "auto_scale_evaluation_interval": "PT4M"}, "InvalidPropertyValue", "autoScaleEvaluationInterval"),
-    ({"enable_auto_scale": True, "auto_scale_formula": "$TargetDedicatedNodes=1",
-      "auto_scale_evaluation_interval": "P8D"}, "InvalidPropertyValue", "autoScaleEvaluationInterval"),
-    ({"enable_auto_scale": True, "auto_scale_formula": "$TargetDedicatedNodes=1",
-      "auto_scale_evaluation_interval": "soon"}, "InvalidPropertyValue", "autoScaleEvaluationInterval"),
-    ({"enable_auto_scale": True, "auto_scale_formula": "$TargetDedicatedNodes=1", "target_dedicated": 2},
-     "InvalidPropertyValue", "targetDedicated"),
-    ({"auto_scale_formula": "$TargetDedicatedNodes=1"}, "InvalidPropertyValue", "enableAutoScale"),
-])
+@pytest.mark.parametrize(
+    ("kw", "code", "field"),
+    [
+        ({"enable_auto_scale": True}, "MissingRequiredProperty", "autoScaleFormula"),
+        (
+            {
+                "enable_auto_scale": True,
+                "auto_scale_formula": "$TargetDedicatedNodes=1",
+                "auto_scale_evaluation_interval": "PT4M",
+            },
+            "InvalidPropertyValue",
+            "autoScaleEvaluationInterval",
+        ),
+        (
+            {
+                "enable_auto_scale": True,
+                "auto_scale_formula": "$TargetDedicatedNodes=1",
+                "auto_scale_evaluation_interval": "P8D",
+            },
+            "InvalidPropertyValue",
+            "autoScaleEvaluationInterval",
+        ),
+        (
+            {
+                "enable_auto_scale": True,
+                "auto_scale_formula": "$TargetDedicatedNodes=1",
+                "auto_scale_evaluation_interval": "soon",
+            },
+            "InvalidPropertyValue",
+            "autoScaleEvaluationInterval",
+        ),
+        (
+            {
+                "enable_auto_scale": True,
+                "auto_scale_formula": "$TargetDedicatedNodes=1",
+                "target_dedicated": 2,
+            },
+            "InvalidPropertyValue",
+            "targetDedicated",
+        ),
+        (
+            {"auto_scale_formula": "$TargetDedicatedNodes=1"},
+            "InvalidPropertyValue",
+            "enableAutoScale",
+        ),
+    ],
+)
 def test_bad_autoscale_settings_on_create(kw: dict[str, object], code: str, field: str) -> None:
     core, _ = _core()
     err = _refused(core.add_pool, m.PoolAdd(name="p", **kw))  # type: ignore[arg-type]
@@ -289,7 +384,9 @@ def test_evaluate_answers_without_applying() -> None:
     _autopool(core, "$TargetDedicatedNodes = 1;")
     _advance(core, clock, 30)
     writes_before = core.take_effects().writes
-    ts, results, code, message = core.evaluate_autoscale("p", "$TargetDedicatedNodes = 3; $x = 2 * 2;")
+    ts, results, code, message = core.evaluate_autoscale(
+        "p", "$TargetDedicatedNodes = 3; $x = 2 * 2;"
+    )
     assert (results, code) == ("$TargetDedicatedNodes=3;$NodeDeallocationOption=requeue;$x=4", None)
     assert ts == clock.now
     assert core.pools["p"].target == 1
@@ -373,9 +470,11 @@ def test_scale_in_waits_for_running_tasks_with_taskcompletion() -> None:
     job = _workitem(core)
     _advance(core, clock, 30)
     core.add_task("wi", job, m.TaskAdd(name="long", command_line="x"))
-    (agent, spec), = _advance(core, clock, 10)
+    ((agent, spec),) = _advance(core, clock, 10)
     core.disable_autoscale("p")  # no-op on a manual pool
-    core.enable_autoscale("p", "$TargetDedicatedNodes = 0; $NodeDeallocationOption = taskcompletion;", "PT5M")
+    core.enable_autoscale(
+        "p", "$TargetDedicatedNodes = 0; $NodeDeallocationOption = taskcompletion;", "PT5M"
+    )
     assert core.pools["p"].target == 0
     _advance(core, clock, MIN)
     tvms = [t for t in core.tvms.values() if t.rec.pool == "p"]
@@ -437,7 +536,9 @@ def test_restore_keeps_settings_and_last_run_and_resumes_the_schedule() -> None:
     core, clock = _core(agents=0)
     _autopool(core, "$TargetDedicatedNodes = $CurrentDedicatedNodes + 1;", "PT5M")
     first = core.pools["p"].auto_scale_run
-    rows = [("pool", w.key, w.body) for w in core.take_effects().writes if w.kind == "pool" and w.body]
+    rows = [
+        ("pool", w.key, w.body) for w in core.take_effects().writes if w.kind == "pool" and w.body
+    ]
     again = CoordinatorState("acct", clock=clock, heartbeat_timeout=10.0)
     again.restore(rows[-1:])
     pool = again.pools["p"]
@@ -458,18 +559,31 @@ def test_auto_pool_formulas_are_checked_and_run() -> None:
     field = "jobExecutionEnvironment.autoPoolSpecification.pool."
 
     def workitem(name: str, formula: str) -> None:
-        spec = {"poolLifetimeOption": "job",
-                "pool": {"enableAutoScale": True, "autoScaleFormula": formula,
-                         "autoScaleEvaluationInterval": "PT5M"}}
-        core.add_workitem(m.WorkitemAdd(
-            name=name, job_execution_environment=m.JobExecutionEnvironment(auto_pool_specification=spec)))
+        spec = {
+            "poolLifetimeOption": "job",
+            "pool": {
+                "enableAutoScale": True,
+                "autoScaleFormula": formula,
+                "autoScaleEvaluationInterval": "PT5M",
+            },
+        }
+        core.add_workitem(
+            m.WorkitemAdd(
+                name=name,
+                job_execution_environment=m.JobExecutionEnvironment(auto_pool_specification=spec),
+            )
+        )
 
     err = _refused(workitem, "bad", "$TargetDedicatedNodes = (")
-    assert (err.status, err.code, err.values["field"]) == (400, SYNTAX_ERROR, field + "autoScaleFormula")
+    assert (err.status, err.code, err.values["field"]) == (
+        400,
+        SYNTAX_ERROR,
+        field + "autoScaleFormula",
+    )
     assert core.pools == {}
     assert "bad" not in core.workitems
     workitem("good", "$TargetDedicatedNodes = 2;")
-    (name, pool), = core.pools.items()
+    ((name, pool),) = core.pools.items()
     assert pool.spec.enable_auto_scale
     _advance(core, clock, 10)
     assert pool.target == 2

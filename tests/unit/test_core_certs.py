@@ -35,9 +35,16 @@ def _cer() -> tuple[str, str]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "core")])
     now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
-            .not_valid_after(now + dt.timedelta(days=3)).sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=3))
+        .sign(key, hashes.SHA256())
+    )
     der = cert.public_bytes(serialization.Encoding.DER)
     return cert.fingerprint(hashes.SHA1()).hex(), base64.b64encode(der).decode()
 
@@ -53,19 +60,36 @@ def _hello(core: CoordinatorState, agent: str, ip: str) -> None:
 def test_certificate_add_reference_join_delete_and_restore():
     core = _core()
     thumb, data = _cer()
-    core.add_certificate(m.CertificateAdd(thumbprint=thumb.upper(), thumbprint_algorithm="sha1", data=data,
-                                          certificate_format="cer"))
+    core.add_certificate(
+        m.CertificateAdd(
+            thumbprint=thumb.upper(),
+            thumbprint_algorithm="sha1",
+            data=data,
+            certificate_format="cer",
+        )
+    )
     fx = core.take_effects()
     assert [(w.kind, w.key) for w in fx.writes] == [("cert", f"sha1-{thumb}")]
     with pytest.raises(ApiError) as ei:
-        core.add_pool(m.PoolAdd(name="p", certificate_references=[m.CertificateReference(thumbprint="ab" * 20)]))
+        core.add_pool(
+            m.PoolAdd(
+                name="p", certificate_references=[m.CertificateReference(thumbprint="ab" * 20)]
+            )
+        )
     assert ei.value.code == "CertificateNotFound"
     assert "p" not in core.pools
     assert not core.take_effects().writes
     _hello(core, "a1", "10.0.0.1")
-    core.add_pool(m.PoolAdd(name="p", target_dedicated=1,
-                            certificate_references=[m.CertificateReference(thumbprint=thumb.upper())]))
-    joins = [msg for _, msg in map(astuple, core.take_effects().sends) if isinstance(msg, pm.JoinPool)]
+    core.add_pool(
+        m.PoolAdd(
+            name="p",
+            target_dedicated=1,
+            certificate_references=[m.CertificateReference(thumbprint=thumb.upper())],
+        )
+    )
+    joins = [
+        msg for _, msg in map(astuple, core.take_effects().sends) if isinstance(msg, pm.JoinPool)
+    ]
     assert len(joins) == 1
     assert [c.thumbprint for c in joins[0].certificates] == [thumb]
     assert joins[0].port_range_low == 0  # not a communicating pool
@@ -105,13 +129,16 @@ def test_communicating_pools_get_disjoint_port_blocks_and_member_updates():
     assert all(last_members[a] == comm_ips for a in comm)
 
 
-@pytest.mark.parametrize(("text", "per", "why"), [
-    ("40000-40100", 50, "ephemeral"),
-    ("80-2000", 50, "below the minimum 1100"),
-    ("abc", 50, "LOW-HIGH"),
-    ("2000-1000", 50, "greater than high"),
-    ("2000-2010", 50, "between 1 and the range size"),
-])
+@pytest.mark.parametrize(
+    ("text", "per", "why"),
+    [
+        ("40000-40100", 50, "ephemeral"),
+        ("80-2000", 50, "below the minimum 1100"),
+        ("abc", 50, "LOW-HIGH"),
+        ("2000-1000", 50, "greater than high"),
+        ("2000-2010", 50, "between 1 and the range size"),
+    ],
+)
 def test_coordinator_port_range_config_errors(text, per, why):
     from protocol.config import ConfigError, load_coordinator_config
 
@@ -124,11 +151,21 @@ def test_coordinator_port_range_config_errors(text, per, why):
 def test_certificate_data_and_passwords_never_show_in_reprs():
     from coordinator.core import CertRec
 
-    f = pm.CertFile(thumbprint="ab" * 20, thumbprint_algorithm="sha1", certificate_format="pfx",
-                    data=b"SECRET-BYTES", password="SECRET-PW")
+    f = pm.CertFile(
+        thumbprint="ab" * 20,
+        thumbprint_algorithm="sha1",
+        certificate_format="pfx",
+        data=b"SECRET-BYTES",
+        password="SECRET-PW",
+    )
     join = pm.JoinPool(pool="p", tvm_name="t", account="a", certificates=[f])
-    rec = CertRec(thumbprint="ab" * 20, thumbprint_algorithm="sha1", certificate_format="pfx",
-                  data=b"SECRET-BYTES", password="SECRET-PW")
+    rec = CertRec(
+        thumbprint="ab" * 20,
+        thumbprint_algorithm="sha1",
+        certificate_format="pfx",
+        data=b"SECRET-BYTES",
+        password="SECRET-PW",
+    )
     for text in (repr(join), str(join), repr(rec), repr([rec])):
         assert "SECRET" not in text
         assert "sha1-abab" in text
@@ -146,6 +183,9 @@ def test_members_are_updated_when_a_tvm_leaves():
     stays = sorted(core.tvms.values(), key=lambda t: t.rec.name)[1]
     core.delete_tvm("comm", gone.rec.name)
     core.agent_message(gone.rec.agent_id, pm.TvmLeft(tvm_name=gone.rec.name))
-    members = [msg.addresses for agent, msg in map(astuple, core.take_effects().sends)
-               if isinstance(msg, pm.PoolMembers) and agent == stays.rec.agent_id]
+    members = [
+        msg.addresses
+        for agent, msg in map(astuple, core.take_effects().sends)
+        if isinstance(msg, pm.PoolMembers) and agent == stays.rec.agent_id
+    ]
     assert members[-1] == [core.agents[stays.rec.agent_id].ip]

@@ -45,8 +45,10 @@ class Journal:
 
     def load(self) -> list[tuple[str, str, bytes]]:
         order = ["pool", "tvm", "workitem", "job", "task"]
-        return sorted(((k, key, b) for (k, key), b in self.rows.items()),
-                      key=lambda r: (order.index(r[0]) if r[0] in order else 99, r[1]))
+        return sorted(
+            ((k, key, b) for (k, key), b in self.rows.items()),
+            key=lambda r: (order.index(r[0]) if r[0] in order else 99, r[1]),
+        )
 
 
 def _core(clock: Clock | None = None) -> tuple[CoordinatorState, Clock, Journal]:
@@ -55,19 +57,26 @@ def _core(clock: Clock | None = None) -> tuple[CoordinatorState, Clock, Journal]
 
 
 def _hello(core: CoordinatorState, agent: str, **kw: object) -> None:
-    core.agent_hello(pm.Hello(agent_id=agent, token="t", ip_address="10.0.0.1", hostname=agent, **kw))
+    core.agent_hello(
+        pm.Hello(agent_id=agent, token="t", ip_address="10.0.0.1", hostname=agent, **kw)
+    )
 
 
 def _wi(name: str = "wi", pool: str = "p", priority: int = 0) -> m.WorkitemAdd:
-    return m.WorkitemAdd(name=name, job_execution_environment=m.JobExecutionEnvironment(pool_name=pool),
-                         priority=priority)
+    return m.WorkitemAdd(
+        name=name,
+        job_execution_environment=m.JobExecutionEnvironment(pool_name=pool),
+        priority=priority,
+    )
 
 
 def _ready_cluster(n_agents: int = 2, slots: int = 1) -> tuple[CoordinatorState, Clock, Journal]:
     core, clock, j = _core()
     for i in range(n_agents):
         _hello(core, f"a{i}")
-    core.add_pool(m.PoolAdd(name="p", target_dedicated=n_agents, max_tasks_per_vm=slots, vm_size="large"))
+    core.add_pool(
+        m.PoolAdd(name="p", target_dedicated=n_agents, max_tasks_per_vm=slots, vm_size="large")
+    )
     for tvm in list(core.tvms.values()):
         core.agent_message(tvm.rec.agent_id, pm.TvmReady(tvm_name=tvm.rec.name))
     core.add_workitem(_wi())
@@ -76,12 +85,22 @@ def _ready_cluster(n_agents: int = 2, slots: int = 1) -> tuple[CoordinatorState,
 
 
 def _runs(fx: Effects) -> list[tuple[str, pm.TaskSpec]]:
-    return [(agent, msg.spec) for agent, msg in map(astuple, fx.sends) if isinstance(msg, pm.RunTask)]
+    return [
+        (agent, msg.spec) for agent, msg in map(astuple, fx.sends) if isinstance(msg, pm.RunTask)
+    ]
 
 
 def _done(core: CoordinatorState, agent: str, spec: pm.TaskSpec, code: int = 0) -> None:
-    core.agent_message(agent, pm.TaskCompleted(key=spec.key, attempt=spec.attempt, exit_code=code,
-                                               start_time=core.clock() - 1, end_time=core.clock()))
+    core.agent_message(
+        agent,
+        pm.TaskCompleted(
+            key=spec.key,
+            attempt=spec.attempt,
+            exit_code=code,
+            start_time=core.clock() - 1,
+            end_time=core.clock(),
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------- resources
@@ -97,10 +116,17 @@ def test_add_pool_workitem_tasks_and_their_writes():
     assert {(w.kind, w.key) for w in fx.writes} == {("workitem", "wi"), ("job", f"wi/{JOB}")}
     assert core.get_job("wi", JOB).rec.pool == "p"
     core.add_task("wi", JOB, m.TaskAdd(name="t1", command_line="echo 1"))
-    results = core.add_tasks("wi", JOB, [m.TaskAdd(name=f"c{i}", command_line="echo") for i in range(3)])
+    results = core.add_tasks(
+        "wi", JOB, [m.TaskAdd(name=f"c{i}", command_line="echo") for i in range(3)]
+    )
     assert [r.status for r in results] == ["success"] * 3
     fx = j.apply(core.take_effects())
-    assert sorted(w.key for w in fx.writes) == [f"wi/{JOB}/c0", f"wi/{JOB}/c1", f"wi/{JOB}/c2", f"wi/{JOB}/t1"]
+    assert sorted(w.key for w in fx.writes) == [
+        f"wi/{JOB}/c0",
+        f"wi/{JOB}/c1",
+        f"wi/{JOB}/c2",
+        f"wi/{JOB}/t1",
+    ]
     assert fx.sends == []  # no TVMs: nothing placed
     assert core.task_counts(core.get_job("wi", JOB)).active == 4
 
@@ -112,10 +138,12 @@ def test_second_workitem_job_numbering_and_lookup_errors():
     with pytest.raises(ApiError) as e:
         core.get_job("a", "job-0000000002")
     assert (e.value.status, e.value.code) == (404, "JobNotFound")
-    for call, code in [(lambda: core.get_pool("nope"), "PoolNotFound"),
-                       (lambda: core.get_workitem("nope"), "WorkItemNotFound"),
-                       (lambda: core.get_job("nope", JOB), "WorkItemNotFound"),
-                       (lambda: core.get_task("a", JOB, "nope"), "TaskNotFound")]:
+    for call, code in [
+        (lambda: core.get_pool("nope"), "PoolNotFound"),
+        (lambda: core.get_workitem("nope"), "WorkItemNotFound"),
+        (lambda: core.get_job("nope", JOB), "WorkItemNotFound"),
+        (lambda: core.get_task("a", JOB, "nope"), "TaskNotFound"),
+    ]:
         with pytest.raises(ApiError) as e:
             call()
         assert (e.value.status, e.value.code) == (404, code)
@@ -126,8 +154,12 @@ def test_second_workitem_job_numbering_and_lookup_errors():
 
 
 def _refused(core: CoordinatorState, fn, status: int, code: str) -> ApiError:
-    before = (set(core.pools), set(core.workitems), set(core.jobs),
-              {k: set(jb.tasks) for k, jb in core.jobs.items()})
+    before = (
+        set(core.pools),
+        set(core.workitems),
+        set(core.jobs),
+        {k: set(jb.tasks) for k, jb in core.jobs.items()},
+    )
     core.take_effects()
     with pytest.raises(ApiError) as e:
         fn()
@@ -135,8 +167,12 @@ def _refused(core: CoordinatorState, fn, status: int, code: str) -> ApiError:
     fx = core.take_effects()
     assert fx.writes == []
     assert fx.sends == []
-    after = (set(core.pools), set(core.workitems), set(core.jobs),
-             {k: set(jb.tasks) for k, jb in core.jobs.items()})
+    after = (
+        set(core.pools),
+        set(core.workitems),
+        set(core.jobs),
+        {k: set(jb.tasks) for k, jb in core.jobs.items()},
+    )
     assert after == before
     return e.value
 
@@ -146,26 +182,66 @@ def test_refused_requests_leave_nothing():
     core.add_pool(m.PoolAdd(name="Pool1"))
     core.add_workitem(_wi("wi", "Pool1"))
     core.add_task("wi", JOB, m.TaskAdd(name="t", command_line="x"))
-    _refused(core, lambda: core.add_pool(m.PoolAdd(name="pool1")), 409, "PoolExists")  # case-insensitive
+    _refused(
+        core, lambda: core.add_pool(m.PoolAdd(name="pool1")), 409, "PoolExists"
+    )  # case-insensitive
     _refused(core, lambda: core.add_pool(m.PoolAdd(name="")), 400, "MissingRequiredProperty")
     _refused(core, lambda: core.add_pool(m.PoolAdd(name="x" * 65)), 400, "InvalidPropertyValue")
     _refused(core, lambda: core.add_pool(m.PoolAdd(name="a.b")), 400, "InvalidPropertyValue")
     _refused(core, lambda: core.add_pool(m.PoolAdd(name="q", vm_size="huge")), 400, "InvalidVmSize")
-    _refused(core, lambda: core.add_pool(m.PoolAdd(name="q", max_tasks_per_vm=0)), 400, "InvalidPropertyValue")
+    _refused(
+        core,
+        lambda: core.add_pool(m.PoolAdd(name="q", max_tasks_per_vm=0)),
+        400,
+        "InvalidPropertyValue",
+    )
     _refused(core, lambda: core.add_workitem(_wi("WI", "Pool1")), 409, "WorkItemExists")
     _refused(core, lambda: core.add_workitem(_wi("w2", "bad pool")), 400, "InvalidPropertyValue")
-    _refused(core, lambda: core.add_workitem(_wi("w2", "Pool1", priority=1001)), 400, "InvalidPropertyValue")
-    _refused(core, lambda: core.add_task("wi", JOB, m.TaskAdd(name="t", command_line="x")), 409, "TaskExists")
-    _refused(core, lambda: core.add_task("wi", JOB, m.TaskAdd(name="u", command_line="  ")), 400,
-             "MissingRequiredProperty")
-    err = _refused(core, lambda: core.add_task("wi", JOB, m.TaskAdd(
-        name="u", command_line="x", environment_settings=[m.EnvironmentSetting(name="WATASK_TASK_NAME", value="z")])),
-        400, "ReservedEnvironmentVariable")
+    _refused(
+        core,
+        lambda: core.add_workitem(_wi("w2", "Pool1", priority=1001)),
+        400,
+        "InvalidPropertyValue",
+    )
+    _refused(
+        core,
+        lambda: core.add_task("wi", JOB, m.TaskAdd(name="t", command_line="x")),
+        409,
+        "TaskExists",
+    )
+    _refused(
+        core,
+        lambda: core.add_task("wi", JOB, m.TaskAdd(name="u", command_line="  ")),
+        400,
+        "MissingRequiredProperty",
+    )
+    err = _refused(
+        core,
+        lambda: core.add_task(
+            "wi",
+            JOB,
+            m.TaskAdd(
+                name="u",
+                command_line="x",
+                environment_settings=[m.EnvironmentSetting(name="WATASK_TASK_NAME", value="z")],
+            ),
+        ),
+        400,
+        "ReservedEnvironmentVariable",
+    )
     assert err.values["name"] == "WATASK_TASK_NAME"
-    _refused(core, lambda: core.add_task("wi", "job-0000000009", m.TaskAdd(name="u", command_line="x")), 404,
-             "JobNotFound")
-    _refused(core, lambda: core.add_task("nope", JOB, m.TaskAdd(name="u", command_line="x")), 404,
-             "WorkItemNotFound")
+    _refused(
+        core,
+        lambda: core.add_task("wi", "job-0000000009", m.TaskAdd(name="u", command_line="x")),
+        404,
+        "JobNotFound",
+    )
+    _refused(
+        core,
+        lambda: core.add_task("nope", JOB, m.TaskAdd(name="u", command_line="x")),
+        404,
+        "WorkItemNotFound",
+    )
     many = [m.TaskAdd(name=f"m{i}", command_line="x") for i in range(101)]
     _refused(core, lambda: core.add_tasks("wi", JOB, many), 400, "TooManyTasks")
     _refused(core, lambda: core.delete_pool("nope"), 404, "PoolNotFound")
@@ -177,17 +253,28 @@ def test_collection_reports_per_task_errors_and_stores_the_good_ones():
     core, _, j = _core()
     core.add_workitem(_wi())
     core.take_effects()
-    results = core.add_tasks("wi", JOB, [
-        m.TaskAdd(name="ok1", command_line="x"),
-        m.TaskAdd(name="bad name", command_line="x"),
-        m.TaskAdd(name="ok1", command_line="x"),  # duplicate within the collection
-        m.TaskAdd(name="env", command_line="x",
-                  environment_settings=[m.EnvironmentSetting(name="WATASK_JOB_NAME", value="z")]),
-        m.TaskAdd(name="ok2", command_line="x"),
-    ])
+    results = core.add_tasks(
+        "wi",
+        JOB,
+        [
+            m.TaskAdd(name="ok1", command_line="x"),
+            m.TaskAdd(name="bad name", command_line="x"),
+            m.TaskAdd(name="ok1", command_line="x"),  # duplicate within the collection
+            m.TaskAdd(
+                name="env",
+                command_line="x",
+                environment_settings=[m.EnvironmentSetting(name="WATASK_JOB_NAME", value="z")],
+            ),
+            m.TaskAdd(name="ok2", command_line="x"),
+        ],
+    )
     assert [(r.name, r.status) for r in results] == [
-        ("ok1", "success"), ("bad name", "clienterror"), ("ok1", "clienterror"), ("env", "clienterror"),
-        ("ok2", "success")]
+        ("ok1", "success"),
+        ("bad name", "clienterror"),
+        ("ok1", "clienterror"),
+        ("env", "clienterror"),
+        ("ok2", "success"),
+    ]
     assert results[2].error["code"] == "TaskExists"
     assert results[3].error["code"] == "ReservedEnvironmentVariable"
     fx = j.apply(core.take_effects())
@@ -249,8 +336,15 @@ def test_tvm_ready_for_another_tvm_name_is_ignored():
 
 def test_schedule_sends_run_task_with_spec():
     core, _, _ = _ready_cluster(n_agents=2, slots=1)
-    core.add_task("wi", JOB, m.TaskAdd(name="t", command_line="echo hi",
-                                       environment_settings=[m.EnvironmentSetting(name="X", value="1")]))
+    core.add_task(
+        "wi",
+        JOB,
+        m.TaskAdd(
+            name="t",
+            command_line="echo hi",
+            environment_settings=[m.EnvironmentSetting(name="X", value="1")],
+        ),
+    )
     core.take_effects()
     assert core.schedule() == 1
     runs = _runs(core.take_effects())
@@ -269,7 +363,7 @@ def test_task_completed_is_recorded_once_and_journaled():
     core, clock, j = _ready_cluster()
     core.add_task("wi", JOB, m.TaskAdd(name="t", command_line="x"))
     core.schedule()
-    (agent, spec), = _runs(j.apply(core.take_effects()))
+    ((agent, spec),) = _runs(j.apply(core.take_effects()))
     clock.now += 5
     _done(core, agent, spec, code=3)
     fx = j.apply(core.take_effects())
@@ -285,8 +379,12 @@ def test_task_completed_is_recorded_once_and_journaled():
     # The same completion again (resend after a reconnect), or a stale attempt: ignored, no writes.
     clock.now += 5
     _done(core, agent, spec, code=0)
-    core.agent_message(agent, pm.TaskCompleted(key=spec.key, attempt=spec.attempt + 7, exit_code=0,
-                                               start_time=0, end_time=0))
+    core.agent_message(
+        agent,
+        pm.TaskCompleted(
+            key=spec.key, attempt=spec.attempt + 7, exit_code=0, start_time=0, end_time=0
+        ),
+    )
     assert [w for w in core.take_effects().writes if w.kind == "task"] == []
     assert task.exit_code == 3
     assert task.end_time == clock.now - 5
@@ -294,10 +392,15 @@ def test_task_completed_is_recorded_once_and_journaled():
 
 def test_completion_of_unknown_task_or_from_unknown_agent_is_harmless():
     core, _, _ = _ready_cluster()
-    core.agent_message("a0", pm.TaskCompleted(key="wi/job-0000000001/ghost", attempt=1, exit_code=0,
-                                              start_time=0, end_time=0))
-    core.agent_message("stranger", pm.TaskCompleted(key="x/y/z", attempt=1, exit_code=0, start_time=0,
-                                                    end_time=0))
+    core.agent_message(
+        "a0",
+        pm.TaskCompleted(
+            key="wi/job-0000000001/ghost", attempt=1, exit_code=0, start_time=0, end_time=0
+        ),
+    )
+    core.agent_message(
+        "stranger", pm.TaskCompleted(key="x/y/z", attempt=1, exit_code=0, start_time=0, end_time=0)
+    )
     assert [w for w in core.take_effects().writes if w.kind == "task"] == []
 
 
@@ -305,9 +408,18 @@ def test_restore_from_journal_gives_the_same_tasks():
     core, clock, j = _ready_cluster(n_agents=2, slots=2)
     core.add_pool(m.PoolAdd(name="other"))
     core.add_workitem(_wi("w2", "other", priority=7))
-    core.add_tasks("wi", JOB, [m.TaskAdd(name=f"t{i}", command_line=f"echo {i}",
-                                         environment_settings=[m.EnvironmentSetting(name="N", value=str(i))])
-                               for i in range(10)])
+    core.add_tasks(
+        "wi",
+        JOB,
+        [
+            m.TaskAdd(
+                name=f"t{i}",
+                command_line=f"echo {i}",
+                environment_settings=[m.EnvironmentSetting(name="N", value=str(i))],
+            )
+            for i in range(10)
+        ],
+    )
     core.add_task("w2", JOB, m.TaskAdd(name="lonely", command_line="x"))
     core.schedule()
     runs = _runs(j.apply(core.take_effects()))
@@ -328,17 +440,26 @@ def test_restore_from_journal_gives_the_same_tasks():
         assert set(twin.tasks) == set(job.tasks)
         for name, t in job.tasks.items():
             r = twin.tasks[name]
-            assert (r.command_line, r.env, r.seq, r.exit_code, r.end_time) == \
-                (t.command_line, t.env, t.seq, t.exit_code, t.end_time)
+            assert (r.command_line, r.env, r.seq, r.exit_code, r.end_time) == (
+                t.command_line,
+                t.env,
+                t.seq,
+                t.exit_code,
+                t.end_time,
+            )
             # A running task comes back active: placements are not journaled.
             assert r.state == ("active" if t.state == "running" else t.state)
         # Queue order is submission order.
         assert [t.seq for t in twin.queue] == sorted(t.seq for t in twin.queue)
-        assert {t.name for t in twin.queue} == {n for n, t in job.tasks.items() if t.state != "completed"}
+        assert {t.name for t in twin.queue} == {
+            n for n, t in job.tasks.items() if t.state != "completed"
+        }
     assert "t9" not in fresh.jobs[f"wi/{JOB}"].tasks
     # New tasks get submission numbers after the restored ones.
     fresh.add_task("wi", JOB, m.TaskAdd(name="new", command_line="x"))
-    assert fresh.jobs[f"wi/{JOB}"].tasks["new"].seq > max(t.seq for t in core.jobs[f"wi/{JOB}"].tasks.values())
+    assert fresh.jobs[f"wi/{JOB}"].tasks["new"].seq > max(
+        t.seq for t in core.jobs[f"wi/{JOB}"].tasks.values()
+    )
 
 
 def test_restore_after_workitem_delete_drops_its_tasks():

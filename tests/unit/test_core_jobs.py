@@ -25,10 +25,14 @@ class Clock:
 
 def _core(n_agents: int = 1, slots: int = 1) -> tuple[CoordinatorState, Clock]:
     clock = Clock()
-    core = CoordinatorState("acct", clock=clock, heartbeat_timeout=10.0, account_url="http://coord:1")
+    core = CoordinatorState(
+        "acct", clock=clock, heartbeat_timeout=10.0, account_url="http://coord:1"
+    )
     for i in range(n_agents):
         core.agent_hello(pm.Hello(agent_id=f"a{i}", token="t", cores=4))
-    core.add_pool(m.PoolAdd(name="p", target_dedicated=n_agents, max_tasks_per_vm=slots, vm_size="large"))
+    core.add_pool(
+        m.PoolAdd(name="p", target_dedicated=n_agents, max_tasks_per_vm=slots, vm_size="large")
+    )
     for tvm in core.tvms.values():
         core.agent_message(tvm.rec.agent_id, pm.TvmReady(tvm_name=tvm.rec.name))
     core.take_effects()
@@ -36,8 +40,11 @@ def _core(n_agents: int = 1, slots: int = 1) -> tuple[CoordinatorState, Clock]:
 
 
 def _wi(core: CoordinatorState, name: str = "wi", **kw: object) -> None:
-    core.add_workitem(m.WorkitemAdd(name=name, job_execution_environment=m.JobExecutionEnvironment(pool_name="p"),
-                                    **kw))  # type: ignore[arg-type]
+    core.add_workitem(
+        m.WorkitemAdd(
+            name=name, job_execution_environment=m.JobExecutionEnvironment(pool_name="p"), **kw
+        )
+    )  # type: ignore[arg-type]
 
 
 J1 = "job-0000000001"
@@ -50,15 +57,27 @@ def _add(core: CoordinatorState, wi: str, names: list[str], job: str = J1) -> No
 
 def _runs(core: CoordinatorState) -> list[pm.TaskSpec]:
     core.schedule()
-    return [msg.spec for _, msg in map(astuple, core.take_effects().sends) if isinstance(msg, pm.RunTask)]
+    return [
+        msg.spec
+        for _, msg in map(astuple, core.take_effects().sends)
+        if isinstance(msg, pm.RunTask)
+    ]
 
 
 def _complete(core: CoordinatorState, spec: pm.TaskSpec, code: int = 0) -> None:
     wi, job, name = spec.key.split("/")
     _, t = core.get_task(wi, job, name)
     agent = core.tvms[t.tvm].rec.agent_id  # type: ignore[index]
-    core.agent_message(agent, pm.TaskCompleted(key=spec.key, attempt=spec.attempt, exit_code=code,
-                                               start_time=core.clock(), end_time=core.clock()))
+    core.agent_message(
+        agent,
+        pm.TaskCompleted(
+            key=spec.key,
+            attempt=spec.attempt,
+            exit_code=code,
+            start_time=core.clock(),
+            end_time=core.clock(),
+        ),
+    )
 
 
 def _refused(core: CoordinatorState, fn: object, *args: object, status: int, code: str) -> ApiError:
@@ -89,8 +108,11 @@ def _jobs(core: CoordinatorState, wi: str = "wi") -> list[tuple[str, str]]:
 def test_one_minute_recurrence_makes_job_1_2_3_in_order() -> None:
     core, clock = _core()
     t0 = clock.now
-    _wi(core, schedule=m.Schedule(recurrence_interval="PT1M", do_not_run_after=rfc3339(t0 + 150)),
-        on_all_tasks_complete="terminatejob")
+    _wi(
+        core,
+        schedule=m.Schedule(recurrence_interval="PT1M", do_not_run_after=rfc3339(t0 + 150)),
+        on_all_tasks_complete="terminatejob",
+    )
     assert _jobs(core) == [(J1, "active")]
     created_at = {J1: 0.0}
     for _ in range(40):  # 200 s in 5 s ticks
@@ -100,7 +122,11 @@ def test_one_minute_recurrence_makes_job_1_2_3_in_order() -> None:
             created_at.setdefault(j.rec.name, j.rec.created - t0)
     # A job with no tasks and terminatejob completes at once, so each occurrence runs on time.
     assert created_at == {J1: 0.0, "job-0000000002": 60.0, "job-0000000003": 120.0}
-    assert _jobs(core) == [(J1, "completed"), ("job-0000000002", "completed"), ("job-0000000003", "completed")]
+    assert _jobs(core) == [
+        (J1, "completed"),
+        ("job-0000000002", "completed"),
+        ("job-0000000003", "completed"),
+    ]
     wi = core.get_workitem("wi")
     assert wi.state == "completed"
     assert wi.next_run is None
@@ -131,12 +157,16 @@ def test_running_job_delays_the_next_and_missed_window_skips() -> None:
     core.terminate_job("wi", J1, None)
     _tick(core, clock)
     assert [n for n, _ in _jobs(core)] == [J1, "job-0000000002"]
-    assert core.get_workitem("wi").next_run == pytest.approx(core.get_job("wi", J1).rec.created + 1200)
+    assert core.get_workitem("wi").next_run == pytest.approx(
+        core.get_job("wi", J1).rec.created + 1200
+    )
     # Occurrence 3 (t=1200) passes its window while job-2 runs: skipped; occurrence 4 runs.
     _add(core, "wi", ["x"], job="job-0000000002")
     spec2 = _runs(core)[0]
     _tick(core, clock, core.get_job("wi", J1).rec.created + 1200 + 121 - clock.now)
-    assert core.get_workitem("wi").next_run == pytest.approx(core.get_job("wi", J1).rec.created + 1800)
+    assert core.get_workitem("wi").next_run == pytest.approx(
+        core.get_job("wi", J1).rec.created + 1800
+    )
     _complete(core, spec2)
     core.terminate_job("wi", "job-0000000002", None)
     _tick(core, clock)
@@ -155,20 +185,35 @@ def test_workitem_without_schedule_completes_with_its_job() -> None:
     assert core.get_workitem("wi").state == "completed"
 
 
-@pytest.mark.parametrize(("kw", "field"), [
-    ({"priority": 1001}, "priority"),
-    ({"priority": -1001}, "priority"),
-    ({"schedule": m.Schedule(recurrence_interval="PT30S")}, "schedule.recurrenceInterval"),
-    ({"schedule": m.Schedule(do_not_run_until="2030-01-02T00:00:00Z", do_not_run_after="2030-01-01T00:00:00Z")},
-     "schedule.doNotRunAfter"),
-    ({"on_all_tasks_complete": "explode"}, "onAllTasksComplete"),
-    ({"job_manager": m.JobManager(name="jm", command_line="  ")}, "jobManager.commandLine"),
-    ({"job_manager": m.JobManager(name="bad name", command_line="x")}, "jobManager.name"),
-])
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"priority": 1001}, "priority"),
+        ({"priority": -1001}, "priority"),
+        ({"schedule": m.Schedule(recurrence_interval="PT30S")}, "schedule.recurrenceInterval"),
+        (
+            {
+                "schedule": m.Schedule(
+                    do_not_run_until="2030-01-02T00:00:00Z", do_not_run_after="2030-01-01T00:00:00Z"
+                )
+            },
+            "schedule.doNotRunAfter",
+        ),
+        ({"on_all_tasks_complete": "explode"}, "onAllTasksComplete"),
+        ({"job_manager": m.JobManager(name="jm", command_line="  ")}, "jobManager.commandLine"),
+        ({"job_manager": m.JobManager(name="bad name", command_line="x")}, "jobManager.name"),
+    ],
+)
 def test_bad_workitems_are_refused_and_nothing_stored(kw: dict, field: str) -> None:
     core, _ = _core()
-    err = _refused(core, lambda: _wi(core, **kw), status=400, code="InvalidPropertyValue"
-                   if field != "jobManager.commandLine" else "MissingRequiredProperty")
+    err = _refused(
+        core,
+        lambda: _wi(core, **kw),
+        status=400,
+        code="InvalidPropertyValue"
+        if field != "jobManager.commandLine"
+        else "MissingRequiredProperty",
+    )
     assert err.values["field"] == field
     assert core.workitems == {}
     assert core.jobs == {}
@@ -224,11 +269,31 @@ def test_priority_update_reorders_waiting_tasks() -> None:
     _add(core, "x", ["x1"])
     _add(core, "y", ["y1"])
     assert _runs(core)[0].task == "y1"
-    _refused(core, core.update_job, "y", J1, m.JobUpdate(priority=1001), status=400, code="InvalidPropertyValue")
-    _refused(core, core.update_workitem, "x", m.WorkitemUpdate(priority=-1001), status=400,
-             code="InvalidPropertyValue")
-    _refused(core, core.update_workitem, "x", m.WorkitemUpdate(schedule=m.Schedule(recurrence_interval="PT1S")),
-             status=400, code="InvalidPropertyValue")
+    _refused(
+        core,
+        core.update_job,
+        "y",
+        J1,
+        m.JobUpdate(priority=1001),
+        status=400,
+        code="InvalidPropertyValue",
+    )
+    _refused(
+        core,
+        core.update_workitem,
+        "x",
+        m.WorkitemUpdate(priority=-1001),
+        status=400,
+        code="InvalidPropertyValue",
+    )
+    _refused(
+        core,
+        core.update_workitem,
+        "x",
+        m.WorkitemUpdate(schedule=m.Schedule(recurrence_interval="PT1S")),
+        status=400,
+        code="InvalidPropertyValue",
+    )
 
 
 # ---------------------------------------------------------------------------- constraints
@@ -243,7 +308,9 @@ def test_job_max_wall_clock_ends_job_and_running_tasks() -> None:
     job = core.get_job("wi", J1)
     assert job.rec.terminate_reason == "MaxWallClockTimeExpiry"
     sends = core.take_effects().sends
-    assert any(isinstance(msg, pm.CancelTask) and msg.key == spec.key for _, msg in map(astuple, sends))
+    assert any(
+        isinstance(msg, pm.CancelTask) and msg.key == spec.key for _, msg in map(astuple, sends)
+    )
     _, t = core.get_task("wi", J1, spec.task)
     assert t.state == "completed"
     assert t.exit_code == WALL_CLOCK_EXIT_CODE
@@ -289,7 +356,9 @@ def test_terminate_then_add_tasks_is_refused() -> None:
     _refused(core, core.terminate_job, "wi", J1, None, status=409, code="JobCompleted")
     _refused(core, core.disable_job, "wi", J1, "wait", status=409, code="JobCompleted")
     core.take_effects()
-    core.add_workitem(m.WorkitemAdd(name="w2", job_execution_environment=m.JobExecutionEnvironment(pool_name="p")))
+    core.add_workitem(
+        m.WorkitemAdd(name="w2", job_execution_environment=m.JobExecutionEnvironment(pool_name="p"))
+    )
     core.terminate_job("w2", J1, None)
     assert core.get_job("w2", J1).rec.terminate_reason == "UserTerminate"
 
@@ -333,8 +402,13 @@ def test_delete_job_kills_tasks_and_removes_files() -> None:
     spec = _runs(core)[0]
     core.delete_job("wi", J1)
     fx = core.take_effects()
-    assert any(isinstance(msg, pm.CancelTask) and msg.key == spec.key for _, msg in map(astuple, fx.sends))
-    assert any(isinstance(msg, pm.DeleteTaskFiles) and msg.key == spec.key for _, msg in map(astuple, fx.sends))
+    assert any(
+        isinstance(msg, pm.CancelTask) and msg.key == spec.key for _, msg in map(astuple, fx.sends)
+    )
+    assert any(
+        isinstance(msg, pm.DeleteTaskFiles) and msg.key == spec.key
+        for _, msg in map(astuple, fx.sends)
+    )
     assert any(w.kind == "task" and w.prefix and w.body is None for w in fx.writes)
     assert core.workitem_jobs("wi") == []
     _refused(core, core.get_job, "wi", J1, status=404, code="JobNotFound")
@@ -370,8 +444,15 @@ def test_all_tasks_complete_terminates_job() -> None:
     _wi(core)
     _add(core, "wi", ["a", "b"])
     core.update_job("wi", J1, m.JobUpdate(on_all_tasks_complete="terminatejob"))
-    _refused(core, core.update_job, "wi", J1, m.JobUpdate(on_all_tasks_complete="noaction"), status=400,
-             code="InvalidPropertyValue")
+    _refused(
+        core,
+        core.update_job,
+        "wi",
+        J1,
+        m.JobUpdate(on_all_tasks_complete="noaction"),
+        status=400,
+        code="InvalidPropertyValue",
+    )
     specs = _runs(core)
     _complete(core, specs[0])
     assert core.get_job("wi", J1).rec.state == "active"

@@ -10,8 +10,19 @@ from pathlib import Path
 import pytest
 
 CORE = Path(__file__).resolve().parents[2] / "coordinator" / "core"
-FORBIDDEN = {"trio", "anyio", "asyncio", "socket", "sqlite3", "subprocess", "threading", "multiprocessing",
-             "logging", "structlog", "loguru"}
+FORBIDDEN = {
+    "trio",
+    "anyio",
+    "asyncio",
+    "socket",
+    "sqlite3",
+    "subprocess",
+    "threading",
+    "multiprocessing",
+    "logging",
+    "structlog",
+    "loguru",
+}
 MODULES = sorted(CORE.glob("*.py"))
 
 
@@ -73,7 +84,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
     def visit(node: str, path: list[str]) -> list[str] | None:
         if node in path:
-            return [*path[path.index(node):], node]
+            return [*path[path.index(node) :], node]
         if node in done:
             return None
         for dep in sorted(graph.get(node, ())):

@@ -49,7 +49,11 @@ def _pool(core: CoordinatorState, n: int, **kw: object) -> None:
 
 
 def _job(core: CoordinatorState, pool: str = "p", tasks: int = 0) -> None:
-    core.add_workitem(m.WorkitemAdd(name="wi", job_execution_environment=m.JobExecutionEnvironment(pool_name=pool)))
+    core.add_workitem(
+        m.WorkitemAdd(
+            name="wi", job_execution_environment=m.JobExecutionEnvironment(pool_name=pool)
+        )
+    )
     for i in range(tasks):
         core.add_task("wi", JOB, m.TaskAdd(name=f"t{i}", command_line="run"))
     core.schedule()
@@ -86,8 +90,12 @@ def test_vm_sizes_include_builtins_and_agent_sizes() -> None:
 def test_max_tasks_per_vm_is_limited_by_cores() -> None:
     core, _ = _core(0)
     core.add_pool(m.PoolAdd(name="ok", vm_size="medium", max_tasks_per_vm=8))
-    err = _refused(core.add_pool, m.PoolAdd(name="big", vm_size="medium", max_tasks_per_vm=9),
-                   status=400, code="InvalidPropertyValue")
+    err = _refused(
+        core.add_pool,
+        m.PoolAdd(name="big", vm_size="medium", max_tasks_per_vm=9),
+        status=400,
+        code="InvalidPropertyValue",
+    )
     assert "4 x the 2 core(s)" in err.message
     _refused(core.add_pool, m.PoolAdd(name="x", vm_size="huge"), status=400, code="InvalidVmSize")
     assert set(core.pools) == {"ok"}
@@ -106,16 +114,27 @@ def test_join_carries_the_size_memory() -> None:
 
 def test_start_task_wait_for_success_states() -> None:
     core, clock = _core(1)
-    core.add_pool(m.PoolAdd(name="p", target_dedicated=1, start_task=m.StartTask(command_line="setup",
-                                                                                max_task_retry_count=1)))
+    core.add_pool(
+        m.PoolAdd(
+            name="p",
+            target_dedicated=1,
+            start_task=m.StartTask(command_line="setup", max_task_retry_count=1),
+        )
+    )
     (tvm,) = core.tvms.values()
     core.agent_message("a0", pm.StartTaskStarted(tvm_name=tvm.rec.name, start_time=clock.now))
     assert tvm.rec.state == "waitingforstarttask"
     _job(core, tasks=1)
     assert not tvm.running  # no tasks while the start task runs
-    core.agent_message("a0", pm.StartTaskStarted(tvm_name=tvm.rec.name, start_time=clock.now, retry_count=1))
-    core.agent_message("a0", pm.StartTaskCompleted(exit_code=3, start_time=clock.now, end_time=clock.now + 1,
-                                                   retry_count=1))
+    core.agent_message(
+        "a0", pm.StartTaskStarted(tvm_name=tvm.rec.name, start_time=clock.now, retry_count=1)
+    )
+    core.agent_message(
+        "a0",
+        pm.StartTaskCompleted(
+            exit_code=3, start_time=clock.now, end_time=clock.now + 1, retry_count=1
+        ),
+    )
     assert tvm.rec.state == "starttaskfailed"
     assert tvm.rec.start_task["exit_code"] == 3
     assert tvm.rec.start_task["retry_count"] == 1
@@ -125,10 +144,14 @@ def test_start_task_wait_for_success_states() -> None:
 
 def test_start_task_success_makes_the_tvm_idle() -> None:
     core, clock = _core(1)
-    core.add_pool(m.PoolAdd(name="p", target_dedicated=1, start_task=m.StartTask(command_line="setup")))
+    core.add_pool(
+        m.PoolAdd(name="p", target_dedicated=1, start_task=m.StartTask(command_line="setup"))
+    )
     (tvm,) = core.tvms.values()
     core.agent_message("a0", pm.StartTaskStarted(tvm_name=tvm.rec.name, start_time=clock.now))
-    core.agent_message("a0", pm.StartTaskCompleted(exit_code=0, start_time=clock.now, end_time=clock.now))
+    core.agent_message(
+        "a0", pm.StartTaskCompleted(exit_code=0, start_time=clock.now, end_time=clock.now)
+    )
     core.agent_message("a0", pm.TvmReady(tvm_name=tvm.rec.name))
     assert tvm.rec.state == "idle"
     assert tvm.rec.start_task["state"] == "completed"
@@ -200,7 +223,9 @@ def test_shrink_requeue_moves_running_tasks() -> None:
     requeued = [t for t in core.jobs[f"wi/{JOB}"].tasks.values() if t.requeue_count]
     assert len(requeued) == 1
     core.schedule()
-    assert len(next(iter(core.tvms.values())).running) == 1  # the one left holds one task, one waits
+    assert (
+        len(next(iter(core.tvms.values())).running) == 1
+    )  # the one left holds one task, one waits
 
 
 def test_shrink_taskcompletion_waits_for_running_tasks() -> None:
@@ -208,15 +233,21 @@ def test_shrink_taskcompletion_waits_for_running_tasks() -> None:
     _pool(core, 2)
     _job(core, tasks=2)
     core.take_effects()
-    core.resize_pool("p", m.PoolResize(target_dedicated=1, tvm_deallocation_option="taskcompletion"))
+    core.resize_pool(
+        "p", m.PoolResize(target_dedicated=1, tvm_deallocation_option="taskcompletion")
+    )
     assert _sends(core, pm.LeavePool) == []
     leaving = next(t for t in core.tvms.values() if t.rec.state == "leavingpool")
     (key, task) = next(iter(leaving.running.items()))
     core.add_task("wi", JOB, m.TaskAdd(name="later", command_line="run"))
     core.schedule()
     assert list(leaving.running) == [key]  # no new task on a leaving TVM
-    core.agent_message(leaving.rec.agent_id, pm.TaskCompleted(key=key, attempt=task.attempt, exit_code=0,
-                                                              start_time=clock.now, end_time=clock.now))
+    core.agent_message(
+        leaving.rec.agent_id,
+        pm.TaskCompleted(
+            key=key, attempt=task.attempt, exit_code=0, start_time=clock.now, end_time=clock.now
+        ),
+    )
     (leave,) = _sends(core, pm.LeavePool)
     assert leave.tvm_name == leaving.rec.name
     assert task.state == "completed"
@@ -256,29 +287,71 @@ def test_remove_tvms_and_bad_input() -> None:
     mine = [t.rec.name for t in core.pool_tvms("p")]
     other = core.pool_tvms("q")[0].rec.name
     core.take_effects()
-    _refused(core.remove_tvms, "p", m.TvmRemove(tvm_names=[mine[0], other]), status=400, code="TVMNotInPool")
+    _refused(
+        core.remove_tvms,
+        "p",
+        m.TvmRemove(tvm_names=[mine[0], other]),
+        status=400,
+        code="TVMNotInPool",
+    )
     _refused(core.remove_tvms, "p", m.TvmRemove(tvm_names=["nope"]), status=404, code="TVMNotFound")
-    _refused(core.remove_tvms, "p", m.TvmRemove(tvm_names=[mine[0]], tvm_deallocation_option="later"),
-             status=400, code="InvalidPropertyValue")
-    _refused(core.remove_tvms, "p", m.TvmRemove(tvm_names=[]), status=400, code="MissingRequiredProperty")
+    _refused(
+        core.remove_tvms,
+        "p",
+        m.TvmRemove(tvm_names=[mine[0]], tvm_deallocation_option="later"),
+        status=400,
+        code="InvalidPropertyValue",
+    )
+    _refused(
+        core.remove_tvms, "p", m.TvmRemove(tvm_names=[]), status=400, code="MissingRequiredProperty"
+    )
     assert core.take_effects().writes == []  # nothing changed
     core.remove_tvms("p", m.TvmRemove(tvm_names=[mine[0]]))
     assert core.pools["p"].target == 1
     assert core.tvms[mine[0]].rec.state == "leavingpool"
-    _refused(core.remove_tvms, "p", m.TvmRemove(tvm_names=[mine[0]]), status=409, code="PoolBeingResized")
+    _refused(
+        core.remove_tvms, "p", m.TvmRemove(tvm_names=[mine[0]]), status=409, code="PoolBeingResized"
+    )
 
 
 def test_resize_bad_input_changes_nothing() -> None:
     core, _ = _core(0)
     core.add_pool(m.PoolAdd(name="p"))
-    core.add_pool(m.PoolAdd(name="auto", enable_auto_scale=True, auto_scale_formula="$TargetDedicated = 0;"))
+    core.add_pool(
+        m.PoolAdd(name="auto", enable_auto_scale=True, auto_scale_formula="$TargetDedicated = 0;")
+    )
     core.take_effects()
-    _refused(core.resize_pool, "p", m.PoolResize(target_dedicated=-1), status=400, code="InvalidPropertyValue")
-    _refused(core.resize_pool, "p", m.PoolResize(target_dedicated=51), status=400, code="InvalidPropertyValue")
-    _refused(core.resize_pool, "p", m.PoolResize(target_dedicated=1, tvm_deallocation_option="x"),
-             status=400, code="InvalidPropertyValue")
-    _refused(core.resize_pool, "auto", m.PoolResize(target_dedicated=1), status=409, code="AutoScaleEnabled")
-    _refused(core.resize_pool, "zz", m.PoolResize(target_dedicated=1), status=404, code="PoolNotFound")
+    _refused(
+        core.resize_pool,
+        "p",
+        m.PoolResize(target_dedicated=-1),
+        status=400,
+        code="InvalidPropertyValue",
+    )
+    _refused(
+        core.resize_pool,
+        "p",
+        m.PoolResize(target_dedicated=51),
+        status=400,
+        code="InvalidPropertyValue",
+    )
+    _refused(
+        core.resize_pool,
+        "p",
+        m.PoolResize(target_dedicated=1, tvm_deallocation_option="x"),
+        status=400,
+        code="InvalidPropertyValue",
+    )
+    _refused(
+        core.resize_pool,
+        "auto",
+        m.PoolResize(target_dedicated=1),
+        status=409,
+        code="AutoScaleEnabled",
+    )
+    _refused(
+        core.resize_pool, "zz", m.PoolResize(target_dedicated=1), status=404, code="PoolNotFound"
+    )
     assert core.take_effects().writes == []
     assert core.pools["p"].target == 0
 
@@ -290,9 +363,17 @@ def test_deleting_pool_refuses_operations() -> None:
     core.delete_pool("p")
     assert core.pools["p"].state == "deleting"  # until the agent reports it wiped the TVM
     core.take_effects()
-    _refused(core.resize_pool, "p", m.PoolResize(target_dedicated=2), status=409, code="PoolBeingDeleted")
+    _refused(
+        core.resize_pool, "p", m.PoolResize(target_dedicated=2), status=409, code="PoolBeingDeleted"
+    )
     _refused(core.reboot_tvm, "p", tvm.rec.name, None, status=409, code="PoolBeingDeleted")
-    _refused(core.remove_tvms, "p", m.TvmRemove(tvm_names=[tvm.rec.name]), status=409, code="PoolBeingDeleted")
+    _refused(
+        core.remove_tvms,
+        "p",
+        m.TvmRemove(tvm_names=[tvm.rec.name]),
+        status=409,
+        code="PoolBeingDeleted",
+    )
     assert core.take_effects().writes == []
     core.agent_message("a0", pm.TvmLeft(tvm_name=tvm.rec.name))
     assert "p" not in core.pools
@@ -343,8 +424,16 @@ def test_reimage_taskcompletion_waits() -> None:
     assert tvm.rec.state == "reimaging"
     assert _sends(core, pm.RebootTvm) == []
     task = core.jobs[f"wi/{JOB}"].tasks["t0"]
-    core.agent_message("a0", pm.TaskCompleted(key=f"wi/{JOB}/t0", attempt=task.attempt, exit_code=0,
-                                              start_time=clock.now, end_time=clock.now))
+    core.agent_message(
+        "a0",
+        pm.TaskCompleted(
+            key=f"wi/{JOB}/t0",
+            attempt=task.attempt,
+            exit_code=0,
+            start_time=clock.now,
+            end_time=clock.now,
+        ),
+    )
     (reboot,) = _sends(core, pm.RebootTvm)
     assert reboot.reimage
 
@@ -358,12 +447,25 @@ def test_disable_and_enable_scheduling() -> None:
     assert (tvm.rec.state, tvm.rec.scheduling) == ("offline", "disabled")
     core.schedule()
     assert not tvm.running
-    _refused(core.disable_scheduling, "p", tvm.rec.name, None, status=409, code="TVMAlreadyInTargetSchedulingState")
+    _refused(
+        core.disable_scheduling,
+        "p",
+        tvm.rec.name,
+        None,
+        status=409,
+        code="TVMAlreadyInTargetSchedulingState",
+    )
     core.enable_scheduling("p", tvm.rec.name)
     assert tvm.rec.state == "idle"
     core.schedule()
     assert tvm.running
-    _refused(core.enable_scheduling, "p", tvm.rec.name, status=409, code="TVMAlreadyInTargetSchedulingState")
+    _refused(
+        core.enable_scheduling,
+        "p",
+        tvm.rec.name,
+        status=409,
+        code="TVMAlreadyInTargetSchedulingState",
+    )
 
 
 def test_delete_tvm_requeues_and_shrinks_target() -> None:
@@ -385,13 +487,23 @@ def test_delete_tvm_requeues_and_shrinks_target() -> None:
 
 
 def _auto(lifetime: str = "job", keep: bool = False, **pool: object) -> dict:
-    return {"poolLifetimeOption": lifetime, "keepAlive": keep, "pool": {"targetDedicated": 1, **pool}}
+    return {
+        "poolLifetimeOption": lifetime,
+        "keepAlive": keep,
+        "pool": {"targetDedicated": 1, **pool},
+    }
 
 
 def test_auto_pool_per_job_is_made_and_released() -> None:
     core, _ = _core(1)
-    core.add_workitem(m.WorkitemAdd(name="wi", job_execution_environment=m.JobExecutionEnvironment(
-        auto_pool_specification=_auto(vmSize="medium"))))
+    core.add_workitem(
+        m.WorkitemAdd(
+            name="wi",
+            job_execution_environment=m.JobExecutionEnvironment(
+                auto_pool_specification=_auto(vmSize="medium")
+            ),
+        )
+    )
     job = core.jobs[f"wi/{JOB}"]
     pool = core.pools[job.rec.pool]
     assert pool.auto_owner == f"wi/{JOB}"
@@ -404,27 +516,40 @@ def test_auto_pool_per_job_is_made_and_released() -> None:
 
 def test_auto_pool_keep_alive_stays() -> None:
     core, _ = _core(0)
-    core.add_workitem(m.WorkitemAdd(name="wi", job_execution_environment=m.JobExecutionEnvironment(
-        auto_pool_specification=_auto("workitem", keep=True))))
+    core.add_workitem(
+        m.WorkitemAdd(
+            name="wi",
+            job_execution_environment=m.JobExecutionEnvironment(
+                auto_pool_specification=_auto("workitem", keep=True)
+            ),
+        )
+    )
     name = core.jobs[f"wi/{JOB}"].rec.pool
     core.delete_workitem("wi")
     core.tick()
     assert core.pools[name].state == "active"
 
 
-@pytest.mark.parametrize(("spec", "field"), [
-    ({"poolLifetimeOption": "forever", "pool": {}}, "poolLifetimeOption"),
-    ({"poolLifetimeOption": "job"}, "pool"),
-    ({"poolLifetimeOption": "job", "pool": {"vmSize": "huge"}}, "vmSize"),
-    ({"poolLifetimeOption": "job", "pool": {"bogus": 1}}, "pool"),
-    ({"poolLifetimeOption": "job", "keepAlive": "yes", "pool": {}}, "keepAlive"),
-    ({"poolLifetimeOption": "job", "pool": {"name": "x"}}, "pool.name"),
-])
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"poolLifetimeOption": "forever", "pool": {}}, "poolLifetimeOption"),
+        ({"poolLifetimeOption": "job"}, "pool"),
+        ({"poolLifetimeOption": "job", "pool": {"vmSize": "huge"}}, "vmSize"),
+        ({"poolLifetimeOption": "job", "pool": {"bogus": 1}}, "pool"),
+        ({"poolLifetimeOption": "job", "keepAlive": "yes", "pool": {}}, "keepAlive"),
+        ({"poolLifetimeOption": "job", "pool": {"name": "x"}}, "pool.name"),
+    ],
+)
 def test_auto_pool_bad_input(spec: dict, field: str) -> None:
     core, _ = _core(0)
     with pytest.raises(ApiError) as info:
-        core.add_workitem(m.WorkitemAdd(name="wi", job_execution_environment=m.JobExecutionEnvironment(
-            auto_pool_specification=spec)))
+        core.add_workitem(
+            m.WorkitemAdd(
+                name="wi",
+                job_execution_environment=m.JobExecutionEnvironment(auto_pool_specification=spec),
+            )
+        )
     assert info.value.status == 400
     assert field in info.value.values.get("field", "")
     assert not core.pools

@@ -23,8 +23,11 @@ class Clock:
         return self.now
 
 
-def _core(n_agents: int = 2, job_retries: int | None = None, common_env: dict[str, str] | None = None,
-          ) -> tuple[CoordinatorState, Clock]:
+def _core(
+    n_agents: int = 2,
+    job_retries: int | None = None,
+    common_env: dict[str, str] | None = None,
+) -> tuple[CoordinatorState, Clock]:
     clock = Clock()
     core = CoordinatorState("acct", clock=clock, heartbeat_timeout=10.0)
     for i in range(n_agents):
@@ -33,9 +36,16 @@ def _core(n_agents: int = 2, job_retries: int | None = None, common_env: dict[st
     for tvm in core.tvms.values():
         core.agent_message(tvm.rec.agent_id, pm.TvmReady(tvm_name=tvm.rec.name))
     jc = m.JobConstraints(max_task_retry_count=job_retries) if job_retries is not None else None
-    core.add_workitem(m.WorkitemAdd(
-        name="wi", job_execution_environment=m.JobExecutionEnvironment(pool_name="p"), job_constraints=jc,
-        common_environment_settings=[m.EnvironmentSetting(name=k, value=v) for k, v in (common_env or {}).items()]))
+    core.add_workitem(
+        m.WorkitemAdd(
+            name="wi",
+            job_execution_environment=m.JobExecutionEnvironment(pool_name="p"),
+            job_constraints=jc,
+            common_environment_settings=[
+                m.EnvironmentSetting(name=k, value=v) for k, v in (common_env or {}).items()
+            ],
+        )
+    )
     core.take_effects()
     return core, clock
 
@@ -45,12 +55,16 @@ JOB = "job-0000000001"
 
 def _add(core: CoordinatorState, name: str = "t", **kw: object) -> None:
     constraints = kw.pop("constraints", None)
-    core.add_task("wi", JOB, m.TaskAdd(name=name, command_line="run", task_constraints=constraints, **kw))
+    core.add_task(
+        "wi", JOB, m.TaskAdd(name=name, command_line="run", task_constraints=constraints, **kw)
+    )
 
 
 def _run(core: CoordinatorState) -> list[pm.RunTask]:
     core.schedule()
-    return [msg for _, msg in map(astuple, core.take_effects().sends) if isinstance(msg, pm.RunTask)]
+    return [
+        msg for _, msg in map(astuple, core.take_effects().sends) if isinstance(msg, pm.RunTask)
+    ]
 
 
 def _agent_of(core: CoordinatorState, task: str) -> str:
@@ -68,22 +82,39 @@ def _lose(core: CoordinatorState, clock: Clock, agent: str) -> None:
     core.tick()
 
 
-def _complete(core: CoordinatorState, spec: pm.TaskSpec, code: int, failure: pm.Failure | None = None,
-              agent: str | None = None) -> None:
+def _complete(
+    core: CoordinatorState,
+    spec: pm.TaskSpec,
+    code: int,
+    failure: pm.Failure | None = None,
+    agent: str | None = None,
+) -> None:
     agent = agent or _agent_of(core, spec.task)
-    core.agent_message(agent, pm.TaskCompleted(key=spec.key, attempt=spec.attempt, exit_code=code,
-                                               start_time=core.clock(), end_time=core.clock(), failure=failure))
+    core.agent_message(
+        agent,
+        pm.TaskCompleted(
+            key=spec.key,
+            attempt=spec.attempt,
+            exit_code=code,
+            start_time=core.clock(),
+            end_time=core.clock(),
+            failure=failure,
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------- retries
 
 
-@pytest.mark.parametrize(("task_retries", "job_retries", "runs"), [
-    (2, None, 3),    # task value: N+1 runs
-    (None, 1, 2),    # job default when the task says nothing
-    (0, 5, 1),       # the task value wins over the job default: 0 = no retry
-    (None, None, 1),  # default: no retry
-])
+@pytest.mark.parametrize(
+    ("task_retries", "job_retries", "runs"),
+    [
+        (2, None, 3),  # task value: N+1 runs
+        (None, 1, 2),  # job default when the task says nothing
+        (0, 5, 1),  # the task value wins over the job default: 0 = no retry
+        (None, None, 1),  # default: no retry
+    ],
+)
 def test_failing_task_runs_max_retries_plus_one_times(task_retries, job_retries, runs):
     core, clock = _core(job_retries=job_retries)
     c = m.TaskConstraints(max_task_retry_count=task_retries) if task_retries is not None else None
@@ -124,26 +155,53 @@ def test_unlimited_retries_until_success():
 
 def test_wall_clock_and_download_failures_are_not_retried():
     core, _ = _core()
-    _add(core, "wall", constraints=m.TaskConstraints(max_task_retry_count=5, max_wall_clock_time="PT2S"))
+    _add(
+        core,
+        "wall",
+        constraints=m.TaskConstraints(max_task_retry_count=5, max_wall_clock_time="PT2S"),
+    )
     _add(core, "dl", constraints=m.TaskConstraints(max_task_retry_count=5))
     runs = {r.spec.task: r.spec for r in _run(core)}
     assert runs["wall"].max_wall_clock_s == 2.0
-    _complete(core, runs["wall"], WALL_CLOCK_EXIT_CODE, pm.Failure(category="ServerError", code="TaskEnded"))
-    _complete(core, runs["dl"], -1, pm.Failure(category="UserError", code="ResourceNotFound", message="404"))
+    _complete(
+        core,
+        runs["wall"],
+        WALL_CLOCK_EXIT_CODE,
+        pm.Failure(category="ServerError", code="TaskEnded"),
+    )
+    _complete(
+        core,
+        runs["dl"],
+        -1,
+        pm.Failure(category="UserError", code="ResourceNotFound", message="404"),
+    )
     assert _run(core) == []
     _, wall = core.get_task("wi", JOB, "wall")
     _, dl = core.get_task("wi", JOB, "dl")
     assert (wall.state, wall.exit_code, wall.retry_count, wall.failure[:2]) == (
-        "completed", 0xC000013A, 0, ("ServerError", "TaskEnded"))
-    assert (dl.state, dl.retry_count, dl.failure[:2]) == ("completed", 0, ("UserError", "ResourceNotFound"))
+        "completed",
+        0xC000013A,
+        0,
+        ("ServerError", "TaskEnded"),
+    )
+    assert (dl.state, dl.retry_count, dl.failure[:2]) == (
+        "completed",
+        0,
+        ("UserError", "ResourceNotFound"),
+    )
     counts = core.task_counts(core.get_job("wi", JOB))
     assert (counts.completed, counts.failed, counts.succeeded) == (2, 2, 0)
 
 
 def test_job_wall_clock_default_reaches_the_agent():
     core, _ = _core()
-    core.add_workitem(m.WorkitemAdd(name="w2", job_execution_environment=m.JobExecutionEnvironment(pool_name="p"),
-                                    job_constraints=m.JobConstraints(max_wall_clock_time="PT1M")))
+    core.add_workitem(
+        m.WorkitemAdd(
+            name="w2",
+            job_execution_environment=m.JobExecutionEnvironment(pool_name="p"),
+            job_constraints=m.JobConstraints(max_wall_clock_time="PT1M"),
+        )
+    )
     core.add_task("w2", JOB, m.TaskAdd(name="x", command_line="run"))
     (run,) = _run(core)
     assert run.spec.max_wall_clock_s == 60.0
@@ -152,8 +210,16 @@ def test_job_wall_clock_default_reaches_the_agent():
 def test_update_constraints_after_add_changes_the_next_run():
     core, _ = _core()
     _add(core)
-    core.update_task("wi", JOB, "t", m.TaskUpdate(task_constraints=m.TaskConstraints(
-        max_task_retry_count=1, max_wall_clock_time="PT30S", retention_time="PT1H")))
+    core.update_task(
+        "wi",
+        JOB,
+        "t",
+        m.TaskUpdate(
+            task_constraints=m.TaskConstraints(
+                max_task_retry_count=1, max_wall_clock_time="PT30S", retention_time="PT1H"
+            )
+        ),
+    )
     (run,) = _run(core)
     assert run.spec.max_wall_clock_s == 30.0
     assert run.spec.retention_s == 3600.0
@@ -171,18 +237,46 @@ def test_update_constraints_after_add_changes_the_next_run():
 
 def _snapshot(core: CoordinatorState) -> bytes:
     job = core.get_job("wi", JOB)
-    return msgspec.msgpack.encode({k: t for k, t in job.tasks.items()}) + repr(len(job.queue)).encode()
+    return (
+        msgspec.msgpack.encode({k: t for k, t in job.tasks.items()}) + repr(len(job.queue)).encode()
+    )
 
 
-@pytest.mark.parametrize(("constraints", "code", "field"), [
-    (m.TaskConstraints(max_task_retry_count=-2), "InvalidPropertyValue", "taskConstraints.maxTaskRetryCount"),
-    (m.TaskConstraints(max_wall_clock_time="-PT5S"), "InvalidPropertyValue", "taskConstraints.maxWallClockTime"),
-    (m.TaskConstraints(max_wall_clock_time="5 seconds"), "InvalidPropertyValue",
-     "taskConstraints.maxWallClockTime"),
-    (m.TaskConstraints(max_wall_clock_time="PT"), "InvalidPropertyValue", "taskConstraints.maxWallClockTime"),
-    (m.TaskConstraints(retention_time="P-1D"), "InvalidPropertyValue", "taskConstraints.retentionTime"),
-    (m.TaskConstraints(retention_time="-P1D"), "InvalidPropertyValue", "taskConstraints.retentionTime"),
-])
+@pytest.mark.parametrize(
+    ("constraints", "code", "field"),
+    [
+        (
+            m.TaskConstraints(max_task_retry_count=-2),
+            "InvalidPropertyValue",
+            "taskConstraints.maxTaskRetryCount",
+        ),
+        (
+            m.TaskConstraints(max_wall_clock_time="-PT5S"),
+            "InvalidPropertyValue",
+            "taskConstraints.maxWallClockTime",
+        ),
+        (
+            m.TaskConstraints(max_wall_clock_time="5 seconds"),
+            "InvalidPropertyValue",
+            "taskConstraints.maxWallClockTime",
+        ),
+        (
+            m.TaskConstraints(max_wall_clock_time="PT"),
+            "InvalidPropertyValue",
+            "taskConstraints.maxWallClockTime",
+        ),
+        (
+            m.TaskConstraints(retention_time="P-1D"),
+            "InvalidPropertyValue",
+            "taskConstraints.retentionTime",
+        ),
+        (
+            m.TaskConstraints(retention_time="-P1D"),
+            "InvalidPropertyValue",
+            "taskConstraints.retentionTime",
+        ),
+    ],
+)
 def test_bad_constraints_are_refused_on_add_and_update(constraints, code, field):
     core, _ = _core()
     _add(core, "keep", constraints=m.TaskConstraints(max_task_retry_count=3, retention_time="PT1H"))
@@ -211,7 +305,9 @@ def test_escaping_resource_file_paths_are_refused(path):
     assert core.take_effects().writes == []
 
 
-@pytest.mark.parametrize("source", ["ftp://h/x", "file:///etc/passwd", "filestore:sha256:xyz", "h/x"])
+@pytest.mark.parametrize(
+    "source", ["ftp://h/x", "file:///etc/passwd", "filestore:sha256:xyz", "h/x"]
+)
 def test_bad_resource_file_sources_are_refused(source):
     core, _ = _core()
     with pytest.raises(ApiError) as e:
@@ -221,16 +317,22 @@ def test_bad_resource_file_sources_are_refused(source):
     assert core.get_job("wi", JOB).tasks == {}
 
 
-@pytest.mark.parametrize("name", ["WATASK_TASK_NAME", "watask_job_name", "AZ_BATCH_TASK_ID", "WATASK_ANYTHING"])
+@pytest.mark.parametrize(
+    "name", ["WATASK_TASK_NAME", "watask_job_name", "AZ_BATCH_TASK_ID", "WATASK_ANYTHING"]
+)
 def test_system_variables_cannot_be_overridden(name):
     core, _ = _core()
     with pytest.raises(ApiError) as e:
         _add(core, environment_settings=[m.EnvironmentSetting(name=name, value="x")])
     assert (e.value.status, e.value.code) == (400, "ReservedEnvironmentVariable")
     with pytest.raises(ApiError) as e:
-        core.add_workitem(m.WorkitemAdd(
-            name="w3", job_execution_environment=m.JobExecutionEnvironment(pool_name="p"),
-            common_environment_settings=[m.EnvironmentSetting(name=name, value="x")]))
+        core.add_workitem(
+            m.WorkitemAdd(
+                name="w3",
+                job_execution_environment=m.JobExecutionEnvironment(pool_name="p"),
+                common_environment_settings=[m.EnvironmentSetting(name=name, value="x")],
+            )
+        )
     assert (e.value.status, e.value.code) == (400, "ReservedEnvironmentVariable")
     assert "w3" not in core.workitems
 
@@ -252,7 +354,10 @@ def test_terminate_running_task_cancels_it_and_late_result_is_ignored():
     agent = _agent_of(core, "t")
     core.terminate_task("wi", JOB, "t")
     sends = core.take_effects().sends
-    assert Send(agent, pm.CancelTask(key=run.spec.key, attempt=run.spec.attempt, reason="terminated")) in sends
+    assert (
+        Send(agent, pm.CancelTask(key=run.spec.key, attempt=run.spec.attempt, reason="terminated"))
+        in sends
+    )
     _complete(core, run.spec, 137, agent=agent)  # the killed process reports: not a retry
     _, t = core.get_task("wi", JOB, "t")
     assert t.state == "completed"
@@ -310,10 +415,21 @@ def test_lost_tvm_requeues_running_task_and_late_result_is_recorded_once():
     new_agent = _agent_of(core, "t")
     assert new_agent != old_agent
     # The old agent returns still running the old attempt: it is told to cancel it...
-    core.agent_hello(pm.Hello(agent_id=old_agent, token="t",
-                              running=[pm.RunningTask(key=first.spec.key, attempt=first.spec.attempt)]))
+    core.agent_hello(
+        pm.Hello(
+            agent_id=old_agent,
+            token="t",
+            running=[pm.RunningTask(key=first.spec.key, attempt=first.spec.attempt)],
+        )
+    )
     sends = core.take_effects().sends
-    assert Send(old_agent, pm.CancelTask(key=first.spec.key, attempt=first.spec.attempt, reason="not assigned")) in sends
+    assert (
+        Send(
+            old_agent,
+            pm.CancelTask(key=first.spec.key, attempt=first.spec.attempt, reason="not assigned"),
+        )
+        in sends
+    )
     # ...and its late (failing) result changes nothing.
     _complete(core, first.spec, 9, agent=old_agent)
     _, t = core.get_task("wi", JOB, "t")

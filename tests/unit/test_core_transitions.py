@@ -25,16 +25,22 @@ ENTITY_STATES = {
 
 
 def _pairs(legal: bool) -> list[tuple[str, str, str]]:
-    return [(entity, old, new)
-            for entity, states in ENTITY_STATES.items()
-            for old in states for new in states
-            if old != new and (new in st.TABLES[entity][old]) == legal]
+    return [
+        (entity, old, new)
+        for entity, states in ENTITY_STATES.items()
+        for old in states
+        for new in states
+        if old != new and (new in st.TABLES[entity][old]) == legal
+    ]
 
 
 ILLEGAL = _pairs(legal=False)
 LEGAL = _pairs(legal=True)
 MOVERS: dict[str, Callable[[Any, Any], str]] = {
-    "task": st.move_task, "tvm": st.move_tvm, "job": st.move_job, "workitem": st.move_workitem,
+    "task": st.move_task,
+    "tvm": st.move_tvm,
+    "job": st.move_job,
+    "workitem": st.move_workitem,
     "pool": st.move_pool,
 }
 
@@ -108,7 +114,9 @@ def test_completed_task_cannot_be_requeued_through_the_core():
     core.add_pool(m.PoolAdd(name="p", target_dedicated=1))
     tvm = next(iter(core.tvms.values()))
     core.agent_message("a1", pm.TvmReady(tvm_name=tvm.rec.name))
-    core.add_workitem(m.WorkitemAdd(name="w", job_execution_environment=m.JobExecutionEnvironment(pool_name="p")))
+    core.add_workitem(
+        m.WorkitemAdd(name="w", job_execution_environment=m.JobExecutionEnvironment(pool_name="p"))
+    )
     core.add_task("w", "job-0000000001", m.TaskAdd(name="t", command_line="true"))
     core.terminate_task("w", "job-0000000001", "t")
     job, task = core.get_task("w", "job-0000000001", "t")

@@ -16,7 +16,9 @@ def _cluster() -> tuple[CoordinatorState, str]:
     core.add_pool(m.PoolAdd(name="p", target_dedicated=1))
     (tvm,) = core.tvms.values()
     core.agent_message("a0", pm.TvmReady(tvm_name=tvm.rec.name))
-    core.add_workitem(m.WorkitemAdd(name="wi", job_execution_environment=m.JobExecutionEnvironment(pool_name="p")))
+    core.add_workitem(
+        m.WorkitemAdd(name="wi", job_execution_environment=m.JobExecutionEnvironment(pool_name="p"))
+    )
     core.take_effects()
     return core, tvm.rec.name
 

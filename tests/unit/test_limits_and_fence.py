@@ -18,22 +18,31 @@ from tvmagent.limits import DEFAULT_TASK_PIDS, TaskLimits, dir_usage
 
 def test_old_coordinators_messages_decode_with_the_defaults() -> None:
     # What a coordinator without the limits (or the pool of PoolMembers) sends.
-    old_join = msgspec.msgpack.encode({"t": "tvm.join", "pool": "p", "tvm_name": "t", "account": "a"})
+    old_join = msgspec.msgpack.encode(
+        {"t": "tvm.join", "pool": "p", "tvm_name": "t", "account": "a"}
+    )
     join = agent_codec().decode_message(old_join)
     assert isinstance(join, pm.JoinPool)
     assert (join.task_pids_limit, join.disk_limit_bytes) == (0, 0)
     limits = TaskLimits("/nonexistent")
     limits.apply_join(join)
     assert limits.process_limits() == {"memory_limit_bytes": None, "pids_limit": DEFAULT_TASK_PIDS}
-    members = agent_codec().decode_message(msgspec.msgpack.encode({"t": "pool.members", "addresses": ["10.0.0.1"]}))
+    members = agent_codec().decode_message(
+        msgspec.msgpack.encode({"t": "pool.members", "addresses": ["10.0.0.1"]})
+    )
     assert isinstance(members, pm.PoolMembers)
     assert members.pool == ""
 
 
-@pytest.mark.parametrize(("kw", "field"), [({"task_pids_limit": 15}, "taskPidsLimit"),
-                                          ({"task_pids_limit": 1_000_001}, "taskPidsLimit"),
-                                          ({"tvm_disk_limit_mib": 0}, "tvmDiskLimitMiB"),
-                                          ({"tvm_disk_limit_mib": -5}, "tvmDiskLimitMiB")])
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"task_pids_limit": 15}, "taskPidsLimit"),
+        ({"task_pids_limit": 1_000_001}, "taskPidsLimit"),
+        ({"tvm_disk_limit_mib": 0}, "tvmDiskLimitMiB"),
+        ({"tvm_disk_limit_mib": -5}, "tvmDiskLimitMiB"),
+    ],
+)
 def test_pool_limits_out_of_range_name_the_field(kw: dict[str, int], field: str) -> None:
     with pytest.raises(ApiError) as err:
         check_pool_limits(m.PoolAdd(name="p", **kw), "autoPoolSpecification.pool.")

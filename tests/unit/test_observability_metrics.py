@@ -27,7 +27,9 @@ class Clock:
 def test_rtt_is_measured_when_the_ack_covers_the_ping():
     lat = LinkLatency(buckets=(0.001, 0.01))
     lat.sent("a", "s1", seq=7, now=100.0)
-    assert lat.acked("a", "s1", peer_acked=6, now=100.5) is None  # older messages acked, not the ping
+    assert (
+        lat.acked("a", "s1", peer_acked=6, now=100.5) is None
+    )  # older messages acked, not the ping
     assert lat.pending("a")
     assert lat.acked("a", "s1", peer_acked=9, now=100.004) == pytest.approx(0.004)
     assert not lat.pending("a")
@@ -83,15 +85,29 @@ def _busy_core() -> tuple[CoordinatorState, Clock]:
     core.add_pool(m.PoolAdd(name="secret-pool", target_dedicated=2))
     for tvm in core.tvms.values():
         core.agent_message(tvm.rec.agent_id, pm.TvmReady(tvm_name=tvm.rec.name))
-    core.add_workitem(m.WorkitemAdd(name="wi", job_execution_environment=m.JobExecutionEnvironment(pool_name="secret-pool")))
+    core.add_workitem(
+        m.WorkitemAdd(
+            name="wi", job_execution_environment=m.JobExecutionEnvironment(pool_name="secret-pool")
+        )
+    )
     for i in range(5):
         core.add_task("wi", "job-0000000001", m.TaskAdd(name=f"t{i}", command_line="run"))
     core.schedule()
-    runs = [(a, msg.spec) for a, msg in map(astuple, core.take_effects().sends) if isinstance(msg, pm.RunTask)]
+    runs = [
+        (a, msg.spec)
+        for a, msg in map(astuple, core.take_effects().sends)
+        if isinstance(msg, pm.RunTask)
+    ]
     a, spec = runs[0]
-    core.agent_message(a, pm.TaskCompleted(key=spec.key, attempt=spec.attempt, exit_code=0, start_time=1, end_time=2))
+    core.agent_message(
+        a,
+        pm.TaskCompleted(key=spec.key, attempt=spec.attempt, exit_code=0, start_time=1, end_time=2),
+    )
     a, spec = runs[1]
-    core.agent_message(a, pm.TaskCompleted(key=spec.key, attempt=spec.attempt, exit_code=3, start_time=1, end_time=2))
+    core.agent_message(
+        a,
+        pm.TaskCompleted(key=spec.key, attempt=spec.attempt, exit_code=3, start_time=1, end_time=2),
+    )
     core.schedule()
     core.take_effects()
     clock.now += 4
@@ -155,7 +171,12 @@ def test_cluster_status_has_agent_health_per_tvm():
     lat.acked(some_agent, "s", 1, 0.003)
     core.agent_disconnected("a1")
     st = cluster_status(core, lat, RateWindow(), clock.now)
-    assert (st.tasks.queue_depth, st.tasks.running, st.tasks.succeeded, st.tasks.failed) == (1, 2, 1, 1)
+    assert (st.tasks.queue_depth, st.tasks.running, st.tasks.succeeded, st.tasks.failed) == (
+        1,
+        2,
+        1,
+        1,
+    )
     assert [p.name for p in st.pools] == ["secret-pool"]
     assert st.pools[0].tvms == {"running": 2}
     by_agent = {t.agent_id: t for t in st.tvms}

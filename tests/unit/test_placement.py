@@ -38,7 +38,9 @@ _seq = iter(range(1, 10**9))
 
 
 def mk_job(wi: str, priority: int, n: int, created: float = 0.0) -> Job:
-    job = Job(JobRec(workitem=wi, name="job-0000000001", pool="p", priority=priority, created=created))
+    job = Job(
+        JobRec(workitem=wi, name="job-0000000001", pool="p", priority=priority, created=created)
+    )
     job.queue = CountingDeque()
     for i in range(n):
         t = TaskRec(name=f"{wi}-t{i}", command_line="c", seq=next(_seq), created=created)
@@ -156,7 +158,7 @@ def test_placement_invariants(jobs, tvms, fill):
     for j in js:
         got = placed_by_job.get(j.rec.workitem, [])
         assert got == before[j.rec.workitem][: len(got)]  # a prefix, in submission order
-        assert list(j.queue) == before[j.rec.workitem][len(got):]  # the rest is still queued
+        assert list(j.queue) == before[j.rec.workitem][len(got) :]  # the rest is still queued
     # A job is left waiting only if no job of lower priority got a slot.
     for j in js:
         if j.queue:
@@ -177,8 +179,15 @@ def _core(n_agents: int, slots: int, fill: str = "spread") -> CoordinatorState:
     core = CoordinatorState("acct", clock=lambda: 1000.0)
     for i in range(n_agents):
         core.agent_hello(pm.Hello(agent_id=f"a{i}", token="t"))
-    core.add_pool(m.PoolAdd(name="p", target_dedicated=n_agents, max_tasks_per_vm=slots, vm_size="large",
-                            tvm_fill_type=fill))
+    core.add_pool(
+        m.PoolAdd(
+            name="p",
+            target_dedicated=n_agents,
+            max_tasks_per_vm=slots,
+            vm_size="large",
+            tvm_fill_type=fill,
+        )
+    )
     for tvm in list(core.tvms.values()):
         core.agent_message(tvm.rec.agent_id, pm.TvmReady(tvm_name=tvm.rec.name))
     core.take_effects()
@@ -195,12 +204,20 @@ def test_schedule_calls_placement_once_per_pool(monkeypatch):
     monkeypatch.setattr(scheduler, "place", counting)
     core = _core(2, 3)
     for w in ("w1", "w2"):
-        core.add_workitem(m.WorkitemAdd(name=w, job_execution_environment=m.JobExecutionEnvironment(pool_name="p")))
-        core.add_tasks(w, "job-0000000001", [m.TaskAdd(name=f"t{i}", command_line="c") for i in range(100)])
+        core.add_workitem(
+            m.WorkitemAdd(
+                name=w, job_execution_environment=m.JobExecutionEnvironment(pool_name="p")
+            )
+        )
+        core.add_tasks(
+            w, "job-0000000001", [m.TaskAdd(name=f"t{i}", command_line="c") for i in range(100)]
+        )
     core.take_effects()
     assert core.schedule() == 6
     assert calls == [2]
-    runs = [msg for _, msg in map(astuple, core.take_effects().sends) if isinstance(msg, pm.RunTask)]
+    runs = [
+        msg for _, msg in map(astuple, core.take_effects().sends) if isinstance(msg, pm.RunTask)
+    ]
     assert len(runs) == 6
     assert core.schedule() == 0  # every slot taken: nothing more, and no busy loop
     assert core.take_effects().sends == []
@@ -208,13 +225,19 @@ def test_schedule_calls_placement_once_per_pool(monkeypatch):
 
 def test_schedule_honours_max_tasks_per_vm_and_pack():
     core = _core(2, 4, fill="pack")
-    core.add_workitem(m.WorkitemAdd(name="w", job_execution_environment=m.JobExecutionEnvironment(pool_name="p")))
-    core.add_tasks("w", "job-0000000001", [m.TaskAdd(name=f"t{i}", command_line="c") for i in range(3)])
+    core.add_workitem(
+        m.WorkitemAdd(name="w", job_execution_environment=m.JobExecutionEnvironment(pool_name="p"))
+    )
+    core.add_tasks(
+        "w", "job-0000000001", [m.TaskAdd(name=f"t{i}", command_line="c") for i in range(3)]
+    )
     core.take_effects()
     core.schedule()
     runs = core.take_effects().sends
     assert len({agent for agent, _ in map(astuple, runs)}) == 1  # pack: one TVM
-    core.add_tasks("w", "job-0000000001", [m.TaskAdd(name=f"u{i}", command_line="c") for i in range(10)])
+    core.add_tasks(
+        "w", "job-0000000001", [m.TaskAdd(name=f"u{i}", command_line="c") for i in range(10)]
+    )
     core.schedule()
     assert all(len(t.running) == 4 for t in core.tvms.values())
     assert sum(len(j.queue) for j in core.jobs.values()) == 13 - 8

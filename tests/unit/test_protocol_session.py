@@ -86,8 +86,9 @@ def test_unknown_message_type_is_answered_not_fatal() -> None:
         x: int = 1
 
     enc = msgspec.msgpack.Encoder()
-    frame = enc.encode(Frame(first=1, msgs=[msgspec.Raw(enc.encode(FutureMsg())),
-                                            msgspec.Raw(enc.encode(Ping()))]))
+    frame = enc.encode(
+        Frame(first=1, msgs=[msgspec.Raw(enc.encode(FutureMsg())), msgspec.Raw(enc.encode(Ping()))])
+    )
     got = agent.receive_frame(frame)
     assert [type(r.msg) for r in got] == [Ping]
     out = agent.next_frame()
@@ -102,7 +103,10 @@ def test_unknown_message_type_is_answered_not_fatal() -> None:
     [
         (b"\xc1", "malformed frame"),
         (msgspec.msgpack.encode({"first": 1, "msgs": [b"\xc1"]}), "malformed"),
-        (msgspec.msgpack.encode({"first": 1, "msgs": [{"t": "task.cancel", "key": 5}]}), "task.cancel"),
+        (
+            msgspec.msgpack.encode({"first": 1, "msgs": [{"t": "task.cancel", "key": 5}]}),
+            "task.cancel",
+        ),
         (msgspec.msgpack.encode({"first": 0, "msgs": [{"t": "ping"}]}), "sequence"),
         (msgspec.msgpack.encode({"first": 7, "msgs": [{"t": "ping"}]}), "gap"),
         (msgspec.msgpack.encode({"ack": 99}), "never sent"),
@@ -121,8 +125,10 @@ def _fix(data: bytes) -> bytes:
     except msgspec.DecodeError:
         return data
     if isinstance(obj, dict) and "msgs" in obj:
-        obj["msgs"] = [msgspec.Raw(m if isinstance(m, bytes) else msgspec.msgpack.encode(m))
-                       for m in obj["msgs"]]
+        obj["msgs"] = [
+            msgspec.Raw(m if isinstance(m, bytes) else msgspec.msgpack.encode(m))
+            for m in obj["msgs"]
+        ]
     return msgspec.msgpack.encode(obj)
 
 

@@ -82,7 +82,7 @@ def test_no_import_circles() -> None:
             if nxt not in graph or nxt.startswith(node + "."):
                 continue  # a package importing its own submodules is not a circle
             if state.get(nxt) == 1:
-                circles.append(stack[stack.index(nxt):] + [nxt])
+                circles.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt)
         stack.pop()
@@ -95,7 +95,12 @@ def test_no_import_circles() -> None:
 
 
 def test_imports_only_go_down_between_packages() -> None:
-    bad = [(src, dst) for src, dsts in _graph().items() for dst in dsts if not _package_edges_ok(src, dst)]
+    bad = [
+        (src, dst)
+        for src, dsts in _graph().items()
+        for dst in dsts
+        if not _package_edges_ok(src, dst)
+    ]
     assert not bad, bad
 
 

@@ -324,4 +324,7 @@ def test_build_command_nproc_fallback_goes_through_prlimit_before_the_user_switc
     i_pl = plan.argv.index("/usr/bin/prlimit")
     assert plan.argv[i_pl + 1 : i_pl + 3] == ["--nproc=64:64", "--"]
     assert i_pl < plan.argv.index("/usr/bin/setpriv")
-    assert "/usr/bin/prlimit" not in build_command(spec(), "/usr/bin/prog", TOOLS, [], (1001, 1002), None).argv
+    assert (
+        "/usr/bin/prlimit"
+        not in build_command(spec(), "/usr/bin/prog", TOOLS, [], (1001, 1002), None).argv
+    )

@@ -13,20 +13,32 @@ T0 = 1_700_000_000.0
 
 
 def test_parse_converts_times_and_durations() -> None:
-    plan = parse_schedule(m.Schedule(do_not_run_until=rfc3339(T0), do_not_run_after=rfc3339(T0 + 3600),
-                                     start_window="PT5M", recurrence_interval="PT1M"))
+    plan = parse_schedule(
+        m.Schedule(
+            do_not_run_until=rfc3339(T0),
+            do_not_run_after=rfc3339(T0 + 3600),
+            start_window="PT5M",
+            recurrence_interval="PT1M",
+        )
+    )
     assert plan == Plan(T0, T0 + 3600, 300.0, 60.0)
     assert parse_schedule(None) == Plan()
 
 
-@pytest.mark.parametrize(("sched", "field"), [
-    (m.Schedule(recurrence_interval="PT59S"), "schedule.recurrenceInterval"),
-    (m.Schedule(recurrence_interval="PT0S"), "schedule.recurrenceInterval"),
-    (m.Schedule(recurrence_interval="soon"), "schedule.recurrenceInterval"),
-    (m.Schedule(start_window="PT10S"), "schedule.startWindow"),
-    (m.Schedule(do_not_run_until=rfc3339(T0), do_not_run_after=rfc3339(T0 - 1)), "schedule.doNotRunAfter"),
-    (m.Schedule(do_not_run_until="yesterday"), "schedule.doNotRunUntil"),
-])
+@pytest.mark.parametrize(
+    ("sched", "field"),
+    [
+        (m.Schedule(recurrence_interval="PT59S"), "schedule.recurrenceInterval"),
+        (m.Schedule(recurrence_interval="PT0S"), "schedule.recurrenceInterval"),
+        (m.Schedule(recurrence_interval="soon"), "schedule.recurrenceInterval"),
+        (m.Schedule(start_window="PT10S"), "schedule.startWindow"),
+        (
+            m.Schedule(do_not_run_until=rfc3339(T0), do_not_run_after=rfc3339(T0 - 1)),
+            "schedule.doNotRunAfter",
+        ),
+        (m.Schedule(do_not_run_until="yesterday"), "schedule.doNotRunUntil"),
+    ],
+)
 def test_bad_schedules_name_the_field(sched: m.Schedule, field: str) -> None:
     with pytest.raises(ApiError) as exc:
         parse_schedule(sched)
@@ -101,7 +113,9 @@ def test_do_not_run_after_ends_the_schedule() -> None:
     d = decide(plan, T0 + 120, T0 + 120, job_active=False)
     assert d.create
     assert d.next_run is None
-    d = decide(plan, T0 + 60, T0 + 500, job_active=False)  # long after: the last allowed one (120) runs
+    d = decide(
+        plan, T0 + 60, T0 + 500, job_active=False
+    )  # long after: the last allowed one (120) runs
     assert d.create
     assert d.next_run is None
     d = decide(Plan(recurrence=60, not_after=T0 + 10), T0 + 60, T0 + 60, job_active=False)

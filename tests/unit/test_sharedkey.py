@@ -27,7 +27,9 @@ DATE = format_datetime(NOW, usegmt=True)  # "Fri, 02 Jan 2026 03:04:05 GMT"
 
 def _expected_hmac(key_b64: str, text: str) -> str:
     """Computed here, independently of coordinator.common.sharedkey."""
-    return base64.b64encode(hmac.new(base64.b64decode(key_b64), text.encode("utf-8"), hashlib.sha256).digest()).decode()
+    return base64.b64encode(
+        hmac.new(base64.b64decode(key_b64), text.encode("utf-8"), hashlib.sha256).digest()
+    ).decode()
 
 
 def test_known_vector_post_with_body_headers_and_query():
@@ -39,7 +41,9 @@ def test_known_vector_post_with_body_headers_and_query():
         "client-request-id": "not-signed",
         "Accept": "application/json",
     }
-    text = string_to_sign("post", "/pools", "api-version=2015-01-01&TimeOut=30&b=2", headers, "acct")
+    text = string_to_sign(
+        "post", "/pools", "api-version=2015-01-01&TimeOut=30&b=2", headers, "acct"
+    )
     expected = (
         "POST\n"
         "\n"  # Content-Encoding
@@ -82,8 +86,13 @@ def test_query_parameters_lowercased_sorted_and_multi_values_joined():
 
 
 def test_ocp_headers_sorted_lowercased_only_ocp_prefix():
-    text = string_to_sign("GET", "/p", "", {"Ocp-B": "2", "ocp-a": "1", "x-ms-date": "no", "Range": "bytes=0-1"},
-                          "acct")
+    text = string_to_sign(
+        "GET",
+        "/p",
+        "",
+        {"Ocp-B": "2", "ocp-a": "1", "x-ms-date": "no", "Range": "bytes=0-1"},
+        "acct",
+    )
     lines = text.split("\n")
     assert lines[11] == "bytes=0-1"  # Range is the 11th standard header
     assert lines[12:14] == ["ocp-a:1", "ocp-b:2"]
@@ -91,8 +100,19 @@ def test_ocp_headers_sorted_lowercased_only_ocp_prefix():
 
 
 def test_all_eleven_standard_headers_in_order():
-    names = ["Content-Encoding", "Content-Language", "Content-Length", "Content-MD5", "Content-Type", "Date",
-             "If-Modified-Since", "If-Match", "If-None-Match", "If-Unmodified-Since", "Range"]
+    names = [
+        "Content-Encoding",
+        "Content-Language",
+        "Content-Length",
+        "Content-MD5",
+        "Content-Type",
+        "Date",
+        "If-Modified-Since",
+        "If-Match",
+        "If-None-Match",
+        "If-Unmodified-Since",
+        "Range",
+    ]
     headers = {n: f"v{i}" for i, n in enumerate(names)}
     text = string_to_sign("DELETE", "/p", "", headers, "acct")
     assert text.split("\n")[:12] == ["DELETE"] + [f"v{i}" for i in range(11)]
@@ -116,7 +136,9 @@ def test_wrong_key_rejected():
     assert (e.value.status, e.value.code) == (403, "AuthenticationFailed")
 
 
-@pytest.mark.parametrize("tamper", ["method", "path", "query", "header", "ocp", "account-in-header"])
+@pytest.mark.parametrize(
+    "tamper", ["method", "path", "query", "header", "ocp", "account-in-header"]
+)
 def test_tampering_detected(tamper):
     h = _signed("POST", "/pools", "api-version=1", **{"Content-Length": "10", "ocp-extra": "a"})
     method, path, query = "POST", "/pools", "api-version=1"
@@ -143,8 +165,15 @@ def test_unsigned_and_malformed_authorization_are_401():
     assert (e.value.status, e.value.code) == (401, "AuthenticationFailed")
     for bad in ("Basic abc", "SharedKey acct", "SharedKey acct:", "SharedKey"):
         with pytest.raises(AuthError) as e:
-            verify("GET", "/pools", "", {"ocp-date": DATE, "Authorization": bad}, "acct", [KEY1],
-                   NOW.timestamp())
+            verify(
+                "GET",
+                "/pools",
+                "",
+                {"ocp-date": DATE, "Authorization": bad},
+                "acct",
+                [KEY1],
+                NOW.timestamp(),
+            )
         assert e.value.status == 401, bad
 
 
@@ -174,7 +203,9 @@ def test_missing_or_bad_date_rejected():
 def test_date_header_accepted_instead_of_ocp_date():
     # A client that sends only Date signs it as one of the standard headers.
     h2 = {"Date": DATE}
-    h2["Authorization"] = "SharedKey acct:" + _expected_hmac(KEY1, string_to_sign("GET", "/pools", "", h2, "acct"))
+    h2["Authorization"] = "SharedKey acct:" + _expected_hmac(
+        KEY1, string_to_sign("GET", "/pools", "", h2, "acct")
+    )
     verify("GET", "/pools", "", h2, "acct", [KEY1], NOW.timestamp())
 
 
@@ -202,7 +233,9 @@ def test_encoded_path_signed_as_sent_like_the_azure_sdks():
     h["Authorization"] = "SharedKey acct:" + _expected_hmac(KEY1, decoded)
     verify("GET", path, "", h, "acct", [KEY1], NOW.timestamp())
     # But not a different path.
-    h["Authorization"] = "SharedKey acct:" + _expected_hmac(KEY1, expected.replace("my%20file", "other"))
+    h["Authorization"] = "SharedKey acct:" + _expected_hmac(
+        KEY1, expected.replace("my%20file", "other")
+    )
     with pytest.raises(AuthError):
         verify("GET", path, "", h, "acct", [KEY1], NOW.timestamp())
 
@@ -218,7 +251,12 @@ def test_python_sdk_form_names_keep_their_case_and_empty_values_are_left_out():
     query = "timeOut=30&api-version=2024-07-01.20.0&empty="
     # Written out by hand as the Python Azure SDKs build it (sorted by the names as sent).
     text = _SDK_HEAD + "/Acct/pools\napi-version:2024-07-01.20.0\ntimeOut:30"
-    assert string_to_sign("GET", "/pools", query, {"ocp-date": DATE}, "Acct", keep_case=True, skip_blank=True) == text
+    assert (
+        string_to_sign(
+            "GET", "/pools", query, {"ocp-date": DATE}, "Acct", keep_case=True, skip_blank=True
+        )
+        == text
+    )
     verify("GET", "/pools", query, _hand_signed(text, "Acct"), "Acct", [KEY1], NOW.timestamp())
 
 
@@ -232,4 +270,6 @@ def test_every_canonical_form_still_covers_the_parameters():
     text = _SDK_HEAD + "/Acct/pools\ntimeOut:30"
     for query in ("timeOut=31", "timeOut=30&maxresults=5", ""):
         with pytest.raises(AuthError):
-            verify("GET", "/pools", query, _hand_signed(text, "Acct"), "Acct", [KEY1], NOW.timestamp())
+            verify(
+                "GET", "/pools", query, _hand_signed(text, "Acct"), "Acct", [KEY1], NOW.timestamp()
+            )

@@ -39,8 +39,26 @@ def test_parse_duration(text, seconds):
     assert parse_duration(text, "f") == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("text", ["", "P", "PT", "P1DT", "1H", "PT1H30", "PT-5S", "-PT5S", "PT1S2M", "P1.D",
-                                  "PTS", "PT 1H", "P1Y2", "forever", "PT1E3S"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "P",
+        "PT",
+        "P1DT",
+        "1H",
+        "PT1H30",
+        "PT-5S",
+        "-PT5S",
+        "PT1S2M",
+        "P1.D",
+        "PTS",
+        "PT 1H",
+        "P1Y2",
+        "forever",
+        "PT1E3S",
+    ],
+)
 def test_parse_duration_rejects_with_field(text):
     with pytest.raises(ApiError) as e:
         parse_duration(text, "taskConstraints.maxWallClockTime")
@@ -58,9 +76,21 @@ def test_parse_duration_rejects_non_string():
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(0, "PT0S"), (5, "PT5S"), (60, "PT1M"), (3600, "PT1H"), (5400, "PT1H30M"), (86400, "P1D"),
-     (86400 + 1, "P1DT1S"), (7 * 86400, "P7D"), (0.5, "PT0.5S"), (61.25, "PT1M1.25S"), (1e-05, "PT0.00001S"),
-     (UNLIMITED_S, UNLIMITED), (UNLIMITED_S * 2, UNLIMITED)],
+    [
+        (0, "PT0S"),
+        (5, "PT5S"),
+        (60, "PT1M"),
+        (3600, "PT1H"),
+        (5400, "PT1H30M"),
+        (86400, "P1D"),
+        (86400 + 1, "P1DT1S"),
+        (7 * 86400, "P7D"),
+        (0.5, "PT0.5S"),
+        (61.25, "PT1M1.25S"),
+        (1e-05, "PT0.00001S"),
+        (UNLIMITED_S, UNLIMITED),
+        (UNLIMITED_S * 2, UNLIMITED),
+    ],
 )
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text

@@ -8,9 +8,17 @@ from coordinator.common import models as m
 from coordinator.common.errors import ApiError
 from coordinator.common.validation import RESERVED_ENV, check_env, check_name, check_range
 
-SEED_VARS = ["WATASK_ACCOUNT_NAME", "WATASK_WORKITEM_NAME", "WATASK_JOB_NAME", "WATASK_TASK_NAME",
-             "WATASK_POOL_NAME", "WATASK_TVM_NAME", "WATASK_TVM_ROOT_DIR", "WATASK_PORTRANGE_LOW",
-             "WATASK_PORTRANGE_HIGH"]
+SEED_VARS = [
+    "WATASK_ACCOUNT_NAME",
+    "WATASK_WORKITEM_NAME",
+    "WATASK_JOB_NAME",
+    "WATASK_TASK_NAME",
+    "WATASK_POOL_NAME",
+    "WATASK_TVM_NAME",
+    "WATASK_TVM_ROOT_DIR",
+    "WATASK_PORTRANGE_LOW",
+    "WATASK_PORTRANGE_HIGH",
+]
 
 
 @pytest.mark.parametrize("name", ["a", "A-b_9", "x" * 64, "0", "-", "_"])
@@ -53,8 +61,17 @@ def test_env_ok():
     assert check_env([], "x") == {}
 
 
-@pytest.mark.parametrize("var", [*SEED_VARS, "WATASK_CERTIFICATES_DIR", "watask_task_name", "WATASK_ANYTHING",
-                                 "AZ_BATCH_TASK_ID", "az_batch_node_id"])
+@pytest.mark.parametrize(
+    "var",
+    [
+        *SEED_VARS,
+        "WATASK_CERTIFICATES_DIR",
+        "watask_task_name",
+        "WATASK_ANYTHING",
+        "AZ_BATCH_TASK_ID",
+        "az_batch_node_id",
+    ],
+)
 def test_env_reserved(var):
     with pytest.raises(ApiError) as e:
         check_env(_env(("OK", "1"), (var, "x")), "environmentSettings")

@@ -23,8 +23,16 @@ class FutureMsg(pm.Msg, tag="tvm.future", kw_only=True):
 
 
 # What an agent of minor version 0 would decode: everything except Ping (pretend Ping came in 1).
-OLD_COORDINATOR_MSGS = (pm.JoinPool | pm.LeavePool | pm.RunTask | pm.CancelTask | pm.DeleteTaskFiles
-                        | pm.PoolMembers | pm.FileRequest | pm.Unsupported)
+OLD_COORDINATOR_MSGS = (
+    pm.JoinPool
+    | pm.LeavePool
+    | pm.RunTask
+    | pm.CancelTask
+    | pm.DeleteTaskFiles
+    | pm.PoolMembers
+    | pm.FileRequest
+    | pm.Unsupported
+)
 
 
 def _pipe(src: LinkSession, dst: LinkSession) -> list:
@@ -66,19 +74,42 @@ def test_older_coordinator_answers_a_newer_agents_message_type():
 
 def test_unknown_fields_of_known_messages_are_ignored():
     # A newer agent adds a field to TaskCompleted (fields are only ever appended with defaults).
-    raw = msgspec.msgpack.encode({"t": "task.completed", "key": "w/j/t", "attempt": 3, "exit_code": 0,
-                                  "start_time": 1.0, "end_time": 2.0, "gpu_seconds": 12.5})
+    raw = msgspec.msgpack.encode(
+        {
+            "t": "task.completed",
+            "key": "w/j/t",
+            "attempt": 3,
+            "exit_code": 0,
+            "start_time": 1.0,
+            "end_time": 2.0,
+            "gpu_seconds": 12.5,
+        }
+    )
     msg = coordinator_codec().decode_message(raw)
-    assert msg == pm.TaskCompleted(key="w/j/t", attempt=3, exit_code=0, start_time=1.0, end_time=2.0)
+    assert msg == pm.TaskCompleted(
+        key="w/j/t", attempt=3, exit_code=0, start_time=1.0, end_time=2.0
+    )
 
 
 @pytest.mark.parametrize("minor", [pm.PROTOCOL_MINOR - 1, pm.PROTOCOL_MINOR + 1])
 def test_hello_of_a_neighbouring_minor_version_decodes(minor: int):
-    raw = msgspec.msgpack.encode({"t": "hello", "protocol_version": pm.PROTOCOL_VERSION, "protocol_minor": minor,
-                                  "agent_id": "a", "token": "t", "some_future_field": [1, 2]})
+    raw = msgspec.msgpack.encode(
+        {
+            "t": "hello",
+            "protocol_version": pm.PROTOCOL_VERSION,
+            "protocol_minor": minor,
+            "agent_id": "a",
+            "token": "t",
+            "some_future_field": [1, 2],
+        }
+    )
     hello = coordinator_codec().decode_handshake(raw)
     assert isinstance(hello, pm.Hello)
-    assert (hello.protocol_version, hello.protocol_minor, hello.agent_id) == (pm.PROTOCOL_VERSION, minor, "a")
+    assert (hello.protocol_version, hello.protocol_minor, hello.agent_id) == (
+        pm.PROTOCOL_VERSION,
+        minor,
+        "a",
+    )
 
 
 def test_malformed_known_type_is_still_an_error():

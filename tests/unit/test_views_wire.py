@@ -11,7 +11,9 @@ from coordinator.rest.views import job_view, task_view, workitem_view
 def test_zero_counters_and_priority_are_on_the_wire() -> None:
     core = CoordinatorState("acct", clock=lambda: 1000.0)
     core.add_pool(m.PoolAdd(name="p"))
-    core.add_workitem(m.WorkitemAdd(name="wi", job_execution_environment=m.JobExecutionEnvironment(pool_name="p")))
+    core.add_workitem(
+        m.WorkitemAdd(name="wi", job_execution_environment=m.JobExecutionEnvironment(pool_name="p"))
+    )
     core.add_task("wi", "job-0000000001", m.TaskAdd(name="t", command_line="/bin/true"))
     job, task = core.get_task("wi", "job-0000000001", "t")
     body = msgspec.json.decode(msgspec.json.encode(task_view(job, task)))

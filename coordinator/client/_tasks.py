@@ -1,0 +1,295 @@
+"""Tasks and files groups of the client, and the helpers for many tasks (chunks, add_many, wait)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import quote
+
+import httpx2
+import msgspec
+
+from coordinator.common import models as m
+
+from ._http import (
+    BatchError,
+    _Call,
+    _Group,
+    _list,
+    _one,
+    _seg,
+)
+
+if TYPE_CHECKING:
+    from ._client import AsyncClient, Client
+
+
+def task_spec(
+    name: str,
+    command_line: str,
+    *,
+    env: dict[str, str] | None = None,
+    resource_files: Sequence[m.ResourceFile] = (),
+    max_wall_clock_time: str | None = None,
+    max_task_retry_count: int | None = None,
+    retention_time: str | None = None,
+    run_elevated: bool = False,
+) -> m.TaskAdd:
+    """Build a task for `tasks.add_collection` with keyword arguments."""
+    constraints = None
+    if max_wall_clock_time or max_task_retry_count is not None or retention_time:
+        constraints = m.TaskConstraints(
+            max_wall_clock_time=max_wall_clock_time,
+            max_task_retry_count=max_task_retry_count,
+            retention_time=retention_time,
+        )
+    return m.TaskAdd(
+        name=name,
+        command_line=command_line,
+        environment_settings=[
+            m.EnvironmentSetting(name=k, value=v) for k, v in (env or {}).items()
+        ],
+        resource_files=list(resource_files),
+        task_constraints=constraints,
+        run_elevated=run_elevated,
+    )
+
+
+class Tasks(_Group):
+    def _base(self, workitem: str, job: str) -> str:
+        return f"/workitems/{_seg(workitem)}/jobs/{_seg(job)}"
+
+    def add(self, workitem: str, job: str, name: str, command_line: str, **kw: Any) -> Any:
+        return self._c._call(
+            _Call("POST", self._base(workitem, job) + "/tasks", task_spec(name, command_line, **kw))
+        )
+
+    def add_collection(self, workitem: str, job: str, tasks: Iterable[m.TaskAdd]) -> Any:
+        """Add up to 100 tasks in one request; returns per-task results."""
+        body = m.TaskAddCollection(value=list(tasks))
+        return self._c._call(
+            _Call(
+                "POST",
+                self._base(workitem, job) + "/addtaskcollection",
+                body,
+                parse=lambda r: (
+                    msgspec.json.decode(r.content, type=m.TaskAddCollectionResult).value
+                ),
+            )
+        )
+
+    def list(self, workitem: str, job: str, *, state: str | None = None) -> Any:
+        params = {"$filter": f"state eq '{state}'"} if state else None
+        return self._c._call(
+            _Call("GET", self._base(workitem, job) + "/tasks", params=params, parse=_list(m.Task))
+        )
+
+    def get(self, workitem: str, job: str, name: str) -> Any:
+        return self._c._call(
+            _Call("GET", f"{self._base(workitem, job)}/tasks/{_seg(name)}", parse=_one(m.Task))
+        )
+
+    def delete(self, workitem: str, job: str, name: str) -> Any:
+        return self._c._call(_Call("DELETE", f"{self._base(workitem, job)}/tasks/{_seg(name)}"))
+
+    def terminate(self, workitem: str, job: str, name: str) -> Any:
+        return self._c._call(
+            _Call("POST", f"{self._base(workitem, job)}/tasks/{_seg(name)}/terminate")
+        )
+
+    def update(
+        self,
+        workitem: str,
+        job: str,
+        name: str,
+        *,
+        max_wall_clock_time: str | None = None,
+        max_task_retry_count: int | None = None,
+        retention_time: str | None = None,
+    ) -> Any:
+        body = m.TaskUpdate(
+            task_constraints=m.TaskConstraints(
+                max_wall_clock_time=max_wall_clock_time,
+                max_task_retry_count=max_task_retry_count,
+                retention_time=retention_time,
+            )
+        )
+        return self._c._call(
+            _Call("PATCH", f"{self._base(workitem, job)}/tasks/{_seg(name)}", body)
+        )
+
+    def wait(self, workitem: str, job: str, **kw: Any) -> Any:
+        """Until every task of the job completed (see `wait_for_tasks`)."""
+        if self._c.is_async:
+            return wait_for_tasks_async(cast("AsyncClient", self._c), workitem, job, **kw)
+        return wait_for_tasks(cast("Client", self._c), workitem, job, **kw)
+
+    def add_many(self, workitem: str, job: str, tasks: Sequence[m.TaskAdd]) -> Any:
+        """Any number of tasks, chunked into collections of 100."""
+        if self._c.is_async:
+            return add_many_async(cast("AsyncClient", self._c), workitem, job, tasks)
+        return add_many(cast("Client", self._c), workitem, job, tasks)
+
+
+class Files(_Group):
+    def list_from_task(self, workitem: str, job: str, task: str, *, recursive: bool = False) -> Any:
+        path = f"/workitems/{_seg(workitem)}/jobs/{_seg(job)}/tasks/{_seg(task)}/files"
+        return self._c._call(
+            _Call(
+                "GET", path, params={"recursive": str(recursive).lower()}, parse=_list(m.NodeFile)
+            )
+        )
+
+    def get_from_task(
+        self,
+        workitem: str,
+        job: str,
+        task: str,
+        path: str,
+        *,
+        byte_range: tuple[int, int] | None = None,
+    ) -> Any:
+        url = f"/workitems/{_seg(workitem)}/jobs/{_seg(job)}/tasks/{_seg(task)}/files/{quote(path)}"
+        return self._c._call(
+            _Call("GET", url, headers=_range(byte_range), parse=lambda r: r.content)
+        )
+
+    def list_from_tvm(self, pool: str, tvm: str, *, recursive: bool = False) -> Any:
+        return self._c._call(
+            _Call(
+                "GET",
+                f"/pools/{_seg(pool)}/tvms/{_seg(tvm)}/files",
+                params={"recursive": str(recursive).lower()},
+                parse=_list(m.NodeFile),
+            )
+        )
+
+    def get_from_tvm(
+        self, pool: str, tvm: str, path: str, *, byte_range: tuple[int, int] | None = None
+    ) -> Any:
+        return self._c._call(
+            _Call(
+                "GET",
+                f"/pools/{_seg(pool)}/tvms/{_seg(tvm)}/files/{quote(path)}",
+                headers=_range(byte_range),
+                parse=lambda r: r.content,
+            )
+        )
+
+    def properties_from_task(self, workitem: str, job: str, task: str, path: str) -> Any:
+        """{"size": int, "lastModified": RFC 3339 str} of a task's file (a HEAD request)."""
+        url = f"/workitems/{_seg(workitem)}/jobs/{_seg(job)}/tasks/{_seg(task)}/files/{quote(path)}"
+        return self._c._call(_Call("HEAD", url, parse=_file_props))
+
+    def properties_from_tvm(self, pool: str, tvm: str, path: str) -> Any:
+        return self._c._call(
+            _Call(
+                "HEAD",
+                f"/pools/{_seg(pool)}/tvms/{_seg(tvm)}/files/{quote(path)}",
+                parse=_file_props,
+            )
+        )
+
+    def upload(self, data: bytes, *, sha256: str | None = None) -> Any:
+        """Put bytes in the coordinator's file store; returns {sha256, size, blobSource}."""
+        return self._c._call(
+            _Call(
+                "POST",
+                "/files",
+                raw=data,
+                params={"sha256": sha256} if sha256 else None,
+                parse=lambda r: msgspec.json.decode(r.content),
+            )
+        )
+
+
+def _file_props(resp: httpx2.Response) -> dict[str, Any]:
+    return {
+        "size": int(resp.headers["ocp-content-length"]),
+        "lastModified": resp.headers["last-modified"],
+    }
+
+
+def _range(byte_range: tuple[int, int] | None) -> dict[str, str] | None:
+    return {"Range": f"bytes={byte_range[0]}-{byte_range[1]}"} if byte_range else None
+
+
+# --------------------------------------------------------------------------- conveniences
+
+
+def chunks(items: Sequence[m.TaskAdd], size: int = 100) -> Iterable[list[m.TaskAdd]]:
+    for i in range(0, len(items), size):
+        yield list(items[i : i + size])
+
+
+def add_many(
+    client: Client, workitem: str, job: str, tasks: Sequence[m.TaskAdd]
+) -> list[m.TaskAddResult]:
+    """Add any number of tasks, 100 per request."""
+    out: list[m.TaskAddResult] = []
+    for part in chunks(tasks):
+        out.extend(client.tasks.add_collection(workitem, job, part))
+    return out
+
+
+async def add_many_async(
+    client: AsyncClient, workitem: str, job: str, tasks: Sequence[m.TaskAdd]
+) -> list[m.TaskAddResult]:
+    out: list[m.TaskAddResult] = []
+    for part in chunks(tasks):
+        out.extend(await client.tasks.add_collection(workitem, job, part))
+    return out
+
+
+def wait_for_tasks(
+    client: Client,
+    workitem: str,
+    job: str,
+    *,
+    timeout: float | None = None,
+    poll: float = 0.25,
+    progress: Callable[[m.TaskCounts], None] | None = None,
+) -> m.TaskCounts:
+    """Block until every task of the job is completed; `progress` gets the counts on each poll."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        counts = client.jobs.task_counts(workitem, job)
+        if progress:
+            progress(counts)
+        if counts.active == 0 and counts.running == 0:
+            return counts
+        if deadline is not None and time.monotonic() > deadline:
+            raise BatchError(
+                0,
+                "WaitTimedOut",
+                f"tasks still unfinished after {timeout} s: "
+                f"{counts.active} active, {counts.running} running",
+            )
+        time.sleep(poll)
+
+
+async def wait_for_tasks_async(
+    client: AsyncClient,
+    workitem: str,
+    job: str,
+    *,
+    timeout: float | None = None,  # noqa: ASYNC109 (mirrors the sync API)
+    poll: float = 0.25,
+    progress: Callable[[m.TaskCounts], None] | None = None,
+) -> m.TaskCounts:
+    import anyio
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        counts = await client.jobs.task_counts(workitem, job)
+        if progress:
+            progress(counts)
+        if counts.active == 0 and counts.running == 0:
+            return counts
+        if deadline is not None and time.monotonic() > deadline:
+            raise BatchError(0, "WaitTimedOut", f"tasks still unfinished after {timeout} s")
+        await anyio.sleep(poll)
+
+
+# --------------------------------------------------------------------------- issue 8
