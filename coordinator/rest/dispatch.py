@@ -251,3 +251,16 @@ class Dispatcher:
                 scope=base,
             )
         return True
+
+
+class RouteGroup:
+    """One area's routes (a `routes_*.py` module), over the dispatcher's service, core and files."""
+
+    def __init__(self, app: Dispatcher) -> None:
+        self.app = app
+        self.svc = app.svc
+        self.core = app.core
+        self.files = app.files
+
+    def register(self, r: RouteAdder) -> None:
+        raise NotImplementedError

@@ -6,17 +6,11 @@ from typing import Any
 
 from coordinator.common import models as m
 
-from .dispatch import Dispatcher, Response, RouteAdder, _decode, _json_response
+from .dispatch import Response, RouteAdder, RouteGroup, _decode, _json_response
 from .views import autoscale_run_view
 
 
-class AutoscaleRoutes:
-    def __init__(self, app: Dispatcher) -> None:
-        self.app = app
-        self.svc = app.svc
-        self.core = app.core
-        self.files = app.files
-
+class AutoscaleRoutes(RouteGroup):
     def register(self, r: RouteAdder) -> None:
         r("POST", r"/pools/(?P<pool>[^/]+)/enableautoscale", self.enable_autoscale)
         r("POST", r"/pools/(?P<pool>[^/]+)/disableautoscale", self.disable_autoscale)

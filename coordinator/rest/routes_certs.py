@@ -29,7 +29,7 @@ from coordinator.core import CertRec
 from coordinator.runtime.agentauth import AgentToken as AgentTokenRec
 
 from . import paging
-from .dispatch import Dispatcher, Response, RouteAdder, _decode, _json_response
+from .dispatch import Response, RouteAdder, RouteGroup, _decode, _json_response
 
 MAX_TOKEN_LIFETIME_S = 365 * 86400
 
@@ -59,13 +59,7 @@ def cert_view(core: Any, rec: CertRec) -> m.Certificate:
     )
 
 
-class CertRoutes:
-    def __init__(self, app: Dispatcher) -> None:
-        self.app = app
-        self.svc = app.svc
-        self.core = app.core
-        self.files = app.files
-
+class CertRoutes(RouteGroup):
     def register(self, r: RouteAdder) -> None:
         r("POST", r"/certificates", self.add_certificate)
         r("GET", r"/certificates", self.list_certificates)

@@ -13,7 +13,7 @@ from coordinator.runtime.filestore import FileStoreError, parse_range_header
 from protocol import messages as pm
 
 from . import paging
-from .dispatch import Dispatcher, Response, RouteAdder, _json_response
+from .dispatch import Response, RouteAdder, RouteGroup, _json_response
 from .limits import BodyStream
 
 MAX_FILE_CHUNK = 4 * 1024 * 1024
@@ -29,13 +29,7 @@ _FILE_ERROR_STATUS = {
 }
 
 
-class FileRoutes:
-    def __init__(self, app: Dispatcher) -> None:
-        self.app = app
-        self.svc = app.svc
-        self.core = app.core
-        self.files = app.files
-
+class FileRoutes(RouteGroup):
     def register(self, r: RouteAdder) -> None:
         r("GET", r"/pools/(?P<pool>[^/]+)/tvms/(?P<tvm>[^/]+)/files", self.list_tvm_files)
         r(

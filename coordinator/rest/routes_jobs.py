@@ -7,19 +7,13 @@ from typing import Any
 from coordinator.common import models as m
 
 from . import paging
-from .dispatch import Dispatcher, Response, RouteAdder, _decode, _json_response
+from .dispatch import Response, RouteAdder, RouteGroup, _decode, _json_response
 from .views import job_view, workitem_view
 
 MAX_FILE_CHUNK = 4 * 1024 * 1024
 
 
-class JobRoutes:
-    def __init__(self, app: Dispatcher) -> None:
-        self.app = app
-        self.svc = app.svc
-        self.core = app.core
-        self.files = app.files
-
+class JobRoutes(RouteGroup):
     def register(self, r: RouteAdder) -> None:
         r("GET", r"/workitems", self.list_workitems)
         r("POST", r"/workitems", self.add_workitem)

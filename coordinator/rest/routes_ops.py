@@ -7,18 +7,12 @@ from typing import Any
 
 from coordinator.runtime.metrics import render_prometheus, status_json
 
-from .dispatch import Dispatcher, Response, RouteAdder, _json_response
+from .dispatch import Response, RouteAdder, RouteGroup, _json_response
 
 PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
 
 
-class OpsRoutes:
-    def __init__(self, app: Dispatcher) -> None:
-        self.app = app
-        self.svc = app.svc
-        self.core = app.core
-        self.files = app.files
-
+class OpsRoutes(RouteGroup):
     def register(self, r: RouteAdder) -> None:
         r("GET", r"/metrics", self.get_metrics)
         r("GET", r"/ops/status", self.get_status)

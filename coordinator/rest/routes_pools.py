@@ -7,19 +7,13 @@ from typing import Any
 from coordinator.common import models as m
 
 from . import paging
-from .dispatch import Dispatcher, Response, RouteAdder, _decode, _json_response
+from .dispatch import Response, RouteAdder, RouteGroup, _decode, _json_response
 from .views import pool_view, tvm_view
 
 MAX_FILE_CHUNK = 4 * 1024 * 1024
 
 
-class PoolRoutes:
-    def __init__(self, app: Dispatcher) -> None:
-        self.app = app
-        self.svc = app.svc
-        self.core = app.core
-        self.files = app.files
-
+class PoolRoutes(RouteGroup):
     def register(self, r: RouteAdder) -> None:
         r("GET", r"/pools", self.list_pools)
         r("POST", r"/pools", self.add_pool)

@@ -11,20 +11,14 @@ from coordinator.core import MAX_COLLECTION
 from coordinator.core.records import ACTIVE, COMPLETED, RUNNING
 
 from . import paging
-from .dispatch import Dispatcher, Response, RouteAdder, _decode, _json_response
+from .dispatch import Response, RouteAdder, RouteGroup, _decode, _json_response
 from .inputlimits import check_request
 from .views import task_view
 
 MAX_FILE_CHUNK = 4 * 1024 * 1024
 
 
-class TaskRoutes:
-    def __init__(self, app: Dispatcher) -> None:
-        self.app = app
-        self.svc = app.svc
-        self.core = app.core
-        self.files = app.files
-
+class TaskRoutes(RouteGroup):
     def register(self, r: RouteAdder) -> None:
         r(
             "POST",
