@@ -29,7 +29,22 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
+# (attribute, JSON name) per Struct type: msgspec.structs.fields() builds FieldInfo objects on every
+# call, which made this walk a visible share of adding a task.
+_FIELDS: dict[type, tuple[tuple[str, str], ...]] = {}
+
+
+def _fields(cls: type) -> tuple[tuple[str, str], ...]:
+    found = _FIELDS.get(cls)
+    if found is None:
+        found = _FIELDS[cls] = tuple(
+            zip(cls.__struct_fields__, cls.__struct_encode_fields__, strict=True)  # type: ignore[attr-defined]
+        )
+    return found
+
+
 def _walk(obj: Any, path: str) -> None:
+    # Field paths are joined only where the walk goes deeper or a check fails: this runs per task.
     if isinstance(obj, msgspec.Struct):
         if isinstance(obj, m.EnvironmentSetting):
             _no_nul(obj.name, _join(path, "name"))
@@ -39,23 +54,28 @@ def _walk(obj: Any, path: str) -> None:
             _no_nul(obj.file_path, _join(path, "filePath"))
             _no_nul(obj.blob_source, _join(path, "blobSource"))
             return
-        for f in msgspec.structs.fields(obj):
-            value = getattr(obj, f.name)
-            field = _join(path, f.encode_name)
-            if f.name in _COMMAND_LINES and isinstance(value, str):
-                _command_line(value, field)
-            elif f.name == "max_wall_clock_time" and isinstance(value, str):
-                if parse_duration(value, field) == 0:
-                    raise bad_request(
-                        "InvalidPropertyValue",
-                        f"{field} must be longer than zero; omit it for no limit",
-                        field=field,
-                    )
-            else:
-                _walk(value, field)
+        for name, encoded in _fields(type(obj)):
+            value = getattr(obj, name)
+            if value is None or isinstance(value, bool | int | float):
+                continue
+            if isinstance(value, str):
+                if name in _COMMAND_LINES:
+                    if len(value) > MAX_COMMAND_LINE or "\0" in value:
+                        _command_line(value, _join(path, encoded))
+                elif name == "max_wall_clock_time":
+                    field = _join(path, encoded)
+                    if parse_duration(value, field) == 0:
+                        raise bad_request(
+                            "InvalidPropertyValue",
+                            f"{field} must be longer than zero; omit it for no limit",
+                            field=field,
+                        )
+                continue
+            _walk(value, _join(path, encoded))
     elif isinstance(obj, list | tuple):
         for i, item in enumerate(obj):
-            _walk(item, f"{path}[{i}]")
+            if not isinstance(item, str):
+                _walk(item, f"{path}[{i}]")
     elif isinstance(obj, dict):
         for key, item in obj.items():
             _walk(item, _join(path, str(key)))
