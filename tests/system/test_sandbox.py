@@ -32,6 +32,28 @@ USER_A = "tvmtest-sbx-a"
 USER_B = "tvmtest-sbx-b"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _remove_test_users() -> Iterator[None]:
+    """The users these tests create are deleted afterwards (with their groups): a leftover user's gid
+    can later be given to another group and confuse whoever adopts the host's users."""
+    import pwd
+    import subprocess
+
+    def exists(name: str) -> bool:
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            return False
+        return True
+
+    before = {name for name in (USER_A, USER_B) if exists(name)}
+    yield
+    for name in (USER_A, USER_B):
+        if name not in before and exists(name):
+            subprocess.run(["userdel", name], capture_output=True, check=False)
+            subprocess.run(["groupdel", name], capture_output=True, check=False)
+
+
 @pytest.fixture(scope="module")
 def caps() -> SandboxCapabilities:
     return SandboxCapabilities.detect()
