@@ -71,3 +71,18 @@ def in_flight_runs(session: LinkSession) -> set[str]:
         except msgspec.DecodeError:
             continue  # another message type
     return keys
+
+
+def concurrent_handshake(svc: CoordinatorService, agent_id: str) -> tuple[str, str]:
+    """Refusal of a hello that arrives while another accepted hello of the same agent id is still
+    being set up: whichever came second loses, as a second connection would."""
+    count(svc, "AgentAlreadyConnected")
+    log.error(
+        "SECOND CONNECTION refused for agent %s: another connection of it is being set up; "
+        "if this agent did not restart twice, someone else holds its credential (revoke it)",
+        agent_id,
+    )
+    return (
+        "AgentAlreadyConnected",
+        f"another connection of agent {agent_id!r} is being set up; try again once it is done",
+    )

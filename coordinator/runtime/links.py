@@ -57,6 +57,7 @@ async def serve_agent(
     await send({"type": "websocket.accept", "subprotocol": SUBPROTOCOL})
     link: AgentLink | None = None
     connection_id = 0
+    handshaking = ""  # the agent id this connection holds in svc.handshaking
     try:
         with trio.fail_after(10):
             hello = _codec.decode_handshake(await _receive_bytes(receive))
@@ -94,9 +95,13 @@ async def serve_agent(
             await _reject(send, verdict.code, verdict.message, 4003)
             return
         refused = agentident.second_connection(svc, hello.agent_id, svc.core.clock())
+        if refused is None and hello.agent_id in svc.handshaking:
+            refused = agentident.concurrent_handshake(svc, hello.agent_id)
         if refused is not None:
             await _reject(send, *refused, 4003)
             return
+        svc.handshaking.add(hello.agent_id)  # no await since the checks: they and this are atomic
+        handshaking = hello.agent_id
         await send({"type": WS_AUTHENTICATED})  # the full message limit from here on
         # This connection's task (and its log lines) carries the agent id from here on.
         structlog.contextvars.bind_contextvars(agent=hello.agent_id)
@@ -108,6 +113,8 @@ async def serve_agent(
         # What the session still holds reaches the agent after this hello: resent RunTasks of a resumed
         # session, or ones placed while the Welcome was being sent.
         svc.agent_connected(link, hello, agentident.in_flight_runs(link.session))
+        svc.handshaking.discard(handshaking)
+        handshaking = ""
         log.info(
             "agent %s connected (%s)",
             hello.agent_id,
@@ -138,6 +145,7 @@ async def serve_agent(
         log.exception("agent link failed")
         await _close(send, 1011, "internal error")
     finally:
+        svc.handshaking.discard(handshaking)
         if link is not None:
             svc.agent_lost(link, connection_id)
 

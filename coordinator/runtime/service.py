@@ -89,6 +89,9 @@ class CoordinatorService:
         self.agent_link_events: dict[
             str, int
         ] = {}  # refused hellos by Reject code, replaced links (/metrics)
+        # Agent ids whose accepted hello is being turned into a link: a second hello for the same id
+        # meanwhile is refused like a second connection (the two must not both be welcomed).
+        self.handshaking: set[str] = set()
         epoch = int(self.store.get_meta("epoch") or "0") + 1
         self.store.set_meta("epoch", str(epoch))
         self.core = CoordinatorState(

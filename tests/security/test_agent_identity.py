@@ -233,6 +233,52 @@ async def test_a_second_connection_is_refused_while_the_first_is_alive(nursery, 
         assert 'tvm_agent_link_events_total{event="AgentAlreadyConnected"} 1' in metrics
 
 
+async def test_two_simultaneous_hellos_for_one_agent_id_are_not_both_welcomed(nursery, tmp_path):
+    async with cluster_ctx(nursery, tmp_path, agents=0, heartbeat_timeout=5) as c:
+        url = c.rc.agent_url
+        cred = new_credential()
+        first = await handshake(url, hello("twin", token=c.rc.join_token, credential=cred))
+        assert isinstance(first, pm.Welcome), first
+        await c.wait_for(
+            lambda: "twin" not in c.rc.service.handshaking, what="first handshake done"
+        )
+        await c.wait_for(
+            lambda: "twin" not in c.rc.service.links or not c.rc.service.links["twin"].connected,
+            what="first link closed",
+        )
+        # Two hellos for the disconnected id at the same moment, each with a valid proof of its own
+        # (distinct times: proofs are never reused). Both pass authentication and wait for the same
+        # commit; without a marker for the handshake in progress both would be welcomed.
+        t = int(time.time() * 1000)
+        replies: list[pm.Msg] = []
+
+        async def one(dt: int) -> None:
+            proof = agent_proof(cred, "twin", t + dt)
+            replies.append(
+                await handshake(
+                    url, pm.Hello(agent_id="twin", token="", proof=proof, proof_time=t + dt)
+                )
+            )
+
+        async with trio.open_nursery() as both:
+            both.start_soon(one, 1)
+            both.start_soon(one, 2)
+        welcomed = [r for r in replies if isinstance(r, pm.Welcome)]
+        refused = [r for r in replies if isinstance(r, pm.Reject)]
+        assert len(welcomed) == 1, replies
+        # Which one loses depends on arrival order: the later proof time first makes the other a
+        # replay; otherwise the handshake in progress refuses it.
+        assert [r.code for r in refused] in (["AgentAlreadyConnected"], ["InvalidAgentCredential"])
+        # The rule itself, deterministically: a hello while one of the same id is being set up.
+        await c.wait_for(lambda: "twin" not in c.rc.service.handshaking, what="handshake done")
+        c.rc.service.handshaking.add("twin")
+        try:
+            reply = await handshake(url, hello("twin", credential=cred, offer=False))
+        finally:
+            c.rc.service.handshaking.discard("twin")
+        _assert_rejected(reply, "AgentAlreadyConnected")
+
+
 def _tvm_cli(c, *args: str) -> subprocess.CompletedProcess[str]:  # noqa: ANN001 - harness cluster
     env = agent_env(
         {"TVM_ENDPOINT": c.rc.endpoint, "TVM_ACCOUNT": c.rc.account, "TVM_KEY": c.rc.key}
