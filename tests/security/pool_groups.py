@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from tvmagent import isolation
 
@@ -23,3 +27,17 @@ def remove_pool_groups(base: str) -> list[str]:
         except (OSError, ValueError) as exc:
             warnings.warn(f"pool group {name} left behind: {exc}", stacklevel=2)
     return removed
+
+
+@contextmanager
+def open_agent_base(prefix: str) -> Iterator[str]:
+    """A directory for agent roots that task users can reach (pytest's tmp dirs sit under a 0700
+    directory nobody else may enter); afterwards the pool groups its agents made and the directory
+    are deleted (the harness kills agents, so they do not leave their pools)."""
+    base = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(base, 0o755)
+    try:
+        yield base
+    finally:
+        remove_pool_groups(base)
+        shutil.rmtree(base, ignore_errors=True)

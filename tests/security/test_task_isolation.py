@@ -12,8 +12,6 @@ import base64
 import datetime as dt
 import grp
 import os
-import shutil
-import tempfile
 import uuid
 
 import pytest
@@ -25,7 +23,7 @@ from cryptography.x509.oid import NameOID
 
 from coordinator.client import task_spec
 from tests.harness import cluster_ctx
-from tests.security.pool_groups import remove_pool_groups
+from tests.security.pool_groups import open_agent_base
 from tvmagent.sandbox import SandboxCapabilities
 
 PY = "/usr/bin/python3"  # readable by task users (the venv's interpreter lives under /root)
@@ -41,15 +39,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def open_root():
-    """Agent roots task users can reach (pytest's tmp dirs sit under a 0700 directory); the pool
-    groups the agents made are deleted afterwards (the harness kills agents, they do not leave)."""
-    base = tempfile.mkdtemp(prefix="tvm-sec-")
-    os.chmod(base, 0o755)
-    try:
+    with open_agent_base("tvm-sec-") as base:
         yield base
-    finally:
-        remove_pool_groups(base)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 async def _run_one(c, workitem: str, pool: str, name: str, command: str) -> str:

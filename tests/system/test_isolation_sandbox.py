@@ -10,9 +10,7 @@ import datetime as dt
 import grp
 import os
 import pwd
-import shutil
 import stat
-import tempfile
 
 import pytest
 from cryptography import x509
@@ -23,7 +21,7 @@ from cryptography.x509.oid import NameOID
 
 from coordinator.client import task_spec
 from tests.harness import cluster_ctx
-from tests.security.pool_groups import remove_pool_groups
+from tests.security.pool_groups import open_agent_base
 from tvmagent.isolation import POOL_GROUP_PREFIX, SLOT_PREFIX
 from tvmagent.sandbox import SandboxCapabilities
 
@@ -40,15 +38,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def open_root():
-    """Agent roots for task users: pytest's tmp dirs sit under a 0700 directory nobody else may enter.
-    The pool groups the agents made there are deleted afterwards."""
-    base = tempfile.mkdtemp(prefix="tvm-isolation-")
-    os.chmod(base, 0o755)
-    try:
+    with open_agent_base("tvm-isolation-") as base:
         yield base
-    finally:
-        remove_pool_groups(base)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 async def _run(c, pool: str, specs, wait_s: float = 60):
