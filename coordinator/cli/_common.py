@@ -88,3 +88,7 @@ def _run(fn: Callable[[], Any]) -> Any:
     except BatchError as exc:
         click.echo(f"error: {exc.code}: {exc.message}", err=True)
         sys.exit(1)
+
+
+def _mk(endpoint: str | None, account: str | None, key: str | None):  # noqa: ANN202
+    return _client(endpoint, account, key)

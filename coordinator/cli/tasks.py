@@ -7,12 +7,7 @@ from typing import Any
 
 import click
 
-from ._common import CONTEXT, _client, _emit, _run, credentials, output_option
-
-
-def _mk(endpoint: str | None, account: str | None, key: str | None):  # noqa: ANN202
-    return _client(endpoint, account, key)
-
+from ._common import CONTEXT, _emit, _mk, _run, credentials, output_option
 
 TASK_COLS = [
     ("name", lambda t: t.name),
