@@ -271,6 +271,10 @@ class TaskCgroup:
                 self.dirs[c] = os.path.join(base, self.prefix, leaf)
         self.keys = tuple(self.dirs)
         self.created = False
+        # cgroup.kill was written: on 6.18 a child later cloned INTO such a cgroup is killed at
+        # birth, so a killed cgroup is removed, never reused.
+        self.killed = False
+        self._handles: tuple[int, tuple[int, ...]] | None = None  # see launch_handles()
         self._limits: tuple[int | None, int | None] = (None, None)  # as last written
         self._oom_base = 0  # oom kills counted before this task (a reused cgroup keeps counting)
 
@@ -289,6 +293,8 @@ class TaskCgroup:
         return all(os.path.isdir(d) for d in self.dirs.values())
 
     def create(self) -> None:
+        self._close_handles()  # of directories removed meanwhile, if it is made again
+        self.killed = False
         self.created = True
         self._limits = (None, None)  # a fresh directory has none
         try:
@@ -303,6 +309,36 @@ class TaskCgroup:
         except OSError:
             self.remove()
             raise
+
+    def launch_handles(self) -> tuple[int, tuple[int, ...]]:
+        """(v2 directory fd or -1, v1 ``tasks`` fds) for the one-step launcher: the child is born
+        in the v2 cgroup and writes itself into each v1 one. Opened once, kept while the cgroup is."""
+        if self._handles is None:
+            fds: list[int] = []
+            try:
+                v2 = -1
+                if "v2" in self.dirs:
+                    v2 = os.open(self.dirs["v2"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    fds.append(v2)
+                joins = []
+                for key, d in self.dirs.items():
+                    if key != "v2":
+                        joins.append(os.open(os.path.join(d, "tasks"), os.O_WRONLY | os.O_CLOEXEC))
+                        fds.append(joins[-1])
+            except OSError:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            self._handles = (v2, tuple(joins))
+        return self._handles
+
+    def _close_handles(self) -> None:
+        handles, self._handles = self._handles, None
+        if handles is not None:
+            for fd in (handles[0], *handles[1]):
+                if fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
 
     def procs_files(self) -> list[str]:
         return [os.path.join(d, "cgroup.procs") for d in self.dirs.values()]
@@ -353,6 +389,7 @@ class TaskCgroup:
     def signal_all(self, sig: int) -> None:
         """Signal every member; for SIGKILL use ``cgroup.kill`` when the kernel has it."""
         if sig == signal.SIGKILL and self.layout.v2_has_kill and "v2" in self.dirs:
+            self.killed = True
             try:
                 _write(os.path.join(self.dirs["v2"], "cgroup.kill"), "1")
             except OSError:
@@ -396,6 +433,7 @@ class TaskCgroup:
 
     def remove(self) -> list[str]:
         """rmdir every task dir (and the prefix dir when it became empty); returns failures."""
+        self._close_handles()
         failures: list[str] = []
         for d in self.dirs.values():
             try:

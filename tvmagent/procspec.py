@@ -121,6 +121,8 @@ class SandboxCapabilities:
     tools: dict[str, str] = field(default_factory=dict)  # name -> absolute path
     is_root: bool = False
     notes: list[str] = field(default_factory=list)  # findings made while detecting
+    # The one-step clone3 launcher (tvmagent/launch/) works here; else the wrapper chain.
+    fast_launch: bool = False
 
     @classmethod
     def detect(cls) -> SandboxCapabilities:
@@ -132,7 +134,9 @@ class SandboxCapabilities:
                 tools[tool] = os.path.realpath(path) if tool != "sh" else path
         layout = _cgroups.detect_layout(notes)
         is_root = os.geteuid() == 0
+        fast_launch = _probe_fast_launch(notes)
         return cls(
+            fast_launch=fast_launch,
             cgroup_mode=layout.mode,
             can_switch_user=is_root and "setpriv" in tools,
             has_bwrap="bwrap" in tools,
@@ -148,6 +152,12 @@ class SandboxCapabilities:
         """What the sandbox can do here, and how it degrades where it cannot."""
         lay = self.layout
         lines: list[str] = []
+        if self.fast_launch:
+            lines.append("tasks start in one step (clone3 launcher: cgroups, user, limits, exec)")
+        else:
+            lines.append(
+                "tasks start through an exec-time wrapper chain (sh, prlimit, setpriv, env)"
+            )
         if lay.v2_base is not None:
             kill = "cgroup.kill" if lay.v2_has_kill else "signalling every member"
             lines.append(f"cgroup v2 at {lay.v2_base}: task trees are killed via {kill}")
@@ -182,6 +192,26 @@ class SandboxCapabilities:
             lines.append(f"bubblewrap available at {self.tools['bwrap']}")
         lines.extend(self.notes)
         return lines
+
+
+def _probe_fast_launch(notes: list[str]) -> bool:
+    """Start /bin/true once through the clone3 launcher: built, and the kernel has clone3."""
+    from tvmagent.launch import spawn as fast
+
+    if not fast.fast_available():
+        notes.append(f"clone3 launcher unused: {fast.fast_unavailable_reason()}")
+        return False
+    true = shutil.which("true", path="/usr/bin:/bin")
+    if true is None:
+        return False
+    fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        return fast.spawn(true, ["true"], {}, "/", (fd, fd, fd)).wait_blocking() == 0
+    except (fast.SpawnError, OSError) as e:
+        notes.append(f"clone3 launcher unusable here ({e}): tasks start through the wrapper chain")
+        return False
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------- pure helpers
@@ -297,6 +327,18 @@ def build_command(
         return Plan(argv=list(spec.argv), env=spawn_env, executable=exe)
     full = [*chain, exe, *spec.argv[1:]]
     return Plan(argv=full, env=spawn_env, executable=full[0])
+
+
+def launch_rlimits(nofile: int | None, nproc: int | None) -> tuple[tuple[int, int, int], ...]:
+    """(resource, soft, hard) for the launcher, as the chain's prlimit sets them."""
+    import resource
+
+    out = []
+    if nofile is not None:
+        out.append((resource.RLIMIT_NOFILE, nofile, nofile))
+    if nproc is not None:
+        out.append((resource.RLIMIT_NPROC, nproc, nproc))
+    return tuple(out)
 
 
 def exit_code_of(returncode: int) -> int:

@@ -3,6 +3,11 @@
 Layering (python-ecosystem §3): own session + process group, output straight to file descriptors,
 stdin /dev/null, and exec-time wrappers instead of ``preexec_fn``::
 
+    clone3 launcher (tvmagent/launch/): born in the task's v2 cgroup, joins its v1 cgroups,
+    rlimits, task user, exec -> [bwrap (namespaces)] -> command
+
+in one step where the launcher was built; elsewhere an exec-time wrapper chain does the same::
+
     sh (join task cgroups) -> prlimit (rlimits) -> setpriv (drop to task user) -> env (restore
     shell/loader variables) -> bwrap (namespaces) -> command
 
@@ -21,10 +26,12 @@ import signal
 import subprocess
 from collections.abc import Callable
 from datetime import datetime
+from typing import Protocol
 
 import trio
 
 from tvmagent import _cgroups
+from tvmagent.launch import spawn as fast
 from tvmagent._users import ensure_user, lookup_user, prepare_private_dir
 from tvmagent.procspec import (
     KILL_GRACE_SECONDS,
@@ -36,6 +43,7 @@ from tvmagent.procspec import (
     SandboxCapabilities,
     build_command,
     bwrap_args,
+    launch_rlimits,
     exit_code_of,
     format_bytes,
     resolve_executable,
@@ -111,16 +119,20 @@ class Sandbox:
         cgroup = self._take_cgroup(spec)
         try:
             if self.inline:
-                popen = self._launch(spec, prepare, cgroup)
+                started = self._launch(spec, prepare, cgroup)
             else:
-                popen = await trio.to_thread.run_sync(self._launch, spec, prepare, cgroup)
+                started = await trio.to_thread.run_sync(self._launch, spec, prepare, cgroup)
         except LaunchError as e:
             return RunningProcess._failed(str(e), start_time)
         except BaseException:
             if cgroup is not None:
                 self._discard_cgroup(cgroup)
             raise
-        proc = trio.Process._create(popen, None, None, None)  # what trio.lowlevel.open_process does
+        proc: ProcLike
+        if isinstance(started, subprocess.Popen):
+            proc = trio.Process._create(started, None, None, None)  # as trio's open_process does
+        else:
+            proc = started
         enforced = cgroup is not None and cgroup.enforces("memory")
         return RunningProcess(
             proc=proc,
@@ -137,12 +149,15 @@ class Sandbox:
         spec: ProcessSpec,
         prepare: Callable[[ProcessSpec], ProcessSpec] | None,
         cgroup: _cgroups.TaskCgroup | None,
-    ) -> subprocess.Popen[bytes]:
-        """(worker thread) prepare + spawn; on LaunchError the cgroup is given back or removed."""
+    ) -> subprocess.Popen[bytes] | fast.Child:
+        """(worker thread, or inline) prepare + spawn; on LaunchError the cgroup is given back or
+        removed."""
         fds: list[int] = []
         try:
             if prepare is not None:
                 spec = prepare(spec)
+            if self.caps.fast_launch:
+                return self._launch_fast(spec, cgroup)
             plan, fds = self._prepare(spec, cgroup)
             try:
                 return subprocess.Popen(
@@ -162,6 +177,55 @@ class Sandbox:
             if cgroup is not None:
                 self._discard_cgroup(cgroup)
             raise
+        finally:
+            for fd in fds:
+                os.close(fd)  # the child holds its own copies
+
+    def _launch_fast(self, spec: ProcessSpec, cgroup: _cgroups.TaskCgroup | None) -> fast.Child:
+        """One clone3: the child is in its cgroups, session, user and limits before it execs."""
+        user_ids = self._user_ids(spec)
+        exe = resolve_executable(spec.argv[0], spec.env.get("PATH"), spec.cwd)
+        fds: list[int] = []
+        try:
+            fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            fds.append(_open_output(spec.stdout_path, user_ids))
+            fds.append(_open_output(spec.stderr_path, user_ids))
+            cgroup_fd, joins = -1, ()
+            if cgroup is not None:
+                try:
+                    if not cgroup.created or not cgroup.exists():  # a reused one removed meanwhile
+                        cgroup.create()
+                    cgroup.rearm(spec.memory_limit_bytes, spec.pids_limit)
+                    cgroup_fd, joins = cgroup.launch_handles()
+                except OSError as e:
+                    raise LaunchError(f"cannot set up the task cgroup: {e}") from e
+            argv = list(spec.argv)
+            if spec.use_bwrap and self.caps.has_bwrap:
+                argv = bwrap_args(self.caps.tools["bwrap"], spec.cwd, spec.bwrap_writable,
+                                  spec.bwrap_readonly, root_entries()) + [exe, *argv[1:]]  # fmt: skip
+                exe = argv[0]
+            ids = None
+            if user_ids is not None:
+                ids = (user_ids[0], user_ids[1], tuple(spec.groups))
+            nproc = (
+                spec.pids_limit
+                if user_ids is not None and not (cgroup and cgroup.enforces("pids"))
+                else None
+            )
+            try:
+                return fast.spawn(
+                    exe,
+                    argv,
+                    spec.env,
+                    spec.cwd,
+                    (fds[0], fds[1], fds[2]),
+                    cgroup_fd,
+                    joins,
+                    ids,
+                    launch_rlimits(spec.nofile_limit, nproc),
+                )
+            except fast.SpawnError as e:
+                raise LaunchError(str(e)) from e
         finally:
             for fd in fds:
                 os.close(fd)  # the child holds its own copies
@@ -193,7 +257,7 @@ class Sandbox:
     def _release_cgroup(self, cgroup: _cgroups.TaskCgroup) -> list[str]:
         """The task's tree is gone: keep its cgroup for the next task, or remove it."""
         idle = self._idle_cgroups.setdefault(cgroup.keys, [])
-        if cgroup.created and len(idle) < self.reuse_cgroups:
+        if cgroup.created and not cgroup.killed and len(idle) < self.reuse_cgroups:
             idle.append(cgroup)
             return []
         return cgroup.remove()
@@ -295,11 +359,22 @@ def _os_error_text(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
+class ProcLike(Protocol):
+    """What the sandbox needs of a started process (``trio.Process`` or the launcher's Child)."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def returncode(self) -> int | None: ...
+    def poll(self) -> int | None: ...
+    async def wait(self) -> int: ...
+
+
 class RunningProcess:
     def __init__(
         self,
         *,
-        proc: trio.Process | None,
+        proc: ProcLike | None,
         cgroup: _cgroups.TaskCgroup | None,
         start_time: datetime,
         grace: float,

@@ -5,6 +5,7 @@ Root-only features are skipped with a reason when the host does not offer them.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import shutil
@@ -55,8 +56,17 @@ def _remove_test_users() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def caps() -> SandboxCapabilities:
+def detected() -> SandboxCapabilities:
     return SandboxCapabilities.detect()
+
+
+@pytest.fixture(scope="module", params=["clone3", "chain"])
+def caps(request: pytest.FixtureRequest, detected: SandboxCapabilities) -> SandboxCapabilities:
+    """Every test runs with both launchers: the one-step clone3 one (where it was built) and the
+    exec-time wrapper chain that replaces it elsewhere."""
+    if request.param == "clone3" and not detected.fast_launch:
+        pytest.skip("the clone3 launcher is not built or not usable on this host")
+    return dataclasses.replace(detected, fast_launch=request.param == "clone3")
 
 
 @pytest.fixture

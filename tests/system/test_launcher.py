@@ -1,0 +1,193 @@
+"""The task launchers (the one-step clone3 launcher and the exec-time wrapper chain) with real
+processes, cgroups and users: what a task is confined by from its first exec, and the kernel's
+cgroup.kill pitfall."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from tvmagent.sandbox import ProcessSpec, Sandbox, SandboxCapabilities
+
+PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+@pytest.fixture(scope="module")
+def detected() -> SandboxCapabilities:
+    return SandboxCapabilities.detect()
+
+
+@pytest.fixture(scope="module", params=["clone3", "chain"])
+def caps(request: pytest.FixtureRequest, detected: SandboxCapabilities) -> SandboxCapabilities:
+    if request.param == "clone3" and not detected.fast_launch:
+        pytest.skip("the clone3 launcher is not built or not usable on this host")
+    if not detected.layout.usable or detected.layout.controller_dir("memory") is None:
+        pytest.skip("needs writable cgroups with a memory controller (root and cgroupfs)")
+    if not detected.can_switch_user:
+        pytest.skip("switching users needs root")
+    return dataclasses.replace(detected, fast_launch=request.param == "clone3")
+
+
+@pytest.fixture(scope="module")
+def task_user() -> Iterator[tuple[str, int, int]]:
+    """A user of its own for these tests, deleted (with its group) afterwards."""
+    name = f"tvmtl{os.getpid() % 100000}"
+    subprocess.run(
+        [
+            "useradd",
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            name,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    pw = pwd.getpwnam(name)
+    try:
+        yield name, pw.pw_uid, pw.pw_gid
+    finally:
+        subprocess.run(["userdel", name], capture_output=True, check=False)
+        subprocess.run(["groupdel", name], capture_output=True, check=False)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A directory other users can enter (pytest's tmp_path is 0700 up the chain)."""
+    d = tempfile.mkdtemp(prefix="tvm-launch-", dir="/tmp")
+    os.chmod(d, 0o777)
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def spec(wd: Path, argv: list[str], **kw: object) -> ProcessSpec:
+    base: dict[str, object] = {
+        "argv": argv,
+        "cwd": str(wd),
+        "env": {"PATH": PATH},
+        "stdout_path": str(wd / "stdout.txt"),
+        "stderr_path": str(wd / "stderr.txt"),
+        "memory_limit_bytes": 256 << 20,
+        "pids_limit": 64,
+    }
+    base.update(kw)
+    return ProcessSpec(**base)  # type: ignore[arg-type]
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+async def test_task_is_confined_from_its_first_exec(
+    caps: SandboxCapabilities, task_user: tuple[str, int, int], workdir: Path
+) -> None:
+    """What the task's program sees the moment it runs: its own cgroups (v2 and the v1 limit
+    controllers), its user and groups, no signal ignored, no descriptor of the agent."""
+    name, uid, gid = task_user
+    sb = Sandbox(caps, cgroup_prefix=f"tvmtest-l1-{os.getpid()}", kill_grace=1.0)
+    script = "cat /proc/self/cgroup; id -u; id -G; grep SigIgn /proc/self/status; ls /proc/self/fd"
+    rp = await sb.start(spec(workdir, ["sh", "-c", script], run_as=name, gid=gid, groups=(gid,)))
+    assert rp._cgroup is not None
+    cg = rp._cgroup
+    out = await rp.wait()
+    text = (workdir / "stdout.txt").read_text()
+    assert out.exit_code == 0, (workdir / "stderr.txt").read_text()
+    lines = text.splitlines()
+    cgroup_lines = {
+        ln.split(":", 2)[1]: ln.split(":", 2)[2] for ln in lines if ln[:1].isdigit() and ":" in ln
+    }
+    leaf = os.path.basename(next(iter(cg.dirs.values())))
+    if "v2" in cg.dirs:
+        assert cgroup_lines[""].endswith(leaf)
+    for key in cg.dirs:
+        if key != "v2":
+            assert cgroup_lines[key].endswith(leaf), (key, cgroup_lines)
+    assert str(uid) in lines
+    assert f"{gid}" in lines
+    assert "SigIgn:\t0000000000000000" in lines
+    fds = lines[lines.index("SigIgn:\t0000000000000000") + 1 :]
+    assert sorted(fds) == ["0", "1", "2", "3"]  # 3: ls's own directory
+
+
+async def test_fork_at_once_and_setsid_escapee_die_with_the_task(
+    caps: SandboxCapabilities, task_user: tuple[str, int, int], workdir: Path
+) -> None:
+    name, _uid, gid = task_user
+    sb = Sandbox(caps, cgroup_prefix=f"tvmtest-l2-{os.getpid()}", kill_grace=0.5)
+    script = "setsid sleep 300 & echo $! > pids; sleep 300 & echo $! >> pids; exit 0"
+    rp = await sb.start(spec(workdir, ["sh", "-c", script], run_as=name, gid=gid))
+    out = await rp.wait()
+    assert out.exit_code == 0
+    pids = [int(p) for p in (workdir / "pids").read_text().split()]
+    assert len(pids) == 2
+    assert not any(alive(p) for p in pids)
+    assert "2 leftover process(es) killed" in out.message
+
+
+async def test_a_killed_cgroup_is_never_reused(
+    caps: SandboxCapabilities, task_user: tuple[str, int, int], workdir: Path
+) -> None:
+    """On kernel 6.18 a process cloned into a cgroup after its cgroup.kill was written is killed
+    at birth: the tasks after a SIGKILLed one must all run (and never in that cgroup)."""
+    if not caps.layout.v2_has_kill:
+        pytest.skip("no cgroup.kill on this kernel")
+    name, _uid, gid = task_user
+    sb = Sandbox(caps, cgroup_prefix=f"tvmtest-l3-{os.getpid()}", kill_grace=0.2, reuse_cgroups=4)
+    try:
+        stubborn = await sb.start(
+            spec(
+                workdir, ["sh", "-c", "trap '' TERM; echo up > up; sleep 300"], run_as=name, gid=gid
+            )
+        )
+        with trio.fail_after(10):
+            while not (workdir / "up").exists():
+                await trio.sleep(0.01)
+        stubborn.kill()
+        out = await stubborn.wait()
+        assert out.reason == "killed" and "SIGKILL" in out.message
+        killed = stubborn._cgroup
+        assert killed is not None and killed.killed
+        for i in range(4):
+            rp = await sb.start(spec(workdir, ["sh", "-c", f"exit {i}"], run_as=name, gid=gid))
+            assert rp._cgroup is not killed
+            assert (await rp.wait()).exit_code == i
+        assert not any(os.path.exists(d) for d in killed.dirs.values())
+    finally:
+        assert sb.close() == []
+
+
+async def test_launch_failures_name_the_step_and_the_next_task_runs(
+    caps: SandboxCapabilities, task_user: tuple[str, int, int], workdir: Path
+) -> None:
+    name, _uid, gid = task_user
+    sb = Sandbox(caps, cgroup_prefix=f"tvmtest-l4-{os.getpid()}", kill_grace=0.5)
+    closed = workdir / "closed"
+    closed.mkdir(mode=0o700)  # root's: the task user may not enter it
+    bad = await sb.start(
+        dataclasses.replace(spec(workdir, ["true"], run_as=name, gid=gid), cwd=str(closed))
+    )
+    out = await bad.wait()
+    # The chain enters the directory as root before it drops privileges; the clone3 launcher
+    # enters it as the task's user, which is the rule the task dirs are built for.
+    if caps.fast_launch:
+        assert out.reason == "launch_failed"
+        assert "cannot enter the working directory" in out.message
+        assert "Permission denied" in out.message
+    rp = await sb.start(spec(workdir, ["sh", "-c", "echo fine"], run_as=name, gid=gid))
+    assert (await rp.wait()).exit_code == 0
+    assert (workdir / "stdout.txt").read_text().strip().endswith("fine")

@@ -1,0 +1,345 @@
+/* Start a task process in one step: clone3(CLONE_VM | CLONE_VFORK | CLONE_PIDFD |
+ * CLONE_INTO_CGROUP) on a small stack of its own, then, in the child, before the task's first
+ * instruction: join the v1 cgroups (write "0" to their `tasks` files: moves only this thread, no
+ * RCU wait), new session, stdio, rlimits, groups and ids (raw syscalls: glibc's set*id would
+ * signal the agent's threads, whose memory the child shares), working directory, exec.
+ *
+ * Why not subprocess: Python forks instead of vforking as soon as a user or group is given, and
+ * a pid written into a v2 cgroup.procs costs ~8 ms of wall time when writes are spread out;
+ * clone3 puts the child into its v2 cgroup at birth. Built only where a compiler exists (see
+ * setup.py); tvmagent/launch/spawn.py falls back to an exec-time wrapper chain elsewhere.
+ *
+ * The child shares the agent's memory until exec, so it only makes system calls and writes
+ * into the request it was given; all signals stay blocked until its handlers are reset.
+ */
+#define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#if defined(__x86_64__) && defined(SYS_clone3) && defined(CLONE_INTO_CGROUP)
+#define HAVE_CLONE3_TRAMPOLINE 1
+#else
+#define HAVE_CLONE3_TRAMPOLINE 0
+#endif
+
+#define CHILD_STACK (64 * 1024)
+#define MAX_JOIN 8
+#define MAX_RLIMITS 4
+
+/* Steps, reported with errno when the child fails before exec. */
+enum { STEP_NONE, STEP_JOIN, STEP_SETSID, STEP_STDIO, STEP_RLIMIT, STEP_GROUPS,
+       STEP_GID, STEP_UID, STEP_CHDIR, STEP_EXEC };
+static const char *const step_names[] = {
+    "", "join cgroup", "setsid", "redirect stdio", "set rlimit", "set groups",
+    "set gid", "set uid", "chdir", "exec"};
+
+struct request {
+    const char *path;
+    char **argv;
+    char **envp;
+    const char *cwd;
+    int fds[3];
+    int join_fds[MAX_JOIN];
+    int n_join;
+    int set_ids;
+    uid_t uid;
+    gid_t gid;
+    gid_t *groups;
+    size_t n_groups;
+    int rlim_res[MAX_RLIMITS];
+    struct rlimit rlim[MAX_RLIMITS];
+    int n_rlim;
+    volatile int err;
+    volatile int step;
+};
+
+static int fail(struct request *r, int step)
+{
+    r->err = errno;
+    r->step = step;
+    syscall(SYS_exit, 127);
+    return 127;
+}
+
+static int child_main(void *arg)
+{
+    struct request *r = arg;
+    struct sigaction dfl;
+    sigset_t none;
+    int sig, i;
+
+    /* Handlers of the agent must never run here (shared memory); ignored signals must not
+     * stay ignored in the task. Caught ones are reset by exec anyway. */
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    for (sig = 1; sig < NSIG; sig++) {
+        if (sig != SIGKILL && sig != SIGSTOP)
+            (void)sigaction(sig, &dfl, NULL); /* glibc's reserved signals refuse: fine */
+    }
+    for (i = 0; i < r->n_join; i++) {
+        if (write(r->join_fds[i], "0", 1) != 1)
+            return fail(r, STEP_JOIN);
+    }
+    if (setsid() < 0)
+        return fail(r, STEP_SETSID);
+    for (i = 0; i < 3; i++) {
+        if (dup2(r->fds[i], i) < 0)
+            return fail(r, STEP_STDIO);
+    }
+#ifdef SYS_close_range
+    /* Anything inheritable the agent holds stays out of the task (ENOSYS: kernels < 5.11). */
+    (void)syscall(SYS_close_range, 3U, ~0U, 4U /* CLOSE_RANGE_CLOEXEC */);
+#endif
+    for (i = 0; i < r->n_rlim; i++) {
+        if (setrlimit(r->rlim_res[i], &r->rlim[i]) < 0)
+            return fail(r, STEP_RLIMIT);
+    }
+    if (r->set_ids) {
+        if (syscall(SYS_setgroups, r->n_groups, r->groups) < 0)
+            return fail(r, STEP_GROUPS);
+        if (syscall(SYS_setresgid, r->gid, r->gid, r->gid) < 0)
+            return fail(r, STEP_GID);
+        if (syscall(SYS_setresuid, r->uid, r->uid, r->uid) < 0)
+            return fail(r, STEP_UID);
+    }
+    /* After the drop: the task's user must be able to enter its own directory. */
+    if (chdir(r->cwd) < 0)
+        return fail(r, STEP_CHDIR);
+    sigemptyset(&none);
+    (void)sigprocmask(SIG_SETMASK, &none, NULL);
+    execve(r->path, r->argv, r->envp);
+    return fail(r, STEP_EXEC);
+}
+
+#if HAVE_CLONE3_TRAMPOLINE
+/* clone3 with a new stack returns into the child with only that stack: call fn(arg) from asm,
+ * as glibc's clone() does for the older syscall. */
+static long clone3_run(struct clone_args *ca, int (*fn)(void *), void *arg)
+{
+    long ret;
+    register long r12 __asm__("r12") = (long)fn;
+    register long r13 __asm__("r13") = (long)arg;
+    __asm__ volatile(
+        "syscall\n\t"
+        "test %%rax, %%rax\n\t"
+        "jnz 1f\n\t"
+        "xor %%ebp, %%ebp\n\t"
+        "mov %%r13, %%rdi\n\t"
+        "call *%%r12\n\t"
+        "mov %%eax, %%edi\n\t"
+        "mov $60, %%eax\n\t"
+        "syscall\n\t"
+        "1:\n\t"
+        : "=a"(ret)
+        : "0"((long)SYS_clone3), "D"(ca), "S"(sizeof *ca), "r"(r12), "r"(r13)
+        : "rcx", "r11", "memory");
+    return ret;
+}
+#endif
+
+/* ------------------------------------------------------------------ Python glue */
+
+static int bytes_array(PyObject *seq, const char *what, char ***out, PyObject **keep)
+{
+    PyObject *t = PySequence_Tuple(seq);
+    Py_ssize_t n, i;
+    if (t == NULL)
+        return -1;
+    n = PyTuple_GET_SIZE(t);
+    *out = PyMem_Calloc((size_t)n + 1, sizeof(char *));
+    if (*out == NULL) {
+        Py_DECREF(t);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (i = 0; i < n; i++) {
+        PyObject *b = PyTuple_GET_ITEM(t, i);
+        if (!PyBytes_Check(b) || (Py_ssize_t)strlen(PyBytes_AS_STRING(b)) != PyBytes_GET_SIZE(b)) {
+            PyErr_Format(PyExc_ValueError, "%s items must be bytes without NUL", what);
+            PyMem_Free(*out);
+            *out = NULL;
+            Py_DECREF(t);
+            return -1;
+        }
+        (*out)[i] = PyBytes_AS_STRING(b);
+    }
+    *keep = t;
+    return 0;
+}
+
+static PyObject *py_spawn(PyObject *self, PyObject *args)
+{
+    const char *path, *cwd;
+    PyObject *argv_o, *envp_o, *join_o, *ids_o, *rlim_o;
+    PyObject *keep_argv = NULL, *keep_envp = NULL, *result = NULL;
+    int fd_in, fd_out, fd_err, cgroup_fd;
+    struct request r;
+    Py_ssize_t i;
+    (void)self;
+
+    if (!PyArg_ParseTuple(args, "yOOy(iii)iOOO:spawn", &path, &argv_o, &envp_o, &cwd, &fd_in,
+                          &fd_out, &fd_err, &cgroup_fd, &join_o, &ids_o, &rlim_o))
+        return NULL;
+#if !HAVE_CLONE3_TRAMPOLINE
+    (void)cgroup_fd;
+    PyErr_SetString(PyExc_OSError, "clone3 launcher not built for this architecture");
+    return NULL;
+#else
+    memset(&r, 0, sizeof r);
+    r.path = path;
+    r.cwd = cwd;
+    r.fds[0] = fd_in;
+    r.fds[1] = fd_out;
+    r.fds[2] = fd_err;
+    for (i = 0; i < 3; i++) {
+        if (r.fds[i] < 3) {
+            PyErr_SetString(PyExc_ValueError, "stdio fds must be >= 3");
+            return NULL;
+        }
+    }
+    if (!PyTuple_Check(join_o) || PyTuple_GET_SIZE(join_o) > MAX_JOIN) {
+        PyErr_SetString(PyExc_ValueError, "join_fds must be a tuple of at most 8 fds");
+        return NULL;
+    }
+    r.n_join = (int)PyTuple_GET_SIZE(join_o);
+    for (i = 0; i < r.n_join; i++) {
+        r.join_fds[i] = (int)PyLong_AsLong(PyTuple_GET_ITEM(join_o, i));
+        if (r.join_fds[i] == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    if (!PyTuple_Check(rlim_o) || PyTuple_GET_SIZE(rlim_o) > MAX_RLIMITS) {
+        PyErr_SetString(PyExc_ValueError, "rlimits must be a tuple of at most 4 triples");
+        return NULL;
+    }
+    r.n_rlim = (int)PyTuple_GET_SIZE(rlim_o);
+    for (i = 0; i < r.n_rlim; i++) {
+        unsigned long long soft, hard;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(rlim_o, i), "iKK", &r.rlim_res[i], &soft, &hard))
+            return NULL;
+        r.rlim[i].rlim_cur = (rlim_t)soft;
+        r.rlim[i].rlim_max = (rlim_t)hard;
+    }
+    if (ids_o != Py_None) {
+        PyObject *groups_o;
+        unsigned int uid, gid;
+        if (!PyArg_ParseTuple(ids_o, "IIO!", &uid, &gid, &PyTuple_Type, &groups_o))
+            return NULL;
+        r.set_ids = 1;
+        r.uid = uid;
+        r.gid = gid;
+        r.n_groups = (size_t)PyTuple_GET_SIZE(groups_o);
+        r.groups = PyMem_Calloc(r.n_groups + 1, sizeof(gid_t));
+        if (r.groups == NULL)
+            return PyErr_NoMemory();
+        for (i = 0; i < (Py_ssize_t)r.n_groups; i++) {
+            unsigned long g = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(groups_o, i));
+            if (PyErr_Occurred())
+                goto done;
+            r.groups[i] = (gid_t)g;
+        }
+    }
+    if (bytes_array(argv_o, "argv", &r.argv, &keep_argv) < 0)
+        goto done;
+    if (r.argv[0] == NULL) {
+        PyErr_SetString(PyExc_ValueError, "argv must not be empty");
+        goto done;
+    }
+    if (bytes_array(envp_o, "env", &r.envp, &keep_envp) < 0)
+        goto done;
+    {
+        struct clone_args ca;
+        sigset_t all, old;
+        void *stack;
+        int pidfd = -1, saved_errno = 0;
+        long pid;
+
+        Py_BEGIN_ALLOW_THREADS
+        stack = mmap(NULL, CHILD_STACK, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+        if (stack == MAP_FAILED) {
+            pid = -1;
+            saved_errno = errno;
+        } else {
+            memset(&ca, 0, sizeof ca);
+            ca.flags = CLONE_VM | CLONE_VFORK | CLONE_PIDFD;
+            if (cgroup_fd >= 0) {
+                ca.flags |= CLONE_INTO_CGROUP;
+                ca.cgroup = (uint64_t)cgroup_fd;
+            }
+            ca.pidfd = (uint64_t)(uintptr_t)&pidfd;
+            ca.exit_signal = SIGCHLD;
+            ca.stack = (uint64_t)(uintptr_t)stack;
+            ca.stack_size = CHILD_STACK;
+            sigfillset(&all);
+            pthread_sigmask(SIG_SETMASK, &all, &old);
+            /* The raw syscall returns -errno; the child may have written the errno of this
+             * thread (it runs with our thread pointer), so errno itself is not read here. */
+            pid = clone3_run(&ca, child_main, &r);
+            if (pid < 0)
+                saved_errno = (int)-pid;
+            pthread_sigmask(SIG_SETMASK, &old, NULL);
+            munmap(stack, CHILD_STACK);
+        }
+        Py_END_ALLOW_THREADS
+
+        if (pid < 0) {
+            errno = saved_errno;
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto done;
+        }
+        if (r.step != STEP_NONE) {
+            int status;
+            while (waitpid((pid_t)pid, &status, 0) < 0 && errno == EINTR)
+                ;
+            if (pidfd >= 0)
+                close(pidfd);
+            result = Py_BuildValue("(iis)", r.err, r.step, step_names[r.step]);
+            if (result != NULL) {
+                PyErr_SetObject(PyExc_ChildProcessError, result);
+                Py_CLEAR(result);
+            }
+            goto done;
+        }
+        result = Py_BuildValue("(li)", pid, pidfd);
+    }
+done:
+    PyMem_Free(r.groups);
+    PyMem_Free(r.argv);
+    PyMem_Free(r.envp);
+    Py_XDECREF(keep_argv);
+    Py_XDECREF(keep_envp);
+    return result;
+#endif
+}
+
+static PyMethodDef methods[] = {
+    {"spawn", py_spawn, METH_VARARGS,
+     "spawn(path, argv, envp, cwd, (stdin, stdout, stderr), cgroup_fd, join_fds, ids, rlimits)"
+     " -> (pid, pidfd). ids: None or (uid, gid, groups). A failure in the child before exec "
+     "raises ChildProcessError((errno, step, step name))."},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_clone3", NULL, -1, methods,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__clone3(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "AVAILABLE", HAVE_CLONE3_TRAMPOLINE) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,139 @@
+"""The one-step task launcher: a process born in its cgroups, as its user, in its own session.
+
+`fast_available()` says whether the compiled clone3 launcher (``_clone3.c``) is usable here; the
+sandbox otherwise builds its exec-time wrapper chain (tvmagent/procspec.py). Both confine the task
+from its first instruction; the chain costs three extra execs per task.
+``TVM_AGENT_LAUNCHER=chain`` forces the chain (tests run both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Mapping, Sequence
+
+import trio
+
+try:
+    from . import _clone3  # type: ignore[attr-defined]
+except ImportError:  # not built: no compiler at install time, or another architecture
+    _clone3 = None
+
+_STEP_TEXT = {
+    1: "cannot join the task cgroup",
+    2: "cannot start a new session",
+    3: "cannot redirect the output files",
+    4: "cannot set a resource limit",
+    5: "cannot set the task user's groups",
+    6: "cannot switch to the task user's group",
+    7: "cannot switch to the task user",
+    8: "cannot enter the working directory",
+    9: "cannot execute the program",
+}
+
+
+class SpawnError(Exception):
+    """The process could not be started; the message says which step failed and why."""
+
+    def __init__(self, message: str, err: int) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+def fast_available() -> bool:
+    if os.environ.get("TVM_AGENT_LAUNCHER", "") == "chain":
+        return False
+    return _clone3 is not None and bool(_clone3.AVAILABLE)
+
+
+def fast_unavailable_reason() -> str:
+    if os.environ.get("TVM_AGENT_LAUNCHER", "") == "chain":
+        return "TVM_AGENT_LAUNCHER=chain"
+    if _clone3 is None:
+        return "the clone3 launcher was not built (no C compiler at install time)"
+    if not _clone3.AVAILABLE:
+        return "the clone3 launcher is not available on this architecture"
+    return ""
+
+
+class Child:
+    """A started task process, waited for through its pidfd (the same interface the sandbox uses
+    of ``trio.Process``: pid, returncode, poll(), wait())."""
+
+    def __init__(self, pid: int, pidfd: int) -> None:
+        self.pid = pid
+        self._pidfd = pidfd
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: cannot happen for our children
+                pid, status = self.pid, 255 << 8
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+                self._close()
+        return self.returncode
+
+    def wait_blocking(self) -> int:
+        """Block this thread until the process ends (the agent's start-up probe only)."""
+        _, status = os.waitpid(self.pid, 0)
+        self.returncode = os.waitstatus_to_exitcode(status)
+        self._close()
+        return self.returncode
+
+    async def wait(self) -> int:
+        while self.poll() is None:
+            await trio.lowlevel.wait_readable(self._pidfd)
+        assert self.returncode is not None
+        return self.returncode
+
+    def _close(self) -> None:
+        if self._pidfd >= 0:
+            fd, self._pidfd = self._pidfd, -1
+            with contextlib.suppress(RuntimeError):  # outside Trio (the probe): nobody waits on it
+                trio.lowlevel.notify_closing(fd)
+            os.close(fd)
+
+
+def spawn(
+    exe: str,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    cwd: str,
+    stdio: tuple[int, int, int],
+    cgroup_fd: int = -1,
+    join_fds: tuple[int, ...] = (),
+    ids: tuple[int, int, tuple[int, ...]] | None = None,
+    rlimits: tuple[tuple[int, int, int], ...] = (),
+) -> Child:
+    """Start `exe` (an absolute path) with exactly `env`. `cgroup_fd`: a v2 cgroup directory the
+    child is born in; `join_fds`: v1 ``tasks`` files it writes itself into before anything else;
+    `ids`: (uid, gid, supplementary groups) to switch to; `rlimits`: (resource, soft, hard)."""
+    assert _clone3 is not None, "check fast_available() first"
+    envp = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
+    try:
+        pid, pidfd = _clone3.spawn(
+            os.fsencode(exe),
+            [os.fsencode(a) for a in argv],
+            envp,
+            os.fsencode(cwd),
+            stdio,
+            cgroup_fd,
+            join_fds,
+            ids,
+            rlimits,
+        )
+    except ChildProcessError as e:
+        # (errno, step, step name) from the child, before its exec
+        err, step = e.args[0], e.args[1] if len(e.args) > 1 else 0
+        what = _STEP_TEXT.get(step, "cannot start the process")
+        where = {8: f" {cwd!r}", 9: f" {exe!r}"}.get(step, "")
+        raise SpawnError(f"{what}{where}: {os.strerror(err)}", err) from None
+    except OSError as e:
+        if e.errno == errno.ENOSYS:
+            raise SpawnError("clone3 is not supported by this kernel", e.errno) from None
+        raise SpawnError(f"cannot start the process: {e.strerror}", e.errno or 0) from None
+    return Child(pid, pidfd)
