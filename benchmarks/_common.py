@@ -14,6 +14,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -176,6 +177,16 @@ def start_agents(
 ) -> list[subprocess.Popen[bytes]]:
     """Real agent processes (`python -m tvmagent`), each with its own TVM root under `base`."""
     procs = []
+    # Task users must be able to pass through every directory above a TVM root (o+x), as on a
+    # real host; a private temp dir would make every task fail to enter its directory.
+    # Only the benchmark's own directories below the temp dir are opened up.
+    os.makedirs(base, exist_ok=True)
+    top = os.path.realpath(tempfile.gettempdir())
+    d = os.path.realpath(base)
+    while d.startswith(top + os.sep):
+        if not os.stat(d).st_mode & 0o001:
+            os.chmod(d, os.stat(d).st_mode | 0o011)
+        d = os.path.dirname(d)
     for i in range(n):
         root = os.path.join(base, f"agent{i}")
         os.makedirs(root, exist_ok=True)

@@ -25,6 +25,7 @@ import os
 import shutil
 import stat
 import subprocess
+import time
 
 SWEEP_ROOTS = ("/tmp", "/var/tmp", "/dev/shm", "/dev/mqueue")
 MAX_DEPTH = 64
@@ -137,3 +138,79 @@ def cleanup_uid(uid: int, gid: int, kill: bool = True, roots: tuple[str, ...] = 
     if kill:
         kill_uid(uid, gid)
     return sweep_uid(uid, roots)
+
+
+class TmpWatch:
+    """Lets a task user's sweep be skipped when it cannot have left anything: no directory it could
+    write into changed while its task ran.
+
+    A full sweep records the world-writable directories under the roots (and the roots) with their
+    inode and mtime. A task's baseline is taken when it starts and counts only if it equals that
+    record, and the record only if no mtime in it is within `SETTLE_NS` of when it was taken (so a
+    later change cannot land on the same coarse timestamp). Any entry created, renamed or linked
+    into one of those directories changes its mtime; a directory created anywhere changes its
+    parent's, so a directory missing from the record cannot appear unseen either. If anything
+    differs, the full sweep runs, as it did for every task before."""
+
+    SETTLE_NS = 50_000_000
+
+    def __init__(self, roots: tuple[str, ...] = SWEEP_ROOTS) -> None:
+        self.roots = roots
+        self._record: dict[str, tuple[int, int]] | None = None
+
+    def refresh(self) -> None:
+        """(worker thread) Record the writable directories now; after a full sweep."""
+        started = time.time_ns()
+        record: dict[str, tuple[int, int]] = {}
+        for root in self.roots:
+            _record_writable(root, record, 0)
+        if any(mtime >= started - self.SETTLE_NS for _ino, mtime in record.values()):
+            record = {}  # too fresh to tell a later change apart: no baseline from this record
+        self._record = record or None
+
+    def baseline(self) -> dict[str, tuple[int, int]] | None:
+        """At a task's start: what its end is compared with, or None (a full sweep will run)."""
+        record = self._record
+        if record is None:
+            return None
+        now = _stat_all(record)
+        return now if now == record else None
+
+    @staticmethod
+    def unchanged(baseline: dict[str, tuple[int, int]] | None) -> bool:
+        return baseline is not None and _stat_all(baseline) == baseline
+
+
+def _stat_all(paths: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    out: dict[str, tuple[int, int]] = {}
+    for p in paths:
+        try:
+            st = os.stat(p, follow_symlinks=False)
+        except OSError:
+            continue  # gone: differs from the record
+        out[p] = (st.st_ino, st.st_mtime_ns)
+    return out
+
+
+def _record_writable(path: str, record: dict[str, tuple[int, int]], depth: int) -> None:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        return
+    record[path] = (st.st_ino, st.st_mtime_ns)
+    if depth >= MAX_DEPTH:
+        return
+    try:
+        with os.scandir(path) as it:
+            subdirs = [
+                e.path
+                for e in it
+                if e.is_dir(follow_symlinks=False)
+                and e.stat(follow_symlinks=False).st_mode & stat.S_IWOTH
+            ]
+    except OSError:
+        return
+    for d in subdirs:
+        _record_writable(d, record, depth + 1)

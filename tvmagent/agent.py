@@ -256,6 +256,7 @@ class Agent:
                 nursery.start_soon(self._retention_loop)
                 nursery.start_soon(self.link.lazy_sender)
                 nursery.start_soon(self._disk_watch_loop)
+                nursery.start_soon(self.runner.keep_stock)
                 task_status.started()
                 await self.link.connect_loop()
         finally:

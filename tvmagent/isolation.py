@@ -174,6 +174,8 @@ class SlotLease:
     uid: int
     gid: int  # the user's own group: the task's primary group
     fd: int
+    # What the writable directories looked like when its task started (_uid_sweep.TmpWatch).
+    tmp_base: dict[str, tuple[int, int]] | None = None
 
     def release(self, clean: bool = False) -> None:
         """Give the uid back; `clean`: its leftovers are gone (else the next holder sweeps)."""

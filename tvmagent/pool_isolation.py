@@ -21,6 +21,7 @@ from protocol import messages as pm
 from protocol.hostio import primary_ip
 
 from . import isolation
+from ._uid_sweep import TmpWatch, cleanup_uid
 from .ports import NftError, PortGate, apply_nft, nft_available, remove_nft, render_nft_ruleset
 
 if TYPE_CHECKING:
@@ -73,6 +74,10 @@ class PoolIsolation:
         self._pool_gid: int | None = None
         # The start task's user, held while the TVM is in the pool: it owns start/, no task gets it.
         self._start_lease: isolation.SlotLease | None = None
+        # Task users this agent keeps between tasks (flock held, swept): taking one is free, where
+        # acquiring one looks users and groups up and may sweep a dead holder's leftovers.
+        self._idle_leases: list[isolation.SlotLease] = []
+        self.tmp_watch = TmpWatch()
 
     @property
     def tvm(self) -> TvmIdentity | None:
@@ -184,20 +189,42 @@ class PoolIsolation:
             return dataclasses.replace(spec, run_as=lease.user, gid=self._pool_gid, groups=())
         return dataclasses.replace(spec, run_as=lease.user, gid=lease.gid, groups=(self._pool_gid,))
 
+    def lease_ready(self) -> bool:
+        """A task user can be had without blocking (see `lease_now`)."""
+        return self.slot_users is None or bool(self._idle_leases)
+
     def lease_now(
-        self, directory: str, elevated: bool, mode: int, keep: bool = False
+        self,
+        directory: str,
+        elevated: bool,
+        mode: int,
+        keep: bool = False,
+        fresh: tuple[str, ...] = (),
     ) -> isolation.SlotLease | None:
-        """(worker thread) A task user for one run, owning `directory` (recursively: a retry's files
-        too). `keep`: the start task, whose user stays reserved (the same one on every retry and
-        reboot) and whose directory belongs to the pool group: the pool's tasks read it, none writes."""
+        """(worker thread, or inline when `lease_ready()` and `fresh`) A task user for one run,
+        owning `directory` (recursively: a retry's files too; only the `fresh` entries below it when
+        it was just made). `keep`: the start task, whose user stays reserved (the same one on every
+        retry and reboot) and whose directory belongs to the pool group: the pool's tasks read it,
+        none writes."""
         if self.slot_users is None or elevated:
             return None
         reuse = keep and self._start_lease is not None
-        lease = self._start_lease if reuse else self.slot_users.acquire()
+        if reuse:
+            lease = self._start_lease
+        elif not keep and self._idle_leases:
+            lease = self._idle_leases.pop()
+        else:
+            lease = self.slot_users.acquire()
         assert lease is not None
+        lease.tmp_base = self.tmp_watch.baseline()
         gid = self._pool_gid if keep and self._pool_gid is not None else lease.gid
         try:
-            isolation.chown_tree(directory, lease.uid, gid)
+            if fresh:
+                os.lchown(directory, lease.uid, gid)
+                for name in fresh:
+                    os.lchown(os.path.join(directory, name), lease.uid, gid)
+            else:
+                isolation.chown_tree(directory, lease.uid, gid)
             os.chmod(directory, mode)
             if keep and os.path.isdir(os.path.join(directory, "wd")):
                 os.chmod(
@@ -205,7 +232,7 @@ class PoolIsolation:
                 )  # its working dir: the pool's to read too
         except BaseException:
             if not reuse:
-                lease.release()
+                self._park(lease)  # nothing ran as it
             raise
         if keep:
             self._start_lease = lease
@@ -231,29 +258,56 @@ class PoolIsolation:
         try:
             if self._nursery is None:
                 raise RuntimeError("no nursery")
-            self._nursery.start_soon(self._sweep_and_release, lease)
+            if self.slot_users is not None and self.tmp_watch.unchanged(lease.tmp_base):
+                self._park(lease)  # nothing to sweep: no Trio task, no thread
+                return
+            self._nursery.start_soon(self._sweep_and_release, lease, True)
         except RuntimeError:  # not running, or shutting down
             lease.release()  # stays "dirty": the next holder sweeps
 
-    async def _sweep_and_release(self, lease: isolation.SlotLease) -> None:
-        """Remove what the uid left in /tmp, /dev/shm...; kill its processes where no cgroup held
-        the tree (a cgroup's tree is gone by now, and a task cannot leave its cgroup)."""
-        from ._uid_sweep import cleanup_uid
+    def _park(self, lease: isolation.SlotLease) -> None:
+        """Keep a swept task user for the next task (its lock file still says "dirty": should the
+        agent die while a task runs as it, the next holder sweeps)."""
+        if self.slot_users is not None and lease is not self._start_lease:
+            self._idle_leases.append(lease)
+        else:
+            lease.release()
 
+    def _release_idle_leases(self) -> None:
+        leases, self._idle_leases = self._idle_leases, []
+        for lease in leases:
+            lease.release(clean=True)
+
+    async def _sweep_and_release(self, lease: isolation.SlotLease, park: bool = False) -> None:
+        """Remove what the uid left in /tmp, /dev/shm...; kill its processes where no cgroup held
+        the tree (a cgroup's tree is gone by now, and a task cannot leave its cgroup). `park`: keep
+        the user for the next task instead of releasing it. Where no writable directory changed
+        while the task ran (TmpWatch), there is nothing to sweep."""
         kill = not self.sandbox.caps.layout.usable
+        if park and not kill and self.tmp_watch.unchanged(lease.tmp_base):
+            self._park(lease)
+            return
         clean = False
         try:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(cleanup_uid, lease.uid, lease.gid, kill)
+                await trio.to_thread.run_sync(self._full_sweep, lease)
             clean = True
         except (OSError, subprocess.SubprocessError) as exc:
             log.warning("leftovers of task user %s not removed: %s", lease.user, exc)
         finally:
-            lease.release(clean=clean)
+            if clean and park:
+                self._park(lease)
+            else:
+                lease.release(clean=clean)
+
+    def _full_sweep(self, lease: isolation.SlotLease) -> None:
+        cleanup_uid(lease.uid, lease.gid, not self.sandbox.caps.layout.usable)
+        self.tmp_watch.refresh()
 
     def drop_pool_group_at_exit(self) -> None:
         """The agent stops: its group goes (a restarted agent makes it again when it rejoins), so
         an agent whose root is then deleted leaves no group behind. Its task processes are gone."""
+        self._release_idle_leases()
         name, self._pool_group, self._pool_gid = self._pool_group, "", None
         if name:
             self._drop_pool_group(name)
@@ -263,6 +317,7 @@ class PoolIsolation:
         lease, self._start_lease = self._start_lease, None
         if lease is not None:
             await self._sweep_and_release(lease)
+        self._release_idle_leases()
         name, self._pool_group, self._pool_gid = self._pool_group, "", None
         if name:
             await trio.to_thread.run_sync(self._drop_pool_group, name)

@@ -24,7 +24,7 @@ from .pool_isolation import PoolIsolation
 from .procspec import LaunchError, ProcessOutcome, ProcessSpec
 from .sandbox import RunningProcess, Sandbox
 from .state import AgentState, Run, run_verdict
-from .taskdirs import prepare_task_dir
+from .taskdirs import SKELETON, TaskDirStock, clear_markers, prepare_task_dir
 from .taskenv import TvmIdentity, task_dir, task_env
 
 log = logging.getLogger("tvm.agent")
@@ -67,6 +67,39 @@ class TaskRunner:
         self._http_headers = http_headers
         self._finished = finished
         self.procs: dict[str, RunningProcess] = {}  # task key (or START_TASK_SLOT) -> its process
+        self.stock = TaskDirStock(root)
+        self._stock_low = trio.Event()
+
+    def _take_dir(self, tdir: str) -> bool:
+        try:
+            made = self.stock.take(tdir)
+        except OSError as exc:  # e.g. the job directory cannot be made: the usual path reports it
+            log.debug("no ready task directory for %s: %s", tdir, exc)
+            return False
+        if self.stock.wanted() > self.stock.target // 2:
+            self._stock_low.set()
+        return made
+
+    async def keep_stock(self) -> None:
+        """Refill the task directory stock from a worker thread (see taskdirs.TaskDirStock)."""
+        try:
+            await trio.to_thread.run_sync(self.stock.start)
+        except OSError as exc:
+            log.warning("task directories are made per task (no stock: %s)", exc)
+            return
+        while True:
+            wanted = self.stock.wanted()
+            if wanted <= 0:
+                await self._stock_low.wait()
+                self._stock_low = trio.Event()
+                continue
+            try:
+                made = await trio.to_thread.run_sync(self.stock.make, min(wanted, 16))
+            except OSError as exc:  # e.g. the disk is full: tasks make their own meanwhile
+                log.warning("cannot make ready task directories: %s", exc)
+                await trio.sleep(5)
+                continue
+            self.stock.add(made)
 
     def kill(self, slot: str) -> None:
         proc = self.procs.get(slot)
@@ -115,20 +148,31 @@ class TaskRunner:
         lease_mode: int = 0o700,
         hand_back: bool = True,
         announce: pm.TaskSpec | None = None,
+        made: bool = False,
     ) -> tuple[ProcessOutcome, bool]:
         """Run one command to its end. The blocking set-up — `setup()` (directories), fresh output
-        files, a task user's lease for `lease_dir`, cgroup, fork/exec — is one worker-thread call;
+        files, a task user's lease for `lease_dir`, cgroup, fork/exec — is one worker-thread call,
+        or runs on the event loop when all of it is short: `made`, the directory came ready from
+        the stock (nothing to create), with the clone3 launcher and a task user at hand.
         `announce`: send its TaskStarted once the process runs (lazily, see `Link.send_lazily`).
         `slot`: where `kill` finds the process. Returns (outcome, killed for its wall clock)."""
         leases: list[isolation.SlotLease | None] = []
         iso = self.isolation
+        inline = (
+            made
+            and self.sandbox.caps.fast_launch
+            and (elevated or not lease_dir or iso.lease_ready())
+        )
 
-        def prepare(spec: ProcessSpec) -> ProcessSpec:  # runs in the sandbox's worker thread
-            if setup is not None:
-                setup()
-            for p in (out, err):
-                with open(p, "wb"):
-                    pass  # a retry starts with fresh output files
+        def prepare(spec: ProcessSpec) -> ProcessSpec:  # worker thread, or inline (see above)
+            if made:
+                clear_markers(lease_dir)
+            else:
+                if setup is not None:
+                    setup()
+                for p in (out, err):
+                    with open(p, "wb"):
+                        pass  # a retry starts with fresh output files
             # Split here, off the event loop, in linear time (a poison line must not stall the agent).
             try:
                 spec = dataclasses.replace(spec, argv=cmdline.parse(command_line))
@@ -137,7 +181,13 @@ class TaskRunner:
             ) as exc:  # CommandLineError, or ProcessSpec refusing e.g. an empty program
                 raise LaunchError(str(exc)) from None
             if lease_dir:
-                lease = iso.lease_now(lease_dir, elevated, lease_mode, keep=not hand_back)
+                lease = iso.lease_now(
+                    lease_dir,
+                    elevated,
+                    lease_mode,
+                    keep=not hand_back,
+                    fresh=SKELETON if made else (),
+                )
                 leases.append(lease)
                 if lease is not None:
                     spec = iso.as_lease_user(spec, lease)
@@ -157,7 +207,7 @@ class TaskRunner:
             **self.limits.process_limits(),  # type: ignore[arg-type]
         )
         try:
-            proc = await self.sandbox.start(spec, prepare)
+            proc = await self.sandbox.start(spec, prepare, inline=inline)
             if announce is not None and proc.pid is not None:
                 self._send_lazily(
                     pm.TaskStarted(
@@ -210,6 +260,7 @@ class TaskRunner:
                 await trio.to_thread.run_sync(prepare_task_dir, tdir, wd)
                 self._send(pm.TaskStarted(key=spec.key, attempt=spec.attempt, start_time=start))
                 failure = await self.fetch_files(spec.resource_files, wd)
+            made = not spec.resource_files and self._take_dir(tdir)
             if failure is None and not run.cancelled:
                 outcome, timed_out = await self.spawn(
                     spec.command_line,
@@ -226,6 +277,7 @@ class TaskRunner:
                     lease_dir=tdir,
                     lease_mode=0o700,
                     announce=None if spec.resource_files else spec,
+                    made=made,
                 )
                 start = outcome.start_time.timestamp()
                 exit_code, failure = run_verdict(

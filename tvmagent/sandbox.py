@@ -31,8 +31,8 @@ from typing import Protocol
 import trio
 
 from tvmagent import _cgroups
-from tvmagent.launch import spawn as fast
 from tvmagent._users import ensure_user, lookup_user, prepare_private_dir
+from tvmagent.launch import spawn as fast
 from tvmagent.procspec import (
     KILL_GRACE_SECONDS,
     WATCHDOG_INTERVAL,
@@ -43,9 +43,9 @@ from tvmagent.procspec import (
     SandboxCapabilities,
     build_command,
     bwrap_args,
-    launch_rlimits,
     exit_code_of,
     format_bytes,
+    launch_rlimits,
     resolve_executable,
     root_entries,
     scan_proc,
@@ -109,16 +109,20 @@ class Sandbox:
         return pending
 
     async def start(
-        self, spec: ProcessSpec, prepare: Callable[[ProcessSpec], ProcessSpec] | None = None
+        self,
+        spec: ProcessSpec,
+        prepare: Callable[[ProcessSpec], ProcessSpec] | None = None,
+        inline: bool = False,
     ) -> RunningProcess:
         """Start ``spec``. Everything blocking (the caller's ``prepare``, output files, cgroup
         set-up, fork/exec) happens in ONE worker-thread call: thread hops, not the work, dominated
-        the cost of short tasks. ``prepare`` may return an updated spec (e.g. its ``run_as``);
-        its exceptions other than LaunchError propagate."""
+        the cost of short tasks. ``inline``: on the event loop instead, where the caller knows
+        all of it is short (a ready task directory, the clone3 launcher). ``prepare`` may return an
+        updated spec (e.g. its ``run_as``); its exceptions other than LaunchError propagate."""
         start_time = utcnow()
         cgroup = self._take_cgroup(spec)
         try:
-            if self.inline:
+            if self.inline or inline:
                 started = self._launch(spec, prepare, cgroup)
             else:
                 started = await trio.to_thread.run_sync(self._launch, spec, prepare, cgroup)
