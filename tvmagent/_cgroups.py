@@ -381,7 +381,10 @@ class TaskCgroup:
 
     def pids(self) -> set[int]:
         out: set[int] = set()
-        for f in self.procs_files():
+        # Every process of the task is in the v2 cgroup from birth (and joins the v1 ones after):
+        # where there is one, it alone holds the whole tree.
+        files = self.procs_files()[:1] if "v2" in self.dirs else self.procs_files()
+        for f in files:
             with contextlib.suppress(OSError):
                 out.update(int(p) for p in _read(f).split())
         return out

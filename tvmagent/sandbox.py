@@ -20,6 +20,8 @@ The spec, the host's capabilities and the pure command building are in tvmagent/
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import math
 import os
 import signal
@@ -62,6 +64,13 @@ __all__ = [
     "ensure_user",
     "prepare_private_dir",
 ]
+
+log = logging.getLogger("tvm.agent")
+
+
+class _LauncherFailed(Exception):
+    """The clone3 launcher cannot work here at all (not: this one task cannot start)."""
+
 
 # ---------------------------------------------------------------------------- the shell
 
@@ -161,7 +170,13 @@ class Sandbox:
             if prepare is not None:
                 spec = prepare(spec)
             if self.caps.fast_launch:
-                return self._launch_fast(spec, cgroup)
+                try:
+                    return self._launch_fast(spec, cgroup)
+                except _LauncherFailed as e:
+                    # clone3 itself refused (a seccomp filter, a kernel without it): this task and
+                    # the next ones go through the wrapper chain, and the log says so once.
+                    self.caps.fast_launch = False
+                    log.warning("clone3 launcher failed (%s): tasks start through the chain", e)
             plan, fds = self._prepare(spec, cgroup)
             try:
                 return subprocess.Popen(
@@ -229,6 +244,13 @@ class Sandbox:
                     launch_rlimits(spec.nofile_limit, nproc),
                 )
             except fast.SpawnError as e:
+                if e.step == 0 and e.errno in (
+                    errno.ENOSYS,
+                    errno.EPERM,
+                    errno.EINVAL,
+                    errno.E2BIG,
+                ):
+                    raise _LauncherFailed(str(e)) from e
                 raise LaunchError(str(e)) from e
         finally:
             for fd in fds:

@@ -191,3 +191,43 @@ async def test_launch_failures_name_the_step_and_the_next_task_runs(
     rp = await sb.start(spec(workdir, ["sh", "-c", "echo fine"], run_as=name, gid=gid))
     assert (await rp.wait()).exit_code == 0
     assert (workdir / "stdout.txt").read_text().strip().endswith("fine")
+
+
+def test_the_launcher_is_built_where_a_compiler_exists() -> None:
+    """A broken build must not pass unnoticed as the (slower) wrapper chain."""
+    import platform
+    import sysconfig
+
+    from tvmagent.launch import spawn as fast
+
+    headers = os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))
+    if not (shutil.which("cc") and headers and platform.machine() == "x86_64"):
+        pytest.skip("no C compiler, no Python headers or not x86_64: the wrapper chain is expected")
+    assert fast._clone3 is not None, "the clone3 launcher was not built although it could be"
+    assert fast._clone3.AVAILABLE
+
+
+async def test_a_refused_clone3_falls_back_to_the_chain(
+    detected: SandboxCapabilities, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where clone3 is refused at run time (a container's seccomp filter answers ENOSYS), the task
+    still runs, through the wrapper chain, and so do the ones after it."""
+    import errno
+
+    from tvmagent.launch import spawn as fast
+
+    if not detected.fast_launch:
+        pytest.skip("the clone3 launcher is not in use on this host")
+    calls = []
+
+    def refused(*args: object, **kw: object) -> object:
+        calls.append(args)
+        raise fast.SpawnError("clone3 is not supported by this kernel", errno.ENOSYS, 0)
+
+    monkeypatch.setattr(fast, "spawn", refused)
+    caps = dataclasses.replace(detected)
+    sb = Sandbox(caps, cgroup_prefix=f"tvmtest-l5-{os.getpid()}", kill_grace=0.5)
+    for i in range(2):
+        rp = await sb.start(spec(workdir, ["sh", "-c", f"exit {i}"]))
+        assert (await rp.wait()).exit_code == i
+    assert len(calls) == 1 and not caps.fast_launch

@@ -36,9 +36,10 @@ _STEP_TEXT = {
 class SpawnError(Exception):
     """The process could not be started; the message says which step failed and why."""
 
-    def __init__(self, message: str, err: int) -> None:
+    def __init__(self, message: str, err: int, step: int = 0) -> None:
         super().__init__(message)
         self.errno = err
+        self.step = step  # 0: clone3 itself failed (no child ran); else the child's failed step
 
 
 def fast_available() -> bool:
@@ -131,7 +132,7 @@ def spawn(
         err, step = e.args[0], e.args[1] if len(e.args) > 1 else 0
         what = _STEP_TEXT.get(step, "cannot start the process")
         where = {8: f" {cwd!r}", 9: f" {exe!r}"}.get(step, "")
-        raise SpawnError(f"{what}{where}: {os.strerror(err)}", err) from None
+        raise SpawnError(f"{what}{where}: {os.strerror(err)}", err, step) from None
     except OSError as e:
         if e.errno == errno.ENOSYS:
             raise SpawnError("clone3 is not supported by this kernel", e.errno) from None
