@@ -1,0 +1,125 @@
+"""Pieces of the agent's task path on a real file system: the ready-made task directories and the
+check that lets a task user's sweep be skipped."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from tvmagent._uid_sweep import TmpWatch
+from tvmagent.taskdirs import SKELETON, TaskDirStock
+
+
+def _settled(root: Path) -> TmpWatch:
+    """A watch over `root` whose record is old enough to be trusted."""
+    time.sleep(TmpWatch.SETTLE_NS / 1e9 + 0.02)
+    watch = TmpWatch((str(root),))
+    watch.refresh()
+    return watch
+
+
+def _world_writable(p: Path) -> Path:
+    p.mkdir()
+    os.chmod(p, 0o1777)
+    return p
+
+
+def test_nothing_changed_means_nothing_to_sweep(tmp_path: Path) -> None:
+    _world_writable(tmp_path / "shared")
+    watch = _settled(tmp_path)
+    base = watch.baseline()
+    assert base is not None
+    assert set(base) == {str(tmp_path), str(tmp_path / "shared")}
+    (tmp_path / "shared" / "existing-read").exists()  # reading changes nothing
+    assert watch.unchanged(base)
+
+
+def test_a_file_in_a_root_or_in_a_writable_subdirectory_is_seen(tmp_path: Path) -> None:
+    shared = _world_writable(tmp_path / "shared")
+    nested = _world_writable(shared / "nested")
+    for where in (tmp_path, shared, nested):
+        watch = _settled(tmp_path)
+        base = watch.baseline()
+        (where / f"left-{where.name}").write_text("x")
+        assert not watch.unchanged(base), where
+
+
+def test_a_directory_made_after_the_record_denies_the_baseline(tmp_path: Path) -> None:
+    """A new writable directory is not in the record: tasks started after it get a full sweep."""
+    watch = _settled(tmp_path)
+    _world_writable(tmp_path / "late")
+    assert watch.baseline() is None
+    assert not watch.unchanged(None)
+
+
+def test_a_record_taken_just_after_a_change_is_not_trusted(tmp_path: Path) -> None:
+    """A change within the file system's timestamp granularity of the record could be missed."""
+    (tmp_path / "just-now").write_text("x")
+    watch = TmpWatch((str(tmp_path),))
+    watch.refresh()
+    assert watch.baseline() is None
+
+
+def test_removed_or_replaced_directory_is_a_change(tmp_path: Path) -> None:
+    shared = _world_writable(tmp_path / "shared")
+    watch = _settled(tmp_path)
+    base = watch.baseline()
+    shared.rmdir()
+    assert not watch.unchanged(base)
+
+
+def test_stock_directories_are_taken_by_rename(tmp_path: Path) -> None:
+    root = tmp_path / "tvm"
+    stock = TaskDirStock(str(root), target=4)
+    stock.start()
+    assert stock.wanted() == 4
+    stock.add(stock.make(4))
+    assert stock.wanted() == 0
+    tdir = root / "tasks" / "wi" / "job" / "t1"
+    assert stock.take(str(tdir))
+    assert sorted(os.listdir(tdir)) == sorted(SKELETON)
+    assert (tdir / "stdout.txt").read_bytes() == b""
+    assert os.stat(tdir).st_mode & 0o777 == 0o700
+    assert stock.wanted() == 1
+
+
+def test_a_retry_keeps_its_directory_and_takes_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "tvm"
+    stock = TaskDirStock(str(root), target=2)
+    stock.start()
+    stock.add(stock.make(2))
+    tdir = root / "tasks" / "wi" / "job" / "t1"
+    (tdir / "wd").mkdir(parents=True)
+    (tdir / "wd" / "result").write_text("from the first attempt")
+    assert not stock.take(str(tdir))
+    assert (tdir / "wd" / "result").read_text() == "from the first attempt"
+    assert stock.wanted() == 0  # the ready one went back
+
+
+def test_a_job_directory_removed_meanwhile_is_made_again(tmp_path: Path) -> None:
+    root = tmp_path / "tvm"
+    stock = TaskDirStock(str(root), target=3)
+    stock.start()
+    stock.add(stock.make(3))
+    job = root / "tasks" / "wi" / "job"
+    assert stock.take(str(job / "t1"))
+    for p in sorted(job.rglob("*"), reverse=True):
+        p.rmdir() if p.is_dir() else p.unlink()
+    job.rmdir()
+    assert not stock.take(str(job / "t2"))  # the rename found no job directory: nothing lost
+    assert stock.wanted() == 1
+    assert stock.take(str(job / "t3"))
+    assert (job / "t3" / "wd").is_dir()
+
+
+def test_a_restarted_agent_takes_over_what_is_ready_and_drops_the_rest(tmp_path: Path) -> None:
+    root = tmp_path / "tvm"
+    first = TaskDirStock(str(root), target=3)
+    first.start()
+    made = first.make(3)
+    os.unlink(os.path.join(made[0], "stderr.txt"))  # interrupted while it was being made
+    second = TaskDirStock(str(root), target=3)
+    second.start()
+    assert second.wanted() == 1
+    assert not os.path.exists(made[0])
