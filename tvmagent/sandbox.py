@@ -209,7 +209,8 @@ class Sandbox:
             fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
             fds.append(_open_output(spec.stdout_path, user_ids))
             fds.append(_open_output(spec.stderr_path, user_ids))
-            cgroup_fd, joins = -1, ()
+            cgroup_fd = -1
+            joins: tuple[int, ...] = ()
             if cgroup is not None:
                 try:
                     if not cgroup.created or not cgroup.exists():  # a reused one removed meanwhile

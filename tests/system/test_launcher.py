@@ -155,13 +155,15 @@ async def test_a_killed_cgroup_is_never_reused(
             )
         )
         with trio.fail_after(10):
-            while not (workdir / "up").exists():
+            while not (workdir / "up").exists():  # noqa: ASYNC110 - a file the task writes
                 await trio.sleep(0.01)
         stubborn.kill()
         out = await stubborn.wait()
-        assert out.reason == "killed" and "SIGKILL" in out.message
+        assert out.reason == "killed"
+        assert "SIGKILL" in out.message
         killed = stubborn._cgroup
-        assert killed is not None and killed.killed
+        assert killed is not None
+        assert killed.killed
         for i in range(4):
             rp = await sb.start(spec(workdir, ["sh", "-c", f"exit {i}"], run_as=name, gid=gid))
             assert rp._cgroup is not killed
@@ -230,4 +232,5 @@ async def test_a_refused_clone3_falls_back_to_the_chain(
     for i in range(2):
         rp = await sb.start(spec(workdir, ["sh", "-c", f"exit {i}"]))
         assert (await rp.wait()).exit_code == i
-    assert len(calls) == 1 and not caps.fast_launch
+    assert len(calls) == 1
+    assert not caps.fast_launch
