@@ -35,6 +35,7 @@ import trio
 from tvmagent import _cgroups
 from tvmagent._users import ensure_user, lookup_user, prepare_private_dir
 from tvmagent.launch import spawn as fast
+from tvmagent.launch.batch import BatchThread
 from tvmagent.procspec import (
     KILL_GRACE_SECONDS,
     WATCHDOG_INTERVAL,
@@ -103,6 +104,7 @@ class Sandbox:
         self.reuse_cgroups = reuse_cgroups
         self._idle_cgroups: dict[tuple[str, ...], list[_cgroups.TaskCgroup]] = {}
         self.inline = False
+        self._clones = BatchThread()
 
     async def reap_stale(self) -> list[str]:
         """Kill and remove task cgroups left under our prefix by a previous (crashed) agent.
@@ -131,7 +133,9 @@ class Sandbox:
         start_time = utcnow()
         cgroup = self._take_cgroup(spec)
         try:
-            if self.inline or inline:
+            if (self.inline or inline) and self.caps.fast_launch:
+                started = await self._start_queued(spec, prepare, cgroup)
+            elif self.inline or inline:
                 started = self._launch(spec, prepare, cgroup)
             else:
                 started = await trio.to_thread.run_sync(self._launch, spec, prepare, cgroup)
@@ -171,12 +175,9 @@ class Sandbox:
                 spec = prepare(spec)
             if self.caps.fast_launch:
                 try:
-                    return self._launch_fast(spec, cgroup)
+                    return _clone(self._fast_request(spec, cgroup))
                 except _LauncherFailed as e:
-                    # clone3 itself refused (a seccomp filter, a kernel without it): this task and
-                    # the next ones go through the wrapper chain, and the log says so once.
-                    self.caps.fast_launch = False
-                    log.warning("clone3 launcher failed (%s): tasks start through the chain", e)
+                    self._launcher_failed(e)
             plan, fds = self._prepare(spec, cgroup)
             try:
                 return subprocess.Popen(
@@ -200,8 +201,42 @@ class Sandbox:
             for fd in fds:
                 os.close(fd)  # the child holds its own copies
 
-    def _launch_fast(self, spec: ProcessSpec, cgroup: _cgroups.TaskCgroup | None) -> fast.Child:
-        """One clone3: the child is in its cgroups, session, user and limits before it execs."""
+    async def _start_queued(
+        self,
+        spec: ProcessSpec,
+        prepare: Callable[[ProcessSpec], ProcessSpec] | None,
+        cgroup: _cgroups.TaskCgroup | None,
+    ) -> fast.Child | subprocess.Popen[bytes]:
+        """`prepare` and the set-up on the event loop (the caller knows they are short), the clone
+        in the launcher thread (tvmagent/launch/batch.py), with the other starts of the moment."""
+        try:
+            if prepare is not None:
+                spec = prepare(spec)
+            req = self._fast_request(spec, cgroup)
+        except LaunchError:
+            if cgroup is not None:
+                self._discard_cgroup(cgroup)
+            raise
+        try:
+            child: fast.Child = await self._clones.run(_clone, req)
+            return child
+        except _LauncherFailed as e:
+            self._launcher_failed(e)
+            return await trio.to_thread.run_sync(self._launch, spec, None, cgroup)
+        except LaunchError:
+            if cgroup is not None:
+                self._discard_cgroup(cgroup)
+            raise
+
+    def _launcher_failed(self, e: Exception) -> None:
+        """clone3 itself was refused (a seccomp filter, a kernel without it): this task and the next
+        ones go through the wrapper chain, and the log says so once."""
+        self.caps.fast_launch = False
+        log.warning("clone3 launcher failed (%s): tasks start through the chain", e)
+
+    def _fast_request(self, spec: ProcessSpec, cgroup: _cgroups.TaskCgroup | None) -> fast.Request:
+        """What one clone3 needs: the child is in its cgroups, session, user and limits before it
+        execs. Raises LaunchError and then leaves no descriptor open."""
         user_ids = self._user_ids(spec)
         exe = resolve_executable(spec.argv[0], spec.env.get("PATH"), spec.cwd)
         fds: list[int] = []
@@ -219,43 +254,32 @@ class Sandbox:
                     cgroup_fd, joins = cgroup.launch_handles()
                 except OSError as e:
                     raise LaunchError(f"cannot set up the task cgroup: {e}") from e
-            argv = list(spec.argv)
-            if spec.use_bwrap and self.caps.has_bwrap:
-                argv = bwrap_args(self.caps.tools["bwrap"], spec.cwd, spec.bwrap_writable,
-                                  spec.bwrap_readonly, root_entries()) + [exe, *argv[1:]]  # fmt: skip
-                exe = argv[0]
-            ids = None
-            if user_ids is not None:
-                ids = (user_ids[0], user_ids[1], tuple(spec.groups))
-            nproc = (
-                spec.pids_limit
-                if user_ids is not None and not (cgroup and cgroup.enforces("pids"))
-                else None
-            )
-            try:
-                return fast.spawn(
-                    exe,
-                    argv,
-                    spec.env,
-                    spec.cwd,
-                    (fds[0], fds[1], fds[2]),
-                    cgroup_fd,
-                    joins,
-                    ids,
-                    launch_rlimits(spec.nofile_limit, nproc),
-                )
-            except fast.SpawnError as e:
-                if e.step == 0 and e.errno in (
-                    errno.ENOSYS,
-                    errno.EPERM,
-                    errno.EINVAL,
-                    errno.E2BIG,
-                ):
-                    raise _LauncherFailed(str(e)) from e
-                raise LaunchError(str(e)) from e
-        finally:
+        except BaseException:
             for fd in fds:
-                os.close(fd)  # the child holds its own copies
+                os.close(fd)
+            raise
+        argv = list(spec.argv)
+        if spec.use_bwrap and self.caps.has_bwrap:
+            argv = bwrap_args(self.caps.tools["bwrap"], spec.cwd, spec.bwrap_writable,
+                              spec.bwrap_readonly, root_entries()) + [exe, *argv[1:]]  # fmt: skip
+            exe = argv[0]
+        ids = None if user_ids is None else (user_ids[0], user_ids[1], tuple(spec.groups))
+        nproc = (
+            spec.pids_limit
+            if user_ids is not None and not (cgroup and cgroup.enforces("pids"))
+            else None
+        )
+        return fast.Request(
+            exe,
+            argv,
+            spec.env,
+            spec.cwd,
+            (fds[0], fds[1], fds[2]),
+            cgroup_fd,
+            joins,
+            ids,
+            launch_rlimits(spec.nofile_limit, nproc),
+        )
 
     def _needs(self, spec: ProcessSpec) -> tuple[str, ...]:
         """Hierarchies a task needs: v2 (whole-tree kill) always; a v1 controller only for its limit
@@ -366,6 +390,17 @@ class Sandbox:
         if ids == (os.geteuid(), os.getegid()):
             return None
         return ids
+
+
+def _clone(req: fast.Request) -> fast.Child:
+    """(any thread) Start a prepared request; LaunchError for this task, _LauncherFailed when
+    clone3 cannot work here at all."""
+    try:
+        return fast.start(req)
+    except fast.SpawnError as e:
+        if e.step == 0 and e.errno in (errno.ENOSYS, errno.EPERM, errno.EINVAL, errno.E2BIG):
+            raise _LauncherFailed(str(e)) from e
+        raise LaunchError(str(e)) from e
 
 
 def _open_output(path: str, user_ids: tuple[int, int] | None) -> int:

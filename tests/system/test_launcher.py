@@ -93,15 +93,18 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.parametrize("inline", [False, True], ids=["thread", "loop"])
 async def test_task_is_confined_from_its_first_exec(
-    caps: SandboxCapabilities, task_user: tuple[str, int, int], workdir: Path
+    caps: SandboxCapabilities, task_user: tuple[str, int, int], workdir: Path, inline: bool
 ) -> None:
     """What the task's program sees the moment it runs: its own cgroups (v2 and the v1 limit
     controllers), its user and groups, no signal ignored, no descriptor of the agent."""
     name, uid, gid = task_user
     sb = Sandbox(caps, cgroup_prefix=f"tvmtest-l1-{os.getpid()}", kill_grace=1.0)
     script = "cat /proc/self/cgroup; id -u; id -G; grep SigIgn /proc/self/status; ls /proc/self/fd"
-    rp = await sb.start(spec(workdir, ["sh", "-c", script], run_as=name, gid=gid, groups=(gid,)))
+    rp = await sb.start(
+        spec(workdir, ["sh", "-c", script], run_as=name, gid=gid, groups=(gid,)), inline=inline
+    )
     assert rp._cgroup is not None
     cg = rp._cgroup
     out = await rp.wait()
@@ -230,7 +233,7 @@ async def test_a_refused_clone3_falls_back_to_the_chain(
     caps = dataclasses.replace(detected)
     sb = Sandbox(caps, cgroup_prefix=f"tvmtest-l5-{os.getpid()}", kill_grace=0.5)
     for i in range(2):
-        rp = await sb.start(spec(workdir, ["sh", "-c", f"exit {i}"]))
+        rp = await sb.start(spec(workdir, ["sh", "-c", f"exit {i}"]), inline=i == 0)
         assert (await rp.wait()).exit_code == i
     assert len(calls) == 1
     assert not caps.fast_launch

@@ -322,8 +322,11 @@ async def test_setsid_child_is_killed_with_cgroups(
     cmd = f"(setsid sleep 100 & echo $! > {pids}); sleep 100"
     rp = await sandbox.start(mkspec(tmp_path, ["sh", "-c", cmd]))
     (child,) = await read_pids(pids, 1)
-    assert session_of(child) != rp.pid  # really out of the task's session
-    await wait_with_deadline(rp, 0.5)
+    try:
+        # $! is known at the fork, before `setsid` has run: wait until it really left the session.
+        await until(lambda: session_of(child) != rp.pid)
+    finally:
+        await wait_with_deadline(rp, 0.5)
     out = await rp.wait()
     assert out.reason == "killed"
     assert not alive(child)

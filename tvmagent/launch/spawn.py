@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import trio
 
@@ -97,6 +98,44 @@ class Child:
             with contextlib.suppress(RuntimeError):  # outside Trio (the probe): nobody waits on it
                 trio.lowlevel.notify_closing(fd)
             os.close(fd)
+
+
+@dataclass(frozen=True)
+class Request:
+    """Everything one start needs, prepared on the event loop; `stdio` is closed once started."""
+
+    exe: str
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    cwd: str
+    stdio: tuple[int, int, int]
+    cgroup_fd: int = -1
+    join_fds: tuple[int, ...] = ()
+    ids: tuple[int, int, tuple[int, ...]] | None = None
+    rlimits: tuple[tuple[int, int, int], ...] = ()
+
+    def close(self) -> None:
+        for fd in set(self.stdio):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def start(req: Request) -> Child:
+    """`spawn` for a prepared request (any thread); its stdio descriptors are closed either way."""
+    try:
+        return spawn(
+            req.exe,
+            req.argv,
+            req.env,
+            req.cwd,
+            req.stdio,
+            req.cgroup_fd,
+            req.join_fds,
+            req.ids,
+            req.rlimits,
+        )
+    finally:
+        req.close()
 
 
 def spawn(
