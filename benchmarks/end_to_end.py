@@ -71,7 +71,11 @@ async def run(n: int) -> float:
                 job = core.jobs["wi/job-0000000001"]
                 failed = sum(1 for t in job.tasks.values() if t.exit_code != 0)
                 if failed:
-                    raise RuntimeError(f"{failed} tasks failed")
+                    bad = next(t for t in job.tasks.values() if t.exit_code != 0)
+                    raise RuntimeError(
+                        f"{failed} tasks failed, e.g. {bad.name}: exit code {bad.exit_code}, "
+                        f"{bad.failure}"
+                    )
             finally:
                 await client.aclose()
                 stop_agents(procs)
