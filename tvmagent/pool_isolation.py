@@ -6,7 +6,6 @@ group), the intra-pool port fence and remote-login users. One object the agent h
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import ipaddress
 import logging
@@ -184,10 +183,10 @@ class PoolIsolation:
         """The run's uid, its own group as primary, the pool's group as the only other one. The start
         task runs with the pool's group as primary, so what it leaves is the pool's to read."""
         if self._pool_gid is None:
-            return dataclasses.replace(spec, run_as=lease.user, gid=lease.gid, groups=())
+            return spec.evolve(run_as=lease.user, gid=lease.gid, groups=())
         if lease is self._start_lease:
-            return dataclasses.replace(spec, run_as=lease.user, gid=self._pool_gid, groups=())
-        return dataclasses.replace(spec, run_as=lease.user, gid=lease.gid, groups=(self._pool_gid,))
+            return spec.evolve(run_as=lease.user, gid=self._pool_gid, groups=())
+        return spec.evolve(run_as=lease.user, gid=lease.gid, groups=(self._pool_gid,))
 
     def lease_ready(self) -> bool:
         """A task user can be had without blocking (see `lease_now`)."""

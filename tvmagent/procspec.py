@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from collections.abc import Iterable, Mapping
@@ -62,7 +63,26 @@ class ProcessSpec:
     bwrap_writable: tuple[str, ...] = ()
     bwrap_readonly: tuple[str, ...] = ()
 
+    def evolve(self, **changes: object) -> ProcessSpec:
+        """A copy with `changes`, validating only the fields that changed (a spec is evolved twice
+        per task start; checking its whole environment each time was a visible share of it)."""
+        if not changes.keys() <= _EVOLVABLE:
+            raise ValueError(f"evolve() takes {sorted(_EVOLVABLE)}, not {sorted(changes)}")
+        new = copy.copy(self)
+        for k, v in changes.items():
+            object.__setattr__(new, k, v)
+        if "argv" in changes:
+            new._check_argv()
+        if changes.keys() & {"run_as", "gid", "groups"}:
+            new._check_identity()
+        return new
+
     def __post_init__(self) -> None:
+        self._check_argv()
+        self._check_rest()
+        self._check_identity()
+
+    def _check_argv(self) -> None:
         if not isinstance(self.argv, list | tuple) or not self.argv:
             raise ValueError("argv must be a non-empty list of strings")
         for a in self.argv:
@@ -70,6 +90,8 @@ class ProcessSpec:
                 raise ValueError(f"argv items must be strings without NUL bytes, got {a!r}")
         if not self.argv[0]:
             raise ValueError("argv[0] (the program) must not be empty")
+
+    def _check_rest(self) -> None:
         if not isinstance(self.cwd, str) or not os.path.isabs(self.cwd):
             raise ValueError(f"cwd must be an absolute path, got {self.cwd!r}")
         if not isinstance(self.env, Mapping):
@@ -82,11 +104,6 @@ class ProcessSpec:
         for label, p in (("stdout_path", self.stdout_path), ("stderr_path", self.stderr_path)):
             if not isinstance(p, str) or not p:
                 raise ValueError(f"{label} must be a non-empty path")
-        if self.run_as is not None:
-            validate_user_name(self.run_as)
-        for g in (*(() if self.gid is None else (self.gid,)), *self.groups):
-            if isinstance(g, bool) or not isinstance(g, int) or g < 0:
-                raise ValueError(f"group ids must be ints >= 0, got {g!r}")
         _check_limit("memory_limit_bytes", self.memory_limit_bytes)
         _check_limit("pids_limit", self.pids_limit)
         _check_limit("nofile_limit", self.nofile_limit)
@@ -95,6 +112,16 @@ class ProcessSpec:
         for p in (*self.bwrap_writable, *self.bwrap_readonly):
             if not isinstance(p, str) or not os.path.isabs(p):
                 raise ValueError(f"bwrap paths must be absolute, got {p!r}")
+
+    def _check_identity(self) -> None:
+        if self.run_as is not None:
+            validate_user_name(self.run_as)
+        for g in (*(() if self.gid is None else (self.gid,)), *self.groups):
+            if isinstance(g, bool) or not isinstance(g, int) or g < 0:
+                raise ValueError(f"group ids must be ints >= 0, got {g!r}")
+
+
+_EVOLVABLE = frozenset({"argv", "run_as", "gid", "groups"})
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ at all, and what to report, is the state machine's (tvmagent/state.py)."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -175,7 +174,7 @@ class TaskRunner:
                         pass  # a retry starts with fresh output files
             # Split here, off the event loop, in linear time (a poison line must not stall the agent).
             try:
-                spec = dataclasses.replace(spec, argv=cmdline.parse(command_line))
+                spec = spec.evolve(argv=cmdline.parse(command_line))
             except (
                 ValueError
             ) as exc:  # CommandLineError, or ProcessSpec refusing e.g. an empty program

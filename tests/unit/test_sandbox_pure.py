@@ -328,3 +328,21 @@ def test_build_command_nproc_fallback_goes_through_prlimit_before_the_user_switc
         "/usr/bin/prlimit"
         not in build_command(spec(), "/usr/bin/prog", TOOLS, [], (1001, 1002), None).argv
     )
+
+
+def test_evolve_checks_what_changes_and_nothing_else_may_change() -> None:
+    from tvmagent.procspec import ProcessSpec
+
+    spec = ProcessSpec(argv=["-"], cwd="/tmp", env={"A": "1"}, stdout_path="/o", stderr_path="/e")
+    run = spec.evolve(argv=["true", "x"], run_as="tvmslot3", gid=5, groups=(7,))
+    assert (run.argv, run.run_as, run.gid, run.groups) == (["true", "x"], "tvmslot3", 5, (7,))
+    assert spec.argv == ["-"]
+    assert spec.run_as is None
+    with pytest.raises(ValueError, match="argv"):
+        spec.evolve(argv=[])
+    with pytest.raises(ValueError, match="group ids"):
+        spec.evolve(groups=(-1,))
+    with pytest.raises(ValueError):
+        spec.evolve(run_as="bad name")
+    with pytest.raises(ValueError, match="evolve"):
+        spec.evolve(cwd="relative")
