@@ -13,6 +13,7 @@ One agent backs at most one TVM at a time.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import ssl
@@ -93,6 +94,11 @@ class AgentOptions:
     capabilities: list[str] = field(default_factory=lambda: ["files", "starttask", "certs"])
 
 
+def cgroup_prefix(agent_id: str, root: str) -> str:
+    digest = hashlib.sha256(os.path.realpath(root).encode()).hexdigest()[:8]
+    return f"tvm-{_cgroups.sanitize_name(agent_id, 30)}-{digest}"
+
+
 class Agent:
     def __init__(self, opts: AgentOptions) -> None:
         self.opts = opts
@@ -104,11 +110,12 @@ class Agent:
         self.caps = SandboxCapabilities.detect()
         # Task cgroups are kept and reused (emptied) up to REUSE_CGROUPS: cgroupfs mkdir/rmdir per task
         # cost more than the rest of a short task's set-up.
-        # The prefix is this agent's own (the whole id, not a hostname prefix several agents of a host
-        # share), so the empty cgroups a killed agent kept for reuse can be removed at its restart.
+        # The prefix is this agent's own, so the empty cgroups a killed agent kept for reuse can be
+        # removed at its restart: its id and its root (two agents given one --name on a host, or
+        # two test runs naming theirs alike, would otherwise remove each other's live cgroups).
         self.sandbox = Sandbox(
             self.caps,
-            cgroup_prefix=f"tvm-{_cgroups.sanitize_name(self.agent_id, 36)}",
+            cgroup_prefix=cgroup_prefix(self.agent_id, self.root),
             reuse_cgroups=REUSE_CGROUPS,
         )
         self.sandbox.remove_empty_leftovers()

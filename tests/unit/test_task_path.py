@@ -123,3 +123,14 @@ def test_a_restarted_agent_takes_over_what_is_ready_and_drops_the_rest(tmp_path:
     second.start()
     assert second.wanted() == 1
     assert not os.path.exists(made[0])
+
+
+def test_the_cgroup_prefix_is_one_agents_own(tmp_path: Path) -> None:
+    """Two agents given the same id on one host (another test run, a copied --name) must not
+    remove each other's idle cgroups at start: the prefix includes the TVM root."""
+    from tvmagent.agent import cgroup_prefix
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert cgroup_prefix("agent0", a) == cgroup_prefix("agent0", a)  # a restart finds its own
+    assert cgroup_prefix("agent0", a) != cgroup_prefix("agent0", b)
+    assert cgroup_prefix("x" * 100, a).startswith("tvm-" + "x" * 30 + "-")
