@@ -77,13 +77,18 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def spawn(
-    module: str, argv: list[str], env: dict[str, str] | None = None, stdout: Any = subprocess.PIPE
+    module: str,
+    argv: list[str],
+    env: dict[str, str] | None = None,
+    stdout: Any = subprocess.PIPE,
+    stderr: Any = None,
 ) -> subprocess.Popen[bytes]:
     """A helper process (`python -m benchmarks.<module>`), in its own process group."""
     return subprocess.Popen(
         [sys.executable, "-m", module, *argv],
         stdin=subprocess.DEVNULL,
         stdout=stdout,
+        stderr=stderr,
         env=child_env(env),
         start_new_session=True,
     )

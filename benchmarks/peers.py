@@ -78,6 +78,7 @@ def run_peer(name: str, n: int, timeout: float | None = None) -> PeerResult:
                 ["--child", name, "--tasks", str(n), "--workdir", work],
                 env={"RUST_BACKTRACE": "0", "RUST_LIB_BACKTRACE": "0"},
                 stdout=log,
+                stderr=log,  # the peers log freely (Dask's workers on shutdown): kept for failures
             )
         try:
             proc.wait(timeout=timeout)
