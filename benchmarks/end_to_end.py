@@ -119,9 +119,10 @@ async def run_inproc(n: int) -> Run:
                 me_used = self_cpu() - me
                 agents_used = [tree_cpu(p.pid) - b for p, b in zip(procs, agents, strict=True)]
                 job = core.jobs[f"{WORKITEM}/{JOB}"]
-                failed = sum(1 for t in job.tasks.values() if t.exit_code != 0)
+                failed = [t for t in job.tasks.values() if t.exit_code != 0]
                 if failed:
-                    raise RuntimeError(f"{failed} tasks failed")
+                    shown = "; ".join(f"exit {t.exit_code} {t.failure}" for t in failed[:3])
+                    raise RuntimeError(f"{len(failed)} tasks failed: {shown}")
             finally:
                 stop_agents(procs)
     return Run(
@@ -140,9 +141,10 @@ async def _wait_rest(client: AsyncClient, n: int, timeout: float = 600.0) -> flo
     while True:
         counts = await client.jobs.task_counts(WORKITEM, JOB)
         if counts.completed >= n:
+            done = time.time()
             if counts.failed:
-                raise RuntimeError(f"{counts.failed} tasks failed")
-            return time.time()
+                raise RuntimeError(f"{counts.failed} tasks failed: {await _failures(client)}")
+            return done
         if time.monotonic() - t0 > timeout:
             raise TimeoutError(f"{counts.completed} of {n} tasks completed after {timeout:.0f} s")
         if counts.completed and not seen:
@@ -151,6 +153,15 @@ async def _wait_rest(client: AsyncClient, n: int, timeout: float = 600.0) -> flo
         rate = seen / max(1e-3, time.monotonic() - first) if seen else 0.0
         left = (n - seen) / rate if rate else 0.1
         await trio.sleep(min(0.1, max(0.005, left / 2)))
+
+
+async def _failures(client: AsyncClient, show: int = 3) -> str:
+    failed = [
+        t
+        for t in await client.tasks.list(WORKITEM, JOB, state="completed")
+        if t.execution_info is None or t.execution_info.exit_code != 0
+    ]
+    return "; ".join(f"{t.name}: {t.execution_info}" for t in failed[:show])
 
 
 async def run_up(n: int) -> Run:
@@ -207,6 +218,16 @@ def _options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def launcher() -> str:
+    """Which launcher the agents started from this environment use: the compiled one-step
+    launcher ("clone3", built at install time where a compiler exists) or the wrapper chain."""
+    try:
+        from tvmagent.launch.spawn import fast_available
+    except ImportError:
+        return "chain"
+    return "clone3" if fast_available() else "chain"
+
+
 def main() -> None:
     a = args(__doc__ or "", _options)
     peers = () if a.peers == "none" else tuple(p for p in a.peers.split(",") if p)
@@ -229,6 +250,7 @@ def main() -> None:
         "command": "/bin/true",
         "task_isolation": a.task_isolation,
         "coordinator": a.coordinator,
+        "launcher": launcher(),
     }
     emit("end_to_end", params, run.rate, "tasks/s")
     emit(
@@ -247,7 +269,8 @@ def main() -> None:
             versus.append(f"{run.rate / r.rate:.2f}x {name}")
     say(
         f"end_to_end ({a.coordinator}): {n} tasks of /bin/true on {AGENTS} agents x {SLOTS} slots, "
-        f"task isolation {a.task_isolation}: {run.rate:,.0f} tasks/s; raw spawn {raw:,.0f}/s "
+        f"task isolation {a.task_isolation}, launcher {params['launcher']}: {run.rate:,.0f} tasks/s; "
+        f"raw spawn {raw:,.0f}/s "
         f"(before {raw_before:,.0f}, after {raw_after:,.0f}); ratio {run.rate / raw:.2f}"
         + (f"; {', '.join(versus)}" if versus else "")
     )

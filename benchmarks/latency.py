@@ -37,6 +37,7 @@ from coordinator.client import AsyncClient
 from ._common import args, coordinator, emit, local_pool, percentile, say, stop_agents
 from ._cpu import per_task_ms, proc_times, self_cpu, tree_cpu
 from ._daemon import JOB, WORKITEM, UpDaemon, ready_pool
+from .end_to_end import launcher
 
 AGENTS = 2
 SLOTS = 2
@@ -153,6 +154,7 @@ def main() -> None:
         "task_isolation": a.task_isolation,
         "coordinator": a.coordinator,
         "complete_seen": "client over REST",
+        "launcher": launcher(),
     }
     for label, values in (("submit_to_start", starts), ("submit_to_complete", completes)):
         for q in (50, 99):
