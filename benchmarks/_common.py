@@ -15,6 +15,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -76,13 +77,18 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def spawn(
-    module: str, argv: list[str], env: dict[str, str] | None = None, stdout: Any = subprocess.PIPE
+    module: str,
+    argv: list[str],
+    env: dict[str, str] | None = None,
+    stdout: Any = subprocess.PIPE,
+    stderr: Any = None,
 ) -> subprocess.Popen[bytes]:
     """A helper process (`python -m benchmarks.<module>`), in its own process group."""
     return subprocess.Popen(
         [sys.executable, "-m", module, *argv],
         stdin=subprocess.DEVNULL,
         stdout=stdout,
+        stderr=stderr,
         env=child_env(env),
         start_new_session=True,
     )
@@ -96,6 +102,29 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def raw_spawn_rate(n: int, concurrency: int, argv: tuple[str, ...] = ("/bin/true",)) -> float:
+    """Spawns per second of `argv` with `concurrency` threads each spawning and waiting: the
+    machine's ceiling for running `n` trivial tasks, with no scheduler in between."""
+    left = [n]
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if left[0] <= 0:
+                    return
+                left[0] -= 1
+            subprocess.run(list(argv), check=True)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return n / (time.perf_counter() - t0)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -1,6 +1,7 @@
 """Submitter process for the throughput benchmarks: adds N tasks with add-task-collection
-(100 per request; key in TVM_KEY) over C concurrent HTTP connections, then prints {"first", "last"} (unix times
-of the first request sent and the last answer received) as JSON on stdout.
+(100 per request; key in TVM_KEY) over C concurrent HTTP connections, then prints {"first", "last", "failures", "cpu"} (unix times
+of the first request sent and the last answer received; CPU seconds this process used from the first
+request on, its interpreter start left out) as JSON on stdout.
 
 Request bodies are built before the clock starts so the measurement is the service's cost.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import time
 
 import trio
@@ -28,6 +30,8 @@ async def main(a: argparse.Namespace) -> None:
     times: dict[str, float] = {}
     failures = 0
     it = iter(parts)
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = ru.ru_utime + ru.ru_stime
 
     async def worker() -> None:
         nonlocal failures
@@ -41,7 +45,9 @@ async def main(a: argparse.Namespace) -> None:
         for _ in range(a.concurrency):
             nursery.start_soon(worker)
     await client.aclose()
-    print(json.dumps({**times, "failures": failures}), flush=True)
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = ru.ru_utime + ru.ru_stime - cpu0
+    print(json.dumps({**times, "failures": failures, "cpu": cpu}), flush=True)
 
 
 if __name__ == "__main__":

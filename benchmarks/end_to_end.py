@@ -1,85 +1,200 @@
 """End-to-end throughput with real agents: 2 local agents, maxTasksPerVM = 2, every task
-`/bin/true`, added by add-task-collection. Compared with the raw spawn rate of this machine measured
-in the same run: a plain loop of `/bin/true` spawns (subprocess, wait) with the same concurrency
-(4 = 2 agents x 2 slots) and no coordinator.
+`/bin/true`, added by add-task-collection from a separate submitter process (`_submit`: 100 tasks a
+request, 4 connections), timed from the first request to the last completion. In the same run:
+the raw spawn rate of this machine (a plain loop of `/bin/true` spawns with the same concurrency,
+4 = 2 agents x 2 slots, no scheduler; measured before and after) and the peers of `benchmarks.peers`
+(HyperQueue, Dask: skipped with a note when not installed; `pip install -e '.[bench]'`).
 
-The agents run as root, so by default each task runs as its own Linux user (`--task-isolation
-users`: a `setpriv` exec and a chown of the task directory per task, which the raw loop does not
-do); `--task-isolation none` runs tasks as the agent's user. Both keep the per-task cgroup.
+Two ways to run TVM Batch (`--coordinator`):
+- `inproc` (default): the coordinator in this process, agents as processes; completion seen on the
+  coordinator's record (polled every 10 ms).
+- `up`: a default `tvm up` started as a subprocess (its state in a temporary directory), the pool
+  created and the tasks added over signed REST, completion seen by the client over REST.
 
-    python -m benchmarks.end_to_end [--quick] [--tasks 2000] [--task-isolation users|none]
+CPU per task of every process, from /proc and getrusage over the measured interval: the coordinator
+(this process in `inproc`, which also polls; the daemon in `up`), each agent's own time, the task
+side (everything below the agents: exec chain, launchers, the tasks), and the submitter (from its
+first request on).
+
+The agents run as root, so by default each task runs as its own Linux user; `--task-isolation none`
+runs tasks as the agent's user. Both keep the per-task cgroup.
+
+    python -m benchmarks.end_to_end [--quick] [--tasks 3000] [--task-isolation users|none]
+                                    [--coordinator inproc|up] [--peers hyperqueue,dask|none]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import subprocess
 import tempfile
-import threading
 import time
+from dataclasses import dataclass, field
 
 import trio
 
-from coordinator.client import AsyncClient, add_many_async
-from coordinator.common import models as m
+from coordinator.client import AsyncClient
 
-from ._common import args, coordinator, emit, job_finished, local_pool, say, stop_agents, wait_until
+from ._common import (
+    args,
+    coordinator,
+    emit,
+    job_finished,
+    local_pool,
+    raw_spawn_rate,
+    say,
+    spawn,
+    stop_agents,
+    wait_until,
+)
+from ._cpu import TreeCpu, per_task_ms, proc_times, self_cpu, tree_cpu
+from ._daemon import JOB, WORKITEM, UpDaemon, ready_pool
+from .peers import PEERS, PeerResult, peer_results, report
 
 AGENTS = 2
 SLOTS = 2
 
 
-def raw_spawn_rate(n: int, concurrency: int) -> float:
-    """Spawns per second of `/bin/true` with `concurrency` threads each spawning and waiting."""
-    left = [n]
-    lock = threading.Lock()
-
-    def worker() -> None:
-        while True:
-            with lock:
-                if left[0] <= 0:
-                    return
-                left[0] -= 1
-            subprocess.run(["/bin/true"], check=True)
-
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return n / (time.perf_counter() - t0)
+@dataclass
+class Run:
+    rate: float
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # process kind -> CPU ms per task
 
 
-async def run(n: int) -> float:
+def _submitter(endpoint: str, account: str, key: str, n: int) -> subprocess.Popen[bytes]:
+    argv = ["--endpoint", endpoint, "--account", account, "--workitem", WORKITEM, "--job", JOB]
+    return spawn("benchmarks._submit", [*argv, "--n", str(n)], env={"TVM_KEY": key})
+
+
+async def _submitted(proc: subprocess.Popen[bytes]) -> dict[str, float]:
+    """The submitter's {"first", "last", "failures", "cpu"}."""
+    out, _ = await trio.to_thread.run_sync(proc.communicate)
+    if proc.returncode != 0:
+        raise RuntimeError(f"submitter failed with exit code {proc.returncode}")
+    res: dict[str, float] = json.loads(out)
+    if res.get("failures"):
+        raise RuntimeError(f"{res['failures']} tasks were refused")
+    return res
+
+
+def _cpu_table(
+    n: int,
+    coordinator_s: float,
+    agents: list[TreeCpu],
+    client_s: float,
+) -> dict[str, float]:
+    out = {"coordinator": per_task_ms(coordinator_s, n)}
+    for i, a in enumerate(agents):
+        out[f"agent{i}"] = per_task_ms(a.own, n)
+    out["agents"] = per_task_ms(sum(a.own for a in agents), n)
+    out["task_side"] = per_task_ms(sum(a.children for a in agents), n)
+    out["submitter"] = per_task_ms(client_s, n)
+    return out
+
+
+async def run_inproc(n: int) -> Run:
     with tempfile.TemporaryDirectory(prefix="tvm-bench-") as tmp:
         async with coordinator(os.path.join(tmp, "state"), heartbeat_timeout=30.0) as rc:
             core = rc.service.core
             procs = await local_pool(rc, tmp, agents=AGENTS, slots=SLOTS, size="medium")
-            client = AsyncClient(rc.endpoint, rc.account, rc.key, timeout=300)
             try:
-                tasks = [m.TaskAdd(name=f"t{i:06d}", command_line="/bin/true") for i in range(n)]
-                t0 = time.time()
-                results = await add_many_async(client, "wi", "job-0000000001", tasks)
-                if any(r.status != "success" for r in results):
-                    raise RuntimeError("some tasks were refused")
-                await wait_until(
-                    lambda: job_finished(core, "wi/job-0000000001", n), 600, f"{n} tasks", poll=0.01
-                )
-                elapsed = time.time() - t0
-                job = core.jobs["wi/job-0000000001"]
-                failed = sum(1 for t in job.tasks.values() if t.exit_code != 0)
-                if failed:
-                    bad = next(t for t in job.tasks.values() if t.exit_code != 0)
-                    raise RuntimeError(
-                        f"{failed} tasks failed, e.g. {bad.name}: exit code {bad.exit_code}, "
-                        f"{bad.failure}"
+                me, agents = self_cpu(), [tree_cpu(p.pid) for p in procs]
+                sub = _submitter(rc.endpoint, rc.account, rc.key, n)
+                try:
+                    await wait_until(
+                        lambda: job_finished(core, f"{WORKITEM}/{JOB}", n),
+                        600,
+                        f"{n} tasks",
+                        poll=0.01,
                     )
+                    done = time.time()
+                    times = await _submitted(sub)
+                finally:
+                    if sub.poll() is None:
+                        sub.kill()
+                        sub.wait()
+                me_used = self_cpu() - me
+                agents_used = [tree_cpu(p.pid) - b for p, b in zip(procs, agents, strict=True)]
+                job = core.jobs[f"{WORKITEM}/{JOB}"]
+                failed = [t for t in job.tasks.values() if t.exit_code != 0]
+                if failed:
+                    shown = "; ".join(f"exit {t.exit_code} {t.failure}" for t in failed[:3])
+                    raise RuntimeError(f"{len(failed)} tasks failed: {shown}")
             finally:
-                await client.aclose()
                 stop_agents(procs)
-    return n / elapsed
+    return Run(
+        n / (done - times["first"]),
+        _cpu_table(n, me_used.own, agents_used, times["cpu"]),
+    )
+
+
+async def _wait_rest(client: AsyncClient, n: int, timeout: float = 600.0) -> float:
+    """Poll task counts over REST until `n` are completed; returns the time they were seen. The poll
+    interval follows the expected time left (each poll costs the coordinator a scan of the job),
+    between 5 and 100 ms."""
+    t0 = time.monotonic()
+    first = time.monotonic()
+    seen = 0
+    while True:
+        counts = await client.jobs.task_counts(WORKITEM, JOB)
+        if counts.completed >= n:
+            done = time.time()
+            if counts.failed:
+                raise RuntimeError(f"{counts.failed} tasks failed: {await _failures(client)}")
+            return done
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"{counts.completed} of {n} tasks completed after {timeout:.0f} s")
+        if counts.completed and not seen:
+            first = time.monotonic()
+        seen = counts.completed
+        rate = seen / max(1e-3, time.monotonic() - first) if seen else 0.0
+        left = (n - seen) / rate if rate else 0.1
+        await trio.sleep(min(0.1, max(0.005, left / 2)))
+
+
+async def _failures(client: AsyncClient, show: int = 3) -> str:
+    failed = [
+        t
+        for t in await client.tasks.list(WORKITEM, JOB, state="completed")
+        if t.execution_info is None or t.execution_info.exit_code != 0
+    ]
+    return "; ".join(f"{t.name}: {t.execution_info}" for t in failed[:show])
+
+
+async def run_up(n: int) -> Run:
+    tmp = tempfile.mkdtemp(prefix="tvm-bench-up-")
+    daemon = UpDaemon(tmp, agents=AGENTS)
+    try:
+        await trio.to_thread.run_sync(daemon.start)
+        async with AsyncClient(daemon.endpoint, daemon.account, daemon.key, timeout=300) as client:
+            await ready_pool(client, SLOTS, AGENTS)
+            pids = daemon.agent_pids()
+            if len(pids) != AGENTS:
+                raise RuntimeError(f"tvm up runs {len(pids)} agents, expected {AGENTS}")
+            me, coord, agents = self_cpu(), proc_times(daemon.pid)[0], [tree_cpu(p) for p in pids]
+            sub = _submitter(daemon.endpoint, daemon.account, daemon.key, n)
+            try:
+                done = await _wait_rest(client, n)
+                times = await _submitted(sub)
+            finally:
+                if sub.poll() is None:
+                    sub.kill()
+                    sub.wait()
+            coord_used = proc_times(daemon.pid)[0] - coord
+            agents_used = [tree_cpu(p) - b for p, b in zip(pids, agents, strict=True)]
+            me_used = self_cpu() - me
+        cpu = _cpu_table(n, coord_used, agents_used, times["cpu"])
+        cpu["rest_poller"] = per_task_ms(me_used.own, n)
+        return Run(n / (done - times["first"]), cpu)
+    except BaseException:
+        say(f"end_to_end: tvm up log: {daemon.log_tail()}")
+        raise
+    finally:
+        daemon.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _options(p: argparse.ArgumentParser) -> None:
@@ -90,40 +205,80 @@ def _options(p: argparse.ArgumentParser) -> None:
         default="users",
         help="how the (root) agents run tasks: each as its own Linux user, or as root",
     )
+    p.add_argument(
+        "--coordinator",
+        choices=("inproc", "up"),
+        default="inproc",
+        help="the coordinator in this process, or a default `tvm up` driven over REST",
+    )
+    p.add_argument(
+        "--peers",
+        default=",".join(PEERS),
+        help="peers measured in the same run: comma-separated hyperqueue,dask, or none",
+    )
+
+
+def launcher() -> str:
+    """Which launcher the agents started from this environment use: the compiled one-step
+    launcher ("clone3", built at install time where a compiler exists) or the wrapper chain."""
+    try:
+        from tvmagent.launch.spawn import fast_available
+    except ImportError:
+        return "chain"
+    return "clone3" if fast_available() else "chain"
 
 
 def main() -> None:
     a = args(__doc__ or "", _options)
+    peers = () if a.peers == "none" else tuple(p for p in a.peers.split(",") if p)
+    if any(p not in PEERS for p in peers):
+        raise SystemExit(f"error: --peers takes {', '.join(PEERS)} or none, not {a.peers!r}")
     # The agents read it at start (child_env copies this process's environment).
     os.environ["TVM_AGENT_TASK_ISOLATION"] = a.task_isolation
     n = a.tasks or (200 if a.quick else 3000)
     concurrency = AGENTS * SLOTS
     raw_before = raw_spawn_rate(n, concurrency)
-    rate = trio.run(run, n)
+    run = trio.run(run_inproc if a.coordinator == "inproc" else run_up, n)
+    others: dict[str, PeerResult] = peer_results(n, peers)
     raw_after = raw_spawn_rate(n, concurrency)
-    raw = (
-        raw_before + raw_after
-    ) / 2  # measured on both sides of the run: drift shows up in the spread
+    # Measured on both sides of the runs: drift shows up in the spread.
+    raw = (raw_before + raw_after) / 2
     params = {
         "tasks": n,
         "agents": AGENTS,
         "slots_per_agent": SLOTS,
         "command": "/bin/true",
         "task_isolation": a.task_isolation,
+        "coordinator": a.coordinator,
+        "launcher": launcher(),
     }
-    emit("end_to_end", params, rate, "tasks/s")
+    emit("end_to_end", params, run.rate, "tasks/s")
     emit(
         "raw_spawn",
         {"spawns": n, "concurrency": concurrency, "command": "/bin/true"},
         raw,
         "tasks/s",
     )
-    emit("end_to_end_ratio", params, rate / raw, "ratio")
+    emit("end_to_end_ratio", params, run.rate / raw, "ratio")
+    for kind, ms in run.cpu_ms.items():
+        emit(f"end_to_end_cpu_per_task_{kind}", params, ms, "ms")
+    versus = []
+    for name, r in others.items():
+        if r.rate is not None:
+            emit(f"end_to_end_vs_{name}", params, run.rate / r.rate, "ratio")
+            versus.append(f"{run.rate / r.rate:.2f}x {name}")
     say(
-        f"end_to_end: {n} tasks of /bin/true on {AGENTS} agents x {SLOTS} slots, task isolation "
-        f"{a.task_isolation}: {rate:,.0f} tasks/s; "
-        f"raw spawn {raw:,.0f}/s (before {raw_before:,.0f}, after {raw_after:,.0f}); ratio {rate / raw:.2f}"
+        f"end_to_end ({a.coordinator}): {n} tasks of /bin/true on {AGENTS} agents x {SLOTS} slots, "
+        f"task isolation {a.task_isolation}, launcher {params['launcher']}: {run.rate:,.0f} tasks/s; "
+        f"raw spawn {raw:,.0f}/s "
+        f"(before {raw_before:,.0f}, after {raw_after:,.0f}); ratio {run.rate / raw:.2f}"
+        + (f"; {', '.join(versus)}" if versus else "")
     )
+    say(
+        "end_to_end: CPU per task: "
+        + ", ".join(f"{k} {v * 1000:.0f} µs" for k, v in run.cpu_ms.items())
+    )
+    report(others, n, raw)
 
 
 if __name__ == "__main__":

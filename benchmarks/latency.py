@@ -1,59 +1,128 @@
-"""Latency on an idle pool: submit→start and submit→complete, p50/p99 over single tasks added one
-at a time (each waits for the previous one to finish) through the REST API.
+"""Latency on an idle pool (2 agents x 2 slots): single tasks of `/bin/true` added one at a time
+through the REST API, each waited for before the next.
 
-submit = client clock just before the POST; start = the agent's report of the process start (same
-host, same clock); complete = the moment the coordinator's record shows the task completed (polled
-every 0.2 ms in this process, which hosts the coordinator).
+- submit→start: client clock just before the POST to the task's start time on its record (the
+  agent's report of the process start; same host, same clock).
+- submit→complete: client clock just before the POST to the moment the client sees the task
+  completed over REST: the round trip a user of the API gets. The client GETs the task every
+  0.5 ms, starting after most of the recent latency has passed (so that its GETs do not load the
+  coordinator while the task runs); a task already completed at the first GET counts as it is
+  seen, which errs high.
+
+With `--coordinator up` a default `tvm up` runs as a subprocess and everything goes over signed REST
+to it; `inproc` (default) hosts the coordinator in this process (and its client with it). CPU per
+task: the coordinator (the daemon in `up`; this process, client included, in `inproc`; the client's
+polls cost it too) and the agents' own time.
 
     python -m benchmarks.latency [--quick] [--tasks 1000] [--task-isolation users|none]
+                                 [--coordinator inproc|up]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
 
 import trio
 
 from coordinator.client import AsyncClient
 
-from ._common import args, coordinator, emit, local_pool, percentile, say, stop_agents, wait_until
+from ._common import args, coordinator, emit, local_pool, percentile, say, stop_agents
+from ._cpu import per_task_ms, proc_times, self_cpu, tree_cpu
+from ._daemon import JOB, WORKITEM, UpDaemon, ready_pool
+from .end_to_end import launcher
 
-JOB = "wi/job-0000000001"
+AGENTS = 2
+SLOTS = 2
+WARMUP = 5  # the first tasks warm up connections and caches
 
 
-async def run(n: int) -> tuple[list[float], list[float]]:
-    starts: list[float] = []
-    completes: list[float] = []
+@dataclass
+class Service:
+    client: AsyncClient
+    coordinator_pid: int | None  # None: this process
+    agent_pids: list[int]
+
+
+@asynccontextmanager
+async def _inproc() -> AsyncIterator[Service]:
     with tempfile.TemporaryDirectory(prefix="tvm-bench-") as tmp:
         async with coordinator(os.path.join(tmp, "state"), heartbeat_timeout=30.0) as rc:
-            core = rc.service.core
-            procs = await local_pool(rc, tmp, agents=2, slots=2, size="medium")
-            client = AsyncClient(rc.endpoint, rc.account, rc.key)
+            procs = await local_pool(rc, tmp, agents=AGENTS, slots=SLOTS, size="medium")
             try:
-                for i in range(n + 5):  # the first few warm up connections and caches
-                    name = f"t{i:05d}"
-                    t0 = time.time()
-                    await client.tasks.add("wi", "job-0000000001", name, "/bin/true")
-                    job = core.jobs[JOB]
-                    task = job.tasks[name]
-                    await wait_until(
-                        lambda t=task: t.state == "completed", 30, f"task {name}", poll=0.0002
-                    )
-                    done = time.time()
-                    if task.exit_code != 0 or task.start_time is None:
-                        raise RuntimeError(
-                            f"task {name} failed: exit {task.exit_code} {task.failure}"
-                        )
-                    if i >= 5:
-                        starts.append((task.start_time - t0) * 1000)
-                        completes.append((done - t0) * 1000)
+                async with AsyncClient(rc.endpoint, rc.account, rc.key) as client:
+                    yield Service(client, None, [p.pid for p in procs])
             finally:
-                await client.aclose()
                 stop_agents(procs)
-    return starts, completes
+
+
+@asynccontextmanager
+async def _up() -> AsyncIterator[Service]:
+    tmp = tempfile.mkdtemp(prefix="tvm-bench-up-")
+    daemon = UpDaemon(tmp, agents=AGENTS)
+    try:
+        await trio.to_thread.run_sync(daemon.start)
+        async with AsyncClient(daemon.endpoint, daemon.account, daemon.key) as client:
+            await ready_pool(client, SLOTS, AGENTS)
+            yield Service(client, daemon.pid, daemon.agent_pids())
+    finally:
+        daemon.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _unix(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+async def run(n: int, mode: str) -> tuple[list[float], list[float], dict[str, float]]:
+    starts: list[float] = []
+    completes: list[float] = []
+    async with _inproc() if mode == "inproc" else _up() as svc:
+        client = svc.client
+        cpu0: tuple[float, list[float]] = (0.0, [])
+        delay = 0.0
+        for i in range(n + WARMUP):
+            if i == WARMUP:
+                cpu0 = (_coordinator_cpu(svc), [tree_cpu(p).own for p in svc.agent_pids])
+            name = f"t{i:05d}"
+            t0 = time.time()
+            await client.tasks.add(WORKITEM, JOB, name, "/bin/true")
+            await trio.sleep(max(0.0, t0 + delay - time.time()))
+            polls = 0
+            while True:
+                task = await client.tasks.get(WORKITEM, JOB, name)
+                polls += 1
+                if task.state == "completed":
+                    break
+                await trio.sleep(0.0005)
+            done = time.time()
+            # The first GET waits for most of the usual latency (every GET costs the coordinator
+            # CPU the task needs): 70 % of recent latencies, halved whenever the first GET already
+            # finds the task completed (that sample only bounds the latency from above).
+            delay = delay / 2 if polls == 1 else 0.9 * delay + 0.1 * 0.7 * (done - t0)
+            info = task.execution_info
+            if info is None or info.exit_code != 0 or info.start_time is None:
+                raise RuntimeError(f"task {name} failed: {info}")
+            if i >= WARMUP:
+                starts.append((_unix(info.start_time) - t0) * 1000)
+                completes.append((done - t0) * 1000)
+        agents = sum(tree_cpu(p).own for p in svc.agent_pids) - sum(cpu0[1])
+        cpu = {
+            "coordinator": per_task_ms(_coordinator_cpu(svc) - cpu0[0], n),
+            "agents": per_task_ms(agents, n),
+        }
+    return starts, completes, cpu
+
+
+def _coordinator_cpu(svc: Service) -> float:
+    return self_cpu().own if svc.coordinator_pid is None else proc_times(svc.coordinator_pid)[0]
 
 
 def _options(p: argparse.ArgumentParser) -> None:
@@ -64,27 +133,40 @@ def _options(p: argparse.ArgumentParser) -> None:
         default="users",
         help="how the (root) agents run tasks: each as its own Linux user, or as root",
     )
+    p.add_argument(
+        "--coordinator",
+        choices=("inproc", "up"),
+        default="inproc",
+        help="the coordinator in this process, or a default `tvm up` driven over REST",
+    )
 
 
 def main() -> None:
     a = args(__doc__ or "", _options)
     os.environ["TVM_AGENT_TASK_ISOLATION"] = a.task_isolation  # read by the agents at start
     n = a.tasks or (50 if a.quick else 1000)
-    starts, completes = trio.run(run, n)
+    starts, completes, cpu = trio.run(run, n, a.coordinator)
     params = {
         "tasks": n,
-        "agents": 2,
-        "slots_per_agent": 2,
+        "agents": AGENTS,
+        "slots_per_agent": SLOTS,
         "command": "/bin/true",
         "task_isolation": a.task_isolation,
+        "coordinator": a.coordinator,
+        "complete_seen": "client over REST",
+        "launcher": launcher(),
     }
     for label, values in (("submit_to_start", starts), ("submit_to_complete", completes)):
         for q in (50, 99):
             emit(f"latency_{label}_p{q}", params, percentile(values, q), "ms")
+    for kind, ms in cpu.items():
+        emit(f"latency_cpu_per_task_{kind}", params, ms, "ms")
     say(
-        f"latency over {n} single tasks (task isolation {a.task_isolation}): submit→start p50 {percentile(starts, 50):.2f} ms, "
-        f"p99 {percentile(starts, 99):.2f} ms; submit→complete p50 {percentile(completes, 50):.2f} ms, "
-        f"p99 {percentile(completes, 99):.2f} ms"
+        f"latency over {n} single tasks ({a.coordinator}, task isolation {a.task_isolation}): "
+        f"submit→start p50 {percentile(starts, 50):.2f} ms, p99 {percentile(starts, 99):.2f} ms; "
+        f"submit→complete seen over REST p50 {percentile(completes, 50):.2f} ms, "
+        f"p99 {percentile(completes, 99):.2f} ms; CPU per task: "
+        + ", ".join(f"{k} {v * 1000:.0f} µs" for k, v in cpu.items())
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -12,15 +13,22 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNITS = {"tasks/s", "ms", "bytes", "s", "ratio"}
 
+_E2E_CPU = {
+    f"end_to_end_cpu_per_task_{k}"
+    for k in ("coordinator", "agent0", "agent1", "agents", "task_side", "submitter")
+}
 EXPECTED = {
     "placement": {"placement"},
-    "end_to_end": {"end_to_end", "raw_spawn", "end_to_end_ratio"},
+    "end_to_end": {"end_to_end", "raw_spawn", "end_to_end_ratio", *_E2E_CPU},
     "latency": {
         "latency_submit_to_start_p50",
         "latency_submit_to_start_p99",
         "latency_submit_to_complete_p50",
         "latency_submit_to_complete_p99",
+        "latency_cpu_per_task_coordinator",
+        "latency_cpu_per_task_agents",
     },
+    "peers": {"raw_spawn"},
     "memory": {"coordinator_rss_per_queued_task", "idle_agent_rss"},
     "recovery": {"coordinator_restart", "coordinator_restore_in_process"},
     "trace_replay": {
@@ -33,12 +41,32 @@ EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_benchmark_quick(name: str) -> None:
+# Rows a peer adds when it is installed (`pip install -e '.[bench]'`); without it, a note instead.
+PEER_ROWS = {
+    "hyperqueue": {
+        "peer_hyperqueue",
+        "peer_hyperqueue_ratio",
+        "peer_hyperqueue_cpu_per_task_server_workers_client",
+        "peer_hyperqueue_cpu_per_task_task_side",
+    },
+    "dask": {
+        "peer_dask",
+        "peer_dask_ratio",
+        "peer_dask_cpu_per_task_scheduler_client",
+        "peer_dask_cpu_per_task_workers",
+        "peer_dask_cpu_per_task_task_side",
+    },
+}
+WITH_PEERS = {"end_to_end", "peers"}
+
+
+def _run(name: str, argv: list[str], pythonpath: str = "") -> tuple[list[dict], str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (pythonpath, REPO, env.get("PYTHONPATH", "")) if p
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", f"benchmarks.{name}", "--quick"],
+        [sys.executable, "-m", f"benchmarks.{name}", "--quick", *argv],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -56,5 +84,60 @@ def test_benchmark_quick(name: str) -> None:
         assert row["value"] == row["value"], row  # not NaN
         assert row["value"] >= 0, row
         assert row["unit"] in UNITS, row
-    assert {r["name"] for r in rows} == EXPECTED[name]
     assert proc.stderr.strip(), "no human summary"
+    return rows, proc.stderr
+
+
+def _peer_rows(name: str, stderr: str) -> set[str]:
+    """What the peers that ran add to `name`'s rows; a peer that did not run must say why."""
+    out: set[str] = set()
+    for peer, rows in PEER_ROWS.items():
+        if f"peers: {peer}: " in stderr:
+            assert "skipped" in stderr or "failed" in stderr or "timed out" in stderr, stderr
+            continue
+        out |= rows
+        if name == "end_to_end":
+            out.add(f"end_to_end_vs_{peer}")
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_benchmark_quick(name: str) -> None:
+    rows, stderr = _run(name, [])
+    expected = EXPECTED[name] | (_peer_rows(name, stderr) if name in WITH_PEERS else set())
+    assert {r["name"] for r in rows} == expected
+
+
+def test_end_to_end_on_tvm_up() -> None:
+    """The same workload against a default `tvm up` subprocess, over signed REST."""
+    rows, _ = _run("end_to_end", ["--coordinator", "up", "--peers", "none"])
+    assert {r["name"] for r in rows} == EXPECTED["end_to_end"] | {
+        "end_to_end_cpu_per_task_rest_poller"
+    }
+    assert all(r["parameters"].get("coordinator", "up") == "up" for r in rows)
+
+
+def test_peers_not_installed_are_skipped_with_a_note(tmp_path: pathlib.Path) -> None:
+    """With both peers unimportable, only the raw spawn rate is measured and each peer says why."""
+    for mod in ("hyperqueue", "dask"):
+        pkg = tmp_path / mod
+        pkg.mkdir()
+        (pkg / "__init__.py").write_text(f"raise ImportError('{mod} hidden by the test')\n")
+    rows, stderr = _run("peers", ["--tasks", "20"], pythonpath=str(tmp_path))
+    assert {r["name"] for r in rows} == {"raw_spawn"}
+    for mod in ("hyperqueue", "dask"):
+        assert f"peers: {mod}: not installed ({mod} hidden by the test): skipped" in stderr, stderr
+    assert "pip install -e '.[bench]'" in stderr
+
+
+def test_peers_refuse_an_unknown_peer() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.peers", "--quick", "--peers", "slurm"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "unknown peer(s) slurm" in proc.stderr
+    assert proc.stdout == ""
