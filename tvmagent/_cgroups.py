@@ -277,6 +277,7 @@ class TaskCgroup:
         self._handles: tuple[int, tuple[int, ...]] | None = None  # see launch_handles()
         self._limits: tuple[int | None, int | None] = (None, None)  # as last written
         self._oom_base = 0  # oom kills counted before this task (a reused cgroup keeps counting)
+        self._oom_counter = False  # v1 memory.oom_control has an oom_kill count (kernel >= 4.13)
 
     def rearm(self, memory_bytes: int | None, pids: int | None) -> None:
         """Ready the (new or reused, empty) cgroup for one task: its limits, a zero oom count."""
@@ -284,10 +285,12 @@ class TaskCgroup:
             self.set_limits(memory_bytes, pids)
         self._oom_base = 0
         if self.enforces("memory"):
-            if "memory" in self.dirs:  # v1: the fallback evidence (failcnt) starts from zero again
+            self._oom_base = self._oom_count()
+            if "memory" in self.dirs and not self._oom_counter:
+                # v1 without an oom_kill counter: the fallback evidence (failcnt) starts at zero
                 with contextlib.suppress(OSError):
                     _write(os.path.join(self.dirs["memory"], "memory.failcnt"), "0")
-            self._oom_base = self._oom_count()
+                self._oom_base = 0
 
     def exists(self) -> bool:
         return all(os.path.isdir(d) for d in self.dirs.values())
@@ -416,6 +419,7 @@ class TaskCgroup:
                 md = self.dirs["memory"]
                 ctl = parse_flat_keyed(_read(os.path.join(md, "memory.oom_control")))
                 if "oom_kill" in ctl:
+                    self._oom_counter = True
                     return ctl["oom_kill"]
                 # Old kernels have no counter: hitting the limit is the best evidence left.
                 return 1 if int(_read(os.path.join(md, "memory.failcnt")).strip() or 0) else 0

@@ -193,6 +193,7 @@ class TaskRunner:
             return spec
 
         # argv: a placeholder until prepare() splits the command line in the worker thread.
+        use_bwrap = self.use_bwrap or iso.pool_bwrap
         spec = ProcessSpec(
             argv=["-"],
             cwd=cwd,
@@ -200,9 +201,9 @@ class TaskRunner:
             stdout_path=out,
             stderr_path=err,
             run_as=None if elevated else (self.task_user or None),
-            use_bwrap=self.use_bwrap or iso.pool_bwrap,
+            use_bwrap=use_bwrap,
             name=name,
-            **iso.bwrap_paths(),  # type: ignore[arg-type]
+            **(iso.bwrap_paths() if use_bwrap else {}),  # type: ignore[arg-type]
             **self.limits.process_limits(),  # type: ignore[arg-type]
         )
         try:
