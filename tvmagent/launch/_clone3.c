@@ -164,18 +164,39 @@ static int bytes_array(PyObject *seq, const char *what, char ***out, PyObject **
         PyErr_NoMemory();
         return -1;
     }
-    for (i = 0; i < n; i++) {
-        PyObject *b = PyTuple_GET_ITEM(t, i);
-        if (!PyBytes_Check(b) || (Py_ssize_t)strlen(PyBytes_AS_STRING(b)) != PyBytes_GET_SIZE(b)) {
-            PyErr_Format(PyExc_ValueError, "%s items must be bytes without NUL", what);
+    /* str items are encoded here (the file system encoding, as os.fsencode does) and kept in
+     * a new tuple; bytes are taken as they are. */
+    {
+        PyObject *enc = PyTuple_New(n);
+        if (enc == NULL) {
             PyMem_Free(*out);
             *out = NULL;
             Py_DECREF(t);
             return -1;
         }
-        (*out)[i] = PyBytes_AS_STRING(b);
+        for (i = 0; i < n; i++) {
+            PyObject *item = PyTuple_GET_ITEM(t, i), *b = NULL;
+            if (PyUnicode_Check(item))
+                b = PyUnicode_EncodeFSDefault(item);
+            else if (PyBytes_Check(item))
+                b = Py_NewRef(item);
+            if (b == NULL || (Py_ssize_t)strlen(PyBytes_AS_STRING(b)) != PyBytes_GET_SIZE(b)) {
+                if (b != NULL || !PyErr_Occurred())
+                    PyErr_Format(PyExc_ValueError, "%s items must be str or bytes without NUL",
+                                 what);
+                Py_XDECREF(b);
+                PyMem_Free(*out);
+                *out = NULL;
+                Py_DECREF(enc);
+                Py_DECREF(t);
+                return -1;
+            }
+            PyTuple_SET_ITEM(enc, i, b);
+            (*out)[i] = PyBytes_AS_STRING(b);
+        }
+        Py_DECREF(t);
+        *keep = enc;
     }
-    *keep = t;
     return 0;
 }
 

@@ -153,12 +153,11 @@ def spawn(
     child is born in; `join_fds`: v1 ``tasks`` files it writes itself into before anything else;
     `ids`: (uid, gid, supplementary groups) to switch to; `rlimits`: (resource, soft, hard)."""
     assert _clone3 is not None, "check fast_available() first"
-    envp = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
     try:
         pid, pidfd = _clone3.spawn(
             os.fsencode(exe),
-            [os.fsencode(a) for a in argv],
-            envp,
+            argv,
+            [f"{k}={v}" for k, v in env.items()],  # encoded in C
             os.fsencode(cwd),
             stdio,
             cgroup_fd,
