@@ -12,6 +12,7 @@ import msgspec
 
 from coordinator.common import models as m
 
+from .freeslots import RunningTasks
 from .states import ACTIVE as ACTIVE
 from .states import COMPLETED as COMPLETED
 from .states import RUNNING as RUNNING
@@ -209,11 +210,13 @@ class AgentInfo:
 class Tvm:
     """A TVM in memory: its record plus what runs on it now."""
 
-    __slots__ = ("rec", "running", "slots", "last_heartbeat", "ready")
+    __slots__ = ("rec", "running", "slots", "last_heartbeat", "ready", "index")
 
     def __init__(self, rec: TvmRec, slots: int) -> None:
         self.rec = rec
-        self.running: dict[str, TaskRec] = {}
+        # The pool's free-slot index while the TVM is in the store (freeslots.py keeps it exact).
+        self.index: dict[str, Tvm] | None = None
+        self.running: dict[str, TaskRec] = RunningTasks(self)
         self.slots = slots
         self.last_heartbeat: float | None = None
         self.ready = False

@@ -105,13 +105,15 @@ class Scheduler:
             pool = s.pools.get(pool_name)
             if pool is None or pool.state != "active":
                 continue
+            free = s.free_slots.by_pool.get(pool_name)
+            if not free:
+                continue
+            # Only TVMs with a free slot (the index), not a scan of every TVM of the account.
             tvms = [
                 t
-                for t in s.tvms.values()
-                if t.rec.pool == pool_name
-                and t.rec.state in ("idle", "running")
+                for t in free.values()
+                if t.rec.state in ("idle", "running")
                 and t.rec.scheduling == "enabled"
-                and t.free > 0
                 and (a := agents.get(t.rec.agent_id)) is not None
                 and a.connected
                 and not self._exclusive_held(t)

@@ -15,6 +15,7 @@ import msgspec
 from coordinator.common.errors import not_found
 from protocol.ports import PortRangeConfig
 
+from .freeslots import FreeSlots, TvmTable
 from .records import (
     ACTIVE,
     RUNNING,
@@ -77,7 +78,9 @@ class Store:
         self.heartbeat_timeout = heartbeat_timeout
         self.max_pool_size = max_pool_size
         self.pools: dict[str, PoolRec] = {}
-        self.tvms: dict[str, Tvm] = {}
+        # TVMs by name; putting one in or taking it out keeps `free_slots` exact (freeslots.py).
+        self.free_slots = FreeSlots()
+        self.tvms: dict[str, Tvm] = TvmTable(self.free_slots)
         self.agents: dict[str, AgentInfo] = {}
         self.workitems: dict[str, WorkitemRec] = {}
         self.jobs: dict[str, Job] = {}  # "wi/job"
