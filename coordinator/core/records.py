@@ -55,6 +55,55 @@ class TaskRec(msgspec.Struct, array_like=True, gc=False, kw_only=True):
     attempt: int = 0
 
 
+# Journal kind of a task's completion delta (TaskDone): one row per task, beside its full row.
+TASK_DONE = "taskdone"
+
+
+class TaskDone(msgspec.Struct, array_like=True, gc=False):
+    """What recording a completion changes on a task: journaled instead of the whole record (a
+    completion is one small row). Restore lays it over the task's full row; any later full row of
+    the task deletes it (`Runs.put_task`), so a delta is never older than the row beneath it."""
+
+    state: TaskState
+    state_time: float
+    prev_state: str | None
+    start_time: float | None
+    end_time: float | None
+    exit_code: int | None
+    retry_count: int
+    last_retry: float | None
+    failure: tuple[str, str, str] | None
+    tvm: str | None
+
+    @classmethod
+    def of(cls, t: TaskRec) -> TaskDone:
+        return cls(
+            t.state,
+            t.state_time,
+            t.prev_state,
+            t.start_time,
+            t.end_time,
+            t.exit_code,
+            t.retry_count,
+            t.last_retry,
+            t.failure,
+            t.tvm,
+        )
+
+    def apply(self, t: TaskRec) -> None:
+        # Restore only: the journal held this state, so no transition is made here.
+        t.state = self.state
+        t.state_time = self.state_time
+        t.prev_state = self.prev_state
+        t.start_time = self.start_time
+        t.end_time = self.end_time
+        t.exit_code = self.exit_code
+        t.retry_count = self.retry_count
+        t.last_retry = self.last_retry
+        t.failure = self.failure
+        t.tvm = self.tvm
+
+
 class JobRec(msgspec.Struct, kw_only=True):
     workitem: str
     name: str

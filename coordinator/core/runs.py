@@ -8,10 +8,12 @@ from __future__ import annotations
 from protocol import messages as pm
 
 from .instructions import ENCODER, Outbox, Write
-from .records import ACTIVE, COMPLETED, RUNNING, Job, TaskRec, Tvm
+from .records import ACTIVE, COMPLETED, RUNNING, TASK_DONE, Job, TaskDone, TaskRec, Tvm
 from .specs import DEFAULT_RETENTION_S, WALL_CLOCK_EXIT_CODE, resource_file
 from .states import TvmState, move_task, move_tvm
 from .store import Store
+
+_BUSY_OR_IDLE = ("idle", "running")
 
 
 class Runs:
@@ -21,15 +23,25 @@ class Runs:
 
     def put_task(self, job: Job, task: TaskRec) -> None:
         # Once or twice per task: the journal write is built here rather than through Outbox.put.
-        self.out.fx.writes.append(
-            Write("task", f"{job.rec.workitem}/{job.rec.name}/{task.name}", ENCODER.encode(task))
-        )
+        key = f"{job.rec.workitem}/{job.rec.name}/{task.name}"
+        writes = self.out.fx.writes
+        writes.append(Write("task", key, ENCODER.encode(task)))
+        if task.exit_code is not None:  # a completion was recorded: its delta row is superseded
+            writes.append(Write(TASK_DONE, key, None))
+
+    def put_task_done(self, key: str, task: TaskRec) -> None:
+        """Journal a recorded completion (finished, or back in the queue for a retry) as a small
+        delta row rather than the whole task."""
+        self.out.fx.writes.append(Write(TASK_DONE, key, ENCODER.encode(TaskDone.of(task))))
 
     def set_tvm_state(self, tvm: Tvm, state: TvmState) -> None:
         if tvm.rec.state != state:
-            move_tvm(tvm.rec, state)
+            old = move_tvm(tvm.rec, state)
             tvm.rec.state_time = self.s.clock()
-            self.out.put("tvm", tvm.rec.name, tvm.rec)
+            # idle <-> running follows from the running tasks, which are not journaled either:
+            # restore derives it (Store.restore, Agents.hello), so a flip costs no journal row.
+            if not (old in _BUSY_OR_IDLE and state in _BUSY_OR_IDLE):
+                self.out.put("tvm", tvm.rec.name, tvm.rec)
 
     def jm_env(self, job: Job) -> dict[str, str]:
         """What a job manager needs to call the service for its own job."""

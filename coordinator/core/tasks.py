@@ -9,7 +9,7 @@ from protocol import messages as pm
 
 from .instructions import Outbox
 from .jobs import Jobs
-from .records import ACTIVE, COMPLETED, RUNNING, Job, TaskRec, Tvm
+from .records import ACTIVE, COMPLETED, RUNNING, TASK_DONE, Job, TaskRec, Tvm
 from .runs import Runs
 from .specs import MAX_COLLECTION, WALL_CLOCK_EXIT_CODE, check_files, task_constraints
 from .states import move_task
@@ -135,6 +135,7 @@ class Tasks:
         self.runs.forget_task(job, task)
         del job.tasks[name]
         self.out.delete("task", f"{job.key}/{name}")
+        self.out.delete(TASK_DONE, f"{job.key}/{name}")
 
     # ------------------------------------------------------------------ events
 
@@ -187,7 +188,7 @@ class Tasks:
             move_task(task, COMPLETED)
             task.end_time = msg.end_time
             task.failure = (failure.category, failure.code, failure.message) if failure else None
-        self.runs.put_task(job, task)
+        self.runs.put_task_done(msg.key, task)
         if task.state == COMPLETED:
             self.jobs.task_done(job, task)  # job manager done / all tasks complete
 
