@@ -1,10 +1,11 @@
 """The per-pool index of TVMs with a free slot, kept exact by the two containers that change it.
 
 A placement pass used to look at every TVM of the account to find the few with room: with 1,000
-TVMs that scan, run once per agent frame, cost more than everything else a task needs. Instead, a
-TVM's `running` map (`RunningTasks`) and the store's table of TVMs (`TvmTable`) keep
-`FreeSlots.by_pool[pool]` equal to "the TVMs in the table with fewer tasks than slots", whatever
-code adds or removes a run or a TVM. The scheduler still checks state, scheduling, connection and
+TVMs that scan, run once per agent frame, cost more than everything else a task needs. Instead, the
+store's table of TVMs (`TvmTable`) and each TVM's `running` map (`RunningTasks`) keep, per pool, a
+superset of the TVMs with a free slot: a TVM enters when it is added and whenever a task leaves it,
+whatever code removes the task; `with_room` drops the ones that filled up (lazily, so a placement,
+the hot path, costs nothing extra). The scheduler still checks state, scheduling, connection and
 exclusivity on what the index gives it; the index only saves the scan of full TVMs.
 """
 
@@ -25,10 +26,15 @@ class _Owner(Protocol):
     running: dict[str, Any]
 
 
+_pop = dict.pop
+_delitem = dict.__delitem__
+_clear = dict.clear
+
+
 class RunningTasks(dict[str, Any]):
-    """A TVM's running tasks (task key -> TaskRec) that tells the pool's index when the TVM fills up
-    or gets room again. Only the methods the core uses change it; the others are refused so the index
-    can never be bypassed."""
+    """A TVM's running tasks (task key -> TaskRec) that puts the TVM back among its pool's candidates
+    whenever a slot frees. Adding a task (one per placement) is the plain dict's: a TVM that fills up
+    is dropped from the candidates by the next `FreeSlots.with_room`, not here."""
 
     __slots__ = ("owner",)
 
@@ -36,51 +42,57 @@ class RunningTasks(dict[str, Any]):
         super().__init__()
         self.owner = owner
 
-    def _sync(self) -> None:
-        o = self.owner
-        index = o.index
-        if index is None:
-            return
-        if len(self) < o.slots:
-            index[o.rec.name] = o
-        else:
-            index.pop(o.rec.name, None)
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        super().__setitem__(key, value)
-        self._sync()
-
     def __delitem__(self, key: str) -> None:
-        super().__delitem__(key)
-        self._sync()
+        _delitem(self, key)
+        o = self.owner
+        if o.index is not None:
+            o.index[o.rec.name] = o
 
     def pop(self, key: str, *default: Any) -> Any:
-        value = super().pop(key, *default)
-        self._sync()
+        value = _pop(self, key, *default)
+        o = self.owner
+        if o.index is not None:
+            o.index[o.rec.name] = o
         return value
 
     def clear(self) -> None:
-        super().clear()
-        self._sync()
+        _clear(self)
+        o = self.owner
+        if o.index is not None:
+            o.index[o.rec.name] = o
 
-    def _refused(self, *_: Any, **__: Any) -> Any:
-        raise TypeError("RunningTasks changes only through [k]=v, del, pop and clear")
-
-    update = setdefault = popitem = __ior__ = _refused  # type: ignore[assignment]
+    def popitem(self) -> tuple[str, Any]:
+        raise TypeError("RunningTasks frees slots only through del, pop and clear")
 
 
 class FreeSlots:
-    """pool name -> {TVM name: TVM} of the TVMs with at least one free slot."""
+    """pool name -> {TVM name: TVM}: every TVM of the pool with a free slot, and perhaps some that
+    filled up since the last `with_room` (which drops them)."""
 
     __slots__ = ("by_pool",)
 
     def __init__(self) -> None:
         self.by_pool: dict[str, dict[str, Any]] = {}
 
+    def with_room(self, pool: str) -> list[Any]:
+        """The pool's TVMs with at least one free slot (exact)."""
+        index = self.by_pool.get(pool)
+        if not index:
+            return []
+        out = []
+        full = []
+        for name, t in index.items():
+            if len(t.running) < t.slots:
+                out.append(t)
+            else:
+                full.append(name)
+        for name in full:
+            del index[name]
+        return out
+
     def attach(self, tvm: _Owner) -> None:
         index = tvm.index = self.by_pool.setdefault(tvm.rec.pool, {})
-        if len(tvm.running) < tvm.slots:
-            index[tvm.rec.name] = tvm
+        index[tvm.rec.name] = tvm
 
     def detach(self, tvm: _Owner) -> None:
         if tvm.index is not None:

@@ -105,13 +105,10 @@ class Scheduler:
             pool = s.pools.get(pool_name)
             if pool is None or pool.state != "active":
                 continue
-            free = s.free_slots.by_pool.get(pool_name)
-            if not free:
-                continue
             # Only TVMs with a free slot (the index), not a scan of every TVM of the account.
             tvms = [
                 t
-                for t in free.values()
+                for t in s.free_slots.with_room(pool_name)
                 if t.rec.state in ("idle", "running")
                 and t.rec.scheduling == "enabled"
                 and (a := agents.get(t.rec.agent_id)) is not None
