@@ -31,8 +31,14 @@ class Tasks:
             raise bad_request(
                 "MissingRequiredProperty", "commandLine must not be empty", field="commandLine"
             )
-        env = check_env(req.environment_settings, "environmentSettings")
-        check_files(req.resource_files, "resourceFiles")
+        # Skipped when empty (the common task): this runs once per task added.
+        env = (
+            check_env(req.environment_settings, "environmentSettings")
+            if req.environment_settings
+            else None
+        )
+        if req.resource_files:
+            check_files(req.resource_files, "resourceFiles")
         max_wall = max_retries = retention = None
         c = req.task_constraints
         if c is not None:

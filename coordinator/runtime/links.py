@@ -126,6 +126,7 @@ async def serve_agent(
                 nursery.start_soon(svc.ack_committed, link, connection_id)
                 while True:
                     data = await _receive_bytes(receive)
+                    link.frames_in += 1
                     received = link.session.receive_frame(data)
                     await svc.agent_batch(link, received)
         except BaseExceptionGroup as group:
@@ -190,6 +191,7 @@ async def _writer(
         frame = session.next_frame()
         if frame is None:
             continue
+        link.frames_out += 1
         await send({"type": "websocket.send", "bytes": frame})
     scope.cancel()
 

@@ -47,6 +47,8 @@ class AgentLink:
         # (journal barrier, seq): frames applied but not yet durable, acknowledged in this order.
         self.pending_acks: deque[tuple[Ticket, int]] = deque()
         self.acks_wake = trio.Event()
+        self.frames_in = 0  # websocket frames received and sent (benchmarks read them)
+        self.frames_out = 0
 
     def poke(self) -> None:
         self.wake.set()
