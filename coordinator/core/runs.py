@@ -68,28 +68,51 @@ class Runs:
         if tvm.rec.state == "idle":
             move_tvm(tvm.rec, "running")
             tvm.rec.state_time = task.state_time
-        env = dict(job.rec.common_env)
+        rec = job.rec
+        # The job's or the task's dict as it is when only one has variables (the spec only reads it).
+        env = rec.common_env
         if task.env:
-            env.update(task.env)
+            env = {**env, **task.env} if env else task.env
         if task.job_manager:
-            env.update(self.jm_env(job))  # endpoint + job-scoped credential
-        wall = task.max_wall_s if task.max_wall_s is not None else job.rec.max_wall_s
-        spec = pm.TaskSpec(
-            key=key,
-            attempt=task.attempt,
-            command_line=task.command_line,
-            workitem=job.rec.workitem,
-            job=job.rec.name,
-            task=task.name,
-            env=env,
-            resource_files=[resource_file(r) for r in task.resource_files]
-            if task.resource_files
-            else [],
-            max_wall_clock_s=wall or 0.0,
-            retention_s=task.retention_s if task.retention_s is not None else DEFAULT_RETENTION_S,
-            run_elevated=task.run_elevated,
-            job_manager=task.job_manager,
-        )
+            env = {**env, **self.jm_env(job)}  # endpoint + job-scoped credential
+        wall = task.max_wall_s if task.max_wall_s is not None else rec.max_wall_s
+        if (
+            wall
+            or task.resource_files
+            or task.retention_s is not None
+            or task.run_elevated
+            or task.job_manager
+        ):
+            spec = pm.TaskSpec(
+                key=key,
+                attempt=task.attempt,
+                command_line=task.command_line,
+                workitem=rec.workitem,
+                job=rec.name,
+                task=task.name,
+                env=env,
+                resource_files=[resource_file(r) for r in task.resource_files]
+                if task.resource_files
+                else [],
+                max_wall_clock_s=wall or 0.0,
+                retention_s=task.retention_s
+                if task.retention_s is not None
+                else DEFAULT_RETENTION_S,
+                run_elevated=task.run_elevated,
+                job_manager=task.job_manager,
+            )
+        else:
+            # The common task, once per placement: the fields at their defaults are left to them
+            # (the encoder leaves them out either way).
+            spec = pm.TaskSpec(
+                key=key,
+                attempt=task.attempt,
+                command_line=task.command_line,
+                workitem=rec.workitem,
+                job=rec.name,
+                task=task.name,
+                env=env,
+            )
         self.out.send(tvm.rec.agent_id, pm.RunTask(spec=spec))
 
     def off_tvm(self, task_key: str, task: TaskRec) -> Tvm | None:

@@ -18,7 +18,7 @@ from coordinator.rest.limits import WS_AUTHENTICATED
 from protocol import SUBPROTOCOL, ProtocolError, coordinator_codec
 from protocol import messages as pm
 
-from . import agentident
+from . import agentident, wsdirect
 from .agentauth import Verdict
 from .service import AgentLink, CoordinatorService
 
@@ -163,6 +163,7 @@ async def _writer(
 ) -> None:
     session = link.session
     ack_waited = False
+    direct = wsdirect.frame_writer(send)  # None: every frame as an ASGI event
     while link.connection_id == connection_id:
         if link.close_request is not None:
             code, reason = link.close_request
@@ -192,7 +193,10 @@ async def _writer(
         if frame is None:
             continue
         link.frames_out += 1
-        await send({"type": "websocket.send", "bytes": frame})
+        if direct is not None:
+            await direct(frame)
+        else:
+            await send({"type": "websocket.send", "bytes": frame})
     scope.cancel()
 
 
