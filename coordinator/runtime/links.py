@@ -19,6 +19,7 @@ from protocol import SUBPROTOCOL, ProtocolError, coordinator_codec
 from protocol import messages as pm
 
 from . import agentident, wsdirect
+from .acktimer import AckTimer
 from .agentauth import Verdict
 from .service import AgentLink, CoordinatorService
 
@@ -122,7 +123,9 @@ async def serve_agent(
         )
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_writer, link, connection_id, send, nursery.cancel_scope)
+                nursery.start_soon(
+                    _writer, link, connection_id, send, nursery.cancel_scope, svc.acks
+                )
                 nursery.start_soon(svc.ack_committed, link, connection_id)
                 while True:
                     data = await _receive_bytes(receive)
@@ -151,15 +154,8 @@ async def serve_agent(
             svc.agent_lost(link, connection_id)
 
 
-# How long an acknowledgement alone waits for messages to ride along with. Agents answer RunTasks
-# at once, so under load the ack of one frame of completions leaves with the next RunTask frame
-# instead of in a frame of its own (every websocket frame costs the coordinator ~100 µs). The ack
-# still follows the commit; only its own frame is saved.
-ACK_DELAY = 0.01
-
-
 async def _writer(
-    link: AgentLink, connection_id: int, send: Callable, scope: trio.CancelScope
+    link: AgentLink, connection_id: int, send: Callable, scope: trio.CancelScope, acks: AckTimer
 ) -> None:
     session = link.session
     ack_waited = False
@@ -178,8 +174,8 @@ async def _writer(
                 continue
             if not ack_waited:  # only an ack is due: give messages a moment to join it
                 ack_waited = True
-                with trio.move_on_after(ACK_DELAY):
-                    await link.wake.wait()
+                acks.due(link)  # a poke within ACK_DELAY, if no message comes first
+                await link.wake.wait()
                 link.wake = trio.Event()
                 continue
         ack_waited = False

@@ -9,7 +9,7 @@ from pathlib import Path
 from msgspec.structs import astuple
 
 from coordinator.common import models as m
-from coordinator.core import TASK_DONE, CoordinatorState, Effects
+from coordinator.core import TASK_DONE, CoordinatorState, Effects, Write
 from coordinator.runtime.journal import SqliteStore
 from protocol import messages as pm
 
@@ -168,4 +168,21 @@ def test_restored_tvm_is_idle_until_its_agent_reports_tasks(tmp_path: Path):
     )
     assert twin.rec.state == "running"
     assert set(twin.running) == {specs["a"].key}
+    store.close()
+
+
+def test_puts_in_multi_row_statements_keep_every_row_and_the_last_write_wins(tmp_path: Path):
+    store = SqliteStore(str(tmp_path / "rows.db"))
+    for n in (2, 3, 4, 17, 256, 257, 600):
+        writes = [Write("task", f"n{n}/k{i}", f"{n}:{i}".encode()) for i in range(n)]
+        # The same key again later in the batch (and a delete between two runs of puts).
+        writes.append(Write("task", f"n{n}/k0", b"last"))
+        writes.append(Write("task", f"n{n}/gone", None))
+        writes.append(Write("task", f"n{n}/k{n - 1}", b"after-delete"))
+        store.apply(writes)
+        rows = {k: b for kind, k, b in store.load() if k.startswith(f"n{n}/")}
+        assert len(rows) == n
+        assert rows[f"n{n}/k0"] == b"last"
+        assert rows[f"n{n}/k{n - 1}"] == b"after-delete"
+        assert all(rows[f"n{n}/k{i}"] == f"{n}:{i}".encode() for i in range(1, n - 1))
     store.close()
