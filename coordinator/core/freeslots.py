@@ -1,4 +1,4 @@
-"""The per-pool index of TVMs with a free slot, kept exact by the two containers that change it.
+"""The per-pool index of TVMs with a free slot, kept by the two containers that change it.
 
 A placement pass used to look at every TVM of the account to find the few with room: with 1,000
 TVMs that scan, run once per agent frame, cost more than everything else a task needs. Instead, the
@@ -11,20 +11,7 @@ exclusivity on what the index gives it; the index only saves the scan of full TV
 
 from __future__ import annotations
 
-from typing import Any, Protocol
-
-
-class _Rec(Protocol):
-    name: str
-    pool: str
-
-
-class _Owner(Protocol):
-    rec: _Rec
-    slots: int
-    index: dict[str, Any] | None
-    running: dict[str, Any]
-
+from typing import Any
 
 _pop = dict.pop
 _delitem = dict.__delitem__
@@ -38,7 +25,7 @@ class RunningTasks(dict[str, Any]):
 
     __slots__ = ("owner",)
 
-    def __init__(self, owner: _Owner) -> None:
+    def __init__(self, owner: Any) -> None:  # a records.Tvm (records imports this module)
         super().__init__()
         self.owner = owner
 
@@ -90,11 +77,11 @@ class FreeSlots:
             del index[name]
         return out
 
-    def attach(self, tvm: _Owner) -> None:
+    def attach(self, tvm: Any) -> None:
         index = tvm.index = self.by_pool.setdefault(tvm.rec.pool, {})
         index[tvm.rec.name] = tvm
 
-    def detach(self, tvm: _Owner) -> None:
+    def detach(self, tvm: Any) -> None:
         if tvm.index is not None:
             # The pool's dict stays even when empty: the pool's other TVMs hold it.
             tvm.index.pop(tvm.rec.name, None)
@@ -135,4 +122,4 @@ class TvmTable(dict[str, Any]):
     def _refused(self, *_: Any, **__: Any) -> Any:
         raise TypeError("TvmTable changes only through [k]=v, del, pop and clear")
 
-    update = setdefault = popitem = __ior__ = _refused  # type: ignore[assignment]
+    update = setdefault = popitem = __ior__ = _refused
