@@ -78,6 +78,7 @@ async def run_one(
                     env={"TVM_KEY": rc.key},
                 )
                 commits0 = svc.journal.commits
+                frames0 = _frames(svc)
                 cpu0 = time.process_time()
                 sims0 = proc_cpu(sims.pid)
                 try:
@@ -85,6 +86,7 @@ async def run_one(
                         lambda: job_finished(core, "wi/job-0000000001", n), 600, f"{n} completions"
                     )
                     done = time.time()
+                    frames = _frames(svc)
                     cpu = time.process_time() - cpu0
                     sims_cpu = proc_cpu(sims.pid) - sims0
                     sub_cpu = proc_cpu(
@@ -100,12 +102,24 @@ async def run_one(
                     "elapsed": done - times["first"],
                     "submit_s": times["last"] - times["first"],
                     "commits": svc.journal.commits - commits0,
+                    "frames_in": frames[0] - frames0[0],
+                    "frames_out": frames[1] - frames0[1],
                     "cpu": cpu,
                     "sims_cpu": sims_cpu,
                     "sub_cpu": sub_cpu,
                 }
             finally:
                 stop(sims)
+
+
+def _frames(svc: object) -> tuple[int, int]:
+    """Websocket frames (in, out) over every agent link so far (0, 0 for a coordinator without
+    the counters)."""
+    links = getattr(svc, "links", {}).values()
+    return (
+        sum(getattr(link, "frames_in", 0) for link in links),
+        sum(getattr(link, "frames_out", 0) for link in links),
+    )
 
 
 def proc_cpu(pid: int) -> float:
@@ -151,6 +165,7 @@ def main() -> None:
         say(
             f"placement: K={k} agents x {a.slots} slots, {n} tasks: {rate:,.0f} tasks/s "
             f"({r['elapsed']:.2f} s; submitting alone took {r['submit_s']:.2f} s; {r['commits']} journal commits; "
+            f"frames in/out {r['frames_in']}/{r['frames_out']}; "
             f"CPU per task: coordinator {r['cpu'] / n * 1e6:.0f} µs, simulated agents {r['sims_cpu'] / n * 1e6:.0f} µs, "
             f"submitter {r['sub_cpu'] / n * 1e6:.0f} µs; "
             f"load average {os.getloadavg()[0]:.1f})"

@@ -14,6 +14,7 @@ from .instructions import Effects as Effects
 from .instructions import Provision as Provision
 from .instructions import Send as Send
 from .instructions import Write as Write
+from .records import TASK_DONE as TASK_DONE
 from .records import CertRec as CertRec
 from .specs import MAX_COLLECTION as MAX_COLLECTION
 from .specs import WALL_CLOCK_EXIT_CODE as WALL_CLOCK_EXIT_CODE

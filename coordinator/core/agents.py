@@ -92,7 +92,8 @@ class Agents:
         for r in [*hello.running, *hello.finished]:
             self._reconcile_running(tvm, r)
         self._requeue_unreported(tvm, hello, in_flight)
-        if tvm.rec.state == "unknown":
+        if tvm.rec.state in ("unknown", "idle", "running"):
+            # Also after a restore: the journal does not hold idle <-> running (Runs.set_tvm_state).
             self.runs.set_tvm_state(tvm, "running" if tvm.running else "idle")
         self._end_recovery_if_complete()
 

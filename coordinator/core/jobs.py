@@ -20,7 +20,7 @@ from coordinator.common.validation import check_env, check_name, check_range
 
 from .instructions import Outbox
 from .pools import Pools
-from .records import ACTIVE, COMPLETED, Job, JobRec, TaskRec, WorkitemRec
+from .records import ACTIVE, COMPLETED, TASK_DONE, Job, JobRec, TaskRec, WorkitemRec
 from .runs import Runs
 from .schedules import Plan, decide, parse_schedule
 from .specs import check_all_complete, check_files, job_constraints, task_constraints
@@ -323,6 +323,7 @@ class Jobs:
         del self.s.jobs[job.key]
         self.out.delete("job", job.key)
         self.out.delete("task", job.key + "/", prefix=True)
+        self.out.delete(TASK_DONE, job.key + "/", prefix=True)
 
     def _set_job_state(self, job: Job, state: JobState, now: float) -> None:
         if job.rec.state != state:

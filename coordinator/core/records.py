@@ -12,6 +12,7 @@ import msgspec
 
 from coordinator.common import models as m
 
+from .freeslots import RunningTasks
 from .states import ACTIVE as ACTIVE
 from .states import COMPLETED as COMPLETED
 from .states import RUNNING as RUNNING
@@ -52,6 +53,55 @@ class TaskRec(msgspec.Struct, array_like=True, gc=False, kw_only=True):
     pool: str | None = None
     tvm: str | None = None
     attempt: int = 0
+
+
+# Journal kind of a task's completion delta (TaskDone): one row per task, beside its full row.
+TASK_DONE = "taskdone"
+
+
+class TaskDone(msgspec.Struct, array_like=True, gc=False):
+    """What recording a completion changes on a task: journaled instead of the whole record (a
+    completion is one small row). Restore lays it over the task's full row; any later full row of
+    the task deletes it (`Runs.put_task`), so a delta is never older than the row beneath it."""
+
+    state: TaskState
+    state_time: float
+    prev_state: str | None
+    start_time: float | None
+    end_time: float | None
+    exit_code: int | None
+    retry_count: int
+    last_retry: float | None
+    failure: tuple[str, str, str] | None
+    tvm: str | None
+
+    @classmethod
+    def of(cls, t: TaskRec) -> TaskDone:
+        return cls(
+            t.state,
+            t.state_time,
+            t.prev_state,
+            t.start_time,
+            t.end_time,
+            t.exit_code,
+            t.retry_count,
+            t.last_retry,
+            t.failure,
+            t.tvm,
+        )
+
+    def apply(self, t: TaskRec) -> None:
+        # Restore only: the journal held this state, so no transition is made here.
+        t.state = self.state
+        t.state_time = self.state_time
+        t.prev_state = self.prev_state
+        t.start_time = self.start_time
+        t.end_time = self.end_time
+        t.exit_code = self.exit_code
+        t.retry_count = self.retry_count
+        t.last_retry = self.last_retry
+        t.failure = self.failure
+        t.tvm = self.tvm
 
 
 class JobRec(msgspec.Struct, kw_only=True):
@@ -209,11 +259,13 @@ class AgentInfo:
 class Tvm:
     """A TVM in memory: its record plus what runs on it now."""
 
-    __slots__ = ("rec", "running", "slots", "last_heartbeat", "ready")
+    __slots__ = ("rec", "running", "slots", "last_heartbeat", "ready", "index")
 
     def __init__(self, rec: TvmRec, slots: int) -> None:
         self.rec = rec
-        self.running: dict[str, TaskRec] = {}
+        # The pool's free-slot index while the TVM is in the store (freeslots.py keeps it exact).
+        self.index: dict[str, Tvm] | None = None
+        self.running: dict[str, TaskRec] = RunningTasks(self)
         self.slots = slots
         self.last_heartbeat: float | None = None
         self.ready = False

@@ -8,10 +8,12 @@ from __future__ import annotations
 from protocol import messages as pm
 
 from .instructions import ENCODER, Outbox, Write
-from .records import ACTIVE, COMPLETED, RUNNING, Job, TaskRec, Tvm
+from .records import ACTIVE, COMPLETED, RUNNING, TASK_DONE, Job, TaskDone, TaskRec, Tvm
 from .specs import DEFAULT_RETENTION_S, WALL_CLOCK_EXIT_CODE, resource_file
 from .states import TvmState, move_task, move_tvm
 from .store import Store
+
+_BUSY_OR_IDLE = ("idle", "running")
 
 
 class Runs:
@@ -21,15 +23,25 @@ class Runs:
 
     def put_task(self, job: Job, task: TaskRec) -> None:
         # Once or twice per task: the journal write is built here rather than through Outbox.put.
-        self.out.fx.writes.append(
-            Write("task", f"{job.rec.workitem}/{job.rec.name}/{task.name}", ENCODER.encode(task))
-        )
+        key = f"{job.rec.workitem}/{job.rec.name}/{task.name}"
+        writes = self.out.fx.writes
+        writes.append(Write("task", key, ENCODER.encode(task)))
+        if task.exit_code is not None:  # a completion was recorded: its delta row is superseded
+            writes.append(Write(TASK_DONE, key, None))
+
+    def put_task_done(self, key: str, task: TaskRec) -> None:
+        """Journal a recorded completion (finished, or back in the queue for a retry) as a small
+        delta row rather than the whole task."""
+        self.out.fx.writes.append(Write(TASK_DONE, key, ENCODER.encode(TaskDone.of(task))))
 
     def set_tvm_state(self, tvm: Tvm, state: TvmState) -> None:
         if tvm.rec.state != state:
-            move_tvm(tvm.rec, state)
+            old = move_tvm(tvm.rec, state)
             tvm.rec.state_time = self.s.clock()
-            self.out.put("tvm", tvm.rec.name, tvm.rec)
+            # idle <-> running follows from the running tasks, which are not journaled either:
+            # restore derives it (Store.restore, Agents.hello), so a flip costs no journal row.
+            if not (old in _BUSY_OR_IDLE and state in _BUSY_OR_IDLE):
+                self.out.put("tvm", tvm.rec.name, tvm.rec)
 
     def jm_env(self, job: Job) -> dict[str, str]:
         """What a job manager needs to call the service for its own job."""
@@ -56,28 +68,51 @@ class Runs:
         if tvm.rec.state == "idle":
             move_tvm(tvm.rec, "running")
             tvm.rec.state_time = task.state_time
-        env = dict(job.rec.common_env)
+        rec = job.rec
+        # The job's or the task's dict as it is when only one has variables (the spec only reads it).
+        env = rec.common_env
         if task.env:
-            env.update(task.env)
+            env = {**env, **task.env} if env else task.env
         if task.job_manager:
-            env.update(self.jm_env(job))  # endpoint + job-scoped credential
-        wall = task.max_wall_s if task.max_wall_s is not None else job.rec.max_wall_s
-        spec = pm.TaskSpec(
-            key=key,
-            attempt=task.attempt,
-            command_line=task.command_line,
-            workitem=job.rec.workitem,
-            job=job.rec.name,
-            task=task.name,
-            env=env,
-            resource_files=[resource_file(r) for r in task.resource_files]
-            if task.resource_files
-            else [],
-            max_wall_clock_s=wall or 0.0,
-            retention_s=task.retention_s if task.retention_s is not None else DEFAULT_RETENTION_S,
-            run_elevated=task.run_elevated,
-            job_manager=task.job_manager,
-        )
+            env = {**env, **self.jm_env(job)}  # endpoint + job-scoped credential
+        wall = task.max_wall_s if task.max_wall_s is not None else rec.max_wall_s
+        if (
+            wall
+            or task.resource_files
+            or task.retention_s is not None
+            or task.run_elevated
+            or task.job_manager
+        ):
+            spec = pm.TaskSpec(
+                key=key,
+                attempt=task.attempt,
+                command_line=task.command_line,
+                workitem=rec.workitem,
+                job=rec.name,
+                task=task.name,
+                env=env,
+                resource_files=[resource_file(r) for r in task.resource_files]
+                if task.resource_files
+                else [],
+                max_wall_clock_s=wall or 0.0,
+                retention_s=task.retention_s
+                if task.retention_s is not None
+                else DEFAULT_RETENTION_S,
+                run_elevated=task.run_elevated,
+                job_manager=task.job_manager,
+            )
+        else:
+            # The common task, once per placement: the fields at their defaults are left to them
+            # (the encoder leaves them out either way).
+            spec = pm.TaskSpec(
+                key=key,
+                attempt=task.attempt,
+                command_line=task.command_line,
+                workitem=rec.workitem,
+                job=rec.name,
+                task=task.name,
+                env=env,
+            )
         self.out.send(tvm.rec.agent_id, pm.RunTask(spec=spec))
 
     def off_tvm(self, task_key: str, task: TaskRec) -> Tvm | None:

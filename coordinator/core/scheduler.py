@@ -101,20 +101,26 @@ class Scheduler:
                 by_pool.setdefault(job.rec.pool, []).append(job)
         agents = s.agents
         start = self.runs.start
+        # Without a job manager anywhere no TVM can be held for one: skip the look at every
+        # candidate's running tasks (with 1,000 TVMs, most of a pass's cost).
+        held = (
+            self._exclusive_held
+            if self.jm_reserved or any(j.rec.jm_name for j in s.jobs.values())
+            else None
+        )
         for pool_name, jobs in by_pool.items():
             pool = s.pools.get(pool_name)
             if pool is None or pool.state != "active":
                 continue
+            # Only TVMs with a free slot (the index), not a scan of every TVM of the account.
             tvms = [
                 t
-                for t in s.tvms.values()
-                if t.rec.pool == pool_name
-                and t.rec.state in ("idle", "running")
+                for t in s.free_slots.with_room(pool_name)
+                if t.rec.state in ("idle", "running")
                 and t.rec.scheduling == "enabled"
-                and t.free > 0
                 and (a := agents.get(t.rec.agent_id)) is not None
                 and a.connected
-                and not self._exclusive_held(t)
+                and (held is None or not held(t))
             ]
             for job, task, tvm in place(tvms, jobs, pool.spec.tvm_fill_type):
                 start(job, task, tvm)

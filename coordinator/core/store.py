@@ -15,25 +15,29 @@ import msgspec
 from coordinator.common.errors import not_found
 from protocol.ports import PortRangeConfig
 
+from .freeslots import FreeSlots, TvmTable
 from .records import (
     ACTIVE,
     RUNNING,
+    TASK_DONE,
     VM_SIZES,
     AgentInfo,
     CertRec,
     Job,
     JobRec,
     PoolRec,
+    TaskDone,
     TaskRec,
     Tvm,
     TvmRec,
     WorkitemRec,
 )
-from .states import move_task
+from .states import move_task, move_tvm
 
 DEFAULT_PORT_RANGE = (1100, 32767, 50)  # below the Linux default ephemeral range 32768-60999
 
 _task_dec = msgspec.msgpack.Decoder(TaskRec)
+_done_dec = msgspec.msgpack.Decoder(TaskDone)
 _job_dec = msgspec.msgpack.Decoder(JobRec)
 _wi_dec = msgspec.msgpack.Decoder(WorkitemRec)
 _pool_dec = msgspec.msgpack.Decoder(PoolRec)
@@ -77,7 +81,9 @@ class Store:
         self.heartbeat_timeout = heartbeat_timeout
         self.max_pool_size = max_pool_size
         self.pools: dict[str, PoolRec] = {}
-        self.tvms: dict[str, Tvm] = {}
+        # TVMs by name; putting one in or taking it out keeps `free_slots` exact (freeslots.py).
+        self.free_slots = FreeSlots()
+        self.tvms: dict[str, Tvm] = TvmTable(self.free_slots)
         self.agents: dict[str, AgentInfo] = {}
         self.workitems: dict[str, WorkitemRec] = {}
         self.jobs: dict[str, Job] = {}  # "wi/job"
@@ -192,9 +198,12 @@ class Store:
         """Rebuild memory from journal rows (any order). Running tasks become active again:
         placements are not journaled, agents report what they run when they reconnect."""
         tasks: list[tuple[str, TaskRec]] = []
+        done: dict[str, TaskDone] = {}
         for kind, key, body in rows:
             if kind == "task":
                 tasks.append((key, _task_dec.decode(body)))
+            elif kind == TASK_DONE:
+                done[key] = _done_dec.decode(body)
             elif kind == "job":
                 rec = _job_dec.decode(body)
                 self.jobs[key] = Job(rec)
@@ -204,6 +213,10 @@ class Store:
                 self.pools[key] = _pool_dec.decode(body)
             elif kind == "tvm":
                 tvm_rec = _tvm_dec.decode(body)
+                if tvm_rec.state == "running":
+                    # No task is on it until its agent reports them (and idle <-> running flips are
+                    # not journaled): Agents.hello sets it running again when it adopts tasks.
+                    move_tvm(tvm_rec, "idle")
                 pool = self.pools.get(tvm_rec.pool)
                 slots = pool.spec.max_tasks_per_vm if pool else 1
                 self.tvms[key] = Tvm(tvm_rec, slots)
@@ -216,6 +229,9 @@ class Store:
             job = self.jobs.get(key.rsplit("/", 1)[0])
             if job is None:
                 continue
+            delta = done.get(key)
+            if delta is not None:
+                delta.apply(task)
             if task.state == RUNNING:
                 move_task(task, ACTIVE)
             job.tasks[task.name] = task

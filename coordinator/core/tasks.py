@@ -9,7 +9,7 @@ from protocol import messages as pm
 
 from .instructions import Outbox
 from .jobs import Jobs
-from .records import ACTIVE, COMPLETED, RUNNING, Job, TaskRec, Tvm
+from .records import ACTIVE, COMPLETED, RUNNING, TASK_DONE, Job, TaskRec, Tvm
 from .runs import Runs
 from .specs import MAX_COLLECTION, WALL_CLOCK_EXIT_CODE, check_files, task_constraints
 from .states import move_task
@@ -31,8 +31,14 @@ class Tasks:
             raise bad_request(
                 "MissingRequiredProperty", "commandLine must not be empty", field="commandLine"
             )
-        env = check_env(req.environment_settings, "environmentSettings")
-        check_files(req.resource_files, "resourceFiles")
+        # Skipped when empty (the common task): this runs once per task added.
+        env = (
+            check_env(req.environment_settings, "environmentSettings")
+            if req.environment_settings
+            else None
+        )
+        if req.resource_files:
+            check_files(req.resource_files, "resourceFiles")
         max_wall = max_retries = retention = None
         c = req.task_constraints
         if c is not None:
@@ -135,6 +141,7 @@ class Tasks:
         self.runs.forget_task(job, task)
         del job.tasks[name]
         self.out.delete("task", f"{job.key}/{name}")
+        self.out.delete(TASK_DONE, f"{job.key}/{name}")
 
     # ------------------------------------------------------------------ events
 
@@ -187,7 +194,7 @@ class Tasks:
             move_task(task, COMPLETED)
             task.end_time = msg.end_time
             task.failure = (failure.category, failure.code, failure.message) if failure else None
-        self.runs.put_task(job, task)
+        self.runs.put_task_done(msg.key, task)
         if task.state == COMPLETED:
             self.jobs.task_done(job, task)  # job manager done / all tasks complete
 

@@ -22,6 +22,17 @@ _COMMAND_LINES = frozenset({"command_line", "coordination_command_line"})
 
 def check_request(obj: Any) -> None:
     """400 naming the offending field (its JSON path, e.g. `value[3].commandLine`) if any limit fails."""
+    if (
+        type(obj) is m.TaskAdd
+        and not obj.resource_files
+        and not obj.environment_settings
+        and obj.task_constraints is None
+    ):
+        # The common task (a collection checks each one): its command line is all there is to check.
+        cl = obj.command_line
+        if len(cl) > MAX_COMMAND_LINE or "\0" in cl:
+            _command_line(cl, "commandLine")
+        return
     _walk(obj, "")
 
 

@@ -18,7 +18,8 @@ from coordinator.rest.limits import WS_AUTHENTICATED
 from protocol import SUBPROTOCOL, ProtocolError, coordinator_codec
 from protocol import messages as pm
 
-from . import agentident
+from . import agentident, wsdirect
+from .acktimer import AckTimer
 from .agentauth import Verdict
 from .service import AgentLink, CoordinatorService
 
@@ -122,10 +123,13 @@ async def serve_agent(
         )
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_writer, link, connection_id, send, nursery.cancel_scope)
+                nursery.start_soon(
+                    _writer, link, connection_id, send, nursery.cancel_scope, svc.acks
+                )
                 nursery.start_soon(svc.ack_committed, link, connection_id)
                 while True:
                     data = await _receive_bytes(receive)
+                    link.frames_in += 1
                     received = link.session.receive_frame(data)
                     await svc.agent_batch(link, received)
         except BaseExceptionGroup as group:
@@ -150,18 +154,12 @@ async def serve_agent(
             svc.agent_lost(link, connection_id)
 
 
-# How long an acknowledgement alone waits for messages to ride along with. Agents answer RunTasks
-# at once, so under load the ack of one frame of completions leaves with the next RunTask frame
-# instead of in a frame of its own (every websocket frame costs the coordinator ~100 µs). The ack
-# still follows the commit; only its own frame is saved.
-ACK_DELAY = 0.01
-
-
 async def _writer(
-    link: AgentLink, connection_id: int, send: Callable, scope: trio.CancelScope
+    link: AgentLink, connection_id: int, send: Callable, scope: trio.CancelScope, acks: AckTimer
 ) -> None:
     session = link.session
     ack_waited = False
+    direct = wsdirect.frame_writer(send)  # None: every frame as an ASGI event
     while link.connection_id == connection_id:
         if link.close_request is not None:
             code, reason = link.close_request
@@ -176,8 +174,8 @@ async def _writer(
                 continue
             if not ack_waited:  # only an ack is due: give messages a moment to join it
                 ack_waited = True
-                with trio.move_on_after(ACK_DELAY):
-                    await link.wake.wait()
+                acks.due(link)  # a poke within ACK_DELAY, if no message comes first
+                await link.wake.wait()
                 link.wake = trio.Event()
                 continue
         ack_waited = False
@@ -190,7 +188,11 @@ async def _writer(
         frame = session.next_frame()
         if frame is None:
             continue
-        await send({"type": "websocket.send", "bytes": frame})
+        link.frames_out += 1
+        if direct is not None:
+            await direct(frame)
+        else:
+            await send({"type": "websocket.send", "bytes": frame})
     scope.cancel()
 
 

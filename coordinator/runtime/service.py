@@ -23,6 +23,7 @@ from coordinator.core import CoordinatorState, Effects
 from protocol import LinkSession, coordinator_codec
 from protocol import messages as pm
 
+from .acktimer import AckTimer
 from .agentauth import AgentAuth, token_hash
 from .journal import Journal, SqliteStore, Ticket
 from .metrics import PING_INTERVAL, LinkMonitor
@@ -47,6 +48,8 @@ class AgentLink:
         # (journal barrier, seq): frames applied but not yet durable, acknowledged in this order.
         self.pending_acks: deque[tuple[Ticket, int]] = deque()
         self.acks_wake = trio.Event()
+        self.frames_in = 0  # websocket frames received and sent (benchmarks read them)
+        self.frames_out = 0
 
     def poke(self) -> None:
         self.wake.set()
@@ -106,6 +109,7 @@ class CoordinatorService:
         self.restore_seconds = time.monotonic() - started
         self.journal = Journal(self.store)
         self.links: dict[str, AgentLink] = {}
+        self.acks = AckTimer()  # pokes links whose lone ack waited ACK_DELAY (links._writer)
         self.tick_interval = max(0.05, min(1.0, heartbeat_timeout / 5))
         self._file_waiters: dict[int, tuple[trio.Event, list[pm.FileResponse]]] = {}
         self._req_ids = itertools.count(1)
@@ -135,6 +139,7 @@ class CoordinatorService:
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.journal.run)
+            nursery.start_soon(self.acks.run)
             nursery.start_soon(self._ticker)
             nursery.start_soon(self.monitor.run, self)
             task_status.started()

@@ -1,0 +1,125 @@
+"""The per-pool index of TVMs with a free slot, kept by the two containers that change it.
+
+A placement pass used to look at every TVM of the account to find the few with room: with 1,000
+TVMs that scan, run once per agent frame, cost more than everything else a task needs. Instead, the
+store's table of TVMs (`TvmTable`) and each TVM's `running` map (`RunningTasks`) keep, per pool, a
+superset of the TVMs with a free slot: a TVM enters when it is added and whenever a task leaves it,
+whatever code removes the task; `with_room` drops the ones that filled up (lazily, so a placement,
+the hot path, costs nothing extra). The scheduler still checks state, scheduling, connection and
+exclusivity on what the index gives it; the index only saves the scan of full TVMs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_pop = dict.pop
+_delitem = dict.__delitem__
+_clear = dict.clear
+
+
+class RunningTasks(dict[str, Any]):
+    """A TVM's running tasks (task key -> TaskRec) that puts the TVM back among its pool's candidates
+    whenever a slot frees. Adding a task (one per placement) is the plain dict's: a TVM that fills up
+    is dropped from the candidates by the next `FreeSlots.with_room`, not here."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, owner: Any) -> None:  # a records.Tvm (records imports this module)
+        super().__init__()
+        self.owner = owner
+
+    def __delitem__(self, key: str) -> None:
+        _delitem(self, key)
+        o = self.owner
+        if o.index is not None:
+            o.index[o.rec.name] = o
+
+    def pop(self, key: str, *default: Any) -> Any:
+        value = _pop(self, key, *default)
+        o = self.owner
+        if o.index is not None:
+            o.index[o.rec.name] = o
+        return value
+
+    def clear(self) -> None:
+        _clear(self)
+        o = self.owner
+        if o.index is not None:
+            o.index[o.rec.name] = o
+
+    def popitem(self) -> tuple[str, Any]:
+        raise TypeError("RunningTasks frees slots only through del, pop and clear")
+
+
+class FreeSlots:
+    """pool name -> {TVM name: TVM}: every TVM of the pool with a free slot, and perhaps some that
+    filled up since the last `with_room` (which drops them)."""
+
+    __slots__ = ("by_pool",)
+
+    def __init__(self) -> None:
+        self.by_pool: dict[str, dict[str, Any]] = {}
+
+    def with_room(self, pool: str) -> list[Any]:
+        """The pool's TVMs with at least one free slot (exact)."""
+        index = self.by_pool.get(pool)
+        if not index:
+            return []
+        out = []
+        full = []
+        for name, t in index.items():
+            if len(t.running) < t.slots:
+                out.append(t)
+            else:
+                full.append(name)
+        for name in full:
+            del index[name]
+        return out
+
+    def attach(self, tvm: Any) -> None:
+        index = tvm.index = self.by_pool.setdefault(tvm.rec.pool, {})
+        index[tvm.rec.name] = tvm
+
+    def detach(self, tvm: Any) -> None:
+        if tvm.index is not None:
+            # The pool's dict stays even when empty: the pool's other TVMs hold it.
+            tvm.index.pop(tvm.rec.name, None)
+        tvm.index = None
+
+
+class TvmTable(dict[str, Any]):
+    """The store's TVMs by name; putting a TVM in (or taking it out) enters it in (or removes it from)
+    the free-slot index."""
+
+    __slots__ = ("free",)
+
+    def __init__(self, free: FreeSlots) -> None:
+        super().__init__()
+        self.free = free
+
+    def __setitem__(self, key: str, tvm: Any) -> None:
+        old = super().get(key)
+        if old is not None and old is not tvm:
+            self.free.detach(old)
+        super().__setitem__(key, tvm)
+        self.free.attach(tvm)
+
+    def __delitem__(self, key: str) -> None:
+        self.free.detach(super().__getitem__(key))
+        super().__delitem__(key)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        if key in self:
+            self.free.detach(super().__getitem__(key))
+        return super().pop(key, *default)
+
+    def clear(self) -> None:
+        for tvm in self.values():
+            self.free.detach(tvm)
+        super().clear()
+
+    def _refused(self, *_: Any, **__: Any) -> Any:
+        raise TypeError("TvmTable changes only through [k]=v, del, pop and clear")
+
+    update = setdefault = popitem = __ior__ = _refused
