@@ -257,7 +257,11 @@ class PoolIsolation:
         try:
             if self._nursery is None:
                 raise RuntimeError("no nursery")
-            if self.slot_users is not None and self.tmp_watch.unchanged(lease.tmp_base):
+            if (
+                self.slot_users is not None
+                and self.sandbox.caps.layout.usable  # else its leftover processes must be killed
+                and self.tmp_watch.unchanged(lease.tmp_base)
+            ):
                 self._park(lease)  # nothing to sweep: no Trio task, no thread
                 return
             self._nursery.start_soon(self._sweep_and_release, lease, True)
