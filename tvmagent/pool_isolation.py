@@ -183,10 +183,12 @@ class PoolIsolation:
         """The run's uid, its own group as primary, the pool's group as the only other one. The start
         task runs with the pool's group as primary, so what it leaves is the pool's to read."""
         if self._pool_gid is None:
-            return spec.evolve(run_as=lease.user, gid=lease.gid, groups=())
+            return spec.evolve(run_as=lease.user, uid=lease.uid, gid=lease.gid, groups=())
         if lease is self._start_lease:
-            return spec.evolve(run_as=lease.user, gid=self._pool_gid, groups=())
-        return spec.evolve(run_as=lease.user, gid=lease.gid, groups=(self._pool_gid,))
+            return spec.evolve(run_as=lease.user, uid=lease.uid, gid=self._pool_gid, groups=())
+        return spec.evolve(
+            run_as=lease.user, uid=lease.uid, gid=lease.gid, groups=(self._pool_gid,)
+        )
 
     def lease_ready(self) -> bool:
         """A task user can be had without blocking (see `lease_now`)."""

@@ -54,6 +54,8 @@ class ProcessSpec:
     # supplementary groups (default: none), so access comes from exactly these groups.
     gid: int | None = None
     groups: tuple[int, ...] = ()
+    # With run_as: its uid when the caller knows it (a leased task user), saving a passwd lookup.
+    uid: int | None = None
     memory_limit_bytes: int | None = None
     pids_limit: int | None = None
     nofile_limit: int | None = None
@@ -73,7 +75,7 @@ class ProcessSpec:
             object.__setattr__(new, k, v)
         if "argv" in changes:
             new._check_argv()
-        if changes.keys() & {"run_as", "gid", "groups"}:
+        if changes.keys() & {"run_as", "uid", "gid", "groups"}:
             new._check_identity()
         return new
 
@@ -127,9 +129,13 @@ class ProcessSpec:
         for g in (*(() if self.gid is None else (self.gid,)), *self.groups):
             if isinstance(g, bool) or not isinstance(g, int) or g < 0:
                 raise ValueError(f"group ids must be ints >= 0, got {g!r}")
+        if self.uid is not None and (
+            isinstance(self.uid, bool) or not isinstance(self.uid, int) or self.uid < 0
+        ):
+            raise ValueError(f"uid must be an int >= 0, got {self.uid!r}")
 
 
-_EVOLVABLE = frozenset({"argv", "run_as", "gid", "groups"})
+_EVOLVABLE = frozenset({"argv", "run_as", "uid", "gid", "groups"})
 
 
 @dataclass(frozen=True)

@@ -382,7 +382,10 @@ class Sandbox:
     def _user_ids(self, spec: ProcessSpec) -> tuple[int, int] | None:
         if spec.run_as is None or not self.caps.can_switch_user:
             return None  # degrade: describe() has said so at agent start
-        ids = lookup_user(spec.run_as)
+        if spec.uid is not None and spec.gid is not None:
+            ids: tuple[int, int] | None = (spec.uid, spec.gid)
+        else:
+            ids = lookup_user(spec.run_as)
         if ids is None:
             raise LaunchError(f"No such user: {spec.run_as!r}")
         if spec.gid is not None:
