@@ -463,6 +463,7 @@ class RunningProcess:
         self._sigkill_sent = False
         self._watchdog_oom = False
         self._leftovers = 0
+        self._reaped = False  # the tree was seen empty after the main process ended
         self._wake: trio.CancelScope | None = None
         self._driving = False
         self._done = trio.Event()
@@ -574,6 +575,7 @@ class RunningProcess:
     async def _reap_tree(self) -> None:
         """After the main process: end whatever it left behind, wait until nothing is left."""
         if not self._tree_pids():
+            self._reaped = True
             return
         if self._kill_deadline is None:
             self._leftovers = len(self._tree_pids())
@@ -585,6 +587,7 @@ class RunningProcess:
                 self._signal_tree(signal.SIGKILL)
             await trio.sleep(delay)
             delay = min(delay * 2, 0.2)
+        self._reaped = True
 
     def _finish(self) -> ProcessOutcome:
         if self._outcome is not None:
@@ -597,7 +600,7 @@ class RunningProcess:
         if self._cgroup is not None:
             if self._cgroup.enforces("memory"):
                 oom_kills = self._cgroup.oom_kills()
-            if self._tree_pids():
+            if not self._reaped and self._tree_pids():
                 problems.append("some processes of the task could not be killed")
             else:
                 problems += [f"cgroup not removed: {f}" for f in self._release(self._cgroup)]
