@@ -122,6 +122,7 @@ class TaskDirStock:
         if os.stat(self.dir).st_dev != os.stat(self.tasks_dir).st_dev:
             self.enabled = False  # a rename across file systems would copy
             return
+        _mark_topdir(self.dir)
         for name in sorted(os.listdir(self.dir)):
             p = os.path.join(self.dir, name)
             if all(os.path.lexists(os.path.join(p, n)) for n in SKELETON):
@@ -176,3 +177,32 @@ class TaskDirStock:
     def forget(self, parent: str) -> None:
         """A job directory was removed: make it again before the next rename into it."""
         self._parents.discard(parent)
+
+
+_FS_IOC_GETFLAGS = 0x80086601
+_FS_IOC_SETFLAGS = 0x40086602
+_FS_TOPDIR_FL = 0x00020000
+
+
+def _mark_topdir(path: str) -> None:
+    """ext4's "top of a directory hierarchy" hint (chattr +T): the Orlov allocator then spreads the
+    stock's directories over block groups with free inodes. In a group full of recently deleted
+    inodes (a busy /tmp) ext4 without a journal scans past each of them: 0.8-1.3 ms per task
+    directory measured there, 0.2-0.3 ms with the hint. Other file systems refuse it: no harm."""
+    import array
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        flags = array.array("i", [0])
+        fcntl.ioctl(fd, _FS_IOC_GETFLAGS, flags, True)
+        if not flags[0] & _FS_TOPDIR_FL:
+            flags[0] |= _FS_TOPDIR_FL
+            fcntl.ioctl(fd, _FS_IOC_SETFLAGS, flags, True)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from tvmagent._uid_sweep import TmpWatch
 from tvmagent.taskdirs import SKELETON, TaskDirStock
 
@@ -134,3 +136,23 @@ def test_the_cgroup_prefix_is_one_agents_own(tmp_path: Path) -> None:
     assert cgroup_prefix("agent0", a) == cgroup_prefix("agent0", a)  # a restart finds its own
     assert cgroup_prefix("agent0", a) != cgroup_prefix("agent0", b)
     assert cgroup_prefix("x" * 100, a).startswith("tvm-" + "x" * 30 + "-")
+
+
+def test_the_stock_asks_ext4_to_spread_its_directories(tmp_path: Path) -> None:
+    import array
+    import fcntl
+
+    from tvmagent import taskdirs
+
+    stock = TaskDirStock(str(tmp_path / "tvm"))
+    stock.start()
+    fd = os.open(stock.dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        flags = array.array("i", [0])
+        try:
+            fcntl.ioctl(fd, taskdirs._FS_IOC_GETFLAGS, flags, True)
+        except OSError:
+            pytest.skip("this file system has no inode flags (not ext2/3/4)")
+        assert flags[0] & taskdirs._FS_TOPDIR_FL
+    finally:
+        os.close(fd)
