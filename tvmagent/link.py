@@ -72,6 +72,7 @@ class Link:
         self.session = LinkSession(agent_codec())
         self.wake = trio.Event()
         self._lazy_wake = trio.Event()
+        self._held_starts: dict[str, pm.TaskStarted] = {}  # task key -> its held TaskStarted
         self.connected = trio.Event()
         self.coordinator_heartbeat = 0.0  # the last Welcome's heartbeat interval (reconnect cap)
         self._hello = hello
@@ -81,14 +82,18 @@ class Link:
         self._on_acks = on_acks
 
     def send(self, msg: pm.Msg) -> int:
+        if isinstance(msg, pm.TaskCompleted):
+            # It carries the start time: a TaskStarted still held back says nothing more.
+            self._held_starts.pop(msg.key, None)
         seq = self.session.send(msg)
         self.wake.set()
         return seq
 
-    def send_lazily(self, msg: pm.Msg) -> None:
-        """Queue a message that need not travel alone: it leaves with the next frame (a quick task's
-        TaskCompleted), or at most LAZY_SEND_S later. One frame per short task instead of two."""
-        self.session.send(msg)
+    def send_lazily(self, msg: pm.TaskStarted) -> None:
+        """A TaskStarted need not travel alone, nor at all for a task that ends quickly: it is held
+        for up to LAZY_SEND_S, dropped when the task's TaskCompleted (which carries the start time)
+        is sent first, else queued then. One message and one frame per short task."""
+        self._held_starts[msg.key] = msg
         self._lazy_wake.set()
 
     async def lazy_sender(self) -> None:
@@ -96,6 +101,9 @@ class Link:
             await self._lazy_wake.wait()
             self._lazy_wake = trio.Event()
             await trio.sleep(LAZY_SEND_S)
+            held, self._held_starts = self._held_starts, {}
+            for msg in held.values():
+                self.session.send(msg)
             self.wake.set()
 
     async def connect_loop(self) -> None:

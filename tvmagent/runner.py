@@ -47,7 +47,7 @@ class TaskRunner:
         cache: DownloadCache,
         state: AgentState,
         send: Callable[[pm.Msg], object],
-        send_lazily: Callable[[pm.Msg], None],
+        send_lazily: Callable[[pm.TaskStarted], None],
         http_base: Callable[[], str],
         http_headers: Callable[[], dict[str, str]],
         finished: Callable[[str, int, float, float, pm.Failure | None], None],
