@@ -206,6 +206,9 @@ class CoordinatorState:
     def resize_pool(self, name: str, req: m.PoolResize) -> None:
         self.pool_area.resize_pool(name, req)
 
+    def update_pool(self, name: str, spec: m.PoolAdd) -> None:
+        self.pool_area.update_pool(name, spec)
+
     def stop_resize(self, name: str) -> None:
         self.pool_area.stop_resize(name)
 
