@@ -153,6 +153,11 @@ def _parse_http_date(text: str, name: str) -> float:
         ) from None
 
 
+def _tags(header: str) -> set[str]:
+    """ETags of a conditional header; clients send them quoted (`"0x8D..."`), some bare."""
+    return {t.strip().removeprefix("W/").strip('"') for t in header.split(",")}
+
+
 def check_conditions(
     headers: dict[str, str], etag: str, last_modified: float, *, read: bool
 ) -> None:
@@ -161,12 +166,11 @@ def check_conditions(
     fail = ApiError(status, "ConditionNotMet", "The condition specified was not met.")
     if_match = headers.get("if-match")
     if if_match is not None and if_match.strip() != "*":
-        tags = {t.strip() for t in if_match.split(",")}
-        if etag not in tags:
+        if etag not in _tags(if_match):
             raise ApiError(412, "ConditionNotMet", "The condition specified was not met.")
     if_none = headers.get("if-none-match")
     if if_none is not None:
-        tags = {t.strip() for t in if_none.split(",")}
+        tags = _tags(if_none)
         if "*" in tags or etag in tags:
             raise fail
     lm = int(last_modified)
