@@ -205,6 +205,15 @@ class TvmRec(msgspec.Struct, kw_only=True):
     pending_option: str = ""
 
 
+def modern_job_id(workitem: str, job: str, scheduled: bool) -> str:
+    """The job's id in the Azure Batch API (and `AZ_BATCH_JOB_ID`): a workitem's one job is the
+    workitem's name; a schedule's jobs are `S:job-N`."""
+    if not scheduled:
+        return workitem
+    digits = job.removeprefix("job-")
+    return f"{workitem}:job-{int(digits)}" if digits.isdigit() else f"{workitem}:{job}"
+
+
 class Job:
     """A job in memory: its record, its tasks and its queue of active tasks."""
 

@@ -209,8 +209,9 @@ class Dispatcher:
                     if stream is not None:
                         params["stream"] = stream
                     return await handler(body=body, query=q, headers=headers, **params)
-            if self.azure is not None:
-                self.azure.check_version(method, path, q)  # an Azure-only route without its version
+            if self.azure is not None and self.azure.matches(path):
+                azure = True  # an Azure-only path without a supported api-version: Azure's 400
+                self.azure.check_version(q)
             if any(p.match(path) for _, p, _ in self._routes):
                 raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on {path}")
             raise ApiError(404, "ResourceNotFound", f"no such resource: {path}")

@@ -137,9 +137,7 @@ def test_paging_filter_and_timeout(client: BatchClient) -> None:
         assert all(len(list(p)) <= 1 for p in client.list_jobs(max_results=1).by_page())
         assert [j for j in seen if j.startswith(prefix)] == ids
         # $filter (and $select) are evaluated by the service.
-        mine = list(
-            client.list_jobs(filter=f"startswith(id, '{prefix}') and state eq 'active'")
-        )
+        mine = list(client.list_jobs(filter=f"startswith(id, '{prefix}') and state eq 'active'"))
         assert sorted(j.id for j in mine) == ids
         one = list(client.list_jobs(filter=f"id eq '{ids[1]}'", select=["id", "state"]))
         assert [(j.id, j.state) for j in one] == [(ids[1], bm.BatchJobState.ACTIVE)]

@@ -11,7 +11,7 @@ import re
 
 from coordinator.common.errors import ApiError
 from coordinator.core import CoordinatorState
-from coordinator.core.records import Job
+from coordinator.core.records import Job, modern_job_id
 
 _SCHEDULED = re.compile(r"(?P<wi>[^:]+):job-(?P<n>[0-9]{1,10})\Z")
 _SEED_JOB = re.compile(r"job-(?P<n>[0-9]{10})\Z")
@@ -23,10 +23,7 @@ def _job_not_found(jid: str) -> ApiError:
 
 def job_id(core: CoordinatorState, workitem: str, job: str) -> str:
     wi = core.workitems.get(workitem)
-    if wi is not None and wi.spec.schedule is None:
-        return workitem
-    seed = _SEED_JOB.match(job)
-    return f"{workitem}:job-{int(seed['n'])}" if seed else f"{workitem}:{job}"
+    return modern_job_id(workitem, job, wi is None or wi.spec.schedule is not None)
 
 
 def resolve_job(core: CoordinatorState, jid: str) -> Job:

@@ -37,9 +37,10 @@ class AzureApi:
     def wants(self, query: dict[str, str]) -> bool:
         return query.get("api-version") in API_VERSIONS
 
-    def check_version(self, method: str, path: str, query: dict[str, str]) -> None:
-        if not any(p.match(path) for _, p, _ in self._routes):
-            return
+    def matches(self, path: str) -> bool:
+        return any(p.match(path) for _, p, _ in self._routes)
+
+    def check_version(self, query: dict[str, str]) -> None:
         given = query.get("api-version")
         if given is None:
             raise ApiError(
