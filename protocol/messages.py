@@ -271,7 +271,7 @@ class FileRequest(Msg, tag="file.request", frozen=True, kw_only=True):
     """Ask the agent about files under its TVM root (task and TVM file APIs)."""
 
     req_id: int
-    op: str  # "list" | "read" | "stat"
+    op: str  # "list" | "read" | "stat" | "delete"
     path: str  # relative to the TVM root
     recursive: bool = False
     offset: int = 0

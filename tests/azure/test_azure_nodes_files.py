@@ -12,7 +12,7 @@ from tests.integration.test_rest_bad_input import Raw
 
 TASK_CMD = (
     "/bin/sh -c 'echo $AZ_BATCH_JOB_ID $AZ_BATCH_TASK_ID; "
-    'test "$AZ_BATCH_TASK_SHARED_DIR" = "$AZ_BATCH_TASK_DIR" && echo shared\''
+    'test "$AZ_BATCH_TASK_SHARED_DIR" = "$AZ_BATCH_TASK_DIR" && echo shared; echo x > extra.txt\''
 )
 
 
@@ -80,6 +80,25 @@ async def test_nodes_files_and_task_environment(nursery: Any, tmp_path: Any) -> 
                 "GET", f"/pools/np/nodes/{nid}/files/workitems/fj/job-1/t1/stdout.txt", query=AV
             )
             assert r.text.startswith("fj t1")
+
+            # Deleting files: one file at a time, directories stay (409), then 404.
+            r = await api("DELETE", "/jobs/fj/tasks/t1/files/wd/extra.txt", query=AV)
+            assert r.status_code == 200, r.text
+            azure_err(
+                await api("GET", "/jobs/fj/tasks/t1/files/wd/extra.txt", query=AV),
+                404,
+                "FileNotFound",
+            )
+            azure_err(
+                await api("DELETE", "/jobs/fj/tasks/t1/files/wd", query=AV), 409, "FileIsDirectory"
+            )
+            r = await api(
+                "DELETE", f"/pools/np/nodes/{nid}/files/workitems/fj/job-1/t1/stderr.txt", query=AV
+            )
+            assert r.status_code == 200, r.text
+            r = await api("HEAD", "/jobs/fj/tasks/t1/files/stderr.txt", query=AV)
+            assert r.status_code == 404
+            assert r.headers["x-ms-error-code"] == "FileNotFound"
 
             login = (
                 await api("GET", f"/pools/np/nodes/{nid}/remoteloginsettings", query=AV)

@@ -154,21 +154,25 @@ class FileApi:
         st = await self.seed._stat(agent, node_path_in(path))
         return Response(200, b"", self._props(st, f"{url}/{path}", headers))
 
-    async def delete_task_file(self, job: str, task: str, path: str, **_: Any) -> Response:
+    async def _delete(self, agent: str, path: str, headers: dict[str, str]) -> Response:
+        if ".." in path.split("/"):
+            raise ApiError(400, "InvalidFilePath", "file paths may not contain '..'")
+        try:
+            await self.seed._ask(agent, pm.FileRequest(req_id=0, op="delete", path=path))
+        except ApiError as exc:
+            if exc.code == "FileIsDirectory":  # exists, but only files are deleted here
+                raise ApiError(409, exc.code, exc.message) from None
+            raise
+        return Response(200, b"", std_headers(headers))
+
+    async def delete_task_file(
+        self, job: str, task: str, path: str, headers: dict[str, str], **_: Any
+    ) -> Response:
         agent, root, _url = self._task(job, task)
-        await self.seed._stat(agent, f"{root}/{path}")  # 404 for a file that is not there
-        raise _no_delete()
+        return await self._delete(agent, f"{root}/{path}", headers)
 
-    async def delete_node_file(self, pool: str, node: str, path: str, **_: Any) -> Response:
+    async def delete_node_file(
+        self, pool: str, node: str, path: str, headers: dict[str, str], **_: Any
+    ) -> Response:
         agent, _url = self._node(pool, node)
-        await self.seed._stat(agent, node_path_in(path))
-        raise _no_delete()
-
-
-def _no_delete() -> ApiError:
-    return ApiError(
-        409,
-        "OperationNotSupported",
-        "deleting files on a node is not supported by TVM Batch yet; the files are removed "
-        "when the task's retention time ends or the task is deleted",
-    )
+        return await self._delete(agent, node_path_in(path), headers)
