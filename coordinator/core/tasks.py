@@ -169,6 +169,7 @@ class Tasks:
         if holder is not None:
             holder.running.pop(msg.key, None)
             holder.rec.total_run += 1
+            holder.rec.total_succeeded += msg.exit_code == 0 and msg.failure is None
             if not holder.running and holder.rec.state == "running":
                 self.runs.set_tvm_state(holder, "idle")
         now = s.clock()

@@ -7,6 +7,7 @@ from __future__ import annotations
 from email.utils import parsedate_to_datetime
 
 import pytest
+import trio
 
 from tests.azure.wire import AV, azure_err, pool_body
 from tests.harness import cluster_ctx
@@ -303,3 +304,50 @@ async def test_jobs_tasks_and_their_refusals(api: Raw) -> None:
     assert link.startswith("http://")
     assert "api-version=2025-06-01" in link
     assert "skiptoken" in link
+
+
+async def test_autoscale_actions(api: Raw) -> None:
+    body = pool_body("as", enableAutoScale=True, autoScaleFormula="$TargetDedicatedNodes=0;")
+    r = await api("POST", "/pools", body, query=AV)
+    azure_err(r, 400, "InvalidPropertyValue", "targetDedicatedNodes")  # both given: refused
+    del body["targetDedicatedNodes"]
+    body["autoScaleEvaluationInterval"] = "PT5M"
+    assert (await api("POST", "/pools", body, query=AV)).status_code == 201
+    good = {"autoScaleFormula": "$TargetDedicatedNodes=1;"}
+    r = await api("POST", "/pools/as/evaluateautoscale", good, query=AV)
+    assert r.status_code == 200, r.text
+    assert "$TargetDedicatedNodes=1" in r.json()["results"]
+    bad = {"autoScaleFormula": "$TargetDedicatedNodes=("}
+    r = await api("POST", "/pools/as/evaluateautoscale", bad, query=AV)
+    assert r.status_code == 400, r.text
+    assert (await api("POST", "/pools/as/disableautoscale", query=AV)).status_code == 200
+    assert (await api("GET", "/pools/as", query=AV)).json()["enableAutoScale"] is False
+    # Enabling again within 30 s of the last enable is throttled, as the service does.
+    r = await api("POST", "/pools/as/enableautoscale", good, query=AV)
+    azure_err(r, 409, "TooManyEnableAutoScaleRequests")
+    assert (await api("GET", "/pools/as", query=AV)).json()["enableAutoScale"] is False
+
+
+async def test_a_schedules_jobs_are_s_job_n(api: Raw) -> None:
+    assert (await api("POST", "/pools", pool_body("sp"), query=AV)).status_code == 201
+    wi = {
+        "name": "sch",
+        "jobExecutionEnvironment": {"poolName": "sp"},
+        "schedule": {"recurrenceInterval": "PT1H"},
+    }
+    assert (await api("POST", "/workitems", wi)).status_code == 201
+    ids: list[str] = []
+    for _ in range(200):
+        ids = [j["id"] for j in (await api("GET", "/jobs", query=AV)).json()["value"]]
+        if ids:
+            break
+        await trio.sleep(0.05)
+    assert ids == ["sch:job-1"]
+    job = (await api("GET", "/jobs/sch:job-1", query=AV)).json()
+    assert job["url"].endswith("/jobs/sch:job-1")
+    r = await api("POST", "/jobs/sch:job-1/tasks", {"id": "t", "commandLine": "true"}, query=AV)
+    assert r.status_code == 201, r.text
+    seed = (await api("GET", "/workitems/sch/jobs/job-0000000001/tasks")).json()["value"]
+    assert [t["name"] for t in seed] == ["t"]
+    azure_err(await api("GET", "/jobs/sch", query=AV), 404, "JobNotFound")
+    azure_err(await api("GET", "/jobs/sch:job-2", query=AV), 404, "JobNotFound")

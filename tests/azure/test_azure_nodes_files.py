@@ -100,6 +100,9 @@ async def test_nodes_files_and_task_environment(nursery: Any, tmp_path: Any) -> 
             assert r.status_code == 404
             assert r.headers["x-ms-error-code"] == "FileNotFound"
 
+            got = (await api("GET", f"/pools/np/nodes/{nid}", query=AV)).json()
+            assert (got["totalTasksRun"], got["totalTasksSucceeded"]) == (1, 1)
+
             login = (
                 await api("GET", f"/pools/np/nodes/{nid}/remoteloginsettings", query=AV)
             ).json()

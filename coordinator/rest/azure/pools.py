@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 
 from coordinator.common import models as m
+from coordinator.common.timeutil import rfc3339
 from coordinator.core.records import PoolRec
 from coordinator.rest.dispatch import Dispatcher, Response
 
@@ -73,6 +74,9 @@ class PoolApi:
         r.route("POST", P + "/resize", self.resize)
         r.route("POST", P + "/stopresize", self.stop_resize)
         r.route("POST", P + "/removenodes", self.remove_nodes)
+        r.route("POST", P + "/enableautoscale", self.enable_autoscale)
+        r.route("POST", P + "/disableautoscale", self.disable_autoscale)
+        r.route("POST", P + "/evaluateautoscale", self.evaluate_autoscale)
         r.route("GET", "/nodecounts", self.node_counts)
         r.route("GET", "/supportedimages", self.list_images)
 
@@ -226,6 +230,39 @@ class PoolApi:
         b.log_unknown("pool removenodes")
         await self.svc.execute(self.core.remove_tvms, pool, req)
         return empty(202, headers, [(b"dataserviceid", f"{base()}/pools/{pool}".encode())])
+
+    async def enable_autoscale(
+        self, pool: str, body: bytes, headers: dict[str, str], **_: Any
+    ) -> Response:
+        self._pool(pool, headers, read=False)
+        b = parse_json(body, required=False)
+        formula = b.text("autoScaleFormula")
+        interval = b.text("autoScaleEvaluationInterval")
+        b.log_unknown("pool enableautoscale")
+        await self.svc.execute(self.core.enable_autoscale, pool, formula, interval)
+        return empty(200, headers, [(b"dataserviceid", f"{base()}/pools/{pool}".encode())])
+
+    async def disable_autoscale(self, pool: str, headers: dict[str, str], **_: Any) -> Response:
+        await self.svc.execute(self.core.disable_autoscale, pool)
+        return empty(200, headers, [(b"dataserviceid", f"{base()}/pools/{pool}".encode())])
+
+    async def evaluate_autoscale(
+        self, pool: str, body: bytes, headers: dict[str, str], **_: Any
+    ) -> Response:
+        b = parse_json(body)
+        formula = b.req_text("autoScaleFormula")
+        b.log_unknown("pool evaluateautoscale")
+        ts, results, code, message = self.core.evaluate_autoscale(pool, formula)  # read-only
+        run: dict[str, Any] = {
+            "odata.metadata": metadata_url(
+                base(), "Microsoft.Azure.Batch.Protocol.Entities.AutoScaleRun"
+            ),
+            "timestamp": rfc3339(ts),
+            "results": results,
+        }
+        if code:
+            run["error"] = {"code": code, "message": message or "", "values": []}
+        return json_response(200, run, headers)
 
     async def node_counts(
         self, query: dict[str, str], headers: dict[str, str], **_: Any

@@ -173,7 +173,7 @@ def node_view(core: CoordinatorState, base: str, tvm: Tvm) -> dict[str, Any]:
         "totalTasksRun": r.total_run,
         "runningTasksCount": len(tvm.running),
         "runningTaskSlotsCount": len(tvm.running),
-        "totalTasksSucceeded": getattr(r, "total_succeeded", 0),
+        "totalTasksSucceeded": r.total_succeeded,
         "recentTasks": recent,
         "startTask": _start_task(pool.spec.start_task) if pool else None,
         "startTaskInfo": st_info,
