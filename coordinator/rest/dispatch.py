@@ -143,13 +143,11 @@ class Dispatcher:
         if kind != "http":
             return
         resp = await self._http(scope, receive)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": resp.status,
-                "headers": [*resp.headers, (b"content-length", str(len(resp.body)).encode())],
-            }
-        )
+        headers = resp.headers
+        # A HEAD answer may state the length of what a GET would send (file properties).
+        if scope["method"] != "HEAD" or not any(k == b"content-length" for k, _ in headers):
+            headers = [*headers, (b"content-length", str(len(resp.body)).encode())]
+        await send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await send(
             {"type": "http.response.body", "body": resp.body if scope["method"] != "HEAD" else b""}
         )

@@ -60,6 +60,7 @@ async def test_nodes_files_and_task_environment(nursery: Any, tmp_path: Any) -> 
             assert r.status_code == 200
             assert r.headers["ocp-batch-file-url"].endswith("/jobs/fj/tasks/t1/files/stdout.txt")
             assert r.headers["ocp-batch-file-isdirectory"] == "false"
+            assert r.headers["content-length"] == r.headers["ocp-content-length"] == "13"
             names = [
                 f["name"]
                 for f in (await api("GET", "/jobs/fj/tasks/t1/files", query=AV)).json()["value"]

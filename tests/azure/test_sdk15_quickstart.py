@@ -110,6 +110,9 @@ def test_quickstart(client: BatchClient) -> None:
         assert info.node_url.endswith(f"/pools/{pool_id}/nodes/{info.node_id}")
         out = b"".join(client.download_task_file(job_id, t.id, "stdout.txt"))
         assert out.decode().strip() == f"hello {t.id}"
+    props = client.get_task_file_properties(job_id, done[0].id, "stdout.txt")
+    assert props.content_length == len(f"hello {done[0].id}\n")
+    assert props.is_directory is False
     counts = client.get_job_task_counts(job_id)
     assert counts.task_counts.succeeded == 10
     assert counts.task_counts.failed == 0

@@ -116,6 +116,10 @@ class FileApi:
             (b"accept-ranges", b"bytes"),
         ]
 
+    def _head(self, st: pm.FileResponse, url: str, headers: dict[str, str]) -> Response:
+        props = self._props(st, url, headers)
+        return Response(200, b"", [*props, (b"content-length", str(st.size).encode())])
+
     async def _get(self, agent: str, path: str, url: str, headers: dict[str, str]) -> Response:
         resp = await self.seed._read(agent, path, headers)
         st = await self.seed._stat(agent, path)
@@ -145,14 +149,14 @@ class FileApi:
     ) -> Response:
         agent, root, url = self._task(job, task)
         st = await self.seed._stat(agent, f"{root}/{path}")
-        return Response(200, b"", self._props(st, f"{url}/{path}", headers))
+        return self._head(st, f"{url}/{path}", headers)
 
     async def node_file_properties(
         self, pool: str, node: str, path: str, headers: dict[str, str], **_: Any
     ) -> Response:
         agent, url = self._node(pool, node)
         st = await self.seed._stat(agent, node_path_in(path))
-        return Response(200, b"", self._props(st, f"{url}/{path}", headers))
+        return self._head(st, f"{url}/{path}", headers)
 
     async def _delete(self, agent: str, path: str, headers: dict[str, str]) -> Response:
         if ".." in path.split("/"):
