@@ -207,10 +207,11 @@ class Dispatcher:
                     if stream is not None:
                         params["stream"] = stream
                     return await handler(body=body, query=q, headers=headers, **params)
-            if self.azure is not None and self.azure.matches(path):
+            seed_path = any(p.match(path) for _, p, _ in self._routes)
+            if not seed_path and self.azure is not None and self.azure.matches(path):
                 azure = True  # an Azure-only path without a supported api-version: Azure's 400
                 self.azure.check_version(q)
-            if any(p.match(path) for _, p, _ in self._routes):
+            if seed_path:
                 raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on {path}")
             raise ApiError(404, "ResourceNotFound", f"no such resource: {path}")
         except ApiError as exc:
