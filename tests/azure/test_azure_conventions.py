@@ -103,6 +103,14 @@ async def test_create_answers_headers_etags_and_conditions(api: Raw) -> None:
     )
     assert r.status_code == 200, r.text
     assert r.headers["etag"] != etag
+    etag2 = r.headers["etag"]
+    r = await api("PATCH", "/pools/p1", {"vmSize": "standard_d4s_v3", "metadata": []}, query=AV)
+    azure_err(r, 400, "InvalidPropertyValue", "vmSize")
+    r = await api("PATCH", "/pools/p1", {"startTask": {"commandLine": ""}}, query=AV)
+    azure_err(r, 400, "MissingRequiredProperty")
+    after = (await api("GET", "/pools/p1", query=AV)).json()
+    assert after["eTag"] == etag2  # neither refused PATCH changed anything
+    assert after["metadata"] == [{"name": "a", "value": "b"}]
     r = await api("HEAD", "/pools/p1", query=AV)
     assert r.status_code == 200
     r = await api("HEAD", "/pools/nope", query=AV)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from coordinator.common import models as m
+from coordinator.common.errors import ApiError
 from coordinator.core.records import Job
 from coordinator.rest.dispatch import Dispatcher, Response
 
@@ -110,6 +111,12 @@ class JobApi:
         )
         meta = inputs.metadata(b.objs("metadata")) if b.has("metadata") or replace else None
         b.log_unknown("job update")
+        wi = self.core.get_workitem(rec.rec.workitem)
+        if meta is not None and wi.state in ("completed", "terminating"):
+            # Checked before either change: the job and its metadata change together or not at all.
+            raise ApiError(
+                409, "JobCompleted", f"job {rec.rec.workitem!r} has ended; it cannot be updated"
+            )
         await self.svc.execute(self.core.update_job, rec.rec.workitem, rec.rec.name, update)
         if meta is not None:
             await self.svc.execute(
@@ -183,6 +190,4 @@ class JobApi:
 
 
 def _exists(name: str) -> Exception:
-    from coordinator.common.errors import ApiError
-
     return ApiError(409, "JobExists", f"The specified job '{name}' already exists.", Name=name)
