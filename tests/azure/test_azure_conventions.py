@@ -104,13 +104,22 @@ async def test_create_answers_headers_etags_and_conditions(api: Raw) -> None:
     assert r.status_code == 200, r.text
     assert r.headers["etag"] != etag
     etag2 = r.headers["etag"]
-    r = await api("PATCH", "/pools/p1", {"vmSize": "standard_d4s_v3", "metadata": []}, query=AV)
+    r = await api("PATCH", "/pools/p1", {"vmSize": "standard_nope_v9", "metadata": []}, query=AV)
     azure_err(r, 400, "InvalidPropertyValue", "vmSize")
+    r = await api("PATCH", "/pools/p1", {"networkConfiguration": {"subnetId": "s"}}, query=AV)
+    azure_err(r, 400, "InvalidPropertyValue", "networkConfiguration")
     r = await api("PATCH", "/pools/p1", {"startTask": {"commandLine": ""}}, query=AV)
     azure_err(r, 400, "MissingRequiredProperty")
     after = (await api("GET", "/pools/p1", query=AV)).json()
     assert after["eTag"] == etag2  # neither refused PATCH changed anything
     assert after["metadata"] == [{"name": "a", "value": "b"}]
+    # While the pool has no nodes its size and slots may change too.
+    r = await api(
+        "PATCH", "/pools/p1", {"vmSize": "Standard_D4s_v3", "taskSlotsPerNode": "4"}, query=AV
+    )
+    assert r.status_code == 200, r.text
+    after = (await api("GET", "/pools/p1", query=AV)).json()
+    assert (after["vmSize"], after["taskSlotsPerNode"]) == ("standard_d4s_v3", 4)
     r = await api("HEAD", "/pools/p1", query=AV)
     assert r.status_code == 200
     r = await api("HEAD", "/pools/nope", query=AV)
@@ -150,6 +159,8 @@ async def test_lenient_bodies_and_numeric_strings(api: Raw) -> None:
     assert pool["targetDedicatedNodes"] == 1
     assert pool["targetLowPriorityNodes"] == 3
     assert any("low-priority" in e["message"] for e in pool["resizeErrors"])
+    r = await api("PATCH", "/pools/p2", {"taskSlotsPerNode": 2}, query=AV)
+    azure_err(r, 409, "PoolHasNodes")
     r = await api("POST", "/pools/p2/resize", {"targetDedicatedNodes": "two"}, query=AV)
     azure_err(r, 400, "InvalidPropertyValue", "targetDedicatedNodes")
 

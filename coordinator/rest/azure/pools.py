@@ -7,12 +7,13 @@ from typing import Any
 import msgspec
 
 from coordinator.common import models as m
+from coordinator.common.errors import ApiError
 from coordinator.common.timeutil import rfc3339
 from coordinator.core.records import PoolRec
 from coordinator.rest.dispatch import Dispatcher, Response
 
 from . import inputs
-from .body import parse_json
+from .body import Body, parse_json
 from .conv import (
     check_conditions,
     created,
@@ -23,20 +24,17 @@ from .conv import (
     resource_headers,
 )
 from .router import AzureApi, base, listing, select_one
-from .sizes import supported_images
+from .sizes import local_vm_size, supported_images
 from .views import pool_modified, pool_view
 
 P = r"/pools/(?P<pool>[^/]+)"
-_PATCH_FIXED = (
+# Changeable by PATCH only while the pool has no nodes (2025-06-01).
+_PATCH_WHEN_EMPTY = (
     "vmSize",
     "taskSlotsPerNode",
     "enableInterNodeCommunication",
     "virtualMachineConfiguration",
     "taskSchedulingPolicy",
-    "networkConfiguration",
-    "userAccounts",
-    "mountConfiguration",
-    "applicationPackageReferences",
 )
 _STATES = (
     "creating",
@@ -141,13 +139,13 @@ class PoolApi:
     ) -> Response:
         rec = self._pool(pool, headers, read=False)
         b = parse_json(body)
-        for key in _PATCH_FIXED:
-            if b.has(key):
-                raise invalid(
-                    key, "", f"{key} cannot be changed on an existing pool here; create a new pool"
-                )
+        b.refuse(("networkConfiguration", "userAccounts", "mountConfiguration"), inputs.WHY_LOCAL)
+        if b.objs("applicationPackageReferences"):
+            raise invalid(
+                "applicationPackageReferences", "", "application packages are not supported"
+            )
         spec = rec.spec
-        changes: dict[str, Any] = {}
+        changes: dict[str, Any] = self._when_empty(rec, b)
         if b.has("startTask"):
             changes["start_task"] = inputs.start_task(b.obj("startTask"))
         if b.has("metadata"):
@@ -155,10 +153,52 @@ class PoolApi:
         if b.has("certificateReferences"):
             changes["certificate_references"] = inputs.cert_refs(b.objs("certificateReferences"))
         if b.has("displayName"):
-            changes["azure"] = {**(spec.azure or {}), "displayName": b.text("displayName")}
+            az = changes.get("azure", spec.azure) or {}
+            changes["azure"] = {**az, "displayName": b.text("displayName")}
         b.accept("targetNodeCommunicationMode", "resourceTags", "upgradePolicy")
         b.log_unknown("pool patch")
         return await self._update(pool, msgspec.structs.replace(spec, **changes), headers, 200)
+
+    def _when_empty(self, rec: PoolRec, b: Body) -> dict[str, Any]:
+        """vmSize, taskSlotsPerNode, ...: only while the pool has no nodes (else 409 naming it)."""
+        given = [k for k in _PATCH_WHEN_EMPTY if b.has(k)]
+        if not given:
+            return {}
+        if rec.target or self.core.pool_tvms(rec.spec.name):
+            raise ApiError(
+                409,
+                "PoolHasNodes",
+                f"{given[0]} can be changed only while the pool has no nodes; resize it to 0 first",
+                field=given[0],
+            )
+        spec = rec.spec
+        az = dict(spec.azure or {})
+        changes: dict[str, Any] = {}
+        if b.has("virtualMachineConfiguration"):
+            az["virtualMachineConfiguration"] = inputs.vm_configuration(b)
+        catalogue = self.core.vm_sizes()
+        local = spec.vm_size
+        if b.has("vmSize"):
+            name = b.req_text("vmSize")
+            local = local_vm_size(name, catalogue)
+            az["vmSize"] = name.lower()
+            changes["vm_size"] = local
+        if b.has("taskSlotsPerNode") or b.has("vmSize"):
+            slots = b.integer("taskSlotsPerNode", spec.max_tasks_per_vm)
+            limit = 4 * int(catalogue[local][0])
+            if slots is None or not 1 <= slots <= limit:
+                raise invalid(
+                    "taskSlotsPerNode", slots, f"taskSlotsPerNode must be between 1 and {limit}"
+                )
+            changes["max_tasks_per_vm"] = slots
+        policy = b.obj("taskSchedulingPolicy")
+        if policy is not None:
+            policy.accept("jobDefaultOrder")
+            changes["tvm_fill_type"] = (policy.text("nodeFillType") or "spread").lower()
+        if b.has("enableInterNodeCommunication"):
+            changes["communication"] = b.flag("enableInterNodeCommunication")
+        changes["azure"] = az
+        return changes
 
     async def update_properties(
         self, pool: str, body: bytes, headers: dict[str, str], **_: Any
