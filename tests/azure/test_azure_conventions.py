@@ -88,6 +88,7 @@ async def test_create_answers_headers_etags_and_conditions(api: Raw) -> None:
     # Read conditions: 304; write conditions: 412, nothing changed.
     r = await api("GET", "/pools/p1", query=AV, headers={"If-None-Match": f'"{etag}"'})
     assert r.status_code == 304
+    assert r.content == b""
     r = await api(
         "GET", "/pools/p1", query=AV, headers={"If-Modified-Since": "Fri, 01 Jan 2100 00:00:00 GMT"}
     )

@@ -124,6 +124,8 @@ def created(headers: dict[str, str], url: str, etag: str, last_modified: float) 
 
 def azure_error(exc: ApiError, base: str, headers: dict[str, str]) -> Response:
     code = _CODES.get(exc.code, exc.code)
+    if exc.status == 304:  # Not Modified never has a body
+        return empty(304, headers)
     body = {
         "odata.metadata": metadata_url(
             base, "Microsoft.Azure.Batch.Protocol.Entities.Container.errors/@Element"
