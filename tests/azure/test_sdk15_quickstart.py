@@ -113,6 +113,9 @@ def test_quickstart(client: BatchClient) -> None:
     props = client.get_task_file_properties(job_id, done[0].id, "stdout.txt")
     assert props.content_length == len(f"hello {done[0].id}\n")
     assert props.is_directory is False
+    ok = list(client.list_tasks(job_id, filter="executionInfo/result eq 'success'"))
+    assert len(ok) == 10
+    assert list(client.list_tasks(job_id, filter="executionInfo/exitCode ne 0")) == []
     counts = client.get_job_task_counts(job_id)
     assert counts.task_counts.succeeded == 10
     assert counts.task_counts.failed == 0
