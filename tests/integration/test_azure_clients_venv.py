@@ -78,6 +78,14 @@ def test_azure_batch_14_quickstart(tmp_path: Path) -> None:
     assert "aborted_at" not in report["facts"]
 
 
+def test_azure_batch_14_operations(tmp_path: Path) -> None:
+    python = client_venv("azure-batch-14", AZURE_BATCH_14, timeout=300)
+    with tvm_up(tmp_path, agents=2) as up:
+        report = run_client(python, "sdk14_operations.py", up, tmp_path, timeout=900)
+    assert "resize to 2 reaches 2 idle nodes" in report["passed"]
+    assert "aborted_at" not in report["facts"]
+
+
 @pytest.mark.airflow
 def test_airflow_azure_batch_operator(tmp_path: Path) -> None:
     python = client_venv("airflow-azure", AIRFLOW, timeout=1500)
