@@ -174,6 +174,21 @@ def flow(client: BatchServiceClient, r: Report) -> None:
             pass
         assert all(len(p) == 1 for p in pages), pages
         assert sorted(i for p in pages for i in p) == sorted(t.id for t in tasks), pages
+    with r.step("task list pages keep $filter and $select across next links"):
+        opts = bm.TaskListOptions(
+            max_results=3, filter="executionInfo/result eq 'success'", select="id,state"
+        )
+        paged = client.task.list(JOB, opts)
+        pages = []
+        try:
+            while True:
+                pages.append(list(paged.advance_page()))
+        except StopIteration:
+            pass
+        assert [len(p) for p in pages] == [3, 3, 3, 1], [len(p) for p in pages]
+        every = [t for p in pages for t in p]
+        assert sorted(t.id for t in every) == sorted(t.id for t in tasks)
+        assert all(t.command_line is None and t.state for t in every), "$select lost on a page"
     with r.step("task list with $filter"):
         one = list(client.task.list(JOB, bm.TaskListOptions(filter="startswith(id,'task1')")))
         assert [t.id for t in one] == ["task1"], [t.id for t in one]
