@@ -10,13 +10,14 @@ failure here lists all the parts of the API a client found missing or wrong at o
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.clientvenv import client_venv
+from tests.clientvenv import CACHE_ENV, client_venv, venv_key
 from tests.tvmup import TvmUp, tvm_up
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "azure_clients"
@@ -67,6 +68,22 @@ def run_client(python: Path, script: str, up: TvmUp, tmp: Path, timeout: float) 
             pytrace=False,
         )
     return report
+
+
+def test_client_venv_skips_cleanly_when_the_index_is_unreachable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # no extra index, no local wheels
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens there
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+    reqs = ["azure-batch==14.2.0"]
+    with pytest.raises(pytest.skip.Exception, match="package index unreachable"):
+        client_venv("offline", reqs, timeout=120)
+    # nothing half-made is left to be mistaken for a ready environment next time
+    assert not (tmp_path / "cache" / venv_key("offline", reqs)).exists()
+    assert venv_key("offline", reqs) != venv_key("offline", ["azure-batch==14.1.0"])
 
 
 def test_azure_batch_14_quickstart(tmp_path: Path) -> None:
