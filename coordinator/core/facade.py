@@ -338,5 +338,8 @@ class CoordinatorState:
     def delete_task(self, workitem: str, job_name: str, name: str) -> None:
         self.tasks.delete_task(workitem, job_name, name)
 
+    def reactivate_task(self, workitem: str, job_name: str, name: str) -> None:
+        self.tasks.reactivate_task(workitem, job_name, name)
+
     def task_counts(self, job: Job) -> m.TaskCounts:
         return self.tasks.task_counts(job)

@@ -194,6 +194,7 @@ class TvmRec(msgspec.Struct, kw_only=True):
     scheduling: str = "enabled"
     total_run: int = 0
     total_succeeded: int = 0  # of total_run: exit 0 (the Azure node's totalTasksSucceeded)
+    booted: float = 0.0  # when its last reboot or reimage began (0: never; the Azure lastBootTime)
     start_task: dict[str, object] | None = None
     # Intra-pool port block, certificate install errors, remote-login users.
     port_low: int = 0

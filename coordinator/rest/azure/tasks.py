@@ -7,7 +7,7 @@ from typing import Any
 from coordinator.common import models as m
 from coordinator.common.errors import ApiError
 from coordinator.core import MAX_COLLECTION
-from coordinator.core.records import COMPLETED, Job, TaskRec
+from coordinator.core.records import Job, TaskRec
 from coordinator.rest.dispatch import Dispatcher, Response
 from coordinator.rest.inputlimits import check_request
 
@@ -200,18 +200,10 @@ class TaskApi:
     async def reactivate_task(
         self, job: str, task: str, headers: dict[str, str], **_: Any
     ) -> Response:
-        _j, t = self._task(job, task, headers, read=False)
-        if t.state != COMPLETED or (t.exit_code == 0 and t.failure is None):
-            raise ApiError(
-                409,
-                "TaskNotFailed" if t.state == COMPLETED else "TaskNotCompleted",
-                f"only a failed task can be reactivated; task {task!r} is {t.state}",
-            )
-        raise ApiError(
-            409,
-            "OperationNotSupported",
-            "reactivating a failed task is not supported by TVM Batch yet; add it again under a new id",
-        )
+        j, _t = self._task(job, task, headers, read=False)
+        await self.svc.execute(self.core.reactivate_task, j.rec.workitem, j.rec.name, task)
+        url = f"{base()}/jobs/{job}/tasks/{task}".encode()
+        return empty(204, headers, [(b"dataserviceid", url)])
 
     async def subtasks(self, job: str, task: str, headers: dict[str, str], **_: Any) -> Response:
         self._task(job, task, headers, read=True)

@@ -165,7 +165,7 @@ def node_view(core: CoordinatorState, base: str, tvm: Tvm) -> dict[str, Any]:
         "state": r.state,
         "schedulingState": r.scheduling,
         "stateTransitionTime": _t(r.state_time),
-        "lastBootTime": _t(r.created),
+        "lastBootTime": _t(max(r.created, r.booted)),
         "allocationTime": _t(r.created),
         "ipAddress": r.ip,
         "affinityId": f"TVM:{r.name}",
@@ -196,6 +196,18 @@ def _failure(f: tuple[str, str, str] | list[str]) -> dict[str, Any]:
     category, code, message = f
     cat = "usererror" if category.lower().startswith("user") else "servererror"
     return {"category": cat, "code": code, "message": message, "details": []}
+
+
+def _exit_failure(t: TaskRec) -> dict[str, Any] | None:
+    """A completed task that exited non-zero failed with Azure's UserError FailureExitCode."""
+    if t.state != COMPLETED or t.exit_code in (None, 0):
+        return None
+    return {
+        "category": "usererror",
+        "code": "FailureExitCode",
+        "message": f"The task process exited with an unexpected exit code ({t.exit_code})",
+        "details": [{"name": "Message", "value": f"The task exited with exit code {t.exit_code}"}],
+    }
 
 
 def job_state(job: Job) -> str:
@@ -285,7 +297,7 @@ def task_view(core: CoordinatorState, base: str, job: Job, t: TaskRec) -> dict[s
             "startTime": _t(t.start_time) if started else None,
             "endTime": _t(t.end_time) if t.state == COMPLETED else None,
             "exitCode": t.exit_code if t.state == COMPLETED or t.retry_count else None,
-            "failureInfo": _failure(t.failure) if t.failure else None,
+            "failureInfo": _failure(t.failure) if t.failure else _exit_failure(t),
             "retryCount": t.retry_count,
             "lastRetryTime": _t(t.last_retry),
             "requeueCount": t.requeue_count,
