@@ -62,6 +62,7 @@ class TaskSpec(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
     run_elevated: bool = False
     job_manager: bool = False
     memory_limit_bytes: int = 0
+    job_id: str = ""  # the Azure id of a schedule's job (AZ_BATCH_JOB_ID); empty: `workitem`
 
 
 class StartTaskSpec(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
@@ -270,7 +271,7 @@ class FileRequest(Msg, tag="file.request", frozen=True, kw_only=True):
     """Ask the agent about files under its TVM root (task and TVM file APIs)."""
 
     req_id: int
-    op: str  # "list" | "read" | "stat"
+    op: str  # "list" | "read" | "stat" | "delete"
     path: str  # relative to the TVM root
     recursive: bool = False
     offset: int = 0

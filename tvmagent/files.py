@@ -228,7 +228,7 @@ def serve(root: str, req: pm.FileRequest, *, cleaned_marker: str) -> pm.FileResp
 
 
 def _serve(root: str, req: pm.FileRequest, marker: str, fds: _Fds) -> pm.FileResponse:
-    if req.op not in ("list", "read", "stat"):
+    if req.op not in ("list", "read", "stat", "delete"):
         raise FileApiError("UnknownOperation", req.op)
     parts = split_path(req.path)
     if parts and parts[0] not in SERVED_AREAS:
@@ -248,6 +248,9 @@ def _serve(root: str, req: pm.FileRequest, marker: str, fds: _Fds) -> pm.FileRes
             return pm.FileResponse(req_id=req.req_id, entries=entries)
         base = fds.keep(_open_base(root_fd, parts, marker, req.path))
         rest = parts[TASK_LEVEL:] if parts[0] == "tasks" else parts[1:]
+        if req.op == "delete":
+            _delete(base, rest, req.path)
+            return pm.FileResponse(req_id=req.req_id)
         if req.op == "list":
             try:
                 fd = fds.keep(open_beneath(base, rest, _DIR_FLAGS))
@@ -276,6 +279,27 @@ def _serve(root: str, req: pm.FileRequest, marker: str, fds: _Fds) -> pm.FileRes
     return pm.FileResponse(
         req_id=req.req_id, data=_pread(fd, want, req.offset), size=st.st_size, mtime=st.st_mtime
     )
+
+
+def _delete(base: int, rest: list[str], path: str) -> None:
+    """Unlink one regular file beneath `base` (its parent opened confined; the name itself is
+    removed with unlinkat, so a link put there is never followed). Directories stay."""
+    if not rest:
+        raise FileApiError("FileIsDirectory", f"{path} is a directory; only files can be deleted")
+    parent = open_beneath(base, rest[:-1], _DIR_FLAGS)
+    try:
+        mode = os.stat(rest[-1], dir_fd=parent, follow_symlinks=False).st_mode
+        if stat.S_ISDIR(mode):
+            raise FileApiError(
+                "FileIsDirectory", f"{path} is a directory; only files can be deleted"
+            )
+        if stat.S_ISLNK(mode):
+            raise FileApiError("SymbolicLinkNotFollowed", f"{path} is a symbolic link")
+        if not stat.S_ISREG(mode):
+            raise FileApiError("NotARegularFile", f"{path} is not a regular file")
+        os.unlink(rest[-1], dir_fd=parent)
+    finally:
+        os.close(parent)
 
 
 def _open_base(root_fd: int, parts: list[str], marker: str, path: str) -> int:

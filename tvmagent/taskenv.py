@@ -80,10 +80,12 @@ def task_env(tvm: TvmIdentity, spec: TaskSpec) -> dict[str, str]:
             "WATASK_WORKITEM_NAME": spec.workitem,
             "WATASK_JOB_NAME": spec.job,
             "WATASK_TASK_NAME": spec.task,
-            "AZ_BATCH_JOB_ID": spec.job,
+            "AZ_BATCH_JOB_ID": spec.job_id or spec.workitem,
             "AZ_BATCH_TASK_ID": spec.task,
             "AZ_BATCH_TASK_DIR": tdir,
             "AZ_BATCH_TASK_WORKING_DIR": wd,
+            "AZ_BATCH_TASK_SHARED_DIR": tdir,  # one instance per task: its own directory
+            "AZ_BATCH_TASK_USER_IDENTITY": "PoolAdmin" if spec.run_elevated else "PoolNonAdmin",
             "TVM_WORKITEM_NAME": spec.workitem,
         }
     )

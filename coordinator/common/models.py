@@ -98,6 +98,9 @@ class PoolAdd(_Req):
     # for the files of its running tasks (None: only the host's nearly-full check). See _pool_limits.py.
     task_pids_limit: int | None = None
     tvm_disk_limit_mib: int | None = msgspec.field(default=None, name="tvmDiskLimitMiB")
+    # What only the Azure routes carry (displayName, the Azure VM size name, the image reference):
+    # kept with the spec and echoed back there; the seed's routes refuse it.
+    azure: dict | None = None
 
 
 class Pool(_Res):
@@ -236,6 +239,7 @@ class WorkitemAdd(_Req):
     common_environment_settings: list[EnvironmentSetting] = []
     metadata: list[MetadataItem] = []
     on_all_tasks_complete: str = "noaction"  # "noaction" | "terminatejob" (issue 6)
+    azure: dict | None = None  # as PoolAdd.azure
 
 
 class WorkitemExecutionInfo(_Res):

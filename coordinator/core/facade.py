@@ -206,6 +206,9 @@ class CoordinatorState:
     def resize_pool(self, name: str, req: m.PoolResize) -> None:
         self.pool_area.resize_pool(name, req)
 
+    def update_pool(self, name: str, spec: m.PoolAdd) -> None:
+        self.pool_area.update_pool(name, spec)
+
     def stop_resize(self, name: str) -> None:
         self.pool_area.stop_resize(name)
 
@@ -334,6 +337,9 @@ class CoordinatorState:
 
     def delete_task(self, workitem: str, job_name: str, name: str) -> None:
         self.tasks.delete_task(workitem, job_name, name)
+
+    def reactivate_task(self, workitem: str, job_name: str, name: str) -> None:
+        self.tasks.reactivate_task(workitem, job_name, name)
 
     def task_counts(self, job: Job) -> m.TaskCounts:
         return self.tasks.task_counts(job)

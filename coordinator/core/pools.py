@@ -255,6 +255,14 @@ class Pools:
             self.membership.begin_leave(tvm, option, "removed from the pool")
         self.membership.allocate()
 
+    def update_pool(self, name: str, spec: m.PoolAdd) -> None:
+        """Replace the pool's spec (start task, metadata, the Azure properties); the caller changes
+        only what may change after creation. Start-task changes reach TVMs that join or restart."""
+        pool = self.active_pool(name)
+        checked, _ = self.check_pool_spec(msgspec.structs.replace(spec, name=name))
+        pool.spec = msgspec.structs.replace(checked, target_dedicated=pool.spec.target_dedicated)
+        self.out.put("pool", name, pool)
+
     def expire_resizes(self, now: float) -> None:
         """Resizes that ran past their timeout stop where they are (called by the tick)."""
         for name, pool in self.s.pools.items():

@@ -193,6 +193,8 @@ class TvmRec(msgspec.Struct, kw_only=True):
     ip: str = ""
     scheduling: str = "enabled"
     total_run: int = 0
+    total_succeeded: int = 0  # of total_run: exit 0 (the Azure node's totalTasksSucceeded)
+    booted: float = 0.0  # when its last reboot or reimage began (0: never; the Azure lastBootTime)
     start_task: dict[str, object] | None = None
     # Intra-pool port block, certificate install errors, remote-login users.
     port_low: int = 0
@@ -203,6 +205,15 @@ class TvmRec(msgspec.Struct, kw_only=True):
     # and how it leaves ("requeue" | "terminate" | "taskcompletion").
     pending_op: str = ""  # "" | "leave" | "reboot" | "reimage" | "offline"
     pending_option: str = ""
+
+
+def modern_job_id(workitem: str, job: str, scheduled: bool) -> str:
+    """The job's id in the Azure Batch API (and `AZ_BATCH_JOB_ID`): a workitem's one job is the
+    workitem's name; a schedule's jobs are `S:job-N`."""
+    if not scheduled:
+        return workitem
+    digits = job.removeprefix("job-")
+    return f"{workitem}:job-{int(digits)}" if digits.isdigit() else f"{workitem}:{job}"
 
 
 class Job:

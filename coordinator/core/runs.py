@@ -8,7 +8,17 @@ from __future__ import annotations
 from protocol import messages as pm
 
 from .instructions import ENCODER, Outbox, Write
-from .records import ACTIVE, COMPLETED, RUNNING, TASK_DONE, Job, TaskDone, TaskRec, Tvm
+from .records import (
+    ACTIVE,
+    COMPLETED,
+    RUNNING,
+    TASK_DONE,
+    Job,
+    TaskDone,
+    TaskRec,
+    Tvm,
+    modern_job_id,
+)
 from .specs import DEFAULT_RETENTION_S, WALL_CLOCK_EXIT_CODE, resource_file
 from .states import TvmState, move_task, move_tvm
 from .store import Store
@@ -76,6 +86,13 @@ class Runs:
         if task.job_manager:
             env = {**env, **self.jm_env(job)}  # endpoint + job-scoped credential
         wall = task.max_wall_s if task.max_wall_s is not None else rec.max_wall_s
+        # AZ_BATCH_JOB_ID: the workitem's name (the agent's default) unless a schedule made the job.
+        wi = s.workitems.get(rec.workitem)
+        job_id = (
+            ""
+            if wi is not None and wi.spec.schedule is None
+            else modern_job_id(rec.workitem, rec.name, True)
+        )
         if (
             wall
             or task.resource_files
@@ -100,6 +117,7 @@ class Runs:
                 else DEFAULT_RETENTION_S,
                 run_elevated=task.run_elevated,
                 job_manager=task.job_manager,
+                job_id=job_id,
             )
         else:
             # The common task, once per placement: the fields at their defaults are left to them
@@ -112,6 +130,7 @@ class Runs:
                 job=rec.name,
                 task=task.name,
                 env=env,
+                job_id=job_id,
             )
         self.out.send(tvm.rec.agent_id, pm.RunTask(spec=spec))
 

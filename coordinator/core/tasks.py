@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from coordinator.common import models as m
 from coordinator.common.errors import ApiError, bad_request, conflict
 from coordinator.common.validation import check_env, check_name
@@ -143,6 +145,43 @@ class Tasks:
         self.out.delete("task", f"{job.key}/{name}")
         self.out.delete(TASK_DONE, f"{job.key}/{name}")
 
+    def reactivate_task(self, workitem: str, job_name: str, name: str) -> None:
+        """Run a failed task again: a fresh record in its initial state replaces the completed one
+        (retry count, exit code and failure cleared; its old files on the TVM deleted)."""
+        job, task = self.s.get_task(workitem, job_name, name)
+        if task.state != COMPLETED:
+            raise ApiError(
+                409,
+                "TaskNotCompleted",
+                f"task {name!r} is {task.state}; only a completed task that failed can be reactivated",
+            )
+        if task.exit_code == 0 and task.failure is None:
+            raise ApiError(
+                409,
+                "TaskCompletedSuccessfully",
+                f"task {name!r} succeeded; it cannot be reactivated",
+            )
+        self.jobs.check_accepts_tasks(job)  # 409 JobCompleted / JobBeingTerminated
+        self.runs.forget_task(job, task)
+        now = self.s.clock()
+        fresh = msgspec.structs.replace(
+            task,
+            state=ACTIVE,
+            state_time=now,
+            prev_state=COMPLETED,
+            start_time=None,
+            end_time=None,
+            exit_code=None,
+            retry_count=0,
+            last_retry=None,
+            failure=None,
+            pool=None,
+            tvm=None,
+            attempt=0,
+        )
+        self.out.delete(TASK_DONE, f"{job.key}/{name}")  # the old completion's delta row
+        self._insert(job, fresh)
+
     # ------------------------------------------------------------------ events
 
     def task_started(self, msg: pm.TaskStarted) -> None:
@@ -169,6 +208,7 @@ class Tasks:
         if holder is not None:
             holder.running.pop(msg.key, None)
             holder.rec.total_run += 1
+            holder.rec.total_succeeded += msg.exit_code == 0 and msg.failure is None
             if not holder.running and holder.rec.state == "running":
                 self.runs.set_tvm_state(holder, "idle")
         now = s.clock()

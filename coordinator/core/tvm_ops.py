@@ -86,6 +86,7 @@ class TvmOps:
         option = check_option(option, field)
         op = "reimage" if reimage else "reboot"
         self.runs.set_tvm_state(tvm, "reimaging" if reimage else "rebooting")
+        tvm.rec.booted = self.s.clock()
         tvm.rec.pending_op = op
         tvm.rec.pending_option = option
         self.out.put("tvm", name, tvm.rec)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from coordinator.runtime.filestore import FileStore
 from coordinator.runtime.service import CoordinatorService
 
+from .azure.api import install as install_azure
 from .dispatch import Dispatcher
 from .dispatch import Response as Response
 from .limits import DEFAULT_MAX_UPLOAD
@@ -38,4 +39,5 @@ def make_app(
     app = Dispatcher(service, files, max_upload_size=max_upload_size)
     for group in ROUTE_GROUPS:
         group(app).register(app.route)
+    install_azure(app)  # requests carrying an Azure api-version
     return app

@@ -90,6 +90,10 @@ def _decode(body: bytes, typ: type[_S], *, check: bool = True) -> _S:
         raise bad_request("InvalidRequestBody", f"the body is not valid JSON: {exc}") from None
     except RecursionError:
         raise decode_depth_error() from None
+    if getattr(req, "azure", None) is not None:  # only the Azure routes may set it
+        raise bad_request(
+            "InvalidRequestBody", "invalid request body: unknown field `azure`", field="azure"
+        )
     if check:
         check_request(
             req
@@ -113,6 +117,8 @@ class Dispatcher:
         self.max_upload_size = max_upload_size
         self.requests = 0
         self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
+        # The Azure Batch API (coordinator/rest/azure): requests carrying its api-version go there.
+        self.azure: Any = None
 
     def route(self, method: str, pattern: str, handler: Handler) -> None:
         self._routes.append((method, re.compile(pattern + "$"), handler))
@@ -137,13 +143,11 @@ class Dispatcher:
         if kind != "http":
             return
         resp = await self._http(scope, receive)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": resp.status,
-                "headers": [*resp.headers, (b"content-length", str(len(resp.body)).encode())],
-            }
-        )
+        headers = resp.headers
+        # A HEAD answer may state the length of what a GET would send (file properties).
+        if scope["method"] != "HEAD" or not any(k == b"content-length" for k, _ in headers):
+            headers = [*headers, (b"content-length", str(len(resp.body)).encode())]
+        await send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await send(
             {"type": "http.response.body", "body": resp.body if scope["method"] != "HEAD" else b""}
         )
@@ -162,6 +166,8 @@ class Dispatcher:
                 query,
             )
         )
+        q = {k: v[-1] for k, v in parse_qs(query).items()}
+        azure = self.azure is not None and self.azure.wants(q)
         try:
             agent_fetch = path.startswith("/files/sha256/") and self._agent_authorized(headers)
             # /metrics is for scrapers that cannot sign: aggregates only (coordinator/runtime/metrics.py).
@@ -188,6 +194,8 @@ class Dispatcher:
                 body = b""
             else:
                 body = await read_body(receive, headers, json_body_limit(path))
+            if azure:
+                return await self.azure.handle(method, path, body, q, headers)
             for meth, pattern, handler in self._routes:
                 if meth != method:
                     continue
@@ -196,22 +204,24 @@ class Dispatcher:
                     # scope["path"] is already percent-decoded (ASGI): decoding again would turn a
                     # file named "a%41" into "aA".
                     params = match.groupdict()
-                    q = {k: v[-1] for k, v in parse_qs(query).items()}
                     if stream is not None:
                         params["stream"] = stream
                     return await handler(body=body, query=q, headers=headers, **params)
-            if any(p.match(path) for _, p, _ in self._routes):
+            seed_path = any(p.match(path) for _, p, _ in self._routes)
+            if not seed_path and self.azure is not None and self.azure.matches(path):
+                azure = True  # an Azure-only path without a supported api-version: Azure's 400
+                self.azure.check_version(q)
+            if seed_path:
                 raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on {path}")
             raise ApiError(404, "ResourceNotFound", f"no such resource: {path}")
         except ApiError as exc:
-            return _error_response(exc)
+            return self.azure.error(exc, headers) if azure else _error_response(exc)
         except Exception as exc:  # a bug must not take the server down; say so clearly
             import logging
 
             logging.getLogger("tvm.api").exception("internal error on %s %s", method, path)
-            return _error_response(
-                ApiError(500, "InternalError", f"internal error: {type(exc).__name__}")
-            )
+            err = ApiError(500, "InternalError", f"internal error: {type(exc).__name__}")
+            return self.azure.error(err, headers) if azure else _error_response(err)
 
     def _agent_authorized(self, headers: dict[str, str]) -> bool:
         # An enrolled agent proves its own credential; the account join token is still accepted.

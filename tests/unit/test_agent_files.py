@@ -104,7 +104,7 @@ def test_clear_errors(root: Path, mode: str) -> None:
     assert code(root, "read", f"tasks/wi/{JOB}/nosuchtask/stdout.txt") == "FileNotFound"
     assert code(root, "read", f"tasks/wi/{JOB}/gone/stdout.txt") == "TaskFilesCleanedUp"
     assert code(root, "read", f"{T1}/wd/digits", offset=-1) == "InvalidRange"
-    assert code(root, "delete", f"{T1}/wd/digits") == "UnknownOperation"
+    assert code(root, "chmod", f"{T1}/wd/digits") == "UnknownOperation"
     for bad in (
         f"{T1}/../t2/secret",
         "../root/agent-credential",
@@ -248,3 +248,24 @@ def test_rename_exchange_race_never_serves_the_target(root: Path, mode: str) -> 
     assert SECRET not in seen
     assert seen <= {b"harmless\n", "SymbolicLinkNotFollowed"}
     assert b"harmless\n" in seen
+
+
+def test_delete_removes_one_file_and_nothing_else(root: Path, mode: str) -> None:
+    t1 = root / "tasks" / "wi" / JOB / "t1"
+    assert not ask(root, "delete", f"{T1}/wd/sub/f.txt").error_code
+    assert not (t1 / "wd" / "sub" / "f.txt").exists()
+    assert not ask(root, "delete", "start/stdout.txt").error_code
+    assert not (root / "start" / "stdout.txt").exists()
+    # Directories, links, '..', the agent's own files and other areas are refused; nothing changes.
+    (t1 / "link").symlink_to(root / "tasks" / "wi" / JOB / "t2" / "secret")
+    assert code(root, "delete", f"{T1}/link") == "SymbolicLinkNotFollowed"
+    assert (root / "tasks" / "wi" / JOB / "t2" / "secret").read_bytes() == SECRET
+    assert (t1 / "link").is_symlink()
+    assert code(root, "delete", f"{T1}/wd") == "FileIsDirectory"
+    assert code(root, "delete", T1) == "FileIsDirectory"
+    assert code(root, "delete", f"tasks/wi/{JOB}") == "FileIsDirectory"
+    assert code(root, "delete", f"{T1}/../t2/secret") == "InvalidFilePath"
+    assert code(root, "delete", f"{T1}/nope") == "FileNotFound"
+    assert code(root, "delete", "certs/x") == "FilePathForbidden"
+    assert (t1 / "stdout.txt").read_bytes() == b"out\n"
+    assert (t1 / "wd").is_dir()

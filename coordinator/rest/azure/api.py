@@ -1,0 +1,22 @@
+"""The Azure Batch route groups, added to the dispatcher by `app.make_app`."""
+
+from __future__ import annotations
+
+from coordinator.rest.dispatch import Dispatcher
+
+from .files import FileApi
+from .jobs import JobApi
+from .nodes import NodeApi
+from .pools import PoolApi
+from .router import AzureApi
+from .tasks import TaskApi
+
+GROUPS = (PoolApi, NodeApi, JobApi, TaskApi, FileApi)
+
+
+def install(app: Dispatcher) -> AzureApi:
+    api = AzureApi(app)
+    for group in GROUPS:
+        group(app).register(api)
+    app.azure = api
+    return api

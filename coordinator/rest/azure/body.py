@@ -1,0 +1,155 @@
+"""Lenient reading of Azure request bodies, as the real service reads them.
+
+Unknown properties are ignored and recorded in a debug log (newer clients send fields an older
+service does not know); numbers may come as numeric strings (`az batch` sends `"2"`); a property
+with the wrong type or a refused value is a 400 `InvalidPropertyValue` naming its full path.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+
+from coordinator.common.errors import ApiError, bad_request
+
+from .conv import invalid
+
+log = logging.getLogger("tvm.api.azure")
+
+
+def parse_json(raw: bytes, *, required: bool = True) -> Body:
+    if not raw.strip():
+        if required:
+            raise bad_request("MissingRequiredProperty", "the request needs a JSON body")
+        return Body({}, "")
+    try:
+        data = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise bad_request("InvalidRequestBody", f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise bad_request("InvalidRequestBody", "the body is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise bad_request("InvalidRequestBody", "the body must be a JSON object")
+    return Body(data, "")
+
+
+class Body:
+    """One JSON object of a request; remembers which properties were read."""
+
+    def __init__(self, data: dict[str, Any], path: str) -> None:
+        self.data = data
+        self.path = path
+        self.read: set[str] = set()
+        self.children: list[Body] = []
+
+    def _p(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def has(self, key: str) -> bool:
+        return self.data.get(key) is not None
+
+    def raw(self, key: str) -> Any:
+        self.read.add(key)
+        return self.data.get(key)
+
+    def text(self, key: str, *, required: bool = False, default: str | None = None) -> str | None:
+        v = self.raw(key)
+        if v is None:
+            if required:
+                raise ApiError(
+                    400,
+                    "MissingRequiredProperty",
+                    f"the property {self._p(key)} is required",
+                    field=self._p(key),
+                )
+            return default
+        if not isinstance(v, str):
+            raise invalid(self._p(key), v, f"{self._p(key)} must be a string")
+        return v
+
+    def req_text(self, key: str) -> str:
+        v = self.text(key, required=True)
+        assert v is not None
+        return v
+
+    def integer(self, key: str, default: int | None = None) -> int | None:
+        v = self.raw(key)
+        if v is None:
+            return default
+        if isinstance(v, bool):
+            raise invalid(self._p(key), v, f"{self._p(key)} must be a whole number")
+        if isinstance(v, int):
+            return v
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        if isinstance(v, str):
+            s = v.strip()
+            if s.lstrip("+-").isdigit():
+                return int(s)
+        raise invalid(self._p(key), v, f"{self._p(key)} must be a whole number, got {v!r}")
+
+    def flag(self, key: str, default: bool = False) -> bool:
+        v = self.raw(key)
+        if v is None:
+            return default
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, str) and v.strip().lower() in ("true", "false"):
+            return v.strip().lower() == "true"
+        raise invalid(self._p(key), v, f"{self._p(key)} must be true or false")
+
+    def obj(self, key: str) -> Body | None:
+        v = self.raw(key)
+        if v is None:
+            return None
+        if not isinstance(v, dict):
+            raise invalid(self._p(key), "", f"{self._p(key)} must be an object")
+        child = Body(v, self._p(key))
+        self.children.append(child)
+        return child
+
+    def objs(self, key: str) -> list[Body]:
+        v = self.raw(key)
+        if v is None:
+            return []
+        if not isinstance(v, list):
+            raise invalid(self._p(key), "", f"{self._p(key)} must be a list")
+        out = []
+        for i, item in enumerate(v):
+            if not isinstance(item, dict):
+                raise invalid(f"{self._p(key)}[{i}]", "", f"{self._p(key)}[{i}] must be an object")
+            child = Body(item, f"{self._p(key)}[{i}]")
+            self.children.append(child)
+            out.append(child)
+        return out
+
+    def texts(self, key: str) -> list[str]:
+        v = self.raw(key)
+        if v is None:
+            return []
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise invalid(self._p(key), "", f"{self._p(key)} must be a list of strings")
+        return list(v)
+
+    def refuse(self, keys: tuple[str, ...], why: str) -> None:
+        """Settings this service cannot honour: a clear 400 naming the first one present."""
+        for key in keys:
+            if self.data.get(key) not in (None, [], {}):
+                raise invalid(self._p(key), "", f"{self._p(key)} is not supported: {why}")
+
+    def accept(self, *keys: str) -> None:
+        """Properties accepted and echoed or left without effect (documented in the README)."""
+        self.read.update(keys)
+
+    def unknown(self) -> list[str]:
+        out = [self._p(k) for k in self.data if k not in self.read]
+        for c in self.children:
+            out.extend(c.unknown())
+        return out
+
+    def log_unknown(self, what: str) -> None:
+        extra = self.unknown()
+        if extra:
+            log.debug("%s: ignored unknown properties %s", what, ", ".join(sorted(extra)))

@@ -1,0 +1,303 @@
+"""Azure request bodies -> the core's commands (the seed's models), read leniently.
+
+Names map one to one (`id` -> `name`, `targetDedicatedNodes` -> `targetDedicated`, `taskSlotsPerNode`
+-> `maxTasksPerVM`, `userIdentity.autoUser.elevationLevel: admin` -> `runElevated`, ...). What the
+Azure resource has and the core does not (displayName, the image reference, the Azure VM size name,
+a low-priority target) is kept in the spec's `azure` dict and echoed back. Settings this service
+cannot honour are refused with 400 `InvalidPropertyValue` naming the property.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from coordinator.common import models as m
+from coordinator.common import vmsizes
+
+from .body import Body
+from .conv import invalid
+from .sizes import local_vm_size
+
+# Pool settings that need Azure infrastructure (or Windows): a clear 400, never silence.
+_POOL_REFUSED = (
+    "cloudServiceConfiguration",
+    "networkConfiguration",
+    "mountConfiguration",
+    "userAccounts",
+    "applicationPackageReferences",
+    "applicationLicenses",
+    "identity",
+)
+_VMC_REFUSED = (
+    "windowsConfiguration",
+    "diskEncryptionConfiguration",
+    "extensions",
+    "dataDisks",
+    "containerConfiguration",
+    "securityProfile",
+    "osDisk",
+    "nodePlacementConfiguration",
+    "licenseType",
+    "serviceArtifactReference",
+)
+_TASK_REFUSED = (
+    "containerSettings",
+    "outputFiles",
+    "multiInstanceSettings",
+    "dependsOn",
+    "applicationPackageReferences",
+    "authenticationTokenSettings",
+    "exitConditions",
+)
+WHY_LOCAL = "TVM Batch runs Linux tasks as sandboxed processes on its own machines"
+
+
+def user_elevated(b: Body | None, prop: str) -> bool:
+    if b is None:
+        return False
+    if b.has("username"):
+        raise invalid(
+            f"{prop}.username",
+            b.text("username"),
+            "named user accounts are not supported; use autoUser",
+        )
+    auto = b.obj("autoUser")
+    if auto is None:
+        return False
+    auto.accept("scope")
+    level = (auto.text("elevationLevel") or "nonadmin").lower()
+    if level not in ("admin", "nonadmin"):
+        raise invalid(
+            f"{prop}.autoUser.elevationLevel", level, "elevationLevel must be admin or nonadmin"
+        )
+    return level == "admin"
+
+
+def resource_files(items: list[Body]) -> list[m.ResourceFile]:
+    out = []
+    for rf in items:
+        rf.refuse(
+            ("autoStorageContainerName", "storageContainerUrl", "identityReference"),
+            "only httpUrl (http, https or filestore:) resource files are supported",
+        )
+        rf.accept("fileMode", "blobPrefix")
+        url = rf.req_text("httpUrl")
+        path = rf.req_text("filePath")
+        out.append(m.ResourceFile(blob_source=url, file_path=path))
+    return out
+
+
+def env_settings(items: list[Body]) -> list[m.EnvironmentSetting]:
+    return [
+        m.EnvironmentSetting(name=e.req_text("name"), value=e.text("value") or "") for e in items
+    ]
+
+
+def metadata(items: list[Body]) -> list[m.MetadataItem]:
+    return [m.MetadataItem(name=e.req_text("name"), value=e.text("value") or "") for e in items]
+
+
+def start_task(b: Body | None) -> m.StartTask | None:
+    if b is None:
+        return None
+    b.refuse(("containerSettings",), WHY_LOCAL)
+    return m.StartTask(
+        command_line=b.req_text("commandLine"),
+        resource_files=resource_files(b.objs("resourceFiles")),
+        environment_settings=env_settings(b.objs("environmentSettings")),
+        max_task_retry_count=b.integer("maxTaskRetryCount", 0) or 0,
+        wait_for_success=b.flag("waitForSuccess", True),
+        run_elevated=user_elevated(b.obj("userIdentity"), b._p("userIdentity")),
+    )
+
+
+def cert_refs(items: list[Body]) -> list[m.CertificateReference]:
+    out = []
+    for c in items:
+        c.accept("storeLocation", "storeName", "visibility")
+        out.append(
+            m.CertificateReference(
+                thumbprint=c.req_text("thumbprint"),
+                thumbprint_algorithm=c.text("thumbprintAlgorithm") or "sha1",
+            )
+        )
+    return out
+
+
+def vm_configuration(b: Body) -> dict[str, Any]:
+    vmc = b.obj("virtualMachineConfiguration")
+    if vmc is None:
+        if b.has("cloudServiceConfiguration"):
+            b.refuse(
+                ("cloudServiceConfiguration",), "cloud service pools are retired; " + WHY_LOCAL
+            )
+        raise invalid(
+            "virtualMachineConfiguration", None, "virtualMachineConfiguration is required"
+        )
+    vmc.refuse(_VMC_REFUSED, WHY_LOCAL)
+    image = vmc.obj("imageReference")
+    sku = vmc.text("nodeAgentSKUId")
+    vmsizes.check_image(image.data if image else None, sku)
+    assert image is not None
+    assert sku is not None
+    image.accept(*image.data)
+    return {"imageReference": dict(image.data), "nodeAgentSKUId": sku}
+
+
+def pool_add(b: Body, catalogue: dict[str, tuple[int, int, int, str]]) -> m.PoolAdd:
+    pool_id = b.req_text("id")
+    b.refuse(_POOL_REFUSED, WHY_LOCAL)
+    vm_size = b.req_text("vmSize")
+    vmc = vm_configuration(b)
+    local = local_vm_size(vm_size, catalogue)
+    target = b.integer("targetDedicatedNodes", 0) or 0
+    low = b.integer("targetLowPriorityNodes", 0) or 0
+    if low < 0:
+        raise invalid("targetLowPriorityNodes", low, "targetLowPriorityNodes must not be negative")
+    auto = b.flag("enableAutoScale", False)
+    if auto and (b.has("targetDedicatedNodes") or b.has("targetLowPriorityNodes")):
+        raise invalid(
+            "targetDedicatedNodes",
+            target,
+            "targetDedicatedNodes and targetLowPriorityNodes must be absent when enableAutoScale is true",
+        )
+    policy = b.obj("taskSchedulingPolicy")
+    fill = "spread"
+    if policy is not None:
+        policy.accept("jobDefaultOrder")
+        fill = (policy.text("nodeFillType") or "spread").lower()
+    b.accept("upgradePolicy", "resourceTags", "targetNodeCommunicationMode")
+    azure = {
+        "displayName": b.text("displayName"),
+        "vmSize": vm_size.lower(),
+        "virtualMachineConfiguration": vmc,
+        "targetLowPriorityNodes": low,
+    }
+    slots = b.integer("taskSlotsPerNode", 1)
+    limit = 4 * int(catalogue[local][0])
+    if slots is None or not 1 <= slots <= limit:
+        raise invalid(
+            "taskSlotsPerNode",
+            slots,
+            f"taskSlotsPerNode must be between 1 and {limit} (4 x the cores of vmSize {vm_size})",
+        )
+    return m.PoolAdd(
+        name=pool_id,
+        vm_size=local,
+        target_dedicated=target,
+        max_tasks_per_vm=slots,
+        tvm_fill_type=fill,
+        start_task=start_task(b.obj("startTask")),
+        communication=b.flag("enableInterNodeCommunication", False),
+        certificate_references=cert_refs(b.objs("certificateReferences")),
+        enable_auto_scale=auto,
+        auto_scale_formula=b.text("autoScaleFormula"),
+        auto_scale_evaluation_interval=b.text("autoScaleEvaluationInterval"),
+        resize_timeout=b.text("resizeTimeout"),
+        metadata=metadata(b.objs("metadata")),
+        azure={k: v for k, v in azure.items() if v is not None},
+    )
+
+
+def constraints(b: Body | None) -> m.TaskConstraints | None:
+    if b is None:
+        return None
+    return m.TaskConstraints(
+        max_wall_clock_time=b.text("maxWallClockTime"),
+        max_task_retry_count=b.integer("maxTaskRetryCount"),
+        retention_time=b.text("retentionTime"),
+    )
+
+
+def job_constraints(b: Body | None) -> m.JobConstraints | None:
+    if b is None:
+        return None
+    return m.JobConstraints(
+        max_wall_clock_time=b.text("maxWallClockTime"),
+        max_task_retry_count=b.integer("maxTaskRetryCount"),
+    )
+
+
+def on_all_complete(b: Body) -> str | None:
+    v = b.text("onAllTasksComplete")
+    if v is None:
+        return None
+    v = v.lower()
+    if v not in ("noaction", "terminatejob"):
+        raise invalid(
+            "onAllTasksComplete", v, "onAllTasksComplete must be noaction or terminatejob"
+        )
+    return v
+
+
+def check_task_failure(b: Body) -> None:
+    v = b.text("onTaskFailure")
+    if v is not None and v.lower() != "noaction":
+        raise invalid(
+            "onTaskFailure", v, "only onTaskFailure noaction is supported (exit conditions are not)"
+        )
+
+
+def job_manager(b: Body | None) -> m.JobManager | None:
+    if b is None:
+        return None
+    b.refuse(_TASK_REFUSED + ("requiredSlots",), WHY_LOCAL)
+    b.accept("displayName", "allowLowPriorityNode")
+    return m.JobManager(
+        name=b.req_text("id"),
+        command_line=b.req_text("commandLine"),
+        resource_files=resource_files(b.objs("resourceFiles")),
+        environment_settings=env_settings(b.objs("environmentSettings")),
+        task_constraints=constraints(b.obj("constraints")),
+        kill_job_on_completion=b.flag("killJobOnCompletion", True),
+        run_elevated=user_elevated(b.obj("userIdentity"), b._p("userIdentity")),
+        run_exclusive=b.flag("runExclusive", True),
+    )
+
+
+def job_add(b: Body) -> m.WorkitemAdd:
+    job_id = b.req_text("id")
+    b.refuse(("jobPreparationTask", "jobReleaseTask", "networkConfiguration"), WHY_LOCAL)
+    if b.flag("usesTaskDependencies", False):
+        raise invalid("usesTaskDependencies", True, "task dependencies are not supported yet")
+    check_task_failure(b)
+    info = b.obj("poolInfo")
+    if info is None:
+        raise invalid("poolInfo", None, "poolInfo is required")
+    if info.has("autoPoolSpecification"):
+        raise invalid(
+            "poolInfo.autoPoolSpecification",
+            "",
+            "auto pools are not supported on the Azure routes; create the pool first",
+        )
+    pool_id = info.req_text("poolId")
+    b.accept("maxParallelTasks", "allowTaskPreemption")
+    azure = {"displayName": b.text("displayName")}
+    return m.WorkitemAdd(
+        name=job_id,
+        job_execution_environment=m.JobExecutionEnvironment(pool_name=pool_id),
+        priority=b.integer("priority", 0) or 0,
+        job_constraints=job_constraints(b.obj("constraints")),
+        job_manager=job_manager(b.obj("jobManagerTask")),
+        common_environment_settings=env_settings(b.objs("commonEnvironmentSettings")),
+        metadata=metadata(b.objs("metadata")),
+        on_all_tasks_complete=on_all_complete(b) or "noaction",
+        azure={k: v for k, v in azure.items() if v is not None},
+    )
+
+
+def task_add(b: Body) -> m.TaskAdd:
+    task_id = b.req_text("id")
+    b.refuse(_TASK_REFUSED, WHY_LOCAL)
+    slots = b.integer("requiredSlots", 1)
+    if slots != 1:
+        raise invalid("requiredSlots", slots, "only requiredSlots 1 is supported")
+    b.accept("displayName", "affinityInfo")
+    return m.TaskAdd(
+        name=task_id,
+        command_line=b.req_text("commandLine"),
+        resource_files=resource_files(b.objs("resourceFiles")),
+        environment_settings=env_settings(b.objs("environmentSettings")),
+        task_constraints=constraints(b.obj("constraints")),
+        run_elevated=user_elevated(b.obj("userIdentity"), b._p("userIdentity")),
+    )

@@ -1,0 +1,215 @@
+"""Microsoft's `azure-batch` 15.1.0 (`BatchClient`, api-version 2025-06-01), unmodified, against a
+real `tvm up`: the quickstart flow, paging by next links, `$filter`, `service_timeout`,
+`pool_exists`, duplicate creates and a conditional update refused with 412."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from azure.batch import BatchClient
+from azure.batch import models as bm
+from azure.core import MatchConditions
+from azure.core.credentials import AzureNamedKeyCredential
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError
+
+from tests.tvmup import TvmUp, tvm_up
+
+CMD = "/bin/sh -c 'echo hello $AZ_BATCH_TASK_ID'"
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TvmUp]:
+    with tvm_up(Path(tmp_path_factory.mktemp("tvmup")), 2) as t:
+        yield t
+
+
+@pytest.fixture
+def client(up: TvmUp) -> Iterator[BatchClient]:
+    c = BatchClient(up.endpoint, AzureNamedKeyCredential(up.account, up.key))
+    yield c
+    c.close()
+
+
+def _uid(prefix: str) -> str:
+    return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def _wait(cond: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _ubuntu_pool(pool_id: str, nodes: int) -> bm.BatchPoolCreateOptions:
+    return bm.BatchPoolCreateOptions(
+        id=pool_id,
+        vm_size="STANDARD_D2S_V3",
+        target_dedicated_nodes=nodes,
+        virtual_machine_configuration=bm.VirtualMachineConfiguration(
+            image_reference=bm.BatchVmImageReference(
+                publisher="canonical",
+                offer="0001-com-ubuntu-server-jammy",
+                sku="22_04-lts",
+                version="latest",
+            ),
+            node_agent_sku_id="batch.node.ubuntu 22.04",
+        ),
+    )
+
+
+def test_quickstart(client: BatchClient) -> None:
+    pool_id, job_id = _uid("qs-pool"), _uid("qs-job")
+    client.create_pool(_ubuntu_pool(pool_id, 2))
+    pool = client.get_pool(pool_id)
+    assert pool.vm_size == "standard_d2s_v3"
+    assert pool.virtual_machine_configuration is not None
+    assert pool.virtual_machine_configuration.node_agent_sku_id == "batch.node.ubuntu 22.04"
+
+    def idle() -> list[bm.BatchNode] | None:
+        nodes = list(client.list_nodes(pool_id))
+        ok = len(nodes) == 2 and all(n.state == bm.BatchNodeState.IDLE for n in nodes)
+        return nodes if ok else None
+
+    nodes = _wait(idle, "two idle nodes")
+    node_ids = {n.id for n in nodes}
+
+    client.create_job(
+        bm.BatchJobCreateOptions(id=job_id, pool_info=bm.BatchPoolInfo(pool_id=pool_id))
+    )
+    tasks = [bm.BatchTaskCreateOptions(id=f"task{i}", command_line=CMD) for i in range(10)]
+    result = client.create_tasks(job_id, tasks)
+    assert sorted(r.task_id for r in result.result_values or []) == sorted(t.id for t in tasks)
+    assert {r.status for r in result.result_values or []} == {bm.BatchTaskAddStatus.SUCCESS}
+
+    def all_done() -> list[bm.BatchTask] | None:
+        listed = list(client.list_tasks(job_id))
+        return listed if all(t.state == bm.BatchTaskState.COMPLETED for t in listed) else None
+
+    done = _wait(all_done, "ten completed tasks")
+    assert len(done) == 10
+    for t in done:
+        assert t.execution_info is not None
+        assert t.execution_info.result == bm.BatchTaskExecutionResult.SUCCESS
+        assert t.execution_info.exit_code == 0
+        info = t.node_info
+        assert info is not None
+        assert info.pool_id == pool_id
+        assert info.node_id in node_ids
+        assert info.node_url is not None
+        assert info.node_url.endswith(f"/pools/{pool_id}/nodes/{info.node_id}")
+        out = b"".join(client.download_task_file(job_id, t.id, "stdout.txt"))
+        assert out.decode().strip() == f"hello {t.id}"
+    props = client.get_task_file_properties(job_id, done[0].id, "stdout.txt")
+    assert props.content_length == len(f"hello {done[0].id}\n")
+    assert props.is_directory is False
+    ok = list(client.list_tasks(job_id, filter="executionInfo/result eq 'success'"))
+    assert len(ok) == 10
+    assert list(client.list_tasks(job_id, filter="executionInfo/exitCode ne 0")) == []
+    counts = client.get_job_task_counts(job_id)
+    assert counts.task_counts.succeeded == 10
+    assert counts.task_counts.failed == 0
+
+    client.begin_delete_job(job_id, polling_interval=1).result()
+    client.begin_delete_pool(pool_id, polling_interval=1).result()
+    assert job_id not in {j.id for j in client.list_jobs()}
+    assert pool_id not in {p.id for p in client.list_pools()}
+
+
+def test_paging_filter_and_timeout(client: BatchClient) -> None:
+    pool_id = _uid("pg-pool")
+    prefix = _uid("pg")
+    client.create_pool(_ubuntu_pool(pool_id, 0))
+    ids = [f"{prefix}-{i}" for i in range(3)]
+    try:
+        for jid in ids:
+            client.create_job(
+                bm.BatchJobCreateOptions(id=jid, pool_info=bm.BatchPoolInfo(pool_id=pool_id))
+            )
+        # One job per page: the client follows each absolute odata.nextLink.
+        pages = list(client.list_jobs(max_results=1).by_page())
+        assert len(pages) >= 3
+        seen = [j.id for p in pages for j in p]
+        assert all(len(list(p)) <= 1 for p in client.list_jobs(max_results=1).by_page())
+        assert [j for j in seen if j.startswith(prefix)] == ids
+        # $filter (and $select) are evaluated by the service.
+        mine = list(client.list_jobs(filter=f"startswith(id, '{prefix}') and state eq 'active'"))
+        assert sorted(j.id for j in mine) == ids
+        one = list(client.list_jobs(filter=f"id eq '{ids[1]}'", select=["id", "state"]))
+        assert [(j.id, j.state) for j in one] == [(ids[1], bm.BatchJobState.ACTIVE)]
+        assert one[0].pool_info is None  # not selected
+        # service_timeout travels as timeOut and is accepted.
+        assert client.get_pool(pool_id, service_timeout=30).id == pool_id
+        assert client.pool_exists(pool_id, service_timeout=10) is True
+    finally:
+        for jid in ids:
+            client.begin_delete_job(jid, polling_interval=1).result()
+        client.begin_delete_pool(pool_id, polling_interval=1).result()
+
+
+def test_duplicates_raise_exists_errors(client: BatchClient) -> None:
+    pool_id, job_id = _uid("dup-pool"), _uid("dup-job")
+    client.create_pool(_ubuntu_pool(pool_id, 0))
+    try:
+        with pytest.raises(ResourceExistsError) as exc:
+            client.create_pool(_ubuntu_pool(pool_id, 0))
+        assert exc.value.error is not None
+        assert exc.value.error.code == "PoolExists"
+        client.create_job(
+            bm.BatchJobCreateOptions(id=job_id, pool_info=bm.BatchPoolInfo(pool_id=pool_id))
+        )
+        with pytest.raises(ResourceExistsError) as exc:
+            client.create_job(
+                bm.BatchJobCreateOptions(
+                    id=job_id.upper(), pool_info=bm.BatchPoolInfo(pool_id=pool_id)
+                )
+            )
+        assert exc.value.error is not None
+        assert exc.value.error.code == "JobExists"
+        client.create_task(job_id, bm.BatchTaskCreateOptions(id="t1", command_line="true"))
+        with pytest.raises(ResourceExistsError) as exc:
+            client.create_task(job_id, bm.BatchTaskCreateOptions(id="t1", command_line="true"))
+        assert exc.value.error is not None
+        assert exc.value.error.code == "TaskExists"
+        assert [t.id for t in client.list_tasks(job_id)] == ["t1"]
+    finally:
+        client.begin_delete_job(job_id, polling_interval=1).result()
+        client.begin_delete_pool(pool_id, polling_interval=1).result()
+
+
+def test_conditional_update_refused_with_412(client: BatchClient) -> None:
+    pool_id = _uid("etag-pool")
+    client.create_pool(_ubuntu_pool(pool_id, 0))
+    try:
+        old = client.get_pool(pool_id)
+        assert old.etag
+        update = bm.BatchPoolUpdateOptions(metadata=[bm.BatchMetadataItem(name="k", value="1")])
+        client.update_pool(
+            pool_id, update, etag=old.etag, match_condition=MatchConditions.IfNotModified
+        )
+        new = client.get_pool(pool_id)
+        assert new.etag != old.etag
+        assert [(x.name, x.value) for x in new.metadata or []] == [("k", "1")]
+        stale = bm.BatchPoolUpdateOptions(metadata=[bm.BatchMetadataItem(name="k", value="2")])
+        with pytest.raises(ResourceModifiedError) as exc:
+            client.update_pool(
+                pool_id, stale, etag=old.etag, match_condition=MatchConditions.IfNotModified
+            )
+        assert exc.value.status_code == 412
+        assert exc.value.error is not None
+        assert exc.value.error.code == "ConditionNotMet"
+        after = client.get_pool(pool_id)
+        assert [(x.name, x.value) for x in after.metadata or []] == [("k", "1")]
+        assert after.etag == new.etag
+    finally:
+        client.begin_delete_pool(pool_id, polling_interval=1).result()
