@@ -98,6 +98,9 @@ class PoolAdd(_Req):
     # for the files of its running tasks (None: only the host's nearly-full check). See _pool_limits.py.
     task_pids_limit: int | None = None
     tvm_disk_limit_mib: int | None = msgspec.field(default=None, name="tvmDiskLimitMiB")
+    # How long a TVM whose agent is gone stays `unknown` before it leaves the pool and is replaced
+    # (ISO 8601 duration; None: the coordinator's unknown-tvm-timeout, 2 minutes by default).
+    unknown_tvm_timeout: str | None = None
 
 
 class Pool(_Res):
@@ -125,6 +128,7 @@ class Pool(_Res):
     bubblewrap: bool = False  # issue 8
     task_pids_limit: int | None = None
     tvm_disk_limit_mib: int | None = msgspec.field(default=None, name="tvmDiskLimitMiB")
+    unknown_tvm_timeout: str | None = None
 
 
 class PoolResize(_Req):
@@ -196,6 +200,7 @@ class Tvm(_Res, kw_only=True):
     last_heartbeat_time: str | None = None
     cert_errors: list[str] = []  # certificates this TVM could not install (issue 8)
     degraded_modes: list[str] = []  # what its agent's host cannot enforce ("<code>: <why>")
+    state_reason: str = ""  # why it is `unknown` or `unusable` ("<Code>: <why>")
     port_range_low: int = 0
     port_range_high: int = 0
 
