@@ -154,3 +154,39 @@ async def _tvm_name_agent(c: Cluster, tvm_name: str) -> str:
         if t.name == tvm_name:
             return str(t.agent_id)
     raise AssertionError(f"no TVM {tvm_name}")
+
+
+async def test_a_nearly_full_disk_shows_as_degraded_then_unusable(
+    nursery: trio.Nursery, tmp_path: Any
+) -> None:
+    async with cluster_ctx(nursery, tmp_path, agents=1, heartbeat_timeout=2.0) as c:
+        await c.pool_with_tvms("p", 1)
+        core = c.rc.service.core
+        (tvm,) = await c.client.tvms.list("p")
+        # The agent's real disk figures, from its heartbeats; the thresholds are moved around them.
+        free, _ = await c.wait_for(
+            lambda: core.healing.disk.get(tvm.name), what="a heartbeat with disk figures"
+        )
+        core.unusable_free_disk_bytes = int(free * 0.6)  # below twice the limit: nearly full
+
+        async def nearly_full() -> Any:
+            t = (await c.client.tvms.list("p"))[0]
+            modes = [x for x in t.degraded_modes if x.startswith("disk-nearly-full: ")]
+            return t if modes else None
+
+        t = await c.wait_for(nearly_full, what="disk-nearly-full in degradedModes")
+        assert t.state == "idle"
+        _, js = await _status(c)
+        assert any(m.startswith("disk-nearly-full: ") for m in js["tvms"][0]["degradedModes"])
+        core.unusable_free_disk_bytes = free * 4  # now it is full
+
+        async def full() -> Any:
+            t = (await c.client.tvms.list("p"))[0]
+            return t if t.state == "unusable" else None
+
+        t = await c.wait_for(full, what="the TVM unusable")
+        assert t.state_reason.startswith("DiskFull: ")
+        core.unusable_free_disk_bytes = 1024
+        await c.wait_for(lambda: c._idle("p", 1), what="the TVM idle again")
+        t = (await c.client.tvms.list("p"))[0]
+        assert not [x for x in t.degraded_modes if x.startswith("disk-nearly-full")]
