@@ -263,6 +263,7 @@ class Agent:
             host_health.adopt_tvm_dirs(self.root)
         except host_health.AdoptError as exc:
             self.health.broken("tvm-directories", str(exc))
+        host_health.check_cgroups(self.health, self.caps.layout, self.sandbox.cgroup_prefix)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -270,7 +271,13 @@ class Agent:
                 nursery.start_soon(self.link.lazy_sender)
                 nursery.start_soon(self._disk_watch_loop)
                 nursery.start_soon(self.runner.keep_stock)
-                nursery.start_soon(host_health.recheck_loop, self.lifecycle.retry_join)
+                nursery.start_soon(
+                    host_health.recheck_loop,
+                    self.health,
+                    self.caps.layout,
+                    self.sandbox.cgroup_prefix,
+                    self.lifecycle.retry_join,
+                )
                 task_status.started()
                 await self.link.connect_loop()
         finally:

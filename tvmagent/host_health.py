@@ -18,6 +18,8 @@ from typing import Any
 
 import trio
 
+from . import _cgroups
+
 log = logging.getLogger("tvm.agent")
 
 # The TVM root's directories and their modes: `shared/` is every task's (sticky: only owners
@@ -136,8 +138,42 @@ def runtime_degraded(health: HostHealth, isolation: Any, slot_users: Any) -> Non
     )
 
 
-async def recheck_loop(retry: Callable[[], None], interval: float = RECHECK_INTERVAL) -> None:
-    """Try again what broken host state stopped (a repaired host needs no agent restart)."""
+def probe_cgroups(layout: _cgroups.CgroupLayout, prefix: str) -> str | None:
+    """Create and remove one task cgroup the way tasks get theirs; why that fails, or None. A host
+    whose cgroups were found usable at start but refuse a task's (a leftover in the way, a
+    delegation taken back) would fail every task: better said once as the TVM's state."""
+    if not layout.usable:
+        return None  # said at start as a degraded mode (no-cgroups)
+    probe = _cgroups.TaskCgroup(layout, prefix, f"probe-{os.getpid()}")
+    try:
+        probe.create()
+    except OSError as exc:
+        return f"cannot create a task cgroup under {prefix}: {exc.strerror or exc}"
+    if not probe.exists():  # create() takes a file in the prefix's place for a made directory
+        probe.remove()
+        parents = sorted({os.path.dirname(d) for d in probe.dirs.values() if not os.path.isdir(d)})
+        return f"cannot create a task cgroup: {', '.join(parents)} is not a directory"
+    left = probe.remove()
+    return f"cannot remove a task cgroup: {'; '.join(left)}" if left else None
+
+
+def check_cgroups(health: HostHealth, layout: _cgroups.CgroupLayout, prefix: str) -> bool:
+    """Probe and record; True when the finding changed."""
+    why = probe_cgroups(layout, prefix)
+    return health.broken("cgroups", why) if why else health.fixed("cgroups")
+
+
+async def recheck_loop(
+    health: HostHealth,
+    layout: _cgroups.CgroupLayout,
+    prefix: str,
+    retry_join: Callable[[], None],
+    interval: float = RECHECK_INTERVAL,
+) -> None:
+    """Look again at what was found broken (a repaired host needs no agent restart) and set up
+    the TVM again if that stopped its join."""
     while True:
         await trio.sleep(interval)
-        retry()
+        if "cgroups" in health.problems:
+            await trio.to_thread.run_sync(check_cgroups, health, layout, prefix)
+        retry_join()
