@@ -152,6 +152,7 @@ class Healing:
             f"{TASK_FAILURES}: {len(self.streaks[bad])} tasks in a row failed on this TVM and "
             f"{len(confirmed)} of them then succeeded on another",
         )
+        self.forget(bad)  # after the operator's reboot or reimage it starts from a clean slate
 
     # ------------------------------------------------------------------ what the agent reports
 

@@ -232,6 +232,12 @@ def test_a_tvm_whose_tasks_fail_and_then_succeed_elsewhere_becomes_unusable() ->
     assert bad.rec.state == "unusable"
     agent, _ = _run_one(core, "later")
     assert agent == "a1"
+    # The operator reboots it: it serves again and its old failures do not count any more.
+    core.reboot_tvm("p", bad.rec.name)
+    core.agent_message("a0", pm.TvmReady(tvm_name=bad.rec.name))
+    assert bad.rec.state == "idle"
+    assert bad.rec.name not in heal.streaks
+    assert bad.rec.name not in heal.confirmed
 
 
 def test_completions_reach_the_streaks_through_the_core() -> None:
