@@ -90,6 +90,13 @@ class CoordinatorConfig(_Config):
     state_dir: str = "./tvm-state"
     account: str = "tvm"
     heartbeat_timeout: float = 30.0
+    # TVM healing: a closed agent link not back within link-grace seconds loses its TVM (`unknown`,
+    # tasks requeued); an `unknown` TVM leaves its pool after unknown-tvm-timeout seconds (a pool's
+    # unknownTvmTimeout overrides it) and is replaced; unusable-after-failures tasks in a row that
+    # fail on one TVM and succeed elsewhere make it `unusable`.
+    link_grace: float = 5.0
+    unknown_tvm_timeout: float = 120.0
+    unusable_after_failures: int = 3
     max_pool_size: int = 1000
     tls_cert: str = ""
     tls_key: str = ""
@@ -303,6 +310,14 @@ def _check_coordinator(cfg: CoordinatorConfig, src: Mapping[str, str]) -> None:
             src, "account", f"must be 1-64 letters, digits, '.', '_' or '-', got {cfg.account!r}"
         )
     _positive(src, "heartbeat-timeout", cfg.heartbeat_timeout)
+    _positive(src, "link-grace", cfg.link_grace)
+    _positive(src, "unknown-tvm-timeout", cfg.unknown_tvm_timeout)
+    if cfg.unusable_after_failures < 1:
+        raise _fail(
+            src,
+            "unusable-after-failures",
+            f"must be at least 1, got {cfg.unusable_after_failures}",
+        )
     if cfg.max_pool_size < 1:
         raise _fail(src, "max-pool-size", f"must be at least 1, got {cfg.max_pool_size}")
     if cfg.max_upload_size < 0:

@@ -144,6 +144,10 @@ class Heartbeat(Msg, tag="hb", frozen=True, kw_only=True):
     disk_used_bytes: int = 0
     net_rx_bytes: int = 0
     net_tx_bytes: int = 0
+    # Degraded modes found while running (None: nothing new since start-up; Hello.degraded has
+    # those), and host state the agent could not repair ("": none): the TVM is `unusable` meanwhile.
+    degraded: list[str] | None = None
+    unusable: str = ""
 
 
 class TaskStarted(Msg, tag="task.started", frozen=True, kw_only=True):

@@ -25,7 +25,7 @@ import trio
 
 from protocol import messages as pm
 
-from . import _cgroups, isolation, layout
+from . import _cgroups, host_health, isolation, layout
 from .degraded import detect_degraded
 from .downloads import DownloadCache
 from .files import serve as serve_files
@@ -192,6 +192,8 @@ class Agent:
             wait_idle=self._wait_idle,
             nursery=lambda: self._nursery,
         )
+        self.health = self.lifecycle.health  # host state checks (host_health.py)
+        self.lifecycle.heartbeat = self._heartbeat
 
     # ------------------------------------------------------------------ what others read
 
@@ -257,6 +259,11 @@ class Agent:
             log.warning("sandbox: task isolation is off: tasks run as the agent's user (root)")
         for line in self.isolation.describe_ports():
             log.info("ports: %s", line)
+        try:  # before the task directory stock looks at tasks/
+            host_health.adopt_tvm_dirs(self.root)
+        except host_health.AdoptError as exc:
+            self.health.broken("tvm-directories", str(exc))
+        host_health.check_cgroups(self.health, self.caps.layout, self.sandbox.cgroup_prefix)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -264,6 +271,13 @@ class Agent:
                 nursery.start_soon(self.link.lazy_sender)
                 nursery.start_soon(self._disk_watch_loop)
                 nursery.start_soon(self.runner.keep_stock)
+                nursery.start_soon(
+                    host_health.recheck_loop,
+                    self.health,
+                    self.caps.layout,
+                    self.sandbox.cgroup_prefix,
+                    self.lifecycle.retry_join,
+                )
                 task_status.started()
                 await self.link.connect_loop()
         finally:
@@ -301,6 +315,7 @@ class Agent:
 
     def _heartbeat(self) -> pm.Msg:
         s = self.sampler.sample()
+        host_health.runtime_degraded(self.health, self.isolation, self.slot_users)
         return pm.Heartbeat(
             running=len(self.state.running),
             cpu_percent=s.cpu_percent,
@@ -308,6 +323,8 @@ class Agent:
             disk_used_bytes=s.disk_used,
             net_rx_bytes=s.net_rx,
             net_tx_bytes=s.net_tx,
+            degraded=self.health.degraded_modes(),
+            unusable=self.health.unusable_reason(),
         )
 
     # ------------------------------------------------------------------ messages

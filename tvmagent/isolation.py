@@ -53,6 +53,7 @@ LOGIN_GROUP = "tvmlogin"
 SLOT_PREFIX = "tvmslot"
 LOCK_DIR = "/run/tvm-agent/slots"
 MAX_SLOT_USERS = 512
+BROKEN_RECHECK_S = 60.0
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess:
@@ -117,8 +118,17 @@ def ensure_slot_user(name: str) -> tuple[int, int]:
     if existing is not None:
         try:
             return existing[0], ensure_group(name)
-        except OSError:
-            return existing  # no group can be made here: its passwd group (granted nothing)
+        except OSError as exc:
+            # No own group can be made: its passwd group will do if it exists (it grants
+            # nothing); a gid without a group (getgrgid fails) is refused, the caller skips it.
+            try:
+                grp.getgrgid(existing[1])
+            except KeyError:
+                raise OSError(
+                    f"task user {name}: its own group cannot be made ({exc}) and its passwd "
+                    f"group {existing[1]} does not exist"
+                ) from None
+            return existing
     gid = ensure_group(name)
     res = _run(
         [
@@ -196,6 +206,10 @@ class SlotUsers:
         self.lock_dir = lock_dir
         self.prefix = prefix
         self.limit = limit
+        # Slot users left broken by earlier runs that could not be repaired: skipped (and reported
+        # as a degraded mode), never a wedged TVM.
+        self.broken: dict[str, str] = {}
+        self._broken_at: dict[str, float] = {}  # looked at again after BROKEN_RECHECK_S
 
     def acquire(self) -> SlotLease:
         """A free slot user. Its lock file says "dirty" while a task may have left something as
@@ -205,6 +219,8 @@ class SlotUsers:
         os.makedirs(self.lock_dir, mode=0o700, exist_ok=True)
         for i in range(self.limit):
             name = f"{self.prefix}{i}"
+            if time.monotonic() - self._broken_at.get(name, -BROKEN_RECHECK_S) < BROKEN_RECHECK_S:
+                continue  # repairing it failed a moment ago: not on every task
             fd = os.open(
                 os.path.join(self.lock_dir, name + ".lock"),
                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
@@ -217,6 +233,17 @@ class SlotUsers:
                 continue
             try:
                 uid, gid = ensure_slot_user(name)
+            except OSError as exc:
+                os.close(fd)
+                self.broken[name] = str(exc)
+                self._broken_at[name] = time.monotonic()
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            self.broken.pop(name, None)
+            self._broken_at.pop(name, None)
+            try:
                 if os.pread(fd, len(_DIRTY), 0) == _DIRTY:
                     cleanup_uid(uid, gid)
                 else:
@@ -225,6 +252,12 @@ class SlotUsers:
                 os.close(fd)
                 raise
             return SlotLease(name, uid, gid, fd)
+        if self.broken:
+            first = min(self.broken)
+            raise OSError(
+                f"no usable task user on this host: {len(self.broken)} broken (first: "
+                f"{self.broken[first]}), the others busy"
+            )
         raise OSError(f"all {self.limit} task users on this host are busy")
 
 

@@ -16,6 +16,7 @@ import trio
 from protocol import messages as pm
 from protocol.exitcodes import NO_EXIT_CODE
 
+from .host_health import AdoptError, HostHealth, adopt_tvm_dirs
 from .limits import TaskLimits
 from .pool_isolation import PoolIsolation
 from .runner import START_TASK_SLOT, TaskRunner
@@ -71,6 +72,17 @@ class TvmLifecycle:
         self._lock = trio.Lock()
         self._ops_send, self._ops_recv = trio.open_memory_channel[TvmOp](math.inf)
         self._ops_started = False
+        # Host state checks (host_health.py): what is broken, the join that could not be set up
+        # because of it, and how to tell the coordinator at once (the agent sets these).
+        self.health = HostHealth()
+        self.failed_join: pm.JoinPool | None = None
+        self.heartbeat: Callable[[], pm.Msg] = pm.Heartbeat
+
+    def retry_join(self) -> None:
+        """Set up the TVM again if broken host state stopped its last join."""
+        if self.failed_join is not None:
+            self.queue(self.failed_join)
+            self.failed_join = None  # set again if it fails again
 
     def queue(self, msg: TvmOp) -> None:
         if not self._ops_started:
@@ -101,6 +113,18 @@ class TvmLifecycle:
     async def _setup(self, msg: pm.JoinPool) -> None:
         if self.tvm is not None and self.tvm.tvm_name != msg.tvm_name:
             await self.wipe()
+        # What earlier runs left in the TVM root: repaired, or the TVM is reported unusable and
+        # the join tried again by `retry_join` (host_health.py) until it can be.
+        try:
+            await trio.to_thread.run_sync(adopt_tvm_dirs, self.root)
+        except AdoptError as exc:
+            self.failed_join = msg
+            if self.health.broken("tvm-directories", str(exc)):
+                self._send(self.heartbeat())
+            return
+        self.failed_join = None
+        if self.health.fixed("tvm-directories"):
+            self._send(self.heartbeat())
         self.setup_replies = []
         self.tvm = TvmIdentity(
             account=msg.account,
@@ -113,9 +137,6 @@ class TvmLifecycle:
         )
         self._carry_out(self.state.handle(TvmSetUp(msg.tvm_name)))
         self.limits.apply_join(msg)  # memory share, process and disk limits
-        for d in ("tasks", "shared", "start", "certs"):
-            os.makedirs(os.path.join(self.root, d), exist_ok=True)
-        os.chmod(os.path.join(self.root, "shared"), 0o1777)  # every task writes; only owners delete
         cert_errors = await self.isolation.install_certs(
             msg.certificates
         )  # before the start task and tasks

@@ -138,6 +138,18 @@ def quickstart(n_tasks: int, agents: int, state_dir: str | None) -> None:
 @click.option("--account", default=None, help="Account name on first start [tvm].")
 @click.option("--heartbeat-timeout", type=float, default=None, help="Seconds [30].")
 @click.option(
+    "--link-grace",
+    type=float,
+    default=None,
+    help="Seconds a closed agent link may stay away before its TVM is lost [5].",
+)
+@click.option(
+    "--unknown-tvm-timeout",
+    type=float,
+    default=None,
+    help="Seconds an unknown TVM stays in its pool before it is replaced [120].",
+)
+@click.option(
     "--join-token",
     default=None,
     hidden=True,

@@ -680,6 +680,12 @@ def status(output: str, stale_after: float, **cred: Any) -> None:
         )
     console.print(table)
     for tv in summary["tvms"]:  # said per TVM, in full: a degraded host is never silent
+        if tv.get("stateReason"):
+            console.print(
+                f"{tv['state'].upper()} {tv['pool']}/{tv['name']}: {tv['stateReason']}",
+                highlight=False,
+                soft_wrap=True,
+            )
         for mode in tv.get("degradedModes") or []:
             console.print(
                 f"DEGRADED {tv['pool']}/{tv['name']}: {mode}", highlight=False, soft_wrap=True

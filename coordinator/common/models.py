@@ -101,6 +101,9 @@ class PoolAdd(_Req):
     # What only the Azure routes carry (displayName, the Azure VM size name, the image reference):
     # kept with the spec and echoed back there; the seed's routes refuse it.
     azure: dict | None = None
+    # How long a TVM whose agent is gone stays `unknown` before it leaves the pool and is replaced
+    # (ISO 8601 duration; None: the coordinator's unknown-tvm-timeout, 2 minutes by default).
+    unknown_tvm_timeout: str | None = None
 
 
 class Pool(_Res):
@@ -128,6 +131,7 @@ class Pool(_Res):
     bubblewrap: bool = False  # issue 8
     task_pids_limit: int | None = None
     tvm_disk_limit_mib: int | None = msgspec.field(default=None, name="tvmDiskLimitMiB")
+    unknown_tvm_timeout: str | None = None
 
 
 class PoolResize(_Req):
@@ -199,6 +203,7 @@ class Tvm(_Res, kw_only=True):
     last_heartbeat_time: str | None = None
     cert_errors: list[str] = []  # certificates this TVM could not install (issue 8)
     degraded_modes: list[str] = []  # what its agent's host cannot enforce ("<code>: <why>")
+    state_reason: str = ""  # why it is `unknown` or `unusable` ("<Code>: <why>")
     port_range_low: int = 0
     port_range_high: int = 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from protocol import messages as pm
 
+from .healing import lost_reason
 from .instructions import Outbox
 from .membership import Membership
 from .records import ACTIVE, RUNNING, AgentInfo, Tvm
@@ -16,10 +17,6 @@ from .runs import Runs
 from .states import TvmState, move_task
 from .store import Store
 from .tasks import Tasks
-
-# Below this much free space on the TVM root a TVM is `unusable` (reference §4.2: disk full):
-# it keeps what runs but gets no new tasks until space comes back.
-UNUSABLE_FREE_DISK_BYTES = 256 * 1024 * 1024
 
 _READY_FROM = ("starting", "unknown", "creating", "waitingforstarttask", "rebooting", "reimaging")
 
@@ -33,7 +30,6 @@ class Agents:
         self.runs = runs
         self.membership = membership
         self.tasks = tasks
-        self.unusable_free_disk_bytes = UNUSABLE_FREE_DISK_BYTES
 
     # ------------------------------------------------------------------ hello and goodbye
 
@@ -55,6 +51,7 @@ class Agents:
         agent.degraded = list(hello.degraded)
         agent.last_seen = now
         agent.disconnected_at = None
+        agent.silent = False
         tvm = s.tvms.get(agent.tvm) if agent.tvm else None
         if tvm is None:
             agent.tvm = None
@@ -180,8 +177,7 @@ class Agents:
             self.tasks.task_started(msg)
         elif isinstance(msg, pm.Heartbeat):
             if tvm is not None:
-                tvm.last_heartbeat = now
-                self._check_disk(agent, tvm, msg)
+                tvm.last_heartbeat = now  # what it reports: healing.Healing.heartbeat
         elif isinstance(msg, pm.TvmReady):
             if (
                 tvm is not None
@@ -208,16 +204,6 @@ class Agents:
                 self.runs.set_tvm_state(tvm, "offline")
         if tvm is not None and tvm.rec.pending_op and not tvm.running:
             self.membership.advance(tvm)  # taskcompletion reached
-
-    def _check_disk(self, agent: AgentInfo, tvm: Tvm, msg: pm.Heartbeat) -> None:
-        if agent.disk_bytes <= 0 or msg.disk_used_bytes <= 0:
-            return
-        full = agent.disk_bytes - msg.disk_used_bytes < self.unusable_free_disk_bytes
-        if full and tvm.rec.state in ("idle", "running", "offline"):
-            self.runs.set_tvm_state(tvm, "unusable")
-        elif not full and tvm.rec.state == "unusable":
-            back: TvmState = "running" if tvm.running else "idle"
-            self.runs.set_tvm_state(tvm, "offline" if tvm.rec.scheduling == "disabled" else back)
 
     def _start_task_started(self, tvm: Tvm, msg: pm.StartTaskStarted) -> None:
         tvm.rec.start_task = {
@@ -258,12 +244,19 @@ class Agents:
         """Close agents silent for a heartbeat timeout; a TVM whose agent stayed away that long is
         lost (`unknown`, its tasks requeued), or forgotten if it was leaving anyway."""
         s = self.s
+        # A closed link gets a short grace to come back (healing.py); right after a coordinator
+        # restart every agent is "away" and gets the whole heartbeat timeout to reconnect.
+        grace = (
+            s.heartbeat_timeout
+            if s.recovering_until is not None
+            else min(s.link_grace, s.heartbeat_timeout)
+        )
         for tvm in list(s.tvms.values()):
             agent = s.agents.get(tvm.rec.agent_id)
             lost = agent is None or (
                 not agent.connected
                 and agent.disconnected_at is not None
-                and now - agent.disconnected_at >= s.heartbeat_timeout
+                and now - agent.disconnected_at >= grace
             )
             if (
                 agent is not None
@@ -272,6 +265,7 @@ class Agents:
             ):
                 self.out.close(agent.agent_id, 4008, "heartbeat timeout")
                 agent.connected = False
+                agent.silent = True
                 # The silence already lasted a heartbeat timeout: the TVM is lost at the next tick
                 # unless the agent reconnects first, not after a second full timeout.
                 agent.disconnected_at = agent.last_seen
@@ -280,4 +274,5 @@ class Agents:
                 continue
             if lost and tvm.rec.state != "unknown":
                 self.runs.requeue_tvm_tasks(tvm)
+                tvm.rec.state_reason = lost_reason(agent, now, grace)
                 self.runs.set_tvm_state(tvm, "unknown")

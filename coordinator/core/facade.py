@@ -28,6 +28,7 @@ from protocol.ports import PortRangeConfig
 from .agents import Agents
 from .autoscale import Autoscale, RunRec
 from .certs import Certs
+from .healing import Healing
 from .instructions import Effects, Outbox
 from .jobs import Jobs
 from .membership import Membership
@@ -81,6 +82,9 @@ class CoordinatorState:
     autoscale_timing = _StoreField[AutoscaleTiming]()
     provisioning_enabled = _StoreField[bool]()
     provision_pending = _StoreField[int]()
+    link_grace = _StoreField[float]()
+    unknown_tvm_timeout = _StoreField[float]()
+    unusable_after_failures = _StoreField[int]()
 
     def __init__(
         self,
@@ -118,6 +122,8 @@ class CoordinatorState:
         self.tasks = Tasks(store, out, self.runs, self.job_area)
         self.scheduler = Scheduler(store, self.runs)
         self.agent_area = Agents(store, out, self.runs, self.membership, self.tasks)
+        self.healing = Healing(store, out, self.runs, self.membership)
+        self.tasks.on_result = self.healing.task_result
 
     @property
     def metrics(self) -> MetricsHistory:
@@ -125,11 +131,11 @@ class CoordinatorState:
 
     @property
     def unusable_free_disk_bytes(self) -> int:
-        return self.agent_area.unusable_free_disk_bytes
+        return self.healing.unusable_free_disk_bytes
 
     @unusable_free_disk_bytes.setter
     def unusable_free_disk_bytes(self, value: int) -> None:
-        self.agent_area.unusable_free_disk_bytes = value
+        self.healing.unusable_free_disk_bytes = value
 
     def take_effects(self) -> Effects:
         return self.outbox.take()
@@ -148,6 +154,7 @@ class CoordinatorState:
         self.agent_area.end_recovery_if_due(now)
         self.tvm_ops.expire_users()
         self.agent_area.check_lost(now)
+        self.healing.expire_unknown(now)
         self.pool_area.expire_resizes(now)
         self.membership.advance_all()
         for name in self.pool_area.release_auto_pools():
@@ -168,7 +175,18 @@ class CoordinatorState:
     def agent_message(self, agent_id: str, msg: pm.Msg) -> None:
         if isinstance(msg, pm.Heartbeat):
             self.autoscale.heartbeat(agent_id, msg)
+            self.agent_area.message(agent_id, msg)
+            self.healing.heartbeat(agent_id, msg)
+            return
         self.agent_area.message(agent_id, msg)
+
+    def agent_exited(self, agent_id: str, why: str) -> None:
+        """The shell saw the agent's process end (local provisioner): its TVM is lost now."""
+        self.healing.agent_exited(agent_id, why)
+
+    def tvm_degraded(self, tvm: Tvm) -> list[str]:
+        """Every degraded mode of a TVM, for its record and `tvm status`."""
+        return self.healing.degraded_modes(tvm)
 
     def forget_agent(self, agent_id: str) -> None:
         self.agent_area.forget(agent_id)

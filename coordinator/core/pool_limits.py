@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from coordinator.common import models as m
+from coordinator.common.timeutil import parse_duration
 from coordinator.common.validation import check_range
 
 PIDS_MIN, PIDS_MAX = (
@@ -23,6 +24,9 @@ DISK_MIB_MIN, DISK_MIB_MAX = 1, 1 << 30  # 1 MiB .. 1 PiB
 
 def check_pool_limits(req: m.PoolAdd, prefix: str = "") -> None:
     """400 naming the field for an out-of-range limit."""
+    if req.unknown_tvm_timeout is not None:
+        seconds = parse_duration(req.unknown_tvm_timeout, prefix + "unknownTvmTimeout")
+        check_range(int(seconds), 1, 7 * 24 * 3600, prefix + "unknownTvmTimeout")
     for value, low, high, name in (
         (req.task_pids_limit, PIDS_MIN, PIDS_MAX, "taskPidsLimit"),
         (req.tvm_disk_limit_mib, DISK_MIB_MIN, DISK_MIB_MAX, "tvmDiskLimitMiB"),

@@ -205,6 +205,9 @@ class TvmRec(msgspec.Struct, kw_only=True):
     # and how it leaves ("requeue" | "terminate" | "taskcompletion").
     pending_op: str = ""  # "" | "leave" | "reboot" | "reimage" | "offline"
     pending_option: str = ""
+    # Why the TVM is in its current state ("<Code>: <why>"), set with the state: why it is
+    # `unknown` or `unusable`; "" otherwise.
+    state_reason: str = ""
 
 
 def modern_job_id(workitem: str, job: str, scheduled: bool) -> str:
@@ -250,6 +253,7 @@ class AgentInfo:
         "disconnected_at",
         "capabilities",
         "degraded",
+        "silent",
     )
 
     def __init__(self, agent_id: str) -> None:
@@ -265,6 +269,7 @@ class AgentInfo:
         self.disconnected_at: float | None = None
         self.capabilities: list[str] = []
         self.degraded: list[str] = []  # what the agent's host cannot enforce (Hello.degraded)
+        self.silent = False  # its link was closed for a heartbeat timeout (not closed by the agent)
 
 
 class Tvm:

@@ -54,10 +54,12 @@ _TVM_STATES: tuple[str, ...] = get_args(TvmState)
 _FROM_ANYWHERE = frozenset({"starting", "offline", "unknown", "leavingpool", "starttaskfailed"})
 _RESTARTS = frozenset({"rebooting", "reimaging"})
 _READY = frozenset({"idle", "running", "offline"})
+# An agent may find its host state broken (task users, directories, cgroups) before the TVM is ready:
+# `unusable` with a reason, from every state where the agent is alive.
 _TVM_EXTRA: dict[str, frozenset[str]] = {
-    "creating": _READY | {"waitingforstarttask"},
-    "starting": _READY | {"waitingforstarttask"},
-    "waitingforstarttask": _READY | _RESTARTS,
+    "creating": _READY | {"waitingforstarttask", "unusable"},
+    "starting": _READY | {"waitingforstarttask", "unusable"},
+    "waitingforstarttask": _READY | _RESTARTS | {"unusable"},
     "idle": frozenset({"running", "unusable"}) | _RESTARTS,
     "running": frozenset({"idle", "unusable"}) | _RESTARTS,
     "offline": frozenset({"idle", "running", "unusable"}) | _RESTARTS,
@@ -65,8 +67,8 @@ _TVM_EXTRA: dict[str, frozenset[str]] = {
     "starttaskfailed": _RESTARTS,
     "unknown": frozenset({"idle", "running", "waitingforstarttask"}),
     "leavingpool": frozenset(),
-    "rebooting": _READY | {"waitingforstarttask"},
-    "reimaging": _READY | {"waitingforstarttask"},
+    "rebooting": _READY | {"waitingforstarttask", "unusable"},
+    "reimaging": _READY | {"waitingforstarttask", "unusable"},
 }
 TVM: Table = {s: (_FROM_ANYWHERE | _TVM_EXTRA[s]) - {s} for s in _TVM_STATES}
 

@@ -99,6 +99,13 @@ class Store:
         self.provisioning_enabled = False
         self.provision_pending = 0
         self.provision_deadline = 0.0
+        # TVM healing (healing.py): how long a closed link may stay away before its TVM is lost, how
+        # long a lost TVM stays `unknown` before it leaves its pool (a pool's unknownTvmTimeout
+        # overrides it), and how many tasks in a row may fail on a TVM (and succeed elsewhere)
+        # before it is `unusable`.
+        self.link_grace = 5.0
+        self.unknown_tvm_timeout = 120.0
+        self.unusable_after_failures = 3
 
     # ------------------------------------------------------------------ lookups (404 when absent)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import msgspec
 
 from coordinator.common import models as m
@@ -24,6 +26,8 @@ class Tasks:
         self.out = out
         self.runs = runs
         self.jobs = jobs
+        # (task key, TVM name, succeeded) for every run that ends on a TVM (healing.py).
+        self.on_result: Callable[[str, str, bool], None] | None = None
 
     # ------------------------------------------------------------------ commands
 
@@ -211,6 +215,8 @@ class Tasks:
             holder.rec.total_succeeded += msg.exit_code == 0 and msg.failure is None
             if not holder.running and holder.rec.state == "running":
                 self.runs.set_tvm_state(holder, "idle")
+            if self.on_result is not None:
+                self.on_result(msg.key, holder.rec.name, msg.exit_code == 0 and not msg.failure)
         now = s.clock()
         task.start_time = msg.start_time
         task.exit_code = msg.exit_code

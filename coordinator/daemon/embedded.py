@@ -165,6 +165,9 @@ async def run_coordinator_main(cfg: Any) -> int:
                     port_range=parse_port_range(cfg.port_range, cfg.ports_per_tvm),
                     max_pool_size=cfg.max_pool_size,
                     max_upload_size=cfg.max_upload_size,
+                    link_grace=cfg.link_grace,
+                    unknown_tvm_timeout=cfg.unknown_tvm_timeout,
+                    unusable_after_failures=cfg.unusable_after_failures,
                     task_status=task_status,
                 )
             )

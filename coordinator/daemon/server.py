@@ -66,6 +66,9 @@ async def run_coordinator(
     max_upload_size: int = DEFAULT_MAX_UPLOAD,
     clock: Any = None,
     tvm_root_dir: str | None = None,
+    link_grace: float = 5.0,
+    unknown_tvm_timeout: float = 120.0,
+    unusable_after_failures: int = 3,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """`provisioner`: None (pools use only agents that register by themselves), "local" (the embedded
@@ -75,7 +78,8 @@ async def run_coordinator(
     `autoscale_timing` (tests): shorter autoscale sample period, visibility delay and evaluation
     interval bounds (see `AutoscaleTiming`), so a test runs hours of autoscale in seconds while
     heartbeats and timeouts keep the real clock. `tvm_root_dir`: where the local provisioner puts
-    its agents' TVM roots (`LocalProvisioner`)."""
+    its agents' TVM roots (`LocalProvisioner`). `link_grace`, `unknown_tvm_timeout`,
+    `unusable_after_failures`: TVM healing (coordinator/core/healing.py)."""
     service = CoordinatorService(
         state_dir,
         account=account,
@@ -97,6 +101,9 @@ async def run_coordinator(
 
         service.core.port_range = PortRangeConfig(*port_range)
     service.core.account_url = endpoint
+    service.core.link_grace = link_grace
+    service.core.unknown_tvm_timeout = unknown_tvm_timeout
+    service.core.unusable_after_failures = unusable_after_failures
     if autoscale_timing is not None:
         service.core.autoscale_timing = autoscale_timing
     prov = None

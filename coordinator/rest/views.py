@@ -41,6 +41,7 @@ def pool_view(core: CoordinatorState, pool: PoolRec) -> m.Pool:
         bubblewrap=s.bubblewrap,
         task_pids_limit=s.task_pids_limit,
         tvm_disk_limit_mib=s.tvm_disk_limit_mib,
+        unknown_tvm_timeout=s.unknown_tvm_timeout,
         enable_auto_scale=s.enable_auto_scale,
         auto_scale_formula=s.auto_scale_formula,
         auto_scale_evaluation_interval=s.auto_scale_evaluation_interval,
@@ -110,7 +111,8 @@ def tvm_view(core: CoordinatorState, tvm: Tvm) -> m.Tvm:
         cert_errors=r.cert_errors,
         port_range_low=r.port_low,
         port_range_high=r.port_high,
-        degraded_modes=list(agent.degraded) if agent else [],
+        degraded_modes=core.tvm_degraded(tvm),
+        state_reason=r.state_reason if r.state in ("unknown", "unusable") else "",
     )
 
 

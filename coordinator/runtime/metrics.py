@@ -152,6 +152,7 @@ class TvmHealth(msgspec.Struct, rename="camel"):
     last_heartbeat_age_seconds: float | None
     link_rtt_seconds: float | None
     degraded_modes: list[str] = []  # what the agent's host cannot enforce (tvmagent/degraded.py)
+    state_reason: str = ""  # why it is `unknown` or `unusable`
 
 
 class ClusterStatus(msgspec.Struct, rename="camel"):
@@ -209,7 +210,10 @@ def cluster_status(
                 if (heard := _last_heard(core, tvm)) is None
                 else round(max(0.0, now - heard), 3),
                 link_rtt_seconds=latency.last_rtt.get(tvm.rec.agent_id),
-                degraded_modes=list(agent.degraded) if agent else [],
+                degraded_modes=core.tvm_degraded(tvm),
+                state_reason=tvm.rec.state_reason
+                if tvm.rec.state in ("unknown", "unusable")
+                else "",
             )
         )
     pools = [

@@ -51,6 +51,7 @@ class LocalProvisioner:
         self.log_level = log_level
         self.tvm_root_dir = os.path.abspath(tvm_root_dir or default_tvm_root_dir(self.state_dir))
         self.procs: list[subprocess.Popen[bytes]] = []
+        self._exit_seen: set[int] = set()
 
     def start(self, n: int, size: str = "small") -> list[str]:
         started = []
@@ -96,6 +97,21 @@ class LocalProvisioner:
             self.procs.append(proc)
             started.append(f"local-{index}")
         return started
+
+    def exited(self) -> list[tuple[str, str]]:
+        """Agents whose process ended since the last call: (agent id, why). The agent id is the
+        `--name` it was started with."""
+        gone = []
+        for index, p in enumerate(self.procs):
+            if index in self._exit_seen:
+                continue
+            rc = p.poll()
+            if rc is None:
+                continue
+            self._exit_seen.add(index)
+            how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
+            gone.append((f"local-{index}", f"its process {p.pid} {how}"))
+        return gone
 
     def stop(self, name: str, grace: float = 10.0) -> None:
         """Stop one agent started here (`local-<index>`)."""

@@ -25,6 +25,7 @@ from protocol import messages as pm
 
 from .acktimer import AckTimer
 from .agentauth import AgentAuth, token_hash
+from .agentwatch import watch_agent_processes
 from .journal import Journal, SqliteStore, Ticket
 from .metrics import PING_INTERVAL, LinkMonitor
 from .statedir import secure_state_dir
@@ -142,6 +143,7 @@ class CoordinatorService:
             nursery.start_soon(self.acks.run)
             nursery.start_soon(self._ticker)
             nursery.start_soon(self.monitor.run, self)
+            nursery.start_soon(watch_agent_processes, self)
             task_status.started()
 
     async def _ticker(self) -> None:
