@@ -24,6 +24,10 @@ function h(tag, attrs, ...kids) {
 }
 const enc = encodeURIComponent;
 
+function fill(el, ...kids) {
+  el.replaceChildren(...kids.flat(2).filter((k) => k !== null && k !== undefined));
+}
+
 async function api(path, opts) {
   const r = await fetch(path, Object.assign({ credentials: "same-origin" }, opts || {}));
   if (r.status === 401) { location.href = "/ui/login"; throw new Error("not logged in"); }
@@ -106,7 +110,7 @@ function card(label, value, id) {
 
 function overview() {
   const main = $("#main");
-  main.replaceChildren(h("h1", { text: "Overview" }), h("div", { id: "ov" }, h("p", { text: "Loading…" })));
+  fill(main, h("h1", { text: "Overview" }), h("div", { id: "ov" }, h("p", { text: "Loading…" })));
   live("overview", (d) => {
     const ov = h("div", { id: "ov" });
     ov.append(h("div", { class: "cards", id: "totals" },
@@ -149,7 +153,7 @@ function poolPage(name) {
       try { await post(`/ui/api/pool/${enc(name)}/resize`, { targetDedicated: n }); toast(`resizing ${name} to ${n}`); }
       catch (e) { toast(`resize failed: ${e.message}`); }
     } }, "Resize")) : null;
-  main.replaceChildren(h("h1", { text: `Pool ${name}` }), resize, h("div", { id: "pv" }, h("p", { text: "Loading…" })));
+  fill(main, h("h1", { text: `Pool ${name}` }), resize, h("div", { id: "pv" }, h("p", { text: "Loading…" })));
   live(`pool:${name}`, (d) => {
     const pv = h("div", { id: "pv" });
     if (d.error) { pv.append(h("p", { class: "error", text: d.error.message })); $("#pv").replaceWith(pv); return; }
@@ -199,7 +203,7 @@ function jobPage(wi, job) {
   const filter = h("select", { id: "filter", onchange: () => { st.state = filter.value; st.page = 0; load(); } },
     ["all", "failed", "running", "active", "succeeded", "completed"].map((s) => h("option", { value: s, text: s })));
   const search = h("input", { id: "search", placeholder: "task name contains…", oninput: () => { st.q = search.value; st.page = 0; load(); } });
-  main.replaceChildren(
+  fill(main,
     h("h1", { text: `Job ${wi}/${job}` }),
     h("div", { class: "row" }, h("span", { id: "job-state", class: "state" }), h("span", { id: "job-pool", class: "muted" }), terminate),
     h("div", { class: "cards", id: "counts" }),
@@ -215,7 +219,7 @@ function jobPage(wi, job) {
     const pages = Math.max(1, Math.ceil(d.total / d.size));
     if (st.page >= pages && st.page > 0) { st.page = pages - 1; return load(); }
     $("#page-info").textContent = `page ${d.page + 1} of ${pages} (${d.total} tasks)`;
-    $("#task-table").replaceChildren(
+    fill($("#task-table"),
       h("tr", {}, ["task", "state", "exit code", "failure", "retries", "TVM"].map((c) => h("th", { text: c }))),
       d.tasks.map((t) => h("tr", { class: `k-${t.kind}`, "data-task": t.name },
         h("td", {}, h("a", { href: `#/task/${enc(wi)}/${enc(job)}/${enc(t.name)}`, class: "task-link", text: t.name })),
@@ -228,7 +232,7 @@ function jobPage(wi, job) {
     $("#job-state").textContent = d.state;
     $("#job-pool").textContent = `pool ${d.pool}${d.terminateReason ? ` · ${d.terminateReason}` : ""}`;
     const c = d.counts;
-    $("#counts").replaceChildren(card("queued", c.active, "c-active"), card("running", c.running, "c-running"),
+    fill($("#counts"), card("queued", c.active, "c-active"), card("running", c.running, "c-running"),
       card("completed", c.completed, "c-completed"), card("succeeded", c.succeeded, "c-succeeded"), card("failed", c.failed, "c-failed"));
     const key = JSON.stringify(c);
     // The table follows the counts, at most every 3 s: sorting a big job is not free.
@@ -246,7 +250,7 @@ function taskPage(wi, job, task) {
     try { await post(`/ui/api/task/${base}/terminate`); toast("task terminated"); }
     catch (e) { toast(`terminate failed: ${e.message}`); }
   } }, "Terminate task") : null;
-  main.replaceChildren(
+  fill(main,
     h("h1", {}, h("a", { href: `#/job/${enc(wi)}/${enc(job)}`, text: `${wi}/${job}` }), ` / ${task}`),
     h("div", { class: "row" }, terminate),
     h("dl", { id: "task-info" }),
@@ -293,7 +297,7 @@ function taskPage(wi, job, task) {
 
 function throughputPage() {
   const main = $("#main");
-  main.replaceChildren(h("h1", { text: "Throughput" }), h("div", { id: "tv" }, h("p", { text: "Loading…" })));
+  fill(main, h("h1", { text: "Throughput" }), h("div", { id: "tv" }, h("p", { text: "Loading…" })));
   live("throughput", (d) => {
     const last = d.series.slice(-5);
     const avg = (k) => last.length ? (last.reduce((a, s) => a + s[k], 0) / last.length).toFixed(1) : "0";
