@@ -91,6 +91,7 @@ async def run_one(
                 if watch is not None:  # both feeds open before the clock starts
                     await wait_until(lambda: ui.computed >= ui0 + 2, 30, "the dashboard's feeds")
                     ui0 = ui.computed
+                busy0 = ui.busy
                 sub = spawn(
                     "benchmarks._submit",
                     [
@@ -142,6 +143,7 @@ async def run_one(
                     "sims_cpu": sims_cpu,
                     "sub_cpu": sub_cpu,
                     "ui_snapshots": ui.computed - ui0,
+                    "ui_busy": ui.busy - busy0,
                 }
             finally:
                 stop(sims)
@@ -206,7 +208,12 @@ def main() -> None:
             f"CPU per task: coordinator {r['cpu'] / n * 1e6:.0f} µs, simulated agents {r['sims_cpu'] / n * 1e6:.0f} µs, "
             f"submitter {r['sub_cpu'] / n * 1e6:.0f} µs; "
             f"load average {os.getloadavg()[0]:.1f}"
-            + (f"; dashboard open, {r['ui_snapshots']} feed snapshots" if a.dashboard else "")
+            + (
+                f"; dashboard open: {r['ui_snapshots']} feed snapshots took "
+                f"{r['ui_busy'] * 1000:.0f} ms, {r['ui_busy'] / r['elapsed']:.1%} of the run"
+                if a.dashboard
+                else ""
+            )
             + ")"
         )
 
