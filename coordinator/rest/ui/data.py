@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,10 @@ def _failed(t: TaskRec) -> bool:
     return t.state == COMPLETED and (t.exit_code != 0 or t.failure is not None)
 
 
-def _counts(job: Job) -> dict[str, int]:
+Counts = Callable[[Job], dict[str, int]]
+
+
+def counts(job: Job) -> dict[str, int]:
     # The one O(tasks) walk of the live views: kept to a few comparisons per task.
     active = running = completed = failed = 0
     for t in job.tasks.values():
@@ -90,7 +94,7 @@ class PoolHistory:
     sizes: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=HISTORY))
 
 
-def job_list(core: CoordinatorState) -> list[dict[str, Any]]:
+def job_list(core: CoordinatorState, count: Counts = counts) -> list[dict[str, Any]]:
     jobs = []
     for job in core.jobs.values():
         r = job.rec
@@ -100,15 +104,17 @@ def job_list(core: CoordinatorState) -> list[dict[str, Any]]:
                 "name": r.name,
                 "state": r.state,
                 "pool": r.pool,
-                "counts": _counts(job),
+                "counts": count(job),
             }
         )
     jobs.sort(key=lambda j: (j["state"] != "active", j["workitem"], j["name"]))
     return jobs
 
 
-def overview(core: CoordinatorState, tp: Throughput, now: float) -> dict[str, Any]:
-    jobs = job_list(core)
+def overview(
+    core: CoordinatorState, tp: Throughput, now: float, count: Counts = counts
+) -> dict[str, Any]:
+    jobs = job_list(core, count)
     totals = {k: sum(j["counts"][k] for j in jobs) for k in ("active", "running", "completed")}
     totals["failed"] = sum(j["counts"]["failed"] for j in jobs)
     tp.sample(now, core.placements, totals["completed"])
@@ -143,8 +149,10 @@ def overview(core: CoordinatorState, tp: Throughput, now: float) -> dict[str, An
     }
 
 
-def throughput(core: CoordinatorState, tp: Throughput, now: float) -> dict[str, Any]:
-    completed = sum(_counts(j)["completed"] for j in core.jobs.values())
+def throughput(
+    core: CoordinatorState, tp: Throughput, now: float, count: Counts = counts
+) -> dict[str, Any]:
+    completed = sum(count(j)["completed"] for j in core.jobs.values())
     tp.sample(now, core.placements, completed)
     return {"placements": core.placements, "completed": completed, "series": tp.series()}
 
@@ -190,7 +198,7 @@ def pool(core: CoordinatorState, name: str, hist: PoolHistory, now: float) -> di
     }
 
 
-def job(core: CoordinatorState, wi: str, name: str) -> dict[str, Any]:
+def job(core: CoordinatorState, wi: str, name: str, count: Counts = counts) -> dict[str, Any]:
     j = core.get_job(wi, name)
     r = j.rec
     return {
@@ -199,7 +207,7 @@ def job(core: CoordinatorState, wi: str, name: str) -> dict[str, Any]:
         "state": r.state,
         "pool": r.pool,
         "terminateReason": r.terminate_reason,
-        "counts": _counts(j),
+        "counts": count(j),
     }
 
 

@@ -17,6 +17,7 @@ import trio
 
 from coordinator.common.errors import ApiError
 from coordinator.core import CoordinatorState
+from coordinator.core.records import Job
 
 from . import data
 
@@ -25,8 +26,8 @@ MAX_VIEWS = 256  # views are keyed by names from the URL: keep the cache bounded
 MAX_STREAM_SECONDS = 600.0  # EventSource reconnects by itself; a stuck stream cannot live forever
 KEEPALIVE_SECONDS = 15.0
 # A view is rebuilt no sooner than DUTY_FACTOR times what it last took to build: on a huge job the
-# feed slows down (a 40 ms snapshot waits 2 s) instead of taking more than ~2% of the event loop.
-DUTY_FACTOR = 50.0
+# feed slows down (a 40 ms snapshot waits 4 s) instead of taking more than ~1% of the event loop.
+DUTY_FACTOR = 100.0
 _json = msgspec.json.Encoder()
 
 
@@ -43,17 +44,30 @@ class Feed:
         self.throughput = data.Throughput()
         self.pools: dict[str, data.PoolHistory] = {}
         self._cache: dict[str, tuple[float, bytes, float]] = {}  # view -> (built at, JSON, cost)
+        # job -> (counted at, counts): the overview, throughput and job views share one walk
+        self._counts: dict[int, tuple[float, dict[str, int], Job]] = {}
         self.computed = 0  # how many snapshots were built (tests and benchmarks read it)
         self.busy = 0.0  # seconds spent building them (the feed's whole cost on the event loop)
 
+    def count(self, job: Job) -> dict[str, int]:
+        now = self.clock()
+        hit = self._counts.get(id(job))
+        if hit is not None and hit[2] is job and now - hit[0] < self.interval:
+            return hit[1]
+        c = data.counts(job)
+        self._counts[id(job)] = (now, c, job)
+        return c
+
     def _compute(self, view: str) -> Any:
         now = self.clock()
+        if len(self._counts) > 2 * len(self.core.jobs) + MAX_VIEWS:  # deleted jobs' entries
+            self._counts.clear()
         kind, _, arg = view.partition(":")
         parts = arg.split("/") if arg else []
         if kind == "overview" and not arg:
-            return data.overview(self.core, self.throughput, now)
+            return data.overview(self.core, self.throughput, now, self.count)
         if kind == "throughput" and not arg:
-            return data.throughput(self.core, self.throughput, now)
+            return data.throughput(self.core, self.throughput, now, self.count)
         if kind == "pool" and len(parts) == 1:
             if parts[0] not in self.core.pools:
                 self.pools.pop(parts[0], None)
@@ -62,7 +76,7 @@ class Feed:
                 self.pools.pop(next(iter(self.pools)))
             return data.pool(self.core, parts[0], hist, now)
         if kind == "job" and len(parts) == 2:
-            return data.job(self.core, *parts)
+            return data.job(self.core, parts[0], parts[1], self.count)
         if kind == "task" and len(parts) == 3:
             return data.task(self.core, *parts)
         raise data.not_found(view)
