@@ -194,7 +194,7 @@ function poolPage(name) {
 
 function jobPage(wi, job) {
   const main = $("#main");
-  const st = { state: "all", q: "", page: 0, size: 50, lastLoad: 0, lastCounts: "" };
+  const st = { state: "all", q: "", page: 0, size: 50, lastLoad: 0, lastCounts: "", pending: null };
   const terminate = session.write ? h("button", { class: "act", id: "terminate-job", type: "button", onclick: async () => {
     if (!confirm(`Terminate job ${wi}/${job}? Its running tasks are killed.`)) return;
     try { await post(`/ui/api/job/${enc(wi)}/${enc(job)}/terminate`); toast("job terminated"); }
@@ -235,8 +235,17 @@ function jobPage(wi, job) {
     fill($("#counts"), card("queued", c.active, "c-active"), card("running", c.running, "c-running"),
       card("completed", c.completed, "c-completed"), card("succeeded", c.succeeded, "c-succeeded"), card("failed", c.failed, "c-failed"));
     const key = JSON.stringify(c);
-    // The table follows the counts, at most every 3 s: sorting a big job is not free.
-    if (key !== st.lastCounts && Date.now() - st.lastLoad > 3000) { st.lastCounts = key; load().catch(() => {}); }
+    // The table follows the counts, at most every 3 s (sorting a big job is not free); a change
+    // inside that window is picked up when it ends, as the feed may not send again.
+    if (key !== st.lastCounts) {
+      st.lastCounts = key;
+      const wait = 3000 - (Date.now() - st.lastLoad);
+      if (wait <= 0) load().catch(() => {});
+      else if (!st.pending) {
+        st.pending = setTimeout(() => { st.pending = null; load().catch(() => {}); }, wait);
+        timers.push(st.pending);
+      }
+    }
   });
 }
 
@@ -265,9 +274,14 @@ function taskPage(wi, job, task) {
         const d = await api(`/ui/api/file/${base}/${name}${q}`);
         const pre = $(t.el);
         if (!pre) return;
-        if (d.note && t.offset === null) pre.textContent = d.note;
-        else if (d.text) pre.textContent = (t.offset === null ? "" : pre.textContent) + d.text;
-        t.offset = d.offset + new TextEncoder().encode(d.text).length;
+        if (d.note) {
+          if (t.offset === null) pre.textContent = d.note;  // e.g. not started yet
+          t.noted = true;
+        } else if (d.text) {
+          pre.textContent = (t.offset === null || t.noted ? "" : pre.textContent) + d.text;
+          t.noted = false;
+        }
+        t.offset = d.next;
         if (d.size > t.offset) setTimeout(tail, 50);  // more than one chunk behind: catch up
       } catch (e) { /* the TVM may be gone; keep what is shown */ }
     }

@@ -52,7 +52,6 @@ async def _scenario(c: Any, drv: Any, marker: str, gates: dict[str, str]) -> Non
         )
     )
     assert c.rc.key not in await run(lambda: drv.page_source)
-    await run(screenshot, drv, "overview-idle")
 
     # A job: a failing task first, then four that wait for their gate file.
     fail = f"{sys.executable} -c \"import sys; sys.stderr.write('{marker}\\n'); sys.exit(3)\""
@@ -104,6 +103,16 @@ async def _scenario(c: Any, drv: Any, marker: str, gates: dict[str, str]) -> Non
         return bool(rows) and rows[0].get_attribute("data-task") == "bad"
 
     await run(lambda: wait_until(drv, first_row, what="the failed task first in the table"))
+
+    def kinds(d: Any) -> dict[str, str]:
+        rows = d.find_elements("css selector", "#task-table tr[data-task]")
+        return {r.get_attribute("data-task"): r.get_attribute("class") for r in rows}
+
+    want = {"bad": "k-failed", "g0": "k-succeeded", "g1": "k-succeeded"}
+    want.update({"g2": "k-running", "g3": "k-running"})
+    await run(
+        lambda: wait_until(drv, lambda d: kinds(d) == want, what="the table following the tasks")
+    )
     await run(screenshot, drv, "job")
 
     # The failed task's page: exit code and its stderr, read from the TVM.

@@ -112,3 +112,25 @@ async def test_tvm_ui_prints_a_one_time_login_url(nursery, tmp_path):
         assert bad.returncode != 0
         assert "error" in bad.stderr
         assert "/ui/login" not in bad.stdout
+
+
+async def test_event_stream_ends_when_the_session_ends(nursery, tmp_path):
+    import trio
+
+    async with (
+        cluster_ctx(nursery, tmp_path) as c,
+        httpx2.AsyncClient(base_url=c.rc.endpoint) as http,
+    ):
+        c.rc.app.ui.feed.interval = 0.1
+        hdrs = await logged_in(http, c.client)
+        events = 0
+        with trio.fail_after(30):  # a guard against a hang, not a timing check
+            async with http.stream("GET", "/ui/events", headers=hdrs) as s:
+                async for line in s.aiter_lines():
+                    if line.startswith("data: "):
+                        events += 1
+                        if events == 1:
+                            r = await http.post("/ui/logout", headers=hdrs)
+                            assert r.status_code == 200
+                # The loop ends: the server closed the stream after the logout.
+        assert events >= 1

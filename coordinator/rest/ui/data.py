@@ -64,7 +64,11 @@ class Throughput:
 
     samples: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=HISTORY))
 
+    min_gap: float = 0.5  # the feed sets it to half its interval: two views, one sample
+
     def sample(self, now: float, placements: int, completed: int) -> None:
+        if self.samples and now - self.samples[-1][0] < self.min_gap:
+            return
         self.samples.append((now, placements, completed))
 
     def series(self) -> list[dict[str, float]]:

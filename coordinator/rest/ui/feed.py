@@ -41,7 +41,7 @@ class Feed:
         self.core = core
         self.interval = interval
         self.clock = clock
-        self.throughput = data.Throughput()
+        self.throughput = data.Throughput(min_gap=interval / 2)
         self.pools: dict[str, data.PoolHistory] = {}
         self._cache: dict[str, tuple[float, bytes, float]] = {}  # view -> (built at, JSON, cost)
         # job -> (counted at, counts): the overview, throughput and job views share one walk
@@ -64,6 +64,9 @@ class Feed:
             self._counts.clear()
         kind, _, arg = view.partition(":")
         parts = arg.split("/") if arg else []
+        if kind not in ("overview", "throughput"):
+            # Rates keep being sampled whichever page is open, so the plots have no holes.
+            data.throughput(self.core, self.throughput, now, self.count)
         if kind == "overview" and not arg:
             return data.overview(self.core, self.throughput, now, self.count)
         if kind == "throughput" and not arg:
@@ -101,8 +104,11 @@ class Feed:
             del self._cache[oldest]
         return body
 
-    async def stream(self, view: str, receive: Callable, send: Callable) -> None:
-        """Send the view whenever it changed, checked once per interval, until the browser goes."""
+    async def stream(
+        self, view: str, receive: Callable, send: Callable, alive: Callable[[], bool]
+    ) -> None:
+        """Send the view whenever it changed, checked once per interval, until the browser goes
+        or its session ends (`alive()` false: logged out or expired)."""
         await send(
             {
                 "type": "http.response.start",
@@ -124,7 +130,7 @@ class Feed:
             nursery.start_soon(watch_disconnect)
             last = b""
             quiet_since = started = trio.current_time()
-            while trio.current_time() - started < MAX_STREAM_SECONDS:
+            while trio.current_time() - started < MAX_STREAM_SECONDS and alive():
                 body = self.snapshot(view)
                 now = trio.current_time()
                 if body != last:

@@ -8,6 +8,7 @@ the account key, like any REST call (that is how `tvm ui` gets its one-time URL)
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -136,11 +137,20 @@ class UiApp:
         if path == "/ui/events" and scope["method"] == "GET":
             if session is None:
                 return await self._send(send, _err(_unauthorized()))
-            return await self.feed.stream(query.get("view", "overview"), receive, send)
+            cookie = headers.get("cookie", "")
+            return await self.feed.stream(
+                query.get("view", "overview"),
+                receive,
+                send,
+                lambda: self.sessions.lookup(cookie) is not None,
+            )
         try:
             reply = await self._route(scope, receive, headers, path, query, session)
         except ApiError as exc:
             reply = _err(exc)
+        except Exception as exc:  # a bug must not take the server down; say so clearly
+            logging.getLogger("tvm.ui").exception("internal error on %s", path)
+            reply = _err(ApiError(500, "InternalError", f"internal error: {type(exc).__name__}"))
         await self._send(send, reply, head=scope["method"] == "HEAD")
 
     async def _send(self, send: Callable, r: Reply, head: bool = False) -> None:
@@ -322,20 +332,26 @@ class UiApp:
             )
         except ApiError as exc:
             if exc.status == 416:  # nothing at or after the offset (or an empty file) yet
-                return _j(200, {"offset": offset or 0, "size": offset or 0, "text": ""})
+                at = offset or 0
+                return _j(200, {"offset": at, "next": at, "size": at, "text": ""})
             if exc.code in (
                 "TaskNotStarted",
                 "FileNotFound",
                 "ResourceNotFound",
             ) and exc.status in (404, 409):
-                return _j(200, {"offset": 0, "size": 0, "text": "", "note": exc.message})
+                return _j(200, {"offset": 0, "next": 0, "size": 0, "text": "", "note": exc.message})
             raise
         hdr = dict(resp.headers)
         size = int(hdr.get(b"ocp-content-length", b"0"))
         start = size - len(resp.body) if offset is None else offset
         return _j(
             200,
-            {"offset": start, "size": size, "text": resp.body.decode("utf-8", "replace")},
+            {
+                "offset": start,
+                "next": start + len(resp.body),  # in bytes: the text may hold replaced bytes
+                "size": size,
+                "text": resp.body.decode("utf-8", "replace"),
+            },
         )
 
     # ------------------------------------------------------------------ actions
