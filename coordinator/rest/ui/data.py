@@ -22,7 +22,7 @@ from coordinator.rest.views import pool_view, task_view, tvm_view
 
 HISTORY = 600  # samples kept for the throughput plots (10 minutes at one a second)
 MAX_PAGE_SIZE = 500
-_TARGET = re.compile(r"\$TargetDedicated\s*=\s*(-?[0-9.]+)")
+_TARGET = re.compile(r"\$TargetDedicated(?:Nodes)?\s*=\s*(-?[0-9.]+)")
 
 
 def _plain(obj: Any) -> Any:
