@@ -6,11 +6,12 @@ answers a short-lived single-use token, so the key itself never goes into a URL 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import click
 
-from ._common import CONTEXT, _mk, _run, credentials
+from ._common import CONTEXT, _mk, _run, credentials, output_option
 
 
 def register(cli: click.Group) -> None:
@@ -22,12 +23,14 @@ def register(cli: click.Group) -> None:
         help="The session may terminate tasks and jobs and resize pools (default: read-only).",
     )
     @click.option("--open", "open_browser", is_flag=True, help="Also open it in a web browser.")
+    @output_option
     def ui(
         endpoint: str | None,
         account: str | None,
         key: str | None,
         allow_actions: bool,
         open_browser: bool,
+        output: str,
     ) -> None:
         """Print a one-time login URL for the dashboard (valid 2 minutes, usable once)."""
         from coordinator.client._http import _Call
@@ -44,6 +47,13 @@ def register(cli: click.Group) -> None:
         )
         url = client.endpoint.rstrip("/") + got["path"]
         mode = "actions allowed" if got["write"] else "read-only"
+        if output == "json":
+            click.echo(
+                json.dumps(
+                    {"url": url, "write": got["write"], "expiresInSeconds": got["expiresInSeconds"]}
+                )
+            )
+            return
         click.echo(url)
         click.echo(f"(one-time login, {mode}; expires in {got['expiresInSeconds']} s)", err=True)
         if open_browser:

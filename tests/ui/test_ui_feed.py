@@ -107,6 +107,10 @@ async def test_tvm_ui_prints_a_one_time_login_url(nursery, tmp_path):
         assert first.status_code == 200
         assert "set-cookie" in first.headers
         assert (await http.get(url)).status_code == 401
+        as_json = await trio.to_thread.run_sync(tvm_ui, c.rc.key, "-o", "json")
+        got = json.loads(as_json.stdout)
+        assert (got["write"], got["expiresInSeconds"]) == (False, 120)
+        assert (await http.get(got["url"])).status_code == 200
         # A wrong key gets no link, and says why.
         bad = await trio.to_thread.run_sync(tvm_ui, "d3Jvbmc=")
         assert bad.returncode != 0
