@@ -3,7 +3,10 @@ process, answering every RunTask at once), N tasks added by add-task-collection 
 submitter process. Value: tasks/s from the first submit to the last completion recorded.
 
     python -m benchmarks.placement [--quick] [--agents 10,100,1000] [--tasks 100000] [--slots 16]
-        [--concurrency 32] [--fill spread|pack]
+        [--concurrency 32] [--fill spread|pack] [--dashboard]
+
+--dashboard keeps a dashboard open during the run (benchmarks/_uiwatch.py: the overview's and the
+job's live feeds, as a browser would).
 """
 
 from __future__ import annotations
@@ -21,7 +24,13 @@ from ._common import args, coordinator, emit, job_finished, pool_ready, say, spa
 
 
 async def run_one(
-    k: int, n: int, slots: int, size: str, concurrency: int, fill: str = "spread"
+    k: int,
+    n: int,
+    slots: int,
+    size: str,
+    concurrency: int,
+    fill: str = "spread",
+    dashboard: bool = False,
 ) -> dict:
     with tempfile.TemporaryDirectory(prefix="tvm-bench-") as tmp:
         async with coordinator(
@@ -59,6 +68,30 @@ async def run_one(
                         job_execution_environment=m.JobExecutionEnvironment(pool_name="bench"),
                     ),
                 )
+                ui = rc.app.ui.feed
+                ui0 = ui.computed
+                watch = (
+                    spawn(
+                        "benchmarks._uiwatch",
+                        [
+                            "--endpoint",
+                            rc.endpoint,
+                            "--account",
+                            rc.account,
+                            "--view",
+                            "overview",
+                            "--view",
+                            "job:wi/job-0000000001",
+                        ],
+                        env={"TVM_KEY": rc.key},
+                    )
+                    if dashboard
+                    else None
+                )
+                if watch is not None:  # both feeds open before the clock starts
+                    await wait_until(lambda: ui.computed >= ui0 + 2, 30, "the dashboard's feeds")
+                    ui0 = ui.computed
+                busy0 = ui.busy
                 sub = spawn(
                     "benchmarks._submit",
                     [
@@ -95,6 +128,8 @@ async def run_one(
                     out, _ = await trio.to_thread.run_sync(sub.communicate)
                 finally:
                     stop(sub)
+                    if watch is not None:
+                        stop(watch)
                 times = json.loads(out)
                 if times.get("failures"):
                     raise RuntimeError(f"{times['failures']} tasks were refused")
@@ -107,6 +142,8 @@ async def run_one(
                     "cpu": cpu,
                     "sims_cpu": sims_cpu,
                     "sub_cpu": sub_cpu,
+                    "ui_snapshots": ui.computed - ui0,
+                    "ui_busy": ui.busy - busy0,
                 }
             finally:
                 stop(sims)
@@ -138,6 +175,7 @@ def main() -> None:
             p.add_argument("--slots", type=int, default=16),
             p.add_argument("--concurrency", type=int, default=32),
             p.add_argument("--fill", choices=["spread", "pack"], default="spread"),
+            p.add_argument("--dashboard", action="store_true"),
         ),
     )
     ks = (
@@ -148,7 +186,7 @@ def main() -> None:
     n = a.tasks or (3000 if a.quick else 100_000)
     size = "extralarge" if a.slots > 16 else "large"
     for k in ks:
-        r = trio.run(run_one, k, n, a.slots, size, a.concurrency, a.fill)
+        r = trio.run(run_one, k, n, a.slots, size, a.concurrency, a.fill, a.dashboard)
         rate = n / r["elapsed"]
         emit(
             "placement",
@@ -158,6 +196,7 @@ def main() -> None:
                 "slots_per_agent": a.slots,
                 "submit_concurrency": a.concurrency,
                 "fill": a.fill,
+                "dashboard": a.dashboard,
             },
             rate,
             "tasks/s",
@@ -168,7 +207,14 @@ def main() -> None:
             f"frames in/out {r['frames_in']}/{r['frames_out']}; "
             f"CPU per task: coordinator {r['cpu'] / n * 1e6:.0f} µs, simulated agents {r['sims_cpu'] / n * 1e6:.0f} µs, "
             f"submitter {r['sub_cpu'] / n * 1e6:.0f} µs; "
-            f"load average {os.getloadavg()[0]:.1f})"
+            f"load average {os.getloadavg()[0]:.1f}"
+            + (
+                f"; dashboard open: {r['ui_snapshots']} feed snapshots took "
+                f"{r['ui_busy'] * 1000:.0f} ms, {r['ui_busy'] / r['elapsed']:.1%} of the run"
+                if a.dashboard
+                else ""
+            )
+            + ")"
         )
 
 

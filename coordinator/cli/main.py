@@ -10,7 +10,7 @@ import click
 
 from tvmagent.cli import agent as _agent_command
 
-from . import resources, security, tasks
+from . import resources, security, tasks, ui
 from ._common import CONTEXT, _setup_logging
 
 # --------------------------------------------------------------------------- root
@@ -208,7 +208,7 @@ def coordinator(config: str | None, **flags: Any) -> None:
 
 # `tvm agent ...` is tvmagent's own command line (also `python -m tvmagent ...`).
 cli.add_command(_agent_command)
-for _register in (resources.register, tasks.register, security.register):
+for _register in (resources.register, tasks.register, security.register, ui.register):
     _register(cli)
 
 

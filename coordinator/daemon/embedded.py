@@ -101,6 +101,11 @@ async def run_up(
                 f"tvm up: coordinator on {rc.endpoint}, {agents} local agent(s); Ctrl-C to stop",
                 file=sys.stderr,
             )
+            print(
+                f"tvm up: dashboard at {rc.endpoint.rstrip('/')}/ui/ (`tvm ui` prints a login link)",
+                file=sys.stderr,
+                flush=True,
+            )
             if not accept_degraded:
                 nursery.start_soon(warn_degraded, rc)
             try:

@@ -21,6 +21,7 @@ from .routes_jobs import JobRoutes
 from .routes_ops import OpsRoutes
 from .routes_pools import PoolRoutes
 from .routes_tasks import TaskRoutes
+from .ui import UiApp
 
 ROUTE_GROUPS = (
     PoolRoutes,
@@ -40,4 +41,5 @@ def make_app(
     for group in ROUTE_GROUPS:
         group(app).register(app.route)
     install_azure(app)  # requests carrying an Azure api-version
+    app.ui = UiApp(app)
     return app

@@ -116,6 +116,7 @@ class Dispatcher:
         self.files = files
         self.max_upload_size = max_upload_size
         self.requests = 0
+        self.ui: Any = None  # the dashboard (rest/ui), mounted at /ui by app.make_app
         self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
         # The Azure Batch API (coordinator/rest/azure): requests carrying its api-version go there.
         self.azure: Any = None
@@ -141,6 +142,11 @@ class Dispatcher:
             await serve_agent(self.svc, scope, receive, send)
             return
         if kind != "http":
+            return
+        path = scope["path"]
+        if self.ui is not None and (path == "/ui" or path.startswith("/ui/")):
+            # The dashboard's own cookie session replaces SharedKey on /ui paths only.
+            await self.ui(scope, receive, send)
             return
         resp = await self._http(scope, receive)
         headers = resp.headers

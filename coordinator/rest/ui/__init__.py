@@ -1,0 +1,5 @@
+"""The web dashboard served at /ui/ (see server.py)."""
+
+from .server import UiApp
+
+__all__ = ["UiApp"]
