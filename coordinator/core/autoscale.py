@@ -15,6 +15,7 @@ apply to autoscale-driven resizes (§5.8).
 
 from __future__ import annotations
 
+from collections import deque
 from datetime import timedelta
 
 import msgspec
@@ -42,6 +43,9 @@ from .store import Store
 RunRec = tuple[float, str, str | None, str | None]
 
 
+HISTORY_RUNS = 200
+
+
 class Autoscale:
     def __init__(self, store: Store, out: Outbox, membership: Membership) -> None:
         self.s = store
@@ -53,6 +57,9 @@ class Autoscale:
         self.programs: dict[str, tuple[str, Program]] = {}  # pool -> (formula text, parsed)
         self.enabled_at: dict[str, float] = {}  # pool -> time of the last enable call
         self.boundary: dict[str, set[int]] = {}  # pool -> tasks counted finished at its last sample
+        # pool -> its last HISTORY_RUNS formula runs (in memory, like the metric history): what the
+        # dashboard plots, from before anyone opened it.
+        self.history: dict[str, deque[RunRec]] = {}
 
     # ------------------------------------------------------------------ pool life
 
@@ -63,7 +70,7 @@ class Autoscale:
         self.run(name, reschedule=True)
 
     def pool_deleted(self, name: str) -> None:
-        for d in (self.next_run, self.programs, self.enabled_at, self.boundary):
+        for d in (self.next_run, self.programs, self.enabled_at, self.boundary, self.history):
             d.pop(name, None)
         self.metrics.drop(name)
 
@@ -284,6 +291,7 @@ class Autoscale:
         if program is not None:
             result = self._evaluate(pool, program, now)
         pool.auto_scale_run = _run_rec(now, result)
+        self.history.setdefault(name, deque(maxlen=HISTORY_RUNS)).append(pool.auto_scale_run)
         if reschedule or name not in self.next_run:
             self.next_run[name] = now + interval_of(self.s.autoscale_timing, pool)
         self.out.put("pool", name, pool)

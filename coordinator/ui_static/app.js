@@ -302,6 +302,7 @@ function taskPage(wi, job, task) {
     add("started", e.startTime, "task-start");
     add("ended", e.endTime, "task-end");
     add("retries / requeues", `${e.retryCount || 0} / ${e.requeueCount || 0}`);
+    add("history", (d.history || []).map((x) => `${x.event} ${x.time}`).join(" → "), "task-history");
     add("command line", d.commandLine, "task-cmd");
     $("#task-info").replaceWith(dl);
   });

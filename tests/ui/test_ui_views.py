@@ -47,6 +47,11 @@ async def test_task_table_tail_and_autoscale_runs(nursery, tmp_path):
         assert (await tasks("state=running"))["tasks"] == []
         assert (await tasks("page=9"))["tasks"] == []
 
+        # A task's history: added, running, completed, in that order.
+        one = (await http.get(f"/ui/api/view/task/wi/{JOB}/bad0", headers=hdrs)).json()
+        assert [e["event"] for e in one["history"]] == ["added", "running", "completed"]
+        assert [e["time"] for e in one["history"]] == sorted(e["time"] for e in one["history"])
+
         job = (await http.get(f"/ui/api/view/job/wi/{JOB}", headers=hdrs)).json()
         assert job["counts"] == {
             "active": 0,

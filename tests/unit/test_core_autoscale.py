@@ -590,3 +590,21 @@ def test_auto_pool_formulas_are_checked_and_run() -> None:
     assert _size(core, name) == 2
     assert pool.auto_scale_run is not None
     assert pool.auto_scale_run[2] is None
+
+
+def test_recent_formula_runs_are_kept_per_pool_and_bounded() -> None:
+    """What the dashboard plots from before it was opened: every run, newest last, at most
+    HISTORY_RUNS of them, dropped with the pool."""
+    from coordinator.core.autoscale import HISTORY_RUNS
+
+    core, clock = _core(agents=0)
+    _autopool(core, "$TargetDedicatedNodes = 0;")
+    _advance(core, clock, 16 * MIN)
+    runs = list(core.autoscale.history["p"])
+    assert len(runs) == 4  # at 0, 5, 10 and 15 minutes
+    assert all(r[1].startswith("$TargetDedicatedNodes=0;") for r in runs)
+    assert [r[0] for r in runs] == sorted(r[0] for r in runs)
+    assert core.autoscale.history["p"].maxlen == HISTORY_RUNS
+    core.delete_pool("p")
+    _advance(core, clock, 30)
+    assert "p" not in core.autoscale.history

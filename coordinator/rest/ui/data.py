@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 
 from coordinator.common.errors import ApiError, bad_request
+from coordinator.common.timeutil import rfc3339
 from coordinator.core import CoordinatorState
 from coordinator.core.records import COMPLETED, RUNNING, Job, TaskRec
 from coordinator.rest.views import pool_view, task_view, tvm_view
@@ -164,15 +165,20 @@ def throughput(
 def pool(core: CoordinatorState, name: str, hist: PoolHistory, now: float) -> dict[str, Any]:
     p = core.get_pool(name)
     view = pool_view(core, p)
-    run = view.auto_scale_run
-    if run is not None and (not hist.runs or hist.runs[-1]["timestamp"] != run.timestamp):
-        target = _TARGET.search(run.results or "")
+    # The core keeps each pool's recent formula runs (newest last): the plot starts before the
+    # dashboard was opened.
+    seen = {r["at"] for r in hist.runs}
+    for at, results, _code, message in core.autoscale.history.get(name, ()):
+        if at in seen:
+            continue
+        target = _TARGET.search(results or "")
         hist.runs.append(
             {
-                "timestamp": run.timestamp,
-                "results": run.results,
+                "at": at,
+                "timestamp": rfc3339(at),
+                "results": results,
                 "target": float(target.group(1)) if target else None,
-                "error": run.error.message if run.error else None,
+                "error": message,
             }
         )
     hist.sizes.append((now, p.target, view.current_dedicated))
@@ -274,7 +280,24 @@ def task(core: CoordinatorState, wi: str, job_name: str, name: str) -> dict[str,
     view["kind"] = _kind(t)
     view["workitemName"] = wi
     view["jobName"] = job_name
+    view["history"] = state_history(t)
     return view
+
+
+def state_history(t: TaskRec) -> list[dict[str, Any]]:
+    """The task's life as far as the core keeps it (times, not a log): added, the last requeue and
+    retry (with their counts), started, ended; oldest first."""
+    events: list[tuple[float, str]] = [(t.created, "added")]
+    if t.last_requeue:
+        events.append((t.last_requeue, f"requeued ({t.requeue_count}x)"))
+    if t.last_retry:
+        events.append((t.last_retry, f"retried ({t.retry_count}x)"))
+    if t.start_time and t.state in (RUNNING, COMPLETED):
+        events.append((t.start_time, "running"))
+    if t.end_time and t.state == COMPLETED:
+        events.append((t.end_time, "completed"))
+    events.sort(key=lambda e: e[0])
+    return [{"time": rfc3339(at), "event": what} for at, what in events]
 
 
 def resize_target(body: bytes) -> int:
