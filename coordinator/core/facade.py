@@ -18,6 +18,7 @@ areas are built bottom-up and each gets only the ones below it (imports go the s
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar, overload
 
@@ -42,6 +43,10 @@ from .tasks import Tasks
 from .tvm_ops import TvmOps
 
 T = TypeVar("T")
+
+
+RATE_SAMPLE_S = 1.0
+RATE_SAMPLES = 600
 
 
 class _StoreField(Generic[T]):
@@ -78,6 +83,7 @@ class CoordinatorState:
     max_pool_size = _StoreField[int]()
     recovering_until = _StoreField[float | None]()
     placements = _StoreField[int]()
+    completions = _StoreField[int]()
     port_range = _StoreField[PortRangeConfig]()
     autoscale_timing = _StoreField[AutoscaleTiming]()
     provisioning_enabled = _StoreField[bool]()
@@ -119,6 +125,9 @@ class CoordinatorState:
         self.tvm_ops = TvmOps(store, out, self.runs, self.membership, self.pool_area)
         self.job_area = Jobs(store, out, self.runs, self.pool_area)
         self.autoscale = Autoscale(store, out, self.membership)
+        # (time, placements, completions) about once a second for the last RATE_SAMPLES seconds:
+        # the dashboard's rates start from before anyone opened it (one append per tick).
+        self.rate_samples: deque[tuple[float, int, int]] = deque(maxlen=RATE_SAMPLES)
         self.tasks = Tasks(store, out, self.runs, self.job_area)
         self.scheduler = Scheduler(store, self.runs)
         self.agent_area = Agents(store, out, self.runs, self.membership, self.tasks)
@@ -162,6 +171,8 @@ class CoordinatorState:
         self.membership.allocate()
         self.job_area.check_jobs()
         self.autoscale.after_tick(now)
+        if not self.rate_samples or now - self.rate_samples[-1][0] >= RATE_SAMPLE_S:
+            self.rate_samples.append((now, self.store.placements, self.store.completions))
 
     def agent_hello(
         self, hello: pm.Hello, in_flight: set[str] | frozenset[str] = frozenset()

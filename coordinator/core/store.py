@@ -92,6 +92,7 @@ class Store:
         self.seq = 0
         self.recovering_until: float | None = None
         self.placements = 0  # counter for metrics
+        self.completions = 0  # likewise: task results recorded (every attempt that ended)
         low, high, per = DEFAULT_PORT_RANGE
         self.port_range = PortRangeConfig(low, high, per, ephemeral=(32768, 60999))
         self.autoscale_timing = AutoscaleTiming()

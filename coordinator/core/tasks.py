@@ -208,6 +208,7 @@ class Tasks:
                 self.runs.off_tvm(msg.key, task)
                 self.runs.requeue(job, task)
             return
+        s.completions += 1
         holder: Tvm | None = s.tvms.get(task.tvm) if task.tvm else None
         if holder is not None:
             holder.running.pop(msg.key, None)

@@ -321,7 +321,7 @@ function throughputPage() {
         card("placements", d.placements, "tp-placements"), card("completions", d.completed, "tp-completions")),
       h("h2", { text: "Placements and completions per second" }),
       plot(d.series, [["placed", "k1", "placed/s"], ["completed", "k2", "completed/s"]], { id: "tp-plot" }),
-      h("p", { class: "muted", text: "Sampled while a dashboard watches (one sample per feed interval)." }));
+      h("p", { class: "muted", text: "Sampled by the coordinator about once a second (the last 10 minutes)." }));
     $("#tv").replaceWith(tv);
   });
 }

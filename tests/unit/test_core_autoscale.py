@@ -608,3 +608,21 @@ def test_recent_formula_runs_are_kept_per_pool_and_bounded() -> None:
     core.delete_pool("p")
     _advance(core, clock, 30)
     assert "p" not in core.autoscale.history
+
+
+def test_rates_are_sampled_about_once_a_second_for_the_dashboard() -> None:
+    from coordinator.core.facade import RATE_SAMPLES
+
+    core, clock = _core(agents=1)
+    _autopool(core, "$TargetDedicatedNodes = 1;")
+    job = _workitem(core)
+    core.add_task("wi", job, m.TaskAdd(name="t1", command_line="true"))
+    runs = _advance(core, clock, 5, step=0.25)
+    assert runs
+    _complete(core, clock, *runs[0])
+    _advance(core, clock, 3, step=0.25)
+    samples = list(core.rate_samples)
+    assert 7 <= len(samples) <= 9  # one per second, not one per tick
+    assert all(b[0] - a[0] >= 1.0 for a, b in zip(samples, samples[1:], strict=False))
+    assert samples[-1][1:] == (core.placements, core.completions) == (1, 1)
+    assert core.rate_samples.maxlen == RATE_SAMPLES

@@ -67,10 +67,16 @@ class Throughput:
 
     min_gap: float = 0.5  # the feed sets it to half its interval: two views, one sample
 
-    def sample(self, now: float, placements: int, completed: int) -> None:
-        if self.samples and now - self.samples[-1][0] < self.min_gap:
-            return
-        self.samples.append((now, placements, completed))
+    def sample(self, core: CoordinatorState, now: float) -> None:
+        """The core's own samples (about one a second, from before any dashboard was open), then
+        one for now."""
+        last = self.samples[-1][0] if self.samples else 0.0
+        for at, placed, done in core.rate_samples:
+            if at > last:
+                self.samples.append((at, placed, done))
+                last = at
+        if now - last >= self.min_gap:
+            self.samples.append((now, core.placements, core.completions))
 
     def series(self) -> list[dict[str, float]]:
         """Per-second rates between consecutive samples (a deleted job can lower the completed
@@ -122,7 +128,7 @@ def overview(
     jobs = job_list(core, count)
     totals = {k: sum(j["counts"][k] for j in jobs) for k in ("active", "running", "completed")}
     totals["failed"] = sum(j["counts"]["failed"] for j in jobs)
-    tp.sample(now, core.placements, totals["completed"])
+    tp.sample(core, now)
     pools = []
     by_pool: dict[str, list[list[Any]]] = {name: [] for name in core.pools}
     for tvm in sorted(core.tvms.values(), key=lambda t: t.rec.name):
@@ -157,9 +163,8 @@ def overview(
 def throughput(
     core: CoordinatorState, tp: Throughput, now: float, count: Counts = counts
 ) -> dict[str, Any]:
-    completed = sum(count(j)["completed"] for j in core.jobs.values())
-    tp.sample(now, core.placements, completed)
-    return {"placements": core.placements, "completed": completed, "series": tp.series()}
+    tp.sample(core, now)
+    return {"placements": core.placements, "completed": core.completions, "series": tp.series()}
 
 
 def pool(core: CoordinatorState, name: str, hist: PoolHistory, now: float) -> dict[str, Any]:
