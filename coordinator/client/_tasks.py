@@ -85,9 +85,23 @@ class Tasks(_Group):
             _Call("GET", self._base(workitem, job) + "/tasks", params=params, parse=_list(m.Task))
         )
 
-    def get(self, workitem: str, job: str, name: str) -> Any:
+    def get(
+        self, workitem: str, job: str, name: str, *, wait_for_completion: float | None = None
+    ) -> Any:
+        """The task; `wait_for_completion` (seconds, at most 60): the answer comes when the task
+        completes or that time is up, whichever is first (no polling)."""
+        params = None
+        if wait_for_completion is not None:
+            # Under the HTTP timeout (60 s by default), so the answer always arrives.
+            seconds = min(max(0.0, wait_for_completion), 50.0)
+            params = {"waitForCompletion": f"PT{seconds:.3f}S"}
         return self._c._call(
-            _Call("GET", f"{self._base(workitem, job)}/tasks/{_seg(name)}", parse=_one(m.Task))
+            _Call(
+                "GET",
+                f"{self._base(workitem, job)}/tasks/{_seg(name)}",
+                params=params,
+                parse=_one(m.Task),
+            )
         )
 
     def delete(self, workitem: str, job: str, name: str) -> Any:

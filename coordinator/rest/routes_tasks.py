@@ -7,6 +7,7 @@ from typing import Any
 
 from coordinator.common import models as m
 from coordinator.common.errors import ApiError, bad_request
+from coordinator.common.timeutil import parse_duration
 from coordinator.core import MAX_COLLECTION
 from coordinator.core.records import ACTIVE, COMPLETED, RUNNING
 
@@ -14,6 +15,8 @@ from . import paging
 from .dispatch import Response, RouteAdder, RouteGroup, _decode, _json_response
 from .inputlimits import check_request
 from .views import task_view
+
+MAX_WAIT_S = 60.0  # a waiting GET holds a connection: bounded like any long poll
 
 MAX_FILE_CHUNK = 4 * 1024 * 1024
 
@@ -108,8 +111,24 @@ class TaskRoutes(RouteGroup):
         results = [refused[i] if i in refused else next(added) for i in range(len(req.value))]
         return _json_response(200, m.TaskAddCollectionResult(value=results))
 
-    async def get_task(self, wi: str, job: str, task: str, **_: Any) -> Response:
+    async def get_task(
+        self, wi: str, job: str, task: str, query: dict[str, str] | None = None, **_: Any
+    ) -> Response:
+        """`?waitForCompletion=PT30S` (at most PT60S): answer when the task completes or the time
+        is up, whichever is first, instead of the client polling."""
         j, t = self.core.get_task(wi, job, task)
+        wait = (query or {}).get("waitForCompletion")
+        if wait is not None:
+            seconds = parse_duration(wait, "waitForCompletion")
+            if seconds > MAX_WAIT_S:
+                raise bad_request(
+                    "InvalidQueryParameterValue",
+                    f"waitForCompletion is at most PT{MAX_WAIT_S:g}S, not {wait!r}",
+                    field="waitForCompletion",
+                )
+            if t.state != COMPLETED:
+                await self.svc.done_waiters.wait(f"{wi}/{job}/{task}", seconds)
+                j, t = self.core.get_task(wi, job, task)
         return _json_response(200, task_view(j, t))
 
     async def update_task(self, wi: str, job: str, task: str, body: bytes, **_: Any) -> Response:

@@ -29,6 +29,7 @@ from .agentwatch import watch_agent_processes
 from .journal import Journal, SqliteStore, Ticket
 from .metrics import PING_INTERVAL, LinkMonitor
 from .statedir import secure_state_dir
+from .waiters import DoneWaiters
 
 log = logging.getLogger("tvm.coordinator")
 
@@ -109,6 +110,7 @@ class CoordinatorService:
         self.core.restore(self.store.load())
         self.restore_seconds = time.monotonic() - started
         self.journal = Journal(self.store)
+        self.done_waiters = DoneWaiters()  # clients waiting for a task to complete
         self.links: dict[str, AgentLink] = {}
         self.acks = AckTimer()  # pokes links whose lone ack waited ACK_DELAY (links._writer)
         self.tick_interval = max(0.05, min(1.0, heartbeat_timeout / 5))
@@ -236,7 +238,14 @@ class CoordinatorService:
             if link is not None:
                 link.close_request = (close.code, close.reason)
                 link.poke()
+        if self.done_waiters:
+            self.done_waiters.poke(self._task_done)
         return ticket
+
+    def _task_done(self, key: str) -> bool:
+        """Completed, or gone (its waiter's GET then answers 404)."""
+        _job, task = self.core.store.lookup(key)
+        return task is None or task.state == "completed"
 
     # ------------------------------------------------------------------ agent links
 
