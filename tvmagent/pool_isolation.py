@@ -21,6 +21,7 @@ from protocol.hostio import primary_ip
 
 from . import isolation
 from ._uid_sweep import TmpWatch, cleanup_uid
+from ._users import lookup_user
 from .ports import NftError, PortGate, apply_nft, nft_available, remove_nft, render_nft_ruleset
 
 if TYPE_CHECKING:
@@ -207,7 +208,10 @@ class PoolIsolation:
         it was just made). `keep`: the start task, whose user stays reserved (the same one on every
         retry and reboot) and whose directory belongs to the pool group: the pool's tasks read it,
         none writes."""
-        if self.slot_users is None or elevated:
+        if elevated:
+            return None
+        if self.slot_users is None:
+            self._give_to_task_user(directory, fresh)
             return None
         reuse = keep and self._start_lease is not None
         if reuse:
@@ -238,6 +242,22 @@ class PoolIsolation:
         if keep:
             self._start_lease = lease
         return lease
+
+    def _give_to_task_user(self, directory: str, fresh: tuple[str, ...]) -> None:
+        """`--task-user NAME` (one fixed user for every task): the task's directory is that user's,
+        so the task can enter and write its working directory (the launcher enters it as the task's
+        user, as the task itself would)."""
+        if not self.task_user or os.geteuid() != 0:
+            return
+        ids = lookup_user(self.task_user)
+        if ids is None or ids == (0, 0):
+            return  # an unknown user fails the launch with its own message
+        if fresh:
+            os.lchown(directory, *ids)
+            for name in fresh:
+                os.lchown(os.path.join(directory, name), *ids)
+        else:
+            isolation.chown_tree(directory, *ids)
 
     def keep_lease(self, lease: isolation.SlotLease) -> None:
         """The start task's run is over; its user stays reserved (see `lease_now`)."""

@@ -172,7 +172,7 @@ class TaskRunner:
                 for p in (out, err):
                     with open(p, "wb"):
                         pass  # a retry starts with fresh output files
-            # Split here, off the event loop, in linear time (a poison line must not stall the agent).
+            # Split in linear time (a poison line must not stall the agent; at most 8,191 characters).
             try:
                 spec = spec.evolve(argv=cmdline.parse(command_line))
             except (
@@ -192,7 +192,7 @@ class TaskRunner:
                     spec = iso.as_lease_user(spec, lease)
             return spec
 
-        # argv: a placeholder until prepare() splits the command line in the worker thread.
+        # argv: a placeholder until prepare() splits the command line.
         use_bwrap = self.use_bwrap or iso.pool_bwrap
         spec = ProcessSpec(
             argv=["-"],
