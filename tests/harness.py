@@ -3,6 +3,7 @@ processes (`python -m tvmagent`), each with its own TVM root. Stopped by PID at 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -28,6 +29,22 @@ def agent_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env.setdefault("TVM_AGENT_TASK_ISOLATION", "none")
     env.update(extra or {})
     return env
+
+
+def remove_agent_cgroups(agent_id: str, root: str) -> None:
+    """What an agent killed mid-test kept of its task cgroups (a live agent removes its own at exit;
+    one SIGKILLed leaves them for its restart on the same root, which a test never does)."""
+    from tvmagent import _cgroups
+    from tvmagent.agent import cgroup_prefix
+
+    layout = _cgroups.detect_layout([])
+    prefix = cgroup_prefix(agent_id, root)
+    for d in _cgroups.stale_task_dirs(layout, prefix):
+        _cgroups.kill_and_remove(d)
+    for base in (layout.v2_base, *layout.v1_bases.values()):
+        if base:
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(base, prefix))
 
 
 @dataclass
@@ -110,6 +127,8 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 a.kill(signal.SIGKILL)
                 a.proc.wait()
+        for a in self.agents:
+            remove_agent_cgroups(a.name, a.root)
 
     async def wait_for(
         self, cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition"
