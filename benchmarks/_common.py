@@ -49,6 +49,23 @@ def args(
     return p.parse_args()
 
 
+def task_run_options(p: argparse.ArgumentParser) -> None:
+    """The options of the benchmarks that run tasks on real agents (end_to_end, latency)."""
+    p.add_argument("--tasks", type=int, default=0)
+    p.add_argument(
+        "--task-isolation",
+        choices=("users", "none"),
+        default="users",
+        help="how the (root) agents run tasks: each as its own Linux user, or as root",
+    )
+    p.add_argument(
+        "--coordinator",
+        choices=("inproc", "up"),
+        default="inproc",
+        help="the coordinator in this process, or a default `tvm up` driven over REST",
+    )
+
+
 def machine() -> dict[str, Any]:
     cpu = ""
     try:

@@ -48,6 +48,7 @@ from ._common import (
     say,
     spawn,
     stop_agents,
+    task_run_options,
     wait_until,
 )
 from ._cpu import TreeCpu, per_task_ms, proc_times, self_cpu, tree_cpu
@@ -198,19 +199,7 @@ async def run_up(n: int) -> Run:
 
 
 def _options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tasks", type=int, default=0)
-    p.add_argument(
-        "--task-isolation",
-        choices=("users", "none"),
-        default="users",
-        help="how the (root) agents run tasks: each as its own Linux user, or as root",
-    )
-    p.add_argument(
-        "--coordinator",
-        choices=("inproc", "up"),
-        default="inproc",
-        help="the coordinator in this process, or a default `tvm up` driven over REST",
-    )
+    task_run_options(p)
     p.add_argument(
         "--peers",
         default=",".join(PEERS),

@@ -34,7 +34,16 @@ import trio
 
 from coordinator.client import AsyncClient
 
-from ._common import args, coordinator, emit, local_pool, percentile, say, stop_agents
+from ._common import (
+    args,
+    coordinator,
+    emit,
+    local_pool,
+    percentile,
+    say,
+    stop_agents,
+    task_run_options,
+)
 from ._cpu import per_task_ms, proc_times, self_cpu, tree_cpu
 from ._daemon import JOB, WORKITEM, UpDaemon, ready_pool
 from .end_to_end import launcher
@@ -135,19 +144,7 @@ def _coordinator_cpu(svc: Service) -> float:
 
 
 def _options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tasks", type=int, default=0)
-    p.add_argument(
-        "--task-isolation",
-        choices=("users", "none"),
-        default="users",
-        help="how the (root) agents run tasks: each as its own Linux user, or as root",
-    )
-    p.add_argument(
-        "--coordinator",
-        choices=("inproc", "up"),
-        default="inproc",
-        help="the coordinator in this process, or a default `tvm up` driven over REST",
-    )
+    task_run_options(p)
     p.add_argument(
         "--poll",
         action="store_true",

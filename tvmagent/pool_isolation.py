@@ -306,12 +306,8 @@ class PoolIsolation:
     async def _sweep_and_release(self, lease: isolation.SlotLease, park: bool = False) -> None:
         """Remove what the uid left in /tmp, /dev/shm...; kill its processes where no cgroup held
         the tree (a cgroup's tree is gone by now, and a task cannot leave its cgroup). `park`: keep
-        the user for the next task instead of releasing it. Where no writable directory changed
-        while the task ran (TmpWatch), there is nothing to sweep."""
-        kill = not self.sandbox.caps.layout.usable
-        if park and not kill and self.tmp_watch.unchanged(lease.tmp_base):
-            self._park(lease)
-            return
+        the user for the next task instead of releasing it (`_release_later` has parked the ones
+        with nothing to sweep already)."""
         clean = False
         try:
             with trio.CancelScope(shield=True):
