@@ -75,3 +75,14 @@ def screenshot(driver: Any, name: str) -> None:
     if out:
         os.makedirs(out, exist_ok=True)
         driver.save_screenshot(os.path.join(out, f"{name}.png"))
+
+
+def click(driver: Any, css: str, what: str = "") -> None:
+    """Click `css` on a page the live feed redraws: an element replaced between finding and
+    clicking it is found again instead of failing the test."""
+
+    def once(d: Any) -> bool:
+        d.find_element("css selector", css).click()
+        return True
+
+    wait_until(driver, once, what=what or f"a click on {css}")

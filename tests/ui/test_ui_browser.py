@@ -13,7 +13,7 @@ import trio
 
 from coordinator.client import task_spec
 from tests.harness import cluster_ctx
-from tests.ui.browser import need_browser, screenshot, start_browser, text_of, wait_until
+from tests.ui.browser import click, need_browser, screenshot, start_browser, text_of, wait_until
 from tests.ui.uihelp import login_path
 
 JOB = "job-0000000001"
@@ -72,10 +72,18 @@ async def _scenario(c: Any, drv: Any, marker: str, gates: dict[str, str]) -> Non
             what="both TVMs running 2 tasks on the pool page",
         )
     )
-    states = await run(
-        lambda: [e.text for e in drv.find_elements("css selector", "#tvm-table td.state")]
+    # The live feed redraws the table every second: read it where a redrawn (stale) cell is
+    # read again rather than raised.
+    await run(
+        lambda: wait_until(
+            drv,
+            lambda d: (
+                [e.text for e in d.find_elements("css selector", "#tvm-table td.state")]
+                == ["running", "running"]
+            ),
+            what="both TVMs in state running on the pool page",
+        )
     )
-    assert states == ["running", "running"]
     await run(screenshot, drv, "pool")
 
     # Job page: counts follow the tasks as gates open.
@@ -116,7 +124,7 @@ async def _scenario(c: Any, drv: Any, marker: str, gates: dict[str, str]) -> Non
     await run(screenshot, drv, "job")
 
     # The failed task's page: exit code and its stderr, read from the TVM.
-    await run(lambda: drv.find_element("css selector", 'tr[data-task="bad"] a.task-link').click())
+    await run(click, drv, 'tr[data-task="bad"] a.task-link')
     await run(
         lambda: wait_until(
             drv, lambda d: marker in text_of(d, "#stderr"), what="the failed task's stderr"
@@ -137,7 +145,7 @@ async def _scenario(c: Any, drv: Any, marker: str, gates: dict[str, str]) -> Non
     )
 
     def terminate() -> None:
-        drv.find_element("css selector", "#terminate-job").click()
+        click(drv, "#terminate-job")
         wait_until(drv, lambda d: d.switch_to.alert, what="the confirmation").accept()
 
     await run(terminate)
