@@ -88,6 +88,11 @@ class CoordinatorConfig(_Config):
     # 0 asks the OS for a free port (tests); otherwise 1..65535
     port: int = 7070
     state_dir: str = "./tvm-state"
+    # empty: STATE_DIR/coordinator.db (SQLite); a postgresql:// URL: a PostgreSQL database that
+    # several coordinators may share, one active (holding a lease of lease-ttl seconds) and the
+    # others standing by
+    store: str = ""
+    lease_ttl: float = 10.0
     account: str = "tvm"
     heartbeat_timeout: float = 30.0
     # TVM healing: a closed agent link not back within link-grace seconds loses its TVM (`unknown`,
@@ -121,9 +126,16 @@ _UNKNOWN_RE = re.compile(r"^Object contains unknown field `(?P<key>[^`]*)`$")
 
 
 def validate_coordinator_url(url: str) -> str | None:
-    """Return why ``url`` is not a usable coordinator URL, or None when it is."""
+    """Return why ``url`` is not a usable coordinator URL (or comma-separated list of them: an
+    active coordinator and its standbys), or None when it is."""
     if not url:
         return "must not be empty"
+    if "," in url:
+        for one in url.split(","):
+            why = validate_coordinator_url(one.strip())
+            if why:
+                return why
+        return None
     if any(c.isspace() for c in url):
         return f"must not contain whitespace: {url!r}"
     try:
@@ -305,6 +317,16 @@ def _check_coordinator(cfg: CoordinatorConfig, src: Mapping[str, str]) -> None:
     _port(src, "port", cfg.port, allow_zero=True)
     if not cfg.state_dir:
         raise _fail(src, "state-dir", "must not be empty")
+    if cfg.store and not cfg.store.startswith(("postgresql://", "postgres://")):
+        raise _fail(
+            src,
+            "store",
+            "must be a postgresql://USER@HOST/DB URL (or empty for STATE_DIR/coordinator.db), "
+            f"got {cfg.store.split('://')[0]!r}",
+        )
+    _positive(src, "lease-ttl", cfg.lease_ttl)
+    if cfg.lease_ttl < 2:
+        raise _fail(src, "lease-ttl", f"must be at least 2 seconds, got {cfg.lease_ttl}")
     if not _NAME_RE.match(cfg.account):
         raise _fail(
             src, "account", f"must be 1-64 letters, digits, '.', '_' or '-', got {cfg.account!r}"

@@ -2,3 +2,53 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from collections.abc import Callable, Iterator  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Any]:
+    """One private PostgreSQL server for the whole run (each test takes its own database)."""
+    from tests import pgcluster
+
+    reason = pgcluster.unavailable()
+    if reason:
+        pytest.skip(reason)
+    cluster = pgcluster.PgCluster()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_store(request: Any, tmp_path: Any) -> Iterator[Callable[[str], Any]]:
+    """`open_store(name)` opens the coordinator store called `name` (the same name again: the same
+    store, reopened), on SQLite in tmp_path or on a database of the private PostgreSQL server."""
+    from coordinator.runtime.journal import SqliteStore
+
+    urls: dict[str, str] = {}
+    opened: list[Any] = []
+
+    def factory(name: str = "c.db") -> Any:
+        if request.param == "sqlite":
+            store: Any = SqliteStore(str(tmp_path / name))
+        else:
+            from coordinator.runtime.pgstore import PostgresStore
+
+            cluster = request.getfixturevalue("pg_cluster")
+            if name not in urls:
+                urls[name] = cluster.new_database()
+            store = PostgresStore(urls[name])
+        opened.append(store)
+        return store
+
+    yield factory
+    for store in opened:
+        try:
+            store.close()
+        except Exception:  # noqa: BLE001 - closed by the test already
+            pass

@@ -60,12 +60,10 @@ class Link:
         heartbeat: Callable[[], pm.Msg],
         on_acks: Callable[[], None],
     ) -> None:
-        self.url = agent_url(url)
-        self.http_base = (
-            self.url.replace("ws://", "http://")
-            .replace("wss://", "https://")
-            .rsplit("/agent", 1)[0]
-        )
+        # Several coordinators (URL1,URL2: an active one and standbys): on a failed or lost link
+        # the next one is tried at once; a whole round without success backs off.
+        self.urls = [agent_url(u.strip()) for u in url.split(",") if u.strip()]
+        self.url = self.urls[0]
         self.agent_id = agent_id
         self.ssl_context = ssl_context
         self.max_backoff = max_backoff
@@ -88,6 +86,20 @@ class Link:
         seq = self.session.send(msg)
         self.wake.set()
         return seq
+
+    @property
+    def http_base(self) -> str:
+        return (
+            self.url.replace("ws://", "http://")
+            .replace("wss://", "https://")
+            .rsplit("/agent", 1)[0]
+        )
+
+    def _next_url(self) -> bool:
+        """Move to the next coordinator URL; True when that starts a new round of the list."""
+        i = (self.urls.index(self.url) + 1) % len(self.urls)
+        self.url = self.urls[i]
+        return i == 0
 
     def send_lazily(self, msg: pm.TaskStarted) -> None:
         """A TaskStarted need not travel alone, nor at all for a task that ends quickly: it is held
@@ -143,6 +155,9 @@ class Link:
             self.connected = trio.Event()
             self._on_acks()
             self.session.connection_lost()
+            if len(self.urls) > 1 and not self._next_url():
+                await trio.sleep(0.05)  # another coordinator to try (a standby may be active now)
+                continue
             await trio.sleep(backoff * (0.5 + random.random()))
             backoff = next_backoff(backoff, self.max_backoff, self.coordinator_heartbeat)
 

@@ -10,7 +10,7 @@ import click
 
 from tvmagent.cli import agent as _agent_command
 
-from . import resources, security, tasks, ui
+from . import resources, security, store, tasks, ui
 from ._common import CONTEXT, _setup_logging
 
 # --------------------------------------------------------------------------- root
@@ -136,6 +136,19 @@ def quickstart(n_tasks: int, agents: int, state_dir: str | None) -> None:
 @click.option("--port", type=int, default=None, help="Listen port [7070].")
 @click.option("--state-dir", default=None, help="State directory [./tvm-state].")
 @click.option("--account", default=None, help="Account name on first start [tvm].")
+@click.option(
+    "--store",
+    default=None,
+    help="postgresql://USER@HOST/DB: keep the state in PostgreSQL, shared with standby "
+    "coordinators (or env TVM_STORE; a password goes in ~/.pgpass or PGPASSWORD, not here) "
+    "[STATE_DIR/coordinator.db].",
+)
+@click.option(
+    "--lease-ttl",
+    type=float,
+    default=None,
+    help="Seconds a standby waits after the active coordinator went silent [10].",
+)
 @click.option("--heartbeat-timeout", type=float, default=None, help="Seconds [30].")
 @click.option(
     "--link-grace",
@@ -193,6 +206,13 @@ def coordinator(config: str | None, **flags: Any) -> None:
         )
     if os.environ.get("TVM_JOIN_TOKEN"):
         flags["join_token"] = os.environ["TVM_JOIN_TOKEN"]
+    if flags.get("store") and _has_password(flags["store"]):
+        raise click.UsageError(
+            "--store must not carry a password (ps shows command lines to every user): put it "
+            "in ~/.pgpass, PGPASSWORD, TVM_STORE or the config file"
+        )
+    if flags.get("store") is None and os.environ.get("TVM_STORE"):
+        flags["store"] = os.environ["TVM_STORE"]
     os.umask(
         PRIVATE_UMASK
     )  # state, keys and tokens: nothing this process writes is for other users
@@ -206,9 +226,20 @@ def coordinator(config: str | None, **flags: Any) -> None:
     sys.exit(trio.run(run_coordinator_main, cfg))
 
 
+def _has_password(url: str) -> bool:
+    creds = url.partition("://")[2].partition("/")[0].rpartition("@")[0]
+    return ":" in creds or "password=" in url
+
+
 # `tvm agent ...` is tvmagent's own command line (also `python -m tvmagent ...`).
 cli.add_command(_agent_command)
-for _register in (resources.register, tasks.register, security.register, ui.register):
+for _register in (
+    resources.register,
+    tasks.register,
+    security.register,
+    ui.register,
+    store.register,
+):
     _register(cli)
 
 

@@ -9,13 +9,16 @@ transport either performs it (sync) or returns an awaitable (async). Every servi
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 from urllib.parse import urlencode
 
+import anyio
 import httpx2
 
 from coordinator.common.sharedkey import sign_request
 
+from ._failover import FailoverPolicy
 from ._http import (
     BatchError,
     _Call,
@@ -61,7 +64,15 @@ class _Base:
         )
         if token and not self.endpoint:
             raise BatchError(0, "MissingCredentials", "set TVM_ENDPOINT or pass endpoint=")
-        self._prefix = _endpoint_path(self.endpoint)
+        # URL1,URL2: coordinators sharing one store, one active; the others answer 503
+        # CoordinatorStandby. Requests go to the one that last answered.
+        self.endpoints = [e.strip().rstrip("/") for e in self.endpoint.split(",") if e.strip()]
+        self.endpoint = self.endpoints[0] if self.endpoints else self.endpoint
+        prefixes = {_endpoint_path(e) for e in self.endpoints or [self.endpoint]}
+        if len(prefixes) > 1:
+            raise BatchError(0, "InvalidEndpoint", "every endpoint must have the same path")
+        self._prefix = prefixes.pop()
+        self.failover = FailoverPolicy(len(self.endpoints))
         self.pools = Pools(self)
         self.tvms = Tvms(self)
         self.workitems = Workitems(self)
@@ -142,14 +153,23 @@ class Client(_Base):
         return items
 
     def _send(self, call: _Call) -> Any:
-        method, url, headers, content = self._prepare(call)
-        try:
-            resp = self._http.request(method, url, headers=headers, content=content)
-        except httpx2.HTTPError as exc:
-            raise BatchError(
-                0, "ConnectionFailed", f"cannot reach {self.endpoint}: {exc}"
-            ) from None
-        return self._finish(call, resp)
+        attempt = self.failover.start()
+        while True:
+            method, url, headers, content = self._prepare(call)
+            try:
+                resp = self._http.request(method, url, headers=headers, content=content)
+            except httpx2.HTTPError as exc:
+                wait = attempt.after_error(self, method, exc)
+                if wait is None:
+                    raise BatchError(
+                        0, "ConnectionFailed", f"cannot reach {self.endpoint}: {exc}"
+                    ) from None
+                time.sleep(wait)
+                continue
+            wait = attempt.after_response(self, resp)
+            if wait is None:
+                return self._finish(call, resp)
+            time.sleep(wait)
 
     def close(self) -> None:
         self._http.close()
@@ -193,14 +213,23 @@ class AsyncClient(_Base):
         return items
 
     async def _send(self, call: _Call) -> Any:
-        method, url, headers, content = self._prepare(call)
-        try:
-            resp = await self._http.request(method, url, headers=headers, content=content)
-        except httpx2.HTTPError as exc:
-            raise BatchError(
-                0, "ConnectionFailed", f"cannot reach {self.endpoint}: {exc}"
-            ) from None
-        return self._finish(call, resp)
+        attempt = self.failover.start()
+        while True:
+            method, url, headers, content = self._prepare(call)
+            try:
+                resp = await self._http.request(method, url, headers=headers, content=content)
+            except httpx2.HTTPError as exc:
+                wait = attempt.after_error(self, method, exc)
+                if wait is None:
+                    raise BatchError(
+                        0, "ConnectionFailed", f"cannot reach {self.endpoint}: {exc}"
+                    ) from None
+                await anyio.sleep(wait)
+                continue
+            wait = attempt.after_response(self, resp)
+            if wait is None:
+                return self._finish(call, resp)
+            await anyio.sleep(wait)
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -14,11 +14,22 @@ from typing import Any
 
 import trio
 
+from coordinator.runtime.journal import StoreFenced
+from coordinator.runtime.pgstore import StoreUnreachable
 from coordinator.runtime.provisioner import LocalProvisioner
 
 from .server import RunningCoordinator, run_coordinator
 
 log = logging.getLogger("tvm.up")
+
+
+def _export_lines(endpoint: str, account: str, key: str, join_token: str) -> str:
+    return (
+        f"export TVM_ENDPOINT={endpoint}\n"
+        f"export TVM_ACCOUNT={account}\n"
+        f"export TVM_KEY={key}\n"
+        f"export TVM_JOIN_TOKEN={join_token}\n"
+    )
 
 
 def _exports(rc: RunningCoordinator) -> str:
@@ -147,7 +158,6 @@ async def _report_status(rc: RunningCoordinator, interval: float = 2.0) -> None:
 
 
 async def run_coordinator_main(cfg: Any) -> int:
-    from protocol.config import parse_port_range
     from protocol.sdnotify import WatchdogPolicy, notify, watchdog_loop
 
     try:
@@ -155,6 +165,41 @@ async def run_coordinator_main(cfg: Any) -> int:
     except ValueError as exc:  # systemd (or a person) set WATCHDOG_USEC/WATCHDOG_PID to garbage
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    printed = False
+
+    def exports(endpoint: str, account: str, key: str, join_token: str) -> None:
+        # A standby prints them too (the account is the store's): whichever is active serves.
+        nonlocal printed
+        if not printed:
+            printed = True
+            sys.stdout.write(_export_lines(endpoint, account, key, join_token))
+            sys.stdout.flush()
+
+    def standby(endpoint: str, account: str, key: str, join_token: str) -> None:
+        exports(endpoint, account, key, join_token)
+        notify("READY=1", f"STATUS=standby on {endpoint}: waiting for the store's lease")
+
+    failure: BaseException | None = None
+    code = 0
+    try:
+        async with trio.open_nursery() as outer:
+            outer.start_soon(watchdog_loop, watchdog)
+            code = await _serve_coordinator(cfg, exports, standby)
+            outer.cancel_scope.cancel()
+    except* (StoreFenced, StoreUnreachable) as group:
+        failure = group
+        while isinstance(failure, BaseExceptionGroup):  # nested nurseries nest their groups
+            failure = failure.exceptions[0]
+    if failure is not None:
+        print(f"error: {failure}", file=sys.stderr)
+        return 3
+    return code
+
+
+async def _serve_coordinator(cfg: Any, exports: Any, standby: Any) -> int:
+    from protocol.config import parse_port_range
+    from protocol.sdnotify import notify
+
     async with trio.open_nursery() as nursery:
         try:
             rc: RunningCoordinator = await nursery.start(
@@ -173,6 +218,9 @@ async def run_coordinator_main(cfg: Any) -> int:
                     link_grace=cfg.link_grace,
                     unknown_tvm_timeout=cfg.unknown_tvm_timeout,
                     unusable_after_failures=cfg.unusable_after_failures,
+                    store=cfg.store or None,
+                    lease_ttl=cfg.lease_ttl,
+                    on_standby=standby,
                     task_status=task_status,
                 )
             )
@@ -183,10 +231,8 @@ async def run_coordinator_main(cfg: Any) -> int:
             )
             return 1
         log.info("coordinator ready on %s (account %s)", rc.endpoint, rc.account)
-        sys.stdout.write(_exports(rc) + f"export TVM_JOIN_TOKEN={rc.join_token}\n")
-        sys.stdout.flush()
+        exports(rc.endpoint, rc.account, rc.key, rc.join_token)
         notify("READY=1", f"STATUS={coordinator_status(rc)}")
-        nursery.start_soon(watchdog_loop, watchdog)
         nursery.start_soon(_report_status, rc)
         await _until_signal()
         notify("STOPPING=1", "STATUS=stopping")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -16,8 +17,11 @@ from coordinator.rest.app import make_app
 from coordinator.rest.dispatch import Dispatcher
 from coordinator.rest.limits import DEFAULT_MAX_UPLOAD, patch_websocket_limits
 from coordinator.runtime.filestore import FileStore
+from coordinator.runtime.pgstore import PostgresStore, is_postgres_url
 from coordinator.runtime.service import CoordinatorService
 from coordinator.runtime.statedir import make_private_dir
+
+from .standby import LeaseKeeper, StandbyApp, SwitchApp, wait_for_lease
 
 log = logging.getLogger("tvm.coordinator")
 
@@ -69,6 +73,10 @@ async def run_coordinator(
     link_grace: float = 5.0,
     unknown_tvm_timeout: float = 120.0,
     unusable_after_failures: int = 3,
+    store: str | None = None,
+    lease_ttl: float = 10.0,
+    standby_poll: float = 1.0,
+    on_standby: Any = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """`provisioner`: None (pools use only agents that register by themselves), "local" (the embedded
@@ -79,31 +87,91 @@ async def run_coordinator(
     interval bounds (see `AutoscaleTiming`), so a test runs hours of autoscale in seconds while
     heartbeats and timeouts keep the real clock. `tvm_root_dir`: where the local provisioner puts
     its agents' TVM roots (`LocalProvisioner`). `link_grace`, `unknown_tvm_timeout`,
-    `unusable_after_failures`: TVM healing (coordinator/core/healing.py)."""
+    `unusable_after_failures`: TVM healing (coordinator/core/healing.py).
+
+    `store`: a `postgresql://` URL instead of STATE_DIR/coordinator.db. Several coordinators may
+    share it: each listens at once, answering as a standby (daemon/standby.py) until it holds the
+    store's lease (`lease_ttl` seconds, polled every `standby_poll`); `task_status.started` is
+    called once it is active, `on_standby(endpoint, account, key, join_token)` before that, once
+    the store has an account."""
+    sock = bind_socket(host, port)
+    try:
+        async with trio.open_nursery() as nursery:
+            # The arguments travel as one dict: the active part may start only after a wait.
+            await _run(nursery, sock, locals(), task_status)
+    finally:
+        sock.close()
+
+
+async def _run(
+    nursery: trio.Nursery, sock: socket.socket, a: dict[str, Any], task_status: Any
+) -> None:
+    config = Config()
+    # Larger frames close the link (1009); before the hello is accepted the limit is far smaller
+    # (MAX_PRE_AUTH_MESSAGE, see patch_websocket_limits).
+    config.websocket_max_message_size = a["max_agent_frame"]
+    if a["tls_cert"]:
+        config.certfile = a["tls_cert"]
+        config.keyfile = a["tls_key"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.keep_alive_timeout = 75
+    config.graceful_timeout = 1.0
+    shared = None
+    switch = None
+    if is_postgres_url(a["store"]):
+        shared = await trio.to_thread.run_sync(PostgresStore, a["store"])
+        standby = StandbyApp(shared.path)
+        switch = SwitchApp(standby)
+        await nursery.start(_serve, switch, config, sock)
+        on_account = None
+        if a["on_standby"] is not None:
+            url = _endpoint(sock, a["host"], a["tls_cert"])
+            on_account = functools.partial(a["on_standby"], url)
+        waited = await wait_for_lease(
+            shared, standby, a["lease_ttl"], a["standby_poll"], on_account
+        )
+        log.warning("this coordinator is active on %s (waited %.1f s)", shared.path, waited)
+    try:
+        await _serve_active(nursery, sock, a, config, shared, switch, task_status)
+    finally:
+        if shared is not None:
+            shared.close()  # (closing twice is harmless: the service closes it when active)
+
+
+async def _serve_active(
+    nursery: trio.Nursery,
+    sock: socket.socket,
+    a: dict[str, Any],
+    config: Config,
+    shared: Any,
+    switch: SwitchApp | None,
+    task_status: Any,
+) -> None:
+    state_dir, host, tls_cert = a["state_dir"], a["host"], a["tls_cert"]
+    clock, port_range, autoscale_timing = a["clock"], a["port_range"], a["autoscale_timing"]
+    provisioner, tvm_root_dir = a["provisioner"], a["tvm_root_dir"]
     service = CoordinatorService(
         state_dir,
-        account=account,
-        heartbeat_timeout=heartbeat_timeout,
-        join_token=join_token,
-        max_pool_size=max_pool_size,
+        account=a["account"],
+        heartbeat_timeout=a["heartbeat_timeout"],
+        join_token=a["join_token"],
+        max_pool_size=a["max_pool_size"],
+        store=shared,
         **({"clock": clock} if clock is not None else {}),
     )  # issue 6: tests' fake time
     files = FileStore(make_private_dir(os.path.join(state_dir, "files")))
-    app = make_app(service, files, max_upload_size=max_upload_size)
-    sock = bind_socket(host, port)
-    bound = sock.getsockname()[1]
-    shown = f"[{host}]" if ":" in host else host
-    # TLS (issue 8): https:// for REST and wss:// for agents on the same port.
-    endpoint = f"{'https' if tls_cert else 'http'}://{shown}:{bound}"
+    app = make_app(service, files, max_upload_size=a["max_upload_size"])
+    endpoint = _endpoint(sock, host, tls_cert)
     service.endpoint = endpoint
     if port_range is not None:  # (low, high, per TVM) for communicating pools (issue 8)
         from protocol.ports import PortRangeConfig
 
         service.core.port_range = PortRangeConfig(*port_range)
     service.core.account_url = endpoint
-    service.core.link_grace = link_grace
-    service.core.unknown_tvm_timeout = unknown_tvm_timeout
-    service.core.unusable_after_failures = unusable_after_failures
+    service.core.link_grace = a["link_grace"]
+    service.core.unknown_tvm_timeout = a["unknown_tvm_timeout"]
+    service.core.unusable_after_failures = a["unusable_after_failures"]
     if autoscale_timing is not None:
         service.core.autoscale_timing = autoscale_timing
     prov = None
@@ -118,21 +186,19 @@ async def run_coordinator(
         else:
             prov = provisioner(agent_ws, service.join_token)
         service.set_provisioner(prov)
-    config = Config()
-    # Larger frames close the link (1009); before the hello is accepted the limit is far smaller
-    # (MAX_PRE_AUTH_MESSAGE, see patch_websocket_limits).
-    config.websocket_max_message_size = max_agent_frame
-    if tls_cert:
-        config.certfile = tls_cert
-        config.keyfile = tls_key
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
-    config.keep_alive_timeout = 75
-    config.graceful_timeout = 1.0
+    keeper = None
+    if shared is not None:
+        keeper = LeaseKeeper(shared, a["lease_ttl"])
+        service.fence = keeper.check
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(service.run)
-            await nursery.start(_serve, app, config, sock)
+        async with trio.open_nursery() as inner:
+            await inner.start(service.run)
+            if keeper is not None:
+                inner.start_soon(keeper.run)
+            if switch is not None:
+                switch.target = app
+            else:
+                await nursery.start(_serve, app, config, sock)
             log.info(
                 "coordinator listening on %s (restored state in %.2f s)",
                 endpoint,
@@ -143,8 +209,18 @@ async def run_coordinator(
         if prov is not None:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(prov.stop_all)
-        sock.close()
+        if shared is not None:
+            try:
+                shared.release()  # a standby takes over at once instead of after the TTL
+            except Exception:  # noqa: BLE001 - fenced or unreachable: it expires by itself
+                log.warning("could not give the store's lease up; it expires by itself")
         service.close()
+
+
+def _endpoint(sock: socket.socket, host: str, tls_cert: str | None) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    # TLS: https:// for REST and wss:// for agents on the same port.
+    return f"{'https' if tls_cert else 'http'}://{shown}:{sock.getsockname()[1]}"
 
 
 async def _serve(

@@ -122,6 +122,11 @@ class SqliteStore:
             raise
 
 
+class StoreFenced(RuntimeError):
+    """This coordinator no longer holds the store's lease: another one is, or may be, active.
+    Nothing more may be written or sent; the coordinator stops (coordinator/daemon/standby.py)."""
+
+
 class Journal:
     """Group commit: many producers, one writer thread, one transaction per batch.
 
@@ -176,6 +181,11 @@ class Journal:
                 tickets, self._tickets = self._tickets, []
                 try:
                     await trio.to_thread.run_sync(self.store.apply, batch, limiter=self._limiter)
+                except StoreFenced as exc:  # another coordinator is active: stop, loudly
+                    for t in tickets:
+                        t.error = exc
+                        t.event.set()
+                    raise
                 except Exception as exc:  # the disk failed: every waiter gets the error
                     for t in tickets:
                         t.error = exc

@@ -67,12 +67,17 @@ class CoordinatorService:
         join_token: str | None = None,
         clock: Callable[[], float] = time.time,
         max_pool_size: int = 1000,
+        store: Any = None,
     ) -> None:
+        """`store`: an open store to use instead of STATE_DIR/coordinator.db (a `PostgresStore`
+        whose lease this process holds: see coordinator/daemon/standby.py)."""
         state_dir = secure_state_dir(
             state_dir
         )  # 0700 dir, 0600 db/WAL/token: tasks must not read keys
         self.state_dir = state_dir
-        self.store = SqliteStore(os.path.join(state_dir, "coordinator.db"))
+        self.store = store or SqliteStore(os.path.join(state_dir, "coordinator.db"))
+        # Several coordinators share a PostgreSQL store: what they must agree on lives in it.
+        self.shared_store = store is not None
         self.account = self.store.get_meta("account") or account
         self.keys = [self.store.get_meta("key1") or "", self.store.get_meta("key2") or ""]
         if not self.keys[0]:
@@ -120,6 +125,9 @@ class CoordinatorService:
         # Link round trips and placement rate for /metrics; ping at least as often as agents heartbeat.
         self.monitor = LinkMonitor(interval=min(PING_INTERVAL, heartbeat_timeout / 4))
         self.provisioner: Any = None  # issue 5: see set_provisioner
+        # Raises StoreFenced once this coordinator may no longer be the active one of a shared
+        # store (daemon/standby.py): nothing is sent to agents after that.
+        self.fence: Callable[[], None] | None = None
 
     def _auth_put(self, key: str, value: str) -> None:
         self._auth_meta[key] = value
@@ -163,6 +171,10 @@ class CoordinatorService:
         to it (STATE_DIR/join-token) so the embedded provisioner can hand it to local agents."""
         path = os.path.join(self.state_dir, "join-token")
         token = given or ""
+        if self.shared_store:
+            # Every coordinator of the store prints (and hands its agents) the same token; the
+            # account keys sit in the same table, so it is no less protected than they are.
+            token = token or self.store.get_meta("join_token_plain") or ""
         if not token and os.path.exists(path):
             with open(path) as f:
                 token = f.read().strip()
@@ -172,7 +184,8 @@ class CoordinatorService:
             f.write(token)
         os.replace(path + ".tmp", path)
         self.store.set_meta("join_token_sha256", token_hash(token))
-        self.store.set_meta("join_token_plain", "")  # older databases kept it in clear
+        # Older SQLite databases kept it in clear; the state dir's 0600 file holds it now.
+        self.store.set_meta("join_token_plain", token if self.shared_store else "")
         return token
 
     def regenerate_key(self, which: str) -> str:
@@ -211,6 +224,8 @@ class CoordinatorService:
         return result
 
     def _dispatch(self, fx: Effects) -> Ticket:
+        if self.fence is not None:
+            self.fence()
         ticket = self.journal.submit(fx.writes)
         for p in fx.provision:
             if self.provisioner is None:

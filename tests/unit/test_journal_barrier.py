@@ -9,11 +9,11 @@ from __future__ import annotations
 import trio
 
 from coordinator.core import Write
-from coordinator.runtime.journal import Journal, SqliteStore
+from coordinator.runtime.journal import Journal
 
 
-async def test_barrier_covers_earlier_writes_even_for_a_frame_without_writes(tmp_path) -> None:
-    store = SqliteStore(str(tmp_path / "c.db"))
+async def test_barrier_covers_earlier_writes_even_for_a_frame_without_writes(open_store) -> None:
+    store = open_store("c.db")
     journal = Journal(store)
     assert journal.barrier().done  # nothing submitted: nothing to wait for
     first = journal.submit([Write("task", "wi/j/t1", b"x")])
@@ -32,9 +32,8 @@ async def test_barrier_covers_earlier_writes_even_for_a_frame_without_writes(tmp
     store.close()
 
 
-async def test_put_meta_is_committed_with_the_batch(tmp_path) -> None:
-    path = str(tmp_path / "c.db")
-    store = SqliteStore(path)
+async def test_put_meta_is_committed_with_the_batch(open_store) -> None:
+    store = open_store("c.db")
     journal = Journal(store)
     journal.put_meta("agentcred:a1", "pending:abc")
     assert store.get_meta("agentcred:a1") is None  # not written on the caller's thread
@@ -44,7 +43,7 @@ async def test_put_meta_is_committed_with_the_batch(tmp_path) -> None:
             await journal.barrier().wait()
         nursery.cancel_scope.cancel()
     store.close()
-    again = SqliteStore(path)
+    again = open_store("c.db")
     assert again.get_meta("agentcred:a1") == "pending:abc"
     assert again.all_meta()["agentcred:a1"] == "pending:abc"
     assert not list(again.load())  # a meta row is not an object

@@ -1,10 +1,10 @@
-"""Completion deltas and unjournaled TVM idle <-> running flips, through the real SQLite journal
+"""Completion deltas and unjournaled TVM idle <-> running flips, through the real journal (SQLite, and PostgreSQL where it exists: the `open_store` fixture)
 and `restore`: a completion is one small row; a later full row of the task supersedes it; deleting
 a task (or its job) deletes its delta; a restored TVM comes back idle until its agent reports tasks."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 from msgspec.structs import astuple
 
@@ -29,9 +29,9 @@ def _apply(store: SqliteStore, core: CoordinatorState) -> Effects:
     return fx
 
 
-def _cluster(tmp_path: Path, slots: int = 4) -> tuple[CoordinatorState, SqliteStore, Clock]:
+def _cluster(open_store: Any, slots: int = 4) -> tuple[CoordinatorState, SqliteStore, Clock]:
     clock = Clock()
-    store = SqliteStore(str(tmp_path / "j.db"))
+    store = open_store("j.db")
     core = CoordinatorState("acct", clock=clock, heartbeat_timeout=10.0)
     core.agent_hello(pm.Hello(agent_id="a0", token="t"))
     core.add_pool(m.PoolAdd(name="p", target_dedicated=1, max_tasks_per_vm=slots, vm_size="large"))
@@ -70,8 +70,8 @@ def _kinds(fx: Effects) -> list[tuple[str, bool]]:
     return [(w.kind, w.body is not None) for w in fx.writes if w.kind in ("task", TASK_DONE, "tvm")]
 
 
-def test_completion_is_one_delta_row_and_restores(tmp_path: Path):
-    core, store, clock = _cluster(tmp_path)
+def test_completion_is_one_delta_row_and_restores(open_store: Any):
+    core, store, clock = _cluster(open_store)
     core.add_tasks("wi", JOB, [m.TaskAdd(name=n, command_line="x") for n in ("ok", "bad")])
     core.schedule()
     specs = _specs(_apply(store, core))
@@ -94,8 +94,8 @@ def test_completion_is_one_delta_row_and_restores(tmp_path: Path):
     store.close()
 
 
-def test_retry_delta_then_terminate_full_row_wins(tmp_path: Path):
-    core, store, clock = _cluster(tmp_path)
+def test_retry_delta_then_terminate_full_row_wins(open_store: Any):
+    core, store, clock = _cluster(open_store)
     core.add_task(
         "wi",
         JOB,
@@ -121,8 +121,8 @@ def test_retry_delta_then_terminate_full_row_wins(tmp_path: Path):
     store.close()
 
 
-def test_deleted_task_or_job_takes_its_delta_along(tmp_path: Path):
-    core, store, clock = _cluster(tmp_path)
+def test_deleted_task_or_job_takes_its_delta_along(open_store: Any):
+    core, store, clock = _cluster(open_store)
     core.add_tasks("wi", JOB, [m.TaskAdd(name=n, command_line="x") for n in ("a", "b")])
     core.schedule()
     specs = _specs(_apply(store, core))
@@ -143,8 +143,8 @@ def test_deleted_task_or_job_takes_its_delta_along(tmp_path: Path):
     store.close()
 
 
-def test_restored_tvm_is_idle_until_its_agent_reports_tasks(tmp_path: Path):
-    core, store, clock = _cluster(tmp_path)
+def test_restored_tvm_is_idle_until_its_agent_reports_tasks(open_store: Any):
+    core, store, clock = _cluster(open_store)
     core.add_tasks("wi", JOB, [m.TaskAdd(name=n, command_line="x") for n in ("a", "b")])
     core.schedule()
     specs = _specs(_apply(store, core))
@@ -171,8 +171,8 @@ def test_restored_tvm_is_idle_until_its_agent_reports_tasks(tmp_path: Path):
     store.close()
 
 
-def test_puts_in_multi_row_statements_keep_every_row_and_the_last_write_wins(tmp_path: Path):
-    store = SqliteStore(str(tmp_path / "rows.db"))
+def test_puts_in_multi_row_statements_keep_every_row_and_the_last_write_wins(open_store: Any):
+    store = open_store("rows.db")
     for n in (2, 3, 4, 17, 256, 257, 600):
         writes = [Write("task", f"n{n}/k{i}", f"{n}:{i}".encode()) for i in range(n)]
         # The same key again later in the batch (and a delete between two runs of puts).

@@ -1,0 +1,55 @@
+"""`tvm store ...`: the coordinator's state store."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from ._common import CONTEXT
+
+
+@click.group(context_settings=CONTEXT)
+def store() -> None:
+    """The coordinator's state store (SQLite in STATE_DIR, or PostgreSQL)."""
+
+
+@store.command(context_settings=CONTEXT)
+@click.option(
+    "--state-dir",
+    required=True,
+    help="The stopped coordinator's state directory (its coordinator.db is only read).",
+)
+@click.option(
+    "--to",
+    "url",
+    default=None,
+    help="postgresql://USER@HOST/DB of an empty database (or env TVM_STORE; a password goes in "
+    "~/.pgpass or PGPASSWORD).",
+)
+def migrate(state_dir: str, url: str | None) -> None:
+    """Copy a coordinator's SQLite state into PostgreSQL.
+
+    Then run `tvm coordinator --store URL` (on as many machines as you want standbys): pools, jobs,
+    tasks, account keys and the join token all come along; agents keep their credentials.
+    """
+    from coordinator.runtime.pgstore import StoreUnreachable, is_postgres_url
+    from coordinator.runtime.storemigrate import MigrateError
+    from coordinator.runtime.storemigrate import migrate as run
+
+    url = url or os.environ.get("TVM_STORE")
+    if not url or not is_postgres_url(url):
+        raise click.UsageError("--to must be a postgresql://USER@HOST/DB URL (or set TVM_STORE)")
+
+    def progress(n: int) -> None:
+        click.echo(f"  {n} objects copied", err=True)
+
+    try:
+        objects, meta = run(state_dir, url, progress)
+    except (MigrateError, StoreUnreachable) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"migrated {objects} objects and {meta} account/agent rows into the store")
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(store)

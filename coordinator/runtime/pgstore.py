@@ -1,0 +1,209 @@
+"""PostgreSQL store: the same narrow interface as `SqliteStore` (`load`, `apply`, meta rows), over
+psycopg 3, plus the lease that makes one coordinator of several the active one.
+
+Durability is PostgreSQL's: a batch is one transaction, and `apply` returns only after COMMIT, which
+with the server's default `synchronous_commit=on` means the WAL is flushed. Every batch also
+checks, inside its transaction, that this process still holds the lease (`StoreFenced`): a coordinator
+that was paused past its lease and came back can never write over the one that took over.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator, Sequence
+
+from coordinator.core import TASK_DONE, Write
+
+from .journal import META_KIND, StoreFenced
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS tvm_objects (
+        kind TEXT NOT NULL,
+        key  TEXT NOT NULL,
+        body BYTEA NOT NULL,
+        PRIMARY KEY (kind, key))""",
+    "CREATE TABLE IF NOT EXISTS tvm_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    # One row: who is active until when (the database's clock decides, not the coordinators').
+    """CREATE TABLE IF NOT EXISTS tvm_lease (
+        id      INT PRIMARY KEY CHECK (id = 1),
+        holder  TEXT NOT NULL,
+        expires TIMESTAMPTZ NOT NULL)""",
+)
+
+_PUT = (
+    "INSERT INTO tvm_objects(kind, key, body) VALUES (%s, %s, %s) "
+    "ON CONFLICT (kind, key) DO UPDATE SET body = EXCLUDED.body"
+)
+_PUT_META = (
+    "INSERT INTO tvm_meta(key, value) VALUES (%s, %s) "
+    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+)
+_LOAD_ORDER = ("pool", "tvm", "workitem", "job", "task", TASK_DONE, "cert", "file")
+
+
+class StoreUnreachable(RuntimeError):
+    """The database cannot be reached (at start, or for longer than a lease)."""
+
+
+def is_postgres_url(url: str | None) -> bool:
+    return bool(url) and str(url).startswith(("postgresql://", "postgres://"))
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at or ":" not in creds:
+        return url
+    return f"{scheme}{sep}{creds.split(':', 1)[0]}:***@{host}"
+
+
+def holder_name() -> str:
+    """Who holds the lease: readable in the table, unique per process."""
+    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+
+
+class PostgresStore:
+    def __init__(self, url: str, *, holder: str | None = None, connect_timeout: float = 10.0):
+        try:
+            import psycopg
+        except ImportError as exc:  # pragma: no cover - the extra is part of the install
+            raise RuntimeError(
+                "a postgresql:// store needs psycopg 3: pip install 'tvm-batch[postgres]'"
+            ) from exc
+        self.url = url
+        self.path = redact(url)  # what messages name (the SQLite store's is a file path)
+        self.holder = holder or holder_name()
+        self.fencing = False  # set once this process is the active one (see `acquire`)
+        try:
+            self._db = psycopg.connect(url, autocommit=True, connect_timeout=int(connect_timeout))
+            # The lease has its own connection: a renewal must not queue behind a large commit.
+            self._lease_db = psycopg.connect(
+                url, autocommit=True, connect_timeout=int(connect_timeout)
+            )
+        except psycopg.Error as exc:
+            raise StoreUnreachable(f"cannot connect to {self.path}: {_first_line(exc)}") from exc
+        with self._db.transaction():
+            # Two coordinators starting at once on an empty database both create the tables.
+            self._db.execute("SELECT pg_advisory_xact_lock(7419001)")
+            for stmt in _SCHEMA:
+                self._db.execute(stmt)
+
+    def close(self) -> None:
+        self._db.close()
+        self._lease_db.close()
+
+    # ------------------------------------------------------------------ meta rows
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM tvm_meta WHERE key = %s", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._db.transaction():
+            self._check_lease()
+            self._db.execute(_PUT_META, (key, value))
+
+    def all_meta(self) -> dict[str, str]:
+        return {k: v for k, v in self._db.execute("SELECT key, value FROM tvm_meta")}
+
+    # ------------------------------------------------------------------ objects
+
+    def load(self) -> Iterator[tuple[str, str, bytes]]:
+        for kind in _LOAD_ORDER:
+            cur = self._db.execute(
+                "SELECT kind, key, body FROM tvm_objects WHERE kind = %s", (kind,)
+            )
+            for k, key, body in cur:
+                yield k, key, bytes(body)
+
+    def apply(self, writes: Sequence[Write]) -> None:
+        """One transaction per batch (called from the journal's writer thread only)."""
+        with self._db.transaction(), self._db.cursor() as cur:
+            self._check_lease()
+            puts: list[tuple[str, str, bytes]] = []
+            for w in writes:
+                if w.kind == META_KIND:
+                    cur.execute(_PUT_META, (w.key, (w.body or b"").decode()))
+                elif w.body is not None:
+                    puts.append((w.kind, w.key, w.body))
+                else:
+                    if puts:
+                        cur.executemany(_PUT, _last_wins(puts))
+                        puts = []
+                    if w.prefix:
+                        # Keys are "a/b/c" with names of [A-Za-z0-9_-]; "0" sorts right after "/"
+                        # in the C collation the comparison is forced into.
+                        cur.execute(
+                            'DELETE FROM tvm_objects WHERE kind = %s AND key COLLATE "C" >= %s '
+                            'AND key COLLATE "C" < %s',
+                            (w.kind, w.key, w.key[:-1] + "0"),
+                        )
+                    else:
+                        cur.execute(
+                            "DELETE FROM tvm_objects WHERE kind = %s AND key = %s", (w.kind, w.key)
+                        )
+            if puts:
+                cur.executemany(_PUT, _last_wins(puts))
+
+    # ------------------------------------------------------------------ the lease
+
+    def acquire(self, ttl: float) -> bool:
+        """Take the lease if it is free, expired or already ours; on success this store fences
+        every later write with it."""
+        row = self._lease_db.execute(
+            "INSERT INTO tvm_lease(id, holder, expires) "
+            "VALUES (1, %(h)s, now() + make_interval(secs => %(ttl)s)) "
+            "ON CONFLICT (id) DO UPDATE SET holder = EXCLUDED.holder, expires = EXCLUDED.expires "
+            "WHERE tvm_lease.holder = %(h)s OR tvm_lease.expires < now() "
+            "RETURNING holder",
+            {"h": self.holder, "ttl": ttl},
+        ).fetchone()
+        if row is not None:
+            self.fencing = True
+        return row is not None
+
+    def renew(self, ttl: float) -> bool:
+        """Extend our lease; False once it is lost (expired and taken, or taken by hand)."""
+        cur = self._lease_db.execute(
+            "UPDATE tvm_lease SET expires = now() + make_interval(secs => %s) "
+            "WHERE id = 1 AND holder = %s AND expires >= now()",
+            (ttl, self.holder),
+        )
+        return cur.rowcount == 1
+
+    def release(self) -> None:
+        """Give the lease up at a clean stop, so a standby takes over at once."""
+        self._lease_db.execute(
+            "UPDATE tvm_lease SET expires = now() - interval '1 second' WHERE id = 1 AND holder = %s",
+            (self.holder,),
+        )
+        self.fencing = False
+
+    def lease_holder(self) -> tuple[str, float] | None:
+        """(holder, seconds left) of the current lease, if any."""
+        row = self._lease_db.execute(
+            "SELECT holder, EXTRACT(EPOCH FROM expires - now()) FROM tvm_lease WHERE id = 1"
+        ).fetchone()
+        return None if row is None else (row[0], float(row[1]))
+
+    def _check_lease(self) -> None:
+        if not self.fencing:
+            return
+        row = self._db.execute(
+            "SELECT 1 FROM tvm_lease WHERE id = 1 AND holder = %s AND expires >= now() FOR SHARE",
+            (self.holder,),
+        ).fetchone()
+        if row is None:
+            raise StoreFenced(f"the lease on {self.path} is no longer held by {self.holder}")
+
+
+def _last_wins(rows: list[tuple[str, str, bytes]]) -> list[tuple[str, str, bytes]]:
+    """One row per key, the last (ON CONFLICT may not touch a row twice in one statement; with
+    executemany each row is its own statement, but the order must still be kept)."""
+    return list({(k, key): (k, key, body) for k, key, body in rows}.values())
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
