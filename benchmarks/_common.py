@@ -30,6 +30,8 @@ UNITS = ("tasks/s", "ms", "bytes", "s", "ratio")
 def emit(name: str, parameters: dict[str, Any], value: float, unit: str) -> dict[str, Any]:
     if unit not in UNITS:
         raise ValueError(f"unit {unit!r} is not one of {UNITS}")
+    if STORE[0] != "sqlite":
+        parameters = {**parameters, "store": STORE[0]}
     row = {"name": name, "parameters": parameters, "value": round(float(value), 4), "unit": unit}
     print(json.dumps(row), flush=True)
     return row
@@ -44,9 +46,21 @@ def args(
 ) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="small sizes: finishes in well under 20 s")
+    p.add_argument(
+        "--store",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="the in-process coordinator's store: SQLite in its state dir, or a private PostgreSQL "
+        "server started for the run (Debian postgresql; its CPU is not in the coordinator's)",
+    )
     if extra:
         extra(p)
-    return p.parse_args()
+    ns = p.parse_args()
+    STORE[0] = ns.store
+    return ns
+
+
+STORE = ["sqlite"]  # set from --store by `args`; read by `coordinator`
 
 
 def task_run_options(p: argparse.ArgumentParser) -> None:
@@ -167,9 +181,21 @@ def max_rss_bytes() -> int:
 
 @asynccontextmanager
 async def coordinator(state_dir: str, **kw: Any):  # noqa: ANN201 - async generator
-    """A real coordinator (REST + agent websocket, SQLite journal) in this process."""
+    """A real coordinator (REST + agent websocket, SQLite journal or --store postgres) in this
+    process."""
     from coordinator.daemon.server import run_coordinator
 
+    if STORE[0] == "postgres" and "store" not in kw:
+        from tests.pgcluster import PgCluster
+
+        cluster = await trio.to_thread.run_sync(PgCluster)
+        try:
+            url = await trio.to_thread.run_sync(cluster.new_database)
+            async with coordinator(state_dir, store=url, **kw) as rc:
+                yield rc
+        finally:
+            await trio.to_thread.run_sync(cluster.close)
+        return
     async with trio.open_nursery() as nursery:
         scope = trio.CancelScope()
 
