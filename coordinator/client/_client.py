@@ -111,6 +111,11 @@ class _Base:
         url = self.endpoint + call.path + (f"?{query}" if query else "")
         return call.method, url, headers, content
 
+    def _unreachable(self, exc: Exception) -> str:
+        if len(self.endpoints) > 1:
+            return f"cannot reach any of {', '.join(self.endpoints)} (last: {exc})"
+        return f"cannot reach {self.endpoint}: {exc}"
+
     def _finish(self, call: _Call, resp: httpx2.Response) -> Any:
         if resp.status_code >= 400:
             raise _error_from(resp)
@@ -161,9 +166,7 @@ class Client(_Base):
             except httpx2.HTTPError as exc:
                 wait = attempt.after_error(self, method, exc)
                 if wait is None:
-                    raise BatchError(
-                        0, "ConnectionFailed", f"cannot reach {self.endpoint}: {exc}"
-                    ) from None
+                    raise BatchError(0, "ConnectionFailed", self._unreachable(exc)) from None
                 time.sleep(wait)
                 continue
             wait = attempt.after_response(self, resp)
@@ -221,9 +224,7 @@ class AsyncClient(_Base):
             except httpx2.HTTPError as exc:
                 wait = attempt.after_error(self, method, exc)
                 if wait is None:
-                    raise BatchError(
-                        0, "ConnectionFailed", f"cannot reach {self.endpoint}: {exc}"
-                    ) from None
+                    raise BatchError(0, "ConnectionFailed", self._unreachable(exc)) from None
                 await anyio.sleep(wait)
                 continue
             wait = attempt.after_response(self, resp)

@@ -161,4 +161,5 @@ def test_a_client_with_several_urls_gives_up_with_a_clear_error(endpoints: str, 
     with pytest.raises(BatchError) as err:
         client.pools.list()
     assert err.value.code == "ConnectionFailed"
+    assert "cannot reach any of http://127.0.0.1:1, http://127.0.0.1:2" in err.value.message
     assert time.monotonic() - started >= 1.0  # it kept trying, across both URLs
