@@ -7,6 +7,7 @@ module only moves frames.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import ssl
@@ -14,7 +15,13 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
 
 from protocol import SUBPROTOCOL, LinkSession, ProtocolError, agent_codec
 from protocol import messages as pm
@@ -266,6 +273,17 @@ def _first_leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+def _rejection(exc: ConnectionRejected) -> str:
+    """An HTTP answer instead of a websocket: its status and the service's error code/message
+    (a standby coordinator says so in its body)."""
+    try:
+        detail = json.loads(exc.body or b"{}")
+        said = f"{detail.get('code', '')}: {detail.get('message', '')}"
+    except (ValueError, AttributeError):
+        said = (exc.body or b"").decode(errors="replace")
+    return f"HTTP {exc.status_code} {said}".strip()[:300]
+
+
 def _describe(exc: BaseException) -> str:
     """One line naming the real cause: trio-websocket wraps e.g. "connection refused" in a bare
     HandshakeError, so follow the cause chain down to the OS error."""
@@ -274,6 +292,8 @@ def _describe(exc: BaseException) -> str:
     text = ""
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
+        if isinstance(cause, ConnectionRejected):
+            return _rejection(cause)
         if isinstance(cause, OSError) and cause.strerror:
             return f"{text or type(exc).__name__}: {cause.strerror}"[:200]
         if isinstance(cause, OSError) and not text:

@@ -121,16 +121,13 @@ async def _run(
     switch = None
     if is_postgres_url(a["store"]):
         shared = await trio.to_thread.run_sync(PostgresStore, a["store"])
-        standby = StandbyApp(shared.path)
-        switch = SwitchApp(standby)
+        switch = SwitchApp(StandbyApp())
         await nursery.start(_serve, switch, config, sock)
         on_account = None
         if a["on_standby"] is not None:
             url = _endpoint(sock, a["host"], a["tls_cert"])
             on_account = functools.partial(a["on_standby"], url)
-        waited = await wait_for_lease(
-            shared, standby, a["lease_ttl"], a["standby_poll"], on_account
-        )
+        waited = await wait_for_lease(shared, a["lease_ttl"], a["standby_poll"], on_account)
         log.warning("this coordinator is active on %s (waited %.1f s)", shared.path, waited)
     try:
         await _serve_active(nursery, sock, a, config, shared, switch, task_status)

@@ -37,9 +37,7 @@ class SwitchApp:
 
 
 class StandbyApp:
-    def __init__(self, store_name: str) -> None:
-        self.store_name = store_name
-        self.holder = ""  # who holds the lease, as last seen
+    """What a standby answers to everything (lifespan aside)."""
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         kind = scope["type"]
@@ -51,21 +49,28 @@ class StandbyApp:
                 elif event["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})
                     return
-        if kind == "websocket":
-            await send({"type": "websocket.close", "code": 1013})  # try again later
-            return
+        # Unauthenticated callers read this: no store URL, no host names.
         body = json.dumps(
             {
                 "code": "CoordinatorStandby",
                 "message": (
-                    f"this coordinator is a standby of {self.store_name}; the active one is "
-                    f"{self.holder or 'not known yet'}. Retry, or use another coordinator URL."
+                    "this coordinator is a standby: another coordinator of its store is active. "
+                    "Retry later, or use another coordinator URL."
                 ),
             }
         ).encode()
+        prefix = "http."
+        if kind == "websocket":
+            # An agent link: denied with the same 503 answer (the ASGI denial-response extension),
+            # so the agent can say why and try its next coordinator.
+            await receive()  # websocket.connect
+            if "websocket.http.response" not in scope.get("extensions", {}):
+                await send({"type": "websocket.close", "code": 1013})  # try again later
+                return
+            prefix = "websocket.http."
         await send(
             {
-                "type": "http.response.start",
+                "type": prefix + "response.start",
                 "status": 503,
                 "headers": [
                     (b"content-type", b"application/json"),
@@ -75,12 +80,11 @@ class StandbyApp:
                 ],
             }
         )
-        await send({"type": "http.response.body", "body": body})
+        await send({"type": prefix + "response.body", "body": body})
 
 
 async def wait_for_lease(
     store: Any,
-    app: StandbyApp,
     ttl: float,
     poll: float,
     on_account: Callable[[str, str, str], None] | None = None,
@@ -108,7 +112,6 @@ async def wait_for_lease(
                 log.warning("standby: cannot reach %s: %s", store.path, exc)
                 said = "error"
         if held is not None:
-            app.holder = held[0]
             if said != held[0]:
                 log.warning(
                     "standby: %s is active on %s (lease expires in %.1f s); waiting",

@@ -159,6 +159,9 @@ def test_sigkill_of_the_active_coordinator_loses_nothing_and_runs_nothing_twice(
         assert set(ran) == {s.name for s in specs}
         twice = {k: v for k, v in ran.items() if v != 1}
         assert not twice, f"tasks run more than once: {twice}"
+        # Agents that tried the standby before it took over were told why, not a bare 403.
+        said = "".join((tmp_path / f"agent{i}.log").read_text() for i in range(2))
+        assert "HTTP 503 CoordinatorStandby" in said
         # The TVMs are back with the new active coordinator.
         assert sum(t.state == "idle" for t in client.tvms.list("p")) == 2
     finally:
