@@ -27,6 +27,8 @@ import stat
 import subprocess
 import time
 
+from . import _ipc_sweep
+
 SWEEP_ROOTS = ("/tmp", "/var/tmp", "/dev/shm", "/dev/mqueue")
 MAX_DEPTH = 64
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -134,10 +136,11 @@ def _neutralise(dfd: int, name: str, st: os.stat_result) -> None:
 
 
 def cleanup_uid(uid: int, gid: int, kill: bool = True, roots: tuple[str, ...] = SWEEP_ROOTS) -> int:
-    """Processes first (a live one could write again after the sweep), then files."""
+    """Processes first (a live one could write again after the sweep), then files and System V
+    IPC objects."""
     if kill:
         kill_uid(uid, gid)
-    return sweep_uid(uid, roots)
+    return sweep_uid(uid, roots) + _ipc_sweep.remove_owned(uid)
 
 
 class TmpWatch:

@@ -19,7 +19,7 @@ import trio
 from protocol import messages as pm
 from protocol.hostio import primary_ip
 
-from . import isolation
+from . import _ipc_sweep, isolation
 from ._uid_sweep import TmpWatch, cleanup_uid
 from ._users import lookup_user
 from .ports import NftError, PortGate, apply_nft, nft_available, remove_nft, render_nft_ruleset
@@ -283,6 +283,7 @@ class PoolIsolation:
                 self.slot_users is not None
                 and self.sandbox.caps.layout.usable  # else its leftover processes must be killed
                 and self.tmp_watch.unchanged(lease.tmp_base)
+                and not _ipc_sweep.owned(lease.uid)  # no directory shows those
             ):
                 self._park(lease)  # nothing to sweep: no Trio task, no thread
                 return

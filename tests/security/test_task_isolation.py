@@ -173,15 +173,30 @@ async def test_a_later_task_cannot_write_into_the_start_directory(nursery, tmp_p
         assert st.st_mode & 0o777 == 0o750
 
 
-# The first task leaves secrets in /dev/shm and /tmp (a 0600 file, and one in a directory of its own).
+# The first task leaves secrets in /dev/shm and /tmp (a 0600 file, and one in a directory of its own)
+# and in System V IPC (a 0600 shared memory segment, a semaphore set, a message queue).
 LEAVE = r"""
-import os, sys
+import os, subprocess, sys
 for p in sys.argv[1:]:
     os.makedirs(os.path.dirname(p), exist_ok=True)
     fd = os.open(p, os.O_WRONLY | os.O_CREAT, 0o600)
     os.write(fd, b'secret'); os.close(fd)
+for kind in ('-M 4096', '-S 1', '-Q'):
+    subprocess.run(['ipcmk', *kind.split(), '-p', '0600'], check=True, stdout=subprocess.DEVNULL)
 print('uid', os.getuid())
 """
+
+# READ, plus how many System V IPC objects of its own uid the task finds.
+READ_IPC = READ.replace(
+    "print(' '.join(res), 'uid', os.getuid())",
+    """n = 0
+for kind in ('shm', 'sem', 'msg'):
+    with open('/proc/sysvipc/' + kind) as f:
+        head = f.readline().split()
+        for line in f:
+            n += int(line.split()[head.index('uid')]) == os.getuid()
+print(' '.join(res), n, 'uid', os.getuid())""",
+)
 
 
 async def test_the_next_task_of_a_slot_user_does_not_find_what_the_last_one_left(
@@ -206,14 +221,16 @@ async def test_the_next_task_of_a_slot_user_does_not_find_what_the_last_one_left
             same, seen = None, []
             for i in range(30):
                 out = (
-                    await _run_one(c, "wi", "p", f"read{i}", f'{PY} -c "{READ}" {" ".join(left)}')
+                    await _run_one(
+                        c, "wi", "p", f"read{i}", f'{PY} -c "{READ_IPC}" {" ".join(left)}'
+                    )
                 ).split()
                 seen.append(int(out[-1]))
                 if seen[-1] == uid:
                     same = out
                     break
             assert same is not None, f"the slot user {uid} never came back: {seen}"
-            assert same[:3] == ["absent"] * 3, same
+            assert same[:4] == ["absent", "absent", "absent", "0"], same
     finally:
         for p in left:
             if os.path.lexists(p):

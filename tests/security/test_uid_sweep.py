@@ -5,11 +5,14 @@ unusable to the uid. Runs on a private tree with a uid no process uses (root onl
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import subprocess
 
 import pytest
 
-from tvmagent._uid_sweep import kill_uid, sweep_uid
+from tvmagent import _ipc_sweep
+from tvmagent._uid_sweep import cleanup_uid, kill_uid, sweep_uid
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown to another uid)")
 
@@ -88,3 +91,31 @@ def test_kill_uid_ends_a_process_that_left_its_session() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.skipif(not shutil.which("ipcmk"), reason="ipcmk (util-linux) not installed")
+def test_system_v_ipc_objects_of_the_uid_are_removed_and_no_others() -> None:
+    def make(uid: int) -> None:
+        for kind in ("-M 4096", "-S 1", "-Q"):
+            subprocess.run(
+                ["ipcmk", *kind.split(), "-p", "0600"],
+                user=uid,
+                group=uid,
+                extra_groups=[],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+
+    try:
+        make(UID)
+        make(OTHER)
+        assert sorted(k for k, _ in _ipc_sweep.owned(UID)) == ["msg", "sem", "shm"]
+        assert cleanup_uid(UID, UID, kill=False, roots=()) == 3
+        assert _ipc_sweep.owned(UID) == []
+        assert len(_ipc_sweep.owned(OTHER)) == 3  # someone else's stay
+    finally:
+        for uid in (UID, OTHER):
+            _ipc_sweep.remove_owned(uid)
+    assert _ipc_sweep.owned(OTHER) == []
+    with pytest.raises(ValueError, match="root"):
+        _ipc_sweep.remove_owned(0)

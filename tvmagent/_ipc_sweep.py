@@ -1,0 +1,64 @@
+"""System V IPC objects (shared memory, semaphores, message queues) a task user left behind.
+
+They outlive the process that made them and are not files: a 0600 segment left by one task would
+be attached by the next task given the same slot uid. Linux lists them in /proc/sysvipc/; removing
+one takes `shmctl`/`semctl`/`msgctl(IPC_RMID)` (as root). A segment still attached is only marked
+for removal, and goes with its last user — who is dead by then (the uid's processes are killed
+before its sweep).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+IPC_RMID = 0
+# (table, id column): owner (`uid`) and creator (`cuid`) columns are found by name.
+_TABLES = (("shm", "shmid"), ("sem", "semid"), ("msg", "msqid"))
+_libc: ctypes.CDLL | None = None
+
+
+def owned(uid: int, proc: str = "/proc/sysvipc") -> list[tuple[str, int]]:
+    """(kind, id) of every IPC object `uid` owns or created."""
+    found: list[tuple[str, int]] = []
+    for kind, id_col in _TABLES:
+        try:
+            with open(os.path.join(proc, kind)) as f:
+                header = f.readline().split()
+                rows = f.read().splitlines()
+        except OSError:
+            continue  # no System V IPC here
+        try:
+            i_id, i_uid, i_cuid = header.index(id_col), header.index("uid"), header.index("cuid")
+        except ValueError:
+            continue
+        for line in rows:
+            cols = line.split()
+            if len(cols) > max(i_id, i_uid, i_cuid) and uid in (
+                int(cols[i_uid]),
+                int(cols[i_cuid]),
+            ):
+                found.append((kind, int(cols[i_id])))
+    return found
+
+
+def remove_owned(uid: int) -> int:
+    """Remove what `owned(uid)` lists; returns how many went."""
+    if uid == 0:
+        raise ValueError("refusing to remove root's IPC objects")
+    global _libc
+    objects = owned(uid)
+    if not objects:
+        return 0
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    removed = 0
+    for kind, ident in objects:
+        if kind == "shm":
+            rc = _libc.shmctl(ident, IPC_RMID, None)
+        elif kind == "sem":
+            rc = _libc.semctl(ident, 0, IPC_RMID)
+        else:
+            rc = _libc.msgctl(ident, IPC_RMID, None)
+        removed += rc == 0
+    return removed
