@@ -235,6 +235,23 @@ def start_coordinator_process(
     return proc, exports
 
 
+def stop_process_groups(procs: list[Any], grace: float = 15.0) -> None:
+    """SIGTERM each (own-session) process group still running (SIGCONT first: one may be
+    stopped), then SIGKILL whoever is not gone within `grace` seconds."""
+    live = [p for p in procs if p is not None and p.poll() is None]
+    for p in live:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGCONT)
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in live:
+        try:
+            p.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
 def wait_sync(
     cond: Callable[[], Any],
     timeout: float = 30.0,

@@ -23,6 +23,7 @@ from tests.harness import (
     free_port,
     remove_agent_cgroups,
     start_coordinator_process,
+    stop_process_groups,
     wait_sync,
 )
 
@@ -45,18 +46,6 @@ def _agent(tmp_path: Path, i: int, urls: str, token: str) -> subprocess.Popen[by
         )
     finally:
         log.close()
-
-
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
 
 
 def test_standby_answers_503_and_a_clean_stop_hands_over_at_once(tmp_path: Path, pg_cluster: Any):
@@ -99,7 +88,7 @@ def test_standby_answers_503_and_a_clean_stop_hands_over_at_once(tmp_path: Path,
         client.pools.add("q", target_dedicated=0, vm_size="small")
         assert client.endpoint == env_b["TVM_ENDPOINT"]
     finally:
-        _stop([p for p in (a, b) if p is not None])
+        stop_process_groups([a, b])
 
 
 def test_sigkill_of_the_active_coordinator_loses_nothing_and_runs_nothing_twice(
@@ -165,6 +154,6 @@ def test_sigkill_of_the_active_coordinator_loses_nothing_and_runs_nothing_twice(
         # The TVMs are back with the new active coordinator.
         assert sum(t.state == "idle" for t in client.tvms.list("p")) == 2
     finally:
-        _stop(procs)
+        stop_process_groups(procs)
         for i in range(2):
             remove_agent_cgroups(f"pg{os.getpid()}-{i}", str(tmp_path / f"agent{i}"))

@@ -15,7 +15,13 @@ import httpx2
 import pytest
 
 from coordinator.client import Client
-from tests.harness import agent_env, free_port, start_coordinator_process, wait_sync
+from tests.harness import (
+    agent_env,
+    free_port,
+    start_coordinator_process,
+    stop_process_groups,
+    wait_sync,
+)
 
 
 def _tvm(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -28,20 +34,6 @@ def _tvm(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     )
 
 
-def _stop(*procs: Any) -> None:
-    for p in procs:
-        if p is not None and p.poll() is None:
-            os.killpg(p.pid, signal.SIGCONT)
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        if p is not None:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-
-
 def test_migrate_sqlite_state_into_postgres(tmp_path: Path, pg_cluster: Any):
     state = str(tmp_path / "state")
     port = free_port()
@@ -52,7 +44,7 @@ def test_migrate_sqlite_state_into_postgres(tmp_path: Path, pg_cluster: Any):
         client.workitems.add("wi", "p")
         client.tasks.add("wi", "job-0000000001", "t1", "/bin/true")
     finally:
-        _stop(coord)
+        stop_process_groups([coord])
     url = pg_cluster.new_database()
     done = _tvm("store", "migrate", "--state-dir", state, "--to", url)
     assert done.returncode == 0, done.stderr
@@ -70,7 +62,7 @@ def test_migrate_sqlite_state_into_postgres(tmp_path: Path, pg_cluster: Any):
         assert [p.name for p in client.pools.list()] == ["p"]
         assert [t.name for t in client.tasks.list("wi", "job-0000000001")] == ["t1"]
     finally:
-        _stop(coord)
+        stop_process_groups([coord])
 
 
 def test_migrate_refusals(tmp_path: Path):
@@ -148,7 +140,7 @@ def test_a_paused_active_coordinator_is_fenced_out(tmp_path: Path, pg_cluster: A
         time.sleep(0.5)
         assert [p.name for p in client.pools.list()] == ["after"]
     finally:
-        _stop(a, b)
+        stop_process_groups([a, b])
 
 
 @pytest.mark.parametrize("endpoints", ["http://127.0.0.1:1,http://127.0.0.1:2"])

@@ -18,14 +18,13 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 
 import pytest
 
 from coordinator.client import task_spec
-from tests.harness import REPO, agent_env, cluster_ctx
+from tests.harness import REPO, agent_env, cluster_ctx, stop_process_groups
 
 PY = "/usr/bin/python3"
 JOB = "job-0000000001"
@@ -206,12 +205,4 @@ async def test_member_connects_into_a_tvms_port_range_outsider_is_refused(nurser
             )
             await c.client.tasks.wait("wi", JOB, timeout=30)
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGTERM)
-            for p in procs:
-                try:
-                    p.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
+            stop_process_groups(procs)
