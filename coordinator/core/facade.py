@@ -309,6 +309,9 @@ class CoordinatorState:
     def update_workitem(self, name: str, req: m.WorkitemUpdate) -> None:
         self.job_area.update_workitem(name, req)
 
+    def replace_workitem(self, name: str, req: m.WorkitemAdd) -> None:
+        self.job_area.replace_workitem(name, req)
+
     def delete_workitem(self, name: str) -> None:
         self.job_area.delete_workitem(name)
 

@@ -79,6 +79,39 @@ class Jobs:
         check_name(req.name)
         if req.name.lower() in (n.lower() for n in self.s.workitems):
             raise conflict("workitem", req.name)
+        plan = self._check_workitem(req)
+        now = self.s.clock()
+        rec = WorkitemRec(spec=req, created=now, state_time=now, next_run=plan.first_run(now))
+        self.s.workitems[req.name] = rec
+        # Without a schedule (or one already due) the first job is created at once.
+        self._run_schedule(rec, plan, now)
+        self.out.put("workitem", req.name, rec)
+
+    def replace_workitem(self, name: str, req: m.WorkitemAdd) -> None:
+        """Replace a workitem's whole specification (a job schedule's PUT or PATCH): jobs created
+        from now on use it, jobs already created keep theirs. A changed schedule starts afresh."""
+        wi = self.s.get_workitem(name)
+        if wi.state in ("completed", "terminating"):
+            raise _wi_conflict(wi, "update it")
+        if req.name != wi.spec.name:
+            raise bad_request(
+                "InvalidPropertyValue", "a workitem's name cannot be changed", field="name"
+            )
+        if (req.schedule is None) != (wi.spec.schedule is None):
+            raise bad_request(
+                "InvalidPropertyValue",
+                "a workitem's schedule can be changed but not added or removed",
+                field="schedule",
+            )
+        plan = self._check_workitem(req)
+        changed = req.schedule != wi.spec.schedule
+        wi.spec = req
+        if changed:
+            wi.next_run = plan.first_run(self.s.clock())
+        self.out.put("workitem", name, wi)
+
+    def _check_workitem(self, req: m.WorkitemAdd) -> Plan:
+        """Validate a workitem's specification (400 naming the field); its schedule's plan."""
         env = req.job_execution_environment
         if env.auto_pool_specification is not None:
             self.pools.check_auto_pool(env)
@@ -97,12 +130,7 @@ class Jobs:
         plan = parse_schedule(req.schedule)
         if req.job_manager is not None:
             check_job_manager(req.job_manager)
-        now = self.s.clock()
-        rec = WorkitemRec(spec=req, created=now, state_time=now, next_run=plan.first_run(now))
-        self.s.workitems[req.name] = rec
-        # Without a schedule (or one already due) the first job is created at once.
-        self._run_schedule(rec, plan, now)
-        self.out.put("workitem", req.name, rec)
+        return plan
 
     def update_workitem(self, name: str, req: m.WorkitemUpdate) -> None:
         """PATCH: the fields present change; they apply to jobs created from now on."""

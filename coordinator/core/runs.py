@@ -59,6 +59,9 @@ class Runs:
             "TVM_ENDPOINT": self.s.account_url,
             "TVM_ACCOUNT": self.s.account,
             "TVM_JOB_TOKEN": job.rec.token,
+            # The same credential where Azure Batch puts a job-scoped token
+            # (authenticationTokenSettings access ["job"]): Azure SDKs send it as a Bearer token.
+            "AZ_BATCH_AUTHENTICATION_TOKEN": job.rec.token,
             "TVM_WORKITEM_NAME": job.rec.workitem,
             "TVM_JOB_NAME": job.rec.name,
         }

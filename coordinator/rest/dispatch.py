@@ -21,7 +21,7 @@ from coordinator.core import CoordinatorState
 from coordinator.runtime.filestore import FileStore
 from coordinator.runtime.service import CoordinatorService
 
-from . import paging
+from . import jobscope, paging
 from .inputlimits import check_request
 from .limits import BodyStream, decode_depth_error, json_body_limit, read_body
 
@@ -249,7 +249,7 @@ class Dispatcher:
         """A job manager's credential (`Authorization: TVMJobToken <token>`, issue 6): valid for its
         own job's resources only; 401 if unknown, 403 anywhere else. False: not such a request."""
         scheme, _, token = headers.get("authorization", "").partition(" ")
-        if scheme != "TVMJobToken":
+        if scheme not in jobscope.SCHEMES:
             return False
         job = self.core.job_for_token(token.strip())
         if job is None:
@@ -258,12 +258,14 @@ class Dispatcher:
                 "AuthenticationFailed",
                 "the job credential is not valid (unknown or deleted job)",
             )
-        base = f"/workitems/{job.rec.workitem}/jobs/{job.rec.name}"
-        if path != base and not path.startswith(base + "/"):
+        scopes = jobscope.job_scopes(self.core, job)
+        base = scopes[0]
+        if not jobscope.in_scope(path, scopes):
             raise ApiError(
                 403,
                 "AuthorizationFailure",
-                f"this job-manager credential is valid only for {base} and its tasks, not {path}",
+                f"this job-manager credential is valid only for {' and '.join(scopes)} and their "
+                f"tasks, not {path}",
                 scope=base,
             )
         return True

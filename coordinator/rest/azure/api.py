@@ -9,9 +9,10 @@ from .jobs import JobApi
 from .nodes import NodeApi
 from .pools import PoolApi
 from .router import AzureApi
+from .schedules import ScheduleApi
 from .tasks import TaskApi
 
-GROUPS = (PoolApi, NodeApi, JobApi, TaskApi, FileApi)
+GROUPS = (PoolApi, NodeApi, JobApi, TaskApi, FileApi, ScheduleApi)
 
 
 def install(app: Dispatcher) -> AzureApi:

@@ -241,7 +241,9 @@ def check_task_failure(b: Body) -> None:
 def job_manager(b: Body | None) -> m.JobManager | None:
     if b is None:
         return None
-    b.refuse(_TASK_REFUSED + ("requiredSlots",), WHY_LOCAL)
+    job_token(b.obj("authenticationTokenSettings"))
+    refused = tuple(k for k in _TASK_REFUSED if k != "authenticationTokenSettings")
+    b.refuse(refused + ("requiredSlots",), WHY_LOCAL)
     b.accept("displayName", "allowLowPriorityNode")
     return m.JobManager(
         name=b.req_text("id"),
@@ -253,6 +255,16 @@ def job_manager(b: Body | None) -> m.JobManager | None:
         run_elevated=user_elevated(b.obj("userIdentity"), b._p("userIdentity")),
         run_exclusive=b.flag("runExclusive", True),
     )
+
+
+def job_token(b: Body | None) -> None:
+    """A job manager always gets a token scoped to its job (AZ_BATCH_AUTHENTICATION_TOKEN): asking
+    for `access: ["job"]` is accepted; no other access exists."""
+    if b is None:
+        return
+    for i, a in enumerate(b.texts("access")):
+        if a.lower() != "job":
+            raise invalid(f"{b._p('access')}[{i}]", a, "authentication token access can only be job")
 
 
 def job_add(b: Body) -> m.WorkitemAdd:

@@ -220,9 +220,11 @@ def job_view(core: CoordinatorState, base: str, job: Job) -> dict[str, Any]:
     az = (wi.spec.azure if wi else None) or {}
     jid = job_id(core, r.workitem, r.name)
     jm = wi.spec.job_manager if wi else None
+    # A job schedule's jobs take their display name and metadata from its jobSpecification.
+    scheduled = wi is not None and wi.spec.schedule is not None
     view = {
         "id": jid,
-        "displayName": az.get("displayName"),
+        "displayName": az.get("jobDisplayName" if scheduled else "displayName"),
         "url": f"{base}/jobs/{jid}",
         "creationTime": _t(r.created),
         "state": r.state,
@@ -243,7 +245,9 @@ def job_view(core: CoordinatorState, base: str, job: Job) -> dict[str, Any]:
         "poolInfo": {"poolId": r.pool},
         "onAllTasksComplete": r.on_all_complete,
         "onTaskFailure": "noaction",
-        "metadata": [{"name": x.name, "value": x.value} for x in (wi.spec.metadata if wi else [])],
+        "metadata": az["jobMetadata"]
+        if scheduled and "jobMetadata" in az
+        else [{"name": x.name, "value": x.value} for x in (wi.spec.metadata if wi else [])],
         "executionInfo": _clean(
             {
                 "startTime": _t(r.created),
@@ -277,6 +281,8 @@ def _jm(jm: m.JobManager) -> dict[str, Any]:
             "userIdentity": _user(jm.run_elevated),
             "runExclusive": jm.run_exclusive,
             "requiredSlots": 1,
+            # Every job manager gets its job-scoped token (AZ_BATCH_AUTHENTICATION_TOKEN).
+            "authenticationTokenSettings": {"access": ["job"]},
         }
     )
 
