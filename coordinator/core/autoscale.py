@@ -277,6 +277,9 @@ class Autoscale:
             task_slots_per_node=pool.spec.max_tasks_per_vm,
             usable_node_count=sum(1 for m_ in members if m_.rec.state in ("idle", "running")),
             target_dedicated=pool.target,
+            # Azure's modern service always reports $TargetLowPriorityNodes (0 here); the seed's
+            # 2015 results did not: pools made through the Azure API get the modern form.
+            report_low_priority=pool.spec.azure is not None,
         )
         return evaluate(program, inputs)
 
