@@ -264,7 +264,9 @@ def job_token(b: Body | None) -> None:
         return
     for i, a in enumerate(b.texts("access")):
         if a.lower() != "job":
-            raise invalid(f"{b._p('access')}[{i}]", a, "authentication token access can only be job")
+            raise invalid(
+                f"{b._p('access')}[{i}]", a, "authentication token access can only be job"
+            )
 
 
 def job_add(b: Body) -> m.WorkitemAdd:
