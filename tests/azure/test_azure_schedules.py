@@ -304,3 +304,40 @@ async def test_job_token_is_a_bearer_token_for_its_own_job(api: Raw) -> None:
 
 async def test_schedule_errors_need_the_api_version(api: Raw) -> None:
     azure_err(await api("GET", "/jobschedules"), 400, "MissingRequiredQueryParameter")
+
+
+async def test_bearer_job_token_reaches_its_own_job_only(nursery, tmp_path) -> None:
+    async with cluster_ctx(nursery, tmp_path) as c:
+        api = Raw(c.rc.endpoint, c.rc.account, c.rc.key)
+        try:
+            assert (await api("POST", "/pools", pool_body("sp"), query=AV)).status_code == 201
+            for sid in ("mine", "theirs"):
+                body = schedule_body(sid)
+                body["schedule"] = {}
+                r = await api("POST", "/jobschedules", body, query=AV)
+                assert r.status_code == 201, r.text
+            await _jobs(api, "mine")
+            await _jobs(api, "theirs")
+            # What the job manager of mine:job-1 finds in AZ_BATCH_AUTHENTICATION_TOKEN.
+            token = c.rc.service.core.get_job("mine", "job-0000000001").rec.token
+            bearer = {"Authorization": f"Bearer {token}"}
+            own = await api("GET", "/jobs/mine:job-1", query=AV, headers=bearer, sign=False)
+            assert own.status_code == 200, own.text
+            task = {"id": "t", "commandLine": "/bin/true"}
+            r = await api(
+                "POST", "/jobs/mine:job-1/tasks", task, query=AV, headers=bearer, sign=False
+            )
+            assert r.status_code == 201, r.text
+            for path in ("/jobs/theirs:job-1", "/jobs/mine:job-10", "/jobschedules/mine", "/pools"):
+                r = await api("GET", path, query=AV, headers=bearer, sign=False)
+                azure_err(r, 403, "AuthorizationFailure")
+            r = await api(
+                "GET",
+                "/jobs/mine:job-1",
+                query=AV,
+                headers={"Authorization": "Bearer x.y.z"},
+                sign=False,
+            )
+            azure_err(r, 401, "AuthenticationFailed")
+        finally:
+            await api.http.aclose()
