@@ -78,3 +78,21 @@ def test_an_ended_workitem_cannot_be_replaced() -> None:
     spec = _spec(core)
     _refused(core, core.replace_workitem, "wi", spec, status=409, code="WorkItemBeingTerminated")
     _refused(core, core.replace_workitem, "nope", spec, status=404, code="WorkItemNotFound")
+
+
+def test_a_replaced_specification_survives_a_restart() -> None:
+    core, clock = _core()
+    _wi(core, schedule=m.Schedule(recurrence_interval="PT1H"), azure={"displayName": "a"})
+    new = msgspec.structs.replace(
+        _spec(core),
+        priority=3,
+        schedule=m.Schedule(recurrence_interval="P1D"),
+        azure={"displayName": "b", "jobMetadata": [{"name": "k", "value": "v"}]},
+    )
+    core.replace_workitem("wi", new)
+    rows = {(w.kind, w.key): w.body for w in core.take_effects().writes if w.body is not None}
+    restored = CoordinatorState("acct", clock=clock)
+    restored.restore((k, key, body) for (k, key), body in rows.items())
+    wi = restored.get_workitem("wi")
+    assert wi.spec == new
+    assert wi.next_run == pytest.approx(clock.now)
