@@ -96,13 +96,13 @@ class ScheduleApi:
     async def _run(self, fn: Callable[..., Any], *args: Any) -> None:
         await _translated(self.svc.execute(fn, *args))
 
-    def _resource(self, wi: WorkitemRec) -> list[tuple[bytes, bytes]]:
-        view = self._view(wi)
-        return [
-            (b"dataserviceid", view["url"].encode()),
-            (b"etag", view["eTag"].encode()),
-            *_last_modified(schedule_modified(wi)),
-        ]
+    def _validators(self, wi: WorkitemRec) -> list[tuple[bytes, bytes]]:
+        """`ETag` and `Last-Modified` of the job schedule as it is now."""
+        etag = self._view(wi)["eTag"]
+        return [(b"etag", etag.encode()), *_last_modified(schedule_modified(wi))]
+
+    def _id_header(self, name: str) -> list[tuple[bytes, bytes]]:
+        return [(b"dataserviceid", f"{base()}/jobschedules/{name}".encode())]
 
     # ------------------------------------------------------------------ routes
 
@@ -148,12 +148,11 @@ class ScheduleApi:
             "odata.metadata": metadata_url(base(), "jobschedules/@Element"),
             **select_one(view, query),
         }
-        extra = [(b"etag", view["eTag"].encode()), *_last_modified(schedule_modified(wi))]
-        return json_response(200, out, headers, extra=extra)
+        return json_response(200, out, headers, extra=self._validators(wi))
 
     async def schedule_exists(self, schedule: str, headers: dict[str, str], **_: Any) -> Response:
         wi = self._schedule(schedule, headers, read=True)
-        return empty(200, headers, self._resource(wi)[1:])
+        return empty(200, headers, self._validators(wi))
 
     async def _change(
         self, schedule: str, body: bytes, headers: dict[str, str], *, replace: bool
@@ -165,7 +164,8 @@ class ScheduleApi:
         # When it changed (Last-Modified): the workitem record has no field of its own for it.
         new = msgspec.structs.replace(new, azure={**(new.azure or {}), "lastModified": time.time()})
         await self._run(self.core.replace_workitem, wi.spec.name, new)
-        return empty(200, headers, self._resource(self._find(schedule)))
+        changed = self._find(schedule)
+        return empty(200, headers, self._id_header(schedule) + self._validators(changed))
 
     async def patch_schedule(
         self, schedule: str, body: bytes, headers: dict[str, str], **_: Any
@@ -187,17 +187,17 @@ class ScheduleApi:
     ) -> Response:
         wi = self._schedule(schedule, headers, read=False)
         await self._run(self.core.terminate_workitem, wi.spec.name)
-        return empty(202, headers, self._resource(self._find(schedule))[:1])
+        return empty(202, headers, self._id_header(wi.spec.name))
 
     async def disable_schedule(self, schedule: str, headers: dict[str, str], **_: Any) -> Response:
         wi = self._schedule(schedule, headers, read=False)
         await self._run(self.core.disable_workitem, wi.spec.name)
-        return empty(204, headers, self._resource(self._find(schedule))[:1])
+        return empty(204, headers, self._id_header(wi.spec.name))
 
     async def enable_schedule(self, schedule: str, headers: dict[str, str], **_: Any) -> Response:
         wi = self._schedule(schedule, headers, read=False)
         await self._run(self.core.enable_workitem, wi.spec.name)
-        return empty(204, headers, self._resource(self._find(schedule))[:1])
+        return empty(204, headers, self._id_header(wi.spec.name))
 
     async def list_jobs(
         self, schedule: str, query: dict[str, str], headers: dict[str, str], **_: Any
