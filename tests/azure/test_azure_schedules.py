@@ -341,3 +341,15 @@ async def test_bearer_job_token_reaches_its_own_job_only(nursery, tmp_path) -> N
             azure_err(r, 401, "AuthenticationFailed")
         finally:
             await api.http.aclose()
+
+
+async def test_the_older_api_version_serves_job_schedules_too(api: Raw) -> None:
+    old = "api-version=2024-02-01.19.0"
+    assert (await api("POST", "/pools", pool_body("sp"), query=old)).status_code == 201
+    body = schedule_body("v19")
+    body["schedule"] = {"recurrenceInterval": "PT1H"}
+    assert (await api("POST", "/jobschedules", body, query=old)).status_code == 201
+    s = (await api("GET", "/jobschedules/v19", query=old)).json()
+    assert s["schedule"] == {"recurrenceInterval": "PT1H"}
+    assert [j["id"] for j in await _jobs(api, "v19")] == ["v19:job-1"]
+    assert (await api("DELETE", "/jobschedules/v19", query=old)).status_code == 202
