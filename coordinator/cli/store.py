@@ -6,7 +6,7 @@ import os
 
 import click
 
-from ._common import CONTEXT
+from ._common import CONTEXT, _emit, output_option
 
 
 @click.group(context_settings=CONTEXT)
@@ -27,7 +27,8 @@ def store() -> None:
     help="postgresql://USER@HOST/DB of an empty database (or env TVM_STORE; a password goes in "
     "~/.pgpass or PGPASSWORD).",
 )
-def migrate(state_dir: str, url: str | None) -> None:
+@output_option
+def migrate(state_dir: str, url: str | None, output: str) -> None:
     """Copy a coordinator's SQLite state into PostgreSQL.
 
     Then run `tvm coordinator --store URL` (on as many machines as you want standbys): pools, jobs,
@@ -48,7 +49,10 @@ def migrate(state_dir: str, url: str | None) -> None:
         objects, meta = run(state_dir, url, progress)
     except (MigrateError, StoreUnreachable) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"migrated {objects} objects and {meta} account/agent rows into the store")
+    if output == "json":
+        _emit(output, {"objects": objects, "metaRows": meta})
+    else:
+        click.echo(f"migrated {objects} objects and {meta} account/agent rows into the store")
 
 
 def register(cli: click.Group) -> None:
