@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from coordinator.rest.dispatch import Dispatcher
 
+from .catalog import CatalogApi
 from .files import FileApi
 from .jobs import JobApi
 from .nodes import NodeApi
+from .nodeusers import NodeUserApi
 from .pools import PoolApi
 from .router import AzureApi
 from .tasks import TaskApi
 
-GROUPS = (PoolApi, NodeApi, JobApi, TaskApi, FileApi)
+GROUPS = (PoolApi, NodeApi, JobApi, TaskApi, FileApi, NodeUserApi, CatalogApi)
 
 
 def install(app: Dispatcher) -> AzureApi:
