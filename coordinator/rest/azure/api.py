@@ -5,6 +5,7 @@ from __future__ import annotations
 from coordinator.rest.dispatch import Dispatcher
 
 from .catalog import CatalogApi
+from .certs import CertificateApi
 from .files import FileApi
 from .jobs import JobApi
 from .nodes import NodeApi
@@ -13,7 +14,7 @@ from .pools import PoolApi
 from .router import AzureApi
 from .tasks import TaskApi
 
-GROUPS = (PoolApi, NodeApi, JobApi, TaskApi, FileApi, NodeUserApi, CatalogApi)
+GROUPS = (PoolApi, NodeApi, JobApi, TaskApi, FileApi, NodeUserApi, CatalogApi, CertificateApi)
 
 
 def install(app: Dispatcher) -> AzureApi:
