@@ -86,12 +86,18 @@ class CatalogApi:
         # An endtime after now asks for the interval in progress too, counted up to now.
         rows = usage.metrics(self.core.store, now, start, end, partial=end > now)
 
+        def vm_size(row: usage.UsageRow) -> str:
+            # The size as the pool was created with (its Azure name), as the pool shows it.
+            pool = self.core.pools.get(row.pool)
+            given = (pool.spec.azure or {}).get("vmSize") if pool is not None else None
+            return str(given or azure_vm_size(row.vm_size, sizes))
+
         def view(row: usage.UsageRow) -> dict[str, Any]:
             return {
                 "poolId": row.pool,
                 "startTime": rfc3339(row.start),
                 "endTime": rfc3339(row.start + usage.INTERVAL_S),
-                "vmSize": azure_vm_size(row.vm_size, sizes).lower(),
+                "vmSize": vm_size(row),
                 "totalCoreHours": row.core_hours,
             }
 
