@@ -44,7 +44,10 @@ HOME_BASE = "/home"
 _TAG = "tvm node user "
 # A crypt(3) hash as useradd/usermod take it: no ':' (the shadow separator) and no newline.
 _HASH = re.compile(r"\$[0-9a-z]+\$[./0-9A-Za-z$=,]{1,400}")
-_KEY = re.compile(r"[a-z0-9@.-]+ [A-Za-z0-9+/=]+( [^\r\n]*)?")
+_KEY = re.compile(
+    r"(ssh-(rsa|ed25519|dss)|ecdsa-sha2-nistp(256|384|521)|sk-[a-z0-9@.-]+) [A-Za-z0-9+/=]{16,}"
+    r"( [^\r\n]*)?"
+)
 
 
 class NodeUserError(Exception):

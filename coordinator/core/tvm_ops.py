@@ -209,6 +209,16 @@ class TvmOps:
         self.out.put("tvm", tvm.rec.name, tvm.rec)
         self.out.send(tvm.rec.agent_id, pm.RemoveUser(name=user))
 
+    def check_node_user_key(self, key: str) -> None:
+        """An Azure node user's sshPublicKey ("" = none): one OpenSSH public key line."""
+        if key and (len(key) > 8192 or not _SSH_KEY.fullmatch(key)):
+            raise bad_request(
+                "InvalidPropertyValue",
+                "sshPublicKey must be one OpenSSH public key line like 'ssh-ed25519 AAAA... comment'",
+                field="sshPublicKey",
+                value="",
+            )
+
     def check_node_user_name(self, name: str) -> None:
         """The name rules of remote-login users, for the Azure node users (400 naming `name`)."""
         if not _LINUX_USER.fullmatch(name) or name in _RESERVED_USERS or name.startswith("tvm"):

@@ -264,6 +264,13 @@ def test_names_taken_on_the_host_are_refused(client: BatchClient, names: Callabl
                     pool_id, node_a, bm.BatchNodeUserCreateOptions(name=bad, password="pw")
                 )
             assert _code(refused) == (400, "InvalidPropertyValue"), bad
+        with pytest.raises(HttpResponseError) as badkey:
+            client.create_node_user(
+                pool_id,
+                node_a,
+                bm.BatchNodeUserCreateOptions(name=admin, ssh_public_key="not a key"),
+            )
+        assert _code(badkey) == (400, "InvalidPropertyValue")
         past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
         with pytest.raises(HttpResponseError) as old:
             client.create_node_user(

@@ -52,12 +52,7 @@ class NodeUserApi:
         if password is not None and (len(password) > MAX_PASSWORD or "\0" in password):
             raise invalid("password", "", f"password must be 1-{MAX_PASSWORD} characters")
         key = (b.text("sshPublicKey") or "").strip()
-        if key and (len(key) > 8192 or "\n" in key or len(key.split()) < 2):
-            raise invalid(
-                "sshPublicKey",
-                "",
-                "sshPublicKey must be one OpenSSH public key line like 'ssh-ed25519 AAAA... comment'",
-            )
+        self.core.tvm_ops.check_node_user_key(key)
         now = self.core.store.clock()
         text = b.text("expiryTime")
         expiry = parse_time(text, "expiryTime") if text else now + DEFAULT_USER_LIFETIME_S
