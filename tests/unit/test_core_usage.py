@@ -1,20 +1,20 @@
 """Pool usage metrics from TVM time (core/usage.py): split into half hours, counted while a TVM is
 in its pool, kept on the pool's record when it leaves (through the real journal and a restore), and
-only complete intervals unless the one in progress is asked for. Also the SHA-512 crypt that node
+only complete intervals unless the one in progress is asked for (on each store: SQLite, and
+PostgreSQL where it exists). Also the SHA-512 crypt that node
 users' passwords are sent as, checked against openssl's."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
-from pathlib import Path
+from typing import Any
 
 import pytest
 
 from coordinator.common import models as m
 from coordinator.common.passhash import sha512_crypt
 from coordinator.core import CoordinatorState, usage
-from coordinator.runtime.journal import SqliteStore
 from protocol import messages as pm
 
 START = 3_000_000.0 - 3_000_000.0 % usage.INTERVAL_S  # an interval boundary
@@ -38,7 +38,7 @@ def test_split_into_half_hours() -> None:
     ]
 
 
-def _core(clock: Clock, store: SqliteStore) -> CoordinatorState:
+def _core(clock: Clock, store: Any) -> CoordinatorState:
     core = CoordinatorState("acct", clock=clock, heartbeat_timeout=10.0)
     core.agent_hello(pm.Hello(agent_id="a0", token="t"))
     core.add_pool(m.PoolAdd(name="p", target_dedicated=1, vm_size="large"))  # 4 cores
@@ -53,9 +53,9 @@ def _rows(core: CoordinatorState, partial: bool = False) -> list[tuple[str, floa
     return [(r.pool, r.start - START, r.core_hours) for r in rows]
 
 
-def test_usage_counts_tvm_time_and_survives_its_departure(tmp_path: Path) -> None:
+def test_usage_counts_tvm_time_and_survives_its_departure(open_store: Any) -> None:
     clock = Clock()
-    store = SqliteStore(str(tmp_path / "j.db"))
+    store = open_store("j.db")
     core = _core(clock, store)
     assert _rows(core) == []  # the interval in progress is not over
     assert _rows(core, partial=True) == []  # nothing counted yet: no time has passed
