@@ -165,7 +165,12 @@ class Agent:
             current_tvm=lambda: self.tvm,
             nursery=lambda: self._nursery,
         )
-        self.node_users = NodeUsers(self.private_dir, self.send, lambda: self._nursery)
+        self.node_users = NodeUsers(
+            self.private_dir,
+            self.send,
+            lambda: self._nursery,
+            lambda: self.tvm.tvm_name if self.tvm is not None else "",
+        )
         self.isolation.node_users = self.node_users
         self.limits = TaskLimits(self.root)
         self.runner = TaskRunner(

@@ -9,8 +9,9 @@ created (name, uid and a random tag written into the account's comment) in its p
   leftover home directory of that name is refused the same way;
 - update and delete touch only ledger accounts whose uid and tag still match (`NodeUserNotFound`
   otherwise);
-- every ledger account is deleted when the TVM goes away (wipe: left pool, removed, deleted) and
-  each at its expiry; an entry half-made by a crash is finished or dropped by its tag at start.
+- every ledger account is deleted when the TVM goes away (wipe: left pool, removed, deleted), when
+  the agent joins another TVM (after a restart that lost track of the old one) and each at its
+  expiry; an entry half-made by a crash is finished or dropped by its tag at start.
 `isAdmin` would mean sudo, i.e. root on a host every TVM on it shares: refused unless the agent runs
 with TVM_AGENT_ADMIN_NODE_USERS=1 (a host it has to itself); the account then joins `sudo`.
 """
@@ -152,7 +153,7 @@ class NodeUserLedger:
 
     # ------------------------------------------------------------------ operations
 
-    def add(self, req: pm.NodeUserRequest) -> None:
+    def add(self, req: pm.NodeUserRequest, tvm: str = "") -> None:
         _check(req)
         with self._lock:
             if self.owned(req.name) is not None:
@@ -173,7 +174,9 @@ class NodeUserLedger:
                 )
             tag = secrets.token_hex(8)
             # Recorded before the account exists, so a crash in between leaves a findable tag.
-            self.entries[req.name] = {"state": "pending", "tag": tag, "expiry": req.expiry}
+            self.entries[req.name] = {
+                "state": "pending", "tag": tag, "expiry": req.expiry, "tvm": tvm,
+            }  # fmt: skip
             self._save()
             argv = [
                 _tool("useradd"), "--create-home", "--home-dir", home, "--shell", "/bin/bash",
@@ -253,11 +256,14 @@ class NodeUserLedger:
         self.entries.pop(name, None)
         self._save()
 
-    def remove_all(self) -> list[str]:
-        """Delete every account this agent made (the TVM is going away). Returns the names."""
+    def remove_all(self, keep_tvm: str | None = None) -> list[str]:
+        """Delete every account this agent made (the TVM is going away), or all but those of TVM
+        `keep_tvm`. Returns the names."""
         gone = []
         with self._lock:
             for name in list(self.entries):
+                if keep_tvm is not None and self.entries[name].get("tvm") == keep_tvm:
+                    continue
                 try:
                     self._delete_locked(name)
                     gone.append(name)
@@ -353,10 +359,12 @@ class NodeUsers:
         private_dir: str,
         send: Callable[[pm.Msg], None],
         nursery: Callable[[], trio.Nursery | None],
+        current_tvm: Callable[[], str] = lambda: "",
     ) -> None:
         self.ledger = NodeUserLedger(private_dir)
         self._send = send
         self._nursery = nursery
+        self._current_tvm = current_tvm
         self.enabled = os.geteuid() == 0
 
     async def start(self) -> None:
@@ -387,7 +395,7 @@ class NodeUsers:
             return "NodeUserNotSupported", "the agent is not root: it cannot create accounts"
         try:
             if req.op == "add":
-                await trio.to_thread.run_sync(self.ledger.add, req)
+                await trio.to_thread.run_sync(self.ledger.add, req, self._current_tvm())
             elif req.op == "update":
                 await trio.to_thread.run_sync(self.ledger.update, req)
             elif req.op == "delete":
@@ -422,8 +430,10 @@ class NodeUsers:
         if code and code != "NodeUserNotFound":
             log.error("remote-login user %s not removed: %s", name, message)
 
-    async def remove_all(self) -> None:
+    async def remove_all(self, keep_tvm: str | None = None) -> None:
+        """All of them (the TVM went away), or all but TVM `keep_tvm`'s (joining it: users of a
+        TVM this agent backed before a restart go, as its wipe would have removed them)."""
         if self.enabled and self.ledger.entries:
-            gone = await trio.to_thread.run_sync(self.ledger.remove_all)
+            gone = await trio.to_thread.run_sync(self.ledger.remove_all, keep_tvm)
             if gone:
-                log.info("node users removed with the TVM: %s", ", ".join(gone))
+                log.info("node users of a TVM that went away removed: %s", ", ".join(gone))

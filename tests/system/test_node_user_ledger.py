@@ -65,7 +65,7 @@ def _code(exc: pytest.ExceptionInfo[NodeUserError]) -> str:
 def test_two_agents_on_one_host(tmp_path: Path, names: Callable[[], str]) -> None:
     a, b = _ledger(tmp_path, "a"), _ledger(tmp_path, "b")
     name = names()
-    a.add(_req(name, password_hash=sha512_crypt("pw"), ssh_public_key=KEY))
+    a.add(_req(name, password_hash=sha512_crypt("pw"), ssh_public_key=KEY), "tvm-1")
     pw = pwd.getpwnam(name)
     assert pw.pw_gecos == f"tvm node user {a.entries[name]['tag']}"
     assert a.owned(name) is not None
@@ -78,9 +78,15 @@ def test_two_agents_on_one_host(tmp_path: Path, names: Callable[[], str]) -> Non
             op()
         assert _code(e) == "NodeUserNotFound"
     assert pwd.getpwnam(name) == pw
-    # What a survives a restart (a fresh ledger object over the same file) and goes with the TVM.
+    # What a made survives a restart (a fresh ledger over the same file); joining another TVM
+    # then removes the old TVM's users, and the rest go with their TVM.
+    older = names()
+    a.add(_req(older, ssh_public_key=KEY), "tvm-0")
     again = _ledger(tmp_path, "a")
     again.recover()
+    assert again.owned(name) is not None
+    assert again.remove_all(keep_tvm="tvm-1") == [older]
+    assert _account(older) is None
     assert again.owned(name) is not None
     assert again.remove_all() == [name]
     assert _account(name) is None
