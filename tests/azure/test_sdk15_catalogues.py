@@ -129,6 +129,14 @@ def test_pool_usage_metrics_from_tvm_time(client: BatchClient, pool: tuple[str, 
         assert r.end_time - r.start_time == dt.timedelta(minutes=30)
         assert r.start_time.minute in (0, 30)
         assert r.start_time.second == 0
+    filtered = list(
+        client.list_pool_usage_metrics(
+            start_time=now - dt.timedelta(hours=1),
+            end_time=now + dt.timedelta(hours=1),
+            filter=f"poolId eq '{pool_id}'",
+        )
+    )
+    assert {r.pool_id for r in filtered} == {pool_id}
     hours = sum(r.total_core_hours for r in rows)
     elapsed = (dt.datetime.now(dt.UTC) - created).total_seconds() / 3600
     assert 0 < hours <= 64 * elapsed  # no more cores than the biggest local size, for as long
