@@ -196,6 +196,15 @@ def test_add_replace_delete_node_user(client: BatchClient, names: Callable[[], s
         with pytest.raises(ResourceNotFoundError) as gone:
             client.delete_node_user(pool_id, node, pw_user)
         assert _code(gone) == (404, "NodeUserNotFound")
+        # An account removed behind the service's back: the delete still clears the user.
+        by_hand = names()
+        client.create_node_user(
+            pool_id, node, bm.BatchNodeUserCreateOptions(name=by_hand, password="pw-h")
+        )
+        subprocess.run(["userdel", "--remove", by_hand], check=True, capture_output=True)
+        client.delete_node_user(pool_id, node, by_hand)
+        with pytest.raises(ResourceNotFoundError):
+            client.delete_node_user(pool_id, node, by_hand)
         with pytest.raises(ResourceNotFoundError) as gone:
             client.replace_node_user(
                 pool_id, node, pw_user, bm.BatchNodeUserReplaceOptions(password="x1")

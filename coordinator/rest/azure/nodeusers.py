@@ -16,7 +16,11 @@ from coordinator.common.errors import ApiError
 from coordinator.common.passhash import sha512_crypt
 from coordinator.common.timeutil import parse_time
 from coordinator.core.records import TvmUserRec
-from coordinator.core.tvm_ops import DEFAULT_USER_LIFETIME_S, MAX_USER_LIFETIME_S
+from coordinator.core.tvm_ops import (
+    DEFAULT_USER_LIFETIME_S,
+    MAX_TVM_USERS,
+    MAX_USER_LIFETIME_S,
+)
 from coordinator.rest.dispatch import Dispatcher, Response
 from protocol import messages as pm
 
@@ -88,6 +92,8 @@ class NodeUserApi:
             raise ApiError(
                 409, "NodeUserExists", f"the user {name!r} already exists on node {node!r}"
             )
+        if len(tvm.rec.users) >= MAX_TVM_USERS:  # each one is an account on a shared host
+            raise ApiError(409, "TooManyUsers", f"a node holds at most {MAX_TVM_USERS} node users")
         await self._agent(
             pool,
             node,
@@ -137,9 +143,15 @@ class NodeUserApi:
     async def delete(
         self, pool: str, node: str, user: str, headers: dict[str, str], **_: Any
     ) -> Response:
-        self.core.get_tvm(pool, node)
-        await self._agent(
-            pool, node, lambda rid: pm.NodeUserRequest(req_id=rid, op="delete", name=user)
-        )
+        tvm = self.core.get_tvm(pool, node)
+        recorded = any(u.name == user for u in tvm.rec.users)
+        try:
+            await self._agent(
+                pool, node, lambda rid: pm.NodeUserRequest(req_id=rid, op="delete", name=user)
+            )
+        except ApiError as exc:
+            # Gone from the host already (removed at its expiry, or by hand): the record follows.
+            if exc.code != "NodeUserNotFound" or not recorded:
+                raise
         await self.svc.execute(self.core.forget_node_user, pool, node, user)
         return empty(200, headers)
