@@ -246,7 +246,8 @@ class NodeUserLedger:
     def _delete_locked(self, name: str) -> None:
         pw = self.owned(name)
         if pw is not None:
-            _run(["pkill", "-KILL", "-U", str(pw.pw_uid)])
+            if shutil.which("pkill"):  # userdel refuses a user with live processes
+                _run(["pkill", "-KILL", "-U", str(pw.pw_uid)])
             res = _run([_tool("userdel"), "--remove", name])
             if res.returncode not in (0, 12):  # 12: the home could not be removed (gone)
                 raise NodeUserError(
