@@ -295,6 +295,26 @@ class RemoveUser(Msg, tag="user.remove", frozen=True, kw_only=True):
     name: str
 
 
+class NodeUserRequest(Msg, tag="nodeuser.request", frozen=True, kw_only=True):
+    """Create ("add"), replace ("update") or delete ("delete") a node user's Linux account on the
+    TVM's host; answered by a NodeUserResponse with the same req_id. The password travels only as
+    its crypt(3) hash."""
+
+    req_id: int
+    op: str
+    name: str
+    password_hash: str = ""  # "": no password (key login only)
+    ssh_public_key: str = ""
+    expiry: float = 0.0  # unix s
+    is_admin: bool = False
+
+
+class NodeUserResponse(Msg, tag="nodeuser.response", frozen=True, kw_only=True):
+    req_id: int
+    error_code: str = ""  # "": done; else an Azure code (NodeUserExists, NodeUserNotFound, ...)
+    message: str = ""
+
+
 class FileEntry(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
     name: str
     is_directory: bool = False
@@ -320,6 +340,7 @@ AgentMsg = (
     | TvmReady
     | Draining
     | FileResponse
+    | NodeUserResponse
     | Unsupported
     | StartTaskStarted
     | TvmLeft
@@ -337,6 +358,7 @@ CoordinatorMsg = (
     | AddUser
     | RemoveUser
     | RebootTvm
+    | NodeUserRequest
 )
 HandshakeMsg = Hello | Welcome | Reject
 

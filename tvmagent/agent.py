@@ -37,6 +37,7 @@ from .link import Link
 from .link import agent_url as agent_url
 from .link import next_backoff as next_backoff
 from .metrics import HostSampler, host_facts
+from .nodeusers import NodeUsers
 from .pool_isolation import PoolIsolation
 from .runner import START_TASK_SLOT, TaskRunner
 from .sandbox import Sandbox, SandboxCapabilities
@@ -164,6 +165,13 @@ class Agent:
             current_tvm=lambda: self.tvm,
             nursery=lambda: self._nursery,
         )
+        self.node_users = NodeUsers(
+            self.private_dir,
+            self.send,
+            lambda: self._nursery,
+            lambda: self.tvm.tvm_name if self.tvm is not None else "",
+        )
+        self.isolation.node_users = self.node_users
         self.limits = TaskLimits(self.root)
         self.runner = TaskRunner(
             self.root,
@@ -278,6 +286,7 @@ class Agent:
                     self.sandbox.cgroup_prefix,
                     self.lifecycle.retry_join,
                 )
+                await self.node_users.start()
                 task_status.started()
                 await self.link.connect_loop()
         finally:
@@ -343,10 +352,12 @@ class Agent:
             self._nursery.start_soon(self._file_request, msg)
         elif isinstance(msg, pm.PoolMembers):
             self.isolation.on_pool_members(list(msg.addresses), msg.pool)
+        elif isinstance(msg, pm.NodeUserRequest):
+            self._nursery.start_soon(self.node_users.handle, msg)
         elif isinstance(msg, pm.AddUser):
-            self._nursery.start_soon(self.isolation.add_login_user, msg)
+            self._nursery.start_soon(self.node_users.add_login_user, msg)
         elif isinstance(msg, pm.RemoveUser):
-            self._nursery.start_soon(self.isolation.remove_login_user, msg.name)
+            self._nursery.start_soon(self.node_users.remove_login_user, msg.name)
         elif isinstance(msg, pm.Ping):
             pass
         elif isinstance(msg, pm.Unsupported):

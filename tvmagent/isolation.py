@@ -26,9 +26,7 @@ supplementary group (``tvmp-<hash>``, created when the agent joins the pool, del
   TVM then share a uid and can read each other's files; certificates are 0600/0700 owned by it).
 * runElevated tasks run as root. A non-root agent runs everything as itself (said at start).
 
-Remote-login users get a home directory, ``~/.ssh/authorized_keys`` (0600) and an account
-expiry (``useradd -e``); the agent also deletes them when their expiry passes. They are in group
-``tvmlogin`` so the agent only ever deletes users it created.
+Remote-login (node) users are ``tvmagent/nodeusers.py``'s.
 """
 
 from __future__ import annotations
@@ -49,7 +47,6 @@ from ._users import lookup_user, validate_user_name
 
 TASK_GROUP = "tvmtasks"  # the shared group of older agents; no longer granted anything
 POOL_GROUP_PREFIX = "tvmp-"
-LOGIN_GROUP = "tvmlogin"
 SLOT_PREFIX = "tvmslot"
 LOCK_DIR = "/run/tvm-agent/slots"
 MAX_SLOT_USERS = 512
@@ -298,71 +295,6 @@ def share_certs_with_group(certs_dir: str, gid: int) -> None:
         os.lchown(p, 0, gid)
         if st.st_mode & 0o777 == 0o600:
             os.chmod(p, 0o640)
-
-
-# ---------------------------------------------------------------------------- remote login
-
-
-def add_login_user(name: str, ssh_public_key: str, expiry: float, is_admin: bool) -> None:
-    validate_user_name(name)
-    if "\n" in ssh_public_key or "\r" in ssh_public_key:
-        raise ValueError("the ssh public key must be one line")
-    ensure_group(LOGIN_GROUP)
-    existing = lookup_user(name)
-    if existing is not None and not _is_login_user(name):
-        raise ValueError(
-            f"user {name!r} already exists on this host and was not created by the agent"
-        )
-    if existing is None:
-        day = time.strftime(
-            "%Y-%m-%d", time.gmtime(expiry + 86399)
-        )  # useradd -e has day granularity
-        groups = [LOGIN_GROUP] + (["sudo"] if is_admin and _group_exists("sudo") else [])
-        res = _run(
-            [
-                shutil.which("useradd") or "/usr/sbin/useradd",
-                "--create-home",
-                "--shell",
-                "/bin/bash",
-                "--groups",
-                ",".join(groups),
-                "--expiredate",
-                day,
-                name,
-            ]
-        )
-        if res.returncode != 0:
-            raise OSError(f"useradd {name} failed ({res.returncode}): {res.stderr.strip()}")
-    pw = pwd.getpwnam(name)
-    ssh = os.path.join(pw.pw_dir, ".ssh")
-    os.makedirs(ssh, mode=0o700, exist_ok=True)
-    os.chown(ssh, pw.pw_uid, pw.pw_gid)
-    os.chmod(ssh, 0o700)
-    keys = os.path.join(ssh, "authorized_keys")
-    fd = os.open(keys + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(ssh_public_key.strip() + "\n")
-    os.chown(keys + ".tmp", pw.pw_uid, pw.pw_gid)
-    os.replace(keys + ".tmp", keys)
-
-
-def remove_login_user(name: str) -> bool:
-    """Delete a user the agent created (and its home). False when there was nothing to delete."""
-    validate_user_name(name)
-    if lookup_user(name) is None or not _is_login_user(name):
-        return False
-    _run(["pkill", "-KILL", "-u", name])
-    res = _run([shutil.which("userdel") or "/usr/sbin/userdel", "--remove", name])
-    if res.returncode not in (0, 12):  # 12: home could not be removed (already gone)
-        raise OSError(f"userdel {name} failed ({res.returncode}): {res.stderr.strip()}")
-    return True
-
-
-def _is_login_user(name: str) -> bool:
-    try:
-        return name in grp.getgrnam(LOGIN_GROUP).gr_mem
-    except KeyError:
-        return False
 
 
 def _group_exists(name: str) -> bool:

@@ -113,6 +113,8 @@ class TvmLifecycle:
     async def _setup(self, msg: pm.JoinPool) -> None:
         if self.tvm is not None and self.tvm.tvm_name != msg.tvm_name:
             await self.wipe()
+        if self.isolation.node_users is not None:
+            await self.isolation.node_users.remove_all(keep_tvm=msg.tvm_name)
         # What earlier runs left in the TVM root: repaired, or the TVM is reported unusable and
         # the join tried again by `retry_join` (host_health.py) until it can be.
         try:

@@ -25,6 +25,7 @@ from ._users import lookup_user
 from .ports import NftError, PortGate, apply_nft, nft_available, remove_nft, render_nft_ruleset
 
 if TYPE_CHECKING:
+    from .nodeusers import NodeUsers
     from .sandbox import ProcessSpec, Sandbox
     from .taskenv import TvmIdentity
 
@@ -51,7 +52,7 @@ class PoolIsolation:
         self._current_tvm = current_tvm
         self._nursery_of = nursery
         self.fence: object | None = None  # ports.PortGate or the nft table name
-        self.login_users: dict[str, float] = {}  # remote-login user -> expiry
+        self.node_users: NodeUsers | None = None  # set by the agent; removed with the TVM
         # The pool's member addresses: PoolMembers may be handled before the JoinPool setup reaches
         # the fence (separate Trio tasks), so they are kept here and used when the fence comes up.
         self._fence_members: list[str] = []
@@ -486,43 +487,8 @@ class PoolIsolation:
             await self._teardown_fence()
             # _fence_members stay: a PoolMembers for the next pool may already have arrived
             # (setup_fence drops a list that belongs to another pool).
-            for name in list(self.login_users):
-                await self.remove_login_user(name)
-
-    # ------------------------------------------------------------------ remote login
-
-    async def add_login_user(self, msg: pm.AddUser) -> None:
-        if os.geteuid() != 0:
-            log.warning("remote-login user %s not created: the agent is not root", msg.name)
-            return
-        try:
-            await trio.to_thread.run_sync(
-                isolation.add_login_user, msg.name, msg.ssh_public_key, msg.expiry, msg.is_admin
-            )
-        except (OSError, ValueError) as exc:
-            log.error("remote-login user %s not created: %s", msg.name, exc)
-            return
-        self.login_users[msg.name] = msg.expiry
-        log.info("remote-login user %s created", msg.name)
-        if self._nursery is not None:
-            self._nursery.start_soon(self._expire_login_user, msg.name, msg.expiry)
-
-    async def _expire_login_user(self, name: str, expiry: float) -> None:
-        import time
-
-        await trio.sleep(max(0.0, expiry - time.time()))
-        if self.login_users.get(name) == expiry:
-            await self.remove_login_user(name)
-
-    async def remove_login_user(self, name: str) -> None:
-        self.login_users.pop(name, None)
-        try:
-            removed = await trio.to_thread.run_sync(isolation.remove_login_user, name)
-        except (OSError, ValueError) as exc:
-            log.error("remote-login user %s not removed: %s", name, exc)
-            return
-        if removed:
-            log.info("remote-login user %s removed", name)
+            if self.node_users is not None:
+                await self.node_users.remove_all()
 
 
 def _gate_address() -> str:

@@ -116,6 +116,34 @@ class Certs:
         del self.s.certificates[key]
         self.out.delete("cert", key)
 
+    def request_delete(self, name: str) -> None:
+        """Azure's delete: a certificate no pool references is gone at once; one still
+        referenced stays, in state `deletefailed` (until `cancel_delete`, or a delete once the
+        references are gone)."""
+        rec = self.get_certificate(name)
+        if self.certificate_users(rec.thumbprint):
+            rec.state = "deletefailed"
+            rec.state_time = self.s.clock()
+            self.out.put("cert", cert_key(rec.thumbprint), rec)
+            return
+        key = cert_key(rec.thumbprint)
+        del self.s.certificates[key]
+        self.out.delete("cert", key)
+
+    def cancel_delete(self, name: str) -> None:
+        """Back to `active` after a delete that failed; refused in any other state."""
+        rec = self.get_certificate(name)
+        if rec.state != "deletefailed":
+            raise ApiError(
+                409,
+                "CertificateStateActive",
+                f"certificate sha1-{rec.thumbprint} is {rec.state}: only a certificate whose "
+                "deletion failed (deletefailed) can have its deletion cancelled",
+            )
+        rec.state = "active"
+        rec.state_time = self.s.clock()
+        self.out.put("cert", cert_key(rec.thumbprint), rec)
+
     def check_references(
         self, refs: list[m.CertificateReference], prefix: str = ""
     ) -> list[m.CertificateReference]:

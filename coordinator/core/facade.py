@@ -284,6 +284,12 @@ class CoordinatorState:
     def delete_tvm_user(self, pool: str, tvm_name: str, user: str) -> None:
         self.tvm_ops.delete_tvm_user(pool, tvm_name, user)
 
+    def record_node_user(self, pool: str, tvm_name: str, user: TvmUserRec) -> None:
+        self.tvm_ops.record_node_user(pool, tvm_name, user)
+
+    def forget_node_user(self, pool: str, tvm_name: str, name: str) -> None:
+        self.tvm_ops.forget_node_user(pool, tvm_name, name)
+
     # ------------------------------------------------------------------ certificates
 
     def add_certificate(self, req: m.CertificateAdd) -> CertRec:

@@ -24,6 +24,7 @@ import secrets
 from protocol import messages as pm
 from protocol.ports import allocate_tvm_range
 
+from . import usage
 from .instructions import Outbox
 from .pool_limits import join_limits
 from .records import COMPLETED, RUNNING, AgentInfo, PoolRec, Tvm, TvmRec
@@ -312,6 +313,9 @@ class Membership:
 
     def forget_tvm(self, tvm: Tvm) -> None:
         self.runs.requeue_tvm_tasks(tvm)
+        pool = usage.tvm_left(self.s, tvm, self.s.clock())
+        if pool is not None:
+            self.out.put("pool", tvm.rec.pool, pool)
         name = tvm.rec.name
         self.s.tvms.pop(name, None)
         self.out.delete("tvm", name)

@@ -156,6 +156,8 @@ class PoolRec(msgspec.Struct, kw_only=True):
     shrink_option: str = "requeue"  # tvmDeallocationOption of the last resize
     # The last autoscale run (timestamp, results, error code, error message).
     auto_scale_run: tuple[float, str, str | None, str | None] | None = None
+    # Core-seconds of TVMs that have left, per half-hour interval start (usage.py).
+    usage: dict[str, float] = {}
 
 
 class CertRec(msgspec.Struct, kw_only=True):

@@ -209,6 +209,40 @@ class TvmOps:
         self.out.put("tvm", tvm.rec.name, tvm.rec)
         self.out.send(tvm.rec.agent_id, pm.RemoveUser(name=user))
 
+    def check_node_user_key(self, key: str) -> None:
+        """An Azure node user's sshPublicKey ("" = none): one OpenSSH public key line."""
+        if key and (len(key) > 8192 or not _SSH_KEY.fullmatch(key)):
+            raise bad_request(
+                "InvalidPropertyValue",
+                "sshPublicKey must be one OpenSSH public key line like 'ssh-ed25519 AAAA... comment'",
+                field="sshPublicKey",
+                value="",
+            )
+
+    def check_node_user_name(self, name: str) -> None:
+        """The name rules of remote-login users, for the Azure node users (400 naming `name`)."""
+        if not _LINUX_USER.fullmatch(name) or name in _RESERVED_USERS or name.startswith("tvm"):
+            raise bad_request(
+                "InvalidPropertyValue",
+                f"{name!r} is not a usable Linux user name: 1-32 characters, lowercase letters,"
+                " digits, '_' or '-', starting with a letter or '_', not a system name or tvm*",
+                field="name",
+                value=name,
+            )
+
+    def record_node_user(self, pool: str, tvm_name: str, user: TvmUserRec) -> None:
+        """A node user the agent has made (or replaced): kept on the TVM record, no message."""
+        tvm = self.s.get_tvm(pool, tvm_name)
+        tvm.rec.users = [*(u for u in tvm.rec.users if u.name != user.name), user]
+        self.out.put("tvm", tvm.rec.name, tvm.rec)
+
+    def forget_node_user(self, pool: str, tvm_name: str, name: str) -> None:
+        """A node user the agent has deleted."""
+        tvm = self.s.get_tvm(pool, tvm_name)
+        if any(u.name == name for u in tvm.rec.users):
+            tvm.rec.users = [u for u in tvm.rec.users if u.name != name]
+            self.out.put("tvm", tvm.rec.name, tvm.rec)
+
     def expire_users(self) -> None:
         """Drop users whose expiry passed (the agent removes them on its own too)."""
         now = self.s.clock()

@@ -119,7 +119,7 @@ class CoordinatorService:
         self.links: dict[str, AgentLink] = {}
         self.acks = AckTimer()  # pokes links whose lone ack waited ACK_DELAY (links._writer)
         self.tick_interval = max(0.05, min(1.0, heartbeat_timeout / 5))
-        self._file_waiters: dict[int, tuple[trio.Event, list[pm.FileResponse]]] = {}
+        self._file_waiters: dict[int, tuple[trio.Event, list[Any]]] = {}
         self._req_ids = itertools.count(1)
         self.endpoint = ""
         # Link round trips and placement rate for /metrics; ping at least as often as agents heartbeat.
@@ -335,7 +335,7 @@ class CoordinatorService:
         self.monitor.on_frame(link.agent_id, link.session.session_id, link.session.peer_acked)
         for r in received:
             msg = r.msg
-            if isinstance(msg, pm.FileResponse):
+            if isinstance(msg, (pm.FileResponse, pm.NodeUserResponse)):
                 waiter = self._file_waiters.get(msg.req_id)
                 if waiter is not None:
                     waiter[1].append(msg)
@@ -397,6 +397,27 @@ class CoordinatorService:
             link.session.send(req)
             link.poke()
             with trio.move_on_after(self.FILE_REQUEST_WAIT_S):
+                await event.wait()
+        finally:
+            del self._file_waiters[req_id]
+        return box[0] if box else None
+
+    async def ask_agent(
+        self, agent_id: str, make: Callable[[int], pm.Msg], wait: float
+    ) -> Any | None:
+        """Send the request `make(req_id)` to an agent and wait for the answer with that req_id
+        (None: not connected, or no answer within `wait` seconds)."""
+        link = self.links.get(agent_id)
+        if link is None or not link.connected:
+            return None
+        req_id = next(self._req_ids)
+        event = trio.Event()
+        box: list[Any] = []
+        self._file_waiters[req_id] = (event, box)
+        try:
+            link.session.send(make(req_id))
+            link.poke()
+            with trio.move_on_after(wait):
                 await event.wait()
         finally:
             del self._file_waiters[req_id]

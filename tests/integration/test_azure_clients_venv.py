@@ -29,7 +29,14 @@ AIRFLOW = [
 ]
 
 
-def run_client(python: Path, script: str, up: TvmUp, tmp: Path, timeout: float) -> dict[str, Any]:
+def run_client(
+    python: Path,
+    script: str,
+    up: TvmUp,
+    tmp: Path,
+    timeout: float,
+    extra_env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Run a client script in its venv against `up`; its report, or a failure with its output."""
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -37,6 +44,7 @@ def run_client(python: Path, script: str, up: TvmUp, tmp: Path, timeout: float) 
         "PYTHONPATH": str(SCRIPTS),  # report.py only: the clients never see this repo
         "PYTHONDONTWRITEBYTECODE": "1",
         **up.env(),
+        **(extra_env or {}),
     }
     if script.startswith("airflow"):
         env["AIRFLOW_HOME"] = str(tmp / "airflow")
@@ -100,6 +108,58 @@ def test_azure_batch_14_operations(tmp_path: Path) -> None:
     with tvm_up(tmp_path, agents=2) as up:
         report = run_client(python, "sdk14_operations.py", up, tmp_path, timeout=900)
     assert "resize to 2 reaches 2 idle nodes" in report["passed"]
+    assert "aborted_at" not in report["facts"]
+
+
+def _test_certificates() -> dict[str, str]:
+    """A pfx (with a key and a password) and a cer, base64, with their SHA-1 thumbprints."""
+    import base64
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import pkcs12
+    from cryptography.x509.oid import NameOID
+
+    def make(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .sign(key, hashes.SHA256())
+        )
+        return key, cert
+
+    key, pfx_cert = make("sdk14-pfx")
+    _, cer_cert = make("sdk14-cer")
+    password = "pfx-" + os.urandom(6).hex()
+    pfx = pkcs12.serialize_key_and_certificates(
+        b"sdk14", key, pfx_cert, None, serialization.BestAvailableEncryption(password.encode())
+    )
+    return {
+        "CERT_PFX": base64.b64encode(pfx).decode(),
+        "CERT_PFX_PASSWORD": password,
+        "CERT_PFX_THUMB": pfx_cert.fingerprint(hashes.SHA1()).hex(),
+        "CERT_CER": base64.b64encode(cer_cert.public_bytes(serialization.Encoding.DER)).decode(),
+        "CERT_CER_THUMB": cer_cert.fingerprint(hashes.SHA1()).hex(),
+    }
+
+
+def test_azure_batch_14_certificates(tmp_path: Path) -> None:
+    python = client_venv("azure-batch-14", AZURE_BATCH_14, timeout=300)
+    certs = _test_certificates()
+    with tvm_up(tmp_path, agents=1) as up:
+        report = run_client(python, "sdk14_certificates.py", up, tmp_path, 600, certs)
+    assert "a task on the node sees the certificate files" in report["passed"]
+    assert "cancel deletion makes it active again" in report["passed"]
     assert "aborted_at" not in report["facts"]
 
 

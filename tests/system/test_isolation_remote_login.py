@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
-import grp
+import json
 import os
 import pwd
 import secrets
@@ -14,7 +14,7 @@ import pytest
 
 from coordinator.client import BatchError
 from tests.harness import cluster_ctx
-from tvmagent.isolation import LOGIN_GROUP
+from tvmagent.nodeusers import LEDGER
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (creates Linux users)")
 
@@ -48,7 +48,13 @@ async def test_add_list_delete_remote_login_user(nursery, tmp_path):
                 assert f.read() == KEY + "\n"
             st = os.stat(keys)
             assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (pw.pw_uid, 0o600)
-            assert name in grp.getgrnam(LOGIN_GROUP).gr_mem
+            # The agent records what it made (its ledger) and tags the account with it.
+            ledgers = list(tmp_path.rglob(LEDGER))
+            entries = [json.loads(p.read_text()) for p in ledgers]  # noqa: ASYNC240 - small local files
+            mine = [e[name] for e in entries if name in e]
+            assert len(mine) == 1
+            assert mine[0]["uid"] == pw.pw_uid
+            assert pw.pw_gecos == f"tvm node user {mine[0]['tag']}"
             assert [u.name for u in await c.client.tvm_users.list("p", tvm.name)] == [name]
             with pytest.raises(BatchError) as ei:
                 await c.client.tvm_users.add("p", tvm.name, name, KEY)

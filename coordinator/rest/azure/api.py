@@ -4,15 +4,28 @@ from __future__ import annotations
 
 from coordinator.rest.dispatch import Dispatcher
 
+from .catalog import CatalogApi
+from .certs import CertificateApi
 from .files import FileApi
 from .jobs import JobApi
 from .nodes import NodeApi
+from .nodeusers import NodeUserApi
 from .pools import PoolApi
 from .router import AzureApi
 from .schedules import ScheduleApi
 from .tasks import TaskApi
 
-GROUPS = (PoolApi, NodeApi, JobApi, TaskApi, FileApi, ScheduleApi)
+GROUPS = (
+    PoolApi,
+    NodeApi,
+    JobApi,
+    TaskApi,
+    FileApi,
+    ScheduleApi,
+    NodeUserApi,
+    CatalogApi,
+    CertificateApi,
+)
 
 
 def install(app: Dispatcher) -> AzureApi:
