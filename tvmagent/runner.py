@@ -18,6 +18,7 @@ from protocol.exitcodes import NO_EXIT_CODE
 
 from . import cmdline, isolation
 from .downloads import DownloadCache, DownloadError
+from .jobprep_dir import share_with_pool
 from .limits import TaskLimits
 from .pool_isolation import PoolIsolation
 from .procspec import LaunchError, ProcessOutcome, ProcessSpec
@@ -286,6 +287,8 @@ class TaskRunner:
                 if failure is None:
                     # a writer quicker than the periodic check
                     failure = await self.limits.disk_verdict(spec.key, list(self.state.running))
+                if spec.kind == "jobprep":  # the job's tasks read what it left
+                    await trio.to_thread.run_sync(share_with_pool, tdir, self.isolation.pool_gid)
             elif run.cancelled:
                 failure = pm.Failure(
                     category="UserError", code="TaskEnded", message=run.cancel_reason
