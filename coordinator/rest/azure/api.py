@@ -5,6 +5,7 @@ from __future__ import annotations
 from coordinator.rest.dispatch import Dispatcher
 
 from .files import FileApi
+from .jobprep import JobPrepApi
 from .jobs import JobApi
 from .nodes import NodeApi
 from .pools import PoolApi
@@ -12,7 +13,7 @@ from .router import AzureApi
 from .schedules import ScheduleApi
 from .tasks import TaskApi
 
-GROUPS = (PoolApi, NodeApi, JobApi, TaskApi, FileApi, ScheduleApi)
+GROUPS = (PoolApi, NodeApi, JobApi, JobPrepApi, TaskApi, FileApi, ScheduleApi)
 
 
 def install(app: Dispatcher) -> AzureApi:
