@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 import trio
 
 from coordinator.core import TASK_DONE, Write
+from coordinator.core.records import JOB_PREP
 
 META_KIND = "\x00meta"  # Write.kind of a meta table row (object kinds are plain words)
 
@@ -84,7 +85,7 @@ class SqliteStore:
 
     def load(self) -> Iterator[tuple[str, str, bytes]]:
         # Parents before children so restore() can attach tasks to jobs in one pass.
-        for kind in ("pool", "tvm", "workitem", "job", "task", TASK_DONE, "cert", "file"):
+        for kind in ("pool", "tvm", "workitem", "job", "task", TASK_DONE, "cert", "file", JOB_PREP):
             yield from self._db.execute("SELECT kind, key, body FROM objects WHERE kind=?", (kind,))
 
     def apply(self, writes: Sequence[Write]) -> None:
