@@ -282,6 +282,7 @@ class CoordinatorState:
 
     def reimage_tvm(self, pool: str, name: str, req: m.TvmReimage | None = None) -> None:
         self.tvm_ops.reimage_tvm(pool, name, req)
+        self.jobprep.tvm_reimaged(name)
 
     def disable_scheduling(
         self, pool: str, name: str, req: m.TvmDisableScheduling | None = None

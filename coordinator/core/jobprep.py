@@ -323,6 +323,16 @@ class JobPrep:
                     move_prep(run, "pending")
                     self.out.put(JOB_PREP, rec.key, rec)
 
+    def tvm_reimaged(self, tvm_name: str) -> None:
+        """A reimage wipes the TVM's task directories: every preparation runs there again (one that
+        had failed too: Azure bars a node for a job only until it is reimaged)."""
+        for recs in self.s.job_preps.values():
+            rec = recs.get(tvm_name)
+            if rec is not None and rec.prep is not None and rec.prep.state != "pending":
+                move_prep(rec.prep, "pending")
+                rec.prep.retry_count = 0
+                self.out.put(JOB_PREP, rec.key, rec)
+
     # ------------------------------------------------------------------ the job's end
 
     def job_ending(self, job: Job) -> None:
@@ -357,9 +367,9 @@ class JobPrep:
                 self._start_release(job.rec, rec)
             self.out.put(JOB_PREP, rec.key, rec)
 
-    def _start_release(self, job: JobRec, rec: JobPrepRec) -> None:
+    def _start_release(self, job: JobRec, rec: JobPrepRec) -> bool:
         """Start (or start again) the release run of `rec` when its TVM can take it; otherwise it
-        stays pending (`tick` retries)."""
+        stays pending (`tick` retries). Returns whether it started."""
         spec, run = job.release, rec.release
         assert spec is not None
         assert run is not None
@@ -372,7 +382,7 @@ class JobPrep:
             or not tvm.ready
             or tvm.rec.state not in _READY_TVM
         ):
-            return
+            return False
         move_prep(run, "running")
         run.attempt = self._attempt()
         run.start_time = self.s.clock()
@@ -392,6 +402,7 @@ class JobPrep:
             elevated=spec.run_elevated,
             kind="jobrelease",
         )
+        return True
 
     def releases_pending(self, job: Job) -> bool:
         """Does a release run of the job still run, or wait for a TVM that is still in its pool?"""
@@ -438,8 +449,7 @@ class JobPrep:
                 if job is None:
                     self._forget(rec)  # a deleted job's release cannot be rebuilt: give up
                     continue
-                self._start_release(job.rec, rec)
-                if run.state == "running":
+                if self._start_release(job.rec, rec):
                     self.out.put(JOB_PREP, rec.key, rec)
 
     # ------------------------------------------------------------------ reads

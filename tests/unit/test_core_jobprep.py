@@ -99,7 +99,8 @@ def test_failed_prep_bars_the_tvm_after_its_retries():
     _done(core, agent, first, code=1)
     fx = core.take_effects()
     [retry] = [msg.spec for _, msg in _sends(fx) if isinstance(msg, pm.RunTask)]
-    assert retry.key == first.key and retry.attempt != first.attempt
+    assert retry.key == first.key
+    assert retry.attempt != first.attempt
     _done(core, agent, retry, code=1)
     assert _runs(core) == []  # barred: the task stays active
     _, task = core.get_task("wi", J1, "t")
@@ -140,7 +141,8 @@ def test_release_runs_where_prep_ran_and_holds_the_job_in_terminating():
     core.tick()
     assert core.get_job("wi", J1).rec.state == "completed"
     [rec] = core.job_prep_status("wi", J1)
-    assert rec.release is not None and rec.release.state == "completed"
+    assert rec.release is not None
+    assert rec.release.state == "completed"
 
 
 def test_restore_keeps_prep_records():
@@ -172,7 +174,8 @@ def test_restore_keeps_prep_records():
     fresh = CoordinatorState("acct", clock=Clock(), epoch=2)
     fresh.restore((k, key, body) for (k, key), body in rows.items())
     [rec] = fresh.job_prep_status("wi", J1)
-    assert rec.prep is not None and rec.prep.succeeded
+    assert rec.prep is not None
+    assert rec.prep.succeeded
 
 
 @pytest.mark.parametrize(
@@ -210,7 +213,8 @@ def test_bad_specs_are_refused_and_leave_nothing(kw: dict[str, object], code: st
     with pytest.raises(ApiError) as info:
         _wi(core, **kw)
     assert info.value.code == code
-    assert core.workitems == {} and core.jobs == {}
+    assert core.workitems == {}
+    assert core.jobs == {}
     assert core.take_effects().writes == []
 
 
@@ -233,3 +237,65 @@ def test_status_without_prep_is_a_conflict():
     with pytest.raises(ApiError) as info:
         core.job_prep_status("wi", J1)
     assert info.value.code == "JobPreparationTaskNotSpecified"
+
+
+def test_deleting_an_active_job_runs_its_release_then_forgets_it():
+    core = _core(n_agents=1)
+    _wi(core, job_preparation_task=PREP, job_release_task=RELEASE)
+    core.add_task("wi", J1, m.TaskAdd(name="t", command_line="run"))
+    [(agent, prep)] = _runs(core)
+    _done(core, agent, prep)
+    core.take_effects()
+    core.delete_workitem("wi")
+    fx = core.take_effects()
+    [release] = [msg.spec for _, msg in _sends(fx) if isinstance(msg, pm.RunTask)]
+    assert release.kind == "jobrelease"
+    assert core.store.job_preps  # kept until the release has ended
+    _done(core, agent, release)
+    fx = core.take_effects()
+    deleted = sorted(msg.key for _, msg in _sends(fx) if isinstance(msg, pm.DeleteTaskFiles))
+    assert deleted == [f"wi/{J1}/jobpreparation", f"wi/{J1}/jobrelease"]
+    assert core.store.job_preps == {}
+    assert [(w.kind, w.body) for w in fx.writes if w.kind == "jobprep"] == [("jobprep", None)]
+
+
+def test_a_prep_lost_with_its_agent_runs_again():
+    core = _core(n_agents=1)
+    _wi(core, job_preparation_task=PREP)
+    core.add_task("wi", J1, m.TaskAdd(name="t", command_line="run"))
+    [(agent, first)] = _runs(core)
+    # A fresh agent process (it reports nothing): the run died with the old one.
+    core.agent_disconnected(agent)
+    core.agent_hello(pm.Hello(agent_id=agent, token="t", cores=4))
+    tvm = next(iter(core.tvms.values()))
+    core.agent_message(agent, pm.TvmReady(tvm_name=tvm.rec.name))
+    core.take_effects()
+    [(_, again)] = _runs(core)
+    assert again.kind == "jobprep"
+    assert again.attempt != first.attempt
+    _done(core, agent, first)  # the lost run's late result changes nothing
+    assert _runs(core) == []
+    _done(core, agent, again)
+    assert [s.task for _, s in _runs(core)] == ["t"]
+
+
+def test_reboot_and_reimage_run_the_prep_again():
+    core = _core(n_agents=1)
+    _wi(core, job_preparation_task=PREP)
+    core.add_task("wi", J1, m.TaskAdd(name="t0", command_line="run"))
+    [(agent, prep)] = _runs(core)
+    _done(core, agent, prep)
+    [(_, t0)] = _runs(core)
+    _done(core, agent, t0)
+    tvm = next(iter(core.tvms.values()))
+    for op in (core.reboot_tvm, core.reimage_tvm):
+        op("p", tvm.rec.name)
+        core.agent_message(agent, pm.TvmReady(tvm_name=tvm.rec.name))
+        core.take_effects()
+        core.add_task("wi", J1, m.TaskAdd(name=f"after-{op.__name__}", command_line="run"))
+        [(_, again)] = _runs(core)
+        assert again.kind == "jobprep", op.__name__
+        _done(core, agent, again)
+        [(_, task)] = _runs(core)
+        assert task.task == f"after-{op.__name__}"
+        _done(core, agent, task)
