@@ -64,3 +64,21 @@ async def test_prep_output_is_readable_not_writable_by_the_jobs_tasks(nursery, t
             st = os.stat(d)
             assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o750), d
             assert st.st_gid != 0  # the pool's group
+
+
+@pytest.mark.skipif(not _caps.has_bwrap, reason="bubblewrap (bwrap) not installed")
+async def test_a_bubblewrap_pool_shows_the_prep_directory_read_only(nursery, tmp_path, open_root):
+    os.makedirs(tmp_path / "agents", exist_ok=True)
+    async with cluster_ctx(nursery, tmp_path, heartbeat_timeout=3) as c:
+        c.start_agent(extra_args=ISOLATED, root=os.path.join(open_root, "a0"))
+        await c.pool_with_tvms("p", 1, bubblewrap=True)
+        await c.client.workitems.add(
+            "wi", "p", job_preparation_task=m.JobPreparationTask(command_line=PREP)
+        )
+        await c.client.tasks.add("wi", JOB, "t", TASK)
+        counts = await c.client.tasks.wait("wi", JOB, timeout=60)
+        task = await c.client.tasks.get("wi", JOB, "t")
+        assert counts.succeeded == 1, task.execution_info
+        out = (await c.client.files.get_from_task("wi", JOB, "t", "stdout.txt")).decode().split()
+        # Inside the sandbox only the job's own preparation directory is shown, read-only.
+        assert out[2:4] == ["ready", "write:denied"], out
