@@ -6,8 +6,8 @@ Refused pool shapes (Windows, cloud service, unknown size) leave nothing behind;
 its node files; node counts; the AZ_BATCH_* environment; a failing task's failureInfo; terminate,
 reactivate, update and delete of a running task; subtasks; file properties, ranges and delete; job
 patch, update, list $filter, disable/enable, terminate; job preparation and release tasks and their
-status; node scheduling, reboot, reimage, remote
-login settings; resize, stop resize, remove nodes; 404 codes; request ids and a 304.
+status; node scheduling, reboot, reimage, remote login settings; resize, stop resize, remove nodes;
+404 codes; request ids and a 304.
 """
 
 from __future__ import annotations
