@@ -299,3 +299,27 @@ def test_reboot_and_reimage_run_the_prep_again():
         [(_, task)] = _runs(core)
         assert task.task == f"after-{op.__name__}"
         _done(core, agent, task)
+
+
+def test_job_manager_waits_for_the_prep_on_its_tvm():
+    core = _core(n_agents=1)
+    jm = m.JobManager(name="jm", command_line="manage")
+    _wi(core, job_manager=jm, job_preparation_task=PREP)
+    [(agent, prep)] = _runs(core)
+    assert prep.kind == "jobprep"
+    assert _runs(core) == []  # the manager waits while the preparation runs
+    _done(core, agent, prep)
+    [(_, manager)] = _runs(core)
+    assert (manager.task, manager.job_manager, manager.job_prep) == ("jm", True, "jobpreparation")
+
+
+def test_prep_named_like_the_job_manager_is_refused():
+    core = _core(n_agents=1)
+    with pytest.raises(ApiError) as info:
+        _wi(
+            core,
+            job_manager=m.JobManager(name="setup", command_line="x"),
+            job_preparation_task=m.JobPreparationTask(name="setup", command_line="y"),
+        )
+    assert info.value.code == "InvalidPropertyValue"
+    assert core.workitems == {}
