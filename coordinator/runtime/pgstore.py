@@ -14,6 +14,7 @@ import socket
 from collections.abc import Iterator, Sequence
 
 from coordinator.core import TASK_DONE, Write
+from coordinator.core.records import JOB_PREP
 
 from .journal import META_KIND, StoreFenced
 
@@ -39,7 +40,7 @@ _PUT_META = (
     "INSERT INTO tvm_meta(key, value) VALUES (%s, %s) "
     "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
 )
-_LOAD_ORDER = ("pool", "tvm", "workitem", "job", "task", TASK_DONE, "cert", "file")
+_LOAD_ORDER = ("pool", "tvm", "workitem", "job", "task", TASK_DONE, "cert", "file", JOB_PREP)
 
 
 class StoreUnreachable(RuntimeError):

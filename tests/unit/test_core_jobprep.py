@@ -3,6 +3,8 @@ release at the job's end, refusals, and the journal rows a restart rebuilds them
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from msgspec.structs import astuple
 
@@ -145,37 +147,32 @@ def test_release_runs_where_prep_ran_and_holds_the_job_in_terminating():
     assert rec.release.state == "completed"
 
 
-def test_restore_keeps_prep_records():
+def test_prep_records_survive_a_restart_and_go_with_their_job(open_store: Any):
+    """Through the real journal: SQLite, and PostgreSQL where it exists (`open_store`)."""
+    store = open_store("j.db")
     core = _core(n_agents=1)
-    _wi(core, job_preparation_task=PREP)
+    _wi(core, job_preparation_task=PREP, job_release_task=RELEASE)
     core.add_task("wi", J1, m.TaskAdd(name="t", command_line="run"))
-    rows: dict[tuple[str, str], bytes] = {}
-
-    def journal() -> None:
-        for w in core.take_effects().writes:
-            if w.body is None:
-                for k in [
-                    k
-                    for k in rows
-                    if k[0] == w.kind and (k[1] == w.key or (w.prefix and k[1].startswith(w.key)))
-                ]:
-                    del rows[k]
-            else:
-                rows[(w.kind, w.key)] = w.body
-
-    journal()
     core.schedule()
     fx = core.take_effects()
     [spec] = [msg.spec for _, msg in _sends(fx) if isinstance(msg, pm.RunTask)]
-    for w in fx.writes:
-        rows[(w.kind, w.key)] = w.body  # type: ignore[assignment]
     _done(core, "a0", spec)
-    journal()
+    store.apply(fx.writes + core.take_effects().writes)
     fresh = CoordinatorState("acct", clock=Clock(), epoch=2)
-    fresh.restore((k, key, body) for (k, key), body in rows.items())
+    fresh.restore(store.load())
     [rec] = fresh.job_prep_status("wi", J1)
     assert rec.prep is not None
     assert rec.prep.succeeded
+    assert rec.release_name == "jobrelease"
+    # Deleted while active: its release runs first, and the record stays until it has ended.
+    core.delete_workitem("wi")
+    fx = core.take_effects()
+    store.apply(fx.writes)
+    assert [k for k, _, _ in store.load() if k == "jobprep"] == ["jobprep"]
+    [release] = [m_.spec for _, m_ in _sends(fx) if isinstance(m_, pm.RunTask)]
+    _done(core, "a0", release)
+    store.apply(core.take_effects().writes)
+    assert [k for k, _, _ in store.load() if k == "jobprep"] == []
 
 
 @pytest.mark.parametrize(
