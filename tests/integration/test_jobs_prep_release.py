@@ -9,7 +9,7 @@ import shlex
 import pytest
 import trio
 
-from coordinator.client import BatchError
+from coordinator.client import BatchError, task_spec
 from coordinator.common import models as m
 from tests.harness import cluster_ctx
 
@@ -44,8 +44,9 @@ async def test_prep_runs_once_per_tvm_and_release_at_job_end(nursery, tmp_path):
             job_preparation_task=m.JobPreparationTask(command_line=PREP_CMD),
             job_release_task=m.JobReleaseTask(command_line=RELEASE_CMD),
         )
-        for i in range(6):
-            await c.client.tasks.add("wi", JOB, f"t{i}", TASK_CMD)
+        # One collection: the first placement deals a task to each TVM, so both prepare.
+        specs = [task_spec(f"t{i}", TASK_CMD) for i in range(6)]
+        assert {r.status for r in await c.client.tasks.add_many("wi", JOB, specs)} == {"success"}
         counts = await c.client.tasks.wait("wi", JOB, timeout=60)
         assert counts.succeeded == 6, counts
         tvms = {t.name for t in await c.client.tvms.list("p")}
@@ -60,7 +61,7 @@ async def test_prep_runs_once_per_tvm_and_release_at_job_end(nursery, tmp_path):
             assert lines[0] == f"prepared-on-{tvm}", out
             assert lines[1].endswith(f"/tasks/wi/{JOB}/jobpreparation"), out
         status = await _status(c)
-        assert {s.tvm_name for s in status} == used
+        assert {s.tvm_name for s in status} == tvms
         assert used <= tvms
         for s in status:
             prep = s.job_preparation_task_execution_info
