@@ -211,3 +211,42 @@ def test_bad_prep_requests_are_refused(client: BatchClient) -> None:
         except ResourceNotFoundError:
             pass
         client.begin_delete_pool(pool_id, polling_interval=1).result()
+
+
+def test_a_job_schedules_jobs_get_its_prep_and_release(client: BatchClient) -> None:
+    pool_id, sid = _uid("sched-pool"), _uid("sched")
+    _pool(client, pool_id, 1)
+    try:
+        spec = bm.BatchJobSpecification(
+            pool_info=bm.BatchPoolInfo(pool_id=pool_id),
+            job_preparation_task=bm.BatchJobPreparationTask(id="setup", command_line=PREP),
+            job_release_task=bm.BatchJobReleaseTask(id="teardown", command_line=RELEASE),
+        )
+        client.create_job_schedule(
+            bm.BatchJobScheduleCreateOptions(
+                id=sid, schedule=bm.BatchJobScheduleConfiguration(), job_specification=spec
+            )
+        )
+        shown = client.get_job_schedule(sid).job_specification
+        assert shown is not None
+        assert shown.job_preparation_task is not None
+        assert shown.job_preparation_task.id == "setup"
+        assert shown.job_release_task is not None
+        assert shown.job_release_task.id == "teardown"
+        job = client.get_job(f"{sid}:job-1")
+        assert job.job_preparation_task is not None
+        assert job.job_preparation_task.id == "setup"
+        client.create_task(f"{sid}:job-1", bm.BatchTaskCreateOptions(id="t", command_line=TASK))
+        _wait(
+            lambda: client.get_task(f"{sid}:job-1", "t").state == bm.BatchTaskState.COMPLETED,
+            "the schedule's task completed",
+        )
+        out = b"".join(client.download_task_file(f"{sid}:job-1", "t", "stdout.txt"))
+        assert out.decode().strip() == "prepared"
+        [status] = client.list_job_preparation_and_release_task_status(f"{sid}:job-1")
+        info = status.job_preparation_task_execution_info
+        assert info is not None
+        assert info.task_root_directory == f"workitems/{sid}/job-1/setup"
+    finally:
+        client.begin_delete_job_schedule(sid, polling_interval=1).result()
+        client.begin_delete_pool(pool_id, polling_interval=1).result()
