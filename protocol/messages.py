@@ -63,6 +63,11 @@ class TaskSpec(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
     job_manager: bool = False
     memory_limit_bytes: int = 0
     job_id: str = ""  # the Azure id of a schedule's job (AZ_BATCH_JOB_ID); empty: `workitem`
+    # The job's preparation task (its directory's name beside the task's): AZ_BATCH_JOB_PREP_DIR.
+    job_prep: str = ""
+    # "jobprep": this run is the job's preparation task; its directory is left readable by the
+    # pool's tasks. "jobrelease": the job's release task. "": an ordinary task.
+    kind: str = ""
 
 
 class StartTaskSpec(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):

@@ -85,6 +85,11 @@ class PoolIsolation:
         return self._current_tvm()
 
     @property
+    def pool_gid(self) -> int | None:
+        """The group of this membership's pool (None without task users)."""
+        return self._pool_gid
+
+    @property
     def _nursery(self) -> trio.Nursery | None:
         return self._nursery_of()
 

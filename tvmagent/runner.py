@@ -18,6 +18,7 @@ from protocol.exitcodes import NO_EXIT_CODE
 
 from . import cmdline, isolation
 from .downloads import DownloadCache, DownloadError
+from .jobprep_dir import share_with_pool
 from .limits import TaskLimits
 from .pool_isolation import PoolIsolation
 from .procspec import LaunchError, ProcessOutcome, ProcessSpec
@@ -148,13 +149,15 @@ class TaskRunner:
         hand_back: bool = True,
         announce: pm.TaskSpec | None = None,
         made: bool = False,
+        readonly: tuple[str, ...] = (),
     ) -> tuple[ProcessOutcome, bool]:
         """Run one command to its end. The blocking set-up — `setup()` (directories), fresh output
         files, a task user's lease for `lease_dir`, cgroup, fork/exec — is one worker-thread call,
         or runs on the event loop when all of it is short: `made`, the directory came ready from
         the stock (nothing to create), with the clone3 launcher and a task user at hand.
         `announce`: send its TaskStarted once the process runs (lazily, see `Link.send_lazily`).
-        `slot`: where `kill` finds the process. Returns (outcome, killed for its wall clock)."""
+        `slot`: where `kill` finds the process. `readonly`: more directories a bubblewrap sandbox
+        shows (read-only). Returns (outcome, killed for its wall clock)."""
         leases: list[isolation.SlotLease | None] = []
         iso = self.isolation
         inline = (
@@ -194,6 +197,10 @@ class TaskRunner:
 
         # argv: a placeholder until prepare() splits the command line.
         use_bwrap = self.use_bwrap or iso.pool_bwrap
+        bw = iso.bwrap_paths() if use_bwrap else {}
+        if use_bwrap and readonly:  # those that exist (bwrap cannot bind a missing one)
+            shown = tuple([p for p in readonly if await trio.Path(p).is_dir()])
+            bw["bwrap_readonly"] = (*bw.get("bwrap_readonly", ()), *shown)
         spec = ProcessSpec(
             argv=["-"],
             cwd=cwd,
@@ -203,7 +210,7 @@ class TaskRunner:
             run_as=None if elevated else (self.task_user or None),
             use_bwrap=use_bwrap,
             name=name,
-            **(iso.bwrap_paths() if use_bwrap else {}),  # type: ignore[arg-type]
+            **bw,  # type: ignore[arg-type]
             **self.limits.process_limits(),  # type: ignore[arg-type]
         )
         try:
@@ -261,6 +268,9 @@ class TaskRunner:
                 self._send(pm.TaskStarted(key=spec.key, attempt=spec.attempt, start_time=start))
                 failure = await self.fetch_files(spec.resource_files, wd)
             made = not spec.resource_files and self._take_dir(tdir)
+            # The job's preparation directory, which its tasks read (AZ_BATCH_JOB_PREP_DIR).
+            prep = os.path.join(os.path.dirname(tdir), spec.job_prep) if spec.job_prep else ""
+            shown = (prep,) if prep and spec.kind != "jobprep" else ()
             if failure is None and not run.cancelled:
                 outcome, timed_out = await self.spawn(
                     spec.command_line,
@@ -278,6 +288,7 @@ class TaskRunner:
                     lease_mode=0o700,
                     announce=None if spec.resource_files else spec,
                     made=made,
+                    readonly=shown,
                 )
                 start = outcome.start_time.timestamp()
                 exit_code, failure = run_verdict(
@@ -286,6 +297,8 @@ class TaskRunner:
                 if failure is None:
                     # a writer quicker than the periodic check
                     failure = await self.limits.disk_verdict(spec.key, list(self.state.running))
+                if spec.kind == "jobprep":  # the job's tasks read what it left
+                    await trio.to_thread.run_sync(share_with_pool, tdir, self.isolation.pool_gid)
             elif run.cancelled:
                 failure = pm.Failure(
                     category="UserError", code="TaskEnded", message=run.cancel_reason

@@ -89,4 +89,8 @@ def task_env(tvm: TvmIdentity, spec: TaskSpec) -> dict[str, str]:
             "TVM_WORKITEM_NAME": spec.workitem,
         }
     )
+    if spec.job_prep and spec.kind != "jobprep":
+        prep = os.path.join(os.path.dirname(tdir), spec.job_prep)
+        env["AZ_BATCH_JOB_PREP_DIR"] = prep
+        env["AZ_BATCH_JOB_PREP_WORKING_DIR"] = os.path.join(prep, "wd")
     return env

@@ -250,6 +250,16 @@ class Jobs(_Group):
     def delete(self, workitem: str, job: str) -> Any:
         return self._c._call(_Call("DELETE", f"/workitems/{_seg(workitem)}/jobs/{_seg(job)}"))
 
+    def prep_release_status(self, workitem: str, job: str) -> Any:
+        """Where the job's preparation and release tasks ran: one `JobPrepReleaseStatus` per TVM."""
+        return self._c._call(
+            _Call(
+                "GET",
+                f"/workitems/{_seg(workitem)}/jobs/{_seg(job)}/jobpreparationandreleasetaskstatus",
+                parse=_list(m.JobPrepReleaseStatus),
+            )
+        )
+
     def task_counts(self, workitem: str, job: str) -> Any:
         dec = msgspec.json.Decoder(dict[str, m.TaskCounts])
         return self._c._call(

@@ -222,6 +222,31 @@ class JobManager(_Res, forbid_unknown_fields=True):
     run_exclusive: bool = True
 
 
+class JobPreparationTask(_Res, forbid_unknown_fields=True, kw_only=True):
+    """Runs on a TVM before the job's first task there (reference §1.5.3)."""
+
+    name: str = "jobpreparation"
+    command_line: str
+    resource_files: list[ResourceFile] = []
+    environment_settings: list[EnvironmentSetting] = []
+    task_constraints: TaskConstraints | None = None
+    wait_for_success: bool = True
+    rerun_on_tvm_reboot_after_success: bool = True
+    run_elevated: bool = False
+
+
+class JobReleaseTask(_Res, forbid_unknown_fields=True, kw_only=True):
+    """Runs when the job ends on every TVM that ran its preparation task (reference §1.5.4)."""
+
+    name: str = "jobrelease"
+    command_line: str
+    resource_files: list[ResourceFile] = []
+    environment_settings: list[EnvironmentSetting] = []
+    max_wall_clock_time: str | None = None  # default and maximum PT15M
+    retention_time: str | None = None
+    run_elevated: bool = False
+
+
 class JobExecutionEnvironment(_Res, forbid_unknown_fields=True):
     pool_name: str | None = None
     auto_pool_specification: dict | None = None
@@ -245,6 +270,8 @@ class WorkitemAdd(_Req):
     metadata: list[MetadataItem] = []
     on_all_tasks_complete: str = "noaction"  # "noaction" | "terminatejob" (issue 6)
     azure: dict | None = None  # as PoolAdd.azure
+    job_preparation_task: JobPreparationTask | None = None
+    job_release_task: JobReleaseTask | None = None
 
 
 class WorkitemExecutionInfo(_Res):
@@ -267,6 +294,8 @@ class Workitem(_Res, kw_only=True):
     execution_info: WorkitemExecutionInfo | None = None
     metadata: list[MetadataItem] = []
     on_all_tasks_complete: str = "noaction"
+    job_preparation_task: JobPreparationTask | None = None
+    job_release_task: JobReleaseTask | None = None
 
 
 class JobExecutionInfo(_Res):
@@ -471,6 +500,27 @@ class WorkitemUpdate(_Req):
     schedule: Schedule | None = None
     on_all_tasks_complete: str | None = None
     metadata: list[MetadataItem] | None = None
+
+
+class PrepTaskExecutionInfo(_Res, kw_only=True):
+    """One TVM's run of a job preparation or release task."""
+
+    state: str  # "running" | "completed" ("pending": to be run again, e.g. after its TVM was lost)
+    start_time: str | None = None
+    end_time: str | None = None
+    exit_code: int | None = None
+    retry_count: int = 0
+    last_retry_time: str | None = None
+    result: str | None = None  # "success" | "failure" once completed
+    task_root_directory: str = ""
+    scheduling_error: SchedulingError | None = None
+
+
+class JobPrepReleaseStatus(_Res, kw_only=True):
+    pool_name: str
+    tvm_name: str
+    job_preparation_task_execution_info: PrepTaskExecutionInfo | None = None
+    job_release_task_execution_info: PrepTaskExecutionInfo | None = None
 
 
 class JobUpdate(_Req):

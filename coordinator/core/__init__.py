@@ -14,6 +14,7 @@ from .instructions import Effects as Effects
 from .instructions import Provision as Provision
 from .instructions import Send as Send
 from .instructions import Write as Write
+from .records import LOAD_ORDER as LOAD_ORDER
 from .records import TASK_DONE as TASK_DONE
 from .records import CertRec as CertRec
 from .specs import MAX_COLLECTION as MAX_COLLECTION

@@ -11,6 +11,7 @@ from protocol import messages as pm
 
 from .healing import lost_reason
 from .instructions import Outbox
+from .jobprep import JobPrep
 from .membership import Membership
 from .records import ACTIVE, RUNNING, AgentInfo, Tvm
 from .runs import Runs
@@ -30,6 +31,7 @@ class Agents:
         self.runs = runs
         self.membership = membership
         self.tasks = tasks
+        self.prep: JobPrep | None = None  # set by the facade (preparation and release runs)
 
     # ------------------------------------------------------------------ hello and goodbye
 
@@ -89,12 +91,18 @@ class Agents:
         for r in [*hello.running, *hello.finished]:
             self._reconcile_running(tvm, r)
         self._requeue_unreported(tvm, hello, in_flight)
+        if self.prep is not None and self.s.job_preps:
+            reported = {r.key for r in hello.running} | {r.key for r in hello.finished}
+            self.prep.hello(tvm, reported, in_flight)
         if tvm.rec.state in ("unknown", "idle", "running"):
             # Also after a restore: the journal does not hold idle <-> running (Runs.set_tvm_state).
             self.runs.set_tvm_state(tvm, "running" if tvm.running else "idle")
         self._end_recovery_if_complete()
 
     def _reconcile_running(self, tvm: Tvm, r: pm.RunningTask) -> None:
+        if self.prep is not None and self.prep.owns(r.key):
+            self.prep.reconcile(tvm, r)
+            return
         job, task = self.s.lookup(r.key)
         if (
             task is not None
@@ -172,7 +180,10 @@ class Agents:
         agent.last_seen = now
         tvm = s.tvms.get(agent.tvm) if agent.tvm else None
         if isinstance(msg, pm.TaskCompleted):
-            self.tasks.task_completed(msg)
+            if self.prep is not None and self.s.job_preps and self.prep.owns(msg.key):
+                self.prep.completed(tvm, msg)
+            else:
+                self.tasks.task_completed(msg)
         elif isinstance(msg, pm.TaskStarted):
             self.tasks.task_started(msg)
         elif isinstance(msg, pm.Heartbeat):

@@ -31,11 +31,22 @@ from .autoscale import Autoscale, RunRec
 from .certs import Certs
 from .healing import Healing
 from .instructions import Effects, Outbox
+from .jobprep import JobPrep
 from .jobs import Jobs
 from .membership import Membership
 from .metrics_history import MetricsHistory
 from .pools import Pools
-from .records import AgentInfo, CertRec, Job, PoolRec, TaskRec, Tvm, TvmUserRec, WorkitemRec
+from .records import (
+    AgentInfo,
+    CertRec,
+    Job,
+    JobPrepRec,
+    PoolRec,
+    TaskRec,
+    Tvm,
+    TvmUserRec,
+    WorkitemRec,
+)
 from .runs import Runs
 from .scheduler import Scheduler
 from .store import AutoscaleTiming, Store
@@ -133,6 +144,9 @@ class CoordinatorState:
         self.agent_area = Agents(store, out, self.runs, self.membership, self.tasks)
         self.healing = Healing(store, out, self.runs, self.membership)
         self.tasks.on_result = self.healing.task_result
+        # Job preparation and release tasks: the areas that place, end and report runs call it.
+        self.jobprep = JobPrep(store, out)
+        self.job_area.prep = self.scheduler.prep = self.agent_area.prep = self.jobprep
 
     @property
     def metrics(self) -> MetricsHistory:
@@ -169,6 +183,8 @@ class CoordinatorState:
         for name in self.pool_area.release_auto_pools():
             self.autoscale.pool_deleted(name)
         self.membership.allocate()
+        if self.store.job_preps:
+            self.jobprep.tick()
         self.job_area.check_jobs()
         self.autoscale.after_tick(now)
         if not self.rate_samples or now - self.rate_samples[-1][0] >= RATE_SAMPLE_S:
@@ -266,6 +282,7 @@ class CoordinatorState:
 
     def reimage_tvm(self, pool: str, name: str, req: m.TvmReimage | None = None) -> None:
         self.tvm_ops.reimage_tvm(pool, name, req)
+        self.jobprep.tvm_reimaged(name)
 
     def disable_scheduling(
         self, pool: str, name: str, req: m.TvmDisableScheduling | None = None
@@ -381,3 +398,7 @@ class CoordinatorState:
 
     def task_counts(self, job: Job) -> m.TaskCounts:
         return self.tasks.task_counts(job)
+
+    def job_prep_status(self, workitem: str, name: str) -> list[JobPrepRec]:
+        """Where the job's preparation task ran, and its release task (409 if it has neither)."""
+        return self.jobprep.status(self.store.get_job(workitem, name))

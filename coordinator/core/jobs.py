@@ -19,6 +19,7 @@ from coordinator.common.errors import ApiError, bad_request, conflict
 from coordinator.common.validation import check_env, check_name, check_range
 
 from .instructions import Outbox
+from .jobprep import JobPrep, check_specs
 from .pools import Pools
 from .records import ACTIVE, COMPLETED, TASK_DONE, Job, JobRec, TaskRec, WorkitemRec
 from .runs import Runs
@@ -72,6 +73,7 @@ class Jobs:
         self.out = out
         self.runs = runs
         self.pools = pools
+        self.prep: JobPrep | None = None  # set by the facade (preparation and release tasks)
 
     # ------------------------------------------------------------------ workitems
 
@@ -130,6 +132,7 @@ class Jobs:
         plan = parse_schedule(req.schedule)
         if req.job_manager is not None:
             check_job_manager(req.job_manager)
+        check_specs(req)
         return plan
 
     def update_workitem(self, name: str, req: m.WorkitemUpdate) -> None:
@@ -240,6 +243,8 @@ class Jobs:
             jm_exclusive=bool(jm and jm.run_exclusive),
             jm_kill=bool(jm.kill_job_on_completion) if jm else True,
             token=f"{spec.name}.{name}.{secrets.token_urlsafe(24)}",
+            prep=spec.job_preparation_task,
+            release=spec.job_release_task,
         )
         job = Job(rec)
         self.s.jobs[job.key] = job
@@ -346,6 +351,8 @@ class Jobs:
         self._drop_job(self.s.get_job(workitem, name))
 
     def _drop_job(self, job: Job) -> None:
+        if self.prep is not None and job.rec.prep is not None:
+            self.prep.job_deleted(job)  # its release tasks run first
         for task in job.tasks.values():
             self.runs.forget_task(job, task)
         del self.s.jobs[job.key]
@@ -369,6 +376,8 @@ class Jobs:
             )
         job.rec.terminate_reason = reason
         self._set_job_state(job, "terminating", now)
+        if self.prep is not None and job.rec.prep is not None:
+            self.prep.job_ending(job)  # release tasks; the job completes when they have ended
 
     # ------------------------------------------------------------------ events and the clock
 
@@ -429,7 +438,11 @@ class Jobs:
                 and self._all_complete(job)
             ):
                 self.terminate(job, "AllTasksComplete", now)
-            if job.rec.state == "terminating" and not s.running_tasks(job):
+            if (
+                job.rec.state == "terminating"
+                and not s.running_tasks(job)
+                and not (self.prep is not None and self.prep.releases_pending(job))
+            ):
                 self._set_job_state(job, "completed", now)
                 owner = s.workitems.get(r.workitem)
                 if owner is not None and self._run_schedule(

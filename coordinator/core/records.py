@@ -16,7 +16,15 @@ from .freeslots import RunningTasks
 from .states import ACTIVE as ACTIVE
 from .states import COMPLETED as COMPLETED
 from .states import RUNNING as RUNNING
-from .states import AllocState, JobState, PoolState, TaskState, TvmState, WorkitemState
+from .states import (
+    AllocState,
+    JobState,
+    PoolState,
+    PrepState,
+    TaskState,
+    TvmState,
+    WorkitemState,
+)
 
 VM_SIZES: dict[str, tuple[int, int, int]] = {
     # name: (cores, memory MiB, disk GiB) — the seed's sizes
@@ -125,6 +133,53 @@ class JobRec(msgspec.Struct, kw_only=True):
     token: str = ""
     prev_state: str | None = None
     disable_option: str = ""
+    # Job preparation and release tasks (the workitem's at the job's creation).
+    prep: m.JobPreparationTask | None = None
+    release: m.JobReleaseTask | None = None
+
+
+class PrepRun(msgspec.Struct, kw_only=True):
+    """One TVM's run of a job preparation (or release) task, over its retries."""
+
+    state: PrepState = "pending"
+    attempt: int = 0
+    start_time: float | None = None
+    end_time: float | None = None
+    exit_code: int | None = None
+    retry_count: int = 0
+    last_retry: float | None = None
+    failure: tuple[str, str, str] | None = None  # (category, code, message)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state == "completed" and self.exit_code == 0 and self.failure is None
+
+
+# Journal kind of a job's preparation/release record on one TVM (key "<workitem>/<job>|<tvm>").
+JOB_PREP = "jobprep"
+
+# Journal kinds in the order a store yields them to `restore`: parents before children, so tasks
+# attach to their jobs in one pass. Every store (SQLite, PostgreSQL) loads exactly these.
+LOAD_ORDER = ("pool", "tvm", "workitem", "job", "task", TASK_DONE, "cert", "file", JOB_PREP)
+
+
+class JobPrepRec(msgspec.Struct, kw_only=True):
+    """A job's preparation and release tasks on one TVM. Kept after the TVM leaves (the status
+    lists it, as Azure does) and, when the job is deleted, until its release task has ended."""
+
+    job: str  # "<workitem>/<job>"
+    tvm: str
+    pool: str
+    prep_name: str
+    release_name: str = ""
+    prep: PrepRun | None = None
+    release: PrepRun | None = None
+    booted: float = 0.0  # the TVM's boot time when the preparation last ran (TvmRec.booted)
+    orphan: bool = False  # its job was deleted: only its release task is still awaited
+
+    @property
+    def key(self) -> str:
+        return f"{self.job}|{self.tvm}"
 
 
 class WorkitemRec(msgspec.Struct, kw_only=True):

@@ -102,6 +102,7 @@ class Runs:
             or task.retention_s is not None
             or task.run_elevated
             or task.job_manager
+            or rec.prep is not None
         ):
             spec = pm.TaskSpec(
                 key=key,
@@ -121,6 +122,7 @@ class Runs:
                 run_elevated=task.run_elevated,
                 job_manager=task.job_manager,
                 job_id=job_id,
+                job_prep=rec.prep.name if rec.prep is not None else "",
             )
         else:
             # The common task, once per placement: the fields at their defaults are left to them

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from itertools import groupby
 from typing import Any
 
+from .jobprep import JobPrep
 from .records import ACTIVE, Job, TaskRec, Tvm
 from .runs import Runs
 from .store import Store
@@ -88,6 +89,7 @@ class Scheduler:
         self.runs = runs
         # TVMs being emptied for a waiting runExclusive job manager (recomputed on every pass).
         self.jm_reserved: set[str] | frozenset[str] = frozenset()
+        self.prep: JobPrep | None = None  # set by the facade: the job preparation gate
 
     def schedule(self) -> int:
         """Place what can be placed now; returns the number of tasks placed."""
@@ -122,11 +124,36 @@ class Scheduler:
                 and a.connected
                 and (held is None or not held(t))
             ]
-            for job, task, tvm in place(tvms, jobs, pool.spec.tvm_fill_type):
-                start(job, task, tvm)
-                job.served = s.attempts  # fairness between equal-priority jobs
-                placed += 1
+            gate = self.prep
+            if gate is None or not any(j.rec.prep is not None for j in jobs):
+                for job, task, tvm in place(tvms, jobs, pool.spec.tvm_fill_type):
+                    start(job, task, tvm)
+                    job.served = s.attempts  # fairness between equal-priority jobs
+                    placed += 1
+            else:
+                placed += self._place_gated(gate, tvms, jobs, pool.spec.tvm_fill_type)
         s.placements += placed
+        return placed
+
+    def _place_gated(self, gate: JobPrep, tvms: list[Tvm], jobs: list[Job], fill: str) -> int:
+        """`place`, holding back a job's tasks from TVMs where its preparation task has not
+        succeeded yet (the gate starts it there); the slots they leave go to the other jobs."""
+        placed = 0
+        for _ in range(2):
+            held: dict[Job, list[TaskRec]] = {}
+            for job, task, tvm in place(tvms, jobs, fill):
+                if gate.allows(job, tvm):
+                    self.runs.start(job, task, tvm)
+                    job.served = self.s.attempts
+                    placed += 1
+                else:
+                    held.setdefault(job, []).append(task)
+            for job, tasks in held.items():
+                job.queue.extendleft(reversed(tasks))  # back at the front, in their order
+            if not held:
+                break
+            jobs = [j for j in jobs if j not in held]
+            tvms = [t for t in tvms if t.free > 0]
         return placed
 
     def _exclusive_held(self, tvm: Tvm) -> bool:
@@ -183,6 +210,15 @@ class Scheduler:
                 for t in tvms
                 if not self._exclusive_held(t) and (t.free == t.slots if exclusive else t.free > 0)
             ]
+            if self.prep is not None and job.rec.prep is not None:
+                # Where its preparation task succeeded first, then where it runs; never where it
+                # failed. A manager waits while the preparation runs.
+                fits = sorted(
+                    (t for t in fits if self.prep.rank(job, t) < 3),
+                    key=lambda t: self.prep.rank(job, t) if self.prep else 0,
+                )
+                if fits and not self.prep.allows(job, fits[0]):
+                    continue
             tvm = fits[0] if fits else None
             if tvm is None and task.requeue_count + task.retry_count > 0:
                 tvm = self._make_room(job, tvms, exclusive)

@@ -31,6 +31,9 @@ JobState = Literal[
 ]
 WorkitemState = Literal["active", "disabled", "terminating", "completed"]
 PoolState = Literal["active", "deleting"]
+# One TVM's run of a job preparation or release task: `pending` waits to be (re)started (never
+# started, its TVM lost the run, or a reboot asks for it again).
+PrepState = Literal["pending", "running", "completed"]
 AllocState = Literal["steady", "resizing", "stopping"]
 
 # Task states (interned strings: every record shares the same objects).
@@ -91,6 +94,14 @@ WORKITEM: Table = {
 
 POOL: Table = {"active": frozenset({"deleting"}), "deleting": frozenset()}
 
+PREP: Table = {
+    # started; its run was lost (agent restarted, TVM not ready) or retried on a new attempt
+    "pending": frozenset({"running"}),
+    "running": frozenset({"completed", "pending"}),
+    # run again after its TVM rebooted (rerunOnNodeRebootAfterSuccess)
+    "completed": frozenset({"pending"}),
+}
+
 ALLOC: Table = {
     "steady": frozenset({"resizing"}),
     "resizing": frozenset({"steady", "stopping"}),
@@ -104,6 +115,7 @@ TABLES: dict[str, Table] = {
     "workitem": WORKITEM,
     "pool": POOL,
     "alloc": ALLOC,
+    "prep": PREP,
 }
 
 
@@ -144,6 +156,10 @@ class _Workitem(Protocol):
 
 class _Pool(Protocol):
     state: PoolState
+
+
+class _Prep(Protocol):
+    state: PrepState
 
 
 class _Alloc(Protocol):
@@ -195,4 +211,12 @@ def move_alloc(rec: _Alloc, new: AllocState) -> AllocState:
     if old != new and new not in ALLOC[old]:
         raise IllegalTransition("alloc", old, new)
     rec.alloc_state = new
+    return old
+
+
+def move_prep(rec: _Prep, new: PrepState) -> PrepState:
+    old = rec.state
+    if old != new and new not in PREP[old]:
+        raise IllegalTransition("prep", old, new)
+    rec.state = new
     return old

@@ -18,12 +18,14 @@ from protocol.ports import PortRangeConfig
 from .freeslots import FreeSlots, TvmTable
 from .records import (
     ACTIVE,
+    JOB_PREP,
     RUNNING,
     TASK_DONE,
     VM_SIZES,
     AgentInfo,
     CertRec,
     Job,
+    JobPrepRec,
     JobRec,
     PoolRec,
     TaskDone,
@@ -43,6 +45,7 @@ _wi_dec = msgspec.msgpack.Decoder(WorkitemRec)
 _pool_dec = msgspec.msgpack.Decoder(PoolRec)
 _tvm_dec = msgspec.msgpack.Decoder(TvmRec)
 _cert_dec = msgspec.msgpack.Decoder(CertRec)
+_prep_dec = msgspec.msgpack.Decoder(JobPrepRec)
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,8 @@ class Store:
         self.workitems: dict[str, WorkitemRec] = {}
         self.jobs: dict[str, Job] = {}  # "wi/job"
         self.certificates: dict[str, CertRec] = {}  # "sha1-<thumbprint>"
+        # Job preparation/release runs: job key -> TVM name -> record (jobprep.py).
+        self.job_preps: dict[str, dict[str, JobPrepRec]] = {}
         self.attempts = 0
         self.seq = 0
         self.recovering_until: float | None = None
@@ -233,6 +238,9 @@ class Store:
                 info.disconnected_at = self.clock()
             elif kind == "cert":
                 self.certificates[key] = _cert_dec.decode(body)
+            elif kind == JOB_PREP:
+                prep = _prep_dec.decode(body)
+                self.job_preps.setdefault(prep.job, {})[prep.tvm] = prep
         for key, task in sorted(tasks, key=lambda kt: kt[1].seq):
             job = self.jobs.get(key.rsplit("/", 1)[0])
             if job is None:

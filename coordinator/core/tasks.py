@@ -12,6 +12,7 @@ from coordinator.common.validation import check_env, check_name
 from protocol import messages as pm
 
 from .instructions import Outbox
+from .jobprep import check_task_name
 from .jobs import Jobs
 from .records import ACTIVE, COMPLETED, RUNNING, TASK_DONE, Job, TaskRec, Tvm
 from .runs import Runs
@@ -73,6 +74,8 @@ class Tasks:
         job = self._job_for_add(workitem, job_name)
         if req.name in job.tasks:
             raise conflict("task", req.name)
+        if job.rec.prep is not None:
+            check_task_name(job, req.name)
         task = self._new_task(req, self.s.clock())
         self._insert(job, task)
 
@@ -93,6 +96,8 @@ class Tasks:
             try:
                 if req.name in job.tasks or req.name in seen:
                     raise conflict("task", req.name)
+                if job.rec.prep is not None:
+                    check_task_name(job, req.name)
                 task = self._new_task(req, now)
             except ApiError as exc:
                 results.append(

@@ -17,6 +17,7 @@ from .limits import DEFAULT_MAX_UPLOAD
 from .routes_autoscale import AutoscaleRoutes
 from .routes_certs import CertRoutes
 from .routes_files import FileRoutes
+from .routes_jobprep import JobPrepRoutes
 from .routes_jobs import JobRoutes
 from .routes_ops import OpsRoutes
 from .routes_pools import PoolRoutes
@@ -27,6 +28,7 @@ ROUTE_GROUPS = (
     PoolRoutes,
     AutoscaleRoutes,
     JobRoutes,
+    JobPrepRoutes,
     TaskRoutes,
     FileRoutes,
     CertRoutes,

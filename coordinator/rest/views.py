@@ -136,6 +136,8 @@ def workitem_view(wi: WorkitemRec) -> m.Workitem:
         ),
         metadata=s.metadata,
         on_all_tasks_complete=s.on_all_tasks_complete,
+        job_preparation_task=s.job_preparation_task,
+        job_release_task=s.job_release_task,
     )
 
 

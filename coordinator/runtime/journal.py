@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import trio
 
-from coordinator.core import TASK_DONE, Write
+from coordinator.core import LOAD_ORDER, Write
 
 META_KIND = "\x00meta"  # Write.kind of a meta table row (object kinds are plain words)
 
@@ -83,8 +83,7 @@ class SqliteStore:
         return dict(self._db.execute("SELECT key, value FROM meta"))
 
     def load(self) -> Iterator[tuple[str, str, bytes]]:
-        # Parents before children so restore() can attach tasks to jobs in one pass.
-        for kind in ("pool", "tvm", "workitem", "job", "task", TASK_DONE, "cert", "file"):
+        for kind in LOAD_ORDER:
             yield from self._db.execute("SELECT kind, key, body FROM objects WHERE kind=?", (kind,))
 
     def apply(self, writes: Sequence[Write]) -> None:

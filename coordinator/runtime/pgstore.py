@@ -13,7 +13,7 @@ import os
 import socket
 from collections.abc import Iterator, Sequence
 
-from coordinator.core import TASK_DONE, Write
+from coordinator.core import LOAD_ORDER, Write
 
 from .journal import META_KIND, StoreFenced
 
@@ -39,7 +39,6 @@ _PUT_META = (
     "INSERT INTO tvm_meta(key, value) VALUES (%s, %s) "
     "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
 )
-_LOAD_ORDER = ("pool", "tvm", "workitem", "job", "task", TASK_DONE, "cert", "file")
 
 
 class StoreUnreachable(RuntimeError):
@@ -111,7 +110,7 @@ class PostgresStore:
     # ------------------------------------------------------------------ objects
 
     def load(self) -> Iterator[tuple[str, str, bytes]]:
-        for kind in _LOAD_ORDER:
+        for kind in LOAD_ORDER:
             cur = self._db.execute(
                 "SELECT kind, key, body FROM tvm_objects WHERE kind = %s", (kind,)
             )

@@ -199,10 +199,22 @@ async def test_schedule_times_and_durations(api: Raw) -> None:
             {
                 "jobSpecification": {
                     "poolInfo": {"poolId": "sp"},
-                    "jobPreparationTask": {"commandLine": "x"},
+                    "jobPreparationTask": {
+                        "commandLine": "x",
+                        "containerSettings": {"imageName": "u"},
+                    },
                 }
             },
-            "jobSpecification.jobPreparationTask",
+            "jobSpecification.jobPreparationTask.containerSettings",
+        ),
+        (
+            {
+                "jobSpecification": {
+                    "poolInfo": {"poolId": "sp"},
+                    "jobReleaseTask": {"commandLine": "x"},
+                }
+            },
+            "jobReleaseTask",
         ),
         (
             {

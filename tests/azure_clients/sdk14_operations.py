@@ -5,8 +5,9 @@ own virtual environment; prints one JSON report line (see report.py), exits 1 if
 Refused pool shapes (Windows, cloud service, unknown size) leave nothing behind; a start task and
 its node files; node counts; the AZ_BATCH_* environment; a failing task's failureInfo; terminate,
 reactivate, update and delete of a running task; subtasks; file properties, ranges and delete; job
-patch, update, list $filter, disable/enable, terminate; node scheduling, reboot, reimage, remote
-login settings; resize, stop resize, remove nodes; 404 codes; request ids and a 304.
+patch, update, list $filter, disable/enable, terminate; job preparation and release tasks and their
+status; node scheduling, reboot, reimage, remote login settings; resize, stop resize, remove nodes;
+404 codes; request ids and a 304.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def main() -> int:
         pool_and_nodes(client, r)
         tasks(client, r)
         jobs(client, r)
+        prep_release(client, r)
         node_operations(client, r)
         resizing(client, r)
     except Abort:
@@ -285,6 +287,42 @@ def jobs(client: BatchServiceClient, r: Report) -> None:
         ), (c, [(t.id, t.state) for t in listed])
         assert counts.task_slot_counts is not None, "no taskSlotCounts"
         assert counts.task_slot_counts.completed == len(done), counts.task_slot_counts
+
+
+def prep_release(client: BatchServiceClient, r: Report) -> None:
+    jid = f"prep-{uuid.uuid4().hex[:8]}"
+    with r.step("job with preparation and release tasks: tasks read what it left"):
+        client.job.add(
+            bm.JobAddParameter(
+                id=jid,
+                pool_info=bm.PoolInformation(pool_id=POOL),
+                job_preparation_task=bm.JobPreparationTask(
+                    command_line=SH + "'echo prepared > marker.txt'"
+                ),
+                job_release_task=bm.JobReleaseTask(command_line=SH + "'echo released'"),
+            )
+        )
+        cmd = SH + "'cat $AZ_BATCH_JOB_PREP_WORKING_DIR/marker.txt'"
+        client.task.add(jid, bm.TaskAddParameter(id="t", command_line=cmd))
+        wait_until(
+            lambda: client.task.get(jid, "t").state == bm.TaskState.completed, 60, "task done"
+        )
+        out = b"".join(client.file.get_from_task(jid, "t", "stdout.txt")).decode()
+        assert out.strip() == "prepared", out
+    with r.step("job.list_preparation_and_release_task_status after terminate"):
+        client.job.terminate(jid)
+        wait_until(lambda: client.job.get(jid).state == bm.JobState.completed, 60, "job completed")
+        status = list(client.job.list_preparation_and_release_task_status(jid))
+        assert status, "no status"
+        for s in status:
+            prep = s.job_preparation_task_execution_info
+            rel = s.job_release_task_execution_info
+            assert s.pool_id == POOL, s.pool_id
+            assert prep.state == bm.JobPreparationTaskState.completed, prep.state
+            assert (prep.exit_code, prep.retry_count) == (0, 0), prep
+            assert rel.state == bm.JobReleaseTaskState.completed, rel.state
+            assert rel.result == bm.TaskExecutionResult.success, rel
+        client.job.delete(jid)
 
 
 def node_operations(client: BatchServiceClient, r: Report) -> None:

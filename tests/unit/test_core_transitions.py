@@ -21,6 +21,7 @@ ENTITY_STATES = {
     "workitem": get_args(st.WorkitemState),
     "pool": get_args(st.PoolState),
     "alloc": get_args(st.AllocState),
+    "prep": get_args(st.PrepState),
 }
 
 
@@ -42,6 +43,7 @@ MOVERS: dict[str, Callable[[Any, Any], str]] = {
     "job": st.move_job,
     "workitem": st.move_workitem,
     "pool": st.move_pool,
+    "prep": st.move_prep,
 }
 
 

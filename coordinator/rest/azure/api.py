@@ -7,6 +7,7 @@ from coordinator.rest.dispatch import Dispatcher
 from .catalog import CatalogApi
 from .certs import CertificateApi
 from .files import FileApi
+from .jobprep import JobPrepApi
 from .jobs import JobApi
 from .nodes import NodeApi
 from .nodeusers import NodeUserApi
@@ -19,6 +20,7 @@ GROUPS = (
     PoolApi,
     NodeApi,
     JobApi,
+    JobPrepApi,
     TaskApi,
     FileApi,
     ScheduleApi,

@@ -270,8 +270,10 @@ def job_token(b: Body | None) -> None:
 
 
 def job_add(b: Body) -> m.WorkitemAdd:
+    from . import jobprep_io  # it reads its tasks with this module's helpers
+
     job_id = b.req_text("id")
-    b.refuse(("jobPreparationTask", "jobReleaseTask", "networkConfiguration"), WHY_LOCAL)
+    b.refuse(("networkConfiguration",), WHY_LOCAL)
     if b.flag("usesTaskDependencies", False):
         raise invalid("usesTaskDependencies", True, "task dependencies are not supported yet")
     check_task_failure(b)
@@ -297,6 +299,8 @@ def job_add(b: Body) -> m.WorkitemAdd:
         metadata=metadata(b.objs("metadata")),
         on_all_tasks_complete=on_all_complete(b) or "noaction",
         azure={k: v for k, v in azure.items() if v is not None},
+        job_preparation_task=jobprep_io.prep_task(b.obj("jobPreparationTask")),
+        job_release_task=jobprep_io.release_task(b.obj("jobReleaseTask")),
     )
 
 

@@ -21,7 +21,7 @@ import msgspec
 from coordinator.common import models as m
 from coordinator.common.timeutil import UNLIMITED, format_duration
 
-from . import inputs
+from . import inputs, jobprep_io
 from .body import Body
 from .conv import invalid
 
@@ -112,7 +112,7 @@ def job_specification(
     catalogue: dict[str, tuple[int, int, int, str]],
 ) -> m.WorkitemAdd:
     """A job schedule (id, schedule, jobSpecification, metadata) as the seed's workitem."""
-    js.refuse(("jobPreparationTask", "jobReleaseTask", "networkConfiguration"), inputs.WHY_LOCAL)
+    js.refuse(("networkConfiguration",), inputs.WHY_LOCAL)
     if js.flag("usesTaskDependencies", False):
         raise invalid(
             js._p("usesTaskDependencies"), True, "task dependencies are not supported yet"
@@ -150,6 +150,8 @@ def job_specification(
         metadata=metadata,
         on_all_tasks_complete=inputs.on_all_complete(js) or "noaction",
         azure={k: v for k, v in azure.items() if v is not None},
+        job_preparation_task=jobprep_io.prep_task(js.obj("jobPreparationTask")),
+        job_release_task=jobprep_io.release_task(js.obj("jobReleaseTask")),
     )
 
 

@@ -14,6 +14,7 @@ from coordinator.core import CoordinatorState
 from coordinator.core.records import COMPLETED, WorkitemRec
 
 from .ids import job_id
+from .jobprep_io import prep_view, release_view
 from .views import _clean, _env, _finish, _jm, _t
 
 
@@ -65,6 +66,8 @@ def job_specification(spec: m.WorkitemAdd) -> dict[str, Any]:
                 "maxTaskRetryCount": (jc.max_task_retry_count or 0) if jc else 0,
             },
             "jobManagerTask": _jm(spec.job_manager) if spec.job_manager else None,
+            "jobPreparationTask": prep_view(spec.job_preparation_task),
+            "jobReleaseTask": release_view(spec.job_release_task),
             "commonEnvironmentSettings": _env(spec.common_environment_settings),
             "poolInfo": pool_info,
             "metadata": az.get("jobMetadata", []),

@@ -11,6 +11,7 @@ from coordinator.core.records import ACTIVE, COMPLETED, Job, PoolRec, TaskRec, T
 
 from .conv import etag_of
 from .ids import job_id, node_path_out
+from .jobprep_io import prep_view, release_view
 from .sizes import azure_vm_size
 
 
@@ -241,6 +242,8 @@ def job_view(core: CoordinatorState, base: str, job: Job) -> dict[str, Any]:
             "maxTaskRetryCount": r.max_retries,
         },
         "jobManagerTask": _jm(jm) if jm else None,
+        "jobPreparationTask": prep_view(r.prep),
+        "jobReleaseTask": release_view(r.release),
         "commonEnvironmentSettings": _env(r.common_env),
         "poolInfo": {"poolId": r.pool},
         "onAllTasksComplete": r.on_all_complete,
