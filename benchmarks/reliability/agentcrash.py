@@ -1,0 +1,248 @@
+"""Agent crash: a pool of TVMs started by the local provisioner runs recorded tasks; one agent is
+SIGKILLed mid-run, another SIGSTOPped past the heartbeat timeout and then SIGCONTed once its tasks'
+own processes (which live on, in their own sessions) have finished.
+
+Shown: every task that was running on a victim is requeued and completed on another TVM, once; the
+stopped agent's late results are ignored (its tasks are recorded as completed elsewhere, though
+they really ran to their end on it); the victims' TVMs leave the pool and the provisioner brings
+new ones to keep its target. Figures: tasks lost, completions recorded twice (the coordinator's own
+count of recorded completions against the tasks), executions no requeue explains, requeues, and
+the time from the signal to the TVM `unknown` (detect), to its tasks running or done elsewhere
+(requeue) and to a new TVM idle in its place (replace).
+
+    python -m benchmarks.reliability.agentcrash [--quick]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import tempfile
+from typing import Any
+
+import trio
+
+from coordinator.client import AsyncClient, task_spec
+
+from . import main_for, row, say
+from ._cluster import RunLog, inproc_coordinator, remove_agent_cgroups, tally, wait_for
+
+WI, JOB = "wi", "job-0000000001"
+
+
+async def _tvms(client: AsyncClient) -> list[Any]:
+    return list(await client.tvms.list("p"))
+
+
+async def _running_on(client: AsyncClient, tvm: str) -> list[str]:
+    return [
+        t.name
+        for t in await client.tasks.list(WI, JOB, state="running")
+        if t.tvm_info is not None and t.tvm_info.tvm_name == tvm
+    ]
+
+
+async def _victim(client: AsyncClient, rc: Any, exclude: set[str]) -> tuple[Any, Any, list[str]]:
+    """A provisioned agent (its process, its TVM) with tasks running on it now."""
+
+    async def pick() -> Any:
+        for t in await _tvms(client):
+            if t.agent_id in exclude or t.state != "running":
+                continue
+            names = await _running_on(client, t.name)
+            if names:
+                return t, names
+        return None
+
+    tvm, names = await wait_for(pick, 60, "a TVM with running tasks")
+    index = int(str(tvm.agent_id).rpartition("-")[2])
+    return rc.service.provisioner.procs[index], tvm, names
+
+
+async def _measure(
+    client: AsyncClient, tvm: Any, names: list[str], t0: float, target: int
+) -> dict[str, float]:
+    """Seconds from `t0` until the TVM is unknown, its tasks left it, a new TVM took its place."""
+
+    async def unknown() -> Any:
+        for t in await _tvms(client):
+            if t.name == tvm.name and t.state == "unknown":
+                return t
+        return None
+
+    lost = await wait_for(unknown, 120, f"{tvm.name} unknown", poll=0.02)
+    detect = trio.current_time() - t0
+
+    async def moved() -> bool:
+        for n in names:
+            t = await client.tasks.get(WI, JOB, n)
+            if t.state == "running" and t.tvm_info and t.tvm_info.tvm_name == tvm.name:
+                return False
+        return True
+
+    await wait_for(moved, 120, f"{tvm.name}'s tasks requeued", poll=0.02)
+    requeue = trio.current_time() - t0
+
+    async def replaced() -> bool:
+        ts = await _tvms(client)
+        ok = [t for t in ts if t.state in ("idle", "running") and t.name != tvm.name]
+        return len(ok) >= target and all(t.name != tvm.name for t in ts)
+
+    await wait_for(replaced, 180, f"{tvm.name} replaced", poll=0.05)
+    return {
+        "detect": detect,
+        "requeue": requeue,
+        "replace": trio.current_time() - t0,
+        "reason": lost.state_reason or "",
+    }
+
+
+async def scenario(
+    base: str, *, tasks: int, target: int = 3, slots: int = 2, task_seconds: float = 1.5
+) -> dict[str, Any]:
+    heartbeat = 2.0
+    runlog = RunLog(os.path.join(base, "runs.log"))
+    tvm_root = os.path.join(base, "tvms")
+    async with inproc_coordinator(
+        os.path.join(base, "state"),
+        heartbeat_timeout=heartbeat,
+        link_grace=1.0,
+        provisioner="local",
+        tvm_root_dir=tvm_root,
+    ) as rc:
+        client = AsyncClient(rc.endpoint, rc.account, rc.key)
+        core = rc.service.core
+        try:
+            await client.pools.add(
+                "p", target_dedicated=target, max_tasks_per_vm=slots, unknown_tvm_timeout="PT2S"
+            )
+
+            async def all_idle() -> bool:
+                return sum(t.state == "idle" for t in await _tvms(client)) >= target
+
+            await wait_for(all_idle, 120, f"{target} provisioned TVMs idle")
+            await client.workitems.add(WI, "p")
+            specs = [task_spec(f"t{i:05d}", runlog.command(task_seconds)) for i in range(tasks)]
+            acked = {r.name for r in await client.tasks.add_many(WI, JOB, specs) if r.status == "success"}
+
+            # SIGKILL: the provisioner sees the process end.
+            proc, killed, killed_tasks = await _victim(client, rc, set())
+            t0 = trio.current_time()
+            proc.send_signal(signal.SIGKILL)  # a process this coordinator started, by its PID
+            kill = await _measure(client, killed, killed_tasks, t0, target)
+
+            # SIGSTOP past the heartbeat timeout, SIGCONT once its tasks' processes finished.
+            proc, stopped, stopped_tasks = await _victim(client, rc, {killed.agent_id})
+            t0 = trio.current_time()
+            os.killpg(proc.pid, signal.SIGSTOP)
+            try:
+                stop = await _measure(client, stopped, stopped_tasks, t0, target)
+                await trio.sleep(max(0.0, task_seconds + 0.5 - (trio.current_time() - t0)))
+            finally:
+                os.killpg(proc.pid, signal.SIGCONT)
+            # Its late results reach the coordinator now, while their requeued runs may still go.
+            await client.tasks.wait(WI, JOB, timeout=max(120, tasks * task_seconds))
+            final = list(await client.tasks.list(WI, JOB))
+            runs = runlog.runs()
+            figures = tally(acked, final, runlog.counts())
+            by_name = {t.name: t for t in final}
+            victims = killed_tasks + stopped_tasks
+            figures["victim_tasks"] = len(victims)
+            # Completed somewhere other than where it was cut off, and exactly once there.
+            figures["victim_tasks_not_completed_elsewhere"] = sum(
+                1
+                for n in killed_tasks
+                if by_name[n].tvm_info is None or by_name[n].tvm_info.tvm_name == killed.name
+            ) + sum(
+                1
+                for n in stopped_tasks
+                if by_name[n].tvm_info is None or by_name[n].tvm_info.tvm_name == stopped.name
+            )
+            figures["victim_tasks_not_requeued"] = sum(
+                1 for n in victims if by_name[n].execution_info.requeue_count < 1
+            )
+            # The stopped agent's tasks ran to their end there: those results came late.
+            figures["late_results"] = sum(
+                1 for n, tvm in runs if n in stopped_tasks and tvm == stopped.name
+            )
+            figures["completions_recorded_twice"] = max(
+                0, core.completions - sum(t.state == "completed" for t in final)
+            )
+            tvms = await _tvms(client)
+            figures["tvms_in_pool"] = sum(t.state in ("idle", "running") for t in tvms)
+            figures["victim_tvms_left_in_pool"] = sum(
+                1 for t in tvms if t.name in (killed.name, stopped.name)
+            )
+            return {
+                **figures,
+                "tasks": tasks,
+                "target": target,
+                "heartbeat_timeout": heartbeat,
+                "kill": kill,
+                "stop": stop,
+            }
+        finally:
+            await client.aclose()
+            with trio.CancelScope(shield=True):
+                for p in rc.service.provisioner.procs:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(p.pid, signal.SIGCONT)
+                await trio.to_thread.run_sync(rc.service.provisioner.stop_all)
+                for i in range(len(rc.service.provisioner.procs)):
+                    remove_agent_cgroups(f"local-{i}", os.path.join(tvm_root, f"agent-{i}"))
+
+
+def run(full: bool) -> list[dict[str, Any]]:
+    size = {"tasks": 200, "target": 3} if full else {"tasks": 24, "target": 3}
+    old = os.environ.get("TVM_AGENT_TASK_ISOLATION")
+    # The provisioned agents inherit this: recorded tasks write beside the suite's files.
+    os.environ["TVM_AGENT_TASK_ISOLATION"] = "none"
+    try:
+        with tempfile.TemporaryDirectory(prefix="tvm-rel-agentcrash-") as base:
+            f = trio.run(lambda: scenario(base, **size))
+    finally:
+        if old is None:
+            os.environ.pop("TVM_AGENT_TASK_ISOLATION", None)
+        else:
+            os.environ["TVM_AGENT_TASK_ISOLATION"] = old
+    return figures_rows(f)
+
+
+def figures_rows(f: dict[str, Any]) -> list[dict[str, Any]]:
+    params = {"tasks": f["tasks"], "target": f["target"], "heartbeat_timeout": f["heartbeat_timeout"]}
+    k, s = f["kill"], f["stop"]
+    say(
+        f"agentcrash: {f['tasks']} tasks on {f['target']} TVMs; {f['victim_tasks']} cut off: lost "
+        f"{f['lost']}, recorded twice {f['completions_recorded_twice']}, not completed elsewhere "
+        f"{f['victim_tasks_not_completed_elsewhere']}, late results ignored {f['late_results']}, "
+        f"unexplained reruns {f['unexplained_reruns']}, requeues {f['requeues']}; TVMs in the pool "
+        f"{f['tvms_in_pool']}/{f['target']}, victims left in it {f['victim_tvms_left_in_pool']}\n"
+        f"  SIGKILL ({k['reason'].split(':')[0]}): detect {k['detect']:.2f} s, requeue "
+        f"{k['requeue']:.2f} s, replace {k['replace']:.2f} s\n"
+        f"  SIGSTOP ({s['reason'].split(':')[0]}): detect {s['detect']:.2f} s, requeue "
+        f"{s['requeue']:.2f} s, replace {s['replace']:.2f} s"
+    )
+    rows = [
+        row("agentcrash_tasks_lost", params, f["lost"], "count"),
+        row("agentcrash_completions_recorded_twice", params, f["completions_recorded_twice"], "count"),
+        row(
+            "agentcrash_cut_tasks_not_completed_elsewhere",
+            params,
+            f["victim_tasks_not_completed_elsewhere"],
+            "count",
+        ),
+        row("agentcrash_reruns_unexplained", params, f["unexplained_reruns"], "count"),
+        row("agentcrash_requeues", params, f["requeues"], "count"),
+        row("agentcrash_late_results_ignored", params, f["late_results"], "count"),
+        row("agentcrash_tvms_in_pool_at_end", params, f["tvms_in_pool"], "count"),
+        row("agentcrash_victim_tvms_left_in_pool", params, f["victim_tvms_left_in_pool"], "count"),
+    ]
+    for kind, m in (("sigkill", k), ("sigstop", s)):
+        for what in ("detect", "requeue", "replace"):
+            rows.append(row(f"agentcrash_{kind}_time_to_{what}", params, m[what], "s"))
+    return rows
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_for(run))
