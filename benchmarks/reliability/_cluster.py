@@ -40,22 +40,33 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class RunLog:
-    """Every task of a suite appends `<task> <tvm>` to one file when it really starts (appends of a
-    short line are atomic), so real executions are counted, not what the coordinator believes."""
+    """Every task of a suite appends `<task> <tvm>` to one file when it really starts and
+    `<task> <tvm> end` when its work is done (appends of a short line are atomic), so real
+    executions are counted, not what the coordinator believes."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         open(path, "a").close()  # noqa: SIM115
 
     def command(self, seconds: float = 0.0) -> str:
-        script = f'echo "$WATASK_TASK_NAME $WATASK_TVM_NAME" >> {shlex.quote(self.path)}'
+        line = '"$WATASK_TASK_NAME $WATASK_TVM_NAME'
+        script = f'echo {line}" >> {shlex.quote(self.path)}'
         if seconds > 0:
             script += f"; sleep {seconds}"
+        script += f'; echo {line} end" >> {shlex.quote(self.path)}'
         return "/bin/sh -c " + shlex.quote(script)
 
-    def runs(self) -> list[tuple[str, str]]:
+    def _lines(self) -> list[list[str]]:
         with open(self.path) as f:
-            return [tuple(line.split()[:2]) for line in f if len(line.split()) >= 2]  # type: ignore[misc]
+            return [line.split() for line in f]
+
+    def runs(self) -> list[tuple[str, str]]:
+        """(task, tvm) of every execution started."""
+        return [(p[0], p[1]) for p in self._lines() if len(p) == 2]
+
+    def ends(self) -> list[tuple[str, str]]:
+        """(task, tvm) of every execution that ran to its end."""
+        return [(p[0], p[1]) for p in self._lines() if len(p) == 3 and p[2] == "end"]
 
     def counts(self) -> Counter[str]:
         return Counter(name for name, _ in self.runs())
@@ -146,9 +157,7 @@ class Agent:
             os.killpg(self.proc.pid, sig)
 
 
-def start_agent(
-    url: str, token: str, base: str, name: str, prefix: Sequence[str] = ()
-) -> Agent:
+def start_agent(url: str, token: str, base: str, name: str, prefix: Sequence[str] = ()) -> Agent:
     """`python -m tvmagent` in its own session (`prefix`: e.g. `ip netns exec NS`)."""
     root = os.path.join(base, "agents", name)
     os.makedirs(root, exist_ok=True)
@@ -265,7 +274,7 @@ def wait_sync(
 # --------------------------------------------------------------------------- the outcome
 
 
-def tally(acked: set[str], tasks: Sequence[Any], runs: Counter[str]) -> dict[str, int]:
+def tally(acked: set[str], tasks: Sequence[Any], runs: Counter[str]) -> dict[str, Any]:
     """The figures every suite reports from the final task list and the run log.
 
     lost: acknowledged but absent or not completed; failed: completed with a failure;

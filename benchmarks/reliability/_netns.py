@@ -42,7 +42,7 @@ def _run(*cmd: str, stdin: str | None = None) -> None:
         raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip()}")
 
 
-def _taken() -> list[ipaddress.IPv4Network]:
+def _taken() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     out = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
     nets = []
     for line in out.splitlines():
@@ -124,7 +124,9 @@ class Netns:
 
     def close(self) -> None:
         if "table" in self._made:
-            subprocess.run([*self.prefix, "nft", "delete", "table", "inet", self.table], capture_output=True)
+            subprocess.run(
+                [*self.prefix, "nft", "delete", "table", "inet", self.table], capture_output=True
+            )
         if "veth" in self._made:
             subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
         if "netns" in self._made:

@@ -62,7 +62,7 @@ async def _victim(client: AsyncClient, rc: Any, exclude: set[str]) -> tuple[Any,
 
 async def _measure(
     client: AsyncClient, tvm: Any, names: list[str], t0: float, target: int
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Seconds from `t0` until the TVM is unknown, its tasks left it, a new TVM took its place."""
 
     async def unknown() -> Any:
@@ -124,7 +124,9 @@ async def scenario(
             await wait_for(all_idle, 120, f"{target} provisioned TVMs idle")
             await client.workitems.add(WI, "p")
             specs = [task_spec(f"t{i:05d}", runlog.command(task_seconds)) for i in range(tasks)]
-            acked = {r.name for r in await client.tasks.add_many(WI, JOB, specs) if r.status == "success"}
+            acked = {
+                r.name for r in await client.tasks.add_many(WI, JOB, specs) if r.status == "success"
+            }
 
             # SIGKILL: the provisioner sees the process end.
             proc, killed, killed_tasks = await _victim(client, rc, set())
@@ -144,7 +146,7 @@ async def scenario(
             # Its late results reach the coordinator now, while their requeued runs may still go.
             await client.tasks.wait(WI, JOB, timeout=max(120, tasks * task_seconds))
             final = list(await client.tasks.list(WI, JOB))
-            runs = runlog.runs()
+            ends = runlog.ends()
             figures = tally(acked, final, runlog.counts())
             by_name = {t.name: t for t in final}
             victims = killed_tasks + stopped_tasks
@@ -162,9 +164,10 @@ async def scenario(
             figures["victim_tasks_not_requeued"] = sum(
                 1 for n in victims if by_name[n].execution_info.requeue_count < 1
             )
-            # The stopped agent's tasks ran to their end there: those results came late.
+            # The stopped agent's tasks ran to their end there (their processes live in their own
+            # sessions): results it could send only after SIGCONT, recorded nowhere.
             figures["late_results"] = sum(
-                1 for n, tvm in runs if n in stopped_tasks and tvm == stopped.name
+                1 for n, tvm in ends if n in stopped_tasks and tvm == stopped.name
             )
             figures["completions_recorded_twice"] = max(
                 0, core.completions - sum(t.state == "completed" for t in final)
@@ -210,7 +213,11 @@ def run(full: bool) -> list[dict[str, Any]]:
 
 
 def figures_rows(f: dict[str, Any]) -> list[dict[str, Any]]:
-    params = {"tasks": f["tasks"], "target": f["target"], "heartbeat_timeout": f["heartbeat_timeout"]}
+    params = {
+        "tasks": f["tasks"],
+        "target": f["target"],
+        "heartbeat_timeout": f["heartbeat_timeout"],
+    }
     k, s = f["kill"], f["stop"]
     say(
         f"agentcrash: {f['tasks']} tasks on {f['target']} TVMs; {f['victim_tasks']} cut off: lost "
@@ -225,7 +232,12 @@ def figures_rows(f: dict[str, Any]) -> list[dict[str, Any]]:
     )
     rows = [
         row("agentcrash_tasks_lost", params, f["lost"], "count"),
-        row("agentcrash_completions_recorded_twice", params, f["completions_recorded_twice"], "count"),
+        row(
+            "agentcrash_completions_recorded_twice",
+            params,
+            f["completions_recorded_twice"],
+            "count",
+        ),
         row(
             "agentcrash_cut_tasks_not_completed_elsewhere",
             params,

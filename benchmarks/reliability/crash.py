@@ -138,7 +138,9 @@ def scenario(
     rng = random.Random(seed)
     runlog = RunLog(os.path.join(base, "runs.log"))
     coord = CoordinatorProcess(
-        os.path.join(base, "state"), base, args=("--heartbeat-timeout", "20", "--log-level", "warning")
+        os.path.join(base, "state"),
+        base,
+        args=("--heartbeat-timeout", "20", "--log-level", "warning"),
     )
     env = coord.start()
     procs: list[Agent] = []

@@ -101,7 +101,9 @@ def cases(full: bool) -> list[dict[str, str]]:
         ]
     return [
         {"action": a, "direction": d, "length": n}
-        for a, d, n in itertools.product(("drop", "reject"), ("in", "out", "both"), ("short", "long"))
+        for a, d, n in itertools.product(
+            ("drop", "reject"), ("in", "out", "both"), ("short", "long")
+        )
     ]
 
 
@@ -165,7 +167,12 @@ def run(full: bool) -> list[dict[str, Any]]:
         )
         rows += [
             row("partition_tasks_lost", params, r["lost"], "count"),
-            row("partition_completions_recorded_twice", params, r["completions_recorded_twice"], "count"),
+            row(
+                "partition_completions_recorded_twice",
+                params,
+                r["completions_recorded_twice"],
+                "count",
+            ),
             row("partition_reruns_unexplained", params, r["unexplained_reruns"], "count"),
             row("partition_requeues", params, r["requeues"], "count"),
         ]
