@@ -98,9 +98,31 @@ async def _measure(
     }
 
 
+async def _add_wave(
+    client: AsyncClient, runlog: RunLog, prefix: str, n: int, seconds: float
+) -> set[str]:
+    specs = [task_spec(f"{prefix}{i:04d}", runlog.command(seconds)) for i in range(n)]
+    return {r.name for r in await client.tasks.add_many(WI, JOB, specs) if r.status == "success"}
+
+
+def _summary(measures: list[dict[str, Any]]) -> dict[str, Any]:
+    """The worst of several rounds (times) and the reasons given."""
+    out: dict[str, Any] = {k: max(m[k] for m in measures) for k in ("detect", "requeue", "replace")}
+    out["reason"] = measures[0]["reason"]
+    out["reasons"] = sorted({m["reason"].split(":")[0] for m in measures})
+    return out
+
+
 async def scenario(
-    base: str, *, tasks: int, target: int = 3, slots: int = 2, task_seconds: float = 1.5
+    base: str,
+    *,
+    tasks: int,
+    rounds: int = 1,
+    target: int = 3,
+    slots: int = 2,
+    task_seconds: float = 1.5,
 ) -> dict[str, Any]:
+    """`rounds` times: a wave of tasks, one agent SIGKILLed; a wave, one SIGSTOPped."""
     heartbeat = 2.0
     runlog = RunLog(os.path.join(base, "runs.log"))
     tvm_root = os.path.join(base, "tvms")
@@ -123,63 +145,70 @@ async def scenario(
 
             await wait_for(all_idle, 120, f"{target} provisioned TVMs idle")
             await client.workitems.add(WI, "p")
-            specs = [task_spec(f"t{i:05d}", runlog.command(task_seconds)) for i in range(tasks)]
-            acked = {
-                r.name for r in await client.tasks.add_many(WI, JOB, specs) if r.status == "success"
-            }
+            acked: set[str] = set()
+            kills: list[dict[str, Any]] = []
+            stops: list[dict[str, Any]] = []
+            victim_tvms: set[str] = set()
+            stopped_on: dict[str, str] = {}  # task -> the stopped TVM it was cut off on
+            cut_on: dict[str, str] = {}  # task -> the TVM it was cut off on
+            wave = max(1, tasks // (2 * rounds))
+            for r in range(rounds):
+                # Each signal lands on a TVM busy with a fresh wave of tasks.
+                acked |= await _add_wave(client, runlog, f"r{r}k", wave, task_seconds)
+                # SIGKILL: the provisioner sees the process end.
+                proc, killed, names = await _victim(client, rc, set())
+                t0 = trio.current_time()
+                proc.send_signal(signal.SIGKILL)  # a process this coordinator started, by its PID
+                kills.append(await _measure(client, killed, names, t0, target))
+                victim_tvms.add(killed.name)
+                cut_on.update(dict.fromkeys(names, killed.name))
 
-            # SIGKILL: the provisioner sees the process end.
-            proc, killed, killed_tasks = await _victim(client, rc, set())
-            t0 = trio.current_time()
-            proc.send_signal(signal.SIGKILL)  # a process this coordinator started, by its PID
-            kill = await _measure(client, killed, killed_tasks, t0, target)
-
-            # SIGSTOP past the heartbeat timeout, SIGCONT once its tasks' processes finished.
-            proc, stopped, stopped_tasks = await _victim(client, rc, {killed.agent_id})
-            t0 = trio.current_time()
-            os.killpg(proc.pid, signal.SIGSTOP)
-            try:
-                stop = await _measure(client, stopped, stopped_tasks, t0, target)
-                await trio.sleep(max(0.0, task_seconds + 0.5 - (trio.current_time() - t0)))
-            finally:
-                os.killpg(proc.pid, signal.SIGCONT)
-            # Its late results reach the coordinator now, while their requeued runs may still go.
+                # SIGSTOP past the heartbeat timeout, SIGCONT once its tasks' processes finished.
+                acked |= await _add_wave(client, runlog, f"r{r}s", wave, task_seconds)
+                proc, stopped, names = await _victim(client, rc, set())
+                t0 = trio.current_time()
+                os.killpg(proc.pid, signal.SIGSTOP)
+                try:
+                    stops.append(await _measure(client, stopped, names, t0, target))
+                    await trio.sleep(max(0.0, task_seconds + 0.5 - (trio.current_time() - t0)))
+                finally:
+                    # Its late results reach the coordinator now, while their requeued runs may
+                    # still go.
+                    os.killpg(proc.pid, signal.SIGCONT)
+                victim_tvms.add(stopped.name)
+                cut_on.update(dict.fromkeys(names, stopped.name))
+                stopped_on.update(dict.fromkeys(names, stopped.name))
+            rest = tasks - 2 * rounds * wave
+            if rest > 0:
+                acked |= await _add_wave(client, runlog, "end", rest, task_seconds)
             await client.tasks.wait(WI, JOB, timeout=max(120, tasks * task_seconds))
             final = list(await client.tasks.list(WI, JOB))
-            ends = runlog.ends()
             figures = tally(acked, final, runlog.counts())
             by_name = {t.name: t for t in final}
-            victims = killed_tasks + stopped_tasks
-            figures["victim_tasks"] = len(victims)
-            # Completed somewhere other than where it was cut off, and exactly once there.
+            figures["victim_tasks"] = len(cut_on)
+            # Completed somewhere other than where it was cut off (once: see the tally).
             figures["victim_tasks_not_completed_elsewhere"] = sum(
                 1
-                for n in killed_tasks
-                if by_name[n].tvm_info is None or by_name[n].tvm_info.tvm_name == killed.name
-            ) + sum(
-                1
-                for n in stopped_tasks
-                if by_name[n].tvm_info is None or by_name[n].tvm_info.tvm_name == stopped.name
+                for n, tvm in cut_on.items()
+                if by_name[n].tvm_info is None or by_name[n].tvm_info.tvm_name == tvm
             )
             figures["victim_tasks_not_requeued"] = sum(
-                1 for n in victims if by_name[n].execution_info.requeue_count < 1
+                1 for n in cut_on if by_name[n].execution_info.requeue_count < 1
             )
-            # The stopped agent's tasks ran to their end there (their processes live in their own
-            # sessions): results it could send only after SIGCONT, recorded nowhere.
-            figures["late_results"] = sum(
-                1 for n, tvm in ends if n in stopped_tasks and tvm == stopped.name
-            )
+            # The stopped agents' tasks ran to their end there (their processes live in their own
+            # sessions): results an agent could send only after SIGCONT, recorded nowhere.
+            figures["late_results"] = sum(1 for n, tvm in runlog.ends() if stopped_on.get(n) == tvm)
             figures["completions_recorded_twice"] = max(
                 0, core.completions - sum(t.state == "completed" for t in final)
             )
             tvms = await _tvms(client)
             figures["tvms_in_pool"] = sum(t.state in ("idle", "running") for t in tvms)
-            figures["victim_tvms_left_in_pool"] = sum(
-                1 for t in tvms if t.name in (killed.name, stopped.name)
-            )
+            figures["victim_tvms_left_in_pool"] = sum(1 for t in tvms if t.name in victim_tvms)
+            kill, stop = _summary(kills), _summary(stops)
             return {
                 **figures,
                 "tasks": tasks,
+                "rounds": rounds,
                 "target": target,
                 "heartbeat_timeout": heartbeat,
                 "kill": kill,
@@ -197,7 +226,7 @@ async def scenario(
 
 
 def run(full: bool) -> list[dict[str, Any]]:
-    size = {"tasks": 200, "target": 3} if full else {"tasks": 24, "target": 3}
+    size = {"tasks": 200, "rounds": 3} if full else {"tasks": 24, "rounds": 1}
     old = os.environ.get("TVM_AGENT_TASK_ISOLATION")
     # The provisioned agents inherit this: recorded tasks write beside the suite's files.
     os.environ["TVM_AGENT_TASK_ISOLATION"] = "none"
@@ -220,14 +249,15 @@ def figures_rows(f: dict[str, Any]) -> list[dict[str, Any]]:
     }
     k, s = f["kill"], f["stop"]
     say(
-        f"agentcrash: {f['tasks']} tasks on {f['target']} TVMs; {f['victim_tasks']} cut off: lost "
+        f"agentcrash: {f['tasks']} tasks on {f['target']} TVMs, {f['rounds']} SIGKILL(s) and "
+        f"{f['rounds']} SIGSTOP(s); {f['victim_tasks']} tasks cut off: lost "
         f"{f['lost']}, recorded twice {f['completions_recorded_twice']}, not completed elsewhere "
         f"{f['victim_tasks_not_completed_elsewhere']}, late results ignored {f['late_results']}, "
         f"unexplained reruns {f['unexplained_reruns']}, requeues {f['requeues']}; TVMs in the pool "
         f"{f['tvms_in_pool']}/{f['target']}, victims left in it {f['victim_tvms_left_in_pool']}\n"
-        f"  SIGKILL ({k['reason'].split(':')[0]}): detect {k['detect']:.2f} s, requeue "
+        f"  SIGKILL ({', '.join(k['reasons'])}), worst: detect {k['detect']:.2f} s, requeue "
         f"{k['requeue']:.2f} s, replace {k['replace']:.2f} s\n"
-        f"  SIGSTOP ({s['reason'].split(':')[0]}): detect {s['detect']:.2f} s, requeue "
+        f"  SIGSTOP ({', '.join(s['reasons'])}), worst: detect {s['detect']:.2f} s, requeue "
         f"{s['requeue']:.2f} s, replace {s['replace']:.2f} s"
     )
     rows = [

@@ -26,8 +26,8 @@ def _check(f: dict[str, Any], tasks: int) -> None:
     assert f["late_results"] >= 1, f
     assert f["tvms_in_pool"] == f["target"], f
     assert f["victim_tvms_left_in_pool"] == 0, f
-    assert f["kill"]["reason"].startswith("AgentExited: "), f
-    assert f["stop"]["reason"].startswith("HeartbeatTimeout"), f
+    assert f["kill"]["reasons"] == ["AgentExited"], f
+    assert f["stop"]["reasons"] == ["HeartbeatTimeout"], f
 
 
 async def test_killed_and_stopped_agents_tasks_complete_elsewhere_once(
@@ -42,5 +42,5 @@ async def test_killed_and_stopped_agents_tasks_complete_elsewhere_once(
 @pytest.mark.slow
 async def test_agent_crash_full_size(tmp_path: Any, monkeypatch: Any) -> None:
     monkeypatch.setenv("TVM_AGENT_TASK_ISOLATION", "none")
-    f = await agentcrash.scenario(str(tmp_path), tasks=200)
+    f = await agentcrash.scenario(str(tmp_path), tasks=200, rounds=3)
     _check(f, 200)
