@@ -245,6 +245,8 @@ def figures_rows(f: dict[str, Any]) -> list[dict[str, Any]]:
     params = {
         "tasks": f["tasks"],
         "target": f["target"],
+        "kills": f["rounds"],
+        "stops": f["rounds"],
         "heartbeat_timeout": f["heartbeat_timeout"],
     }
     k, s = f["kill"], f["stop"]
