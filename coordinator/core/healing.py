@@ -55,7 +55,10 @@ def lost_reason(agent: AgentInfo | None, now: float, grace: float) -> str:
         return f"{AGENT_EXITED}: the TVM's agent is gone"
     if agent.silent:
         return f"{HEARTBEAT_TIMEOUT}: the agent was silent for the heartbeat timeout"
-    return f"{LINK_LOST}: the agent's link closed and was not back within {grace:g} s"
+    # The time it was really away: after a restart an agent gets the whole recovery window, not
+    # the grace, and the reason should not claim the shorter wait.
+    away = grace if agent.disconnected_at is None else max(grace, now - agent.disconnected_at)
+    return f"{LINK_LOST}: the agent's link closed and was not back within {away:.3g} s"
 
 
 def _code(reason: str) -> str:
