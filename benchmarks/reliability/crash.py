@@ -228,7 +228,7 @@ def run(full: bool) -> list[dict[str, Any]]:
     size: dict[str, Any] = (
         {"tasks": 10_000, "kills": 7, "pause": 0.05, "task_seconds": 0.05}
         if full
-        else {"tasks": 300, "kills": 5, "batch": 10, "pause": 0.1, "task_seconds": 0.3}
+        else {"tasks": 200, "kills": 5, "batch": 10, "pause": 0.05, "task_seconds": 0.2}
     )
     with tempfile.TemporaryDirectory(prefix="tvm-rel-crash-") as base:
         f = scenario(base, **size)
