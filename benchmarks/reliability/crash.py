@@ -6,7 +6,9 @@ The kill moments, in turn:
   it has sent and not yet had answered; the kill lands a few ms into one);
 - `group-commit`: the instant the journal's WAL file is written (its mtime polled), i.e. while or
   right after completions are committed and before their acks leave;
-- `random`: a random moment.
+- `random`: a random moment;
+- `recovery` (the full run): within 0.3 s of a restart, while agents reconnect and resend what
+  finished meanwhile.
 
 The submitter retries every collection not answered until it is (an existing task answers
 TaskExists, which counts as acknowledged). At the end: acknowledged tasks lost, completions
@@ -42,7 +44,16 @@ from ._cluster import (
 
 WI, JOB = "wi", "job-0000000001"
 # The first kills land while tasks are still being added, the later ones while they complete.
-MOMENTS = ("addtaskcollection", "group-commit", "addtaskcollection", "group-commit", "random")
+# `recovery`: right after a restart, while agents reconnect and resend what finished meanwhile.
+MOMENTS = (
+    "addtaskcollection",
+    "group-commit",
+    "addtaskcollection",
+    "group-commit",
+    "random",
+    "recovery",
+    "random",
+)
 
 
 class Submitter(threading.Thread):
@@ -119,6 +130,9 @@ def _wait_moment(kind: str, coord: CoordinatorProcess, sub: Submitter, rng: rand
                 return kind
             time.sleep(0.0005)
         return "random"  # nothing committed for 10 s
+    if kind == "recovery":
+        time.sleep(rng.uniform(0.0, 0.3))
+        return kind
     time.sleep(rng.uniform(0.05, 1.5))
     return "random"
 
@@ -164,11 +178,13 @@ def scenario(
         started = time.monotonic()
         sub.start()
         for k in range(kills):
-            time.sleep(rng.uniform(0.2, 0.8))  # let the run go on between kills
-            for t in _list_or_empty(client):
-                if t.state == "completed":
-                    seen_done[t.name] = completion_of(t)
-            hit = _wait_moment(MOMENTS[k % len(MOMENTS)], coord, sub, rng)
+            moment = MOMENTS[k % len(MOMENTS)]
+            if moment != "recovery":
+                time.sleep(rng.uniform(0.2, 0.8))  # let the run go on between kills
+                for t in _list_or_empty(client):
+                    if t.state == "completed":
+                        seen_done[t.name] = completion_of(t)
+            hit = _wait_moment(moment, coord, sub, rng)
             if hit == "addtaskcollection" and not sub.in_flight.is_set():
                 hit = "random"  # the answer came first: not a kill mid-request after all
             coord.kill()
@@ -201,6 +217,7 @@ def scenario(
             "kills_mid_addtaskcollection": hits.count("addtaskcollection"),
             "kills_at_group_commit": hits.count("group-commit"),
             "kills_random": hits.count("random"),
+            "kills_in_recovery": hits.count("recovery"),
             "requests_retried": sub.retried,
             "restart_s_max": max(restarts) if restarts else 0.0,
             "restart_s_mean": sum(restarts) / len(restarts) if restarts else 0.0,
@@ -236,7 +253,8 @@ def run(full: bool) -> list[dict[str, Any]]:
     say(
         f"crash: {f['tasks']} tasks, {f['kills']} SIGKILLs ({f['kills_mid_addtaskcollection']} "
         f"mid-addtaskcollection, {f['kills_at_group_commit']} at a group commit, "
-        f"{f['kills_random']} random; {f['requests_retried']} requests retried): lost {f['lost']}, "
+        f"{f['kills_in_recovery']} right after a restart, {f['kills_random']} random; "
+        f"{f['requests_retried']} requests retried): lost {f['lost']}, "
         f"recorded twice {f['completions_recorded_twice']}, reruns {f['reruns']} "
         f"(unexplained {f['unexplained_reruns']}), requeues {f['requeues']}, "
         f"restart max {f['restart_s_max']:.2f} s"
@@ -249,6 +267,7 @@ def run(full: bool) -> list[dict[str, Any]]:
         row("crash_requeues", params, f["requeues"], "count"),
         row("crash_kills_mid_addtaskcollection", params, f["kills_mid_addtaskcollection"], "count"),
         row("crash_kills_at_group_commit", params, f["kills_at_group_commit"], "count"),
+        row("crash_kills_in_recovery", params, f["kills_in_recovery"], "count"),
         row("crash_requests_retried", params, f["requests_retried"], "count"),
         row("crash_restart_max", params, f["restart_s_max"], "s"),
         row("crash_run_time", params, f["elapsed_s"], "s"),
