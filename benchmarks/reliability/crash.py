@@ -3,7 +3,7 @@ again and restarted on the same state directory and port.
 
 The kill moments, in turn:
 - `addtaskcollection`: while a collection request is in flight (the submitter marks each request
-  it has sent and not yet had answered; the kill lands a few ms into one);
+  it has sent and not yet had answered; the kill lands 0-4 ms into one, and counts only if it was still unanswered);
 - `group-commit`: the instant the journal's WAL file is written (its mtime polled), i.e. while or
   right after completions are committed and before their acks leave;
 - `random`: a random moment;
@@ -112,7 +112,7 @@ def _wait_moment(kind: str, coord: CoordinatorProcess, sub: Submitter, rng: rand
     if kind == "addtaskcollection":
         while not sub.done.is_set():
             if sub.in_flight.wait(0.05):
-                time.sleep(rng.uniform(0.0, 0.01))
+                time.sleep(rng.uniform(0.0, 0.004))
                 return kind
         kind = "group-commit"  # submission over: no collection left to interrupt
     if kind == "group-commit":
