@@ -3,7 +3,8 @@ again and restarted on the same state directory and port.
 
 The kill moments, in turn:
 - `addtaskcollection`: while a collection request is in flight (the submitter marks each request
-  it has sent and not yet had answered; the kill lands 0-4 ms into one, and counts only if it was still unanswered);
+  it has sent and not yet had answered; the kill lands 0-4 ms into one and counts only if the
+  request was still unanswered);
 - `group-commit`: the instant the journal's WAL file is written (its mtime polled), i.e. while or
   right after completions are committed and before their acks leave;
 - `random`: a random moment;
