@@ -55,6 +55,8 @@ def _error_response(exc: ApiError) -> Response:
     )
     resp = _json_response(exc.status, body)
     resp.headers.append((b"x-tvm-error-code", exc.code.encode()))  # HEAD answers have no body
+    if exc.retry_after is not None:
+        resp.headers.append((b"retry-after", str(exc.retry_after).encode()))
     return resp
 
 

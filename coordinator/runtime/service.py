@@ -12,6 +12,7 @@ import itertools
 import logging
 import os
 import secrets
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from protocol import messages as pm
 from .acktimer import AckTimer
 from .agentauth import AgentAuth, token_hash
 from .agentwatch import watch_agent_processes
-from .journal import Journal, SqliteStore, Ticket
+from .journal import Journal, SqliteStore, Ticket, store_unavailable
 from .metrics import PING_INTERVAL, LinkMonitor
 from .statedir import secure_state_dir
 from .waiters import DoneWaiters
@@ -191,9 +192,13 @@ class CoordinatorService:
     def regenerate_key(self, which: str) -> str:
         """Replace the primary or secondary account key; the other one keeps working (rotation)."""
         index = 0 if which == "primary" else 1
-        self.keys[index] = base64.b64encode(secrets.token_bytes(64)).decode()
-        self.store.set_meta(f"key{index + 1}", self.keys[index])
-        return self.keys[index]
+        key = base64.b64encode(secrets.token_bytes(64)).decode()
+        try:
+            self.store.set_meta(f"key{index + 1}", key)
+        except sqlite3.Error as exc:  # the old key stays valid: nothing changed
+            raise store_unavailable(f"{type(exc).__name__}: {exc}") from None
+        self.keys[index] = key
+        return key
 
     def revoke_agent(self, agent_id: str) -> bool:
         if agent_id not in self.core.agents and not self.auth.known(agent_id):
@@ -210,6 +215,8 @@ class CoordinatorService:
 
     async def execute(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a command on the core; answer once its writes are durable."""
+        if self.journal.unavailable is not None:  # refused before it changes anything
+            raise store_unavailable(self.journal.unavailable)
         error: Exception | None = None
         result = None
         try:
