@@ -27,6 +27,7 @@ from protocol import messages as pm
 from .acktimer import AckTimer
 from .agentauth import AgentAuth, token_hash
 from .agentwatch import watch_agent_processes
+from .clock import SteadyClock
 from .journal import Journal, SqliteStore, Ticket, store_unavailable
 from .metrics import PING_INTERVAL, LinkMonitor
 from .statedir import secure_state_dir
@@ -66,7 +67,7 @@ class CoordinatorService:
         account: str = "tvm",
         heartbeat_timeout: float = 30.0,
         join_token: str | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         max_pool_size: int = 1000,
         store: Any = None,
     ) -> None:
@@ -108,7 +109,7 @@ class CoordinatorService:
         self.core = CoordinatorState(
             self.account,
             epoch=epoch,
-            clock=clock,
+            clock=clock or SteadyClock(),  # a step of the host's clock is not elapsed time
             heartbeat_timeout=heartbeat_timeout,
             max_pool_size=max_pool_size,
         )
