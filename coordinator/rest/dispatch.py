@@ -90,6 +90,8 @@ def _decode(body: bytes, typ: type[_S], *, check: bool = True) -> _S:
         raise bad_request("InvalidRequestBody", f"invalid request body: {text}", **values) from None
     except msgspec.DecodeError as exc:
         raise bad_request("InvalidRequestBody", f"the body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:  # msgspec checks a string's UTF-8 as it decodes it
+        raise bad_request("InvalidRequestBody", f"the body is not valid UTF-8: {exc}") from None
     except RecursionError:
         raise decode_depth_error() from None
     if getattr(req, "azure", None) is not None:  # only the Azure routes may set it
