@@ -1,0 +1,1 @@
+"""Reliability suites: crash, agent crash, partition, disk, load, fuzz, clock (figures)."""
