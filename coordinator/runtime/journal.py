@@ -161,6 +161,11 @@ class Journal:
         self.unavailable: str | None = None  # why the last commit failed; None once one succeeds
         self.failures = 0  # failed commit attempts (metrics, tests)
 
+    @property
+    def backlog(self) -> int:
+        """Writes waiting for the next commit (they pile up when the disk is slower than the load)."""
+        return len(self._pending)
+
     def put_meta(self, key: str, value: str) -> Ticket:
         """Queue a meta row for the next group commit (no fsync on the caller's thread)."""
         return self.submit([Write(META_KIND, key, value.encode())])
@@ -221,6 +226,12 @@ class Journal:
                 for t in tickets:
                     t.done = True
                     t.event.set()
+
+
+def server_busy(why: str) -> ApiError:
+    return unavailable(
+        "ServerBusy", f"the coordinator is overloaded ({why}); retry after a moment", retry_after=1
+    )
 
 
 def store_unavailable(why: str) -> ApiError:

@@ -28,7 +28,7 @@ from .acktimer import AckTimer
 from .agentauth import AgentAuth, token_hash
 from .agentwatch import watch_agent_processes
 from .clock import SteadyClock
-from .journal import Journal, SqliteStore, Ticket, store_unavailable
+from .journal import Journal, SqliteStore, Ticket, server_busy, store_unavailable
 from .metrics import PING_INTERVAL, LinkMonitor
 from .statedir import secure_state_dir
 from .waiters import DoneWaiters
@@ -37,6 +37,9 @@ log = logging.getLogger("tvm.coordinator")
 
 
 MAX_PENDING_ACKS = 64  # frames a link's reader may apply ahead of their commit
+# Commands are refused (503 ServerBusy) while this many writes wait for the disk: memory stays
+# bounded and clients back off instead of every answer waiting longer and longer.
+MAX_JOURNAL_BACKLOG = 200_000
 
 
 class AgentLink:
@@ -218,6 +221,8 @@ class CoordinatorService:
         """Run a command on the core; answer once its writes are durable."""
         if self.journal.unavailable is not None:  # refused before it changes anything
             raise store_unavailable(self.journal.unavailable)
+        if self.journal.backlog > MAX_JOURNAL_BACKLOG:
+            raise server_busy(f"{self.journal.backlog} writes wait for the disk")
         error: Exception | None = None
         result = None
         try:

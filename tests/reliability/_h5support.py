@@ -70,10 +70,16 @@ def fill(directory: str, name: str = "filler", keep_free: int = 0) -> str:
     return path
 
 
-async def raw(client: AsyncClient, method: str, path: str, body: Any = None) -> httpx2.Response:
+async def raw(
+    client: AsyncClient,
+    method: str,
+    path: str,
+    body: Any = None,
+    params: dict[str, str] | None = None,
+) -> httpx2.Response:
     """A signed request through the client's own signing, answered as the raw response (headers
     such as Retry-After stay visible)."""
-    m, url, headers, content = client._prepare(_Call(method, path, body))
+    m, url, headers, content = client._prepare(_Call(method, path, body, params=params))
     return await client._http.request(m, url, headers=headers, content=content)
 
 
