@@ -3,71 +3,30 @@
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 from typing import Any
 
 import httpx2
+import pytest
 
+from benchmarks.reliability import _diskfill
+from benchmarks.reliability._diskfill import can_mount_tmpfs, fill
 from coordinator.client import AsyncClient, BatchError
 from coordinator.client._http import _Call
 
 
-def can_mount_tmpfs() -> str:
-    """Why a tmpfs cannot be mounted here ("" when it can)."""
-    if os.geteuid() != 0:
-        return "mounting a tmpfs needs root"
-    if shutil.which("mount") is None or shutil.which("umount") is None:
-        return "mount/umount not installed"
-    return ""
-
-
 @contextlib.contextmanager
 def tmpfs(path: str, size: str) -> Iterator[str]:
-    """A private tmpfs of `size` mounted at `path` (created) for the block; unmounted after."""
-    os.makedirs(path, exist_ok=True)
-    # MS_PRIVATE so the mount does not propagate to other mount namespaces of the host.
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", path],
-        capture_output=True,
-        text=True,
-    )
-    if r.returncode != 0:
-        import pytest
-
-        pytest.skip(f"cannot mount a tmpfs at {path}: {r.stderr.strip()}")
+    """`_diskfill.tmpfs`, the test skipped (with the reason) where none can be mounted."""
     try:
-        yield path
+        cm = _diskfill.tmpfs(path, size)
+        mounted = cm.__enter__()
+    except _diskfill.TmpfsUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        yield mounted
     finally:
-        subprocess.run(["umount", "-l", path], capture_output=True)
-
-
-def fill(directory: str, name: str = "filler", keep_free: int = 0) -> str:
-    """Write a file in `directory` until its file system is full (or only `keep_free` bytes are
-    left); returns the file's path. Remove it to give the space back."""
-    path = os.path.join(directory, name)
-    chunk = b"\0" * (1 << 20)
-    with open(path, "wb", buffering=0) as f:
-        while True:
-            free = shutil.disk_usage(directory).free
-            want = len(chunk) if keep_free == 0 else min(len(chunk), free - keep_free)
-            if want <= 0:
-                break
-            try:
-                f.write(chunk[:want])
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-                break
-        if keep_free == 0:
-            # Fill what the megabyte writes left, down to the last page.
-            with contextlib.suppress(OSError):
-                while True:
-                    f.write(b"\0" * 4096)
-    return path
+        cm.__exit__(None, None, None)
 
 
 async def raw(

@@ -99,7 +99,9 @@ def test_heartbeat_timeout_unchanged_by_steps(jump: float) -> None:
     core = _core(host)
     tvm = next(iter(core.tvms.values()))
     _live(core, host, 5)
-    host.jump(jump)
+    host.jump(jump)  # between two heartbeats
+    core.tick()
+    assert not [c for c in core.take_effects().closes if c.code == 4008]
     _live(core, host, 5)
     assert tvm.rec.state == "idle", "a live agent was declared lost by a clock step"
     # Silence: lost after the heartbeat timeout (10 s) of elapsed time, whatever the step.
