@@ -238,7 +238,7 @@ def store_unavailable(why: str) -> ApiError:
     return unavailable(
         "StoreUnavailable",
         f"the coordinator could not write its state ({why}); nothing was acknowledged."
-        " Retry once the store has room again.",
+        " Retry after a moment.",
         retry_after=2,
         reason=why,
     )
