@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import trio
 
-from benchmarks._common import coordinator, local_pool, percentile, stop_agents, wait_until
+from benchmarks._common import _tail, coordinator, local_pool, percentile, stop_agents, wait_until
 from coordinator.client import AsyncClient
 from coordinator.client._http import _Call
 
@@ -112,7 +112,16 @@ async def load_run(base: str, clients: int, tasks: int, agents: int, slots: int)
             finished = time.monotonic() - started
         finally:
             stop_agents(procs)
+    logs = ""
+    failed = [t for t in job.tasks.values() if t.exit_code != 0 or t.failure is not None]
+    if failed:
+        logs = f"{len(failed)} failed, e.g. exit {failed[0].exit_code}: {failed[0].failure}\n"
+    if counts.completed < tasks or failed:  # what the agents said, for whoever reads the figure
+        logs += "\n".join(
+            _tail(os.path.join(base, "agents", f"agent{i}.log"), 800) for i in range(agents)
+        )
     return {
+        "agent_logs_if_incomplete": logs,
         "suite": "load",
         "clients": clients,
         "tasks": tasks,
