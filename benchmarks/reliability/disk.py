@@ -50,6 +50,14 @@ async def coordinator_store_full(base: str, rounds: int) -> dict:
                 await c.workitems.add("wi", "p")
                 tasks = f"/workitems/wi/jobs/{JOB}/tasks"
                 for r in range(rounds):
+                    for i in range(50):  # acknowledged before the disk fills: kept through it all
+                        name = f"r{r}-b{i}"
+                        body = {"name": name, "commandLine": "/bin/true"}
+                        status, code = await _status(c, "POST", tasks, body)
+                        if status == 201:
+                            acked.append(name)
+                        else:
+                            bad.append(f"before filling: {status} {code}")
                     filler = fill(state, name=f"filler{r}")
                     for i in range(5000):
                         name = f"r{r}-a{i}"
