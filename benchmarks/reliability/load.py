@@ -25,7 +25,7 @@ from coordinator.client._http import _Call
 
 JOB = "job-0000000001"
 SMALL = {"clients": 20, "tasks": 400, "agents": 2, "slots": 4}
-FULL = {"clients": 100, "tasks": 10_000, "agents": 4, "slots": 8}
+FULL = {"clients": 100, "tasks": 10_000, "agents": 4, "slots": 4}
 THROTTLE_CODES = ("ServerBusy", "StoreUnavailable")
 # The clients run in the coordinator's process (one interpreter): their own work is part of the
 # latencies measured, so these are upper bounds of what a client on another host would see.
