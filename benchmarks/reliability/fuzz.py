@@ -9,6 +9,7 @@ refusal), 5xx answers and refusals without a clear error body.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import random
 import re
@@ -440,12 +441,12 @@ def _mutate_json(rnd: random.Random, doc: Any) -> Any:
                 break
             node = child
         if not isinstance(node, dict):
-            return rnd.choice(_LEAVES)
+            return copy.deepcopy(rnd.choice(_LEAVES))
         key = rnd.choice([*node.keys(), rnd.choice(_FIELDS)]) if node else rnd.choice(_FIELDS)
         if rnd.random() < 0.2:
             node.pop(key, None)
         else:
-            node[key] = rnd.choice(_LEAVES)
+            node[key] = copy.deepcopy(rnd.choice(_LEAVES))
     return doc
 
 
@@ -534,6 +535,7 @@ def run(full: bool) -> list[dict]:
                 "first_findings": tally.findings[:5],
             }
         )
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # seen even if a later one fails
     return rows
 
 
