@@ -19,7 +19,15 @@ from urllib.parse import parse_qsl, urlsplit
 
 import trio
 
-from benchmarks._common import _tail, coordinator, local_pool, percentile, stop_agents, wait_until
+from benchmarks._common import (
+    _tail,
+    child_env,
+    coordinator,
+    local_pool,
+    percentile,
+    stop_agents,
+    wait_until,
+)
 from coordinator.client import AsyncClient
 from coordinator.client._http import _Call
 
@@ -27,8 +35,6 @@ JOB = "job-0000000001"
 SMALL = {"clients": 20, "tasks": 400, "agents": 2, "slots": 4}
 FULL = {"clients": 100, "tasks": 10_000, "agents": 4, "slots": 4}
 THROTTLE_CODES = ("ServerBusy", "StoreUnavailable")
-# The clients run in the coordinator's process (one interpreter): their own work is part of the
-# latencies measured, so these are upper bounds of what a client on another host would see.
 
 
 class Stats:
@@ -38,6 +44,32 @@ class Stats:
         self.statuses: Counter[int] = Counter()
         self.throttled = 0
         self.errors: list[str] = []
+
+    def dump(self) -> str:
+        return json.dumps(
+            {
+                "add_ms": self.add_ms,
+                "list_ms": self.list_ms,
+                "statuses": dict(self.statuses),
+                "throttled": self.throttled,
+                "errors": self.errors,
+            }
+        )
+
+    def load(self, d: dict[str, Any]) -> None:
+        self.add_ms, self.list_ms = d["add_ms"], d["list_ms"]
+        self.statuses = Counter({int(k): v for k, v in d["statuses"].items()})
+        self.throttled, self.errors = d["throttled"], d["errors"]
+
+
+async def clients_only(clients: int, tasks: int) -> Stats:
+    """The clients alone (their own process), against TVM_ENDPOINT / TVM_ACCOUNT / TVM_KEY."""
+    stats = Stats()
+    async with trio.open_nursery() as nursery:
+        for i in range(clients):
+            count = tasks // clients + (1 if i < tasks % clients else 0)
+            nursery.start_soon(_one_client, AsyncClient(timeout=120), stats, i, count)
+    return stats
 
 
 async def _request(
@@ -92,11 +124,28 @@ async def load_run(base: str, clients: int, tasks: int, agents: int, slots: int)
         try:
             core = rc.service.core
             started = time.monotonic()
-            async with trio.open_nursery() as nursery:
-                for i in range(clients):
-                    count = tasks // clients + (1 if i < tasks % clients else 0)
-                    c = AsyncClient(rc.endpoint, rc.account, rc.key, timeout=120)
-                    nursery.start_soon(_one_client, c, stats, i, count)
+            # The clients run in a process of their own, so their work does not count as the
+            # coordinator's latency (the credentials go by environment, not argv).
+            env = child_env(
+                {"TVM_ENDPOINT": rc.endpoint, "TVM_ACCOUNT": rc.account, "TVM_KEY": rc.key}
+            )
+            proc = await trio.run_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.reliability.load",
+                    "--clients-only",
+                    str(clients),
+                    str(tasks),
+                ],
+                env=env,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"the clients failed: {proc.stderr.decode()[-2000:]}")
+            stats.load(json.loads(proc.stdout))
             added = time.monotonic() - started
             job = core.get_job("wi", JOB)
             try:
@@ -157,6 +206,10 @@ def run(full: bool) -> list[dict]:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--clients-only"]:
+        stats = trio.run(clients_only, int(sys.argv[2]), int(sys.argv[3]))
+        print(stats.dump(), flush=True)
+        return
     rows = run("--full" in sys.argv[1:])
     for row in rows:
         print(json.dumps(row), flush=True)
