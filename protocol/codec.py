@@ -36,6 +36,8 @@ def _tags(union: Any) -> frozenset[str]:
 
 # msgspec skips unknown fields recursively: a deeply nested value is a RecursionError, not a DecodeError.
 _TOO_DEEP = "malformed {}: nested too deeply"
+# msgspec checks a string's UTF-8 as it decodes it: invalid bytes are a UnicodeDecodeError.
+_BAD = (msgspec.DecodeError, UnicodeDecodeError)
 
 
 class MessageCodec:
@@ -57,7 +59,7 @@ class MessageCodec:
             return self._frame_decoder.decode(data)
         except RecursionError:
             raise ProtocolError(_TOO_DEEP.format("frame")) from None
-        except msgspec.DecodeError as exc:
+        except _BAD as exc:
             raise ProtocolError(f"malformed frame: {exc}") from None
 
     def decode_message(self, raw: msgspec.Raw | bytes) -> Msg:
@@ -65,10 +67,10 @@ class MessageCodec:
             return self._decoder.decode(raw)
         except RecursionError:
             raise ProtocolError(_TOO_DEEP.format("message")) from None
-        except msgspec.DecodeError as exc:
+        except _BAD as exc:
             try:
                 tag = self._envelope.decode(raw).t
-            except msgspec.DecodeError:
+            except (*_BAD, RecursionError):
                 raise ProtocolError(f"malformed message: {exc}") from None
             if tag not in self._known:
                 raise UnknownMessage(tag) from None
@@ -79,7 +81,7 @@ class MessageCodec:
             return self._handshake_decoder.decode(data)
         except RecursionError:
             raise ProtocolError(_TOO_DEEP.format("handshake"), close_code=4002) from None
-        except msgspec.DecodeError as exc:
+        except _BAD as exc:
             raise ProtocolError(f"malformed handshake: {exc}", close_code=4002) from None
 
 

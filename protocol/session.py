@@ -103,9 +103,19 @@ class LinkSession:
         """
         frame = self.codec.decode_frame(data)
         self._handle_ack(frame.ack)
-        out: list[Received] = []
         if frame.msgs and frame.first <= 0:
             raise ProtocolError("frame with messages but no sequence number")
+        # A malformed message fails the whole frame: none of it counts as received, or a resumed
+        # session would tell the peer not to resend messages that were never applied.
+        before = (self.received, self.confirmed)
+        try:
+            return self._receive(frame)
+        except ProtocolError:
+            self.received, self.confirmed = before
+            raise
+
+    def _receive(self, frame: Frame) -> list[Received]:
+        out: list[Received] = []
         for i, raw in enumerate(frame.msgs):
             seq = frame.first + i
             if seq <= self.received:

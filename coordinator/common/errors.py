@@ -10,6 +10,14 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.values = {k: str(v) for k, v in values.items()}
+        self.retry_after: int | None = None  # seconds, sent as Retry-After (503, 429)
+
+
+def unavailable(code: str, message: str, retry_after: int, **values: object) -> ApiError:
+    """503: the service cannot do this now (it did not); the client may retry after a while."""
+    exc = ApiError(503, code, message, **values)
+    exc.retry_after = retry_after
+    return exc
 
 
 def bad_request(code: str, message: str, **values: object) -> ApiError:

@@ -19,6 +19,7 @@ from coordinator.common.errors import ApiError, bad_request
 from coordinator.common.sharedkey import AuthError, verify
 from coordinator.core import CoordinatorState
 from coordinator.runtime.filestore import FileStore
+from coordinator.runtime.journal import server_busy
 from coordinator.runtime.service import CoordinatorService
 
 from . import jobscope, paging
@@ -28,6 +29,9 @@ from .limits import BodyStream, decode_depth_error, json_body_limit, read_body
 _json = msgspec.json.Encoder()
 Handler = Callable[..., Awaitable[Any]]
 MAX_FILE_CHUNK = 4 * 1024 * 1024
+# More REST requests than this at once are answered 503 ServerBusy with Retry-After at once,
+# before authentication or reading a body: an overload sheds work instead of queueing it.
+MAX_INFLIGHT = 1024
 
 
 class Response:
@@ -55,6 +59,8 @@ def _error_response(exc: ApiError) -> Response:
     )
     resp = _json_response(exc.status, body)
     resp.headers.append((b"x-tvm-error-code", exc.code.encode()))  # HEAD answers have no body
+    if exc.retry_after is not None:
+        resp.headers.append((b"retry-after", str(exc.retry_after).encode()))
     return resp
 
 
@@ -88,6 +94,8 @@ def _decode(body: bytes, typ: type[_S], *, check: bool = True) -> _S:
         raise bad_request("InvalidRequestBody", f"invalid request body: {text}", **values) from None
     except msgspec.DecodeError as exc:
         raise bad_request("InvalidRequestBody", f"the body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:  # msgspec checks a string's UTF-8 as it decodes it
+        raise bad_request("InvalidRequestBody", f"the body is not valid UTF-8: {exc}") from None
     except RecursionError:
         raise decode_depth_error() from None
     if getattr(req, "azure", None) is not None:  # only the Azure routes may set it
@@ -116,6 +124,8 @@ class Dispatcher:
         self.files = files
         self.max_upload_size = max_upload_size
         self.requests = 0
+        self.inflight = 0  # REST requests being answered (waiting GETs included)
+        self.max_inflight = MAX_INFLIGHT
         self.ui: Any = None  # the dashboard (rest/ui), mounted at /ui by app.make_app
         self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
         # The Azure Batch API (coordinator/rest/azure): requests carrying its api-version go there.
@@ -148,7 +158,14 @@ class Dispatcher:
             # The dashboard's own cookie session replaces SharedKey on /ui paths only.
             await self.ui(scope, receive, send)
             return
-        resp = await self._http(scope, receive)
+        if self.inflight >= self.max_inflight:
+            resp = _error_response(server_busy(f"{self.inflight} requests in progress"))
+        else:
+            self.inflight += 1
+            try:
+                resp = await self._http(scope, receive)
+            finally:
+                self.inflight -= 1
         headers = resp.headers
         # A HEAD answer may state the length of what a GET would send (file properties).
         if scope["method"] != "HEAD" or not any(k == b"content-length" for k, _ in headers):

@@ -56,7 +56,7 @@ def _decode_token(token: str) -> tuple[int, str]:
         if not isinstance(offset, int) or offset < 0 or not isinstance(last, str):
             raise ValueError
         return offset, last
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):
         raise bad_request(
             "InvalidQueryParameterValue",
             f"{SKIP_TOKEN} is not a token this service handed out (take it from odata.nextLink)",

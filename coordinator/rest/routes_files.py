@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 import trio
 
 from coordinator.common import models as m
-from coordinator.common.errors import ApiError, bad_request, not_found
+from coordinator.common.errors import ApiError, bad_request, not_found, unavailable
 from coordinator.common.timeutil import rfc3339
 from coordinator.runtime.filestore import FileStoreError, parse_range_header
 from protocol import messages as pm
@@ -212,6 +213,17 @@ class FileRoutes(RouteGroup):
             stored = await self.files.put(stream.chunks(), expected_sha256=expected)
         except FileStoreError as exc:
             raise bad_request(exc.code, exc.message) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+                raise
+            # Nothing was kept (put() removes its partial file): the client may retry later.
+            raise unavailable(
+                "StoreUnavailable",
+                f"the coordinator's file store could not write the upload ({exc.strerror});"
+                " nothing was stored. Retry once it has room again.",
+                retry_after=2,
+                reason=exc.strerror or "",
+            ) from None
         return _json_response(
             201,
             {

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import trio
 
+from coordinator.common.errors import ApiError, unavailable
 from coordinator.core import LOAD_ORDER, Write
 
 META_KIND = "\x00meta"  # Write.kind of a meta table row (object kinds are plain words)
@@ -117,7 +118,10 @@ class SqliteStore:
                 _put_rows(cur, puts)
             cur.execute("COMMIT")
         except BaseException:
-            cur.execute("ROLLBACK")
+            # SQLite may have rolled back already (SQLITE_FULL does): a second ROLLBACK would
+            # raise and hide the real error.
+            if self._db.in_transaction:
+                cur.execute("ROLLBACK")
             raise
 
 
@@ -131,7 +135,17 @@ class Journal:
 
     `submit()` returns at once with a ticket; `await ticket.wait()` returns once the writes are
     durable. Everything submitted while a commit runs goes into the next one.
+
+    A failed commit (disk full, I/O error) fails the tickets it held with 503 StoreUnavailable,
+    but its writes stay queued and are retried until the store takes them: the in-memory state
+    they describe already changed, so dropping them would let the next commit write a journal
+    that disagrees with it. While the store is failing (`unavailable`), the service refuses new
+    commands before they change anything; a 503 of the failed commit itself means "not
+    acknowledged", and its data may still become durable once space returns.
     """
+
+    RETRY_FIRST_S = 0.2  # first retry of a failed commit; doubles up to RETRY_MAX_S
+    RETRY_MAX_S = 2.0
 
     def __init__(self, store: SqliteStore, max_batch: int = 50_000) -> None:
         self.store = store
@@ -144,6 +158,13 @@ class Journal:
         self.rows = 0
         self._closed = False
         self._last: Ticket | None = None  # the newest ticket with writes
+        self.unavailable: str | None = None  # why the last commit failed; None once one succeeds
+        self.failures = 0  # failed commit attempts (metrics, tests)
+
+    @property
+    def backlog(self) -> int:
+        """Writes waiting for the next commit (they pile up when the disk is slower than the load)."""
+        return len(self._pending)
 
     def put_meta(self, key: str, value: str) -> Ticket:
         """Queue a meta row for the next group commit (no fsync on the caller's thread)."""
@@ -172,6 +193,7 @@ class Journal:
         return ticket
 
     async def run(self) -> None:
+        retry = self.RETRY_FIRST_S
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
@@ -186,15 +208,40 @@ class Journal:
                         t.event.set()
                     raise
                 except Exception as exc:  # the disk failed: every waiter gets the error
+                    self.failures += 1
+                    self.unavailable = f"{type(exc).__name__}: {exc}"
+                    error = store_unavailable(self.unavailable)
                     for t in tickets:
-                        t.error = exc
+                        t.error = error
                         t.event.set()
+                    # Keep the writes, in order, ahead of anything submitted meanwhile.
+                    self._pending = batch + self._pending
+                    await trio.sleep(retry)
+                    retry = min(retry * 2, self.RETRY_MAX_S)
                     continue
+                retry = self.RETRY_FIRST_S
+                self.unavailable = None
                 self.commits += 1
                 self.rows += len(batch)
                 for t in tickets:
                     t.done = True
                     t.event.set()
+
+
+def server_busy(why: str) -> ApiError:
+    return unavailable(
+        "ServerBusy", f"the coordinator is overloaded ({why}); retry after a moment", retry_after=1
+    )
+
+
+def store_unavailable(why: str) -> ApiError:
+    return unavailable(
+        "StoreUnavailable",
+        f"the coordinator could not write its state ({why}); nothing was acknowledged."
+        " Retry after a moment.",
+        retry_after=2,
+        reason=why,
+    )
 
 
 class Ticket:

@@ -12,6 +12,7 @@ import itertools
 import logging
 import os
 import secrets
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable
@@ -26,7 +27,8 @@ from protocol import messages as pm
 from .acktimer import AckTimer
 from .agentauth import AgentAuth, token_hash
 from .agentwatch import watch_agent_processes
-from .journal import Journal, SqliteStore, Ticket
+from .clock import SteadyClock
+from .journal import Journal, SqliteStore, Ticket, server_busy, store_unavailable
 from .metrics import PING_INTERVAL, LinkMonitor
 from .statedir import secure_state_dir
 from .waiters import DoneWaiters
@@ -35,6 +37,9 @@ log = logging.getLogger("tvm.coordinator")
 
 
 MAX_PENDING_ACKS = 64  # frames a link's reader may apply ahead of their commit
+# Commands are refused (503 ServerBusy) while this many writes wait for the disk: memory stays
+# bounded and clients back off instead of every answer waiting longer and longer.
+MAX_JOURNAL_BACKLOG = 200_000
 
 
 class AgentLink:
@@ -65,7 +70,7 @@ class CoordinatorService:
         account: str = "tvm",
         heartbeat_timeout: float = 30.0,
         join_token: str | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         max_pool_size: int = 1000,
         store: Any = None,
     ) -> None:
@@ -107,7 +112,7 @@ class CoordinatorService:
         self.core = CoordinatorState(
             self.account,
             epoch=epoch,
-            clock=clock,
+            clock=clock or SteadyClock(),  # a step of the host's clock is not elapsed time
             heartbeat_timeout=heartbeat_timeout,
             max_pool_size=max_pool_size,
         )
@@ -191,9 +196,13 @@ class CoordinatorService:
     def regenerate_key(self, which: str) -> str:
         """Replace the primary or secondary account key; the other one keeps working (rotation)."""
         index = 0 if which == "primary" else 1
-        self.keys[index] = base64.b64encode(secrets.token_bytes(64)).decode()
-        self.store.set_meta(f"key{index + 1}", self.keys[index])
-        return self.keys[index]
+        key = base64.b64encode(secrets.token_bytes(64)).decode()
+        try:
+            self.store.set_meta(f"key{index + 1}", key)
+        except sqlite3.Error as exc:  # the old key stays valid: nothing changed
+            raise store_unavailable(f"{type(exc).__name__}: {exc}") from None
+        self.keys[index] = key
+        return key
 
     def revoke_agent(self, agent_id: str) -> bool:
         if agent_id not in self.core.agents and not self.auth.known(agent_id):
@@ -210,6 +219,10 @@ class CoordinatorService:
 
     async def execute(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a command on the core; answer once its writes are durable."""
+        if self.journal.unavailable is not None:  # refused before it changes anything
+            raise store_unavailable(self.journal.unavailable)
+        if self.journal.backlog > MAX_JOURNAL_BACKLOG:
+            raise server_busy(f"{self.journal.backlog} writes wait for the disk")
         error: Exception | None = None
         result = None
         try:

@@ -28,6 +28,8 @@ def parse_json(raw: bytes, *, required: bool = True) -> Body:
         data = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
         raise bad_request("InvalidRequestBody", f"the body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:  # msgspec checks a string's UTF-8 as it decodes it
+        raise bad_request("InvalidRequestBody", f"the body is not valid UTF-8: {exc}") from None
     except RecursionError:
         raise bad_request("InvalidRequestBody", "the body is nested too deeply") from None
     if not isinstance(data, dict):

@@ -31,6 +31,7 @@ _CODES = {
     "TVMNotFound": "NodeNotFound",
     "InvalidRequestBody": "InvalidRequestBody",
     "TVMUnreachable": "NodeNotReachable",
+    "StoreUnavailable": "ServerBusy",  # Azure's 503 code; its SDKs retry it
 }
 # The core's value keys and Azure's (clients read `PropertyName` to show the bad field).
 _KEYS = {"field": "PropertyName", "value": "PropertyValue", "name": "Name", "reason": "Reason"}
@@ -136,6 +137,8 @@ def azure_error(exc: ApiError, base: str, headers: dict[str, str]) -> Response:
     }
     resp = json_response(exc.status, body, headers)
     resp.headers.append((b"x-ms-error-code", code.encode()))  # HEAD answers have no body
+    if exc.retry_after is not None:
+        resp.headers.append((b"retry-after", str(exc.retry_after).encode()))
     return resp
 
 

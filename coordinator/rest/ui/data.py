@@ -308,7 +308,7 @@ def state_history(t: TaskRec) -> list[dict[str, Any]]:
 def resize_target(body: bytes) -> int:
     try:
         data = msgspec.json.decode(body) if body else None
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         data = None
     target = data.get("targetDedicated") if isinstance(data, dict) else None
     if not isinstance(target, int) or isinstance(target, bool) or target < 0:
