@@ -104,6 +104,7 @@ class SlurmSpec(_Spec):
     extra_args: list[str] = []
     idle_stop_after: float = 5.0
     bin_dir: str = ""  # where sbatch/squeue/scancel are; empty: PATH
+    slurm_conf: str = ""  # SLURM_CONF for those commands; empty: Slurm's own default
 
 
 class K8sSpec(_Spec):
@@ -239,6 +240,7 @@ def _check(spec: Spec, where: str) -> None:
         slurm_time(spec.time_limit, where)
         _path(where, "work-dir", spec.work_dir, required=True)
         _path(where, "bin-dir", spec.bin_dir)
+        _path(where, "slurm-conf", spec.slurm_conf)
         if spec.tvm != "tvm":
             _path(where, "tvm", spec.tvm)
         for key in ("max-pending", "max-jobs", "max-failures"):

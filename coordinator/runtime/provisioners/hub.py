@@ -39,6 +39,8 @@ class Plugin(Protocol):
     name: str
     idle_stop_after: float
     register_timeout: float | None
+    joined: set[str]  # agents that registered (the hub tells; a Slurm job that ends later is no failure)
+    size_cores: dict[str, int]  # VM size -> cores (the hub tells)
 
     @property
     def paused(self) -> str: ...
@@ -185,8 +187,13 @@ class ProvisionerHub:
             ),
             key=lambda p: (p.created, p.spec.name),
         )
-        if plugin.paused and any(p.resize_error is None for p in pools):
-            plugin.resume()  # the pool was resized again since the pause (or never paused)
+        if plugin.paused and any(
+            p.resize_error is None and p.target > len(core.store.members(p.spec.name))
+            for p in pools
+        ):
+            plugin.resume()  # a pool was resized again since the pause set its resize error
+        plugin.joined.update(n for n in started if n in core.agents)
+        plugin.size_cores = {k: v[0] for k, v in core.vm_sizes().items()}
         on_way = []
         for name, when in list(started.items()):
             if name in core.agents:

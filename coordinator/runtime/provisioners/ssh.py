@@ -43,6 +43,8 @@ class SshProvisioner:
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         self.known_hosts = os.path.join(self.state_dir, "known_hosts")
         self.agents: dict[str, int] = {}  # agent name -> host index
+        self.joined: set[str] = set()
+        self.size_cores: dict[str, int] = {}
         self._bad_until: dict[int, float] = {}
         self._problems: list[tuple[str, str]] = []
         self._lock = threading.Lock()
@@ -83,6 +85,7 @@ class SshProvisioner:
 
     def stop(self, name: str) -> None:
         index = self.agents.pop(name, None)
+        self.joined.discard(name)
         if index is None:
             return
         host = self.spec.hosts[index]
