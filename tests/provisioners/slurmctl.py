@@ -100,9 +100,7 @@ def start_slurm(base: str, cpus: int = 2) -> Slurm:
     def launch(argv: list[str], out: str) -> None:
         log = open(os.path.join(logdir, out), "ab")  # noqa: SIM115
         slurm.procs.append(
-            subprocess.Popen(
-                argv, stdout=log, stderr=log, env=slurm.env(), start_new_session=True
-            )
+            subprocess.Popen(argv, stdout=log, stderr=log, env=slurm.env(), start_new_session=True)
         )
         log.close()
 

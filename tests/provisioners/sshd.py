@@ -32,15 +32,17 @@ def _free_port() -> int:
 def start_sshd(base: str) -> tuple[Sshd, subprocess.Popen[bytes]]:
     if os.geteuid() != 0:
         pytest.skip("sshd must run as root to log users in")
-    if not os.path.exists(SSHD) or shutil.which("ssh") is None or shutil.which("ssh-keygen") is None:
+    if (
+        not os.path.exists(SSHD)
+        or shutil.which("ssh") is None
+        or shutil.which("ssh-keygen") is None
+    ):
         pytest.skip("openssh-server/openssh-client are not installed")
     os.makedirs(base, mode=0o700, exist_ok=True)
     host_key = os.path.join(base, "host_ed25519")
     key = os.path.join(base, "client_ed25519")
     for path in (host_key, key):
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", path], check=True
-        )
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", path], check=True)
     auth = os.path.join(base, "authorized_keys")
     shutil.copy(key + ".pub", auth)
     os.chmod(auth, 0o600)

@@ -21,9 +21,11 @@ from tests.harness import cluster_ctx
 from tests.provisioners.slurmctl import Slurm, start_slurm
 from tests.provisioners.test_ssh_provisioner import _agent_pids, _tvm_command
 
-pytestmark = pytest.mark.slow  # a Slurm cluster's start and jobs' scheduling take 20-40 s
+# Not `slow`: the private Slurm starts in about a second and the whole test takes ~15 s.
 
-FAST = AutoscaleTiming(sample_period=0.2, visibility_delay=0.4, min_interval=1.0, enable_throttle=0.0)
+FAST = AutoscaleTiming(
+    sample_period=0.2, visibility_delay=0.4, min_interval=1.0, enable_throttle=0.0
+)
 FORMULA = """
 $tasks = max(0, $PendingTasks.GetSample(1));
 $TargetDedicatedNodes = min($tasks, 2);
@@ -95,19 +97,23 @@ async def test_autoscale_grows_a_pool_by_slurm_jobs_and_shrinks_it(
         agents = {t.agent_id for t in tvms}
         assert all(a.startswith("hpc-") for a in agents)
         jobs = _jobs(slurm)
-        assert len(jobs) == 2 and {state for _, state in jobs} == {"RUNNING"}
+        assert len(jobs) == 2
+        assert {state for _, state in jobs} == {"RUNNING"}
         done = await c.wait_for(lambda: _all_done(c), timeout=90, what="4 tasks completed")
         assert all(t.execution_info.exit_code == 0 for t in done)
         assert {t.tvm_info.tvm_name for t in done} <= {t.name for t in tvms}
         # no pending task: the formula brings the pool to 0, the agents are stopped, the jobs end
         await c.wait_for(
-            lambda: not any(state in ("PENDING", "RUNNING", "COMPLETING") for _, state in _jobs(slurm)),
+            lambda: (
+                not any(state in ("PENDING", "RUNNING", "COMPLETING") for _, state in _jobs(slurm))
+            ),
             timeout=90,
             what="every Slurm job ended",
         )
         assert len(_jobs(slurm)) == 2  # the same two jobs, no more were submitted
         pool = await c.client.pools.get("hpc")
-        assert pool.target_dedicated == 0 and pool.current_dedicated == 0
+        assert pool.target_dedicated == 0
+        assert pool.current_dedicated == 0
         await c.wait_for(lambda: not _agent_pids(work_dir), what="no agent process left")
         await c.wait_for(lambda: not os.listdir(work_dir), what="the jobs' directories removed")
 
@@ -126,8 +132,12 @@ async def test_failing_allocations_pause_the_provisioner_with_the_reason_on_the_
             lambda: _paused(c), timeout=30, what="the provisioner paused on the pool"
         )
         assert "2 Slurm allocations in a row failed" in pool.resize_error.message
-        assert "nosuchpartition" in pool.resize_error.message or "partition" in pool.resize_error.message
-        assert pool.allocation_state == "steady" and pool.current_dedicated == 0
+        assert (
+            "nosuchpartition" in pool.resize_error.message
+            or "partition" in pool.resize_error.message
+        )
+        assert pool.allocation_state == "steady"
+        assert pool.current_dedicated == 0
         assert _jobs(slurm) == []
         assert not os.path.exists(work_dir) or not os.listdir(work_dir)  # nothing half-made
 

@@ -114,7 +114,9 @@ async def test_pool_grows_over_ssh_runs_tasks_and_shrinks_to_nothing(
 
         await c.client.workitems.add("wi", "p")
         await c.client.tasks.add_many(
-            "wi", JOB, [task_spec(f"t{i}", "/bin/sh -c 'echo hello from $WATASK_TVM_NAME'") for i in range(6)]
+            "wi",
+            JOB,
+            [task_spec(f"t{i}", "/bin/sh -c 'echo hello from $WATASK_TVM_NAME'") for i in range(6)],
         )
         done = await c.wait_for(
             lambda: _all_done(c), timeout=60, what="6 tasks completed on the ssh TVMs"
@@ -147,13 +149,15 @@ async def test_unreachable_host_is_named_in_the_pools_resize_error(
         pool = await c.wait_for(lambda: _with_error(c, "p"), timeout=30, what="a resize error")
         assert pool.resize_error.code == "HostUnreachable"
         assert f"root@127.0.0.1:{dead}" in pool.resize_error.message
-        assert pool.allocation_state == "steady" and pool.current_dedicated == 0
+        assert pool.allocation_state == "steady"
+        assert pool.current_dedicated == 0
         # a pool naming a provisioner the coordinator does not define says so too
         await c.client.pools.add(
             "q", target_dedicated=1, metadata=[m.MetadataItem(name="provisioner", value="nope")]
         )
         q = await c.wait_for(lambda: _with_error(c, "q"), timeout=30, what="a resize error")
-        assert q.resize_error.code == "UnknownProvisioner" and "'nope'" in q.resize_error.message
+        assert q.resize_error.code == "UnknownProvisioner"
+        assert "'nope'" in q.resize_error.message
     assert not os.path.exists(agent_dir) or not os.listdir(agent_dir)
 
 
@@ -169,7 +173,11 @@ async def _all_done(c):  # noqa: ANN001, ANN202
 
 async def _steady_empty(c) -> bool:  # noqa: ANN001
     p = await c.client.pools.get("p")
-    return p.allocation_state == "steady" and p.current_dedicated == 0 and not await c.client.tvms.list("p")
+    return (
+        p.allocation_state == "steady"
+        and p.current_dedicated == 0
+        and not await c.client.tvms.list("p")
+    )
 
 
 assert REPO  # the agents run the installed `tvm` (an editable install of this checkout)

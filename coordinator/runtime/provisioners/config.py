@@ -46,7 +46,8 @@ __all__ = [
 POOL_METADATA_KEY = "provisioner"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 # a Slurm partition/account, a user name, a host: no shell or option syntax can hide in them
-_WORD_RE = re.compile(r"^[A-Za-z0-9_.@:%+-]{1,255}$")
+# (no leading '-': `-oProxyCommand...@host` would be an ssh option)
+_WORD_RE = re.compile(r"^[A-Za-z0-9_.:%+][A-Za-z0-9_.@:%+-]{0,254}$")
 
 
 class ProvisionerConfigError(ValueError):

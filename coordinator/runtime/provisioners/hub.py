@@ -39,7 +39,9 @@ class Plugin(Protocol):
     name: str
     idle_stop_after: float
     register_timeout: float | None
-    joined: set[str]  # agents that registered (the hub tells; a Slurm job that ends later is no failure)
+    joined: set[
+        str
+    ]  # agents that registered (the hub tells; a Slurm job that ends later is no failure)
     size_cores: dict[str, int]  # VM size -> cores (the hub tells)
 
     @property
@@ -226,7 +228,9 @@ class ProvisionerHub:
             for name in names:
                 started[name] = time.monotonic()
             if names:
-                log.info("provisioner %s started %s for pool %s", pname, ", ".join(names), pool.spec.name)
+                log.info(
+                    "provisioner %s started %s for pool %s", pname, ", ".join(names), pool.spec.name
+                )
             for code, message in plugin.take_problems():
                 self._failed(pool.spec.name, code, message)
             if plugin.paused:

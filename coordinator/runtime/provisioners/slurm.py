@@ -49,7 +49,7 @@ def job_script(spec: SlurmSpec, agent_url: str, name: str, directory: str) -> st
     clean up the token, private dir and TVM root after the agent's exit."""
     q = shlex.quote
     agent = (
-        f"{q(spec.tvm)} agent --coordinator {q(agent_url)} --token-file \"$D/token\""
+        f'{q(spec.tvm)} agent --coordinator {q(agent_url)} --token-file "$D/token"'
         f' --root "$D/root" --private-dir "$D/private" --name {q(name)} --log-level warning'
     )
     return (
@@ -63,7 +63,7 @@ def job_script(spec: SlurmSpec, agent_url: str, name: str, directory: str) -> st
         "trap 'stopping=1; kill -TERM $pid 2>/dev/null' TERM INT\n"
         "while :; do\n"
         "  wait $pid; rc=$?\n"
-        '  if [ $stopping = 1 ] && kill -0 $pid 2>/dev/null; then continue; fi\n'
+        "  if [ $stopping = 1 ] && kill -0 $pid 2>/dev/null; then continue; fi\n"
         "  break\n"
         "done\n"
         'rm -rf "$D/root" "$D/private" "$D/token"\n'
@@ -190,7 +190,8 @@ class SlurmProvisioner:
             self._stopped.discard(name)
             joined = name in self.joined
             self.joined.discard(name)
-            self._cleanup(name, keep_output=not stopped and state != "COMPLETED")
+            # a failed allocation's output stays for the operator (see _cleanup)
+            self._cleanup(name, keep_output=not stopped and not joined and state != "COMPLETED")
             if stopped:
                 continue
             why = f"its Slurm job {job} ended ({state}{', ' + reason if reason not in ('', 'None') else ''})"
@@ -198,7 +199,9 @@ class SlurmProvisioner:
             if joined:
                 self.failures = 0
             else:
-                self._failed(f"job {job} {state}{' (' + reason + ')' if reason not in ('', 'None') else ''}")
+                self._failed(
+                    f"job {job} {state}{' (' + reason + ')' if reason not in ('', 'None') else ''}"
+                )
         return ended
 
     # ------------------------------------------------------------------ helpers

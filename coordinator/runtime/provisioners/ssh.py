@@ -200,7 +200,7 @@ class SshProvisioner:
             f" --property=TimeoutStopSec={STOP_GRACE_S} {agent} && echo systemd > {q(d)}/mode"
         )
         plain = (
-            f"nohup setsid sh -c 'echo $$ > \"$0/pid\"; exec \"$@\"' {q(d)} {agent}"
+            f'nohup setsid sh -c \'echo $$ > "$0/pid"; exec "$@"\' {q(d)} {agent}'
             f" > {q(d)}/agent.log 2>&1 < /dev/null &\necho process > {q(d)}/mode"
         )
         if host.mode == "systemd":
