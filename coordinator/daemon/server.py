@@ -178,7 +178,7 @@ async def _serve_active(
     service.core.unusable_after_failures = a["unusable_after_failures"]
     if autoscale_timing is not None:
         service.core.autoscale_timing = autoscale_timing
-    prov = None
+    prov: Any = None
     local_ws = endpoint.replace("https://", "wss://").replace("http://", "ws://") + "/agent"
     # agents on other machines dial the public URL (`--public-url`); local ones this endpoint
     public_ws = (public_url or endpoint).rstrip("/")

@@ -28,10 +28,11 @@ def manifests(
     """A `v1 List` of the Secret and the StatefulSet or Job for provisioner `name`."""
     app = f"tvm-agent-{name}".lower()
     labels = {"app.kubernetes.io/name": "tvm-agent", "app.kubernetes.io/instance": app}
-    secret = {
+    secret_name = f"{app}-join-token"
+    secret: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": f"{app}-join-token", "namespace": spec.namespace, "labels": labels},
+        "metadata": {"name": secret_name, "namespace": spec.namespace, "labels": labels},
         "type": "Opaque",
         "data": {"join-token": base64.b64encode(token.encode()).decode()},
     }
@@ -73,7 +74,7 @@ def manifests(
         "volumes": [
             {
                 "name": "join-token",
-                "secret": {"secretName": secret["metadata"]["name"], "defaultMode": 0o400},
+                "secret": {"secretName": secret_name, "defaultMode": 0o400},
             }
         ],
         "terminationGracePeriodSeconds": 70,  # the agent's drain grace (60 s) and a margin
