@@ -26,12 +26,10 @@ def default_public_url(endpoint: str, host: str) -> str:
 
 def check_public_url(url: str) -> str | None:
     """Why `url` cannot be the public URL, or None."""
-    why = validate_coordinator_url(url)
-    if why:
-        return f"--public-url {why}"
-    if urlsplit(url).scheme not in ("http", "https"):
+    if not url.startswith(("http://", "https://")):
         return f"--public-url must be the http(s):// URL clients use, got {url!r}"
-    return None
+    why = validate_coordinator_url(url)
+    return f"--public-url {why}" if why else None
 
 
 def join_command(public_url: str, token_file: str = AGENT_TOKEN_PATH) -> str:

@@ -105,3 +105,50 @@ def test_tvm_up_prints_the_join_command_and_a_single_use_token_joins_one_agent(t
                     p.wait()
                 remove_agent_cgroups(name, root)
             client.close()
+
+
+def test_tvm_coordinator_refuses_a_bad_provisioner_section_before_starting(tmp_path):
+    conf = tmp_path / "coord.toml"
+    conf.write_text(
+        'port = 0\n[provisioner.lab]\ntype = "ssh"\n'
+        '[[provisioner.lab.hosts]]\naddress = "h"\ntvm = "/opt/tvm/bin/tvm"\nprot = 22\n'
+    )
+    state = tmp_path / "state"
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coordinator.cli",
+            "coordinator",
+            "--config",
+            str(conf),
+            "--state-dir",
+            str(state),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in agent_env().items() if not k.startswith("TVM_")},
+    )
+    assert res.returncode != 0
+    assert f"{conf}: [provisioner.lab]: unknown key `prot` in `hosts[0]`" in res.stderr
+    assert not state.exists()  # nothing made
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coordinator.cli",
+            "up",
+            "--public-url",
+            "ftp://x",
+            "--state-dir",
+            str(state),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in agent_env().items() if not k.startswith("TVM_")},
+    )
+    assert res.returncode != 0
+    assert "--public-url must be the http(s):// URL clients use, got 'ftp://x'" in res.stderr
+    assert not state.exists()

@@ -80,6 +80,7 @@ def test_sbatch_gets_time_partition_account_and_cores_and_the_token_stays_in_a_f
         f"--output={d}/slurm.out",
         f"--chdir={d}",
         "--signal=B:TERM@60",
+        f"--comment={names[0]}",
         "--partition=batch",
         "--account=proj",
         "--qos=high",
@@ -173,3 +174,17 @@ def test_the_job_script_passes_sigterm_on_and_cleans_up(tmp_path):
     assert (tmp_path / "agent.stopped").read_text().strip() == "stopped"
     assert sorted(os.listdir(d)) == ["job.sh"]
     assert sbatch_args(spec, "hpc", str(d), 2)[-1] == f"{d}/job.sh"  # type: ignore[arg-type]
+
+
+def test_a_restarted_coordinator_takes_back_the_jobs_it_had_submitted(tmp_path):
+    prov, b = _prov(tmp_path)
+    (b / "queue").write_text(
+        "201|RUNNING|None|hpc-0badcafe\n202|COMPLETED|None|hpc-00000001\n203|RUNNING|None|other-1\n"
+    )
+    assert prov.poll() == []  # the first look finds the previous run's jobs
+    assert not prov.adopt("hpc-00000001")  # ended
+    assert not prov.adopt("other-1")
+    assert prov.adopt("hpc-0badcafe")
+    assert prov.jobs == {"hpc-0badcafe": "201"}
+    prov.stop("hpc-0badcafe")
+    assert (b / "scancel.calls").read_text().split() == ["201"]

@@ -103,3 +103,14 @@ def test_slurm_time_limits():
     for bad in ("", "PT1M", "soon", "-PT1H"):
         with pytest.raises(ProvisionerConfigError):
             slurm_time(bad)
+
+
+def test_ssh_takes_back_only_names_of_its_own_hosts(tmp_path):
+    from coordinator.runtime.provisioners.ssh import SshProvisioner
+
+    spec = parse_provisioners(ssh()).named["lab"]
+    prov = SshProvisioner("lab", spec, str(tmp_path), "ws://c:1/agent", "t")  # type: ignore[arg-type]
+    assert prov.adopt("lab-0-0badcafe")
+    assert prov.agents == {"lab-0-0badcafe": 0}
+    for other in ("lab-1-0badcafe", "lab-x-1", "lab-0", "lab-0-a-b"):
+        assert not prov.adopt(other)

@@ -8,6 +8,7 @@ one call at a time per plugin), plus:
   `take_problems() -> [(code, message)]`  what went wrong since the last call (a host unreachable)
   `poll() -> [(name, why)]`                agents whose backing ended (a Slurm job finished)
   `paused -> str`, `resume()`             a plugin that stopped trying, and why
+  `adopt(name) -> bool`                    take back an agent it started before a restart
   `idle_stop_after`, `register_timeout`   seconds
 The hub's loop, per plugin, every POLL_S or when the core asks: counts how many agents the plugin's
 pools lack beyond those on their way (started, not yet registered) and those free, starts the rest,
@@ -52,6 +53,7 @@ class Plugin(Protocol):
     def poll(self) -> list[tuple[str, str]]: ...
     def take_problems(self) -> list[tuple[str, str]]: ...
     def resume(self) -> None: ...
+    def adopt(self, name: str) -> bool: ...
 
 
 def pool_provisioner(pool: PoolRec, default: str) -> str:
@@ -194,6 +196,10 @@ class ProvisionerHub:
             for p in pools
         ):
             plugin.resume()  # a pool was resized again since the pause set its resize error
+        for name in core.agents:
+            # an agent this plugin started before a coordinator restart: its again to stop
+            if name not in started and name.startswith(f"{pname}-") and plugin.adopt(name):
+                started[name] = now
         plugin.joined.update(n for n in started if n in core.agents)
         plugin.size_cores = {k: v[0] for k, v in core.vm_sizes().items()}
         on_way = []

@@ -84,6 +84,8 @@ def sbatch_args(spec: SlurmSpec, provisioner: str, directory: str, cores: int) -
         f"--output={directory}/slurm.out",
         f"--chdir={directory}",
         f"--signal=B:TERM@{SIGNAL_BEFORE_END_S}",
+        # the agent's name, so a restarted coordinator finds its jobs again (squeue %k)
+        f"--comment={os.path.basename(directory)}",
     ]
     if spec.partition:
         args.append(f"--partition={spec.partition}")
@@ -109,6 +111,8 @@ class SlurmProvisioner:
         self._paused = ""
         self._stopped: set[str] = set()
         self._problems: list[tuple[str, str]] = []
+        self._comments: dict[str, str] = {}  # agent name -> job id, from the last squeue
+        self._looked = False
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ plugin interface
@@ -127,6 +131,15 @@ class SlurmProvisioner:
         with self._lock:
             out, self._problems = self._problems, []
         return out
+
+    def adopt(self, name: str) -> bool:
+        """An agent whose job (squeue's comment names it) a previous coordinator run submitted."""
+        job = self._comments.get(name)
+        if job is None or name in self.jobs:
+            return False
+        self.jobs[name] = job
+        self.states[name] = "RUNNING"
+        return True
 
     def pending(self) -> int:
         return sum(1 for n in self.jobs if self.states.get(n, "PENDING") == "PENDING")
@@ -165,19 +178,29 @@ class SlurmProvisioner:
 
     def poll(self) -> list[tuple[str, str]]:
         """Refresh job states; return agents whose allocation ended (not by `stop`)."""
-        if not self.jobs:
+        if not self.jobs and self._looked:
             return []
+        self._looked = True  # the first look also finds jobs of a previous coordinator run
         result = self._run(
-            ["squeue", "--noheader", "--states=all", f"--name=tvm-{self.name}", "--format=%i|%T|%r"]
+            [
+                "squeue",
+                "--noheader",
+                "--states=all",
+                f"--name=tvm-{self.name}",
+                "--format=%i|%T|%r|%k",
+            ]
         )
         if result.returncode != 0:
             log.warning("provisioner %s: squeue failed: %s", self.name, result.stderr.strip())
             return []
         seen: dict[str, tuple[str, str]] = {}
+        self._comments = {}
         for line in result.stdout.splitlines():
-            job, _, rest = line.strip().partition("|")
-            state, _, reason = rest.partition("|")
-            seen[job] = (state.split()[0] if state else "", reason)
+            job, state, reason, comment = [*line.strip().split("|"), "", "", ""][:4]
+            state = state.split()[0] if state.strip() else ""
+            seen[job] = (state, reason)
+            if state and state not in ENDED and comment.startswith(f"{self.name}-"):
+                self._comments[comment] = job
         ended: list[tuple[str, str]] = []
         for name, job in list(self.jobs.items()):
             state, reason = seen.get(job, ("GONE", ""))

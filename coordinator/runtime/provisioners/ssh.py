@@ -61,6 +61,14 @@ class SshProvisioner:
     def poll(self) -> list[tuple[str, str]]:
         return []
 
+    def adopt(self, name: str) -> bool:
+        """An agent `<provisioner>-<host index>-<hex>` started before a coordinator restart."""
+        parts = name[len(self.name) + 1 :].split("-")
+        if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) >= len(self.spec.hosts):
+            return False
+        self.agents[name] = int(parts[0])
+        return True
+
     def take_problems(self) -> list[tuple[str, str]]:
         with self._lock:
             out, self._problems = self._problems, []
