@@ -181,3 +181,40 @@ async def _steady_empty(c) -> bool:  # noqa: ANN001
 
 
 assert REPO  # the agents run the installed `tvm` (an editable install of this checkout)
+
+
+async def test_an_agent_killed_on_its_host_is_wiped_and_replaced(
+    nursery, tmp_path, sshd, agent_dir
+):
+    import signal
+
+    section = _ssh_section(sshd, agent_dir, [(sshd.addresses[0], sshd.port)])
+    async with cluster_ctx(
+        nursery,
+        tmp_path,
+        heartbeat_timeout=5.0,
+        link_grace=0.5,
+        unknown_tvm_timeout=1.0,
+        provisioners=parse_provisioners(section),
+    ) as c:
+        c.rc.service.provisioner.lost_after = 1.0
+        await c.client.pools.add(
+            "p", target_dedicated=1, metadata=[m.MetadataItem(name="provisioner", value="lab")]
+        )
+        await c.wait_for(lambda: c._idle("p", 1), timeout=60, what="1 idle TVM over ssh")
+        (first,) = [t.agent_id for t in await c.client.tvms.list("p")]
+        (pid,) = _agent_pids(os.path.join(agent_dir, first))
+        os.kill(pid, signal.SIGKILL)  # the host's agent dies; max-agents = 1 on the only host
+        await c.wait_for(
+            lambda: _replaced(c, first), timeout=60, what="a new agent's TVM in the pool"
+        )
+        await c.wait_for(
+            lambda: not os.path.exists(os.path.join(agent_dir, first)),
+            what="the dead agent's directory wiped",
+        )
+        assert first not in c.rc.service.core.agents
+
+
+async def _replaced(c, first: str) -> bool:  # noqa: ANN001
+    tvms = await c.client.tvms.list("p")
+    return len(tvms) == 1 and tvms[0].agent_id != first and tvms[0].state == "idle"

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tvm.coordinator")
 
 POLL_S = 1.0
+# an agent of a plugin disconnected this long is given up (stopped, wiped, forgotten)
+LOST_AFTER_S = 300.0
 
 
 class Plugin(Protocol):
@@ -78,7 +80,7 @@ class ProvisionerHub:
         self._wake = {name: trio.Event() for name in plugins}
         self._started: dict[str, dict[str, float]] = {name: {} for name in plugins}
         self._idle: dict[str, float] = {}
-        self._stopping: set[str] = set()
+        self.lost_after = LOST_AFTER_S
 
     # ------------------------------------------------------------------ what the service calls
 
@@ -202,6 +204,18 @@ class ProvisionerHub:
                 started[name] = now
         plugin.joined.update(n for n in started if n in core.agents)
         plugin.size_cores = {k: v[0] for k, v in core.vm_sizes().items()}
+        for name in list(started):
+            # an agent whose link is gone for good (its host rebooted, the process died): the
+            # core has requeued its tasks and replaces its TVM; its leftovers are stopped here
+            a = core.agents.get(name)
+            gone = a.disconnected_at if a is not None and not a.connected else None
+            if gone is not None and core.clock() - gone > self.lost_after:
+                log.warning("provisioner %s: agent %s lost: stopped and wiped", pname, name)
+                started.pop(name)
+                self._idle.pop(name, None)
+                core.forget_agent(name)
+                self._dispatch()
+                await trio.to_thread.run_sync(plugin.stop, name)
         on_way = []
         for name, when in list(started.items()):
             if name in core.agents:
