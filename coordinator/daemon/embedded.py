@@ -204,9 +204,7 @@ async def run_coordinator_main(cfg: Any, provisioners: Any = None) -> int:
     return code
 
 
-async def _serve_coordinator(
-    cfg: Any, exports: Any, standby: Any, provisioners: Any = None
-) -> int:
+async def _serve_coordinator(cfg: Any, exports: Any, standby: Any, provisioners: Any = None) -> int:
     from protocol.config import parse_port_range
     from protocol.sdnotify import notify
 
