@@ -114,3 +114,27 @@ def test_ssh_takes_back_only_names_of_its_own_hosts(tmp_path):
     assert prov.agents == {"lab-0-0badcafe": 0}
     for other in ("lab-1-0badcafe", "lab-x-1", "lab-0", "lab-0-a-b"):
         assert not prov.adopt(other)
+
+
+@pytest.mark.parametrize("mode", ["auto", "process", "systemd"])
+@pytest.mark.parametrize("install", [{"tvm": "/opt/tvm/bin/tvm"}, {"venv": "/opt/tvm"}])
+def test_ssh_scripts_are_valid_shell_and_carry_no_token(tmp_path, mode, install):
+    import subprocess
+
+    from coordinator.runtime.provisioners.ssh import SshProvisioner
+
+    host = {"address": "h", "agent-dir": "/var/lib/tvm-ssh", "mode": mode}
+    spec = parse_provisioners({"lab": {"type": "ssh", "hosts": [{**host, **install}]}}).named["lab"]
+    prov = SshProvisioner("lab", spec, str(tmp_path), "ws://c:1/agent", "s3cret-token")  # type: ignore[arg-type]
+    h = spec.hosts[0]  # type: ignore[union-attr]
+    for script in (prov._start_script(h, "lab-0-ab"), prov._stop_script(h, "lab-0-ab")):
+        assert "s3cret" not in script
+        check = subprocess.run(["sh", "-n", "-c", script], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+    start = prov._start_script(h, "lab-0-ab")
+    assert "cat > /var/lib/tvm-ssh/lab-0-ab/token" in start  # the token comes on stdin
+    assert ("systemd-run" in start) == (mode != "process")
+    assert ("python3 -m venv /opt/tvm" in start) == ("venv" in install)
+    args = prov._ssh_args(h)
+    assert args[-1] == "root@h"
+    assert "BatchMode=yes" in args
