@@ -63,7 +63,10 @@ class Membership:
             # After a timeout or stop the pool stays as it is until the next resize.
             growing = pool.resize_error is None
             while growing and current < pool.target and free:
-                self.join(pool, free.pop(0), now)
+                agent = self._take_free(free, pool)
+                if agent is None:
+                    break
+                self.join(pool, agent, now)
                 current += 1
             if current > pool.target:
                 # Shrink: job-manager TVMs last, then idle before busy.
@@ -93,6 +96,17 @@ class Membership:
                 pool.resize_started = now if want == "resizing" else None
                 self.out.put("pool", name, pool)
         self._provision(missing, now)
+
+    def _take_free(self, free: list[AgentInfo], pool: PoolRec) -> AgentInfo | None:
+        """The first free agent this pool may take: with named provisioners, only one of the
+        pool's own provisioner (or, for a pool naming none, one of no named provisioner)."""
+        if not self.s.provisioner_names:
+            return free.pop(0)
+        owner = self.s.pool_owner(pool)
+        for i, agent in enumerate(free):
+            if self.s.agent_owner(agent.agent_id) == owner:
+                return free.pop(i)
+        return None
 
     def _provision(self, missing: list[tuple[int, str, str]], now: float) -> None:
         s = self.s

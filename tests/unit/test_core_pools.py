@@ -582,3 +582,31 @@ def test_a_provisioner_failure_stops_the_resize_with_its_reason_until_the_next_r
     core.resize_pool("p", m.PoolResize(target_dedicated=1))
     assert core.pools["p"].resize_error is None
     assert len(core.tvms) == 1
+
+
+def test_named_provisioners_keep_their_agents_for_the_pools_naming_them() -> None:
+    core, _ = _core(0, provisioning=True)
+    core.store.provisioner_names = frozenset({"lab"})
+    lab = [m.MetadataItem(name="provisioner", value="lab")]
+    core.add_pool(m.PoolAdd(name="p", target_dedicated=1, metadata=lab))
+    core.add_pool(m.PoolAdd(name="q", target_dedicated=1))
+    core.add_pool(
+        m.PoolAdd(
+            name="r",
+            target_dedicated=1,
+            metadata=[m.MetadataItem(name="provisioner", value="nope")],
+        )
+    )
+    _hello(core, "a0")  # a plain agent: not for p (nor r), for q
+    assert [t.rec.pool for t in core.tvms.values()] == ["q"]
+    _hello(core, "lab-0-ab")  # the lab provisioner's agent: for p only
+    _hello(core, "lab-1-cd")  # nobody else may take it: it stays free
+    assert sorted((t.rec.pool, t.rec.agent_id) for t in core.tvms.values()) == [
+        ("p", "lab-0-ab"),
+        ("q", "a0"),
+    ]
+    assert core.agents["lab-1-cd"].tvm is None
+    # without named provisioners any free agent joins any pool, as before
+    core.store.provisioner_names = frozenset()
+    core.resize_pool("q", m.PoolResize(target_dedicated=2))
+    assert core.agents["lab-1-cd"].tvm is not None

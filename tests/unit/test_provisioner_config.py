@@ -54,6 +54,8 @@ def test_a_valid_section_is_typed_and_keeps_its_default():
         ({"lab": {"type": "docker"}}, "got 'docker'"),
         ({"lab": "ssh"}, "[provisioner.lab]: must be a table"),
         ({"bad name": {"type": "ssh"}}, "a provisioner name is 1-32"),
+        ({"a-b": {"type": "ssh"}}, "agents it starts are named `<name>-...`"),
+        ({"local": {"type": "ssh"}}, "(not local)"),
         ({"lab": {"type": "ssh"}}, "missing key `hosts`"),
         (ssh(hosts=[]), "`hosts` must list at least one host"),
         (ssh(hostz=1), "unknown key `hostz`"),

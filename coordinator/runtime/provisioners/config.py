@@ -32,6 +32,7 @@ from typing import Any, Literal
 import msgspec
 
 from coordinator.common.timeutil import parse_duration
+from coordinator.core.store import POOL_PROVISIONER_KEY
 
 __all__ = [
     "K8sSpec",
@@ -43,8 +44,10 @@ __all__ = [
     "parse_provisioners",
 ]
 
-POOL_METADATA_KEY = "provisioner"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+POOL_METADATA_KEY = POOL_PROVISIONER_KEY
+# no '-': an agent's id is `<provisioner>-...`, and its first part names its provisioner
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{0,31}$")
+RESERVED = ("local",)  # the local provisioner's agents are `local-N`
 # a Slurm partition/account, a user name, a host: no shell or option syntax can hide in them
 # (no leading '-': `-oProxyCommand...@host` would be an ssh option)
 _WORD_RE = re.compile(r"^[A-Za-z0-9_.:%+][A-Za-z0-9_.@:%+-]{0,254}$")
@@ -141,9 +144,10 @@ def parse_provisioners(table: Mapping[str, Any], source: str = "config") -> Prov
         if name == "default":
             continue
         where = f"{source}: [provisioner.{name}]"
-        if not _NAME_RE.match(name):
+        if not _NAME_RE.match(name) or name in RESERVED:
             raise ProvisionerConfigError(
-                f"{where}: a provisioner name is 1-32 letters, digits, '_' or '-'"
+                f"{where}: a provisioner name is 1-32 letters, digits or '_' (not"
+                f" {', '.join(RESERVED)}): agents it starts are named `<name>-...`"
             )
         if not isinstance(body, Mapping):
             raise ProvisionerConfigError(f"{where}: must be a table with a `type`")

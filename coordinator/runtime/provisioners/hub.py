@@ -81,6 +81,9 @@ class ProvisionerHub:
         self._started: dict[str, dict[str, float]] = {name: {} for name in plugins}
         self._idle: dict[str, float] = {}
         self.lost_after = LOST_AFTER_S
+        # the core keeps each plugin's agents for the pools that name it (and only for them)
+        service.core.store.provisioner_names = frozenset(plugins)
+        service.core.store.default_provisioner = default
 
     # ------------------------------------------------------------------ what the service calls
 
