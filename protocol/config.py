@@ -114,6 +114,10 @@ class CoordinatorConfig(_Config):
     max_upload_size: int = 4 * 1024 * 1024 * 1024
     log_level: LogLevel = "info"
     log_format: LogFormat = "json"
+    # the URL other machines reach this coordinator at (join command, agents started elsewhere)
+    public_url: str = ""
+    # named provisioners (ssh, slurm, kubernetes), checked by coordinator/runtime/provisioners
+    provisioner: dict[str, Any] = {}
 
 
 _C = TypeVar("_C", bound=_Config)
@@ -347,6 +351,10 @@ def _check_coordinator(cfg: CoordinatorConfig, src: Mapping[str, str]) -> None:
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         missing = "tls-key" if cfg.tls_cert else "tls-cert"
         raise _fail(src, missing, "must be set together with tls-cert/tls-key (both or neither)")
+    if cfg.public_url:
+        why = validate_coordinator_url(cfg.public_url)
+        if why:
+            raise _fail(src, "public-url", why)
     try:
         parse_port_range(cfg.port_range, cfg.ports_per_tvm)
     except ValueError as exc:

@@ -10,7 +10,7 @@ import click
 
 from tvmagent.cli import agent as _agent_command
 
-from . import resources, security, store, tasks, ui
+from . import k8s, resources, security, store, tasks, ui
 from ._common import CONTEXT, _setup_logging
 
 # --------------------------------------------------------------------------- root
@@ -32,6 +32,16 @@ def cli() -> None:
     "--state-dir", default="./tvm-state", show_default=True, help="Database, files and agent roots."
 )
 @click.option("--host", default="127.0.0.1", show_default=True)
+@click.option(
+    "--listen",
+    default=None,
+    help="Listen address (same as --host; 0.0.0.0 lets other machines' agents join).",
+)
+@click.option(
+    "--public-url",
+    default=None,
+    help="The http(s):// URL other machines reach this coordinator at (printed join command).",
+)
 @click.option(
     "--port", default=7070, show_default=True, help="REST and agent port (0: any free port)."
 )
@@ -68,6 +78,8 @@ def up(
     provision: bool,
     tvm_root_dir: str | None,
     accept_degraded: bool,
+    listen: str | None,
+    public_url: str | None,
 ) -> None:
     """Run the embedded default: coordinator + SQLite + N local agents, in the foreground.
 
@@ -77,10 +89,14 @@ def up(
     import trio
 
     from coordinator.daemon.embedded import run_up
+    from coordinator.daemon.joining import check_public_url
 
     _setup_logging(log_level)
     if agents < 0:
         raise click.BadParameter("must be >= 0", param_hint="--agents")
+    host = listen or host
+    if public_url and (why := check_public_url(public_url)):
+        raise click.UsageError(why)
     _check_state_dir(state_dir)
     sys.exit(
         trio.run(
@@ -93,6 +109,7 @@ def up(
             provision,
             tvm_root_dir,
             accept_degraded,
+            public_url or "",
         )
     )
 
@@ -132,7 +149,12 @@ def quickstart(n_tasks: int, agents: int, state_dir: str | None) -> None:
 
 @cli.command(context_settings=CONTEXT)
 @click.option("--config", type=click.Path(dir_okay=False), help="TOML config file.")
-@click.option("--host", default=None, help="Listen address [127.0.0.1].")
+@click.option("--host", "--listen", "host", default=None, help="Listen address [127.0.0.1].")
+@click.option(
+    "--public-url",
+    default=None,
+    help="The http(s):// URL other machines reach this coordinator at (join command, provisioners).",
+)
 @click.option("--port", type=int, default=None, help="Listen port [7070].")
 @click.option("--state-dir", default=None, help="State directory [./tvm-state].")
 @click.option("--account", default=None, help="Account name on first start [tvm].")
@@ -221,9 +243,21 @@ def coordinator(config: str | None, **flags: Any) -> None:
         cfg.join_token = resolve_token(cfg.join_token, cfg.join_token_file, config, "join-token")
     except (ConfigError, TokenError) as exc:
         raise click.ClickException(str(exc)) from None
+    from coordinator.daemon.joining import check_public_url
+    from coordinator.runtime.provisioners.config import (
+        ProvisionerConfigError,
+        parse_provisioners,
+    )
+
+    if cfg.public_url and (why := check_public_url(cfg.public_url)):
+        raise click.ClickException(why)
+    try:
+        provisioners = parse_provisioners(cfg.provisioner, config or "config")
+    except ProvisionerConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     _check_state_dir(cfg.state_dir)
     _setup_logging(cfg.log_level, cfg.log_format)
-    sys.exit(trio.run(run_coordinator_main, cfg))
+    sys.exit(trio.run(run_coordinator_main, cfg, provisioners))
 
 
 def _has_password(url: str) -> bool:
@@ -239,6 +273,7 @@ for _register in (
     security.register,
     ui.register,
     store.register,
+    k8s.register,
 ):
     _register(cli)
 

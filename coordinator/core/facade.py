@@ -241,6 +241,9 @@ class CoordinatorState:
         if req.enable_auto_scale:
             self.autoscale.pool_added(req.name)
 
+    def provision_failed(self, pool: str, code: str, message: str) -> None:
+        self.pool_area.provision_failed(pool, code, message)
+
     def delete_pool(self, name: str) -> None:
         self.pool_area.delete_pool(name)
         self.autoscale.pool_deleted(name)

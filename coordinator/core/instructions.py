@@ -42,10 +42,11 @@ class Close(msgspec.Struct, frozen=True, gc=False):
 
 
 class Provision(msgspec.Struct, frozen=True, gc=False):
-    """Ask the provisioner for `count` more agents of `vm_size`."""
+    """Ask the provisioner for `count` more agents of `vm_size` (for `pool`: it may name its own)."""
 
     count: int
     vm_size: str
+    pool: str = ""
 
 
 @dataclass
@@ -80,5 +81,5 @@ class Outbox:
     def close(self, agent_id: str, code: int, reason: str) -> None:
         self.fx.closes.append(Close(agent_id, code, reason))
 
-    def provision(self, count: int, vm_size: str) -> None:
-        self.fx.provision.append(Provision(count, vm_size))
+    def provision(self, count: int, vm_size: str, pool: str = "") -> None:
+        self.fx.provision.append(Provision(count, vm_size, pool))

@@ -54,7 +54,7 @@ class Membership:
             (a for a in s.agents.values() if a.connected and a.tvm is None),
             key=lambda a: a.agent_id,
         )
-        missing: list[tuple[int, str]] = []
+        missing: list[tuple[int, str, str]] = []
         for name, pool in sorted(s.pools.items(), key=lambda kv: kv[1].created):
             if pool.state != "active":
                 continue
@@ -63,7 +63,10 @@ class Membership:
             # After a timeout or stop the pool stays as it is until the next resize.
             growing = pool.resize_error is None
             while growing and current < pool.target and free:
-                self.join(pool, free.pop(0), now)
+                agent = self._take_free(free, pool)
+                if agent is None:
+                    break
+                self.join(pool, agent, now)
                 current += 1
             if current > pool.target:
                 # Shrink: job-manager TVMs last, then idle before busy.
@@ -79,7 +82,7 @@ class Membership:
                     self.begin_leave(tvm, pool.shrink_option, "pool resized")
                 current = pool.target
             if growing and current < pool.target:
-                missing.append((pool.target - current, pool.spec.vm_size))
+                missing.append((pool.target - current, pool.spec.vm_size, name))
             leaving = any(
                 t.rec.pool == name and t.rec.pending_op in ("leave", "leaving")
                 for t in s.tvms.values()
@@ -94,21 +97,32 @@ class Membership:
                 self.out.put("pool", name, pool)
         self._provision(missing, now)
 
-    def _provision(self, missing: list[tuple[int, str]], now: float) -> None:
+    def _take_free(self, free: list[AgentInfo], pool: PoolRec) -> AgentInfo | None:
+        """The first free agent this pool may take: with named provisioners, only one of the
+        pool's own provisioner (or, for a pool naming none, one of no named provisioner)."""
+        if not self.s.provisioner_names:
+            return free.pop(0)
+        owner = self.s.pool_owner(pool)
+        for i, agent in enumerate(free):
+            if self.s.agent_owner(agent.agent_id) == owner:
+                return free.pop(i)
+        return None
+
+    def _provision(self, missing: list[tuple[int, str, str]], now: float) -> None:
         s = self.s
         if not s.provisioning_enabled:
             return
         if s.provision_pending and now >= s.provision_deadline:
             s.provision_pending = 0  # the last request went unanswered: ask again
-        wanted = sum(n for n, _ in missing)
+        wanted = sum(n for n, _, _ in missing)
         extra = wanted - s.provision_pending
         if extra <= 0:
             return
         # One request per size, in pool order, for the agents not already asked for.
-        for n, size in missing:
+        for n, size, pool in missing:
             take = min(n, extra)
             if take > 0:
-                self.out.provision(take, size)
+                self.out.provision(take, size, pool)
                 extra -= take
         self.expect_agents(wanted - s.provision_pending)
 

@@ -280,6 +280,20 @@ class Pools:
                 )
                 self.out.put("pool", name, pool)
 
+    def provision_failed(self, name: str, code: str, message: str) -> None:
+        """The pool's provisioner could not start what the pool lacks (a host unreachable, a paused
+        Slurm queue): the resize stops where it is, with the reason in the pool's resize error."""
+        pool = self.s.pools.get(name)
+        if pool is None or pool.state != "active" or pool.resize_error == (code, message):
+            return
+        now = self.s.clock()
+        pool.resize_error = (code, message)
+        if pool.alloc_state == "resizing":
+            move_alloc(pool, "steady")
+            pool.alloc_time = now
+            pool.resize_started = None
+        self.out.put("pool", name, pool)
+
     # ------------------------------------------------------------------ auto pools
 
     def check_auto_pool(self, env: m.JobExecutionEnvironment) -> AutoPool:

@@ -36,6 +36,8 @@ from .records import (
 )
 from .states import move_task, move_tvm
 
+# the pool metadata item that names the pool's provisioner
+POOL_PROVISIONER_KEY = "provisioner"
 DEFAULT_PORT_RANGE = (1100, 32767, 50)  # below the Linux default ephemeral range 32768-60999
 
 _task_dec = msgspec.msgpack.Decoder(TaskRec)
@@ -105,6 +107,10 @@ class Store:
         self.provisioning_enabled = False
         self.provision_pending = 0
         self.provision_deadline = 0.0
+        # Named provisioners (set by the shell): a pool naming one (metadata `provisioner`, or
+        # the default) takes only agents named `<provisioner>-...`, and those go to no other pool.
+        self.provisioner_names: frozenset[str] = frozenset()
+        self.default_provisioner = ""
         # TVM healing (healing.py): how long a closed link may stay away before its TVM is lost, how
         # long a lost TVM stays `unknown` before it leaves its pool (a pool's unknownTvmTimeout
         # overrides it), and how many tasks in a row may fail on a TVM (and succeed elsewhere)
@@ -170,6 +176,17 @@ class Store:
 
     def job_of(self, task_key: str) -> Job | None:
         return self.jobs.get(task_key.rpartition("/")[0])
+
+    def agent_owner(self, agent_id: str) -> str:
+        """The named provisioner an agent belongs to ("" for none): its id's first part."""
+        owner = agent_id.partition("-")[0]
+        return owner if owner in self.provisioner_names else ""
+
+    def pool_owner(self, pool: PoolRec) -> str:
+        for item in pool.spec.metadata or ():
+            if item.name == POOL_PROVISIONER_KEY:
+                return item.value
+        return self.default_provisioner
 
     def members(self, pool: str) -> list[Tvm]:
         """TVMs that count towards the pool's size (not those on their way out)."""

@@ -18,6 +18,7 @@ from coordinator.runtime.journal import StoreFenced
 from coordinator.runtime.pgstore import StoreUnreachable
 from coordinator.runtime.provisioner import LocalProvisioner
 
+from .joining import default_public_url, join_lines
 from .server import RunningCoordinator, run_coordinator
 
 log = logging.getLogger("tvm.up")
@@ -77,6 +78,7 @@ async def run_up(
     provision: bool = True,
     tvm_root_dir: str | None = None,
     accept_degraded: bool = False,
+    public_url: str = "",
 ) -> int:
     """`provision`: pools short of free agents get more local agents started on demand (issue 5).
     `accept_degraded` only silences the warnings about degraded hosts; it changes nothing that runs."""
@@ -91,12 +93,14 @@ async def run_up(
                         heartbeat_timeout=heartbeat_timeout,
                         provisioner="local" if provision else None,
                         tvm_root_dir=tvm_root_dir,
+                        public_url=public_url,
                         task_status=task_status,
                     )
                 )
             except OSError as exc:
                 print(f"error: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
                 return 1
+            public = public_url or default_public_url(rc.endpoint, host)
             # The endpoint accepts requests now: the three lines come first on stdout.
             sys.stdout.write(_exports(rc))
             sys.stdout.flush()
@@ -112,6 +116,10 @@ async def run_up(
                 f"tvm up: coordinator on {rc.endpoint}, {agents} local agent(s); Ctrl-C to stop",
                 file=sys.stderr,
             )
+            if public_url or host != "127.0.0.1":
+                token_at = os.path.join(rc.service.state_dir, "join-token")
+                for line in join_lines("tvm up", public, f"this one is in {token_at}"):
+                    print(line, file=sys.stderr)
             print(
                 f"tvm up: dashboard at {rc.endpoint.rstrip('/')}/ui/ (`tvm ui` prints a login link)",
                 file=sys.stderr,
@@ -157,7 +165,7 @@ async def _report_status(rc: RunningCoordinator, interval: float = 2.0) -> None:
         await trio.sleep(interval)
 
 
-async def run_coordinator_main(cfg: Any) -> int:
+async def run_coordinator_main(cfg: Any, provisioners: Any = None) -> int:
     from protocol.sdnotify import WatchdogPolicy, notify, watchdog_loop
 
     try:
@@ -184,7 +192,7 @@ async def run_coordinator_main(cfg: Any) -> int:
     try:
         async with trio.open_nursery() as outer:
             outer.start_soon(watchdog_loop, watchdog)
-            code = await _serve_coordinator(cfg, exports, standby)
+            code = await _serve_coordinator(cfg, exports, standby, provisioners)
             outer.cancel_scope.cancel()
     except* (StoreFenced, StoreUnreachable) as group:
         failure = group
@@ -196,7 +204,7 @@ async def run_coordinator_main(cfg: Any) -> int:
     return code
 
 
-async def _serve_coordinator(cfg: Any, exports: Any, standby: Any) -> int:
+async def _serve_coordinator(cfg: Any, exports: Any, standby: Any, provisioners: Any = None) -> int:
     from protocol.config import parse_port_range
     from protocol.sdnotify import notify
 
@@ -221,6 +229,8 @@ async def _serve_coordinator(cfg: Any, exports: Any, standby: Any) -> int:
                     store=cfg.store or None,
                     lease_ttl=cfg.lease_ttl,
                     on_standby=standby,
+                    provisioners=provisioners,
+                    public_url=cfg.public_url,
                     task_status=task_status,
                 )
             )
@@ -232,6 +242,9 @@ async def _serve_coordinator(cfg: Any, exports: Any, standby: Any) -> int:
             return 1
         log.info("coordinator ready on %s (account %s)", rc.endpoint, rc.account)
         exports(rc.endpoint, rc.account, rc.key, rc.join_token)
+        public = cfg.public_url or default_public_url(rc.endpoint, cfg.host)
+        for line in join_lines("tvm coordinator", public, "the TVM_JOIN_TOKEN above"):
+            print(line, file=sys.stderr, flush=True)
         notify("READY=1", f"STATUS={coordinator_status(rc)}")
         nursery.start_soon(_report_status, rc)
         await _until_signal()

@@ -46,6 +46,7 @@ class RunningCoordinator:
         self.account = service.account
         self.key = service.keys[0]
         self.join_token = service.join_token
+        self.public_url = endpoint  # what other machines dial (`--public-url`)
 
     @property
     def agent_url(self) -> str:
@@ -77,6 +78,8 @@ async def run_coordinator(
     lease_ttl: float = 10.0,
     standby_poll: float = 1.0,
     on_standby: Any = None,
+    provisioners: Any = None,
+    public_url: str = "",
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """`provisioner`: None (pools use only agents that register by themselves), "local" (the embedded
@@ -87,7 +90,10 @@ async def run_coordinator(
     interval bounds (see `AutoscaleTiming`), so a test runs hours of autoscale in seconds while
     heartbeats and timeouts keep the real clock. `tvm_root_dir`: where the local provisioner puts
     its agents' TVM roots (`LocalProvisioner`). `link_grace`, `unknown_tvm_timeout`,
-    `unusable_after_failures`: TVM healing (coordinator/core/healing.py).
+    `unusable_after_failures`: TVM healing (coordinator/core/healing.py). `provisioners`: the
+    config's `[provisioner]` section (`provisioners.config.ProvisionersConfig`): pools naming one
+    are filled by it. `public_url`: the URL other machines reach this coordinator at (printed join
+    command, agents started elsewhere).
 
     `store`: a `postgresql://` URL instead of STATE_DIR/coordinator.db. Several coordinators may
     share it: each listens at once, answering as a standby (daemon/standby.py) until it holds the
@@ -148,6 +154,7 @@ async def _serve_active(
     state_dir, host, tls_cert = a["state_dir"], a["host"], a["tls_cert"]
     clock, port_range, autoscale_timing = a["clock"], a["port_range"], a["autoscale_timing"]
     provisioner, tvm_root_dir = a["provisioner"], a["tvm_root_dir"]
+    provisioners, public_url = a["provisioners"], a["public_url"]
     service = CoordinatorService(
         state_dir,
         account=a["account"],
@@ -171,9 +178,13 @@ async def _serve_active(
     service.core.unusable_after_failures = a["unusable_after_failures"]
     if autoscale_timing is not None:
         service.core.autoscale_timing = autoscale_timing
-    prov = None
+    prov: Any = None
+    local_ws = endpoint.replace("https://", "wss://").replace("http://", "ws://") + "/agent"
+    # agents on other machines dial the public URL (`--public-url`); local ones this endpoint
+    public_ws = (public_url or endpoint).rstrip("/")
+    public_ws = public_ws.replace("https://", "wss://").replace("http://", "ws://") + "/agent"
     if provisioner is not None:
-        agent_ws = endpoint.replace("https://", "wss://").replace("http://", "ws://") + "/agent"
+        agent_ws = local_ws
         if provisioner == "local":
             from coordinator.runtime.provisioner import LocalProvisioner
 
@@ -182,6 +193,11 @@ async def _serve_active(
             )
         else:
             prov = provisioner(agent_ws, service.join_token)
+        service.set_provisioner(prov)
+    if provisioners is not None and provisioners.named:
+        from coordinator.runtime.provisioners import build_hub
+
+        prov = build_hub(service, provisioners, prov, public_ws, state_dir)
         service.set_provisioner(prov)
     keeper = None
     if shared is not None:
@@ -196,12 +212,16 @@ async def _serve_active(
                 switch.target = app
             else:
                 await nursery.start(_serve, app, config, sock)
+            if hasattr(prov, "run"):  # per-pool provisioners' loops
+                inner.start_soon(prov.run)
             log.info(
                 "coordinator listening on %s (restored state in %.2f s)",
                 endpoint,
                 service.restore_seconds,
             )
-            task_status.started(RunningCoordinator(service, app, endpoint))
+            rc = RunningCoordinator(service, app, endpoint)
+            rc.public_url = public_url.rstrip("/") or endpoint
+            task_status.started(rc)
     finally:
         if prov is not None:
             with trio.CancelScope(shield=True):

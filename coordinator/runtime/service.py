@@ -244,7 +244,12 @@ class CoordinatorService:
             if self.provisioner is None:
                 break
             try:
-                started = self.provisioner.start(p.count, p.vm_size)
+                start_pool = getattr(self.provisioner, "start_pool", None)  # per-pool plugins
+                started = (
+                    start_pool(p.pool, p.count, p.vm_size)
+                    if start_pool is not None
+                    else self.provisioner.start(p.count, p.vm_size)
+                )
                 log.info(
                     "provisioner started %d agent(s) of size %s: %s",
                     p.count,

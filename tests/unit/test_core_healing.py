@@ -167,7 +167,7 @@ def test_an_unknown_tvm_leaves_its_pool_after_the_pool_timeout_and_is_replaced()
     core.tick()
     assert tvm.rec.name not in core.tvms
     fx = core.take_effects()
-    assert fx.provision == [Provision(count=1, vm_size="small")]
+    assert fx.provision == [Provision(count=1, vm_size="small", pool="p")]
     assert any(w.kind == "tvm" and w.key == tvm.rec.name and w.body is None for w in fx.writes)
     # A free agent joins in its place.
     core.agent_hello(pm.Hello(agent_id="a9", token="t"))

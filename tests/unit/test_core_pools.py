@@ -165,7 +165,7 @@ def test_resize_asks_the_provisioner_once_for_missing_agents() -> None:
     _pool(core, 1)
     core.resize_pool("p", m.PoolResize(target_dedicated=3))
     assert core.pools["p"].alloc_state == "resizing"
-    assert core.take_effects().provision == [Provision(2, "small")]
+    assert core.take_effects().provision == [Provision(2, "small", "p")]
     core.tick()
     assert core.take_effects().provision == []  # already asked
     _hello(core, "new1")
@@ -560,8 +560,53 @@ def test_agents_started_at_startup_are_not_asked_for_twice() -> None:
     core, _ = _core(0, provisioning=True)
     core.expect_agents(2)  # `tvm up --agents 2` launched them; they have not registered yet
     core.add_pool(m.PoolAdd(name="p", target_dedicated=3))
-    assert core.take_effects().provision == [Provision(1, "small")]
+    assert core.take_effects().provision == [Provision(1, "small", "p")]
     for i in range(3):
         _hello(core, f"a{i}")
     assert len(core.tvms) == 3
     assert core.provision_pending == 0
+
+
+def test_a_provisioner_failure_stops_the_resize_with_its_reason_until_the_next_resize() -> None:
+    core, _ = _core(0, provisioning=True)
+    core.add_pool(m.PoolAdd(name="p", target_dedicated=2))
+    assert core.take_effects().provision == [Provision(2, "small", "p")]
+    core.provision_failed("p", "HostUnreachable", "host root@h:22 cannot be reached")
+    pool = core.pools["p"]
+    assert pool.alloc_state == "steady"
+    assert pool.resize_error == ("HostUnreachable", "host root@h:22 cannot be reached")
+    assert any(w.kind == "pool" and w.key == "p" for w in core.take_effects().writes)
+    _hello(core, "late")  # a free agent does not join a pool whose resize failed
+    assert not core.tvms
+    core.provision_failed("nope", "X", "no such pool: ignored")
+    core.resize_pool("p", m.PoolResize(target_dedicated=1))
+    assert core.pools["p"].resize_error is None
+    assert len(core.tvms) == 1
+
+
+def test_named_provisioners_keep_their_agents_for_the_pools_naming_them() -> None:
+    core, _ = _core(0, provisioning=True)
+    core.store.provisioner_names = frozenset({"lab"})
+    lab = [m.MetadataItem(name="provisioner", value="lab")]
+    core.add_pool(m.PoolAdd(name="p", target_dedicated=1, metadata=lab))
+    core.add_pool(m.PoolAdd(name="q", target_dedicated=1))
+    core.add_pool(
+        m.PoolAdd(
+            name="r",
+            target_dedicated=1,
+            metadata=[m.MetadataItem(name="provisioner", value="nope")],
+        )
+    )
+    _hello(core, "a0")  # a plain agent: not for p (nor r), for q
+    assert [t.rec.pool for t in core.tvms.values()] == ["q"]
+    _hello(core, "lab-0-ab")  # the lab provisioner's agent: for p only
+    _hello(core, "lab-1-cd")  # nobody else may take it: it stays free
+    assert sorted((t.rec.pool, t.rec.agent_id) for t in core.tvms.values()) == [
+        ("p", "lab-0-ab"),
+        ("q", "a0"),
+    ]
+    assert core.agents["lab-1-cd"].tvm is None
+    # without named provisioners any free agent joins any pool, as before
+    core.store.provisioner_names = frozenset()
+    core.resize_pool("q", m.PoolResize(target_dedicated=2))
+    assert core.agents["lab-1-cd"].tvm is not None

@@ -1,0 +1,265 @@
+"""The `ssh` provisioner: agents on other hosts, started over SSH with the system `ssh` client.
+
+Each agent gets a directory on its host (AGENT_DIR/NAME: the join token in a 0600 file written
+from ssh's stdin, never on a command line; its private dir; its TVM root; its log). It runs as a
+transient systemd unit where systemd runs (`mode = "auto"`), otherwise as a plain process in its
+own session (pid in NAME/pid). `stop` ends it (SIGTERM, then SIGKILL of its process group after a
+grace) and deletes its directory. A host ssh cannot reach (exit status 255) is reported as a
+problem naming it (the pool's resize error) and left alone for `retry-after` seconds.
+
+Blocking code: the hub calls it in worker threads, one call at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shlex
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from .config import SshHost, SshSpec
+
+log = logging.getLogger("tvm.coordinator")
+
+STOP_GRACE_S = 10
+
+
+class SshProvisioner:
+    register_timeout: float | None = 120.0
+
+    def __init__(
+        self, name: str, spec: SshSpec, state_dir: str, agent_url: str, token: str
+    ) -> None:
+        self.name = name
+        self.spec = spec
+        self.idle_stop_after = spec.idle_stop_after
+        self.agent_url = spec.coordinator_url or agent_url
+        self.token = token
+        self.state_dir = os.path.join(state_dir, "provisioners", name)
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        self.known_hosts = os.path.join(self.state_dir, "known_hosts")
+        self.agents: dict[str, int] = {}  # agent name -> host index
+        self.joined: set[str] = set()
+        self.size_cores: dict[str, int] = {}
+        self._bad_until: dict[int, float] = {}
+        self._problems: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ plugin interface
+
+    @property
+    def paused(self) -> str:
+        return ""
+
+    def resume(self) -> None:
+        pass
+
+    def poll(self) -> list[tuple[str, str]]:
+        return []
+
+    def adopt(self, name: str) -> bool:
+        """An agent `<provisioner>-<host index>-<hex>` started before a coordinator restart."""
+        parts = name[len(self.name) + 1 :].split("-")
+        if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) >= len(self.spec.hosts):
+            return False
+        self.agents[name] = int(parts[0])
+        return True
+
+    def take_problems(self) -> list[tuple[str, str]]:
+        with self._lock:
+            out, self._problems = self._problems, []
+        return out
+
+    def start(self, n: int, size: str = "small") -> list[str]:
+        started: list[str] = []
+        for _ in range(n):
+            index = self._pick_host()
+            if index is None:
+                self._problem(
+                    "NoHostAvailable",
+                    f"provisioner {self.name}: every host is full (max-agents) or unreachable;"
+                    f" {n - len(started)} agent(s) could not be started",
+                )
+                break
+            name = f"{self.name}-{index}-{secrets.token_hex(4)}"
+            if self._start_one(index, name):
+                self.agents[name] = index
+                started.append(name)
+        return started
+
+    def stop(self, name: str) -> None:
+        index = self.agents.pop(name, None)
+        self.joined.discard(name)
+        if index is None:
+            return
+        host = self.spec.hosts[index]
+        result = self._ssh(host, self._stop_script(host, name), timeout=STOP_GRACE_S + 30)
+        if result.returncode != 0:
+            log.warning(
+                "provisioner %s: stopping %s on %s failed: %s",
+                self.name,
+                name,
+                _where(host),
+                _last_line(result.stderr),
+            )
+
+    def stop_all(self) -> None:
+        names = list(self.agents)
+        if names:
+            with ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
+                list(pool.map(self.stop, names))
+
+    # ------------------------------------------------------------------ helpers
+
+    def _problem(self, code: str, message: str) -> None:
+        with self._lock:
+            self._problems.append((code, message))
+
+    def _pick_host(self) -> int | None:
+        now = time.monotonic()
+        counts = [0] * len(self.spec.hosts)
+        for index in self.agents.values():
+            counts[index] += 1
+        choices = [
+            i
+            for i, h in enumerate(self.spec.hosts)
+            if counts[i] < h.max_agents and self._bad_until.get(i, 0.0) <= now
+        ]
+        return min(choices, key=lambda i: (counts[i], i)) if choices else None
+
+    def _ssh_args(self, host: SshHost) -> list[str]:
+        args = [
+            "ssh",
+            "-p",
+            str(host.port),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"ConnectTimeout={self.spec.connect_timeout}",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            f"UserKnownHostsFile={host.known_hosts or self.known_hosts}",
+            "-o",
+            # a new host's key is learnt on first contact; a changed one is refused
+            "StrictHostKeyChecking=" + ("yes" if host.known_hosts else "accept-new"),
+        ]
+        if host.key_file:
+            args += ["-i", host.key_file, "-o", "IdentitiesOnly=yes"]
+        return [*args, f"{host.user}@{host.address}"]
+
+    def _ssh(
+        self, host: SshHost, script: str, stdin: str = "", timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        # The remote command is one `sh -c` word; secrets only ever travel on stdin.
+        cmd = [*self._ssh_args(host), "sh -c " + shlex.quote(script)]
+        try:
+            return subprocess.run(
+                cmd, input=stdin, capture_output=True, text=True, timeout=timeout, check=False
+            )
+        except subprocess.TimeoutExpired:
+            return subprocess.CompletedProcess(cmd, 255, "", f"no answer within {timeout:g} s")
+
+    def _start_one(self, index: int, name: str) -> bool:
+        host = self.spec.hosts[index]
+        result = self._ssh(host, self._start_script(host, name), stdin=self.token + "\n")
+        if result.returncode == 0:
+            return True
+        why = _last_line(result.stderr) or f"exit status {result.returncode}"
+        if result.returncode == 255:
+            self._bad_until[index] = time.monotonic() + self.spec.retry_after
+            self._problem(
+                "HostUnreachable",
+                f"provisioner {self.name}: host {_where(host)} cannot be reached over SSH: {why}",
+            )
+        else:
+            self._problem(
+                "AgentStartFailed",
+                f"provisioner {self.name}: starting an agent on {_where(host)} failed: {why}",
+            )
+            # best effort: leave nothing half-made on the host
+            self._ssh(host, f"rm -rf {shlex.quote(_agent_dir(host, name))}", timeout=30)
+        return False
+
+    def _start_script(self, host: SshHost, name: str) -> str:
+        q = shlex.quote
+        d = _agent_dir(host, name)
+        if host.venv:
+            tvm = f"{host.venv}/bin/tvm"
+            setup = (
+                f"if [ ! -x {q(tvm)} ]; then python3 -m venv {q(host.venv)} >&2 &&"
+                f" {q(host.venv)}/bin/pip install -q {q(host.pip_spec)} >&2; fi\n"
+            )
+        else:
+            tvm = host.tvm
+            setup = ""
+        agent = (
+            f"{q(tvm)} agent --coordinator {q(self.agent_url)} --token-file {q(d)}/token"
+            f" --root {q(d)}/root --private-dir {q(d)}/private --name {q(name)}"
+            " --log-level warning"
+        )
+        unit = f"tvm-agent-{name}"
+        systemd = (
+            f"systemd-run --quiet --unit={q(unit)} --collect --property=KillMode=mixed"
+            f" --property=TimeoutStopSec={STOP_GRACE_S} {agent} && echo systemd > {q(d)}/mode"
+        )
+        plain = (
+            f'nohup setsid sh -c \'echo $$ > "$0/pid"; exec "$@"\' {q(d)} {agent}'
+            f" > {q(d)}/agent.log 2>&1 < /dev/null &\necho process > {q(d)}/mode"
+        )
+        if host.mode == "systemd":
+            launch = systemd
+        elif host.mode == "process":
+            launch = plain
+        else:
+            launch = (
+                "if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null; then\n"
+                f"{systemd}\nelse\n{plain}\nfi"
+            )
+        return (
+            "set -e\n"
+            f"{setup}"
+            f"[ -x {q(tvm)} ] || {{ echo 'no tvm command at {tvm}' >&2; exit 3; }}\n"
+            f"mkdir -p {q(host.agent_dir)} && chmod 711 {q(host.agent_dir)}\n"
+            f"umask 077\nmkdir {q(d)} {q(d)}/private\nchmod 711 {q(d)}\n"
+            f"cat > {q(d)}/token\n"
+            # task users traverse to their directories under the TVM root
+            "umask 022\n"
+            f"{launch}\n"
+        )
+
+    def _stop_script(self, host: SshHost, name: str) -> str:
+        q = shlex.quote
+        d = _agent_dir(host, name)
+        return (
+            f"D={q(d)}\n"
+            'if [ "$(cat "$D/mode" 2>/dev/null)" = systemd ]; then\n'
+            f"  systemctl stop {q('tvm-agent-' + name)} || true\n"
+            'elif [ -f "$D/pid" ]; then\n'
+            '  p=$(cat "$D/pid")\n'
+            '  if kill -TERM "$p" 2>/dev/null; then\n'
+            "    i=0\n"
+            f'    while [ $i -lt {STOP_GRACE_S * 10} ] && kill -0 "$p" 2>/dev/null &&'
+            ' [ "$(cut -d" " -f3 /proc/$p/stat 2>/dev/null)" != Z ]; do sleep 0.1; i=$((i+1)); done\n'
+            '    kill -KILL -- "-$p" 2>/dev/null || true\n'
+            "  fi\n"
+            "fi\n"
+            'rm -rf "$D"\n'
+        )
+
+
+def _agent_dir(host: SshHost, name: str) -> str:
+    return f"{host.agent_dir.rstrip('/')}/{name}"
+
+
+def _where(host: SshHost) -> str:
+    return f"{host.user}@{host.address}:{host.port}"
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1] if lines else ""

@@ -1,0 +1,220 @@
+"""The ssh provisioner against a real sshd on loopback (its own host key, config and authorized
+key): a pool grows to 2 TVMs on two "hosts" (two loopback addresses of that sshd), runs tasks,
+shrinks to 0, and no agent process or directory is left behind. A host nobody listens on shows up
+in the pool's resize error, named."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from coordinator.client import task_spec
+from coordinator.common import models as m
+from coordinator.runtime.provisioners.config import parse_provisioners
+from tests.harness import REPO, cluster_ctx
+from tests.provisioners.sshd import Sshd, start_sshd, stop
+
+TVM = os.path.join(os.path.dirname(os.path.realpath(os.sys.executable)), "tvm")  # type: ignore[attr-defined]
+JOB = "job-0000000001"
+
+
+@pytest.fixture
+def sshd(tmp_path) -> Iterator[Sshd]:  # noqa: ANN001
+    server, proc = start_sshd(str(tmp_path / "sshd"))
+    try:
+        yield server
+    finally:
+        stop(proc)
+
+
+@pytest.fixture
+def agent_dir() -> Iterator[str]:
+    # Outside tmp_path: task users must traverse to their directories (pytest's tmp is 0700).
+    path = f"/var/tmp/tvm-ssh-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _agent_pids(marker: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if marker.encode() in cmd and state != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def _tvm_command() -> str:
+    tvm = os.path.join(os.path.dirname(os.sys.executable), "tvm")  # type: ignore[attr-defined]
+    if not os.access(tvm, os.X_OK):
+        pytest.skip(f"no tvm command beside this interpreter ({tvm}): install the package")
+    return tvm
+
+
+def _ssh_section(sshd: Sshd, agent_dir: str, hosts: list[tuple[str, int]]) -> dict:
+    return {
+        "lab": {
+            "type": "ssh",
+            "idle-stop-after": 0.5,
+            "hosts": [
+                {
+                    "address": address,
+                    "port": port,
+                    "user": "root",
+                    "key-file": sshd.key_file,
+                    "tvm": _tvm_command(),
+                    "agent-dir": agent_dir,
+                    "mode": "process",
+                }
+                for address, port in hosts
+            ],
+        }
+    }
+
+
+async def test_pool_grows_over_ssh_runs_tasks_and_shrinks_to_nothing(
+    nursery, tmp_path, sshd, agent_dir
+):
+    section = _ssh_section(sshd, agent_dir, [(a, sshd.port) for a in sshd.addresses])
+    async with cluster_ctx(
+        nursery, tmp_path, heartbeat_timeout=5.0, provisioners=parse_provisioners(section)
+    ) as c:
+        await c.client.pools.add(
+            "p",
+            target_dedicated=2,
+            metadata=[m.MetadataItem(name="provisioner", value="lab")],
+        )
+        await c.wait_for(lambda: c._idle("p", 2), timeout=90, what="2 idle TVMs over ssh")
+        tvms = await c.client.tvms.list("p")
+        agents = sorted(t.agent_id for t in tvms)
+        # one agent per host entry, each with its own directory on the "host"
+        assert [a.rsplit("-", 1)[0] for a in agents] == ["lab-0", "lab-1"]
+        assert sorted(os.listdir(agent_dir)) == agents
+        for name in agents:
+            token = os.path.join(agent_dir, name, "token")
+            assert os.stat(token).st_mode & 0o777 == 0o600
+            for pid in _agent_pids(os.path.join(agent_dir, name)):
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    assert c.rc.join_token.encode() not in f.read()  # never on a command line
+        assert len(_agent_pids(agent_dir)) == 2
+
+        await c.client.workitems.add("wi", "p")
+        await c.client.tasks.add_many(
+            "wi",
+            JOB,
+            [task_spec(f"t{i}", "/bin/sh -c 'echo hello from $WATASK_TVM_NAME'") for i in range(6)],
+        )
+        done = await c.wait_for(
+            lambda: _all_done(c), timeout=60, what="6 tasks completed on the ssh TVMs"
+        )
+        assert all(t.execution_info.exit_code == 0 for t in done)
+        assert {t.tvm_info.tvm_name for t in done} <= {t.name for t in tvms}
+
+        await c.client.pools.resize("p", 0)
+        await c.wait_for(
+            lambda: not _agent_pids(agent_dir) and not os.listdir(agent_dir),
+            timeout=60,
+            what="every ssh agent stopped and its directory wiped",
+        )
+        await c.wait_for(lambda: _steady_empty(c), what="pool steady at 0")
+        assert not any(a in c.rc.service.core.agents for a in agents)
+    assert not _agent_pids(agent_dir)
+
+
+async def test_unreachable_host_is_named_in_the_pools_resize_error(
+    nursery, tmp_path, sshd, agent_dir
+):
+    from tests.harness import free_port
+
+    dead = free_port()  # nothing listens there
+    section = _ssh_section(sshd, agent_dir, [("127.0.0.1", dead)])
+    async with cluster_ctx(nursery, tmp_path, provisioners=parse_provisioners(section)) as c:
+        await c.client.pools.add(
+            "p", target_dedicated=1, metadata=[m.MetadataItem(name="provisioner", value="lab")]
+        )
+        pool = await c.wait_for(lambda: _with_error(c, "p"), timeout=30, what="a resize error")
+        assert pool.resize_error.code == "HostUnreachable"
+        assert f"root@127.0.0.1:{dead}" in pool.resize_error.message
+        assert pool.allocation_state == "steady"
+        assert pool.current_dedicated == 0
+        # a pool naming a provisioner the coordinator does not define says so too
+        await c.client.pools.add(
+            "q", target_dedicated=1, metadata=[m.MetadataItem(name="provisioner", value="nope")]
+        )
+        q = await c.wait_for(lambda: _with_error(c, "q"), timeout=30, what="a resize error")
+        assert q.resize_error.code == "UnknownProvisioner"
+        assert "'nope'" in q.resize_error.message
+    assert not os.path.exists(agent_dir) or not os.listdir(agent_dir)
+
+
+async def _with_error(c, pool: str):  # noqa: ANN001, ANN202
+    p = await c.client.pools.get(pool)
+    return p if p.resize_error is not None else None
+
+
+async def _all_done(c):  # noqa: ANN001, ANN202
+    tasks = await c.client.tasks.list("wi", JOB)
+    return tasks if len(tasks) == 6 and all(t.state == "completed" for t in tasks) else None
+
+
+async def _steady_empty(c) -> bool:  # noqa: ANN001
+    p = await c.client.pools.get("p")
+    return (
+        p.allocation_state == "steady"
+        and p.current_dedicated == 0
+        and not await c.client.tvms.list("p")
+    )
+
+
+assert REPO  # the agents run the installed `tvm` (an editable install of this checkout)
+
+
+async def test_an_agent_killed_on_its_host_is_wiped_and_replaced(
+    nursery, tmp_path, sshd, agent_dir
+):
+    import signal
+
+    section = _ssh_section(sshd, agent_dir, [(sshd.addresses[0], sshd.port)])
+    async with cluster_ctx(
+        nursery,
+        tmp_path,
+        heartbeat_timeout=5.0,
+        link_grace=0.5,
+        unknown_tvm_timeout=1.0,
+        provisioners=parse_provisioners(section),
+    ) as c:
+        c.rc.service.provisioner.lost_after = 1.0
+        await c.client.pools.add(
+            "p", target_dedicated=1, metadata=[m.MetadataItem(name="provisioner", value="lab")]
+        )
+        await c.wait_for(lambda: c._idle("p", 1), timeout=60, what="1 idle TVM over ssh")
+        (first,) = [t.agent_id for t in await c.client.tvms.list("p")]
+        (pid,) = _agent_pids(os.path.join(agent_dir, first))
+        os.kill(pid, signal.SIGKILL)  # the host's agent dies; max-agents = 1 on the only host
+        await c.wait_for(
+            lambda: _replaced(c, first), timeout=60, what="a new agent's TVM in the pool"
+        )
+        await c.wait_for(
+            lambda: not os.path.exists(os.path.join(agent_dir, first)),
+            what="the dead agent's directory wiped",
+        )
+        assert first not in c.rc.service.core.agents
+
+
+async def _replaced(c, first: str) -> bool:  # noqa: ANN001
+    tvms = await c.client.tvms.list("p")
+    return len(tvms) == 1 and tvms[0].agent_id != first and tvms[0].state == "idle"
