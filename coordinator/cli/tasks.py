@@ -26,6 +26,8 @@ FILE_COLS = [
 
 
 def register(cli: click.Group) -> None:
+    from . import task_arrays  # noqa: F401 (adds `task add-array` to the group)
+
     for group in (task, file):
         cli.add_command(group)
 
@@ -50,6 +52,14 @@ def _task_opts(f: Any) -> Any:
     return f
 
 
+def _depends_opt(f: Any) -> Any:
+    return click.option(
+        "--depends-on",
+        multiple=True,
+        help="A task this one waits for (repeatable; the workitem needs --uses-task-dependencies).",
+    )(f)
+
+
 def _env(pairs: tuple[str, ...]) -> dict[str, str]:
     out = {}
     for p in pairs:
@@ -66,6 +76,7 @@ def _env(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.argument("name")
 @click.argument("command_line")
 @_task_opts
+@_depends_opt
 @credentials
 @output_option
 def task_add(
@@ -73,6 +84,7 @@ def task_add(
     job_name: str,
     name: str,
     command_line: str,
+    depends_on: tuple[str, ...],
     env: tuple[str, ...],
     max_wall_clock: str | None,
     max_retries: int | None,
@@ -92,6 +104,7 @@ def task_add(
             max_wall_clock_time=max_wall_clock,
             max_task_retry_count=max_retries,
             retention_time=retention,
+            depends_on=list(depends_on) or None,
         )
     )
     _emit(output, {"added": name})
@@ -253,8 +266,13 @@ def task_wait(
         counts = _run(lambda: c.tasks.wait(workitem_name, job_name, timeout=timeout, progress=show))
     _emit(output, counts) if output == "json" else click.echo(
         f"{counts.completed} completed: {counts.succeeded} succeeded, {counts.failed} failed"
+        + (f", {counts.active} blocked by failed dependencies" if counts.active else "")
     )
     if counts.failed:
+        if output != "json":
+            from .task_arrays import report_failures
+
+            report_failures(c, workitem_name, job_name)
         sys.exit(1)
 
 

@@ -298,6 +298,8 @@ class Workitem(_Res, kw_only=True):
     on_all_tasks_complete: str = "noaction"
     job_preparation_task: JobPreparationTask | None = None
     job_release_task: JobReleaseTask | None = None
+    uses_task_dependencies: bool = False
+    on_task_failure: str = "noaction"
 
 
 class JobExecutionInfo(_Res):
