@@ -359,6 +359,9 @@ class Deps:
         """`task` completed: release the dependents it satisfies; apply its jobAction."""
         dep_action, job_action = outcome(task)
         d = job.deps
+        if d is None and job.rec.uses_deps:
+            # Before any dependent exists: a dependent added later must find this one satisfied.
+            d = job.deps = JobDeps()
         if d is not None and dep_action == "satisfy" and task.name not in d.propagated:
             d.propagated.add(task.name)
             entries = d.dependents.pop(task.name, None) or []

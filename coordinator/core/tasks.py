@@ -165,7 +165,7 @@ class Tasks:
         if task.exit_code is None and task.prev_state == RUNNING:
             task.exit_code = WALL_CLOCK_EXIT_CODE
         self.runs.put_task(job, task)
-        if job.deps is not None:
+        if job.rec.uses_deps:
             self.deps.forget(job, name)
             self.deps.completed(job, task)
 
@@ -271,11 +271,7 @@ class Tasks:
             task.failure = (failure.category, failure.code, failure.message) if failure else None
         self.runs.put_task_done(msg.key, task)
         if task.state == COMPLETED:
-            if (
-                job.deps is not None
-                or task.exit_conditions
-                or job.rec.on_task_failure != "noaction"
-            ):
+            if job.rec.uses_deps or task.exit_conditions or job.rec.on_task_failure != "noaction":
                 self.deps.completed(job, task)  # dependents released; the task's jobAction
             self.jobs.task_done(job, task)  # job manager done / all tasks complete
 

@@ -66,6 +66,14 @@ def test_a_dependent_waits_until_its_parents_succeed() -> None:
     assert status(job, job.tasks["c"]) is None
 
 
+def test_a_dependent_added_after_its_parent_succeeded_is_ready() -> None:
+    core, _ = _deps_cluster()
+    core.add_task("d", JOB, _t("a"))
+    assert _run_all(core) == ["a"]
+    core.add_task("d", JOB, _t("b", "a"))
+    assert _run_all(core) == ["b"]
+
+
 def test_a_failed_parent_blocks_and_its_reactivation_releases() -> None:
     core, _ = _deps_cluster()
     core.add_tasks("d", JOB, [_t("a"), _t("c", "a")])
