@@ -67,10 +67,14 @@ async def test_success_failure_blocks_and_satisfy_on_failure(nursery, tmp_path):
         assert "exit code 3" in blocked.dependency_reason
         assert blocked.execution_info.start_time is None
 
-        # Deleting the blocked dependent leaves nothing waiting.
+        # Deleting the blocked dependent leaves nothing waiting; a dependent added after its parent
+        # succeeded runs at once.
         await c.client.tasks.delete("wi", JOB, "after_b")
+        await c.client.tasks.add("wi", JOB, "late", "/bin/true", depends_on=["a"])
         counts = await c.client.tasks.wait("wi", JOB, timeout=30)
         assert counts.active == 0
+        late = await _task(c, "late")
+        assert (late.state, late.execution_info.exit_code) == ("completed", 0)
 
 
 async def test_bad_dependencies_are_refused_and_nothing_is_added(nursery, tmp_path):
