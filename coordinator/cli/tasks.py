@@ -15,6 +15,7 @@ TASK_COLS = [
     ("exit", lambda t: t.execution_info.exit_code if t.execution_info else None),
     ("retries", lambda t: t.execution_info.retry_count if t.execution_info else 0),
     ("tvm", lambda t: t.tvm_info.tvm_name if t.tvm_info else None),
+    ("waits", lambda t: t.dependency_state),  # waiting | blocked (dependencies)
     ("command", lambda t: t.command_line[:60]),
 ]
 FILE_COLS = [

@@ -12,6 +12,7 @@ import pytest
 from coordinator.client import BatchError, task_spec
 from coordinator.common import models as m
 from tests.harness import cluster_ctx
+from tests.integration.test_cli import _env, tvm
 
 JOB = "job-0000000001"
 
@@ -67,6 +68,19 @@ async def test_success_failure_blocks_and_satisfy_on_failure(nursery, tmp_path):
         assert "exit code 3" in blocked.dependency_reason
         assert blocked.execution_info.start_time is None
 
+        # The CLI: the list shows the blocked task, the wait names the failures and what they block.
+        env = _env(
+            {"TVM_ENDPOINT": c.rc.endpoint, "TVM_ACCOUNT": c.rc.account, "TVM_KEY": c.rc.key}
+        )
+        r = await tvm("task", "list", "wi", JOB, env=env)
+        row = next(x for x in r.stdout.decode().splitlines() if "after_b" in x)
+        assert "blocked" in row
+        r = await tvm("task", "wait", "wi", JOB, "--timeout", "30", env=env, ok=False)
+        assert r.returncode == 1
+        out, err = r.stdout.decode(), r.stderr.decode()
+        assert "6 completed: 4 succeeded, 2 failed, 1 blocked by failed dependencies" in out
+        assert "failed: b: exit code 3" in err
+        assert "after_b: dependency 'b' failed with exit code 3" in err
         # Deleting the blocked dependent leaves nothing waiting; a dependent added after its parent
         # succeeded runs at once.
         await c.client.tasks.delete("wi", JOB, "after_b")
