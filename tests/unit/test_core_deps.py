@@ -230,6 +230,18 @@ def test_job_action_terminate_on_failure() -> None:
     assert core.get_job("d", JOB).rec.terminate_reason == "TaskFailed"
 
 
+def test_job_action_disable_from_an_exit_code_and_none_on_success() -> None:
+    core, _ = _deps_cluster(on_task_failure="performexitoptionsjobaction")
+    ec = m.ExitConditions(
+        exit_codes=[m.ExitCodeMapping(code=9, exit_options=m.ExitOptions(job_action="disable"))]
+    )
+    core.add_tasks("d", JOB, [_t("ok"), _t("a", exit_conditions=ec)])
+    _run_all(core, {"a": 9})
+    job = core.get_job("d", JOB)
+    assert job.rec.state in ("disabling", "disabled")
+    assert job.rec.terminate_reason is None
+
+
 def test_job_action_needs_perform_exit_options() -> None:
     core, _ = _deps_cluster()
     ec = m.ExitConditions(default=m.ExitOptions(job_action="terminate"))
