@@ -284,3 +284,14 @@ def test_a_long_chain_and_a_wide_fan_in_run_in_order() -> None:
     assert _sim(core) == 2 * n + 1
     assert all(t.state == "completed" for t in job.tasks.values())
     assert job.tasks["sink"].exit_code == 0
+
+
+def test_active_tasks_metric_leaves_out_waiting_tasks() -> None:
+    core, _ = _deps_cluster(n_agents=0)
+    core.add_tasks("d", JOB, [_t("a"), _t("b", "a"), _t("c", "b")])
+    now = core.clock()
+    core.autoscale._sample_metrics(now)
+    series = core.metrics.visible("p", now, 0.0)
+    assert [s.value for s in series["ActiveTasks"]] == [1.0]
+    assert [s.value for s in series["PendingTasks"]] == [1.0]
+    assert core.task_counts(core.get_job("d", JOB)).active == 3
