@@ -19,6 +19,16 @@ _E2E_CPU = {
 }
 EXPECTED = {
     "placement": {"placement"},
+    "dependencies": {
+        "deps_dag_elapsed",
+        "deps_flat_elapsed",
+        "deps_dag_overhead_ratio",
+        "deps_dag_cpu_per_task",
+        "deps_flat_cpu_per_task",
+        "deps_core_flat",
+        "deps_core_chain",
+        "deps_core_fanin",
+    },
     "end_to_end": {"end_to_end", "raw_spawn", "end_to_end_ratio", *_E2E_CPU},
     "latency": {
         "latency_submit_to_start_p50",

@@ -393,6 +393,7 @@ def workitem() -> None:
     default="noaction",
     show_default=True,
 )
+@click.option("--uses-task-dependencies", "deps", is_flag=True, help="Tasks may have dependsOn.")
 @credentials
 @output_option
 def workitem_add(
@@ -410,6 +411,7 @@ def workitem_add(
     no_kill_job_on_completion: bool,
     not_exclusive: bool,
     on_all_tasks_complete: str,
+    deps: bool,
     output: str,
     **cred: Any,
 ) -> None:
@@ -418,6 +420,7 @@ def workitem_add(
 
     c = _mk(**cred)
     extra: dict[str, Any] = {"on_all_tasks_complete": on_all_tasks_complete}
+    extra["uses_task_dependencies"] = deps
     if max_task_retries is not None or max_wall_clock:
         extra["job_constraints"] = m.JobConstraints(
             max_task_retry_count=max_task_retries, max_wall_clock_time=max_wall_clock

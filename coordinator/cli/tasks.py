@@ -15,6 +15,7 @@ TASK_COLS = [
     ("exit", lambda t: t.execution_info.exit_code if t.execution_info else None),
     ("retries", lambda t: t.execution_info.retry_count if t.execution_info else 0),
     ("tvm", lambda t: t.tvm_info.tvm_name if t.tvm_info else None),
+    ("waits", lambda t: t.dependency_state),  # waiting | blocked (dependencies)
     ("command", lambda t: t.command_line[:60]),
 ]
 FILE_COLS = [
@@ -26,6 +27,8 @@ FILE_COLS = [
 
 
 def register(cli: click.Group) -> None:
+    from . import task_arrays  # noqa: F401 (adds `task add-array` to the group)
+
     for group in (task, file):
         cli.add_command(group)
 
@@ -50,6 +53,14 @@ def _task_opts(f: Any) -> Any:
     return f
 
 
+def _depends_opt(f: Any) -> Any:
+    return click.option(
+        "--depends-on",
+        multiple=True,
+        help="A task this one waits for (repeatable; the workitem needs --uses-task-dependencies).",
+    )(f)
+
+
 def _env(pairs: tuple[str, ...]) -> dict[str, str]:
     out = {}
     for p in pairs:
@@ -66,6 +77,7 @@ def _env(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.argument("name")
 @click.argument("command_line")
 @_task_opts
+@_depends_opt
 @credentials
 @output_option
 def task_add(
@@ -73,6 +85,7 @@ def task_add(
     job_name: str,
     name: str,
     command_line: str,
+    depends_on: tuple[str, ...],
     env: tuple[str, ...],
     max_wall_clock: str | None,
     max_retries: int | None,
@@ -92,6 +105,7 @@ def task_add(
             max_wall_clock_time=max_wall_clock,
             max_task_retry_count=max_retries,
             retention_time=retention,
+            depends_on=list(depends_on) or None,
         )
     )
     _emit(output, {"added": name})
@@ -253,8 +267,13 @@ def task_wait(
         counts = _run(lambda: c.tasks.wait(workitem_name, job_name, timeout=timeout, progress=show))
     _emit(output, counts) if output == "json" else click.echo(
         f"{counts.completed} completed: {counts.succeeded} succeeded, {counts.failed} failed"
+        + (f", {counts.active} blocked by failed dependencies" if counts.active else "")
     )
     if counts.failed:
+        if output != "json":
+            from .task_arrays import report_failures
+
+            report_failures(c, workitem_name, job_name)
         sys.exit(1)
 
 

@@ -1,5 +1,6 @@
 """Python client for the TVM Batch REST API (see `_client` for how it is built)."""
 
+from ._arrays import INDEX_VARS, add_array, add_array_async, array_specs, parse_range
 from ._client import AsyncClient, Client
 from ._http import BatchError
 from ._resources import (
@@ -25,6 +26,11 @@ from ._tasks import (
 )
 
 __all__ = [
+    "INDEX_VARS",
+    "add_array",
+    "add_array_async",
+    "array_specs",
+    "parse_range",
     "AccountKeys",
     "Agents",
     "AsyncClient",

@@ -35,8 +35,11 @@ def task_spec(
     max_task_retry_count: int | None = None,
     retention_time: str | None = None,
     run_elevated: bool = False,
+    depends_on: Sequence[str] | m.TaskDependencies | None = None,
+    exit_conditions: m.ExitConditions | None = None,
 ) -> m.TaskAdd:
-    """Build a task for `tasks.add_collection` with keyword arguments."""
+    """Build a task for `tasks.add_collection` with keyword arguments. `depends_on`: task names
+    (or a `TaskDependencies` with ranges); the job needs `uses_task_dependencies`."""
     constraints = None
     if max_wall_clock_time or max_task_retry_count is not None or retention_time:
         constraints = m.TaskConstraints(
@@ -53,6 +56,12 @@ def task_spec(
         resource_files=list(resource_files),
         task_constraints=constraints,
         run_elevated=run_elevated,
+        depends_on=(
+            depends_on
+            if isinstance(depends_on, m.TaskDependencies) or depends_on is None
+            else m.TaskDependencies(task_ids=list(depends_on))
+        ),
+        exit_conditions=exit_conditions,
     )
 
 
@@ -138,6 +147,29 @@ class Tasks(_Group):
         if self._c.is_async:
             return wait_for_tasks_async(cast("AsyncClient", self._c), workitem, job, **kw)
         return wait_for_tasks(cast("Client", self._c), workitem, job, **kw)
+
+    def add_array(
+        self,
+        workitem: str,
+        job: str,
+        command_line: str,
+        indexes: range | Sequence[int] | str,
+        *,
+        prefix: str = "",
+        progress: Callable[[int, int], None] | None = None,
+        **kw: Any,
+    ) -> Any:
+        """A task array: `command_line` once per index (a range, a list, or "START-END[:STEP]"),
+        with the index in `{}`, `TVM_TASK_INDEX` and `BATCH_TASK_INDEX`; named `<prefix><index>`.
+        Added in collections of 100; returns per-task results. `kw` as for `task_spec`."""
+        from ._arrays import add_array, add_array_async, array_specs, parse_range
+
+        if isinstance(indexes, str):
+            indexes = parse_range(indexes)
+        specs = array_specs(command_line, indexes, prefix=prefix, **kw)
+        if self._c.is_async:
+            return add_array_async(cast("AsyncClient", self._c), workitem, job, specs, progress)
+        return add_array(cast("Client", self._c), workitem, job, specs, progress)
 
     def add_many(self, workitem: str, job: str, tasks: Sequence[m.TaskAdd]) -> Any:
         """Any number of tasks, chunked into collections of 100."""
@@ -256,6 +288,14 @@ async def add_many_async(
     return out
 
 
+def _all_waiting(active: Sequence[m.Task]) -> bool:
+    return all(t.dependency_state for t in active)
+
+
+# A job with failures whose other tasks wait: looked at no more often than this (it lists them).
+BLOCKED_CHECK_S = 2.0
+
+
 def wait_for_tasks(
     client: Client,
     workitem: str,
@@ -265,14 +305,24 @@ def wait_for_tasks(
     poll: float = 0.25,
     progress: Callable[[m.TaskCounts], None] | None = None,
 ) -> m.TaskCounts:
-    """Block until every task of the job is completed; `progress` gets the counts on each poll."""
+    """Block until every task of the job is completed, or until nothing can run any more: nothing
+    running, a task failed, and every active task waits for dependencies (blocked by the failure;
+    the returned counts then show them as active). `progress` gets the counts on each poll."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    checked = 0.0
     while True:
         counts = client.jobs.task_counts(workitem, job)
         if progress:
             progress(counts)
         if counts.active == 0 and counts.running == 0:
             return counts
+        if counts.running == 0 and counts.failed and time.monotonic() - checked > BLOCKED_CHECK_S:
+            checked = time.monotonic()
+            # The second count proves nothing moved while the list was read.
+            if _all_waiting(client.tasks.list(workitem, job, state="active")) and (
+                client.jobs.task_counts(workitem, job) == counts
+            ):
+                return counts
         if deadline is not None and time.monotonic() > deadline:
             raise BatchError(
                 0,
@@ -295,12 +345,19 @@ async def wait_for_tasks_async(
     import anyio
 
     deadline = None if timeout is None else time.monotonic() + timeout
+    checked = 0.0
     while True:
         counts = await client.jobs.task_counts(workitem, job)
         if progress:
             progress(counts)
         if counts.active == 0 and counts.running == 0:
             return counts
+        if counts.running == 0 and counts.failed and time.monotonic() - checked > BLOCKED_CHECK_S:
+            checked = time.monotonic()
+            if _all_waiting(await client.tasks.list(workitem, job, state="active")) and (
+                await client.jobs.task_counts(workitem, job) == counts
+            ):
+                return counts
         if deadline is not None and time.monotonic() > deadline:
             raise BatchError(0, "WaitTimedOut", f"tasks still unfinished after {timeout} s")
         await anyio.sleep(poll)

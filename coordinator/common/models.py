@@ -272,6 +272,8 @@ class WorkitemAdd(_Req):
     azure: dict | None = None  # as PoolAdd.azure
     job_preparation_task: JobPreparationTask | None = None
     job_release_task: JobReleaseTask | None = None
+    uses_task_dependencies: bool = False
+    on_task_failure: str = "noaction"  # "noaction" | "performexitoptionsjobaction"
 
 
 class WorkitemExecutionInfo(_Res):
@@ -296,6 +298,8 @@ class Workitem(_Res, kw_only=True):
     on_all_tasks_complete: str = "noaction"
     job_preparation_task: JobPreparationTask | None = None
     job_release_task: JobReleaseTask | None = None
+    uses_task_dependencies: bool = False
+    on_task_failure: str = "noaction"
 
 
 class JobExecutionInfo(_Res):
@@ -331,6 +335,40 @@ class Job(_Res):
 # --------------------------------------------------------------------------- tasks
 
 
+class TaskIdRange(_Res, forbid_unknown_fields=True):
+    start: int
+    end: int
+
+
+class TaskDependencies(_Res, forbid_unknown_fields=True):
+    task_ids: list[str] = []
+    task_id_ranges: list[TaskIdRange] = []
+
+
+class ExitOptions(_Res, forbid_unknown_fields=True):
+    job_action: str | None = None  # none | disable | terminate
+    dependency_action: str | None = None  # satisfy | block
+
+
+class ExitCodeMapping(_Res, forbid_unknown_fields=True):
+    code: int
+    exit_options: ExitOptions
+
+
+class ExitCodeRangeMapping(_Res, forbid_unknown_fields=True):
+    start: int
+    end: int
+    exit_options: ExitOptions
+
+
+class ExitConditions(_Res, forbid_unknown_fields=True):
+    exit_codes: list[ExitCodeMapping] = []
+    exit_code_ranges: list[ExitCodeRangeMapping] = []
+    pre_processing_error: ExitOptions | None = None
+    file_upload_error: ExitOptions | None = None
+    default: ExitOptions | None = None
+
+
 class TaskAdd(_Req):
     name: str
     command_line: str
@@ -338,6 +376,8 @@ class TaskAdd(_Req):
     environment_settings: list[EnvironmentSetting] = []
     task_constraints: TaskConstraints | None = None
     run_elevated: bool = False
+    depends_on: TaskDependencies | None = None
+    exit_conditions: ExitConditions | None = None
 
 
 class TaskAddCollection(_Req):
@@ -387,6 +427,11 @@ class Task(_Res):
     previous_state: str | None = None
     execution_info: TaskExecutionInfo | None = None
     tvm_info: TvmInfo | None = None
+    depends_on: TaskDependencies | None = None
+    exit_conditions: ExitConditions | None = None
+    # An active task whose dependencies are not all satisfied: "waiting" or "blocked", and why.
+    dependency_state: str | None = None
+    dependency_reason: str | None = None
 
 
 # --------------------------------------------------------------------------- files and errors

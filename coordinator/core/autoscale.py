@@ -217,9 +217,10 @@ class Autoscale:
                 continue
             since = last.get(job.rec.pool, now - period)
             seen = self.boundary.get(job.rec.pool, set())
+            waiting = job.deps.pending if job.deps is not None else ()
             for t in job.tasks.values():
                 if t.state == ACTIVE:
-                    c[0] += 1
+                    c[0] += t.name not in waiting  # $ActiveTasks leaves out unmet dependencies
                 elif t.state == RUNNING:
                     c[1] += 1
                 elif t.state == COMPLETED and t.state_time >= since and t.seq not in seen:

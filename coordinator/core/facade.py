@@ -168,6 +168,7 @@ class CoordinatorState:
     def restore(self, rows: Iterable[tuple[str, str, bytes]]) -> None:
         """Rebuild memory from journal rows (any order); see Store.restore."""
         self.store.restore(rows)
+        self.tasks.deps.rebuild(self.store.jobs.values())
 
     def tick(self) -> None:
         """Periodic: lost TVMs, recovery end, resize timeouts, pending TVM operations, auto pools,

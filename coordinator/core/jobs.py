@@ -129,6 +129,13 @@ class Jobs:
         check_env(req.common_environment_settings, "commonEnvironmentSettings")
         job_constraints(req.job_constraints)
         check_all_complete(req.on_all_tasks_complete)
+        if req.on_task_failure not in ("noaction", "performexitoptionsjobaction"):
+            raise bad_request(
+                "InvalidPropertyValue",
+                "onTaskFailure must be noaction or performexitoptionsjobaction, "
+                f"got {req.on_task_failure!r}",
+                field="onTaskFailure",
+            )
         plan = parse_schedule(req.schedule)
         if req.job_manager is not None:
             check_job_manager(req.job_manager)
@@ -239,6 +246,8 @@ class Jobs:
             max_retries=retries or 0,
             common_env={e.name: e.value for e in spec.common_environment_settings},
             on_all_complete=spec.on_all_tasks_complete,
+            uses_deps=spec.uses_task_dependencies,
+            on_task_failure=spec.on_task_failure,
             jm_name=jm.name if jm else None,
             jm_exclusive=bool(jm and jm.run_exclusive),
             jm_kill=bool(jm.kill_job_on_completion) if jm else True,
@@ -397,7 +406,9 @@ class Jobs:
             self.terminate(job, "AllTasksComplete", now)
 
     def _all_complete(self, job: Job) -> bool:
-        # Active tasks are all in the queue (stale entries are skipped); running ones are on TVMs.
+        if job.deps is not None and job.deps.pending:
+            return False  # tasks waiting for (or blocked by) dependencies are active
+        # Ready active tasks are all in the queue (stale entries skipped); running ones on TVMs.
         for t in job.queue:
             if t.state == ACTIVE and job.tasks.get(t.name) is t:
                 return False

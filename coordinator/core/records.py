@@ -61,6 +61,12 @@ class TaskRec(msgspec.Struct, array_like=True, gc=False, kw_only=True):
     pool: str | None = None
     tvm: str | None = None
     attempt: int = 0
+    # Dependencies (deps.py): the request's dependsOn as given (echoed back), what it resolved to
+    # at add time (one unit per parent; "a|b" when ids equal as integers, any of them satisfies),
+    # and the exit conditions that decide what this task's own outcome means to its dependents.
+    depends_on: m.TaskDependencies | None = None
+    deps: list[str] | None = None
+    exit_conditions: m.ExitConditions | None = None
 
 
 # Journal kind of a task's completion delta (TaskDone): one row per task, beside its full row.
@@ -136,6 +142,8 @@ class JobRec(msgspec.Struct, kw_only=True):
     # Job preparation and release tasks (the workitem's at the job's creation).
     prep: m.JobPreparationTask | None = None
     release: m.JobReleaseTask | None = None
+    uses_deps: bool = False  # usesTaskDependencies
+    on_task_failure: str = "noaction"  # "noaction" | "performexitoptionsjobaction"
 
 
 class PrepRun(msgspec.Struct, kw_only=True):
@@ -276,10 +284,27 @@ def modern_job_id(workitem: str, job: str, scheduled: bool) -> str:
     return f"{workitem}:job-{int(digits)}" if digits.isdigit() else f"{workitem}:{job}"
 
 
-class Job:
-    """A job in memory: its record, its tasks and its queue of active tasks."""
+class JobDeps:
+    """A job's dependency index (deps.py keeps it): a completion touches only its dependents."""
 
-    __slots__ = ("rec", "tasks", "queue", "served")
+    __slots__ = ("dependents", "pending", "propagated", "units_done")
+
+    def __init__(self) -> None:
+        # parent name -> [(dependent name, unit)]: who to tell when the parent satisfies.
+        self.dependents: dict[str, list[tuple[str, str]]] = {}
+        # dependent name -> units not yet satisfied (only tasks still waiting are here).
+        self.pending: dict[str, int] = {}
+        # parents whose outcome satisfied (told their dependents once, never again).
+        self.propagated: set[str] = set()
+        # (dependent, unit) of multi-name units already satisfied by one of their names.
+        self.units_done: set[tuple[str, str]] = set()
+
+
+class Job:
+    """A job in memory: its record, its tasks and its queue of active tasks (ready ones only: a task
+    waiting for dependencies joins the queue when they are satisfied)."""
+
+    __slots__ = ("rec", "tasks", "queue", "served", "deps")
 
     def __init__(self, rec: JobRec) -> None:
         self.rec = rec
@@ -288,6 +313,7 @@ class Job:
         self.served = (
             -1
         )  # placement counter when it last got a slot: fairness between equal priorities
+        self.deps: JobDeps | None = None  # built by deps.py for a job that uses dependencies
 
     @property
     def key(self) -> str:

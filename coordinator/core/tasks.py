@@ -11,6 +11,7 @@ from coordinator.common.errors import ApiError, bad_request, conflict
 from coordinator.common.validation import check_env, check_name
 from protocol import messages as pm
 
+from .deps import Deps
 from .instructions import Outbox
 from .jobprep import check_task_name
 from .jobs import Jobs
@@ -27,6 +28,7 @@ class Tasks:
         self.out = out
         self.runs = runs
         self.jobs = jobs
+        self.deps = Deps(store, jobs)
         # (task key, TVM name, succeeded) for every run that ends on a TVM (healing.py).
         self.on_result: Callable[[str, str, bool], None] | None = None
 
@@ -63,6 +65,8 @@ class Tasks:
             max_retries=max_retries,
             retention_s=retention,
             run_elevated=req.run_elevated,
+            depends_on=req.depends_on,
+            exit_conditions=req.exit_conditions,
         )
 
     def _job_for_add(self, workitem: str, job_name: str) -> Job:
@@ -77,6 +81,10 @@ class Tasks:
         if job.rec.prep is not None:
             check_task_name(job, req.name)
         task = self._new_task(req, self.s.clock())
+        if task.depends_on is not None or task.exit_conditions is not None:
+            refused = self.deps.check(job, [task])
+            if refused:
+                raise refused[task.name]
         self._insert(job, task)
 
     def add_tasks(
@@ -90,7 +98,8 @@ class Tasks:
                 count=len(reqs),
             )
         now = self.s.clock()
-        results: list[m.TaskAddResult] = []
+        refused: dict[str, ApiError] = {}  # by name: what dependents of a refused task look up
+        own: list[ApiError | TaskRec] = []  # per request, in order
         seen: set[str] = set()
         for req in reqs:
             try:
@@ -98,27 +107,37 @@ class Tasks:
                     raise conflict("task", req.name)
                 if job.rec.prep is not None:
                     check_task_name(job, req.name)
-                task = self._new_task(req, now)
+                own.append(self._new_task(req, now))
             except ApiError as exc:
-                results.append(
-                    m.TaskAddResult(
-                        name=req.name,
-                        status="clienterror",
-                        error={
-                            "code": exc.code,
-                            "message": {"lang": "en-us", "value": exc.message},
-                        },
-                    )
-                )
-                continue
+                if req.name not in seen and req.name not in job.tasks:
+                    refused[req.name] = exc
+                own.append(exc)
             seen.add(req.name)
-            self._insert(job, task)
-            results.append(m.TaskAddResult(name=req.name, status="success"))
+        made = [t for t in own if isinstance(t, TaskRec)]
+        if any(t.depends_on is not None or t.exit_conditions is not None for t in made):
+            # Checked together: tasks of one collection may depend on each other.
+            refused = self.deps.check(job, made, refused)
+        results: list[m.TaskAddResult] = []
+        for req, res in zip(reqs, own, strict=True):
+            if isinstance(res, TaskRec):
+                if res.name not in refused:
+                    self._insert(job, res)
+                    results.append(m.TaskAddResult(name=req.name, status="success"))
+                    continue
+                res = refused[res.name]
+            results.append(
+                m.TaskAddResult(
+                    name=req.name,
+                    status="clienterror",
+                    error={"code": res.code, "message": {"lang": "en-us", "value": res.message}},
+                )
+            )
         return results
 
     def _insert(self, job: Job, task: TaskRec) -> None:
         job.tasks[task.name] = task
-        job.queue.append(task)
+        if task.deps is None or self.deps.add(job, task):
+            job.queue.append(task)
         self.runs.put_task(job, task)
 
     def update_task(self, workitem: str, job_name: str, name: str, req: m.TaskUpdate) -> None:
@@ -146,11 +165,15 @@ class Tasks:
         if task.exit_code is None and task.prev_state == RUNNING:
             task.exit_code = WALL_CLOCK_EXIT_CODE
         self.runs.put_task(job, task)
+        if job.rec.uses_deps:
+            self.deps.forget(job, name)
+            self.deps.completed(job, task)
 
     def delete_task(self, workitem: str, job_name: str, name: str) -> None:
         job, task = self.s.get_task(workitem, job_name, name)
         self.runs.forget_task(job, task)
         del job.tasks[name]
+        self.deps.forget(job, name)
         self.out.delete("task", f"{job.key}/{name}")
         self.out.delete(TASK_DONE, f"{job.key}/{name}")
 
@@ -248,6 +271,8 @@ class Tasks:
             task.failure = (failure.category, failure.code, failure.message) if failure else None
         self.runs.put_task_done(msg.key, task)
         if task.state == COMPLETED:
+            if job.rec.uses_deps or task.exit_conditions or job.rec.on_task_failure != "noaction":
+                self.deps.completed(job, task)  # dependents released; the task's jobAction
             self.jobs.task_done(job, task)  # job manager done / all tasks complete
 
     # ------------------------------------------------------------------ counts

@@ -7,6 +7,7 @@ from typing import cast
 from coordinator.common import models as m
 from coordinator.common.timeutil import UNLIMITED, format_duration, rfc3339
 from coordinator.core import CoordinatorState
+from coordinator.core.deps import status as dependency_status
 from coordinator.core.records import ACTIVE, COMPLETED, Job, PoolRec, TaskRec, Tvm, WorkitemRec
 
 
@@ -138,6 +139,8 @@ def workitem_view(wi: WorkitemRec) -> m.Workitem:
         on_all_tasks_complete=s.on_all_tasks_complete,
         job_preparation_task=s.job_preparation_task,
         job_release_task=s.job_release_task,
+        uses_task_dependencies=s.uses_task_dependencies,
+        on_task_failure=s.on_task_failure,
     )
 
 
@@ -193,6 +196,7 @@ def task_view(job: Job, t: TaskRec) -> m.Task:
         max_task_retry_count=retries,
         retention_time=format_duration(t.retention_s) if t.retention_s is not None else "P7D",
     )
+    dep = dependency_status(job, t) if job.deps is not None else None
     return m.Task(
         name=t.name,
         state=t.state,
@@ -208,4 +212,8 @@ def task_view(job: Job, t: TaskRec) -> m.Task:
         previous_state=t.prev_state,
         execution_info=info,
         tvm_info=m.TvmInfo(pool_name=t.pool or "", tvm_name=t.tvm) if t.tvm else None,
+        depends_on=t.depends_on,
+        exit_conditions=t.exit_conditions,
+        dependency_state=dep[0] if dep else None,
+        dependency_reason=dep[1] if dep else None,
     )

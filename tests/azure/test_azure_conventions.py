@@ -228,10 +228,10 @@ async def test_jobs_tasks_and_their_refusals(api: Raw) -> None:
     r = await api(
         "POST",
         "/jobs",
-        {"id": "j", "poolInfo": {"poolId": "p3"}, "usesTaskDependencies": True},
+        {"id": "j", "poolInfo": {"poolId": "p3"}, "onTaskFailure": "sometimes"},
         query=AV,
     )
-    azure_err(r, 400, "InvalidPropertyValue", "usesTaskDependencies")
+    azure_err(r, 400, "InvalidPropertyValue", "onTaskFailure")
     r = await api(
         "POST",
         "/jobs",
@@ -287,7 +287,7 @@ async def test_jobs_tasks_and_their_refusals(api: Raw) -> None:
         {"id": "dep", "commandLine": "true", "dependsOn": {"taskIds": ["ok1"]}},
         query=AV,
     )
-    azure_err(r, 400, "InvalidPropertyValue", "dependsOn")
+    azure_err(r, 400, "TaskDependenciesNotSpecifiedOnJob", "dependsOn")
     azure_err(
         await api("POST", "/jobs/j/tasks", {"id": "ok1", "commandLine": "true"}, query=AV),
         409,

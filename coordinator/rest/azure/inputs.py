@@ -44,10 +44,8 @@ _TASK_REFUSED = (
     "containerSettings",
     "outputFiles",
     "multiInstanceSettings",
-    "dependsOn",
     "applicationPackageReferences",
     "authenticationTokenSettings",
-    "exitConditions",
 )
 WHY_LOCAL = "TVM Batch runs Linux tasks as sandboxed processes on its own machines"
 
@@ -230,12 +228,66 @@ def on_all_complete(b: Body) -> str | None:
     return v
 
 
-def check_task_failure(b: Body) -> None:
-    v = b.text("onTaskFailure")
-    if v is not None and v.lower() != "noaction":
+def task_failure(b: Body) -> str:
+    v = (b.text("onTaskFailure") or "noaction").lower()
+    if v not in ("noaction", "performexitoptionsjobaction"):
         raise invalid(
-            "onTaskFailure", v, "only onTaskFailure noaction is supported (exit conditions are not)"
+            "onTaskFailure", v, "onTaskFailure must be noaction or performexitoptionsjobaction"
         )
+    return v
+
+
+def _exit_options(b: Body | None) -> m.ExitOptions | None:
+    if b is None:
+        return None
+    dep = b.text("dependencyAction")
+    job = b.text("jobAction")
+    return m.ExitOptions(
+        dependency_action=dep.lower() if dep else None, job_action=job.lower() if job else None
+    )
+
+
+def exit_conditions(b: Body | None) -> m.ExitConditions | None:
+    if b is None:
+        return None
+
+    def req_options(c: Body) -> m.ExitOptions:
+        o = _exit_options(c.obj("exitOptions"))
+        if o is None:
+            raise invalid(c._p("exitOptions"), None, f"{c._p('exitOptions')} is required")
+        return o
+
+    codes = []
+    for c in b.objs("exitCodes"):
+        code = c.integer("code")
+        if code is None:
+            raise invalid(c._p("code"), None, f"{c._p('code')} is required")
+        codes.append(m.ExitCodeMapping(code=code, exit_options=req_options(c)))
+    ranges = []
+    for r in b.objs("exitCodeRanges"):
+        start, end = r.integer("start"), r.integer("end")
+        if start is None or end is None:
+            raise invalid(r._p("start"), None, f"{r.path} needs start and end")
+        ranges.append(m.ExitCodeRangeMapping(start=start, end=end, exit_options=req_options(r)))
+    return m.ExitConditions(
+        exit_codes=codes,
+        exit_code_ranges=ranges,
+        pre_processing_error=_exit_options(b.obj("preProcessingError")),
+        file_upload_error=_exit_options(b.obj("fileUploadError")),
+        default=_exit_options(b.obj("default")),
+    )
+
+
+def depends_on(b: Body | None) -> m.TaskDependencies | None:
+    if b is None:
+        return None
+    ranges = []
+    for r in b.objs("taskIdRanges"):
+        start, end = r.integer("start"), r.integer("end")
+        if start is None or end is None:
+            raise invalid(r.path, None, f"{r.path} needs start and end")
+        ranges.append(m.TaskIdRange(start=start, end=end))
+    return m.TaskDependencies(task_ids=b.texts("taskIds"), task_id_ranges=ranges)
 
 
 def job_manager(b: Body | None) -> m.JobManager | None:
@@ -243,7 +295,7 @@ def job_manager(b: Body | None) -> m.JobManager | None:
         return None
     job_token(b.obj("authenticationTokenSettings"))
     refused = tuple(k for k in _TASK_REFUSED if k != "authenticationTokenSettings")
-    b.refuse(refused + ("requiredSlots",), WHY_LOCAL)
+    b.refuse(refused + ("requiredSlots", "dependsOn", "exitConditions"), WHY_LOCAL)
     b.accept("displayName", "allowLowPriorityNode")
     return m.JobManager(
         name=b.req_text("id"),
@@ -274,9 +326,8 @@ def job_add(b: Body) -> m.WorkitemAdd:
 
     job_id = b.req_text("id")
     b.refuse(("networkConfiguration",), WHY_LOCAL)
-    if b.flag("usesTaskDependencies", False):
-        raise invalid("usesTaskDependencies", True, "task dependencies are not supported yet")
-    check_task_failure(b)
+    uses_deps = b.flag("usesTaskDependencies", False)
+    on_failure = task_failure(b)
     info = b.obj("poolInfo")
     if info is None:
         raise invalid("poolInfo", None, "poolInfo is required")
@@ -301,6 +352,8 @@ def job_add(b: Body) -> m.WorkitemAdd:
         azure={k: v for k, v in azure.items() if v is not None},
         job_preparation_task=jobprep_io.prep_task(b.obj("jobPreparationTask")),
         job_release_task=jobprep_io.release_task(b.obj("jobReleaseTask")),
+        uses_task_dependencies=uses_deps,
+        on_task_failure=on_failure,
     )
 
 
@@ -318,4 +371,6 @@ def task_add(b: Body) -> m.TaskAdd:
         environment_settings=env_settings(b.objs("environmentSettings")),
         task_constraints=constraints(b.obj("constraints")),
         run_elevated=user_elevated(b.obj("userIdentity"), b._p("userIdentity")),
+        depends_on=depends_on(b.obj("dependsOn")),
+        exit_conditions=exit_conditions(b.obj("exitConditions")),
     )

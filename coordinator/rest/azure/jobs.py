@@ -98,7 +98,11 @@ class JobApi:
                 raise invalid("poolInfo", pool, "a job's pool cannot be changed here")
         elif replace:
             raise invalid("poolInfo", None, "poolInfo is required")
-        inputs.check_task_failure(b)
+        on_failure = inputs.task_failure(b)
+        if b.has("onTaskFailure") and on_failure != rec.rec.on_task_failure:
+            raise invalid(
+                "onTaskFailure", on_failure, "onTaskFailure cannot change after the job is created"
+            )
         b.accept("maxParallelTasks", "allowTaskPreemption", "networkConfiguration")
         priority = b.integer("priority", 0 if replace else None)
         cons = inputs.job_constraints(b.obj("constraints"))

@@ -113,11 +113,8 @@ def job_specification(
 ) -> m.WorkitemAdd:
     """A job schedule (id, schedule, jobSpecification, metadata) as the seed's workitem."""
     js.refuse(("networkConfiguration",), inputs.WHY_LOCAL)
-    if js.flag("usesTaskDependencies", False):
-        raise invalid(
-            js._p("usesTaskDependencies"), True, "task dependencies are not supported yet"
-        )
-    inputs.check_task_failure(js)
+    uses_deps = js.flag("usesTaskDependencies", False)
+    on_failure = inputs.task_failure(js)
     js.accept("maxParallelTasks", "allowTaskPreemption")
     info = js.obj("poolInfo")
     if info is None:
@@ -152,6 +149,8 @@ def job_specification(
         azure={k: v for k, v in azure.items() if v is not None},
         job_preparation_task=jobprep_io.prep_task(js.obj("jobPreparationTask")),
         job_release_task=jobprep_io.release_task(js.obj("jobReleaseTask")),
+        uses_task_dependencies=uses_deps,
+        on_task_failure=on_failure,
     )
 
 

@@ -58,9 +58,9 @@ def job_specification(spec: m.WorkitemAdd) -> dict[str, Any]:
             "maxParallelTasks": -1,
             "allowTaskPreemption": False,
             "displayName": az.get("jobDisplayName"),
-            "usesTaskDependencies": False,
+            "usesTaskDependencies": spec.uses_task_dependencies,
             "onAllTasksComplete": spec.on_all_tasks_complete,
-            "onTaskFailure": "noaction",
+            "onTaskFailure": spec.on_task_failure,
             "constraints": {
                 "maxWallClockTime": wall,
                 "maxTaskRetryCount": (jc.max_task_retry_count or 0) if jc else 0,

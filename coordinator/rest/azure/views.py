@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from coordinator.common import models as m
 from coordinator.common.timeutil import UNLIMITED, format_duration, rfc3339
 from coordinator.core import CoordinatorState
+from coordinator.core.deps import status as dependency_status
 from coordinator.core.records import ACTIVE, COMPLETED, Job, PoolRec, TaskRec, Tvm
 
 from .conv import etag_of
@@ -234,7 +237,7 @@ def job_view(core: CoordinatorState, base: str, job: Job) -> dict[str, Any]:
         "priority": r.priority,
         "maxParallelTasks": -1,
         "allowTaskPreemption": False,
-        "usesTaskDependencies": False,
+        "usesTaskDependencies": r.uses_deps,
         "constraints": {
             "maxWallClockTime": format_duration(r.max_wall_s)
             if r.max_wall_s is not None
@@ -247,7 +250,7 @@ def job_view(core: CoordinatorState, base: str, job: Job) -> dict[str, Any]:
         "commonEnvironmentSettings": _env(r.common_env),
         "poolInfo": {"poolId": r.pool},
         "onAllTasksComplete": r.on_all_complete,
-        "onTaskFailure": "noaction",
+        "onTaskFailure": r.on_task_failure,
         "metadata": az["jobMetadata"]
         if scheduled and "jobMetadata" in az
         else [{"name": x.name, "value": x.value} for x in (wi.spec.metadata if wi else [])],
@@ -350,5 +353,11 @@ def task_view(core: CoordinatorState, base: str, job: Job, t: TaskRec) -> dict[s
         "userIdentity": _user(t.run_elevated),
         "executionInfo": info,
         "nodeInfo": node_info,
+        "dependsOn": msgspec.to_builtins(t.depends_on) if t.depends_on else None,
+        "exitConditions": msgspec.to_builtins(t.exit_conditions) if t.exit_conditions else None,
     }
+    dep = dependency_status(job, t) if job.deps is not None else None
+    if dep is not None:
+        # Not an Azure property (clients keep it as an extra one): why an active task waits.
+        view["dependencyState"], view["dependencyReason"] = dep
     return _finish(view, max(t.created, t.state_time))
