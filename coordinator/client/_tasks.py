@@ -35,8 +35,11 @@ def task_spec(
     max_task_retry_count: int | None = None,
     retention_time: str | None = None,
     run_elevated: bool = False,
+    output_files: Sequence[m.OutputFile] = (),
+    required_slots: int = 1,
 ) -> m.TaskAdd:
-    """Build a task for `tasks.add_collection` with keyword arguments."""
+    """Build a task for `tasks.add_collection` with keyword arguments (`output_file` builds the
+    entries of `output_files`)."""
     constraints = None
     if max_wall_clock_time or max_task_retry_count is not None or retention_time:
         constraints = m.TaskConstraints(
@@ -53,6 +56,32 @@ def task_spec(
         resource_files=list(resource_files),
         task_constraints=constraints,
         run_elevated=run_elevated,
+        output_files=list(output_files),
+        required_slots=required_slots,
+    )
+
+
+def output_file(
+    pattern: str,
+    *,
+    container_url: str | None = None,
+    path: str | None = None,
+    condition: str = "taskcompletion",
+) -> m.OutputFile:
+    """Files to upload after the task: to a storage container by its SAS URL (Azure's way), or,
+    without `container_url`, to the coordinator's file store (listed on the task's
+    `outputFileResults`). `condition`: tasksuccess, taskfailure or taskcompletion."""
+    dest = (
+        m.OutputFileDestination(
+            container=m.OutputFileContainer(container_url=container_url, path=path)
+        )
+        if container_url
+        else m.OutputFileDestination(file_store=m.OutputFileStore(path=path))
+    )
+    return m.OutputFile(
+        file_pattern=pattern,
+        destination=dest,
+        upload_options=m.OutputFileUploadOptions(upload_condition=condition),
     )
 
 
@@ -203,6 +232,13 @@ class Files(_Group):
                 f"/pools/{_seg(pool)}/tvms/{_seg(tvm)}/files/{quote(path)}",
                 parse=_file_props,
             )
+        )
+
+    def download(self, sha256: str) -> Any:
+        """The bytes of a file in the coordinator's file store (e.g. a task's output file, named on
+        its `outputFileResults`)."""
+        return self._c._call(
+            _Call("GET", f"/files/sha256/{_seg(sha256)}", parse=lambda r: r.content)
         )
 
     def upload(self, data: bytes, *, sha256: str | None = None) -> Any:

@@ -206,6 +206,7 @@ class Tvm(_Res, kw_only=True):
     state_reason: str = ""  # why it is `unknown` or `unusable` ("<Code>: <why>")
     port_range_low: int = 0
     port_range_high: int = 0
+    running_task_slots_count: int = 0
 
 
 # --------------------------------------------------------------------------- workitems and jobs
@@ -302,6 +303,42 @@ class Job(_Res):
 # --------------------------------------------------------------------------- tasks
 
 
+class OutputFileContainer(_Res, forbid_unknown_fields=True):
+    """An Azure Storage container (or any server taking `PUT` BlockBlobs) by a SAS URL."""
+
+    container_url: str
+    path: str | None = None
+
+
+class OutputFileStore(_Res, forbid_unknown_fields=True):
+    """The coordinator's own file store; `path` names the upload on the task's record."""
+
+    path: str | None = None
+
+
+class OutputFileDestination(_Res, forbid_unknown_fields=True):
+    container: OutputFileContainer | None = None
+    file_store: OutputFileStore | None = None
+
+
+class OutputFileUploadOptions(_Res, forbid_unknown_fields=True):
+    upload_condition: str = "taskcompletion"  # tasksuccess | taskfailure | taskcompletion
+
+
+class OutputFile(_Res, forbid_unknown_fields=True):
+    file_pattern: str
+    destination: OutputFileDestination
+    upload_options: OutputFileUploadOptions = msgspec.field(default_factory=OutputFileUploadOptions)
+
+
+class OutputFileResult(_Res):
+    """One file a task uploaded to the coordinator's file store."""
+
+    path: str
+    sha256: str
+    size: int
+
+
 class TaskAdd(_Req):
     name: str
     command_line: str
@@ -309,6 +346,8 @@ class TaskAdd(_Req):
     environment_settings: list[EnvironmentSetting] = []
     task_constraints: TaskConstraints | None = None
     run_elevated: bool = False
+    output_files: list[OutputFile] = []
+    required_slots: int = 1
 
 
 class TaskAddCollection(_Req):
@@ -358,6 +397,9 @@ class Task(_Res):
     previous_state: str | None = None
     execution_info: TaskExecutionInfo | None = None
     tvm_info: TvmInfo | None = None
+    output_files: list[OutputFile] = []
+    required_slots: int = 1
+    output_file_results: list[OutputFileResult] = []
 
 
 # --------------------------------------------------------------------------- files and errors

@@ -53,6 +53,11 @@ class TaskRec(msgspec.Struct, array_like=True, gc=False, kw_only=True):
     pool: str | None = None
     tvm: str | None = None
     attempt: int = 0
+    # Workflow features (taskextras.py): what to upload after a run, the slots it takes, the files
+    # it put in the coordinator's file store [(name, sha256, size)].
+    output_files: list[m.OutputFile] | None = None
+    slots: int = 1
+    uploaded: list[tuple[str, str, int]] | None = None
 
 
 # Journal kind of a task's completion delta (TaskDone): one row per task, beside its full row.
@@ -74,6 +79,7 @@ class TaskDone(msgspec.Struct, array_like=True, gc=False):
     last_retry: float | None
     failure: tuple[str, str, str] | None
     tvm: str | None
+    uploaded: list[tuple[str, str, int]] | None = None
 
     @classmethod
     def of(cls, t: TaskRec) -> TaskDone:
@@ -88,6 +94,7 @@ class TaskDone(msgspec.Struct, array_like=True, gc=False):
             t.last_retry,
             t.failure,
             t.tvm,
+            t.uploaded,
         )
 
     def apply(self, t: TaskRec) -> None:
@@ -102,6 +109,7 @@ class TaskDone(msgspec.Struct, array_like=True, gc=False):
         t.last_retry = self.last_retry
         t.failure = self.failure
         t.tvm = self.tvm
+        t.uploaded = self.uploaded
 
 
 class JobRec(msgspec.Struct, kw_only=True):
@@ -224,7 +232,7 @@ def modern_job_id(workitem: str, job: str, scheduled: bool) -> str:
 class Job:
     """A job in memory: its record, its tasks and its queue of active tasks."""
 
-    __slots__ = ("rec", "tasks", "queue", "served")
+    __slots__ = ("rec", "tasks", "queue", "served", "wide")
 
     def __init__(self, rec: JobRec) -> None:
         self.rec = rec
@@ -233,6 +241,7 @@ class Job:
         self.served = (
             -1
         )  # placement counter when it last got a slot: fairness between equal priorities
+        self.wide = False  # a task taking more than one slot was added (slotplace.py places it)
 
     @property
     def key(self) -> str:
@@ -283,11 +292,11 @@ class Tvm:
         self.rec = rec
         # The pool's free-slot index while the TVM is in the store (freeslots.py keeps it exact).
         self.index: dict[str, Tvm] | None = None
-        self.running: dict[str, TaskRec] = RunningTasks(self)
+        self.running: RunningTasks = RunningTasks(self)
         self.slots = slots
         self.last_heartbeat: float | None = None
         self.ready = False
 
     @property
     def free(self) -> int:
-        return self.slots - len(self.running)
+        return self.slots - len(self.running) - self.running.extra

@@ -22,6 +22,7 @@ from .records import (
 from .specs import DEFAULT_RETENTION_S, WALL_CLOCK_EXIT_CODE, resource_file
 from .states import TvmState, move_task, move_tvm
 from .store import Store
+from .taskextras import output_specs
 
 _BUSY_OR_IDLE = ("idle", "running")
 
@@ -102,6 +103,7 @@ class Runs:
             or task.retention_s is not None
             or task.run_elevated
             or task.job_manager
+            or task.output_files
         ):
             spec = pm.TaskSpec(
                 key=key,
@@ -121,6 +123,7 @@ class Runs:
                 run_elevated=task.run_elevated,
                 job_manager=task.job_manager,
                 job_id=job_id,
+                output_files=output_specs(task.output_files) if task.output_files else [],
             )
         else:
             # The common task, once per placement: the fields at their defaults are left to them

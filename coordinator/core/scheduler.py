@@ -16,6 +16,7 @@ from typing import Any
 
 from .records import ACTIVE, Job, TaskRec, Tvm
 from .runs import Runs
+from .slotplace import place_wide
 from .store import Store
 
 
@@ -122,7 +123,10 @@ class Scheduler:
                 and a.connected
                 and (held is None or not held(t))
             ]
-            for job, task, tvm in place(tvms, jobs, pool.spec.tvm_fill_type):
+            fill = pool.spec.tvm_fill_type
+            wide = pool.spec.max_tasks_per_vm > 1 and any(j.wide for j in jobs)
+            placing = place_wide(tvms, jobs, fill, _next_tasks) if wide else place(tvms, jobs, fill)
+            for job, task, tvm in placing:
                 start(job, task, tvm)
                 job.served = s.attempts  # fairness between equal-priority jobs
                 placed += 1

@@ -11,6 +11,7 @@ from coordinator.common.errors import ApiError, bad_request, conflict
 from coordinator.common.validation import check_env, check_name
 from protocol import messages as pm
 
+from . import taskextras
 from .instructions import Outbox
 from .jobs import Jobs
 from .records import ACTIVE, COMPLETED, RUNNING, TASK_DONE, Job, TaskRec, Tvm
@@ -31,7 +32,7 @@ class Tasks:
 
     # ------------------------------------------------------------------ commands
 
-    def _new_task(self, req: m.TaskAdd, now: float) -> TaskRec:
+    def _new_task(self, req: m.TaskAdd, now: float, job: Job) -> TaskRec:
         check_name(req.name)
         if not req.command_line.strip():
             raise bad_request(
@@ -50,7 +51,7 @@ class Tasks:
         if c is not None:
             max_wall, max_retries, retention = task_constraints(c)
         self.s.seq += 1
-        return TaskRec(
+        task = TaskRec(
             name=req.name,
             command_line=req.command_line,
             seq=self.s.seq,
@@ -63,6 +64,9 @@ class Tasks:
             retention_s=retention,
             run_elevated=req.run_elevated,
         )
+        if req.output_files or req.required_slots != 1:
+            taskextras.apply(self.s, job, task, req)
+        return task
 
     def _job_for_add(self, workitem: str, job_name: str) -> Job:
         job = self.s.get_job(workitem, job_name)
@@ -73,7 +77,7 @@ class Tasks:
         job = self._job_for_add(workitem, job_name)
         if req.name in job.tasks:
             raise conflict("task", req.name)
-        task = self._new_task(req, self.s.clock())
+        task = self._new_task(req, self.s.clock(), job)
         self._insert(job, task)
 
     def add_tasks(
@@ -93,7 +97,7 @@ class Tasks:
             try:
                 if req.name in job.tasks or req.name in seen:
                     raise conflict("task", req.name)
-                task = self._new_task(req, now)
+                task = self._new_task(req, now, job)
             except ApiError as exc:
                 results.append(
                     m.TaskAddResult(
@@ -182,6 +186,7 @@ class Tasks:
             pool=None,
             tvm=None,
             attempt=0,
+            uploaded=None,
         )
         self.out.delete(TASK_DONE, f"{job.key}/{name}")  # the old completion's delta row
         self._insert(job, fresh)
@@ -221,6 +226,8 @@ class Tasks:
         now = s.clock()
         task.start_time = msg.start_time
         task.exit_code = msg.exit_code
+        if msg.uploaded:
+            task.uploaded = [(u.path, u.sha256, u.size) for u in msg.uploaded]
         failure = msg.failure
         max_retries = task.max_retries if task.max_retries is not None else job.rec.max_retries
         retry = (

@@ -100,6 +100,7 @@ def tvm_view(core: CoordinatorState, tvm: Tvm) -> m.Tvm:
         allocation_time=_t(r.created),
         scheduling_state=r.scheduling,
         running_tasks_count=len(tvm.running),
+        running_task_slots_count=tvm.slots - tvm.free,
         total_tasks_run=r.total_run,
         start_task_info=st,
         recent_tasks=recent,
@@ -206,4 +207,9 @@ def task_view(job: Job, t: TaskRec) -> m.Task:
         previous_state=t.prev_state,
         execution_info=info,
         tvm_info=m.TvmInfo(pool_name=t.pool or "", tvm_name=t.tvm) if t.tvm else None,
+        output_files=t.output_files or [],
+        required_slots=t.slots,
+        output_file_results=[
+            m.OutputFileResult(path=p, sha256=h, size=n) for p, h, n in t.uploaded or ()
+        ],
     )

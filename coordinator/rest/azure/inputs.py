@@ -16,6 +16,7 @@ from coordinator.common import vmsizes
 
 from .body import Body
 from .conv import invalid
+from .outputs import read_output_files
 from .sizes import local_vm_size
 
 # Pool settings that need Azure infrastructure (or Windows): a clear 400, never silence.
@@ -42,7 +43,6 @@ _VMC_REFUSED = (
 )
 _TASK_REFUSED = (
     "containerSettings",
-    "outputFiles",
     "multiInstanceSettings",
     "dependsOn",
     "applicationPackageReferences",
@@ -243,7 +243,7 @@ def job_manager(b: Body | None) -> m.JobManager | None:
         return None
     job_token(b.obj("authenticationTokenSettings"))
     refused = tuple(k for k in _TASK_REFUSED if k != "authenticationTokenSettings")
-    b.refuse(refused + ("requiredSlots",), WHY_LOCAL)
+    b.refuse(refused + ("requiredSlots", "outputFiles"), WHY_LOCAL)
     b.accept("displayName", "allowLowPriorityNode")
     return m.JobManager(
         name=b.req_text("id"),
@@ -300,12 +300,13 @@ def job_add(b: Body) -> m.WorkitemAdd:
     )
 
 
+def _int(v: int | None) -> int:
+    return 1 if v is None else v
+
+
 def task_add(b: Body) -> m.TaskAdd:
     task_id = b.req_text("id")
     b.refuse(_TASK_REFUSED, WHY_LOCAL)
-    slots = b.integer("requiredSlots", 1)
-    if slots != 1:
-        raise invalid("requiredSlots", slots, "only requiredSlots 1 is supported")
     b.accept("displayName", "affinityInfo")
     return m.TaskAdd(
         name=task_id,
@@ -314,4 +315,6 @@ def task_add(b: Body) -> m.TaskAdd:
         environment_settings=env_settings(b.objs("environmentSettings")),
         task_constraints=constraints(b.obj("constraints")),
         run_elevated=user_elevated(b.obj("userIdentity"), b._p("userIdentity")),
+        output_files=read_output_files(b),
+        required_slots=_int(b.integer("requiredSlots", 1)),
     )

@@ -11,6 +11,7 @@ from coordinator.core.records import ACTIVE, COMPLETED, Job, PoolRec, TaskRec, T
 
 from .conv import etag_of
 from .ids import job_id, node_path_out
+from .outputs import output_files_view
 from .sizes import azure_vm_size
 
 
@@ -172,7 +173,7 @@ def node_view(core: CoordinatorState, base: str, tvm: Tvm) -> dict[str, Any]:
         "vmSize": size or (azure_vm_size(pool.spec.vm_size, core.vm_sizes()) if pool else ""),
         "totalTasksRun": r.total_run,
         "runningTasksCount": len(tvm.running),
-        "runningTaskSlotsCount": len(tvm.running),
+        "runningTaskSlotsCount": tvm.slots - tvm.free,
         "totalTasksSucceeded": r.total_succeeded,
         "recentTasks": recent,
         "startTask": _start_task(pool.spec.start_task) if pool else None,
@@ -343,7 +344,8 @@ def task_view(core: CoordinatorState, base: str, job: Job, t: TaskRec) -> dict[s
             "retentionTime": format_duration(t.retention_s) if t.retention_s is not None else "P7D",
             "maxTaskRetryCount": retries,
         },
-        "requiredSlots": 1,
+        "requiredSlots": t.slots,
+        "outputFiles": output_files_view(t.output_files),
         "userIdentity": _user(t.run_elevated),
         "executionInfo": info,
         "nodeInfo": node_info,
