@@ -209,7 +209,8 @@ async def test_bad_output_files_refused(nursery, tmp_path):
             bad = msgspec.convert(entry, type=m.OutputFile)
             with pytest.raises(BatchError) as ei:
                 await c.client.tasks.add("wi", JOB, "t", "true", output_files=[bad])
-            assert ei.value.status == 400 and why in str(ei.value), entry
+            assert ei.value.status == 400, entry
+            assert why in str(ei.value), entry
             with pytest.raises(BatchError) as ei:
                 await c.client.tasks.get("wi", JOB, "t")
             assert ei.value.status == 404
