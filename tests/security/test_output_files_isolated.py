@@ -31,7 +31,8 @@ def open_root():
 async def test_links_to_root_only_files_are_not_uploaded(nursery, tmp_path, open_root):
     with blob_server() as store:
         async with cluster_ctx(nursery, tmp_path, heartbeat_timeout=3) as c:
-            os.makedirs(tmp_path / "agents", exist_ok=True)  # the agent's log (its root is elsewhere)
+            # The agent's log goes to tmp_path/agents (its root is elsewhere).
+            os.makedirs(tmp_path / "agents", exist_ok=True)
             c.start_agent(
                 extra_args=["--task-isolation", "users"], root=os.path.join(open_root, "a0")
             )
