@@ -81,6 +81,9 @@ class TaskSpec(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
     memory_limit_bytes: int = 0
     job_id: str = ""  # the Azure id of a schedule's job (AZ_BATCH_JOB_ID); empty: `workitem`
     output_files: list[OutputFileSpec] = []
+    # Variables set by the service that user settings cannot override (a multi-instance task's
+    # hosts and instance index).
+    system_env: dict[str, str] = {}
 
 
 class StartTaskSpec(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):

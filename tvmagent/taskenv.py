@@ -89,4 +89,6 @@ def task_env(tvm: TvmIdentity, spec: TaskSpec) -> dict[str, str]:
             "TVM_WORKITEM_NAME": spec.workitem,
         }
     )
+    if spec.system_env:
+        env.update(spec.system_env)
     return env

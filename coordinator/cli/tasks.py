@@ -82,6 +82,10 @@ def _env(pairs: tuple[str, ...]) -> dict[str, str]:
     show_default=True,
 )
 @click.option("--slots", type=int, default=1, show_default=True, help="requiredSlots.")
+@click.option("--instances", type=int, default=None, help="A multi-instance task on N TVMs.")
+@click.option(
+    "--coordination", default=None, help="Its coordination command line (runs on every TVM)."
+)
 @credentials
 @output_option
 def task_add(
@@ -98,6 +102,8 @@ def task_add(
     output_path: str | None,
     upload_condition: str,
     slots: int,
+    instances: int | None,
+    coordination: str | None,
     output: str,
     **cred: Any,
 ) -> None:
@@ -121,6 +127,8 @@ def task_add(
             retention_time=retention,
             output_files=outputs,
             required_slots=slots,
+            instances=instances,
+            coordination_command_line=coordination,
         )
     )
     _emit(output, {"added": name})

@@ -37,9 +37,13 @@ def task_spec(
     run_elevated: bool = False,
     output_files: Sequence[m.OutputFile] = (),
     required_slots: int = 1,
+    instances: int | None = None,
+    coordination_command_line: str | None = None,
+    common_resource_files: Sequence[m.ResourceFile] = (),
 ) -> m.TaskAdd:
     """Build a task for `tasks.add_collection` with keyword arguments (`output_file` builds the
-    entries of `output_files`)."""
+    entries of `output_files`). `instances` (with `coordination_command_line`): a multi-instance
+    task on that many TVMs of a pool with inter-TVM communication."""
     constraints = None
     if max_wall_clock_time or max_task_retry_count is not None or retention_time:
         constraints = m.TaskConstraints(
@@ -58,6 +62,13 @@ def task_spec(
         run_elevated=run_elevated,
         output_files=list(output_files),
         required_slots=required_slots,
+        multi_instance_settings=m.MultiInstanceSettings(
+            number_of_instances=instances,
+            coordination_command_line=coordination_command_line,
+            common_resource_files=list(common_resource_files),
+        )
+        if instances is not None
+        else None,
     )
 
 

@@ -331,6 +331,24 @@ class OutputFile(_Res, forbid_unknown_fields=True):
     upload_options: OutputFileUploadOptions = msgspec.field(default_factory=OutputFileUploadOptions)
 
 
+class MultiInstanceSettings(_Res, forbid_unknown_fields=True):
+    number_of_instances: int = 1
+    coordination_command_line: str | None = None
+    common_resource_files: list[ResourceFile] = []
+
+
+class SubtaskInfo(_Res):
+    """One instance of a multi-instance task (instance 0 runs on the primary TVM)."""
+
+    id: int
+    state: str
+    tvm_name: str
+    exit_code: int | None = None
+    start_time: str | None = None
+    end_time: str | None = None
+    scheduling_error: SchedulingError | None = None
+
+
 class OutputFileResult(_Res):
     """One file a task uploaded to the coordinator's file store."""
 
@@ -348,6 +366,7 @@ class TaskAdd(_Req):
     run_elevated: bool = False
     output_files: list[OutputFile] = []
     required_slots: int = 1
+    multi_instance_settings: MultiInstanceSettings | None = None
 
 
 class TaskAddCollection(_Req):
@@ -400,6 +419,8 @@ class Task(_Res):
     output_files: list[OutputFile] = []
     required_slots: int = 1
     output_file_results: list[OutputFileResult] = []
+    multi_instance_settings: MultiInstanceSettings | None = None
+    subtasks: list[SubtaskInfo] = []
 
 
 # --------------------------------------------------------------------------- files and errors

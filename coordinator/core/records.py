@@ -54,10 +54,11 @@ class TaskRec(msgspec.Struct, array_like=True, gc=False, kw_only=True):
     tvm: str | None = None
     attempt: int = 0
     # Workflow features (taskextras.py): what to upload after a run, the slots it takes, the files
-    # it put in the coordinator's file store [(name, sha256, size)].
+    # it put in the coordinator's file store [(name, sha256, size)], its instances.
     output_files: list[m.OutputFile] | None = None
     slots: int = 1
     uploaded: list[tuple[str, str, int]] | None = None
+    multi: m.MultiInstanceSettings | None = None  # a multi-instance task (multi.py)
 
 
 # Journal kind of a task's completion delta (TaskDone): one row per task, beside its full row.

@@ -8,6 +8,7 @@ from __future__ import annotations
 from protocol import messages as pm
 
 from .instructions import ENCODER, Outbox, Write
+from .multi import Gangs
 from .records import (
     ACTIVE,
     COMPLETED,
@@ -31,6 +32,7 @@ class Runs:
     def __init__(self, store: Store, out: Outbox) -> None:
         self.s = store
         self.out = out
+        self.gangs = Gangs(store, out, self)  # multi-instance tasks' instances
 
     def put_task(self, job: Job, task: TaskRec) -> None:
         # Once or twice per task: the journal write is built here rather than through Outbox.put.
@@ -153,6 +155,8 @@ class Runs:
         """Stop a running task on its TVM (the agent kills the tree)."""
         if task.state != RUNNING or not task.tvm:
             return
+        if task.multi is not None and self.gangs.end(f"{job.key}/{task.name}", reason):
+            return
         tvm = self.s.tvms.get(task.tvm)
         key = f"{job.key}/{task.name}"
         if tvm is not None:
@@ -185,6 +189,8 @@ class Runs:
         for key, task in list(tvm.running.items()):
             job = self.s.job_of(key)
             if job is not None and task.state == RUNNING:
+                if task.multi is not None:  # one TVM lost: the whole gang runs again
+                    self.gangs.end(f"{job.key}/{task.name}", "a TVM of the task was lost")
                 self.requeue(job, task)
         tvm.running.clear()
 

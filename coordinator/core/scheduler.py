@@ -124,8 +124,12 @@ class Scheduler:
                 and (held is None or not held(t))
             ]
             fill = pool.spec.tvm_fill_type
-            wide = pool.spec.max_tasks_per_vm > 1 and any(j.wide for j in jobs)
-            placing = place_wide(tvms, jobs, fill, _next_tasks) if wide else place(tvms, jobs, fill)
+            wide = any(j.wide for j in jobs)  # requiredSlots > 1 or multi-instance tasks
+            placing = (
+                place_wide(tvms, jobs, fill, _next_tasks, self.runs.gangs.start)
+                if wide
+                else place(tvms, jobs, fill)
+            )
             for job, task, tvm in placing:
                 start(job, task, tvm)
                 job.served = s.attempts  # fairness between equal-priority jobs

@@ -7,6 +7,9 @@ keeps its place at the head of its job's queue while narrower tasks behind it ma
 a large task does not hold a pool's small free slots hostage); it is retried on every pass. The pass
 stops once no slot is free or after `MAX_SKIPPED` tasks did not fit, so a long queue of wide tasks
 costs a bounded amount per pass, not a scan of the queue.
+
+A multi-instance task needs `numberOfInstances` TVMs with every slot free, all at once (a gang): it
+is handed to `start_gang` with them, or waits like a task that does not fit.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ def place_wide(
     jobs: list[Job],
     fill: str,
     next_tasks: Callable[[list[Job]], Iterator[tuple[Job, TaskRec]]],
+    start_gang: Callable[[Job, TaskRec, list[Tvm]], None] | None = None,
 ) -> list[tuple[Job, TaskRec, Tvm]]:
     free = {t.rec.name: t.free for t in tvms if t.free > 0}
     by_name = {t.rec.name: t for t in tvms}
@@ -33,6 +37,21 @@ def place_wide(
         return out
     pack = fill == "pack"
     for job, task in next_tasks(jobs):
+        if task.multi is not None and start_gang is not None:
+            whole = sorted(n for n, k in free.items() if k == by_name[n].slots)
+            count = task.multi.number_of_instances
+            if len(whole) < count:
+                skipped.append((job, task))
+                if len(skipped) >= MAX_SKIPPED:
+                    break
+                continue
+            gang = [by_name[n] for n in whole[:count]]
+            for t in gang:
+                total -= free.pop(t.rec.name)
+            start_gang(job, task, gang)
+            if not total:
+                break
+            continue
         need = task.slots
         best: str | None = None
         for name, n in free.items():

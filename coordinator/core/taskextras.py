@@ -12,7 +12,9 @@ from coordinator.common.errors import bad_request
 from protocol import messages as pm
 from protocol.paths import validate_relative_path
 
+from .multi import MAX_INSTANCES
 from .records import Job, TaskRec
+from .specs import check_files
 from .store import Store
 
 MAX_OUTPUT_FILES = 100
@@ -89,6 +91,47 @@ def check_slots(store: Store, job: Job, slots: int, field: str = "requiredSlots"
         )
 
 
+def check_multi(
+    store: Store,
+    job: Job,
+    mi: m.MultiInstanceSettings,
+    slots: int,
+    field: str = "multiInstanceSettings",
+) -> None:
+    """As in Azure: on a pool with inter-TVM communication and one task slot per TVM."""
+    n = mi.number_of_instances
+    if not 1 <= n <= MAX_INSTANCES:
+        raise bad_request(
+            "InvalidPropertyValue",
+            f"{field}.numberOfInstances must be between 1 and {MAX_INSTANCES}, not {n}",
+            field=f"{field}.numberOfInstances",
+        )
+    if not (mi.coordination_command_line or "").strip():
+        raise bad_request(
+            "MissingRequiredProperty",
+            f"{field}.coordinationCommandLine is required (it runs on every instance's TVM)",
+            field=f"{field}.coordinationCommandLine",
+        )
+    if mi.common_resource_files:
+        check_files(mi.common_resource_files, f"{field}.commonResourceFiles")
+    if slots != 1:
+        raise bad_request(
+            "InvalidPropertyValue",
+            "a multi-instance task takes one whole TVM per instance: requiredSlots must be 1",
+            field="requiredSlots",
+        )
+    pool = store.pools.get(job.rec.pool)
+    if pool is not None and (not pool.spec.communication or pool.spec.max_tasks_per_vm != 1):
+        raise bad_request(
+            "InvalidPropertyValue",
+            f"multi-instance tasks need a pool with inter-TVM communication"
+            f" (enableInterNodeCommunication, communication) and one task slot per TVM;"
+            f" pool {job.rec.pool!r} has communication {str(pool.spec.communication).lower()}"
+            f" and {pool.spec.max_tasks_per_vm} slot(s) per TVM",
+            field=field,
+        )
+
+
 def apply(store: Store, job: Job, task: TaskRec, req: m.TaskAdd) -> None:
     """Check and record a new task's output files and slots (raises before anything is stored)."""
     if req.output_files:
@@ -97,6 +140,10 @@ def apply(store: Store, job: Job, task: TaskRec, req: m.TaskAdd) -> None:
     if req.required_slots != 1:
         check_slots(store, job, req.required_slots)
         task.slots = req.required_slots
+        job.wide = True
+    if req.multi_instance_settings is not None:
+        check_multi(store, job, req.multi_instance_settings, req.required_slots)
+        task.multi = req.multi_instance_settings
         job.wide = True
 
 

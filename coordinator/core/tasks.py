@@ -64,7 +64,7 @@ class Tasks:
             retention_s=retention,
             run_elevated=req.run_elevated,
         )
-        if req.output_files or req.required_slots != 1:
+        if req.output_files or req.required_slots != 1 or req.multi_instance_settings:
             taskextras.apply(self.s, job, task, req)
         return task
 

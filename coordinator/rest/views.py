@@ -7,6 +7,7 @@ from typing import cast
 from coordinator.common import models as m
 from coordinator.common.timeutil import UNLIMITED, format_duration, rfc3339
 from coordinator.core import CoordinatorState
+from coordinator.core.multi import Sub
 from coordinator.core.records import ACTIVE, COMPLETED, Job, PoolRec, TaskRec, Tvm, WorkitemRec
 
 
@@ -168,7 +169,26 @@ def job_view(core: CoordinatorState, job: Job, counts: bool = True) -> m.Job:
     )
 
 
-def task_view(job: Job, t: TaskRec) -> m.Task:
+def _subtasks(subs: list[Sub] | None) -> list[m.SubtaskInfo]:
+    return [
+        m.SubtaskInfo(
+            id=i,
+            state=s.state,
+            tvm_name=s.tvm,
+            exit_code=s.exit_code,
+            start_time=rfc3339(s.start_time),
+            end_time=rfc3339(s.end_time),
+            scheduling_error=m.SchedulingError(
+                category=s.failure[0], code=s.failure[1], message=s.failure[2]
+            )
+            if s.failure
+            else None,
+        )
+        for i, s in enumerate(subs or ())
+    ]
+
+
+def task_view(job: Job, t: TaskRec, subs: list[Sub] | None = None) -> m.Task:
     info = m.TaskExecutionInfo(
         start_time=rfc3339(t.start_time)
         if t.state != ACTIVE or t.retry_count or t.requeue_count
@@ -212,4 +232,6 @@ def task_view(job: Job, t: TaskRec) -> m.Task:
         output_file_results=[
             m.OutputFileResult(path=p, sha256=h, size=n) for p, h, n in t.uploaded or ()
         ],
+        multi_instance_settings=t.multi,
+        subtasks=_subtasks(subs),
     )

@@ -43,7 +43,6 @@ _VMC_REFUSED = (
 )
 _TASK_REFUSED = (
     "containerSettings",
-    "multiInstanceSettings",
     "dependsOn",
     "applicationPackageReferences",
     "authenticationTokenSettings",
@@ -243,7 +242,7 @@ def job_manager(b: Body | None) -> m.JobManager | None:
         return None
     job_token(b.obj("authenticationTokenSettings"))
     refused = tuple(k for k in _TASK_REFUSED if k != "authenticationTokenSettings")
-    b.refuse(refused + ("requiredSlots", "outputFiles"), WHY_LOCAL)
+    b.refuse(refused + ("requiredSlots", "outputFiles", "multiInstanceSettings"), WHY_LOCAL)
     b.accept("displayName", "allowLowPriorityNode")
     return m.JobManager(
         name=b.req_text("id"),
@@ -300,6 +299,16 @@ def job_add(b: Body) -> m.WorkitemAdd:
     )
 
 
+def _multi(b: Body | None) -> m.MultiInstanceSettings | None:
+    if b is None:
+        return None
+    return m.MultiInstanceSettings(
+        number_of_instances=_int(b.integer("numberOfInstances", 1)),
+        coordination_command_line=b.text("coordinationCommandLine"),
+        common_resource_files=resource_files(b.objs("commonResourceFiles")),
+    )
+
+
 def _int(v: int | None) -> int:
     return 1 if v is None else v
 
@@ -317,4 +326,5 @@ def task_add(b: Body) -> m.TaskAdd:
         run_elevated=user_elevated(b.obj("userIdentity"), b._p("userIdentity")),
         output_files=read_output_files(b),
         required_slots=_int(b.integer("requiredSlots", 1)),
+        multi_instance_settings=_multi(b.obj("multiInstanceSettings")),
     )
