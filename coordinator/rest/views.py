@@ -86,7 +86,8 @@ def tvm_view(core: CoordinatorState, tvm: Tvm) -> m.Tvm:
         )
     recent = []
     for key, task in list(tvm.running.items())[:20]:
-        wi, job, name = key.split("/")
+        wi, job, _ = key.split("/")
+        name = task.name  # a multi-instance task's instance is listed as its task
         recent.append(
             m.TaskInformation(workitem_name=wi, job_name=job, task_name=name, task_state=task.state)
         )

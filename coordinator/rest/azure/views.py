@@ -150,7 +150,8 @@ def node_view(core: CoordinatorState, base: str, tvm: Tvm) -> dict[str, Any]:
         )
     recent = []
     for key, task in list(tvm.running.items())[:20]:
-        wi, job, name = key.split("/")
+        wi, job, _ = key.split("/")
+        name = task.name  # a multi-instance task's instance is listed as its task
         jid = job_id(core, wi, job)
         recent.append(
             {
