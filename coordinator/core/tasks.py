@@ -226,8 +226,8 @@ class Tasks:
         now = s.clock()
         task.start_time = msg.start_time
         task.exit_code = msg.exit_code
-        if msg.uploaded:
-            task.uploaded = [(u.path, u.sha256, u.size) for u in msg.uploaded]
+        if msg.uploaded or task.uploaded:  # this attempt's uploads replace an earlier one's
+            task.uploaded = [(u.path, u.sha256, u.size) for u in msg.uploaded] or None
         failure = msg.failure
         max_retries = task.max_retries if task.max_retries is not None else job.rec.max_retries
         retry = (
