@@ -133,18 +133,19 @@ def check_multi(
 
 
 def apply(store: Store, job: Job, task: TaskRec, req: m.TaskAdd) -> None:
-    """Check and record a new task's output files and slots (raises before anything is stored)."""
+    """Check a new task's output files, slots and multi-instance settings, then record them: a
+    refusal changes nothing (the job's placement mode included)."""
     if req.output_files:
         check_output_files(req.output_files)
-        task.output_files = list(req.output_files)
     if req.required_slots != 1:
         check_slots(store, job, req.required_slots)
-        task.slots = req.required_slots
-        job.wide = True
     if req.multi_instance_settings is not None:
         check_multi(store, job, req.multi_instance_settings, req.required_slots)
-        task.multi = req.multi_instance_settings
-        job.wide = True
+    task.output_files = list(req.output_files) or None
+    task.slots = req.required_slots
+    task.multi = req.multi_instance_settings
+    if task.slots != 1 or task.multi is not None:
+        job.wide = True  # placed by slotplace.py from now on
 
 
 def output_specs(files: list[m.OutputFile]) -> list[pm.OutputFileSpec]:
