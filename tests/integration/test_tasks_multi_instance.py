@@ -7,11 +7,14 @@ inter-TVM communication, or with more than one slot per TVM, refuse such tasks."
 from __future__ import annotations
 
 import sys
+import uuid
 
 import pytest
 
 from coordinator.client import BatchError
+from coordinator.common import models as m
 from tests.harness import cluster_ctx
+from tests.integration.test_tasks_constraints import _marked_pids
 
 JOB = "job-0000000001"
 PY = sys.executable  # tasks run as root in the harness (isolation off)
@@ -23,7 +26,7 @@ SERVER = (
     "e=os.environ\n"
     "open('env.txt','w').write('|'.join(e.get(k,'') for k in ('AZ_BATCH_HOST_LIST',"
     "'AZ_BATCH_MASTER_NODE','AZ_BATCH_IS_CURRENT_NODE_MASTER','TVM_INSTANCE_INDEX',"
-    "'AZ_BATCH_TASK_ID')))\n"
+    "'AZ_BATCH_TASK_ID'))+'|'+open('common.txt').read())\n"
     "s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
     "s.bind(('0.0.0.0',int(e['WATASK_PORTRANGE_LOW'])));s.listen(4)\n"
     "c,_=s.accept();c.sendall((e['TVM_INSTANCE_INDEX']+' '+e['AZ_BATCH_NODE_ID']).encode());c.close()\n"
@@ -66,6 +69,7 @@ async def test_three_instances_talk_over_the_pools_ports(nursery, tmp_path):
     async with cluster_ctx(nursery, tmp_path, agents=4) as c:
         await c.pool_with_tvms("p", 4, communication=True)
         await c.client.workitems.add("wi", "p")
+        common = await c.client.files.upload(b"shared input")
         await c.client.tasks.add(
             "wi",
             JOB,
@@ -73,6 +77,9 @@ async def test_three_instances_talk_over_the_pools_ports(nursery, tmp_path):
             f"{PY} {client}",
             instances=3,
             coordination_command_line=f"{PY} {server}",
+            common_resource_files=[
+                m.ResourceFile(blob_source=common["blobSource"], file_path="common.txt")
+            ],
         )
         t = await c.wait_for(lambda: _done(c, "mpi"), timeout=60, what="mpi completed")
         info = t.execution_info
@@ -96,7 +103,8 @@ async def test_three_instances_talk_over_the_pools_ports(nursery, tmp_path):
                     "p", s.tvm_name, f"tasks/wi/{JOB}/mpi~{i}/wd/env.txt"
                 )
             ).decode()
-            hosts, master, is_master, index, task_id = env.split("|")
+            hosts, master, is_master, index, task_id, common_text = env.split("|")
+            assert common_text == "shared input"  # commonResourceFiles on every instance
             assert len(hosts.split(",")) == 3
             assert master == f"{primary.ip_address}:{primary.port_range_low}"
             assert (is_master, index, task_id) == ("true" if i == 0 else "false", str(i), "mpi")
@@ -118,9 +126,16 @@ async def test_three_instances_talk_over_the_pools_ports(nursery, tmp_path):
         assert "instance 1" in err.message
         await c.wait_for(lambda: _all_idle(c), what="every TVM idle after the failed instance")
 
-        # Terminating stops every instance and the application command.
+        # Terminating stops every instance and the application command: no process is left.
+        mark = uuid.uuid4().hex
         await c.client.tasks.add(
-            "wi", JOB, "long", "sleep 300", instances=3, coordination_command_line="sleep 300"
+            "wi",
+            JOB,
+            "long",
+            "sleep 300",
+            instances=3,
+            coordination_command_line="sleep 300",
+            env={"TVM_TEST_MARK": mark},
         )
 
         async def running():
@@ -128,11 +143,13 @@ async def test_three_instances_talk_over_the_pools_ports(nursery, tmp_path):
             return t.state == "running" and len(t.subtasks) == 3
 
         await c.wait_for(running, timeout=30, what="long running")
+        await c.wait_for(lambda: len(_marked_pids(mark)) == 4, what="3 instances and the app")
         await c.client.tasks.terminate("wi", JOB, "long")
         t = await _task(c, "long")
         assert t.state == "completed"
         assert {s.state for s in t.subtasks} == {"completed"}
         await c.wait_for(lambda: _all_idle(c), what="every TVM idle after terminate")
+        await c.wait_for(lambda: not _marked_pids(mark), what="every instance's process gone")
 
         # Refused where Azure refuses it, nothing stored.
         await c.client.pools.add("nocomm", target_dedicated=0)
