@@ -28,51 +28,56 @@ def place_wide(
     next_tasks: Callable[[list[Job]], Iterator[tuple[Job, TaskRec]]],
     start_gang: Callable[[Job, TaskRec, list[Tvm]], None] | None = None,
 ) -> list[tuple[Job, TaskRec, Tvm]]:
-    free = {t.rec.name: t.free for t in tvms if t.free > 0}
-    by_name = {t.rec.name: t for t in tvms}
-    total = sum(free.values())
     out: list[tuple[Job, TaskRec, Tvm]] = []
-    skipped: list[tuple[Job, TaskRec]] = []
-    if not total or not jobs:
+    if not tvms or not jobs:
         return out
+    # TVMs by their free slots (buckets[k]: the TVMs with k free): choosing one is a look at a few
+    # buckets, not a scan of the pool's TVMs, whatever its size.
+    top = max(t.slots for t in tvms)
+    buckets: list[dict[str, Tvm]] = [{} for _ in range(top + 1)]
+    total = 0
+    for t in sorted(tvms, key=lambda t: t.rec.name):
+        if t.free > 0:
+            buckets[t.free][t.rec.name] = t
+            total += t.free
+    free = {name: k for k, b in enumerate(buckets) for name in b}
+    skipped: list[tuple[Job, TaskRec]] = []
     pack = fill == "pack"
-    for job, task in next_tasks(jobs):
+
+    def take(t: Tvm, n: int) -> None:
+        nonlocal total
+        k = free.pop(t.rec.name)
+        del buckets[k][t.rec.name]
+        total -= n
+        if k > n:
+            free[t.rec.name] = k - n
+            buckets[k - n][t.rec.name] = t
+
+    for job, task in next_tasks(jobs) if total else ():
         if task.multi is not None and start_gang is not None:
-            whole = sorted(n for n, k in free.items() if k == by_name[n].slots)
             count = task.multi.number_of_instances
+            whole = [t for b in buckets for t in b.values() if free[t.rec.name] == t.slots]
             if len(whole) < count:
                 skipped.append((job, task))
                 if len(skipped) >= MAX_SKIPPED:
                     break
                 continue
-            gang = [by_name[n] for n in whole[:count]]
+            gang = sorted(whole, key=lambda t: t.rec.name)[:count]
             for t in gang:
-                total -= free.pop(t.rec.name)
+                take(t, t.slots)
             start_gang(job, task, gang)
-            if not total:
-                break
-            continue
-        need = task.slots
-        best: str | None = None
-        for name, n in free.items():
-            if n < need:
+        else:
+            need = task.slots
+            ks = range(need, top + 1) if pack else range(top, need - 1, -1)
+            k = next((k for k in ks if buckets[k]), 0)
+            if not k:
+                skipped.append((job, task))
+                if len(skipped) >= MAX_SKIPPED:
+                    break
                 continue
-            if best is None:
-                best = name
-                continue
-            b = free[best]
-            if (n < b if pack else n > b) or (n == b and name < best):
-                best = name
-        if best is None:
-            skipped.append((job, task))
-            if len(skipped) >= MAX_SKIPPED:
-                break
-            continue
-        free[best] -= need
-        total -= need
-        if not free[best]:
-            del free[best]
-        out.append((job, task, by_name[best]))
+            tvm = next(iter(buckets[k].values()))
+            take(tvm, need)
+            out.append((job, task, tvm))
         if not total:
             break
     # Back to the head of their queues, in their order: the generator popped them.
