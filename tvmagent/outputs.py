@@ -120,8 +120,8 @@ def _regex(parts: list[str]) -> re.Pattern[str]:
 @dataclass
 class Match:
     name: str  # below the pattern's literal directory (the blob name's tail)
-    fd: int
-    size: int
+    parts: list[str]  # its path from the base directory (the task directory for ../, else wd)
+    up: bool
 
 
 def _open_dir(parent: int, name: str) -> int:
@@ -139,23 +139,32 @@ def _readable(st: os.stat_result, uid: int, gid: int) -> bool:
     return bool(st.st_mode & stat.S_IROTH)
 
 
-def _open_file(parent: int, name: str, uid: int, gid: int) -> tuple[int, int] | None:
+def open_match(tdir: str, wd: str, mt: Match) -> tuple[int, int] | None:
+    """(worker thread) (fd, size) of a matched file, opened through directory descriptors without
+    following any symlink, if the task's user could read it; None otherwise (or if it is gone)."""
+    owner = os.stat(wd)  # the task's user owns its working directory (root when elevated)
+    fds: list[int] = []
     try:
-        fd = os.open(name, _FILE_FLAGS, dir_fd=parent)
-    except OSError:  # a symlink (ELOOP), gone, or a FIFO without writer: not an output file
+        fds.append(os.open(tdir if mt.up else wd, _DIR_FLAGS))
+        for part in mt.parts[:-1]:
+            fds.append(_open_dir(fds[-1], part))
+        fd = os.open(mt.parts[-1], _FILE_FLAGS, dir_fd=fds[-1])
+    except OSError:  # a symlink (ELOOP, ENOTDIR), gone, or a FIFO without writer: not uploaded
         return None
+    finally:
+        for d in fds:
+            os.close(d)
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or not _readable(st, uid, gid):
+    if not stat.S_ISREG(st.st_mode) or not _readable(st, owner.st_uid, owner.st_gid):
         os.close(fd)
         return None
     return fd, st.st_size
 
 
 def find(tdir: str, wd: str, pattern: str) -> list[Match]:
-    """(worker thread) The files `pattern` matches, opened; the caller closes every `fd`."""
+    """(worker thread) The regular files `pattern` matches (opened one at a time when uploaded:
+    `open_match`, which checks again what was found here)."""
     up, literal, rest = split_pattern(pattern)
-    owner = os.stat(wd)  # the task's user owns its working directory (root when elevated)
-    uid, gid = owner.st_uid, owner.st_gid
     fds: list[int] = []
     out: list[Match] = []
     try:
@@ -163,31 +172,26 @@ def find(tdir: str, wd: str, pattern: str) -> list[Match]:
         if not rest:  # one named file
             for part in literal[:-1]:
                 fds.append(_open_dir(fds[-1], part))
-            got = _open_file(fds[-1], literal[-1], uid, gid)
-            if got is not None:
-                out.append(Match(literal[-1], *got))
+            st = os.stat(literal[-1], dir_fd=fds[-1], follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode):
+                out.append(Match(literal[-1], literal, up))
             return out
         for part in literal:
             fds.append(_open_dir(fds[-1], part))
-        rx = _regex(rest)
-        _walk(fds[-1], "", rx, uid, gid, out)
+        _walk(fds[-1], "", _regex(rest), literal, up, out)
         return out
     except OSError as exc:
         if exc.errno in _NO_MATCH:  # missing, or a symlink where a directory should be
             return out
-        for mt in out:
-            os.close(mt.fd)
-        raise
-    except BaseException:
-        for mt in out:
-            os.close(mt.fd)
         raise
     finally:
         for fd in fds:
             os.close(fd)
 
 
-def _walk(dfd: int, prefix: str, rx: re.Pattern[str], uid: int, gid: int, out: list[Match]) -> None:
+def _walk(
+    dfd: int, prefix: str, rx: re.Pattern[str], literal: list[str], up: bool, out: list[Match]
+) -> None:
     with os.scandir(dfd) as it:
         entries = sorted(it, key=lambda e: e.name)
     for e in entries:
@@ -198,15 +202,13 @@ def _walk(dfd: int, prefix: str, rx: re.Pattern[str], uid: int, gid: int, out: l
             except OSError:
                 continue  # replaced by a symlink meanwhile, or unreadable: not followed
             try:
-                _walk(sub, rel + "/", rx, uid, gid, out)
+                _walk(sub, rel + "/", rx, literal, up, out)
             finally:
                 os.close(sub)
         elif e.is_file(follow_symlinks=False) and rx.fullmatch(rel):
             if len(out) >= MAX_MATCHES:
                 raise UploadError(rel, f"the pattern matches more than {MAX_MATCHES} files")
-            got = _open_file(dfd, e.name, uid, gid)
-            if got is not None:
-                out.append(Match(rel, *got))
+            out.append(Match(rel, [*literal, *rel.split("/")], up))
 
 
 def blob_name(spec: pm.OutputFileSpec, m: Match, single: bool) -> str:
@@ -264,22 +266,26 @@ class Uploader:
                 matches = await trio.to_thread.run_sync(find, tdir, wd, spec.pattern)
             except (OSError, ValueError, UploadError) as exc:
                 return _failed(spec.pattern, str(exc)), stored
-            try:
-                single = not split_pattern(spec.pattern)[2]
-                for mt in matches:
-                    name = blob_name(spec, mt, single)
-                    try:
-                        got = await self._one(spec, name, mt)
-                    except UploadError as exc:
-                        return _failed(name, exc.message), stored
-                    if got is not None:
-                        stored.append(got)
-            finally:
-                for mt in matches:
-                    os.close(mt.fd)
+            single = not split_pattern(spec.pattern)[2]
+            for mt in matches:
+                name = blob_name(spec, mt, single)
+                got = await trio.to_thread.run_sync(open_match, tdir, wd, mt)
+                if got is None:
+                    continue  # not the task's to read, a symlink, or gone
+                fd, size = got
+                try:
+                    done = await self._one(spec, name, fd, size)
+                except UploadError as exc:
+                    return _failed(name, exc.message), stored
+                finally:
+                    os.close(fd)
+                if done is not None:
+                    stored.append(done)
         return None, stored
 
-    async def _one(self, spec: pm.OutputFileSpec, name: str, mt: Match) -> pm.OutputUploaded | None:
+    async def _one(
+        self, spec: pm.OutputFileSpec, name: str, fd: int, size: int
+    ) -> pm.OutputUploaded | None:
         if spec.container_url:
             url = container_target(spec.container_url, name)
             headers = {
@@ -298,11 +304,11 @@ class Uploader:
             if not spec.container_url:
                 headers.update(self._http_headers())  # a fresh proof per attempt
             # Content-Length set explicitly: with it, httpx never falls back to chunked encoding.
-            headers["Content-Length"] = str(mt.size)
+            headers["Content-Length"] = str(size)
             content: Any = (
-                await trio.to_thread.run_sync(os.pread, mt.fd, mt.size, 0)
-                if mt.size <= _IN_MEMORY
-                else _body(mt.fd, mt.size)
+                await trio.to_thread.run_sync(os.pread, fd, size, 0)
+                if size <= _IN_MEMORY
+                else _body(fd, size)
             )
             why = ""
             try:

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from protocol import messages as pm
-from tvmagent.outputs import blob_name, container_target, find, split_pattern, wanted
+from tvmagent.outputs import blob_name, container_target, find, open_match, split_pattern, wanted
 
 
 @pytest.fixture
@@ -25,12 +25,24 @@ def task(tmp_path):
 
 
 def _names(task, pattern):
-    matches = find(*task, pattern)
-    try:
-        return sorted(m.name for m in matches)
-    finally:
-        for m in matches:
-            os.close(m.fd)
+    """What is uploaded: the matches that open (a regular file the task's user could read)."""
+    out = []
+    for m in find(*task, pattern):
+        got = open_match(*task, m)
+        if got is not None:
+            os.close(got[0])
+            out.append(m.name)
+    return sorted(out)
+
+
+def test_a_file_the_task_user_could_not_read_is_not_opened(task, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to hand files to another user")
+    _tdir, wd = task
+    os.chown(wd, 65534, 65534)  # the task ran as nobody
+    os.chmod(os.path.join(wd, "a.txt"), 0o640)  # root's, not its group's
+    os.chown(os.path.join(wd, "b.txt"), 65534, 65534)
+    assert _names(task, "?.txt") == ["b.txt"]
 
 
 @pytest.mark.parametrize(
@@ -86,4 +98,4 @@ def test_names_targets_and_conditions():
 def _m(name):
     from tvmagent.outputs import Match
 
-    return Match(name, -1, 0)
+    return Match(name, [name], False)
