@@ -46,6 +46,23 @@ class CertFile(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
         return f"CertFile(sha1-{self.thumbprint}, {self.certificate_format})"
 
 
+class OutputFileSpec(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
+    """Files to upload after a task's process ended (Azure's outputFiles)."""
+
+    pattern: str  # relative to the working directory; `**`, `*`, `?`; `../` reaches the task dir
+    condition: str = "taskcompletion"  # tasksuccess | taskfailure | taskcompletion
+    container_url: str = ""  # "" : the coordinator's file store
+    path: str = ""  # blob name (one file) or prefix (a pattern)
+
+
+class OutputUploaded(msgspec.Struct, array_like=True, frozen=True):
+    """A file a task uploaded to the coordinator's file store: (name, sha256, size)."""
+
+    path: str
+    sha256: str
+    size: int
+
+
 class TaskSpec(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
     """What an agent needs to run one attempt of a task."""
 
@@ -68,6 +85,10 @@ class TaskSpec(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
     # "jobprep": this run is the job's preparation task; its directory is left readable by the
     # pool's tasks. "jobrelease": the job's release task. "": an ordinary task.
     kind: str = ""
+    output_files: list[OutputFileSpec] = []
+    # Variables set by the service that user settings cannot override (a multi-instance task's
+    # hosts and instance index).
+    system_env: dict[str, str] = {}
 
 
 class StartTaskSpec(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
@@ -168,6 +189,7 @@ class TaskCompleted(Msg, tag="task.completed", frozen=True, kw_only=True):
     start_time: float
     end_time: float
     failure: Failure | None = None
+    uploaded: list[OutputUploaded] = []  # output files put in the coordinator's file store
 
 
 class StartTaskCompleted(Msg, tag="starttask.completed", frozen=True, kw_only=True):

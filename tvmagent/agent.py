@@ -394,10 +394,18 @@ class Agent:
                 log.warning("%s", ins.text)
 
     def _run_finished(
-        self, key: str, exit_code: int, start: float, end: float, failure: pm.Failure | None
+        self,
+        key: str,
+        exit_code: int,
+        start: float,
+        end: float,
+        failure: pm.Failure | None,
+        uploaded: list[pm.OutputUploaded] | None = None,
     ) -> None:
         out = self.state.handle(
-            RunFinished(key, exit_code, start, end, failure, self.link.session.peer_acked)
+            RunFinished(
+                key, exit_code, start, end, failure, self.link.session.peer_acked, uploaded or []
+            )
         )
         done = next((i.msg for i in out if isinstance(i, SendCompletion)), None)
         if done is not None:  # the failure as reported (a drained run's is AgentStopping)

@@ -209,6 +209,10 @@ class DownloadCache:
             )
         return self._client_obj
 
+    def http_client(self) -> Any:
+        """The shared httpx2.AsyncClient (output file uploads use it too)."""
+        return self._client
+
     async def aclose(self) -> None:
         self._closed = True
         if self._client_obj is not None:

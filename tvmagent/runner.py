@@ -20,6 +20,7 @@ from . import cmdline, isolation
 from .downloads import DownloadCache, DownloadError
 from .jobprep_dir import share_with_pool
 from .limits import TaskLimits
+from .outputs import Uploader
 from .pool_isolation import PoolIsolation
 from .procspec import LaunchError, ProcessOutcome, ProcessSpec
 from .sandbox import RunningProcess, Sandbox
@@ -51,7 +52,7 @@ class TaskRunner:
         send_lazily: Callable[[pm.TaskStarted], None],
         http_base: Callable[[], str],
         http_headers: Callable[[], dict[str, str]],
-        finished: Callable[[str, int, float, float, pm.Failure | None], None],
+        finished: Callable[..., None],
     ) -> None:
         self.root = root
         self.task_user = task_user
@@ -68,6 +69,7 @@ class TaskRunner:
         self._finished = finished
         self.procs: dict[str, RunningProcess] = {}  # task key (or START_TASK_SLOT) -> its process
         self.stock = TaskDirStock(root)
+        self.uploader = Uploader(cache.http_client, http_base, http_headers)
         self._stock_low = trio.Event()
 
     def _take_dir(self, tdir: str) -> bool:
@@ -260,6 +262,8 @@ class TaskRunner:
         start = time.time()
         failure: pm.Failure | None = None
         exit_code = NO_EXIT_CODE
+        uploaded: list[pm.OutputUploaded] = []
+        ran = False
         try:
             if spec.resource_files:
                 # Running from here on (downloads count as the task's run); the spawn's own thread
@@ -291,6 +295,7 @@ class TaskRunner:
                     readonly=shown,
                 )
                 start = outcome.start_time.timestamp()
+                ran = True
                 exit_code, failure = run_verdict(
                     run, outcome.exit_code, outcome.reason, outcome.message, timed_out
                 )
@@ -303,10 +308,16 @@ class TaskRunner:
                 failure = pm.Failure(
                     category="UserError", code="TaskEnded", message=run.cancel_reason
                 )
+            if ran and spec.output_files and not run.cancelled:
+                # After the process, before the completion: the task's result waits for its files.
+                upload_failure, uploaded = await self.uploader.run(
+                    spec.output_files, tdir, wd, exit_code, failure
+                )
+                failure = failure or upload_failure  # the task's own failure comes first
         except Exception as exc:  # the task fails, never the agent
             log.exception("task %s failed inside the agent", spec.key)
             exit_code = NO_EXIT_CODE
             failure = pm.Failure(
                 category="ServerError", code="AgentError", message=f"{type(exc).__name__}: {exc}"
             )
-        self._finished(spec.key, exit_code, start, time.time(), failure)
+        self._finished(spec.key, exit_code, start, time.time(), failure, uploaded)

@@ -70,6 +70,7 @@ class RunFinished:
     end_time: float
     failure: pm.Failure | None
     peer_acked: int  # the coordinator's cumulative ack now: completions up to it are forgotten
+    uploaded: list[pm.OutputUploaded] = field(default_factory=list)  # to the file store
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,6 +406,7 @@ class AgentState:
                     start_time=ev.start_time,
                     end_time=ev.end_time,
                     failure=failure,
+                    uploaded=ev.uploaded,
                 )
             )
         )

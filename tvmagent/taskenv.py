@@ -93,4 +93,6 @@ def task_env(tvm: TvmIdentity, spec: TaskSpec) -> dict[str, str]:
         prep = os.path.join(os.path.dirname(tdir), spec.job_prep)
         env["AZ_BATCH_JOB_PREP_DIR"] = prep
         env["AZ_BATCH_JOB_PREP_WORKING_DIR"] = os.path.join(prep, "wd")
+    if spec.system_env:
+        env.update(spec.system_env)
     return env

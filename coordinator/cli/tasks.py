@@ -78,6 +78,26 @@ def _env(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.argument("command_line")
 @_task_opts
 @_depends_opt
+@click.option(
+    "--output-file",
+    "output_files",
+    multiple=True,
+    help="Upload files matching this pattern after the task (repeatable; `**`, `*`, `?`;"
+    " ../std*.txt for its stdout/stderr): to --output-container, else to the file store.",
+)
+@click.option("--output-container", default=None, help="Container URL (with its SAS query).")
+@click.option("--output-path", default=None, help="Blob name or prefix for --output-file.")
+@click.option(
+    "--upload-condition",
+    type=click.Choice(["tasksuccess", "taskfailure", "taskcompletion"]),
+    default="taskcompletion",
+    show_default=True,
+)
+@click.option("--slots", type=int, default=1, show_default=True, help="requiredSlots.")
+@click.option("--instances", type=int, default=None, help="A multi-instance task on N TVMs.")
+@click.option(
+    "--coordination", default=None, help="Its coordination command line (runs on every TVM)."
+)
 @credentials
 @output_option
 def task_add(
@@ -90,10 +110,23 @@ def task_add(
     max_wall_clock: str | None,
     max_retries: int | None,
     retention: str | None,
+    output_files: tuple[str, ...],
+    output_container: str | None,
+    output_path: str | None,
+    upload_condition: str,
+    slots: int,
+    instances: int | None,
+    coordination: str | None,
     output: str,
     **cred: Any,
 ) -> None:
     """Add one task. The command line runs without a shell (use `/bin/sh -c '...'` for one)."""
+    from coordinator.client import output_file
+
+    outputs = [
+        output_file(p, container_url=output_container, path=output_path, condition=upload_condition)
+        for p in output_files
+    ]
     c = _mk(**cred)
     _run(
         lambda: c.tasks.add(
@@ -106,6 +139,10 @@ def task_add(
             max_task_retry_count=max_retries,
             retention_time=retention,
             depends_on=list(depends_on) or None,
+            output_files=outputs,
+            required_slots=slots,
+            instances=instances,
+            coordination_command_line=coordination,
         )
     )
     _emit(output, {"added": name})

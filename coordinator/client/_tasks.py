@@ -37,9 +37,16 @@ def task_spec(
     run_elevated: bool = False,
     depends_on: Sequence[str] | m.TaskDependencies | None = None,
     exit_conditions: m.ExitConditions | None = None,
+    output_files: Sequence[m.OutputFile] = (),
+    required_slots: int = 1,
+    instances: int | None = None,
+    coordination_command_line: str | None = None,
+    common_resource_files: Sequence[m.ResourceFile] = (),
 ) -> m.TaskAdd:
     """Build a task for `tasks.add_collection` with keyword arguments. `depends_on`: task names
-    (or a `TaskDependencies` with ranges); the job needs `uses_task_dependencies`."""
+    (or a `TaskDependencies` with ranges); the job needs `uses_task_dependencies`.
+    `output_files`: built with `output_file`. `instances` (with `coordination_command_line`): a
+    multi-instance task on that many TVMs of a pool with inter-TVM communication."""
     constraints = None
     if max_wall_clock_time or max_task_retry_count is not None or retention_time:
         constraints = m.TaskConstraints(
@@ -62,6 +69,39 @@ def task_spec(
             else m.TaskDependencies(task_ids=list(depends_on))
         ),
         exit_conditions=exit_conditions,
+        output_files=list(output_files),
+        required_slots=required_slots,
+        multi_instance_settings=m.MultiInstanceSettings(
+            number_of_instances=instances,
+            coordination_command_line=coordination_command_line,
+            common_resource_files=list(common_resource_files),
+        )
+        if instances is not None
+        else None,
+    )
+
+
+def output_file(
+    pattern: str,
+    *,
+    container_url: str | None = None,
+    path: str | None = None,
+    condition: str = "taskcompletion",
+) -> m.OutputFile:
+    """Files to upload after the task: to a storage container by its SAS URL (Azure's way), or,
+    without `container_url`, to the coordinator's file store (listed on the task's
+    `outputFileResults`). `condition`: tasksuccess, taskfailure or taskcompletion."""
+    dest = (
+        m.OutputFileDestination(
+            container=m.OutputFileContainer(container_url=container_url, path=path)
+        )
+        if container_url
+        else m.OutputFileDestination(file_store=m.OutputFileStore(path=path))
+    )
+    return m.OutputFile(
+        file_pattern=pattern,
+        destination=dest,
+        upload_options=m.OutputFileUploadOptions(upload_condition=condition),
     )
 
 
@@ -235,6 +275,13 @@ class Files(_Group):
                 f"/pools/{_seg(pool)}/tvms/{_seg(tvm)}/files/{quote(path)}",
                 parse=_file_props,
             )
+        )
+
+    def download(self, sha256: str) -> Any:
+        """The bytes of a file in the coordinator's file store (e.g. a task's output file, named on
+        its `outputFileResults`)."""
+        return self._c._call(
+            _Call("GET", f"/files/sha256/{_seg(sha256)}", parse=lambda r: r.content)
         )
 
     def upload(self, data: bytes, *, sha256: str | None = None) -> Any:

@@ -206,6 +206,7 @@ class Tvm(_Res, kw_only=True):
     state_reason: str = ""  # why it is `unknown` or `unusable` ("<Code>: <why>")
     port_range_low: int = 0
     port_range_high: int = 0
+    running_task_slots_count: int = 0
 
 
 # --------------------------------------------------------------------------- workitems and jobs
@@ -369,6 +370,60 @@ class ExitConditions(_Res, forbid_unknown_fields=True):
     default: ExitOptions | None = None
 
 
+class OutputFileContainer(_Res, forbid_unknown_fields=True):
+    """An Azure Storage container (or any server taking `PUT` BlockBlobs) by a SAS URL."""
+
+    container_url: str
+    path: str | None = None
+
+
+class OutputFileStore(_Res, forbid_unknown_fields=True):
+    """The coordinator's own file store; `path` names the upload on the task's record."""
+
+    path: str | None = None
+
+
+class OutputFileDestination(_Res, forbid_unknown_fields=True):
+    container: OutputFileContainer | None = None
+    file_store: OutputFileStore | None = None
+
+
+class OutputFileUploadOptions(_Res, forbid_unknown_fields=True):
+    upload_condition: str = "taskcompletion"  # tasksuccess | taskfailure | taskcompletion
+
+
+class OutputFile(_Res, forbid_unknown_fields=True):
+    file_pattern: str
+    destination: OutputFileDestination
+    upload_options: OutputFileUploadOptions = msgspec.field(default_factory=OutputFileUploadOptions)
+
+
+class MultiInstanceSettings(_Res, forbid_unknown_fields=True):
+    number_of_instances: int = 1
+    coordination_command_line: str | None = None
+    common_resource_files: list[ResourceFile] = []
+
+
+class SubtaskInfo(_Res):
+    """One instance of a multi-instance task (instance 0 runs on the primary TVM)."""
+
+    id: int
+    state: str
+    tvm_name: str
+    exit_code: int | None = None
+    start_time: str | None = None
+    end_time: str | None = None
+    scheduling_error: SchedulingError | None = None
+
+
+class OutputFileResult(_Res):
+    """One file a task uploaded to the coordinator's file store."""
+
+    path: str
+    sha256: str
+    size: int
+
+
 class TaskAdd(_Req):
     name: str
     command_line: str
@@ -378,6 +433,9 @@ class TaskAdd(_Req):
     run_elevated: bool = False
     depends_on: TaskDependencies | None = None
     exit_conditions: ExitConditions | None = None
+    output_files: list[OutputFile] = []
+    required_slots: int = 1
+    multi_instance_settings: MultiInstanceSettings | None = None
 
 
 class TaskAddCollection(_Req):
@@ -432,6 +490,11 @@ class Task(_Res):
     # An active task whose dependencies are not all satisfied: "waiting" or "blocked", and why.
     dependency_state: str | None = None
     dependency_reason: str | None = None
+    output_files: list[OutputFile] = []
+    required_slots: int = 1
+    output_file_results: list[OutputFileResult] = []
+    multi_instance_settings: MultiInstanceSettings | None = None
+    subtasks: list[SubtaskInfo] = []
 
 
 # --------------------------------------------------------------------------- files and errors

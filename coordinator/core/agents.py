@@ -104,6 +104,18 @@ class Agents:
             self.prep.reconcile(tvm, r)
             return
         job, task = self.s.lookup(r.key)
+        if "~" in r.key or (task is not None and task.multi is not None):
+            # Multi-instance runs are adopted only by their live gang (multi.py), never alone.
+            base = r.key.rpartition("~")[0] or r.key
+            if not (
+                self.runs.gangs.owns(r.key, r.attempt, tvm)
+                or (base in self.runs.gangs.gangs and r.key == base)
+            ):
+                self.out.send(
+                    tvm.rec.agent_id,
+                    pm.CancelTask(key=r.key, attempt=r.attempt, reason="not assigned"),
+                )
+            return
         if (
             task is not None
             and task.state == RUNNING
@@ -137,7 +149,10 @@ class Agents:
                 continue
             del tvm.running[key]
             job = self.s.job_of(key)
-            if job is not None and task.state == RUNNING and task.tvm == tvm.rec.name:
+            if job is not None and task.state == RUNNING and task.multi is not None:
+                self.runs.gangs.end(f"{job.key}/{task.name}", "an instance was lost")
+                self.runs.requeue(job, task)
+            elif job is not None and task.state == RUNNING and task.tvm == tvm.rec.name:
                 self.runs.requeue(job, task)
         if not tvm.running and tvm.rec.state == "running":
             self.runs.set_tvm_state(tvm, "idle")
@@ -183,9 +198,20 @@ class Agents:
             if self.prep is not None and self.s.job_preps and self.prep.owns(msg.key):
                 self.prep.completed(tvm, msg)
             else:
+                gangs = self.runs.gangs
+                if "~" in msg.key:  # an instance of a multi-instance task (multi.py)
+                    done = gangs.sub_completed(msg)
+                    if done is None:
+                        return
+                    msg = done
+                if gangs.gangs:
+                    gangs.app_completed(msg)
                 self.tasks.task_completed(msg)
         elif isinstance(msg, pm.TaskStarted):
-            self.tasks.task_started(msg)
+            if "~" in msg.key:
+                self.runs.gangs.sub_started(msg)
+            else:
+                self.tasks.task_started(msg)
         elif isinstance(msg, pm.Heartbeat):
             if tvm is not None:
                 tvm.last_heartbeat = now  # what it reports: healing.Healing.heartbeat

@@ -14,28 +14,42 @@ from __future__ import annotations
 from typing import Any
 
 _pop = dict.pop
+_get = dict.get
+_setitem = dict.__setitem__
 _delitem = dict.__delitem__
 _clear = dict.clear
 
 
 class RunningTasks(dict[str, Any]):
     """A TVM's running tasks (task key -> TaskRec) that puts the TVM back among its pool's candidates
-    whenever a slot frees. Adding a task (one per placement) is the plain dict's: a TVM that fills up
-    is dropped from the candidates by the next `FreeSlots.with_room`, not here."""
+    whenever a slot frees. A TVM that fills up is dropped from the candidates by the next
+    `FreeSlots.with_room`, not here. `extra`: the slots its tasks take beyond one each
+    (`requiredSlots` - 1, summed), so the slots in use are `len(self) + extra`."""
 
-    __slots__ = ("owner",)
+    __slots__ = ("owner", "extra")
 
     def __init__(self, owner: Any) -> None:  # a records.Tvm (records imports this module)
         super().__init__()
         self.owner = owner
+        self.extra = 0
+
+    def __setitem__(self, key: str, task: Any) -> None:
+        old = _get(self, key)
+        if old is not None:
+            self.extra -= old.slots - 1
+        _setitem(self, key, task)
+        self.extra += task.slots - 1
 
     def __delitem__(self, key: str) -> None:
+        self.extra -= self[key].slots - 1
         _delitem(self, key)
         o = self.owner
         if o.index is not None:
             o.index[o.rec.name] = o
 
     def pop(self, key: str, *default: Any) -> Any:
+        if key in self:
+            self.extra -= self[key].slots - 1
         value = _pop(self, key, *default)
         o = self.owner
         if o.index is not None:
@@ -44,6 +58,7 @@ class RunningTasks(dict[str, Any]):
 
     def clear(self) -> None:
         _clear(self)
+        self.extra = 0
         o = self.owner
         if o.index is not None:
             o.index[o.rec.name] = o
@@ -69,7 +84,7 @@ class FreeSlots:
         out = []
         full = []
         for name, t in index.items():
-            if len(t.running) < t.slots:
+            if len(t.running) + t.running.extra < t.slots:
                 out.append(t)
             else:
                 full.append(name)

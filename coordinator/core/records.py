@@ -67,6 +67,12 @@ class TaskRec(msgspec.Struct, array_like=True, gc=False, kw_only=True):
     depends_on: m.TaskDependencies | None = None
     deps: list[str] | None = None
     exit_conditions: m.ExitConditions | None = None
+    # Workflow features (taskextras.py): what to upload after a run, the slots it takes, the files
+    # it put in the coordinator's file store [(name, sha256, size)], its instances.
+    output_files: list[m.OutputFile] | None = None
+    slots: int = 1
+    uploaded: list[tuple[str, str, int]] | None = None
+    multi: m.MultiInstanceSettings | None = None  # a multi-instance task (multi.py)
 
 
 # Journal kind of a task's completion delta (TaskDone): one row per task, beside its full row.
@@ -88,6 +94,7 @@ class TaskDone(msgspec.Struct, array_like=True, gc=False):
     last_retry: float | None
     failure: tuple[str, str, str] | None
     tvm: str | None
+    uploaded: list[tuple[str, str, int]] | None = None
 
     @classmethod
     def of(cls, t: TaskRec) -> TaskDone:
@@ -102,6 +109,7 @@ class TaskDone(msgspec.Struct, array_like=True, gc=False):
             t.last_retry,
             t.failure,
             t.tvm,
+            t.uploaded,
         )
 
     def apply(self, t: TaskRec) -> None:
@@ -116,6 +124,7 @@ class TaskDone(msgspec.Struct, array_like=True, gc=False):
         t.last_retry = self.last_retry
         t.failure = self.failure
         t.tvm = self.tvm
+        t.uploaded = self.uploaded
 
 
 class JobRec(msgspec.Struct, kw_only=True):
@@ -304,7 +313,7 @@ class Job:
     """A job in memory: its record, its tasks and its queue of active tasks (ready ones only: a task
     waiting for dependencies joins the queue when they are satisfied)."""
 
-    __slots__ = ("rec", "tasks", "queue", "served", "deps")
+    __slots__ = ("rec", "tasks", "queue", "served", "deps", "wide")
 
     def __init__(self, rec: JobRec) -> None:
         self.rec = rec
@@ -314,6 +323,7 @@ class Job:
             -1
         )  # placement counter when it last got a slot: fairness between equal priorities
         self.deps: JobDeps | None = None  # built by deps.py for a job that uses dependencies
+        self.wide = False  # a task taking more than one slot was added (slotplace.py places it)
 
     @property
     def key(self) -> str:
@@ -364,11 +374,11 @@ class Tvm:
         self.rec = rec
         # The pool's free-slot index while the TVM is in the store (freeslots.py keeps it exact).
         self.index: dict[str, Tvm] | None = None
-        self.running: dict[str, TaskRec] = RunningTasks(self)
+        self.running: RunningTasks = RunningTasks(self)
         self.slots = slots
         self.last_heartbeat: float | None = None
         self.ready = False
 
     @property
     def free(self) -> int:
-        return self.slots - len(self.running)
+        return self.slots - len(self.running) - self.running.extra

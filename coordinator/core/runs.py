@@ -8,6 +8,7 @@ from __future__ import annotations
 from protocol import messages as pm
 
 from .instructions import ENCODER, Outbox, Write
+from .multi import Gangs
 from .records import (
     ACTIVE,
     COMPLETED,
@@ -22,6 +23,7 @@ from .records import (
 from .specs import DEFAULT_RETENTION_S, WALL_CLOCK_EXIT_CODE, resource_file
 from .states import TvmState, move_task, move_tvm
 from .store import Store
+from .taskextras import output_specs
 
 _BUSY_OR_IDLE = ("idle", "running")
 
@@ -30,6 +32,7 @@ class Runs:
     def __init__(self, store: Store, out: Outbox) -> None:
         self.s = store
         self.out = out
+        self.gangs = Gangs(store, out, self)  # multi-instance tasks' instances
 
     def put_task(self, job: Job, task: TaskRec) -> None:
         # Once or twice per task: the journal write is built here rather than through Outbox.put.
@@ -103,6 +106,7 @@ class Runs:
             or task.run_elevated
             or task.job_manager
             or rec.prep is not None
+            or task.output_files
         ):
             spec = pm.TaskSpec(
                 key=key,
@@ -123,6 +127,7 @@ class Runs:
                 job_manager=task.job_manager,
                 job_id=job_id,
                 job_prep=rec.prep.name if rec.prep is not None else "",
+                output_files=output_specs(task.output_files) if task.output_files else [],
             )
         else:
             # The common task, once per placement: the fields at their defaults are left to them
@@ -151,6 +156,8 @@ class Runs:
     def release(self, job: Job, task: TaskRec, reason: str) -> None:
         """Stop a running task on its TVM (the agent kills the tree)."""
         if task.state != RUNNING or not task.tvm:
+            return
+        if task.multi is not None and self.gangs.end(f"{job.key}/{task.name}", reason):
             return
         tvm = self.s.tvms.get(task.tvm)
         key = f"{job.key}/{task.name}"
@@ -184,6 +191,8 @@ class Runs:
         for key, task in list(tvm.running.items()):
             job = self.s.job_of(key)
             if job is not None and task.state == RUNNING:
+                if task.multi is not None:  # one TVM lost: the whole gang runs again
+                    self.gangs.end(f"{job.key}/{task.name}", "a TVM of the task was lost")
                 self.requeue(job, task)
         tvm.running.clear()
 

@@ -10,13 +10,14 @@ within a job, submission order. Fill policy: `spread` deals tasks across TVMs, m
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from itertools import groupby
 from typing import Any
 
 from .jobprep import JobPrep
 from .records import ACTIVE, Job, TaskRec, Tvm
 from .runs import Runs
+from .slotplace import place_wide
 from .store import Store
 
 
@@ -124,16 +125,24 @@ class Scheduler:
                 and a.connected
                 and (held is None or not held(t))
             ]
+            fill = pool.spec.tvm_fill_type
             gate = self.prep
             if gate is None or not any(j.rec.prep is not None for j in jobs):
-                for job, task, tvm in place(tvms, jobs, pool.spec.tvm_fill_type):
+                for job, task, tvm in self._placing(tvms, jobs, fill):
                     start(job, task, tvm)
                     job.served = s.attempts  # fairness between equal-priority jobs
                     placed += 1
             else:
-                placed += self._place_gated(gate, tvms, jobs, pool.spec.tvm_fill_type)
+                placed += self._place_gated(gate, tvms, jobs, fill)
         s.placements += placed
         return placed
+
+    def _placing(
+        self, tvms: list[Tvm], jobs: list[Job], fill: str
+    ) -> Iterable[tuple[Job, TaskRec, Tvm]]:
+        if any(j.wide for j in jobs):  # requiredSlots > 1 or multi-instance tasks
+            return place_wide(tvms, jobs, fill, _next_tasks, self.runs.gangs.start)
+        return place(tvms, jobs, fill)
 
     def _place_gated(self, gate: JobPrep, tvms: list[Tvm], jobs: list[Job], fill: str) -> int:
         """`place`, holding back a job's tasks from TVMs where its preparation task has not
@@ -141,7 +150,7 @@ class Scheduler:
         placed = 0
         for _ in range(2):
             held: dict[Job, list[TaskRec]] = {}
-            for job, task, tvm in place(tvms, jobs, fill):
+            for job, task, tvm in self._placing(tvms, jobs, fill):
                 if gate.allows(job, tvm):
                     self.runs.start(job, task, tvm)
                     job.served = self.s.attempts

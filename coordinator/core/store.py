@@ -270,6 +270,8 @@ class Store:
             job.tasks[task.name] = task
             if task.state == ACTIVE:
                 job.queue.append(task)
+            if task.slots != 1:
+                job.wide = True  # placed by slotplace.py
             self.seq = max(self.seq, task.seq)
         # Tvm records referencing pools that no longer exist are dropped silently.
         for name in [n for n, t in self.tvms.items() if t.rec.pool not in self.pools]:

@@ -11,6 +11,7 @@ from coordinator.common.errors import ApiError, bad_request, conflict
 from coordinator.common.validation import check_env, check_name
 from protocol import messages as pm
 
+from . import taskextras
 from .deps import Deps
 from .instructions import Outbox
 from .jobprep import check_task_name
@@ -34,7 +35,7 @@ class Tasks:
 
     # ------------------------------------------------------------------ commands
 
-    def _new_task(self, req: m.TaskAdd, now: float) -> TaskRec:
+    def _new_task(self, req: m.TaskAdd, now: float, job: Job) -> TaskRec:
         check_name(req.name)
         if not req.command_line.strip():
             raise bad_request(
@@ -53,7 +54,7 @@ class Tasks:
         if c is not None:
             max_wall, max_retries, retention = task_constraints(c)
         self.s.seq += 1
-        return TaskRec(
+        task = TaskRec(
             name=req.name,
             command_line=req.command_line,
             seq=self.s.seq,
@@ -68,6 +69,9 @@ class Tasks:
             depends_on=req.depends_on,
             exit_conditions=req.exit_conditions,
         )
+        if req.output_files or req.required_slots != 1 or req.multi_instance_settings:
+            taskextras.apply(self.s, job, task, req)
+        return task
 
     def _job_for_add(self, workitem: str, job_name: str) -> Job:
         job = self.s.get_job(workitem, job_name)
@@ -80,7 +84,7 @@ class Tasks:
             raise conflict("task", req.name)
         if job.rec.prep is not None:
             check_task_name(job, req.name)
-        task = self._new_task(req, self.s.clock())
+        task = self._new_task(req, self.s.clock(), job)
         if task.depends_on is not None or task.exit_conditions is not None:
             refused = self.deps.check(job, [task])
             if refused:
@@ -107,7 +111,7 @@ class Tasks:
                     raise conflict("task", req.name)
                 if job.rec.prep is not None:
                     check_task_name(job, req.name)
-                own.append(self._new_task(req, now))
+                own.append(self._new_task(req, now, job))
             except ApiError as exc:
                 if req.name not in seen and req.name not in job.tasks:
                     refused[req.name] = exc
@@ -210,6 +214,7 @@ class Tasks:
             pool=None,
             tvm=None,
             attempt=0,
+            uploaded=None,
         )
         self.out.delete(TASK_DONE, f"{job.key}/{name}")  # the old completion's delta row
         self._insert(job, fresh)
@@ -249,6 +254,8 @@ class Tasks:
         now = s.clock()
         task.start_time = msg.start_time
         task.exit_code = msg.exit_code
+        if msg.uploaded or task.uploaded:  # this attempt's uploads replace an earlier one's
+            task.uploaded = [(u.path, u.sha256, u.size) for u in msg.uploaded] or None
         failure = msg.failure
         max_retries = task.max_retries if task.max_retries is not None else job.rec.max_retries
         retry = (

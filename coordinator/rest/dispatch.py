@@ -192,7 +192,10 @@ class Dispatcher:
         q = {k: v[-1] for k, v in parse_qs(query).items()}
         azure = self.azure is not None and self.azure.wants(q)
         try:
-            agent_fetch = path.startswith("/files/sha256/") and self._agent_authorized(headers)
+            # Agents fetch resource files from the store and put tasks' output files in it.
+            agent_fetch = (
+                path.startswith("/files/sha256/") or (path == "/files" and method == "POST")
+            ) and self._agent_authorized(headers)
             # /metrics is for scrapers that cannot sign: aggregates only (coordinator/runtime/metrics.py).
             public = method == "GET" and path == "/metrics"
             # The signature covers the headers, not the body: check it before reading any body.

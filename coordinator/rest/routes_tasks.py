@@ -129,7 +129,8 @@ class TaskRoutes(RouteGroup):
             if t.state != COMPLETED:
                 await self.svc.done_waiters.wait(f"{wi}/{job}/{task}", seconds)
                 j, t = self.core.get_task(wi, job, task)
-        return _json_response(200, task_view(j, t))
+        subs = self.core.runs.gangs.last.get(f"{j.key}/{t.name}") if t.multi else None
+        return _json_response(200, task_view(j, t, subs))
 
     async def update_task(self, wi: str, job: str, task: str, body: bytes, **_: Any) -> Response:
         req = _decode(body, m.TaskUpdate)

@@ -8,6 +8,7 @@ from coordinator.common import models as m
 from coordinator.common.timeutil import UNLIMITED, format_duration, rfc3339
 from coordinator.core import CoordinatorState
 from coordinator.core.deps import status as dependency_status
+from coordinator.core.multi import Sub
 from coordinator.core.records import ACTIVE, COMPLETED, Job, PoolRec, TaskRec, Tvm, WorkitemRec
 
 
@@ -86,7 +87,8 @@ def tvm_view(core: CoordinatorState, tvm: Tvm) -> m.Tvm:
         )
     recent = []
     for key, task in list(tvm.running.items())[:20]:
-        wi, job, name = key.split("/")
+        wi, job, _ = key.split("/")
+        name = task.name  # a multi-instance task's instance is listed as its task
         recent.append(
             m.TaskInformation(workitem_name=wi, job_name=job, task_name=name, task_state=task.state)
         )
@@ -101,6 +103,7 @@ def tvm_view(core: CoordinatorState, tvm: Tvm) -> m.Tvm:
         allocation_time=_t(r.created),
         scheduling_state=r.scheduling,
         running_tasks_count=len(tvm.running),
+        running_task_slots_count=tvm.slots - tvm.free,
         total_tasks_run=r.total_run,
         start_task_info=st,
         recent_tasks=recent,
@@ -172,7 +175,26 @@ def job_view(core: CoordinatorState, job: Job, counts: bool = True) -> m.Job:
     )
 
 
-def task_view(job: Job, t: TaskRec) -> m.Task:
+def _subtasks(subs: list[Sub] | None) -> list[m.SubtaskInfo]:
+    return [
+        m.SubtaskInfo(
+            id=i,
+            state=s.state,
+            tvm_name=s.tvm,
+            exit_code=s.exit_code,
+            start_time=rfc3339(s.start_time),
+            end_time=rfc3339(s.end_time),
+            scheduling_error=m.SchedulingError(
+                category=s.failure[0], code=s.failure[1], message=s.failure[2]
+            )
+            if s.failure
+            else None,
+        )
+        for i, s in enumerate(subs or ())
+    ]
+
+
+def task_view(job: Job, t: TaskRec, subs: list[Sub] | None = None) -> m.Task:
     info = m.TaskExecutionInfo(
         start_time=rfc3339(t.start_time)
         if t.state != ACTIVE or t.retry_count or t.requeue_count
@@ -216,4 +238,11 @@ def task_view(job: Job, t: TaskRec) -> m.Task:
         exit_conditions=t.exit_conditions,
         dependency_state=dep[0] if dep else None,
         dependency_reason=dep[1] if dep else None,
+        output_files=t.output_files or [],
+        required_slots=t.slots,
+        output_file_results=[
+            m.OutputFileResult(path=p, sha256=h, size=n) for p, h, n in t.uploaded or ()
+        ],
+        multi_instance_settings=t.multi,
+        subtasks=_subtasks(subs),
     )

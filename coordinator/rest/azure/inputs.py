@@ -16,6 +16,7 @@ from coordinator.common import vmsizes
 
 from .body import Body
 from .conv import invalid
+from .outputs import read_output_files
 from .sizes import local_vm_size
 
 # Pool settings that need Azure infrastructure (or Windows): a clear 400, never silence.
@@ -42,8 +43,6 @@ _VMC_REFUSED = (
 )
 _TASK_REFUSED = (
     "containerSettings",
-    "outputFiles",
-    "multiInstanceSettings",
     "applicationPackageReferences",
     "authenticationTokenSettings",
 )
@@ -295,7 +294,11 @@ def job_manager(b: Body | None) -> m.JobManager | None:
         return None
     job_token(b.obj("authenticationTokenSettings"))
     refused = tuple(k for k in _TASK_REFUSED if k != "authenticationTokenSettings")
-    b.refuse(refused + ("requiredSlots", "dependsOn", "exitConditions"), WHY_LOCAL)
+    b.refuse(
+        refused
+        + ("requiredSlots", "dependsOn", "exitConditions", "outputFiles", "multiInstanceSettings"),
+        WHY_LOCAL,
+    )
     b.accept("displayName", "allowLowPriorityNode")
     return m.JobManager(
         name=b.req_text("id"),
@@ -357,12 +360,23 @@ def job_add(b: Body) -> m.WorkitemAdd:
     )
 
 
+def _multi(b: Body | None) -> m.MultiInstanceSettings | None:
+    if b is None:
+        return None
+    return m.MultiInstanceSettings(
+        number_of_instances=_int(b.integer("numberOfInstances", 1)),
+        coordination_command_line=b.text("coordinationCommandLine"),
+        common_resource_files=resource_files(b.objs("commonResourceFiles")),
+    )
+
+
+def _int(v: int | None) -> int:
+    return 1 if v is None else v
+
+
 def task_add(b: Body) -> m.TaskAdd:
     task_id = b.req_text("id")
     b.refuse(_TASK_REFUSED, WHY_LOCAL)
-    slots = b.integer("requiredSlots", 1)
-    if slots != 1:
-        raise invalid("requiredSlots", slots, "only requiredSlots 1 is supported")
     b.accept("displayName", "affinityInfo")
     return m.TaskAdd(
         name=task_id,
@@ -373,4 +387,7 @@ def task_add(b: Body) -> m.TaskAdd:
         run_elevated=user_elevated(b.obj("userIdentity"), b._p("userIdentity")),
         depends_on=depends_on(b.obj("dependsOn")),
         exit_conditions=exit_conditions(b.obj("exitConditions")),
+        output_files=read_output_files(b),
+        required_slots=_int(b.integer("requiredSlots", 1)),
+        multi_instance_settings=_multi(b.obj("multiInstanceSettings")),
     )

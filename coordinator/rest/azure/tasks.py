@@ -24,7 +24,7 @@ from .conv import (
 )
 from .ids import resolve_job
 from .router import AzureApi, base, listing, select_one
-from .views import task_view
+from .views import subtasks_view, task_view
 
 T = r"/jobs/(?P<job>[^/]+)/tasks/(?P<task>[^/]+)"
 
@@ -206,6 +206,10 @@ class TaskApi:
         return empty(204, headers, [(b"dataserviceid", url)])
 
     async def subtasks(self, job: str, task: str, headers: dict[str, str], **_: Any) -> Response:
-        self._task(job, task, headers, read=True)
-        body = {"odata.metadata": metadata_url(base(), "subtaskinformations"), "value": []}
+        j, t = self._task(job, task, headers, read=True)
+        subs = self.core.runs.gangs.last.get(f"{j.key}/{t.name}") if t.multi else None
+        body = {
+            "odata.metadata": metadata_url(base(), "subtaskinformations"),
+            "value": subtasks_view(base(), j, t, subs or []),
+        }
         return json_response(200, body, headers)

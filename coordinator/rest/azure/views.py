@@ -10,11 +10,13 @@ from coordinator.common import models as m
 from coordinator.common.timeutil import UNLIMITED, format_duration, rfc3339
 from coordinator.core import CoordinatorState
 from coordinator.core.deps import status as dependency_status
+from coordinator.core.multi import Sub
 from coordinator.core.records import ACTIVE, COMPLETED, Job, PoolRec, TaskRec, Tvm
 
 from .conv import etag_of
 from .ids import job_id, node_path_out
 from .jobprep_io import prep_view, release_view
+from .outputs import output_files_view
 from .sizes import azure_vm_size
 
 
@@ -152,7 +154,8 @@ def node_view(core: CoordinatorState, base: str, tvm: Tvm) -> dict[str, Any]:
         )
     recent = []
     for key, task in list(tvm.running.items())[:20]:
-        wi, job, name = key.split("/")
+        wi, job, _ = key.split("/")
+        name = task.name  # a multi-instance task's instance is listed as its task
         jid = job_id(core, wi, job)
         recent.append(
             {
@@ -176,7 +179,7 @@ def node_view(core: CoordinatorState, base: str, tvm: Tvm) -> dict[str, Any]:
         "vmSize": size or (azure_vm_size(pool.spec.vm_size, core.vm_sizes()) if pool else ""),
         "totalTasksRun": r.total_run,
         "runningTasksCount": len(tvm.running),
-        "runningTaskSlotsCount": len(tvm.running),
+        "runningTaskSlotsCount": tvm.slots - tvm.free,
         "totalTasksSucceeded": r.total_succeeded,
         "recentTasks": recent,
         "startTask": _start_task(pool.spec.start_task) if pool else None,
@@ -299,6 +302,18 @@ def task_result(t: TaskRec) -> str | None:
     return "success" if t.exit_code == 0 and t.failure is None else "failure"
 
 
+def _multi(mi: m.MultiInstanceSettings | None) -> dict[str, Any] | None:
+    if mi is None:
+        return None
+    return _clean(
+        {
+            "numberOfInstances": mi.number_of_instances,
+            "coordinationCommandLine": mi.coordination_command_line,
+            "commonResourceFiles": _files(mi.common_resource_files) or None,
+        }
+    )
+
+
 def task_view(core: CoordinatorState, base: str, job: Job, t: TaskRec) -> dict[str, Any]:
     jid = job_id(core, job.rec.workitem, job.rec.name)
     wall = t.max_wall_s if t.max_wall_s is not None else job.rec.max_wall_s
@@ -349,7 +364,9 @@ def task_view(core: CoordinatorState, base: str, job: Job, t: TaskRec) -> dict[s
             "retentionTime": format_duration(t.retention_s) if t.retention_s is not None else "P7D",
             "maxTaskRetryCount": retries,
         },
-        "requiredSlots": 1,
+        "requiredSlots": t.slots,
+        "outputFiles": output_files_view(t.output_files),
+        "multiInstanceSettings": _multi(t.multi),
         "userIdentity": _user(t.run_elevated),
         "executionInfo": info,
         "nodeInfo": node_info,
@@ -361,3 +378,37 @@ def task_view(core: CoordinatorState, base: str, job: Job, t: TaskRec) -> dict[s
         # Not an Azure property (clients keep it as an extra one): why an active task waits.
         view["dependencyState"], view["dependencyReason"] = dep
     return _finish(view, max(t.created, t.state_time))
+
+
+def subtasks_view(base: str, job: Job, t: TaskRec, subs: list[Sub]) -> list[dict[str, Any]]:
+    """Azure's subtasks of a multi-instance task: the instances beside the primary (1..N-1)."""
+    out = []
+    for i, s in enumerate(subs):
+        if i == 0:
+            continue
+        task_dir = node_path_out(f"tasks/{job.rec.workitem}/{job.rec.name}/{t.name}~{i}")
+        node_url = f"{base}/pools/{t.pool}/nodes/{s.tvm}"
+        ok = s.exit_code == 0 and s.failure is None
+        out.append(
+            _clean(
+                {
+                    "id": i,
+                    "nodeInfo": {
+                        "affinityId": f"TVM:{s.tvm}",
+                        "nodeUrl": node_url,
+                        "poolId": t.pool,
+                        "nodeId": s.tvm,
+                        "taskRootDirectory": task_dir,
+                        "taskRootDirectoryUrl": f"{node_url}/files/{task_dir}",
+                    },
+                    "startTime": _t(s.start_time),
+                    "endTime": _t(s.end_time),
+                    "exitCode": s.exit_code,
+                    "failureInfo": _failure(s.failure) if s.failure else None,
+                    "state": s.state,
+                    "stateTransitionTime": _t(s.end_time or s.start_time),
+                    "result": None if s.state != "completed" else ("success" if ok else "failure"),
+                }
+            )
+        )
+    return out
