@@ -67,7 +67,14 @@ from .state import (
     TvmOpReceived,
     Warn,
 )
-from .taskdirs import CLEANED_MARKER, load_retention, remove_task_dir, save_retention
+from .taskdirs import (
+    CLEANED_MARKER,
+    detach_task_dir,
+    empty_trash,
+    load_retention,
+    remove_detached,
+    save_retention,
+)
 from .taskenv import TvmIdentity, task_dir
 
 log = logging.getLogger("tvm.agent")
@@ -275,6 +282,7 @@ class Agent:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(trio.to_thread.run_sync, empty_trash, self.root)
                 nursery.start_soon(self._retention_loop)
                 nursery.start_soon(self.link.lazy_sender)
                 nursery.start_soon(self._disk_watch_loop)
@@ -380,10 +388,12 @@ class Agent:
                 save_retention(task_dir(self.root, ins.key), ins.deadline)
             elif isinstance(ins, DeleteTaskFiles):
                 assert self._nursery is not None
+                tdir = task_dir(self.root, ins.key)
                 self._nursery.start_soon(
                     trio.to_thread.run_sync,
-                    remove_task_dir,
-                    task_dir(self.root, ins.key),
+                    remove_detached,
+                    detach_task_dir(self.root, tdir),
+                    tdir,
                     ins.cleaned,
                 )
             elif isinstance(ins, QueueTvmOp):

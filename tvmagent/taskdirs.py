@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import shutil
@@ -78,15 +79,51 @@ def load_retention(root: str) -> dict[str, float]:
     return out
 
 
-def remove_task_dir(tdir: str, cleaned: bool) -> None:
-    """Delete a task's directory; `cleaned` (retention expired) leaves a marker beside it so the file
-    APIs can answer TaskFilesCleanedUp instead of a bare not-found."""
-    shutil.rmtree(tdir, ignore_errors=True)
+TRASH = ".trash"  # below the agent's root: task directories detached and not yet deleted
+_detached = itertools.count()
+
+
+def detach_task_dir(root: str, tdir: str) -> str | None:
+    """(event loop) Move a task's directory out of its place in one rename and return where it went,
+    for `remove_detached` to delete off the loop. A run of the same task placed right after the
+    delete (a reactivated task) then makes a fresh directory instead of losing its files to a
+    deletion still under way. None: nothing was there. The tree stays in place (and is deleted
+    there) only if the rename is refused."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tdir + RETENTION_SUFFIX)
-    if cleaned and os.path.isdir(os.path.dirname(tdir)):
+    trash = os.path.join(root, TRASH)
+    target = os.path.join(trash, f"{os.getpid()}-{next(_detached)}")
+    for _ in range(2):
+        try:
+            os.rename(tdir, target)
+            return target
+        except FileNotFoundError:
+            if not os.path.lexists(tdir):
+                return None
+            os.makedirs(trash, mode=0o700, exist_ok=True)  # the trash itself was missing
+        except OSError as exc:
+            log.warning("cannot move %s aside (%s); deleting it in place", tdir, exc)
+            break
+    return tdir
+
+
+def remove_detached(path: str | None, tdir: str, cleaned: bool) -> None:
+    """(worker thread) Delete what `detach_task_dir` moved aside; `cleaned` (retention expired)
+    leaves a marker beside the task's place so the file APIs can answer TaskFilesCleanedUp instead
+    of a bare not-found."""
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
+    if cleaned and os.path.isdir(os.path.dirname(tdir)) and not os.path.lexists(tdir):
         with open(tdir + CLEANED_MARKER, "w"):
             pass
+
+
+def empty_trash(root: str) -> None:
+    """(worker thread, at start) What a previous agent detached and did not get to delete."""
+    trash = os.path.join(root, TRASH)
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(trash):
+            shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
 
 
 def write_text(path: str, text: str) -> None:

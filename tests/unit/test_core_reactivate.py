@@ -47,6 +47,25 @@ def test_a_failed_task_runs_again_and_a_restart_keeps_it_active() -> None:
     assert core.get_task("wi", JOB, "t")[1].exit_code == 0
 
 
+def test_the_terminated_runs_late_result_is_not_the_reactivated_runs() -> None:
+    # Terminate answers at once; the killed run's own result reaches the coordinator later, maybe
+    # after the task was reactivated and placed again. It must not complete the new run.
+    core, _, j = _ready_cluster(n_agents=1)
+    core.add_task("wi", JOB, m.TaskAdd(name="t", command_line="x"))
+    core.schedule()
+    ((agent, old),) = _runs(j.apply(core.take_effects()))
+    core.terminate_task("wi", JOB, "t")
+    core.reactivate_task("wi", JOB, "t")
+    core.schedule()
+    ((_, new),) = _runs(j.apply(core.take_effects()))
+    assert new.attempt != old.attempt
+    _done(core, agent, old, code=137)
+    assert core.get_task("wi", JOB, "t")[1].state == "running"
+    _done(core, agent, new, code=0)
+    task = core.get_task("wi", JOB, "t")[1]
+    assert (task.state, task.exit_code) == ("completed", 0)
+
+
 def test_reactivate_refuses_active_tasks_and_ended_jobs() -> None:
     core, _, j = _ready_cluster(n_agents=1)
     core.add_task("wi", JOB, m.TaskAdd(name="a", command_line="x"))

@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 
 from tvmagent._uid_sweep import TmpWatch
-from tvmagent.taskdirs import SKELETON, TaskDirStock
+from tvmagent.taskdirs import (
+    CLEANED_MARKER,
+    RETENTION_SUFFIX,
+    SKELETON,
+    TRASH,
+    TaskDirStock,
+    detach_task_dir,
+    empty_trash,
+    remove_detached,
+)
 
 
 def _settled(root: Path) -> TmpWatch:
@@ -156,3 +165,32 @@ def test_the_stock_asks_ext4_to_spread_its_directories(tmp_path: Path) -> None:
         assert flags[0] & taskdirs._FS_TOPDIR_FL
     finally:
         os.close(fd)
+
+
+def test_a_deleted_task_directory_moves_aside_before_it_is_removed(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    tdir = os.path.join(root, "tasks", "wi", "job", "t")
+    os.makedirs(os.path.join(tdir, "wd"))
+    Path(tdir + RETENTION_SUFFIX).write_text("1")
+    aside = detach_task_dir(root, tdir)
+    # Its place is free at once: a run of the same task makes a new directory there.
+    assert aside is not None
+    assert not os.path.lexists(tdir)
+    assert not os.path.exists(tdir + RETENTION_SUFFIX)
+    assert os.path.dirname(aside) == os.path.join(root, TRASH)
+    assert os.stat(os.path.join(root, TRASH)).st_mode & 0o777 == 0o700
+    os.makedirs(os.path.join(tdir, "wd"))
+    remove_detached(aside, tdir, cleaned=True)
+    assert not os.path.exists(aside)
+    assert os.path.isdir(os.path.join(tdir, "wd"))  # the new run's files stay
+    assert not os.path.exists(tdir + CLEANED_MARKER)  # it is not "cleaned up": it runs again
+    assert detach_task_dir(root, os.path.join(root, "tasks", "wi", "job", "none")) is None
+
+
+def test_what_a_previous_agent_left_in_the_trash_is_removed(tmp_path: Path) -> None:
+    left = tmp_path / TRASH / "123-0" / "wd"
+    left.mkdir(parents=True)
+    (left / "f").write_text("x")
+    empty_trash(str(tmp_path))
+    assert os.listdir(tmp_path / TRASH) == []
+    empty_trash(str(tmp_path / "elsewhere"))  # no trash yet: nothing to do
