@@ -113,8 +113,10 @@ def _wait_moment(kind: str, coord: CoordinatorProcess, sub: Submitter, rng: rand
     if kind == "addtaskcollection":
         while not sub.done.is_set():
             if sub.in_flight.wait(0.05):
-                time.sleep(rng.uniform(0.0, 0.004))
-                return kind
+                time.sleep(rng.uniform(0.0, 0.002))
+                if sub.in_flight.is_set():
+                    return kind
+                # Answered first (a quick commit): aim at the next request instead.
         kind = "group-commit"  # submission over: no collection left to interrupt
     if kind == "group-commit":
         try:

@@ -243,8 +243,12 @@ async def _serve_coordinator(cfg: Any, exports: Any, standby: Any, provisioners:
         log.info("coordinator ready on %s (account %s)", rc.endpoint, rc.account)
         exports(rc.endpoint, rc.account, rc.key, rc.join_token)
         public = cfg.public_url or default_public_url(rc.endpoint, cfg.host)
-        for line in join_lines("tvm coordinator", public, "the TVM_JOIN_TOKEN above"):
-            print(line, file=sys.stderr, flush=True)
+        hint = join_lines("tvm coordinator", public, "the TVM_JOIN_TOKEN above")
+        if cfg.log_format == "json":  # stderr is the log: one JSON object per line, nothing else
+            log.info("%s %s", hint[0].split(": ", 1)[1], hint[1].strip())
+        else:
+            for line in hint:
+                print(line, file=sys.stderr, flush=True)
         notify("READY=1", f"STATUS={coordinator_status(rc)}")
         nursery.start_soon(_report_status, rc)
         await _until_signal()
