@@ -32,7 +32,8 @@ def migrate(state_dir: str, url: str | None, output: str) -> None:
     """Copy a coordinator's SQLite state into PostgreSQL.
 
     Then run `tvm coordinator --store URL` (on as many machines as you want standbys): pools, jobs,
-    tasks, account keys and the join token all come along; agents keep their credentials.
+    tasks, account keys, the join token and uploaded files all come along; agents keep their
+    credentials.
     """
     from coordinator.runtime.pgstore import StoreUnreachable, is_postgres_url
     from coordinator.runtime.storemigrate import MigrateError
@@ -46,13 +47,16 @@ def migrate(state_dir: str, url: str | None, output: str) -> None:
         click.echo(f"  {n} objects copied", err=True)
 
     try:
-        objects, meta = run(state_dir, url, progress)
+        objects, meta, files = run(state_dir, url, progress)
     except (MigrateError, StoreUnreachable) as exc:
         raise click.ClickException(str(exc)) from None
     if output == "json":
-        _emit(output, {"objects": objects, "metaRows": meta})
+        _emit(output, {"objects": objects, "metaRows": meta, "files": files})
     else:
-        click.echo(f"migrated {objects} objects and {meta} account/agent rows into the store")
+        click.echo(
+            f"migrated {objects} objects, {meta} account/agent rows and {files} uploaded files"
+            " into the store"
+        )
 
 
 def register(cli: click.Group) -> None:

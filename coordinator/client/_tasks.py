@@ -277,12 +277,17 @@ class Files(_Group):
             )
         )
 
-    def download(self, sha256: str) -> Any:
+    def download(self, sha256: str, *, byte_range: tuple[int, int] | None = None) -> Any:
         """The bytes of a file in the coordinator's file store (e.g. a task's output file, named on
         its `outputFileResults`)."""
+        url = f"/files/sha256/{_seg(sha256)}"
         return self._c._call(
-            _Call("GET", f"/files/sha256/{_seg(sha256)}", parse=lambda r: r.content)
+            _Call("GET", url, headers=_range(byte_range), parse=lambda r: r.content)
         )
+
+    def list_stored(self) -> Any:
+        """[{sha256, size}] of every file in the coordinator's file store."""
+        return self._c._call(_Call("GET", "/files", parse=_list(dict)))
 
     def upload(self, data: bytes, *, sha256: str | None = None) -> Any:
         """Put bytes in the coordinator's file store; returns {sha256, size, blobSource}."""

@@ -164,7 +164,12 @@ async def _serve_active(
         store=shared,
         **({"clock": clock} if clock is not None else {}),
     )  # issue 6: tests' fake time
-    files = FileStore(make_private_dir(os.path.join(state_dir, "files")))
+    replica = None
+    if shared is not None:  # uploads kept in the shared store too: a successor serves them
+        from coordinator.runtime.pgblobs import PgBlobs
+
+        replica = await trio.to_thread.run_sync(PgBlobs, shared.url)
+    files = FileStore(make_private_dir(os.path.join(state_dir, "files")), replica)
     app = make_app(service, files, max_upload_size=a["max_upload_size"])
     endpoint = _endpoint(sock, host, tls_cert)
     service.endpoint = endpoint
@@ -232,6 +237,8 @@ async def _serve_active(
             except Exception:  # noqa: BLE001 - fenced or unreachable: it expires by itself
                 log.warning("could not give the store's lease up; it expires by itself")
         service.close()
+        if replica is not None:
+            replica.close()
 
 
 def _endpoint(sock: socket.socket, host: str, tls_cert: str | None) -> str:

@@ -247,6 +247,7 @@ class FileRoutes(RouteGroup):
 
     async def get_store_file(self, sha: str, headers: dict[str, str], **_: Any) -> Response:
         try:
+            await self.files.ensure_local(sha)
             info = self.files.stat(sha)
             rng = (
                 parse_range_header(headers.get("range", ""), info.size)
@@ -258,8 +259,16 @@ class FileRoutes(RouteGroup):
         except FileStoreError as exc:
             if exc.code == "FileNotFound":
                 raise not_found("file", sha) from None
-            raise ApiError(
-                416 if exc.code == "InvalidRange" else 400, exc.code, exc.message
+            status = {"InvalidRange": 416, "FileDamaged": 500}.get(exc.code, 400)
+            raise ApiError(status, exc.code, exc.message) from None
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            raise unavailable(
+                "StoreUnavailable",
+                f"the file could not be read from the shared store ({exc.strerror}). Retry later.",
+                retry_after=2,
+                reason=exc.strerror or "",
             ) from None
         with fh:
             data = fh.read(length)

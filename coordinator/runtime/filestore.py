@@ -12,10 +12,10 @@ import hashlib
 import os
 import re
 import secrets
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import trio
 
@@ -28,7 +28,7 @@ _TMP = ".tmp"
 
 class FileStoreError(Exception):
     """Error with a stable ``code``: FileNotFound, FileHashMismatch, InvalidHash, InvalidRange,
-    FileTooLarge."""
+    FileTooLarge, FileDamaged (the shared store's copy does not match its hash)."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
@@ -92,13 +92,25 @@ def parse_range_header(value: str | None, size: int) -> tuple[int, int] | None:
     return start, min(end, size - 1)
 
 
+class Replica(Protocol):
+    """Where blobs are kept for every coordinator sharing a store (`pgblobs.PgBlobs`); blocking."""
+
+    def save(self, sha256: str, path: str) -> None: ...
+
+    def fetch(self, sha256: str, write: Callable[[bytes], object]) -> bool: ...
+
+    def list(self) -> list[tuple[str, int, datetime]]: ...
+
+
 class FileStore:
-    """Blobs on local disk addressed by their sha256."""
+    """Blobs on local disk addressed by their sha256; with a `replica`, also in the shared store
+    (an upload is acknowledged once both hold it; a blob missing here is fetched from there)."""
 
     parse_range_header = staticmethod(parse_range_header)
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, replica: Replica | None = None) -> None:
         self.root = os.path.abspath(root)
+        self.replica = replica
         self._tmp = os.path.join(self.root, _TMP)
         os.makedirs(self._tmp, exist_ok=True)
         # Leftovers of uploads interrupted by a crash: nothing refers to them.
@@ -151,6 +163,8 @@ class FileStore:
                     f"{actual}; nothing was stored",
                 )
             await trio.to_thread.run_sync(self._commit, part, actual)
+            if self.replica is not None:
+                await trio.to_thread.run_sync(self.replica.save, actual, self.path_for(actual))
             return self.stat(actual)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -166,6 +180,39 @@ class FileStore:
         os.chmod(part, 0o444)
         os.replace(part, final)
         fsync_dir(os.path.dirname(final))
+
+    async def ensure_local(self, sha256: str) -> None:
+        """Make a blob that another coordinator received (it is in the replica only) local."""
+        if self.replica is not None:
+            await trio.to_thread.run_sync(self._fetch, sha256)
+
+    def _fetch(self, sha256: str) -> None:
+        assert self.replica is not None
+        if os.path.exists(self.path_for(sha256)):
+            return
+        part = os.path.join(self._tmp, secrets.token_hex(16) + ".part")
+        digest = hashlib.sha256()
+        try:
+            with open(part, "xb") as f:
+
+                def write(data: bytes) -> None:
+                    digest.update(data)
+                    f.write(data)
+
+                if not self.replica.fetch(sha256, write):
+                    return  # stat() says FileNotFound
+                f.flush()
+                os.fsync(f.fileno())
+            if digest.hexdigest() != sha256:
+                raise FileStoreError(
+                    "FileDamaged",
+                    f"the shared store's copy of {sha256} hashes to {digest.hexdigest()}: it is"
+                    " damaged and is not served",
+                )
+            self._commit(part, sha256)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(part)
 
     def stat(self, sha256: str) -> StoredFile:
         path = self.path_for(sha256)
@@ -208,22 +255,32 @@ class FileStore:
             raise FileStoreError("FileNotFound", f"no stored file with sha256 {sha256}") from None
 
     def list(self) -> list[StoredFile]:
+        if self.replica is not None:  # every coordinator's uploads, not only this one's
+            return [StoredFile(s, n, c) for s, n, c in self.replica.list()]
         found: list[StoredFile] = []
-        for top in sorted(os.listdir(self.root)):
-            if len(top) != 2 or top == _TMP:
-                continue
-            top_dir = os.path.join(self.root, top)
-            if not os.path.isdir(top_dir):
-                continue
-            for mid in sorted(os.listdir(top_dir)):
-                mid_dir = os.path.join(top_dir, mid)
-                if not os.path.isdir(mid_dir):
-                    continue
-                for name in sorted(os.listdir(mid_dir)):
-                    if _HEX64.fullmatch(name) and name[:2] == top and name[2:4] == mid:
-                        with contextlib.suppress(FileStoreError):  # deleted meanwhile
-                            found.append(self.stat(name))
+        for name in local_blobs(self.root):
+            with contextlib.suppress(FileStoreError):  # deleted meanwhile
+                found.append(self.stat(name))
         return found
+
+
+def local_blobs(root: str) -> list[str]:
+    """The sha256 of every blob stored under `root` (only read: `tvm store migrate` uses it)."""
+    found: list[str] = []
+    for top in sorted(os.listdir(root)):
+        if len(top) != 2 or top == _TMP:
+            continue
+        top_dir = os.path.join(root, top)
+        if not os.path.isdir(top_dir):
+            continue
+        for mid in sorted(os.listdir(top_dir)):
+            mid_dir = os.path.join(top_dir, mid)
+            if not os.path.isdir(mid_dir):
+                continue
+            for name in sorted(os.listdir(mid_dir)):
+                if _HEX64.fullmatch(name) and name[:2] == top and name[2:4] == mid:
+                    found.append(name)
+    return found
 
 
 def _check_open_range(start: int, end: int | None, size: int) -> None:

@@ -7,7 +7,9 @@ from collections.abc import Callable
 
 from coordinator.core import Write
 
+from .filestore import local_blobs
 from .journal import META_KIND, SqliteStore
+from .pgblobs import PgBlobs
 from .pgstore import PostgresStore
 
 BATCH = 5000
@@ -19,9 +21,10 @@ class MigrateError(RuntimeError):
 
 def migrate(
     state_dir: str, url: str, progress: Callable[[int], None] | None = None
-) -> tuple[int, int]:
-    """Copy every object and meta row of STATE_DIR/coordinator.db into the (empty) store at `url`;
-    returns (objects, meta rows). The source is only read. Nothing is written to a store that
+) -> tuple[int, int, int]:
+    """Copy every object and meta row of STATE_DIR/coordinator.db, and every uploaded file of
+    STATE_DIR/files, into the (empty) store at `url`; returns (objects, meta rows, files). The
+    source is only read. Nothing is written to a store that
     already holds objects or an account (refused: it belongs to another coordinator)."""
     db = os.path.join(state_dir, "coordinator.db")
     if not os.path.exists(db):
@@ -55,13 +58,30 @@ def migrate(
                 writes = []
                 if progress is not None:
                     progress(objects)
+        files = _copy_files(os.path.join(state_dir, "files"), url)
         # The meta rows go in the last batch, so a store with an account key is a complete copy
         # (an interrupted migration left none, and can be run again: its rows are overwritten).
         dst.apply(writes + [Write(META_KIND, k, v.encode()) for k, v in meta.items()])
         if progress is not None:
             progress(objects)
         dst.release()
-        return objects, len(meta)
+        return objects, len(meta), files
     finally:
         src.close()
         dst.close()
+
+
+def _copy_files(root: str, url: str) -> int:
+    if not os.path.isdir(root):
+        return 0
+    names = local_blobs(root)
+    if not names:
+        return 0
+    blobs = PgBlobs(url)
+    try:
+        for name in names:
+            # A file store only keeps blobs whose hash was checked: copied as they are.
+            blobs.save(name, os.path.join(root, name[:2], name[2:4], name))
+    finally:
+        blobs.close()
+    return len(names)

@@ -14,7 +14,7 @@ from typing import Any
 import httpx2
 import pytest
 
-from coordinator.client import Client
+from coordinator.client import BatchError, Client
 from tests.harness import (
     agent_env,
     free_port,
@@ -43,12 +43,13 @@ def test_migrate_sqlite_state_into_postgres(tmp_path: Path, pg_cluster: Any):
         client.pools.add("p", target_dedicated=0, vm_size="small")
         client.workitems.add("wi", "p")
         client.tasks.add("wi", "job-0000000001", "t1", "/bin/true")
+        uploaded = client.files.upload(b"a resource file")
     finally:
         stop_process_groups([coord])
     url = pg_cluster.new_database()
     done = _tvm("store", "migrate", "--state-dir", state, "--to", url)
     assert done.returncode == 0, done.stderr
-    assert "migrated" in done.stdout
+    assert "and 1 uploaded files" in done.stdout
     again = _tvm("store", "migrate", "--state-dir", state, "--to", url)
     assert again.returncode != 0
     assert "already holds a coordinator's state" in again.stderr
@@ -61,6 +62,7 @@ def test_migrate_sqlite_state_into_postgres(tmp_path: Path, pg_cluster: Any):
         client = Client(env2["TVM_ENDPOINT"], env2["TVM_ACCOUNT"], env2["TVM_KEY"])
         assert [p.name for p in client.pools.list()] == ["p"]
         assert [t.name for t in client.tasks.list("wi", "job-0000000001")] == ["t1"]
+        assert client.files.download(uploaded["sha256"]) == b"a resource file"
     finally:
         stop_process_groups([coord])
 
@@ -155,3 +157,61 @@ def test_a_client_with_several_urls_gives_up_with_a_clear_error(endpoints: str, 
     assert err.value.code == "ConnectionFailed"
     assert "cannot reach any of http://127.0.0.1:1, http://127.0.0.1:2" in err.value.message
     assert time.monotonic() - started >= 1.0  # it kept trying, across both URLs
+
+
+def test_uploaded_files_survive_the_active_coordinator(tmp_path: Path, pg_cluster: Any):
+    """A file acknowledged by the active coordinator is served by the one that takes over after a
+    SIGKILL (it was never on the successor's disk); a damaged copy in the store is refused."""
+    url = pg_cluster.new_database()
+    args = ("--store", url, "--lease-ttl", "2")
+    a, env = start_coordinator_process(
+        str(tmp_path / "a"), free_port(), str(tmp_path / "a.log"), *args
+    )
+    b = c = None
+    try:
+        b, env_b = start_coordinator_process(
+            str(tmp_path / "b"), free_port(), str(tmp_path / "b.log"), *args
+        )
+        client = Client(env["TVM_ENDPOINT"], env["TVM_ACCOUNT"], env["TVM_KEY"])
+        data = os.urandom(3 << 20) + b"tail"  # several of the store's 1 MiB rows
+        good = client.files.upload(data)
+        other = client.files.upload(b"second file")
+        assert client.files.download(good["sha256"]) == data
+        os.killpg(a.pid, signal.SIGKILL)
+        a.wait()
+        wait_sync(
+            lambda: httpx2.get(f"{env_b['TVM_ENDPOINT']}/pools").status_code != 503,
+            20,
+            "the standby to take over",
+        )
+        client_b = Client(env_b["TVM_ENDPOINT"], env_b["TVM_ACCOUNT"], env_b["TVM_KEY"])
+        assert not list((tmp_path / "b").rglob(good["sha256"]))  # never uploaded to b
+        listed = {f["sha256"]: f["size"] for f in client_b.files.list_stored()}
+        assert listed == {good["sha256"]: len(data), other["sha256"]: 11}
+        assert client_b.files.download(good["sha256"]) == data
+        assert list((tmp_path / "b").rglob(good["sha256"]))  # kept once fetched
+        size = len(data)
+        assert client_b.files.download(good["sha256"], byte_range=(size - 4, size - 1)) == b"tail"
+
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as db:
+            db.execute(
+                "UPDATE tvm_blob_chunks SET data = %s WHERE sha256 = %s",
+                (b"not it", other["sha256"]),
+            )
+        stop_process_groups([b])
+        b = None
+        c, env_c = start_coordinator_process(
+            str(tmp_path / "c"), free_port(), str(tmp_path / "c.log"), *args
+        )
+        client_c = Client(env_c["TVM_ENDPOINT"], env_c["TVM_ACCOUNT"], env_c["TVM_KEY"])
+        with pytest.raises(BatchError) as damaged:
+            client_c.files.download(other["sha256"])
+        assert damaged.value.status == 500
+        assert damaged.value.code == "FileDamaged"
+        assert "damaged" in damaged.value.message
+        assert not list((tmp_path / "c").rglob(other["sha256"]))  # nothing kept of it
+        assert not list((tmp_path / "c").rglob("*.part"))
+    finally:
+        stop_process_groups([p for p in (a, b, c) if p is not None])
