@@ -138,11 +138,29 @@ class Scheduler:
         return placed
 
     def _placing(
-        self, tvms: list[Tvm], jobs: list[Job], fill: str
+        self, tvms: list[Tvm], jobs: list[Job], fill: str, gate: JobPrep | None = None
     ) -> Iterable[tuple[Job, TaskRec, Tvm]]:
-        if any(j.wide for j in jobs):  # requiredSlots > 1 or multi-instance tasks
+        if not any(j.wide for j in jobs):
+            return place(tvms, jobs, fill)
+        # requiredSlots > 1 or multi-instance tasks
+        if gate is None:
             return place_wide(tvms, jobs, fill, _next_tasks, self.runs.gangs.start)
-        return place(tvms, jobs, fill)
+        start = self.runs.gangs.start
+
+        def gang_order(job: Job, whole: list[Tvm]) -> list[Tvm]:
+            # Where the preparation succeeded first, then where it runs, then where it has not
+            # run; never where it failed.
+            ranked = [(gate.rank(job, t), t.rec.name, t) for t in whole]
+            return [t for r, _, t in sorted(ranked, key=lambda x: x[:2]) if r < 3]
+
+        def start_gated(job: Job, task: TaskRec, gang: list[Tvm]) -> bool:
+            ready = [gate.allows(job, t) for t in gang]  # every one: starts the preparations
+            if not all(ready):
+                return False
+            start(job, task, gang)
+            return True
+
+        return place_wide(tvms, jobs, fill, _next_tasks, start_gated, gang_order)
 
     def _place_gated(self, gate: JobPrep, tvms: list[Tvm], jobs: list[Job], fill: str) -> int:
         """`place`, holding back a job's tasks from TVMs where its preparation task has not
@@ -150,7 +168,7 @@ class Scheduler:
         placed = 0
         for _ in range(2):
             held: dict[Job, list[TaskRec]] = {}
-            for job, task, tvm in self._placing(tvms, jobs, fill):
+            for job, task, tvm in self._placing(tvms, jobs, fill, gate):
                 if gate.allows(job, tvm):
                     self.runs.start(job, task, tvm)
                     job.served = self.s.attempts

@@ -9,7 +9,9 @@ stops once no slot is free or after `MAX_SKIPPED` tasks did not fit, so a long q
 costs a bounded amount per pass, not a scan of the queue.
 
 A multi-instance task needs `numberOfInstances` TVMs with every slot free, all at once (a gang): it
-is handed to `start_gang` with them, or waits like a task that does not fit.
+is handed to `start_gang` with them, or waits like a task that does not fit. With a job preparation
+task, `gang_order` says which whole TVMs may serve the job and in what order, and `start_gang` may
+decline (False: the preparation is not done on all of them yet); the TVMs stay taken for the pass.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ def place_wide(
     jobs: list[Job],
     fill: str,
     next_tasks: Callable[[list[Job]], Iterator[tuple[Job, TaskRec]]],
-    start_gang: Callable[[Job, TaskRec, list[Tvm]], None] | None = None,
+    start_gang: Callable[[Job, TaskRec, list[Tvm]], bool | None] | None = None,
+    gang_order: Callable[[Job, list[Tvm]], list[Tvm]] | None = None,
 ) -> list[tuple[Job, TaskRec, Tvm]]:
     out: list[tuple[Job, TaskRec, Tvm]] = []
     if not tvms or not jobs:
@@ -57,15 +60,21 @@ def place_wide(
         if task.multi is not None and start_gang is not None:
             count = task.multi.number_of_instances
             whole = [t for b in buckets for t in b.values() if free[t.rec.name] == t.slots]
+            whole = (
+                gang_order(job, whole)
+                if gang_order is not None
+                else sorted(whole, key=lambda t: t.rec.name)
+            )
             if len(whole) < count:
                 skipped.append((job, task))
                 if len(skipped) >= MAX_SKIPPED:
                     break
                 continue
-            gang = sorted(whole, key=lambda t: t.rec.name)[:count]
+            gang = whole[:count]
             for t in gang:
                 take(t, t.slots)
-            start_gang(job, task, gang)
+            if start_gang(job, task, gang) is False:
+                skipped.append((job, task))
         else:
             need = task.slots
             ks = range(need, top + 1) if pack else range(top, need - 1, -1)

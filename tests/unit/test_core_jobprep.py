@@ -25,12 +25,14 @@ class Clock:
         return self.now
 
 
-def _core(n_agents: int = 2, slots: int = 1) -> CoordinatorState:
+def _core(n_agents: int = 2, slots: int = 1, **pool: Any) -> CoordinatorState:
     core = CoordinatorState("acct", clock=Clock(), heartbeat_timeout=10.0)
     for i in range(n_agents):
         core.agent_hello(pm.Hello(agent_id=f"a{i}", token="t", cores=4))
     core.add_pool(
-        m.PoolAdd(name="p", target_dedicated=n_agents, max_tasks_per_vm=slots, vm_size="large")
+        m.PoolAdd(
+            name="p", target_dedicated=n_agents, max_tasks_per_vm=slots, vm_size="large", **pool
+        )
     )
     for tvm in core.tvms.values():
         core.agent_message(tvm.rec.agent_id, pm.TvmReady(tvm_name=tvm.rec.name))
@@ -320,3 +322,52 @@ def test_prep_named_like_the_job_manager_is_refused():
         )
     assert info.value.code == "InvalidPropertyValue"
     assert core.workitems == {}
+
+
+def _gang_task(core: CoordinatorState, name: str, n: int) -> None:
+    core.add_task(
+        "wi",
+        J1,
+        m.TaskAdd(
+            name=name,
+            command_line="app",
+            multi_instance_settings=m.MultiInstanceSettings(
+                number_of_instances=n, coordination_command_line="coord"
+            ),
+        ),
+    )
+
+
+def test_a_multi_instance_task_waits_for_the_prep_on_every_tvm_of_its_gang():
+    core = _core(n_agents=3, communication=True)
+    _wi(core, job_preparation_task=PREP)
+    _gang_task(core, "mpi", 2)
+    preps = _runs(core)
+    # The preparation starts on the TVMs the gang would take; no instance before it succeeded.
+    assert [s.kind for _, s in preps] == ["jobprep", "jobprep"]
+    _done(core, *preps[0])
+    assert _runs(core) == []  # one TVM of two is ready: the gang still waits
+    _done(core, *preps[1])
+    subs = _runs(core)
+    assert sorted(s.key for _, s in subs) == [f"wi/{J1}/mpi~0", f"wi/{J1}/mpi~1"]
+    assert {a for a, _ in subs} == {a for a, _ in preps}
+    assert all(s.job_prep == "jobpreparation" for _, s in subs)
+
+
+def test_a_gang_avoids_tvms_where_the_prep_failed():
+    core = _core(n_agents=3, communication=True)
+    prep = m.JobPreparationTask(command_line="/bin/false")
+    _wi(core, job_preparation_task=prep)
+    _gang_task(core, "mpi", 2)
+    preps = _runs(core)
+    assert len(preps) == 2
+    _done(core, *preps[0], code=1)  # barred there (no retries)
+    _done(core, *preps[1])
+    third = _runs(core)
+    # The third TVM gets its preparation; the failed one is never part of the gang.
+    assert [s.kind for _, s in third] == ["jobprep"]
+    assert third[0][0] not in {preps[0][0], preps[1][0]}
+    _done(core, *third[0])
+    subs = _runs(core)
+    assert {a for a, _ in subs} == {preps[1][0], third[0][0]}
+    assert {s.command_line for _, s in subs} == {"coord"}
