@@ -6,71 +6,29 @@ each answered with its documented error code rather than a 404."""
 from __future__ import annotations
 
 import datetime as dt
-import os
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from azure.batch import BatchClient
 from azure.batch import models as bm
-from azure.core.credentials import AzureNamedKeyCredential
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
-from tests.tvmup import TvmUp, tvm_up
+from tests.azure import sdk15
+from tests.azure.sdk15 import idle_nodes, ubuntu_pool, uid
 
-
-@pytest.fixture(scope="module")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TvmUp]:
-    with tvm_up(Path(tmp_path_factory.mktemp("tvmup")), 1) as t:
-        yield t
-
-
-@pytest.fixture(scope="module")
-def client(up: TvmUp) -> Iterator[BatchClient]:
-    c = BatchClient(up.endpoint, AzureNamedKeyCredential(up.account, up.key))
-    yield c
-    c.close()
-
-
-def _wait(cond: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+up = sdk15.up_fixture(1)
+client = sdk15.client_fixture("module")
 
 
 @pytest.fixture(scope="module")
 def pool(client: BatchClient) -> Iterator[tuple[str, str]]:
     """A pool with one idle node: (pool id, node id)."""
-    pool_id = f"cat-pool-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    client.create_pool(
-        bm.BatchPoolCreateOptions(
-            id=pool_id,
-            vm_size="STANDARD_D2S_V3",
-            target_dedicated_nodes=1,
-            virtual_machine_configuration=bm.VirtualMachineConfiguration(
-                image_reference=bm.BatchVmImageReference(
-                    publisher="canonical",
-                    offer="0001-com-ubuntu-server-jammy",
-                    sku="22_04-lts",
-                    version="latest",
-                ),
-                node_agent_sku_id="batch.node.ubuntu 22.04",
-            ),
-        )
-    )
+    pool_id = uid("cat-pool")
+    client.create_pool(ubuntu_pool(pool_id, 1))
     try:
-        nodes = _wait(
-            lambda: [n for n in client.list_nodes(pool_id) if n.state == bm.BatchNodeState.IDLE],
-            "an idle node",
-        )
+        nodes = idle_nodes(client, pool_id, 1, "an idle node")
         yield pool_id, str(nodes[0].id)
     finally:
         client.begin_delete_pool(pool_id, polling_interval=1).result()

@@ -4,37 +4,18 @@ they ran in, a blocked dependent, and the errors Azure gives for dependencies a 
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from azure.batch import BatchClient
 from azure.batch import models as bm
-from azure.core.credentials import AzureNamedKeyCredential
 from azure.core.exceptions import HttpResponseError
 
-from tests.azure.test_sdk15_quickstart import _ubuntu_pool
-from tests.tvmup import TvmUp, tvm_up
+from tests.azure import sdk15
+from tests.azure.sdk15 import ubuntu_pool, uid
 
-
-@pytest.fixture(scope="module")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TvmUp]:
-    with tvm_up(Path(tmp_path_factory.mktemp("tvmup")), 2) as t:
-        yield t
-
-
-@pytest.fixture
-def client(up: TvmUp) -> Iterator[BatchClient]:
-    c = BatchClient(up.endpoint, AzureNamedKeyCredential(up.account, up.key))
-    yield c
-    c.close()
-
-
-def _uid(prefix: str) -> str:
-    return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+up = sdk15.up_fixture(2)
+client = sdk15.client_fixture()
 
 
 def _task(tid: str, cmd: str, **kw: object) -> bm.BatchTaskCreateOptions:
@@ -42,8 +23,8 @@ def _task(tid: str, cmd: str, **kw: object) -> bm.BatchTaskCreateOptions:
 
 
 def test_depends_on_with_the_sdk(client: BatchClient) -> None:
-    pool_id, job_id = _uid("dep-pool"), _uid("dep-job")
-    client.create_pool(_ubuntu_pool(pool_id, 2))
+    pool_id, job_id = uid("dep-pool"), uid("dep-job")
+    client.create_pool(ubuntu_pool(pool_id, 2))
     try:
         client.create_job(
             bm.BatchJobCreateOptions(
@@ -111,8 +92,8 @@ def test_depends_on_with_the_sdk(client: BatchClient) -> None:
 
 
 def test_depends_on_needs_the_job_flag(client: BatchClient) -> None:
-    pool_id, job_id = _uid("nodep-pool"), _uid("nodep-job")
-    client.create_pool(_ubuntu_pool(pool_id, 0))
+    pool_id, job_id = uid("nodep-pool"), uid("nodep-job")
+    client.create_pool(ubuntu_pool(pool_id, 0))
     try:
         client.create_job(
             bm.BatchJobCreateOptions(id=job_id, pool_info=bm.BatchPoolInfo(pool_id=pool_id))

@@ -5,84 +5,29 @@ release runs when the job is terminated, and bad requests are refused with Azure
 
 from __future__ import annotations
 
-import os
-import time
-import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
-
 import pytest
 from azure.batch import BatchClient
 from azure.batch import models as bm
 from azure.batch.models._models import BatchJobTerminateOptions
-from azure.core.credentials import AzureNamedKeyCredential
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
-from tests.tvmup import TvmUp, tvm_up
+from tests.azure import sdk15
+from tests.azure.sdk15 import idle_nodes, ubuntu_pool, uid, wait
 
 PREP = "/bin/sh -c 'echo prepared > marker.txt'"
 TASK = "/bin/sh -c 'cat $AZ_BATCH_JOB_PREP_WORKING_DIR/marker.txt'"
 RELEASE = "/bin/sh -c 'echo released'"
 
 
-@pytest.fixture(scope="module")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TvmUp]:
-    with tvm_up(Path(tmp_path_factory.mktemp("tvmup")), 2) as t:
-        yield t
-
-
-@pytest.fixture
-def client(up: TvmUp) -> Iterator[BatchClient]:
-    c = BatchClient(up.endpoint, AzureNamedKeyCredential(up.account, up.key))
-    yield c
-    c.close()
-
-
-def _uid(prefix: str) -> str:
-    return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-def _wait(cond: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
-def _pool(client: BatchClient, pool_id: str, nodes: int) -> None:
-    client.create_pool(
-        bm.BatchPoolCreateOptions(
-            id=pool_id,
-            vm_size="STANDARD_D2S_V3",
-            target_dedicated_nodes=nodes,
-            virtual_machine_configuration=bm.VirtualMachineConfiguration(
-                image_reference=bm.BatchVmImageReference(
-                    publisher="canonical",
-                    offer="0001-com-ubuntu-server-jammy",
-                    sku="22_04-lts",
-                    version="latest",
-                ),
-                node_agent_sku_id="batch.node.ubuntu 22.04",
-            ),
-        )
-    )
+up = sdk15.up_fixture(2)
+client = sdk15.client_fixture()
 
 
 def test_prep_and_release_status(client: BatchClient) -> None:
-    pool_id, job_id = _uid("prep-pool"), _uid("prep-job")
-    _pool(client, pool_id, 2)
+    pool_id, job_id = uid("prep-pool"), uid("prep-job")
+    client.create_pool(ubuntu_pool(pool_id, 2))
     try:
-        _wait(
-            lambda: [n for n in client.list_nodes(pool_id) if n.state == bm.BatchNodeState.IDLE][
-                1:
-            ],
-            "two idle nodes",
-        )
+        idle_nodes(client, pool_id, 2, "two idle nodes")
         client.create_job(
             bm.BatchJobCreateOptions(
                 id=job_id,
@@ -108,7 +53,7 @@ def test_prep_and_release_status(client: BatchClient) -> None:
             ts = list(client.list_tasks(job_id))
             return ts if all(t.state == bm.BatchTaskState.COMPLETED for t in ts) else None
 
-        for t in _wait(done, "four completed tasks"):
+        for t in wait(done, "four completed tasks"):
             out = b"".join(client.download_task_file(job_id, t.id, "stdout.txt"))
             assert out.decode().strip() == "prepared"
         status = list(client.list_job_preparation_and_release_task_status(job_id))
@@ -151,7 +96,7 @@ def test_prep_and_release_status(client: BatchClient) -> None:
             )
             return st if ok else None
 
-        for s in _wait(released, "release tasks completed"):
+        for s in wait(released, "release tasks completed"):
             rel = s.job_release_task_execution_info
             assert rel is not None
             assert rel.exit_code == 0
@@ -162,15 +107,15 @@ def test_prep_and_release_status(client: BatchClient) -> None:
                 )
             )
             assert out.decode().strip() == "released"
-        _wait(lambda: client.get_job(job_id).state == bm.BatchJobState.COMPLETED, "job completed")
+        wait(lambda: client.get_job(job_id).state == bm.BatchJobState.COMPLETED, "job completed")
     finally:
         client.begin_delete_job(job_id, polling_interval=1).result()
         client.begin_delete_pool(pool_id, polling_interval=1).result()
 
 
 def test_bad_prep_requests_are_refused(client: BatchClient) -> None:
-    pool_id, job_id = _uid("bad-pool"), _uid("bad-job")
-    _pool(client, pool_id, 0)
+    pool_id, job_id = uid("bad-pool"), uid("bad-job")
+    client.create_pool(ubuntu_pool(pool_id, 0))
     try:
         with pytest.raises(HttpResponseError) as exc:
             client.create_job(
@@ -214,8 +159,8 @@ def test_bad_prep_requests_are_refused(client: BatchClient) -> None:
 
 
 def test_a_job_schedules_jobs_get_its_prep_and_release(client: BatchClient) -> None:
-    pool_id, sid = _uid("sched-pool"), _uid("sched")
-    _pool(client, pool_id, 1)
+    pool_id, sid = uid("sched-pool"), uid("sched")
+    client.create_pool(ubuntu_pool(pool_id, 1))
     try:
         spec = bm.BatchJobSpecification(
             pool_info=bm.BatchPoolInfo(pool_id=pool_id),
@@ -237,7 +182,7 @@ def test_a_job_schedules_jobs_get_its_prep_and_release(client: BatchClient) -> N
         assert job.job_preparation_task is not None
         assert job.job_preparation_task.id == "setup"
         client.create_task(f"{sid}:job-1", bm.BatchTaskCreateOptions(id="t", command_line=TASK))
-        _wait(
+        wait(
             lambda: client.get_task(f"{sid}:job-1", "t").state == bm.BatchTaskState.COMPLETED,
             "the schedule's task completed",
         )

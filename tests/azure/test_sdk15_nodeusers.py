@@ -10,20 +10,18 @@ import os
 import pwd
 import shutil
 import subprocess
-import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from azure.batch import BatchClient
 from azure.batch import models as bm
-from azure.core.credentials import AzureNamedKeyCredential
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
 
-from tests.tvmup import TvmUp, tvm_up
+from tests.azure import sdk15
+from tests.azure.sdk15 import idle_nodes, ubuntu_pool, uid, wait
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (creates Linux users)")
 
@@ -31,17 +29,8 @@ KEY1 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJbzYvN0c5dE1vZ0hB1n0Z2lF2a0b5eWl1v8
 KEY2 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHq0N3lq0N3lq0N3lq0N3lq0N3lq0N3lq0N3lq0N3lq0 two@test"
 
 
-@pytest.fixture(scope="module")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TvmUp]:
-    with tvm_up(Path(tmp_path_factory.mktemp("tvmup")), 2) as t:
-        yield t
-
-
-@pytest.fixture
-def client(up: TvmUp) -> Iterator[BatchClient]:
-    c = BatchClient(up.endpoint, AzureNamedKeyCredential(up.account, up.key))
-    yield c
-    c.close()
+up = sdk15.up_fixture(2)
+client = sdk15.client_fixture()
 
 
 @pytest.fixture
@@ -101,42 +90,11 @@ def _keys(name: str) -> str | None:
     return path.read_text() if path.exists() else None
 
 
-def _wait(cond: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
 def _pool(client: BatchClient, nodes: int) -> tuple[str, list[str]]:
-    pool_id = f"nu-pool-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    client.create_pool(
-        bm.BatchPoolCreateOptions(
-            id=pool_id,
-            vm_size="STANDARD_D2S_V3",
-            target_dedicated_nodes=nodes,
-            virtual_machine_configuration=bm.VirtualMachineConfiguration(
-                image_reference=bm.BatchVmImageReference(
-                    publisher="canonical",
-                    offer="0001-com-ubuntu-server-jammy",
-                    sku="22_04-lts",
-                    version="latest",
-                ),
-                node_agent_sku_id="batch.node.ubuntu 22.04",
-            ),
-        )
-    )
-
-    def idle() -> list[str] | None:
-        got = list(client.list_nodes(pool_id))
-        ok = len(got) == nodes and all(n.state == bm.BatchNodeState.IDLE for n in got)
-        return sorted(str(n.id) for n in got) if ok else None
-
-    return pool_id, _wait(idle, f"{nodes} idle nodes")
+    pool_id = uid("nu-pool")
+    client.create_pool(ubuntu_pool(pool_id, nodes))
+    got = idle_nodes(client, pool_id, nodes, f"{nodes} idle nodes")
+    return pool_id, sorted(str(n.id) for n in got)
 
 
 def _code(exc: pytest.ExceptionInfo[HttpResponseError]) -> tuple[int | None, str | None]:
@@ -318,6 +276,6 @@ def test_users_go_with_their_tvm(client: BatchClient, names: Callable[[], str]) 
         client.begin_remove_nodes(
             pool_id, bm.BatchNodeRemoveOptions(node_ids=[node]), polling_interval=1
         ).result()
-        _wait(lambda: _account(user) is None, "the node user removed with its TVM")
+        wait(lambda: _account(user) is None, "the node user removed with its TVM")
     finally:
         client.begin_delete_pool(pool_id, polling_interval=1).result()

@@ -4,84 +4,31 @@ real `tvm up`: the quickstart flow, paging by next links, `$filter`, `service_ti
 
 from __future__ import annotations
 
-import os
-import time
-import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
-
 import pytest
 from azure.batch import BatchClient
 from azure.batch import models as bm
 from azure.core import MatchConditions
-from azure.core.credentials import AzureNamedKeyCredential
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError
 
-from tests.tvmup import TvmUp, tvm_up
+from tests.azure import sdk15
+from tests.azure.sdk15 import idle_nodes, ubuntu_pool, uid, wait
 
 CMD = "/bin/sh -c 'echo hello $AZ_BATCH_TASK_ID'"
 
 
-@pytest.fixture(scope="module")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TvmUp]:
-    with tvm_up(Path(tmp_path_factory.mktemp("tvmup")), 2) as t:
-        yield t
-
-
-@pytest.fixture
-def client(up: TvmUp) -> Iterator[BatchClient]:
-    c = BatchClient(up.endpoint, AzureNamedKeyCredential(up.account, up.key))
-    yield c
-    c.close()
-
-
-def _uid(prefix: str) -> str:
-    return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-def _wait(cond: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
-def _ubuntu_pool(pool_id: str, nodes: int) -> bm.BatchPoolCreateOptions:
-    return bm.BatchPoolCreateOptions(
-        id=pool_id,
-        vm_size="STANDARD_D2S_V3",
-        target_dedicated_nodes=nodes,
-        virtual_machine_configuration=bm.VirtualMachineConfiguration(
-            image_reference=bm.BatchVmImageReference(
-                publisher="canonical",
-                offer="0001-com-ubuntu-server-jammy",
-                sku="22_04-lts",
-                version="latest",
-            ),
-            node_agent_sku_id="batch.node.ubuntu 22.04",
-        ),
-    )
+up = sdk15.up_fixture(2)
+client = sdk15.client_fixture()
 
 
 def test_quickstart(client: BatchClient) -> None:
-    pool_id, job_id = _uid("qs-pool"), _uid("qs-job")
-    client.create_pool(_ubuntu_pool(pool_id, 2))
+    pool_id, job_id = uid("qs-pool"), uid("qs-job")
+    client.create_pool(ubuntu_pool(pool_id, 2))
     pool = client.get_pool(pool_id)
     assert pool.vm_size == "standard_d2s_v3"
     assert pool.virtual_machine_configuration is not None
     assert pool.virtual_machine_configuration.node_agent_sku_id == "batch.node.ubuntu 22.04"
 
-    def idle() -> list[bm.BatchNode] | None:
-        nodes = list(client.list_nodes(pool_id))
-        ok = len(nodes) == 2 and all(n.state == bm.BatchNodeState.IDLE for n in nodes)
-        return nodes if ok else None
-
-    nodes = _wait(idle, "two idle nodes")
+    nodes = idle_nodes(client, pool_id, 2, "two idle nodes")
     node_ids = {n.id for n in nodes}
 
     client.create_job(
@@ -96,7 +43,7 @@ def test_quickstart(client: BatchClient) -> None:
         listed = list(client.list_tasks(job_id))
         return listed if all(t.state == bm.BatchTaskState.COMPLETED for t in listed) else None
 
-    done = _wait(all_done, "ten completed tasks")
+    done = wait(all_done, "ten completed tasks")
     assert len(done) == 10
     for t in done:
         assert t.execution_info is not None
@@ -127,9 +74,9 @@ def test_quickstart(client: BatchClient) -> None:
 
 
 def test_paging_filter_and_timeout(client: BatchClient) -> None:
-    pool_id = _uid("pg-pool")
-    prefix = _uid("pg")
-    client.create_pool(_ubuntu_pool(pool_id, 0))
+    pool_id = uid("pg-pool")
+    prefix = uid("pg")
+    client.create_pool(ubuntu_pool(pool_id, 0))
     ids = [f"{prefix}-{i}" for i in range(3)]
     try:
         for jid in ids:
@@ -158,11 +105,11 @@ def test_paging_filter_and_timeout(client: BatchClient) -> None:
 
 
 def test_duplicates_raise_exists_errors(client: BatchClient) -> None:
-    pool_id, job_id = _uid("dup-pool"), _uid("dup-job")
-    client.create_pool(_ubuntu_pool(pool_id, 0))
+    pool_id, job_id = uid("dup-pool"), uid("dup-job")
+    client.create_pool(ubuntu_pool(pool_id, 0))
     try:
         with pytest.raises(ResourceExistsError) as exc:
-            client.create_pool(_ubuntu_pool(pool_id, 0))
+            client.create_pool(ubuntu_pool(pool_id, 0))
         assert exc.value.error is not None
         assert exc.value.error.code == "PoolExists"
         client.create_job(
@@ -188,8 +135,8 @@ def test_duplicates_raise_exists_errors(client: BatchClient) -> None:
 
 
 def test_conditional_update_refused_with_412(client: BatchClient) -> None:
-    pool_id = _uid("etag-pool")
-    client.create_pool(_ubuntu_pool(pool_id, 0))
+    pool_id = uid("etag-pool")
+    client.create_pool(ubuntu_pool(pool_id, 0))
     try:
         old = client.get_pool(pool_id)
         assert old.etag

@@ -7,23 +7,18 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from azure.batch import BatchClient
 from azure.batch import models as bm
-from azure.core.credentials import AzureNamedKeyCredential
 
-from tests.tvmup import TvmUp, tvm_up
+from tests.azure import sdk15
+from tests.azure.sdk15 import batch_client, ubuntu_pool
+from tests.tvmup import TvmUp
 
 ROUNDS = 6
 
 
-@pytest.fixture(scope="module")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TvmUp]:
-    with tvm_up(Path(tmp_path_factory.mktemp("tvmup")), 1) as t:
-        yield t
+up = sdk15.up_fixture(1)
 
 
 def _state(client: BatchClient, job_id: str, task_id: str) -> bm.BatchTask:
@@ -39,25 +34,10 @@ def _wait_state(client: BatchClient, job_id: str, task_id: str, state: str) -> b
 
 
 def test_reactivated_task_keeps_its_new_directory(up: TvmUp) -> None:
-    client = BatchClient(up.endpoint, AzureNamedKeyCredential(up.account, up.key))
+    client = batch_client(up)
     suffix = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
     pool_id, job_id = f"re-pool-{suffix}", f"re-job-{suffix}"
-    client.create_pool(
-        bm.BatchPoolCreateOptions(
-            id=pool_id,
-            vm_size="STANDARD_D2S_V3",
-            target_dedicated_nodes=1,
-            virtual_machine_configuration=bm.VirtualMachineConfiguration(
-                image_reference=bm.BatchVmImageReference(
-                    publisher="canonical",
-                    offer="0001-com-ubuntu-server-jammy",
-                    sku="22_04-lts",
-                    version="latest",
-                ),
-                node_agent_sku_id="batch.node.ubuntu 22.04",
-            ),
-        )
-    )
+    client.create_pool(ubuntu_pool(pool_id, 1))
     client.create_job(
         bm.BatchJobCreateOptions(id=job_id, pool_info=bm.BatchPoolInfo(pool_id=pool_id))
     )

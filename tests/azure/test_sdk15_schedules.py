@@ -14,64 +14,18 @@ import stat
 import subprocess
 import sys
 import sysconfig
-import time
-import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from azure.batch import BatchClient
 from azure.batch import models as bm
-from azure.core.credentials import AzureNamedKeyCredential
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 
-from tests.tvmup import TvmUp, tvm_up
+from tests.azure import sdk15
+from tests.azure.sdk15 import ubuntu_pool, uid, wait
 
-
-@pytest.fixture(scope="module")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TvmUp]:
-    with tvm_up(Path(tmp_path_factory.mktemp("tvmup")), 2) as t:
-        yield t
-
-
-@pytest.fixture
-def client(up: TvmUp) -> Iterator[BatchClient]:
-    c = BatchClient(up.endpoint, AzureNamedKeyCredential(up.account, up.key))
-    yield c
-    c.close()
-
-
-def _uid(prefix: str) -> str:
-    return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-def _wait(cond: Callable[[], Any], what: str, timeout: float = 90.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
-def _pool(pool_id: str, nodes: int = 0) -> bm.BatchPoolCreateOptions:
-    return bm.BatchPoolCreateOptions(
-        id=pool_id,
-        vm_size="STANDARD_D2S_V3",
-        target_dedicated_nodes=nodes,
-        virtual_machine_configuration=bm.VirtualMachineConfiguration(
-            image_reference=bm.BatchVmImageReference(
-                publisher="canonical",
-                offer="0001-com-ubuntu-server-jammy",
-                sku="22_04-lts",
-                version="latest",
-            ),
-            node_agent_sku_id="batch.node.ubuntu 22.04",
-        ),
-    )
+up = sdk15.up_fixture(2)
+client = sdk15.client_fixture()
 
 
 def _delete_schedule(client: BatchClient, sid: str) -> None:
@@ -80,8 +34,8 @@ def _delete_schedule(client: BatchClient, sid: str) -> None:
 
 
 def test_job_schedule_lifecycle(client: BatchClient) -> None:
-    pool_id, sid = _uid("js-pool"), _uid("js")
-    client.create_pool(_pool(pool_id))
+    pool_id, sid = uid("js-pool"), uid("js")
+    client.create_pool(ubuntu_pool(pool_id))
     try:
         spec = bm.BatchJobSpecification(
             pool_info=bm.BatchPoolInfo(pool_id=pool_id),
@@ -130,7 +84,7 @@ def test_job_schedule_lifecycle(client: BatchClient) -> None:
             info = client.get_job_schedule(sid).execution_info
             return info.recent_job.id if info and info.recent_job else None
 
-        assert _wait(recent, "the schedule's first job") == f"{sid}:job-1"
+        assert wait(recent, "the schedule's first job", timeout=90) == f"{sid}:job-1"
         info = client.get_job_schedule(sid).execution_info
         assert info is not None
         assert info.next_run_time is not None
@@ -237,8 +191,8 @@ def _task_python() -> tuple[str, str]:
 
 def test_job_manager_adds_tasks_with_the_sdk_and_its_job_token(client: BatchClient) -> None:
     python, site = _task_python()
-    pool_id, sid = _uid("jm-pool"), _uid("jm")
-    client.create_pool(_pool(pool_id, 2))
+    pool_id, sid = uid("jm-pool"), uid("jm")
+    client.create_pool(ubuntu_pool(pool_id, 2))
     code = base64.b64encode(MANAGER.encode()).decode()
     cmd = f"{python} -c \"import base64; exec(base64.b64decode('{code}'))\""
     try:
@@ -268,7 +222,7 @@ def test_job_manager_adds_tasks_with_the_sdk_and_its_job_token(client: BatchClie
             except ResourceNotFoundError:
                 return False
 
-        _wait(done, "the schedule's job to complete", timeout=120)
+        wait(done, "the schedule's job to complete", timeout=120)
         out = b"".join(client.download_task_file(job_id, "manager", "stdout.txt")).decode()
         err = b"".join(client.download_task_file(job_id, "manager", "stderr.txt")).decode()
         assert "added ['t0', 't1', 't2', 't3']" in out
@@ -288,8 +242,8 @@ def test_job_manager_adds_tasks_with_the_sdk_and_its_job_token(client: BatchClie
 
 
 def test_autoscale_with_modern_names(client: BatchClient) -> None:
-    pool_id = _uid("as-pool")
-    client.create_pool(_pool(pool_id))
+    pool_id = uid("as-pool")
+    client.create_pool(ubuntu_pool(pool_id))
     try:
         formula = (
             "$TargetDedicatedNodes = min(2, $TaskSlotsPerNode * 2);"
@@ -314,7 +268,7 @@ def test_autoscale_with_modern_names(client: BatchClient) -> None:
         def two_nodes() -> bool:
             return client.get_pool(pool_id).current_dedicated_nodes == 2
 
-        _wait(two_nodes, "autoscale to reach two nodes")
+        wait(two_nodes, "autoscale to reach two nodes", timeout=90)
         run = client.evaluate_pool_auto_scale(
             pool_id,
             bm.BatchPoolEvaluateAutoScaleOptions(

@@ -4,73 +4,25 @@ multi-instance tasks with their subtasks, and required slots, with their fields 
 
 from __future__ import annotations
 
-import os
-import time
-import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 from azure.batch import BatchClient
 from azure.batch import models as bm
-from azure.core.credentials import AzureNamedKeyCredential
 from azure.core.exceptions import HttpResponseError
 
+from tests.azure import sdk15
+from tests.azure.sdk15 import idle_nodes, ubuntu_pool, uid, wait
 from tests.blobserver import BlobStore, blob_server
-from tests.tvmup import TvmUp, tvm_up
 
-
-@pytest.fixture(scope="module")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TvmUp]:
-    with tvm_up(Path(tmp_path_factory.mktemp("tvmup")), 3) as t:
-        yield t
-
-
-@pytest.fixture
-def client(up: TvmUp) -> Iterator[BatchClient]:
-    c = BatchClient(up.endpoint, AzureNamedKeyCredential(up.account, up.key))
-    yield c
-    c.close()
+up = sdk15.up_fixture(3)
+client = sdk15.client_fixture()
 
 
 @pytest.fixture
 def store() -> Iterator[BlobStore]:
     with blob_server() as s:
         yield s
-
-
-def _uid(prefix: str) -> str:
-    return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-def _wait(cond: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
-def _pool(pool_id: str, nodes: int, **kw: Any) -> bm.BatchPoolCreateOptions:
-    return bm.BatchPoolCreateOptions(
-        id=pool_id,
-        vm_size="STANDARD_D2S_V3",
-        target_dedicated_nodes=nodes,
-        virtual_machine_configuration=bm.VirtualMachineConfiguration(
-            image_reference=bm.BatchVmImageReference(
-                publisher="canonical",
-                offer="0001-com-ubuntu-server-jammy",
-                sku="22_04-lts",
-                version="latest",
-            ),
-            node_agent_sku_id="batch.node.ubuntu 22.04",
-        ),
-        **kw,
-    )
 
 
 def _out(pattern: str, url: str, path: str, cond: bm.OutputFileUploadCondition) -> bm.OutputFile:
@@ -89,12 +41,9 @@ def _completed(client: BatchClient, job_id: str, task_id: str) -> bm.BatchTask |
 
 
 def test_output_files_multi_instance_and_slots(client: BatchClient, store: BlobStore) -> None:
-    pool_id, job_id = _uid("wf-pool"), _uid("wf-job")
-    client.create_pool(_pool(pool_id, 3, enable_inter_node_communication=True))
-    _wait(
-        lambda: [n for n in client.list_nodes(pool_id) if n.state == bm.BatchNodeState.IDLE][2:],
-        "three idle nodes",
-    )
+    pool_id, job_id = uid("wf-pool"), uid("wf-job")
+    client.create_pool(ubuntu_pool(pool_id, 3, enable_inter_node_communication=True))
+    idle_nodes(client, pool_id, 3, "three idle nodes")
     client.create_job(
         bm.BatchJobCreateOptions(id=job_id, pool_info=bm.BatchPoolInfo(pool_id=pool_id))
     )
@@ -112,7 +61,7 @@ def test_output_files_multi_instance_and_slots(client: BatchClient, store: BlobS
             ],
         ),
     )
-    t = _wait(lambda: _completed(client, job_id, "out"), "out completed")
+    t = wait(lambda: _completed(client, job_id, "out"), "out completed")
     assert t.execution_info.result == bm.BatchTaskExecutionResult.SUCCESS
     assert store.blobs["/results/ok/1.txt"] == b"one\n"
     assert store.blobs["/results/logs/stdout.txt"] == b"hi\n"
@@ -132,7 +81,7 @@ def test_output_files_multi_instance_and_slots(client: BatchClient, store: BlobS
             output_files=[_out("x.txt", store.url("denied"), "x.txt", c.TASK_COMPLETION)],
         ),
     )
-    t = _wait(lambda: _completed(client, job_id, "denied"), "denied completed")
+    t = wait(lambda: _completed(client, job_id, "denied"), "denied completed")
     assert t.execution_info.exit_code == 0
     assert t.execution_info.result == bm.BatchTaskExecutionResult.FAILURE
     assert t.execution_info.failure_info.code == "FileUploadMiscError"
@@ -149,7 +98,7 @@ def test_output_files_multi_instance_and_slots(client: BatchClient, store: BlobS
             ),
         ),
     )
-    t = _wait(lambda: _completed(client, job_id, "mpi"), "mpi completed")
+    t = wait(lambda: _completed(client, job_id, "mpi"), "mpi completed")
     assert t.execution_info.exit_code == 0
     assert t.multi_instance_settings.number_of_instances == 3
     assert t.multi_instance_settings.coordination_command_line.endswith("$TVM_INSTANCE_INDEX'")
@@ -165,8 +114,8 @@ def test_output_files_multi_instance_and_slots(client: BatchClient, store: BlobS
         assert n.running_task_slots_count == 0
 
     # Required slots: round trip on a 4-slot pool; more than a node has is refused.
-    wide_pool, wide_job = _uid("wf-wide"), _uid("wf-widejob")
-    client.create_pool(_pool(wide_pool, 0, task_slots_per_node=4))
+    wide_pool, wide_job = uid("wf-wide"), uid("wf-widejob")
+    client.create_pool(ubuntu_pool(wide_pool, 0, task_slots_per_node=4))
     client.create_job(
         bm.BatchJobCreateOptions(id=wide_job, pool_info=bm.BatchPoolInfo(pool_id=wide_pool))
     )
