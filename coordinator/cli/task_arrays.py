@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from ._common import _emit, _mk, _run, credentials, output_option
-from .tasks import _env, _task_opts, task
+from .tasks import TaskSettings, _task_opts, task
 
 SHOWN_FAILURES = 20
 
@@ -38,10 +38,7 @@ def task_add_array(
     range_text: str,
     prefix: str,
     command: tuple[str, ...],
-    env: tuple[str, ...],
-    max_wall_clock: str | None,
-    max_retries: int | None,
-    retention: str | None,
+    settings: TaskSettings,
     output: str,
     **cred: Any,
 ) -> None:
@@ -63,10 +60,7 @@ def task_add_array(
             line,
             indexes,
             prefix=prefix,
-            env=_env(env),
-            max_wall_clock_time=max_wall_clock,
-            max_task_retry_count=max_retries,
-            retention_time=retention,
+            **settings.client_kwargs(),
         )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None

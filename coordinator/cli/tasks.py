@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -41,16 +43,51 @@ def task() -> None:
     """Tasks of a job."""
 
 
+@dataclass(frozen=True)
+class TaskSettings:
+    """The options every task-adding command takes (see `_task_opts`)."""
+
+    env: tuple[str, ...]
+    max_wall_clock: str | None
+    max_retries: int | None
+    retention: str | None
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """As the client's keyword arguments; a malformed --env is refused here."""
+        return {
+            "env": _env(self.env),
+            "max_wall_clock_time": self.max_wall_clock,
+            "max_task_retry_count": self.max_retries,
+            "retention_time": self.retention,
+        }
+
+
 def _task_opts(f: Any) -> Any:
-    f = click.option("--env", "-e", multiple=True, help="NAME=VALUE (repeatable).")(f)
-    f = click.option("--max-wall-clock", default=None, help="ISO 8601 duration, e.g. PT10M.")(f)
-    f = click.option(
+    """--env, --max-wall-clock, --max-retries and --retention, handed to the command as one
+    `settings: TaskSettings` argument."""
+
+    @functools.wraps(f)
+    def command(
+        *args: Any,
+        env: tuple[str, ...],
+        max_wall_clock: str | None,
+        max_retries: int | None,
+        retention: str | None,
+        **kwargs: Any,
+    ) -> Any:
+        settings = TaskSettings(env, max_wall_clock, max_retries, retention)
+        return f(*args, settings=settings, **kwargs)
+
+    c: Any = command
+    c = click.option("--env", "-e", multiple=True, help="NAME=VALUE (repeatable).")(c)
+    c = click.option("--max-wall-clock", default=None, help="ISO 8601 duration, e.g. PT10M.")(c)
+    c = click.option(
         "--max-retries", type=int, default=None, help="maxTaskRetryCount (-1: unlimited)."
-    )(f)
-    f = click.option(
+    )(c)
+    c = click.option(
         "--retention", default=None, help="ISO 8601 duration to keep files (default P7D)."
-    )(f)
-    return f
+    )(c)
+    return c
 
 
 def _depends_opt(f: Any) -> Any:
@@ -106,10 +143,7 @@ def task_add(
     name: str,
     command_line: str,
     depends_on: tuple[str, ...],
-    env: tuple[str, ...],
-    max_wall_clock: str | None,
-    max_retries: int | None,
-    retention: str | None,
+    settings: TaskSettings,
     output_files: tuple[str, ...],
     output_container: str | None,
     output_path: str | None,
@@ -134,10 +168,7 @@ def task_add(
             job_name,
             name,
             command_line,
-            env=_env(env),
-            max_wall_clock_time=max_wall_clock,
-            max_task_retry_count=max_retries,
-            retention_time=retention,
+            **settings.client_kwargs(),
             depends_on=list(depends_on) or None,
             output_files=outputs,
             required_slots=slots,
@@ -170,10 +201,7 @@ def task_add_many(
     job_name: str,
     path: Any,
     prefix: str,
-    env: tuple[str, ...],
-    max_wall_clock: str | None,
-    max_retries: int | None,
-    retention: str | None,
+    settings: TaskSettings,
     output: str,
     **cred: Any,
 ) -> None:
@@ -195,10 +223,7 @@ def task_add_many(
                 task_spec(
                     f"{prefix}-{i:06d}",
                     line,
-                    env=_env(env),
-                    max_wall_clock_time=max_wall_clock,
-                    max_task_retry_count=max_retries,
-                    retention_time=retention,
+                    **settings.client_kwargs(),
                 )
             )
     c = _mk(**cred)

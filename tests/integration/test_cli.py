@@ -150,6 +150,25 @@ async def test_missing_credentials_clear_message_and_exit_code(tmp_path):
     assert "Traceback" not in r.stderr.decode()
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["add", "wi", JOB, "t1", "true"],
+        ["add-many", "wi", JOB],
+        ["add-array", "wi", JOB, "--range", "1-3", "true"],
+    ],
+)
+def test_malformed_env_refused_by_every_task_adding_command(args):
+    # Nothing listens at the endpoint: a usage error (2), not ConnectionFailed (1), shows the
+    # option was refused before anything was sent.
+    creds = ["--endpoint", "http://127.0.0.1:9", "--account", "a", "--key", "aGVsbG8="]
+    r = CliRunner().invoke(
+        cli, ["task", *args, "--env", "NOEQUALS", *creds], input="true\n", prog_name="tvm"
+    )
+    assert r.exit_code == 2, r.output
+    assert "Invalid value for --env: 'NOEQUALS' is not NAME=VALUE" in r.output
+
+
 # ---------------------------------------------------------------------------- everything against a cluster
 
 
