@@ -23,7 +23,9 @@ from typing import Any
 
 import trio
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks import _procs
+
+REPO = _procs.REPO
 UNITS = ("tasks/s", "ms", "bytes", "s", "ratio")
 
 
@@ -101,10 +103,7 @@ def machine() -> dict[str, Any]:
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra or {})
-    return env
+    return _procs.child_env(extra)
 
 
 def spawn(
@@ -259,46 +258,17 @@ def start_agents(
         if not os.stat(d).st_mode & 0o001:
             os.chmod(d, os.stat(d).st_mode | 0o011)
         d = os.path.dirname(d)
+    env = child_env({"TVM_AGENT_TOKEN": rc.join_token})
     for i in range(n):
-        root = os.path.join(base, f"agent{i}")
-        os.makedirs(root, exist_ok=True)
-        log = open(os.path.join(base, f"agent{i}.log"), "ab")  # noqa: SIM115
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "tvmagent",
-                    "--coordinator",
-                    rc.agent_url,
-                    "--root",
-                    root,
-                    "--name",
-                    f"bench-agent{i}",
-                    "--log-level",
-                    log_level,
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-                env=child_env({"TVM_AGENT_TOKEN": rc.join_token}),
-            )
-        )
-        log.close()
+        root, log = os.path.join(base, f"agent{i}"), os.path.join(base, f"agent{i}.log")
+        args = ["--log-level", log_level]
+        agent = _procs.start_agent(rc.agent_url, f"bench-agent{i}", root, log, env, args=args)
+        procs.append(agent.proc)
     return procs
 
 
 def stop_agents(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, 9)
-            p.wait()
+    _procs.stop_processes(procs)
 
 
 async def local_pool(

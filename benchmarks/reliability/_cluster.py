@@ -11,26 +11,25 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import _procs
+from benchmarks._procs import AgentProcess
+from benchmarks._procs import remove_agent_cgroups as remove_agent_cgroups  # the suites' names
+from benchmarks._procs import stop_agents as stop_agents
+from benchmarks._procs import wait_for as wait_for
+from benchmarks._procs import wait_sync as wait_sync
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     # Recorded tasks append to a run log beside the test's files, which task users could not
     # reach; isolation is not what these suites test.
-    env.setdefault("TVM_AGENT_TASK_ISOLATION", "none")
-    env.update(extra or {})
-    return env
+    return _procs.child_env(extra, task_isolation=False)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -93,39 +92,9 @@ class CoordinatorProcess:
             self.port = free_port(self.host)
         self.starts += 1
         log = os.path.join(self.logdir, f"coordinator{self.starts}.log")
-        out = open(log, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "coordinator",
-                "coordinator",
-                "--state-dir",
-                self.state,
-                "--host",
-                self.host,
-                "--port",
-                str(self.port),
-                *self.args,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=out,
-            stdin=subprocess.DEVNULL,
-            env=child_env(),
-            start_new_session=True,
-        )
-        out.close()
-        exports: dict[str, str] = {}
-        assert self.proc.stdout is not None
-        while len(exports) < 4:
-            line = self.proc.stdout.readline().decode()
-            if not line:
-                with open(log, errors="replace") as f:
-                    raise RuntimeError(f"coordinator exited early:\n{f.read()[-4000:]}")
-            k, _, v = line.strip().removeprefix("export ").partition("=")
-            exports[k] = v
-        self.exports = exports
-        return exports
+        args = ["--host", self.host, *self.args]
+        self.proc, self.exports = _procs.start_coordinator(self.state, self.port, log, args)
+        return self.exports
 
     @property
     def pid(self) -> int:
@@ -146,74 +115,16 @@ class CoordinatorProcess:
 # --------------------------------------------------------------------------- agents
 
 
-@dataclass
-class Agent:
-    name: str
-    root: str
-    proc: subprocess.Popen[bytes]
-
-    def signal(self, sig: int) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
+Agent = AgentProcess
 
 
 def start_agent(url: str, token: str, base: str, name: str, prefix: Sequence[str] = ()) -> Agent:
     """`python -m tvmagent` in its own session (`prefix`: e.g. `ip netns exec NS`)."""
     root = os.path.join(base, "agents", name)
-    os.makedirs(root, exist_ok=True)
-    out = open(os.path.join(base, "agents", f"{name}.log"), "ab")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [
-            *prefix,
-            sys.executable,
-            "-m",
-            "tvmagent",
-            "--coordinator",
-            url,
-            "--root",
-            root,
-            "--name",
-            name,
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=out,
-        stderr=out,
-        start_new_session=True,
-        # A short drain: SIGTERM at the end stops task trees at once.
-        env=child_env({"TVM_AGENT_TOKEN": token, "TVM_AGENT_DRAIN_GRACE": "2"}),
-    )
-    out.close()
-    return Agent(name, root, proc)
-
-
-def stop_agents(agents: Sequence[Agent]) -> None:
-    for a in agents:
-        a.signal(signal.SIGCONT)  # a stopped one cannot act on SIGTERM
-        a.signal(signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    for a in agents:
-        try:
-            a.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            a.signal(signal.SIGKILL)
-            a.proc.wait()
-    for a in agents:
-        remove_agent_cgroups(a.name, a.root)
-
-
-def remove_agent_cgroups(agent_id: str, root: str) -> None:
-    """The task cgroups a SIGKILLed agent kept for a restart on its root, which never comes."""
-    from tvmagent import _cgroups
-    from tvmagent.agent import cgroup_prefix
-
-    layout = _cgroups.detect_layout([])
-    prefix = cgroup_prefix(agent_id, root)
-    for d in _cgroups.stale_task_dirs(layout, prefix):
-        _cgroups.kill_and_remove(d)
-    for base in (layout.v2_base, *layout.v1_bases.values()):
-        if base:
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.join(base, prefix))
+    log = os.path.join(base, "agents", f"{name}.log")
+    # A short drain: SIGTERM at the end stops task trees at once.
+    env = child_env({"TVM_AGENT_TOKEN": token, "TVM_AGENT_DRAIN_GRACE": "2"})
+    return _procs.start_agent(url, name, root, log, env, prefix=prefix)
 
 
 # --------------------------------------------------------------------------- in-process coordinator
@@ -236,39 +147,6 @@ async def inproc_coordinator(state: str, **kw: Any) -> AsyncIterator[Any]:
             yield rc
         finally:
             scope.cancel()
-
-
-async def wait_for(
-    cond: Callable[[], Any], timeout: float = 60.0, what: str = "condition", poll: float = 0.05
-) -> Any:
-    """Poll `cond` (sync or async) until truthy."""
-    deadline = trio.current_time() + timeout
-    while True:
-        value = cond()
-        if hasattr(value, "__await__"):
-            value = await value
-        if value:
-            return value
-        if trio.current_time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await trio.sleep(poll)
-
-
-def wait_sync(
-    cond: Callable[[], Any], timeout: float = 60.0, what: str = "condition", poll: float = 0.05
-) -> Any:
-    """Blocking poll; errors (a coordinator restarting) count as not yet."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = cond()
-        except Exception:  # noqa: BLE001
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(poll)
 
 
 # --------------------------------------------------------------------------- the outcome
