@@ -15,12 +15,11 @@ from __future__ import annotations
 from coordinator.common import models as m
 from coordinator.common.errors import ApiError, bad_request
 from coordinator.common.timeutil import parse_duration
-from coordinator.common.validation import check_env, check_name
 from protocol import messages as pm
 
 from .instructions import Outbox
 from .records import JOB_PREP, Job, JobPrepRec, JobRec, PrepRun, Tvm, modern_job_id
-from .specs import DEFAULT_RETENTION_S, check_files, resource_file, task_constraints
+from .specs import DEFAULT_RETENTION_S, check_job_task, resource_file, task_constraints
 from .states import move_prep
 from .store import Store
 
@@ -40,28 +39,12 @@ def check_specs(req: m.WorkitemAdd) -> None:
             field="jobReleaseTask",
         )
     if prep is not None:
-        check_name(prep.name, "jobPreparationTask.name")
-        if not prep.command_line.strip():
-            raise bad_request(
-                "MissingRequiredProperty",
-                "jobPreparationTask.commandLine must not be empty",
-                field="jobPreparationTask.commandLine",
-            )
-        check_env(prep.environment_settings, "jobPreparationTask.environmentSettings")
-        check_files(prep.resource_files, "jobPreparationTask.resourceFiles")
+        check_job_task(prep, "jobPreparationTask")
         if prep.task_constraints is not None:
             task_constraints(prep.task_constraints)
     if rel is not None:
         assert prep is not None
-        check_name(rel.name, "jobReleaseTask.name")
-        if not rel.command_line.strip():
-            raise bad_request(
-                "MissingRequiredProperty",
-                "jobReleaseTask.commandLine must not be empty",
-                field="jobReleaseTask.commandLine",
-            )
-        check_env(rel.environment_settings, "jobReleaseTask.environmentSettings")
-        check_files(rel.resource_files, "jobReleaseTask.resourceFiles")
+        check_job_task(rel, "jobReleaseTask")
         release_wall(rel)
         if rel.retention_time:
             parse_duration(rel.retention_time, "jobReleaseTask.retentionTime")

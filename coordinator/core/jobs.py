@@ -24,7 +24,7 @@ from .pools import Pools
 from .records import ACTIVE, COMPLETED, TASK_DONE, Job, JobRec, TaskRec, WorkitemRec
 from .runs import Runs
 from .schedules import Plan, decide, parse_schedule
-from .specs import check_all_complete, check_files, job_constraints, task_constraints
+from .specs import check_all_complete, check_job_task, job_constraints, task_constraints
 from .states import JobState, WorkitemState, move_job, move_workitem
 from .store import Store
 
@@ -54,15 +54,7 @@ def _wi_conflict(wi: WorkitemRec, action: str) -> ApiError:
 
 
 def check_job_manager(jm: m.JobManager) -> None:
-    check_name(jm.name, "jobManager.name")
-    if not jm.command_line.strip():
-        raise bad_request(
-            "MissingRequiredProperty",
-            "jobManager.commandLine must not be empty",
-            field="jobManager.commandLine",
-        )
-    check_env(jm.environment_settings, "jobManager.environmentSettings")
-    check_files(jm.resource_files, "jobManager.resourceFiles")
+    check_job_task(jm, "jobManager")
     if jm.task_constraints is not None:
         task_constraints(jm.task_constraints)
 

@@ -8,7 +8,7 @@ from coordinator.common import models as m
 from coordinator.common.certificates import CertificateError, normalize_thumbprint
 from coordinator.common.errors import bad_request
 from coordinator.common.timeutil import parse_duration
-from coordinator.common.validation import check_range
+from coordinator.common.validation import check_env, check_name, check_range
 from protocol import messages as pm
 from protocol.exitcodes import WALL_CLOCK_EXIT_CODE as WALL_CLOCK_EXIT_CODE
 from protocol.paths import validate_relative_path
@@ -52,6 +52,22 @@ def check_files(files: list[m.ResourceFile], field: str) -> None:
                 f"{field}[{i}].fileSize must not be negative",
                 field=f"{field}[{i}].fileSize",
             )
+
+
+def check_job_task(
+    spec: m.JobManager | m.JobPreparationTask | m.JobReleaseTask, field: str
+) -> None:
+    """What a job's own tasks (its manager, preparation and release task) all need: a valid name,
+    a command line, well-formed environment settings and resource files."""
+    check_name(spec.name, f"{field}.name")
+    if not spec.command_line.strip():
+        raise bad_request(
+            "MissingRequiredProperty",
+            f"{field}.commandLine must not be empty",
+            field=f"{field}.commandLine",
+        )
+    check_env(spec.environment_settings, f"{field}.environmentSettings")
+    check_files(spec.resource_files, f"{field}.resourceFiles")
 
 
 def task_constraints(c: m.TaskConstraints) -> tuple[float | None, int | None, float | None]:

@@ -371,3 +371,46 @@ def test_a_gang_avoids_tvms_where_the_prep_failed():
     subs = _runs(core)
     assert {a for a, _ in subs} == {preps[1][0], third[0][0]}
     assert {s.command_line for _, s in subs} == {"coord"}
+
+
+@pytest.mark.parametrize("which", ["job_manager", "job_preparation_task", "job_release_task"])
+@pytest.mark.parametrize(
+    ("bad", "suffix", "code"),
+    [
+        ({"command_line": " "}, "commandLine", "MissingRequiredProperty"),
+        ({"name": "no spaces"}, "name", "InvalidPropertyValue"),
+        (
+            {"resource_files": [m.ResourceFile(blob_source="https://x/y", file_path="../up")]},
+            "resourceFiles[0].filePath",
+            "InvalidResourceFilePath",
+        ),
+        (
+            {"environment_settings": [m.EnvironmentSetting(name="AZ_BATCH_NODE_ID", value="x")]},
+            "environmentSettings",
+            "ReservedEnvironmentVariable",
+        ),
+    ],
+)
+def test_each_of_a_jobs_own_tasks_is_checked_under_its_own_field(
+    which: str, bad: dict[str, Any], suffix: str, code: str
+):
+    cls: Any = {
+        "job_manager": m.JobManager,
+        "job_preparation_task": m.JobPreparationTask,
+        "job_release_task": m.JobReleaseTask,
+    }[which]
+    spec = cls(**{"name": "own", "command_line": "x", **bad})
+    kw: dict[str, object] = {which: spec}
+    if which == "job_release_task":
+        kw["job_preparation_task"] = PREP
+    core = _core(n_agents=1)
+    with pytest.raises(ApiError) as info:
+        _wi(core, **kw)
+    field = {
+        "job_manager": "jobManager",
+        "job_preparation_task": "jobPreparationTask",
+        "job_release_task": "jobReleaseTask",
+    }[which]
+    assert (info.value.code, info.value.values.get("field")) == (code, f"{field}.{suffix}")
+    assert core.workitems == {}
+    assert core.take_effects().writes == []
