@@ -78,6 +78,24 @@ class NodeUserApi:
             code = resp.error_code if status != 500 else "InternalError"
             raise ApiError(status, code, resp.message)
 
+    async def _put(self, pool: str, node: str, op: str, user: TvmUserRec, pw_hash: str) -> None:
+        """Add or replace the account on the agent's host; only once it is made there is the
+        user recorded on the TVM."""
+        await self._agent(
+            pool,
+            node,
+            lambda rid: pm.NodeUserRequest(
+                req_id=rid,
+                op=op,
+                name=user.name,
+                password_hash=pw_hash,
+                ssh_public_key=user.ssh_public_key,
+                expiry=user.expiry,
+                is_admin=user.is_admin,
+            ),
+        )
+        await self.svc.execute(self.core.record_node_user, pool, node, user)
+
     async def add(
         self, pool: str, node: str, body: bytes, headers: dict[str, str], **_: Any
     ) -> Response:
@@ -94,21 +112,8 @@ class NodeUserApi:
             )
         if len(tvm.rec.users) >= MAX_TVM_USERS:  # each one is an account on a shared host
             raise ApiError(409, "TooManyUsers", f"a node holds at most {MAX_TVM_USERS} node users")
-        await self._agent(
-            pool,
-            node,
-            lambda rid: pm.NodeUserRequest(
-                req_id=rid,
-                op="add",
-                name=name,
-                password_hash=pw_hash,
-                ssh_public_key=key,
-                expiry=expiry,
-                is_admin=is_admin,
-            ),  # fmt: skip
-        )
         user = TvmUserRec(name=name, ssh_public_key=key, expiry=expiry, is_admin=is_admin)
-        await self.svc.execute(self.core.record_node_user, pool, node, user)
+        await self._put(pool, node, "add", user, pw_hash)
         url = f"{base()}/pools/{pool}/nodes/{node}/users/{name}"
         loc = url.encode()
         extra = [(b"location", loc), (b"dataserviceid", loc)]
@@ -123,21 +128,8 @@ class NodeUserApi:
         tvm = self.core.get_tvm(pool, node)
         old = next((u for u in tvm.rec.users if u.name == user), None)
         is_admin = old.is_admin if old is not None else False
-        await self._agent(
-            pool,
-            node,
-            lambda rid: pm.NodeUserRequest(
-                req_id=rid,
-                op="update",
-                name=user,
-                password_hash=pw_hash,
-                ssh_public_key=key,
-                expiry=expiry,
-                is_admin=is_admin,
-            ),  # fmt: skip
-        )
         rec = TvmUserRec(name=user, ssh_public_key=key, expiry=expiry, is_admin=is_admin)
-        await self.svc.execute(self.core.record_node_user, pool, node, rec)
+        await self._put(pool, node, "update", rec, pw_hash)
         return empty(200, headers)
 
     async def delete(
