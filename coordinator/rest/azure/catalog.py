@@ -19,7 +19,7 @@ from typing import Any
 from coordinator.common.errors import ApiError
 from coordinator.common.timeutil import parse_time, rfc3339
 from coordinator.core import usage
-from coordinator.rest.dispatch import Dispatcher, Response
+from coordinator.rest.dispatch import Dispatcher, Handler, Response
 
 from .conv import query_get
 from .router import AzureApi, listing
@@ -27,6 +27,32 @@ from .sizes import azure_vm_size
 
 N = r"/pools/(?P<pool>[^/]+)/nodes/(?P<node>[^/]+)"
 _NOT_OFFERED = "InvalidRestAPIForAccountSetting"
+_NOT_DEALLOCATED = (
+    "node {node} is a TVM: a process on its host that stays allocated while it is in its pool; it "
+    "is never deallocated, so it cannot be deallocated or started (remove it with removenodes, or "
+    "stop scheduling on it with disablescheduling)"
+)
+_NO_SERVICE_LOGS = (
+    "uploadbatchservicelogs is not offered by this account: the agent's logs are on its host "
+    "(journalctl -u tvm-agent, or the tvm up log); task output is in the node's files"
+)
+_NO_EXTENSIONS = (
+    "VM extensions are not offered by this account: a TVM is not an Azure VM; use a pool start "
+    "task to install software"
+)
+_NO_RDP = (
+    "remote desktop (RDP) is for Windows nodes; TVMs are Linux: add a node user and use ssh with "
+    "the node's remoteloginsettings"
+)
+# (method, path below the node, error code, why) of the node operations that do not apply to a TVM.
+_NODE_REFUSALS = [
+    ("POST", "/start", "OperationInvalidForCurrentState", _NOT_DEALLOCATED),
+    ("POST", "/deallocate", "OperationInvalidForCurrentState", _NOT_DEALLOCATED),
+    ("POST", "/uploadbatchservicelogs", _NOT_OFFERED, _NO_SERVICE_LOGS),
+    ("GET", "/extensions", _NOT_OFFERED, _NO_EXTENSIONS),
+    ("GET", "/extensions/(?P<ext>[^/]+)", _NOT_OFFERED, _NO_EXTENSIONS),
+    ("GET", "/rdp", _NOT_OFFERED, _NO_RDP),
+]
 
 
 class CatalogApi:
@@ -38,12 +64,8 @@ class CatalogApi:
         r.route("GET", "/poolusagemetrics", self.usage_metrics)
         r.route("GET", "/applications", self.list_applications)
         r.route("GET", "/applications/(?P<app>[^/]+)", self.get_application)
-        r.route("POST", N + "/start", self.not_deallocated)
-        r.route("POST", N + "/deallocate", self.not_deallocated)
-        r.route("POST", N + "/uploadbatchservicelogs", self.no_service_logs)
-        r.route("GET", N + "/extensions", self.no_extensions)
-        r.route("GET", N + "/extensions/(?P<ext>[^/]+)", self.no_extensions)
-        r.route("GET", N + "/rdp", self.no_rdp)
+        for method, path, code, why in _NODE_REFUSALS:
+            r.route(method, N + path, self._refusal(code, why))
 
     # ------------------------------------------------------------------ catalogues
 
@@ -130,39 +152,12 @@ class CatalogApi:
 
     # ------------------------------------------------------------------ not applicable
 
-    async def not_deallocated(self, pool: str, node: str, **_: Any) -> Response:
-        self.core.get_tvm(pool, node)
-        raise ApiError(
-            409,
-            "OperationInvalidForCurrentState",
-            f"node {node!r} is a TVM: a process on its host that stays allocated while it is in "
-            "its pool; it is never deallocated, so it cannot be deallocated or started (remove it "
-            "with removenodes, or stop scheduling on it with disablescheduling)",
-        )
+    def _refusal(self, code: str, why: str) -> Handler:
+        """A node operation that does not apply to a TVM: 404 for a node that does not exist,
+        else 409 with `code` and why (`{node}` in it names the node)."""
 
-    async def no_service_logs(self, pool: str, node: str, **_: Any) -> Response:
-        self.core.get_tvm(pool, node)
-        raise ApiError(
-            409,
-            _NOT_OFFERED,
-            "uploadbatchservicelogs is not offered by this account: the agent's logs are on its "
-            "host (journalctl -u tvm-agent, or the tvm up log); task output is in the node's files",
-        )
+        async def refuse(pool: str, node: str, **_: Any) -> Response:
+            self.core.get_tvm(pool, node)
+            raise ApiError(409, code, why.format(node=repr(node)))
 
-    async def no_extensions(self, pool: str, node: str, **_: Any) -> Response:
-        self.core.get_tvm(pool, node)
-        raise ApiError(
-            409,
-            _NOT_OFFERED,
-            "VM extensions are not offered by this account: a TVM is not an Azure VM; use a pool "
-            "start task to install software",
-        )
-
-    async def no_rdp(self, pool: str, node: str, **_: Any) -> Response:
-        self.core.get_tvm(pool, node)
-        raise ApiError(
-            409,
-            _NOT_OFFERED,
-            "remote desktop (RDP) is for Windows nodes; TVMs are Linux: add a node user and use "
-            "ssh with the node's remoteloginsettings",
-        )
+        return refuse
