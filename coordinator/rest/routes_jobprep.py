@@ -10,6 +10,7 @@ from coordinator.core.records import JobPrepRec, PrepRun
 
 from . import paging
 from .dispatch import Response, RouteAdder, RouteGroup, _json_response
+from .views import scheduling_error
 
 
 def _info(run: PrepRun | None, task_dir: str) -> m.PrepTaskExecutionInfo | None:
@@ -25,11 +26,7 @@ def _info(run: PrepRun | None, task_dir: str) -> m.PrepTaskExecutionInfo | None:
         last_retry_time=rfc3339(run.last_retry),
         result=("success" if run.succeeded else "failure") if done else None,
         task_root_directory=task_dir,
-        scheduling_error=m.SchedulingError(
-            category=run.failure[0], code=run.failure[1], message=run.failure[2]
-        )
-        if run.failure
-        else None,
+        scheduling_error=scheduling_error(run.failure),
     )
 
 

@@ -79,11 +79,7 @@ def tvm_view(core: CoordinatorState, tvm: Tvm) -> m.Tvm:
             end_time=rfc3339(cast("float | None", d.get("end_time"))),
             exit_code=cast("int | None", d.get("exit_code")),
             retry_count=int(cast(int, d.get("retry_count", 0) or 0)),
-            scheduling_error=m.SchedulingError(
-                category=failure[0], code=failure[1], message=failure[2]
-            )
-            if failure
-            else None,
+            scheduling_error=scheduling_error(failure),
         )
     recent = []
     for key, task in list(tvm.running.items())[:20]:
@@ -175,6 +171,13 @@ def job_view(core: CoordinatorState, job: Job, counts: bool = True) -> m.Job:
     )
 
 
+def scheduling_error(failure: tuple[str, str, str] | None) -> m.SchedulingError | None:
+    """A record's failure (category, code, message) as the wire's schedulingError."""
+    if not failure:
+        return None
+    return m.SchedulingError(category=failure[0], code=failure[1], message=failure[2])
+
+
 def _subtasks(subs: list[Sub] | None) -> list[m.SubtaskInfo]:
     return [
         m.SubtaskInfo(
@@ -184,11 +187,7 @@ def _subtasks(subs: list[Sub] | None) -> list[m.SubtaskInfo]:
             exit_code=s.exit_code,
             start_time=rfc3339(s.start_time),
             end_time=rfc3339(s.end_time),
-            scheduling_error=m.SchedulingError(
-                category=s.failure[0], code=s.failure[1], message=s.failure[2]
-            )
-            if s.failure
-            else None,
+            scheduling_error=scheduling_error(s.failure),
         )
         for i, s in enumerate(subs or ())
     ]
@@ -205,11 +204,7 @@ def task_view(job: Job, t: TaskRec, subs: list[Sub] | None = None) -> m.Task:
         requeue_count=t.requeue_count,
         last_retry_time=rfc3339(t.last_retry),
         last_requeue_time=rfc3339(t.last_requeue),
-        scheduling_error=m.SchedulingError(
-            category=t.failure[0], code=t.failure[1], message=t.failure[2]
-        )
-        if t.failure
-        else None,
+        scheduling_error=scheduling_error(t.failure),
     )
     wall = t.max_wall_s if t.max_wall_s is not None else job.rec.max_wall_s
     retries = t.max_retries if t.max_retries is not None else job.rec.max_retries
