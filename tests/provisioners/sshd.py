@@ -14,6 +14,17 @@ from dataclasses import dataclass
 import pytest
 
 SSHD = "/usr/sbin/sshd"
+# sshd in a mount namespace of its own whose /run is empty: its logins see no running systemd
+# (no /run/systemd/system), whatever this machine's PID 1 is
+NO_SYSTEMD = [
+    "unshare",
+    "--mount",
+    "--propagation",
+    "private",
+    "sh",
+    "-c",
+    'mount -t tmpfs tmpfs /run && mkdir /run/sshd && exec "$0" "$@"',
+]
 
 
 @dataclass
@@ -29,7 +40,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_sshd(base: str) -> tuple[Sshd, subprocess.Popen[bytes]]:
+def start_sshd(base: str, wrap: list[str] | None = None) -> tuple[Sshd, subprocess.Popen[bytes]]:
+    """`wrap`: a command prefix for sshd (e.g. nsenter into a namespace where its logins run)."""
     if os.geteuid() != 0:
         pytest.skip("sshd must run as root to log users in")
     if (
@@ -62,7 +74,10 @@ def start_sshd(base: str) -> tuple[Sshd, subprocess.Popen[bytes]]:
         )
     log = open(os.path.join(base, "sshd.log"), "ab")  # noqa: SIM115
     proc = subprocess.Popen(
-        [SSHD, "-D", "-e", "-f", conf], stdout=log, stderr=log, start_new_session=True
+        [*(wrap or []), SSHD, "-D", "-e", "-f", conf],
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
     )
     log.close()
     deadline = time.monotonic() + 10

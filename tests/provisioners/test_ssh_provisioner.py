@@ -1,7 +1,8 @@
 """The ssh provisioner against a real sshd on loopback (its own host key, config and authorized
 key): a pool grows to 2 TVMs on two "hosts" (two loopback addresses of that sshd), runs tasks,
-shrinks to 0, and no agent process or directory is left behind. A host nobody listens on shows up
-in the pool's resize error, named."""
+shrinks to 0, and no agent process or directory is left behind. A host nobody listens on, or one
+that refuses the key, shows up in the pool's resize error, named. The sshd runs where no systemd
+runs (NO_SYSTEMD), so `mode = "auto"` must start plain processes."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from coordinator.client import task_spec
 from coordinator.common import models as m
 from coordinator.runtime.provisioners.config import parse_provisioners
 from tests.harness import REPO, cluster_ctx
-from tests.provisioners.sshd import Sshd, start_sshd, stop
+from tests.provisioners.hostprocs import CmdlineWatch
+from tests.provisioners.sshd import NO_SYSTEMD, Sshd, start_sshd, stop
 
 TVM = os.path.join(os.path.dirname(os.path.realpath(os.sys.executable)), "tvm")  # type: ignore[attr-defined]
 JOB = "job-0000000001"
@@ -24,7 +26,9 @@ JOB = "job-0000000001"
 
 @pytest.fixture
 def sshd(tmp_path) -> Iterator[Sshd]:  # noqa: ANN001
-    server, proc = start_sshd(str(tmp_path / "sshd"))
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not installed")
+    server, proc = start_sshd(str(tmp_path / "sshd"), wrap=NO_SYSTEMD)
     try:
         yield server
     finally:
@@ -65,7 +69,9 @@ def _tvm_command() -> str:
     return tvm
 
 
-def _ssh_section(sshd: Sshd, agent_dir: str, hosts: list[tuple[str, int]]) -> dict:
+def _ssh_section(
+    sshd: Sshd, agent_dir: str, hosts: list[tuple[str, int]], mode: str = "process"
+) -> dict:
     return {
         "lab": {
             "type": "ssh",
@@ -78,7 +84,7 @@ def _ssh_section(sshd: Sshd, agent_dir: str, hosts: list[tuple[str, int]]) -> di
                     "key-file": sshd.key_file,
                     "tvm": _tvm_command(),
                     "agent-dir": agent_dir,
-                    "mode": "process",
+                    "mode": mode,
                 }
                 for address, port in hosts
             ],
@@ -89,50 +95,62 @@ def _ssh_section(sshd: Sshd, agent_dir: str, hosts: list[tuple[str, int]]) -> di
 async def test_pool_grows_over_ssh_runs_tasks_and_shrinks_to_nothing(
     nursery, tmp_path, sshd, agent_dir
 ):
-    section = _ssh_section(sshd, agent_dir, [(a, sshd.port) for a in sshd.addresses])
+    section = _ssh_section(sshd, agent_dir, [(a, sshd.port) for a in sshd.addresses], "auto")
     async with cluster_ctx(
         nursery, tmp_path, heartbeat_timeout=5.0, provisioners=parse_provisioners(section)
     ) as c:
-        await c.client.pools.add(
-            "p",
-            target_dedicated=2,
-            metadata=[m.MetadataItem(name="provisioner", value="lab")],
-        )
-        await c.wait_for(lambda: c._idle("p", 2), timeout=90, what="2 idle TVMs over ssh")
-        tvms = await c.client.tvms.list("p")
-        agents = sorted(t.agent_id for t in tvms)
-        # one agent per host entry, each with its own directory on the "host"
-        assert [a.rsplit("-", 1)[0] for a in agents] == ["lab-0", "lab-1"]
-        assert sorted(os.listdir(agent_dir)) == agents
-        for name in agents:
-            token = os.path.join(agent_dir, name, "token")
-            assert os.stat(token).st_mode & 0o777 == 0o600
-            for pid in _agent_pids(os.path.join(agent_dir, name)):
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    assert c.rc.join_token.encode() not in f.read()  # never on a command line
-        assert len(_agent_pids(agent_dir)) == 2
+        with CmdlineWatch(c.rc.join_token) as watch:
+            await c.client.pools.add(
+                "p",
+                target_dedicated=2,
+                metadata=[m.MetadataItem(name="provisioner", value="lab")],
+            )
+            await c.wait_for(lambda: c._idle("p", 2), timeout=90, what="2 idle TVMs over ssh")
+            tvms = await c.client.tvms.list("p")
+            agents = sorted(t.agent_id for t in tvms)
+            # one agent per host entry, each with its own directory on the "host"
+            assert [a.rsplit("-", 1)[0] for a in agents] == ["lab-0", "lab-1"]
+            assert sorted(os.listdir(agent_dir)) == agents
+            for name in agents:
+                token = os.path.join(agent_dir, name, "token")
+                assert os.stat(token).st_mode & 0o777 == 0o600
+                with open(os.path.join(agent_dir, name, "mode")) as f:
+                    assert f.read() == "process\n"  # auto, and no systemd runs there
+                with open(os.path.join(agent_dir, name, "pid")) as f:
+                    # the recorded pid is the agent itself (exec'd), what stop signals
+                    assert _agent_pids(os.path.join(agent_dir, name)) == [int(f.read())]
+                for pid in _agent_pids(os.path.join(agent_dir, name)):
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        assert c.rc.join_token.encode() not in f.read()  # never on a command line
+            assert len(_agent_pids(agent_dir)) == 2
 
-        await c.client.workitems.add("wi", "p")
-        await c.client.tasks.add_many(
-            "wi",
-            JOB,
-            [task_spec(f"t{i}", "/bin/sh -c 'echo hello from $WATASK_TVM_NAME'") for i in range(6)],
-        )
-        done = await c.wait_for(
-            lambda: _all_done(c), timeout=60, what="6 tasks completed on the ssh TVMs"
-        )
-        assert all(t.execution_info.exit_code == 0 for t in done)
-        assert {t.tvm_info.tvm_name for t in done} <= {t.name for t in tvms}
+            await c.client.workitems.add("wi", "p")
+            await c.client.tasks.add_many(
+                "wi",
+                JOB,
+                [
+                    task_spec(f"t{i}", "/bin/sh -c 'echo hello from $WATASK_TVM_NAME'")
+                    for i in range(6)
+                ],
+            )
+            done = await c.wait_for(
+                lambda: _all_done(c), timeout=60, what="6 tasks completed on the ssh TVMs"
+            )
+            assert all(t.execution_info.exit_code == 0 for t in done)
+            assert {t.tvm_info.tvm_name for t in done} <= {t.name for t in tvms}
 
-        await c.client.pools.resize("p", 0)
-        await c.wait_for(
-            lambda: not _agent_pids(agent_dir) and not os.listdir(agent_dir),
-            timeout=60,
-            what="every ssh agent stopped and its directory wiped",
-        )
-        await c.wait_for(lambda: _steady_empty(c), what="pool steady at 0")
-        assert not any(a in c.rc.service.core.agents for a in agents)
+            await c.client.pools.resize("p", 0)
+            await c.wait_for(
+                lambda: not _agent_pids(agent_dir) and not os.listdir(agent_dir),
+                timeout=60,
+                what="every ssh agent stopped and its directory wiped",
+            )
+            await c.wait_for(lambda: _steady_empty(c), what="pool steady at 0")
+            assert not any(a in c.rc.service.core.agents for a in agents)
     assert not _agent_pids(agent_dir)
+    # sampled all along: starts, tasks, stops; the token was on no process's command line
+    assert watch.scans > 10
+    assert watch.hits == []
 
 
 async def test_unreachable_host_is_named_in_the_pools_resize_error(
@@ -159,6 +177,30 @@ async def test_unreachable_host_is_named_in_the_pools_resize_error(
         assert q.resize_error.code == "UnknownProvisioner"
         assert "'nope'" in q.resize_error.message
     assert not os.path.exists(agent_dir) or not os.listdir(agent_dir)
+
+
+async def test_a_host_that_refuses_the_key_is_named_and_nothing_is_left_there(
+    nursery, tmp_path, sshd, agent_dir
+):
+    import subprocess
+
+    wrong = str(tmp_path / "not_authorized")
+    subprocess.run(  # noqa: ASYNC221 - before any of the test's async work starts
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", wrong], check=True
+    )
+    section = _ssh_section(sshd, agent_dir, [(sshd.addresses[1], sshd.port)])
+    section["lab"]["hosts"][0]["key-file"] = wrong
+    async with cluster_ctx(nursery, tmp_path, provisioners=parse_provisioners(section)) as c:
+        await c.client.pools.add(
+            "p", target_dedicated=1, metadata=[m.MetadataItem(name="provisioner", value="lab")]
+        )
+        pool = await c.wait_for(lambda: _with_error(c, "p"), timeout=30, what="a resize error")
+        assert pool.resize_error.code == "HostUnreachable"
+        assert f"root@{sshd.addresses[1]}:{sshd.port}" in pool.resize_error.message
+        assert "Permission denied" in pool.resize_error.message
+        assert (pool.allocation_state, pool.current_dedicated) == ("steady", 0)
+        assert c.rc.service.provisioner.plugins["lab"].agents == {}
+    assert not os.path.exists(agent_dir)  # the login failed: not even the agent directory
 
 
 async def _with_error(c, pool: str):  # noqa: ANN001, ANN202

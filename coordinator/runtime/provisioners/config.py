@@ -89,6 +89,8 @@ class SshSpec(_Spec):
     connect_timeout: int = 10
     # an unreachable host is not tried again for this many seconds
     retry_after: float = 60.0
+    # a host's venv (python3 -m venv + pip install) must be ready within this many seconds
+    install_timeout: float = 900.0
 
 
 class SlurmSpec(_Spec):
@@ -215,6 +217,7 @@ def _check(spec: Spec, where: str) -> None:
         _positive(where, "idle-stop-after", spec.idle_stop_after)
         _positive(where, "retry-after", spec.retry_after)
         _positive(where, "connect-timeout", spec.connect_timeout)
+        _positive(where, "install-timeout", spec.install_timeout)
         for i, h in enumerate(spec.hosts):
             at = f"{where} hosts[{i}] ({h.address})"
             if not _WORD_RE.match(h.address):
@@ -235,8 +238,14 @@ def _check(spec: Spec, where: str) -> None:
             _path(at, "agent-dir", h.agent_dir, required=True)
             _path(at, "key-file", h.key_file)
             _path(at, "known-hosts", h.known_hosts)
-            if not re.match(r"^[A-Za-z0-9_.=<>~!\[\],+-]+$", h.pip_spec):
-                raise ProvisionerConfigError(f"{at}: `pip-spec` is not a pip requirement")
+            # a requirement (`tvm-batch==0.1.0`, `tvm-batch[postgres]`) or a path on the host
+            if not re.match(
+                r"^([A-Za-z0-9][A-Za-z0-9_.=<>~!\[\],+-]*|/[A-Za-z0-9_./+-]*(\[[A-Za-z0-9_,-]+\])?)$",
+                h.pip_spec,
+            ):
+                raise ProvisionerConfigError(
+                    f"{at}: `pip-spec` is not a pip requirement or an absolute path: {h.pip_spec!r}"
+                )
     elif isinstance(spec, SlurmSpec):
         for key in ("partition", "account"):
             value = getattr(spec, key)

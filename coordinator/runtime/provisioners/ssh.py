@@ -7,6 +7,11 @@ own session (pid in NAME/pid). `stop` ends it (SIGTERM, then SIGKILL of its proc
 grace) and deletes its directory. A host ssh cannot reach (exit status 255) is reported as a
 problem naming it (the pool's resize error) and left alone for `retry-after` seconds.
 
+A host entry with `venv` gets that venv made and `pip-spec` installed into it before its first
+agent starts (reused while its `tvm` is there); a failed install is reported with pip's error and
+removes the venv it made. `mode = "auto"` falls back to a plain process where the system manager
+does not take the unit.
+
 Blocking code: the hub calls it in worker threads, one call at a time.
 """
 
@@ -166,16 +171,14 @@ class SshProvisioner:
 
     def _start_one(self, index: int, name: str) -> bool:
         host = self.spec.hosts[index]
+        if host.venv and not self._ensure_venv(index):
+            return False
         result = self._ssh(host, self._start_script(host, name), stdin=self.token + "\n")
         if result.returncode == 0:
             return True
         why = _last_line(result.stderr) or f"exit status {result.returncode}"
         if result.returncode == 255:
-            self._bad_until[index] = time.monotonic() + self.spec.retry_after
-            self._problem(
-                "HostUnreachable",
-                f"provisioner {self.name}: host {_where(host)} cannot be reached over SSH: {why}",
-            )
+            self._unreachable(index, why)
         else:
             self._problem(
                 "AgentStartFailed",
@@ -185,18 +188,40 @@ class SshProvisioner:
             self._ssh(host, f"rm -rf {shlex.quote(_agent_dir(host, name))}", timeout=30)
         return False
 
+    def _unreachable(self, index: int, why: str) -> None:
+        self._bad_until[index] = time.monotonic() + self.spec.retry_after
+        self._problem(
+            "HostUnreachable",
+            f"provisioner {self.name}: host {_where(self.spec.hosts[index])} cannot be reached"
+            f" over SSH: {why}",
+        )
+
+    def _ensure_venv(self, index: int) -> bool:
+        """The host's venv with `tvm` in it: reused when its `tvm` is there, else made now.
+
+        Its own ssh call (an install takes minutes where an agent's start takes a second), and a
+        venv this call created is removed again when the install fails, so the next attempt
+        starts clean and a failure leaves nothing behind.
+        """
+        host = self.spec.hosts[index]
+        result = self._ssh(host, _venv_script(host), timeout=self.spec.install_timeout)
+        if result.returncode == 0:
+            return True
+        if result.returncode == 255 and not result.stderr.startswith("no answer within"):
+            self._unreachable(index, _last_line(result.stderr) or "exit status 255")
+            return False
+        self._bad_until[index] = time.monotonic() + self.spec.retry_after
+        self._problem(
+            "VenvInstallFailed",
+            f"provisioner {self.name}: installing {host.pip_spec} into {host.venv} on"
+            f" {_where(host)} failed: {_pip_error(result.stderr, result.returncode)}",
+        )
+        return False
+
     def _start_script(self, host: SshHost, name: str) -> str:
         q = shlex.quote
         d = _agent_dir(host, name)
-        if host.venv:
-            tvm = f"{host.venv}/bin/tvm"
-            setup = (
-                f"if [ ! -x {q(tvm)} ]; then python3 -m venv {q(host.venv)} >&2 &&"
-                f" {q(host.venv)}/bin/pip install -q {q(host.pip_spec)} >&2; fi\n"
-            )
-        else:
-            tvm = host.tvm
-            setup = ""
+        tvm = f"{host.venv}/bin/tvm" if host.venv else host.tvm
         agent = (
             f"{q(tvm)} agent --coordinator {q(self.agent_url)} --token-file {q(d)}/token"
             f" --root {q(d)}/root --private-dir {q(d)}/private --name {q(name)}"
@@ -205,24 +230,25 @@ class SshProvisioner:
         unit = f"tvm-agent-{name}"
         systemd = (
             f"systemd-run --quiet --unit={q(unit)} --collect --property=KillMode=mixed"
-            f" --property=TimeoutStopSec={STOP_GRACE_S} {agent} && echo systemd > {q(d)}/mode"
+            f" --property=TimeoutStopSec={STOP_GRACE_S} {agent}"
         )
         plain = (
             f'nohup setsid sh -c \'echo $$ > "$0/pid"; exec "$@"\' {q(d)} {agent}'
             f" > {q(d)}/agent.log 2>&1 < /dev/null &\necho process > {q(d)}/mode"
         )
         if host.mode == "systemd":
-            launch = systemd
+            launch = f"{systemd}\necho systemd > {q(d)}/mode"
         elif host.mode == "process":
             launch = plain
         else:
+            # where the system manager will not take the unit (a user it asks for a password),
+            # the agent runs as a plain process rather than not at all
             launch = (
-                "if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null; then\n"
-                f"{systemd}\nelse\n{plain}\nfi"
+                "if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null &&"
+                f" {systemd} </dev/null; then\necho systemd > {q(d)}/mode\nelse\n{plain}\nfi"
             )
         return (
             "set -e\n"
-            f"{setup}"
             f"[ -x {q(tvm)} ] || {{ echo 'no tvm command at {tvm}' >&2; exit 3; }}\n"
             f"mkdir -p {q(host.agent_dir)} && chmod 711 {q(host.agent_dir)}\n"
             f"umask 077\nmkdir {q(d)} {q(d)}/private\nchmod 711 {q(d)}\n"
@@ -254,6 +280,31 @@ class SshProvisioner:
 
 def _agent_dir(host: SshHost, name: str) -> str:
     return f"{host.agent_dir.rstrip('/')}/{name}"
+
+
+def _venv_script(host: SshHost) -> str:
+    q = shlex.quote
+    v = host.venv
+    # stdin is /dev/null for every step: nothing may read what the start step sends (the token)
+    return (
+        f"[ -x {q(v)}/bin/tvm ] && exit 0\n"
+        f"if [ -e {q(v)} ]; then new=0; else new=1; fi\n"
+        f"if python3 -m venv {q(v)} </dev/null >&2 &&"
+        f" {q(v)}/bin/python -m pip install -q --disable-pip-version-check --no-input"
+        f" {q(host.pip_spec)} </dev/null >&2; then\n"
+        f"  [ -x {q(v)}/bin/tvm ] && exit 0\n"
+        f"  echo 'ERROR: {host.pip_spec} installed no tvm command' >&2\n"
+        "fi\n"
+        f'[ "$new" = 1 ] && rm -rf {q(v)}\n'
+        "exit 4\n"
+    )
+
+
+def _pip_error(stderr: str, status: int) -> str:
+    """pip's own verdict (its last `ERROR:` line), else the last thing said."""
+    lines = [line.strip() for line in (stderr or "").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR:")]
+    return (errors or lines or [f"exit status {status}"])[-1]
 
 
 def _where(host: SshHost) -> str:

@@ -1,0 +1,67 @@
+"""What runs on the test's ssh "hosts" (this machine, seen through /proc): agent processes found by
+their directory in the command line, and a watcher that samples every process's command line for
+a secret while a test runs."""
+
+from __future__ import annotations
+
+import os
+import threading
+from types import TracebackType
+
+
+def agent_pids(marker: str) -> list[int]:
+    """Live (not zombie) processes whose command line holds `marker`."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if marker.encode() in cmd and state != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+class CmdlineWatch:
+    """Scans /proc/*/cmdline (all processes, every namespace below ours) every few milliseconds
+    until closed; `hits` lists the command lines that held the secret, `scans` how many passes
+    were made (a watcher that never ran proves nothing)."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret.encode()
+        self.hits: list[str] = []
+        self.scans = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> CmdlineWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{entry}/cmdline", "rb") as f:
+                        cmd = f.read()
+                except OSError:
+                    continue
+                if self.secret in cmd:
+                    self.hits.append(cmd.replace(b"\0", b" ").decode(errors="replace"))
+            self.scans += 1
