@@ -70,6 +70,13 @@ def test_a_valid_section_is_typed_and_keeps_its_default():
         (ssh(hosts=[{**HOST, "user": "-oX"}]), None),
         (ssh(hosts=[{**HOST, "address": "-oX"}]), "`address` is not a host name"),
         (ssh(hosts=[{**HOST, "max-agents": 0}]), "`max-agents` must be at least 1"),
+        # pip options are no requirement: `-r FILE` would read a file, `--index-url` redirect
+        (ssh(hosts=[{"address": "h", "venv": "/v", "pip-spec": "-r/etc/x"}]), "`pip-spec` is not"),
+        (ssh(hosts=[{"address": "h", "venv": "/v", "pip-spec": "--pre"}]), "`pip-spec` is not"),
+        (ssh(hosts=[{"address": "h", "venv": "/v", "pip-spec": "src/tvm"}]), "`pip-spec` is not"),
+        (ssh(hosts=[{"address": "h", "venv": "/v", "pip-spec": "/a b"}]), "`pip-spec` is not"),
+        (ssh(hosts=[{"address": "h", "venv": "/v", "python": "py;x"}]), "`python` must be"),
+        (ssh(**{"install-timeout": 0}), "`install-timeout` must be positive"),
         (ssh(hosts=[{**HOST, "mode": "docker"}]), "`hosts[0].mode`"),
         (ssh(**{"idle-stop-after": 0}), "`idle-stop-after` must be positive"),
         (ssh(**{"coordinator-url": "ftp://x"}), "`coordinator-url` is not"),
@@ -95,6 +102,14 @@ def test_mistakes_are_refused_naming_the_provisioner_and_key(table, expected):
     message = str(info.value)
     assert message.startswith("coord.toml: ")
     assert expected in message
+
+
+def test_ssh_venv_entries_take_a_requirement_or_a_path_and_a_python():
+    for spec in ("tvm-batch", "tvm-batch==0.1.0", "tvm-batch[postgres]>=0.1", "/src/tvm-batch"):
+        host = {"address": "h", "venv": "/opt/v", "pip-spec": spec, "python": "/usr/bin/python3.12"}
+        lab = parse_provisioners({"lab": {"type": "ssh", "hosts": [host]}}).named["lab"]
+        assert isinstance(lab, SshSpec)
+        assert (lab.hosts[0].pip_spec, lab.hosts[0].python) == (spec, "/usr/bin/python3.12")
 
 
 def test_slurm_time_limits():
@@ -129,14 +144,25 @@ def test_ssh_scripts_are_valid_shell_and_carry_no_token(tmp_path, mode, install)
     spec = parse_provisioners({"lab": {"type": "ssh", "hosts": [{**host, **install}]}}).named["lab"]
     prov = SshProvisioner("lab", spec, str(tmp_path), "ws://c:1/agent", "s3cret-token")  # type: ignore[arg-type]
     h = spec.hosts[0]  # type: ignore[union-attr]
-    for script in (prov._start_script(h, "lab-0-ab"), prov._stop_script(h, "lab-0-ab")):
+    from coordinator.runtime.provisioners.ssh import _venv_script
+
+    scripts = [prov._start_script(h, "lab-0-ab"), prov._stop_script(h, "lab-0-ab")]
+    if h.venv:
+        scripts.append(_venv_script(h))
+    for script in scripts:
         assert "s3cret" not in script
         check = subprocess.run(["sh", "-n", "-c", script], capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
     start = prov._start_script(h, "lab-0-ab")
     assert "cat > /var/lib/tvm-ssh/lab-0-ab/token" in start  # the token comes on stdin
     assert ("systemd-run" in start) == (mode != "process")
-    assert ("python3 -m venv /opt/tvm" in start) == ("venv" in install)
+    # the venv is made in a step of its own, which never reads stdin (the start step's token)
+    assert "python3 -m venv" not in start
+    if h.venv:
+        venv = _venv_script(h)
+        assert "python3 -m venv /opt/tvm </dev/null" in venv
+        assert "pip install" in venv
+        assert "</dev/null" in venv.split("pip install", 1)[1].split("\n", 1)[0]
     args = prov._ssh_args(h)
     assert args[-1] == "root@h"
     assert "BatchMode=yes" in args

@@ -72,6 +72,7 @@ class SshHost(_Spec):
     tvm: str = ""
     venv: str = ""
     pip_spec: str = "tvm-batch"
+    python: str = "python3"  # what makes the venv (a path where the host's python3 is too old)
     # where each agent's directory (token, private dir, TVM root, log) goes on the host
     agent_dir: str = "/var/lib/tvm-ssh"
     max_agents: int = 1
@@ -235,6 +236,8 @@ def _check(spec: Spec, where: str) -> None:
                 )
             _path(at, "tvm", h.tvm)
             _path(at, "venv", h.venv)
+            if h.python != "python3":
+                _path(at, "python", h.python)
             _path(at, "agent-dir", h.agent_dir, required=True)
             _path(at, "key-file", h.key_file)
             _path(at, "known-hosts", h.known_hosts)

@@ -267,7 +267,8 @@ class ProvisionerHub:
         for name in free:
             self._idle.setdefault(name, now)
         for name in list(self._idle):
-            if name not in free:
+            # only this plugin's agents: another plugin's free agent keeps its idle time
+            if name in started and name not in free:
                 del self._idle[name]
         for name in sorted(free, key=lambda n: self._idle[n]):
             if surplus <= 0:

@@ -289,7 +289,7 @@ def _venv_script(host: SshHost) -> str:
     return (
         f"[ -x {q(v)}/bin/tvm ] && exit 0\n"
         f"if [ -e {q(v)} ]; then new=0; else new=1; fi\n"
-        f"if python3 -m venv {q(v)} </dev/null >&2 &&"
+        f"if {q(host.python)} -m venv {q(v)} </dev/null >&2 &&"
         f" {q(v)}/bin/python -m pip install -q --disable-pip-version-check --no-input"
         f" {q(host.pip_spec)} </dev/null >&2; then\n"
         f"  [ -x {q(v)}/bin/tvm ] && exit 0\n"
