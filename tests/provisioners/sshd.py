@@ -40,8 +40,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_sshd(base: str, wrap: list[str] | None = None) -> tuple[Sshd, subprocess.Popen[bytes]]:
-    """`wrap`: a command prefix for sshd (e.g. nsenter into a namespace where its logins run)."""
+def start_sshd(
+    base: str, wrap: list[str] | None = None, keys_dir: str = ""
+) -> tuple[Sshd, subprocess.Popen[bytes]]:
+    """`wrap`: a command prefix for sshd (e.g. nsenter into a namespace where its logins run).
+    `keys_dir`: where the authorized key goes, readable by all (sshd reads it as the user who
+    logs in; `base` may be root's alone)."""
     if os.geteuid() != 0:
         pytest.skip("sshd must run as root to log users in")
     if (
@@ -55,9 +59,9 @@ def start_sshd(base: str, wrap: list[str] | None = None) -> tuple[Sshd, subproce
     key = os.path.join(base, "client_ed25519")
     for path in (host_key, key):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", path], check=True)
-    auth = os.path.join(base, "authorized_keys")
+    auth = os.path.join(keys_dir or base, "authorized_keys")
     shutil.copy(key + ".pub", auth)
-    os.chmod(auth, 0o600)
+    os.chmod(auth, 0o644 if keys_dir else 0o600)
     # sshd insists on its privilege separation directory (a fixed path; created if missing, kept)
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     addresses = ("127.0.0.1", "127.0.0.2")

@@ -31,6 +31,10 @@ mount -t tmpfs -o mode=755 tmpfs /run
 mount --bind /proc/sys /proc/sys
 mount -o remount,bind,ro /proc/sys
 mkdir -p /run/systemd/system /run/sshd
+# its own (empty) state, where a test may mark a user as lingering
+if [ -d /var/lib/systemd ]; then
+  mount -t tmpfs -o mode=755 tmpfs /var/lib/systemd && mkdir /var/lib/systemd/linger
+fi
 printf '[Unit]\nDescription=tvm test\nDefaultDependencies=no\n' > /run/systemd/system/tvm-test.target
 for w in /lib/systemd/system/*.wants/* /usr/lib/systemd/system/*.wants/* /etc/systemd/system/*.wants/*; do
   [ -e "$w" ] || [ -L "$w" ] || continue
@@ -60,6 +64,47 @@ class SystemdNs:
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [*self.enter(), *args], capture_output=True, text=True, timeout=30, check=False
+        )
+
+    def start_user_manager(self, user: str, uid: int, gid: int) -> None:
+        """`systemd --user` for `user`, lingering, as user@.service would run it (that unit's
+        runtime-dir helper asks logind over D-Bus, neither of which runs here)."""
+        runtime = f"/run/user/{uid}"
+        for step in (
+            [
+                "sh",
+                "-c",
+                f"mkdir -p {runtime} && chown {uid}:{gid} {runtime} && chmod 700 {runtime}",
+            ],
+            ["touch", f"/var/lib/systemd/linger/{user}"],
+            [
+                "systemd-run",
+                f"--unit=tvm-test-user-{uid}",
+                f"--uid={uid}",
+                "-p",
+                "Type=notify",
+                "-p",
+                "Delegate=yes",
+                "-p",
+                f"Environment=XDG_RUNTIME_DIR={runtime}",
+                SYSTEMD,
+                "--user",
+            ],
+        ):
+            out = self.run(*step)
+            assert out.returncode == 0, f"{step}: {out.stderr}"
+
+    def user_systemctl(self, user: str, uid: int, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.run(
+            "runuser",
+            "-u",
+            user,
+            "--",
+            "env",
+            f"XDG_RUNTIME_DIR=/run/user/{uid}",
+            "systemctl",
+            "--user",
+            *args,
         )
 
 

@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import uuid
 from collections.abc import Iterator
 
@@ -21,7 +20,7 @@ from coordinator.client import task_spec
 from coordinator.common import models as m
 from coordinator.runtime.provisioners.config import parse_provisioners
 from tests.harness import REPO, cluster_ctx
-from tests.provisioners.hostprocs import CmdlineWatch, agent_pids
+from tests.provisioners.hostprocs import CmdlineWatch, agent_pids, ready_made_venv
 from tests.provisioners.sshd import NO_SYSTEMD, Sshd, start_sshd, stop
 
 JOB = "job-0000000001"
@@ -73,27 +72,6 @@ async def _with_error(c, pool: str):  # noqa: ANN001, ANN202
     return p if p.resize_error is not None else None
 
 
-def _ready_made_venv(path: str) -> str:
-    """A venv with a working `tvm` made without pip (fast): its site-packages reaches this
-    interpreter's (where this checkout is installed), and bin/tvm is its entry point."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", path], check=True)
-    site = subprocess.run(
-        [f"{path}/bin/python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    with open(os.path.join(site, "tvm_test_reuse.pth"), "w") as f:
-        f.write(f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
-    tvm = os.path.join(path, "bin", "tvm")
-    with open(tvm, "w") as f:
-        f.write(
-            f"#!{path}/bin/python\nimport sys\nfrom coordinator.cli import main\nsys.exit(main())\n"
-        )
-    os.chmod(tvm, 0o755)
-    return tvm
-
-
 async def _failed_install(c, pool: str, server: Sshd, venv: str, timeout: float):  # noqa: ANN001, ANN202
     """The pool's resize error for a venv that could not be made: named host and venv, the pool
     left at 0."""
@@ -109,7 +87,7 @@ async def test_a_venv_already_there_is_reused_and_one_that_cannot_be_made_is_rep
     nursery, tmp_path, sshd, host_dir
 ):
     ready = os.path.join(host_dir, "ready-venv")
-    tvm = _ready_made_venv(ready)
+    tvm = ready_made_venv(ready, sys.executable)
     before = os.stat(tvm).st_mtime_ns
     # what a reinstall of `ready` would fail on: a directory pip cannot install
     not_a_project = os.path.join(host_dir, "not-a-project")

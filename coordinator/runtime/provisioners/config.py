@@ -76,7 +76,8 @@ class SshHost(_Spec):
     # where each agent's directory (token, private dir, TVM root, log) goes on the host
     agent_dir: str = "/var/lib/tvm-ssh"
     max_agents: int = 1
-    # "auto": a transient systemd unit where systemd runs, a plain process otherwise
+    # "auto": a transient systemd unit where systemd runs (for a non-root user, a unit of its
+    # user manager if it lingers), a plain process otherwise
     mode: Literal["auto", "process", "systemd"] = "auto"
 
 

@@ -3,8 +3,9 @@
 Each agent gets a directory on its host (AGENT_DIR/NAME: the join token in a 0600 file written
 from ssh's stdin, never on a command line; its private dir; its TVM root; its log). It runs as a
 transient systemd unit where systemd runs (`mode = "auto"`), otherwise as a plain process in its
-own session (pid in NAME/pid). `stop` ends it (SIGTERM, then SIGKILL of its process group after a
-grace) and deletes its directory. A host ssh cannot reach (exit status 255) is reported as a
+own session (pid in NAME/pid). A non-root login gets a unit of its own user manager
+(`systemd-run --user`), which outlives the login only for a lingering user. `stop` ends it
+(SIGTERM, then SIGKILL of its process group after a grace) and deletes its directory. A host ssh cannot reach (exit status 255) is reported as a
 problem naming it (the pool's resize error) and left alone for `retry-after` seconds.
 
 A host entry with `venv` gets that venv made and `pip-spec` installed into it before its first
@@ -228,27 +229,40 @@ class SshProvisioner:
             " --log-level warning"
         )
         unit = f"tvm-agent-{name}"
+        # root: a unit of the system manager; another user: one of that user's own manager
+        # (systemd-run --user), which outlives the login only where the user lingers
+        manager = (
+            'if [ "$(id -u)" = 0 ]; then sd=; kind=systemd; else sd=--user; kind=systemd-user\n'
+            '  XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/run/user/$(id -u)}"; export XDG_RUNTIME_DIR\nfi\n'
+            'lingers() { [ -z "$sd" ] || [ -e "/var/lib/systemd/linger/$(id -un)" ]; }\n'
+        )
         systemd = (
-            f"systemd-run --quiet --unit={q(unit)} --collect --property=KillMode=mixed"
+            f"systemd-run $sd --quiet --unit={q(unit)} --collect --property=KillMode=mixed"
             f" --property=TimeoutStopSec={STOP_GRACE_S} {agent}"
         )
         plain = (
             f'nohup setsid sh -c \'echo $$ > "$0/pid"; exec "$@"\' {q(d)} {agent}'
             f" > {q(d)}/agent.log 2>&1 < /dev/null &\necho process > {q(d)}/mode"
         )
+        check = ""
         if host.mode == "systemd":
-            launch = f"{systemd}\necho systemd > {q(d)}/mode"
+            check = (
+                'lingers || { echo "the units of $(id -un) end with its last login: enable'
+                ' lingering (loginctl enable-linger $(id -un)) or use mode = process" >&2; exit 3; }\n'
+            )
+            launch = f'{systemd}\necho "$kind" > {q(d)}/mode'
         elif host.mode == "process":
             launch = plain
         else:
-            # where the system manager will not take the unit (a user it asks for a password),
-            # the agent runs as a plain process rather than not at all
+            # where no manager runs, the user does not linger, or the manager will not take the
+            # unit (a user it asks for a password), the agent runs as a plain process instead
             launch = (
-                "if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null &&"
-                f" {systemd} </dev/null; then\necho systemd > {q(d)}/mode\nelse\n{plain}\nfi"
+                "if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null && lingers &&"
+                f' {systemd} </dev/null; then\necho "$kind" > {q(d)}/mode\nelse\n{plain}\nfi'
             )
         return (
             "set -e\n"
+            f"{manager}{check}"
             f"[ -x {q(tvm)} ] || {{ echo 'no tvm command at {tvm}' >&2; exit 3; }}\n"
             f"mkdir -p {q(host.agent_dir)} && chmod 711 {q(host.agent_dir)}\n"
             f"umask 077\nmkdir {q(d)} {q(d)}/private\nchmod 711 {q(d)}\n"
@@ -263,8 +277,12 @@ class SshProvisioner:
         d = _agent_dir(host, name)
         return (
             f"D={q(d)}\n"
-            'if [ "$(cat "$D/mode" 2>/dev/null)" = systemd ]; then\n'
+            'mode=$(cat "$D/mode" 2>/dev/null || true)\n'
+            'if [ "$mode" = systemd ]; then\n'
             f"  systemctl stop {q('tvm-agent-' + name)} || true\n"
+            'elif [ "$mode" = systemd-user ]; then\n'
+            '  XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/run/user/$(id -u)}" \\\n'
+            f"    systemctl --user stop {q('tvm-agent-' + name)} || true\n"
             'elif [ -f "$D/pid" ]; then\n'
             '  p=$(cat "$D/pid")\n'
             '  if kill -TERM "$p" 2>/dev/null; then\n'
