@@ -179,7 +179,7 @@ async def test_unreachable_host_is_named_in_the_pools_resize_error(
     assert not os.path.exists(agent_dir) or not os.listdir(agent_dir)
 
 
-async def test_a_host_that_refuses_the_key_is_named_and_nothing_is_left_there(
+async def test_a_host_that_refuses_the_key_or_lacks_tvm_is_named_and_nothing_is_left_there(
     nursery, tmp_path, sshd, agent_dir
 ):
     import subprocess
@@ -190,17 +190,40 @@ async def test_a_host_that_refuses_the_key_is_named_and_nothing_is_left_there(
     )
     section = _ssh_section(sshd, agent_dir, [(sshd.addresses[1], sshd.port)])
     section["lab"]["hosts"][0]["key-file"] = wrong
+    # and a host that logs in but has no `tvm` where the entry says
+    missing = f"/nonexistent-{uuid.uuid4().hex[:8]}/bin/tvm"
+    other = _ssh_section(sshd, agent_dir, [(sshd.addresses[0], sshd.port)])["lab"]
+    section["notvm"] = {**other, "hosts": [{**other["hosts"][0], "tvm": missing}]}
+    # and one told to use systemd where none runs: fails after the agent's directory (with the
+    # token) was made, which must go again
+    section["nosd"] = {**other, "hosts": [{**other["hosts"][0], "mode": "systemd"}]}
     async with cluster_ctx(nursery, tmp_path, provisioners=parse_provisioners(section)) as c:
         await c.client.pools.add(
             "p", target_dedicated=1, metadata=[m.MetadataItem(name="provisioner", value="lab")]
         )
+        await c.client.pools.add(
+            "q", target_dedicated=1, metadata=[m.MetadataItem(name="provisioner", value="notvm")]
+        )
+        q = await c.wait_for(lambda: _with_error(c, "q"), timeout=30, what="a resize error")
+        assert q.resize_error.code == "AgentStartFailed"
+        assert f"root@{sshd.addresses[0]}:{sshd.port}" in q.resize_error.message
+        assert f"no tvm command at {missing}" in q.resize_error.message
+        await c.client.pools.add(
+            "r", target_dedicated=1, metadata=[m.MetadataItem(name="provisioner", value="nosd")]
+        )
+        r = await c.wait_for(lambda: _with_error(c, "r"), timeout=30, what="a resize error")
+        assert r.resize_error.code == "AgentStartFailed"
+        assert f"root@{sshd.addresses[0]}:{sshd.port}" in r.resize_error.message
+        assert os.listdir(agent_dir) == []  # its directory and token file removed again
         pool = await c.wait_for(lambda: _with_error(c, "p"), timeout=30, what="a resize error")
         assert pool.resize_error.code == "HostUnreachable"
         assert f"root@{sshd.addresses[1]}:{sshd.port}" in pool.resize_error.message
         assert "Permission denied" in pool.resize_error.message
         assert (pool.allocation_state, pool.current_dedicated) == ("steady", 0)
         assert c.rc.service.provisioner.plugins["lab"].agents == {}
-    assert not os.path.exists(agent_dir)  # the login failed: not even the agent directory
+        assert c.rc.service.provisioner.plugins["notvm"].agents == {}
+        assert c.rc.service.provisioner.plugins["nosd"].agents == {}
+    assert os.listdir(agent_dir) == []
 
 
 async def _with_error(c, pool: str):  # noqa: ANN001, ANN202
