@@ -30,7 +30,7 @@ def agent_pids(marker: str) -> list[int]:
 
 
 class CmdlineWatch:
-    """Scans /proc/*/cmdline (all processes, every namespace below ours) every few milliseconds
+    """Scans /proc/*/cmdline (all processes, every namespace below ours) every 10 ms
     until closed; `hits` lists the command lines that held the secret, `scans` how many passes
     were made (a watcher that never ran proves nothing)."""
 
@@ -55,7 +55,7 @@ class CmdlineWatch:
         self._thread.join()
 
     def _run(self) -> None:
-        while not self._stop.wait(0.005):
+        while not self._stop.wait(0.01):
             for entry in os.listdir("/proc"):
                 if not entry.isdigit():
                     continue
