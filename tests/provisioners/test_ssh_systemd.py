@@ -183,7 +183,7 @@ async def test_a_non_root_login_gets_a_unit_of_its_own_user_manager(
         tvm = ready_made_venv(os.path.join(home, "venv"), python)
         agents = os.path.join(home, "agents")
         os.mkdir(agents)
-        os.chown(agents, user.pw_uid, user.pw_gid)
+        os.chmod(agents, 0o1777)  # made by root for the user, as an admin would (not its own)
         section = _section(server, agents)
         section["lab"]["hosts"][0].update(user=user.pw_name, tvm=tvm)
         strict = {**section["lab"], "hosts": [{**section["lab"]["hosts"][0], "mode": "systemd"}]}

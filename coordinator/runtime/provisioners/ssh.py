@@ -264,7 +264,9 @@ class SshProvisioner:
             "set -e\n"
             f"{manager}{check}"
             f"[ -x {q(tvm)} ] || {{ echo 'no tvm command at {tvm}' >&2; exit 3; }}\n"
-            f"mkdir -p {q(host.agent_dir)} && chmod 711 {q(host.agent_dir)}\n"
+            # (an agent-dir an admin made for a non-root user is left as it is)
+            f"mkdir -p {q(host.agent_dir)}\n"
+            f"if [ -O {q(host.agent_dir)} ]; then chmod 711 {q(host.agent_dir)}; fi\n"
             f"umask 077\nmkdir {q(d)} {q(d)}/private\nchmod 711 {q(d)}\n"
             f"cat > {q(d)}/token\n"
             # task users traverse to their directories under the TVM root
