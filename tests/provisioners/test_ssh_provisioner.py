@@ -1,8 +1,10 @@
 """The ssh provisioner against a real sshd on loopback (its own host key, config and authorized
 key): a pool grows to 2 TVMs on two "hosts" (two loopback addresses of that sshd), runs tasks,
-shrinks to 0, and no agent process or directory is left behind. A host nobody listens on, or one
-that refuses the key, shows up in the pool's resize error, named. The sshd runs where no systemd
-runs (NO_SYSTEMD), so `mode = "auto"` must start plain processes."""
+shrinks to 0, and no agent process or directory is left behind; the join token is on no command
+line meanwhile. A host nobody listens on, one that refuses the key, shows a host key other than
+the pinned one, lacks the `tvm` command or is told to use a systemd it lacks shows up in the
+pool's resize error, named, leaving nothing there. The sshd runs where no systemd runs
+(NO_SYSTEMD), so `mode = "auto"` must start plain processes."""
 
 from __future__ import annotations
 
@@ -179,7 +181,7 @@ async def test_unreachable_host_is_named_in_the_pools_resize_error(
     assert not os.path.exists(agent_dir) or not os.listdir(agent_dir)
 
 
-async def test_a_host_that_refuses_the_key_or_lacks_tvm_is_named_and_nothing_is_left_there(
+async def test_hosts_that_refuse_the_key_show_another_or_lack_tvm_are_named_leaving_nothing(
     nursery, tmp_path, sshd, agent_dir
 ):
     import subprocess
@@ -197,6 +199,15 @@ async def test_a_host_that_refuses_the_key_or_lacks_tvm_is_named_and_nothing_is_
     # and one told to use systemd where none runs: fails after the agent's directory (with the
     # token) was made, which must go again
     section["nosd"] = {**other, "hosts": [{**other["hosts"][0], "mode": "systemd"}]}
+    # and a host whose key is not the one known for it (known-hosts pins another): refused
+    impostor = str(tmp_path / "impostor_host_key")
+    subprocess.run(  # noqa: ASYNC221 - before any of the test's async work starts
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", impostor], check=True
+    )
+    known = tmp_path / "known_hosts"
+    with open(impostor + ".pub") as f:
+        known.write_text(f"[{sshd.addresses[0]}]:{sshd.port} {f.read()}")
+    section["pinned"] = {**other, "hosts": [{**other["hosts"][0], "known-hosts": str(known)}]}
     async with cluster_ctx(nursery, tmp_path, provisioners=parse_provisioners(section)) as c:
         await c.client.pools.add(
             "p", target_dedicated=1, metadata=[m.MetadataItem(name="provisioner", value="lab")]
@@ -215,6 +226,13 @@ async def test_a_host_that_refuses_the_key_or_lacks_tvm_is_named_and_nothing_is_
         assert r.resize_error.code == "AgentStartFailed"
         assert f"root@{sshd.addresses[0]}:{sshd.port}" in r.resize_error.message
         assert os.listdir(agent_dir) == []  # its directory and token file removed again
+        await c.client.pools.add(
+            "s", target_dedicated=1, metadata=[m.MetadataItem(name="provisioner", value="pinned")]
+        )
+        pool_s = await c.wait_for(lambda: _with_error(c, "s"), timeout=30, what="a resize error")
+        assert pool_s.resize_error.code == "HostUnreachable"
+        assert f"root@{sshd.addresses[0]}:{sshd.port}" in pool_s.resize_error.message
+        assert "Host key verification failed" in pool_s.resize_error.message
         pool = await c.wait_for(lambda: _with_error(c, "p"), timeout=30, what="a resize error")
         assert pool.resize_error.code == "HostUnreachable"
         assert f"root@{sshd.addresses[1]}:{sshd.port}" in pool.resize_error.message
@@ -223,6 +241,7 @@ async def test_a_host_that_refuses_the_key_or_lacks_tvm_is_named_and_nothing_is_
         assert c.rc.service.provisioner.plugins["lab"].agents == {}
         assert c.rc.service.provisioner.plugins["notvm"].agents == {}
         assert c.rc.service.provisioner.plugins["nosd"].agents == {}
+        assert c.rc.service.provisioner.plugins["pinned"].agents == {}
     assert os.listdir(agent_dir) == []
 
 
