@@ -26,6 +26,7 @@ FATAL_REJECTS = frozenset(
         "InvalidAgentCredential",
         "JoinTokenExpired",
         "JoinTokenUsed",
+        "AgentRetired",  # its TVM was lost and replaced: the provisioner stops it anyway
     }
 )
 

@@ -12,6 +12,7 @@ from .facade import CoordinatorState as CoordinatorState
 from .instructions import Close as Close
 from .instructions import Effects as Effects
 from .instructions import Provision as Provision
+from .instructions import Retire as Retire
 from .instructions import Send as Send
 from .instructions import Write as Write
 from .records import LOAD_ORDER as LOAD_ORDER

@@ -216,6 +216,13 @@ class CoordinatorState:
         """Every degraded mode of a TVM, for its record and `tvm status`."""
         return self.healing.degraded_modes(tvm)
 
+    def agents_started(self, names: list[str]) -> None:
+        """A provisioner started these agents: lost for good, they are retired (healing.py)."""
+        self.healing.agents_started(names)
+
+    def retired_reason(self, agent_id: str) -> str:
+        return self.healing.retired_reason(agent_id)
+
     def forget_agent(self, agent_id: str) -> None:
         self.agent_area.forget(agent_id)
 

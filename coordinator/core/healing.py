@@ -6,7 +6,11 @@
   (`agents.Agents.check_lost`).
 * An `unknown` TVM that stays so for its pool's `unknownTvmTimeout` (the coordinator's default
   otherwise) leaves the pool; the pool then gets another agent, from the provisioner if none is
-  free (`membership.Membership.allocate`).
+  free (`membership.Membership.allocate`). If a provisioner started that TVM's agent, the agent is
+  retired: the shell has its provisioner stop it (`Retire`), and should it come back meanwhile
+  (a stopped process continued, a host back from a partition) its hello is refused with
+  `AgentRetired`, so no process nobody asked for stays on as a free agent. A hand-started agent
+  has no provisioner to stop it: it stays, and is free again when it comes back.
 * A TVM on which `unusable_after_failures` tasks in a row failed, each of which then succeeded on
   another TVM, is `unusable` with a reason (the seed's bad-VM handling). A task that fails
   everywhere says nothing about the TVM, hence "succeeded elsewhere". The TVM keeps its tasks; an
@@ -45,6 +49,7 @@ HEARTBEAT_TIMEOUT = "HeartbeatTimeout"
 DISK_FULL = "DiskFull"
 HOST_STATE = "HostStateBroken"
 TASK_FAILURES = "TaskFailures"
+AGENT_RETIRED = "AgentRetired"
 _FROM_HEARTBEAT = (DISK_FULL, HOST_STATE)
 _SERVING = ("idle", "running", "offline")
 _NOT_READY = ("starting", "creating", "waitingforstarttask", "rebooting", "reimaging")
@@ -116,7 +121,34 @@ class Healing:
             rec = tvm.rec
             if rec.state == "unknown" and now - rec.state_time >= self.unknown_timeout(rec.pool):
                 self.forget(rec.name)
+                self._retire(tvm)
                 self.membership.forget_tvm(tvm)
+
+    def _retire(self, tvm: Tvm) -> None:
+        """The TVM leaves its pool for good: a provisioned agent that is still away goes too (the
+        pool's replacement comes from the provisioner)."""
+        s = self.s
+        agent = s.agents.get(tvm.rec.agent_id)
+        if agent is None or agent.connected or not s.is_provisioned(agent.agent_id):
+            return
+        why = (
+            f"{AGENT_RETIRED}: its TVM {tvm.rec.name} was lost ({_code(tvm.rec.state_reason)})"
+            f" and left pool {tvm.rec.pool}; a new agent takes its place"
+        )
+        del s.agents[agent.agent_id]
+        self.reported.pop(agent.agent_id, None)
+        s.retired[agent.agent_id] = why
+        self.out.retire(agent.agent_id, why)
+
+    def agents_started(self, names: list[str]) -> None:
+        """A provisioner started these agents (the shell tells): they may be retired."""
+        self.s.provisioned.update(names)
+        for name in names:
+            self.s.retired.pop(name, None)  # a name given again is a new agent
+
+    def retired_reason(self, agent_id: str) -> str:
+        """Why this agent was retired ("" if it was not): its hello is refused with it."""
+        return self.s.retired.get(agent_id, "")
 
     def forget(self, tvm_name: str) -> None:
         self.disk.pop(tvm_name, None)

@@ -2,7 +2,7 @@
 
 The core never performs I/O. Each command or event leaves instructions here; the Trio shell takes
 them with `take()` (`CoordinatorState.take_effects()`) and carries them out: journal writes first
-(one barrier per batch), then sends, closes and provisioning requests.
+(one barrier per batch), then sends, closes, provisioning requests and agents to stop.
 """
 
 from __future__ import annotations
@@ -49,12 +49,21 @@ class Provision(msgspec.Struct, frozen=True, gc=False):
     pool: str = ""
 
 
+class Retire(msgspec.Struct, frozen=True, gc=False):
+    """Stop the agent `agent_id` for good through the provisioner that started it: its TVM was
+    lost and left its pool, and a replacement is on its way (healing.py)."""
+
+    agent_id: str
+    reason: str
+
+
 @dataclass
 class Effects:
     writes: list[Write] = field(default_factory=list)
     sends: list[Send] = field(default_factory=list)
     closes: list[Close] = field(default_factory=list)
     provision: list[Provision] = field(default_factory=list)
+    retire: list[Retire] = field(default_factory=list)
 
 
 class Outbox:
@@ -83,3 +92,6 @@ class Outbox:
 
     def provision(self, count: int, vm_size: str, pool: str = "") -> None:
         self.fx.provision.append(Provision(count, vm_size, pool))
+
+    def retire(self, agent_id: str, reason: str) -> None:
+        self.fx.retire.append(Retire(agent_id, reason))

@@ -111,6 +111,10 @@ class Store:
         # the default) takes only agents named `<provisioner>-...`, and those go to no other pool.
         self.provisioner_names: frozenset[str] = frozenset()
         self.default_provisioner = ""
+        # Agents a provisioner started in this run (set by the shell; named provisioners' agents
+        # are known by their names), and those retired since, with why (healing.py). Memory only.
+        self.provisioned: set[str] = set()
+        self.retired: dict[str, str] = {}
         # TVM healing (healing.py): how long a closed link may stay away before its TVM is lost, how
         # long a lost TVM stays `unknown` before it leaves its pool (a pool's unknownTvmTimeout
         # overrides it), and how many tasks in a row may fail on a TVM (and succeed elsewhere)
@@ -181,6 +185,10 @@ class Store:
         """The named provisioner an agent belongs to ("" for none): its id's first part."""
         owner = agent_id.partition("-")[0]
         return owner if owner in self.provisioner_names else ""
+
+    def is_provisioned(self, agent_id: str) -> bool:
+        """Started by a provisioner, which can stop it (a hand-started agent is not)."""
+        return agent_id in self.provisioned or bool(self.agent_owner(agent_id))
 
     def pool_owner(self, pool: PoolRec) -> str:
         for item in pool.spec.metadata or ():

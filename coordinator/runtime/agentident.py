@@ -1,5 +1,6 @@
-"""Agent identity decisions of the link endpoint: one live connection per agent id, and which
-placed tasks are still on their way to an agent (the rest of what it does not report is requeued).
+"""Agent identity decisions of the link endpoint: one live connection per agent id, none for a
+retired agent, and which placed tasks are still on their way to an agent (the rest of what it
+does not report is requeued).
 
 Kept apart from `links.py`/`service.py` so the rules read in one place and are unit-testable.
 """
@@ -28,6 +29,17 @@ def live_link_silence(svc: CoordinatorService, agent_id: str, now: float) -> flo
     if link is None or not link.connected or agent is None or not agent.connected:
         return None
     return max(0.0, now - agent.last_seen)
+
+
+def retired(svc: CoordinatorService, agent_id: str) -> tuple[str, str] | None:
+    """An agent retired after its TVM was lost and replaced (core/healing.py) is refused for good:
+    it exits with the reason in its log instead of staying on as a free agent nobody asked for."""
+    why = svc.core.retired_reason(agent_id)
+    if not why:
+        return None
+    count(svc, "AgentRetired")
+    log.warning("agent %s refused: retired (%s)", agent_id, why)
+    return ("AgentRetired", why.partition(": ")[2] or why)
 
 
 def second_connection(svc: CoordinatorService, agent_id: str, now: float) -> tuple[str, str] | None:

@@ -1,6 +1,7 @@
 """Watching agent processes the coordinator started itself (the local provisioner): an agent whose
 process ended is gone for good, so its TVM is lost at once (`core.agent_exited`), not after the
-link grace or the heartbeat timeout."""
+link grace or the heartbeat timeout. And the other way round: a provisioned agent the core retired
+(its TVM lost and replaced: core/healing.py) is stopped through its provisioner."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import TYPE_CHECKING
 import trio
 
 if TYPE_CHECKING:
+    from coordinator.core import Retire
+
     from .service import CoordinatorService
 
 log = logging.getLogger("tvm.coordinator")
@@ -39,3 +42,22 @@ async def watch_agent_processes(service: CoordinatorService) -> None:
             service.core.agent_exited(agent_id, why)
         service.core.schedule()
         service._dispatch(service.core.take_effects())
+
+
+def retire_agents(service: CoordinatorService, retires: list[Retire]) -> None:
+    """Have the provisioner stop each retired agent (`retire(name, reason)` must not block: the
+    local provisioner kills the process group, a per-pool plugin stops it from its own loop), and
+    close its link should it be connected."""
+    retire = getattr(service.provisioner, "retire", None)
+    for r in retires:
+        log.warning("agent %s retired: %s", r.agent_id, r.reason)
+        link = service.links.get(r.agent_id)
+        if link is not None and link.connected:
+            link.close_request = (4003, r.reason)
+            link.poke()
+        if retire is None:
+            continue
+        try:
+            retire(r.agent_id, r.reason)
+        except Exception:  # a broken provisioner must not take the coordinator down
+            log.exception("provisioner failed to stop retired agent %s", r.agent_id)

@@ -95,7 +95,9 @@ async def serve_agent(
             agentident.count(svc, verdict.code)
             await _reject(send, verdict.code, verdict.message, 4003)
             return
-        refused = agentident.second_connection(svc, hello.agent_id, svc.core.clock())
+        refused = agentident.retired(svc, hello.agent_id) or agentident.second_connection(
+            svc, hello.agent_id, svc.core.clock()
+        )
         if refused is None and hello.agent_id in svc.handshaking:
             refused = agentident.concurrent_handshake(svc, hello.agent_id)
         if refused is not None:

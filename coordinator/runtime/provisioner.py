@@ -3,6 +3,7 @@ agent processes on this machine, each with its own TVM root."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -125,6 +126,18 @@ class LocalProvisioner:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
 
+    def retire(self, name: str, reason: str) -> None:
+        """Kill an agent started here whose TVM was lost and replaced (core/healing.py), at once and
+        without waiting: SIGKILL to its process group ends it even while it is stopped (SIGSTOP),
+        where SIGTERM would wait for a SIGCONT. `exited` reaps it."""
+        index = _index(name)
+        if index is None or index >= len(self.procs):
+            return  # not one of ours
+        p = self.procs[index]
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+
     def stop_all(self, grace: float = 10.0) -> None:
         for p in self.procs:
             if p.poll() is None:
@@ -136,6 +149,11 @@ class LocalProvisioner:
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+
+
+def _index(name: str) -> int | None:
+    prefix, _, index = name.rpartition("-")
+    return int(index) if prefix == "local" and index.isdigit() else None
 
 
 TVM_UP_ROOTS = "/var/lib/tvm-up"

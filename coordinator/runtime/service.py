@@ -26,7 +26,7 @@ from protocol import messages as pm
 
 from .acktimer import AckTimer
 from .agentauth import AgentAuth, token_hash
-from .agentwatch import watch_agent_processes
+from .agentwatch import retire_agents, watch_agent_processes
 from .clock import SteadyClock
 from .journal import Journal, SqliteStore, Ticket, server_busy, store_unavailable
 from .metrics import PING_INTERVAL, LinkMonitor
@@ -148,6 +148,7 @@ class CoordinatorService:
         they register do not ask for them a second time."""
         started = self.provisioner.start(n, size)
         self.core.expect_agents(len(started))
+        self.core.agents_started(started)
         return started
 
     # ------------------------------------------------------------------ running
@@ -250,6 +251,7 @@ class CoordinatorService:
                     if start_pool is not None
                     else self.provisioner.start(p.count, p.vm_size)
                 )
+                self.core.agents_started(started)
                 log.info(
                     "provisioner started %d agent(s) of size %s: %s",
                     p.count,
@@ -260,6 +262,8 @@ class CoordinatorService:
                 log.exception(
                     "provisioner failed to start %d agent(s) of size %s", p.count, p.vm_size
                 )
+        if fx.retire:
+            retire_agents(self, fx.retire)
         for send in fx.sends:
             link = self.links.get(send.agent_id)
             if link is None:

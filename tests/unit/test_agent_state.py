@@ -372,6 +372,7 @@ def test_unknown_run_finishing_is_ignored() -> None:
         ("AgentAlreadyConnected", False),
         ("InvalidAgentCredential", True),
         ("AgentRevoked", True),
+        ("AgentRetired", True),
         ("InvalidJoinToken", True),
         ("SomethingNew", False),
     ],

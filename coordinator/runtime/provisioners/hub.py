@@ -80,6 +80,7 @@ class ProvisionerHub:
         self._wake = {name: trio.Event() for name in plugins}
         self._started: dict[str, dict[str, float]] = {name: {} for name in plugins}
         self._idle: dict[str, float] = {}
+        self._retiring: dict[str, list[str]] = {name: [] for name in plugins}
         self.lost_after = LOST_AFTER_S
         # the core keeps each plugin's agents for the pools that name it (and only for them)
         service.core.store.provisioner_names = frozenset(plugins)
@@ -118,6 +119,19 @@ class ProvisionerHub:
                 return
         if self.fallback is not None:
             self.fallback.stop(name)
+
+    def retire(self, name: str, reason: str) -> None:
+        """A retired agent (core/healing.py): its plugin stops it from its loop (stopping blocks),
+        as on shrink; the fallback's agents are the fallback's to stop."""
+        for pname, started in self._started.items():
+            if started.pop(name, None) is not None:
+                self._idle.pop(name, None)
+                self._retiring[pname].append(name)
+                self._wake[pname].set()
+                return
+        retire = getattr(self.fallback, "retire", None)
+        if retire is not None:
+            retire(name, reason)
 
     def stop_all(self) -> None:
         if self.fallback is not None:
@@ -181,6 +195,10 @@ class ProvisionerHub:
         core = self.service.core
         started = self._started[pname]
         now = time.monotonic()
+        retiring, self._retiring[pname] = self._retiring[pname], []
+        for name in retiring:
+            log.info("provisioner %s: stopping retired agent %s", pname, name)
+            await trio.to_thread.run_sync(plugin.stop, name)
         for name, why in await trio.to_thread.run_sync(plugin.poll):
             started.pop(name, None)
             self._idle.pop(name, None)
