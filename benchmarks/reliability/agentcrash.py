@@ -3,12 +3,13 @@ SIGKILLed mid-run, another SIGSTOPped past the heartbeat timeout and then SIGCON
 own processes (which live on, in their own sessions) have finished.
 
 Shown: every task that was running on a victim is requeued and completed on another TVM, once; the
-stopped agent's late results are ignored (its tasks are recorded as completed elsewhere, though
-they really ran to their end on it); the victims' TVMs leave the pool and the provisioner brings
-new ones to keep its target. Figures: tasks lost, completions recorded twice (the coordinator's own
+stopped agent's runs are not recorded (its tasks are recorded as completed elsewhere, though they
+really ran to their end on it); the victims' TVMs leave the pool and the provisioner brings new
+ones to keep its target, killing the stopped agent (it is retired) once its TVM has left. Figures: tasks lost, completions recorded twice (the coordinator's own
 count of recorded completions against the tasks), executions no requeue explains, requeues, and
 the time from the signal to the TVM `unknown` (detect), to its tasks running or done elsewhere
-(requeue) and to a new TVM idle in its place (replace).
+(requeue) and to a new TVM idle in its place (replace), and the stopped agents still running at
+the end (the provisioner kills them once their TVMs left the pool) or agents beyond the target.
 
     python -m benchmarks.reliability.agentcrash [--quick]
 """
@@ -150,6 +151,7 @@ async def scenario(
             stops: list[dict[str, Any]] = []
             victim_tvms: set[str] = set()
             stopped_on: dict[str, str] = {}  # task -> the stopped TVM it was cut off on
+            stopped_procs: list[Any] = []  # the stopped agents' processes
             cut_on: dict[str, str] = {}  # task -> the TVM it was cut off on
             wave = max(1, tasks // (2 * rounds))
             for r in range(rounds):
@@ -167,14 +169,16 @@ async def scenario(
                 acked |= await _add_wave(client, runlog, f"r{r}s", wave, task_seconds)
                 proc, stopped, names = await _victim(client, rc, set())
                 t0 = trio.current_time()
+                stopped_procs.append(proc)
                 os.killpg(proc.pid, signal.SIGSTOP)
                 try:
                     stops.append(await _measure(client, stopped, names, t0, target))
                     await trio.sleep(max(0.0, task_seconds + 0.5 - (trio.current_time() - t0)))
                 finally:
-                    # Its late results reach the coordinator now, while their requeued runs may
-                    # still go.
-                    os.killpg(proc.pid, signal.SIGCONT)
+                    # Its TVM left the pool: the provisioner has killed it (even stopped) already,
+                    # so it cannot come back as an agent nobody asked for.
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGCONT)
                 victim_tvms.add(stopped.name)
                 cut_on.update(dict.fromkeys(names, stopped.name))
                 stopped_on.update(dict.fromkeys(names, stopped.name))
@@ -196,11 +200,15 @@ async def scenario(
                 1 for n in cut_on if by_name[n].execution_info.requeue_count < 1
             )
             # The stopped agents' tasks ran to their end there (their processes live in their own
-            # sessions): results an agent could send only after SIGCONT, recorded nowhere.
+            # sessions): results their agents, killed while stopped, never sent; recorded nowhere.
             figures["late_results"] = sum(1 for n, tvm in runlog.ends() if stopped_on.get(n) == tvm)
             figures["completions_recorded_twice"] = max(
                 0, core.completions - sum(t.state == "completed" for t in final)
             )
+            # Their TVMs left the pool while they were stopped: the provisioner kills them then
+            # (core/healing.py retires them), so none came back as an extra free agent.
+            figures["stopped_agents_left_running"] = sum(p.poll() is None for p in stopped_procs)
+            figures["agents_beyond_target"] = max(0, len(core.agents) - target)
             tvms = await _tvms(client)
             figures["tvms_in_pool"] = sum(t.state in ("idle", "running") for t in tvms)
             figures["victim_tvms_left_in_pool"] = sum(1 for t in tvms if t.name in victim_tvms)
@@ -256,7 +264,9 @@ def figures_rows(f: dict[str, Any]) -> list[dict[str, Any]]:
         f"{f['lost']}, recorded twice {f['completions_recorded_twice']}, not completed elsewhere "
         f"{f['victim_tasks_not_completed_elsewhere']}, late results ignored {f['late_results']}, "
         f"unexplained reruns {f['unexplained_reruns']}, requeues {f['requeues']}; TVMs in the pool "
-        f"{f['tvms_in_pool']}/{f['target']}, victims left in it {f['victim_tvms_left_in_pool']}\n"
+        f"{f['tvms_in_pool']}/{f['target']}, victims left in it {f['victim_tvms_left_in_pool']},"
+        f" stopped agents left running {f['stopped_agents_left_running']}, agents beyond the"
+        f" target {f['agents_beyond_target']}\n"
         f"  SIGKILL ({', '.join(k['reasons'])}), worst: detect {k['detect']:.2f} s, requeue "
         f"{k['requeue']:.2f} s, replace {k['replace']:.2f} s\n"
         f"  SIGSTOP ({', '.join(s['reasons'])}), worst: detect {s['detect']:.2f} s, requeue "
@@ -281,6 +291,13 @@ def figures_rows(f: dict[str, Any]) -> list[dict[str, Any]]:
         row("agentcrash_late_results_ignored", params, f["late_results"], "count"),
         row("agentcrash_tvms_in_pool_at_end", params, f["tvms_in_pool"], "count"),
         row("agentcrash_victim_tvms_left_in_pool", params, f["victim_tvms_left_in_pool"], "count"),
+        row(
+            "agentcrash_stopped_agents_left_running",
+            params,
+            f["stopped_agents_left_running"],
+            "count",
+        ),
+        row("agentcrash_agents_beyond_target", params, f["agents_beyond_target"], "count"),
     ]
     for kind, m in (("sigkill", k), ("sigstop", s)):
         for what in ("detect", "requeue", "replace"):

@@ -1,7 +1,8 @@
 """Agents of a provisioned pool lost mid-run: one SIGKILLed, one SIGSTOPped past the heartbeat
 timeout and SIGCONTed after its tasks' processes ran to their end. Every task that was running on
 them is requeued and completed on another TVM, once; the stopped agent's late results are ignored;
-both TVMs leave the pool and the local provisioner brings new ones to keep its target."""
+both TVMs leave the pool and the local provisioner brings new ones to keep its target; the stopped
+agent is killed once its TVM left, so no process beyond the target lingers."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ def _check(f: dict[str, Any], tasks: int) -> None:
     assert f["late_results"] >= 1, f
     assert f["tvms_in_pool"] == f["target"], f
     assert f["victim_tvms_left_in_pool"] == 0, f
+    # The stopped agent was killed once its TVM left the pool: no extra process lingers.
+    assert f["stopped_agents_left_running"] == 0, f
+    assert f["agents_beyond_target"] == 0, f
     assert f["kill"]["reasons"] == ["AgentExited"], f
     assert f["stop"]["reasons"] == ["HeartbeatTimeout"], f
 

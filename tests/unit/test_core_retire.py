@@ -122,7 +122,8 @@ def test_a_hand_started_agent_is_not_retired_and_is_free_when_it_comes_back() ->
     assert agent.connected
     # The pool already asked the provisioner for its replacement; the returning agent fills the
     # gap meanwhile (today's behaviour for hand-started agents).
-    assert agent.tvm is not None and core.tvms[agent.tvm].rec.pool == "p"
+    assert agent.tvm is not None
+    assert core.tvms[agent.tvm].rec.pool == "p"
 
 
 def test_a_provisioned_agent_back_before_its_tvm_left_is_not_retired() -> None:
