@@ -8,6 +8,7 @@ pool's resize error, named, leaving nothing there. The sshd runs where no system
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -302,3 +303,48 @@ async def test_an_agent_killed_on_its_host_is_wiped_and_replaced(
 async def _replaced(c, first: str) -> bool:  # noqa: ANN001
     tvms = await c.client.tvms.list("p")
     return len(tvms) == 1 and tvms[0].agent_id != first and tvms[0].state == "idle"
+
+
+async def test_a_stopped_agent_whose_tvm_left_is_stopped_over_ssh_and_replaced(
+    nursery, tmp_path, sshd, agent_dir
+):
+    """SIGSTOPped on its host past the heartbeat timeout: once its TVM leaves the pool the
+    coordinator has the provisioner stop it (its stop script ends even a stopped process), which
+    also frees the only host's one agent place for the replacement."""
+    import signal
+
+    section = _ssh_section(sshd, agent_dir, [(sshd.addresses[0], sshd.port)])
+    async with cluster_ctx(
+        nursery,
+        tmp_path,
+        heartbeat_timeout=2.0,
+        link_grace=0.5,
+        unknown_tvm_timeout=1.0,
+        provisioners=parse_provisioners(section),
+    ) as c:
+        await c.client.pools.add(
+            "p", target_dedicated=1, metadata=[m.MetadataItem(name="provisioner", value="lab")]
+        )
+        await c.wait_for(lambda: c._idle("p", 1), timeout=60, what="1 idle TVM over ssh")
+        (first,) = [t.agent_id for t in await c.client.tvms.list("p")]
+        pids = _agent_pids(os.path.join(agent_dir, first))
+        assert pids
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            await c.wait_for(
+                lambda: not _agent_pids(os.path.join(agent_dir, first)),
+                timeout=90,
+                what="the stopped agent's processes gone",
+            )
+        finally:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+        await c.wait_for(
+            lambda: _replaced(c, first), timeout=90, what="a new agent's TVM in the pool"
+        )
+        assert not os.path.exists(os.path.join(agent_dir, first))  # wiped as on shrink
+        assert first not in c.rc.service.core.agents
+        assert c.rc.service.core.retired_reason(first).startswith("AgentRetired: ")
+        assert len(_agent_pids(agent_dir)) == 1

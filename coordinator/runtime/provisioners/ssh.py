@@ -291,7 +291,8 @@ class SshProvisioner:
             "    i=0\n"
             f'    while [ $i -lt {STOP_GRACE_S * 10} ] && kill -0 "$p" 2>/dev/null &&'
             ' [ "$(cut -d" " -f3 /proc/$p/stat 2>/dev/null)" != Z ]; do sleep 0.1; i=$((i+1)); done\n'
-            '    kill -KILL -- "-$p" 2>/dev/null || true\n'
+            # `kill -KILL -- -PID` is refused by dash ("Illegal number"): the group as -PID.
+            '    kill -KILL -"$p" 2>/dev/null || true\n'
             "  fi\n"
             "fi\n"
             'rm -rf "$D"\n'
