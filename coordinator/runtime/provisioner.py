@@ -16,7 +16,9 @@ from typing import Protocol
 class Provisioner(Protocol):
     """What the coordinator needs from a provisioner. `start` must not block for long: it is called on
     the coordinator's event loop and only has to *launch* agents, which then register by themselves
-    (`run_coordinator(provisioner=...)`)."""
+    (`run_coordinator(provisioner=...)`). Optional: `retire(name, reason)`, a non-blocking stop of an
+    agent whose TVM was lost and replaced (runtime/agentwatch.retire_agents); without it such an
+    agent is only refused when it comes back."""
 
     def start(self, n: int, size: str) -> list[str]: ...
     def stop(self, name: str) -> None: ...
