@@ -166,3 +166,31 @@ async def test_a_hand_started_agent_comes_back_as_a_free_agent(
         assert again.name != victim.name
         assert c.agents[0].proc.poll() is None
         assert c.rc.service.core.retired_reason("agent0") == ""
+
+
+def test_the_local_provisioner_kills_a_stopped_agent_and_ignores_names_not_its_own(
+    tmp_path: Any,
+) -> None:
+    from coordinator.runtime.provisioner import LocalProvisioner
+
+    # Nobody listens there: the agent keeps trying to connect, which is all this needs.
+    prov = LocalProvisioner(
+        str(tmp_path / "state"), "ws://127.0.0.1:9/agent", "t", tvm_root_dir=str(tmp_path / "tvms")
+    )
+    try:
+        (name,) = prov.start(1)
+        (proc,) = prov.procs
+        os.killpg(proc.pid, signal.SIGSTOP)
+        for other in ("agent0", "local-7", "local-x", ""):
+            prov.retire(other, "not one of ours")  # nothing to stop, and no error
+        assert proc.poll() is None
+        prov.retire(name, "AgentRetired: test")
+        assert proc.wait(30) == -signal.SIGKILL
+        assert prov.exited() == [(name, f"its process {proc.pid} was killed by signal 9")]
+        prov.retire(name, "again")  # already gone: nothing happens
+    finally:
+        for p in prov.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGCONT)
+        prov.stop_all()
+        remove_agent_cgroups("local-0", str(tmp_path / "tvms" / "agent-0"))
