@@ -124,9 +124,14 @@ class Agents:
         ):
             tvm.running[r.key] = task
             return
-        if task is not None and task.state == ACTIVE and (r.attempt >> 32) < self.s.epoch:
+        if (
+            job is not None
+            and task is not None
+            and task.state == ACTIVE
+            and (r.attempt >> 32) < self.s.epoch
+        ):
             # Placed by an earlier coordinator run (placements are not journaled): adopt it.
-            move_task(task, RUNNING)
+            move_task(task, RUNNING, job.tally)
             task.attempt = r.attempt
             task.tvm = tvm.rec.name
             task.pool = tvm.rec.pool

@@ -271,6 +271,7 @@ class Jobs:
             )
             # Not queued: the scheduler places it ahead of the job's other tasks.
             job.tasks[task.name] = task
+            job.tally.add(task)
             self.runs.put_task(job, task)
         return job
 

@@ -259,12 +259,12 @@ class Membership:
             job = self.s.job_of(key)
             if job is None or task.state != RUNNING:
                 continue
-            move_task(task, COMPLETED)
+            task.exit_code = WALL_CLOCK_EXIT_CODE
+            task.failure = ("ServerError", "TaskEnded", f"the task was terminated: {reason}")
+            move_task(task, COMPLETED, job.tally)  # after its outcome: the tally reads it
             task.prev_state = RUNNING
             task.state_time = now
             task.end_time = now
-            task.exit_code = WALL_CLOCK_EXIT_CODE
-            task.failure = ("ServerError", "TaskEnded", f"the task was terminated: {reason}")
             self.runs.put_task(job, task)
         tvm.running.clear()
 

@@ -25,6 +25,7 @@ from .states import (
     TvmState,
     WorkitemState,
 )
+from .tally import TaskTally
 
 VM_SIZES: dict[str, tuple[int, int, int]] = {
     # name: (cores, memory MiB, disk GiB) — the seed's sizes
@@ -313,7 +314,7 @@ class Job:
     """A job in memory: its record, its tasks and its queue of active tasks (ready ones only: a task
     waiting for dependencies joins the queue when they are satisfied)."""
 
-    __slots__ = ("rec", "tasks", "queue", "served", "deps", "wide")
+    __slots__ = ("rec", "tasks", "queue", "served", "deps", "wide", "tally")
 
     def __init__(self, rec: JobRec) -> None:
         self.rec = rec
@@ -324,6 +325,7 @@ class Job:
         )  # placement counter when it last got a slot: fairness between equal priorities
         self.deps: JobDeps | None = None  # built by deps.py for a job that uses dependencies
         self.wide = False  # a task taking more than one slot was added (slotplace.py places it)
+        self.tally = TaskTally()  # its task counts: every change to `tasks` or a task's state
 
     @property
     def key(self) -> str:

@@ -73,7 +73,7 @@ class Runs:
         s = self.s
         s.attempts += 1
         task.attempt = (s.epoch << 32) | s.attempts
-        move_task(task, RUNNING)
+        move_task(task, RUNNING, job.tally)
         task.prev_state = ACTIVE
         task.state_time = s.clock()
         task.tvm = tvm.rec.name
@@ -173,7 +173,7 @@ class Runs:
         """A running task goes back to the front of its job's queue: requeueCount+1, retryCount
         unchanged (its TVM was lost, removed or rebooted, or its slot went to a job manager)."""
         now = self.s.clock()
-        move_task(task, ACTIVE)
+        move_task(task, ACTIVE, job.tally)
         task.prev_state = RUNNING
         task.state_time = now
         task.requeue_count += 1
@@ -199,11 +199,11 @@ class Runs:
     def end_running(self, job: Job, task: TaskRec, now: float, why: str) -> None:
         """Kill a running task because its job ended or was disabled: it completes with a failure."""
         self.release(job, task, "job ended")
-        task.prev_state = move_task(task, COMPLETED)
-        task.state_time = task.end_time = now
         if task.exit_code is None:
             task.exit_code = WALL_CLOCK_EXIT_CODE
-        task.failure = ("ServerError", "TaskEnded", why)
+        task.failure = ("ServerError", "TaskEnded", why)  # before the move: the tally reads it
+        task.prev_state = move_task(task, COMPLETED, job.tally)
+        task.state_time = task.end_time = now
         self.put_task(job, task)
 
     def forget_task(self, job: Job, task: TaskRec) -> None:

@@ -140,6 +140,13 @@ def check(entity: str, old: str, new: str) -> None:
 
 class _Task(Protocol):
     state: TaskState
+    exit_code: int | None
+    failure: tuple[str, str, str] | None
+
+
+class _Tally(Protocol):
+    # tally.TaskTally: the job's task counts, told of every change.
+    def moved(self, old: str, rec: _Task) -> None: ...
 
 
 class _Tvm(Protocol):
@@ -166,11 +173,15 @@ class _Alloc(Protocol):
     alloc_state: AllocState
 
 
-def move_task(rec: _Task, new: TaskState) -> TaskState:
+def move_task(rec: _Task, new: TaskState, tally: _Tally) -> TaskState:
+    """`tally` is the task's job's: a task moving to completed has its exit code and failure set
+    already (they decide whether it counts as succeeded)."""
     old = rec.state
-    if old != new and new not in TASK[old]:
-        raise IllegalTransition("task", old, new)
-    rec.state = new
+    if old != new:
+        if new not in TASK[old]:
+            raise IllegalTransition("task", old, new)
+        rec.state = new
+        tally.moved(old, rec)
     return old
 
 

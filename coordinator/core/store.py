@@ -273,9 +273,10 @@ class Store:
             delta = done.get(key)
             if delta is not None:
                 delta.apply(task)
-            if task.state == RUNNING:
-                move_task(task, ACTIVE)
             job.tasks[task.name] = task
+            job.tally.add(task)  # counted as journaled, then moved: the tally is rebuilt here
+            if task.state == RUNNING:
+                move_task(task, ACTIVE, job.tally)
             if task.state == ACTIVE:
                 job.queue.append(task)
             if task.slots != 1:

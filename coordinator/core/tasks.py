@@ -139,7 +139,11 @@ class Tasks:
         return results
 
     def _insert(self, job: Job, task: TaskRec) -> None:
+        old = job.tasks.get(task.name)
+        if old is not None:  # reactivated: a fresh record replaces the completed one
+            job.tally.remove(old)
         job.tasks[task.name] = task
+        job.tally.add(task)
         if task.deps is None or self.deps.add(job, task):
             job.queue.append(task)
         self.runs.put_task(job, task)
@@ -162,12 +166,13 @@ class Tasks:
             return
         now = self.s.clock()
         self.runs.release(job, task, "terminated")
-        task.prev_state = move_task(task, COMPLETED)
+        # Its outcome before the move (the tally reads it).
+        task.failure = ("UserError", "TaskEnded", "The task was terminated by the user")
+        if task.exit_code is None and task.state == RUNNING:
+            task.exit_code = WALL_CLOCK_EXIT_CODE
+        task.prev_state = move_task(task, COMPLETED, job.tally)
         task.state_time = now
         task.end_time = now
-        task.failure = ("UserError", "TaskEnded", "The task was terminated by the user")
-        if task.exit_code is None and task.prev_state == RUNNING:
-            task.exit_code = WALL_CLOCK_EXIT_CODE
         self.runs.put_task(job, task)
         if job.rec.uses_deps:
             self.deps.forget(job, name)
@@ -177,6 +182,7 @@ class Tasks:
         job, task = self.s.get_task(workitem, job_name, name)
         self.runs.forget_task(job, task)
         del job.tasks[name]
+        job.tally.remove(task)
         self.deps.forget(job, name)
         self.out.delete("task", f"{job.key}/{name}")
         self.out.delete(TASK_DONE, f"{job.key}/{name}")
@@ -267,15 +273,15 @@ class Tasks:
         task.prev_state = task.state
         task.state_time = now
         if retry:
-            move_task(task, ACTIVE)
+            move_task(task, ACTIVE, job.tally)
             task.retry_count += 1
             task.last_retry = now
             task.tvm = None
             job.queue.appendleft(task)
         else:
-            move_task(task, COMPLETED)
             task.end_time = msg.end_time
             task.failure = (failure.category, failure.code, failure.message) if failure else None
+            move_task(task, COMPLETED, job.tally)  # after its outcome: the tally reads it
         self.runs.put_task_done(msg.key, task)
         if task.state == COMPLETED:
             if job.rec.uses_deps or task.exit_conditions or job.rec.on_task_failure != "noaction":
@@ -285,16 +291,4 @@ class Tasks:
     # ------------------------------------------------------------------ counts
 
     def task_counts(self, job: Job) -> m.TaskCounts:
-        c = m.TaskCounts()
-        for t in job.tasks.values():
-            if t.state == ACTIVE:
-                c.active += 1
-            elif t.state == RUNNING:
-                c.running += 1
-            else:
-                c.completed += 1
-                if t.exit_code == 0 and t.failure is None:
-                    c.succeeded += 1
-                else:
-                    c.failed += 1
-        return c
+        return job.tally.counts()  # kept as tasks change (tally.py)

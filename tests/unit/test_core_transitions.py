@@ -12,6 +12,7 @@ import pytest
 from coordinator.common import models as m
 from coordinator.core import CoordinatorState, IllegalTransition
 from coordinator.core import states as st
+from coordinator.core.tally import TaskTally
 from protocol import messages as pm
 
 ENTITY_STATES = {
@@ -38,7 +39,7 @@ def _pairs(legal: bool) -> list[tuple[str, str, str]]:
 ILLEGAL = _pairs(legal=False)
 LEGAL = _pairs(legal=True)
 MOVERS: dict[str, Callable[[Any, Any], str]] = {
-    "task": st.move_task,
+    "task": lambda rec, new: st.move_task(rec, new, TaskTally()),
     "tvm": st.move_tvm,
     "job": st.move_job,
     "workitem": st.move_workitem,
@@ -50,6 +51,8 @@ MOVERS: dict[str, Callable[[Any, Any], str]] = {
 class _Rec:
     def __init__(self, state: str) -> None:
         self.state = state
+        self.exit_code: int | None = None
+        self.failure: tuple[str, str, str] | None = None
 
 
 class _AllocRec:
