@@ -18,7 +18,7 @@ from coordinator.rest.limits import WS_AUTHENTICATED
 from protocol import SUBPROTOCOL, ProtocolError, coordinator_codec
 from protocol import messages as pm
 
-from . import agentident, wsdirect
+from . import agentident, wsdirect, wsread
 from .acktimer import AckTimer
 from .agentauth import Verdict
 from .service import AgentLink, CoordinatorService
@@ -31,10 +31,12 @@ class _Closed(Exception):
     pass
 
 
-async def _receive_bytes(receive: Callable) -> bytes:
+async def _receive_bytes(receive: Callable, direct: wsread.DirectReader | None = None) -> bytes:
     msg = await receive()
     if msg["type"] == "websocket.disconnect":
         raise _Closed()
+    if direct is not None:
+        direct.check(msg)  # what handling a frame in the reader task raised
     data = msg.get("bytes")
     if data is None:
         raise ProtocolError("text frames are not part of the protocol", close_code=1003)
@@ -57,6 +59,7 @@ async def serve_agent(
         return
     await send({"type": "websocket.accept", "subprotocol": SUBPROTOCOL})
     link: AgentLink | None = None
+    direct: wsread.DirectReader | None = None
     connection_id = 0
     handshaking = ""  # the agent id this connection holds in svc.handshaking
     try:
@@ -112,6 +115,16 @@ async def serve_agent(
         if verdict.new_credential:  # an older agent that did not make up its own
             welcome = msgspec.structs.replace(welcome, credential=verdict.new_credential)
         connection_id = link.connection_id
+        live = link
+
+        async def on_frame(data: bytes) -> None:
+            live.frames_in += 1
+            received = live.session.receive_frame(data)
+            await svc.agent_batch(live, received)
+
+        # Hooked before the Welcome: the agent sends nothing else until it has it, so no frame can
+        # be queued on the ASGI path ahead of the ones the hook reads.
+        direct = wsread.install(send, receive)
         await send({"type": "websocket.send", "bytes": _codec.encode(welcome)})
         # What the session still holds reaches the agent after this hello: resent RunTasks of a resumed
         # session, or ones placed while the Welcome was being sent.
@@ -129,11 +142,10 @@ async def serve_agent(
                     _writer, link, connection_id, send, nursery.cancel_scope, svc.acks
                 )
                 nursery.start_soon(svc.ack_committed, link, connection_id)
-                while True:
-                    data = await _receive_bytes(receive)
-                    link.frames_in += 1
-                    received = link.session.receive_frame(data)
-                    await svc.agent_batch(link, received)
+                if direct is not None:
+                    await direct.start(on_frame)  # frames handled in hypercorn's reader task
+                while True:  # every frame when not hooked; what the hook hands back otherwise
+                    await on_frame(await _receive_bytes(receive, direct))
         except BaseExceptionGroup as group:
             # The nursery wraps the reader's _Closed/ProtocolError: unwrap it for the handlers below
             # (otherwise every ordinary disconnect is logged as "agent link failed").
@@ -151,6 +163,8 @@ async def serve_agent(
         log.exception("agent link failed")
         await _close(send, 1011, "internal error")
     finally:
+        if direct is not None:
+            direct.stop()
         svc.handshaking.discard(handshaking)
         if link is not None:
             svc.agent_lost(link, connection_id)
