@@ -130,11 +130,21 @@ class StoreFenced(RuntimeError):
     Nothing more may be written or sent; the coordinator stops (coordinator/daemon/standby.py)."""
 
 
+# How long writes nobody answers a client for wait for others to share their commit (see Journal).
+COALESCE_S = 0.005
+
+
 class Journal:
     """Group commit: many producers, one writer thread, one transaction per batch.
 
     `submit()` returns at once with a ticket; `await ticket.wait()` returns once the writes are
     durable. Everything submitted while a commit runs goes into the next one.
+
+    Writes nobody answers a client for (`urgent=False`: an agent's completions, whose only waiter
+    is the link's acknowledgement) wait up to `coalesce_s` for more to join them, so that a stream
+    of one-task frames does not cost one transaction and fsync per task; an urgent submit (a REST
+    command, anything else) ends the wait and commits everything pending at once. Nothing is
+    acknowledged before its commit either way.
 
     A failed commit (disk full, I/O error) fails the tickets it held with 503 StoreUnavailable,
     but its writes stay queued and are retried until the store takes them: the in-memory state
@@ -147,12 +157,16 @@ class Journal:
     RETRY_FIRST_S = 0.2  # first retry of a failed commit; doubles up to RETRY_MAX_S
     RETRY_MAX_S = 2.0
 
-    def __init__(self, store: SqliteStore, max_batch: int = 50_000) -> None:
+    def __init__(
+        self, store: SqliteStore, max_batch: int = 50_000, coalesce_s: float = COALESCE_S
+    ) -> None:
         self.store = store
         self.max_batch = max_batch
+        self.coalesce_s = coalesce_s
         self._pending: list[Write] = []
         self._tickets: list[Ticket] = []
         self._wakeup = trio.Event()
+        self._urgent = trio.Event()  # set: something pending is waited for by a client
         self._limiter = trio.CapacityLimiter(1)
         self.commits = 0
         self.rows = 0
@@ -180,7 +194,7 @@ class Journal:
             return ticket
         return last
 
-    def submit(self, writes: list[Write]) -> Ticket:
+    def submit(self, writes: list[Write], urgent: bool = True) -> Ticket:
         ticket = Ticket()
         if not writes:
             ticket.done = True
@@ -190,6 +204,8 @@ class Journal:
         self._tickets.append(ticket)
         self._last = ticket
         self._wakeup.set()
+        if urgent:
+            self._urgent.set()
         return ticket
 
     async def run(self) -> None:
@@ -198,8 +214,12 @@ class Journal:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
             while self._pending:
+                if not self._urgent.is_set() and self.coalesce_s > 0:
+                    with trio.move_on_after(self.coalesce_s):
+                        await self._urgent.wait()
                 batch, self._pending = self._pending, []
                 tickets, self._tickets = self._tickets, []
+                self._urgent = trio.Event()
                 try:
                     await trio.to_thread.run_sync(self.store.apply, batch, limiter=self._limiter)
                 except StoreFenced as exc:  # another coordinator is active: stop, loudly

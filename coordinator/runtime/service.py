@@ -237,10 +237,11 @@ class CoordinatorService:
             raise error
         return result
 
-    def _dispatch(self, fx: Effects) -> Ticket:
+    def _dispatch(self, fx: Effects, urgent: bool = True) -> Ticket:
+        """`urgent=False`: no client waits for these writes (Journal.submit)."""
         if self.fence is not None:
             self.fence()
-        ticket = self.journal.submit(fx.writes)
+        ticket = self.journal.submit(fx.writes, urgent)
         for p in fx.provision:
             if self.provisioner is None:
                 break
@@ -365,7 +366,7 @@ class CoordinatorService:
                 continue
             core.agent_message(link.agent_id, msg)
         core.schedule()
-        self._dispatch(core.take_effects())
+        self._dispatch(core.take_effects(), urgent=False)  # only the link's ack waits for them
         if received:
             # Not this frame's own ticket: a frame without writes must not be acknowledged before
             # the writes of earlier frames (its seq acknowledges theirs too).

@@ -7,6 +7,7 @@ without writes of its own must still wait for the writes of earlier frames.
 from __future__ import annotations
 
 import trio
+import trio.testing
 
 from coordinator.core import Write
 from coordinator.runtime.journal import Journal
@@ -75,3 +76,38 @@ async def test_agent_frame_is_acked_only_after_earlier_writes_commit(tmp_path) -
         assert [r[1] for r in svc.store.load()] == ["wi/j/t1"]
         nursery.cancel_scope.cancel()
     svc.close()
+
+
+async def test_writes_no_client_waits_for_share_a_commit_until_an_urgent_one(open_store) -> None:
+    """Agent completions (`urgent=False`) wait for others to join their commit; a REST command's
+    writes end the wait, and everything pending goes in one transaction."""
+    store = open_store("c.db")
+    journal = Journal(store, coalesce_s=60.0)
+    lazy = [journal.submit([Write("taskdone", f"wi/j/t{i}", b"x")], urgent=False) for i in range(3)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(journal.run)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not any(t.done for t in lazy)  # waiting for company, nothing committed
+        assert journal.commits == 0
+        assert not list(store.load())
+        urgent = journal.submit([Write("task", "wi/j/u", b"y")])
+        with trio.fail_after(10):
+            await urgent.wait()
+        assert all(t.done for t in lazy)
+        assert journal.commits == 1  # one transaction for all four
+        assert sorted(r[1] for r in store.load()) == ["wi/j/t0", "wi/j/t1", "wi/j/t2", "wi/j/u"]
+        nursery.cancel_scope.cancel()
+    store.close()
+
+
+async def test_lazy_writes_alone_are_committed_after_the_wait(open_store) -> None:
+    store = open_store("c.db")
+    journal = Journal(store, coalesce_s=0.01)
+    ticket = journal.submit([Write("taskdone", "wi/j/t", b"x")], urgent=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(journal.run)
+        with trio.fail_after(10):
+            await ticket.wait()
+        assert [r[1] for r in store.load()] == ["wi/j/t"]
+        nursery.cancel_scope.cancel()
+    store.close()
