@@ -4,9 +4,10 @@ Through ASGI, every frame an agent sends goes: hypercorn's reader task, the h11 
 WSStream and wsproto (which parses and unmasks it), a `websocket.receive` event dict into the
 application's memory channel (a scheduling round for the reader), then the application's task wakes
 to take it (another round) and hands it to the link session. With one or two tasks per frame that
-was a large share of a task's coordinator CPU. `install(...)` hooks the connection's WSStream so that
+was a large share of a task's coordinator CPU. `install(...)` hooks the connection so that
 complete, final, masked binary frames, the only ones agents send, are parsed here and given to
-`on_frame` right in the reader task, in order.
+`on_frame` right in the reader task, in order. The hook sits on the connection's H11Protocol (what
+the reader hands every segment it receives), so the h11 pass-through and wsproto are both skipped.
 
 Anything else (a control frame, a fragment, a text frame, a frame over the message limit, bytes
 after the application closed) makes the hook step aside for good: from that frame's first byte on,
@@ -43,8 +44,8 @@ class DirectReader:
         self, ws: Any, original: Callable[[Any], Awaitable[None]], data_type: type[Any], state: Any
     ) -> None:
         self.ws = ws
-        self.original = original
-        self.data_type = data_type
+        self.original = original  # the H11Protocol's handle: every segment the reader receives
+        self.data_type = data_type  # hypercorn's RawData
         self.connected = state
         self.on_frame: Callable[[bytes], Awaitable[None]] | None = None
         self.pending: list[bytes] = []  # frames read before `start`
@@ -123,7 +124,7 @@ class DirectReader:
         rest = bytes(self.buf[pos:])
         self.buf.clear()
         if rest:
-            await self.original(self.data_type(stream_id=event.stream_id, data=rest))
+            await self.original(self.data_type(data=rest))
 
     async def _deliver(self, payload: bytes) -> bool:
         self.frames += 1
@@ -148,7 +149,7 @@ def install(
     HTTP/1.1, no extension) so that its binary frames are read by the hook (`DirectReader.start`
     says where they go); None if not."""
     try:
-        from hypercorn.protocol.events import Data
+        from hypercorn.events import RawData
         from hypercorn.protocol.h11 import H11Protocol, H11WSConnection
         from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
         from hypercorn.trio.tcp_server import TCPServer
@@ -156,10 +157,10 @@ def install(
     except ImportError:
         return None
     ws: Any = getattr(send, "__self__", None)
-    if not isinstance(ws, WSStream) or "handle" in vars(ws):
+    if not isinstance(ws, WSStream):
         return None
     proto = getattr(ws.send, "__self__", None)
-    if not isinstance(proto, H11Protocol) or proto.stream is not ws:
+    if not isinstance(proto, H11Protocol) or proto.stream is not ws or "handle" in vars(proto):
         return None
     server = getattr(proto.send, "__self__", None)
     if not isinstance(server, TCPServer) or not isinstance(server.stream, SocketStream):
@@ -181,6 +182,6 @@ def install(
         or ws.state != ASGIWebsocketState.CONNECTED
     ):
         return None
-    reader = DirectReader(ws, ws.handle, Data, ASGIWebsocketState.CONNECTED)
-    ws.handle = reader.handle
+    reader = DirectReader(ws, proto.handle, RawData, ASGIWebsocketState.CONNECTED)
+    proto.handle = reader.handle
     return reader
