@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 from urllib.parse import parse_qsl, unquote
@@ -142,15 +142,17 @@ def verify(
 
 def _candidate_texts(
     method: str, path: str, query: str, headers: Mapping[str, str], account: str
-) -> list[str]:
-    """Every canonical form a known client may have signed, without repeats (usually one or two)."""
+) -> Iterator[str]:
+    """Every canonical form a known client may have signed, without repeats (usually one or two),
+    made one at a time: the first is the one nearly every client signs, the rest are built only
+    when it does not match."""
     paths = (
         [path, unquote(path)] if "%" in path else [path]
     )  # decoded: clients that sign before encoding
     accounts = (
         [account, account.lower()] if account != account.lower() else [account]
     )  # Java lower-cases it
-    texts: list[str] = []
+    texts: set[str] = set()
     for p in paths:
         for acct in accounts:
             for keep_case in (False, True):
@@ -159,5 +161,5 @@ def _candidate_texts(
                         method, p, query, headers, acct, keep_case=keep_case, skip_blank=skip_blank
                     )
                     if text not in texts:
-                        texts.append(text)
-    return texts
+                        texts.add(text)
+                        yield text
