@@ -125,6 +125,9 @@ async def serve_agent(
         # Hooked before the Welcome: the agent sends nothing else until it has it, so no frame can
         # be queued on the ASGI path ahead of the ones the hook reads.
         direct = wsread.install(send, receive)
+        if direct is not None:  # its log lines carry the agent id too
+            agent_id = hello.agent_id
+            direct.enter = lambda: structlog.contextvars.bind_contextvars(agent=agent_id)
         await send({"type": "websocket.send", "bytes": _codec.encode(welcome)})
         # What the session still holds reaches the agent after this hello: resent RunTasks of a resumed
         # session, or ones placed while the Welcome was being sent.

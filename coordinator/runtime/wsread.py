@@ -53,6 +53,8 @@ class DirectReader:
         self.buf = bytearray()  # the start of a frame not complete yet
         self.error: Exception | None = None
         self.frames = 0
+        # Called once in the reader task before its first frame (log context of the connection).
+        self.enter: Callable[[], object] | None = None
 
     async def start(self, on_frame: Callable[[bytes], Awaitable[None]]) -> None:
         """From the application's task, before its first `receive`: hand over the frames read so
@@ -127,6 +129,9 @@ class DirectReader:
             await self.original(self.data_type(data=rest))
 
     async def _deliver(self, payload: bytes) -> bool:
+        if self.enter is not None:
+            self.enter()
+            self.enter = None
         self.frames += 1
         on_frame = self.on_frame
         if on_frame is None:
