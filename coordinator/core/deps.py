@@ -147,6 +147,17 @@ def status(job: Job, task: TaskRec) -> tuple[str, str] | None:
     return "waiting", f"waiting for {waiting} of {len(task.deps)} dependencies to complete"
 
 
+def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint, non-adjacent ranges covering the same integers."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
 # ---------------------------------------------------------------------- the area
 
 
@@ -263,12 +274,16 @@ class Deps:
                     f"{r.end} must satisfy 0 <= start <= end",
                     field=f"dependsOn.taskIdRanges[{k}]",
                 )
-            if r.end - r.start + 1 > len(by_int):
-                # More integers than integer-named tasks: some must be missing; name the first.
-                first = next(n for n in range(r.start, r.end + 1) if n not in by_int)
-                missing.append(str(first))
-                continue
-            for n in range(r.start, r.end + 1):
+        # Overlapping ranges merged first: 1,000 copies of one range must cost what one does.
+        merged = _merge_ranges([(r.start, r.end) for r in spec.task_id_ranges])
+        if sum(b - a + 1 for a, b in merged) > len(by_int):
+            # More integers than integer-named tasks: some must be missing; name the first (the
+            # search stops there, after at most one look per integer-named task).
+            first = next(n for a, b in merged for n in range(a, b + 1) if n not in by_int)
+            missing.append(str(first))
+            merged = []
+        for a, b in merged:
+            for n in range(a, b + 1):
                 names = by_int.get(n)
                 if names is None:
                     missing.append(str(n))
