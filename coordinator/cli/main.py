@@ -261,8 +261,9 @@ def coordinator(config: str | None, **flags: Any) -> None:
 
 
 def _has_password(url: str) -> bool:
-    creds = url.partition("://")[2].partition("/")[0].rpartition("@")[0]
-    return ":" in creds or "password=" in url
+    from coordinator.runtime.pgstore import has_password
+
+    return has_password(url)
 
 
 # `tvm agent ...` is tvmagent's own command line (also `python -m tvmagent ...`).

@@ -35,10 +35,15 @@ def migrate(state_dir: str, url: str | None, output: str) -> None:
     tasks, account keys, the join token and uploaded files all come along; agents keep their
     credentials.
     """
-    from coordinator.runtime.pgstore import StoreUnreachable, is_postgres_url
+    from coordinator.runtime.pgstore import StoreUnreachable, has_password, is_postgres_url
     from coordinator.runtime.storemigrate import MigrateError
     from coordinator.runtime.storemigrate import migrate as run
 
+    if url and has_password(url):
+        raise click.UsageError(
+            "--to must not carry a password (ps shows command lines to every user): put it in "
+            "~/.pgpass, PGPASSWORD or TVM_STORE"
+        )
     url = url or os.environ.get("TVM_STORE")
     if not url or not is_postgres_url(url):
         raise click.UsageError("--to must be a postgresql://USER@HOST/DB URL (or set TVM_STORE)")

@@ -10,6 +10,7 @@ that was paused past its lease and came back can never write over the one that t
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Iterator, Sequence
 
@@ -49,8 +50,18 @@ def is_postgres_url(url: str | None) -> bool:
     return bool(url) and str(url).startswith(("postgresql://", "postgres://"))
 
 
+# libpq takes a password in the URL's user part or as a `password=` query parameter.
+_PASSWORD_PARAM = re.compile(r"(?i)([?&]password=)[^&#]*")
+
+
+def has_password(url: str) -> bool:
+    creds = url.partition("://")[2].partition("/")[0].rpartition("@")[0]
+    return ":" in creds or _PASSWORD_PARAM.search(url) is not None
+
+
 def redact(url: str) -> str:
     """The URL without its password, for messages and logs."""
+    url = _PASSWORD_PARAM.sub(r"\1***", url)
     scheme, sep, rest = url.partition("://")
     creds, at, host = rest.rpartition("@")
     if not at or ":" not in creds:
