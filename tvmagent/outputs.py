@@ -142,7 +142,17 @@ def _readable(st: os.stat_result, uid: int, gid: int) -> bool:
 def open_match(tdir: str, wd: str, mt: Match) -> tuple[int, int] | None:
     """(worker thread) (fd, size) of a matched file, opened through directory descriptors without
     following any symlink, if the task's user could read it; None otherwise (or if it is gone)."""
-    owner = os.stat(wd)  # the task's user owns its working directory (root when elevated)
+    # The task's user owns its working directory (root when elevated). The task owns the task
+    # directory too, so it may have put a symlink (to a root-owned directory) in wd's place:
+    # never followed here, else anything would count as readable.
+    try:
+        wfd = os.open(wd, _DIR_FLAGS)
+    except OSError:
+        return None
+    try:
+        owner = os.fstat(wfd)
+    finally:
+        os.close(wfd)
     fds: list[int] = []
     try:
         fds.append(os.open(tdir if mt.up else wd, _DIR_FLAGS))
