@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -42,6 +43,12 @@ ENDED = {
     "TIMEOUT",
 }
 SIGNAL_BEFORE_END_S = 60
+# Environment variables that are not passed to sbatch: the service's own (account key, join token,
+# store URL), libpq's password settings, and anything named like a credential.
+_SECRET_ENV = re.compile(
+    r"^(TVM_KEY|TVM_STORE|PGPASSWORD|PGPASSFILE)$|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|_KEY$",
+    re.IGNORECASE,
+)
 
 
 def job_script(spec: SlurmSpec, agent_url: str, name: str, directory: str) -> str:
@@ -240,7 +247,9 @@ class SlurmProvisioner:
             log.error("%s", self._paused)
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        # sbatch exports its environment into the job (slurmctld's spool, the compute node):
+        # the coordinator's secrets stay here; the agent's token travels in its 0600 file.
+        env = {k: v for k, v in os.environ.items() if not _SECRET_ENV.search(k)}
         if self.spec.slurm_conf:
             env["SLURM_CONF"] = self.spec.slurm_conf
         return env
