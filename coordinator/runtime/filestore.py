@@ -8,6 +8,7 @@ fsynced, so a crash leaves at most a stray ``.part`` (cleaned when the store is 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -24,6 +25,8 @@ from protocol.hostio import fsync_dir
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _RANGE = re.compile(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", re.IGNORECASE)
 _TMP = ".tmp"
+# Left free on the store's file system for the journal beside it: a tenth, at most this much.
+MAX_RESERVE = 256 * 1024 * 1024
 
 
 class FileStoreError(Exception):
@@ -151,6 +154,7 @@ class FileStore:
                         raise FileStoreError(
                             "FileTooLarge", f"upload exceeds the limit of {max_size} bytes"
                         )
+                    self._check_room(len(chunk))
                     digest.update(chunk)
                     await f.write(chunk)
                 await f.flush()
@@ -170,6 +174,18 @@ class FileStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(part)
             raise
+
+    def _check_room(self, n: int) -> None:
+        """ENOSPC before `n` more bytes would eat into the reserve: uploads (a task's output
+        files among them) must not fill the disk the coordinator's journal writes to."""
+        st = os.statvfs(self._tmp)
+        reserve = min(MAX_RESERVE, st.f_blocks * st.f_frsize // 10)
+        if st.f_bavail * st.f_frsize - n < reserve:
+            raise OSError(
+                errno.ENOSPC,
+                f"{reserve // 1024 // 1024} MiB of its disk are kept free for the coordinator's"
+                " state",
+            )
 
     def _commit(self, part: str, sha256: str) -> None:
         final = self.path_for(sha256)
