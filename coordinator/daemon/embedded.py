@@ -19,6 +19,7 @@ from coordinator.runtime.pgstore import StoreUnreachable
 from coordinator.runtime.provisioner import LocalProvisioner
 
 from .joining import default_public_url, join_lines
+from .journalout import print_exports
 from .server import RunningCoordinator, run_coordinator
 
 log = logging.getLogger("tvm.up")
@@ -102,8 +103,7 @@ async def run_up(
                 return 1
             public = public_url or default_public_url(rc.endpoint, host)
             # The endpoint accepts requests now: the three lines come first on stdout.
-            sys.stdout.write(_exports(rc))
-            sys.stdout.flush()
+            print_exports(rc.service.state_dir, _exports(rc))
             if rc.service.provisioner is not None:
                 prov = rc.service.provisioner
                 rc.service.start_agents(agents)
@@ -180,8 +180,7 @@ async def run_coordinator_main(cfg: Any, provisioners: Any = None) -> int:
         nonlocal printed
         if not printed:
             printed = True
-            sys.stdout.write(_export_lines(endpoint, account, key, join_token))
-            sys.stdout.flush()
+            print_exports(cfg.state_dir, _export_lines(endpoint, account, key, join_token))
 
     def standby(endpoint: str, account: str, key: str, join_token: str) -> None:
         exports(endpoint, account, key, join_token)
