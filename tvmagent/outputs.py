@@ -40,6 +40,8 @@ log = logging.getLogger("tvm.agent")
 
 UPLOAD_FAILED = "FileUploadMiscError"  # Azure's TaskFailureInformationCodes name
 MAX_MATCHES = 10_000  # per pattern: a runaway `**` must not hold the agent
+MAX_DEPTH = 100  # directory levels a pattern's walk descends
+MAX_WALKED = 200_000  # directory entries a pattern's walk looks at
 _CHUNK = 1 << 20
 _IN_MEMORY = 8 << 20  # smaller files are sent as one buffer
 _RETRIES = 4  # attempts per file
@@ -200,25 +202,52 @@ def find(tdir: str, wd: str, pattern: str) -> list[Match]:
 
 
 def _walk(
-    dfd: int, prefix: str, rx: re.Pattern[str], literal: list[str], up: bool, out: list[Match]
+    dfd: int,
+    prefix: str,
+    rx: re.Pattern[str],
+    literal: list[str],
+    up: bool,
+    out: list[Match],
+    seen: list[int] | None = None,
+    depth: int = 0,
 ) -> None:
+    # The task shapes the tree: its depth (one open descriptor and one frame per level) and its
+    # size (every entry held to sort a directory) are bounded, each with its own error.
+    seen = [0] if seen is None else seen
+    entries = []
     with os.scandir(dfd) as it:
-        entries = sorted(it, key=lambda e: e.name)
+        for e in it:
+            seen[0] += 1
+            if seen[0] > MAX_WALKED:
+                raise UploadError(
+                    _short(prefix + e.name),
+                    f"the pattern's walk passes more than {MAX_WALKED} entries",
+                )
+            entries.append(e)
+    entries.sort(key=lambda e: e.name)
     for e in entries:
         rel = prefix + e.name
         if e.is_dir(follow_symlinks=False):
+            if depth >= MAX_DEPTH:
+                raise UploadError(
+                    _short(rel), f"directories nest more than {MAX_DEPTH} levels deep"
+                )
             try:
                 sub = _open_dir(dfd, e.name)
             except OSError:
                 continue  # replaced by a symlink meanwhile, or unreadable: not followed
             try:
-                _walk(sub, rel + "/", rx, literal, up, out)
+                _walk(sub, rel + "/", rx, literal, up, out, seen, depth + 1)
             finally:
                 os.close(sub)
         elif e.is_file(follow_symlinks=False) and rx.fullmatch(rel):
             if len(out) >= MAX_MATCHES:
                 raise UploadError(rel, f"the pattern matches more than {MAX_MATCHES} files")
             out.append(Match(rel, [*literal, *rel.split("/")], up))
+
+
+def _short(rel: str) -> str:
+    return rel if len(rel) <= 200 else rel[:100] + "..." + rel[-97:]
 
 
 def blob_name(spec: pm.OutputFileSpec, m: Match, single: bool) -> str:
