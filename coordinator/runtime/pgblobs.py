@@ -39,13 +39,15 @@ class PgBlobs:
     def __init__(self, url: str, *, connect_timeout: float = 10.0) -> None:
         import psycopg
 
-        from .pgstore import StoreUnreachable, redact
+        from .pgstore import StoreUnreachable, connect_error, redact
 
         self._error: Any = psycopg.Error
         try:
             self._db = psycopg.connect(url, autocommit=True, connect_timeout=int(connect_timeout))
         except psycopg.Error as exc:
-            raise StoreUnreachable(f"cannot connect to {redact(url)}: {_line(exc)}") from exc
+            raise StoreUnreachable(
+                f"cannot connect to {redact(url)}: {connect_error(url, exc)}"
+            ) from exc
         self._lock = threading.Lock()  # one connection, several upload threads
         with self._db.transaction():
             self._db.execute("SELECT pg_advisory_xact_lock(7419002)")

@@ -13,6 +13,7 @@ import os
 import re
 import socket
 from collections.abc import Iterator, Sequence
+from urllib.parse import unquote
 
 from coordinator.core import LOAD_ORDER, Write
 
@@ -54,6 +55,23 @@ def is_postgres_url(url: str | None) -> bool:
 _PASSWORD_PARAM = re.compile(r"(?i)([?&]password=)[^&#]*")
 
 
+def _passwords(url: str) -> list[str]:
+    creds = url.partition("://")[2].partition("/")[0].rpartition("@")[0]
+    found = [creds.partition(":")[2]] if ":" in creds else []
+    found += [m.group(0).partition("=")[2] for m in _PASSWORD_PARAM.finditer(url)]
+    found = [p for p in found if p]
+    return sorted({*found, *(unquote(p) for p in found)}, key=len, reverse=True)
+
+
+def connect_error(url: str, exc: BaseException) -> str:
+    """The first line of a connection error without the URL's password: libpq quotes a malformed
+    (percent-encoded) password whole in its message."""
+    line = _first_line(exc)
+    for secret in _passwords(url):
+        line = line.replace(secret, "***")
+    return line
+
+
 def has_password(url: str) -> bool:
     creds = url.partition("://")[2].partition("/")[0].rpartition("@")[0]
     return ":" in creds or _PASSWORD_PARAM.search(url) is not None
@@ -93,7 +111,9 @@ class PostgresStore:
                 url, autocommit=True, connect_timeout=int(connect_timeout)
             )
         except psycopg.Error as exc:
-            raise StoreUnreachable(f"cannot connect to {self.path}: {_first_line(exc)}") from exc
+            raise StoreUnreachable(
+                f"cannot connect to {self.path}: {connect_error(url, exc)}"
+            ) from exc
         with self._db.transaction():
             # Two coordinators starting at once on an empty database both create the tables.
             self._db.execute("SELECT pg_advisory_xact_lock(7419001)")

@@ -70,3 +70,24 @@ def test_store_migrate_refuses_a_password_on_its_command_line(tmp_path: Path) ->
         assert done.returncode == 2, done.stderr
         assert "must not carry a password" in done.stderr
         assert pw not in done.stderr + done.stdout
+
+
+def test_a_malformed_password_echoed_by_libpq_is_not_shown(tmp_path: Path) -> None:
+    # libpq quotes a malformed percent-encoded token whole in its error: the password itself.
+    pw = _secret()
+    for url in (
+        f"postgresql://tvm:{pw}%zz@127.0.0.1:1/x",
+        f"postgresql:///x?host={tmp_path}/none&user=tvm&password=%zz{pw}",
+    ):
+        done = _tvm(
+            "coordinator",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--port",
+            "0",
+            env={"TVM_STORE": url},
+        )
+        assert done.returncode == 3, done.stderr
+        assert "cannot connect to postgresql://" in done.stderr
+        assert "percent-encoded" in done.stderr  # libpq's reason is kept
+        assert pw not in done.stderr + done.stdout
