@@ -51,6 +51,13 @@ def _json_response(status: int, obj: Any) -> Response:
     )
 
 
+def _has_body(scope: dict) -> bool:
+    for k, v in scope["headers"]:
+        if k == b"transfer-encoding" or (k == b"content-length" and v.strip() not in (b"", b"0")):
+            return True
+    return False
+
+
 def _error_response(exc: ApiError) -> Response:
     body = m.ErrorBody(
         code=exc.code,
@@ -158,15 +165,27 @@ class Dispatcher:
             # The dashboard's own cookie session replaces SharedKey on /ui paths only.
             await self.ui(scope, receive, send)
             return
+        body_read = False
+
+        async def tracked() -> dict:
+            nonlocal body_read
+            msg = await receive()
+            body_read = msg["type"] != "http.request" or not msg.get("more_body")
+            return msg
+
         if self.inflight >= self.max_inflight:
             resp = _error_response(server_busy(f"{self.inflight} requests in progress"))
         else:
             self.inflight += 1
             try:
-                resp = await self._http(scope, receive)
+                resp = await self._http(scope, tracked)
             finally:
                 self.inflight -= 1
         headers = resp.headers
+        if not body_read and _has_body(scope):
+            # Answered before its body ended (refused upload, failed signature, too large): the
+            # rest of that body must not meet the client's next request on this connection.
+            headers = [*headers, (b"connection", b"close")]
         # A HEAD answer may state the length of what a GET would send (file properties).
         if scope["method"] != "HEAD" or not any(k == b"content-length" for k, _ in headers):
             headers = [*headers, (b"content-length", str(len(resp.body)).encode())]
