@@ -42,6 +42,8 @@ UPLOAD_FAILED = "FileUploadMiscError"  # Azure's TaskFailureInformationCodes nam
 MAX_MATCHES = 10_000  # per pattern: a runaway `**` must not hold the agent
 MAX_DEPTH = 100  # directory levels a pattern's walk descends
 MAX_WALKED = 200_000  # directory entries a pattern's walk looks at
+MAX_NAME = 1024  # characters of a blob name (Azure Storage's limit)
+MAX_STORED = 10_000  # files one task puts in the coordinator's file store
 _CHUNK = 1 << 20
 _IN_MEMORY = 8 << 20  # smaller files are sent as one buffer
 _RETRIES = 4  # attempts per file
@@ -308,6 +310,14 @@ class Uploader:
             single = not split_pattern(spec.pattern)[2]
             for mt in matches:
                 name = blob_name(spec, mt, single)
+                # Every file-store upload is named in the task's completion (one agent message,
+                # one journal row): their number and names are bounded, as Azure bounds blob names.
+                if len(name) > MAX_NAME:
+                    return _failed(_short(name), f"its name is over {MAX_NAME} characters"), stored
+                if not spec.container_url and len(stored) >= MAX_STORED:
+                    return _failed(
+                        _short(name), f"the task stores more than {MAX_STORED} files"
+                    ), stored
                 got = await trio.to_thread.run_sync(open_match, tdir, wd, mt)
                 if got is None:
                     continue  # not the task's to read, a symlink, or gone
