@@ -89,3 +89,24 @@ def test_interleaved_overlapping_ranges_resolve_to_their_union(core: Coordinator
     core.add_task("d", JOB, _ranged("u", [(10, 20), (15, 30), (31, 31), (5, 12), (100, 100)]))
     _, t = core.get_task("d", JOB, "u")
     assert sorted(int(u) for u in t.deps or ()) == [*range(5, 32), 100]
+
+
+def test_one_add_resolves_at_most_its_dependency_budget(
+    core: CoordinatorState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # At the bound: 100 tasks, each on the job's 2,000 integer-named tasks, are 200,000.
+    assert deps_mod.MAX_DEPS_PER_ADD == 200_000
+    res = core.add_tasks("d", JOB, [_ranged(f"at{i}", [(0, N - 1)]) for i in range(100)])
+    assert [r.status for r in res] == ["success"] * 100, res[0]
+    # Past it, the tasks that would exceed it are refused, naming the bound; the others are added.
+    monkeypatch.setattr(deps_mod, "MAX_DEPS_PER_ADD", 5 * N)
+    res = core.add_tasks("d", JOB, [_ranged(f"over{i}", [(0, N - 1)]) for i in range(8)])
+    assert [r.status for r in res] == ["success"] * 5 + ["clienterror"] * 3, res
+    assert res[5].error is not None
+    assert res[5].error["code"] == "TooManyDependencies", res[5].error
+    assert str(5 * N) in str(res[5].error["message"])
+    job = core.get_job("d", JOB)
+    assert {f"over{i}" for i in range(5)} <= set(job.tasks)
+    assert not {f"over{i}" for i in range(5, 8)} & set(job.tasks)
+    # The budget is per request: the next add resolves its own.
+    core.add_task("d", JOB, _ranged("next", [(0, N - 1)]))
