@@ -96,15 +96,30 @@ class Child:
 
     async def wait(self) -> int:
         while self.poll() is None:
-            if self._watched:
-                if self._end is None:
-                    self._end = trio.Event()
-                await self._end.wait()
-            else:
-                self._loop_waited = True
-                await trio.lowlevel.wait_readable(self._pidfd)
+            await self.wait_once()
         assert self.returncode is not None
         return self.returncode
+
+    async def wait_once(self) -> None:
+        """Until the process may have ended, or `nudge()` was called (the caller looks again)."""
+        if self.poll() is not None:
+            return
+        if self._watched:
+            if self._end is None:
+                self._end = trio.Event()
+            await self._end.wait()
+            self._end = None  # a nudge or a stopped watch: the next wait needs a new one
+        else:
+            self._loop_waited = True
+            await trio.lowlevel.wait_readable(self._pidfd)
+
+    def nudgeable(self) -> bool:
+        """`nudge()` can end a `wait_once()` now (the launcher thread watches the process)."""
+        return self._watched
+
+    def nudge(self) -> None:
+        if self._end is not None:
+            self._end.set()
 
     # -- the watcher's side (its thread: _watched_by, _watch_over; the loop: _ended)
 
