@@ -278,6 +278,7 @@ class TaskCgroup:
         self._limits: tuple[int | None, int | None] = (None, None)  # as last written
         self._oom_base = 0  # oom kills counted before this task (a reused cgroup keeps counting)
         self._oom_next: int | None = None  # the count at the end of the task before
+        self._procs_files: list[str] | None = None  # what pids() reads
         self._oom_counter = False  # v1 memory.oom_control has an oom_kill count (kernel >= 4.13)
 
     def rearm(self, memory_bytes: int | None, pids: int | None) -> None:
@@ -392,7 +393,10 @@ class TaskCgroup:
         out: set[int] = set()
         # Every process of the task is in the v2 cgroup from birth (and joins the v1 ones after):
         # where there is one, it alone holds the whole tree.
-        files = self.procs_files()[:1] if "v2" in self.dirs else self.procs_files()
+        if self._procs_files is None:
+            files = self.procs_files()
+            self._procs_files = files[:1] if "v2" in self.dirs else files
+        files = self._procs_files
         for f in files:
             with contextlib.suppress(OSError):
                 out.update(int(p) for p in _read(f).split())
