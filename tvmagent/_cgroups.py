@@ -277,15 +277,21 @@ class TaskCgroup:
         self._handles: tuple[int, tuple[int, ...]] | None = None  # see launch_handles()
         self._limits: tuple[int | None, int | None] = (None, None)  # as last written
         self._oom_base = 0  # oom kills counted before this task (a reused cgroup keeps counting)
+        self._oom_next: int | None = None  # the count at the end of the task before
+        self._procs_files: list[str] | None = None  # what pids() reads
         self._oom_counter = False  # v1 memory.oom_control has an oom_kill count (kernel >= 4.13)
 
     def rearm(self, memory_bytes: int | None, pids: int | None) -> None:
         """Ready the (new or reused, empty) cgroup for one task: its limits, a zero oom count."""
         if (memory_bytes, pids) != self._limits:
             self.set_limits(memory_bytes, pids)
-        self._oom_base = 0
-        if self.enforces("memory"):
+        if self._oom_next is not None:  # read at the end of the task before (see oom_kills)
+            self._oom_base, self._oom_next = self._oom_next, None
+        elif self.enforces("memory"):
             self._oom_base = self._oom_count()
+        else:
+            self._oom_base = 0
+        if self.enforces("memory"):
             if "memory" in self.dirs and not self._oom_counter:
                 # v1 without an oom_kill counter: the fallback evidence (failcnt) starts at zero
                 with contextlib.suppress(OSError):
@@ -300,6 +306,7 @@ class TaskCgroup:
         self.killed = False
         self.created = True
         self._limits = (None, None)  # a fresh directory has none
+        self._oom_next = None
         try:
             for key, d in self.dirs.items():
                 _mkdir_retry(d)
@@ -386,7 +393,10 @@ class TaskCgroup:
         out: set[int] = set()
         # Every process of the task is in the v2 cgroup from birth (and joins the v1 ones after):
         # where there is one, it alone holds the whole tree.
-        files = self.procs_files()[:1] if "v2" in self.dirs else self.procs_files()
+        if self._procs_files is None:
+            files = self.procs_files()
+            self._procs_files = files[:1] if "v2" in self.dirs else files
+        files = self._procs_files
         for f in files:
             with contextlib.suppress(OSError):
                 out.update(int(p) for p in _read(f).split())
@@ -405,8 +415,12 @@ class TaskCgroup:
                 os.kill(pid, sig)
 
     def oom_kills(self) -> int:
-        """How many processes the kernel OOM-killed in this task's memory cgroup (this task's run)."""
-        return max(0, self._oom_count() - self._oom_base)
+        """How many processes the kernel OOM-killed in this task's memory cgroup (this task's run).
+        The count read here is the next task's starting point: the tree is gone, so nothing of
+        this cgroup can be OOM-killed before the next task starts in it (one read per task)."""
+        count = self._oom_count()
+        self._oom_next = count if self._oom_counter or "memory" not in self.dirs else None
+        return max(0, count - self._oom_base)
 
     def _oom_count(self) -> int:
         """The cgroup's cumulative oom-kill count."""

@@ -56,7 +56,12 @@ def kill_uid(uid: int, gid: int) -> None:
 
 def sweep_uid(uid: int, roots: tuple[str, ...] = SWEEP_ROOTS) -> int:
     """Remove what `uid` owns under `roots`; returns how many entries were removed."""
-    if uid == 0:
+    return sweep_uids(frozenset({uid}), roots)
+
+
+def sweep_uids(uids: frozenset[int], roots: tuple[str, ...] = SWEEP_ROOTS) -> int:
+    """`sweep_uid` for several uids in one walk (the walk, not the uids, is the cost)."""
+    if 0 in uids:
         raise ValueError("refusing to sweep root's files")
     removed = 0
     for root in roots:
@@ -65,14 +70,14 @@ def sweep_uid(uid: int, roots: tuple[str, ...] = SWEEP_ROOTS) -> int:
         except OSError:
             continue  # not on this host
         try:
-            removed += _sweep(fd, uid, 0)
+            removed += _sweep(fd, uids, 0)
         finally:
             os.close(fd)
     return removed
 
 
-def _sweep(dfd: int, uid: int, depth: int) -> int:
-    """Empty one directory (by fd) of `uid`'s entries; True-ish count of removals."""
+def _sweep(dfd: int, uids: frozenset[int], depth: int) -> int:
+    """Empty one directory (by fd) of the entries of `uids`; True-ish count of removals."""
     removed = 0
     try:
         with os.scandir(dfd) as it:
@@ -85,16 +90,16 @@ def _sweep(dfd: int, uid: int, depth: int) -> int:
         except OSError:
             continue  # gone meanwhile
         if not stat.S_ISDIR(st.st_mode):
-            if st.st_uid == uid:
+            if st.st_uid in uids:
                 with contextlib.suppress(OSError):
                     os.unlink(name, dir_fd=dfd)  # a link itself, never its target
                     removed += 1
             continue
-        mine = st.st_uid == uid
+        mine = st.st_uid in uids
         if not mine and not st.st_mode & stat.S_IWOTH:
-            continue  # the uid could not have created anything in there
+            continue  # the uids could not have created anything in there
         if depth < MAX_DEPTH:
-            removed += _descend(dfd, name, st, uid, depth)
+            removed += _descend(dfd, name, st, uids, depth)
         if mine:
             try:
                 os.rmdir(name, dir_fd=dfd)
@@ -104,7 +109,7 @@ def _sweep(dfd: int, uid: int, depth: int) -> int:
     return removed
 
 
-def _descend(dfd: int, name: str, st: os.stat_result, uid: int, depth: int) -> int:
+def _descend(dfd: int, name: str, st: os.stat_result, uids: frozenset[int], depth: int) -> int:
     try:
         fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
     except OSError:
@@ -113,7 +118,7 @@ def _descend(dfd: int, name: str, st: os.stat_result, uid: int, depth: int) -> i
         now = os.fstat(fd)
         if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
             return 0  # swapped between the look and the open
-        return _sweep(fd, uid, depth + 1)
+        return _sweep(fd, uids, depth + 1)
     finally:
         os.close(fd)
 

@@ -15,18 +15,13 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    ConnectionRejected,
-    HandshakeError,
-    WebSocketConnection,
-    open_websocket_url,
-)
+from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
 
 from protocol import SUBPROTOCOL, LinkSession, ProtocolError, agent_codec
 from protocol import messages as pm
 
 from .state import rejected_for_good
+from .wsclient import WsClient, open_websocket
 
 log = logging.getLogger("tvm.agent")
 
@@ -172,9 +167,9 @@ class Link:
         codec = self.session.codec
         if self.url.startswith("wss://"):
             await self._tls_preflight()  # trio-websocket turns TLS errors into a bare timeout
-        async with open_websocket_url(
+        async with open_websocket(
             self.url,
-            subprotocols=[SUBPROTOCOL],
+            SUBPROTOCOL,
             connect_timeout=10,
             disconnect_timeout=5,
             max_message_size=64 * 1024 * 1024,
@@ -217,7 +212,7 @@ class Link:
                     else:
                         self.wake.set()
 
-    async def _writer(self, ws: WebSocketConnection) -> None:
+    async def _writer(self, ws: WsClient) -> None:
         while True:
             frame = self.session.next_frame()
             if frame is None:

@@ -20,9 +20,10 @@ from protocol import messages as pm
 from protocol.hostio import primary_ip
 
 from . import _ipc_sweep, isolation
-from ._uid_sweep import TmpWatch, cleanup_uid
+from ._uid_sweep import TmpWatch
 from ._users import lookup_user
 from .ports import NftError, PortGate, apply_nft, nft_available, remove_nft, render_nft_ruleset
+from .sweeps import Sweeps
 
 if TYPE_CHECKING:
     from .nodeusers import NodeUsers
@@ -79,6 +80,8 @@ class PoolIsolation:
         # acquiring one looks users and groups up and may sweep a dead holder's leftovers.
         self._idle_leases: list[isolation.SlotLease] = []
         self.tmp_watch = TmpWatch()
+        # One walk of the sweep roots for all the task users waiting to be swept at a moment.
+        self._sweeps = Sweeps(lambda: not self.sandbox.caps.layout.usable, self.tmp_watch.refresh)
 
     @property
     def tvm(self) -> TvmIdentity | None:
@@ -318,7 +321,7 @@ class PoolIsolation:
         clean = False
         try:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._full_sweep, lease)
+                await self._sweeps.sweep(lease)
             clean = True
         except (OSError, subprocess.SubprocessError) as exc:
             log.warning("leftovers of task user %s not removed: %s", lease.user, exc)
@@ -327,10 +330,6 @@ class PoolIsolation:
                 self._park(lease)
             else:
                 lease.release(clean=clean)
-
-    def _full_sweep(self, lease: isolation.SlotLease) -> None:
-        cleanup_uid(lease.uid, lease.gid, not self.sandbox.caps.layout.usable)
-        self.tmp_watch.refresh()
 
     def drop_pool_group_at_exit(self) -> None:
         """The agent stops: its group goes (a restarted agent makes it again when it rejoins), so

@@ -105,7 +105,8 @@ class ProcessSpec:
             values = "\0".join(self.env.values())
         except TypeError:
             keys, values = "=", "\0"
-        if "=" in keys or keys.count("\0") != len(self.env) - 1 or "\0" in values or "" in self.env:
+        n = len(self.env) - 1  # separators; a NUL of a name or value makes more
+        if "=" in keys or keys.count("\0") != n or values.count("\0") != n or "" in self.env:
             for k, v in self.env.items():
                 if not isinstance(k, str) or not k or "=" in k or "\0" in k:
                     raise ValueError(f"invalid environment variable name {k!r}")

@@ -465,6 +465,7 @@ class RunningProcess:
         self._leftovers = 0
         self._reaped = False  # the tree was seen empty after the main process ended
         self._wake: trio.CancelScope | None = None
+        self._nudge: Callable[[], None] | None = None  # wakes a wait without a cancel scope
         self._driving = False
         self._done = trio.Event()
         self._outcome: ProcessOutcome | None = None
@@ -512,6 +513,8 @@ class RunningProcess:
             self._signal_tree(signal.SIGTERM)
         if self._wake is not None:
             self._wake.deadline = min(self._wake.deadline, self._kill_deadline)
+        if self._nudge is not None:
+            self._nudge()
 
     def snapshot_rss(self) -> int | None:
         if self._proc is None or self._outcome is not None:
@@ -553,6 +556,16 @@ class RunningProcess:
             deadline = self._kill_deadline if self._kill_deadline is not None else math.inf
             if self._watchdog_limit is not None:
                 deadline = min(deadline, trio.current_time() + WATCHDOG_INTERVAL)
+            proc = self._proc
+            if deadline == math.inf and isinstance(proc, fast.Child) and proc.nudgeable():
+                # No deadline yet: no cancel scope (a visible share of a short task's cost);
+                # kill() nudges this wait instead, and the loop goes on with its deadline.
+                self._nudge = proc.nudge
+                try:
+                    await proc.wait_once()
+                finally:
+                    self._nudge = None
+                continue
             with trio.CancelScope(deadline=deadline) as scope:
                 self._wake = scope
                 try:

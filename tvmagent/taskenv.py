@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -39,7 +40,13 @@ def task_dir(root: str, key: str) -> str:
 
 
 def tvm_env(tvm: TvmIdentity) -> dict[str, str]:
-    """Variables every process on the TVM gets (the start task gets only these)."""
+    """Variables every process on the TVM gets (the start task gets only these). A new dict each
+    call (callers may change theirs); built once per TVM identity."""
+    return dict(_tvm_env(tvm))
+
+
+@functools.lru_cache(maxsize=8)
+def _tvm_env(tvm: TvmIdentity) -> dict[str, str]:
     return {
         "WATASK_ACCOUNT_NAME": tvm.account,
         "WATASK_POOL_NAME": tvm.pool,
@@ -64,7 +71,7 @@ def start_task_env(tvm: TvmIdentity, user_env: dict[str, str]) -> dict[str, str]
     wd = os.path.join(tvm.start_dir, "wd")
     env = {"PATH": f"{DEFAULT_PATH}:{tvm.shared_dir}:{wd}", "HOME": wd, "PWD": wd}
     env.update(user_env)
-    env.update(tvm_env(tvm))
+    env.update(_tvm_env(tvm))
     return env
 
 
@@ -74,7 +81,7 @@ def task_env(tvm: TvmIdentity, spec: TaskSpec) -> dict[str, str]:
     wd = os.path.join(tdir, "wd")
     env = {"PATH": f"{DEFAULT_PATH}:{tvm.shared_dir}:{wd}", "HOME": wd, "PWD": wd}
     env.update(spec.env)
-    env.update(tvm_env(tvm))
+    env.update(_tvm_env(tvm))
     env.update(
         {
             "WATASK_WORKITEM_NAME": spec.workitem,

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from tvmagent import _ipc_sweep
-from tvmagent._uid_sweep import cleanup_uid, kill_uid, sweep_uid
+from tvmagent._uid_sweep import cleanup_uid, kill_uid, sweep_uid, sweep_uids
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown to another uid)")
 
@@ -119,3 +119,53 @@ def test_system_v_ipc_objects_of_the_uid_are_removed_and_no_others() -> None:
     assert _ipc_sweep.owned(OTHER) == []
     with pytest.raises(ValueError, match="root"):
         _ipc_sweep.remove_owned(0)
+
+
+def test_one_walk_sweeps_several_uids_and_no_others(tmp_path) -> None:
+    root = tmp_path / "tmp"
+    root.mkdir()
+    os.chmod(root, 0o1777)
+    third = UID + 2
+    for uid in (UID, third, OTHER):
+        _make(root / f"f{uid}", uid)
+    mine = root / "dir-of-third"
+    mine.mkdir()
+    os.chown(mine, third, third)
+    _make(mine / "inside", third)
+    assert sweep_uids(frozenset({UID, third}), (str(root),)) == 4
+    assert os.listdir(root) == [f"f{OTHER}"]
+    with pytest.raises(ValueError, match="root"):
+        sweep_uids(frozenset({UID, 0}), (str(root),))
+    assert os.listdir(root) == [f"f{OTHER}"]
+
+
+async def test_sweeps_asked_during_a_walk_share_the_next_one(tmp_path) -> None:
+    """Each uid is swept by a walk that started after it asked; the ones that asked while a walk
+    ran share the next walk instead of one walk each."""
+    import trio
+
+    from tvmagent.sweeps import Sweeps
+
+    root = tmp_path / "tmp"
+    root.mkdir()
+    os.chmod(root, 0o1777)
+    uids = [UID, UID + 2, UID + 3]
+    for uid in [*uids, OTHER]:
+        _make(root / f"f{uid}", uid)
+    refreshed = []
+    sweeps = Sweeps(lambda: False, lambda: refreshed.append(True), roots=(str(root),))
+
+    class User:
+        def __init__(self, uid: int) -> None:
+            self.uid, self.gid = uid, uid
+
+    async def one(uid: int) -> None:
+        await sweeps.sweep(User(uid))
+        assert not (root / f"f{uid}").exists()  # gone by the time its sweep returns
+
+    async with trio.open_nursery() as n:
+        for uid in uids:
+            n.start_soon(one, uid)
+    assert sweeps.walks == 2  # the first alone, the two that asked meanwhile together
+    assert len(refreshed) == 2
+    assert os.listdir(root) == [f"f{OTHER}"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tvmagent.sandbox import ProcessSpec, Sandbox, SandboxCapabilities
+from tvmagent.sandbox import ProcessSpec, RunningProcess, Sandbox, SandboxCapabilities
 
 PATH = "/usr/local/bin:/usr/bin:/bin"
 
@@ -237,3 +237,66 @@ async def test_a_refused_clone3_falls_back_to_the_chain(
         assert (await rp.wait()).exit_code == i
     assert len(calls) == 1
     assert not caps.fast_launch
+
+
+async def test_tasks_run_on_when_the_launcher_thread_dies(
+    detected: SandboxCapabilities,
+    task_user: tuple[str, int, int],
+    workdir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The launcher thread starts tasks and watches them for their end. Should it end (a bug),
+    the tasks it watched are still seen to end, with their exit codes, and the next start gets a
+    new thread; nothing waits forever."""
+    if not detected.fast_launch:
+        pytest.skip("the clone3 launcher is not in use on this host")
+    if not detected.layout.usable or not detected.can_switch_user:
+        pytest.skip("needs writable cgroups and root")
+    name, _uid, gid = task_user
+    sb = Sandbox(
+        dataclasses.replace(detected), cgroup_prefix=f"tvmtest-l6-{os.getpid()}", kill_grace=0.5
+    )
+    try:
+        running = await sb.start(
+            spec(workdir, ["sh", "-c", "sleep 0.5; exit 7"], run_as=name, gid=gid), inline=True
+        )
+        launcher = sb._clones
+        first = launcher._thread
+        assert first is not None
+        assert first.is_alive()
+        real_poll = launcher._poll
+        broken = []
+
+        def poll_once_broken(ep: object, timeout: float) -> list[tuple[int, int]]:
+            if not broken:
+                broken.append(True)
+                raise RuntimeError("the launcher thread breaks")
+            return real_poll(ep, timeout)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(launcher, "_poll", poll_once_broken)
+        codes: dict[str, int] = {}
+
+        async def wait_for(label: str, rp: RunningProcess) -> None:
+            codes[label] = (await rp.wait()).exit_code
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as n:
+                n.start_soon(wait_for, "running", running)  # waiting before the thread breaks
+                await trio.sleep(0.05)
+                # This start wakes the thread: it runs the start, then breaks in its next poll.
+                quick = await sb.start(
+                    spec(workdir, ["sh", "-c", "exit 3"], run_as=name, gid=gid), inline=True
+                )
+                n.start_soon(wait_for, "quick", quick)
+            assert not first.is_alive()
+            assert codes == {"running": 7, "quick": 3}
+            after = await sb.start(
+                spec(workdir, ["sh", "-c", "exit 0"], run_as=name, gid=gid), inline=True
+            )
+            assert (await after.wait()).exit_code == 0
+        assert broken == [True]
+        assert launcher._thread is not first
+        assert launcher._thread is not None
+        assert launcher._thread.is_alive()
+    finally:
+        assert sb.close() == []

@@ -13,6 +13,7 @@ import errno
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -61,12 +62,19 @@ def fast_unavailable_reason() -> str:
 
 class Child:
     """A started task process, waited for through its pidfd (the same interface the sandbox uses
-    of ``trio.Process``: pid, returncode, poll(), wait())."""
+    of ``trio.Process``: pid, returncode, poll(), wait()). The launcher thread may watch the pidfd
+    for the loop (tvmagent/launch/batch.py): then the loop neither polls it nor closes it while it
+    is in the thread's epoll set."""
 
     def __init__(self, pid: int, pidfd: int) -> None:
         self.pid = pid
         self._pidfd = pidfd
         self.returncode: int | None = None
+        self._watcher: Any = None  # the BatchThread watching the pidfd
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._watched = False  # in the watcher's epoll set (set and cleared by its thread)
+        self._end: trio.Event | None = None
+        self._loop_waited = False
 
     def poll(self) -> int | None:
         if self.returncode is None:
@@ -88,16 +96,57 @@ class Child:
 
     async def wait(self) -> int:
         while self.poll() is None:
-            await trio.lowlevel.wait_readable(self._pidfd)
+            await self.wait_once()
         assert self.returncode is not None
         return self.returncode
 
+    async def wait_once(self) -> None:
+        """Until the process may have ended, or `nudge()` was called (the caller looks again)."""
+        if self.poll() is not None:
+            return
+        if self._watched:
+            if self._end is None:
+                self._end = trio.Event()
+            await self._end.wait()
+            self._end = None  # a nudge or a stopped watch: the next wait needs a new one
+        else:
+            self._loop_waited = True
+            await trio.lowlevel.wait_readable(self._pidfd)
+
+    def nudgeable(self) -> bool:
+        """`nudge()` can end a `wait_once()` now (the launcher thread watches the process)."""
+        return self._watched
+
+    def nudge(self) -> None:
+        if self._end is not None:
+            self._end.set()
+
+    # -- the watcher's side (its thread: _watched_by, _watch_over; the loop: _ended)
+
+    def _watched_by(self, watcher: Any, token: trio.lowlevel.TrioToken) -> None:
+        self._watcher, self._token, self._watched = watcher, token, True
+
+    def _watch_over(self) -> None:
+        self._watched = False
+
+    def _ended(self) -> None:
+        """(loop) The watcher saw the process end, forgot it, or stopped watching."""
+        if self._end is not None:
+            self._end.set()
+        if self.returncode is not None:
+            self._close()
+
     def _close(self) -> None:
-        if self._pidfd >= 0:
-            fd, self._pidfd = self._pidfd, -1
+        if self._pidfd < 0:
+            return
+        if self._watched:  # the thread drops it first; `_ended` closes it then
+            self._watcher.forget(self)
+            return
+        fd, self._pidfd = self._pidfd, -1
+        if self._loop_waited:
             with contextlib.suppress(RuntimeError):  # outside Trio (the probe): nobody waits on it
                 trio.lowlevel.notify_closing(fd)
-            os.close(fd)
+        os.close(fd)
 
 
 @dataclass(frozen=True)
