@@ -34,13 +34,13 @@ def frame_header(length: int) -> bytes:
     return bytes((0x82, 127)) + length.to_bytes(8, "big")
 
 
-def frame_writer(send: Callable[..., Awaitable[None]]) -> FrameWriter | None:
-    """A direct writer of binary messages for the ASGI websocket `send` of a hypercorn connection
-    over plain TCP and HTTP/1.1 without extensions, or None."""
+def hypercorn_parts(send: Callable[..., Awaitable[None]]) -> tuple[Any, Any, Any, Any] | None:
+    """(websocket stream, HTTP/1.1 protocol, TCP server, frame protocol) of the hypercorn
+    connection behind a websocket's ASGI `send`, when it is plain TCP, HTTP/1.1 and has no
+    extension; None otherwise (another server, TLS, HTTP/2, compression)."""
     try:
-        from hypercorn.events import RawData
         from hypercorn.protocol.h11 import H11Protocol
-        from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
+        from hypercorn.protocol.ws_stream import WSStream
         from hypercorn.trio.tcp_server import TCPServer
     except ImportError:
         return None
@@ -53,10 +53,24 @@ def frame_writer(send: Callable[..., Awaitable[None]]) -> FrameWriter | None:
     server = getattr(proto.send, "__self__", None)
     if not isinstance(server, TCPServer) or not isinstance(server.stream, trio.SocketStream):
         return None
-    connection = getattr(ws, "connection", None)
-    frames = getattr(connection, "_proto", None)
+    frames = getattr(getattr(ws, "connection", None), "_proto", None)
     if frames is None or getattr(frames, "extensions", None):
         return None
+    return ws, proto, server, frames
+
+
+def frame_writer(send: Callable[..., Awaitable[None]]) -> FrameWriter | None:
+    """A direct writer of binary messages for the ASGI websocket `send` of a hypercorn connection
+    over plain TCP and HTTP/1.1 without extensions, or None."""
+    try:
+        from hypercorn.events import RawData
+        from hypercorn.protocol.ws_stream import ASGIWebsocketState
+    except ImportError:
+        return None
+    parts = hypercorn_parts(send)
+    if parts is None:
+        return None
+    ws, proto, server, _frames = parts
     sock: socket.socket | None = getattr(server.stream.socket, "_sock", None)
     if not isinstance(sock, socket.socket):
         return None

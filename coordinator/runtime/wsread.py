@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .wsdirect import hypercorn_parts
+
 # The event the hook puts into the application's channel when `on_frame` failed.
 FAILED = "tvm.wsread.failed"
 
@@ -155,23 +157,16 @@ def install(
     says where they go); None if not."""
     try:
         from hypercorn.events import RawData
-        from hypercorn.protocol.h11 import H11Protocol, H11WSConnection
-        from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
-        from hypercorn.trio.tcp_server import TCPServer
-        from trio import MemoryReceiveChannel, SocketStream
+        from hypercorn.protocol.h11 import H11WSConnection
+        from hypercorn.protocol.ws_stream import ASGIWebsocketState
+        from trio import MemoryReceiveChannel
     except ImportError:
         return None
-    ws: Any = getattr(send, "__self__", None)
-    if not isinstance(ws, WSStream):
+    parts = hypercorn_parts(send)
+    if parts is None:
         return None
-    proto = getattr(ws.send, "__self__", None)
-    if not isinstance(proto, H11Protocol) or proto.stream is not ws or "handle" in vars(proto):
-        return None
-    server = getattr(proto.send, "__self__", None)
-    if not isinstance(server, TCPServer) or not isinstance(server.stream, SocketStream):
-        return None
-    frames = getattr(getattr(ws, "connection", None), "_proto", None)
-    if frames is None or getattr(frames, "extensions", None):
+    ws, proto, _server, frames = parts
+    if proto.stream is not ws or "handle" in vars(proto):
         return None
     # Nothing may be waiting anywhere on the way: it would reach the application after frames
     # the hook hands over.
