@@ -18,8 +18,9 @@ from coordinator.common import models as m
 from coordinator.core import AutoscaleTiming
 from coordinator.runtime.provisioners.config import parse_provisioners
 from tests.harness import cluster_ctx
+from tests.provisioners.hostprocs import agent_pids
 from tests.provisioners.slurmctl import Slurm, start_slurm
-from tests.provisioners.test_ssh_provisioner import _agent_pids, _tvm_command
+from tests.provisioners.test_ssh_provisioner import _tvm_command
 
 # Not `slow`: the private Slurm starts in about a second and the whole test takes ~15 s.
 
@@ -114,7 +115,7 @@ async def test_autoscale_grows_a_pool_by_slurm_jobs_and_shrinks_it(
         pool = await c.client.pools.get("hpc")
         assert pool.target_dedicated == 0
         assert pool.current_dedicated == 0
-        await c.wait_for(lambda: not _agent_pids(work_dir), what="no agent process left")
+        await c.wait_for(lambda: not agent_pids(work_dir), what="no agent process left")
         await c.wait_for(lambda: not os.listdir(work_dir), what="the jobs' directories removed")
 
 

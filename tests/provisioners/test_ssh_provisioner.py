@@ -20,22 +20,11 @@ from coordinator.client import task_spec
 from coordinator.common import models as m
 from coordinator.runtime.provisioners.config import parse_provisioners
 from tests.harness import REPO, cluster_ctx
-from tests.provisioners.hostprocs import CmdlineWatch
-from tests.provisioners.sshd import NO_SYSTEMD, Sshd, start_sshd, stop
+from tests.provisioners.hostprocs import CmdlineWatch, agent_pids
+from tests.provisioners.sshd import Sshd
 
 TVM = os.path.join(os.path.dirname(os.path.realpath(os.sys.executable)), "tvm")  # type: ignore[attr-defined]
 JOB = "job-0000000001"
-
-
-@pytest.fixture
-def sshd(tmp_path) -> Iterator[Sshd]:  # noqa: ANN001
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare is not installed")
-    server, proc = start_sshd(str(tmp_path / "sshd"), wrap=NO_SYSTEMD)
-    try:
-        yield server
-    finally:
-        stop(proc)
 
 
 @pytest.fixture
@@ -46,23 +35,6 @@ def agent_dir() -> Iterator[str]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _agent_pids(marker: str) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read()
-            with open(f"/proc/{entry}/stat") as f:
-                state = f.read().rpartition(")")[2].split()[0]
-        except OSError:
-            continue
-        if marker.encode() in cmd and state != "Z":
-            pids.append(int(entry))
-    return pids
 
 
 def _tvm_command() -> str:
@@ -121,11 +93,11 @@ async def test_pool_grows_over_ssh_runs_tasks_and_shrinks_to_nothing(
                     assert f.read() == "process\n"  # auto, and no systemd runs there
                 with open(os.path.join(agent_dir, name, "pid")) as f:
                     # the recorded pid is the agent itself (exec'd), what stop signals
-                    assert _agent_pids(os.path.join(agent_dir, name)) == [int(f.read())]
-                for pid in _agent_pids(os.path.join(agent_dir, name)):
+                    assert agent_pids(os.path.join(agent_dir, name)) == [int(f.read())]
+                for pid in agent_pids(os.path.join(agent_dir, name)):
                     with open(f"/proc/{pid}/cmdline", "rb") as f:
                         assert c.rc.join_token.encode() not in f.read()  # never on a command line
-            assert len(_agent_pids(agent_dir)) == 2
+            assert len(agent_pids(agent_dir)) == 2
 
             await c.client.workitems.add("wi", "p")
             await c.client.tasks.add_many(
@@ -144,13 +116,13 @@ async def test_pool_grows_over_ssh_runs_tasks_and_shrinks_to_nothing(
 
             await c.client.pools.resize("p", 0)
             await c.wait_for(
-                lambda: not _agent_pids(agent_dir) and not os.listdir(agent_dir),
+                lambda: not agent_pids(agent_dir) and not os.listdir(agent_dir),
                 timeout=60,
                 what="every ssh agent stopped and its directory wiped",
             )
             await c.wait_for(lambda: _steady_empty(c), what="pool steady at 0")
             assert not any(a in c.rc.service.core.agents for a in agents)
-    assert not _agent_pids(agent_dir)
+    assert not agent_pids(agent_dir)
     # sampled all along: starts, tasks, stops; the token was on no process's command line
     assert watch.scans > 10
     assert watch.hits == []
@@ -288,7 +260,7 @@ async def test_an_agent_killed_on_its_host_is_wiped_and_replaced(
         )
         await c.wait_for(lambda: c._idle("p", 1), timeout=60, what="1 idle TVM over ssh")
         (first,) = [t.agent_id for t in await c.client.tvms.list("p")]
-        (pid,) = _agent_pids(os.path.join(agent_dir, first))
+        (pid,) = agent_pids(os.path.join(agent_dir, first))
         os.kill(pid, signal.SIGKILL)  # the host's agent dies; max-agents = 1 on the only host
         await c.wait_for(
             lambda: _replaced(c, first), timeout=60, what="a new agent's TVM in the pool"
@@ -327,13 +299,13 @@ async def test_a_stopped_agent_whose_tvm_left_is_stopped_over_ssh_and_replaced(
         )
         await c.wait_for(lambda: c._idle("p", 1), timeout=60, what="1 idle TVM over ssh")
         (first,) = [t.agent_id for t in await c.client.tvms.list("p")]
-        pids = _agent_pids(os.path.join(agent_dir, first))
+        pids = agent_pids(os.path.join(agent_dir, first))
         assert pids
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
         try:
             await c.wait_for(
-                lambda: not _agent_pids(os.path.join(agent_dir, first)),
+                lambda: not agent_pids(os.path.join(agent_dir, first)),
                 timeout=90,
                 what="the stopped agent's processes gone",
             )
@@ -347,4 +319,4 @@ async def test_a_stopped_agent_whose_tvm_left_is_stopped_over_ssh_and_replaced(
         assert not os.path.exists(os.path.join(agent_dir, first))  # wiped as on shrink
         assert first not in c.rc.service.core.agents
         assert c.rc.service.core.retired_reason(first).startswith("AgentRetired: ")
-        assert len(_agent_pids(agent_dir)) == 1
+        assert len(agent_pids(agent_dir)) == 1

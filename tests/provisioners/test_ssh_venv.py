@@ -21,20 +21,9 @@ from coordinator.common import models as m
 from coordinator.runtime.provisioners.config import parse_provisioners
 from tests.harness import REPO, cluster_ctx
 from tests.provisioners.hostprocs import CmdlineWatch, agent_pids, ready_made_venv
-from tests.provisioners.sshd import NO_SYSTEMD, Sshd, start_sshd, stop
+from tests.provisioners.sshd import Sshd
 
 JOB = "job-0000000001"
-
-
-@pytest.fixture
-def sshd(tmp_path) -> Iterator[Sshd]:  # noqa: ANN001
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare is not installed")
-    server, proc = start_sshd(str(tmp_path / "sshd"), wrap=NO_SYSTEMD)
-    try:
-        yield server
-    finally:
-        stop(proc)
 
 
 @pytest.fixture
