@@ -174,6 +174,14 @@ class SandboxCapabilities:
             path = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin")
             if path:
                 tools[tool] = os.path.realpath(path) if tool != "sh" else path
+        if "env" in tools:
+            if _env_resets_signals(tools["env"]):
+                tools["env-reset"] = tools["env"]
+            else:
+                notes.append(
+                    f"{tools['env']} has no --default-signal: with the wrapper chain, tasks inherit"
+                    " the signals the agent ignores (an agent started under nohup: SIGHUP)"
+                )
         layout = _cgroups.detect_layout(notes)
         is_root = os.geteuid() == 0
         fast_launch = _probe_fast_launch(notes)
@@ -346,9 +354,12 @@ def build_command(
     bwrap_prefix: list[str] | None,
     nproc: int | None = None,
     groups: tuple[int, ...] = (),
+    reset_signals: bool = False,
 ) -> Plan:
     """The full wrapper chain for ``spec`` (pure). ``nproc``: RLIMIT_NPROC, the pids limit's
-    fallback where no pids cgroup enforces it; ``groups``: the user's supplementary groups."""
+    fallback where no pids cgroup enforces it; ``groups``: the user's supplementary groups;
+    ``reset_signals``: the agent ignores signals an exec would pass on (see `inherited_ignores`),
+    which `env --default-signal` puts back to default for the task."""
     chain: list[str] = []
     if procs_files:
         chain += [tools["sh"], "-c", _CGROUP_JOIN_SCRIPT, "sh", str(len(procs_files)), *procs_files]
@@ -361,8 +372,10 @@ def build_command(
         extra = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
         chain += [tools["setpriv"], f"--reuid={uid}", f"--regid={gid}", extra, "--"]
     spawn_env, held = split_env(spec.env, wrapped=bool(chain) or bwrap_prefix is not None)
-    if held:
-        chain += [tools["env"], "--", *(f"{k}={v}" for k, v in held.items())]
+    reset = reset_signals and "env-reset" in tools
+    if held or reset:
+        chain += [tools["env"], *(["--default-signal"] if reset else []), "--"]
+        chain += [f"{k}={v}" for k, v in held.items()]
     if bwrap_prefix is not None:
         chain += bwrap_prefix
     if not chain:
@@ -453,3 +466,41 @@ def scan_proc(pids: Iterable[int] | None = None) -> list[ProcInfo]:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+# Signals `subprocess` itself puts back to default in the child (restore_signals).
+_RESTORED = (13, 25)  # SIGPIPE, SIGXFSZ
+
+
+def inherited_ignores() -> bool:
+    """Does this process ignore a signal that an exec passes on to the task and `subprocess` does
+    not restore (an agent started under nohup: SIGHUP; in the background by a script: SIGINT,
+    SIGQUIT)? The clone3 launcher resets every signal; the wrapper chain needs `env` for it."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next((ln for ln in f if ln.startswith("SigIgn:")), "")
+    except OSError:
+        return True  # unknown: reset to be sure
+    if not line:
+        return True
+    mask = int(line.split()[1], 16)
+    for sig in _RESTORED:
+        mask &= ~(1 << (sig - 1))
+    return mask != 0
+
+
+def _env_resets_signals(env: str) -> bool:
+    """coreutils `env` >= 8.31 has --default-signal; busybox's has not."""
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            [env, "--default-signal", "--", "true"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0

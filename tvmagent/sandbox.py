@@ -48,6 +48,7 @@ from tvmagent.procspec import (
     bwrap_args,
     exit_code_of,
     format_bytes,
+    inherited_ignores,
     launch_rlimits,
     resolve_executable,
     root_entries,
@@ -372,6 +373,7 @@ class Sandbox:
                 bwrap,
                 nproc,
                 spec.groups if user_ids is not None else (),
+                inherited_ignores(),
             )
         except BaseException:
             for fd in fds:

@@ -8,6 +8,7 @@ import dataclasses
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -300,3 +301,23 @@ async def test_tasks_run_on_when_the_launcher_thread_dies(
         assert launcher._thread.is_alive()
     finally:
         assert sb.close() == []
+
+
+async def test_signals_the_agent_ignores_are_not_passed_on(
+    caps: SandboxCapabilities, task_user: tuple[str, int, int], workdir: Path
+) -> None:
+    """An agent started under nohup (SIGHUP ignored) or in the background by a script (SIGINT,
+    SIGQUIT): its tasks still get every signal's default action."""
+    name, _uid, gid = task_user
+    sb = Sandbox(caps, cgroup_prefix=f"tvmtest-l4-{os.getpid()}", kill_grace=1.0)
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGHUP, signal.SIGINT)}
+    try:
+        rp = await sb.start(
+            spec(workdir, ["sh", "-c", "grep SigIgn /proc/self/status"], run_as=name, gid=gid)
+        )
+        out = await rp.wait()
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+    assert out.exit_code == 0, (workdir / "stderr.txt").read_text()
+    assert (workdir / "stdout.txt").read_text().split() == ["SigIgn:", "0000000000000000"]

@@ -346,3 +346,15 @@ def test_evolve_checks_what_changes_and_nothing_else_may_change() -> None:
         spec.evolve(run_as="bad name")
     with pytest.raises(ValueError, match="evolve"):
         spec.evolve(cwd="relative")
+
+
+def test_build_command_puts_ignored_signals_back_to_default_with_env() -> None:
+    tools = {**TOOLS, "env-reset": TOOLS["env"]}
+    plan = build_command(spec(), "/usr/bin/prog", tools, [], (1001, 1002), None, reset_signals=True)
+    i_env = plan.argv.index("/usr/bin/env")
+    assert plan.argv[i_env + 1 : i_env + 3] == ["--default-signal", "--"]
+    assert plan.argv[-2:] == ["/usr/bin/prog", "a b"]
+    # Nothing ignored, or an env without --default-signal: no extra step.
+    assert "/usr/bin/env" not in build_command(spec(), "/usr/bin/prog", tools, [], None, None).argv
+    plain = build_command(spec(), "/usr/bin/prog", TOOLS, [], None, None, reset_signals=True)
+    assert "/usr/bin/env" not in plain.argv
