@@ -166,6 +166,32 @@ def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 # ---------------------------------------------------------------------- the area
 
 
+class IntNames:
+    """The integer-named tasks a range may name: the job's (kept index) and the collection's own."""
+
+    __slots__ = ("kept", "extra", "_len")
+
+    def __init__(self, kept: dict[int, list[str]], extra: dict[int, list[str]]) -> None:
+        self.kept = kept
+        self.extra = extra
+        self._len = len(kept) + sum(1 for n in extra if n not in kept)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __contains__(self, n: int) -> bool:
+        return n in self.kept or n in self.extra
+
+    def get(self, n: int) -> list[str] | None:
+        a, b = self.kept.get(n), self.extra.get(n)
+        if a is None or b is None:
+            return a if b is None else b
+        return a + b
+
+
+_NO_INTS = IntNames({}, {})
+
+
 class Deps:
     def __init__(self, store: Store, jobs: Jobs) -> None:
         self.s = store
@@ -184,7 +210,7 @@ class Deps:
         self._budget = MAX_DEPS_PER_ADD
         batch = {t.name: t for t in tasks}
         batch.update((n, TaskRec(name=n, command_line="", seq=0, created=0.0)) for n in errors)
-        by_int: dict[int, list[str]] | None = None
+        by_int: IntNames | None = None
         for t in tasks:
             if t.exit_conditions is not None:
                 try:
@@ -199,7 +225,7 @@ class Deps:
             try:
                 if spec.task_id_ranges and by_int is None:
                     by_int = self._int_index(job, batch)
-                t.deps = self._resolve(job, t.name, spec, batch, by_int or {})
+                t.deps = self._resolve(job, t.name, spec, batch, by_int or _NO_INTS)
             except ApiError as exc:
                 errors[t.name] = exc
         if not any(t.deps for t in tasks):
@@ -226,12 +252,40 @@ class Deps:
         self._refuse_cycles([t for t in tasks if t.name not in errors], batch, errors)
         return errors
 
-    def _int_index(self, job: Job, batch: dict[str, TaskRec]) -> dict[int, list[str]]:
-        out: dict[int, list[str]] = {}
-        for name in (*job.tasks, *batch):
-            if name.isdigit():
-                out.setdefault(int(name), []).append(name)
-        return out
+    def _int_index(self, job: Job, batch: dict[str, TaskRec]) -> IntNames:
+        if not job.rec.uses_deps:
+            return IntNames({}, {})  # `_resolve` refuses the dependencies anyway
+        d = job.deps
+        if d is None:
+            d = job.deps = JobDeps()
+        if d.ints is None:
+            d.ints = {}
+            for name in job.tasks:
+                if name.isdigit():
+                    d.ints.setdefault(int(name), []).append(name)
+        extra: dict[int, list[str]] = {}
+        for name in batch:
+            if name.isdigit() and name not in job.tasks:
+                extra.setdefault(int(name), []).append(name)
+        return IntNames(d.ints, extra)
+
+    def inserted(self, job: Job, name: str) -> None:
+        """A task was inserted into `job` (added or reactivated): keep the integer index."""
+        d = job.deps
+        if d is not None and d.ints is not None and name.isdigit():
+            names = d.ints.setdefault(int(name), [])
+            if name not in names:
+                names.append(name)
+
+    def deleted(self, job: Job, name: str) -> None:
+        """A task was deleted from `job`: keep the integer index."""
+        d = job.deps
+        if d is not None and d.ints is not None and name.isdigit():
+            names = d.ints.get(int(name))
+            if names is not None and name in names:
+                names.remove(name)
+                if not names:
+                    del d.ints[int(name)]
 
     def _resolve(
         self,
@@ -239,7 +293,7 @@ class Deps:
         name: str,
         spec: m.TaskDependencies,
         batch: dict[str, TaskRec],
-        by_int: dict[int, list[str]],
+        by_int: IntNames,
     ) -> list[str]:
         if not job.rec.uses_deps:
             raise bad_request(

@@ -297,7 +297,7 @@ def modern_job_id(workitem: str, job: str, scheduled: bool) -> str:
 class JobDeps:
     """A job's dependency index (deps.py keeps it): a completion touches only its dependents."""
 
-    __slots__ = ("dependents", "pending", "propagated", "units_done")
+    __slots__ = ("dependents", "pending", "propagated", "units_done", "ints")
 
     def __init__(self) -> None:
         # parent name -> [(dependent name, unit)]: who to tell when the parent satisfies.
@@ -308,6 +308,9 @@ class JobDeps:
         self.propagated: set[str] = set()
         # (dependent, unit) of multi-name units already satisfied by one of their names.
         self.units_done: set[tuple[str, str]] = set()
+        # integer -> the job's task names that spell it ("7", "007"): built by the first add with
+        # taskIdRanges, then kept as tasks are inserted and deleted (not a walk of the job per add).
+        self.ints: dict[int, list[str]] | None = None
 
 
 class Job:

@@ -144,6 +144,8 @@ class Tasks:
             job.tally.remove(old)
         job.tasks[task.name] = task
         job.tally.add(task)
+        if job.deps is not None:
+            self.deps.inserted(job, task.name)
         if task.deps is None or self.deps.add(job, task):
             job.queue.append(task)
         self.runs.put_task(job, task)
@@ -184,6 +186,7 @@ class Tasks:
         del job.tasks[name]
         job.tally.remove(task)
         self.deps.forget(job, name)
+        self.deps.deleted(job, name)
         self.out.delete("task", f"{job.key}/{name}")
         self.out.delete(TASK_DONE, f"{job.key}/{name}")
 

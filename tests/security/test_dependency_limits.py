@@ -18,16 +18,16 @@ from tests.unit.test_core_foundation import JOB, _ready_cluster
 N = 2_000  # integer-named tasks in the job
 
 
-class _CountingIndex(dict[int, list[str]]):
+class _CountingIndex(deps_mod.IntNames):
     lookups = 0
 
-    def get(self, key: Any, default: Any = None) -> Any:
+    def get(self, n: int) -> list[str] | None:
         type(self).lookups += 1
-        return super().get(key, default)
+        return super().get(n)
 
-    def __contains__(self, key: object) -> bool:
+    def __contains__(self, n: int) -> bool:
         type(self).lookups += 1
-        return super().__contains__(key)
+        return super().__contains__(n)
 
 
 @pytest.fixture
@@ -47,9 +47,10 @@ def core(monkeypatch: pytest.MonkeyPatch) -> CoordinatorState:
     j.apply(core.take_effects())
     real = deps_mod.Deps._int_index
 
-    def counting(self: deps_mod.Deps, job: Any, batch: Any) -> dict[int, list[str]]:
+    def counting(self: deps_mod.Deps, job: Any, batch: Any) -> deps_mod.IntNames:
         _CountingIndex.lookups = 0
-        return _CountingIndex(real(self, job, batch))
+        found = real(self, job, batch)
+        return _CountingIndex(found.kept, found.extra)
 
     monkeypatch.setattr(deps_mod.Deps, "_int_index", counting)
     return core

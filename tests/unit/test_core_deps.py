@@ -205,6 +205,30 @@ def test_ranges_match_integer_ids_and_leading_zeros_are_one_id() -> None:
     assert sorted(ran) == ["002", "02", "1", "3", "5a", "after"]
 
 
+def test_ranges_see_tasks_added_and_deleted_between_adds() -> None:
+    """The job's integer index is built once and then kept: later adds, deletes, re-adds and a
+    collection's own tasks are all seen by the next range."""
+    core, _ = _deps_cluster()
+    core.add_tasks("d", JOB, [_t("1"), _t("2")])
+    core.add_task("d", JOB, _t("a", ranges=((1, 2),)))  # builds the index
+    assert core.get_task("d", JOB, "a")[1].deps == ["1", "2"]
+    job = core.get_job("d", JOB)
+    assert job.deps is not None
+    kept = job.deps.ints
+    core.add_tasks("d", JOB, [_t("3"), _t("03"), _t("b", ranges=((1, 3),))])  # batch and job
+    assert core.get_task("d", JOB, "b")[1].deps == ["1", "2", "3|03"]
+    assert job.deps.ints is kept  # kept up to date, not rebuilt by a walk of the job
+    core.delete_task("d", JOB, "2")
+    with pytest.raises(ApiError) as err:
+        core.add_task("d", JOB, _t("c", ranges=((1, 3),)))
+    assert err.value.code == "TaskDependencyNotFound"
+    assert "'2'" in err.value.message
+    core.delete_task("d", JOB, "03")
+    core.add_task("d", JOB, _t("02"))
+    core.add_task("d", JOB, _t("c", ranges=((1, 3),)))
+    assert core.get_task("d", JOB, "c")[1].deps == ["1", "02", "3"]
+
+
 def test_a_restart_keeps_waiting_and_blocked_dependents() -> None:
     core, j = _deps_cluster()
     core.add_tasks("d", JOB, [_t("a"), _t("bad"), _t("w", "a"), _t("blk", "bad")])
