@@ -3,6 +3,8 @@ the Azure routes (`/jobs/{id}` with the modern id, `S:job-N` for a schedule's jo
 
 from __future__ import annotations
 
+from coordinator.common.errors import ApiError
+from coordinator.common.models import TaskAdd
 from coordinator.core import CoordinatorState
 from coordinator.core.records import Job, modern_job_id
 
@@ -20,3 +22,27 @@ def job_scopes(core: CoordinatorState, job: Job) -> tuple[str, str]:
 
 def in_scope(path: str, scopes: tuple[str, ...]) -> bool:
     return any(path == s or path.startswith(s + "/") for s in scopes)
+
+
+def is_job_credential(headers: dict[str, str]) -> bool:
+    """The request came with a job-scoped credential (the dispatcher has checked it by now)."""
+    return headers.get("authorization", "").partition(" ")[0] in SCHEMES
+
+
+def check_elevation(job: Job, req: TaskAdd, headers: dict[str, str]) -> None:
+    """A job credential may add elevated tasks only where its holder runs elevated already: the
+    credential lives in the job manager's environment, and a job manager running as an ordinary
+    task user must not become root on the pool's TVMs (which run other jobs' tasks) by adding
+    a task. The account key can always."""
+    if not req.run_elevated or not is_job_credential(headers):
+        return
+    jm = job.tasks.get(job.rec.jm_name) if job.rec.jm_name else None
+    if jm is not None and jm.run_elevated:
+        return
+    raise ApiError(
+        403,
+        "AuthorizationFailure",
+        f"task {req.name!r} asks to run elevated, and this job credential belongs to a job manager "
+        "that does not: a job credential adds elevated tasks only when its job manager runs "
+        "elevated. Add the task with the account key, or make the job manager run elevated.",
+    )

@@ -14,6 +14,7 @@ from coordinator.core.records import ACTIVE, COMPLETED, RUNNING
 from . import paging
 from .dispatch import Response, RouteAdder, RouteGroup, _decode, _json_response
 from .inputlimits import check_request
+from .jobscope import check_elevation
 from .views import task_view
 
 MAX_WAIT_S = 60.0  # a waiting GET holds a connection: bounded like any long poll
@@ -77,12 +78,22 @@ class TaskRoutes(RouteGroup):
             200, paging.listing(tasks, query, lambda t: t.name, lambda t: task_view(j, t))
         )
 
-    async def add_task(self, wi: str, job: str, body: bytes, **_: Any) -> Response:
+    async def add_task(
+        self, wi: str, job: str, body: bytes, headers: dict[str, str], **_: Any
+    ) -> Response:
         req = _decode(body, m.TaskAdd)
+        self._check_elevation(wi, job, req, headers)
         await self.svc.execute(self.core.add_task, wi, job, req)
         return Response(201)
 
-    async def add_task_collection(self, wi: str, job: str, body: bytes, **_: Any) -> Response:
+    def _check_elevation(self, wi: str, job: str, req: m.TaskAdd, headers: dict[str, str]) -> None:
+        j = self.core.jobs.get(f"{wi}/{job}")
+        if j is not None:  # else the add answers that the job does not exist
+            check_elevation(j, req, headers)
+
+    async def add_task_collection(
+        self, wi: str, job: str, body: bytes, headers: dict[str, str], **_: Any
+    ) -> Response:
         req = _decode(body, m.TaskAddCollection, check=False)
         # A task over the input limits fails alone (clienterror at its index), like a bad name does.
         refused: dict[int, m.TaskAddResult] = {}
@@ -90,6 +101,7 @@ class TaskRoutes(RouteGroup):
             for i, t in enumerate(req.value):
                 try:
                     check_request(t)
+                    self._check_elevation(wi, job, t, headers)
                 except ApiError as exc:
                     refused[i] = m.TaskAddResult(
                         name=t.name,

@@ -10,6 +10,7 @@ from coordinator.core import MAX_COLLECTION
 from coordinator.core.records import Job, TaskRec
 from coordinator.rest.dispatch import Dispatcher, Response
 from coordinator.rest.inputlimits import check_request
+from coordinator.rest.jobscope import check_elevation
 
 from . import inputs
 from .body import Body, parse_json
@@ -86,6 +87,7 @@ class TaskApi:
         req = inputs.task_add(b)
         b.log_unknown("task add")
         check_request(req)
+        check_elevation(j, req, headers)
         await self.svc.execute(self.core.add_task, j.rec.workitem, j.rec.name, req)
         t = j.tasks[req.name]
         view = task_view(self.core, base(), j, t)
@@ -111,6 +113,7 @@ class TaskApi:
             try:
                 req = inputs.task_add(item)
                 check_request(req)
+                check_elevation(j, req, headers)
                 reqs.append((i, req))
             except ApiError as exc:
                 tid = item.data.get("id")
