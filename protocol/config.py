@@ -83,6 +83,10 @@ class AgentConfig(_Config):
     log_format: LogFormat = "json"
 
 
+# Tasks one job may hold by default (see CoordinatorConfig.max_tasks_per_job).
+MAX_TASKS_PER_JOB = 2_000_000
+
+
 class CoordinatorConfig(_Config):
     host: str = "127.0.0.1"
     # 0 asks the OS for a free port (tests); otherwise 1..65535
@@ -103,6 +107,9 @@ class CoordinatorConfig(_Config):
     unknown_tvm_timeout: float = 120.0
     unusable_after_failures: int = 3
     max_pool_size: int = 1000
+    # tasks one job may hold (all states): a job manager's credential cannot grow the coordinator's
+    # memory without bound (~0.5 KiB per task)
+    max_tasks_per_job: int = MAX_TASKS_PER_JOB
     tls_cert: str = ""
     tls_key: str = ""
     join_token: str = ""
@@ -346,6 +353,8 @@ def _check_coordinator(cfg: CoordinatorConfig, src: Mapping[str, str]) -> None:
         )
     if cfg.max_pool_size < 1:
         raise _fail(src, "max-pool-size", f"must be at least 1, got {cfg.max_pool_size}")
+    if cfg.max_tasks_per_job < 1:
+        raise _fail(src, "max-tasks-per-job", f"must be at least 1, got {cfg.max_tasks_per_job}")
     if cfg.max_upload_size < 0:
         raise _fail(src, "max-upload-size", f"must be 0 or more bytes, got {cfg.max_upload_size}")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):

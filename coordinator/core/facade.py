@@ -49,6 +49,7 @@ from .records import (
 )
 from .runs import Runs
 from .scheduler import Scheduler
+from .specs import MAX_TASKS_PER_JOB
 from .store import AutoscaleTiming, Store
 from .tasks import Tasks
 from .tvm_ops import TvmOps
@@ -111,6 +112,7 @@ class CoordinatorState:
         clock: Callable[[], float] = time.time,
         heartbeat_timeout: float = 30.0,
         max_pool_size: int = 1000,
+        max_tasks_per_job: int = MAX_TASKS_PER_JOB,
         account_url: str = "",
     ) -> None:
         self.store = store = Store(
@@ -119,6 +121,7 @@ class CoordinatorState:
             clock=clock,
             heartbeat_timeout=heartbeat_timeout,
             max_pool_size=max_pool_size,
+            max_tasks_per_job=max_tasks_per_job,
             account_url=account_url,
         )
         self.outbox = out = Outbox()

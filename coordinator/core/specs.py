@@ -9,11 +9,13 @@ from coordinator.common.certificates import CertificateError, normalize_thumbpri
 from coordinator.common.errors import bad_request
 from coordinator.common.timeutil import parse_duration
 from coordinator.common.validation import check_env, check_name, check_range
+from protocol import config
 from protocol import messages as pm
 from protocol.exitcodes import WALL_CLOCK_EXIT_CODE as WALL_CLOCK_EXIT_CODE
 from protocol.paths import validate_relative_path
 
 MAX_COLLECTION = 100
+MAX_TASKS_PER_JOB = config.MAX_TASKS_PER_JOB
 DEFAULT_RETENTION_S = 7 * 86400.0
 ALL_COMPLETE_ACTIONS = ("noaction", "terminatejob")
 

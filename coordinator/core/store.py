@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import msgspec
 
 from coordinator.common.errors import not_found
+from protocol.config import MAX_TASKS_PER_JOB
 from protocol.ports import PortRangeConfig
 
 from .freeslots import FreeSlots, TvmTable
@@ -77,6 +78,7 @@ class Store:
         clock: Callable[[], float] = time.time,
         heartbeat_timeout: float = 30.0,
         max_pool_size: int = 1000,
+        max_tasks_per_job: int = MAX_TASKS_PER_JOB,
         account_url: str = "",
     ) -> None:
         self.account = account
@@ -85,6 +87,7 @@ class Store:
         self.clock = clock
         self.heartbeat_timeout = heartbeat_timeout
         self.max_pool_size = max_pool_size
+        self.max_tasks_per_job = max_tasks_per_job
         self.pools: dict[str, PoolRec] = {}
         # TVMs by name; putting one in or taking it out keeps `free_slots` exact (freeslots.py).
         self.free_slots = FreeSlots()

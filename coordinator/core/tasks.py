@@ -82,6 +82,8 @@ class Tasks:
         job = self._job_for_add(workitem, job_name)
         if req.name in job.tasks:
             raise conflict("task", req.name)
+        if len(job.tasks) >= self.s.max_tasks_per_job:
+            raise self._full(job)
         if job.rec.prep is not None:
             check_task_name(job, req.name)
         task = self._new_task(req, self.s.clock(), job)
@@ -90,6 +92,17 @@ class Tasks:
             if refused:
                 raise refused[task.name]
         self._insert(job, task)
+
+    def _full(self, job: Job) -> ApiError:
+        limit = self.s.max_tasks_per_job
+        return ApiError(
+            409,
+            "JobTaskQuotaReached",
+            f"job {job.rec.workitem}/{job.rec.name} holds {len(job.tasks):,} tasks, the most this "
+            f"coordinator allows in one job ({limit:,}: max-tasks-per-job in its configuration). "
+            "Delete completed tasks, use another job, or raise the limit.",
+            limit=limit,
+        )
 
     def add_tasks(
         self, workitem: str, job_name: str, reqs: list[m.TaskAdd]
@@ -105,10 +118,14 @@ class Tasks:
         refused: dict[str, ApiError] = {}  # by name: what dependents of a refused task look up
         own: list[ApiError | TaskRec] = []  # per request, in order
         seen: set[str] = set()
+        room = self.s.max_tasks_per_job - len(job.tasks)
         for req in reqs:
             try:
                 if req.name in job.tasks or req.name in seen:
                     raise conflict("task", req.name)
+                if room <= 0:
+                    raise self._full(job)
+                room -= 1
                 if job.rec.prep is not None:
                     check_task_name(job, req.name)
                 own.append(self._new_task(req, now, job))

@@ -221,6 +221,7 @@ async def _serve_coordinator(cfg: Any, exports: Any, standby: Any, provisioners:
                     tls_key=cfg.tls_key or None,
                     port_range=parse_port_range(cfg.port_range, cfg.ports_per_tvm),
                     max_pool_size=cfg.max_pool_size,
+                    max_tasks_per_job=cfg.max_tasks_per_job,
                     max_upload_size=cfg.max_upload_size,
                     link_grace=cfg.link_grace,
                     unknown_tvm_timeout=cfg.unknown_tvm_timeout,

@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from coordinator.core import CoordinatorState, Effects
+from coordinator.core import MAX_TASKS_PER_JOB, CoordinatorState, Effects
 from protocol import LinkSession, coordinator_codec
 from protocol import messages as pm
 
@@ -72,6 +72,7 @@ class CoordinatorService:
         join_token: str | None = None,
         clock: Callable[[], float] | None = None,
         max_pool_size: int = 1000,
+        max_tasks_per_job: int = MAX_TASKS_PER_JOB,
         store: Any = None,
     ) -> None:
         """`store`: an open store to use instead of STATE_DIR/coordinator.db (a `PostgresStore`
@@ -115,6 +116,7 @@ class CoordinatorService:
             clock=clock or SteadyClock(),  # a step of the host's clock is not elapsed time
             heartbeat_timeout=heartbeat_timeout,
             max_pool_size=max_pool_size,
+            max_tasks_per_job=max_tasks_per_job,
         )
         started = time.monotonic()
         self.core.restore(self.store.load())

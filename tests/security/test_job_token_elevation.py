@@ -104,3 +104,37 @@ async def test_a_job_credential_adds_elevated_tasks_only_for_an_elevated_job_man
         assert core.get_job("root", JOB).tasks["s"].run_elevated
         assert core.get_job("root", JOB).tasks["a"].run_elevated
         assert core.get_job("plain", JOB).tasks["bykey"].run_elevated
+
+
+async def test_a_job_credential_cannot_grow_its_job_past_max_tasks_per_job(nursery, tmp_path):
+    """The coordinator's memory is bounded per job: over max-tasks-per-job, 409 JobTaskQuotaReached
+    on the seed and Azure routes, a collection's tasks over it refused alone."""
+    async with cluster_ctx(nursery, tmp_path, agents=0, max_tasks_per_job=4) as c:
+        await c.client.workitems.add(
+            "wi", "p", job_manager=m.JobManager(name="jm", command_line=JM)
+        )
+        core = c.rc.service.core
+        auth = {"Authorization": f"Bearer {core.get_job('wi', JOB).rec.token}"}
+        base = c.rc.endpoint.rstrip("/")
+        async with httpx2.AsyncClient(timeout=30) as http:
+            r = await http.post(
+                f"{base}/workitems/wi/jobs/{JOB}/addtaskcollection",
+                headers=auth,
+                json={"value": [{"name": n, "commandLine": "/bin/true"} for n in "abcd"]},
+            )
+            assert r.status_code == 200, r.text
+            statuses = [v["status"] for v in r.json()["value"]]
+            assert statuses == ["success", "success", "success", "clienterror"], r.text
+            r = await http.post(
+                f"{base}/workitems/wi/jobs/{JOB}/tasks",
+                headers=auth,
+                json={"name": "e", "commandLine": "/bin/true"},
+            )
+            assert r.status_code == 409, r.text
+            assert r.json()["code"] == "JobTaskQuotaReached"
+            r = await http.post(
+                f"{base}/jobs/wi/tasks?{AZ}", headers=auth, json={"id": "f", "commandLine": "x"}
+            )
+            assert r.status_code == 409, r.text
+            assert "JobTaskQuotaReached" in r.text
+        assert sorted(core.get_job("wi", JOB).tasks) == ["a", "b", "c", "jm"]

@@ -484,3 +484,28 @@ def test_terminate_active_task_completes_it_without_running():
     assert t.failure[:2] == ("UserError", "TaskEnded")
     c = core.task_counts(core.get_job("wi", JOB))
     assert (c.active, c.completed, c.failed) == (0, 1, 1)
+
+
+def test_a_job_holds_at_most_max_tasks_per_job() -> None:
+    """Single adds and collections stop at the limit (a collection's tasks over it refused alone,
+    nothing else changed); a deleted task makes room again."""
+    clock = Clock()
+    core = CoordinatorState("acct", clock=clock, max_tasks_per_job=3)
+    core.add_workitem(
+        m.WorkitemAdd(name="wi", job_execution_environment=m.JobExecutionEnvironment(pool_name="p"))
+    )
+    _add(core, "a")
+    res = core.add_tasks(
+        "wi", JOB, [m.TaskAdd(name=n, command_line="run") for n in ("b", "c", "d", "e")]
+    )
+    assert [r.status for r in res] == ["success", "success", "clienterror", "clienterror"]
+    assert res[2].error is not None
+    assert res[2].error["code"] == "JobTaskQuotaReached"
+    with pytest.raises(ApiError) as exc:
+        _add(core, "f")
+    assert (exc.value.status, exc.value.code) == (409, "JobTaskQuotaReached")
+    assert "max-tasks-per-job" in exc.value.message
+    assert sorted(core.get_job("wi", JOB).tasks) == ["a", "b", "c"]
+    core.delete_task("wi", JOB, "a")
+    _add(core, "f")
+    assert sorted(core.get_job("wi", JOB).tasks) == ["b", "c", "f"]
