@@ -190,7 +190,8 @@ class TaskRunner:
                     elevated,
                     lease_mode,
                     keep=not hand_back,
-                    fresh=SKELETON if made else (),
+                    # stdout/stderr become the task user's when the sandbox opens them (fchown)
+                    fresh=SKELETON[:1] if made else (),
                 )
                 leases.append(lease)
                 if lease is not None:

@@ -237,3 +237,31 @@ async def test_the_next_task_of_a_slot_user_does_not_find_what_the_last_one_left
                 os.unlink(p)
         if os.path.isdir(f"/tmp/{tag}.d"):
             os.rmdir(f"/tmp/{tag}.d")
+
+
+OWNERS = (
+    "import os; d = os.environ['AZ_BATCH_TASK_DIR']; "
+    "print(os.getuid(), *(os.stat(os.path.join(d, n)).st_uid for n in ('', 'wd', 'stdout.txt', "
+    "'stderr.txt')), oct(os.stat(d).st_mode & 0o777))"
+)
+
+
+async def test_a_task_user_owns_its_directory_and_output_files(nursery, tmp_path, open_root):
+    """The task directory (from the agent's stock of ready ones, and made by the task itself once
+    the stock is used up: 40 tasks on a stock of 32), its wd and its stdout/stderr belong to the
+    task's user, 0700; a task user is never root."""
+    os.makedirs(tmp_path / "agents", exist_ok=True)
+    async with cluster_ctx(nursery, tmp_path, heartbeat_timeout=3) as c:
+        c.start_agent(extra_args=ISOLATED, root=os.path.join(open_root, "a0"))
+        await c.pool_with_tvms("p", 1, max_tasks_per_vm=2)
+        await c.client.workitems.add("wi", "p")
+        await c.client.tasks.add_many(
+            "wi", JOB, [task_spec(f"t{i}", f'{PY} -c "{OWNERS}"') for i in range(40)]
+        )
+        await c.client.tasks.wait("wi", JOB, timeout=120)
+        for i in range(40):
+            out = (await c.client.files.get_from_task("wi", JOB, f"t{i}", "stdout.txt")).decode()
+            uid, *owners, mode = out.split()
+            assert int(uid) != 0, out
+            assert owners == [uid] * 4, out
+            assert mode == "0o700", out
