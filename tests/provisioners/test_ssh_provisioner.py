@@ -218,6 +218,60 @@ async def test_hosts_that_refuse_the_key_show_another_or_lack_tvm_are_named_leav
     assert os.listdir(agent_dir) == []
 
 
+async def test_an_agent_dir_another_user_could_swap_is_refused(nursery, tmp_path, sshd, agent_dir):
+    """An agent-dir that belongs to another user (who could rename the agent's directory between
+    its mkdir and the token's write) is refused, named in the resize error; nothing is written
+    into it."""
+    os.makedirs(agent_dir)
+    os.chown(agent_dir, 65534, 65534)
+    os.chmod(agent_dir, 0o777)
+    section = _ssh_section(sshd, agent_dir, [(sshd.addresses[0], sshd.port)])
+    async with cluster_ctx(nursery, tmp_path, provisioners=parse_provisioners(section)) as c:
+        await c.client.pools.add(
+            "p", target_dedicated=1, metadata=[m.MetadataItem(name="provisioner", value="lab")]
+        )
+        pool = await c.wait_for(lambda: _with_error(c, "p"), timeout=30, what="a resize error")
+        assert pool.resize_error.code == "AgentStartFailed", pool.resize_error
+        assert f"root@{sshd.addresses[0]}:{sshd.port}" in pool.resize_error.message
+        assert f"agent-dir {agent_dir} belongs to another user" in pool.resize_error.message
+        assert "uid: 65534" in pool.resize_error.message
+        assert c.rc.service.provisioner.plugins["lab"].agents == {}
+    assert os.listdir(agent_dir) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the check as another user (needs root)")
+def test_a_login_refuses_an_agent_dir_others_may_write_without_a_sticky_bit(agent_dir):
+    """The start script's check (the script up to the agent directory's mkdir), run as a login
+    other than root (setpriv): a root-owned agent-dir writable by others is refused unless it has
+    the sticky bit."""
+    import subprocess
+
+    from coordinator.runtime.provisioners.ssh import SshHost, SshProvisioner
+
+    os.makedirs(agent_dir)
+    host = SshHost(address="h", tvm="/bin/true", agent_dir=agent_dir, mode="process")
+    holder = type("P", (), {"agent_url": "ws://127.0.0.1:1/agent"})()
+    script = SshProvisioner._start_script(holder, host, "n1")  # type: ignore[arg-type]
+    # up to the agent directory's mkdir: what follows would start an agent
+    script = script.split("\numask 077\n")[0] + "\necho passed\n"
+    for mode, refused in ((0o777, True), (0o775, True), (0o1777, False), (0o755, False)):
+        os.chmod(agent_dir, mode)
+        run = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", script],
+            capture_output=True,
+            text=True,
+            cwd="/",
+            input="token\n",
+            timeout=30,
+        )
+        if refused:
+            assert run.returncode == 3, (oct(mode), run.stderr)
+            assert "writable by other users and has no sticky bit" in run.stderr, run.stderr
+        else:
+            assert (run.returncode, run.stdout) == (0, "passed\n"), (oct(mode), run.stderr)
+    assert os.listdir(agent_dir) == []
+
+
 async def _with_error(c, pool: str):  # noqa: ANN001, ANN202
     p = await c.client.pools.get(pool)
     return p if p.resize_error is not None else None

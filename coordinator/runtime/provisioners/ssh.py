@@ -267,6 +267,13 @@ class SshProvisioner:
             # (an agent-dir an admin made for a non-root user is left as it is)
             f"mkdir -p {q(host.agent_dir)}\n"
             f"if [ -O {q(host.agent_dir)} ]; then chmod 711 {q(host.agent_dir)}; fi\n"
+            # Anyone else who may rename entries in it could swap the agent's directory for their
+            # own between its mkdir and the token's write: refused, saying why.
+            f"o=$(stat -c %u {q(host.agent_dir)}); m=$(stat -c %a {q(host.agent_dir)})\n"
+            'if [ "$o" != 0 ] && [ "$o" != "$(id -u)" ]; then printf \'%s\\n\''
+            f' {q(_LOOSE_OWNER.format(host.agent_dir))}"$o" >&2; exit 3; fi\n'
+            "if [ $((0$m & 022)) -ne 0 ] && [ $((0$m & 01000)) -eq 0 ]; then printf '%s\\n'"
+            f' {q(_LOOSE_MODE.format(host.agent_dir))}"$m" >&2; exit 3; fi\n'
             f"umask 077\nmkdir {q(d)} {q(d)}/private\nchmod 711 {q(d)}\n"
             f"cat > {q(d)}/token\n"
             # task users traverse to their directories under the TVM root
@@ -297,6 +304,16 @@ class SshProvisioner:
             "fi\n"
             'rm -rf "$D"\n'
         )
+
+
+_LOOSE_OWNER = (
+    "agent-dir {} belongs to another user, who could swap an agent's directory before its join"
+    " token is written: make it root's or this login's. Its owner's uid: "
+)
+_LOOSE_MODE = (
+    "agent-dir {} is writable by other users and has no sticky bit, so they could swap an agent's"
+    " directory before its join token is written: chmod go-w (or +t). Its mode: "
+)
 
 
 def _agent_dir(host: SshHost, name: str) -> str:
