@@ -215,3 +215,59 @@ async def test_the_provisioner_makes_the_venv_installs_tvm_and_runs_the_pools_ag
             )
         assert watch.hits == []
     assert not agent_pids(venv)
+
+
+HANGING_BACKEND = """
+import os, time
+
+def _hang(*args, **kwargs):
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pids"), "a") as f:
+        f.write(f"{os.getpid()} {os.getppid()}\\n")
+    time.sleep(3600)
+
+get_requires_for_build_wheel = build_wheel = build_sdist = _hang
+"""
+
+
+async def test_an_install_past_install_timeout_is_ended_on_the_host_and_reported(
+    nursery, tmp_path, sshd, host_dir
+):
+    """pip stuck in a project's build (a backend that never returns): the host ends the install at
+    install-timeout (neither pip nor its build hook left running there), removes the venv it made,
+    and the pool's resize error says so."""
+    project = os.path.join(host_dir, "hangs")
+    os.mkdir(project)
+    with open(os.path.join(project, "pyproject.toml"), "w") as f:  # noqa: ASYNC230
+        f.write(
+            "[build-system]\nrequires = []\nbuild-backend = 'hang'\nbackend-path = ['.']\n"
+            "[project]\nname = 'hangs'\nversion = '0'\n"
+        )
+    with open(os.path.join(project, "hang.py"), "w") as f:  # noqa: ASYNC230
+        f.write(HANGING_BACKEND)
+    venv = os.path.join(host_dir, "venv")
+    section = {
+        "slow": {
+            "type": "ssh",
+            "install-timeout": 8,
+            "hosts": [
+                _host(sshd, sshd.addresses[1], venv, project, os.path.join(host_dir, "agents"))
+            ],
+        }
+    }
+    async with cluster_ctx(nursery, tmp_path, provisioners=parse_provisioners(section)) as c:
+        await c.client.pools.add("q", **_pool("q", "slow"))
+        message = await _failed_install(c, "q", sshd, venv, timeout=90)
+    assert "did not finish within install-timeout (8 s)" in message, message
+    assert not os.path.exists(venv)
+    with open(os.path.join(project, "pids")) as f:  # noqa: ASYNC230
+        pids = [int(p) for p in f.read().split()]
+    assert pids  # the build hook ran, and pip above it
+    assert not [p for p in pids if _running(p)], pids
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -148,7 +148,7 @@ def test_ssh_scripts_are_valid_shell_and_carry_no_token(tmp_path, mode, install)
 
     scripts = [prov._start_script(h, "lab-0-ab"), prov._stop_script(h, "lab-0-ab")]
     if h.venv:
-        scripts.append(_venv_script(h))
+        scripts.append(_venv_script(h, 900))
     for script in scripts:
         assert "s3cret" not in script
         check = subprocess.run(["sh", "-n", "-c", script], capture_output=True, text=True)
@@ -159,7 +159,7 @@ def test_ssh_scripts_are_valid_shell_and_carry_no_token(tmp_path, mode, install)
     # the venv is made in a step of its own, which never reads stdin (the start step's token)
     assert "python3 -m venv" not in start
     if h.venv:
-        venv = _venv_script(h)
+        venv = _venv_script(h, 900)
         assert "python3 -m venv /opt/tvm </dev/null" in venv
         assert "pip install" in venv
         assert "</dev/null" in venv.split("pip install", 1)[1].split("\n", 1)[0]

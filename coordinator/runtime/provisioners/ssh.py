@@ -19,6 +19,7 @@ Blocking code: the hub calls it in worker threads, one call at a time.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import shlex
@@ -32,6 +33,9 @@ from .config import SshHost, SshSpec
 log = logging.getLogger("tvm.coordinator")
 
 STOP_GRACE_S = 10
+# How much longer than install-timeout an install's ssh call waits: the host ends the install at
+# the limit (10 s more to kill it), cleans up and says so.
+INSTALL_MARGIN_S = 30
 
 
 class SshProvisioner:
@@ -205,7 +209,10 @@ class SshProvisioner:
         starts clean and a failure leaves nothing behind.
         """
         host = self.spec.hosts[index]
-        result = self._ssh(host, _venv_script(host), timeout=self.spec.install_timeout)
+        limit = self.spec.install_timeout
+        # The host ends the install itself at the limit (and removes what it made); the ssh call
+        # waits a little longer for that answer.
+        result = self._ssh(host, _venv_script(host, limit), timeout=limit + INSTALL_MARGIN_S)
         if result.returncode == 0:
             return True
         if result.returncode == 255 and not result.stderr.startswith("no answer within"):
@@ -320,18 +327,26 @@ def _agent_dir(host: SshHost, name: str) -> str:
     return f"{host.agent_dir.rstrip('/')}/{name}"
 
 
-def _venv_script(host: SshHost) -> str:
+def _venv_script(host: SshHost, limit: float) -> str:
     q = shlex.quote
     v = host.venv
-    # stdin is /dev/null for every step: nothing may read what the start step sends (the token)
+    secs = max(1, math.ceil(limit))
+    # stdin is /dev/null for every step: nothing may read what the start step sends (the token).
+    # `timeout` (coreutils) signals the whole install's process group, pip's children included: an
+    # install past the limit leaves nothing running on the host.
     return (
         f"[ -x {q(v)}/bin/tvm ] && exit 0\n"
         f"if [ -e {q(v)} ]; then new=0; else new=1; fi\n"
-        f"if {q(host.python)} -m venv {q(v)} </dev/null >&2 &&"
-        f" {q(v)}/bin/python -m pip install -q --disable-pip-version-check --no-input"
+        f"if command -v timeout >/dev/null; then limit='timeout -k 10 {secs}'; else limit=; fi\n"
+        f"if $limit {q(host.python)} -m venv {q(v)} </dev/null >&2 &&"
+        f" $limit {q(v)}/bin/python -m pip install -q --disable-pip-version-check --no-input"
         f" {q(host.pip_spec)} </dev/null >&2; then\n"
         f"  [ -x {q(v)}/bin/tvm ] && exit 0\n"
         f"  echo 'ERROR: {host.pip_spec} installed no tvm command' >&2\n"
+        "else\n"
+        "  s=$?\n"
+        '  if [ "$s" = 124 ] || [ "$s" = 137 ]; then'
+        f" echo 'ERROR: the install did not finish within install-timeout ({secs} s)' >&2; fi\n"
         "fi\n"
         f'[ "$new" = 1 ] && rm -rf {q(v)}\n'
         "exit 4\n"
