@@ -18,6 +18,7 @@ import httpx2
 
 from coordinator.common.sharedkey import sign_request
 
+from . import _lean
 from ._failover import FailoverPolicy
 from ._http import (
     BatchError,
@@ -203,6 +204,8 @@ class AsyncClient(_Base):
         self._http = httpx2.AsyncClient(
             timeout=timeout, verify=verify
         )  # verify: a CA file or SSLContext
+        # plain http without a proxy: a lean HTTP/1.1 path (see _lean.py), else httpx
+        self._lean = _lean.LeanHttp(timeout) if _lean.usable(self.endpoints) else None
 
     async def _call(self, call: _Call) -> Any:
         result = await self._send(call)
@@ -220,7 +223,11 @@ class AsyncClient(_Base):
         while True:
             method, url, headers, content = self._prepare(call)
             try:
-                resp = await self._http.request(method, url, headers=headers, content=content)
+                resp: Any
+                if self._lean is not None:
+                    resp = await self._lean.request(method, url, headers, content)
+                else:
+                    resp = await self._http.request(method, url, headers=headers, content=content)
             except httpx2.HTTPError as exc:
                 wait = attempt.after_error(self, method, exc)
                 if wait is None:
@@ -233,6 +240,8 @@ class AsyncClient(_Base):
             await anyio.sleep(wait)
 
     async def aclose(self) -> None:
+        if self._lean is not None:
+            await self._lean.aclose()
         await self._http.aclose()
 
     async def __aenter__(self) -> AsyncClient:
