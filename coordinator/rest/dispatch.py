@@ -165,6 +165,15 @@ class Dispatcher:
             # The dashboard's own cookie session replaces SharedKey on /ui paths only.
             await self.ui(scope, receive, send)
             return
+        status, headers, body = await self.answer(scope, receive)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def answer(
+        self, scope: dict, receive: Callable
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """A request of the REST API (not /ui, not a websocket): status, headers (a Content-Length
+        among them; `connection: close` when the body was not read to its end) and body."""
         body_read = False
 
         async def tracked() -> dict:
@@ -189,10 +198,7 @@ class Dispatcher:
         # A HEAD answer may state the length of what a GET would send (file properties).
         if scope["method"] != "HEAD" or not any(k == b"content-length" for k, _ in headers):
             headers = [*headers, (b"content-length", str(len(resp.body)).encode())]
-        await send({"type": "http.response.start", "status": resp.status, "headers": headers})
-        await send(
-            {"type": "http.response.body", "body": resp.body if scope["method"] != "HEAD" else b""}
-        )
+        return resp.status, headers, resp.body if scope["method"] != "HEAD" else b""
 
     async def _http(self, scope: dict, receive: Callable) -> Response:
         self.requests += 1
