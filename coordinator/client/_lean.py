@@ -16,10 +16,12 @@ only a request that means the same when repeated (GET, HEAD, PUT, DELETE) is sen
 
 from __future__ import annotations
 
+import json
 import select
 import socket
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 from urllib.request import getproxies
 
@@ -43,6 +45,9 @@ class LeanResponse:
     @property
     def text(self) -> str:
         return self.content.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
 
 
 class _StaleConnection(Exception):

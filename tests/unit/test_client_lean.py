@@ -79,6 +79,9 @@ async def test_bodies_chunked_to_the_end_and_head(nursery):
         if path == b"/close":
             await stream.send_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end")
             return False
+        if path == b"/json":
+            await stream.send_all(_answer(b'"plain"'))
+            return True
         if head.startswith(b"HEAD"):
             await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n")
             return True
@@ -90,6 +93,8 @@ async def test_bodies_chunked_to_the_end_and_head(nursery):
     base = f"http://127.0.0.1:{server.port}"
     r = await http.request("GET", f"{base}/chunked", {}, None)
     assert (r.status_code, r.content, r.headers["x-a"]) == (200, b"hello world", "1")
+    r = await http.request("GET", f"{base}/json", {}, None)
+    assert (r.json(), r.text) == ("plain", '"plain"')
     r = await http.request("HEAD", f"{base}/x", {}, None)
     assert (r.status_code, r.content) == (200, b"")
     r = await http.request("POST", f"{base}/p?q=1", {"Content-Length": "3"}, b"abc")
