@@ -12,7 +12,13 @@ import time
 from collections import Counter
 
 from coordinator.client import Client, task_spec
-from tests.harness import agent_env, free_port, start_coordinator_process, wait_sync
+from tests.harness import (
+    agent_env,
+    free_port,
+    remove_agent_cgroups,
+    start_coordinator_process,
+    wait_sync,
+)
 
 
 def test_sigkill_coordinator_loses_nothing_and_runs_nothing_twice(tmp_path):
@@ -97,3 +103,5 @@ def test_sigkill_coordinator_loses_nothing_and_runs_nothing_twice(tmp_path):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+        for i in range(len(agents)):  # what the killed agents kept for a restart
+            remove_agent_cgroups(f"a{i}", str(tmp_path / f"agent{i}"))

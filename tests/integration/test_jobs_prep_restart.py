@@ -12,7 +12,13 @@ import sys
 
 from coordinator.client import Client
 from coordinator.common import models as m
-from tests.harness import agent_env, free_port, start_coordinator_process, wait_sync
+from tests.harness import (
+    agent_env,
+    free_port,
+    remove_agent_cgroups,
+    start_coordinator_process,
+    wait_sync,
+)
 
 JOB = "job-0000000001"
 
@@ -101,3 +107,4 @@ def test_restart_while_prep_runs_adopts_it(tmp_path):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+        remove_agent_cgroups("a0", str(root))  # what the killed agent kept for a restart

@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 
-from tests.harness import Cluster, agent_env, cluster_ctx
+from tests.harness import Cluster, agent_env, cluster_ctx, remove_agent_cgroups
 
 JOB = "job-0000000001"
 # Far longer than any wait below: what happens here is not the heartbeat timeout's doing.
@@ -104,6 +104,8 @@ async def test_a_killed_local_agent_is_lost_at_once_and_replaced(
         assert task.execution_info.requeue_count == 1
         assert task.execution_info.retry_count == 0
         assert task.tvm_info.tvm_name != first.name
+    # what the killed agent kept for a restart on its root, which never comes
+    remove_agent_cgroups("local-0", str(tmp_path / "tvms" / "agent-0"))
 
 
 async def _running_on(c: Cluster, task: str, tvm: str) -> bool:
