@@ -97,6 +97,8 @@ class LeanHttp:
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         head = [f"{method} {target} HTTP/1.1", f"Host: {parts.netloc}"]
         head += [f"{k}: {v}" for k, v in headers.items()]
+        if any(c in line for line in head for c in "\r\n\0"):  # one header must stay one line
+            raise httpx2.LocalProtocolError("a header or the URL holds a line break or NUL")
         data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (content or b"")
         origin = (host, port)
         conn = await self._take(origin)

@@ -102,6 +102,8 @@ async def test_bodies_chunked_to_the_end_and_head(nursery):
     assert server.requests[-1].startswith(b"POST /p?q=1 HTTP/1.1\r\nHost: 127.0.0.1:")
     assert server.requests[-1].endswith(b"\r\n\r\nabc")
     assert server.connections == 1  # all on one kept connection
+    with pytest.raises(httpx2.LocalProtocolError):
+        await http.request("GET", f"{base}/x", {"If-Match": "a\r\nX-Injected: 1"}, None)
     r = await http.request("GET", f"{base}/close", {}, None)
     assert r.content == b"until the end"
     r = await http.request("GET", f"{base}/x", {}, None)
