@@ -151,6 +151,7 @@ async def test_what_the_hook_leaves_to_hypercorn_is_answered_as_before(nursery, 
         await raw.send(_request(c, "GET", "/pools/p3", extra="Connection: close\r\n"))
         assert (await raw.answer())[0] == 200
         assert await raw.closed()
+        await raw.stream.aclose()
 
         # a malformed request line: hypercorn's 400
         raw = await _connect(c)
