@@ -88,6 +88,7 @@ class LeanHttp:
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self._idle: dict[tuple[str, int], list[_Conn]] = {}
+        self._closed = False  # after aclose: a request still under way closes its connection
 
     async def request(
         self, method: str, url: str, headers: dict[str, str], content: bytes | None
@@ -154,12 +155,13 @@ class LeanHttp:
         except TimeoutError:
             raise httpx2.ReadTimeout(f"no answer within {self.timeout:g} s") from None
         finally:
-            if keep:
+            if keep and not self._closed:
                 self._idle.setdefault(origin, []).append(conn)
             else:  # a connection in an unknown state (an error, a cancelled read) is not reused
                 await conn.close()
 
     async def aclose(self) -> None:
+        self._closed = True
         idle, self._idle = self._idle, {}
         for conns in idle.values():
             for conn in conns:

@@ -205,7 +205,22 @@ async def test_a_cancelled_request_leaves_no_connection_half_read_and_requests_r
         for i in range(8):
             n.start_soon(one, i)
     assert results == {i: f"/{i}".encode() for i in range(8)}
-    await http.aclose()
+    # closed while a request is under way: that request's connection is not kept afterwards
+    gate2 = trio.Event()
+
+    async def late(stream: trio.SocketStream, head: bytes) -> bool:
+        await gate2.wait()
+        await stream.send_all(_answer(b"late"))
+        return True
+
+    server.handler = late
+    async with trio.open_nursery() as n:
+        n.start_soon(one, 99)
+        await trio.sleep(0.1)
+        await http.aclose()
+        gate2.set()
+    assert results[99] == b"late"
+    assert http._idle == {}
 
 
 def test_httpx_stays_for_tls_and_proxies(monkeypatch):
