@@ -87,6 +87,8 @@ class TaskRoutes(RouteGroup):
         return Response(201)
 
     def _check_elevation(self, wi: str, job: str, req: m.TaskAdd, headers: dict[str, str]) -> None:
+        if not req.run_elevated:
+            return
         j = self.core.jobs.get(f"{wi}/{job}")
         if j is not None:  # else the add answers that the job does not exist
             check_elevation(j, req, headers)

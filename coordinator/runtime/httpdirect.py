@@ -26,6 +26,8 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
+import h11
+
 MAX_HEAD = 16 * 1024  # h11's own limit for a request's head (hypercorn's default)
 MAX_BODY = 1024 * 1024
 _SPECIAL = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
@@ -63,8 +65,6 @@ class DirectHttp:
 
     def _idle(self) -> bool:
         """Nothing of hypercorn's own is under way on the connection (h11 waits for a request)."""
-        import h11
-
         c = self.p.connection
         return (
             self.p.stream is None

@@ -20,13 +20,20 @@ def agent_pids(marker: str) -> list[int]:
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 cmd = f.read()
-            with open(f"/proc/{entry}/stat") as f:
-                state = f.read().rpartition(")")[2].split()[0]
         except OSError:
             continue
-        if marker.encode() in cmd and state != "Z":
+        if marker.encode() in cmd and running(int(entry)):
             pids.append(int(entry))
     return pids
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 class CmdlineWatch:

@@ -20,7 +20,7 @@ from coordinator.client import task_spec
 from coordinator.common import models as m
 from coordinator.runtime.provisioners.config import parse_provisioners
 from tests.harness import REPO, cluster_ctx
-from tests.provisioners.hostprocs import CmdlineWatch, agent_pids, ready_made_venv
+from tests.provisioners.hostprocs import CmdlineWatch, agent_pids, ready_made_venv, running
 from tests.provisioners.sshd import Sshd
 
 JOB = "job-0000000001"
@@ -262,12 +262,4 @@ async def test_an_install_past_install_timeout_is_ended_on_the_host_and_reported
     with open(os.path.join(project, "pids")) as f:  # noqa: ASYNC230
         pids = [int(p) for p in f.read().split()]
     assert pids  # the build hook ran, and pip above it
-    assert not [p for p in pids if _running(p)], pids
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    assert not [p for p in pids if running(p)], pids
