@@ -44,15 +44,17 @@ async def _running_on(client: AsyncClient, tvm: str) -> list[str]:
     ]
 
 
-async def _victim(client: AsyncClient, rc: Any, exclude: set[str]) -> tuple[Any, Any, list[str]]:
-    """A provisioned agent (its process, its TVM) with tasks running on it now."""
+async def _victim(client: AsyncClient, rc: Any, runlog: RunLog) -> tuple[Any, Any, list[str]]:
+    """A provisioned agent (its process, its TVM) with tasks running on it now: started there
+    for real (in the run log), not only placed, so a stopped agent's tasks do run to their end."""
 
     async def pick() -> Any:
+        started = set(runlog.runs())
         for t in await _tvms(client):
-            if t.agent_id in exclude or t.state != "running":
+            if t.state != "running":
                 continue
             names = await _running_on(client, t.name)
-            if names:
+            if names and all((n, t.name) in started for n in names):
                 return t, names
         return None
 
@@ -158,7 +160,7 @@ async def scenario(
                 # Each signal lands on a TVM busy with a fresh wave of tasks.
                 acked |= await _add_wave(client, runlog, f"r{r}k", wave, task_seconds)
                 # SIGKILL: the provisioner sees the process end.
-                proc, killed, names = await _victim(client, rc, set())
+                proc, killed, names = await _victim(client, rc, runlog)
                 t0 = trio.current_time()
                 proc.send_signal(signal.SIGKILL)  # a process this coordinator started, by its PID
                 kills.append(await _measure(client, killed, names, t0, target))
@@ -167,7 +169,7 @@ async def scenario(
 
                 # SIGSTOP past the heartbeat timeout, SIGCONT once its tasks' processes finished.
                 acked |= await _add_wave(client, runlog, f"r{r}s", wave, task_seconds)
-                proc, stopped, names = await _victim(client, rc, set())
+                proc, stopped, names = await _victim(client, rc, runlog)
                 t0 = trio.current_time()
                 stopped_procs.append(proc)
                 os.killpg(proc.pid, signal.SIGSTOP)
