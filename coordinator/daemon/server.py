@@ -16,7 +16,7 @@ from coordinator.core import MAX_TASKS_PER_JOB, AutoscaleTiming
 from coordinator.rest.app import make_app
 from coordinator.rest.dispatch import Dispatcher
 from coordinator.rest.limits import DEFAULT_MAX_UPLOAD, patch_websocket_limits
-from coordinator.runtime import httpdirect
+from coordinator.runtime import httpdirect, tcplean
 from coordinator.runtime.filestore import FileStore
 from coordinator.runtime.pgstore import PostgresStore, is_postgres_url
 from coordinator.runtime.service import CoordinatorService
@@ -262,6 +262,7 @@ async def _serve(
     _patch_hypercorn()
     patch_websocket_limits()
     httpdirect.install()
+    tcplean.install()
     status = _StartedOnce(task_status)
     while True:
         # hypercorn wraps the fd in its own socket object and closes it: give it a duplicate.

@@ -28,6 +28,8 @@ from urllib.parse import unquote
 
 import h11
 
+from . import tcplean
+
 MAX_HEAD = 16 * 1024  # h11's own limit for a request's head (hypercorn's default)
 MAX_BODY = 1024 * 1024
 _SPECIAL = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
@@ -62,6 +64,7 @@ class DirectHttp:
         self.buf = b""
         self.active = True
         self.scheme = "https" if protocol.ssl else "http"
+        self.write: Callable[[bytes], Awaitable[None]] | None = None
 
     def _idle(self) -> bool:
         """Nothing of hypercorn's own is under way on the connection (h11 waits for a request)."""
@@ -143,7 +146,10 @@ class DirectHttp:
         reason = _REASONS.get(status, b"")
         head = [b"HTTP/1.1 %d %s" % (status, reason), b"date: " + _Date.now()]
         head += [k + b": " + v for k, v in out]
-        await send(self.ev.RawData(data=b"\r\n".join(head) + b"\r\n\r\n" + payload))
+        data = b"\r\n".join(head) + b"\r\n\r\n" + payload
+        if self.write is None:
+            self.write = tcplean.raw_writer(send) or (lambda d: send(self.ev.RawData(data=d)))
+        await self.write(data)
         if close:
             await send(self.ev.Closed())
             return False

@@ -16,11 +16,12 @@ server, TLS, HTTP/2, or a negotiated extension (permessage-deflate would need th
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
+
+from . import tcplean
 
 FrameWriter = Callable[[bytes], Awaitable[None]]
 
@@ -63,36 +64,20 @@ def frame_writer(send: Callable[..., Awaitable[None]]) -> FrameWriter | None:
     """A direct writer of binary messages for the ASGI websocket `send` of a hypercorn connection
     over plain TCP and HTTP/1.1 without extensions, or None."""
     try:
-        from hypercorn.events import RawData
         from hypercorn.protocol.ws_stream import ASGIWebsocketState
     except ImportError:
         return None
     parts = hypercorn_parts(send)
     if parts is None:
         return None
-    ws, proto, server, _frames = parts
-    sock: socket.socket | None = getattr(server.stream.socket, "_sock", None)
-    if not isinstance(sock, socket.socket):
+    ws, proto, _server, _frames = parts
+    raw = tcplean.raw_writer(proto.send)  # the TCP server's: takes the lock, sends everything
+    if raw is None:
         return None
-    lock = server.send_lock
-    protocol_send = proto.send  # the TCP server's: takes the lock, sends everything
 
     async def write(payload: bytes) -> None:
         if ws.closed or ws.state != ASGIWebsocketState.CONNECTED:
             return  # like hypercorn's app_send once the connection closed
-        data = frame_header(len(payload)) + payload
-        if not lock.locked():
-            # Nobody is mid-send (a sender holds the lock until all its bytes are out), so these
-            # bytes cannot land inside another frame.
-            try:
-                sent = sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                sent = 0  # broken or closed: hypercorn's path below finds out and closes the stream
-            if sent == len(data):
-                return
-            data = data[sent:]
-        await protocol_send(RawData(data=data))
+        await raw(frame_header(len(payload)) + payload)
 
     return write
