@@ -92,9 +92,13 @@ def _unix(stamp: str) -> float:
 
 async def run(
     n: int, mode: str, wait_api: bool = True
-) -> tuple[list[float], list[float], dict[str, float]]:
+) -> tuple[list[float], list[float], dict[str, float], dict[str, float]]:
+    """Per task, submit→start and submit→complete (ms); CPU per task of the coordinator and
+    the agents (ms); p50 of the round trip's pieces (ms): the POST's answer, the task's start→end
+    (agent clock), end→seen by the client."""
     starts: list[float] = []
     completes: list[float] = []
+    parts: dict[str, list[float]] = {}  # where the round trip goes: p50 of each piece
     async with _inproc() if mode == "inproc" else _up() as svc:
         client = svc.client
         cpu0: tuple[float, list[float]] = (0.0, [])
@@ -105,6 +109,7 @@ async def run(
             name = f"t{i:05d}"
             t0 = time.time()
             await client.tasks.add(WORKITEM, JOB, name, "/bin/true")
+            posted = time.time()
             if wait_api:
                 # One GET that the coordinator answers when the task completes.
                 task = await client.tasks.get(WORKITEM, JOB, name, wait_for_completion=30)
@@ -129,14 +134,25 @@ async def run(
             if info is None or info.exit_code != 0 or info.start_time is None:
                 raise RuntimeError(f"task {name} failed: {info}")
             if i >= WARMUP:
-                starts.append((_unix(info.start_time) - t0) * 1000)
+                start, end = _unix(info.start_time), _unix(info.end_time or info.start_time)
+                starts.append((start - t0) * 1000)
                 completes.append((done - t0) * 1000)
+                for part, ms in (
+                    ("post", posted - t0),
+                    ("start_to_end", end - start),
+                    ("end_to_seen", done - end),
+                ):
+                    parts.setdefault(part, []).append(ms * 1000)
         agents = sum(tree_cpu(p).own for p in svc.agent_pids) - sum(cpu0[1])
         cpu = {
             "coordinator": per_task_ms(_coordinator_cpu(svc) - cpu0[0], n),
             "agents": per_task_ms(agents, n),
         }
-    return starts, completes, cpu
+    pieces = {k: percentile(v, 50) for k, v in parts.items()}
+    return starts, completes, cpu, pieces
+
+
+_LABELS = {"post": "POST answered", "start_to_end": "start→end", "end_to_seen": "end→seen"}
 
 
 def _coordinator_cpu(svc: Service) -> float:
@@ -156,7 +172,7 @@ def main() -> None:
     a = args(__doc__ or "", _options)
     os.environ["TVM_AGENT_TASK_ISOLATION"] = a.task_isolation  # read by the agents at start
     n = a.tasks or (50 if a.quick else 1000)
-    starts, completes, cpu = trio.run(run, n, a.coordinator, not a.poll)
+    starts, completes, cpu, pieces = trio.run(run, n, a.coordinator, not a.poll)
     params = {
         "tasks": n,
         "agents": AGENTS,
@@ -172,12 +188,16 @@ def main() -> None:
             emit(f"latency_{label}_p{q}", params, percentile(values, q), "ms")
     for kind, ms in cpu.items():
         emit(f"latency_cpu_per_task_{kind}", params, ms, "ms")
+    for piece, ms in pieces.items():
+        emit(f"latency_{piece}_p50", params, ms, "ms")
     say(
         f"latency over {n} single tasks ({a.coordinator}, task isolation {a.task_isolation}): "
         f"submit→start p50 {percentile(starts, 50):.2f} ms, p99 {percentile(starts, 99):.2f} ms; "
         f"submit→complete seen over REST p50 {percentile(completes, 50):.2f} ms, "
         f"p99 {percentile(completes, 99):.2f} ms; CPU per task: "
         + ", ".join(f"{k} {v * 1000:.0f} µs" for k, v in cpu.items())
+        + "; p50 of the pieces: "
+        + ", ".join(f"{_LABELS[k]} {v:.2f} ms" for k, v in pieces.items())
     )
 
 

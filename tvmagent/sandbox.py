@@ -36,6 +36,7 @@ from tvmagent import _cgroups
 from tvmagent._users import ensure_user, lookup_user, prepare_private_dir
 from tvmagent.launch import spawn as fast
 from tvmagent.launch.batch import BatchThread
+from tvmagent.launch.place import ClonePlace
 from tvmagent.procspec import (
     KILL_GRACE_SECONDS,
     WATCHDOG_INTERVAL,
@@ -106,6 +107,7 @@ class Sandbox:
         self._idle_cgroups: dict[tuple[str, ...], list[_cgroups.TaskCgroup]] = {}
         self.inline = False
         self._clones = BatchThread()
+        self.clone_place = ClonePlace()
 
     async def reap_stale(self) -> list[str]:
         """Kill and remove task cgroups left under our prefix by a previous (crashed) agent.
@@ -209,7 +211,8 @@ class Sandbox:
         cgroup: _cgroups.TaskCgroup | None,
     ) -> fast.Child | subprocess.Popen[bytes]:
         """`prepare` and the set-up on the event loop (the caller knows they are short), the clone
-        in the launcher thread (tvmagent/launch/batch.py), with the other starts of the moment."""
+        on the loop too or in the launcher thread with the other starts of the moment
+        (tvmagent/launch/place.py decides)."""
         try:
             if prepare is not None:
                 spec = prepare(spec)
@@ -219,7 +222,10 @@ class Sandbox:
                 self._discard_cgroup(cgroup)
             raise
         try:
-            child: fast.Child = await self._clones.run(_clone, req)
+            if self.clone_place.on_loop(self._clones):
+                child: fast.Child = _clone(req)  # its end is waited for on the loop's pidfd wait
+            else:
+                child = await self._clones.run(_clone, req)
             return child
         except _LauncherFailed as e:
             self._launcher_failed(e)

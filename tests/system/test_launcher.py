@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tvmagent.launch import place
 from tvmagent.sandbox import ProcessSpec, RunningProcess, Sandbox, SandboxCapabilities
 
 PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -27,15 +28,28 @@ def detected() -> SandboxCapabilities:
     return SandboxCapabilities.detect()
 
 
-@pytest.fixture(scope="module", params=["clone3", "chain"])
-def caps(request: pytest.FixtureRequest, detected: SandboxCapabilities) -> SandboxCapabilities:
-    if request.param == "clone3" and not detected.fast_launch:
+@pytest.fixture(scope="module", params=["clone3-thread", "clone3-loop", "chain"])
+def caps(
+    request: pytest.FixtureRequest, detected: SandboxCapabilities
+) -> Iterator[SandboxCapabilities]:
+    """The clone3 launcher cloning in its thread and on the event loop (launch/place.py), and the
+    wrapper chain."""
+    fast = request.param.startswith("clone3")
+    if fast and not detected.fast_launch:
         pytest.skip("the clone3 launcher is not built or not usable on this host")
     if not detected.layout.usable or detected.layout.controller_dir("memory") is None:
         pytest.skip("needs writable cgroups with a memory controller (root and cgroupfs)")
     if not detected.can_switch_user:
         pytest.skip("switching users needs root")
-    return dataclasses.replace(detected, fast_launch=request.param == "clone3")
+    before = os.environ.get(place.ENV)
+    os.environ[place.ENV] = request.param.partition("-")[2] or "auto"
+    try:
+        yield dataclasses.replace(detected, fast_launch=fast)
+    finally:
+        if before is None:
+            os.environ.pop(place.ENV, None)
+        else:
+            os.environ[place.ENV] = before
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +268,7 @@ async def test_tasks_run_on_when_the_launcher_thread_dies(
     if not detected.layout.usable or not detected.can_switch_user:
         pytest.skip("needs writable cgroups and root")
     name, _uid, gid = task_user
+    monkeypatch.setenv(place.ENV, "thread")
     sb = Sandbox(
         dataclasses.replace(detected), cgroup_prefix=f"tvmtest-l6-{os.getpid()}", kill_grace=0.5
     )
@@ -321,3 +336,33 @@ async def test_signals_the_agent_ignores_are_not_passed_on(
             signal.signal(s, h)
     assert out.exit_code == 0, (workdir / "stderr.txt").read_text()
     assert (workdir / "stdout.txt").read_text().split() == ["SigIgn:", "0000000000000000"]
+
+
+async def test_the_clone_runs_where_the_setting_says(
+    detected: SandboxCapabilities,
+    task_user: tuple[str, int, int],
+    workdir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`loop`: the event loop clones and waits for the end itself, no launcher thread is made;
+    `thread`: the launcher thread clones. Either way the task runs confined and is waited for."""
+    if not detected.fast_launch:
+        pytest.skip("the clone3 launcher is not in use on this host")
+    if not detected.layout.usable or not detected.can_switch_user:
+        pytest.skip("needs writable cgroups and root")
+    name, _uid, gid = task_user
+    for mode, thread_used in (("loop", False), ("thread", True)):
+        monkeypatch.setenv(place.ENV, mode)
+        sb = Sandbox(
+            dataclasses.replace(detected), cgroup_prefix=f"tvmtest-l7-{os.getpid()}", kill_grace=0.5
+        )
+        try:
+            rp = await sb.start(
+                spec(workdir, ["sh", "-c", "id -u; exit 5"], run_as=name, gid=gid), inline=True
+            )
+            with trio.fail_after(10):
+                assert (await rp.wait()).exit_code == 5
+            assert (workdir / "stdout.txt").read_text().split()[-1] == str(_uid)
+            assert (sb._clones._thread is not None) == thread_used, mode
+        finally:
+            assert sb.close() == []

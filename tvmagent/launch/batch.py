@@ -80,6 +80,12 @@ class BatchThread:
             return call.value
         raise call.value
 
+    def busy(self) -> bool:
+        """Starts are queued here or under way in the thread."""
+        with self._lock:
+            alive = self._thread is not None and self._thread.is_alive()
+            return bool(self._queue) or (alive and not self._idle)
+
     def forget(self, child: Child) -> None:
         """(loop) `child` was reaped: the thread drops its pidfd, unless it saw the end already."""
         with self._lock:
