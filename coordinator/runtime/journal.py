@@ -213,6 +213,10 @@ class Journal:
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
+            # One scheduler pass first: the tasks woken with this submit (the link writer sending
+            # a new task its agent) go before the commit's thread, which would take the GIL from
+            # them. (A pass costs microseconds; the commit's fsync, milliseconds.)
+            await trio.lowlevel.checkpoint()
             while self._pending:
                 if not self._urgent.is_set() and self.coalesce_s > 0:
                     with trio.move_on_after(self.coalesce_s):
