@@ -315,6 +315,18 @@ async def local_pool(
     return procs
 
 
+def agents_running(procs: list[subprocess.Popen[bytes]], base: str) -> bool:
+    """True while every agent of `local_pool(rc, base, ...)` runs; a RuntimeError naming the first
+    that ended, its exit status and its log's end otherwise (a benchmark waiting on its tasks
+    would wait out its time limit)."""
+    for i, proc in enumerate(procs):
+        code = proc.poll()
+        if code is not None:
+            tail = _tail(os.path.join(base, "agents", f"agent{i}.log")).strip() or "(empty)"
+            raise RuntimeError(f"agent{i} ended (exit status {code}); its log ends:\n{tail}")
+    return True
+
+
 def _tail(path: str, size: int = 1500) -> str:
     try:
         with open(path, errors="replace") as f:

@@ -39,6 +39,7 @@ import trio
 from coordinator.client import AsyncClient
 
 from ._common import (
+    agents_running,
     args,
     coordinator,
     emit,
@@ -106,7 +107,10 @@ async def run_inproc(n: int) -> Run:
                 sub = _submitter(rc.endpoint, rc.account, rc.key, n)
                 try:
                     await wait_until(
-                        lambda: job_finished(core, f"{WORKITEM}/{JOB}", n),
+                        lambda: (
+                            agents_running(procs, tmp)
+                            and job_finished(core, f"{WORKITEM}/{JOB}", n)
+                        ),
                         600,
                         f"{n} tasks",
                         poll=0.01,

@@ -32,6 +32,7 @@ from coordinator.core import WALL_CLOCK_EXIT_CODE
 
 from ._common import (
     REPO,
+    agents_running,
     args,
     coordinator,
     emit,
@@ -175,7 +176,10 @@ async def replay(spec: TraceSpec, jobs: list[SwfJob], compress: float) -> dict[s
                             client.tasks.add_collection, "wi", "job-0000000001", tasks
                         )
                 await wait_until(
-                    lambda: job_finished(core, "wi/job-0000000001", total),
+                    lambda: (
+                        agents_running(procs, tmp)
+                        and job_finished(core, "wi/job-0000000001", total)
+                    ),
                     3600,
                     "the trace to finish",
                     poll=0.05,

@@ -37,6 +37,9 @@ EXPECTED = {
         "latency_submit_to_complete_p99",
         "latency_cpu_per_task_coordinator",
         "latency_cpu_per_task_agents",
+        "latency_post_p50",
+        "latency_start_to_end_p50",
+        "latency_end_to_seen_p50",
     },
     "peers": {"raw_spawn"},
     "memory": {"coordinator_rss_per_queued_task", "idle_agent_rss"},
@@ -151,3 +154,24 @@ def test_peers_refuse_an_unknown_peer() -> None:
     assert proc.returncode != 0
     assert "unknown peer(s) slurm" in proc.stderr
     assert proc.stdout == ""
+
+
+def test_a_benchmark_agent_that_ended_is_named_with_its_log(tmp_path: pathlib.Path) -> None:
+    """A benchmark waiting on its tasks fails at once, saying which agent ended and why, instead
+    of waiting out its time limit."""
+    from benchmarks._common import agents_running
+
+    (tmp_path / "agents").mkdir()
+    log = tmp_path / "agents" / "agent1.log"
+    log.write_text("cannot reach the coordinator\n")
+    running = subprocess.Popen(["sleep", "30"])
+    ended = subprocess.Popen(["sh", "-c", "exit 3"])
+    try:
+        ended.wait()
+        with pytest.raises(RuntimeError, match="agent1 ended \\(exit status 3\\)") as err:
+            agents_running([running, ended], str(tmp_path))
+        assert "cannot reach the coordinator" in str(err.value)
+        assert agents_running([running], str(tmp_path))
+    finally:
+        running.kill()
+        running.wait()
