@@ -154,6 +154,10 @@ def stop_processes(procs: Sequence[subprocess.Popen[bytes]], grace: float = 10.0
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, SIGKILL)
             p.wait()
+    for p in procs:  # their pipes (a coordinator's export lines), not to the garbage collector
+        for pipe in (p.stdin, p.stdout, p.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def stop_agents(agents: Sequence[AgentProcess], grace: float = 10.0) -> None:

@@ -99,8 +99,8 @@ def restart_time(state_dir: str) -> float:
         env=child_env(),
         start_new_session=True,
     )
+    client = Client(f"http://127.0.0.1:{port}", account, key, timeout=5)
     try:
-        client = Client(f"http://127.0.0.1:{port}", account, key, timeout=5)
         while True:
             if proc.poll() is not None:
                 log.close()
@@ -117,6 +117,7 @@ def restart_time(state_dir: str) -> float:
                 raise RuntimeError("coordinator did not answer within 300 s")
         return time.monotonic() - t0
     finally:
+        client.close()
         log.close()
         proc.terminate()
         try:

@@ -164,6 +164,7 @@ def scenario(
     restarts: list[float] = []
     hits: list[str] = []
     seen_done: dict[str, tuple[Any, ...]] = {}
+    client: Client | None = None
     try:
         for i in range(agents):
             procs.append(start_agent(env["TVM_ENDPOINT"], env["TVM_JOIN_TOKEN"], base, f"a{i}"))
@@ -228,6 +229,8 @@ def scenario(
             "errors": sub.errors[:5],
         }
     finally:
+        if client is not None:
+            client.close()  # its kept connections, not to the garbage collector
         coord.kill()
         stop_agents(procs)
 

@@ -40,6 +40,8 @@ def _kill(proc: subprocess.Popen[bytes], sig: int) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, sig)
     proc.wait(timeout=30)
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 def _gated(started: str, gate: str) -> str:
@@ -124,7 +126,8 @@ def test_coordinator_restart_keeps_running_tasks_and_delivers_results_once(tmp_p
         assert (counts.completed, counts.succeeded, counts.running, counts.active) == (2, 2, 0, 0)
         c.close()
         # JSON logs: every line one object; the link lines carry the agent id.
-        records = [json.loads(line) for line in open(clog) if line.strip()]
+        with open(clog) as f:
+            records = [json.loads(line) for line in f if line.strip()]
         connected = [
             r
             for r in records

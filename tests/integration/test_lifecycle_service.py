@@ -291,6 +291,8 @@ def test_sd_notify_ready_status_watchdog_stopping_from_coordinator_and_agent(tmp
                 _stop(agent, signal.SIGKILL)
             if coord.poll() is None:
                 _stop(coord, signal.SIGKILL)
+            if coord.stdout is not None:
+                coord.stdout.close()
 
 
 def test_watchdog_meant_for_another_pid_is_not_petted(tmp_path):
