@@ -166,16 +166,23 @@ def stop_agents(agents: Sequence[AgentProcess], grace: float = 10.0) -> None:
         remove_agent_cgroups(a.name, a.root)
 
 
-def remove_agent_cgroups(agent_id: str, root: str) -> None:
+def remove_agent_cgroups(agent_id: str, root: str, wait: float = 5.0) -> None:
     """The task cgroups an agent killed outright kept for a restart on its root, which never
-    comes (a live agent removes its own at exit)."""
+    comes (a live agent removes its own at exit). A task still running in one (a job manager)
+    is killed; its cgroup can go only once the kernel has seen it exit, so removal is retried
+    for up to `wait` seconds."""
     from tvmagent import _cgroups
     from tvmagent.agent import cgroup_prefix
 
     layout = _cgroups.detect_layout([])
     prefix = cgroup_prefix(agent_id, root)
-    for d in _cgroups.stale_task_dirs(layout, prefix):
-        _cgroups.kill_and_remove(d)
+    pending = _cgroups.stale_task_dirs(layout, prefix)
+    deadline = time.monotonic() + wait
+    while True:
+        pending = [d for d in pending if not _cgroups.kill_and_remove(d)]
+        if not pending or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     for base in (layout.v2_base, *layout.v1_bases.values()):
         if base:
             with contextlib.suppress(OSError):
