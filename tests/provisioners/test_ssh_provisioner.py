@@ -9,6 +9,7 @@ pool's resize error, named, leaving nothing there. The sshd runs where no system
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import uuid
@@ -68,8 +69,9 @@ def _ssh_section(
 
 
 async def test_pool_grows_over_ssh_runs_tasks_and_shrinks_to_nothing(
-    nursery, tmp_path, sshd, agent_dir
+    nursery, tmp_path, sshd, agent_dir, caplog
 ):
+    caplog.set_level(logging.INFO, logger="tvm.coordinator")
     section = _ssh_section(sshd, agent_dir, [(a, sshd.port) for a in sshd.addresses], "auto")
     async with cluster_ctx(
         nursery, tmp_path, heartbeat_timeout=5.0, provisioners=parse_provisioners(section)
@@ -91,6 +93,12 @@ async def test_pool_grows_over_ssh_runs_tasks_and_shrinks_to_nothing(
                 assert os.stat(token).st_mode & 0o777 == 0o600
                 with open(os.path.join(agent_dir, name, "mode")) as f:
                     assert f.read() == "process\n"  # auto, and no systemd runs there
+                # ... and the log says so, and why
+                said = [
+                    r.getMessage() for r in caplog.records if f"agent {name} on " in r.getMessage()
+                ]
+                assert said, caplog.text
+                assert "a plain process, not a systemd unit: no systemd runs on the host" in said[0]
                 with open(os.path.join(agent_dir, name, "pid")) as f:
                     # the recorded pid is the agent itself (exec'd), what stop signals
                     assert agent_pids(os.path.join(agent_dir, name)) == [int(f.read())]

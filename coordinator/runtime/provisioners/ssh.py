@@ -180,6 +180,18 @@ class SshProvisioner:
             return False
         result = self._ssh(host, self._start_script(host, name), stdin=self.token + "\n")
         if result.returncode == 0:
+            for line in result.stdout.splitlines():
+                if line.startswith(_FALLBACK):
+                    said = _last_line(result.stderr)  # systemd-run's refusal, if it said one
+                    log.info(
+                        "provisioner %s: agent %s on %s runs as a plain process, not a systemd"
+                        " unit: %s%s",
+                        self.name,
+                        name,
+                        _where(host),
+                        line.removeprefix(_FALLBACK),
+                        f" ({said})" if said else "",
+                    )
             return True
         why = _last_line(result.stderr) or f"exit status {result.returncode}"
         if result.returncode == 255:
@@ -265,7 +277,8 @@ class SshProvisioner:
             # unit (a user it asks for a password), the agent runs as a plain process instead
             launch = (
                 "if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null && lingers &&"
-                f' {systemd} </dev/null; then\necho "$kind" > {q(d)}/mode\nelse\n{plain}\nfi'
+                f' {systemd} </dev/null; then\necho "$kind" > {q(d)}/mode\nelse\n{_WHY_PLAIN}'
+                f"{plain}\nfi"
             )
         return (
             "set -e\n"
@@ -312,6 +325,16 @@ class SshProvisioner:
             'rm -rf "$D"\n'
         )
 
+
+# `mode = "auto"` started a plain process: the start script says why on a line of its own.
+_FALLBACK = "tvm-fallback: "
+_WHY_PLAIN = (
+    'if [ ! -d /run/systemd/system ]; then why="no systemd runs on the host"\n'
+    'elif ! command -v systemd-run >/dev/null; then why="systemd-run is not installed"\n'
+    'elif ! lingers; then why="$(id -un) does not linger (loginctl enable-linger $(id -un))"\n'
+    'else why="systemd-run did not start the unit"; fi\n'
+    f'echo "{_FALLBACK}$why"\n'
+)
 
 _LOOSE_OWNER = (
     "agent-dir {} belongs to another user, who could swap an agent's directory before its join"
