@@ -1,4 +1,4 @@
-"""Two costs of hypercorn's per-connection loop (trio), made per connection instead of per request.
+"""hypercorn's per-connection machinery (trio), made to cost per connection instead of per request.
 
 - The keep-alive timer: hypercorn stops it when a request starts and restarts it when the answer
   is out, and each restart takes a lock, cancels the old timer task and starts a new one (a task

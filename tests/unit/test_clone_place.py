@@ -49,7 +49,28 @@ def test_auto_clones_on_the_loop_only_on_a_quiet_host_with_an_idle_thread(
     assert auto.on_loop(FakeThread(busy=False))
     assert not auto.on_loop(FakeThread(busy=True))  # a start here would overtake the queued ones
     monkeypatch.setattr(place, "host_load", lambda: float(cpus))  # every CPU busy on average
-    assert not auto.on_loop(FakeThread(busy=False))
+    assert not place.ClonePlace("auto").on_loop(FakeThread(busy=False))
+
+
+def test_the_load_is_looked_at_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    looks: list[float] = []
+    load = [0.0]
+
+    def host_load() -> float:
+        looks.append(now[0])
+        return load[0]
+
+    monkeypatch.setattr(place, "_now", lambda: now[0])
+    monkeypatch.setattr(place, "host_load", host_load)
+    auto, idle = place.ClonePlace("auto"), FakeThread(busy=False)
+    assert auto.on_loop(idle)
+    load[0] = 99.0  # the host got busy
+    now[0] += 0.5
+    assert auto.on_loop(idle)  # not looked at again yet
+    now[0] += 0.6
+    assert not auto.on_loop(idle)
+    assert looks == [100.0, 101.1]
 
 
 def test_host_load_reads_the_host(monkeypatch: pytest.MonkeyPatch) -> None:

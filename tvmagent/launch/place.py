@@ -19,10 +19,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 
 from .batch import BatchThread
 
 log = logging.getLogger("tvm.agent")
+
+_now = time.monotonic  # (tests replace it)
 
 ENV = "TVM_AGENT_CLONE_ON"
 MODES = ("auto", "loop", "thread")
@@ -46,9 +49,19 @@ class ClonePlace:
             mode = "auto"
         self.mode = mode
         self._cpus = os.cpu_count() or 1
+        self._quiet = (False, -math.inf)  # the last look at the load, and when
 
     def on_loop(self, thread: BatchThread) -> bool:
         """Clone this start on the event loop (True) or hand it to `thread` (False)."""
         if self.mode != "auto":
             return self.mode == "loop"
-        return not thread.busy() and host_load() < self._cpus
+        return not thread.busy() and self._host_quiet()
+
+    def _host_quiet(self) -> bool:
+        # The kernel updates the load average every 5 s: one look a second is plenty.
+        now = _now()
+        quiet, seen = self._quiet
+        if now - seen >= 1.0:
+            quiet = host_load() < self._cpus
+            self._quiet = (quiet, now)
+        return quiet
