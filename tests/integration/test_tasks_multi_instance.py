@@ -31,13 +31,15 @@ SERVER = (
     "s.bind(('0.0.0.0',int(e['WATASK_PORTRANGE_LOW'])));s.listen(4)\n"
     "c,_=s.accept();c.sendall((e['TVM_INSTANCE_INDEX']+' '+e['AZ_BATCH_NODE_ID']).encode());c.close()\n"
 )
-# The application command: talk to every other instance over its port, retrying while it starts.
+# The application command: talk to every instance over its port, retrying while it starts (its own
+# primary's too: that coordination command has recorded what it saw once it listens, and is
+# cancelled when this command ends).
 CLIENT = (
     "import os,socket,time\n"
     "e=os.environ\n"
     "hosts=e['TVM_HOST_PORT_LIST'].split(',')\n"
     "print('master',e['AZ_BATCH_MASTER_NODE'],e['AZ_BATCH_IS_CURRENT_NODE_MASTER'],e['AZ_BATCH_HOST_LIST'])\n"
-    "for h in hosts[1:]:\n"
+    "for h in hosts:\n"
     "  ip,ports=h.rsplit(':',1);port=int(ports.split('-')[0])\n"
     "  for _ in range(400):\n"
     "    try:\n"
@@ -93,7 +95,7 @@ async def test_three_instances_talk_over_the_pools_ports(nursery, tmp_path):
         assert t.multi_instance_settings.number_of_instances == 3
         out = (await c.client.files.get_from_task("wi", JOB, "mpi", "stdout.txt")).decode()
         got = sorted(line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("got"))
-        assert got == [f"1 {subs[1].tvm_name}", f"2 {subs[2].tvm_name}"], out
+        assert got == [f"{i} {s.tvm_name}" for i, s in enumerate(subs)], out
         primary = tvms[subs[0].tvm_name]
         assert f"master {primary.ip_address}:{primary.port_range_low} true" in out
         # Every instance saw the same hosts, the master and whether it is the master.
