@@ -304,10 +304,7 @@ async def local_pool(
         )
     except TimeoutError as exc:
         stop_agents(procs)
-        logs = [
-            f"--- agent{i}\n{_tail(os.path.join(base, 'agents', f'agent{i}.log'))}"
-            for i in range(agents)
-        ]
+        logs = [f"--- agent{i}\n{_agent_log_tail(base, i)}" for i in range(agents)]
         raise TimeoutError(f"{exc}\n" + "\n".join(logs)) from None
     except BaseException:
         stop_agents(procs)
@@ -322,9 +319,14 @@ def agents_running(procs: list[subprocess.Popen[bytes]], base: str) -> bool:
     for i, proc in enumerate(procs):
         code = proc.poll()
         if code is not None:
-            tail = _tail(os.path.join(base, "agents", f"agent{i}.log")).strip() or "(empty)"
+            tail = _agent_log_tail(base, i).strip() or "(empty)"
             raise RuntimeError(f"agent{i} ended (exit status {code}); its log ends:\n{tail}")
     return True
+
+
+def _agent_log_tail(base: str, i: int) -> str:
+    """The end of agent `i`'s log, as `local_pool(rc, base, ...)` started it."""
+    return _tail(os.path.join(base, "agents", f"agent{i}.log"))
 
 
 def _tail(path: str, size: int = 1500) -> str:

@@ -154,10 +154,15 @@ def stop_processes(procs: Sequence[subprocess.Popen[bytes]], grace: float = 10.0
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, SIGKILL)
             p.wait()
-    for p in procs:  # their pipes (a coordinator's export lines), not to the garbage collector
-        for pipe in (p.stdin, p.stdout, p.stderr):
-            if pipe is not None:
-                pipe.close()
+    for p in procs:
+        close_pipes(p)
+
+
+def close_pipes(proc: subprocess.Popen[bytes]) -> None:
+    """An ended process's pipes (a coordinator's export lines), not left to the garbage collector."""
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 def stop_agents(agents: Sequence[AgentProcess], grace: float = 10.0) -> None:

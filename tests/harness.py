@@ -14,6 +14,7 @@ import trio
 from benchmarks import _procs
 from benchmarks._procs import REPO as REPO  # re-exported: tests import them from here
 from benchmarks._procs import AgentProcess, child_env, start_agent, stop_agents, stop_processes
+from benchmarks._procs import close_pipes as close_pipes
 from benchmarks._procs import remove_agent_cgroups as remove_agent_cgroups
 from coordinator.client import AsyncClient
 from coordinator.daemon.server import RunningCoordinator, run_coordinator

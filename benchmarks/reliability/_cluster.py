@@ -106,8 +106,8 @@ class CoordinatorProcess:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
-        if self.proc is not None and self.proc.stdout is not None:
-            self.proc.stdout.close()  # the export lines' pipe, read at start
+        if self.proc is not None:
+            _procs.close_pipes(self.proc)
 
     @property
     def wal(self) -> str:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from coordinator.client import Client
-from tests.harness import agent_env, free_port, start_coordinator_process
+from tests.harness import agent_env, close_pipes, free_port, start_coordinator_process
 
 TVM = os.path.join(os.path.dirname(sys.executable), "tvm")
 JOB = "job-0000000001"
@@ -40,8 +40,7 @@ def _kill(proc: subprocess.Popen[bytes], sig: int) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, sig)
     proc.wait(timeout=30)
-    if proc.stdout is not None:
-        proc.stdout.close()
+    close_pipes(proc)
 
 
 def _gated(started: str, gate: str) -> str:

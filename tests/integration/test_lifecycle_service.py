@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.harness import agent_env
+from tests.harness import agent_env, close_pipes
 
 TVM = os.path.join(os.path.dirname(sys.executable), "tvm")
 
@@ -291,8 +291,7 @@ def test_sd_notify_ready_status_watchdog_stopping_from_coordinator_and_agent(tmp
                 _stop(agent, signal.SIGKILL)
             if coord.poll() is None:
                 _stop(coord, signal.SIGKILL)
-            if coord.stdout is not None:
-                coord.stdout.close()
+            close_pipes(coord)
 
 
 def test_watchdog_meant_for_another_pid_is_not_petted(tmp_path):
