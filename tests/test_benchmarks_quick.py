@@ -175,3 +175,30 @@ def test_a_benchmark_agent_that_ended_is_named_with_its_log(tmp_path: pathlib.Pa
     finally:
         running.kill()
         running.wait()
+
+
+def test_floor_measures_the_sandboxed_launch_and_leaves_nothing_behind() -> None:
+    """benchmarks/floor.py: root, the clone3 launcher and cgroup v2 (as CI has them), else skipped
+    with its reason; it removes its cgroups and directories."""
+    from tvmagent import _cgroups
+    from tvmagent.launch import spawn as fast
+
+    layout = _cgroups.detect_layout([])
+    if os.geteuid() != 0 or not fast.fast_available() or layout.v2_base is None:
+        pytest.skip("needs root, the clone3 launcher and a writable cgroup v2 hierarchy")
+    rows, stderr = _run("floor", ["--tasks", "200"])
+    names = {r["name"]: r["value"] for r in rows}
+    assert set(names) == {
+        "floor_raw_spawn",
+        "floor_sandboxed",
+        "floor_sandboxed_ratio",
+        "floor_sandboxed_ahead",
+        "floor_cpu_per_task",
+        "floor_share_of_target_cpu",
+    }
+    assert names["floor_sandboxed"] > 0
+    assert names["floor_cpu_per_task"] > 0
+    assert "leaves" in stderr
+    bases = [layout.v2_base, *layout.v1_bases.values()]
+    left = [d for b in bases for d in os.listdir(b) if d.startswith("tvm-floor-")]
+    assert not left, left

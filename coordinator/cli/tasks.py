@@ -133,7 +133,10 @@ def _env(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--slots", type=int, default=1, show_default=True, help="requiredSlots.")
 @click.option("--instances", type=int, default=None, help="A multi-instance task on N TVMs.")
 @click.option(
-    "--coordination", default=None, help="Its coordination command line (runs on every TVM)."
+    "--coordination",
+    default=None,
+    help="Its coordination command line (runs on every TVM; the command line starts once all "
+    "coordination commands have started, not returned as in Azure Batch).",
 )
 @credentials
 @output_option
