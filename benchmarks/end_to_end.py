@@ -19,8 +19,14 @@ first request on).
 The agents run as root, so by default each task runs as its own Linux user; `--task-isolation none`
 runs tasks as the agent's user. Both keep the per-task cgroup.
 
+`--stock` (inproc): the job as it meets long-lived agents that have run a job like it before. Each
+agent is started with TVM_AGENT_TASKDIR_STOCK set to its share of the tasks, and the job is
+submitted once every agent has made that many task directories ahead (an agent does so while idle
+after a burst of that size; made before the clock starts, their CPU is not in the figures).
+
     python -m benchmarks.end_to_end [--quick] [--tasks 3000] [--task-isolation users|none]
                                     [--coordinator inproc|up] [--peers hyperqueue,dask|none]
+                                    [--stock]
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from dataclasses import dataclass, field
 import trio
 
 from coordinator.client import AsyncClient
+from tvmagent.runner import STOCK_ENV
 
 from ._common import (
     agents_running,
@@ -97,12 +104,32 @@ def _cpu_table(
     return out
 
 
-async def run_inproc(n: int) -> Run:
+def _stocked(base: str, per_agent: int) -> bool:
+    for i in range(AGENTS):
+        try:
+            ready = len(os.listdir(os.path.join(base, "agents", f"agent{i}", ".taskstock")))
+        except FileNotFoundError:
+            ready = 0
+        if ready < per_agent:
+            return False
+    return True
+
+
+async def run_inproc(n: int, stock: bool = False) -> Run:
+    per_agent = -(-n // AGENTS)
+    if stock:
+        os.environ[STOCK_ENV] = str(per_agent)  # the agents read it at start (child_env copies it)
     with tempfile.TemporaryDirectory(prefix="tvm-bench-") as tmp:
         async with coordinator(os.path.join(tmp, "state"), heartbeat_timeout=30.0) as rc:
             core = rc.service.core
             procs = await local_pool(rc, tmp, agents=AGENTS, slots=SLOTS, size="medium")
             try:
+                if stock:
+                    await wait_until(
+                        lambda: agents_running(procs, tmp) and _stocked(tmp, per_agent),
+                        120,
+                        f"{per_agent} task directories made ahead by each agent",
+                    )
                 me, agents = self_cpu(), [tree_cpu(p.pid) for p in procs]
                 sub = _submitter(rc.endpoint, rc.account, rc.key, n)
                 try:
@@ -205,6 +232,12 @@ async def run_up(n: int) -> Run:
 def _options(p: argparse.ArgumentParser) -> None:
     task_run_options(p)
     p.add_argument(
+        "--stock",
+        action="store_true",
+        help="inproc: agents that have made their share of task directories ahead (as long-lived "
+        "agents do after a job like it); see the module's docstring",
+    )
+    p.add_argument(
         "--peers",
         default=",".join(PEERS),
         help="peers measured in the same run: comma-separated hyperqueue,dask, or none",
@@ -231,7 +264,9 @@ def main() -> None:
     n = a.tasks or (200 if a.quick else 3000)
     concurrency = AGENTS * SLOTS
     raw_before = raw_spawn_rate(n, concurrency)
-    run = trio.run(run_inproc if a.coordinator == "inproc" else run_up, n)
+    if a.stock and a.coordinator != "inproc":
+        raise SystemExit("error: --stock is for --coordinator inproc")
+    run = trio.run(run_inproc, n, a.stock) if a.coordinator == "inproc" else trio.run(run_up, n)
     others: dict[str, PeerResult] = peer_results(n, peers)
     raw_after = raw_spawn_rate(n, concurrency)
     # Measured on both sides of the runs: drift shows up in the spread.
@@ -245,6 +280,8 @@ def main() -> None:
         "coordinator": a.coordinator,
         "launcher": launcher(),
     }
+    if a.stock:
+        params["stock"] = True
     emit("end_to_end", params, run.rate, "tasks/s")
     emit(
         "raw_spawn",

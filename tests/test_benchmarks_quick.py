@@ -202,3 +202,29 @@ def test_floor_measures_the_sandboxed_launch_and_leaves_nothing_behind() -> None
     bases = [layout.v2_base, *layout.v1_bases.values()]
     left = [d for b in bases for d in os.listdir(b) if d.startswith("tvm-floor-")]
     assert not left, left
+
+
+def test_end_to_end_with_agents_that_made_their_directories_ahead() -> None:
+    rows, _ = _run("end_to_end", ["--stock", "--peers", "none"])
+    assert {r["name"] for r in rows} == EXPECTED["end_to_end"]
+    assert all(r["parameters"].get("stock", True) is True for r in rows)
+
+
+def test_end_to_end_refuses_stock_over_rest() -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.end_to_end",
+            "--quick",
+            "--stock",
+            "--coordinator",
+            "up",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "--stock is for --coordinator inproc" in proc.stderr

@@ -31,10 +31,31 @@ from .taskenv import TvmIdentity, task_dir, task_env
 log = logging.getLogger("tvm.agent")
 
 START_TASK_SLOT = ""  # the start task's process, among task keys (never empty)
+QUIET_S = 1.0  # no process for this long: the agent is idle, and its directory stock may grow
+STOCK_CHUNK = (
+    16  # directories per worker-thread call: a few ms, all a task arriving meanwhile waits
+)
 
 
 def _cg_name(spec: pm.TaskSpec) -> str:
     return f"{spec.task[:40]}-{spec.attempt & 0xFFFFFFFF}"
+
+
+STOCK_ENV = "TVM_AGENT_TASKDIR_STOCK"
+
+
+def expected_burst(most: int) -> int:
+    """TVM_AGENT_TASKDIR_STOCK=N: directories for a burst of N tasks are made while the agent is idle
+    from its start (by default only after it has seen such a burst); at most `most`."""
+    raw = os.environ.get(STOCK_ENV, "").strip()
+    if not raw:
+        return 0
+    if not raw.isdigit():
+        log.warning("%s=%r is not a number of task directories: ignored", STOCK_ENV, raw)
+        return 0
+    if int(raw) > most:
+        log.warning("%s=%s: the stock holds at most %d directories", STOCK_ENV, raw, most)
+    return min(int(raw), most)
 
 
 class TaskRunner:
@@ -69,8 +90,10 @@ class TaskRunner:
         self._finished = finished
         self.procs: dict[str, RunningProcess] = {}  # task key (or START_TASK_SLOT) -> its process
         self.stock = TaskDirStock(root)
+        self.stock.burst = expected_burst(self.stock.most)
         self.uploader = Uploader(cache.http_client, http_base, http_headers)
         self._stock_low = trio.Event()
+        self._last_busy = time.monotonic()  # when a process last ended (see keep_stock)
 
     def _take_dir(self, tdir: str) -> bool:
         try:
@@ -91,12 +114,21 @@ class TaskRunner:
             return
         while True:
             wanted = self.stock.wanted()
+            if wanted <= 0 and self.stock.wanted_idle() > 0:
+                idle_for = -1.0 if self.procs else time.monotonic() - self._last_busy
+                if idle_for < QUIET_S:  # look again when it may have become idle
+                    with trio.move_on_after(QUIET_S - max(idle_for, 0.0)):
+                        await self._stock_low.wait()
+                    if self._stock_low.is_set():
+                        self._stock_low = trio.Event()
+                    continue
+                wanted = self.stock.wanted_idle()
             if wanted <= 0:
                 await self._stock_low.wait()
                 self._stock_low = trio.Event()
                 continue
             try:
-                made = await trio.to_thread.run_sync(self.stock.make, min(wanted, 16))
+                made = await trio.to_thread.run_sync(self.stock.make, min(wanted, STOCK_CHUNK))
             except OSError as exc:  # e.g. the disk is full: tasks make their own meanwhile
                 log.warning("cannot make ready task directories: %s", exc)
                 await trio.sleep(5)
@@ -243,6 +275,10 @@ class TaskRunner:
         finally:
             if slot is not None:
                 self.procs.pop(slot, None)
+                if not self.procs:
+                    self._last_busy = time.monotonic()
+                    if self.stock.wanted_idle() > 0:
+                        self._stock_low.set()  # grow the stock once the agent stays idle
             if leases and hand_back:
                 await iso.return_lease(leases[0], lease_dir)
             elif leases and leases[0] is not None:

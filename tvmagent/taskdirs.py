@@ -4,12 +4,15 @@ the shell runs them in a worker thread (or inline where a thread hop costs more 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import itertools
 import logging
 import os
 import shutil
+import time
+from collections.abc import Callable
 
 log = logging.getLogger("tvm.agent")
 
@@ -141,12 +144,29 @@ class TaskDirStock:
     Creating an inode costs this host's ext4 100-400 µs of kernel time, more than all the rest of
     a short task's launch; taking a ready directory is one rename, so the event loop never waits
     for inode allocation. A task placed again (retry, requeue) already has its directory and
-    makes nothing; an empty stock makes the task fall back to creating its own."""
+    makes nothing; an empty stock makes the task fall back to creating its own.
 
-    def __init__(self, root: str, target: int = 32) -> None:
+    Two depths: `target` is kept at all times (made as soon as it runs low). Beyond it, while the
+    agent is idle, the stock grows to the largest burst seen so far (the most directories taken
+    within `window` seconds, at most `most`): made ahead, a burst like it pays for no inode at all
+    while it runs, and the CPU they cost is spent when no task wants it."""
+
+    def __init__(
+        self,
+        root: str,
+        target: int = 32,
+        most: int = 2048,
+        window: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.dir = os.path.join(root, ".taskstock")
         self.tasks_dir = os.path.join(root, "tasks")
         self.target = target
+        self.most = most
+        self.window = window
+        self._clock = clock
+        self._takes: collections.deque[float] = collections.deque(maxlen=max(1, most))
+        self.burst = 0  # the most directories taken within `window` seconds so far
         self._ready: list[str] = []
         self._parents: set[str] = set()  # job directories known to exist
         self._serial = 0
@@ -168,7 +188,23 @@ class TaskDirStock:
                 shutil.rmtree(p, ignore_errors=True)
 
     def wanted(self) -> int:
+        """Directories to make now: the stock is below `target`."""
         return self.target - len(self._ready) if self.enabled else 0
+
+    def wanted_idle(self) -> int:
+        """Directories to make while the agent is idle: up to the largest burst seen."""
+        return max(0, self.burst - len(self._ready)) if self.enabled else 0
+
+    def ready(self) -> int:
+        return len(self._ready)
+
+    def _taken(self) -> None:
+        now = self._clock()
+        takes = self._takes
+        takes.append(now)
+        while now - takes[0] > self.window:
+            takes.popleft()
+        self.burst = max(self.burst, min(len(takes), self.most))
 
     def make(self, n: int) -> list[str]:
         """(worker thread) Make `n` directories; the caller hands them to `add`."""
@@ -209,6 +245,7 @@ class TaskDirStock:
         except OSError:
             self._ready.append(src)
             return False
+        self._taken()
         return True
 
     def forget(self, parent: str) -> None:

@@ -194,3 +194,50 @@ def test_what_a_previous_agent_left_in_the_trash_is_removed(tmp_path: Path) -> N
     empty_trash(str(tmp_path))
     assert os.listdir(tmp_path / TRASH) == []
     empty_trash(str(tmp_path / "elsewhere"))  # no trash yet: nothing to do
+
+
+def test_the_stock_grows_to_the_largest_burst_while_idle(tmp_path: Path) -> None:
+    """Beyond its target, the stock asks for as many directories as were taken within its window
+    at most (never more than `most`); takes spread wider than the window do not add up."""
+    now = [0.0]
+    root = tmp_path / "tvm"
+    stock = TaskDirStock(str(root), target=2, most=5, window=10.0, clock=lambda: now[0])
+    stock.start()
+    stock.add(stock.make(2))
+    assert stock.wanted_idle() == 0  # no burst seen yet: the target is enough
+    job = root / "tasks" / "wi" / "job"
+    for i in range(4):  # four within the window, the stock refilled as it goes
+        now[0] += 1.0
+        assert stock.take(str(job / f"t{i}"))
+        stock.add(stock.make(stock.wanted()))
+    assert stock.burst == 4
+    assert stock.wanted_idle() == 2  # 4 for the next burst like it, 2 ready
+    for i in range(4, 8):  # the same pace, long after: still a burst of 4 at most in 10 s...
+        now[0] += 11.0
+        stock.add(stock.make(1))
+        assert stock.take(str(job / f"t{i}"))
+    assert stock.burst == 4
+    for i in range(8, 16):  # ...and a larger one counts up to `most`
+        now[0] += 0.1
+        stock.add(stock.make(1))
+        assert stock.take(str(job / f"t{i}"))
+    assert stock.burst == 5
+    stock.add(stock.make(stock.wanted_idle()))
+    assert stock.ready() == 5
+    assert len(os.listdir(stock.dir)) == 5
+    assert stock.wanted_idle() == 0
+
+
+def test_the_expected_burst_comes_from_the_environment(monkeypatch, caplog) -> None:
+    from tvmagent.runner import STOCK_ENV, expected_burst
+
+    monkeypatch.delenv(STOCK_ENV, raising=False)
+    assert expected_burst(100) == 0
+    monkeypatch.setenv(STOCK_ENV, "40")
+    assert expected_burst(100) == 40
+    monkeypatch.setenv(STOCK_ENV, "4000")
+    assert expected_burst(100) == 100
+    assert "at most 100" in caplog.text
+    monkeypatch.setenv(STOCK_ENV, "-3")
+    assert expected_burst(100) == 0
+    assert "not a number of task directories" in caplog.text
