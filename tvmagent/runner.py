@@ -113,8 +113,9 @@ class TaskRunner:
             log.warning("task directories are made per task (no stock: %s)", exc)
             return
         while True:
-            wanted = self.stock.wanted()
-            if wanted <= 0 and self.stock.wanted_idle() > 0:
+            refill = max(0, self.stock.wanted())  # below its target: at once
+            grow = 0  # beyond it, towards the largest burst seen: only while idle
+            if not refill and self.stock.wanted_idle() > 0:
                 idle_for = -1.0 if self.procs else time.monotonic() - self._last_busy
                 if idle_for < QUIET_S:  # look again when it may have become idle
                     with trio.move_on_after(QUIET_S - max(idle_for, 0.0)):
@@ -122,15 +123,19 @@ class TaskRunner:
                     if self._stock_low.is_set():
                         self._stock_low = trio.Event()
                     continue
-                wanted = self.stock.wanted_idle()
-            if wanted <= 0:
+                grow = self.stock.wanted_idle()
+            if not refill and not grow:
                 await self._stock_low.wait()
                 self._stock_low = trio.Event()
                 continue
             try:
-                made = await trio.to_thread.run_sync(self.stock.make, min(wanted, STOCK_CHUNK))
+                made = await trio.to_thread.run_sync(
+                    self.stock.make, min(refill or grow, STOCK_CHUNK)
+                )
             except OSError as exc:  # e.g. the disk is full: tasks make their own meanwhile
                 log.warning("cannot make ready task directories: %s", exc)
+                if grow:  # no more growing until a burst asks for it again
+                    self.stock.burst = self.stock.ready()
                 await trio.sleep(5)
                 continue
             self.stock.add(made)
