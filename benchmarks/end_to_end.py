@@ -20,7 +20,8 @@ The agents run as root, so by default each task runs as its own Linux user; `--t
 runs tasks as the agent's user. Both keep the per-task cgroup.
 
 `--stock` (inproc): the job as it meets long-lived agents that have run a job like it before. Each
-agent is started with TVM_AGENT_TASKDIR_STOCK set to its share of the tasks, and the job is
+agent is started with TVM_AGENT_TASKDIR_STOCK set to its share of the tasks (at most the 2,048
+directories an agent keeps), and the job is
 submitted once every agent has made that many task directories ahead (an agent does so while idle
 after a burst of that size; made before the clock starts, their CPU is not in the figures).
 
@@ -44,6 +45,7 @@ import trio
 
 from coordinator.client import AsyncClient
 from tvmagent.runner import STOCK_ENV
+from tvmagent.taskdirs import STOCK_MOST
 
 from ._common import (
     agents_running,
@@ -116,7 +118,7 @@ def _stocked(base: str, per_agent: int) -> bool:
 
 
 async def run_inproc(n: int, stock: bool = False) -> Run:
-    per_agent = -(-n // AGENTS)
+    per_agent = min(-(-n // AGENTS), STOCK_MOST)  # the rest are made while the job runs
     if stock:
         os.environ[STOCK_ENV] = str(per_agent)  # the agents read it at start (child_env copies it)
     with tempfile.TemporaryDirectory(prefix="tvm-bench-") as tmp:

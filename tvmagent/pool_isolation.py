@@ -19,7 +19,7 @@ import trio
 from protocol import messages as pm
 from protocol.hostio import primary_ip
 
-from . import _ipc_sweep, isolation
+from . import _ipc_sweep, isolation, nftowners
 from ._uid_sweep import TmpWatch
 from ._users import lookup_user
 from .ports import NftError, PortGate, apply_nft, nft_available, remove_nft, render_nft_ruleset
@@ -53,6 +53,7 @@ class PoolIsolation:
         self._current_tvm = current_tvm
         self._nursery_of = nursery
         self.fence: object | None = None  # ports.PortGate or the nft table name
+        self._swept = False  # the fence tables of ended agents were looked for (nftowners)
         self.node_users: NodeUsers | None = None  # set by the agent; removed with the TVM
         # The pool's member addresses: PoolMembers may be handled before the JoinPool setup reaches
         # the fence (separate Trio tasks), so they are kept here and used when the fence comes up.
@@ -332,12 +333,21 @@ class PoolIsolation:
                 lease.release(clean=clean)
 
     def drop_pool_group_at_exit(self) -> None:
-        """The agent stops: its group goes (a restarted agent makes it again when it rejoins), so
+        """The agent stops: its group and port fence go (a restarted agent makes it again when it rejoins), so
         an agent whose root is then deleted leaves no group behind. Its task processes are gone."""
         self._release_idle_leases()
         name, self._pool_group, self._pool_gid = self._pool_group, "", None
         if name:
             self._drop_pool_group(name)
+        # Its nftables table too: nothing listens on those ports any more, and a TVM given the
+        # block next must admit its own members (a restarted agent makes the table again).
+        fence, self.fence = self.fence, None
+        if isinstance(fence, str):
+            try:
+                remove_nft(fence)
+                nftowners.forget_owner(fence)
+            except (NftError, OSError) as exc:
+                log.warning("cannot remove nftables table %s: %s", fence, exc)
 
     async def _leave_pool_group(self) -> None:
         """The TVM leaves the pool: the start task's user is swept and freed, the group deleted."""
@@ -385,7 +395,9 @@ class PoolIsolation:
             return
         self._fence_range = (msg.port_range_low, msg.port_range_high)
         if os.geteuid() == 0 and await trio.to_thread.run_sync(nft_available):
-            self.fence = self._nft_table()
+            table = self._nft_table()
+            await trio.to_thread.run_sync(self._claim_table, table)
+            self.fence = table
             if await self._sync_fence(force=True):
                 log.info(
                     "ports %d-%d: nftables table %s admits pool members only",
@@ -474,13 +486,31 @@ class PoolIsolation:
         elif isinstance(self.fence, str) and self._nursery is not None:
             self._nursery.start_soon(self._sync_fence)
 
+    def _claim_table(self, table: str) -> None:
+        """(worker thread) Remove the fence tables of agents that died without removing theirs
+        (once per agent), and record this agent as the owner of `table`."""
+        if not self._swept:
+            self._swept = True
+            try:
+                for gone in nftowners.sweep():
+                    log.warning("removed nftables table %s: its agent ended without it", gone)
+            except (OSError, NftError) as exc:
+                log.warning("cannot look for the fence tables of ended agents: %s", exc)
+        try:
+            nftowners.record_owner(table)
+        except OSError as exc:  # the fence still works; only a sweep after a crash misses it
+            log.warning(
+                "cannot record this agent as the owner of nftables table %s: %s", table, exc
+            )
+
     async def _teardown_fence(self) -> None:
         fence, self.fence = self.fence, None
         if isinstance(fence, str):
             try:
                 async with self._fence_lock():  # not under an update still running
                     await trio.to_thread.run_sync(remove_nft, fence)
-            except NftError as exc:
+                nftowners.forget_owner(fence)
+            except (NftError, OSError) as exc:
                 log.warning("cannot remove nftables table %s: %s", fence, exc)
         elif isinstance(fence, PortGate) and self._gate_scope is not None:
             self._gate_scope.cancel()

@@ -135,6 +135,7 @@ def write_text(path: str, text: str) -> None:
 
 
 SKELETON = ("wd", "stdout.txt", "stderr.txt")  # below a task directory, as the stock makes it
+STOCK_MOST = 2048  # ready task directories an agent keeps at most
 
 
 class TaskDirStock:
@@ -155,7 +156,7 @@ class TaskDirStock:
         self,
         root: str,
         target: int = 32,
-        most: int = 2048,
+        most: int = STOCK_MOST,
         window: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

@@ -236,3 +236,121 @@ def test_after_100_new_pools_every_member_is_admitted_and_every_outsider_refused
             driver.kill()
             driver.wait()
         log.close()
+
+
+# One agent joins one communicating pool with `members`, serves its ports and waits.
+ONE_POOL = r"""
+import json, socket, sys
+import trio
+from protocol import messages as pm
+from tvmagent.agent import Agent, AgentOptions
+
+root, agent_id, low, high = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+members = sys.argv[5].split(",")
+
+async def main():
+    agent = Agent(AgentOptions(coordinator="ws://127.0.0.1:9/agent", token="unused", root=root,
+                               agent_id=agent_id, task_isolation="none"))
+    async with trio.open_nursery() as nursery:
+        agent._nursery = nursery
+        agent._handle(pm.JoinPool(pool="p", tvm_name="tvm-0", account="acct",
+                                  port_range_low=low, port_range_high=high))
+        agent._handle(pm.PoolMembers(addresses=members, pool="p"))
+        with trio.fail_after(60):
+            while not agent.lifecycle.setup_replies:
+                await trio.sleep(0.05)
+        await trio.sleep(0.5)  # the nft update queued behind the lock
+        async def serve(port):
+            s = trio.socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            await s.bind(("0.0.0.0", port)); s.listen()
+            while True:
+                c, _ = await s.accept()
+                await c.send(b"hello from task")
+                c.close()
+        for port in range(low, high + 1):
+            nursery.start_soon(serve, port)
+        await trio.sleep(0.1)
+        print(json.dumps({"ready": True, "fence": agent.isolation.fence}), flush=True)
+        await trio.to_thread.run_sync(sys.stdin.read)  # until the test closes our stdin
+        nursery.cancel_scope.cancel()
+    await agent.isolation.teardown()
+
+trio.run(main)
+"""
+
+
+def _tables(ns: str) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, "nft", "list", "tables"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="nftables not installed")
+def test_a_killed_agents_fence_does_not_shut_out_the_next_pool(
+    netns: dict[str, str], tmp_path: Path
+) -> None:
+    """An agent killed outright cannot remove its table, which resets everyone but its old pool's
+    members on its block of ports. A TVM given the same block next must still admit its own
+    members: the next agent to fence ports removes the tables of agents that ended."""
+    from tvmagent import nftowners
+
+    env = {**os.environ, "PYTHONPATH": REPO, "TVM_AGENT_IP": NODE}
+    tag = secrets.token_hex(4)
+
+    def start(name: str, members: str) -> tuple[subprocess.Popen[str], str]:
+        proc = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                netns["node"],
+                PY,
+                "-c",
+                ONE_POOL,
+                str(tmp_path / name),
+                f"fence-{name}-{tag}",
+                str(LOW),
+                str(HIGH),
+                members,
+            ],  # fmt: skip
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=open(tmp_path / f"{name}.log", "wb"),  # noqa: SIM115 - the child holds it
+            text=True,
+        )
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert '"ready": true' in line, (tmp_path / f"{name}.log").read_text()[-3000:]
+        return proc, line.split('"fence": "')[1].split('"')[0]
+
+    old, old_table = start("old", "10.215.9.9")
+    try:
+        assert old_table in _tables(netns["node"])
+        old.kill()  # no teardown: its table stays
+        old.wait()
+        assert old_table in _tables(netns["node"])
+        new, new_table = start("new", f"{MEMBER},{NODE}")
+        try:
+            tables = _tables(netns["node"])
+            assert old_table not in tables
+            assert new_table in tables
+            assert _connect(netns["member"], NODE) == ["connected"] * (HIGH - LOW + 1)
+            assert "its agent ended without it" in (tmp_path / "new.log").read_text()
+            assert nftowners.owner_alive(old_table) is None  # its record went with it
+        finally:
+            assert new.stdin is not None
+            new.stdin.close()
+            new.wait(timeout=30)
+        assert new_table not in _tables(netns["node"])
+        assert nftowners.owner_alive(new_table) is None
+    finally:
+        if old.poll() is None:
+            old.kill()
+            old.wait()
+        nftowners.forget_owner(old_table)

@@ -206,3 +206,12 @@ async def test_member_connects_into_a_tvms_port_range_outsider_is_refused(nurser
             await c.client.tasks.wait("wi", JOB, timeout=30)
         finally:
             stop_process_groups(procs)
+    # A stopped agent takes its table with it: a TVM given the block next admits its own members.
+    for ns in (netns["node"], netns["member"]):
+        listed = subprocess.run(  # noqa: ASYNC221
+            ["ip", "netns", "exec", ns, "nft", "list", "tables"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
+        assert "tvm_" not in listed, (ns, listed)

@@ -216,3 +216,33 @@ def test_member_networks_and_loopback_off(topology: Topology, listener) -> None:
         == "failed:ConnectionRefusedError"
     )
     assert topology.connect(topology.node, "127.0.0.1", inside) == "failed:ConnectionRefusedError"
+
+
+def test_the_tables_of_ended_agents_are_swept_and_no_other(tmp_path) -> None:
+    """An agent killed outright leaves its table; the next agent's sweep removes it, and only
+    tables of ours (`tvm_*`) whose recorded owner ended: not a live agent's, not one without a
+    record, not anyone else's."""
+    from tvmagent import nftowners
+
+    ns = f"tvmt-sweep-{secrets.token_hex(3)}"
+    sh("ip", "netns", "add", ns)
+    try:
+        owners = str(tmp_path / "owners")
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead = f"{child.pid} {nftowners.start_time(child.pid)}"
+        child.wait()
+        os.makedirs(owners)
+        for table in ("tvm_dead", "other_dead"):
+            apply_nft(render_nft_ruleset(table, 1100, 1149, ["10.0.0.1"], []), netns=ns)
+            with open(os.path.join(owners, table), "w") as f:
+                f.write(dead + "\n")
+        apply_nft(render_nft_ruleset("tvm_live", 1150, 1199, [], []), netns=ns)
+        nftowners.record_owner("tvm_live", owners)
+        apply_nft(render_nft_ruleset("tvm_unrecorded", 1200, 1249, [], []), netns=ns)
+
+        assert nftowners.sweep(owners, netns=ns) == ["tvm_dead"]
+        assert sorted(nftowners.list_tables(ns)) == ["other_dead", "tvm_live", "tvm_unrecorded"]
+        assert sorted(os.listdir(owners)) == ["other_dead", "tvm_live"]
+        assert nftowners.sweep(owners, netns=ns) == []
+    finally:
+        sh("ip", "netns", "del", ns)
