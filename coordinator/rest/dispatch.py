@@ -6,6 +6,8 @@ Routing is a small table of (method, pattern) -> handler; every handler answers 
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -25,6 +27,19 @@ from coordinator.runtime.service import CoordinatorService
 from . import jobscope, paging
 from .inputlimits import check_request
 from .limits import BodyStream, decode_depth_error, json_body_limit, read_body
+
+# Returns once the client of the request being answered has closed its connection (never where that
+# cannot be seen): a long wait (waitForCompletion) ends there, with nobody left to answer.
+CLIENT_GONE: contextvars.ContextVar[Callable[[], Awaitable[None]]] = contextvars.ContextVar(
+    "tvm_client_gone"
+)
+
+
+async def _until_disconnect(receive: Callable[[], Awaitable[dict]]) -> None:
+    """(after the body was read) ASGI says a client left with `http.disconnect`."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
 
 _json = msgspec.json.Encoder()
 Handler = Callable[..., Awaitable[Any]]
@@ -245,6 +260,7 @@ class Dispatcher:
                 body = b""
             else:
                 body = await read_body(receive, headers, json_body_limit(path))
+                CLIENT_GONE.set(functools.partial(_until_disconnect, receive))
             if azure:
                 return await self.azure.handle(method, path, body, q, headers)
             for meth, pattern, handler in self._routes:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import trio
+
 from coordinator.common import models as m
 from coordinator.common.errors import ApiError, bad_request
 from coordinator.common.timeutil import parse_duration
@@ -12,7 +14,7 @@ from coordinator.core import MAX_COLLECTION
 from coordinator.core.records import ACTIVE, COMPLETED, RUNNING
 
 from . import paging
-from .dispatch import Response, RouteAdder, RouteGroup, _decode, _json_response
+from .dispatch import CLIENT_GONE, Response, RouteAdder, RouteGroup, _decode, _json_response
 from .inputlimits import check_request
 from .jobscope import check_elevation
 from .views import task_view
@@ -141,10 +143,25 @@ class TaskRoutes(RouteGroup):
                     field="waitForCompletion",
                 )
             if t.state != COMPLETED:
-                await self.svc.done_waiters.wait(f"{wi}/{job}/{task}", seconds)
+                await self._wait_done(f"{wi}/{job}/{task}", seconds)
                 j, t = self.core.get_task(wi, job, task)
         subs = self.core.runs.gangs.last.get(f"{j.key}/{t.name}") if t.multi else None
         return _json_response(200, task_view(j, t, subs))
+
+    async def _wait_done(self, key: str, seconds: float) -> None:
+        """Until the task completes, `seconds` pass or the client hangs up (a waiting GET holds a
+        slot of the coordinator's requests in progress: one nobody waits for gives it back)."""
+        gone = CLIENT_GONE.get(None)
+        async with trio.open_nursery() as nursery:
+            if gone is not None:
+
+                async def watch() -> None:
+                    await gone()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch)
+            await self.svc.done_waiters.wait(key, seconds)
+            nursery.cancel_scope.cancel()
 
     async def update_task(self, wi: str, job: str, task: str, body: bytes, **_: Any) -> Response:
         req = _decode(body, m.TaskUpdate)

@@ -19,6 +19,7 @@ h11's path does.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
@@ -27,6 +28,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import h11
+import trio
 
 from . import tcplean
 
@@ -132,7 +134,8 @@ class DirectHttp:
 
         async def receive() -> dict:
             nonlocal sent
-            if sent:  # the whole body went in the first message; nothing comes after it
+            if sent:  # the whole body went in the first message; what follows is the client leaving
+                await self._until_eof()
                 return {"type": "http.disconnect"}
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
@@ -155,6 +158,26 @@ class DirectHttp:
             return False
         await send(self.ev.Updated(idle=True))
         return True
+
+    async def _until_eof(self) -> None:
+        """Until the client closes the connection (asked while its request is being answered: the
+        connection's reader waits for the answer meanwhile, so nothing else reads the socket). A
+        byte of a next request means it is still there; without a plain socket (TLS), never."""
+        sock = tcplean.raw_socket(getattr(self.p.send, "__self__", None))
+        if sock is None:
+            await trio.sleep_forever()
+        assert sock is not None
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                data = sock.recv(1, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return  # reset
+            if not data:
+                return
+            await trio.sleep_forever()  # a pipelined request, read once this one is answered
 
 
 def _parse(head: bytes) -> tuple[str, bytes, list[tuple[bytes, bytes]], int] | None:

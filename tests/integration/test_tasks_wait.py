@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import trio
 
@@ -61,3 +63,42 @@ async def test_bad_waits_are_refused(nursery, tmp_path):
                 )
             assert e.value.status == 400
             assert "waitForCompletion" in e.value.message
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+async def test_a_wait_whose_client_hung_up_ends_at_once(nursery, tmp_path, monkeypatch, direct):
+    """A waiting GET holds one of the coordinator's requests in progress (at most 1,024): a client
+    that gives up must give it back then, not when the wait would have ended (up to 60 s later).
+    Both the direct REST path and hypercorn's (TVM_HTTP_DIRECT=0)."""
+    from coordinator.client import AsyncClient
+
+    monkeypatch.setenv("TVM_HTTP_DIRECT", direct)
+    async with cluster_ctx(nursery, tmp_path, agents=0) as c:
+        await c.client.pools.add("p", target_dedicated=0)
+        await c.client.workitems.add("wi", "p")
+        await c.client.tasks.add("wi", JOB, "t", "true")  # no TVM: it stays active
+        svc, app = c.rc.service, c.rc.app
+        impatient = [AsyncClient(c.rc.endpoint, c.rc.account, c.rc.key) for _ in range(3)]
+        try:
+            async with trio.open_nursery() as n:
+                for client in impatient:
+                    n.start_soon(
+                        functools.partial(client.tasks.get, "wi", JOB, "t", wait_for_completion=60)
+                    )
+                await c.wait_for(lambda: len(svc.done_waiters._waiting.get(f"wi/{JOB}/t", [])) == 3,
+                                 what="three waiting GETs")  # fmt: skip
+                assert app.inflight == 3
+                n.cancel_scope.cancel()  # the clients give up...
+            for client in impatient:
+                await client.aclose()  # ...and close their connections
+            await c.wait_for(
+                lambda: not svc.done_waiters and not app.inflight,
+                timeout=5,
+                what="the abandoned waits ended",
+            )
+        finally:
+            for client in impatient:
+                await client.aclose()
+        # The service still answers, waits included.
+        t = await c.client.tasks.get("wi", JOB, "t", wait_for_completion=0.2)
+        assert t.state == "active"
