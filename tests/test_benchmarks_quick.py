@@ -143,17 +143,22 @@ def test_peers_not_installed_are_skipped_with_a_note(tmp_path: pathlib.Path) -> 
     assert "pip install -e '.[bench]'" in stderr
 
 
-def test_peers_refuse_an_unknown_peer() -> None:
+def _refused(name: str, *argv: str) -> str:
+    """A benchmark run that must refuse its arguments: its stderr."""
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.peers", "--quick", "--peers", "slurm"],
+        [sys.executable, "-m", f"benchmarks.{name}", "--quick", *argv],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert proc.returncode != 0
-    assert "unknown peer(s) slurm" in proc.stderr
     assert proc.stdout == ""
+    return proc.stderr
+
+
+def test_peers_refuse_an_unknown_peer() -> None:
+    assert "unknown peer(s) slurm" in _refused("peers", "--peers", "slurm")
 
 
 def test_a_benchmark_agent_that_ended_is_named_with_its_log(tmp_path: pathlib.Path) -> None:
@@ -211,20 +216,5 @@ def test_end_to_end_with_agents_that_made_their_directories_ahead() -> None:
 
 
 def test_end_to_end_refuses_stock_over_rest() -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.end_to_end",
-            "--quick",
-            "--stock",
-            "--coordinator",
-            "up",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode != 0
-    assert "--stock is for --coordinator inproc" in proc.stderr
+    stderr = _refused("end_to_end", "--stock", "--coordinator", "up")
+    assert "--stock is for --coordinator inproc" in stderr

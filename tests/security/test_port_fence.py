@@ -118,6 +118,11 @@ _REASON = _skip_reason()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 
+def _python_in(ns: str, script: str, *args: str) -> list[str]:
+    """This interpreter running `script` with `args` inside network namespace `ns`."""
+    return ["ip", "netns", "exec", ns, PY, "-c", script, *args]
+
+
 def sh(*args: str) -> None:
     subprocess.run(args, check=True, capture_output=True, text=True, timeout=30)
 
@@ -195,20 +200,9 @@ def test_after_100_new_pools_every_member_is_admitted_and_every_outsider_refused
         env["TVM_AGENT_IP"] = NODE  # how tvm up and the README's agents are told their address
     log = open(tmp_path / "driver.log", "wb")  # noqa: SIM115 - closed in finally
     driver = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            netns["node"],
-            PY,
-            "-c",
-            DRIVER,
-            str(tmp_path / "root"),
-            str(LOW),
-            str(HIGH),
-            MEMBER,
-            NODE,
-        ],
+        _python_in(
+            netns["node"], DRIVER, str(tmp_path / "root"), str(LOW), str(HIGH), MEMBER, NODE
+        ),
         cwd=REPO,
         env=env,
         stdin=subprocess.PIPE,
@@ -303,20 +297,15 @@ def test_a_killed_agents_fence_does_not_shut_out_the_next_pool(
 
     def start(name: str, members: str) -> tuple[subprocess.Popen[str], str]:
         proc = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
+            _python_in(
                 netns["node"],
-                PY,
-                "-c",
                 ONE_POOL,
                 str(tmp_path / name),
                 f"fence-{name}-{tag}",
                 str(LOW),
                 str(HIGH),
                 members,
-            ],  # fmt: skip
+            ),  # fmt: skip
             cwd=REPO,
             env=env,
             stdin=subprocess.PIPE,
