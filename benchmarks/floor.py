@@ -128,10 +128,10 @@ def sandboxed_rate(n: int, base: str, ahead: bool) -> tuple[float, float, float]
         except BaseException as e:  # reported by the caller
             errors.append(e)
 
+    threads = [threading.Thread(target=slot, args=(i,)) for i in range(SLOTS)]
     try:
         cpu0 = _cpu()
         t0 = time.perf_counter()
-        threads = [threading.Thread(target=slot, args=(i,)) for i in range(SLOTS)]
         for t in threads:
             t.start()
         for t in threads:
@@ -139,6 +139,11 @@ def sandboxed_rate(n: int, base: str, ahead: bool) -> tuple[float, float, float]
         elapsed = time.perf_counter() - t0
         cpu1 = _cpu()
     finally:
+        with lock:
+            left.clear()  # interrupted: the slots stop after their task of the moment...
+        for t in threads:
+            if t.is_alive():
+                t.join()  # ...whose cgroups can go only once it has ended
         for cg in cgroups:
             cg.remove()
         shutil.rmtree(base, ignore_errors=True)
