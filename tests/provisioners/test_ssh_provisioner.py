@@ -322,6 +322,7 @@ async def test_an_agent_killed_on_its_host_is_wiped_and_replaced(
         )
         await c.wait_for(lambda: c._idle("p", 1), timeout=60, what="1 idle TVM over ssh")
         (first,) = [t.agent_id for t in await c.client.tvms.list("p")]
+        group = _pool_group(agent_dir, first)
         (pid,) = agent_pids(os.path.join(agent_dir, first))
         os.kill(pid, signal.SIGKILL)  # the host's agent dies; max-agents = 1 on the only host
         await c.wait_for(
@@ -332,6 +333,29 @@ async def test_an_agent_killed_on_its_host_is_wiped_and_replaced(
             what="the dead agent's directory wiped",
         )
         assert first not in c.rc.service.core.agents
+        assert not _group_exists(group), f"the dead agent's pool group {group} was left"
+
+
+def _pool_group(agent_dir: str, agent: str) -> str:
+    """The pool group an agent made, named in its root (as root, agents have task users: one)."""
+    from tvmagent.pool_isolation import POOL_GROUP_FILE
+
+    path = os.path.join(agent_dir, agent, "root", POOL_GROUP_FILE)
+    name = open(path).read().strip() if os.path.exists(path) else ""  # noqa: SIM115
+    assert name or os.geteuid() != 0, "a root agent with task users made no pool group"
+    return name
+
+
+def _group_exists(name: str) -> bool:
+    import grp
+
+    if not name:
+        return False
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 async def _replaced(c, first: str) -> bool:  # noqa: ANN001
@@ -361,6 +385,7 @@ async def test_a_stopped_agent_whose_tvm_left_is_stopped_over_ssh_and_replaced(
         )
         await c.wait_for(lambda: c._idle("p", 1), timeout=60, what="1 idle TVM over ssh")
         (first,) = [t.agent_id for t in await c.client.tvms.list("p")]
+        group = _pool_group(agent_dir, first)
         pids = agent_pids(os.path.join(agent_dir, first))
         assert pids
         for pid in pids:
@@ -382,3 +407,4 @@ async def test_a_stopped_agent_whose_tvm_left_is_stopped_over_ssh_and_replaced(
         assert first not in c.rc.service.core.agents
         assert c.rc.service.core.retired_reason(first).startswith("AgentRetired: ")
         assert len(agent_pids(agent_dir)) == 1
+        assert not _group_exists(group), f"the stopped agent's pool group {group} was left"

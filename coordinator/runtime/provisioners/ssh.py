@@ -322,6 +322,11 @@ class SshProvisioner:
             '    kill -KILL -"$p" 2>/dev/null || true\n'
             "  fi\n"
             "fi\n"
+            # A killed agent could not delete its pool group (a stopped one did, and its note
+            # with it); the files the group may own are all under $D, which goes next. (The
+            # agent's names: tvmagent/pool_isolation.POOL_GROUP_FILE, isolation.POOL_GROUP_PREFIX.)
+            'g=$(cat "$D/root/pool-group" 2>/dev/null || true)\n'
+            'case "$g" in tvmp-*) groupdel "$g" 2>/dev/null || true ;; esac\n'
             'rm -rf "$D"\n'
         )
 
