@@ -73,6 +73,9 @@ def job_script(spec: SlurmSpec, agent_url: str, name: str, directory: str) -> st
         "  if [ $stopping = 1 ] && kill -0 $pid 2>/dev/null; then continue; fi\n"
         "  break\n"
         "done\n"
+        # A killed agent (as root, with task users) leaves its pool group, named in its root.
+        'g=$(cat "$D/root/pool-group" 2>/dev/null || true)\n'
+        'case "$g" in tvmp-*) groupdel "$g" 2>/dev/null || true ;; esac\n'
         'rm -rf "$D/root" "$D/private" "$D/token"\n'
         "[ $stopping = 1 ] && exit 0\n"
         "exit $rc\n"
