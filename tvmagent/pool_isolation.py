@@ -333,21 +333,17 @@ class PoolIsolation:
                 lease.release(clean=clean)
 
     def drop_pool_group_at_exit(self) -> None:
-        """The agent stops: its group and port fence go (a restarted agent makes it again when it rejoins), so
-        an agent whose root is then deleted leaves no group behind. Its task processes are gone."""
+        """The agent stops: its group goes (a restarted agent makes it again when it rejoins), so
+        an agent whose root is then deleted leaves no group behind. Its task processes are gone.
+        Its nftables table too: nothing listens on those ports any more, and a TVM given the block
+        next must admit its own members."""
         self._release_idle_leases()
         name, self._pool_group, self._pool_gid = self._pool_group, "", None
         if name:
             self._drop_pool_group(name)
-        # Its nftables table too: nothing listens on those ports any more, and a TVM given the
-        # block next must admit its own members (a restarted agent makes the table again).
         fence, self.fence = self.fence, None
         if isinstance(fence, str):
-            try:
-                remove_nft(fence)
-                nftowners.forget_owner(fence)
-            except (NftError, OSError) as exc:
-                log.warning("cannot remove nftables table %s: %s", fence, exc)
+            _remove_table(fence)
 
     async def _leave_pool_group(self) -> None:
         """The TVM leaves the pool: the start task's user is swept and freed, the group deleted."""
@@ -506,12 +502,8 @@ class PoolIsolation:
     async def _teardown_fence(self) -> None:
         fence, self.fence = self.fence, None
         if isinstance(fence, str):
-            try:
-                async with self._fence_lock():  # not under an update still running
-                    await trio.to_thread.run_sync(remove_nft, fence)
-                nftowners.forget_owner(fence)
-            except (NftError, OSError) as exc:
-                log.warning("cannot remove nftables table %s: %s", fence, exc)
+            async with self._fence_lock():  # not under an update still running
+                await trio.to_thread.run_sync(_remove_table, fence)
         elif isinstance(fence, PortGate) and self._gate_scope is not None:
             self._gate_scope.cancel()
 
@@ -523,6 +515,15 @@ class PoolIsolation:
             # (setup_fence drops a list that belongs to another pool).
             if self.node_users is not None:
                 await self.node_users.remove_all()
+
+
+def _remove_table(table: str) -> None:
+    """(blocking) The agent's nftables table and the record that it owns it."""
+    try:
+        remove_nft(table)
+        nftowners.forget_owner(table)
+    except (NftError, OSError) as exc:
+        log.warning("cannot remove nftables table %s: %s", table, exc)
 
 
 def _gate_address() -> str:

@@ -32,9 +32,7 @@ log = logging.getLogger("tvm.agent")
 
 START_TASK_SLOT = ""  # the start task's process, among task keys (never empty)
 QUIET_S = 1.0  # no process for this long: the agent is idle, and its directory stock may grow
-STOCK_CHUNK = (
-    16  # directories per worker-thread call: a few ms, all a task arriving meanwhile waits
-)
+STOCK_CHUNK = 16  # directories per worker-thread call: a few ms, a task arriving meanwhile waits
 
 
 def _cg_name(spec: pm.TaskSpec) -> str:
