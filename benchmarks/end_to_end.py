@@ -21,9 +21,9 @@ runs tasks as the agent's user. Both keep the per-task cgroup.
 
 `--stock` (inproc): the job as it meets long-lived agents that have run a job like it before. Each
 agent is started with TVM_AGENT_TASKDIR_STOCK set to its share of the tasks (at most the 2,048
-directories an agent keeps), and the job is
-submitted once every agent has made that many task directories ahead (an agent does so while idle
-after a burst of that size; made before the clock starts, their CPU is not in the figures).
+directories an agent keeps), and the job is submitted once every agent has made that many task
+directories ahead (an agent does so while idle after a burst of that size; made before the clock
+starts, their CPU is not in the figures).
 
     python -m benchmarks.end_to_end [--quick] [--tasks 3000] [--task-isolation users|none]
                                     [--coordinator inproc|up] [--peers hyperqueue,dask|none]
@@ -45,7 +45,7 @@ import trio
 
 from coordinator.client import AsyncClient
 from tvmagent.runner import STOCK_ENV
-from tvmagent.taskdirs import STOCK_MOST
+from tvmagent.taskdirs import STOCK_MOST, stock_on_disk
 
 from ._common import (
     agents_running,
@@ -107,14 +107,9 @@ def _cpu_table(
 
 
 def _stocked(base: str, per_agent: int) -> bool:
-    for i in range(AGENTS):
-        try:
-            ready = len(os.listdir(os.path.join(base, "agents", f"agent{i}", ".taskstock")))
-        except FileNotFoundError:
-            ready = 0
-        if ready < per_agent:
-            return False
-    return True
+    return all(
+        stock_on_disk(os.path.join(base, "agents", f"agent{i}")) >= per_agent for i in range(AGENTS)
+    )
 
 
 async def run_inproc(n: int, stock: bool = False) -> Run:

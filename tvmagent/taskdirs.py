@@ -136,6 +136,16 @@ def write_text(path: str, text: str) -> None:
 
 SKELETON = ("wd", "stdout.txt", "stderr.txt")  # below a task directory, as the stock makes it
 STOCK_MOST = 2048  # ready task directories an agent keeps at most
+STOCK_DIR = ".taskstock"  # under the agent's root
+
+
+def stock_on_disk(root: str) -> int:
+    """How many directories the stock of the agent at `root` holds (for tests and benchmarks,
+    which look from outside the agent)."""
+    try:
+        return len(os.listdir(os.path.join(root, STOCK_DIR)))
+    except FileNotFoundError:
+        return 0
 
 
 class TaskDirStock:
@@ -160,7 +170,7 @@ class TaskDirStock:
         window: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.dir = os.path.join(root, ".taskstock")
+        self.dir = os.path.join(root, STOCK_DIR)
         self.tasks_dir = os.path.join(root, "tasks")
         self.target = target
         self.most = most

@@ -9,16 +9,10 @@ import trio
 
 from coordinator.client import task_spec
 from tests.harness import cluster_ctx
+from tvmagent.taskdirs import stock_on_disk
 
 JOB = "job-0000000001"
 BURST = 60
-
-
-def _ready(root: str) -> int:
-    try:
-        return len(os.listdir(os.path.join(root, ".taskstock")))
-    except FileNotFoundError:
-        return 0
 
 
 async def test_the_stock_grows_after_a_burst_once_the_agent_is_idle(nursery, tmp_path):
@@ -35,14 +29,13 @@ async def test_the_stock_grows_after_a_burst_once_the_agent_is_idle(nursery, tmp
             lambda: _state(c, "busy", "running"), what="the busy task running", timeout=30
         )
         await trio.sleep(1.5)  # longer than the agent's quiet period: it would grow if idle
-        assert _ready(root) <= 32, "the stock grew while a task ran"
+        assert stock_on_disk(root) <= 32, "the stock grew while a task ran"
         await c.client.tasks.wait("wi", JOB, timeout=30)
         await c.wait_for(
-            lambda: _ready(root) >= BURST, what=f"{BURST} ready directories", timeout=20
+            lambda: stock_on_disk(root) >= BURST, what=f"{BURST} ready directories", timeout=20
         )
-        # What the agent made ahead is what the next burst takes: all of it, no directory made
-        # on the way.
-        before = _ready(root)
+        # The directories made ahead serve the next burst like it: its tasks all run.
+        before = stock_on_disk(root)
         await c.client.tasks.add_many("wi", JOB, [task_spec(f"u{i}", "true") for i in range(BURST)])
         await c.client.tasks.wait("wi", JOB, timeout=120)
         tasks = await c.client.tasks.list("wi", JOB)
