@@ -380,7 +380,8 @@ class Agent:
             elif isinstance(ins, KillProcess):
                 self.runner.kill(ins.key)
             elif isinstance(ins, SendCompletion):
-                seq = self.link.send(ins.msg)
+                # With no other task running, no other completion can share its frame: at once.
+                seq = self.link.send(ins.msg, now=not self.state.running)
                 self.state.handle(CompletionQueued(ins.msg.key, ins.msg.attempt, seq))
             elif isinstance(ins, Send):
                 self.send(ins.msg)

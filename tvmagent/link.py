@@ -73,6 +73,7 @@ class Link:
         self.wake = trio.Event()
         self._lazy_wake = trio.Event()
         self._held_starts: dict[str, pm.TaskStarted] = {}  # task key -> its held TaskStarted
+        self._ws: WsClient | None = None  # the open connection, while its writer runs
         self.connected = trio.Event()
         self.coordinator_heartbeat = 0.0  # the last Welcome's heartbeat interval (reconnect cap)
         self._hello = hello
@@ -81,11 +82,19 @@ class Link:
         self._heartbeat_msg = heartbeat
         self._on_acks = on_acks
 
-    def send(self, msg: pm.Msg) -> int:
+    def send(self, msg: pm.Msg, now: bool = False) -> int:
+        """Queue `msg` for the writer, which lets the messages of the same moment share a frame.
+        `now`: nothing else is coming this moment (e.g. the agent's last running task ended), so
+        the frame is written here and then, without the two scheduling rounds of the writer."""
         if isinstance(msg, pm.TaskCompleted):
             # It carries the start time: a TaskStarted still held back says nothing more.
             self._held_starts.pop(msg.key, None)
         seq = self.session.send(msg)
+        ws = self._ws
+        if now and ws is not None and ws.can_send_now():
+            frame = self.session.next_frame()
+            if frame is None or ws.send_now(frame):
+                return seq
         self.wake.set()
         return seq
 
@@ -213,16 +222,21 @@ class Link:
                         self.wake.set()
 
     async def _writer(self, ws: WsClient) -> None:
-        while True:
-            frame = self.session.next_frame()
-            if frame is None:
-                await self.wake.wait()
-                self.wake = trio.Event()
-                # Let the other runnable Trio tasks (completions of the same moment) add their
-                # messages first: one frame for the lot instead of one each.
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                continue
-            await ws.send_message(frame)
+        self._ws = ws
+        try:
+            while True:
+                frame = self.session.next_frame()
+                if frame is None:
+                    await ws.flush()  # what a `send(now=True)` could not write at once
+                    await self.wake.wait()
+                    self.wake = trio.Event()
+                    # Let the other runnable Trio tasks (completions of the same moment) add their
+                    # messages first: one frame for the lot instead of one each.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    continue
+                await ws.send_message(frame)
+        finally:
+            self._ws = None
 
     async def _heartbeat(self, interval: float) -> None:
         while True:

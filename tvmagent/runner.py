@@ -187,6 +187,7 @@ class TaskRunner:
         announce: pm.TaskSpec | None = None,
         made: bool = False,
         readonly: tuple[str, ...] = (),
+        hand_back_later: list[isolation.SlotLease] | None = None,
     ) -> tuple[ProcessOutcome, bool]:
         """Run one command to its end. The blocking set-up — `setup()` (directories), fresh output
         files, a task user's lease for `lease_dir`, cgroup, fork/exec — is one worker-thread call,
@@ -194,7 +195,9 @@ class TaskRunner:
         the stock (nothing to create), with the clone3 launcher and a task user at hand.
         `announce`: send its TaskStarted once the process runs (lazily, see `Link.send_lazily`).
         `slot`: where `kill` finds the process. `readonly`: more directories a bubblewrap sandbox
-        shows (read-only). Returns (outcome, killed for its wall clock)."""
+        shows (read-only). `hand_back_later`: the task user's lease is put there for the caller to
+        return (`return_lease`) instead of being returned here. Returns (outcome, killed for its
+        wall clock)."""
         leases: list[isolation.SlotLease | None] = []
         iso = self.isolation
         inline = (
@@ -282,7 +285,10 @@ class TaskRunner:
                     self._last_busy = time.monotonic()
                     if self.stock.wanted_idle() > 0:
                         self._stock_low.set()  # grow the stock once the agent stays idle
-            if leases and hand_back:
+            if leases and hand_back and hand_back_later is not None:
+                if leases[0] is not None:
+                    hand_back_later.append(leases[0])
+            elif leases and hand_back:
                 await iso.return_lease(leases[0], lease_dir)
             elif leases and leases[0] is not None:
                 iso.keep_lease(
@@ -291,6 +297,19 @@ class TaskRunner:
         return outcome, timed_out
 
     async def run_task(self, spec: pm.TaskSpec, tvm: TvmIdentity) -> None:
+        # The task user's lease goes back once the completion is on its way (a lone task's round
+        # trip waits for it no longer): nothing else runs on the agent in between (no checkpoint),
+        # so the directory is root's again before any other message or task is handled.
+        leased: list[isolation.SlotLease] = []
+        try:
+            await self._run_task(spec, tvm, leased)
+        finally:
+            for lease in leased:
+                await self.isolation.return_lease(lease, task_dir(self.root, spec.key))
+
+    async def _run_task(
+        self, spec: pm.TaskSpec, tvm: TvmIdentity, leased: list[isolation.SlotLease]
+    ) -> None:
         run = self.state.running[spec.key]
         # Every log line of this Trio task (ours and the libraries') carries the task's ids.
         structlog.contextvars.bind_contextvars(
@@ -333,6 +352,8 @@ class TaskRunner:
                     announce=None if spec.resource_files else spec,
                     made=made,
                     readonly=shown,
+                    # A job preparation's directory is shared with the pool after its hand-back.
+                    hand_back_later=None if spec.kind == "jobprep" else leased,
                 )
                 start = outcome.start_time.timestamp()
                 ran = True

@@ -70,6 +70,7 @@ class WsClient:
         self._pos = 0
         self._sending = False
         self._backlog: list[bytes] = []  # control frames queued behind a send in progress
+        self._tail = b""  # what `send_now` could not send at once: goes out before anything else
         self._idle = trio.Event()
         self._idle.set()
         self._close_sent = False
@@ -223,6 +224,31 @@ class WsClient:
             frame = client_frame(OP_BINARY, bytes(data))
         await self._send_frame(frame)
 
+    def can_send_now(self) -> bool:
+        """`send_now` would write at once: no send under way, nothing left over, a plain socket."""
+        return (
+            self.closed is None and not self._sending and not self._tail and self._sock is not None
+        )
+
+    def send_now(self, data: bytes) -> bool:
+        """Write a binary message without waiting (only when `can_send_now()`). What the socket
+        does not take at once, or a socket error, is left for `flush` (the writer's next send or
+        flush writes it first, or finds the error). False when it did not all go out now."""
+        assert self.can_send_now()
+        assert self._sock is not None
+        frame = client_frame(OP_BINARY, data)
+        try:
+            sent = self._sock.send(frame)
+        except OSError:  # BlockingIOError too: all of it waits for the writer
+            sent = 0
+        self._tail = frame[sent:]
+        return not self._tail
+
+    async def flush(self) -> None:
+        """Write what `send_now` left over (if anything)."""
+        if self._tail:
+            await self._send_frame(b"")
+
     async def _send_frame(self, frame: bytes, control: bool = False) -> None:
         """A control frame while another send is under way waits in the backlog, which that send
         writes after its own frame; a message waits for the send under way to end."""
@@ -235,6 +261,9 @@ class WsClient:
         self._sending = True
         self._idle = trio.Event()
         try:
+            if self._tail:  # the rest of a message `send_now` began: before anything else
+                tail, self._tail = self._tail, b""
+                await self._send_all(tail)
             await self._send_all(frame)
             while self._backlog:
                 more = b"".join(self._backlog)

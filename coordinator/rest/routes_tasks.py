@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import trio
-
 from coordinator.common import models as m
 from coordinator.common.errors import ApiError, bad_request
 from coordinator.common.timeutil import parse_duration
@@ -151,17 +149,7 @@ class TaskRoutes(RouteGroup):
     async def _wait_done(self, key: str, seconds: float) -> None:
         """Until the task completes, `seconds` pass or the client hangs up (a waiting GET holds a
         slot of the coordinator's requests in progress: one nobody waits for gives it back)."""
-        gone = CLIENT_GONE.get(None)
-        async with trio.open_nursery() as nursery:
-            if gone is not None:
-
-                async def watch() -> None:
-                    await gone()
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(watch)
-            await self.svc.done_waiters.wait(key, seconds)
-            nursery.cancel_scope.cancel()
+        await self.svc.done_waiters.wait(key, seconds, CLIENT_GONE.get(None))
 
     async def update_task(self, wi: str, job: str, task: str, body: bytes, **_: Any) -> Response:
         req = _decode(body, m.TaskUpdate)

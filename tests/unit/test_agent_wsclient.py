@@ -226,3 +226,36 @@ def test_client_frames_are_masked_and_sized() -> None:
         body = frame[head + 4 :]
         assert len(body) == n
         assert bytes(b ^ key[i % 4] for i, b in enumerate(body)) == b"a" * n
+
+
+async def test_a_message_sent_at_once_keeps_its_place_when_the_socket_takes_only_part() -> None:
+    """`send_now` writes without waiting; what the socket does not take (a message far larger than
+    its buffer, the peer not reading yet) goes out whole before the next message, and `flush`
+    writes it when no next message comes."""
+    big = bytes(range(256)) * (3 << 12)  # 3 MiB: more than the peer's unread buffers hold
+    got: list[bytes | str] = []
+    reading = trio.Event()
+    done = trio.Event()
+
+    async def handler(req: WebSocketRequest) -> None:
+        ws = await req.accept(subprotocol=SUB)
+        await reading.wait()
+        for _ in range(3):
+            got.append(await ws.get_message())
+        done.set()
+
+    async with trio.open_nursery() as n:
+        url = await _serve(n, handler)
+        async with open_websocket(url, SUB) as ws:
+            assert ws.can_send_now()
+            assert not ws.send_now(big)  # only part of it went
+            assert not ws.can_send_now()  # the rest comes first
+            reading.set()
+            await ws.send_message(b"after")
+            assert ws.can_send_now()
+            assert ws.send_now(b"small")
+            await ws.flush()  # nothing left: returns at once
+            with trio.fail_after(10):
+                await done.wait()
+        n.cancel_scope.cancel()
+    assert got == [big, b"after", b"small"]
