@@ -14,7 +14,7 @@ the lower-cased one.
 from __future__ import annotations
 
 import base64
-import hashlib
+import functools
 import hmac
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
@@ -76,8 +76,18 @@ def string_to_sign(
 
 
 def sign(key_b64: str, text: str) -> str:
-    digest = hmac.new(base64.b64decode(key_b64), text.encode(), hashlib.sha256).digest()
-    return base64.b64encode(digest).decode()
+    return base64.b64encode(hmac.digest(_key_bytes(key_b64), text.encode(), "sha256")).decode()
+
+
+@functools.lru_cache(maxsize=16)
+def _key_bytes(key_b64: str) -> bytes:
+    return base64.b64decode(key_b64)
+
+
+@functools.lru_cache(maxsize=64)
+def _stamp_time(stamp: str) -> float:
+    """An RFC 1123 date's POSIX time (a client's requests of one second share their stamp)."""
+    return parsedate_to_datetime(stamp).timestamp()
 
 
 def now_header() -> str:
@@ -122,7 +132,7 @@ def verify(
     if not stamp:
         raise AuthError(403, "MissingRequiredHeader", "ocp-date (or Date) header is required")
     try:
-        when = parsedate_to_datetime(stamp).timestamp()
+        when = _stamp_time(stamp)
     except (TypeError, ValueError):
         raise AuthError(
             403, "InvalidHeaderValue", f"ocp-date is not an RFC 1123 date: {stamp!r}"

@@ -1,10 +1,12 @@
 """The async client's lean HTTP/1.1 path (coordinator/client/_lean.py) against scripted servers on
 loopback: chunked and to-the-end bodies, HEAD, a kept connection the server closed (reused or not,
 by method), a server that never answers (timeout), one nobody listens on, a cancelled request,
-concurrent requests, and when httpx is used instead (https, a proxy)."""
+concurrent requests, a request larger than the socket takes at once (Trio and asyncio), and when
+httpx is used instead (https, a proxy)."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Awaitable, Callable
 
@@ -232,3 +234,59 @@ def test_httpx_stays_for_tls_and_proxies(monkeypatch):
     assert not usable(["http://a:1", "https://b:1"])
     monkeypatch.setenv("HTTP_PROXY", "http://proxy:3128")
     assert not usable(["http://127.0.0.1:1"])
+
+
+async def test_a_request_larger_than_the_socket_takes_at_once_arrives_whole_under_both_loops(
+    nursery,
+):
+    """Under Trio a request is written straight to the socket; what it does not take at once (a
+    body far larger than its buffers, the server not reading yet) follows through the stream.
+    Under asyncio the stream writes it all. The server gets every byte, in order, either way."""
+    reading = trio.Event()
+
+    async def echo_length(stream: trio.SocketStream, head: bytes) -> bool:
+        await stream.send_all(_answer(str(len(server.requests[-1])).encode()))
+        return True
+
+    server = Server(echo_length)
+    real_conn = server._conn
+
+    async def slow_start(stream: trio.SocketStream) -> None:
+        await reading.wait()  # the client's first send fills the buffers and stops part-way
+        await real_conn(stream)
+
+    server._conn = slow_start  # type: ignore[method-assign]
+    await nursery.start(server.serve)
+    url = f"http://127.0.0.1:{server.port}/big"
+    body = bytes(range(256)) * (32 << 10)  # 8 MiB
+    sized = {"Content-Length": str(len(body))}
+    http = LeanHttp(timeout=30)
+    async with trio.open_nursery() as n:
+        n.start_soon(trio.sleep, 0.3)
+        got: list[bytes] = []
+
+        async def put() -> None:
+            got.append((await http.request("PUT", url, sized, body)).content)
+
+        n.start_soon(put)
+        await trio.sleep(0.2)
+        reading.set()
+    (conn,) = http._idle[("127.0.0.1", server.port)]
+    assert conn.direct  # the direct write was used under Trio
+    assert server.requests[-1].endswith(body)
+    assert int(got[0]) == len(server.requests[-1])
+    await http.aclose()
+
+    async def under_asyncio() -> tuple[bool, bytes]:
+        other = LeanHttp(timeout=30)
+        try:
+            resp = await other.request("PUT", url, sized, body)
+            (c,) = other._idle[("127.0.0.1", server.port)]
+            return c.direct, resp.content
+        finally:
+            await other.aclose()
+
+    direct, content = await trio.to_thread.run_sync(asyncio.run, under_asyncio())
+    assert not direct
+    assert server.requests[-1].endswith(body)
+    assert int(content) == len(server.requests[-1])
