@@ -85,6 +85,8 @@ class AgentConfig(_Config):
 
 # Tasks one job may hold by default (see CoordinatorConfig.max_tasks_per_job).
 MAX_TASKS_PER_JOB = 2_000_000
+# Tasks all jobs together may hold by default (see CoordinatorConfig.max_tasks).
+MAX_TASKS = 10_000_000
 
 
 class CoordinatorConfig(_Config):
@@ -110,6 +112,8 @@ class CoordinatorConfig(_Config):
     # tasks one job may hold (all states): a job manager's credential cannot grow the coordinator's
     # memory without bound (~0.5 KiB per task)
     max_tasks_per_job: int = MAX_TASKS_PER_JOB
+    # tasks all jobs together may hold (all states): many jobs cannot do what one may not
+    max_tasks: int = MAX_TASKS
     tls_cert: str = ""
     tls_key: str = ""
     join_token: str = ""
@@ -355,6 +359,8 @@ def _check_coordinator(cfg: CoordinatorConfig, src: Mapping[str, str]) -> None:
         raise _fail(src, "max-pool-size", f"must be at least 1, got {cfg.max_pool_size}")
     if cfg.max_tasks_per_job < 1:
         raise _fail(src, "max-tasks-per-job", f"must be at least 1, got {cfg.max_tasks_per_job}")
+    if cfg.max_tasks < 1:
+        raise _fail(src, "max-tasks", f"must be at least 1, got {cfg.max_tasks}")
     if cfg.max_upload_size < 0:
         raise _fail(src, "max-upload-size", f"must be 0 or more bytes, got {cfg.max_upload_size}")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):

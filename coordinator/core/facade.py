@@ -49,7 +49,7 @@ from .records import (
 )
 from .runs import Runs
 from .scheduler import Scheduler
-from .specs import MAX_TASKS_PER_JOB
+from .specs import MAX_TASKS, MAX_TASKS_PER_JOB
 from .store import AutoscaleTiming, Store
 from .tasks import Tasks
 from .tvm_ops import TvmOps
@@ -113,6 +113,7 @@ class CoordinatorState:
         heartbeat_timeout: float = 30.0,
         max_pool_size: int = 1000,
         max_tasks_per_job: int = MAX_TASKS_PER_JOB,
+        max_tasks: int = MAX_TASKS,
         account_url: str = "",
     ) -> None:
         self.store = store = Store(
@@ -122,6 +123,7 @@ class CoordinatorState:
             heartbeat_timeout=heartbeat_timeout,
             max_pool_size=max_pool_size,
             max_tasks_per_job=max_tasks_per_job,
+            max_tasks=max_tasks,
             account_url=account_url,
         )
         self.outbox = out = Outbox()

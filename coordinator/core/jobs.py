@@ -271,6 +271,7 @@ class Jobs:
             )
             # Not queued: the scheduler places it ahead of the job's other tasks.
             job.tasks[task.name] = task
+            self.s.task_count += 1  # one per job, never refused: bounded by the jobs
             job.tally.add(task)
             self.runs.put_task(job, task)
         return job
@@ -358,6 +359,7 @@ class Jobs:
         for task in job.tasks.values():
             self.runs.forget_task(job, task)
         del self.s.jobs[job.key]
+        self.s.task_count -= len(job.tasks)
         self.out.delete("job", job.key)
         self.out.delete("task", job.key + "/", prefix=True)
         self.out.delete(TASK_DONE, job.key + "/", prefix=True)

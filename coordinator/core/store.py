@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import msgspec
 
 from coordinator.common.errors import not_found
-from protocol.config import MAX_TASKS_PER_JOB
+from protocol.config import MAX_TASKS, MAX_TASKS_PER_JOB
 from protocol.ports import PortRangeConfig
 
 from .freeslots import FreeSlots, TvmTable
@@ -79,6 +79,7 @@ class Store:
         heartbeat_timeout: float = 30.0,
         max_pool_size: int = 1000,
         max_tasks_per_job: int = MAX_TASKS_PER_JOB,
+        max_tasks: int = MAX_TASKS,
         account_url: str = "",
     ) -> None:
         self.account = account
@@ -88,6 +89,8 @@ class Store:
         self.heartbeat_timeout = heartbeat_timeout
         self.max_pool_size = max_pool_size
         self.max_tasks_per_job = max_tasks_per_job
+        self.max_tasks = max_tasks
+        self.task_count = 0  # tasks in all jobs: kept by every insertion and removal
         self.pools: dict[str, PoolRec] = {}
         # TVMs by name; putting one in or taking it out keeps `free_slots` exact (freeslots.py).
         self.free_slots = FreeSlots()
@@ -276,6 +279,8 @@ class Store:
             delta = done.get(key)
             if delta is not None:
                 delta.apply(task)
+            if task.name not in job.tasks:
+                self.task_count += 1
             job.tasks[task.name] = task
             job.tally.add(task)  # counted as journaled, then moved: the tally is rebuilt here
             if task.state == RUNNING:

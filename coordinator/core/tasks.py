@@ -84,6 +84,8 @@ class Tasks:
             raise conflict("task", req.name)
         if len(job.tasks) >= self.s.max_tasks_per_job:
             raise self._full(job)
+        if self.s.task_count >= self.s.max_tasks:
+            raise self._all_full()
         if job.rec.prep is not None:
             check_task_name(job, req.name)
         task = self._new_task(req, self.s.clock(), job)
@@ -104,6 +106,17 @@ class Tasks:
             limit=limit,
         )
 
+    def _all_full(self) -> ApiError:
+        limit = self.s.max_tasks
+        return ApiError(
+            409,
+            "TaskQuotaReached",
+            f"the account's jobs hold {self.s.task_count:,} tasks, the most this coordinator "
+            f"allows in all jobs together ({limit:,}: max-tasks in its configuration). Delete "
+            "completed jobs or tasks, or raise the limit.",
+            limit=limit,
+        )
+
     def add_tasks(
         self, workitem: str, job_name: str, reqs: list[m.TaskAdd]
     ) -> list[m.TaskAddResult]:
@@ -119,13 +132,17 @@ class Tasks:
         own: list[ApiError | TaskRec] = []  # per request, in order
         seen: set[str] = set()
         room = self.s.max_tasks_per_job - len(job.tasks)
+        room_all = self.s.max_tasks - self.s.task_count
         for req in reqs:
             try:
                 if req.name in job.tasks or req.name in seen:
                     raise conflict("task", req.name)
                 if room <= 0:
                     raise self._full(job)
+                if room_all <= 0:
+                    raise self._all_full()
                 room -= 1
+                room_all -= 1
                 if job.rec.prep is not None:
                     check_task_name(job, req.name)
                 own.append(self._new_task(req, now, job))
@@ -159,6 +176,8 @@ class Tasks:
         old = job.tasks.get(task.name)
         if old is not None:  # reactivated: a fresh record replaces the completed one
             job.tally.remove(old)
+        else:
+            self.s.task_count += 1
         job.tasks[task.name] = task
         job.tally.add(task)
         if job.deps is not None:
@@ -201,6 +220,7 @@ class Tasks:
         job, task = self.s.get_task(workitem, job_name, name)
         self.runs.forget_task(job, task)
         del job.tasks[name]
+        self.s.task_count -= 1
         job.tally.remove(task)
         self.deps.forget(job, name)
         self.deps.deleted(job, name)

@@ -222,6 +222,7 @@ async def _serve_coordinator(cfg: Any, exports: Any, standby: Any, provisioners:
                     port_range=parse_port_range(cfg.port_range, cfg.ports_per_tvm),
                     max_pool_size=cfg.max_pool_size,
                     max_tasks_per_job=cfg.max_tasks_per_job,
+                    max_tasks=cfg.max_tasks,
                     max_upload_size=cfg.max_upload_size,
                     link_grace=cfg.link_grace,
                     unknown_tvm_timeout=cfg.unknown_tvm_timeout,

@@ -12,7 +12,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from coordinator.core import MAX_TASKS_PER_JOB, AutoscaleTiming
+from coordinator.core import MAX_TASKS, MAX_TASKS_PER_JOB, AutoscaleTiming
 from coordinator.rest.app import make_app
 from coordinator.rest.dispatch import Dispatcher
 from coordinator.rest.limits import DEFAULT_MAX_UPLOAD, patch_websocket_limits
@@ -64,6 +64,7 @@ async def run_coordinator(
     join_token: str | None = None,
     max_pool_size: int = 1000,
     max_tasks_per_job: int = MAX_TASKS_PER_JOB,
+    max_tasks: int = MAX_TASKS,
     provisioner: Any = None,
     autoscale_timing: AutoscaleTiming | None = None,
     tls_cert: str | None = None,
@@ -164,6 +165,7 @@ async def _serve_active(
         join_token=a["join_token"],
         max_pool_size=a["max_pool_size"],
         max_tasks_per_job=a["max_tasks_per_job"],
+        max_tasks=a["max_tasks"],
         store=shared,
         **({"clock": clock} if clock is not None else {}),
     )  # issue 6: tests' fake time

@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from coordinator.core import MAX_TASKS_PER_JOB, CoordinatorState, Effects
+from coordinator.core import MAX_TASKS, MAX_TASKS_PER_JOB, CoordinatorState, Effects
 from protocol import LinkSession, coordinator_codec
 from protocol import messages as pm
 
@@ -73,6 +73,7 @@ class CoordinatorService:
         clock: Callable[[], float] | None = None,
         max_pool_size: int = 1000,
         max_tasks_per_job: int = MAX_TASKS_PER_JOB,
+        max_tasks: int = MAX_TASKS,
         store: Any = None,
     ) -> None:
         """`store`: an open store to use instead of STATE_DIR/coordinator.db (a `PostgresStore`
@@ -117,6 +118,7 @@ class CoordinatorService:
             heartbeat_timeout=heartbeat_timeout,
             max_pool_size=max_pool_size,
             max_tasks_per_job=max_tasks_per_job,
+            max_tasks=max_tasks,
         )
         started = time.monotonic()
         self.core.restore(self.store.load())

@@ -39,6 +39,8 @@ def _recount(job: Job) -> m.TaskCounts:
 def _check(core: CoordinatorState, step: object = None) -> None:
     for key, job in core.jobs.items():
         assert core.task_counts(job) == _recount(job), (key, step)
+    # The account-wide count that max-tasks is checked against, kept by every insertion and removal.
+    assert core.store.task_count == sum(len(j.tasks) for j in core.jobs.values()), step
 
 
 class World:
@@ -224,7 +226,7 @@ class World:
 
     def op_job(self) -> None:
         wi, job = self.rng.choice(self.jobs())
-        what = self.rng.choice(["terminate", "disable", "enable", "delete"])
+        what = self.rng.choice(["terminate", "disable", "enable", "delete", "delete workitem"])
         if what == "terminate":
             self.core.terminate_job(wi, job.rec.name)
         elif what == "disable":
@@ -232,8 +234,10 @@ class World:
             self.core.disable_job(wi, job.rec.name, option)
         elif what == "enable":
             self.core.enable_job(wi, job.rec.name)
-        else:
+        elif what == "delete":
             self.core.delete_job(wi, job.rec.name)
+        else:
+            self.core.delete_workitem(wi)
 
     def op_lose_agent(self) -> None:
         agent = self.rng.choice(self.agents)

@@ -509,3 +509,42 @@ def test_a_job_holds_at_most_max_tasks_per_job() -> None:
     core.delete_task("wi", JOB, "a")
     _add(core, "f")
     assert sorted(core.get_job("wi", JOB).tasks) == ["b", "c", "f"]
+
+
+def test_all_jobs_together_hold_at_most_max_tasks() -> None:
+    """max-tasks bounds the tasks of every job together (many jobs cannot do what one may not):
+    single adds and collections stop at it (a collection's tasks over it refused alone, nothing
+    else changed); deleting a task, a job or a workitem makes room again."""
+    clock = Clock()
+    core = CoordinatorState("acct", clock=clock, max_tasks=4)
+    for wi in ("wi", "w2"):
+        core.add_workitem(
+            m.WorkitemAdd(
+                name=wi, job_execution_environment=m.JobExecutionEnvironment(pool_name="p")
+            )
+        )
+    _add(core, "a")
+    core.add_tasks("w2", JOB, [m.TaskAdd(name=n, command_line="run") for n in ("x", "y")])
+    res = core.add_tasks(
+        "wi", JOB, [m.TaskAdd(name=n, command_line="run") for n in ("b", "c", "d")]
+    )
+    assert [r.status for r in res] == ["success", "clienterror", "clienterror"]
+    assert res[1].error is not None
+    assert res[1].error["code"] == "TaskQuotaReached"
+    for wi, name in (("wi", "e"), ("w2", "z")):
+        with pytest.raises(ApiError) as exc:
+            core.add_task(wi, JOB, m.TaskAdd(name=name, command_line="run"))
+        assert (exc.value.status, exc.value.code) == (409, "TaskQuotaReached")
+        assert "max-tasks" in exc.value.message
+    assert sorted(core.get_job("wi", JOB).tasks) == ["a", "b"]
+    assert sorted(core.get_job("w2", JOB).tasks) == ["x", "y"]
+    core.delete_task("wi", JOB, "a")
+    _add(core, "e")
+    with pytest.raises(ApiError):
+        _add(core, "f")
+    core.delete_job("w2", JOB)  # its two tasks go with it
+    core.add_tasks("wi", JOB, [m.TaskAdd(name=n, command_line="run") for n in ("f", "g")])
+    with pytest.raises(ApiError):
+        _add(core, "h")
+    core.delete_workitem("wi")
+    assert core.store.task_count == 0
