@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from coordinator.common.errors import ApiError, bad_request
@@ -112,7 +112,7 @@ class BodyStream:
         self._md5 = hashlib.md5(usedforsecurity=False)
         self.size = 0
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         while True:
             msg = await self._receive()
             if msg["type"] == "http.disconnect":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from typing import Any
 
@@ -210,7 +211,9 @@ class FileRoutes(RouteGroup):
         over the size limit, a wrong Content-MD5 or sha256, or a client gone: 4xx and nothing kept."""
         expected = query.get("sha256") or headers.get("x-tvm-sha256") or None
         try:
-            stored = await self.files.put(stream.chunks(), expected_sha256=expected)
+            # Closed here when put() stops early (a full disk): not left to the garbage collector.
+            async with contextlib.aclosing(stream.chunks()) as chunks:
+                stored = await self.files.put(chunks, expected_sha256=expected)
         except FileStoreError as exc:
             raise bad_request(exc.code, exc.message) from None
         except OSError as exc:
