@@ -341,7 +341,10 @@ def _pool_group(agent_dir: str, agent: str) -> str:
     from tvmagent.pool_isolation import POOL_GROUP_FILE
 
     path = os.path.join(agent_dir, agent, "root", POOL_GROUP_FILE)
-    name = open(path).read().strip() if os.path.exists(path) else ""  # noqa: SIM115
+    name = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            name = f.read().strip()
     assert name or os.geteuid() != 0, "a root agent with task users made no pool group"
     return name
 
