@@ -176,17 +176,11 @@ def remove_agent_cgroups(agent_id: str, root: str, wait: float = 5.0) -> None:
     agent removes its own at exit): its task cgroups and its pool group. A task still running in
     a cgroup (a job manager) is killed; its cgroup can go only once the kernel has seen it exit,
     so removal is retried for up to `wait` seconds."""
-    from tvmagent import _cgroups, isolation
+    from tvmagent import _cgroups
     from tvmagent.agent import cgroup_prefix
-    from tvmagent.pool_isolation import POOL_GROUP_FILE
+    from tvmagent.pool_isolation import drop_noted_pool_group
 
-    group_file = os.path.join(root, POOL_GROUP_FILE)
-    with contextlib.suppress(OSError):
-        with open(group_file) as f:
-            group = f.read().strip()
-        if group.startswith(isolation.POOL_GROUP_PREFIX):
-            isolation.remove_group(group)
-        os.unlink(group_file)
+    drop_noted_pool_group(root)
 
     layout = _cgroups.detect_layout([])
     prefix = cgroup_prefix(agent_id, root)

@@ -182,13 +182,7 @@ class PoolIsolation:
             os.chmod(d, 0o750)
 
     def _drop_pool_group(self, name: str) -> None:
-        try:
-            isolation.remove_group(name)
-        except (OSError, ValueError) as exc:
-            log.warning("pool group %s not removed: %s", name, exc)
-            return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self.root, POOL_GROUP_FILE))
+        _drop_group_and_note(self.root, name)
 
     def as_lease_user(self, spec: ProcessSpec, lease: isolation.SlotLease) -> ProcessSpec:
         """The run's uid, its own group as primary, the pool's group as the only other one. The start
@@ -515,6 +509,26 @@ class PoolIsolation:
             # (setup_fence drops a list that belongs to another pool).
             if self.node_users is not None:
                 await self.node_users.remove_all()
+
+
+def _drop_group_and_note(root: str, name: str) -> None:
+    """(blocking) Delete pool group `name`, then the note in `root` that names it (kept if the
+    group could not be deleted: the next try finds it)."""
+    try:
+        isolation.remove_group(name)
+    except (OSError, ValueError) as exc:
+        log.warning("pool group %s not removed: %s", name, exc)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(root, POOL_GROUP_FILE))
+
+
+def drop_noted_pool_group(root: str) -> None:
+    """(blocking) The pool group noted in an agent's `root` that the agent could not delete
+    itself (killed outright), for whoever removes what it left; only a name of ours is deleted."""
+    name = _read_small(os.path.join(root, POOL_GROUP_FILE))
+    if name.startswith(isolation.POOL_GROUP_PREFIX):
+        _drop_group_and_note(root, name)
 
 
 def _remove_table(table: str) -> None:

@@ -300,15 +300,16 @@ class TaskRunner:
         # The task user's lease goes back once the completion is on its way (a lone task's round
         # trip waits for it no longer): nothing else runs on the agent in between (no checkpoint),
         # so the directory is root's again before any other message or task is handled.
+        tdir = task_dir(self.root, spec.key)
         leased: list[isolation.SlotLease] = []
         try:
-            await self._run_task(spec, tvm, leased)
+            await self._run_task(spec, tvm, tdir, leased)
         finally:
             for lease in leased:
-                await self.isolation.return_lease(lease, task_dir(self.root, spec.key))
+                await self.isolation.return_lease(lease, tdir)
 
     async def _run_task(
-        self, spec: pm.TaskSpec, tvm: TvmIdentity, leased: list[isolation.SlotLease]
+        self, spec: pm.TaskSpec, tvm: TvmIdentity, tdir: str, leased: list[isolation.SlotLease]
     ) -> None:
         run = self.state.running[spec.key]
         # Every log line of this Trio task (ours and the libraries') carries the task's ids.
@@ -316,7 +317,6 @@ class TaskRunner:
             task=spec.key, job=f"{spec.workitem}/{spec.job}", tvm=tvm.tvm_name, attempt=spec.attempt
         )
         log.debug("task starting")
-        tdir = task_dir(self.root, spec.key)
         wd = os.path.join(tdir, "wd")
         start = time.time()
         failure: pm.Failure | None = None
