@@ -141,7 +141,8 @@ async def run_one(
                     "frames_out": frames[1] - frames0[1],
                     "cpu": cpu,
                     "sims_cpu": sims_cpu,
-                    "sub_cpu": sub_cpu,
+                    # from its first request on (its interpreter's start is not the run's)
+                    "sub_cpu": times.get("cpu", sub_cpu),
                     "ui_snapshots": ui.computed - ui0,
                     "ui_busy": ui.busy - busy0,
                 }
@@ -201,6 +202,16 @@ def main() -> None:
             rate,
             "tasks/s",
         )
+        # Everything runs on this machine's CPUs: what the simulated agents and the submitter
+        # spend per task bounds the rate before the coordinator spends anything.
+        cpus = os.cpu_count() or 1
+        harness = (r["sims_cpu"] + r["sub_cpu"]) / n
+        whole = harness + r["cpu"] / n
+        bound = {"cpus": cpus, "agents": k, "tasks": n}
+        emit(
+            "placement_bound_free_coordinator", bound, cpus / harness if harness else 0.0, "tasks/s"
+        )
+        emit("placement_bound_all_cpu", bound, cpus / whole if whole else 0.0, "tasks/s")
         say(
             f"placement: K={k} agents x {a.slots} slots, {n} tasks: {rate:,.0f} tasks/s "
             f"({r['elapsed']:.2f} s; submitting alone took {r['submit_s']:.2f} s; {r['commits']} journal commits; "
@@ -215,6 +226,15 @@ def main() -> None:
                 else ""
             )
             + ")"
+        )
+        say(
+            f"placement: on {cpus} CPUs shared with the harness (simulated agents + submitter, "
+            f"{harness * 1e6:.0f} µs per task) the rate cannot exceed {cpus / harness:,.0f} tasks/s "
+            f"even for a coordinator costing nothing; with its measured CPU, {cpus / whole:,.0f}/s; "
+            f"its Python runs on one CPU at a time (one interpreter lock): at most "
+            f"{n / r['cpu']:,.0f}/s at its {r['cpu'] / n * 1e6:.0f} µs per task"
+            if harness and whole and r["cpu"]
+            else "placement: no CPU figures for the harness"
         )
 
 
