@@ -87,6 +87,10 @@ class AgentConfig(_Config):
 MAX_TASKS_PER_JOB = 2_000_000
 # Tasks all jobs together may hold by default (see CoordinatorConfig.max_tasks).
 MAX_TASKS = 10_000_000
+# Pools (not counting auto pools) and active jobs + job schedules by default: Azure Batch's
+# largest account quotas.
+MAX_POOLS = 500
+MAX_ACTIVE_JOBS = 1000
 
 
 class CoordinatorConfig(_Config):
@@ -114,6 +118,10 @@ class CoordinatorConfig(_Config):
     max_tasks_per_job: int = MAX_TASKS_PER_JOB
     # tasks all jobs together may hold (all states): many jobs cannot do what one may not
     max_tasks: int = MAX_TASKS
+    # the account's quotas (Azure Batch's PoolQuotaReached, ActiveJobAndScheduleQuotaReached):
+    # pools made by a create call, and workitems (jobs and job schedules) not yet completed
+    max_pools: int = MAX_POOLS
+    max_active_jobs: int = MAX_ACTIVE_JOBS
     tls_cert: str = ""
     tls_key: str = ""
     join_token: str = ""
@@ -361,6 +369,10 @@ def _check_coordinator(cfg: CoordinatorConfig, src: Mapping[str, str]) -> None:
         raise _fail(src, "max-tasks-per-job", f"must be at least 1, got {cfg.max_tasks_per_job}")
     if cfg.max_tasks < 1:
         raise _fail(src, "max-tasks", f"must be at least 1, got {cfg.max_tasks}")
+    if cfg.max_pools < 1:
+        raise _fail(src, "max-pools", f"must be at least 1, got {cfg.max_pools}")
+    if cfg.max_active_jobs < 1:
+        raise _fail(src, "max-active-jobs", f"must be at least 1, got {cfg.max_active_jobs}")
     if cfg.max_upload_size < 0:
         raise _fail(src, "max-upload-size", f"must be 0 or more bytes, got {cfg.max_upload_size}")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):

@@ -18,7 +18,9 @@ from .instructions import Write as Write
 from .records import LOAD_ORDER as LOAD_ORDER
 from .records import TASK_DONE as TASK_DONE
 from .records import CertRec as CertRec
+from .specs import MAX_ACTIVE_JOBS as MAX_ACTIVE_JOBS
 from .specs import MAX_COLLECTION as MAX_COLLECTION
+from .specs import MAX_POOLS as MAX_POOLS
 from .specs import MAX_TASKS as MAX_TASKS
 from .specs import MAX_TASKS_PER_JOB as MAX_TASKS_PER_JOB
 from .specs import WALL_CLOCK_EXIT_CODE as WALL_CLOCK_EXIT_CODE

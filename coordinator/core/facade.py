@@ -49,7 +49,7 @@ from .records import (
 )
 from .runs import Runs
 from .scheduler import Scheduler
-from .specs import MAX_TASKS, MAX_TASKS_PER_JOB
+from .specs import MAX_ACTIVE_JOBS, MAX_POOLS, MAX_TASKS, MAX_TASKS_PER_JOB
 from .store import AutoscaleTiming, Store
 from .tasks import Tasks
 from .tvm_ops import TvmOps
@@ -114,6 +114,8 @@ class CoordinatorState:
         max_pool_size: int = 1000,
         max_tasks_per_job: int = MAX_TASKS_PER_JOB,
         max_tasks: int = MAX_TASKS,
+        max_pools: int = MAX_POOLS,
+        max_active_jobs: int = MAX_ACTIVE_JOBS,
         account_url: str = "",
     ) -> None:
         self.store = store = Store(
@@ -124,6 +126,8 @@ class CoordinatorState:
             max_pool_size=max_pool_size,
             max_tasks_per_job=max_tasks_per_job,
             max_tasks=max_tasks,
+            max_pools=max_pools,
+            max_active_jobs=max_active_jobs,
             account_url=account_url,
         )
         self.outbox = out = Outbox()

@@ -74,6 +74,16 @@ class Jobs:
         if req.name.lower() in (n.lower() for n in self.s.workitems):
             raise conflict("workitem", req.name)
         plan = self._check_workitem(req)
+        active = sum(1 for wi in self.s.workitems.values() if wi.state != "completed")
+        if active >= self.s.max_active_jobs:
+            raise ApiError(
+                409,
+                "ActiveJobAndScheduleQuotaReached",
+                f"the account has {active:,} workitems (jobs and job schedules) not yet completed, "
+                f"the most this coordinator allows ({self.s.max_active_jobs:,}: max-active-jobs "
+                "in its configuration). Terminate or delete one, or raise the limit.",
+                limit=self.s.max_active_jobs,
+            )
         now = self.s.clock()
         rec = WorkitemRec(spec=req, created=now, state_time=now, next_run=plan.first_run(now))
         self.s.workitems[req.name] = rec

@@ -111,6 +111,16 @@ class Pools:
         if req.name.lower() in (n.lower() for n in self.s.pools):
             raise conflict("pool", req.name)
         spec, timeout = self.check_pool_spec(req)
+        made = sum(1 for p in self.s.pools.values() if not p.auto_owner)
+        if made >= self.s.max_pools:
+            raise ApiError(
+                409,
+                "PoolQuotaReached",
+                f"the account has {made:,} pools, the most this coordinator allows "
+                f"({self.s.max_pools:,}: max-pools in its configuration; auto pools are not "
+                "counted). Delete a pool or raise the limit.",
+                limit=self.s.max_pools,
+            )
         self._create_pool(spec, timeout)
 
     def _create_pool(

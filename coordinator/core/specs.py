@@ -17,6 +17,8 @@ from protocol.paths import validate_relative_path
 MAX_COLLECTION = 100
 MAX_TASKS_PER_JOB = config.MAX_TASKS_PER_JOB
 MAX_TASKS = config.MAX_TASKS
+MAX_POOLS = config.MAX_POOLS
+MAX_ACTIVE_JOBS = config.MAX_ACTIVE_JOBS
 DEFAULT_RETENTION_S = 7 * 86400.0
 ALL_COMPLETE_ACTIONS = ("noaction", "terminatejob")
 

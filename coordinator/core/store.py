@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import msgspec
 
 from coordinator.common.errors import not_found
-from protocol.config import MAX_TASKS, MAX_TASKS_PER_JOB
+from protocol.config import MAX_ACTIVE_JOBS, MAX_POOLS, MAX_TASKS, MAX_TASKS_PER_JOB
 from protocol.ports import PortRangeConfig
 
 from .freeslots import FreeSlots, TvmTable
@@ -80,6 +80,8 @@ class Store:
         max_pool_size: int = 1000,
         max_tasks_per_job: int = MAX_TASKS_PER_JOB,
         max_tasks: int = MAX_TASKS,
+        max_pools: int = MAX_POOLS,
+        max_active_jobs: int = MAX_ACTIVE_JOBS,
         account_url: str = "",
     ) -> None:
         self.account = account
@@ -90,6 +92,8 @@ class Store:
         self.max_pool_size = max_pool_size
         self.max_tasks_per_job = max_tasks_per_job
         self.max_tasks = max_tasks
+        self.max_pools = max_pools
+        self.max_active_jobs = max_active_jobs
         self.task_count = 0  # tasks in all jobs: kept by every insertion and removal
         self.pools: dict[str, PoolRec] = {}
         # TVMs by name; putting one in or taking it out keeps `free_slots` exact (freeslots.py).

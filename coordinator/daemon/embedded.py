@@ -223,6 +223,8 @@ async def _serve_coordinator(cfg: Any, exports: Any, standby: Any, provisioners:
                     max_pool_size=cfg.max_pool_size,
                     max_tasks_per_job=cfg.max_tasks_per_job,
                     max_tasks=cfg.max_tasks,
+                    max_pools=cfg.max_pools,
+                    max_active_jobs=cfg.max_active_jobs,
                     max_upload_size=cfg.max_upload_size,
                     link_grace=cfg.link_grace,
                     unknown_tvm_timeout=cfg.unknown_tvm_timeout,

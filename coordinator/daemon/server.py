@@ -12,7 +12,13 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from coordinator.core import MAX_TASKS, MAX_TASKS_PER_JOB, AutoscaleTiming
+from coordinator.core import (
+    MAX_ACTIVE_JOBS,
+    MAX_POOLS,
+    MAX_TASKS,
+    MAX_TASKS_PER_JOB,
+    AutoscaleTiming,
+)
 from coordinator.rest.app import make_app
 from coordinator.rest.dispatch import Dispatcher
 from coordinator.rest.limits import DEFAULT_MAX_UPLOAD, patch_websocket_limits
@@ -65,6 +71,8 @@ async def run_coordinator(
     max_pool_size: int = 1000,
     max_tasks_per_job: int = MAX_TASKS_PER_JOB,
     max_tasks: int = MAX_TASKS,
+    max_pools: int = MAX_POOLS,
+    max_active_jobs: int = MAX_ACTIVE_JOBS,
     provisioner: Any = None,
     autoscale_timing: AutoscaleTiming | None = None,
     tls_cert: str | None = None,
@@ -166,6 +174,8 @@ async def _serve_active(
         max_pool_size=a["max_pool_size"],
         max_tasks_per_job=a["max_tasks_per_job"],
         max_tasks=a["max_tasks"],
+        max_pools=a["max_pools"],
+        max_active_jobs=a["max_active_jobs"],
         store=shared,
         **({"clock": clock} if clock is not None else {}),
     )  # issue 6: tests' fake time

@@ -20,7 +20,14 @@ from typing import Any
 
 import trio
 
-from coordinator.core import MAX_TASKS, MAX_TASKS_PER_JOB, CoordinatorState, Effects
+from coordinator.core import (
+    MAX_ACTIVE_JOBS,
+    MAX_POOLS,
+    MAX_TASKS,
+    MAX_TASKS_PER_JOB,
+    CoordinatorState,
+    Effects,
+)
 from protocol import LinkSession, coordinator_codec
 from protocol import messages as pm
 
@@ -74,6 +81,8 @@ class CoordinatorService:
         max_pool_size: int = 1000,
         max_tasks_per_job: int = MAX_TASKS_PER_JOB,
         max_tasks: int = MAX_TASKS,
+        max_pools: int = MAX_POOLS,
+        max_active_jobs: int = MAX_ACTIVE_JOBS,
         store: Any = None,
     ) -> None:
         """`store`: an open store to use instead of STATE_DIR/coordinator.db (a `PostgresStore`
@@ -119,6 +128,8 @@ class CoordinatorService:
             max_pool_size=max_pool_size,
             max_tasks_per_job=max_tasks_per_job,
             max_tasks=max_tasks,
+            max_pools=max_pools,
+            max_active_jobs=max_active_jobs,
         )
         started = time.monotonic()
         self.core.restore(self.store.load())

@@ -328,6 +328,8 @@ def test_range_error_names_the_env_var() -> None:
         ({"max_pool_size": 0}, "`max-pool-size` must be at least 1"),
         ({"max_tasks_per_job": 0}, "`max-tasks-per-job` must be at least 1"),
         ({"max_tasks": 0}, "`max-tasks` must be at least 1"),
+        ({"max_pools": 0}, "`max-pools` must be at least 1"),
+        ({"max_active_jobs": -1}, "`max-active-jobs` must be at least 1"),
         ({"tls_cert": "/c.pem"}, "`tls-key` must be set together with tls-cert"),
         ({"tls_key": "/k.pem"}, "`tls-cert` must be set together"),
         ({"log_level": "verbose"}, "Invalid enum value 'verbose'"),
