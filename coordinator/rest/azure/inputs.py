@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from coordinator.common import models as m
 from coordinator.common import vmsizes
 
@@ -18,6 +20,9 @@ from .body import Body
 from .conv import invalid
 from .outputs import read_output_files
 from .sizes import local_vm_size
+
+# An auto pool's lifetime in Azure's words -> the seed's.
+_LIFETIMES = {"jobschedule": "workitem", "job": "job"}
 
 # Pool settings that need Azure infrastructure (or Windows): a clear 400, never silence.
 _POOL_REFUSED = (
@@ -146,7 +151,7 @@ def pool_add(b: Body, catalogue: dict[str, tuple[int, int, int, str]]) -> m.Pool
     b.refuse(_POOL_REFUSED, WHY_LOCAL)
     vm_size = b.req_text("vmSize")
     vmc = vm_configuration(b)
-    local = local_vm_size(vm_size, catalogue)
+    local = local_vm_size(vm_size, catalogue, b._p("vmSize"))
     target = b.integer("targetDedicatedNodes", 0) or 0
     low = b.integer("targetLowPriorityNodes", 0) or 0
     if low < 0:
@@ -324,7 +329,49 @@ def job_token(b: Body | None) -> None:
             )
 
 
-def job_add(b: Body) -> m.WorkitemAdd:
+def auto_pool(
+    info: Body,
+    catalogue: dict[str, tuple[int, int, int, str]],
+    lifetimes: tuple[str, ...] = ("jobschedule", "job"),
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`poolInfo.autoPoolSpecification` as (the seed's autoPoolSpecification, the Azure one to
+    echo). Lifetime `jobschedule` is the seed's `workitem`, `job` is `job`; `lifetimes`: those
+    allowed here (a job that no schedule made has only `job`)."""
+    auto = info.obj("autoPoolSpecification")
+    assert auto is not None
+    option = (auto.req_text("poolLifetimeOption") or "").lower()
+    if option not in lifetimes:
+        raise invalid(
+            auto._p("poolLifetimeOption"),
+            option,
+            "poolLifetimeOption must be " + " or ".join(lifetimes),
+        )
+    prefix = auto.text("autoPoolIdPrefix") or ""
+    keep = auto.flag("keepAlive", False)
+    pool = auto.obj("pool")
+    if pool is None:
+        raise invalid(auto._p("pool"), None, f"{auto._p('pool')} is required")
+    if pool.has("id"):
+        raise invalid(pool._p("id"), pool.text("id"), "an auto pool's id is chosen by the service")
+    # The pool specification is a pool body without its id: read it as the pool add route does.
+    named = Body({**pool.data, "id": prefix or "auto"}, pool.path)
+    spec = pool_add(named, catalogue)
+    seed_pool = msgspec.to_builtins(spec)
+    seed_pool.pop("name", None)
+    seed: dict[str, Any] = {
+        "poolLifetimeOption": _LIFETIMES[option],
+        "keepAlive": keep,
+        "pool": seed_pool,
+    }
+    if prefix:
+        seed["autoPoolNamePrefix"] = prefix
+    echo: dict[str, Any] = {"poolLifetimeOption": option, "keepAlive": keep, "pool": pool.data}
+    if prefix:
+        echo["autoPoolIdPrefix"] = prefix
+    return seed, echo
+
+
+def job_add(b: Body, catalogue: dict[str, tuple[int, int, int, str]]) -> m.WorkitemAdd:
     from . import jobprep_io  # it reads its tasks with this module's helpers
 
     job_id = b.req_text("id")
@@ -334,18 +381,20 @@ def job_add(b: Body) -> m.WorkitemAdd:
     info = b.obj("poolInfo")
     if info is None:
         raise invalid("poolInfo", None, "poolInfo is required")
+    azure: dict[str, Any] = {"displayName": b.text("displayName")}
     if info.has("autoPoolSpecification"):
-        raise invalid(
-            "poolInfo.autoPoolSpecification",
-            "",
-            "auto pools are not supported on the Azure routes; create the pool first",
-        )
-    pool_id = info.req_text("poolId")
+        if info.has("poolId"):
+            raise invalid(
+                info._p("poolId"), info.text("poolId"), "give poolId or autoPoolSpecification"
+            )
+        seed, azure["autoPoolSpecification"] = auto_pool(info, catalogue, ("job",))
+        env = m.JobExecutionEnvironment(auto_pool_specification=seed)
+    else:
+        env = m.JobExecutionEnvironment(pool_name=info.req_text("poolId"))
     b.accept("maxParallelTasks", "allowTaskPreemption")
-    azure = {"displayName": b.text("displayName")}
     return m.WorkitemAdd(
         name=job_id,
-        job_execution_environment=m.JobExecutionEnvironment(pool_name=pool_id),
+        job_execution_environment=env,
         priority=b.integer("priority", 0) or 0,
         job_constraints=job_constraints(b.obj("constraints")),
         job_manager=job_manager(b.obj("jobManagerTask")),

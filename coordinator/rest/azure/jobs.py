@@ -69,7 +69,7 @@ class JobApi:
 
     async def add_job(self, body: bytes, headers: dict[str, str], **_: Any) -> Response:
         b = parse_json(body)
-        req = inputs.job_add(b)
+        req = inputs.job_add(b, self.core.vm_sizes())
         b.log_unknown("job add")
         if any(w.lower() == req.name.lower() for w in self.core.workitems):
             raise _exists(req.name)
@@ -94,7 +94,13 @@ class JobApi:
         info = b.obj("poolInfo")
         if info is not None:
             pool = info.text("poolId")
-            if info.has("autoPoolSpecification") or (pool is not None and pool != rec.rec.pool):
+            # A job on an auto pool may repeat its specification (a read, changed, written back);
+            # the pool stays the one it has.
+            auto = self.core.pools.get(rec.rec.pool)
+            on_auto = auto is not None and bool(auto.auto_owner)
+            if (info.has("autoPoolSpecification") and not on_auto) or (
+                pool is not None and pool != rec.rec.pool
+            ):
                 raise invalid("poolInfo", pool, "a job's pool cannot be changed here")
         elif replace:
             raise invalid("poolInfo", None, "poolInfo is required")

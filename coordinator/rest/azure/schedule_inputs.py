@@ -31,7 +31,6 @@ _ISO = re.compile(
     r"(?:(?P<s>\d+(?:\.\d+)?)S)?)?\Z"
 )
 _UNIT_S = {"y": 365 * 86400, "mo": 30 * 86400, "w": 7 * 86400, "d": 86400, "h": 3600, "mi": 60}
-_LIFETIMES = {"jobschedule": "workitem", "job": "job"}
 
 
 def duration(b: Body, key: str) -> str | None:
@@ -64,44 +63,6 @@ def schedule(b: Body | None, *, required: bool) -> m.Schedule | None:
     )
 
 
-def _auto_pool(
-    info: Body, catalogue: dict[str, tuple[int, int, int, str]]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the seed's autoPoolSpecification, the Azure one to echo)."""
-    auto = info.obj("autoPoolSpecification")
-    assert auto is not None
-    option = (auto.req_text("poolLifetimeOption") or "").lower()
-    if option not in _LIFETIMES:
-        raise invalid(
-            auto._p("poolLifetimeOption"),
-            option,
-            "poolLifetimeOption must be jobschedule or job",
-        )
-    prefix = auto.text("autoPoolIdPrefix") or ""
-    keep = auto.flag("keepAlive", False)
-    pool = auto.obj("pool")
-    if pool is None:
-        raise invalid(auto._p("pool"), None, f"{auto._p('pool')} is required")
-    if pool.has("id"):
-        raise invalid(pool._p("id"), pool.text("id"), "an auto pool's id is chosen by the service")
-    # The pool specification is a pool body without its id: read it as the pool add route does.
-    named = Body({**pool.data, "id": prefix or "auto"}, pool.path)
-    spec = inputs.pool_add(named, catalogue)
-    seed_pool = msgspec.to_builtins(spec)
-    seed_pool.pop("name", None)
-    seed: dict[str, Any] = {
-        "poolLifetimeOption": _LIFETIMES[option],
-        "keepAlive": keep,
-        "pool": seed_pool,
-    }
-    if prefix:
-        seed["autoPoolNamePrefix"] = prefix
-    echo: dict[str, Any] = {"poolLifetimeOption": option, "keepAlive": keep, "pool": pool.data}
-    if prefix:
-        echo["autoPoolIdPrefix"] = prefix
-    return seed, echo
-
-
 def job_specification(
     js: Body,
     *,
@@ -131,7 +92,7 @@ def job_specification(
             raise invalid(
                 info._p("poolId"), info.text("poolId"), "give poolId or autoPoolSpecification"
             )
-        seed, echo = _auto_pool(info, catalogue)
+        seed, echo = inputs.auto_pool(info, catalogue)
         env = m.JobExecutionEnvironment(auto_pool_specification=seed)
         azure["autoPoolSpecification"] = echo
     else:

@@ -251,7 +251,10 @@ def job_view(core: CoordinatorState, base: str, job: Job) -> dict[str, Any]:
         "jobPreparationTask": prep_view(r.prep),
         "jobReleaseTask": release_view(r.release),
         "commonEnvironmentSettings": _env(r.common_env),
-        "poolInfo": {"poolId": r.pool},
+        # an auto pool's job shows the specification it was made from; executionInfo the pool
+        "poolInfo": {"autoPoolSpecification": az["autoPoolSpecification"]}
+        if "autoPoolSpecification" in az
+        else {"poolId": r.pool},
         "onAllTasksComplete": r.on_all_complete,
         "onTaskFailure": r.on_task_failure,
         "metadata": az["jobMetadata"]
