@@ -8,8 +8,7 @@ import pytest
 import trio
 
 from tests.azure.wire import AV, azure_err, pool_body
-from tests.harness import cluster_ctx
-from tests.integration.test_rest_bad_input import Raw
+from tests.integration.test_rest_bad_input import Raw, raw_cluster
 
 # Every modern name read (sample counts are never negative: each comparison is 1).
 NAMES = (
@@ -22,12 +21,8 @@ NAMES = (
 
 @pytest.fixture
 async def api(nursery, tmp_path):
-    async with cluster_ctx(nursery, tmp_path, agents=2) as c:
-        raw = Raw(c.rc.endpoint, c.rc.account, c.rc.key)
-        try:
-            yield raw
-        finally:
-            await raw.http.aclose()
+    async with raw_cluster(nursery, tmp_path, agents=2) as (_, raw):
+        yield raw
 
 
 async def _pool(api: Raw, pool: str) -> dict:

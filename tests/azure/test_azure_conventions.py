@@ -10,18 +10,13 @@ import pytest
 import trio
 
 from tests.azure.wire import AV, azure_err, pool_body
-from tests.harness import cluster_ctx
-from tests.integration.test_rest_bad_input import Raw
+from tests.integration.test_rest_bad_input import Raw, raw_cluster
 
 
 @pytest.fixture
 async def api(nursery, tmp_path):
-    async with cluster_ctx(nursery, tmp_path) as c:
-        raw = Raw(c.rc.endpoint, c.rc.account, c.rc.key)
-        try:
-            yield raw
-        finally:
-            await raw.http.aclose()
+    async with raw_cluster(nursery, tmp_path) as (_, raw):
+        yield raw
 
 
 async def test_api_version_chooses_the_api_and_the_seed_stays_as_it_was(api: Raw) -> None:

@@ -12,18 +12,13 @@ import pytest
 import trio
 
 from tests.azure.wire import AV, IMAGE, azure_err
-from tests.harness import cluster_ctx
-from tests.integration.test_rest_bad_input import Raw
+from tests.integration.test_rest_bad_input import Raw, raw_cluster
 
 
 @pytest.fixture
 async def api(nursery, tmp_path):
-    async with cluster_ctx(nursery, tmp_path, agents=1) as c:
-        raw = Raw(c.rc.endpoint, c.rc.account, c.rc.key)
-        try:
-            yield raw
-        finally:
-            await raw.http.aclose()
+    async with raw_cluster(nursery, tmp_path, agents=1) as (_, raw):
+        yield raw
 
 
 AUTO = "poolInfo.autoPoolSpecification."

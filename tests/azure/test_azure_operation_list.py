@@ -12,8 +12,7 @@ from __future__ import annotations
 import pytest
 
 from tests.azure.wire import AV
-from tests.harness import cluster_ctx
-from tests.integration.test_rest_bad_input import Raw
+from tests.integration.test_rest_bad_input import Raw, raw_cluster
 
 P = "/pools/nopool"
 N = P + "/nodes/nonode"
@@ -107,12 +106,8 @@ OPERATIONS_14 = [
 
 @pytest.fixture
 async def api(nursery, tmp_path):
-    async with cluster_ctx(nursery, tmp_path, agents=0) as c:
-        raw = Raw(c.rc.endpoint, c.rc.account, c.rc.key)
-        try:
-            yield raw
-        finally:
-            await raw.http.aclose()
+    async with raw_cluster(nursery, tmp_path, agents=0) as (_, raw):
+        yield raw
 
 
 async def test_every_operation_is_routed(api: Raw) -> None:

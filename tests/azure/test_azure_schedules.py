@@ -12,17 +12,13 @@ import trio
 
 from tests.azure.wire import AV, IMAGE, azure_err, pool_body
 from tests.harness import cluster_ctx
-from tests.integration.test_rest_bad_input import Raw
+from tests.integration.test_rest_bad_input import Raw, raw_cluster
 
 
 @pytest.fixture
 async def api(nursery, tmp_path):
-    async with cluster_ctx(nursery, tmp_path) as c:
-        raw = Raw(c.rc.endpoint, c.rc.account, c.rc.key)
-        try:
-            yield raw
-        finally:
-            await raw.http.aclose()
+    async with raw_cluster(nursery, tmp_path) as (_, raw):
+        yield raw
 
 
 def schedule_body(sid: str, on_all: str = "terminatejob", **extra: Any) -> dict[str, Any]:

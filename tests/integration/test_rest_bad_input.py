@@ -7,16 +7,19 @@ or deliberately not."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
 import httpx2
 import pytest
+import trio
 
 from coordinator.common.sharedkey import sign_request
-from tests.harness import cluster_ctx
+from tests.harness import Cluster, cluster_ctx
 
 JOB = "job-0000000001"
 
@@ -76,15 +79,24 @@ def err(r: httpx2.Response, status: int, code: str, field: str | None = None) ->
     return body
 
 
-@pytest.fixture
-async def api(nursery, tmp_path):
-    async with cluster_ctx(nursery, tmp_path) as c:
+@contextlib.asynccontextmanager
+async def raw_cluster(
+    nursery: trio.Nursery, tmp_path: Any, **kw: Any
+) -> AsyncIterator[tuple[Cluster, Raw]]:
+    """A coordinator (`cluster_ctx(**kw)`) and a `Raw` client on it, closed after use."""
+    async with cluster_ctx(nursery, tmp_path, **kw) as c:
         raw = Raw(c.rc.endpoint, c.rc.account, c.rc.key)
         raw.keys = list(c.rc.service.keys)
         try:
-            yield raw
+            yield c, raw
         finally:
             await raw.http.aclose()
+
+
+@pytest.fixture
+async def api(nursery, tmp_path):
+    async with raw_cluster(nursery, tmp_path) as (_, raw):
+        yield raw
 
 
 POOL = {"name": "p", "vmSize": "small", "targetDedicated": 0}
