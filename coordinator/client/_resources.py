@@ -216,11 +216,13 @@ class Jobs(_Group):
         priority: int | None = None,
         job_constraints: m.JobConstraints | None = None,
         on_all_tasks_complete: str | None = None,
+        max_parallel_tasks: int | None = None,
     ) -> Any:
         body = m.JobUpdate(
             priority=priority,
             job_constraints=job_constraints,
             on_all_tasks_complete=on_all_tasks_complete,
+            max_parallel_tasks=max_parallel_tasks,
         )
         return self._c._call(
             _Call("PATCH", f"/workitems/{_seg(workitem)}/jobs/{_seg(job)}", body, parse=_one(m.Job))

@@ -275,6 +275,8 @@ class WorkitemAdd(_Req):
     job_release_task: JobReleaseTask | None = None
     uses_task_dependencies: bool = False
     on_task_failure: str = "noaction"  # "noaction" | "performexitoptionsjobaction"
+    # the most tasks of a job that run at once (its job manager not counted); -1: no limit
+    max_parallel_tasks: int = -1
 
 
 class WorkitemExecutionInfo(_Res):
@@ -301,6 +303,7 @@ class Workitem(_Res, kw_only=True):
     job_release_task: JobReleaseTask | None = None
     uses_task_dependencies: bool = False
     on_task_failure: str = "noaction"
+    max_parallel_tasks: int = -1
 
 
 class JobExecutionInfo(_Res):
@@ -331,6 +334,7 @@ class Job(_Res):
     on_all_tasks_complete: str = "noaction"
     job_constraints: JobConstraints | None = None
     job_manager_task_name: str | None = None
+    max_parallel_tasks: int = -1
 
 
 # --------------------------------------------------------------------------- tasks
@@ -637,6 +641,7 @@ class JobUpdate(_Req):
     priority: int | None = None
     job_constraints: JobConstraints | None = None
     on_all_tasks_complete: str | None = None
+    max_parallel_tasks: int | None = None
 
 
 class JobTerminate(_Req):

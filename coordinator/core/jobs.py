@@ -24,7 +24,13 @@ from .pools import Pools
 from .records import ACTIVE, COMPLETED, TASK_DONE, Job, JobRec, TaskRec, WorkitemRec
 from .runs import Runs
 from .schedules import Plan, decide, parse_schedule
-from .specs import check_all_complete, check_job_task, job_constraints, task_constraints
+from .specs import (
+    check_all_complete,
+    check_job_task,
+    check_max_parallel,
+    job_constraints,
+    task_constraints,
+)
 from .states import JobState, WorkitemState, move_job, move_workitem
 from .store import Store
 
@@ -131,6 +137,7 @@ class Jobs:
         check_env(req.common_environment_settings, "commonEnvironmentSettings")
         job_constraints(req.job_constraints)
         check_all_complete(req.on_all_tasks_complete)
+        check_max_parallel(req.max_parallel_tasks)
         if req.on_task_failure not in ("noaction", "performexitoptionsjobaction"):
             raise bad_request(
                 "InvalidPropertyValue",
@@ -250,6 +257,7 @@ class Jobs:
             on_all_complete=spec.on_all_tasks_complete,
             uses_deps=spec.uses_task_dependencies,
             on_task_failure=spec.on_task_failure,
+            max_parallel=spec.max_parallel_tasks,
             jm_name=jm.name if jm else None,
             jm_exclusive=bool(jm and jm.run_exclusive),
             jm_kill=bool(jm.kill_job_on_completion) if jm else True,
@@ -301,6 +309,8 @@ class Jobs:
             check_range(req.priority, -1000, 1000, "priority")
         wall, retries = job_constraints(req.job_constraints)
         check_all_complete(req.on_all_tasks_complete)
+        if req.max_parallel_tasks is not None:
+            check_max_parallel(req.max_parallel_tasks)
         if req.on_all_tasks_complete == "noaction" and job.rec.on_all_complete == "terminatejob":
             raise bad_request(
                 "InvalidPropertyValue",
@@ -316,6 +326,8 @@ class Jobs:
                 job.rec.max_retries = retries
         if req.on_all_tasks_complete is not None:
             job.rec.on_all_complete = req.on_all_tasks_complete
+        if req.max_parallel_tasks is not None:
+            job.rec.max_parallel = req.max_parallel_tasks
         self.out.put("job", job.key, job.rec)
 
     def terminate_job(self, workitem: str, name: str, reason: str | None = None) -> None:

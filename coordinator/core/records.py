@@ -154,6 +154,7 @@ class JobRec(msgspec.Struct, kw_only=True):
     release: m.JobReleaseTask | None = None
     uses_deps: bool = False  # usesTaskDependencies
     on_task_failure: str = "noaction"  # "noaction" | "performexitoptionsjobaction"
+    max_parallel: int = -1  # maxParallelTasks: -1 no limit (scheduler.py)
 
 
 class PrepRun(msgspec.Struct, kw_only=True):

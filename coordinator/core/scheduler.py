@@ -15,18 +15,35 @@ from itertools import groupby
 from typing import Any
 
 from .jobprep import JobPrep
-from .records import ACTIVE, Job, TaskRec, Tvm
+from .records import ACTIVE, RUNNING, Job, TaskRec, Tvm
 from .runs import Runs
 from .slotplace import place_wide
 from .store import Store
+
+
+def room(job: Job) -> int | None:
+    """How many more of `job`'s tasks may start now under its maxParallelTasks (None: no limit).
+    Its job manager is not counted: with a limit of 1 it would otherwise hold its own job."""
+    cap = job.rec.max_parallel
+    if cap < 0:
+        return None
+    running = job.tally.running
+    if job.rec.jm_name:
+        jm = job.tasks.get(job.rec.jm_name)
+        if jm is not None and jm.state == RUNNING:
+            running -= 1
+    return max(0, cap - running)
 
 
 def _next_tasks(jobs: list[Job]) -> Iterator[tuple[Job, TaskRec]]:
     # Equal priority: the job served least recently first (`Job.served`), so one slot freed at a
     # time still alternates between jobs (round robin across scheduling passes, not only within one).
     ordered = sorted(jobs, key=lambda j: (-j.rec.priority, j.served, j.rec.created))
+    # Jobs under a maxParallelTasks: what each may still start in this pass. A task pulled and then
+    # put back (a gang that did not fit, a preparation gate) counts until the next pass: never over.
+    budget = {j: n for j in ordered if (n := room(j)) is not None}
     for _, level_iter in groupby(ordered, key=lambda j: j.rec.priority):
-        level = list(level_iter)
+        level = [j for j in level_iter if budget.get(j, 1) > 0]
         while level:
             still: list[Job] = []
             for job in level:
@@ -36,8 +53,10 @@ def _next_tasks(jobs: list[Job]) -> Iterator[tuple[Job, TaskRec]]:
                     # Lazy removal: tasks terminated or deleted while queued are skipped here.
                     if task.state == ACTIVE and job.tasks.get(task.name) is task:
                         yield job, task
+                        if job in budget:
+                            budget[job] -= 1
                         break
-                if q:
+                if q and budget.get(job, 1) > 0:
                     still.append(job)
             level = still
 
@@ -100,7 +119,7 @@ class Scheduler:
         placed = self.place_job_managers()  # job managers go first
         by_pool: dict[str, list[Job]] = {}
         for job in s.jobs.values():
-            if job.queue and job.rec.state == "active" and not jm_pending(job):
+            if job.queue and job.rec.state == "active" and not jm_pending(job) and room(job) != 0:
                 by_pool.setdefault(job.rec.pool, []).append(job)
         agents = s.agents
         start = self.runs.start

@@ -118,6 +118,16 @@ def check_all_complete(value: str | None, field: str = "onAllTasksComplete") -> 
         )
 
 
+def check_max_parallel(value: int, field: str = "maxParallelTasks") -> None:
+    """-1 (no limit) or at least 1 (Azure's rule: 0 would never run a task)."""
+    if isinstance(value, bool) or not isinstance(value, int) or (value != -1 and value < 1):
+        raise bad_request(
+            "InvalidPropertyValue",
+            f"{field} must be -1 (no limit) or at least 1, got {value!r}",
+            field=field,
+        )
+
+
 def resource_file(r: m.ResourceFile) -> pm.ResourceFile:
     return pm.ResourceFile(
         url=r.blob_source,

@@ -140,6 +140,7 @@ def workitem_view(wi: WorkitemRec) -> m.Workitem:
         job_release_task=s.job_release_task,
         uses_task_dependencies=s.uses_task_dependencies,
         on_task_failure=s.on_task_failure,
+        max_parallel_tasks=s.max_parallel_tasks,
     )
 
 
@@ -168,6 +169,7 @@ def job_view(core: CoordinatorState, job: Job, counts: bool = True) -> m.Job:
             max_task_retry_count=r.max_retries,
         ),
         job_manager_task_name=r.jm_name,
+        max_parallel_tasks=r.max_parallel,
     )
 
 

@@ -9,7 +9,7 @@ from azure.batch import BatchClient
 from azure.batch import models as bm
 from azure.batch.models._models import BatchJobTerminateOptions
 from azure.core import MatchConditions
-from azure.core.exceptions import ResourceExistsError, ResourceModifiedError
+from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceModifiedError
 
 from tests.azure import sdk15
 from tests.azure.sdk15 import idle_nodes, ubuntu_pool, uid, wait
@@ -205,3 +205,47 @@ def test_job_with_an_auto_pool(client: BatchClient) -> None:
     ).result()
     wait(lambda: pool_id not in {p.id for p in client.list_pools()}, "the auto pool's removal")
     client.begin_delete_job(job_id, polling_interval=1).result()
+
+
+def test_max_parallel_tasks(client: BatchClient) -> None:
+    """A job's `max_parallel_tasks` holds it to that many running tasks with slots to spare (two
+    nodes here): with 1, its tasks never overlap; an update changes it."""
+    pool_id, job_id = uid("mp-pool"), uid("mp-job")
+    client.create_pool(ubuntu_pool(pool_id, 2))
+    try:
+        idle_nodes(client, pool_id, 2, "two idle nodes")
+        client.create_job(
+            bm.BatchJobCreateOptions(
+                id=job_id, pool_info=bm.BatchPoolInfo(pool_id=pool_id), max_parallel_tasks=1
+            )
+        )
+        assert client.get_job(job_id).max_parallel_tasks == 1
+        tasks = [
+            bm.BatchTaskCreateOptions(id=f"t{i}", command_line="/bin/sh -c 'sleep 0.3'")
+            for i in range(4)
+        ]
+        client.create_tasks(job_id, tasks)
+
+        def all_done() -> list[bm.BatchTask] | None:
+            listed = list(client.list_tasks(job_id))
+            return listed if all(t.state == bm.BatchTaskState.COMPLETED for t in listed) else None
+
+        runs = []
+        for t in wait(all_done, "four tasks one at a time"):
+            info = t.execution_info
+            assert info is not None
+            assert info.exit_code == 0
+            runs.append((info.start_time, info.end_time))
+        runs.sort()
+        for (_, end), (start, _) in zip(runs, runs[1:], strict=False):
+            assert start >= end, runs  # the next started after the last ended
+        client.update_job(job_id, bm.BatchJobUpdateOptions(max_parallel_tasks=2))
+        assert client.get_job(job_id).max_parallel_tasks == 2
+        with pytest.raises(HttpResponseError) as exc:
+            client.update_job(job_id, bm.BatchJobUpdateOptions(max_parallel_tasks=0))
+        assert exc.value.error is not None
+        assert exc.value.error.code == "InvalidPropertyValue"
+        assert client.get_job(job_id).max_parallel_tasks == 2
+    finally:
+        client.begin_delete_job(job_id, polling_interval=1).result()
+        client.begin_delete_pool(pool_id, polling_interval=1).result()

@@ -317,6 +317,16 @@ def job_manager(b: Body | None) -> m.JobManager | None:
     )
 
 
+def max_parallel(b: Body, default: int | None) -> int | None:
+    """`maxParallelTasks`: -1 (no limit) or at least 1; `default` when absent."""
+    value = b.integer("maxParallelTasks", default)
+    if value is not None and value != -1 and value < 1:
+        raise invalid(
+            b._p("maxParallelTasks"), value, "maxParallelTasks must be -1 (no limit) or at least 1"
+        )
+    return value
+
+
 def job_token(b: Body | None) -> None:
     """A job manager always gets a token scoped to its job (AZ_BATCH_AUTHENTICATION_TOKEN): asking
     for `access: ["job"]` is accepted; no other access exists."""
@@ -391,9 +401,10 @@ def job_add(b: Body, catalogue: dict[str, tuple[int, int, int, str]]) -> m.Worki
         env = m.JobExecutionEnvironment(auto_pool_specification=seed)
     else:
         env = m.JobExecutionEnvironment(pool_name=info.req_text("poolId"))
-    b.accept("maxParallelTasks", "allowTaskPreemption")
+    b.accept("allowTaskPreemption")
     return m.WorkitemAdd(
         name=job_id,
+        max_parallel_tasks=max_parallel(b, -1) or -1,
         job_execution_environment=env,
         priority=b.integer("priority", 0) or 0,
         job_constraints=job_constraints(b.obj("constraints")),

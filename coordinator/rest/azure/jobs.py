@@ -109,7 +109,7 @@ class JobApi:
             raise invalid(
                 "onTaskFailure", on_failure, "onTaskFailure cannot change after the job is created"
             )
-        b.accept("maxParallelTasks", "allowTaskPreemption", "networkConfiguration")
+        b.accept("allowTaskPreemption", "networkConfiguration")
         priority = b.integer("priority", 0 if replace else None)
         cons = inputs.job_constraints(b.obj("constraints"))
         if replace and cons is None:
@@ -118,6 +118,7 @@ class JobApi:
             priority=priority,
             job_constraints=cons,
             on_all_tasks_complete=inputs.on_all_complete(b) or ("noaction" if replace else None),
+            max_parallel_tasks=inputs.max_parallel(b, -1 if replace else None),
         )
         meta = inputs.metadata(b.objs("metadata")) if b.has("metadata") or replace else None
         b.log_unknown("job update")

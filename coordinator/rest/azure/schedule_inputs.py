@@ -76,7 +76,7 @@ def job_specification(
     js.refuse(("networkConfiguration",), inputs.WHY_LOCAL)
     uses_deps = js.flag("usesTaskDependencies", False)
     on_failure = inputs.task_failure(js)
-    js.accept("maxParallelTasks", "allowTaskPreemption")
+    js.accept("allowTaskPreemption")
     info = js.obj("poolInfo")
     if info is None:
         raise invalid(js._p("poolInfo"), None, f"{js._p('poolInfo')} is required")
@@ -99,6 +99,7 @@ def job_specification(
         env = m.JobExecutionEnvironment(pool_name=info.req_text("poolId"))
     return m.WorkitemAdd(
         name=name,
+        max_parallel_tasks=inputs.max_parallel(js, -1) or -1,
         job_execution_environment=env,
         priority=js.integer("priority", 0) or 0,
         job_constraints=inputs.job_constraints(js.obj("constraints")),

@@ -55,7 +55,7 @@ def job_specification(spec: m.WorkitemAdd) -> dict[str, Any]:
     return _clean(
         {
             "priority": spec.priority,
-            "maxParallelTasks": -1,
+            "maxParallelTasks": spec.max_parallel_tasks,
             "allowTaskPreemption": False,
             "displayName": az.get("jobDisplayName"),
             "usesTaskDependencies": spec.uses_task_dependencies,

@@ -238,7 +238,7 @@ def job_view(core: CoordinatorState, base: str, job: Job) -> dict[str, Any]:
         "stateTransitionTime": _t(r.state_time),
         "previousState": r.prev_state,
         "priority": r.priority,
-        "maxParallelTasks": -1,
+        "maxParallelTasks": r.max_parallel,
         "allowTaskPreemption": False,
         "usesTaskDependencies": r.uses_deps,
         "constraints": {
