@@ -31,11 +31,21 @@ async def test_workitem_and_job_commands(nursery, tmp_path):
             "--no-kill-job-on-completion",
             "--max-wall-clock",
             "PT1H",
+            "--max-parallel-tasks",
+            "3",
             env=env,
         )
         assert wi["jobManager"]["killJobOnCompletion"] is False
+        assert wi["maxParallelTasks"] == 3
         job = await tvm_json("job", "update", "wi", J1, "--priority", "700", env=env)
         assert job["priority"] == 700
+        assert job["maxParallelTasks"] == 3
+        job = await tvm_json("job", "update", "wi", J1, "--max-parallel-tasks", "-1", env=env)
+        assert "maxParallelTasks" not in job  # -1, the default, is left out
+        assert job["priority"] == 700
+        bad = await tvm("job", "update", "wi", J1, "--max-parallel-tasks", "0", env=env, ok=False)
+        assert bad.returncode != 0
+        assert b"maxParallelTasks must be -1 (no limit) or at least 1" in bad.stderr + bad.stdout
         await tvm("job", "disable", "wi", J1, "--tasks", "wait", env=env)
         assert (await c.client.jobs.get("wi", J1)).state in ("disabling", "disabled")
         await tvm("job", "enable", "wi", J1, env=env)
