@@ -75,9 +75,15 @@ def _client(endpoint: str | None, account: str | None, key: str | None):  # noqa
     from coordinator.client import BatchError, Client
 
     try:
-        return Client(endpoint, account, key)
+        client = Client(endpoint, account, key)
     except BatchError as exc:
         raise click.ClickException(exc.message) from None
+    # Closed with the command (also when it exits early): a command run in-process (a script,
+    # a test) would otherwise keep its kept-alive connection open until collected.
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.call_on_close(client.close)
+    return client
 
 
 def _run(fn: Callable[[], Any]) -> Any:

@@ -359,3 +359,49 @@ async def test_cli_end_to_end(nursery, tmp_path):
         assert await together(
             tvm_json("workitem", "list", env=env), tvm_json("pool", "list", env=env)
         ) == [[], []]
+
+
+def _connections_to(port: int) -> int:
+    """This process's established TCP connections whose far end is 127.0.0.1:`port`."""
+    import os
+
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            cols = line.split()
+            remote, state, inode = cols[2], cols[3], cols[9]
+            if state == "01" and int(remote.split(":")[1], 16) == port and inode in inodes:
+                count += 1
+    return count
+
+
+async def test_a_command_run_in_process_closes_its_connection(nursery, tmp_path):
+    """A command's client is closed with the command: run in-process (a script, a test) it leaves
+    no connection open (it used to stay open until the garbage collector found it)."""
+    import gc
+    from urllib.parse import urlsplit
+
+    async with cluster_ctx(nursery, tmp_path, agents=0) as c:
+        port = urlsplit(c.rc.endpoint).port or 0
+        env = {"TVM_ENDPOINT": c.rc.endpoint, "TVM_ACCOUNT": c.rc.account, "TVM_KEY": c.rc.key}
+        await c.client.pools.list()  # the test's own client: open, so not what is counted
+        before = _connections_to(port)
+        gc.disable()  # a collection in between would close a forgotten one and hide it
+        try:
+            for args in (["pool", "list"], ["workitem", "add", "wi", "--pool", "p"]):
+                res = await trio.to_thread.run_sync(
+                    lambda a=args: CliRunner().invoke(cli, a, env=env)
+                )
+                assert res.exit_code == 0, res.output
+            assert _connections_to(port) == before
+        finally:
+            gc.enable()
