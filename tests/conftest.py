@@ -8,6 +8,14 @@ from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
+from tests import harness  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _close_sync_clients() -> Iterator[None]:
+    yield
+    harness.close_sync_clients()
+
 
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[Any]:

@@ -16,7 +16,7 @@ from benchmarks._procs import REPO as REPO  # re-exported: tests import them fro
 from benchmarks._procs import AgentProcess, child_env, start_agent, stop_agents, stop_processes
 from benchmarks._procs import close_pipes as close_pipes
 from benchmarks._procs import remove_agent_cgroups as remove_agent_cgroups
-from coordinator.client import AsyncClient
+from coordinator.client import AsyncClient, Client
 from coordinator.daemon.server import RunningCoordinator, run_coordinator
 
 
@@ -27,6 +27,21 @@ def agent_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 AgentProc = AgentProcess  # the name the tests know it by
+
+_SYNC_CLIENTS: list[Client] = []
+
+
+def sync_client(*args: Any, **kw: Any) -> Client:
+    """A `Client` closed when the test ends (tests/conftest.py): one left open keeps its
+    connection until the garbage collector finds it, in whatever test runs then."""
+    client = Client(*args, **kw)
+    _SYNC_CLIENTS.append(client)
+    return client
+
+
+def close_sync_clients() -> None:
+    while _SYNC_CLIENTS:
+        _SYNC_CLIENTS.pop().close()
 
 
 @dataclass

@@ -11,12 +11,13 @@ import sys
 import time
 from collections import Counter
 
-from coordinator.client import Client, task_spec
+from coordinator.client import task_spec
 from tests.harness import (
     agent_env,
     free_port,
     remove_agent_cgroups,
     start_coordinator_process,
+    sync_client,
     wait_sync,
 )
 
@@ -56,7 +57,7 @@ def test_sigkill_coordinator_loses_nothing_and_runs_nothing_twice(tmp_path):
                 )
             )
             log.close()
-        client = Client(env["TVM_ENDPOINT"], env["TVM_ACCOUNT"], env["TVM_KEY"])
+        client = sync_client(env["TVM_ENDPOINT"], env["TVM_ACCOUNT"], env["TVM_KEY"])
         client.pools.add("p", target_dedicated=2, max_tasks_per_vm=2, vm_size="medium")
         wait_sync(
             lambda: sum(t.state == "idle" for t in client.tvms.list("p")) == 2, 30, "2 idle TVMs"
@@ -82,7 +83,7 @@ def test_sigkill_coordinator_loses_nothing_and_runs_nothing_twice(tmp_path):
         )
         assert env2["TVM_KEY"] == env["TVM_KEY"]
         assert env2["TVM_ACCOUNT"] == env["TVM_ACCOUNT"]
-        client = Client(env["TVM_ENDPOINT"], env["TVM_ACCOUNT"], env["TVM_KEY"])
+        client = sync_client(env["TVM_ENDPOINT"], env["TVM_ACCOUNT"], env["TVM_KEY"])
         assert [p.name for p in client.pools.list()] == ["p"]
         assert [w.name for w in client.workitems.list()] == ["wi"]
         assert [j.name for j in client.jobs.list("wi")] == [job]

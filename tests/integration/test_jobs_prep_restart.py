@@ -17,6 +17,7 @@ from tests.harness import (
     free_port,
     remove_agent_cgroups,
     start_coordinator_process,
+    sync_client,
     wait_sync,
 )
 
@@ -61,7 +62,7 @@ def test_restart_while_prep_runs_adopts_it(tmp_path):
     )
     log.close()
     try:
-        client = Client(env["TVM_ENDPOINT"], env["TVM_ACCOUNT"], env["TVM_KEY"])
+        client = sync_client(env["TVM_ENDPOINT"], env["TVM_ACCOUNT"], env["TVM_KEY"])
         client.pools.add("p", target_dedicated=1)
         wait_sync(lambda: [t for t in client.tvms.list("p") if t.state == "idle"], 30, "idle TVM")
         client.workitems.add(
@@ -77,7 +78,7 @@ def test_restart_while_prep_runs_adopts_it(tmp_path):
         coord, _ = start_coordinator_process(
             state, port, str(tmp_path / "coord2.log"), "--heartbeat-timeout", "15"
         )
-        client = Client(env["TVM_ENDPOINT"], env["TVM_ACCOUNT"], env["TVM_KEY"])
+        client = sync_client(env["TVM_ENDPOINT"], env["TVM_ACCOUNT"], env["TVM_KEY"])
         assert _prep_state(client) == "running"  # journaled
         wait_sync(
             lambda: [t for t in client.tvms.list("p") if t.state in ("idle", "running")],

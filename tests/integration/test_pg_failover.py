@@ -17,13 +17,14 @@ from typing import Any
 import httpx2
 import pytest
 
-from coordinator.client import BatchError, Client, task_spec
+from coordinator.client import BatchError, task_spec
 from tests.harness import (
     agent_env,
     free_port,
     remove_agent_cgroups,
     start_coordinator_process,
     stop_process_groups,
+    sync_client,
     wait_sync,
 )
 
@@ -70,10 +71,10 @@ def test_standby_answers_503_and_a_clean_stop_hands_over_at_once(tmp_path: Path,
         assert "standby" in resp.json()["message"]
         # A single-URL client is told, not made to wait.
         with pytest.raises(BatchError) as err:
-            Client(env_b["TVM_ENDPOINT"], env_a["TVM_ACCOUNT"], env_a["TVM_KEY"]).pools.list()
+            sync_client(env_b["TVM_ENDPOINT"], env_a["TVM_ACCOUNT"], env_a["TVM_KEY"]).pools.list()
         assert err.value.code == "CoordinatorStandby"
         both = f"{env_a['TVM_ENDPOINT']},{env_b['TVM_ENDPOINT']}"
-        client = Client(both, env_a["TVM_ACCOUNT"], env_a["TVM_KEY"])
+        client = sync_client(both, env_a["TVM_ACCOUNT"], env_a["TVM_KEY"])
         client.pools.add("p", target_dedicated=0, vm_size="small")
         a.send_signal(signal.SIGTERM)  # a clean stop gives the lease up
         assert a.wait(timeout=20) == 0
@@ -111,7 +112,7 @@ def test_sigkill_of_the_active_coordinator_loses_nothing_and_runs_nothing_twice(
         both = f"{env['TVM_ENDPOINT']},{env_b['TVM_ENDPOINT']}"
         agents = [_agent(tmp_path, i, both, env["TVM_JOIN_TOKEN"]) for i in range(2)]
         procs += agents
-        client = Client(both, env["TVM_ACCOUNT"], env["TVM_KEY"])
+        client = sync_client(both, env["TVM_ACCOUNT"], env["TVM_KEY"])
         client.pools.add("p", target_dedicated=2, max_tasks_per_vm=4, vm_size="medium")
         wait_sync(
             lambda: sum(t.state == "idle" for t in client.tvms.list("p")) == 2, 60, "2 idle TVMs"

@@ -14,12 +14,13 @@ from typing import Any
 import httpx2
 import pytest
 
-from coordinator.client import BatchError, Client
+from coordinator.client import BatchError
 from tests.harness import (
     agent_env,
     free_port,
     start_coordinator_process,
     stop_process_groups,
+    sync_client,
     wait_sync,
 )
 
@@ -39,7 +40,7 @@ def test_migrate_sqlite_state_into_postgres(tmp_path: Path, pg_cluster: Any):
     port = free_port()
     coord, env = start_coordinator_process(state, port, str(tmp_path / "c.log"))
     try:
-        client = Client(env["TVM_ENDPOINT"], env["TVM_ACCOUNT"], env["TVM_KEY"])
+        client = sync_client(env["TVM_ENDPOINT"], env["TVM_ACCOUNT"], env["TVM_KEY"])
         client.pools.add("p", target_dedicated=0, vm_size="small")
         client.workitems.add("wi", "p")
         client.tasks.add("wi", "job-0000000001", "t1", "/bin/true")
@@ -59,7 +60,7 @@ def test_migrate_sqlite_state_into_postgres(tmp_path: Path, pg_cluster: Any):
     try:
         assert env2["TVM_KEY"] == env["TVM_KEY"]
         assert env2["TVM_JOIN_TOKEN"] == env["TVM_JOIN_TOKEN"]
-        client = Client(env2["TVM_ENDPOINT"], env2["TVM_ACCOUNT"], env2["TVM_KEY"])
+        client = sync_client(env2["TVM_ENDPOINT"], env2["TVM_ACCOUNT"], env2["TVM_KEY"])
         assert [p.name for p in client.pools.list()] == ["p"]
         assert [t.name for t in client.tasks.list("wi", "job-0000000001")] == ["t1"]
         assert client.files.download(uploaded["sha256"]) == b"a resource file"
@@ -133,7 +134,7 @@ def test_a_paused_active_coordinator_is_fenced_out(tmp_path: Path, pg_cluster: A
             20,
             "the standby to take over",
         )
-        client = Client(env_b["TVM_ENDPOINT"], env_b["TVM_ACCOUNT"], env_b["TVM_KEY"])
+        client = sync_client(env_b["TVM_ENDPOINT"], env_b["TVM_ACCOUNT"], env_b["TVM_KEY"])
         client.pools.add("after", target_dedicated=0, vm_size="small")
         os.killpg(a.pid, signal.SIGCONT)
         assert a.wait(timeout=20) == 3
@@ -147,7 +148,7 @@ def test_a_paused_active_coordinator_is_fenced_out(tmp_path: Path, pg_cluster: A
 
 @pytest.mark.parametrize("endpoints", ["http://127.0.0.1:1,http://127.0.0.1:2"])
 def test_a_client_with_several_urls_gives_up_with_a_clear_error(endpoints: str, monkeypatch):
-    client = Client(endpoints, "acct", "a2V5")
+    client = sync_client(endpoints, "acct", "a2V5")
     client.failover.timeout = 1.5
     started = time.monotonic()
     from coordinator.client import BatchError
@@ -172,7 +173,7 @@ def test_uploaded_files_survive_the_active_coordinator(tmp_path: Path, pg_cluste
         b, env_b = start_coordinator_process(
             str(tmp_path / "b"), free_port(), str(tmp_path / "b.log"), *args
         )
-        client = Client(env["TVM_ENDPOINT"], env["TVM_ACCOUNT"], env["TVM_KEY"])
+        client = sync_client(env["TVM_ENDPOINT"], env["TVM_ACCOUNT"], env["TVM_KEY"])
         data = os.urandom(3 << 20) + b"tail"  # several of the store's 1 MiB rows
         good = client.files.upload(data)
         other = client.files.upload(b"second file")
@@ -184,7 +185,7 @@ def test_uploaded_files_survive_the_active_coordinator(tmp_path: Path, pg_cluste
             20,
             "the standby to take over",
         )
-        client_b = Client(env_b["TVM_ENDPOINT"], env_b["TVM_ACCOUNT"], env_b["TVM_KEY"])
+        client_b = sync_client(env_b["TVM_ENDPOINT"], env_b["TVM_ACCOUNT"], env_b["TVM_KEY"])
         assert not list((tmp_path / "b").rglob(good["sha256"]))  # never uploaded to b
         listed = {f["sha256"]: f["size"] for f in client_b.files.list_stored()}
         assert listed == {good["sha256"]: len(data), other["sha256"]: 11}
@@ -205,7 +206,7 @@ def test_uploaded_files_survive_the_active_coordinator(tmp_path: Path, pg_cluste
         c, env_c = start_coordinator_process(
             str(tmp_path / "c"), free_port(), str(tmp_path / "c.log"), *args
         )
-        client_c = Client(env_c["TVM_ENDPOINT"], env_c["TVM_ACCOUNT"], env_c["TVM_KEY"])
+        client_c = sync_client(env_c["TVM_ENDPOINT"], env_c["TVM_ACCOUNT"], env_c["TVM_KEY"])
         with pytest.raises(BatchError) as damaged:
             client_c.files.download(other["sha256"])
         assert damaged.value.status == 500

@@ -13,8 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from coordinator.client import Client
-from tests.harness import agent_env, stop_process_groups
+from tests.harness import agent_env, stop_process_groups, sync_client
 
 
 def _run_under_journal(state: Path, out: Path, cmd: list[str]) -> tuple[str, str]:
@@ -41,7 +40,7 @@ def _run_under_journal(state: Path, out: Path, cmd: list[str]) -> tuple[str, str
             line.removeprefix("export ").split("=", 1) for line in lines.splitlines() if line
         )
         # The lines work: the client signs with that key.
-        client = Client(env["TVM_ENDPOINT"], env["TVM_ACCOUNT"], env["TVM_KEY"])
+        client = sync_client(env["TVM_ENDPOINT"], env["TVM_ACCOUNT"], env["TVM_KEY"])
         assert client.pools.list() == []
         return out.read_text(), lines
     finally:
