@@ -18,7 +18,7 @@ _E2E_CPU = {
     for k in ("coordinator", "agent0", "agent1", "agents", "task_side", "submitter")
 }
 EXPECTED = {
-    "placement": {"placement"},
+    "placement": {"placement", "placement_bound_free_coordinator", "placement_bound_all_cpu"},
     "dependencies": {
         "deps_dag_elapsed",
         "deps_flat_elapsed",
