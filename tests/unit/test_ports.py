@@ -277,6 +277,7 @@ async def test_removed_member_is_cut_off(nursery) -> None:
     with pytest.raises(ValueError, match="not an IP address"):
         gate.update_members(["127.0.0.3", "nonsense"])
     assert gate.members == ["127.0.0.4/32"]  # a bad update changes nothing
+    await conn.aclose()
     nursery.cancel_scope.cancel()
 
 
@@ -316,6 +317,7 @@ async def test_member_gets_reset_when_task_not_listening(nursery) -> None:
     conn = await connect_from(MEMBER, port)
     assert await read_until_closed(conn) == REFUSED
     assert gate.upstream_failures == 1
+    await conn.aclose()
     probe.close()
     nursery.cancel_scope.cancel()
 
