@@ -162,12 +162,24 @@ def workitem_delete(name: str, output: str, **cred: Any) -> None:
 @workitem.command("update")
 @click.argument("name")
 @click.option("--priority", type=int, default=None, help="-1000..1000 (jobs created from now on).")
+@click.option(
+    "--max-parallel-tasks", type=int, default=None, help="-1 (no limit) or at least 1 (likewise)."
+)
 @credentials
 @output_option
-def workitem_update(name: str, priority: int | None, output: str, **cred: Any) -> None:
+def workitem_update(
+    name: str, priority: int | None, max_parallel_tasks: int | None, output: str, **cred: Any
+) -> None:
     """Change a workitem (applies to jobs it creates later)."""
     c = _mk(**cred)
-    _emit(output, _run(lambda: c.workitems.update(name, priority=priority)))
+    _emit(
+        output,
+        _run(
+            lambda: c.workitems.update(
+                name, priority=priority, max_parallel_tasks=max_parallel_tasks
+            )
+        ),
+    )
 
 
 def _wi_action(verb: str, doc: str) -> None:

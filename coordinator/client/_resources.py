@@ -178,12 +178,14 @@ class Workitems(_Group):
         schedule: m.Schedule | None = None,
         job_constraints: m.JobConstraints | None = None,
         on_all_tasks_complete: str | None = None,
+        max_parallel_tasks: int | None = None,
     ) -> Any:
         body = m.WorkitemUpdate(
             priority=priority,
             schedule=schedule,
             job_constraints=job_constraints,
             on_all_tasks_complete=on_all_tasks_complete,
+            max_parallel_tasks=max_parallel_tasks,
         )
         return self._c._call(
             _Call("PATCH", f"/workitems/{_seg(name)}", body, parse=_one(m.Workitem))

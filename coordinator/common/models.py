@@ -612,6 +612,7 @@ class WorkitemUpdate(_Req):
     schedule: Schedule | None = None
     on_all_tasks_complete: str | None = None
     metadata: list[MetadataItem] | None = None
+    max_parallel_tasks: int | None = None
 
 
 class PrepTaskExecutionInfo(_Res, kw_only=True):

@@ -160,9 +160,12 @@ class Jobs:
             check_range(req.priority, -1000, 1000, "priority")
         job_constraints(req.job_constraints)
         check_all_complete(req.on_all_tasks_complete)
+        if req.max_parallel_tasks is not None:
+            check_max_parallel(req.max_parallel_tasks)
         plan = parse_schedule(req.schedule) if req.schedule is not None else None
         changes: dict[str, object] = {}
-        for fld in ("priority", "job_constraints", "schedule", "on_all_tasks_complete", "metadata"):
+        fields = ("priority", "job_constraints", "schedule", "on_all_tasks_complete", "metadata")
+        for fld in (*fields, "max_parallel_tasks"):
             value = getattr(req, fld)
             if value is not None:
                 changes[fld] = value

@@ -51,6 +51,9 @@ async def test_workitem_and_job_commands(nursery, tmp_path):
         await tvm("job", "enable", "wi", J1, env=env)
         await tvm("workitem", "update", "wi", "--priority", "-3", env=env)
         assert (await c.client.workitems.get("wi")).priority == -3
+        wi = await tvm_json("workitem", "update", "wi", "--max-parallel-tasks", "7", env=env)
+        assert wi["maxParallelTasks"] == 7
+        assert wi["priority"] == -3
         await tvm("job", "terminate", "wi", J1, "--reason", "from the CLI", env=env)
         job = await c.client.jobs.get("wi", J1)
         assert job.execution_info.terminate_reason == "from the CLI"

@@ -134,3 +134,15 @@ def test_bad_values_refused_with_nothing_changed(bad: object) -> None:
     with pytest.raises(ApiError):
         core.update_job("ok", JOB, m.JobUpdate(max_parallel_tasks=bad))  # type: ignore[arg-type]
     assert core.get_job("ok", JOB).rec.max_parallel == 2
+
+
+def test_a_workitem_update_applies_to_its_later_jobs() -> None:
+    core = _core()
+    _workitem(core, "wi", cap=2)
+    core.update_workitem("wi", m.WorkitemUpdate(max_parallel_tasks=5))
+    assert core.workitems["wi"].spec.max_parallel_tasks == 5
+    assert core.get_job("wi", JOB).rec.max_parallel == 2  # the job made before keeps its own
+    with pytest.raises(ApiError) as exc:
+        core.update_workitem("wi", m.WorkitemUpdate(max_parallel_tasks=0))
+    assert exc.value.values.get("field") == "maxParallelTasks"
+    assert core.workitems["wi"].spec.max_parallel_tasks == 5
