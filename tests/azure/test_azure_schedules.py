@@ -32,6 +32,7 @@ def schedule_body(sid: str, on_all: str = "terminatejob", **extra: Any) -> dict[
             "constraints": {"maxWallClockTime": "P1D", "maxTaskRetryCount": 2},
             "poolInfo": {"poolId": "sp"},
             "onAllTasksComplete": on_all,
+            "maxParallelTasks": 3,
             "commonEnvironmentSettings": [{"name": "K", "value": "v"}],
             "metadata": [{"name": "job", "value": "meta"}],
         },
@@ -70,12 +71,14 @@ async def test_job_schedule_operations(api: Raw) -> None:
     assert jobs[0]["displayName"] == "a nightly job"
     assert jobs[0]["metadata"] == [{"name": "job", "value": "meta"}]
     assert jobs[0]["onAllTasksComplete"] == "noaction"
+    assert jobs[0]["maxParallelTasks"] == 3
     s = (await api("GET", "/jobschedules/js", query=AV)).json()
     assert s["state"] == "active"
     assert s["displayName"] == "nightly"
     assert s["schedule"] == {"recurrenceInterval": "PT5M", "startWindow": "PT1H30M"}
     spec = s["jobSpecification"]
     assert spec["poolInfo"] == {"poolId": "sp"}
+    assert spec["maxParallelTasks"] == 3
     assert spec["constraints"] == {"maxWallClockTime": "P1D", "maxTaskRetryCount": 2}
     assert spec["commonEnvironmentSettings"] == [{"name": "K", "value": "v"}]
     assert s["metadata"] == [{"name": "owner", "value": "me"}]
@@ -223,6 +226,10 @@ async def test_schedule_times_and_durations(api: Raw) -> None:
                 }
             },
             "jobSpecification.poolInfo.autoPoolSpecification.poolLifetimeOption",
+        ),
+        (
+            {"jobSpecification": {"poolInfo": {"poolId": "sp"}, "maxParallelTasks": 0}},
+            "jobSpecification.maxParallelTasks",
         ),
     ],
 )
