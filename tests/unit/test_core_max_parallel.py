@@ -10,16 +10,9 @@ from coordinator.common import models as m
 from coordinator.common.errors import ApiError
 from coordinator.core import CoordinatorState
 from protocol import messages as pm
+from tests.unit.test_core_tasks import Clock
 
 JOB = "job-0000000001"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _core() -> CoordinatorState:

@@ -9,14 +9,7 @@ import pytest
 from coordinator.common import models as m
 from coordinator.common.errors import ApiError
 from coordinator.core import CoordinatorState
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.test_core_tasks import Clock
 
 
 def _workitem(name: str, auto: bool = False, schedule: m.Schedule | None = None) -> m.WorkitemAdd:
