@@ -227,6 +227,15 @@ async def test_jobs_tasks_and_their_refusals(api: Raw) -> None:
         query=AV,
     )
     azure_err(r, 400, "InvalidPropertyValue", "onTaskFailure")
+    for bad in (0, -2, "many"):
+        r = await api(
+            "POST",
+            "/jobs",
+            {"id": "j", "poolInfo": {"poolId": "p3"}, "maxParallelTasks": bad},
+            query=AV,
+        )
+        azure_err(r, 400, "InvalidPropertyValue", "maxParallelTasks")
+    azure_err(await api("GET", "/jobs/j", query=AV), 404, "JobNotFound")
     r = await api(
         "POST",
         "/jobs",
