@@ -139,3 +139,20 @@ def test_a_workitem_update_applies_to_its_later_jobs() -> None:
         core.update_workitem("wi", m.WorkitemUpdate(max_parallel_tasks=0))
     assert exc.value.values.get("field") == "maxParallelTasks"
     assert core.workitems["wi"].spec.max_parallel_tasks == 5
+
+
+def test_the_limit_survives_a_restart() -> None:
+    """Kept in the job's and the workitem's journaled records: a restored coordinator has them."""
+    from tests.unit.test_core_foundation import Journal
+
+    core = _core()
+    journal = Journal()
+    journal.apply(core.take_effects())
+    _workitem(core, "wi", cap=2)
+    core.update_job("wi", JOB, m.JobUpdate(max_parallel_tasks=3))
+    core.update_workitem("wi", m.WorkitemUpdate(max_parallel_tasks=4))
+    journal.apply(core.take_effects())
+    fresh = CoordinatorState("acct", clock=Clock())
+    fresh.restore(journal.load())
+    assert fresh.get_job("wi", JOB).rec.max_parallel == 3
+    assert fresh.workitems["wi"].spec.max_parallel_tasks == 4
