@@ -440,6 +440,8 @@ class TaskAdd(_Req):
     output_files: list[OutputFile] = []
     required_slots: int = 1
     multi_instance_settings: MultiInstanceSettings | None = None
+    # a TVM's name the task should preferably run on (Azure's affinityInfo: a soft hint)
+    affinity_id: str | None = None
 
 
 class TaskAddCollection(_Req):
@@ -499,6 +501,7 @@ class Task(_Res):
     output_file_results: list[OutputFileResult] = []
     multi_instance_settings: MultiInstanceSettings | None = None
     subtasks: list[SubtaskInfo] = []
+    affinity_id: str | None = None
 
 
 # --------------------------------------------------------------------------- files and errors

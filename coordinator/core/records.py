@@ -74,6 +74,7 @@ class TaskRec(msgspec.Struct, array_like=True, gc=False, kw_only=True):
     slots: int = 1
     uploaded: list[tuple[str, str, int]] | None = None
     multi: m.MultiInstanceSettings | None = None  # a multi-instance task (multi.py)
+    affinity: str | None = None  # a TVM it should preferably run on (scheduler.place)
 
 
 # Journal kind of a task's completion delta (TaskDone): one row per task, beside its full row.

@@ -63,35 +63,56 @@ def _next_tasks(jobs: list[Job]) -> Iterator[tuple[Job, TaskRec]]:
 
 
 def place(tvms: list[Tvm], jobs: list[Job], fill: str) -> list[tuple[Job, TaskRec, Tvm]]:
-    """Assign queued tasks of `jobs` to free slots of `tvms` (already filtered to schedulable)."""
+    """Assign queued tasks of `jobs` to free slots of `tvms` (already filtered to schedulable).
+    A task with an affinity goes to that TVM if it has a free slot (a hint: else where it is dealt)."""
     # [free slots, TVM]: a list so the count goes down in place as tasks are dealt.
     slots: list[list[Any]] = [[t.free, t] for t in tvms if t.free > 0]
     if not slots or not jobs:
         return []
     out: list[tuple[Job, TaskRec, Tvm]] = []
     tasks = _next_tasks(jobs)
+    named: dict[str, list[Any]] | None = None  # made at the first task with an affinity
+
+    def next_for(entry: list[Any]) -> tuple[Job, TaskRec] | None:
+        """The next task for `entry`'s TVM; tasks that prefer another TVM with room go there."""
+        nonlocal named
+        while True:
+            nxt = next(tasks, None)
+            if nxt is None or nxt[1].affinity is None:
+                return nxt
+            if named is None:
+                named = {e[1].rec.name: e for e in slots}
+            hint = named.get(nxt[1].affinity)
+            if hint is None or hint is entry or hint[0] <= 0:
+                return nxt
+            out.append((nxt[0], nxt[1], hint[1]))
+            hint[0] -= 1
+
     if fill == "pack":
         slots.sort(key=lambda s: (s[0], s[1].rec.name))
         for entry in slots:
-            for _ in range(entry[0]):
-                nxt = next(tasks, None)
+            while entry[0] > 0:
+                nxt = next_for(entry)
                 if nxt is None:
                     return out
                 out.append((nxt[0], nxt[1], entry[1]))
+                entry[0] -= 1
         return out
     # spread: deal one task per TVM per round, TVMs with more free slots first.
     slots.sort(key=lambda s: (-s[0], s[1].rec.name))
     while slots:
         remaining = []
         for entry in slots:
-            nxt = next(tasks, None)
+            if entry[0] <= 0:
+                continue  # filled by tasks that preferred it
+            nxt = next_for(entry)
             if nxt is None:
                 return out
             out.append((nxt[0], nxt[1], entry[1]))
             entry[0] -= 1
             if entry[0] > 0:
                 remaining.append(entry)
-        slots = remaining
+        slots = [e for e in remaining if e[0] > 0]
     # Tasks pulled from a queue but not placed would be lost; the generator only pulls on demand.
     return out
 

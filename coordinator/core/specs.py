@@ -118,6 +118,20 @@ def check_all_complete(value: str | None, field: str = "onAllTasksComplete") -> 
         )
 
 
+def check_affinity(value: str | None, field: str = "affinityId") -> str | None:
+    """A task's affinity: a TVM's name (Azure's node affinityId, `TVM:<name>`, is accepted as it
+    is shown). Only a hint: a name no TVM has is kept and never matches."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > 128 or "\0" in value:
+        raise bad_request(
+            "InvalidPropertyValue",
+            f"{field} must be a TVM's name (at most 128 characters)",
+            field=field,
+        )
+    return value.removeprefix("TVM:")
+
+
 def check_max_parallel(value: int, field: str = "maxParallelTasks") -> None:
     """-1 (no limit) or at least 1 (Azure's rule: 0 would never run a task)."""
     if isinstance(value, bool) or not isinstance(value, int) or (value != -1 and value < 1):

@@ -18,7 +18,13 @@ from .jobprep import check_task_name
 from .jobs import Jobs
 from .records import ACTIVE, COMPLETED, RUNNING, TASK_DONE, Job, TaskRec, Tvm
 from .runs import Runs
-from .specs import MAX_COLLECTION, WALL_CLOCK_EXIT_CODE, check_files, task_constraints
+from .specs import (
+    MAX_COLLECTION,
+    WALL_CLOCK_EXIT_CODE,
+    check_affinity,
+    check_files,
+    task_constraints,
+)
 from .states import move_task
 from .store import Store
 
@@ -68,6 +74,7 @@ class Tasks:
             run_elevated=req.run_elevated,
             depends_on=req.depends_on,
             exit_conditions=req.exit_conditions,
+            affinity=check_affinity(req.affinity_id),
         )
         if req.output_files or req.required_slots != 1 or req.multi_instance_settings:
             taskextras.apply(self.s, job, task, req)

@@ -241,5 +241,6 @@ def task_view(job: Job, t: TaskRec, subs: list[Sub] | None = None) -> m.Task:
             m.OutputFileResult(path=p, sha256=h, size=n) for p, h, n in t.uploaded or ()
         ],
         multi_instance_settings=t.multi,
+        affinity_id=t.affinity,
         subtasks=_subtasks(subs),
     )

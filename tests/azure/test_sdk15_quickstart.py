@@ -249,3 +249,40 @@ def test_max_parallel_tasks(client: BatchClient) -> None:
     finally:
         client.begin_delete_job(job_id, polling_interval=1).result()
         client.begin_delete_pool(pool_id, polling_interval=1).result()
+
+
+def test_task_affinity(client: BatchClient) -> None:
+    """`affinity_info` with a node's `affinity_id`: the task runs on that node while it has a
+    free slot (a hint, as in Azure), and reads back as given."""
+    pool_id, job_id = uid("af-pool"), uid("af-job")
+    client.create_pool(ubuntu_pool(pool_id, 2))
+    try:
+        nodes = sorted(idle_nodes(client, pool_id, 2, "two idle nodes"), key=lambda n: n.id)
+        target = nodes[-1]  # not the node tasks are dealt to first
+        assert target.affinity_id is not None
+        client.create_job(
+            bm.BatchJobCreateOptions(id=job_id, pool_info=bm.BatchPoolInfo(pool_id=pool_id))
+        )
+        for i in range(3):  # one at a time, each to an idle pool
+            tid = f"t{i}"
+            client.create_task(
+                job_id,
+                bm.BatchTaskCreateOptions(
+                    id=tid,
+                    command_line="/bin/true",
+                    affinity_info=bm.BatchAffinityInfo(affinity_id=target.affinity_id),
+                ),
+            )
+            task = wait(
+                lambda tid=tid: (
+                    (t := client.get_task(job_id, tid)).state == bm.BatchTaskState.COMPLETED and t
+                ),
+                f"task {tid}",
+            )
+            assert task.node_info is not None
+            assert task.node_info.node_id == target.id
+            assert task.affinity_info is not None
+            assert task.affinity_info.affinity_id == target.affinity_id
+    finally:
+        client.begin_delete_job(job_id, polling_interval=1).result()
+        client.begin_delete_pool(pool_id, polling_interval=1).result()

@@ -437,8 +437,10 @@ def _int(v: int | None) -> int:
 def task_add(b: Body) -> m.TaskAdd:
     task_id = b.req_text("id")
     b.refuse(_TASK_REFUSED, WHY_LOCAL)
-    b.accept("displayName", "affinityInfo")
+    b.accept("displayName")
+    affinity = b.obj("affinityInfo")
     return m.TaskAdd(
+        affinity_id=affinity.req_text("affinityId") if affinity is not None else None,
         name=task_id,
         command_line=b.req_text("commandLine"),
         resource_files=resource_files(b.objs("resourceFiles")),

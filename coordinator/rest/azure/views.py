@@ -361,7 +361,7 @@ def task_view(core: CoordinatorState, base: str, job: Job, t: TaskRec) -> dict[s
         "commandLine": t.command_line,
         "resourceFiles": _files(t.resource_files),
         "environmentSettings": _env(t.env),
-        "affinityInfo": None,
+        "affinityInfo": {"affinityId": f"TVM:{t.affinity}"} if t.affinity else None,
         "constraints": {
             "maxWallClockTime": format_duration(wall) if wall is not None else UNLIMITED,
             "retentionTime": format_duration(t.retention_s) if t.retention_s is not None else "P7D",
