@@ -4,7 +4,8 @@ Job managers first (`Scheduler.place_job_managers`): restarts before first start
 priority; a restarted manager that finds no room requeues tasks of lower-or-equal priority jobs
 (`make_room`); a waiting runExclusive manager reserves the least busy TVM so it drains. Then, pool by
 pool, `place`: order by job priority (high first); between jobs of equal priority, round robin (fair);
-within a job, submission order; a job with maxParallelTasks gets no more than it has `room` for.
+within a job, submission order; a job with maxParallelTasks gets no more than it has `room` for;
+a task with an affinity goes to the TVM it names while that one has a free slot.
 Fill policy: `spread` deals tasks across TVMs, most free slots first;
 `pack` fills one TVM before the next. No per-task allocation beyond the result list.
 """
