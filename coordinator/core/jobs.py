@@ -65,6 +65,17 @@ def check_job_manager(jm: m.JobManager) -> None:
         task_constraints(jm.task_constraints)
 
 
+# What PATCH /workitems/{wi} may change (for the jobs it creates from then on).
+_WORKITEM_UPDATABLE = (
+    "priority",
+    "job_constraints",
+    "schedule",
+    "on_all_tasks_complete",
+    "metadata",
+    "max_parallel_tasks",
+)
+
+
 class Jobs:
     def __init__(self, store: Store, out: Outbox, runs: Runs, pools: Pools) -> None:
         self.s = store
@@ -160,12 +171,10 @@ class Jobs:
             check_range(req.priority, -1000, 1000, "priority")
         job_constraints(req.job_constraints)
         check_all_complete(req.on_all_tasks_complete)
-        if req.max_parallel_tasks is not None:
-            check_max_parallel(req.max_parallel_tasks)
+        check_max_parallel(req.max_parallel_tasks)
         plan = parse_schedule(req.schedule) if req.schedule is not None else None
         changes: dict[str, object] = {}
-        fields = ("priority", "job_constraints", "schedule", "on_all_tasks_complete", "metadata")
-        for fld in (*fields, "max_parallel_tasks"):
+        for fld in _WORKITEM_UPDATABLE:
             value = getattr(req, fld)
             if value is not None:
                 changes[fld] = value
@@ -312,8 +321,7 @@ class Jobs:
             check_range(req.priority, -1000, 1000, "priority")
         wall, retries = job_constraints(req.job_constraints)
         check_all_complete(req.on_all_tasks_complete)
-        if req.max_parallel_tasks is not None:
-            check_max_parallel(req.max_parallel_tasks)
+        check_max_parallel(req.max_parallel_tasks)
         if req.on_all_tasks_complete == "noaction" and job.rec.on_all_complete == "terminatejob":
             raise bad_request(
                 "InvalidPropertyValue",

@@ -132,8 +132,10 @@ def check_affinity(value: str | None, field: str = "affinityId") -> str | None:
     return value.removeprefix("TVM:")
 
 
-def check_max_parallel(value: int, field: str = "maxParallelTasks") -> None:
-    """-1 (no limit) or at least 1 (Azure's rule: 0 would never run a task)."""
+def check_max_parallel(value: int | None, field: str = "maxParallelTasks") -> None:
+    """-1 (no limit) or at least 1 (Azure's rule: 0 would never run a task); None: not given."""
+    if value is None:
+        return
     if isinstance(value, bool) or not isinstance(value, int) or (value != -1 and value < 1):
         raise bad_request(
             "InvalidPropertyValue",
