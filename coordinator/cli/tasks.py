@@ -138,6 +138,11 @@ def _env(pairs: tuple[str, ...]) -> dict[str, str]:
     help="Its coordination command line (runs on every TVM; the command line starts once all "
     "coordination commands have started, not returned as in Azure Batch).",
 )
+@click.option(
+    "--affinity",
+    default=None,
+    help="A TVM's name: the task runs there when it has a free slot (a hint: else elsewhere).",
+)
 @credentials
 @output_option
 def task_add(
@@ -154,6 +159,7 @@ def task_add(
     slots: int,
     instances: int | None,
     coordination: str | None,
+    affinity: str | None,
     output: str,
     **cred: Any,
 ) -> None:
@@ -177,6 +183,7 @@ def task_add(
             required_slots=slots,
             instances=instances,
             coordination_command_line=coordination,
+            affinity_id=affinity,
         )
     )
     _emit(output, {"added": name})

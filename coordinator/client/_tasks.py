@@ -42,11 +42,13 @@ def task_spec(
     instances: int | None = None,
     coordination_command_line: str | None = None,
     common_resource_files: Sequence[m.ResourceFile] = (),
+    affinity_id: str | None = None,
 ) -> m.TaskAdd:
     """Build a task for `tasks.add_collection` with keyword arguments. `depends_on`: task names
     (or a `TaskDependencies` with ranges); the job needs `uses_task_dependencies`.
     `output_files`: built with `output_file`. `instances` (with `coordination_command_line`): a
-    multi-instance task on that many TVMs of a pool with inter-TVM communication."""
+    multi-instance task on that many TVMs of a pool with inter-TVM communication. `affinity_id`:
+    a TVM's name the task runs on when that TVM has a free slot (a hint)."""
     constraints = None
     if max_wall_clock_time or max_task_retry_count is not None or retention_time:
         constraints = m.TaskConstraints(
@@ -78,6 +80,7 @@ def task_spec(
         )
         if instances is not None
         else None,
+        affinity_id=affinity_id,
     )
 
 

@@ -50,3 +50,16 @@ async def test_task_add_output_files_slots_and_instances(nursery, tmp_path):
         assert r.returncode == 1
         assert "requiredSlots is 9" in r.stderr.decode()
         assert "big" not in json.dumps(await tvm_json("task", "list", "wi", JOB, env=env))
+
+        # --affinity: the TVM's name, shown back; a bad one refused with the reason.
+        (tvm_name,) = [t.name for t in await c.client.tvms.list("p")]
+        await tvm("task", "add", "wi", JOB, "near", "true", "--affinity", tvm_name, env=env)
+        await c.client.tasks.wait("wi", JOB, timeout=60)
+        near = await tvm_json("task", "show", "wi", JOB, "near", env=env)
+        assert near["affinityId"] == tvm_name
+        assert near["tvmInfo"]["tvmName"] == tvm_name
+        r = await tvm(
+            "task", "add", "wi", JOB, "far", "true", "--affinity", "x" * 129, env=env, ok=False
+        )
+        assert r.returncode == 1
+        assert "affinityId must be a TVM's name" in r.stderr.decode()
