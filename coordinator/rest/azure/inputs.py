@@ -15,6 +15,7 @@ import msgspec
 
 from coordinator.common import models as m
 from coordinator.common import vmsizes
+from coordinator.core.specs import check_max_parallel
 
 from .body import Body
 from .conv import invalid
@@ -318,12 +319,10 @@ def job_manager(b: Body | None) -> m.JobManager | None:
 
 
 def max_parallel(b: Body, default: int | None) -> int | None:
-    """`maxParallelTasks`: -1 (no limit) or at least 1; `default` when absent."""
+    """`maxParallelTasks` (the core's rule, its error naming the property's path here); `default`
+    when absent."""
     value = b.integer("maxParallelTasks", default)
-    if value is not None and value != -1 and value < 1:
-        raise invalid(
-            b._p("maxParallelTasks"), value, "maxParallelTasks must be -1 (no limit) or at least 1"
-        )
+    check_max_parallel(value, b._p("maxParallelTasks"))
     return value
 
 
@@ -339,10 +338,8 @@ def job_token(b: Body | None) -> None:
             )
 
 
-def auto_pool(
-    info: Body,
-    catalogue: dict[str, tuple[int, int, int, str]],
-    lifetimes: tuple[str, ...] = ("jobschedule", "job"),
+def _auto_pool(
+    info: Body, catalogue: dict[str, tuple[int, int, int, str]], lifetimes: tuple[str, ...]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """`poolInfo.autoPoolSpecification` as (the seed's autoPoolSpecification, the Azure one to
     echo). Lifetime `jobschedule` is the seed's `workitem`, `job` is `job`; `lifetimes`: those
@@ -381,6 +378,23 @@ def auto_pool(
     return seed, echo
 
 
+def pool_info(
+    info: Body,
+    catalogue: dict[str, tuple[int, int, int, str]],
+    lifetimes: tuple[str, ...] = ("jobschedule", "job"),
+) -> tuple[m.JobExecutionEnvironment, dict[str, Any] | None]:
+    """A job's `poolInfo`: a `poolId` or an `autoPoolSpecification` (not both), as the seed's
+    execution environment, and the auto pool's specification to echo (None for a pool id)."""
+    if not info.has("autoPoolSpecification"):
+        return m.JobExecutionEnvironment(pool_name=info.req_text("poolId")), None
+    if info.has("poolId"):
+        raise invalid(
+            info._p("poolId"), info.text("poolId"), "give poolId or autoPoolSpecification"
+        )
+    seed, echo = _auto_pool(info, catalogue, lifetimes)
+    return m.JobExecutionEnvironment(auto_pool_specification=seed), echo
+
+
 def job_add(b: Body, catalogue: dict[str, tuple[int, int, int, str]]) -> m.WorkitemAdd:
     from . import jobprep_io  # it reads its tasks with this module's helpers
 
@@ -392,15 +406,9 @@ def job_add(b: Body, catalogue: dict[str, tuple[int, int, int, str]]) -> m.Worki
     if info is None:
         raise invalid("poolInfo", None, "poolInfo is required")
     azure: dict[str, Any] = {"displayName": b.text("displayName")}
-    if info.has("autoPoolSpecification"):
-        if info.has("poolId"):
-            raise invalid(
-                info._p("poolId"), info.text("poolId"), "give poolId or autoPoolSpecification"
-            )
-        seed, azure["autoPoolSpecification"] = auto_pool(info, catalogue, ("job",))
-        env = m.JobExecutionEnvironment(auto_pool_specification=seed)
-    else:
-        env = m.JobExecutionEnvironment(pool_name=info.req_text("poolId"))
+    env, echo = pool_info(info, catalogue, ("job",))
+    if echo is not None:
+        azure["autoPoolSpecification"] = echo
     b.accept("allowTaskPreemption")
     return m.WorkitemAdd(
         name=job_id,

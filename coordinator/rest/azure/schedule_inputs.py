@@ -87,16 +87,9 @@ def job_specification(
             {"name": x.name, "value": x.value} for x in inputs.metadata(js.objs("metadata"))
         ],
     }
-    if info.has("autoPoolSpecification"):
-        if info.has("poolId"):
-            raise invalid(
-                info._p("poolId"), info.text("poolId"), "give poolId or autoPoolSpecification"
-            )
-        seed, echo = inputs.auto_pool(info, catalogue)
-        env = m.JobExecutionEnvironment(auto_pool_specification=seed)
+    env, echo = inputs.pool_info(info, catalogue)
+    if echo is not None:
         azure["autoPoolSpecification"] = echo
-    else:
-        env = m.JobExecutionEnvironment(pool_name=info.req_text("poolId"))
     return m.WorkitemAdd(
         name=name,
         max_parallel_tasks=inputs.max_parallel(js, -1) or -1,
