@@ -63,6 +63,9 @@ class PgCluster:
 
     def start(self) -> None:
         opts = f"-k {self.dir} -c listen_addresses='' -c max_connections=200"
+        # immediate stops (the tests' crashes) would leave POSIX segments in /dev/shm: keep them
+        # in the data directory, which goes with the cluster
+        opts += " -c dynamic_shared_memory_type=mmap"
         self._run("pg_ctl", "-D", self.data, "-o", opts, "-l", f"{self.dir}/log", "-w", "start")
 
     def stop(self) -> None:

@@ -177,6 +177,7 @@ class Agent:
             self.send,
             lambda: self._nursery,
             lambda: self.tvm.tvm_name if self.tvm is not None else "",
+            lambda: self.isolation.pool_group,
         )
         self.isolation.node_users = self.node_users
         self.limits = TaskLimits(self.root)
@@ -275,7 +276,7 @@ class Agent:
         for line in self.isolation.describe_ports():
             log.info("ports: %s", line)
         try:  # before the task directory stock looks at tasks/
-            host_health.adopt_tvm_dirs(self.root)
+            host_health.adopt_tvm_dirs(self.root, self.slot_users is not None)
         except host_health.AdoptError as exc:
             self.health.broken("tvm-directories", str(exc))
         host_health.check_cgroups(self.health, self.caps.layout, self.sandbox.cgroup_prefix)

@@ -27,6 +27,12 @@ log = logging.getLogger("tvm.agent")
 # `certs/` are given to the start task's user and the pool's group later (None: only checked to
 # be real directories).
 TVM_DIRS: dict[str, int | None] = {"tasks": 0o755, "shared": 0o1777, "start": None, "certs": None}
+# Where tasks run as users of their own, shared/ and tasks/ are the pool group's (given at each
+# join): no other user of the host lists or reads them (a task of another TVM on the same host is
+# one), as on separate machines. shared/ is setgid, so what tasks leave there is the group's, and
+# sticky, so only a file's owner deletes it; tasks/ is entered and listed, never written, by tasks.
+SHARED_GROUP_MODE = 0o3770
+TASKS_GROUP_MODE = 0o750
 
 BROKEN_TASK_USER = "broken-task-user"
 PORTS_UNFENCED = "ports-unfenced"
@@ -73,14 +79,20 @@ class HostHealth:
         return sorted(self.degraded.values()) if self.degraded else None
 
 
-def adopt_tvm_dirs(root: str) -> list[str]:
-    """Make the TVM root's directories real directories of this agent with their modes. What is in
-    their place otherwise (a symlink, a file, another user's directory: left by an earlier run or
-    an older agent; nobody else can write in the 0711 root) is replaced or taken back. Returns what
-    was repaired; AdoptError when something cannot be."""
+def adopt_tvm_dirs(root: str, group_shared: bool = False) -> list[str]:
+    """Make the TVM root's directories real directories of this agent with their modes (the group
+    modes of shared/ and tasks/ when `group_shared`). What is in their place otherwise (a symlink, a file,
+    another user's directory: left by an earlier run or an older agent; nobody else can write in
+    the 0711 root) is replaced or taken back. Returns what was repaired; AdoptError when something
+    cannot be."""
     repaired: list[str] = []
     me = os.geteuid()
-    for name, mode in TVM_DIRS.items():
+    dirs = (
+        dict(TVM_DIRS, shared=SHARED_GROUP_MODE, tasks=TASKS_GROUP_MODE)
+        if group_shared
+        else TVM_DIRS
+    )
+    for name, mode in dirs.items():
         path = os.path.join(root, name)
         try:
             try:

@@ -10,8 +10,10 @@ supplementary group (``tvmp-<hash>``, created when the agent joins the pool, del
   (``0700 root:root``), so the next task that gets the same slot user cannot read them either.
 * Things only the pool's tasks may read are the pool group's: ``certs/`` (0750 dir, 0640 files,
   owner root) and ``start/`` (0750, owned by the start task's user, whose lease is held while the
-  TVM is in the pool so no later task runs as that uid). ``shared/`` is 1777, as before. A task of
-  another TVM on the same host (another agent, another pool group) reads none of them.
+  TVM is in the pool so no later task runs as that uid). ``shared/`` (3770: setgid, sticky) and
+  ``tasks/`` (0750) are the group's too, so its tasks share them. A task of another TVM on the same
+  host (another agent, another pool group) lists and reads none of them. The TVM's node users are
+  in the group; an agent that stops gives the directories back to root before its group goes.
 * Hosts set up by older agents have slot users whose passwd group is ``tvmtasks`` (or a group that
   no longer exists): they are adopted as they are, the passwd group is never used at launch.
 * Before a uid is given to another task, what the last one left in /tmp, /var/tmp, /dev/shm and

@@ -118,7 +118,9 @@ class TvmLifecycle:
         # What earlier runs left in the TVM root: repaired, or the TVM is reported unusable and
         # the join tried again by `retry_join` (host_health.py) until it can be.
         try:
-            await trio.to_thread.run_sync(adopt_tvm_dirs, self.root)
+            await trio.to_thread.run_sync(
+                adopt_tvm_dirs, self.root, self.isolation.slot_users is not None
+            )
         except AdoptError as exc:
             self.failed_join = msg
             if self.health.broken("tvm-directories", str(exc)):

@@ -153,7 +153,9 @@ class NodeUserLedger:
 
     # ------------------------------------------------------------------ operations
 
-    def add(self, req: pm.NodeUserRequest, tvm: str = "") -> None:
+    def add(self, req: pm.NodeUserRequest, tvm: str = "", group: str = "") -> None:
+        """Create the account; `group`: the TVM's pool group, as the tasks' (shared/ and the
+        start task's files are the group's)."""
         _check(req)
         with self._lock:
             if self.owned(req.name) is not None:
@@ -184,8 +186,9 @@ class NodeUserLedger:
             ]  # fmt: skip
             if req.password_hash:
                 argv += ["--password", req.password_hash]
-            if req.is_admin:
-                argv += ["--groups", "sudo"]
+            groups = (["sudo"] if req.is_admin else []) + ([group] if group else [])
+            if groups:
+                argv += ["--groups", ",".join(groups)]
             res = _run([*argv, req.name])
             if res.returncode != 0:
                 del self.entries[req.name]
@@ -256,6 +259,18 @@ class NodeUserLedger:
                 )
         self.entries.pop(name, None)
         self._save()
+
+    def join_group(self, group: str, tvm: str) -> None:
+        """TVM `tvm`'s accounts join its pool group (made again after an agent restart: the old
+        one went with its members)."""
+        with self._lock:
+            for name, entry in self.entries.items():
+                pw = self.owned(name)
+                if entry.get("tvm") != tvm or pw is None:
+                    continue
+                res = _run([_tool("usermod"), "--append", "--groups", group, name])
+                if res.returncode != 0:
+                    log.error("node user %s not added to %s: %s", name, group, res.stderr.strip())
 
     def remove_all(self, keep_tvm: str | None = None) -> list[str]:
         """Delete every account this agent made (the TVM is going away), or all but those of TVM
@@ -361,11 +376,13 @@ class NodeUsers:
         send: Callable[[pm.Msg], None],
         nursery: Callable[[], trio.Nursery | None],
         current_tvm: Callable[[], str] = lambda: "",
+        pool_group: Callable[[], str] = lambda: "",
     ) -> None:
         self.ledger = NodeUserLedger(private_dir)
         self._send = send
         self._nursery = nursery
         self._current_tvm = current_tvm
+        self._pool_group = pool_group
         self.enabled = os.geteuid() == 0
 
     async def start(self) -> None:
@@ -396,7 +413,9 @@ class NodeUsers:
             return "NodeUserNotSupported", "the agent is not root: it cannot create accounts"
         try:
             if req.op == "add":
-                await trio.to_thread.run_sync(self.ledger.add, req, self._current_tvm())
+                await trio.to_thread.run_sync(
+                    self.ledger.add, req, self._current_tvm(), self._pool_group()
+                )
             elif req.op == "update":
                 await trio.to_thread.run_sync(self.ledger.update, req)
             elif req.op == "delete":

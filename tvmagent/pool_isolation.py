@@ -10,6 +10,7 @@ import hashlib
 import ipaddress
 import logging
 import os
+import stat
 import subprocess
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ from protocol.hostio import primary_ip
 from . import _ipc_sweep, isolation, nftowners
 from ._uid_sweep import TmpWatch
 from ._users import lookup_user
+from .host_health import SHARED_GROUP_MODE, TASKS_GROUP_MODE
 from .ports import NftError, PortGate, apply_nft, nft_available, remove_nft, render_nft_ruleset
 from .sweeps import Sweeps
 
@@ -94,6 +96,11 @@ class PoolIsolation:
         return self._pool_gid
 
     @property
+    def pool_group(self) -> str:
+        """Its name ("" without task users or a pool)."""
+        return self._pool_group
+
+    @property
     def _nursery(self) -> trio.Nursery | None:
         return self._nursery_of()
 
@@ -163,7 +170,10 @@ class PoolIsolation:
 
     def _join_pool_group(self) -> None:
         """(thread) Make this membership's group; give it certs/ and start/ (0750, owner root until
-        the start task's user takes start/). A group a crashed agent left is deleted first."""
+        the start task's user takes start/), shared/ and tasks/ (see `host_health.SHARED_GROUP_MODE`:
+        a task of another TVM on the host may not even list them). The TVM's node users join it
+        too. A group a crashed agent left is deleted
+        first."""
         if self.slot_users is None or self.tvm is None:
             return
         t = self.tvm
@@ -176,10 +186,17 @@ class PoolIsolation:
         )  # before it exists: never leaked
         self._pool_gid = isolation.ensure_group(name)
         self._pool_group = name
-        for d in (t.certs_dir, t.start_dir):
+        for d, mode in (
+            (t.certs_dir, 0o750),
+            (t.start_dir, 0o750),
+            (t.shared_dir, SHARED_GROUP_MODE),
+            (os.path.join(self.root, "tasks"), TASKS_GROUP_MODE),
+        ):
             os.makedirs(d, exist_ok=True)
             os.chown(d, 0, self._pool_gid)
-            os.chmod(d, 0o750)
+            os.chmod(d, mode)
+        if self.node_users is not None:
+            self.node_users.ledger.join_group(name, t.tvm_name)
 
     def _drop_pool_group(self, name: str) -> None:
         _drop_group_and_note(self.root, name)
@@ -513,7 +530,9 @@ class PoolIsolation:
 
 def _drop_group_and_note(root: str, name: str) -> None:
     """(blocking) Delete pool group `name`, then the note in `root` that names it (kept if the
-    group could not be deleted: the next try finds it)."""
+    group could not be deleted: the next try finds it). The directories the group was given go
+    back to root first: a gid left on them would let the next group given that number in."""
+    _hand_back_group_dirs(root)
     try:
         isolation.remove_group(name)
     except (OSError, ValueError) as exc:
@@ -543,6 +562,23 @@ def _remove_table(table: str) -> None:
 def _gate_address() -> str:
     """The address the coordinator publishes for this agent (see metrics.host_facts)."""
     return os.environ.get("TVM_AGENT_IP") or primary_ip()
+
+
+def _hand_back_group_dirs(root: str) -> None:
+    for name, mode in (
+        ("certs", 0o700),
+        ("start", 0o700),
+        ("shared", SHARED_GROUP_MODE),
+        ("tasks", TASKS_GROUP_MODE),
+    ):
+        path = os.path.join(root, name)
+        try:
+            st = os.lstat(path)
+            if stat.S_ISDIR(st.st_mode) and st.st_gid != 0:
+                os.lchown(path, 0, 0)
+                os.chmod(path, mode)
+        except FileNotFoundError:
+            pass
 
 
 def _hand_back(directory: str) -> None:
