@@ -40,6 +40,10 @@ log = logging.getLogger("tvm.agent")
 
 TvmOp = pm.JoinPool | pm.LeavePool | pm.RebootTvm
 
+# In the TVM root: which TVM its directories belong to (account, pool, TVM name).
+MEMBERSHIP_FILE = "tvm-membership"
+TVM_DIR_NAMES = ("tasks", "shared", "start", "certs")
+
 
 class TvmLifecycle:
     def __init__(
@@ -115,9 +119,11 @@ class TvmLifecycle:
             await self.wipe()
         if self.isolation.node_users is not None:
             await self.isolation.node_users.remove_all(keep_tvm=msg.tvm_name)
-        # What earlier runs left in the TVM root: repaired, or the TVM is reported unusable and
-        # the join tried again by `retry_join` (host_health.py) until it can be.
+        # What earlier runs left in the TVM root: another TVM's files go, the rest is repaired, or
+        # the TVM is reported unusable and the join tried again by `retry_join` (host_health.py)
+        # until it can be.
         try:
+            await trio.to_thread.run_sync(self._forget_other_tvm, msg)
             await trio.to_thread.run_sync(
                 adopt_tvm_dirs, self.root, self.isolation.slot_users is not None
             )
@@ -170,6 +176,32 @@ class TvmLifecycle:
             nursery = self._nursery()
             assert nursery is not None
             nursery.start_soon(self._background_start_task, st, msg.tvm_name)
+
+    def _forget_other_tvm(self, msg: pm.JoinPool) -> None:
+        """(thread) The TVM directories hold the files of the TVM named in `MEMBERSHIP_FILE`. Those
+        of another one (this root's TVM before the agent was given a new identity, or joined a
+        pool of another coordinator) are removed before this TVM's tasks can see them, as a
+        machine is reimaged before it is given to another pool; the same TVM keeps its files
+        over an agent restart. OSError: AdoptError (the join is retried)."""
+        note = os.path.join(self.root, MEMBERSHIP_FILE)
+        mine = f"{msg.account}\n{msg.pool}\n{msg.tvm_name}\n"  # not the URL: it moves in a failover
+        try:
+            with open(note) as f:
+                if f.read() == mine:
+                    return
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise AdoptError(f"{note}: {exc.strerror or exc}") from None
+        try:
+            for d in TVM_DIR_NAMES:
+                path = os.path.join(self.root, d)
+                if os.path.lexists(path):
+                    log.warning("%s held another TVM's files: removed", path)
+                    shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+            write_text(note, mine)
+        except OSError as exc:
+            raise AdoptError(f"another TVM's files in {self.root}: {exc.strerror or exc}") from None
 
     async def _background_start_task(self, st: pm.StartTaskSpec, tvm_name: str) -> None:
         done = await self._run_start_task(st, tvm_name)
@@ -285,5 +317,5 @@ class TvmLifecycle:
         self.setup_replies = []
         self.limits.task_memory_limit = 0
         await self.isolation.teardown()
-        for d in ("tasks", "shared", "start", "certs"):
+        for d in TVM_DIR_NAMES:
             await trio.to_thread.run_sync(shutil.rmtree, os.path.join(self.root, d), True)

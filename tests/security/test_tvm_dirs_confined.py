@@ -11,6 +11,7 @@ import grp
 import os
 import pwd
 import secrets
+import shutil
 import stat
 import subprocess
 
@@ -144,3 +145,46 @@ def pwd_exists(name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+async def test_files_of_the_tvm_a_root_held_before_are_gone_when_it_backs_another(
+    nursery, tmp_path, open_root
+):
+    """An agent restarted as itself rejoins its TVM, whose files stay; given a new identity (its
+    private directory gone: another TVM, perhaps another pool or tenant) it finds the old TVM's
+    shared/ and task directories and removes them before a task of the new TVM runs."""
+    os.makedirs(tmp_path / "agents", exist_ok=True)
+    root = os.path.join(open_root, "a")
+    async with cluster_ctx(nursery, tmp_path, heartbeat_timeout=3) as c:
+        c.start_agent("a", extra_args=ISOLATED, root=root)
+        await c.pool_with_tvms("pa", 1)
+        await _run_one(c, "wa", "pa", "writer", f'{PY} -c "{WRITE}"')
+        note = os.path.join(root, "shared", "note.txt")
+        task_dir = os.path.join(root, "tasks", "wa", JOB, "writer")
+        assert os.path.exists(note)  # noqa: ASYNC240
+        assert os.path.isdir(task_dir)  # noqa: ASYNC240
+        first = (await c.client.tvms.list("pa"))[0].name
+
+        c.stop_agents()
+        c.start_agent("a", extra_args=ISOLATED, root=root)  # the same agent: the same TVM
+        await c.wait_for(
+            lambda: os.path.exists(os.path.join(root, "pool-group")), what="the rejoin"
+        )
+        await _run_one(c, "wa", "pa", "again", "/bin/true")
+        assert [t.name for t in await c.client.tvms.list("pa")] == [first]
+        assert os.path.exists(note)  # noqa: ASYNC240
+        assert os.path.isdir(task_dir)  # noqa: ASYNC240
+
+        c.stop_agents()
+        shutil.rmtree(root + ".private")  # a new identity for the same root
+        c.start_agent("b", extra_args=ISOLATED, root=root)
+
+        async def new_tvm_idle() -> bool:
+            return any(
+                t.name != first and t.state == "idle" for t in await c.client.tvms.list("pa")
+            )
+
+        await c.client.pools.resize("pa", 2)  # the old TVM stays in it, offline
+        await c.wait_for(new_tvm_idle, what="a new TVM in the pool")
+        snoop = f'{PY} -c "{PROBE}" {note} {task_dir}'
+        assert (await _run_one(c, "wa", "pa", "snoop", snoop)).split() == ["absent"] * 2
