@@ -2,8 +2,9 @@
 (pids cgroup, see sandbox.py for its RLIMIT_NPROC fallback) and the TVM's disk limit.
 
 The disk limit is a periodic check, not a quota: about every DISK_CHECK_INTERVAL seconds (while
-tasks run) the agent adds up the disk blocks of its running tasks' directories (each inode once,
-symlinks not followed, at most DISK_SCAN_MAX_ENTRIES entries per check) and, while the total is over
+tasks run) the agent adds up the disk blocks of its running tasks' directories and of what their
+users own in /tmp and /var/tmp (each inode once, symlinks not followed, at most
+DISK_SCAN_MAX_ENTRIES entries per check) and, while the total is over
 the pool's limit, kills the task holding the most and fails it with ``DiskLimitExceeded``; a task
 that ends while the total is over the limit fails the same way. A task can therefore write past the
 limit for about a second (plus the scan) before it is stopped; its files stay (they no longer count
@@ -32,6 +33,10 @@ DISK_SCAN_MAX_ENTRIES = (
 )
 # A finished task with at most this many files is measured on the event loop (no thread hop).
 QUICK_SCAN_ENTRIES = 64
+# Where a task's user can write outside its directory on disk (/dev/shm is memory: its pages are
+# charged to the task's memory cgroup). What it leaves there is swept when the task ends.
+SCRATCH_ROOTS = ("/tmp", "/var/tmp")
+SCRATCH_MAX_DEPTH = 64
 
 
 def dir_usage(path: str, seen: set[tuple[int, int]], budget: list[int]) -> int:
@@ -62,11 +67,64 @@ def dir_usage(path: str, seen: set[tuple[int, int]], budget: list[int]) -> int:
     return total
 
 
-def tasks_usage(root: str, keys: list[str]) -> tuple[dict[str, int], bool]:
-    """(bytes per running task, whether the scan stopped early at DISK_SCAN_MAX_ENTRIES)."""
+def scratch_usage(
+    uids: frozenset[int],
+    seen: set[tuple[int, int]],
+    budget: list[int],
+    roots: tuple[str, ...] = SCRATCH_ROOTS,
+) -> dict[int, int]:
+    """Bytes of disk blocks `uids` own under `roots`, per uid. Looks only where they could have
+    written: directories they own or that are world-writable (as the uid sweep does)."""
+    out = dict.fromkeys(uids, 0)
+    stack = [(r, 0) for r in roots]
+    while stack and budget[0] > 0:
+        d, depth = stack.pop()
+        try:
+            with os.scandir(d) as it:
+                for e in it:
+                    budget[0] -= 1
+                    if budget[0] <= 0:
+                        break
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    mine = st.st_uid in uids
+                    if mine and (st.st_dev, st.st_ino) not in seen:
+                        seen.add((st.st_dev, st.st_ino))
+                        out[st.st_uid] += st.st_blocks * 512
+                    if (
+                        stat.S_ISDIR(st.st_mode)
+                        and (mine or st.st_mode & stat.S_IWOTH)
+                        and depth < SCRATCH_MAX_DEPTH
+                    ):
+                        stack.append((e.path, depth + 1))
+        except OSError:
+            continue
+    return out
+
+
+def tasks_usage(
+    root: str, keys: list[str], scratch_roots: tuple[str, ...] = SCRATCH_ROOTS
+) -> tuple[dict[str, int], bool]:
+    """(bytes per running task, whether the scan stopped early at DISK_SCAN_MAX_ENTRIES). A task
+    holds its directory and what its user owns in the scratch roots; a user several running tasks
+    share (`--task-user`) has that part split evenly between them. Root's files are nobody's."""
     seen: set[tuple[int, int]] = set()
     budget = [DISK_SCAN_MAX_ENTRIES]
     usage = {key: dir_usage(task_dir(root, key), seen, budget) for key in keys}
+    owners: dict[int, list[str]] = {}
+    for key in keys:
+        try:
+            uid = os.stat(task_dir(root, key)).st_uid  # the task's user while it runs
+        except OSError:
+            continue
+        if uid != 0:
+            owners.setdefault(uid, []).append(key)
+    if owners:
+        for uid, nbytes in scratch_usage(frozenset(owners), seen, budget, scratch_roots).items():
+            for key in owners[uid]:
+                usage[key] += nbytes // len(owners[uid])
     return usage, budget[0] <= 0
 
 

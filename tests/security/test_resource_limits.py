@@ -122,10 +122,18 @@ async def test_a_fork_flood_is_stopped_by_the_pools_process_limit(nursery, tmp_p
 
 
 @pytest.mark.skipif(_root_reason is not None, reason=_root_reason or "")
-@pytest.mark.parametrize("linger", [True, False], ids=["writes-and-waits", "writes-and-exits"])
+@pytest.mark.parametrize(
+    ("linger", "where"),
+    [(True, "big"), (False, "big"), (True, "/tmp/tvm-flood-{}/big"), (True, "/var/tmp/tvm-{}")],
+    ids=["writes-and-waits", "writes-and-exits", "writes-into-tmp", "writes-into-var-tmp"],
+)
 async def test_a_disk_flood_fails_with_disk_limit_exceeded_and_the_tvm_keeps_working(
-    nursery, tmp_path, open_root, linger
+    nursery, tmp_path, open_root, linger, where
 ):
+    """Also outside the task's directory: what its user owns in /tmp and /var/tmp counts (the
+    host's disk is every tenant's); swept when the task ends."""
+    where = where.format(secrets.token_hex(4))
+    mkdir = f"mkdir -p {os.path.dirname(where)}; " if where.startswith("/tmp/") else ""
     os.makedirs(tmp_path / "agents", exist_ok=True)
     async with cluster_ctx(nursery, tmp_path, heartbeat_timeout=5) as c:
         c.start_agent(extra_args=ISOLATED, root=os.path.join(open_root, "a0"))
@@ -136,7 +144,8 @@ async def test_a_disk_flood_fails_with_disk_limit_exceeded_and_the_tvm_keeps_wor
             c,
             [
                 task_spec(
-                    "flood", f"sh -c 'dd if=/dev/zero of=big bs=1M count=200 2>/dev/null{then}'"
+                    "flood",
+                    f"sh -c '{mkdir}dd if=/dev/zero of={where} bs=1M count=200 2>/dev/null{then}'",
                 )
             ],
         )
@@ -148,6 +157,9 @@ async def test_a_disk_flood_fails_with_disk_limit_exceeded_and_the_tvm_keeps_wor
         assert tasks["after"].execution_info.exit_code == 0
         assert tasks["after"].execution_info.scheduling_error is None
         assert (await c.client.tvms.list("p"))[0].state in ("idle", "running")
+        if where.startswith("/"):
+            assert not os.path.exists(where)  # noqa: ASYNC240 - swept with the task's user
+            assert not os.path.exists(os.path.dirname(where)) or where.startswith("/var/")  # noqa: ASYNC240
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from coordinator.common.errors import ApiError
 from coordinator.core.pool_limits import check_pool_limits, join_limits
 from protocol import agent_codec
 from protocol import messages as pm
-from tvmagent.limits import DEFAULT_TASK_PIDS, TaskLimits, dir_usage
+from tvmagent.limits import DEFAULT_TASK_PIDS, TaskLimits, dir_usage, scratch_usage, tasks_usage
 
 
 def test_old_coordinators_messages_decode_with_the_defaults() -> None:
@@ -67,3 +67,41 @@ def test_dir_usage_counts_each_inode_once_and_follows_no_symlink(tmp_path: Path)
     used = dir_usage(str(tmp_path), set(), [1000])
     assert (1 << 20) <= used < (1 << 20) + (64 << 10)  # the file once, plus directory blocks
     assert dir_usage(str(tmp_path), set(), [1]) == 0  # the entry budget bounds the walk
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (files of other uids)")
+def test_a_tasks_files_in_the_scratch_roots_count_for_it(tmp_path: Path) -> None:
+    """What a running task's user owns in /tmp-like roots is its disk use too: found in its own
+    and in world-writable directories, nowhere else; split between tasks sharing one user."""
+    uid_a, uid_b = 61001, 61002
+    scratch = tmp_path / "scratch"
+    (scratch / "open").mkdir(parents=True)
+    os.chmod(scratch / "open", 0o1777)
+    (scratch / "closed").mkdir()  # someone else's, not world-writable: a task could not write here
+
+    def put(path: Path, size: int, uid: int) -> None:
+        path.write_bytes(b"\1" * size)
+        os.chown(path, uid, uid)
+
+    put(scratch / "a1", 1 << 20, uid_a)
+    put(scratch / "open" / "a2", 1 << 20, uid_a)
+    (scratch / "mine").mkdir()
+    os.chown(scratch / "mine", uid_a, uid_a)
+    put(scratch / "mine" / "a3", 1 << 20, uid_a)
+    put(scratch / "closed" / "a4", 8 << 20, uid_a)  # planted by root: not looked for
+    put(scratch / "b1", 2 << 20, uid_b)
+    got = scratch_usage(frozenset({uid_a, uid_b}), set(), [1000], (str(scratch),))
+    assert 3 << 20 <= got[uid_a] < (3 << 20) + (64 << 10)
+    assert 2 << 20 <= got[uid_b] < (2 << 20) + (16 << 10)
+
+    root = tmp_path / "tvm"
+    for key, uid in (("w/j/t1", uid_a), ("w/j/t2", uid_b), ("w/j/t3", uid_b), ("w/j/t4", 0)):
+        d = root / "tasks" / key
+        d.mkdir(parents=True)
+        os.chown(d, uid, uid)
+    keys = ["w/j/t1", "w/j/t2", "w/j/t3", "w/j/t4"]
+    usage, truncated = tasks_usage(str(root), keys, (str(scratch),))
+    assert not truncated
+    assert usage["w/j/t1"] >= 3 << 20
+    assert 1 << 20 <= usage["w/j/t2"] == usage["w/j/t3"] < 2 << 20  # one user, two tasks
+    assert usage["w/j/t4"] < 64 << 10  # root's files are nobody's
