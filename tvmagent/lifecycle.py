@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import shutil
+import stat
 import time
 from collections.abc import Awaitable, Callable
 
@@ -193,15 +194,26 @@ class TvmLifecycle:
             pass
         except OSError as exc:
             raise AdoptError(f"{note}: {exc.strerror or exc}") from None
+        for d in TVM_DIR_NAMES:
+            path = os.path.join(self.root, d)
+            try:
+                if not stat.S_ISDIR(os.lstat(path).st_mode):
+                    continue  # a link or a file: adopt_tvm_dirs replaces it, never following it
+                held = bool(os.listdir(path))
+                shutil.rmtree(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise AdoptError(
+                    f"TVM directory {path} cannot be repaired: {exc.strerror or exc} "
+                    "(it holds another TVM's files)"
+                ) from None
+            if held:
+                log.warning("TVM directory %s held another TVM's files: removed", path)
         try:
-            for d in TVM_DIR_NAMES:
-                path = os.path.join(self.root, d)
-                if os.path.lexists(path):
-                    log.warning("%s held another TVM's files: removed", path)
-                    shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
             write_text(note, mine)
         except OSError as exc:
-            raise AdoptError(f"another TVM's files in {self.root}: {exc.strerror or exc}") from None
+            raise AdoptError(f"{note}: {exc.strerror or exc}") from None
 
     async def _background_start_task(self, st: pm.StartTaskSpec, tvm_name: str) -> None:
         done = await self._run_start_task(st, tvm_name)
