@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -105,6 +106,15 @@ def _credentials(
             "MissingCredentials",
             "set " + ", ".join(missing) + " (tvm up prints them) or pass them",
         )
+    try:
+        base64.b64decode(key, validate=True)
+    except ValueError:
+        raise BatchError(
+            0,
+            "InvalidCredentials",
+            "the account key is not base64: copy it whole from the TVM_KEY line `tvm up` "
+            "prints (or `tvm keys regenerate` printed)",
+        ) from None
     return endpoint.rstrip("/"), account, key
 
 

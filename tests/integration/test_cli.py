@@ -138,6 +138,17 @@ async def test_missing_credentials_clear_message_and_exit_code(tmp_path):
         assert r.returncode == 1
         assert "endpoint" in r.stderr.decode()
         assert "Traceback" not in r.stderr.decode()
+    # A key cut short or mistyped: said before any request, not a base64 traceback.
+    for bad in ("abc", "not base64!", "aGVsbG8"):
+        r = await tvm(
+            "pool",
+            "list",
+            env=_env({"TVM_ENDPOINT": "http://127.0.0.1:9", "TVM_ACCOUNT": "a", "TVM_KEY": bad}),
+            ok=False,
+        )
+        assert r.returncode == 1
+        assert "the account key is not base64" in r.stderr.decode()
+        assert "Traceback" not in r.stderr.decode()
     # Nothing listens there: a clear connection error, not a traceback.
     r = await tvm(
         "pool",
