@@ -62,6 +62,39 @@ def output_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
+class NonEmptyText(click.ParamType):
+    """Text that is not empty: `--recurrence "$INTERVAL"` with the variable unset must not quietly
+    mean "no schedule"."""
+
+    name = "text"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("must not be empty (an unset shell variable?)", param, ctx)
+        return value
+
+
+CREDENTIALS = ("endpoint", "account", "key")  # empty: taken from the environment, as documented
+
+
+def refuse_empty_values(group: click.Group) -> None:
+    """Every text option of every command under `group` refuses an empty value, except where empty
+    is its default (a prefix) or means "from the environment" (the credentials)."""
+    for cmd in group.commands.values():
+        if isinstance(cmd, click.Group):
+            refuse_empty_values(cmd)
+            continue
+        for p in cmd.params:
+            if (
+                isinstance(p, click.Option)
+                and isinstance(p.type, click.types.StringParamType)
+                and not p.is_flag
+                and p.default != ""
+                and p.name not in CREDENTIALS
+            ):
+                p.type = NonEmptyText()
+
+
 def credentials(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option(
         "--key", envvar="TVM_KEY", help="Account key (env TVM_KEY).", show_envvar=False

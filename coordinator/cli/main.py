@@ -11,7 +11,7 @@ import click
 from tvmagent.cli import agent as _agent_command
 
 from . import k8s, resources, security, store, tasks, ui
-from ._common import CONTEXT, _setup_logging
+from ._common import CONTEXT, _setup_logging, refuse_empty_values
 
 # --------------------------------------------------------------------------- root
 
@@ -277,6 +277,7 @@ for _register in (
     k8s.register,
 ):
     _register(cli)
+refuse_empty_values(cli)
 
 
 def main(argv: list[str] | None = None) -> None:

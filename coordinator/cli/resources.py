@@ -74,7 +74,7 @@ def pool_add(
     from coordinator.common import models as m
 
     c = _mk(**cred)
-    extra = {"start_task": m.StartTask(command_line=start_task)} if start_task else {}
+    extra = {"start_task": m.StartTask(command_line=start_task)} if start_task is not None else {}
     p = _run(
         lambda: c.pools.add(
             name,

@@ -161,6 +161,43 @@ async def test_missing_credentials_clear_message_and_exit_code(tmp_path):
     assert "Traceback" not in r.stderr.decode()
 
 
+def test_every_text_option_refuses_an_empty_value():
+    """`--recurrence "$X"` with X unset must not quietly mean "no schedule": every text option
+    refuses "" before any request, but those whose default is "" (a prefix) and the credentials
+    (empty: from the environment)."""
+    checked = []
+    for path in _walk(cli, []):
+        cmd: Any = cli
+        for name in path:
+            cmd = cmd.commands[name]
+        if isinstance(cmd, click.Group):
+            continue
+        for p in cmd.params:
+            if (
+                isinstance(p, click.Option)
+                and not p.is_flag
+                and p.type.name == "text"
+                and p.default != ""
+                and p.name not in ("endpoint", "account", "key")
+            ):
+                with pytest.raises(click.BadParameter, match="must not be empty"):
+                    p.type.convert("", p, None)
+                with pytest.raises(click.BadParameter, match="must not be empty"):
+                    p.type.convert("  ", p, None)
+                checked.append(f"{' '.join(path)} {p.opts[0]}")
+    assert "workitem add --recurrence" in checked
+    assert len(checked) > 50
+    creds = ["--endpoint", "http://127.0.0.1:9", "--account", "a", "--key", "aGVsbG8="]
+    for args in (
+        ["workitem", "add", "w", "--pool", "p", "--recurrence", ""],
+        ["pool", "add", "p", "--start-task", ""],
+        ["task", "add", "w", JOB, "t", "true", "--max-wall-clock", ""],
+    ):
+        r = CliRunner().invoke(cli, [*args, *creds])
+        assert r.exit_code == 2, r.output  # a usage error: nothing was sent (nothing listens)
+        assert "must not be empty" in r.output
+
+
 @pytest.mark.parametrize(
     "args",
     [
