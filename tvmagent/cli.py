@@ -124,9 +124,27 @@ def agent(
         ca_file=cfg.ca_file or None,
     )
     try:
+        _lock_agent_dirs(opts.root, opts.private_dir)
         sys.exit(trio.run(run_agent, opts))
     except LayoutError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _lock_agent_dirs(root: str, private_dir: str) -> None:
+    """One agent per TVM root and identity: a second one would run its tasks in the same
+    directories, under the same name, and take the first one's place at the coordinator."""
+    from protocol.hostio import InUse, hold_lock
+
+    from .layout import prepare_agent_dirs
+
+    private = prepare_agent_dirs(root, private_dir)
+    for d in (os.path.abspath(root), private):
+        try:
+            hold_lock(os.path.join(d, ".agent.lock"), f"the agent directory {d}")
+        except InUse as exc:
+            raise click.ClickException(
+                f"{exc}: an agent runs with it; stop it first (or give this one another --root)"
+            ) from None
 
 
 @agent.command("install-service", context_settings=CONTEXT)

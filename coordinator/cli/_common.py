@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -93,6 +94,19 @@ def refuse_empty_values(group: click.Group) -> None:
                 and p.name not in CREDENTIALS
             ):
                 p.type = NonEmptyText()
+
+
+def lock_state_dir(state_dir: str) -> None:
+    """One coordinator per state directory: a second one (another `tvm up` in the same place, a
+    migration while it runs) would write the same database and start the same local agents."""
+    from protocol.hostio import InUse, hold_lock
+
+    try:
+        hold_lock(os.path.join(state_dir, "coordinator.lock"), f"the state directory {state_dir}")
+    except InUse as exc:
+        raise click.ClickException(
+            f"{exc}: a coordinator runs there; stop it first (or use another --state-dir)"
+        ) from None
 
 
 def credentials(f: Callable[..., Any]) -> Callable[..., Any]:

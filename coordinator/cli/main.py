@@ -11,7 +11,7 @@ import click
 from tvmagent.cli import agent as _agent_command
 
 from . import k8s, resources, security, store, tasks, ui
-from ._common import CONTEXT, _setup_logging, refuse_empty_values
+from ._common import CONTEXT, _setup_logging, lock_state_dir, refuse_empty_values
 
 # --------------------------------------------------------------------------- root
 
@@ -115,14 +115,16 @@ def up(
 
 
 def _check_state_dir(state_dir: str) -> None:
-    """Private from the first byte: umask 077 for this process, the directory created or repaired 0700."""
+    """Private from the first byte: umask 077 for this process, the directory created or repaired
+    0700; and this process's own (the lock)."""
     from coordinator.runtime.statedir import PRIVATE_UMASK, StateDirError, secure_state_dir
 
     os.umask(PRIVATE_UMASK)
     try:
-        secure_state_dir(state_dir)
+        state_dir = secure_state_dir(state_dir)
     except (StateDirError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
+    lock_state_dir(state_dir)
 
 
 @cli.command(context_settings=CONTEXT)

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from ._common import CONTEXT, _emit, output_option
+from ._common import CONTEXT, _emit, lock_state_dir, output_option
 
 
 @click.group(context_settings=CONTEXT)
@@ -51,6 +51,8 @@ def migrate(state_dir: str, url: str | None, output: str) -> None:
     def progress(n: int) -> None:
         click.echo(f"  {n} objects copied", err=True)
 
+    if os.path.isdir(state_dir):
+        lock_state_dir(state_dir)
     try:
         objects, meta, files = run(state_dir, url, progress)
     except (MigrateError, StoreUnreachable) as exc:
