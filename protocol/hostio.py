@@ -38,9 +38,9 @@ class InUse(Exception):
 _held: list[int] = []  # the lock files' descriptors: kept open for the life of the process
 
 
-def hold_lock(path: str, what: str) -> None:
+def hold_lock(path: str, what: str, hint: str) -> None:
     """Take the exclusive lock on `path` (made 0600) for the rest of this process, or raise InUse
-    naming `what` and the holder's pid. An flock: it goes with the process, however it ends, and
+    naming `what`, the holder's pid and what to do (`hint`). An flock: it goes with the process, however it ends, and
     the descriptor is not inherited by children (which may outlive it)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
@@ -50,7 +50,7 @@ def hold_lock(path: str, what: str) -> None:
         with contextlib.suppress(OSError, ValueError):
             holder = f" (pid {int(os.pread(fd, 32, 0).decode().strip())})"
         os.close(fd)
-        raise InUse(f"{what} is in use by another process{holder}") from None
+        raise InUse(f"{what} is in use by another process{holder}: {hint}") from None
     except OSError:
         os.close(fd)
         raise

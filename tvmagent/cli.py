@@ -137,14 +137,12 @@ def _lock_agent_dirs(root: str, private_dir: str) -> None:
 
     from .layout import prepare_agent_dirs
 
-    private = prepare_agent_dirs(root, private_dir)
-    for d in (os.path.abspath(root), private):
-        try:
-            hold_lock(os.path.join(d, ".agent.lock"), f"the agent directory {d}")
-        except InUse as exc:
-            raise click.ClickException(
-                f"{exc}: an agent runs with it; stop it first (or give this one another --root)"
-            ) from None
+    hint = "an agent runs with it; stop it first (or give this one another --root)"
+    try:
+        for d in (os.path.abspath(root), prepare_agent_dirs(root, private_dir)):
+            hold_lock(os.path.join(d, ".agent.lock"), f"the agent directory {d}", hint)
+    except InUse as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @agent.command("install-service", context_settings=CONTEXT)

@@ -36,14 +36,20 @@ QUICK_SCAN_ENTRIES = 64
 # Where a task's user can write outside its directory on disk (/dev/shm is memory: its pages are
 # charged to the task's memory cgroup). What it leaves there is swept when the task ends.
 SCRATCH_ROOTS = ("/tmp", "/var/tmp")
-SCRATCH_MAX_DEPTH = 64
 
 
-def dir_usage(path: str, seen: set[tuple[int, int]], budget: list[int]) -> int:
-    """Bytes of disk blocks under ``path`` (not following symlinks, each inode once across calls
-    sharing ``seen``); stops when ``budget[0]`` entries have been looked at."""
-    total = 0
-    stack = [path]
+def _blocks(
+    tops: list[str],
+    seen: set[tuple[int, int]],
+    budget: list[int],
+    uids: frozenset[int] | None = None,
+) -> dict[int, int]:
+    """Bytes of disk blocks under `tops` per owning uid (symlinks not followed, each inode once
+    across calls sharing `seen`; stops when `budget[0]` entries have been looked at). With `uids`:
+    only theirs, looked for only where they could have written (directories they own or that are
+    world-writable, as the uid sweep does)."""
+    out: dict[int, int] = {}
+    stack = list(tops)
     while stack and budget[0] > 0:
         d = stack.pop()
         try:
@@ -56,15 +62,20 @@ def dir_usage(path: str, seen: set[tuple[int, int]], budget: list[int]) -> int:
                         st = e.stat(follow_symlinks=False)
                     except OSError:
                         continue  # gone meanwhile
-                    if (st.st_dev, st.st_ino) in seen:
-                        continue
-                    seen.add((st.st_dev, st.st_ino))
-                    total += st.st_blocks * 512
-                    if stat.S_ISDIR(st.st_mode):
+                    counted = uids is None or st.st_uid in uids
+                    if counted and (st.st_dev, st.st_ino) not in seen:
+                        seen.add((st.st_dev, st.st_ino))
+                        out[st.st_uid] = out.get(st.st_uid, 0) + st.st_blocks * 512
+                    if stat.S_ISDIR(st.st_mode) and (counted or st.st_mode & stat.S_IWOTH):
                         stack.append(e.path)
         except OSError:
             continue
-    return total
+    return out
+
+
+def dir_usage(path: str, seen: set[tuple[int, int]], budget: list[int]) -> int:
+    """Bytes of disk blocks under ``path`` (see `_blocks`)."""
+    return sum(_blocks([path], seen, budget).values())
 
 
 def scratch_usage(
@@ -73,35 +84,9 @@ def scratch_usage(
     budget: list[int],
     roots: tuple[str, ...] = SCRATCH_ROOTS,
 ) -> dict[int, int]:
-    """Bytes of disk blocks `uids` own under `roots`, per uid. Looks only where they could have
-    written: directories they own or that are world-writable (as the uid sweep does)."""
-    out = dict.fromkeys(uids, 0)
-    stack = [(r, 0) for r in roots]
-    while stack and budget[0] > 0:
-        d, depth = stack.pop()
-        try:
-            with os.scandir(d) as it:
-                for e in it:
-                    budget[0] -= 1
-                    if budget[0] <= 0:
-                        break
-                    try:
-                        st = e.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    mine = st.st_uid in uids
-                    if mine and (st.st_dev, st.st_ino) not in seen:
-                        seen.add((st.st_dev, st.st_ino))
-                        out[st.st_uid] += st.st_blocks * 512
-                    if (
-                        stat.S_ISDIR(st.st_mode)
-                        and (mine or st.st_mode & stat.S_IWOTH)
-                        and depth < SCRATCH_MAX_DEPTH
-                    ):
-                        stack.append((e.path, depth + 1))
-        except OSError:
-            continue
-    return out
+    """Bytes of disk blocks `uids` own under `roots`, per uid."""
+    found = _blocks(list(roots), seen, budget, uids)
+    return {uid: found.get(uid, 0) for uid in uids}
 
 
 def tasks_usage(

@@ -102,11 +102,13 @@ def lock_state_dir(state_dir: str) -> None:
     from protocol.hostio import InUse, hold_lock
 
     try:
-        hold_lock(os.path.join(state_dir, "coordinator.lock"), f"the state directory {state_dir}")
+        hold_lock(
+            os.path.join(state_dir, "coordinator.lock"),
+            f"the state directory {state_dir}",
+            "a coordinator runs there; stop it first (or use another --state-dir)",
+        )
     except InUse as exc:
-        raise click.ClickException(
-            f"{exc}: a coordinator runs there; stop it first (or use another --state-dir)"
-        ) from None
+        raise click.ClickException(str(exc)) from None
 
 
 def credentials(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -7,6 +7,7 @@ Real coordinator, two real root agents running tasks as per-task slot users.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
@@ -16,7 +17,15 @@ import stat
 import subprocess
 
 from tests.harness import cluster_ctx
-from tests.security.test_task_isolation import ISOLATED, JOB, PY, _run_one, open_root, pytestmark
+from tests.security.test_task_isolation import (
+    ISOLATED,
+    JOB,
+    PY,
+    _group_exists,
+    _run_one,
+    open_root,
+    pytestmark,
+)
 
 __all__ = ["open_root", "pytestmark"]
 
@@ -127,24 +136,9 @@ async def test_a_tvms_node_user_is_in_its_pool_group_also_after_an_agent_restart
                 what="the node user in the pool group made again",
             )
         finally:
-            if pwd_exists(name):
+            with contextlib.suppress(KeyError):
+                pwd.getpwnam(name)
                 os.system(f"userdel -r {name} >/dev/null 2>&1")  # noqa: S605, ASYNC221 - our own user
-
-
-def _group_exists(name: str) -> bool:
-    try:
-        grp.getgrnam(name)
-    except KeyError:
-        return False
-    return True
-
-
-def pwd_exists(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True
 
 
 async def test_files_of_the_tvm_a_root_held_before_are_gone_when_it_backs_another(
