@@ -21,6 +21,7 @@ Blocking: call from a worker thread.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import stat
@@ -29,7 +30,12 @@ import time
 
 from . import _ipc_sweep
 
-SWEEP_ROOTS = ("/tmp", "/var/tmp", "/dev/shm", "/dev/mqueue")
+SWEEP_ROOTS = ("/tmp", "/var/tmp", "/dev/shm", "/dev/mqueue", "/run/lock")
+# Work a user scheduled for later (crontab, at): it would run as the uid outside the task's
+# cgroup, after the task, perhaps while the uid runs another tenant's task. Task users are denied
+# both (`deny_schedulers`); what one scheduled anyway (before the deny) is swept with its files.
+SPOOLS = ("/var/spool/cron/crontabs", "/var/spool/cron/atjobs", "/var/spool/cron", "/var/spool/at")
+DENY_FILES = ("/etc/cron.deny", "/etc/at.deny")
 MAX_DEPTH = 64
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -59,8 +65,11 @@ def sweep_uid(uid: int, roots: tuple[str, ...] = SWEEP_ROOTS) -> int:
     return sweep_uids(frozenset({uid}), roots)
 
 
-def sweep_uids(uids: frozenset[int], roots: tuple[str, ...] = SWEEP_ROOTS) -> int:
-    """`sweep_uid` for several uids in one walk (the walk, not the uids, is the cost)."""
+def sweep_uids(
+    uids: frozenset[int], roots: tuple[str, ...] = SWEEP_ROOTS, spools: tuple[str, ...] = SPOOLS
+) -> int:
+    """`sweep_uid` for several uids in one walk (the walk, not the uids, is the cost); and their
+    files directly in `spools` (crontabs, at jobs)."""
     if 0 in uids:
         raise ValueError("refusing to sweep root's files")
     removed = 0
@@ -73,7 +82,54 @@ def sweep_uids(uids: frozenset[int], roots: tuple[str, ...] = SWEEP_ROOTS) -> in
             removed += _sweep(fd, uids, 0)
         finally:
             os.close(fd)
+    for spool in spools:
+        removed += _unlink_owned(spool, uids)
     return removed
+
+
+def _unlink_owned(directory: str, uids: frozenset[int]) -> int:
+    """The non-directories of `uids` directly in `directory` (nothing below it)."""
+    removed = 0
+    try:
+        fd = os.open(directory, _DIR_FLAGS)
+    except OSError:
+        return 0
+    try:
+        with os.scandir(fd) as it:
+            for e in it:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                    if st.st_uid in uids and not stat.S_ISDIR(st.st_mode):
+                        os.unlink(e.name, dir_fd=fd)
+                        removed += 1
+                except OSError:
+                    continue
+    finally:
+        os.close(fd)
+    return removed
+
+
+def deny_schedulers(name: str, files: tuple[str, ...] = DENY_FILES) -> None:
+    """Name task user `name` in cron.deny and at.deny (made if missing, 0644: crontab and at read
+    them without root), once; Debian lets every user not named there schedule work."""
+    flags = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    for path in files:
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+            os.fchmod(fd, 0o644)  # whatever this process's umask (the agent's may be 077)
+        except FileExistsError:
+            fd = os.open(path, flags)  # the operator's mode and group stay
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # another agent may add its users at the same time
+            text = b""
+            while chunk := os.pread(fd, 65536, len(text)):
+                text += chunk
+            if name.encode() not in text.split():
+                os.write(
+                    fd, (b"" if not text or text.endswith(b"\n") else b"\n") + name.encode() + b"\n"
+                )
+        finally:
+            os.close(fd)
 
 
 def _sweep(dfd: int, uids: frozenset[int], depth: int) -> int:
@@ -162,7 +218,7 @@ class TmpWatch:
 
     SETTLE_NS = 50_000_000
 
-    def __init__(self, roots: tuple[str, ...] = SWEEP_ROOTS) -> None:
+    def __init__(self, roots: tuple[str, ...] = SWEEP_ROOTS + SPOOLS) -> None:
         self.roots = roots
         self._record: dict[str, tuple[int, int]] | None = None
 

@@ -16,8 +16,10 @@ supplementary group (``tvmp-<hash>``, created when the agent joins the pool, del
   in the group; an agent that stops gives the directories back to root before its group goes.
 * Hosts set up by older agents have slot users whose passwd group is ``tvmtasks`` (or a group that
   no longer exists): they are adopted as they are, the passwd group is never used at launch.
-* Before a uid is given to another task, what the last one left in /tmp, /var/tmp, /dev/shm and
-  /dev/mqueue is removed (tvmagent/_uid_sweep.py) and, where no cgroup held the task's tree, its
+* Task users may not schedule work for later (named in /etc/cron.deny and /etc/at.deny): a crontab
+  or at job would run as the uid outside the task's cgroup, when it may run another tenant's task.
+* Before a uid is given to another task, what the last one left in /tmp, /var/tmp, /dev/shm,
+  /dev/mqueue and /run/lock (and the cron and at spools) is removed (tvmagent/_uid_sweep.py) and, where no cgroup held the task's tree, its
   remaining processes are killed. The lock file says "dirty" until that is done, so a crashed
   agent's leftovers are swept by whoever takes the uid next.
 * A slot user is held with an ``flock`` on ``/run/tvm-agent/slots/<user>.lock`` while a task
@@ -37,6 +39,7 @@ import contextlib
 import fcntl
 import grp
 import hashlib
+import logging
 import os
 import pwd
 import random
@@ -45,7 +48,10 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+from ._uid_sweep import deny_schedulers
 from ._users import lookup_user, validate_user_name
+
+log = logging.getLogger("tvm.agent")
 
 TASK_GROUP = "tvmtasks"  # the shared group of older agents; no longer granted anything
 POOL_GROUP_PREFIX = "tvmp-"
@@ -107,12 +113,21 @@ def _gid_unique(gid: int) -> bool:
     return sum(1 for g in grp.getgrall() if g.gr_gid == gid) == 1
 
 
+_denied: set[str] = set()  # slot users named in cron.deny and at.deny by this process
+
+
 def ensure_slot_user(name: str) -> tuple[int, int]:
     """(uid, gid) of slot user `name`, created on demand; gid is the user's own group ``name``.
 
     An existing user keeps its passwd entry (older agents gave it ``tvmtasks``; its group may even
     be gone): the task runs with the own group anyway, so a stale passwd group cannot wedge it."""
     validate_user_name(name)
+    if name not in _denied:
+        try:
+            deny_schedulers(name)
+            _denied.add(name)
+        except OSError as exc:  # a read-only /etc: the spool sweep still removes what it left
+            log.warning("task user %s not named in cron.deny/at.deny: %s", name, exc)
     existing = lookup_user(name)
     if existing is not None:
         try:

@@ -173,7 +173,8 @@ async def test_a_later_task_cannot_write_into_the_start_directory(nursery, tmp_p
         assert st.st_mode & 0o777 == 0o750
 
 
-# The first task leaves secrets in /dev/shm and /tmp (a 0600 file, and one in a directory of its own)
+# The first task leaves secrets in /dev/shm, /tmp (a 0600 file, and one in a directory of its own)
+# and /run/lock (world-writable on Debian, as /var/lock)
 # and in System V IPC (a 0600 shared memory segment, a semaphore set, a message queue).
 LEAVE = r"""
 import os, subprocess, sys
@@ -203,7 +204,7 @@ async def test_the_next_task_of_a_slot_user_does_not_find_what_the_last_one_left
     nursery, tmp_path, open_root
 ):
     tag = f"tvm-sec-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    left = [f"/dev/shm/{tag}", f"/tmp/{tag}", f"/tmp/{tag}.d/inner"]
+    left = [f"/dev/shm/{tag}", f"/tmp/{tag}", f"/tmp/{tag}.d/inner", f"/run/lock/{tag}"]
     os.makedirs(tmp_path / "agents", exist_ok=True)
     try:
         async with cluster_ctx(nursery, tmp_path, heartbeat_timeout=3) as c:
@@ -230,7 +231,7 @@ async def test_the_next_task_of_a_slot_user_does_not_find_what_the_last_one_left
                     same = out
                     break
             assert same is not None, f"the slot user {uid} never came back: {seen}"
-            assert same[:4] == ["absent", "absent", "absent", "0"], same
+            assert same[:5] == ["absent", "absent", "absent", "absent", "0"], same
     finally:
         for p in left:
             if os.path.lexists(p):

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from tvmagent import _ipc_sweep
-from tvmagent._uid_sweep import cleanup_uid, kill_uid, sweep_uid, sweep_uids
+from tvmagent._uid_sweep import cleanup_uid, deny_schedulers, kill_uid, sweep_uid, sweep_uids
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown to another uid)")
 
@@ -137,6 +137,39 @@ def test_one_walk_sweeps_several_uids_and_no_others(tmp_path) -> None:
     with pytest.raises(ValueError, match="root"):
         sweep_uids(frozenset({UID, 0}), (str(root),))
     assert os.listdir(root) == [f"f{OTHER}"]
+
+
+def test_work_a_uid_scheduled_for_later_is_swept(tmp_path) -> None:
+    """A crontab or at job (files of the uid directly in the spools) goes with its files; the
+    spool's own directories and other users' entries stay."""
+    crontabs, atjobs = tmp_path / "crontabs", tmp_path / "atjobs"
+    for d in (crontabs, atjobs):
+        d.mkdir()
+    _make(crontabs / "tvmslot7", UID)
+    _make(crontabs / "someone", OTHER)
+    _make(atjobs / "a0001a01", UID)
+    (atjobs / ".SEQ").write_text("1")
+    sub = crontabs / "sub"
+    sub.mkdir()
+    os.chown(sub, UID, UID)
+    spools = (str(crontabs), str(atjobs), str(tmp_path / "absent"))
+    assert sweep_uids(frozenset({UID}), (), spools) == 2
+    assert sorted(os.listdir(crontabs)) == ["someone", "sub"]
+    assert os.listdir(atjobs) == [".SEQ"]
+
+
+def test_task_users_are_named_in_the_schedulers_deny_files(tmp_path) -> None:
+    cron, at = tmp_path / "cron.deny", tmp_path / "at.deny"
+    at.write_text("daemon")  # an operator's file without a final newline
+    old = os.umask(0o077)  # an agent started by `tvm up` has the coordinator's
+    try:
+        for name in ("tvmslot0", "tvmslot1", "tvmslot0"):
+            deny_schedulers(name, (str(cron), str(at)))
+    finally:
+        os.umask(old)
+    assert cron.read_text() == "tvmslot0\ntvmslot1\n"
+    assert at.read_text() == "daemon\ntvmslot0\ntvmslot1\n"
+    assert stat.S_IMODE(os.stat(cron).st_mode) == 0o644  # crontab and at read it without root
 
 
 async def test_sweeps_asked_during_a_walk_share_the_next_one(tmp_path) -> None:
