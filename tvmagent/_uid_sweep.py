@@ -28,7 +28,7 @@ import stat
 import subprocess
 import time
 
-from . import _ipc_sweep
+from . import _ipc_sweep, _keyrings
 
 SWEEP_ROOTS = ("/tmp", "/var/tmp", "/dev/shm", "/dev/mqueue", "/run/lock")
 # Work a user scheduled for later (crontab, at): it would run as the uid outside the task's
@@ -197,11 +197,11 @@ def _neutralise(dfd: int, name: str, st: os.stat_result) -> None:
 
 
 def cleanup_uid(uid: int, gid: int, kill: bool = True, roots: tuple[str, ...] = SWEEP_ROOTS) -> int:
-    """Processes first (a live one could write again after the sweep), then files and System V
-    IPC objects."""
+    """Processes first (a live one could write again after the sweep), then files, System V IPC
+    objects and kernel keyrings."""
     if kill:
         kill_uid(uid, gid)
-    return sweep_uid(uid, roots) + _ipc_sweep.remove_owned(uid)
+    return sweep_uid(uid, roots) + _ipc_sweep.remove_owned(uid) + _keyrings.clear_if_used(uid, gid)
 
 
 class TmpWatch:

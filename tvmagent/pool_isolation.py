@@ -20,7 +20,7 @@ import trio
 from protocol import messages as pm
 from protocol.hostio import primary_ip
 
-from . import _ipc_sweep, isolation, nftowners
+from . import _ipc_sweep, _keyrings, isolation, nftowners
 from ._uid_sweep import TmpWatch
 from ._users import lookup_user
 from .host_health import SHARED_GROUP_MODE, TASKS_GROUP_MODE
@@ -305,6 +305,7 @@ class PoolIsolation:
                 and self.sandbox.caps.layout.usable  # else its leftover processes must be killed
                 and self.tmp_watch.unchanged(lease.tmp_base)
                 and not _ipc_sweep.owned(lease.uid)  # no directory shows those
+                and not _keyrings.used(lease.uid)  # nor these
             ):
                 self._park(lease)  # nothing to sweep: no Trio task, no thread
                 return

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import trio
 
-from . import _ipc_sweep
+from . import _ipc_sweep, _keyrings
 from ._uid_sweep import SWEEP_ROOTS, kill_uid, sweep_uids
 
 
@@ -87,7 +87,7 @@ class Sweeps:
 
     def _walk(self, users: list[SweptUser]) -> dict[int, BaseException]:
         """(worker thread) Processes first (a live one could write again after the walk), then
-        one walk for the files of all, then each one's IPC objects."""
+        one walk for the files of all, then each one's IPC objects and keyrings."""
         self.walks += 1
         errors: dict[int, BaseException] = {}
         kill = self._kill()
@@ -109,6 +109,7 @@ class Sweeps:
             if id(u) not in errors:
                 try:
                     _ipc_sweep.remove_owned(u.uid)
+                    _keyrings.clear_if_used(u.uid, u.gid)
                 except OSError as exc:
                     errors[id(u)] = exc
         self._refresh()

@@ -12,6 +12,7 @@ import base64
 import datetime as dt
 import grp
 import os
+import platform
 import uuid
 
 import pytest
@@ -173,10 +174,14 @@ async def test_a_later_task_cannot_write_into_the_start_directory(nursery, tmp_p
         assert st.st_mode & 0o777 == 0o750
 
 
+# add_key and keyctl system call numbers
+ADD_KEY, KEYCTL = {"aarch64": (217, 219)}.get(platform.machine(), (248, 250))
+
 # The first task leaves secrets in /dev/shm, /tmp (a 0600 file, and one in a directory of its own)
-# and /run/lock (world-writable on Debian, as /var/lock)
+# and /run/lock (world-writable on Debian, as /var/lock), in its user keyring
 # and in System V IPC (a 0600 shared memory segment, a semaphore set, a message queue).
-LEAVE = r"""
+LEAVE = f"""
+ADD_KEY = {ADD_KEY}
 import os, subprocess, sys
 for p in sys.argv[1:]:
     os.makedirs(os.path.dirname(p), exist_ok=True)
@@ -184,19 +189,27 @@ for p in sys.argv[1:]:
     os.write(fd, b'secret'); os.close(fd)
 for kind in ('-M 4096', '-S 1', '-Q'):
     subprocess.run(['ipcmk', *kind.split(), '-p', '0600'], check=True, stdout=subprocess.DEVNULL)
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.syscall(ADD_KEY, b'user', b'tvm-secret', b'secret', 6, -4) > 0  # add_key(.., @u)
 print('uid', os.getuid())
 """
 
-# READ, plus how many System V IPC objects of its own uid the task finds.
+# READ, plus how many System V IPC objects of its own uid the task finds, and whether its user
+# keyring holds the key.
 READ_IPC = READ.replace(
     "print(' '.join(res), 'uid', os.getuid())",
-    """n = 0
+    f"""KEYCTL = {KEYCTL}
+n = 0
 for kind in ('shm', 'sem', 'msg'):
     with open('/proc/sysvipc/' + kind) as f:
         head = f.readline().split()
         for line in f:
             n += int(line.split()[head.index('uid')]) == os.getuid()
-print(' '.join(res), n, 'uid', os.getuid())""",
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+key = libc.syscall(KEYCTL, 10, -4, b'user', b'tvm-secret', 0)  # keyctl(KEYCTL_SEARCH, @u, ..)
+print(' '.join(res), n, 'key' if key > 0 else 'nokey', 'uid', os.getuid())""",
 )
 
 
@@ -231,7 +244,7 @@ async def test_the_next_task_of_a_slot_user_does_not_find_what_the_last_one_left
                     same = out
                     break
             assert same is not None, f"the slot user {uid} never came back: {seen}"
-            assert same[:5] == ["absent", "absent", "absent", "absent", "0"], same
+            assert same[:6] == ["absent", "absent", "absent", "absent", "0", "nokey"], same
     finally:
         for p in left:
             if os.path.lexists(p):

@@ -8,10 +8,11 @@ import os
 import shutil
 import stat
 import subprocess
+import time
 
 import pytest
 
-from tvmagent import _ipc_sweep
+from tvmagent import _ipc_sweep, _keyrings
 from tvmagent._uid_sweep import cleanup_uid, deny_schedulers, kill_uid, sweep_uid, sweep_uids
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown to another uid)")
@@ -202,3 +203,52 @@ async def test_sweeps_asked_during_a_walk_share_the_next_one(tmp_path) -> None:
     assert sweeps.walks == 2  # the first alone, the two that asked meanwhile together
     assert len(refreshed) == 2
     assert os.listdir(root) == [f"f{OTHER}"]
+
+
+KEY_SCRIPT = """
+import ctypes, platform, sys
+add_key, keyctl = {"aarch64": (217, 219)}.get(platform.machine(), (248, 250))
+libc = ctypes.CDLL(None, use_errno=True)
+if sys.argv[1] == "put":
+    assert libc.syscall(add_key, b"user", b"tvm-test", b"secret", 6, -4) > 0
+else:
+    print("found" if libc.syscall(keyctl, 10, -4, b"user", b"tvm-test", 0) > 0 else "absent")
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/python3"), reason="needs /usr/bin/python3")
+@pytest.mark.skipif(_keyrings._clear is None, reason="needs the agent's compiled helper")
+def test_a_uids_keyrings_are_emptied_once_used() -> None:
+    """A key a task user stored in its user keyring outlives its processes; the sweep empties the
+    keyring when /proc/key-users shows a change since the last time, and only then."""
+
+    def as_uid(*args: str) -> str:
+        return subprocess.run(
+            ["/usr/bin/python3", "-c", KEY_SCRIPT, *args],
+            user=UID,
+            group=UID,
+            extra_groups=[],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+
+    as_uid("put")
+    assert as_uid("get") == "found"  # a later process of the uid: the key is still there
+    assert _keyrings.used(UID)
+    assert _keyrings.clear_if_used(UID, UID) is True
+    assert as_uid("get") == "absent"
+    # Unused since, the uid stops being cleared (once the kernel has collected the unlinked key,
+    # which it does shortly after the clear: the counts may move once more).
+    for _ in range(50):
+        if not _keyrings.clear_if_used(UID, UID):
+            break
+        time.sleep(0.1)
+    assert not _keyrings.used(UID)
+    as_uid("get")  # looking adds no key
+    assert not _keyrings.used(UID)
+    as_uid("put")
+    assert _keyrings.used(UID)
+    assert _keyrings.clear_if_used(UID, UID) is True
+    with pytest.raises(ValueError, match="root"):
+        _keyrings._clear(0, 0)

@@ -345,11 +345,59 @@ done:
 #endif
 }
 
+/* Empty a user's own kernel keyrings (its user and user-session keyrings), which outlive its
+ * processes: what one task of a slot user stored there, the next task of that uid would read.
+ * Root cannot reach another uid's keyrings (key permissions have no override), so a forked child
+ * takes the uid and clears them. The child makes raw system calls only, then _exits. */
+static PyObject *py_clear_keyrings(PyObject *self, PyObject *args)
+{
+    unsigned int uid, gid;
+    int status = 0, err = 0;
+    pid_t pid;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "II", &uid, &gid))
+        return NULL;
+    if (uid == 0) {
+        PyErr_SetString(PyExc_ValueError, "refusing to clear root's keyrings");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    pid = fork();
+    if (pid == 0) {
+        if (syscall(SYS_setgroups, 0, NULL) != 0 || syscall(SYS_setresgid, gid, gid, gid) != 0 ||
+            syscall(SYS_setresuid, uid, uid, uid) != 0)
+            _exit(2);
+        if (syscall(SYS_keyctl, 7 /* KEYCTL_CLEAR */, -4 /* KEY_SPEC_USER_KEYRING */) != 0 ||
+            syscall(SYS_keyctl, 7, -5 /* KEY_SPEC_USER_SESSION_KEYRING */) != 0)
+            _exit(3);
+        _exit(0);
+    }
+    if (pid < 0)
+        err = errno;
+    else
+        while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+            ;
+    Py_END_ALLOW_THREADS
+    if (pid < 0) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+        PyErr_Format(PyExc_OSError, "clearing the keyrings of uid %u failed (%s %d)", uid,
+                     WIFEXITED(status) ? "exit" : "signal",
+                     WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status));
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"spawn", py_spawn, METH_VARARGS,
      "spawn(path, argv, envp, cwd, (stdin, stdout, stderr), cgroup_fd, join_fds, ids, rlimits)"
      " -> (pid, pidfd). ids: None or (uid, gid, groups). A failure in the child before exec "
      "raises ChildProcessError((errno, step, step name))."},
+    {"clear_keyrings", py_clear_keyrings, METH_VARARGS,
+     "clear_keyrings(uid, gid): empty that user's user and user-session keyrings (OSError if not)."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_clone3", NULL, -1, methods,
