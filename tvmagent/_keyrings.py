@@ -67,6 +67,8 @@ def clear_if_used(uid: int, gid: int, path: str = KEY_USERS) -> bool:
             )
     else:
         _clear(uid, gid)
+    # The kernel collects what the clear unlinked a little later: the counts then move once
+    # more, and the next look clears once more (with nothing left to unlink).
     after = _counts(path).get(uid)  # without the helper too: said once, not swept every time
     if after is not None:
         _after_clear[uid] = after

@@ -209,10 +209,15 @@ KEY_SCRIPT = """
 import ctypes, platform, sys
 add_key, keyctl = {"aarch64": (217, 219)}.get(platform.machine(), (248, 250))
 libc = ctypes.CDLL(None, use_errno=True)
+ring = -4  # the user keyring; "persistent": the uid's persistent keyring, kept for days
+if sys.argv[2:] == ["persistent"]:
+    assert libc.syscall(keyctl, 1, None) > 0  # a session keyring of its own to link it into
+    ring = libc.syscall(keyctl, 22, -1, -3)
+    assert ring > 0, ctypes.get_errno()
 if sys.argv[1] == "put":
-    assert libc.syscall(add_key, b"user", b"tvm-test", b"secret", 6, -4) > 0
+    assert libc.syscall(add_key, b"user", b"tvm-test", b"secret", 6, ring) > 0
 else:
-    print("found" if libc.syscall(keyctl, 10, -4, b"user", b"tvm-test", 0) > 0 else "absent")
+    print("found" if libc.syscall(keyctl, 10, ring, b"user", b"tvm-test", 0) > 0 else "absent")
 """
 
 
@@ -250,5 +255,9 @@ def test_a_uids_keyrings_are_emptied_once_used() -> None:
     as_uid("put")
     assert _keyrings.used(UID)
     assert _keyrings.clear_if_used(UID, UID) is True
+    as_uid("put", "persistent")
+    assert as_uid("get", "persistent") == "found"
+    assert _keyrings.clear_if_used(UID, UID) is True
+    assert as_uid("get", "persistent") == "absent"
     with pytest.raises(ValueError, match="root"):
         _keyrings._clear(0, 0)

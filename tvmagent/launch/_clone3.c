@@ -345,7 +345,7 @@ done:
 #endif
 }
 
-/* Empty a user's own kernel keyrings (its user and user-session keyrings), which outlive its
+/* Empty a user's own kernel keyrings (its user, user-session and persistent keyrings), which outlive its
  * processes: what one task of a slot user stored there, the next task of that uid would read.
  * Root cannot reach another uid's keyrings (key permissions have no override), so a forked child
  * takes the uid and clears them. The child makes raw system calls only, then _exits. */
@@ -364,10 +364,17 @@ static PyObject *py_clear_keyrings(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     pid = fork();
     if (pid == 0) {
+        /* First, as root, the persistent keyring (kept for days; a kernel without them says
+         * EOPNOTSUPP): got for the uid into the child's own process keyring, which makes the
+         * child its possessor (the right to empty it), and which is root's, so the uid's key
+         * counts do not move with it. Made for the uid if it had none. */
+        long persistent = syscall(SYS_keyctl, 22 /* KEYCTL_GET_PERSISTENT */, uid, -2);
+        if (persistent > 0 && syscall(SYS_keyctl, 7 /* KEYCTL_CLEAR */, persistent) != 0)
+            _exit(3);
         if (syscall(SYS_setgroups, 0, NULL) != 0 || syscall(SYS_setresgid, gid, gid, gid) != 0 ||
             syscall(SYS_setresuid, uid, uid, uid) != 0)
             _exit(2);
-        if (syscall(SYS_keyctl, 7 /* KEYCTL_CLEAR */, -4 /* KEY_SPEC_USER_KEYRING */) != 0 ||
+        if (syscall(SYS_keyctl, 7, -4 /* KEY_SPEC_USER_KEYRING */) != 0 ||
             syscall(SYS_keyctl, 7, -5 /* KEY_SPEC_USER_SESSION_KEYRING */) != 0)
             _exit(3);
         _exit(0);
