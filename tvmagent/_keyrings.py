@@ -13,6 +13,7 @@ Without the compiled helper the keyrings are not cleared; the agent says so once
 from __future__ import annotations
 
 import logging
+import os
 
 log = logging.getLogger("tvm.agent")
 
@@ -28,26 +29,33 @@ except (ImportError, AttributeError):
     _clear = None
 
 
-def _counts(path: str = KEY_USERS) -> dict[int, bytes]:
-    """uid -> "nkeys/nikeys qnkeys/maxkeys qnbytes/maxbytes" (not the usage count, which moves with
-    the uid's processes)."""
-    out: dict[int, bytes] = {}
+def _counts(uid: int, path: str = KEY_USERS) -> bytes | None:
+    """The uid's "nkeys/nikeys qnkeys/maxkeys qnbytes/maxbytes" (not its usage count, which moves
+    with its processes); None when it has no keys. Asked after every task: one read, one search."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = b"\n" + os.read(fd, 65536)  # a line per uid with keys: ~40 bytes each
+            while len(data) > 65536 and (more := os.read(fd, 65536)):
+                data += more
+        finally:
+            os.close(fd)
     except OSError:
-        return out
-    for line in data.splitlines():
-        uid, _, rest = line.partition(b":")
-        fields = rest.split()
-        if len(fields) >= 4 and uid.strip().isdigit():
-            out[int(uid)] = b" ".join(fields[1:])
-    return out
+        return None
+    for tag in (b"\n%d:" % uid, b" %d:" % uid):  # "%5u:": right-aligned, or not when wider
+        at = data.find(tag)
+        if at >= 0:
+            break
+    else:
+        return None
+    end = data.find(b"\n", at + 1)
+    line = data[at + len(tag) : end if end >= 0 else None]
+    return b" ".join(line.split()[1:])
 
 
 def used(uid: int, path: str = KEY_USERS) -> bool:
     """The uid's keyrings may hold something a task put there since they were last cleared."""
-    now = _counts(path).get(uid)
+    now = _counts(uid, path)
     return now is not None and now != _after_clear.get(uid)
 
 
@@ -69,7 +77,7 @@ def clear_if_used(uid: int, gid: int, path: str = KEY_USERS) -> bool:
         _clear(uid, gid)
     # The kernel collects what the clear unlinked a little later: the counts then move once
     # more, and the next look clears once more (with nothing left to unlink).
-    after = _counts(path).get(uid)  # without the helper too: said once, not swept every time
+    after = _counts(uid, path)  # without the helper too: said once, not swept every time
     if after is not None:
         _after_clear[uid] = after
     return _clear is not None

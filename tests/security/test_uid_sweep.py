@@ -261,3 +261,19 @@ def test_a_uids_keyrings_are_emptied_once_used() -> None:
     assert as_uid("get", "persistent") == "absent"
     with pytest.raises(ValueError, match="root"):
         _keyrings._clear(0, 0)
+
+
+def test_key_user_counts_are_read_for_the_uid_asked(tmp_path) -> None:
+    path = tmp_path / "key-users"
+    path.write_text(
+        "    0:    10 9/9 3/1000000 192/25000000\n"
+        "  999:     3 3/3 3/200 44/20000\n"
+        " 1999:     2 2/2 2/200 28/20000\n"
+        "3021612:     3 3/3 2/200 30/20000\n"
+    )
+    assert _keyrings._counts(999, str(path)) == b"3/3 3/200 44/20000"
+    assert _keyrings._counts(1999, str(path)) == b"2/2 2/200 28/20000"  # not 999's
+    assert _keyrings._counts(3021612, str(path)) == b"3/3 2/200 30/20000"
+    assert _keyrings._counts(0, str(path)) == b"9/9 3/1000000 192/25000000"
+    assert _keyrings._counts(99, str(path)) is None
+    assert _keyrings._counts(999, str(tmp_path / "absent")) is None
