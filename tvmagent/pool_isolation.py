@@ -172,8 +172,7 @@ class PoolIsolation:
         """(thread) Make this membership's group; give it certs/ and start/ (0750, owner root until
         the start task's user takes start/), shared/ and tasks/ (see `host_health.SHARED_GROUP_MODE`:
         a task of another TVM on the host may not even list them). The TVM's node users join it
-        too. A group a crashed agent left is deleted
-        first."""
+        too. A group a crashed agent left is deleted first."""
         if self.slot_users is None or self.tvm is None:
             return
         t = self.tvm
