@@ -20,8 +20,8 @@ supplementary group (``tvmp-<hash>``, created when the agent joins the pool, del
   or at job would run as the uid outside the task's cgroup, when it may run another tenant's task.
 * Before a uid is given to another task, what the last one left in /tmp, /var/tmp, /dev/shm,
   /dev/mqueue and /run/lock (and the cron and at spools) is removed (tvmagent/_uid_sweep.py), its
-  System V IPC objects and kernel keyrings emptied (_ipc_sweep.py, _keyrings.py), and, where no cgroup held the task's tree, its
-  remaining processes are killed. The lock file says "dirty" until that is done, so a crashed
+  System V IPC objects and kernel keyrings emptied (_ipc_sweep.py, _keyrings.py), and, where no
+  cgroup held the task's tree, its remaining processes are killed. The lock file says "dirty" until that is done, so a crashed
   agent's leftovers are swept by whoever takes the uid next.
 * A slot user is held with an ``flock`` on ``/run/tvm-agent/slots/<user>.lock`` while a task
   runs as it, so two agents on one host never give the same uid to two live tasks. The kernel

@@ -345,10 +345,11 @@ done:
 #endif
 }
 
-/* Empty a user's own kernel keyrings (its user, user-session and persistent keyrings), which outlive its
- * processes: what one task of a slot user stored there, the next task of that uid would read.
- * Root cannot reach another uid's keyrings (key permissions have no override), so a forked child
- * takes the uid and clears them. The child makes raw system calls only, then _exits. */
+/* Empty a user's own kernel keyrings (its user, user-session and persistent keyrings), which
+ * outlive its processes: what one task of a slot user stored there, the next task of that uid
+ * would read. Root cannot reach another uid's user keyrings (key permissions have no override),
+ * so a forked child takes the uid and clears them. The child makes raw system calls only, then
+ * _exits. */
 static PyObject *py_clear_keyrings(PyObject *self, PyObject *args)
 {
     unsigned int uid, gid;
