@@ -40,8 +40,8 @@ _held: list[int] = []  # the lock files' descriptors: kept open for the life of 
 
 def hold_lock(path: str, what: str, hint: str) -> None:
     """Take the exclusive lock on `path` (made 0600) for the rest of this process, or raise InUse
-    naming `what`, the holder's pid and what to do (`hint`). An flock: it goes with the process, however it ends, and
-    the descriptor is not inherited by children (which may outlive it)."""
+    naming `what`, the holder's pid and what to do (`hint`). An flock: it goes with the process,
+    however it ends, and the descriptor is not inherited by children (which may outlive it)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
