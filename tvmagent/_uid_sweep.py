@@ -33,8 +33,16 @@ from . import _ipc_sweep, _keyrings
 SWEEP_ROOTS = ("/tmp", "/var/tmp", "/dev/shm", "/dev/mqueue", "/run/lock")
 # Work a user scheduled for later (crontab, at): it would run as the uid outside the task's
 # cgroup, after the task, perhaps while the uid runs another tenant's task. Task users are denied
-# both (`deny_schedulers`); what one scheduled anyway (before the deny) is swept with its files.
-SPOOLS = ("/var/spool/cron/crontabs", "/var/spool/cron/atjobs", "/var/spool/cron", "/var/spool/at")
+# both (`deny_schedulers`); what one scheduled anyway (before the deny) is swept with its files,
+# as is its mailbox (a task can mail itself where the host has a mail transfer agent).
+SPOOLS = (
+    "/var/spool/cron/crontabs",
+    "/var/spool/cron/atjobs",
+    "/var/spool/cron",
+    "/var/spool/at",
+    "/var/mail",
+    "/var/spool/mail",
+)
 DENY_FILES = ("/etc/cron.deny", "/etc/at.deny")
 MAX_DEPTH = 64
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

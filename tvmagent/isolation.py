@@ -19,7 +19,7 @@ supplementary group (``tvmp-<hash>``, created when the agent joins the pool, del
 * Task users may not schedule work for later (named in /etc/cron.deny and /etc/at.deny): a crontab
   or at job would run as the uid outside the task's cgroup, when it may run another tenant's task.
 * Before a uid is given to another task, what the last one left in /tmp, /var/tmp, /dev/shm,
-  /dev/mqueue and /run/lock (and the cron and at spools) is removed (tvmagent/_uid_sweep.py), its
+  /dev/mqueue and /run/lock (and the cron, at and mail spools) is removed (_uid_sweep.py), its
   System V IPC objects and kernel keyrings emptied (_ipc_sweep.py, _keyrings.py), and, where no
   cgroup held the task's tree, its remaining processes are killed. The lock file says "dirty" until that is done, so a crashed
   agent's leftovers are swept by whoever takes the uid next.

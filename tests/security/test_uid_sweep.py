@@ -141,11 +141,12 @@ def test_one_walk_sweeps_several_uids_and_no_others(tmp_path) -> None:
 
 
 def test_work_a_uid_scheduled_for_later_is_swept(tmp_path) -> None:
-    """A crontab or at job (files of the uid directly in the spools) goes with its files; the
-    spool's own directories and other users' entries stay."""
-    crontabs, atjobs = tmp_path / "crontabs", tmp_path / "atjobs"
-    for d in (crontabs, atjobs):
+    """A crontab, an at job or a mailbox (files of the uid directly in the spools) goes with its
+    files; the spool's own directories and other users' entries stay."""
+    crontabs, atjobs, mail = tmp_path / "crontabs", tmp_path / "atjobs", tmp_path / "mail"
+    for d in (crontabs, atjobs, mail):
         d.mkdir()
+    _make(mail / "tvmslot7", UID)  # a mailbox: a task can mail itself
     _make(crontabs / "tvmslot7", UID)
     _make(crontabs / "someone", OTHER)
     _make(atjobs / "a0001a01", UID)
@@ -153,8 +154,9 @@ def test_work_a_uid_scheduled_for_later_is_swept(tmp_path) -> None:
     sub = crontabs / "sub"
     sub.mkdir()
     os.chown(sub, UID, UID)
-    spools = (str(crontabs), str(atjobs), str(tmp_path / "absent"))
-    assert sweep_uids(frozenset({UID}), (), spools) == 2
+    spools = (str(crontabs), str(atjobs), str(mail), str(tmp_path / "absent"))
+    assert sweep_uids(frozenset({UID}), (), spools) == 3
+    assert os.listdir(mail) == []
     assert sorted(os.listdir(crontabs)) == ["someone", "sub"]
     assert os.listdir(atjobs) == [".SEQ"]
 
