@@ -13,6 +13,8 @@ from tvmagent.cli import agent as _agent_command
 from . import k8s, resources, security, store, tasks, ui
 from ._common import CONTEXT, _setup_logging, lock_state_dir, refuse_empty_values
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
 # --------------------------------------------------------------------------- root
 
 
@@ -27,7 +29,13 @@ def cli() -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.option("--agents", default=2, show_default=True, help="Local agent processes to start.")
+@click.option(
+    "--agents",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Local agent processes to start.",
+)
 @click.option(
     "--state-dir", default="./tvm-state", show_default=True, help="Database, files and agent roots."
 )
@@ -43,15 +51,20 @@ def cli() -> None:
     help="The http(s):// URL other machines reach this coordinator at (printed join command).",
 )
 @click.option(
-    "--port", default=7070, show_default=True, help="REST and agent port (0: any free port)."
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=7070,
+    show_default=True,
+    help="REST and agent port (0: any free port).",
 )
 @click.option(
     "--heartbeat-timeout",
+    type=click.FloatRange(min=0, min_open=True),
     default=30.0,
     show_default=True,
     help="Seconds before a silent TVM is lost.",
 )
-@click.option("--log-level", default="info", show_default=True)
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
 @click.option(
     "--provision/--no-provision",
     default=True,
@@ -92,8 +105,6 @@ def up(
     from coordinator.daemon.joining import check_public_url
 
     _setup_logging(log_level)
-    if agents < 0:
-        raise click.BadParameter("must be >= 0", param_hint="--agents")
     host = listen or host
     if public_url and (why := check_public_url(public_url)):
         raise click.UsageError(why)
@@ -129,9 +140,14 @@ def _check_state_dir(state_dir: str) -> None:
 
 @cli.command(context_settings=CONTEXT)
 @click.option(
-    "--tasks", "n_tasks", default=200, show_default=True, help="Tasks in the sample workload."
+    "--tasks",
+    "n_tasks",
+    type=click.IntRange(min=1),
+    default=200,
+    show_default=True,
+    help="Tasks in the sample workload.",
 )
-@click.option("--agents", default=2, show_default=True)
+@click.option("--agents", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--state-dir", default=None, help="Keep state here (default: a temporary directory).")
 def quickstart(n_tasks: int, agents: int, state_dir: str | None) -> None:
     """Start a coordinator and local agents, run a sample workload end to end, print the results."""

@@ -199,6 +199,28 @@ def test_every_text_option_refuses_an_empty_value():
 
 
 @pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["up", "--port", "99999"], "99999 is not in the range 0<=x<=65535"),
+        (["up", "--port", "-5"], "-5 is not in the range"),
+        (["up", "--heartbeat-timeout", "0"], "is not in the range x>0"),
+        (["up", "--heartbeat-timeout", "-3"], "is not in the range x>0"),
+        (["up", "--log-level", "loud"], "'loud' is not one of"),
+        (["up", "--agents", "-1"], "-1 is not in the range x>=0"),
+        (["quickstart", "--agents", "0"], "0 is not in the range x>=1"),
+        (["quickstart", "--tasks", "0"], "0 is not in the range x>=1"),
+    ],
+)
+def test_bad_values_for_the_embedded_commands_are_usage_errors(args, says, tmp_path):
+    """Were a traceback (a port out of range, a negative timeout) or quietly taken (a log level);
+    refused before anything starts or is written."""
+    r = CliRunner().invoke(cli, [*args, "--state-dir", str(tmp_path / "state")])
+    assert r.exit_code == 2, r.output
+    assert says in r.output
+    assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize(
     "args",
     [
         ["add", "wi", JOB, "t1", "true"],
