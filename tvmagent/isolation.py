@@ -16,6 +16,9 @@ supplementary group (``tvmp-<hash>``, created when the agent joins the pool, del
   in the group; an agent that stops gives the directories back to root before its group goes.
 * Hosts set up by older agents have slot users whose passwd group is ``tvmtasks`` (or a group that
   no longer exists): they are adopted as they are, the passwd group is never used at launch.
+* Tasks run with no_new_privs (the launcher sets it after the switch to the task user): a setuid
+  file of a slot user, left in shared/ by a task of the pool, does not turn a later task into that
+  slot user, which may run another tenant's task by then.
 * Task users may not schedule work for later (named in /etc/cron.deny and /etc/at.deny): a crontab
   or at job would run as the uid outside the task's cgroup, when it may run another tenant's task.
 * Before a uid is given to another task, what the last one left in /tmp, /var/tmp, /dev/shm,

@@ -370,7 +370,8 @@ def build_command(
     if user_ids is not None:
         uid, gid = user_ids
         extra = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
-        chain += [tools["setpriv"], f"--reuid={uid}", f"--regid={gid}", extra, "--"]
+        chain += [tools["setpriv"], f"--reuid={uid}", f"--regid={gid}", extra]
+        chain += ["--no-new-privs", "--"]  # as the compiled launcher: no setuid file helps
     spawn_env, held = split_env(spec.env, wrapped=bool(chain) or bwrap_prefix is not None)
     reset = reset_signals and "env-reset" in tools
     if held or reset:

@@ -366,3 +366,34 @@ async def test_the_clone_runs_where_the_setting_says(
             assert (sb._clones._thread is not None) == thread_used, mode
         finally:
             assert sb.close() == []
+
+
+async def test_no_exec_of_a_task_gains_privileges(
+    caps: SandboxCapabilities, task_user: tuple[str, int, int], workdir: Path
+) -> None:
+    """A setuid file the task can reach (one a task of its pool left in shared/, owned by a slot
+    user that may run another tenant's task by then) does not change the task's user: the task
+    runs with no_new_privs. Here a copy of `id`, setuid to `nobody`."""
+    name, uid, gid = task_user
+    tool = workdir / "suid-id"
+    shutil.copy("/usr/bin/id", tool)
+    os.chown(tool, 65534, 65534)
+    os.chmod(tool, 0o4755)
+    # The check is real: the same file run without the sandbox does take nobody's uid.
+    plain = subprocess.run(  # noqa: ASYNC221 - a short child before the sandbox starts
+        [str(tool), "-u"], user=uid, group=gid, extra_groups=[], capture_output=True, text=True
+    )
+    assert plain.stdout.strip() == "65534", plain
+    sb = Sandbox(caps, cgroup_prefix=f"tvmtest-nnp-{os.getpid()}", kill_grace=1.0)
+    rp = await sb.start(
+        spec(
+            workdir,
+            ["sh", "-c", f"{tool} -u; grep NoNewPrivs /proc/self/status"],
+            run_as=name,
+            gid=gid,
+            groups=(gid,),
+        )
+    )
+    out = await rp.wait()
+    assert out.exit_code == 0, (workdir / "stderr.txt").read_text()
+    assert (workdir / "stdout.txt").read_text().split() == [str(uid), "NoNewPrivs:", "1"]

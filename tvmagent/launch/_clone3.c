@@ -23,6 +23,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -40,10 +41,10 @@
 
 /* Steps, reported with errno when the child fails before exec. */
 enum { STEP_NONE, STEP_JOIN, STEP_SETSID, STEP_STDIO, STEP_RLIMIT, STEP_GROUPS,
-       STEP_GID, STEP_UID, STEP_CHDIR, STEP_EXEC };
+       STEP_GID, STEP_UID, STEP_CHDIR, STEP_EXEC, STEP_NNP };
 static const char *const step_names[] = {
     "", "join cgroup", "setsid", "redirect stdio", "set rlimit", "set groups",
-    "set gid", "set uid", "chdir", "exec"};
+    "set gid", "set uid", "chdir", "exec", "set no_new_privs"};
 
 struct request {
     const char *path;
@@ -113,6 +114,11 @@ static int child_main(void *arg)
             return fail(r, STEP_GID);
         if (syscall(SYS_setresuid, r->uid, r->uid, r->uid) < 0)
             return fail(r, STEP_UID);
+        /* No exec of the task gains privileges: a setuid file left where the task's pool can run
+         * it (shared/) would otherwise turn a task into its owner, a slot user that may be
+         * running another tenant's task by then. */
+        if (syscall(SYS_prctl, PR_SET_NO_NEW_PRIVS, 1UL, 0UL, 0UL, 0UL) < 0)
+            return fail(r, STEP_NNP);
     }
     /* After the drop: the task's user must be able to enter its own directory. */
     if (chdir(r->cwd) < 0)

@@ -32,6 +32,7 @@ _STEP_TEXT = {
     7: "cannot switch to the task user",
     8: "cannot enter the working directory",
     9: "cannot execute the program",
+    10: "cannot set no_new_privs",
 }
 
 
