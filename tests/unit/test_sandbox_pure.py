@@ -198,7 +198,13 @@ def test_build_command_full_chain_order() -> None:
     i_bw = argv.index("/usr/bin/bwrap")
     assert 6 < i_pl < i_sp < i_env < i_bw
     assert argv[i_pl + 1] == "--nofile=64:64"
-    assert argv[i_sp + 1 : i_sp + 5] == ["--reuid=1001", "--regid=1002", "--clear-groups", "--"]
+    assert argv[i_sp + 1 : i_sp + 6] == [
+        "--reuid=1001",
+        "--regid=1002",
+        "--clear-groups",
+        "--no-new-privs",
+        "--",
+    ]
     assert argv[i_env + 1 : i_env + 4] == ["--", "LD_PRELOAD=/x.so", "PWD=/p"]
     assert argv[-2:] == ["/usr/bin/prog", "a b"]
     assert plan.env == {"PATH": "/usr/bin"}  # loader vars never reach the root-run wrappers
@@ -208,7 +214,13 @@ def test_build_command_full_chain_order() -> None:
 def test_build_command_gives_exactly_the_supplementary_groups_asked_for() -> None:
     plan = build_command(spec(), "/usr/bin/prog", TOOLS, [], (1001, 1002), None, groups=(2001,))
     i_sp = plan.argv.index("/usr/bin/setpriv")
-    assert plan.argv[i_sp + 1 : i_sp + 5] == ["--reuid=1001", "--regid=1002", "--groups=2001", "--"]
+    assert plan.argv[i_sp + 1 : i_sp + 6] == [
+        "--reuid=1001",
+        "--regid=1002",
+        "--groups=2001",
+        "--no-new-privs",
+        "--",
+    ]
 
 
 def test_bwrap_args() -> None:
