@@ -17,7 +17,7 @@ import trio
 from protocol import messages as pm
 from protocol.exitcodes import NO_EXIT_CODE
 
-from .host_health import AdoptError, HostHealth, adopt_tvm_dirs
+from .host_health import TVM_DIRS, AdoptError, HostHealth, adopt_tvm_dirs
 from .limits import TaskLimits
 from .pool_isolation import PoolIsolation
 from .runner import START_TASK_SLOT, TaskRunner
@@ -43,7 +43,7 @@ TvmOp = pm.JoinPool | pm.LeavePool | pm.RebootTvm
 
 # In the TVM root: which TVM its directories belong to (account, pool, TVM name).
 MEMBERSHIP_FILE = "tvm-membership"
-TVM_DIR_NAMES = ("tasks", "shared", "start", "certs")
+TVM_DIR_NAMES = tuple(TVM_DIRS)
 
 
 class TvmLifecycle:
