@@ -21,6 +21,7 @@ NO_PIDS_CGROUP = "no-pids-cgroup"
 PORTS_UNFENCED = "ports-unfenced"
 NO_BUBBLEWRAP = "no-bubblewrap"
 ROOT_UNREACHABLE = "tvm-root-unreachable"
+PROCESSES_VISIBLE = "processes-visible"
 
 
 def detect_degraded(
@@ -51,6 +52,12 @@ def detect_degraded(
             out.append(
                 f"{ROOT_UNREACHABLE}: task users cannot enter {blocked} above the TVM root {root}"
             )
+    if caps.can_switch_user and (per_task_users or task_user) and caps.task_mounts is None:
+        why = "the clone3 launcher" if not caps.fast_launch else "a mount namespace of their own"
+        out.append(
+            f"{PROCESSES_VISIBLE}: without {why}, tasks list every user's processes and their"
+            " command lines in /proc"
+        )
     lay = caps.layout
     if not lay.usable:
         out.append(

@@ -11,9 +11,13 @@ import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from tvmagent import _cgroups
 from tvmagent._users import validate_user_name
+
+if TYPE_CHECKING:
+    from tvmagent.launch.mntns import TaskMounts
 
 KILL_GRACE_SECONDS = 2.0
 WATCHDOG_INTERVAL = 1.0
@@ -165,6 +169,9 @@ class SandboxCapabilities:
     notes: list[str] = field(default_factory=list)  # findings made while detecting
     # The one-step clone3 launcher (tvmagent/launch/) works here; else the wrapper chain.
     fast_launch: bool = False
+    # The tasks' mount namespace (tvmagent/launch/mntns.py): its /proc shows a task user only its
+    # own processes; entered by each task the launcher starts as a task user. None: not here.
+    task_mounts: TaskMounts | None = None
 
     @classmethod
     def detect(cls) -> SandboxCapabilities:
@@ -187,6 +194,7 @@ class SandboxCapabilities:
         fast_launch = _probe_fast_launch(notes)
         return cls(
             fast_launch=fast_launch,
+            task_mounts=_task_mounts(notes) if fast_launch and is_root else None,
             cgroup_mode=layout.mode,
             can_switch_user=is_root and "setpriv" in tools,
             has_bwrap="bwrap" in tools,
@@ -207,6 +215,11 @@ class SandboxCapabilities:
         else:
             lines.append(
                 "tasks start through an exec-time wrapper chain (sh, prlimit, setpriv, env)"
+            )
+        if self.task_mounts is not None:
+            lines.append(
+                "tasks run in a mount namespace whose /proc shows them only their own user's"
+                " processes (hidepid=invisible)"
             )
         if lay.v2_base is not None:
             kill = "cgroup.kill" if lay.v2_has_kill else "signalling every member"
@@ -262,6 +275,16 @@ def _probe_fast_launch(notes: list[str]) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def _task_mounts(notes: list[str]) -> TaskMounts | None:
+    from tvmagent.launch.mntns import TaskMounts
+
+    try:
+        return TaskMounts()
+    except OSError as e:
+        notes.append(f"no private /proc for tasks ({e}): tasks see every user's processes")
+        return None
 
 
 # ---------------------------------------------------------------------------- pure helpers

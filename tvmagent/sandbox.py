@@ -239,7 +239,11 @@ class Sandbox:
         """clone3 itself was refused (a seccomp filter, a kernel without it): this task and the next
         ones go through the wrapper chain, and the log says so once."""
         self.caps.fast_launch = False
-        log.warning("clone3 launcher failed (%s): tasks start through the chain", e)
+        log.warning(
+            "clone3 launcher failed (%s): tasks start through the chain%s",
+            e,
+            ", and see every user's processes" if self.caps.task_mounts else "",
+        )
 
     def _fast_request(self, spec: ProcessSpec, cgroup: _cgroups.TaskCgroup | None) -> fast.Request:
         """What one clone3 needs: the child is in its cgroups, session, user and limits before it
@@ -286,6 +290,8 @@ class Sandbox:
             joins,
             ids,
             launch_rlimits(spec.nofile_limit, nproc),
+            # root's tasks (runElevated) stay in the host's: a start task may mount for the TVM
+            self.caps.task_mounts.fd() if ids is not None and self.caps.task_mounts else -1,
         )
 
     def _needs(self, spec: ProcessSpec) -> tuple[str, ...]:

@@ -33,6 +33,7 @@ _STEP_TEXT = {
     8: "cannot enter the working directory",
     9: "cannot execute the program",
     10: "cannot set no_new_privs",
+    11: "cannot enter the tasks' mount namespace",
 }
 
 
@@ -163,6 +164,7 @@ class Request:
     join_fds: tuple[int, ...] = ()
     ids: tuple[int, int, tuple[int, ...]] | None = None
     rlimits: tuple[tuple[int, int, int], ...] = ()
+    mntns_fd: int = -1
 
     def close(self) -> None:
         for fd in set(self.stdio):
@@ -183,6 +185,7 @@ def start(req: Request) -> Child:
             req.join_fds,
             req.ids,
             req.rlimits,
+            req.mntns_fd,
         )
     finally:
         req.close()
@@ -198,10 +201,12 @@ def spawn(
     join_fds: tuple[int, ...] = (),
     ids: tuple[int, int, tuple[int, ...]] | None = None,
     rlimits: tuple[tuple[int, int, int], ...] = (),
+    mntns_fd: int = -1,
 ) -> Child:
     """Start `exe` (an absolute path) with exactly `env`. `cgroup_fd`: a v2 cgroup directory the
     child is born in; `join_fds`: v1 ``tasks`` files it writes itself into before anything else;
-    `ids`: (uid, gid, supplementary groups) to switch to; `rlimits`: (resource, soft, hard)."""
+    `ids`: (uid, gid, supplementary groups) to switch to; `rlimits`: (resource, soft, hard);
+    `mntns_fd`: a mount namespace (`task_mntns`) the child enters first."""
     assert _clone3 is not None, "check fast_available() first"
     try:
         pid, pidfd = _clone3.spawn(
@@ -214,6 +219,7 @@ def spawn(
             join_fds,
             ids,
             rlimits,
+            mntns_fd,
         )
     except ChildProcessError as e:
         # (errno, step, step name) from the child, before its exec
@@ -226,3 +232,13 @@ def spawn(
             raise SpawnError("clone3 is not supported by this kernel", e.errno) from None
         raise SpawnError(f"cannot start the process: {e.strerror}", e.errno or 0) from None
     return Child(pid, pidfd)
+
+
+def task_mntns() -> int:
+    """A descriptor of a new mount namespace whose /proc shows each user only its own processes
+    (``hidepid=invisible``); tasks started with it as `mntns_fd` live there. The caller owns the
+    descriptor (the namespace ends with it and its last process). OSError where the host refuses
+    (no CAP_SYS_ADMIN, e.g. inside some containers)."""
+    assert _clone3 is not None, "check fast_available() first"
+    fd: int = _clone3.task_mntns()
+    return fd
