@@ -28,7 +28,7 @@ import stat
 import subprocess
 import time
 
-from . import _ipc_sweep, _keyrings
+from . import _ipc_sweep, _keyrings, _mqueue
 
 SWEEP_ROOTS = ("/tmp", "/var/tmp", "/dev/shm", "/dev/mqueue", "/run/lock")
 # Work a user scheduled for later (crontab, at): it would run as the uid outside the task's
@@ -83,7 +83,7 @@ def sweep_uids(
     removed = 0
     for root in roots:
         try:
-            fd = os.open(root, _DIR_FLAGS)
+            fd = os.open(_where(root), _DIR_FLAGS)
         except OSError:
             continue  # not on this host
         try:
@@ -93,6 +93,11 @@ def sweep_uids(
     for spool in spools:
         removed += _unlink_owned(spool, uids)
     return removed
+
+
+def _where(root: str) -> str:
+    """The path a root is reached by (message queues: see _mqueue)."""
+    return _mqueue.root() if root == _mqueue.MQUEUE else root
 
 
 def _unlink_owned(directory: str, uids: frozenset[int]) -> int:
@@ -225,6 +230,8 @@ class TmpWatch:
     differs, the full sweep runs, as it did for every task before."""
 
     SETTLE_NS = 50_000_000
+    # A file system that keeps whole seconds (mqueue): an mtime without a fraction may be one.
+    COARSE_SETTLE_NS = 1_000_000_000 + SETTLE_NS
 
     def __init__(self, roots: tuple[str, ...] = SWEEP_ROOTS + SPOOLS) -> None:
         self.roots = roots
@@ -235,8 +242,12 @@ class TmpWatch:
         started = time.time_ns()
         record: dict[str, tuple[int, int]] = {}
         for root in self.roots:
-            _record_writable(root, record, 0)
-        if any(mtime >= started - self.SETTLE_NS for _ino, mtime in record.values()):
+            _record_writable(_where(root), record, 0)
+        if any(
+            mtime
+            >= started - (self.COARSE_SETTLE_NS if mtime % 1_000_000_000 == 0 else self.SETTLE_NS)
+            for _ino, mtime in record.values()
+        ):
             record = {}  # too fresh to tell a later change apart: no baseline from this record
         self._record = record or None
 

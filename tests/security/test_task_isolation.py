@@ -9,6 +9,7 @@ agents running tasks as per-task slot users.
 from __future__ import annotations
 
 import base64
+import ctypes
 import datetime as dt
 import grp
 import os
@@ -178,8 +179,8 @@ async def test_a_later_task_cannot_write_into_the_start_directory(nursery, tmp_p
 ADD_KEY, KEYCTL = {"aarch64": (217, 219)}.get(platform.machine(), (248, 250))
 
 # The first task leaves secrets in /dev/shm, /tmp (a 0600 file, and one in a directory of its own)
-# and /run/lock (world-writable on Debian, as /var/lock), in its user keyring
-# and in System V IPC (a 0600 shared memory segment, a semaphore set, a message queue).
+# and /run/lock (world-writable on Debian, as /var/lock), in its user keyring, in System V IPC (a
+# 0600 shared memory segment, a semaphore set, a message queue) and in a POSIX message queue.
 LEAVE = f"""
 ADD_KEY = {ADD_KEY}
 import os, subprocess, sys
@@ -192,11 +193,15 @@ for kind in ('-M 4096', '-S 1', '-Q'):
 import ctypes
 libc = ctypes.CDLL(None, use_errno=True)
 assert libc.syscall(ADD_KEY, b'user', b'tvm-secret', b'secret', 6, -4) > 0  # add_key(.., @u)
+rt = ctypes.CDLL('librt.so.1', use_errno=True)
+rt.mq_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+q = rt.mq_open(('/' + os.path.basename(sys.argv[1])).encode(), os.O_CREAT | os.O_WRONLY, 0o600, None)
+assert q >= 0 and rt.mq_send(q, b'secret', 6, 0) == 0, ctypes.get_errno()
 print('uid', os.getuid())
 """
 
-# READ, plus how many System V IPC objects of its own uid the task finds, and whether its user
-# keyring holds the key.
+# READ, plus how many System V IPC objects of its own uid the task finds, whether its user keyring
+# holds the key, and whether it opens the POSIX message queue.
 READ_IPC = READ.replace(
     "print(' '.join(res), 'uid', os.getuid())",
     f"""KEYCTL = {KEYCTL}
@@ -209,7 +214,10 @@ for kind in ('shm', 'sem', 'msg'):
 import ctypes
 libc = ctypes.CDLL(None, use_errno=True)
 key = libc.syscall(KEYCTL, 10, -4, b'user', b'tvm-secret', 0)  # keyctl(KEYCTL_SEARCH, @u, ..)
-print(' '.join(res), n, 'key' if key > 0 else 'nokey', 'uid', os.getuid())""",
+rt = ctypes.CDLL('librt.so.1', use_errno=True)
+rt.mq_open.argtypes = [ctypes.c_char_p, ctypes.c_int]
+mq = rt.mq_open(('/' + os.path.basename(sys.argv[1])).encode(), os.O_RDONLY | os.O_NONBLOCK)
+print(' '.join(res), n, 'key' if key > 0 else 'nokey', 'mq' if mq >= 0 else 'nomq', 'uid', os.getuid())""",
 )
 
 
@@ -244,8 +252,10 @@ async def test_the_next_task_of_a_slot_user_does_not_find_what_the_last_one_left
                     same = out
                     break
             assert same is not None, f"the slot user {uid} never came back: {seen}"
-            assert same[:6] == ["absent", "absent", "absent", "absent", "0", "nokey"], same
+            assert same[:7] == ["absent", "absent", "absent", "absent", "0", "nokey", "nomq"], same
     finally:
+        rt = ctypes.CDLL("librt.so.1", use_errno=True)
+        rt.mq_unlink(f"/{tag}".encode())  # a queue the sweep missed
         for p in left:
             if os.path.lexists(p):
                 os.unlink(p)

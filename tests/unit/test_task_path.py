@@ -72,6 +72,21 @@ def test_a_record_taken_just_after_a_change_is_not_trusted(tmp_path: Path) -> No
     assert watch.baseline() is None
 
 
+def test_a_whole_second_mtime_within_a_second_is_not_trusted(tmp_path: Path) -> None:
+    """A file system keeping whole seconds (mqueue): a change later in the same second would leave
+    the directory's mtime as recorded, so such a record is trusted only a second later."""
+    if time.time_ns() % 1_000_000_000 < 2 * TmpWatch.SETTLE_NS:
+        time.sleep(2 * TmpWatch.SETTLE_NS / 1e9)  # past the fine-grained settle time
+    whole = time.time_ns() // 1_000_000_000 * 1_000_000_000  # this second, no fraction
+    os.utime(tmp_path, ns=(whole, whole))
+    watch = TmpWatch((str(tmp_path),))
+    watch.refresh()
+    assert watch.baseline() is None
+    os.utime(tmp_path, ns=(whole - 2_000_000_000,) * 2)  # seconds ago: trusted
+    watch.refresh()
+    assert watch.baseline() is not None
+
+
 def test_removed_or_replaced_directory_is_a_change(tmp_path: Path) -> None:
     shared = _world_writable(tmp_path / "shared")
     watch = _settled(tmp_path)
