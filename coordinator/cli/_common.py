@@ -75,6 +75,25 @@ class NonEmptyText(click.ParamType):
         return value
 
 
+class Seconds(click.FloatRange):
+    """A duration: 0 or more seconds, "inf" for no limit; "nan" (which no range check catches) is
+    refused."""
+
+    name = "number of seconds"
+
+    def __init__(self) -> None:
+        super().__init__(min=0)
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str:
+        return "SECONDS"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if rv != rv:
+            self.fail("is not a number of seconds", param, ctx)
+        return rv
+
+
 CREDENTIALS = ("endpoint", "account", "key")  # empty: taken from the environment, as documented
 
 

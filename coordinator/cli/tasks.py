@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from ._common import CONTEXT, _emit, _mk, _run, credentials, output_option
+from ._common import CONTEXT, Seconds, _emit, _mk, _run, credentials, output_option
 
 TASK_COLS = [
     ("name", lambda t: t.name),
@@ -304,7 +304,12 @@ def task_delete(workitem_name: str, job_name: str, name: str, output: str, **cre
 @task.command("wait")
 @click.argument("workitem_name")
 @click.argument("job_name")
-@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@click.option(
+    "--timeout",
+    type=Seconds(),
+    default=None,
+    help="Give up after this many seconds (0: look once) [wait as long as it takes].",
+)
 @credentials
 @output_option
 def task_wait(

@@ -221,6 +221,22 @@ def test_bad_values_for_the_embedded_commands_are_usage_errors(args, says, tmp_p
 
 
 @pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("-1", "-1.0 is not in the range x>=0"),
+        ("nan", "is not a number of seconds"),
+        ("soon", "'soon' is not a valid number of seconds"),
+    ],
+)
+def test_task_wait_refuses_a_timeout_that_is_no_duration(value, says):
+    """-1 was taken as 0 (a timeout at once), nan as no limit."""
+    creds = ["--endpoint", "http://127.0.0.1:9", "--account", "a", "--key", "aGVsbG8="]
+    r = CliRunner().invoke(cli, ["task", "wait", "wi", JOB, "--timeout", value, *creds])
+    assert r.exit_code == 2, r.output  # a usage error: nothing was sent (nothing listens)
+    assert says in r.output
+
+
+@pytest.mark.parametrize(
     "args",
     [
         ["add", "wi", JOB, "t1", "true"],
