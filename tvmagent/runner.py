@@ -35,10 +35,6 @@ QUIET_S = 1.0  # no process for this long: the agent is idle, and its directory 
 STOCK_CHUNK = 16  # directories per worker-thread call: a few ms, a task arriving meanwhile waits
 
 
-def _cg_name(spec: pm.TaskSpec) -> str:
-    return f"{spec.task[:40]}-{spec.attempt & 0xFFFFFFFF}"
-
-
 STOCK_ENV = "TVM_AGENT_TASKDIR_STOCK"
 
 
@@ -341,7 +337,7 @@ class TaskRunner:
                     task_env(tvm, spec),
                     os.path.join(tdir, "stdout.txt"),
                     os.path.join(tdir, "stderr.txt"),
-                    _cg_name(spec),
+                    "task",  # the cgroup's name: every user lists cgroupfs, task names are not theirs
                     run,
                     spec.key,
                     spec.run_elevated,

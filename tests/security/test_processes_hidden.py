@@ -1,7 +1,7 @@
 """A task lists and reads only its own user's processes: another tenant's task on the same host
 (another pool's agent) or another task of its own pool (another slot user) does not find it in
-/proc, nor its command line, which often carries a storage URL's signature or a token. Found by a
-task that read every `/proc/*/cmdline` of its host.
+/proc, nor its command line, which often carries a storage URL's signature or a token, nor its
+name among the host's cgroups. Found by a task that read every `/proc/*/cmdline` of its host.
 
 Real coordinator, two real root agents running tasks as per-task slot users; the test itself (in
 the host's own /proc) sees the hidden process, so a probe that finds nothing proves something.
@@ -30,7 +30,9 @@ for p in pids:
             found.append(p)
     except OSError:
         pass
-print(len(pids), str(os.getpid()) in pids, ','.join(found) or '-')
+name = sys.argv[2][::-1]
+named = [d for d, _, _ in os.walk('/sys/fs/cgroup') if name in os.path.basename(d)]
+print(len(pids), str(os.getpid()) in pids, ','.join(found) or '-', len(named))
 """
 
 
@@ -52,6 +54,7 @@ async def test_a_task_does_not_see_other_users_processes_or_their_command_lines(
     nursery, tmp_path, open_root
 ):
     mark = f"secret-sig={secrets.token_hex(8)}"
+    name = f"hold{secrets.token_hex(4)}"  # a task name is the tenant's too (cgroupfs is public)
     os.makedirs(tmp_path / "agents", exist_ok=True)
     async with cluster_ctx(nursery, tmp_path, heartbeat_timeout=3) as c:
         c.start_agent("a", extra_args=ISOLATED, root=os.path.join(open_root, "a"))
@@ -61,14 +64,15 @@ async def test_a_task_does_not_see_other_users_processes_or_their_command_lines(
         # A long task of pool a whose command line holds the "secret".
         await c.client.workitems.add("holder", "pa")
         hold = f"{PY} -c \"import time; time.sleep(60)\" '{mark}'"
-        await c.client.tasks.add_many("holder", JOB, [task_spec("hold", hold)])
+        await c.client.tasks.add_many("holder", JOB, [task_spec(name, hold)])
         pids = await c.wait_for(lambda: _marked(mark), what="the holder task running")
 
-        probe = f"{PY} -c \"{PROBE}\" '{mark[::-1]}'"
+        probe = f"{PY} -c \"{PROBE}\" '{mark[::-1]}' {name[::-1]}"
         same_pool = (await _run_one(c, "snoop-a", "pa", "snoop", probe)).split()
         other_pool = (await _run_one(c, "snoop-b", "pb", "snoop", probe)).split()
         for seen in (same_pool, other_pool):
-            count, sees_itself, found = seen
+            count, sees_itself, found, named = seen
+            assert named == "0", seen  # no cgroup directory carries the holder's task name
             assert sees_itself == "True", seen  # its own processes stay visible (ps works)
             assert found == "-", (seen, pids)  # but not the holder's (another slot user)
             assert int(count) < 10, seen  # nor the agents', the test's, the host's
@@ -77,5 +81,5 @@ async def test_a_task_does_not_see_other_users_processes_or_their_command_lines(
         # The host's own /proc is untouched (the namespace's mounts never propagate back).
         with open("/proc/self/mountinfo") as f:  # noqa: ASYNC230
             assert "hidepid" not in f.read()
-        await c.client.tasks.terminate("holder", JOB, "hold")
+        await c.client.tasks.terminate("holder", JOB, name)
         await c.wait_for(lambda: not _marked(mark), what="the holder task killed")
