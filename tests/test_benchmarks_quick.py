@@ -218,3 +218,18 @@ def test_end_to_end_with_agents_that_made_their_directories_ahead() -> None:
 def test_end_to_end_refuses_stock_over_rest() -> None:
     stderr = _refused("end_to_end", "--stock", "--coordinator", "up")
     assert "--stock is for --coordinator inproc" in stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="launching as another user in a namespace needs root")
+def test_task_mounts_quick() -> None:
+    """Root-only, so not in EXPECTED: the launch with and without the tasks' mount namespace."""
+    from tvmagent.launch import spawn as fast
+
+    if not fast.fast_available():
+        pytest.skip("the clone3 launcher is not built here")
+    rows, _ = _run("task_mounts", [])
+    assert {(r["name"], r["parameters"]["variant"]) for r in rows} == {
+        (f"task_mounts_launch_{what}", variant)
+        for what in ("wall", "cpu_parent", "cpu_child")
+        for variant in ("host", "namespace")
+    }
