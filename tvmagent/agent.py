@@ -288,6 +288,8 @@ class Agent:
                 nursery.start_soon(self.link.lazy_sender)
                 nursery.start_soon(self._disk_watch_loop)
                 nursery.start_soon(self.runner.keep_stock)
+                if self.caps.task_mounts is not None:
+                    nursery.start_soon(self.caps.task_mounts.keep)
                 nursery.start_soon(
                     host_health.recheck_loop,
                     self.health,

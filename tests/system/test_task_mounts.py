@@ -88,6 +88,27 @@ def test_a_mount_made_later_on_the_host_reaches_the_next_tasks(mounts: mntns.Tas
         os.rmdir(where)
 
 
+def test_a_host_umount_is_let_go_of_without_a_task_start(
+    mounts: mntns.TaskMounts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The namespace holds what was mounted when it was made: after the host's umount, the agent's
+    tick makes a fresh one and closes the old one (RETIRE_S later), so the disk is not kept busy."""
+    where = tempfile.mkdtemp(prefix="tvm-mnt-")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tvmtest", where], check=True)
+    try:
+        holding = mounts.fd()  # the namespace holding the tmpfs
+        subprocess.run(["umount", where], check=True)
+        monkeypatch.setattr(mntns, "RETIRE_S", 0.0)
+        mounts.tick()
+        assert mounts._fd != holding  # made anew without a task start
+        assert mounts._retired == []  # and the one made before the umount closed
+        show = ["/bin/sh", "-c", f"grep -c ' {where} ' /proc/self/mountinfo || true"]
+        assert run(show, mounts.fd()).strip() == "0"  # what tasks enter now holds it no more
+    finally:
+        subprocess.run(["umount", where], check=False, capture_output=True)
+        os.rmdir(where)
+
+
 def test_a_descriptor_that_is_no_namespace_names_the_step() -> None:
     with open(os.devnull) as f, pytest.raises(fast.SpawnError) as e:
         run(["/bin/true"], f.fileno())

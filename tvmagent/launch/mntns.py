@@ -16,9 +16,12 @@ import select
 import threading
 import time
 
+import trio
+
 from . import spawn as fast
 
 RETIRE_S = 10.0  # a replaced namespace's descriptor stays open this long (see TaskMounts)
+TICK_S = 1.0  # how often `keep` looks while no task starts
 
 
 class TaskMounts:
@@ -44,17 +47,33 @@ class TaskMounts:
                 self._refresh()
             return self._fd
 
+    async def keep(self) -> None:
+        """Also while no task starts: remake the namespace when the host's mounts changed, and
+        close replaced ones. A namespace pins every file system mounted in it: on a host whose
+        mounts are private, an operator's umount would otherwise leave the disk in use here."""
+        while True:
+            await trio.sleep(TICK_S)
+            self.tick()
+
+    def tick(self) -> None:
+        self.fd()
+        with self._lock:
+            self._close_retired()
+
     def _refresh(self) -> None:
         try:
             fresh = fast.task_mntns()
         except OSError:
             return  # tasks keep the last namespace: hidden processes matter more than new mounts
+        self._retired.append((time.monotonic(), self._fd))
+        self._fd = fresh
+        self._close_retired()
+
+    def _close_retired(self) -> None:
         now = time.monotonic()
         for when, old in [r for r in self._retired if now - r[0] >= RETIRE_S]:
             os.close(old)
             self._retired.remove((when, old))
-        self._retired.append((now, self._fd))
-        self._fd = fresh
 
     def close(self) -> None:
         with self._lock:
