@@ -14,6 +14,7 @@ import secrets
 
 from coordinator.client import task_spec
 from tests.harness import cluster_ctx
+from tests.security.test_resource_limits import _procs_with
 from tests.security.test_task_isolation import ISOLATED, JOB, PY, _run_one, open_root, pytestmark
 
 __all__ = ["open_root", "pytestmark"]
@@ -36,20 +37,6 @@ print(len(pids), str(os.getpid()) in pids, ','.join(found) or '-', len(named))
 """
 
 
-def _marked(mark: str) -> list[int]:
-    """Pids whose command line holds `mark`, in the host's /proc."""
-    out = []
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                with open(f"/proc/{p}/cmdline", "rb") as f:
-                    if mark.encode() in f.read():
-                        out.append(int(p))
-            except OSError:
-                pass
-    return out
-
-
 async def test_a_task_does_not_see_other_users_processes_or_their_command_lines(
     nursery, tmp_path, open_root
 ):
@@ -65,7 +52,7 @@ async def test_a_task_does_not_see_other_users_processes_or_their_command_lines(
         await c.client.workitems.add("holder", "pa")
         hold = f"{PY} -c \"import time; time.sleep(60)\" '{mark}'"
         await c.client.tasks.add_many("holder", JOB, [task_spec(name, hold)])
-        pids = await c.wait_for(lambda: _marked(mark), what="the holder task running")
+        pids = await c.wait_for(lambda: _procs_with(mark), what="the holder task running")
 
         probe = f"{PY} -c \"{PROBE}\" '{mark[::-1]}' {name[::-1]}"
         same_pool = (await _run_one(c, "snoop-a", "pa", "snoop", probe)).split()
@@ -76,10 +63,10 @@ async def test_a_task_does_not_see_other_users_processes_or_their_command_lines(
             assert sees_itself == "True", seen  # its own processes stay visible (ps works)
             assert found == "-", (seen, pids)  # but not the holder's (another slot user)
             assert int(count) < 10, seen  # nor the agents', the test's, the host's
-        assert _marked(mark) == pids  # the holder ran throughout (the probe was not vacuous)
+        assert _procs_with(mark) == pids  # the holder ran throughout (the probe was not vacuous)
 
         # The host's own /proc is untouched (the namespace's mounts never propagate back).
         with open("/proc/self/mountinfo") as f:  # noqa: ASYNC230
             assert "hidepid" not in f.read()
         await c.client.tasks.terminate("holder", JOB, name)
-        await c.wait_for(lambda: not _marked(mark), what="the holder task killed")
+        await c.wait_for(lambda: not _procs_with(mark), what="the holder task killed")
