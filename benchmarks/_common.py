@@ -39,6 +39,16 @@ def emit(name: str, parameters: dict[str, Any], value: float, unit: str) -> dict
     return row
 
 
+def link_frames(svc: object) -> tuple[int, int]:
+    """Websocket frames (in, out) over every agent link so far (0, 0 for a coordinator without
+    the counters)."""
+    links = getattr(svc, "links", {}).values()
+    return (
+        sum(getattr(link, "frames_in", 0) for link in links),
+        sum(getattr(link, "frames_out", 0) for link in links),
+    )
+
+
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 

@@ -53,6 +53,7 @@ from ._common import (
     coordinator,
     emit,
     job_finished,
+    link_frames,
     local_pool,
     raw_spawn_rate,
     say,
@@ -73,6 +74,7 @@ SLOTS = 2
 class Run:
     rate: float
     cpu_ms: dict[str, float] = field(default_factory=dict)  # process kind -> CPU ms per task
+    frames: tuple[int, int] | None = None  # agent link frames in, out (inproc: the coordinator's)
 
 
 def _submitter(endpoint: str, account: str, key: str, n: int) -> subprocess.Popen[bytes]:
@@ -146,6 +148,7 @@ async def run_inproc(n: int, stock: bool = False) -> Run:
                         sub.kill()
                         sub.wait()
                 me_used = self_cpu() - me
+                frames = link_frames(rc.service)
                 agents_used = [tree_cpu(p.pid) - b for p, b in zip(procs, agents, strict=True)]
                 job = core.jobs[f"{WORKITEM}/{JOB}"]
                 failed = [t for t in job.tasks.values() if t.exit_code != 0]
@@ -157,6 +160,7 @@ async def run_inproc(n: int, stock: bool = False) -> Run:
     return Run(
         n / (done - times["first"]),
         _cpu_table(n, me_used.own, agents_used, times["cpu"]),
+        frames,
     )
 
 
@@ -289,6 +293,8 @@ def main() -> None:
     emit("end_to_end_ratio", params, run.rate / raw, "ratio")
     for kind, ms in run.cpu_ms.items():
         emit(f"end_to_end_cpu_per_task_{kind}", params, ms, "ms")
+    if run.frames is not None:
+        emit("end_to_end_frames_per_task", params, sum(run.frames) / n, "frames")
     versus = []
     for name, r in others.items():
         if r.rate is not None:
@@ -305,6 +311,11 @@ def main() -> None:
         "end_to_end: CPU per task: "
         + ", ".join(f"{k} {v * 1000:.0f} µs" for k, v in run.cpu_ms.items())
     )
+    if run.frames is not None:
+        say(
+            f"end_to_end: agent link frames in/out {run.frames[0]:,}/{run.frames[1]:,} "
+            f"({sum(run.frames) / n:.2f} per task)"
+        )
     report(others, n, raw)
 
 

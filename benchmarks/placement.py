@@ -20,7 +20,18 @@ import trio
 
 from coordinator.common import models as m
 
-from ._common import args, coordinator, emit, job_finished, pool_ready, say, spawn, stop, wait_until
+from ._common import (
+    args,
+    coordinator,
+    emit,
+    job_finished,
+    link_frames,
+    pool_ready,
+    say,
+    spawn,
+    stop,
+    wait_until,
+)
 
 
 async def run_one(
@@ -111,7 +122,7 @@ async def run_one(
                     env={"TVM_KEY": rc.key},
                 )
                 commits0 = svc.journal.commits
-                frames0 = _frames(svc)
+                frames0 = link_frames(svc)
                 cpu0 = time.process_time()
                 sims0 = proc_cpu(sims.pid)
                 try:
@@ -119,7 +130,7 @@ async def run_one(
                         lambda: job_finished(core, "wi/job-0000000001", n), 600, f"{n} completions"
                     )
                     done = time.time()
-                    frames = _frames(svc)
+                    frames = link_frames(svc)
                     cpu = time.process_time() - cpu0
                     sims_cpu = proc_cpu(sims.pid) - sims0
                     sub_cpu = proc_cpu(
@@ -148,16 +159,6 @@ async def run_one(
                 }
             finally:
                 stop(sims)
-
-
-def _frames(svc: object) -> tuple[int, int]:
-    """Websocket frames (in, out) over every agent link so far (0, 0 for a coordinator without
-    the counters)."""
-    links = getattr(svc, "links", {}).values()
-    return (
-        sum(getattr(link, "frames_in", 0) for link in links),
-        sum(getattr(link, "frames_out", 0) for link in links),
-    )
 
 
 def proc_cpu(pid: int) -> float:

@@ -11,7 +11,9 @@ import msgspec
 
 PROTOCOL_VERSION = 1
 # Minor versions may add message types or fields; peers within one major version interoperate.
-PROTOCOL_MINOR = 1
+# 2: TaskSpec.slots is the slots a run takes (0: none), so an agent may keep its slots (TASK_QUEUE).
+PROTOCOL_MINOR = 2
+QUEUE_MINOR = 2  # a coordinator from this minor on says what each run takes
 SUBPROTOCOL = "tvm.v1"
 
 
@@ -89,6 +91,7 @@ class TaskSpec(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
     # Variables set by the service that user settings cannot override (a multi-instance task's
     # hosts and instance index).
     system_env: dict[str, str] = {}
+    slots: int = 1  # the TVM's task slots this run takes (requiredSlots)
 
 
 class StartTaskSpec(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
@@ -228,6 +231,13 @@ class Draining(Msg, tag="draining", frozen=True, kw_only=True):
 # Failure.code of a TaskCompleted for an attempt the agent abandoned while shutting down (drain grace
 # over, or a RunTask that arrived during the drain): the coordinator requeues the task, no retry used.
 AGENT_STOPPING = "AgentStopping"
+# Failure.code of a TaskCompleted for an attempt that waited in the agent's task queue (see
+# TASK_QUEUE) longer than it should and was handed back unstarted: requeued, no retry used.
+QUEUE_HANDED_BACK = "TaskQueueHandedBack"
+# Hello capability: the agent keeps a queue of tasks beyond its slots and starts each the moment a
+# slot frees (TaskSpec.slots says how many it takes), so the coordinator may place a few short
+# tasks ahead (no round trip between one task's end and the next one's start).
+TASK_QUEUE = "taskqueue"
 
 
 class Unsupported(Msg, tag="unsupported", frozen=True, kw_only=True):

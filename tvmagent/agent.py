@@ -53,6 +53,7 @@ from .state import (
     Instruction,
     KillProcess,
     KillStartTask,
+    QueueTick,
     QueueTvmOp,
     RetentionLoaded,
     RetentionSweep,
@@ -66,6 +67,7 @@ from .state import (
     StartRun,
     TvmOpReceived,
     Warn,
+    Welcomed,
 )
 from .taskdirs import (
     CLEANED_MARKER,
@@ -76,6 +78,7 @@ from .taskdirs import (
     save_retention,
 )
 from .taskenv import TvmIdentity, task_dir
+from .taskqueue import WAIT_S
 
 log = logging.getLogger("tvm.agent")
 
@@ -99,7 +102,9 @@ class AgentOptions:
     # "users": a root agent runs each task as its own unprivileged user (tvmagent/isolation.py);
     # "none": as the agent's user. Empty: $TVM_AGENT_TASK_ISOLATION, else "users".
     task_isolation: str = ""
-    capabilities: list[str] = field(default_factory=lambda: ["files", "starttask", "certs"])
+    capabilities: list[str] = field(
+        default_factory=lambda: ["files", "starttask", "certs", pm.TASK_QUEUE]
+    )
 
 
 def cgroup_prefix(agent_id: str, root: str) -> str:
@@ -162,6 +167,9 @@ class Agent:
             on_message=self._handle,
             heartbeat=self._heartbeat,
             on_acks=self._notify_changed,
+            # Completions wait a moment for more to share their frame while tasks wait for slots:
+            # the next task starts meanwhile, nobody waits for these.
+            hold=lambda: bool(self.state.slots.waiting),
         )
         self.isolation = PoolIsolation(
             self.root,
@@ -285,6 +293,7 @@ class Agent:
                 self._nursery = nursery
                 nursery.start_soon(trio.to_thread.run_sync, empty_trash, self.root)
                 nursery.start_soon(self._retention_loop)
+                nursery.start_soon(self._queue_loop)
                 nursery.start_soon(self.link.lazy_sender)
                 nursery.start_soon(self._disk_watch_loop)
                 nursery.start_soon(self.runner.keep_stock)
@@ -325,6 +334,7 @@ class Agent:
 
     def _welcomed(self, reply: pm.Welcome) -> None:
         self.identity.welcomed()
+        self._carry_out(self.state.handle(Welcomed(reply.protocol_minor)))
         session = self.link.session
         if reply.resumed and reply.session_id == session.session_id:
             session.resume(reply.last_received)
@@ -354,7 +364,9 @@ class Agent:
         if isinstance(msg, pm.RunTask):
             self._carry_out(self.state.handle(RunTaskReceived(msg.spec, time.time())))
         elif isinstance(msg, pm.CancelTask):
-            self._carry_out(self.state.handle(CancelReceived(msg.key, msg.attempt, msg.reason)))
+            self._carry_out(
+                self.state.handle(CancelReceived(msg.key, msg.attempt, msg.reason, time.time()))
+            )
         elif isinstance(msg, (pm.JoinPool, pm.LeavePool, pm.RebootTvm)):
             self._carry_out(self.state.handle(TvmOpReceived(msg)))
         elif isinstance(msg, pm.DeleteTaskFiles):
@@ -441,6 +453,13 @@ class Agent:
         while True:
             await trio.sleep(self.opts.retention_sweep_interval)
             self._carry_out(self.state.handle(RetentionSweep(time.time())))
+
+    async def _queue_loop(self) -> None:
+        # Hands back what waited too long for a slot (taskqueue.WAIT_S); a few checks per WAIT_S.
+        while True:
+            await trio.sleep(WAIT_S / 4)
+            if self.state.slots.waiting:
+                self._carry_out(self.state.handle(QueueTick(time.time())))
 
     async def _disk_watch_loop(self) -> None:
         while True:

@@ -146,7 +146,7 @@ class TvmLifecycle:
             port_low=msg.port_range_low,
             port_high=msg.port_range_high,
         )
-        self._carry_out(self.state.handle(TvmSetUp(msg.tvm_name)))
+        self._carry_out(self.state.handle(TvmSetUp(msg.tvm_name, msg.slots)))
         self.limits.apply_join(msg)  # memory share, process and disk limits
         cert_errors = await self.isolation.install_certs(
             msg.certificates

@@ -29,6 +29,8 @@ log = logging.getLogger("tvm.agent")
 LAZY_SEND_S = 0.02
 # A link that stayed up this long resets the reconnect backoff when it drops.
 STABLE_LINK_S = 1.0
+# While `hold()` says nobody waits for them, messages wait this long for more to share their frame.
+HOLD_S = 0.005
 
 
 class AgentRejected(Exception):
@@ -48,7 +50,8 @@ def agent_url(url: str) -> str:
 class Link:
     """`hello()` builds the Hello of each attempt; `on_welcome(reply)` runs once the coordinator
     accepted it (before any message of that connection); `on_message(msg)` for each message in order;
-    `heartbeat()` the periodic Heartbeat; `on_acks()` whenever acknowledgements may have arrived."""
+    `heartbeat()` the periodic Heartbeat; `on_acks()` whenever acknowledgements may have arrived;
+    `hold()` whether what is queued may wait HOLD_S for more to share its frame."""
 
     def __init__(
         self,
@@ -61,6 +64,7 @@ class Link:
         on_message: Callable[[pm.Msg], None],
         heartbeat: Callable[[], pm.Msg],
         on_acks: Callable[[], None],
+        hold: Callable[[], bool] = lambda: False,
     ) -> None:
         # Several coordinators (URL1,URL2: an active one and standbys): on a failed or lost link
         # the next one is tried at once; a whole round without success backs off.
@@ -81,6 +85,7 @@ class Link:
         self._on_message = on_message
         self._heartbeat_msg = heartbeat
         self._on_acks = on_acks
+        self._hold = hold
 
     def send(self, msg: pm.Msg, now: bool = False) -> int:
         """Queue `msg` for the writer, which lets the messages of the same moment share a frame.
@@ -233,6 +238,8 @@ class Link:
                     # Let the other runnable Trio tasks (completions of the same moment) add their
                     # messages first: one frame for the lot instead of one each.
                     await trio.lowlevel.cancel_shielded_checkpoint()
+                    if self._hold():
+                        await trio.sleep(HOLD_S)
                     continue
                 await ws.send_message(frame)
         finally:

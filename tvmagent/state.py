@@ -18,6 +18,10 @@ The rules it keeps:
 * A run killed by the drain is reported as AgentStopping, so the coordinator requeues it.
 * TVM operations (join, leave, reboot) are carried out one at a time in arrival order; a leave or
   reboot interrupts the start task of the same TVM first.
+* Runs take the TVM's slots; a task that arrives when they are taken waits in arrival order
+  (tvmagent/taskqueue.py) and starts when its slots free. A waiting task that is cancelled, deleted
+  or caught by a drain, leave or reboot is answered at once without running; one that waited
+  `taskqueue.WAIT_S` is handed back (QUEUE_HANDED_BACK) for the coordinator to place elsewhere.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from protocol import messages as pm
 from protocol.exitcodes import NO_EXIT_CODE, WALL_CLOCK_EXIT_CODE
 
 from .identity import FATAL_REJECTS
+from .taskqueue import WAIT_S, Slots
 
 DISK_LIMIT_CODE = "DiskLimitExceeded"
 
@@ -58,6 +63,7 @@ class CancelReceived:
     key: str
     attempt: int
     reason: str
+    now: float = 0.0  # when it arrived (the end time of a task cancelled while it waited)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +105,7 @@ class TvmOpReceived:
 @dataclass(frozen=True, slots=True)
 class TvmSetUp:
     tvm_name: str
+    slots: int = 0  # the TVM's task slots (0: no limit kept here)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +166,20 @@ class DeleteFilesReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class Welcomed:
+    """A coordinator accepted the link; `minor`: its protocol minor version."""
+
+    minor: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueueTick:
+    """Time passes: tasks that waited too long for a slot are handed back."""
+
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
 class DiskMeasured:
     """Bytes held by each running task's directory, against the TVM's limit for all of them."""
 
@@ -186,6 +207,8 @@ Event = (
     | RetentionSweep
     | DeleteFilesReceived
     | DiskMeasured
+    | QueueTick
+    | Welcomed
 )
 
 
@@ -320,6 +343,7 @@ class AgentState:
         default_factory=dict
     )  # task key -> unix time its files may go
     start_run: Run | None = None  # the start task's current run (a leave or reboot interrupts it)
+    slots: Slots = field(default_factory=Slots)  # the TVM's slots and the tasks waiting for one
 
     # ------------------------------------------------------------------ queries
 
@@ -364,7 +388,25 @@ class AgentState:
         if old is not None:
             return []  # the same attempt again: already running
         self.running[spec.key] = Run(spec)
+        if not self.slots.admit(spec, ev.now):
+            return []  # waits for a slot
         return [StartRun(spec)]
+
+    def _unstarted(
+        self, spec: pm.TaskSpec, since: float, now: float, failure: pm.Failure
+    ) -> SendCompletion:
+        """A waiting task answered without running (it never took a slot nor made a directory)."""
+        del self.running[spec.key]
+        return SendCompletion(
+            pm.TaskCompleted(
+                key=spec.key,
+                attempt=spec.attempt,
+                exit_code=NO_EXIT_CODE,
+                start_time=since,
+                end_time=max(now, since),
+                failure=failure,
+            )
+        )
 
     def _cancel(self, ev: CancelReceived) -> list[Instruction]:
         waiting = self.deferred.get(ev.key)
@@ -373,6 +415,14 @@ class AgentState:
         r = self.running.get(ev.key)
         if r is None or r.spec.attempt != ev.attempt:
             return []
+        queued = self.slots.withdraw(ev.key)
+        if queued is not None:
+            failure = pm.Failure(
+                category="UserError",
+                code=r.cancel_code,
+                message=f"task ended before it started: {ev.reason}",
+            )
+            return [self._unstarted(r.spec, queued[1], ev.now, failure)]
         r.cancelled = True
         r.cancel_reason = ev.reason
         return [KillProcess(ev.key)]
@@ -395,7 +445,9 @@ class AgentState:
         deferred = self.deferred.pop(ev.key, None)
         if deferred is not None and self.tvm_name is not None:
             self.running[ev.key] = Run(deferred)
+            self.slots.take(deferred)  # takes the slots of the run it replaces
             out.append(StartRun(deferred))
+        out.extend(StartRun(w) for w in self.slots.release(spec))
         self.acked(ev.peer_acked)
         out.append(
             SendCompletion(
@@ -435,10 +487,11 @@ class AgentState:
 
     def _tvm_set_up(self, ev: TvmSetUp) -> list[Instruction]:
         self.tvm_name = ev.tvm_name
+        self.slots.capacity = ev.slots if self.slots.counted else 0
         return []
 
     def _kill_all(self, reason: str, abandon: bool = False) -> list[Instruction]:
-        out: list[Instruction] = []
+        out: list[Instruction] = self._hand_back_waiting(reason, abandon)
         for key, r in self.running.items():
             r.cancelled = True
             r.cancel_reason = reason
@@ -450,8 +503,47 @@ class AgentState:
         self.deferred.clear()
         return self._kill_all("TVM removed")
 
+    def _hand_back_waiting(self, reason: str, abandon: bool = True) -> list[Instruction]:
+        """Answer every waiting task unstarted: requeued by the coordinator (AgentStopping) when
+        `abandon`, else ended like a killed run (the coordinator requeues those it moved itself)."""
+        out: list[Instruction] = []
+        for spec, since in self.slots.clear():
+            code = pm.AGENT_STOPPING if abandon else self.running[spec.key].cancel_code
+            failure = pm.Failure(
+                category="ServerError" if abandon else "UserError",
+                code=code,
+                message=f"task ended before it started: {reason}",
+            )
+            out.append(self._unstarted(spec, since, since, failure))
+        return out
+
+    def _welcomed(self, ev: Welcomed) -> list[Instruction]:
+        # Slots are kept only for a coordinator that says what each run takes (TaskSpec.slots);
+        # the next JoinPool sets them (a join always follows the welcome of its link).
+        self.slots.counted = ev.minor >= pm.QUEUE_MINOR
+        if self.slots.counted:
+            return []
+        self.slots.capacity = 0
+        out: list[Instruction] = []
+        for spec, _ in self.slots.clear():  # nothing waits for an older coordinator
+            self.slots.take(spec)
+            out.append(StartRun(spec))
+        return out
+
+    def _queue_tick(self, ev: QueueTick) -> list[Instruction]:
+        out: list[Instruction] = []
+        for spec, since in self.slots.overdue(ev.now):
+            failure = pm.Failure(
+                category="ServerError",
+                code=pm.QUEUE_HANDED_BACK,
+                message=f"waited {WAIT_S:g} s for a slot of this TVM: handed back unstarted",
+            )
+            out.append(self._unstarted(spec, since, ev.now, failure))
+        return out
+
     def _wiped(self, ev: TvmWiped) -> list[Instruction]:
         self.tvm_name = None
+        self.slots.capacity = 0
         self.retention.clear()
         return []
 
@@ -473,7 +565,11 @@ class AgentState:
 
     def _drain_started(self, ev: DrainStarted) -> list[Instruction]:
         self.draining = True
-        return [Send(pm.Draining(reason="agent stopping"))]
+        # What waits has not started: the coordinator places it elsewhere at once.
+        return [
+            *self._hand_back_waiting("the agent is stopping"),
+            Send(pm.Draining(reason="agent stopping")),
+        ]
 
     def _drain_over(self, ev: DrainGraceOver) -> list[Instruction]:
         return self._kill_all("agent stopped", abandon=True)
@@ -494,7 +590,13 @@ class AgentState:
     def _delete_files(self, ev: DeleteFilesReceived) -> list[Instruction]:
         out: list[Instruction] = []
         r = self.running.get(ev.key)
-        if r is not None:
+        queued = self.slots.withdraw(ev.key) if r is not None else None
+        if r is not None and queued is not None:
+            failure = pm.Failure(
+                category="UserError", code=r.cancel_code, message="task deleted before it started"
+            )
+            out.append(self._unstarted(r.spec, queued[1], queued[1], failure))
+        elif r is not None:
             r.cancelled = True
             out.append(KillProcess(ev.key))
         self.retention.pop(ev.key, None)  # deleted: nothing left for the sweep to do
@@ -543,4 +645,6 @@ _HANDLERS = {
     RetentionSweep: AgentState._retention_sweep,
     DeleteFilesReceived: AgentState._delete_files,
     DiskMeasured: AgentState._disk_measured,
+    QueueTick: AgentState._queue_tick,
+    Welcomed: AgentState._welcomed,
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from protocol import messages as pm
 
+from .freeslots import queue_depth
 from .healing import lost_reason
 from .instructions import Outbox
 from .jobprep import JobPrep
@@ -69,6 +70,7 @@ class Agents:
                 )
             self.membership.allocate()
             return
+        tvm.queue = queue_depth(tvm.slots, agent.capabilities)  # this agent process's
         moved = tvm.rec.ip != hello.ip_address
         tvm.rec.ip = hello.ip_address
         tvm.last_heartbeat = now

@@ -13,11 +13,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from protocol import messages as pm
+
 _pop = dict.pop
 _get = dict.get
 _setitem = dict.__setitem__
 _delitem = dict.__delitem__
 _clear = dict.clear
+
+
+# Short tasks an agent that keeps a task queue (Hello capability TASK_QUEUE) may hold per slot
+# beyond its slots: its next task starts without a round trip to the coordinator.
+QUEUE_PER_SLOT = 3
+
+
+def queue_depth(slots: int, capabilities: list[str]) -> int:
+    """How many tasks beyond its slots a TVM whose agent has `capabilities` may hold."""
+    return slots * QUEUE_PER_SLOT if pm.TASK_QUEUE in capabilities else 0
 
 
 class RunningTasks(dict[str, Any]):
@@ -68,8 +80,9 @@ class RunningTasks(dict[str, Any]):
 
 
 class FreeSlots:
-    """pool name -> {TVM name: TVM}: every TVM of the pool with a free slot, and perhaps some that
-    filled up since the last `with_room` (which drops them)."""
+    """pool name -> {TVM name: TVM}: every TVM of the pool with a free slot or room in its agent's
+    queue (`Tvm.queue`), and perhaps some that filled up since the last `with_room` (which drops
+    them)."""
 
     __slots__ = ("by_pool",)
 
@@ -77,14 +90,14 @@ class FreeSlots:
         self.by_pool: dict[str, dict[str, Any]] = {}
 
     def with_room(self, pool: str) -> list[Any]:
-        """The pool's TVMs with at least one free slot (exact)."""
+        """The pool's TVMs with at least one free slot or queue place (exact)."""
         index = self.by_pool.get(pool)
         if not index:
             return []
         out = []
         full = []
         for name, t in index.items():
-            if len(t.running) + t.running.extra < t.slots:
+            if len(t.running) + t.running.extra < t.slots + t.queue:
                 out.append(t)
             else:
                 full.append(name)

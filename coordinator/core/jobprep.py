@@ -25,7 +25,7 @@ from .store import Store
 
 RELEASE_MAX_WALL_S = 15 * 60.0  # Azure's default and maximum for a release task
 # Agent answers that say the run never got its chance: it is run again, not counted as a failure.
-_NOT_RUN = frozenset({pm.AGENT_STOPPING, "TVMNotReady"})
+_NOT_RUN = frozenset({pm.AGENT_STOPPING, pm.QUEUE_HANDED_BACK, "TVMNotReady"})
 _READY_TVM = ("idle", "running", "offline")
 
 
@@ -220,6 +220,7 @@ class JobPrep:
             job_id=modern_job_id(job.workitem, job.name, True) if scheduled else "",
             job_prep=job.prep.name if job.prep else "",
             kind=kind,
+            slots=0,  # runs beside the TVM's tasks, in no slot: it never waits for one
         )
         self.out.send(tvm.rec.agent_id, pm.RunTask(spec=spec))
 

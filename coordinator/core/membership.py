@@ -25,6 +25,7 @@ from protocol import messages as pm
 from protocol.ports import allocate_tvm_range
 
 from . import usage
+from .freeslots import queue_depth
 from .instructions import Outbox
 from .pool_limits import join_limits
 from .records import COMPLETED, RUNNING, AgentInfo, PoolRec, Tvm, TvmRec
@@ -148,6 +149,7 @@ class Membership:
             ip=agent.ip,
         )
         tvm = Tvm(rec, pool.spec.max_tasks_per_vm)
+        tvm.queue = queue_depth(tvm.slots, agent.capabilities)
         self.s.tvms[name] = tvm
         agent.tvm = name
         self.assign_ports(pool, tvm)

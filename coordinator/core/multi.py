@@ -121,10 +121,12 @@ class Gangs:
                 output_files=[],
                 system_env=env,
                 max_wall_clock_s=0.0,  # it lives as long as the gang
+                slots=0,  # the gang's slots are the coordinator's to count: it never waits
             )
             self.out.send(tvm.rec.agent_id, pm.RunTask(spec=sub))
         gang.app = msgspec.structs.replace(
             spec,
+            slots=0,  # beside its TVM's instance, in the same slots
             resource_files=[*spec.resource_files, *common],
             system_env={
                 **common_env,
@@ -176,7 +178,10 @@ class Gangs:
             self._started(gang, i)  # a quick coordination command: started (and done) all the same
             return None  # its slot stays the gang's until the application command ends
         key = f"{gang.job.key}/{gang.task.name}"
-        if f is not None and f.code == pm.AGENT_STOPPING:  # not the task's fault: run it again
+        if f is not None and f.code in (
+            pm.AGENT_STOPPING,
+            pm.QUEUE_HANDED_BACK,
+        ):  # not the task's fault: run it again
             return pm.TaskCompleted(
                 key=key,
                 attempt=gang.attempt,

@@ -319,7 +319,7 @@ class Job:
     """A job in memory: its record, its tasks and its queue of active tasks (ready ones only: a task
     waiting for dependencies joins the queue when they are satisfied)."""
 
-    __slots__ = ("rec", "tasks", "queue", "served", "deps", "wide", "tally")
+    __slots__ = ("rec", "tasks", "queue", "served", "deps", "wide", "tally", "run_s")
 
     def __init__(self, rec: JobRec) -> None:
         self.rec = rec
@@ -331,6 +331,9 @@ class Job:
         self.deps: JobDeps | None = None  # built by deps.py for a job that uses dependencies
         self.wide = False  # a task taking more than one slot was added (slotplace.py places it)
         self.tally = TaskTally()  # its task counts: every change to `tasks` or a task's state
+        # How long its tasks run (a moving average of their completions; -1: none yet). Only a job
+        # of short tasks is placed into agents' queues (scheduler.QUEUE_TASK_S).
+        self.run_s = -1.0
 
     @property
     def key(self) -> str:
@@ -375,7 +378,7 @@ class AgentInfo:
 class Tvm:
     """A TVM in memory: its record plus what runs on it now."""
 
-    __slots__ = ("rec", "running", "slots", "last_heartbeat", "ready", "index")
+    __slots__ = ("rec", "running", "slots", "queue", "last_heartbeat", "ready", "index")
 
     def __init__(self, rec: TvmRec, slots: int) -> None:
         self.rec = rec
@@ -383,6 +386,8 @@ class Tvm:
         self.index: dict[str, Tvm] | None = None
         self.running: RunningTasks = RunningTasks(self)
         self.slots = slots
+        # Tasks its agent may hold beyond `slots`, waiting there for a slot (freeslots.queue_depth).
+        self.queue = 0
         self.last_heartbeat: float | None = None
         self.ready = False
 

@@ -107,6 +107,7 @@ class Runs:
             or task.job_manager
             or rec.prep is not None
             or task.output_files
+            or task.slots != 1
         ):
             spec = pm.TaskSpec(
                 key=key,
@@ -128,6 +129,7 @@ class Runs:
                 job_id=job_id,
                 job_prep=rec.prep.name if rec.prep is not None else "",
                 output_files=output_specs(task.output_files) if task.output_files else [],
+                slots=task.slots,
             )
         else:
             # The common task, once per placement: the fields at their defaults are left to them

@@ -8,11 +8,18 @@ within a job, submission order; a job with maxParallelTasks gets no more than it
 a task with an affinity goes to the TVM it names while that one has a free slot.
 Fill policy: `spread` deals tasks across TVMs, most free slots first;
 `pack` fills one TVM before the next. No per-task allocation beyond the result list.
+
+Once a pool's free slots are taken, jobs of short tasks (their tasks' moving average of run time
+under QUEUE_TASK_S) may place a few more into the queues of agents that keep one (`Tvm.queue`):
+each starts there the moment a slot frees, without a round trip through the coordinator. Only plain
+one-slot tasks of jobs without a preparation task, and only while every job waiting in the pool is
+such a job and no job manager waits there: anything else gets the slots as the queues drain, in
+the order above. An agent hands back a task that waited a second (a long task ahead of it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import groupby
 from typing import Any
 
@@ -21,6 +28,22 @@ from .records import ACTIVE, RUNNING, Job, TaskRec, Tvm
 from .runs import Runs
 from .slotplace import place_wide
 from .store import Store
+
+# A job whose tasks run shorter than this on average may have tasks wait in agents' queues.
+QUEUE_TASK_S = 0.05
+
+
+def queues_tasks(job: Job) -> bool:
+    """`job`'s waiting tasks may be placed into agents' queues (see the module's docstring)."""
+    return 0.0 <= job.run_s < QUEUE_TASK_S and not job.wide and job.rec.prep is None
+
+
+def _free(t: Tvm) -> int:
+    return t.free
+
+
+def _queue_room(t: Tvm) -> int:
+    return t.free + t.queue
 
 
 def room(job: Job) -> int | None:
@@ -63,11 +86,14 @@ def _next_tasks(jobs: list[Job]) -> Iterator[tuple[Job, TaskRec]]:
             level = still
 
 
-def place(tvms: list[Tvm], jobs: list[Job], fill: str) -> list[tuple[Job, TaskRec, Tvm]]:
+def place(
+    tvms: list[Tvm], jobs: list[Job], fill: str, room: Callable[[Tvm], int] = _free
+) -> list[tuple[Job, TaskRec, Tvm]]:
     """Assign queued tasks of `jobs` to free slots of `tvms` (already filtered to schedulable).
-    A task with an affinity goes to that TVM if it has a free slot (a hint: else where it is dealt)."""
+    A task with an affinity goes to that TVM if it has a free slot (a hint: else where it is dealt).
+    `room`: how many more tasks a TVM takes (its free slots; with its agent's queue: `_queue_room`)."""
     # [free slots, TVM]: a list so the count goes down in place as tasks are dealt.
-    slots: list[list[Any]] = [[t.free, t] for t in tvms if t.free > 0]
+    slots: list[list[Any]] = [[n, t] for t in tvms if (n := room(t)) > 0]
     if not slots or not jobs:
         return []
     out: list[tuple[Job, TaskRec, Tvm]] = []
@@ -141,9 +167,12 @@ class Scheduler:
             return 0
         placed = self.place_job_managers()  # job managers go first
         by_pool: dict[str, list[Job]] = {}
+        jm_waits: set[str] = set()  # pools where a job manager waits: no task is queued there
         for job in s.jobs.values():
             if job.queue and job.rec.state == "active" and not jm_pending(job) and room(job) != 0:
                 by_pool.setdefault(job.rec.pool, []).append(job)
+            elif job.rec.jm_name and job.rec.state == "active" and jm_pending(job):
+                jm_waits.add(job.rec.pool)
         agents = s.agents
         start = self.runs.start
         # Without a job manager anywhere no TVM can be held for one: skip the look at every
@@ -157,8 +186,9 @@ class Scheduler:
             pool = s.pools.get(pool_name)
             if pool is None or pool.state != "active":
                 continue
-            # Only TVMs with a free slot (the index), not a scan of every TVM of the account.
-            tvms = [
+            # Only TVMs with a free slot or queue place (the index), not a scan of every TVM of
+            # the account.
+            cands = [
                 t
                 for t in s.free_slots.with_room(pool_name)
                 if t.rec.state in ("idle", "running")
@@ -167,6 +197,7 @@ class Scheduler:
                 and a.connected
                 and (held is None or not held(t))
             ]
+            tvms = [t for t in cands if t.free > 0]
             fill = pool.spec.tvm_fill_type
             gate = self.prep
             if gate is None or not any(j.rec.prep is not None for j in jobs):
@@ -176,6 +207,18 @@ class Scheduler:
                     placed += 1
             else:
                 placed += self._place_gated(gate, tvms, jobs, fill)
+            queues = [t for t in cands if t.queue and _queue_room(t) > 0]
+            waiting = [j for j in jobs if j.queue and room(j) != 0]
+            if (
+                queues
+                and waiting
+                and pool_name not in jm_waits
+                and all(queues_tasks(j) for j in waiting)
+            ):
+                for job, task, tvm in place(queues, waiting, fill, _queue_room):
+                    start(job, task, tvm)
+                    job.served = s.attempts
+                    placed += 1
         s.placements += placed
         return placed
 
@@ -320,7 +363,8 @@ class Scheduler:
             if not exclusive:
                 # One slot is enough: the victim of the lowest priority, most recently started.
                 victims.sort(key=lambda ot: (ot[0].rec.priority, -ot[1].state_time))
-                victims = victims[:1] if tvm.free == 0 else []
+                # As many as it takes to free one slot (its agent's queue counts as taken).
+                victims = victims[: max(0, 1 - tvm.free)]
             if best is None or len(victims) < best[0]:
                 best = (len(victims), tvm, victims)
         if best is None:

@@ -28,6 +28,9 @@ from .specs import (
 from .states import move_task
 from .store import Store
 
+# The weight of a completion's run time in its job's moving average (Job.run_s).
+RUN_S_WEIGHT = 0.2
+
 
 class Tasks:
     def __init__(self, store: Store, out: Outbox, runs: Runs, jobs: Jobs) -> None:
@@ -288,12 +291,19 @@ class Tasks:
             return  # a run we requeued elsewhere; its twin result is not ours
         if task.state == ACTIVE and (msg.attempt >> 32) >= s.epoch:
             return  # requeued in this run of the coordinator: the late result is ignored
-        if msg.failure is not None and msg.failure.code == pm.AGENT_STOPPING:
-            # The agent gave this attempt up while shutting down: not the task's fault, run it again.
+        code = msg.failure.code if msg.failure is not None else ""
+        if code in (pm.AGENT_STOPPING, pm.QUEUE_HANDED_BACK):
+            # The agent gave this attempt up unstarted (shutting down, or it waited too long in the
+            # agent's queue): not the task's fault, run it again.
             if task.state == RUNNING:
                 self.runs.off_tvm(msg.key, task)
                 self.runs.requeue(job, task)
+            if code == pm.QUEUE_HANDED_BACK:  # a long task held it up: queue this job no more
+                job.run_s = max(job.run_s, msg.end_time - msg.start_time)
             return
+        if msg.failure is None and msg.end_time >= msg.start_time > 0:
+            ran = msg.end_time - msg.start_time
+            job.run_s = ran if job.run_s < 0 else job.run_s + (ran - job.run_s) * RUN_S_WEIGHT
         s.completions += 1
         holder: Tvm | None = s.tvms.get(task.tvm) if task.tvm else None
         if holder is not None:
