@@ -3,9 +3,11 @@
 Each one does the real handshake and speaks the real protocol (LinkSession: sequence numbers,
 acks, batching); it answers JoinPool with TvmReady and every RunTask at once with TaskCompleted
 (exit code 0) without spawning anything. All messages handled from one frame are answered in one
-frame, the way the real agent batches.
+frame, the way the real agent batches. `--queue`: they say they keep a task queue, as real agents do
+(the coordinator may then place short tasks beyond their slots; tasks that take no time never wait).
 
-    python -m benchmarks._simagents --url ws://127.0.0.1:PORT/agent --count K   (token in TVM_AGENT_TOKEN)
+    python -m benchmarks._simagents --url ws://127.0.0.1:PORT/agent --count K [--queue]
+    (token in TVM_AGENT_TOKEN)
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ from protocol import messages as pm
 
 
 async def sim_agent(
-    url: str, token: str, agent_id: str, ready: trio.Semaphore | None = None
+    url: str,
+    token: str,
+    agent_id: str,
+    ready: trio.Semaphore | None = None,
+    queue: bool = False,
 ) -> None:
     session = LinkSession(agent_codec())
     codec = session.codec
@@ -46,6 +52,7 @@ async def sim_agent(
                     credential=cred,
                     proof=agent_proof(cred, agent_id, t),
                     proof_time=t,
+                    capabilities=[pm.TASK_QUEUE] if queue else [],
                 )
             )
         )
@@ -96,12 +103,12 @@ async def sim_agent(
                 wake.set()
 
 
-async def main(url: str, count: int, prefix: str) -> None:
+async def main(url: str, count: int, prefix: str, queue: bool) -> None:
     token = os.environ["TVM_AGENT_TOKEN"]
 
     async def one(i: int) -> None:
         try:
-            await sim_agent(url, token, f"{prefix}-{i:04d}")
+            await sim_agent(url, token, f"{prefix}-{i:04d}", queue=queue)
         except ConnectionClosed:
             pass  # the coordinator went away: the benchmark is over
 
@@ -117,8 +124,9 @@ if __name__ == "__main__":
     p.add_argument("--url", required=True)
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--prefix", default="sim")
+    p.add_argument("--queue", action="store_true", help="say they keep a task queue")
     a = p.parse_args()
     try:
-        trio.run(main, a.url, a.count, a.prefix)
+        trio.run(main, a.url, a.count, a.prefix, a.queue)
     except KeyboardInterrupt:
         sys.exit(0)

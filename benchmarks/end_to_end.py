@@ -294,7 +294,7 @@ def main() -> None:
     for kind, ms in run.cpu_ms.items():
         emit(f"end_to_end_cpu_per_task_{kind}", params, ms, "ms")
     if run.frames is not None:
-        emit("end_to_end_frames_per_task", params, sum(run.frames) / n, "frames")
+        emit("end_to_end_frames_per_task", params, sum(run.frames) / n, "ratio")
     versus = []
     for name, r in others.items():
         if r.rate is not None:

@@ -3,7 +3,10 @@ process, answering every RunTask at once), N tasks added by add-task-collection 
 submitter process. Value: tasks/s from the first submit to the last completion recorded.
 
     python -m benchmarks.placement [--quick] [--agents 10,100,1000] [--tasks 100000] [--slots 16]
-        [--concurrency 32] [--fill spread|pack] [--dashboard]
+        [--concurrency 32] [--fill spread|pack] [--dashboard] [--agent-queue on|off]
+
+--agent-queue (default on): the simulated agents say they keep a task queue, as real agents do, so
+the coordinator may place short tasks beyond their slots; off: slots only, as before.
 
 --dashboard keeps a dashboard open during the run (benchmarks/_uiwatch.py: the overview's and the
 job's live feeds, as a browser would).
@@ -42,6 +45,7 @@ async def run_one(
     concurrency: int,
     fill: str = "spread",
     dashboard: bool = False,
+    queue: bool = True,
 ) -> dict:
     with tempfile.TemporaryDirectory(prefix="tvm-bench-") as tmp:
         async with coordinator(
@@ -51,7 +55,7 @@ async def run_one(
             core = svc.core
             sims = spawn(
                 "benchmarks._simagents",
-                ["--url", rc.agent_url, "--count", str(k)],
+                ["--url", rc.agent_url, "--count", str(k), *(["--queue"] if queue else [])],
                 env={"TVM_AGENT_TOKEN": rc.join_token},
                 stdout=None,
             )
@@ -178,6 +182,7 @@ def main() -> None:
             p.add_argument("--concurrency", type=int, default=32),
             p.add_argument("--fill", choices=["spread", "pack"], default="spread"),
             p.add_argument("--dashboard", action="store_true"),
+            p.add_argument("--agent-queue", choices=["on", "off"], default="on"),
         ),
     )
     ks = (
@@ -188,7 +193,8 @@ def main() -> None:
     n = a.tasks or (3000 if a.quick else 100_000)
     size = "extralarge" if a.slots > 16 else "large"
     for k in ks:
-        r = trio.run(run_one, k, n, a.slots, size, a.concurrency, a.fill, a.dashboard)
+        queue = a.agent_queue == "on"
+        r = trio.run(run_one, k, n, a.slots, size, a.concurrency, a.fill, a.dashboard, queue)
         rate = n / r["elapsed"]
         emit(
             "placement",
@@ -199,6 +205,7 @@ def main() -> None:
                 "submit_concurrency": a.concurrency,
                 "fill": a.fill,
                 "dashboard": a.dashboard,
+                "agent_queue": queue,
             },
             rate,
             "tasks/s",
@@ -214,7 +221,8 @@ def main() -> None:
         )
         emit("placement_bound_all_cpu", bound, cpus / whole if whole else 0.0, "tasks/s")
         say(
-            f"placement: K={k} agents x {a.slots} slots, {n} tasks: {rate:,.0f} tasks/s "
+            f"placement: K={k} agents x {a.slots} slots (agent queues {a.agent_queue}), {n} tasks: "
+            f"{rate:,.0f} tasks/s "
             f"({r['elapsed']:.2f} s; submitting alone took {r['submit_s']:.2f} s; {r['commits']} journal commits; "
             f"frames in/out {r['frames_in']}/{r['frames_out']}; "
             f"CPU per task: coordinator {r['cpu'] / n * 1e6:.0f} µs, simulated agents {r['sims_cpu'] / n * 1e6:.0f} µs, "
