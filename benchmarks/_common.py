@@ -11,12 +11,14 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -39,14 +41,18 @@ def emit(name: str, parameters: dict[str, Any], value: float, unit: str) -> dict
     return row
 
 
-def link_frames(svc: object) -> tuple[int, int]:
-    """Websocket frames (in, out) over every agent link so far (0, 0 for a coordinator without
-    the counters)."""
-    links = getattr(svc, "links", {}).values()
-    return (
-        sum(getattr(link, "frames_in", 0) for link in links),
-        sum(getattr(link, "frames_out", 0) for link in links),
-    )
+def link_frames(svc: Any) -> tuple[int, int]:
+    """Websocket frames (in, out) over every agent link so far."""
+    frames: tuple[int, int] = svc.agent_frames()
+    return frames
+
+
+def scraped_frames(endpoint: str) -> tuple[int, int]:
+    """The same, read from a coordinator's `/metrics` (no key needed)."""
+    with urllib.request.urlopen(f"{endpoint.rstrip('/')}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    found = dict(re.findall(r'^tvm_agent_frames_total\{direction="(in|out)"\} (\d+)$', text, re.M))
+    return int(found.get("in", 0)), int(found.get("out", 0))
 
 
 def say(text: str) -> None:

@@ -57,6 +57,7 @@ from ._common import (
     local_pool,
     raw_spawn_rate,
     say,
+    scraped_frames,
     spawn,
     stop_agents,
     task_run_options,
@@ -74,7 +75,7 @@ SLOTS = 2
 class Run:
     rate: float
     cpu_ms: dict[str, float] = field(default_factory=dict)  # process kind -> CPU ms per task
-    frames: tuple[int, int] | None = None  # agent link frames in, out (inproc: the coordinator's)
+    frames: tuple[int, int] | None = None  # agent link frames in, out
 
 
 def _submitter(endpoint: str, account: str, key: str, n: int) -> subprocess.Popen[bytes]:
@@ -207,6 +208,7 @@ async def run_up(n: int) -> Run:
             pids = daemon.agent_pids()
             if len(pids) != AGENTS:
                 raise RuntimeError(f"tvm up runs {len(pids)} agents, expected {AGENTS}")
+            frames0 = await trio.to_thread.run_sync(scraped_frames, daemon.endpoint)
             me, coord, agents = self_cpu(), proc_times(daemon.pid)[0], [tree_cpu(p) for p in pids]
             sub = _submitter(daemon.endpoint, daemon.account, daemon.key, n)
             try:
@@ -217,11 +219,13 @@ async def run_up(n: int) -> Run:
                     sub.kill()
                     sub.wait()
             coord_used = proc_times(daemon.pid)[0] - coord
+            frames1 = await trio.to_thread.run_sync(scraped_frames, daemon.endpoint)
             agents_used = [tree_cpu(p) - b for p, b in zip(pids, agents, strict=True)]
             me_used = self_cpu() - me
         cpu = _cpu_table(n, coord_used, agents_used, times["cpu"])
         cpu["rest_poller"] = per_task_ms(me_used.own, n)
-        return Run(n / (done - times["first"]), cpu)
+        frames = (frames1[0] - frames0[0], frames1[1] - frames0[1])
+        return Run(n / (done - times["first"]), cpu, frames)
     except BaseException:
         say(f"end_to_end: tvm up log: {daemon.log_tail()}")
         raise

@@ -96,6 +96,7 @@ class CoordinatorState:
     recovering_until = _StoreField[float | None]()
     placements = _StoreField[int]()
     completions = _StoreField[int]()
+    queue_handbacks = _StoreField[int]()
     port_range = _StoreField[PortRangeConfig]()
     autoscale_timing = _StoreField[AutoscaleTiming]()
     provisioning_enabled = _StoreField[bool]()

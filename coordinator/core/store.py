@@ -110,6 +110,7 @@ class Store:
         self.recovering_until: float | None = None
         self.placements = 0  # counter for metrics
         self.completions = 0  # likewise: task results recorded (every attempt that ended)
+        self.queue_handbacks = 0  # likewise: tasks an agent's queue handed back unstarted
         low, high, per = DEFAULT_PORT_RANGE
         self.port_range = PortRangeConfig(low, high, per, ephemeral=(32768, 60999))
         self.autoscale_timing = AutoscaleTiming()

@@ -300,6 +300,7 @@ class Tasks:
                 self.runs.requeue(job, task)
             if code == pm.QUEUE_HANDED_BACK:  # a long task held it up: queue this job no more
                 job.run_s = max(job.run_s, msg.end_time - msg.start_time)
+                s.queue_handbacks += 1
             return
         if msg.failure is None and msg.end_time >= msg.start_time > 0:
             ran = msg.end_time - msg.start_time

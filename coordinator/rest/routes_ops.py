@@ -27,6 +27,7 @@ class OpsRoutes(RouteGroup):
             http_requests=self.app.requests,
             started_at=mon.started_at,
             agent_link_events=self.svc.agent_link_events,
+            agent_frames=self.svc.agent_frames(),
         )
         return Response(
             200,

@@ -292,6 +292,7 @@ def render_prometheus(
     http_requests: int = 0,
     started_at: float = 0.0,
     agent_link_events: dict[str, int] | None = None,
+    agent_frames: tuple[int, int] = (0, 0),
 ) -> str:
     """Prometheus text exposition format 0.0.4 (aggregates only; see the module docstring)."""
     tt = task_totals(core)
@@ -390,6 +391,18 @@ def render_prometheus(
         "Agent hellos refused, by Reject code (AgentAlreadyConnected: a second connection while the"
         " first is alive), and silent links replaced by a new connection (ReplacedSilentLink).",
         [({"event": k}, n) for k, n in sorted((agent_link_events or {}).items())],
+    )
+    out.metric(
+        "tvm_agent_frames_total",
+        "counter",
+        "Websocket frames received from and sent to agents (messages share frames when busy).",
+        [({"direction": "in"}, agent_frames[0]), ({"direction": "out"}, agent_frames[1])],
+    )
+    out.metric(
+        "tvm_queue_handbacks_total",
+        "counter",
+        "Tasks an agent handed back unstarted after waiting in its queue behind a long task.",
+        [({}, core.queue_handbacks)],
     )
     if started_at:
         out.metric(

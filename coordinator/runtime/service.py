@@ -149,6 +149,11 @@ class CoordinatorService:
         # store (daemon/standby.py): nothing is sent to agents after that.
         self.fence: Callable[[], None] | None = None
 
+    def agent_frames(self) -> tuple[int, int]:
+        """Websocket frames received from and sent to agents, over every link kept (/metrics)."""
+        links = self.links.values()
+        return sum(x.frames_in for x in links), sum(x.frames_out for x in links)
+
     def _auth_put(self, key: str, value: str) -> None:
         self._auth_meta[key] = value
         self.journal.put_meta(key, value)
