@@ -64,6 +64,10 @@ async def test_metrics_status_and_json_logs(nursery, tmp_path):
         assert m['tvm_tvms{state="idle"}'] == 2
         assert m['tvm_agents{status="connected"}'] == 2
         assert m["tvm_link_rtt_seconds_count"] >= 2
+        # Each task's RunTask and completion crossed the agents' links; nothing waited too long.
+        assert m['tvm_agent_frames_total{direction="in"}'] >= 2
+        assert m['tvm_agent_frames_total{direction="out"}'] >= 2
+        assert m["tvm_queue_handbacks_total"] == 0
         # Everything else still needs the key, /ops/status included.
         for path in ("/pools", "/ops/status"):
             status, _, body = await trio.to_thread.run_sync(_get, c.rc.endpoint + path)

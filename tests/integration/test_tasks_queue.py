@@ -96,6 +96,7 @@ async def test_a_long_task_ahead_gets_the_queued_ones_handed_back(nursery, tmp_p
         s = await c.wait_for(handed_back, timeout=15, what="the queued tasks handed back")
         assert all(s[f"q{i}"].execution_info.retry_count == 0 for i in range(QUEUED))
         assert len(tvm.running) == 1  # no more queueing for this job: the long one holds the slot
+        assert core.queue_handbacks == QUEUED  # counted for /metrics
         with open(gate, "w"):
             pass
         await c.client.tasks.wait("wi", JOB, timeout=60)
