@@ -200,3 +200,34 @@ def test_a_job_manager_that_waits_stops_the_queueing_in_its_pool() -> None:
     _, jm = core.get_task("managed", JOB, "jm")
     assert jm.state == "running"
     assert jm.tvm == tvm.rec.name
+
+
+def test_a_restarted_job_manager_makes_room_on_a_tvm_whose_queue_is_full() -> None:
+    core = _core(tvms=2)
+    clock = core.clock
+    _workitem(
+        core,
+        "managed",
+        job_manager=m.JobManager(name="jm", command_line="true", run_exclusive=False),
+    )
+    assert [s.job_manager for s in _started(core)] == [True]
+    _workitem(core, "s")
+    _add(core, "s", 60)
+    first = _started(core)
+    _done(core, first[0])
+    _started(core)
+    _, jm = core.get_task("managed", JOB, "jm")
+    home = core.tvms[jm.tvm]
+    other = next(t for t in core.tvms.values() if t is not home)
+    assert other.free < 0  # its slots taken and its queue full
+    core.agent_disconnected(home.rec.agent_id)
+    clock.now += 11  # type: ignore[attr-defined]
+    core.agent_message(other.rec.agent_id, pm.Heartbeat())
+    core.tick()
+    core.schedule()
+    _, jm = core.get_task("managed", JOB, "jm")
+    assert jm.state == "running"
+    assert jm.tvm == other.rec.name
+    # Room for it: the queued tasks went back (its agent answers them unstarted), one slot freed.
+    assert other.free == 0
+    assert sum(1 for k in other.running if k.startswith("s/")) == SLOTS - 1
