@@ -6,6 +6,7 @@ queue ends them without running them."""
 from __future__ import annotations
 
 import os
+from contextlib import asynccontextmanager
 from datetime import datetime
 
 import trio
@@ -29,11 +30,34 @@ async def _short_job_known(c, n: int = 6) -> None:
     await c.client.tasks.wait("wi", JOB, timeout=60)
 
 
-async def test_short_tasks_wait_in_the_agents_queue_and_all_run(nursery, tmp_path):
+@asynccontextmanager
+async def _one_slot_short_job(nursery, tmp_path):
+    """A coordinator and one agent with one slot, whose job `wi` is known to run short tasks."""
     async with cluster_ctx(nursery, tmp_path, agents=1) as c:
         await c.pool_with_tvms("p", 1, max_tasks_per_vm=1)
         await c.client.workitems.add("wi", "p")
         await _short_job_known(c)
+        yield c
+
+
+async def _queued_behind_a_long_task(c, gate: str, commands: list[str]):
+    """Add a task that runs until `gate` exists, then one task per command; wait until those wait in
+    the agent's queue behind it. Returns the TVM."""
+    long = f"sh -c 'while [ ! -e {gate} ]; do sleep 0.05; done'"
+    await c.client.tasks.add_many(
+        "wi",
+        JOB,
+        [task_spec("long", long)] + [task_spec(f"q{i}", cmd) for i, cmd in enumerate(commands)],
+    )
+    (tvm,) = c.rc.service.core.tvms.values()
+    await c.wait_for(
+        lambda: len(tvm.running) == 1 + len(commands), what="tasks queued behind the long one"
+    )
+    return tvm
+
+
+async def test_short_tasks_wait_in_the_agents_queue_and_all_run(nursery, tmp_path):
+    async with _one_slot_short_job(nursery, tmp_path) as c:
         core = c.rc.service.core
         (tvm,) = core.tvms.values()
         most = 0
@@ -71,22 +95,10 @@ async def test_short_tasks_wait_in_the_agents_queue_and_all_run(nursery, tmp_pat
 
 
 async def test_a_long_task_ahead_gets_the_queued_ones_handed_back(nursery, tmp_path):
-    async with cluster_ctx(nursery, tmp_path, agents=1) as c:
-        await c.pool_with_tvms("p", 1, max_tasks_per_vm=1)
-        await c.client.workitems.add("wi", "p")
-        await _short_job_known(c)
+    async with _one_slot_short_job(nursery, tmp_path) as c:
         gate = os.path.join(str(tmp_path), "gate")
-        long = f"sh -c 'while [ ! -e {gate} ]; do sleep 0.05; done'"
-        await c.client.tasks.add_many(
-            "wi",
-            JOB,
-            [task_spec("long", long)] + [task_spec(f"q{i}", "true") for i in range(QUEUED)],
-        )
+        tvm = await _queued_behind_a_long_task(c, gate, ["true"] * QUEUED)
         core = c.rc.service.core
-        (tvm,) = core.tvms.values()
-        await c.wait_for(
-            lambda: len(tvm.running) == 1 + QUEUED, what="tasks queued behind the long one"
-        )
 
         async def handed_back():
             s = {t.name: t for t in await c.client.tasks.list("wi", JOB)}
@@ -106,25 +118,13 @@ async def test_a_long_task_ahead_gets_the_queued_ones_handed_back(nursery, tmp_p
 
 
 async def test_terminating_a_job_ends_its_queued_tasks_unrun(nursery, tmp_path):
-    async with cluster_ctx(nursery, tmp_path, agents=1) as c:
-        await c.pool_with_tvms("p", 1, max_tasks_per_vm=1)
-        await c.client.workitems.add("wi", "p")
-        await _short_job_known(c)
+    async with _one_slot_short_job(nursery, tmp_path) as c:
         gate = os.path.join(str(tmp_path), "gate2")
         marks = os.path.join(str(tmp_path), "marks")
         os.makedirs(marks)
         os.chmod(marks, 0o777)
-        long = f"sh -c 'while [ ! -e {gate} ]; do sleep 0.05; done'"
-        await c.client.tasks.add_many(
-            "wi",
-            JOB,
-            [task_spec("long", long)]
-            + [task_spec(f"q{i}", f"touch {marks}/q{i}") for i in range(QUEUED)],
-        )
-        core = c.rc.service.core
-        (tvm,) = core.tvms.values()
-        await c.wait_for(
-            lambda: len(tvm.running) == 1 + QUEUED, what="tasks queued behind the long one"
+        tvm = await _queued_behind_a_long_task(
+            c, gate, [f"touch {marks}/q{i}" for i in range(QUEUED)]
         )
         await c.client.jobs.terminate("wi", JOB)
 

@@ -4,6 +4,8 @@ pool; a task handed back unstarted runs again without using a retry, and its job
 
 from __future__ import annotations
 
+import pytest
+
 from coordinator.common import models as m
 from coordinator.core import CoordinatorState
 from coordinator.core.freeslots import QUEUE_PER_SLOT
@@ -66,6 +68,16 @@ def _done(core: CoordinatorState, spec: pm.TaskSpec, ran: float = 0.002, **kw: o
     )
 
 
+def _short_job(core: CoordinatorState, wi: str, n: int) -> list[pm.TaskSpec]:
+    """Workitem `wi` with `n` tasks, its first ones started and one ended after 2 ms: a job of
+    short tasks. Returns the first started."""
+    _workitem(core, wi)
+    _add(core, wi, n)
+    first = _started(core)
+    _done(core, first[0])
+    return first
+
+
 def _on_tvm(core: CoordinatorState) -> int:
     return sum(len(t.running) for t in core.tvms.values())
 
@@ -87,22 +99,17 @@ def test_a_job_of_short_tasks_fills_the_queue_of_an_agent_that_keeps_one() -> No
     assert _started(core) == []  # full: nothing more until something ends
 
 
-def test_an_agent_without_a_queue_gets_only_its_slots() -> None:
-    core = _core(queues=False)
+@pytest.mark.parametrize(
+    ("queues", "ran"),
+    [(False, 0.002), (True, 2.0)],
+    ids=["an agent without a queue", "long tasks"],
+)
+def test_only_slots_are_filled(queues: bool, ran: float) -> None:
+    core = _core(queues=queues)
     _workitem(core, "wi")
     _add(core, "wi", 20)
     first = _started(core)
-    _done(core, first[0])
-    assert len(_started(core)) == 1
-    assert _on_tvm(core) == SLOTS
-
-
-def test_long_tasks_are_not_queued() -> None:
-    core = _core()
-    _workitem(core, "wi")
-    _add(core, "wi", 20)
-    first = _started(core)
-    _done(core, first[0], ran=2.0)
+    _done(core, first[0], ran=ran)
     assert len(_started(core)) == 1
     assert _on_tvm(core) == SLOTS
 
@@ -111,10 +118,7 @@ def test_nothing_is_queued_while_another_job_waits_in_the_pool() -> None:
     # A job that is not known to be short (here: just added) must get the slots as they free, in
     # priority order, not find them taken by queued tasks of a short job.
     core = _core()
-    _workitem(core, "short")
-    _add(core, "short", 20)
-    first = _started(core)
-    _done(core, first[0])
+    _short_job(core, "short", 20)
     _workitem(core, "other", priority=100)
     _add(core, "other", 5)
     placed = _started(core)
@@ -145,10 +149,7 @@ def test_a_task_handed_back_from_a_queue_runs_again_without_a_retry_and_its_job_
     None
 ):
     core = _core()
-    _workitem(core, "wi")
-    _add(core, "wi", 20)
-    first = _started(core)
-    _done(core, first[0])
+    _short_job(core, "wi", 20)
     queued = _started(core)[-1]
     failure = pm.Failure(category="ServerError", code=pm.QUEUE_HANDED_BACK, message="waited")
     _done(core, queued, ran=1.0, failure=failure)
@@ -173,10 +174,7 @@ def test_a_task_handed_back_from_a_queue_runs_again_without_a_retry_and_its_job_
 
 def test_a_job_manager_that_waits_stops_the_queueing_in_its_pool() -> None:
     core = _core()
-    _workitem(core, "wi")
-    _add(core, "wi", 40)
-    first = _started(core)
-    _done(core, first[0])
+    _short_job(core, "wi", 40)
     assert len(_started(core)) == 1 + SLOTS * QUEUE_PER_SLOT
     _workitem(
         core,
@@ -211,10 +209,7 @@ def test_a_restarted_job_manager_makes_room_on_a_tvm_whose_queue_is_full() -> No
         job_manager=m.JobManager(name="jm", command_line="true", run_exclusive=False),
     )
     assert [s.job_manager for s in _started(core)] == [True]
-    _workitem(core, "s")
-    _add(core, "s", 60)
-    first = _started(core)
-    _done(core, first[0])
+    _short_job(core, "s", 60)
     _started(core)
     _, jm = core.get_task("managed", JOB, "jm")
     home = core.tvms[jm.tvm]
