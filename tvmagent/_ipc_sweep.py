@@ -13,15 +13,46 @@ import ctypes
 import os
 
 IPC_RMID = 0
+# The *_INFO commands: how many objects of each kind exist in the caller's IPC namespace (that of
+# the tasks, which share the agent's), with no table to read.
+SHM_INFO, SEM_INFO, MSG_INFO = 14, 19, 12
+PROC = "/proc/sysvipc"
 # (table, id column): owner (`uid`) and creator (`cuid`) columns are found by name.
 _TABLES = (("shm", "shmid"), ("sem", "semid"), ("msg", "msqid"))
 _libc: ctypes.CDLL | None = None
 
 
-def owned(uid: int, proc: str = "/proc/sysvipc") -> list[tuple[str, int]]:
-    """(kind, id) of every IPC object `uid` owns or created. Asked after every task: a table
-    holding only its header line (the usual case) costs one open and read."""
+def _libc_handle() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def any_exist() -> bool:
+    """Whether any System V IPC object exists in this IPC namespace (True when that cannot be
+    told). Three system calls: no table is read on a host that has none, the usual case."""
+    libc = _libc_handle()
+    info = (ctypes.c_int * 32)()  # larger than shm_info, seminfo and msginfo
+    # shm_info.used_ids, seminfo.semusz, msginfo.msgpool: the kinds' objects in use.
+    for call, index in (
+        (lambda: libc.shmctl(0, SHM_INFO, info), 0),
+        (lambda: libc.semctl(0, 0, SEM_INFO, info), 7),
+        (lambda: libc.msgctl(0, MSG_INFO, info), 0),
+    ):
+        ctypes.memset(info, 0, ctypes.sizeof(info))
+        if call() < 0 or info[index] != 0:
+            return True
+    return False
+
+
+def owned(uid: int, proc: str = PROC) -> list[tuple[str, int]]:
+    """(kind, id) of every IPC object `uid` owns or created. Asked after every task: where none
+    exists at all (the usual case) three `*_INFO` calls tell so; else a table holding only its
+    header line costs one open and read."""
     found: list[tuple[str, int]] = []
+    if proc == PROC and not any_exist():
+        return found
     for kind, id_col in _TABLES:
         try:
             fd = os.open(f"{proc}/{kind}", os.O_RDONLY | os.O_CLOEXEC)
@@ -57,19 +88,17 @@ def remove_owned(uid: int) -> int:
     """Remove what `owned(uid)` lists; returns how many went."""
     if uid == 0:
         raise ValueError("refusing to remove root's IPC objects")
-    global _libc
     objects = owned(uid)
     if not objects:
         return 0
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc_handle()
     removed = 0
     for kind, ident in objects:
         if kind == "shm":
-            rc = _libc.shmctl(ident, IPC_RMID, None)
+            rc = libc.shmctl(ident, IPC_RMID, None)
         elif kind == "sem":
-            rc = _libc.semctl(ident, 0, IPC_RMID)
+            rc = libc.semctl(ident, 0, IPC_RMID)
         else:
-            rc = _libc.msgctl(ident, IPC_RMID, None)
+            rc = libc.msgctl(ident, IPC_RMID, None)
         removed += rc == 0
     return removed

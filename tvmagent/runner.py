@@ -87,6 +87,9 @@ class TaskRunner:
         self.stock.burst = expected_burst(self.stock.most)
         self.uploader = Uploader(cache.http_client, http_base, http_headers)
         self._stock_low = trio.Event()
+        # keep_stock waits with no deadline (nothing to refill, no growth wanted when it looked):
+        # the end of the last process must wake it, else its own timer will.
+        self._stock_asleep = False
         self._last_busy = time.monotonic()  # when a process last ended (see keep_stock)
 
     def _take_dir(self, tdir: str) -> bool:
@@ -119,7 +122,11 @@ class TaskRunner:
                     continue
                 grow = self.stock.wanted_idle()
             if not refill and not grow:
-                await self._stock_low.wait()
+                self._stock_asleep = True
+                try:
+                    await self._stock_low.wait()
+                finally:
+                    self._stock_asleep = False
                 self._stock_low = trio.Event()
                 continue
             try:
@@ -279,7 +286,7 @@ class TaskRunner:
                 self.procs.pop(slot, None)
                 if not self.procs:
                     self._last_busy = time.monotonic()
-                    if self.stock.wanted_idle() > 0:
+                    if self._stock_asleep and self.stock.wanted_idle() > 0:
                         self._stock_low.set()  # grow the stock once the agent stays idle
             if leases and hand_back and hand_back_later is not None:
                 if leases[0] is not None:

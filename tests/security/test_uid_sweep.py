@@ -122,6 +122,34 @@ def test_system_v_ipc_objects_of_the_uid_are_removed_and_no_others() -> None:
         _ipc_sweep.remove_owned(0)
 
 
+def _tables_have_rows() -> bool:
+    return any(
+        len(open(f"/proc/sysvipc/{kind}").read().splitlines()) > 1 for kind in ("shm", "sem", "msg")
+    )
+
+
+@pytest.mark.skipif(not shutil.which("ipcmk"), reason="ipcmk (util-linux) not installed")
+@pytest.mark.parametrize(("option", "kind"), [("-M 4096", "shm"), ("-S 1", "sem"), ("-Q", "msg")])
+def test_the_quick_look_sees_each_kind_of_ipc_object(option: str, kind: str) -> None:
+    """`owned` reads the tables only when the *_INFO calls say objects exist: each kind must count."""
+    assert _ipc_sweep.any_exist() == _tables_have_rows()  # whatever else runs on this host
+    try:
+        subprocess.run(
+            ["ipcmk", *option.split(), "-p", "0600"],
+            user=UID,
+            group=UID,
+            extra_groups=[],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        assert _ipc_sweep.any_exist()
+        assert [k for k, _ in _ipc_sweep.owned(UID)] == [kind]
+    finally:
+        _ipc_sweep.remove_owned(UID)
+    assert _ipc_sweep.owned(UID) == []
+    assert _ipc_sweep.any_exist() == _tables_have_rows()
+
+
 def test_one_walk_sweeps_several_uids_and_no_others(tmp_path) -> None:
     root = tmp_path / "tmp"
     root.mkdir()
