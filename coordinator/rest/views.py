@@ -99,7 +99,7 @@ def tvm_view(core: CoordinatorState, tvm: Tvm) -> m.Tvm:
         allocation_time=_t(r.created),
         scheduling_state=r.scheduling,
         running_tasks_count=len(tvm.running),
-        running_task_slots_count=tvm.slots - tvm.free,
+        running_task_slots_count=tvm.slots - max(tvm.free, 0),  # queued tasks take none
         total_tasks_run=r.total_run,
         start_task_info=st,
         recent_tasks=recent,

@@ -9,6 +9,8 @@ import pytest
 from coordinator.common import models as m
 from coordinator.core import CoordinatorState
 from coordinator.core.freeslots import QUEUE_PER_SLOT
+from coordinator.rest.azure.views import node_view
+from coordinator.rest.views import tvm_view
 from protocol import messages as pm
 from tests.unit.test_core_tasks import Clock
 
@@ -96,6 +98,15 @@ def test_a_job_of_short_tasks_fills_the_queue_of_an_agent_that_keeps_one() -> No
     tvm = next(iter(core.tvms.values()))
     assert tvm.free < 0
     assert tvm.rec.state == "running"
+    # Both APIs show them running there; the slots in use stay the TVM's slots.
+    node = node_view(core, "http://x", tvm)
+    assert node["runningTasksCount"] == SLOTS + SLOTS * QUEUE_PER_SLOT
+    assert node["runningTaskSlotsCount"] == SLOTS
+    view = tvm_view(core, tvm)
+    assert (view.running_tasks_count, view.running_task_slots_count) == (
+        SLOTS + SLOTS * QUEUE_PER_SLOT,
+        SLOTS,
+    )
     assert _started(core) == []  # full: nothing more until something ends
 
 

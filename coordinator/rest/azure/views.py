@@ -179,7 +179,7 @@ def node_view(core: CoordinatorState, base: str, tvm: Tvm) -> dict[str, Any]:
         "vmSize": size or (azure_vm_size(pool.spec.vm_size, core.vm_sizes()) if pool else ""),
         "totalTasksRun": r.total_run,
         "runningTasksCount": len(tvm.running),
-        "runningTaskSlotsCount": tvm.slots - tvm.free,
+        "runningTaskSlotsCount": tvm.slots - max(tvm.free, 0),  # queued tasks take none
         "totalTasksSucceeded": r.total_succeeded,
         "recentTasks": recent,
         "startTask": _start_task(pool.spec.start_task) if pool else None,
