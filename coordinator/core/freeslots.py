@@ -80,28 +80,52 @@ class RunningTasks(dict[str, Any]):
 
 
 class FreeSlots:
-    """pool name -> {TVM name: TVM}: every TVM of the pool with a free slot or room in its agent's
-    queue (`Tvm.queue`), and perhaps some that filled up since the last `with_room` (which drops
-    them)."""
+    """`by_pool`: pool name -> {TVM name: TVM}: every TVM of the pool with a free slot, and perhaps
+    some that filled up since the last `with_room` (which drops them). `queues`: likewise, the
+    TVMs `with_room` dropped whose agent's queue may still take tasks (`Tvm.queue`), read only
+    when tasks are queued: a pool of busy TVMs costs a pass nothing while its jobs are not."""
 
-    __slots__ = ("by_pool",)
+    __slots__ = ("by_pool", "queues")
 
     def __init__(self) -> None:
         self.by_pool: dict[str, dict[str, Any]] = {}
+        self.queues: dict[str, dict[str, Any]] = {}
 
     def with_room(self, pool: str) -> list[Any]:
-        """The pool's TVMs with at least one free slot or queue place (exact)."""
+        """The pool's TVMs with at least one free slot (exact)."""
         index = self.by_pool.get(pool)
         if not index:
             return []
         out = []
         full = []
         for name, t in index.items():
-            if len(t.running) + t.running.extra < t.slots + t.queue:
+            if len(t.running) + t.running.extra < t.slots:
                 out.append(t)
             else:
                 full.append(name)
         for name in full:
+            t = index.pop(name)
+            if t.queue:
+                self.queues.setdefault(pool, {})[name] = t
+        return out
+
+    def with_queue_room(self, pool: str) -> list[Any]:
+        """The pool's TVMs whose slots are taken and whose agent's queue has room (exact, once
+        `with_room` has looked at the pool)."""
+        index = self.queues.get(pool)
+        if not index:
+            return []
+        out = []
+        gone = []
+        for name, t in index.items():
+            used = len(t.running) + t.running.extra
+            if t.index is None or used < t.slots:  # removed, or back among those with a free slot
+                gone.append(name)
+            elif used < t.slots + t.queue:
+                out.append(t)
+            else:
+                gone.append(name)  # full: back in `by_pool` when a task leaves
+        for name in gone:
             del index[name]
         return out
 
@@ -110,9 +134,13 @@ class FreeSlots:
         index[tvm.rec.name] = tvm
 
     def detach(self, tvm: Any) -> None:
+        name = tvm.rec.name
         if tvm.index is not None:
             # The pool's dict stays even when empty: the pool's other TVMs hold it.
-            tvm.index.pop(tvm.rec.name, None)
+            tvm.index.pop(name, None)
+            queues = self.queues.get(tvm.rec.pool)
+            if queues is not None and queues.get(name) is tvm:
+                del queues[name]
         tvm.index = None
 
 

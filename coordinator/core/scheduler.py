@@ -46,6 +46,22 @@ def _queue_room(t: Tvm) -> int:
     return t.free + t.queue
 
 
+def _usable(agents: dict[str, Any], held: Callable[[Tvm], bool] | None) -> Callable[[Tvm], bool]:
+    """Whether a TVM may take a task now: ready, scheduling, its agent linked, not held for a
+    runExclusive job manager."""
+
+    def usable(t: Tvm) -> bool:
+        return (
+            t.rec.state in ("idle", "running")
+            and t.rec.scheduling == "enabled"
+            and (a := agents.get(t.rec.agent_id)) is not None
+            and a.connected
+            and (held is None or not held(t))
+        )
+
+    return usable
+
+
 def room(job: Job) -> int | None:
     """How many more of `job`'s tasks may start now under its maxParallelTasks (None: no limit).
     Its job manager is not counted: with a limit of 1 it would otherwise hold its own job."""
@@ -182,22 +198,13 @@ class Scheduler:
             if self.jm_reserved or any(j.rec.jm_name for j in s.jobs.values())
             else None
         )
+        usable = _usable(agents, held)
         for pool_name, jobs in by_pool.items():
             pool = s.pools.get(pool_name)
             if pool is None or pool.state != "active":
                 continue
-            # Only TVMs with a free slot or queue place (the index), not a scan of every TVM of
-            # the account.
-            cands = [
-                t
-                for t in s.free_slots.with_room(pool_name)
-                if t.rec.state in ("idle", "running")
-                and t.rec.scheduling == "enabled"
-                and (a := agents.get(t.rec.agent_id)) is not None
-                and a.connected
-                and (held is None or not held(t))
-            ]
-            tvms = [t for t in cands if t.free > 0]
+            # Only TVMs with a free slot (the index), not a scan of every TVM of the account.
+            tvms = [t for t in s.free_slots.with_room(pool_name) if usable(t)]
             fill = pool.spec.tvm_fill_type
             gate = self.prep
             if gate is None or not any(j.rec.prep is not None for j in jobs):
@@ -207,15 +214,16 @@ class Scheduler:
                     placed += 1
             else:
                 placed += self._place_gated(gate, tvms, jobs, fill)
-            queues = [t for t in cands if t.queue and _queue_room(t) > 0]
             waiting = [j for j in jobs if j.queue and room(j) != 0]
-            if (
-                queues
-                and waiting
-                and pool_name not in jm_waits
-                and all(queues_tasks(j) for j in waiting)
-            ):
-                for job, task, tvm in place(queues, waiting, fill, _queue_room):
+            if not waiting or pool_name in jm_waits or not all(map(queues_tasks, waiting)):
+                continue
+            # The TVMs just filled, then those whose slots were already taken (once each).
+            queues = {t.rec.name: t for t in tvms if t.queue and _queue_room(t) > 0}
+            for t in s.free_slots.with_queue_room(pool_name):
+                if usable(t):
+                    queues.setdefault(t.rec.name, t)
+            if queues:
+                for job, task, tvm in place(list(queues.values()), waiting, fill, _queue_room):
                     start(job, task, tvm)
                     job.served = s.attempts
                     placed += 1

@@ -36,6 +36,22 @@ def indexed(free: FreeSlots) -> dict[str, set[str]]:
     return {p: names for p, names in out.items() if names}
 
 
+def queue_scan(table: TvmTable) -> dict[str, set[str]]:
+    """TVMs whose slots are taken and whose agent's queue has room."""
+    out: dict[str, set[str]] = {}
+    for t in table.values():
+        if t.free <= 0 and t.free + t.queue > 0:
+            out.setdefault(t.rec.pool, set()).add(t.rec.name)
+    return out
+
+
+def queue_indexed(free: FreeSlots) -> dict[str, set[str]]:
+    for p in list(free.by_pool):
+        free.with_room(p)  # as the scheduler does first
+    out = {p: {t.rec.name for t in free.with_queue_room(p)} for p in list(free.queues)}
+    return {p: names for p, names in out.items() if names}
+
+
 def test_full_tvm_leaves_the_index_and_returns_when_a_slot_frees():
     free = FreeSlots()
     table = TvmTable(free)
@@ -118,7 +134,8 @@ def test_index_equals_a_full_scan_after_any_changes(ops):
     free = FreeSlots()
     table = TvmTable(free)
     tvms = [mk_tvm(f"v{i}", f"p{i % 2}", 1 + i % 3) for i in range(5)]
-    for t in tvms:
+    for j, t in enumerate(tvms):
+        t.queue = 2 * (j % 2)  # some agents keep a queue
         table[t.rec.name] = t
     for op, i, k in ops:
         t = tvms[i]
@@ -137,7 +154,30 @@ def test_index_equals_a_full_scan_after_any_changes(ops):
             table[t.rec.name] = t
         if k % 2 == 0:  # not after every change: full TVMs also linger between two passes
             assert indexed(free) == scan(table)
+            assert queue_indexed(free) == queue_scan(table)
     assert indexed(free) == scan(table)
+    assert queue_indexed(free) == queue_scan(table)
+
+
+def test_a_busy_pool_is_not_scanned_again_until_a_slot_frees() -> None:
+    free = FreeSlots()
+    table = TvmTable(free)
+    a, b = mk_tvm("a", "p", 1), mk_tvm("b", "p", 1)
+    b.queue = 2
+    table["a"], table["b"] = a, b
+    a.running["k"] = task(1)
+    b.running["k"] = task(2)
+    assert free.with_room("p") == []
+    assert free.by_pool["p"] == {}  # neither is looked at by the next pass's with_room
+    assert free.with_queue_room("p") == [b]  # only when tasks are queued
+    b.running["q1"], b.running["q2"] = task(3), task(4)
+    assert free.with_queue_room("p") == []
+    assert free.queues["p"] == {}
+    b.running.pop("q1")
+    assert free.with_room("p") == []  # back in by_pool, still no free slot: to the queues again
+    assert free.with_queue_room("p") == [b]
+    table.pop("b")
+    assert free.with_queue_room("p") == []
 
 
 def _ready_pool(core: CoordinatorState, n_agents: int, slots: int) -> list[str]:
