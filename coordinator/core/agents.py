@@ -70,7 +70,7 @@ class Agents:
                 )
             self.membership.allocate()
             return
-        tvm.queue = queue_depth(tvm.slots, agent.capabilities)  # this agent process's
+        tvm.queue = queue_depth(tvm.slots, agent.capabilities)  # what this agent process keeps
         moved = tvm.rec.ip != hello.ip_address
         tvm.rec.ip = hello.ip_address
         tvm.last_heartbeat = now
