@@ -94,18 +94,26 @@ def test_kill_uid_ends_a_process_that_left_its_session() -> None:
             proc.wait()
 
 
+IPCMK_KINDS = ("-M 4096", "-S 1", "-Q")  # ipcmk's options: a segment, a semaphore, a queue
+
+
+def _ipcmk(uid: int, option: str) -> None:
+    """One System V IPC object made by `uid` (0600)."""
+    subprocess.run(
+        ["ipcmk", *option.split(), "-p", "0600"],
+        user=uid,
+        group=uid,
+        extra_groups=[],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+
+
 @pytest.mark.skipif(not shutil.which("ipcmk"), reason="ipcmk (util-linux) not installed")
 def test_system_v_ipc_objects_of_the_uid_are_removed_and_no_others() -> None:
     def make(uid: int) -> None:
-        for kind in ("-M 4096", "-S 1", "-Q"):
-            subprocess.run(
-                ["ipcmk", *kind.split(), "-p", "0600"],
-                user=uid,
-                group=uid,
-                extra_groups=[],
-                check=True,
-                stdout=subprocess.DEVNULL,
-            )
+        for option in IPCMK_KINDS:
+            _ipcmk(uid, option)
 
     try:
         make(UID)
@@ -123,25 +131,22 @@ def test_system_v_ipc_objects_of_the_uid_are_removed_and_no_others() -> None:
 
 
 def _tables_have_rows() -> bool:
-    return any(
-        len(open(f"/proc/sysvipc/{kind}").read().splitlines()) > 1 for kind in ("shm", "sem", "msg")
-    )
+    def rows(kind: str) -> int:
+        with open(f"/proc/sysvipc/{kind}") as f:
+            return len(f.read().splitlines()) - 1
+
+    return any(rows(kind) for kind in ("shm", "sem", "msg"))
 
 
 @pytest.mark.skipif(not shutil.which("ipcmk"), reason="ipcmk (util-linux) not installed")
-@pytest.mark.parametrize(("option", "kind"), [("-M 4096", "shm"), ("-S 1", "sem"), ("-Q", "msg")])
+@pytest.mark.parametrize(
+    ("option", "kind"), list(zip(IPCMK_KINDS, ("shm", "sem", "msg"), strict=True))
+)
 def test_the_quick_look_sees_each_kind_of_ipc_object(option: str, kind: str) -> None:
     """`owned` reads the tables only when the *_INFO calls say objects exist: each kind must count."""
     assert _ipc_sweep.any_exist() == _tables_have_rows()  # whatever else runs on this host
     try:
-        subprocess.run(
-            ["ipcmk", *option.split(), "-p", "0600"],
-            user=UID,
-            group=UID,
-            extra_groups=[],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+        _ipcmk(UID, option)
         assert _ipc_sweep.any_exist()
         assert [k for k, _ in _ipc_sweep.owned(UID)] == [kind]
     finally:
