@@ -227,7 +227,12 @@ class TmpWatch:
     later change cannot land on the same coarse timestamp). Any entry created, renamed or linked
     into one of those directories changes its mtime; a directory created anywhere changes its
     parent's, so a directory missing from the record cannot appear unseen either. If anything
-    differs, the full sweep runs, as it did for every task before."""
+    differs, the full sweep runs, as it did for every task before.
+
+    The baseline need not be looked at anew for each task: any look that found the record unchanged,
+    taken before the task started, will do (the end's look then covers the task's whole run, and
+    more). So a task's start reuses the last look (a task's end, usually), and a start's own look is
+    taken only when the last one saw a change."""
 
     SETTLE_NS = 50_000_000
     # A file system that keeps whole seconds (mqueue): an mtime without a fraction may be one.
@@ -236,6 +241,8 @@ class TmpWatch:
     def __init__(self, roots: tuple[str, ...] = SWEEP_ROOTS + SPOOLS) -> None:
         self.roots = roots
         self._record: dict[str, tuple[int, int]] | None = None
+        # The record, when the last look found it unchanged (see above); else None.
+        self._seen: dict[str, tuple[int, int]] | None = None
 
     def refresh(self) -> None:
         """(worker thread) Record the writable directories now; after a full sweep."""
@@ -254,14 +261,18 @@ class TmpWatch:
     def baseline(self) -> dict[str, tuple[int, int]] | None:
         """At a task's start: what its end is compared with, or None (a full sweep will run)."""
         record = self._record
-        if record is None:
-            return None
-        now = _stat_all(record)
-        return now if now == record else None
+        if record is None or record is self._seen:
+            return record
+        return record if self._look(record) else None
 
-    @staticmethod
-    def unchanged(baseline: dict[str, tuple[int, int]] | None) -> bool:
-        return baseline is not None and _stat_all(baseline) == baseline
+    def unchanged(self, baseline: dict[str, tuple[int, int]] | None) -> bool:
+        """At a task's end (its processes gone): nothing it could write into changed."""
+        return baseline is not None and self._look(baseline)
+
+    def _look(self, record: dict[str, tuple[int, int]]) -> bool:
+        same = _stat_all(record) == record
+        self._seen = record if same else None  # an older record's object is never the record's
+        return same
 
 
 def _stat_all(paths: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:

@@ -56,6 +56,44 @@ def test_a_file_in_a_root_or_in_a_writable_subdirectory_is_seen(tmp_path: Path) 
         assert not watch.unchanged(base), where
 
 
+def test_a_start_reuses_the_last_clean_look_and_still_sees_a_change_since(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task's baseline is the last look that found nothing changed (one look per task, not two):
+    a change after that look and before the task started is still caught at the task's end, and
+    once a look sees a change the next start looks again."""
+    from tvmagent import _uid_sweep
+
+    shared = _world_writable(tmp_path / "shared")
+    watch = _settled(tmp_path)
+    looks = []
+    real = _uid_sweep._stat_all
+    monkeypatch.setattr(_uid_sweep, "_stat_all", lambda paths: looks.append(1) or real(paths))
+    first = watch.baseline()
+    assert first is not None and len(looks) == 1
+    assert watch.unchanged(first) and len(looks) == 2
+    second = watch.baseline()  # the end's look serves the next start
+    assert second is not None and len(looks) == 2
+    (shared / "left-by-another-task").write_text("x")  # after that look, before the next start
+    third = watch.baseline()
+    assert third is not None  # not looked at: the task's end decides
+    assert not watch.unchanged(third)
+    assert watch.baseline() is None and len(looks) == 4  # a look again, which sees the change
+
+
+def test_a_baseline_of_an_older_record_is_judged_by_itself(tmp_path: Path) -> None:
+    """A full sweep's new record between a task's start and end: the task's end is compared with
+    what it started with, never with the newer record (which may include what the task left)."""
+    shared = _world_writable(tmp_path / "shared")
+    watch = _settled(tmp_path)
+    base = watch.baseline()
+    (shared / "left").write_text("x")
+    time.sleep(TmpWatch.SETTLE_NS / 1e9 + 0.02)
+    watch.refresh()  # another user's sweep records the world with the task's file in it
+    assert watch.baseline() is not None
+    assert not watch.unchanged(base)
+
+
 def test_a_directory_made_after_the_record_denies_the_baseline(tmp_path: Path) -> None:
     """A new writable directory is not in the record: tasks started after it get a full sweep."""
     watch = _settled(tmp_path)
