@@ -42,8 +42,12 @@ class PgBlobs:
         from .pgstore import StoreUnreachable, connect_error, redact
 
         self._error: Any = psycopg.Error
+        self._dropped: type[Exception] = psycopg.OperationalError
+        self._connect = lambda: psycopg.connect(
+            url, autocommit=True, connect_timeout=int(connect_timeout)
+        )
         try:
-            self._db = psycopg.connect(url, autocommit=True, connect_timeout=int(connect_timeout))
+            self._db = self._connect()
         except psycopg.Error as exc:
             raise StoreUnreachable(
                 f"cannot connect to {redact(url)}: {connect_error(url, exc)}"
@@ -62,7 +66,18 @@ class PgBlobs:
         route answers with 503 StoreUnavailable and the download route with 503 as well."""
         with self._lock:
             try:
-                return fn()
+                for attempt in (1, 2):
+                    if self._db.broken or self._db.closed:  # the server dropped it (a restart)
+                        self._db.close()
+                        self._db = self._connect()
+                    try:
+                        return fn()
+                    except self._dropped:
+                        # An idle connection learns of a restart only when used: once more on a
+                        # new one (every call here may run twice: blobs never change).
+                        if attempt == 2 or not self._db.broken:
+                            raise
+                raise AssertionError("unreachable")
             except self._error as exc:
                 raise OSError(errno.EIO, f"the PostgreSQL store failed: {_line(exc)}") from exc
 

@@ -9,15 +9,22 @@ that was paused past its lease and came back can never write over the one that t
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import socket
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
 from coordinator.core import LOAD_ORDER, Write
 
 from .journal import META_KIND, StoreFenced
+
+log = logging.getLogger("tvm.store")
+T = TypeVar("T")
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS tvm_objects (
@@ -104,12 +111,14 @@ class PostgresStore:
         self.path = redact(url)  # what messages name (the SQLite store's is a file path)
         self.holder = holder or holder_name()
         self.fencing = False  # set once this process is the active one (see `acquire`)
+        self._connect_timeout = int(connect_timeout)
+        self._dropped: type[Exception] = psycopg.OperationalError
+        self._reconnecting = threading.Lock()
+        self.reconnects = 0  # connections made again after the server dropped them (tests, logs)
         try:
-            self._db = psycopg.connect(url, autocommit=True, connect_timeout=int(connect_timeout))
+            self._db = self._connect()
             # The lease has its own connection: a renewal must not queue behind a large commit.
-            self._lease_db = psycopg.connect(
-                url, autocommit=True, connect_timeout=int(connect_timeout)
-            )
+            self._lease_db = self._connect()
         except psycopg.Error as exc:
             raise StoreUnreachable(
                 f"cannot connect to {self.path}: {connect_error(url, exc)}"
@@ -120,6 +129,44 @@ class PostgresStore:
             for stmt in _SCHEMA:
                 self._db.execute(stmt)
 
+    def _connect(self) -> Any:
+        import psycopg
+
+        return psycopg.connect(self.url, autocommit=True, connect_timeout=self._connect_timeout)
+
+    def _live(self, attr: str) -> Any:
+        """The connection in `attr`, made again if the server dropped it (a restart, a failover
+        of the database): the caller's statement fails with the server's error as long as it is
+        down, and works once it is back, with no coordinator restart. What a dropped commit held
+        is applied again by the journal (its writes are idempotent: upserts and deletes by key),
+        and every batch still checks the lease first."""
+        conn = getattr(self, attr)
+        if not (conn.broken or conn.closed):
+            return conn
+        with self._reconnecting:
+            conn = getattr(self, attr)
+            if conn.broken or conn.closed:
+                with contextlib.suppress(Exception):
+                    conn.close()
+                conn = self._connect()  # psycopg.OperationalError while the server is down
+                setattr(self, attr, conn)
+                self.reconnects += 1
+                log.warning("reconnected to %s", self.path)
+        return conn
+
+    def _run(self, attr: str, fn: Callable[[Any], T]) -> T:
+        """`fn(connection)`; once more on a new connection if the old one turns out dropped (an
+        idle connection learns that the server restarted only when it is next used). Only for
+        what may run twice: every statement here is (upserts, deletes by key, the lease's own
+        conditional updates), and a failed transaction is rolled back whole."""
+        conn = self._live(attr)
+        try:
+            return fn(conn)
+        except self._dropped:
+            if not conn.broken:
+                raise
+        return fn(self._live(attr))
+
     def close(self) -> None:
         self._db.close()
         self._lease_db.close()
@@ -127,31 +174,38 @@ class PostgresStore:
     # ------------------------------------------------------------------ meta rows
 
     def get_meta(self, key: str) -> str | None:
-        row = self._db.execute("SELECT value FROM tvm_meta WHERE key = %s", (key,)).fetchone()
+        sql = "SELECT value FROM tvm_meta WHERE key = %s"
+        row = self._run("_db", lambda db: db.execute(sql, (key,)).fetchone())
         return row[0] if row else None
 
     def set_meta(self, key: str, value: str) -> None:
-        with self._db.transaction():
-            self._check_lease()
-            self._db.execute(_PUT_META, (key, value))
+        def put(db: Any) -> None:
+            with db.transaction():
+                self._check_lease(db)
+                db.execute(_PUT_META, (key, value))
+
+        self._run("_db", put)
 
     def all_meta(self) -> dict[str, str]:
-        return {k: v for k, v in self._db.execute("SELECT key, value FROM tvm_meta")}
+        rows = self._run("_db", lambda db: db.execute("SELECT key, value FROM tvm_meta").fetchall())
+        return dict(rows)
 
     # ------------------------------------------------------------------ objects
 
     def load(self) -> Iterator[tuple[str, str, bytes]]:
+        db = self._live("_db")
         for kind in LOAD_ORDER:
-            cur = self._db.execute(
-                "SELECT kind, key, body FROM tvm_objects WHERE kind = %s", (kind,)
-            )
+            cur = db.execute("SELECT kind, key, body FROM tvm_objects WHERE kind = %s", (kind,))
             for k, key, body in cur:
                 yield k, key, bytes(body)
 
     def apply(self, writes: Sequence[Write]) -> None:
         """One transaction per batch (called from the journal's writer thread only)."""
-        with self._db.transaction(), self._db.cursor() as cur:
-            self._check_lease()
+        self._run("_db", lambda db: self._apply(db, writes))
+
+    def _apply(self, db: Any, writes: Sequence[Write]) -> None:
+        with db.transaction(), db.cursor() as cur:
+            self._check_lease(db)
             puts: list[tuple[str, str, bytes]] = []
             for w in writes:
                 if w.kind == META_KIND:
@@ -182,46 +236,43 @@ class PostgresStore:
     def acquire(self, ttl: float) -> bool:
         """Take the lease if it is free, expired or already ours; on success this store fences
         every later write with it."""
-        row = self._lease_db.execute(
+        sql = (
             "INSERT INTO tvm_lease(id, holder, expires) "
             "VALUES (1, %(h)s, now() + make_interval(secs => %(ttl)s)) "
             "ON CONFLICT (id) DO UPDATE SET holder = EXCLUDED.holder, expires = EXCLUDED.expires "
             "WHERE tvm_lease.holder = %(h)s OR tvm_lease.expires < now() "
-            "RETURNING holder",
-            {"h": self.holder, "ttl": ttl},
-        ).fetchone()
+            "RETURNING holder"
+        )
+        args = {"h": self.holder, "ttl": ttl}
+        row = self._run("_lease_db", lambda db: db.execute(sql, args).fetchone())
         if row is not None:
             self.fencing = True
         return row is not None
 
     def renew(self, ttl: float) -> bool:
         """Extend our lease; False once it is lost (expired and taken, or taken by hand)."""
-        cur = self._lease_db.execute(
+        sql = (
             "UPDATE tvm_lease SET expires = now() + make_interval(secs => %s) "
-            "WHERE id = 1 AND holder = %s AND expires >= now()",
-            (ttl, self.holder),
+            "WHERE id = 1 AND holder = %s AND expires >= now()"
         )
-        return cur.rowcount == 1
+        return self._run("_lease_db", lambda db: db.execute(sql, (ttl, self.holder)).rowcount) == 1
 
     def release(self) -> None:
         """Give the lease up at a clean stop, so a standby takes over at once."""
-        self._lease_db.execute(
-            "UPDATE tvm_lease SET expires = now() - interval '1 second' WHERE id = 1 AND holder = %s",
-            (self.holder,),
-        )
+        sql = "UPDATE tvm_lease SET expires = now() - interval '1 second' WHERE id = 1 AND holder = %s"
+        self._run("_lease_db", lambda db: db.execute(sql, (self.holder,)))
         self.fencing = False
 
     def lease_holder(self) -> tuple[str, float] | None:
         """(holder, seconds left) of the current lease, if any."""
-        row = self._lease_db.execute(
-            "SELECT holder, EXTRACT(EPOCH FROM expires - now()) FROM tvm_lease WHERE id = 1"
-        ).fetchone()
+        sql = "SELECT holder, EXTRACT(EPOCH FROM expires - now()) FROM tvm_lease WHERE id = 1"
+        row = self._run("_lease_db", lambda db: db.execute(sql).fetchone())
         return None if row is None else (row[0], float(row[1]))
 
-    def _check_lease(self) -> None:
+    def _check_lease(self, db: Any) -> None:
         if not self.fencing:
             return
-        row = self._db.execute(
+        row = db.execute(
             "SELECT 1 FROM tvm_lease WHERE id = 1 AND holder = %s AND expires >= now() FOR SHARE",
             (self.holder,),
         ).fetchone()

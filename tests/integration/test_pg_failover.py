@@ -158,3 +158,70 @@ def test_sigkill_of_the_active_coordinator_loses_nothing_and_runs_nothing_twice(
         stop_process_groups(procs)
         for i in range(2):
             remove_agent_cgroups(f"pg{os.getpid()}-{i}", str(tmp_path / f"agent{i}"))
+
+
+def test_a_database_restart_is_ridden_out_without_losing_a_completion(
+    tmp_path: Path, pg_cluster: Any
+):
+    """The database restarts (an upgrade, a failover of its own) while a task runs: the active
+    coordinator keeps its lease and goes on — no restart of its own — once the server is back; the
+    completion that arrived meanwhile is committed, and commands work again."""
+    url = pg_cluster.new_database()
+    port = free_port()
+    c, env = start_coordinator_process(
+        str(tmp_path / "c"), port, str(tmp_path / "c.log"), "--store", url, "--lease-ttl", "10"
+    )
+    procs: list[Any] = [c]
+    try:
+        procs.append(_agent(tmp_path, 0, env["TVM_ENDPOINT"], env["TVM_JOIN_TOKEN"]))
+        client = sync_client(env["TVM_ENDPOINT"], env["TVM_ACCOUNT"], env["TVM_KEY"])
+        client.pools.add("p", target_dedicated=1, vm_size="small")
+        wait_sync(lambda: [t.state for t in client.tvms.list("p")] == ["idle"], 60, "an idle TVM")
+        client.workitems.add("wi", "p")
+        client.tasks.add("wi", JOB, "during", "/bin/sh -c 'sleep 3; echo ran'")
+        wait_sync(lambda: client.tasks.get("wi", JOB, "during").state == "running", 30, "running")
+        pg_cluster.stop()  # every connection of the coordinator is dropped
+        try:
+            with pytest.raises(BatchError) as refused:
+                client.tasks.add("wi", JOB, "refused", "/bin/true")
+            assert refused.value.code == "StoreUnavailable", refused.value
+            time.sleep(3)  # the task ends, its completion cannot be committed
+        finally:
+            pg_cluster.start()
+
+        def add_after() -> bool:
+            try:
+                client.tasks.add("wi", JOB, "after", "/bin/echo after")
+            except BatchError as exc:  # a 503 whose change landed later (see below)
+                if exc.code != "TaskExists":
+                    raise
+            return True
+
+        # Commands work again once the server is back.
+        wait_sync(add_after, 30, "a command to be accepted again", tolerate_errors=True)
+        uploaded = client.files.upload(b"kept in the store after its restart")
+        counts = client.tasks.wait("wi", JOB, timeout=60)
+        assert counts.failed == 0, counts
+        assert c.poll() is None, "the coordinator stopped"
+        # The command whose own commit failed was answered 503 (not acknowledged): like a
+        # timeout, its change may still land once the commit is retried.
+        names = {t.name for t in client.tasks.list("wi", JOB)}
+        assert {"during", "after"} <= names <= {"during", "after", "refused"}, names
+        # What was committed after the reconnection is in the store: a new coordinator reads it.
+        c.send_signal(signal.SIGTERM)
+        assert c.wait(timeout=20) == 0
+        c2, env2 = start_coordinator_process(
+            str(tmp_path / "c2"), free_port(), str(tmp_path / "c2.log"), "--store", url
+        )
+        procs.append(c2)
+        again = sync_client(env2["TVM_ENDPOINT"], env["TVM_ACCOUNT"], env["TVM_KEY"])
+        tasks = {t.name: t for t in again.tasks.list("wi", JOB)}
+        assert set(tasks) == names
+        assert all(t.state == "completed" for t in tasks.values()), tasks
+        assert tasks["during"].execution_info.exit_code == 0
+        stored = {f["sha256"] for f in again.files.list_stored()}
+        assert uploaded["sha256"] in stored
+        assert "reconnected to" in (tmp_path / "c.log").read_text()
+    finally:
+        stop_process_groups(procs)
+        remove_agent_cgroups(f"pg{os.getpid()}-0", str(tmp_path / "agent0"))
