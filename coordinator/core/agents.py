@@ -213,7 +213,7 @@ class Agents:
                     msg = done
                 if gangs.gangs:
                     gangs.app_completed(msg)
-                self.tasks.task_completed(msg)
+                self.tasks.task_completed(msg, now)
         elif isinstance(msg, pm.TaskStarted):
             if "~" in msg.key:
                 self.runs.gangs.sub_started(msg)

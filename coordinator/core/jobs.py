@@ -422,16 +422,15 @@ class Jobs:
         """A task of `job` completed (reported by its agent)."""
         if job.rec.state not in ("active", "disabling", "disabled"):
             return
-        now = self.s.clock()
         if (
             task.job_manager
             and task.state == COMPLETED
             and job.rec.jm_kill
             and task.name == job.rec.jm_name
         ):
-            self.terminate(job, "JMComplete", now)
+            self.terminate(job, "JMComplete", self.s.clock())
         elif job.rec.on_all_complete == "terminatejob" and self._all_complete(job):
-            self.terminate(job, "AllTasksComplete", now)
+            self.terminate(job, "AllTasksComplete", self.s.clock())
 
     def _all_complete(self, job: Job) -> bool:
         if job.deps is not None and job.deps.pending:

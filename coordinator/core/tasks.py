@@ -282,7 +282,8 @@ class Tasks:
         if task is not None and task.state == RUNNING and task.attempt == msg.attempt:
             task.start_time = msg.start_time
 
-    def task_completed(self, msg: pm.TaskCompleted) -> None:
+    def task_completed(self, msg: pm.TaskCompleted, now: float | None = None) -> None:
+        """`now`: the clock as its caller read it for this message (one reading per message)."""
         s = self.s
         job, task = s.lookup(msg.key)
         if job is None or task is None or task.state == COMPLETED:
@@ -315,7 +316,8 @@ class Tasks:
                 self.runs.set_tvm_state(holder, "idle")
             if self.on_result is not None:
                 self.on_result(msg.key, holder.rec.name, msg.exit_code == 0 and not msg.failure)
-        now = s.clock()
+        if now is None:
+            now = s.clock()
         task.start_time = msg.start_time
         task.exit_code = msg.exit_code
         if msg.uploaded or task.uploaded:  # this attempt's uploads replace an earlier one's
