@@ -25,7 +25,7 @@ def parse_duration(text: str, field: str) -> float:
     t = text.strip().upper()
     if t.startswith("-"):
         raise bad_request(
-            "InvalidPropertyValue", f"{field} must not be negative: {text!r}", field=field
+            "InvalidPropertyValue", f"{field} must not be negative: {_shown(text)}", field=field
         )
     if t == UNLIMITED:
         return UNLIMITED_S
@@ -33,15 +33,29 @@ def parse_duration(text: str, field: str) -> float:
     if not m:
         raise bad_request(
             "InvalidPropertyValue",
-            f"{field} is not an ISO 8601 duration (like PT1H30M): {text!r}",
+            f"{field} is not an ISO 8601 duration (like PT1H30M): {_shown(text)}",
             field=field,
         )
-    return (
+    seconds = (
         float(m["d"] or 0) * 86400
         + float(m["h"] or 0) * 3600
         + float(m["m"] or 0) * 60
         + float(m["s"] or 0)
     )
+    if seconds > UNLIMITED_S:  # what .NET and the Azure clients cannot hold either
+        raise bad_request(
+            "InvalidPropertyValue",
+            f"{field} is longer than the longest duration ({UNLIMITED}, unlimited): {_shown(text)}",
+            field=field,
+        )
+    return seconds
+
+
+def _shown(value: object) -> str:
+    """The value as an error message quotes it: a long one cut (the request is bounded, the
+    message need not repeat all of it)."""
+    text = repr(value)
+    return text if len(text) <= 66 else text[:66] + "…"
 
 
 def format_duration(seconds: float) -> str:
@@ -67,9 +81,19 @@ def format_duration(seconds: float) -> str:
     return out
 
 
+# The range a view can show (.NET's DateTime.MinValue/MaxValue): a time computed from long
+# durations (a next run an unlimited interval away) is shown as the last one, not refused.
+_LATEST = datetime(9999, 12, 31, 23, 59, 59, 999999, UTC).timestamp()
+_EARLIEST = datetime(1, 1, 1, tzinfo=UTC).timestamp()
+
+
 def rfc3339(ts: float | None) -> str | None:
     if ts is None:
         return None
+    if not ts < _LATEST:  # nan too
+        return "9999-12-31T23:59:59.999999Z"
+    if ts < _EARLIEST:
+        return "0001-01-01T00:00:00.000000Z"
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
@@ -78,7 +102,7 @@ def parse_time(text: str, field: str) -> float:
         dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except (ValueError, AttributeError):
         raise bad_request(
-            "InvalidPropertyValue", f"{field} is not an RFC 3339 time: {text!r}", field=field
+            "InvalidPropertyValue", f"{field} is not an RFC 3339 time: {_shown(text)}", field=field
         ) from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)

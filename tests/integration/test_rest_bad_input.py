@@ -394,6 +394,45 @@ async def test_malformed_json_and_wrong_types_name_the_field(api):
 # ---------------------------------------------------------------------------- environment and limits
 
 
+async def test_durations_past_the_longest_are_refused_and_the_longest_is_shown(api):
+    """A duration longer than the unlimited one (.NET's TimeSpan.MaxValue) is a 400 naming its
+    field, and stores nothing; the longest accepted recurrence puts the next run past year 9999,
+    which every view shows as the last time there is (it once stored the workitem and then failed
+    every listing of workitems with a 500)."""
+    await _pool_and_workitem(api)
+    huge = "P" + "9" * 300 + "D"
+    for interval in ("P99999999D", "P10675200D", huge):
+        body = err(
+            await api(
+                "POST",
+                "/workitems",
+                {**WI, "name": "s", "schedule": {"recurrenceInterval": interval}},
+            ),
+            400,
+            "InvalidPropertyValue",
+            "schedule.recurrenceInterval",
+        )
+        assert len(body["message"]["value"]) < 300, body  # the value is quoted cut short
+    err(
+        await api(
+            "POST",
+            f"/workitems/wi/jobs/{JOB}/tasks",
+            {"name": "t", "commandLine": "true", "taskConstraints": {"maxWallClockTime": huge}},
+        ),
+        400,
+        "InvalidPropertyValue",
+        "taskConstraints.maxWallClockTime",
+    )
+    assert await api.names("/workitems") == ["wi"]
+    assert await api.names(f"/workitems/wi/jobs/{JOB}/tasks") == []
+    longest = {**WI, "name": "s", "schedule": {"recurrenceInterval": "P10675199D"}}
+    assert (await api("POST", "/workitems", longest)).status_code == 201
+    r = await api("GET", "/workitems/s")
+    assert r.status_code == 200, r.text
+    assert r.json()["executionInfo"]["nextRunTime"] == "9999-12-31T23:59:59.999999Z"
+    assert sorted(await api.names("/workitems")) == ["s", "wi"]
+
+
 async def test_reserved_environment_variables_are_refused(api):
     await _pool_and_workitem(api)
     tasks = f"/workitems/wi/jobs/{JOB}/tasks"
