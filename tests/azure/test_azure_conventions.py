@@ -161,6 +161,36 @@ async def test_lenient_bodies_and_numeric_strings(api: Raw) -> None:
     azure_err(r, 400, "InvalidPropertyValue", "targetDedicatedNodes")
 
 
+async def test_numbers_past_int32_are_refused_and_leave_the_job_working(api: Raw) -> None:
+    """Every integer of an Azure request is an Int32. A larger one (1e300 is a whole number in
+    JSON) was once stored in the job, whose every later change then failed with a 500: now it is a
+    400 naming the property, and nothing changed."""
+    assert (await api("POST", "/pools", pool_body("p"), query=AV)).status_code == 201
+    job = {"id": "j", "poolInfo": {"poolId": "p"}, "maxParallelTasks": 2}
+    assert (await api("POST", "/jobs", job, query=AV)).status_code == 201
+    for field, value in (
+        ("maxParallelTasks", 1.5e308),
+        ("maxParallelTasks", 2**31),
+        ("priority", "99999999999999999999999"),
+        ("priority", -(2**31) - 1),
+    ):
+        r = await api("PATCH", "/jobs/j", {field: value}, query=AV)
+        body = azure_err(r, 400, "InvalidPropertyValue", field)
+        assert "32-bit" not in body["message"]["value"]  # says the range instead
+        assert "2147483647" in body["message"]["value"], body
+    r = await api("POST", "/pools/p/resize", {"targetDedicatedNodes": 2**40}, query=AV)
+    azure_err(r, 400, "InvalidPropertyValue", "targetDedicatedNodes")
+    r = await api("POST", "/jobs", {**job, "id": "k", "priority": 2**31}, query=AV)
+    azure_err(r, 400, "InvalidPropertyValue", "priority")
+    assert (await api("GET", "/jobs/k", query=AV)).status_code == 404
+    got = (await api("GET", "/jobs/j", query=AV)).json()
+    assert got["maxParallelTasks"] == 2 and got["priority"] == 0
+    r = await api("PATCH", "/jobs/j", {"maxParallelTasks": 2**31 - 1}, query=AV)
+    assert r.status_code == 200, r.text
+    r = await api("POST", "/jobs/j/terminate", {"terminateReason": "done"}, query=AV)
+    assert r.status_code == 202, r.text
+
+
 REFUSED = [
     ({"cloudServiceConfiguration": {"osFamily": "6"}}, "cloudServiceConfiguration"),
     ({"networkConfiguration": {"subnetId": "/s/1"}}, "networkConfiguration"),

@@ -18,6 +18,8 @@ from .conv import invalid
 
 log = logging.getLogger("tvm.api.azure")
 
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
 
 def parse_json(raw: bytes, *, required: bool = True) -> Body:
     if not raw.strip():
@@ -77,20 +79,36 @@ class Body:
         return v
 
     def integer(self, key: str, default: int | None = None) -> int | None:
+        """An Int32 of Azure's schema (every integer a request carries is one)."""
         v = self.raw(key)
         if v is None:
             return default
         if isinstance(v, bool):
             raise invalid(self._p(key), v, f"{self._p(key)} must be a whole number")
+        n: int | None = None
         if isinstance(v, int):
-            return v
-        if isinstance(v, float) and v.is_integer():
-            return int(v)
-        if isinstance(v, str):
+            n = v
+        elif isinstance(v, float) and v.is_integer():
+            n = int(v)
+        elif isinstance(v, str):
             s = v.strip()
-            if s.lstrip("+-").isdigit():
-                return int(s)
-        raise invalid(self._p(key), v, f"{self._p(key)} must be a whole number, got {v!r}")
+            if s.lstrip("+-").isdigit() and len(s) <= 40:
+                n = int(s)
+        shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:40] + "…"
+        value = v if len(repr(v)) <= 40 else shown  # PropertyValue: as sent, or cut
+        if n is None:
+            raise invalid(
+                self._p(key), value, f"{self._p(key)} must be a whole number, got {shown}"
+            )
+        if not INT32_MIN <= n <= INT32_MAX:
+            # Past it, Azure refuses the request too; kept, such a number could not be journaled.
+            raise invalid(
+                self._p(key),
+                value,
+                f"{self._p(key)} must be a whole number from {INT32_MIN} to {INT32_MAX},"
+                f" got {shown}",
+            )
+        return n
 
     def flag(self, key: str, default: bool = False) -> bool:
         v = self.raw(key)
