@@ -6,7 +6,15 @@ One Struct per request/response body, camelCase on the wire. Request types rejec
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
+
+# Every integer a request carries fits in 32 bits (as Azure's own Int32 fields); file sizes in 63.
+# Without the bound a JSON number such as 1e30 would be taken, stored and then fail every journal
+# write of its object (msgpack holds 64 bits).
+Int32 = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)]
+Size = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 
 class _Req(
@@ -31,25 +39,25 @@ class ResourceFile(_Res, forbid_unknown_fields=True):
     blob_source: str
     file_path: str
     sha256: str | None = None
-    file_size: int | None = None
+    file_size: Size | None = None
 
 
 class TaskConstraints(_Res, forbid_unknown_fields=True):
     max_wall_clock_time: str | None = None
-    max_task_retry_count: int | None = None
+    max_task_retry_count: Int32 | None = None
     retention_time: str | None = None
 
 
 class JobConstraints(_Res, forbid_unknown_fields=True):
     max_wall_clock_time: str | None = None
-    max_task_retry_count: int | None = None
+    max_task_retry_count: Int32 | None = None
 
 
 class StartTask(_Res, forbid_unknown_fields=True):
     command_line: str
     resource_files: list[ResourceFile] = []
     environment_settings: list[EnvironmentSetting] = []
-    max_task_retry_count: int = 0
+    max_task_retry_count: Int32 = 0
     wait_for_success: bool = True
     run_elevated: bool = False
 
@@ -81,9 +89,9 @@ class ResizeError(_Res):
 class PoolAdd(_Req):
     name: str
     vm_size: str = "small"
-    target_dedicated: int = 0
+    target_dedicated: Int32 = 0
     # rename="camel" would spell it maxTasksPerVm; the contract (DESIGN.md §6) says maxTasksPerVM.
-    max_tasks_per_vm: int = msgspec.field(default=1, name="maxTasksPerVM")
+    max_tasks_per_vm: Int32 = msgspec.field(default=1, name="maxTasksPerVM")
     tvm_fill_type: str = "spread"
     start_task: StartTask | None = None
     communication: bool = False
@@ -96,8 +104,8 @@ class PoolAdd(_Req):
     bubblewrap: bool = False  # run this pool's tasks in a bubblewrap sandbox (issue 8)
     # Per-task process limit (pids cgroup; None: the agent's default, 4,096) and the TVM's disk limit
     # for the files of its running tasks (None: only the host's nearly-full check). See _pool_limits.py.
-    task_pids_limit: int | None = None
-    tvm_disk_limit_mib: int | None = msgspec.field(default=None, name="tvmDiskLimitMiB")
+    task_pids_limit: Int32 | None = None
+    tvm_disk_limit_mib: Int32 | None = msgspec.field(default=None, name="tvmDiskLimitMiB")
     # What only the Azure routes carry (displayName, the Azure VM size name, the image reference):
     # kept with the spec and echoed back there; the seed's routes refuse it.
     azure: dict | None = None
@@ -135,7 +143,7 @@ class Pool(_Res):
 
 
 class PoolResize(_Req):
-    target_dedicated: int
+    target_dedicated: Int32
     resize_timeout: str | None = None
     tvm_deallocation_option: str = "requeue"
 
@@ -263,7 +271,7 @@ class Schedule(_Res, forbid_unknown_fields=True):
 class WorkitemAdd(_Req):
     name: str
     job_execution_environment: JobExecutionEnvironment
-    priority: int = 0
+    priority: Int32 = 0
     job_constraints: JobConstraints | None = None
     job_manager: JobManager | None = None
     schedule: Schedule | None = None
@@ -276,7 +284,7 @@ class WorkitemAdd(_Req):
     uses_task_dependencies: bool = False
     on_task_failure: str = "noaction"  # "noaction" | "performexitoptionsjobaction"
     # the most tasks of a job that run at once (its job manager not counted); -1: no limit
-    max_parallel_tasks: int = -1
+    max_parallel_tasks: Int32 = -1
 
 
 class WorkitemExecutionInfo(_Res):
@@ -341,8 +349,8 @@ class Job(_Res):
 
 
 class TaskIdRange(_Res, forbid_unknown_fields=True):
-    start: int
-    end: int
+    start: Int32
+    end: Int32
 
 
 class TaskDependencies(_Res, forbid_unknown_fields=True):
@@ -356,13 +364,13 @@ class ExitOptions(_Res, forbid_unknown_fields=True):
 
 
 class ExitCodeMapping(_Res, forbid_unknown_fields=True):
-    code: int
+    code: Int32
     exit_options: ExitOptions
 
 
 class ExitCodeRangeMapping(_Res, forbid_unknown_fields=True):
-    start: int
-    end: int
+    start: Int32
+    end: Int32
     exit_options: ExitOptions
 
 
@@ -403,7 +411,7 @@ class OutputFile(_Res, forbid_unknown_fields=True):
 
 
 class MultiInstanceSettings(_Res, forbid_unknown_fields=True):
-    number_of_instances: int = 1
+    number_of_instances: Int32 = 1
     coordination_command_line: str | None = None
     common_resource_files: list[ResourceFile] = []
 
@@ -438,7 +446,7 @@ class TaskAdd(_Req):
     depends_on: TaskDependencies | None = None
     exit_conditions: ExitConditions | None = None
     output_files: list[OutputFile] = []
-    required_slots: int = 1
+    required_slots: Int32 = 1
     multi_instance_settings: MultiInstanceSettings | None = None
     # a TVM's name the task should preferably run on (Azure's affinityInfo: a soft hint)
     affinity_id: str | None = None
@@ -610,12 +618,12 @@ class RemoteLoginSettings(_Res):
 class WorkitemUpdate(_Req):
     """PATCH /workitems/{wi}: only the fields present change; they apply to jobs created later."""
 
-    priority: int | None = None
+    priority: Int32 | None = None
     job_constraints: JobConstraints | None = None
     schedule: Schedule | None = None
     on_all_tasks_complete: str | None = None
     metadata: list[MetadataItem] | None = None
-    max_parallel_tasks: int | None = None
+    max_parallel_tasks: Int32 | None = None
 
 
 class PrepTaskExecutionInfo(_Res, kw_only=True):
@@ -642,10 +650,10 @@ class JobPrepReleaseStatus(_Res, kw_only=True):
 class JobUpdate(_Req):
     """PATCH /workitems/{wi}/jobs/{job}: only the fields present change."""
 
-    priority: int | None = None
+    priority: Int32 | None = None
     job_constraints: JobConstraints | None = None
     on_all_tasks_complete: str | None = None
-    max_parallel_tasks: int | None = None
+    max_parallel_tasks: Int32 | None = None
 
 
 class JobTerminate(_Req):

@@ -433,6 +433,42 @@ async def test_durations_past_the_longest_are_refused_and_the_longest_is_shown(a
     assert sorted(await api.names("/workitems")) == ["s", "wi"]
 
 
+async def test_integers_past_32_bits_are_refused_naming_the_field(api):
+    """JSON numbers have no bound: 1e30 in a job's maxParallelTasks was once stored, and every
+    later change of that job failed to commit with a 500. Every integer of a request is an
+    Int32 (a file size an Int63)."""
+    await _pool_and_workitem(api)
+    job = f"/workitems/wi/jobs/{JOB}"
+    for body, field in (
+        ({"maxParallelTasks": 10**30}, "maxParallelTasks"),
+        ({"priority": 2**31}, "priority"),
+        (
+            {"jobConstraints": {"maxTaskRetryCount": -(2**31) - 1}},
+            "jobConstraints.maxTaskRetryCount",
+        ),
+    ):
+        err(await api("PATCH", job, body), 400, "InvalidRequestBody", field)
+    err(
+        await api("POST", "/pools", {**POOL, "name": "q", "targetDedicated": 2**40}),
+        400,
+        "InvalidRequestBody",
+        "targetDedicated",
+    )
+    big = {"blobSource": "http://127.0.0.1:9/x", "filePath": "x", "fileSize": 2**64}
+    err(
+        await api(
+            "POST", f"{job}/tasks", {"name": "t", "commandLine": "true", "resourceFiles": [big]}
+        ),
+        400,
+        "InvalidRequestBody",
+        "resourceFiles[0].fileSize",
+    )
+    assert (await api("PATCH", job, {"maxParallelTasks": 2**31 - 1})).status_code == 200
+    assert (await api("POST", f"{job}/terminate")).status_code in (200, 202)
+    assert await api.names("/pools") == ["p"]
+    assert await api.names(f"{job}/tasks") == []
+
+
 async def test_reserved_environment_variables_are_refused(api):
     await _pool_and_workitem(api)
     tasks = f"/workitems/wi/jobs/{JOB}/tasks"

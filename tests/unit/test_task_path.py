@@ -70,15 +70,19 @@ def test_a_start_reuses_the_last_clean_look_and_still_sees_a_change_since(
     real = _uid_sweep._stat_all
     monkeypatch.setattr(_uid_sweep, "_stat_all", lambda paths: looks.append(1) or real(paths))
     first = watch.baseline()
-    assert first is not None and len(looks) == 1
-    assert watch.unchanged(first) and len(looks) == 2
+    assert first is not None
+    assert len(looks) == 1
+    assert watch.unchanged(first)
+    assert len(looks) == 2
     second = watch.baseline()  # the end's look serves the next start
-    assert second is not None and len(looks) == 2
+    assert second is not None
+    assert len(looks) == 2
     (shared / "left-by-another-task").write_text("x")  # after that look, before the next start
     third = watch.baseline()
     assert third is not None  # not looked at: the task's end decides
     assert not watch.unchanged(third)
-    assert watch.baseline() is None and len(looks) == 4  # a look again, which sees the change
+    assert watch.baseline() is None
+    assert len(looks) == 4
 
 
 def test_a_baseline_of_an_older_record_is_judged_by_itself(tmp_path: Path) -> None:

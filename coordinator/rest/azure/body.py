@@ -51,6 +51,21 @@ class Body:
     def _p(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
+    def kept(self) -> dict[str, Any]:
+        """This object as sent, to be stored and shown again as it is (an image reference, an
+        auto pool's specification). Refused, naming the place, if the journal could not hold it:
+        an integer past 64 bits (JSON has no bound)."""
+        stack: list[tuple[Any, str]] = [(self.data, self.path)]
+        while stack:
+            value, where = stack.pop()
+            if isinstance(value, dict):
+                stack.extend((v, f"{where}.{k}" if where else str(k)) for k, v in value.items())
+            elif isinstance(value, list):
+                stack.extend((v, f"{where}[{i}]") for i, v in enumerate(value))
+            elif isinstance(value, int) and not -(2**63) <= value < 2**64:
+                raise invalid(where, str(value)[:40], f"{where}: the number is too large")
+        return dict(self.data)
+
     def has(self, key: str) -> bool:
         return self.data.get(key) is not None
 

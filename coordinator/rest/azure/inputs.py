@@ -144,7 +144,7 @@ def vm_configuration(b: Body) -> dict[str, Any]:
     assert image is not None
     assert sku is not None
     image.accept(*image.data)
-    return {"imageReference": dict(image.data), "nodeAgentSKUId": sku}
+    return {"imageReference": image.kept(), "nodeAgentSKUId": sku}
 
 
 def pool_add(b: Body, catalogue: dict[str, tuple[int, int, int, str]]) -> m.PoolAdd:
@@ -372,7 +372,7 @@ def _auto_pool(
     }
     if prefix:
         seed["autoPoolNamePrefix"] = prefix
-    echo: dict[str, Any] = {"poolLifetimeOption": option, "keepAlive": keep, "pool": pool.data}
+    echo: dict[str, Any] = {"poolLifetimeOption": option, "keepAlive": keep, "pool": pool.kept()}
     if prefix:
         echo["autoPoolIdPrefix"] = prefix
     return seed, echo
