@@ -116,6 +116,8 @@ class _Evaluator:
             raise _fail(
                 stmt.value, f"{target.spelling} must be a number, not a {type_of(value).value}"
             )
+        elif not math.isfinite(value):  # NaN from samples (avg of NaN): never a count
+            raise _fail(stmt.value, f"{target.spelling} is not a finite number")
         elif value > _MAX_TARGET:
             raise _fail(
                 stmt.value,

@@ -15,6 +15,7 @@ apply to autoscale-driven resizes (§5.8).
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from datetime import timedelta
 
@@ -163,7 +164,8 @@ class Autoscale:
             c = self.tvm_counters.get(agent.tvm)
             if c is None:
                 c = self.tvm_counters[agent.tvm] = TvmCounters()
-            c.cpu_percent = msg.cpu_percent
+            # An agent's figures feed formulas: a NaN or infinite one (a broken agent) reads as 0.
+            c.cpu_percent = msg.cpu_percent if math.isfinite(msg.cpu_percent) else 0.0
             c.memory_bytes = float(msg.memory_used_bytes)
             c.disk_bytes = float(msg.disk_used_bytes)
             c.net_rx, c.net_tx = msg.net_rx_bytes, msg.net_tx_bytes

@@ -12,6 +12,7 @@ from coordinator.autoscale import (
     EVALUATION_ERROR,
     AutoscaleInputs,
     AutoscaleResult,
+    Sample,
     evaluate,
     parse,
 )
@@ -215,6 +216,20 @@ def test_time_values(expr: str, expected: str) -> None:
 )
 def test_functions(expr: str, expected: str) -> None:
     assert value(expr) == expected
+
+
+def test_a_target_that_is_not_a_finite_number_is_an_evaluation_error() -> None:
+    """NaN samples (a broken agent's CPU figure) averaged into a target: an evaluation error,
+    never an exception out of `evaluate` (it once raised ValueError making NaN a count)."""
+    nan = [Sample(NOW, math.nan), Sample(NOW, 1.0)]
+    r = run("$TargetDedicatedNodes = avg($CPUPercent.GetSample(2));", series={"CPUPercent": nan})
+    assert r.error is not None
+    assert r.error[0] == EVALUATION_ERROR
+    assert "not a finite number" in r.error[1]
+    kept = results(
+        "$x = avg($CPUPercent.GetSample(2)); $TargetDedicatedNodes = 1;", series={"CPUPercent": nan}
+    )
+    assert kept["$TargetDedicatedNodes"] == "1"
 
 
 def test_rand_is_uniform_and_seedable() -> None:

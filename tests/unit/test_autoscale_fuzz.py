@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 
 from hypothesis import given, settings
@@ -20,7 +21,12 @@ NOW = datetime(2024, 3, 4, 12, 0, tzinfo=UTC)
 INPUTS = AutoscaleInputs(
     now=NOW,
     series={
-        "ActiveTasks": [Sample(NOW - i * timedelta(seconds=30), float(i % 4)) for i in range(30)]
+        "ActiveTasks": [Sample(NOW - i * timedelta(seconds=30), float(i % 4)) for i in range(30)],
+        # what a broken agent's heartbeats could make of a series: formulas must still not raise
+        "CPUPercent": [
+            Sample(NOW - i * timedelta(seconds=30), v)
+            for i, v in enumerate([math.nan, math.inf, -math.inf, 1e308, 0.5] * 4)
+        ],
     },
 )
 PIECES = [

@@ -6,6 +6,8 @@ in microseconds); effects and records are inspected directly.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from msgspec.structs import astuple
 
@@ -212,6 +214,19 @@ def test_resource_metrics_come_from_heartbeats() -> None:
     ]  # deltas of the counters
     assert s["NetworkOutBytes"][-1].value == 400.0
     assert s["SampleNodeCount"][-1].value == 2
+
+
+def test_a_heartbeat_cpu_figure_that_is_not_a_number_reads_as_zero() -> None:
+    """A broken agent's NaN or infinite CPU figure must not reach the pool's samples (a formula
+    averaging them would get no count)."""
+    core, clock = _core(agents=2)
+    core.add_pool(m.PoolAdd(name="p", target_dedicated=2))
+    _advance(core, clock, 30)
+    core.agent_message("a0", pm.Heartbeat(cpu_percent=math.nan))
+    core.agent_message("a1", pm.Heartbeat(cpu_percent=math.inf))
+    clock.now += 30
+    core.tick()
+    assert core.metrics.visible("p", clock.now, 0)["CPUPercent"][-1].value == 0.0
 
 
 def test_history_is_bounded_and_pure() -> None:
