@@ -61,6 +61,8 @@ def _shown(value: object) -> str:
 def format_duration(seconds: float) -> str:
     if seconds >= UNLIMITED_S:
         return UNLIMITED
+    if not seconds > 0:  # zero, and never a negative or NaN one in a view
+        return "PT0S"
     whole = int(seconds)
     frac = seconds - whole
     d, rem = divmod(whole, 86400)

@@ -7,6 +7,10 @@ heartbeat timeout is closed; its TVM is lost (`unknown`, tasks requeued) if it d
 
 from __future__ import annotations
 
+import math
+
+import msgspec
+
 from protocol import messages as pm
 
 from .freeslots import queue_depth
@@ -201,6 +205,8 @@ class Agents:
         now = s.clock()
         agent.last_seen = now
         tvm = s.tvms.get(agent.tvm) if agent.tvm else None
+        if isinstance(msg, _TIMED):
+            msg = _finite_times(msg, now)
         if isinstance(msg, pm.TaskCompleted):
             if self.prep is not None and self.s.job_preps and self.prep.owns(msg.key):
                 self.prep.completed(tvm, msg)
@@ -320,3 +326,21 @@ class Agents:
                 self.runs.requeue_tvm_tasks(tvm)
                 tvm.rec.state_reason = lost_reason(agent, now, grace)
                 self.runs.set_tvm_state(tvm, "unknown")
+
+
+_TIMED = (pm.TaskStarted, pm.TaskCompleted, pm.StartTaskCompleted)
+
+
+def _finite_times(msg: pm.Msg, now: float) -> pm.Msg:
+    """An agent's times as the core keeps them: one that is not a finite number (a broken agent)
+    is taken as the moment the message arrived, so no view or duration computed from it fails."""
+    if math.isfinite(getattr(msg, "start_time", 0.0)) and math.isfinite(
+        getattr(msg, "end_time", 0.0)
+    ):
+        return msg
+    fixed = {
+        k: now
+        for k in ("start_time", "end_time")
+        if hasattr(msg, k) and not math.isfinite(getattr(msg, k))
+    }
+    return msgspec.structs.replace(msg, **fixed)

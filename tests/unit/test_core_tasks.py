@@ -548,3 +548,37 @@ def test_all_jobs_together_hold_at_most_max_tasks() -> None:
         _add(core, "h")
     core.delete_workitem("wi")
     assert core.store.task_count == 0
+
+
+# ---------------------------------------------------------------------------- a broken agent's times
+
+
+def test_times_that_are_not_finite_numbers_are_taken_as_the_arrival():
+    """A broken agent's NaN or infinite start and end times: the core keeps the moment the message
+    arrived, so both APIs' views of the task (times, durations) still render."""
+    from coordinator.rest import views
+    from coordinator.rest.azure import views as azure_views
+
+    core, clock = _core(n_agents=1)
+    _add(core, "t")
+    (run,) = _run(core)
+    agent = _agent_of(core, "t")
+    clock.now += 5
+    nan, inf = float("nan"), float("inf")
+    core.agent_message(
+        agent, pm.TaskStarted(key=run.spec.key, attempt=run.spec.attempt, start_time=nan)
+    )
+    clock.now += 5
+    core.agent_message(
+        agent,
+        pm.TaskCompleted(
+            key=run.spec.key, attempt=run.spec.attempt, exit_code=0, start_time=-inf, end_time=inf
+        ),
+    )
+    job, task = core.get_task("wi", JOB, "t")
+    assert task.state == "completed"
+    assert (task.start_time, task.end_time) == (clock.now, clock.now)
+    shown = views.task_view(job, task)
+    assert shown.execution_info is not None
+    assert shown.execution_info.end_time is not None
+    assert azure_views.task_view(core, "http://x", job, task)["executionInfo"]["endTime"]
