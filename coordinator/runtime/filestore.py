@@ -67,32 +67,35 @@ def parse_range_header(value: str | None, size: int) -> tuple[int, int] | None:
         return None
     if size < 0:
         raise ValueError(f"size must be >= 0, not {size}")
+    shown = repr(value) if len(value) <= 80 else repr(value[:77]) + "..."  # quoted in errors
     if "," in value:
-        raise FileStoreError("InvalidRange", f"multiple ranges are not supported: {value!r}")
+        raise FileStoreError("InvalidRange", f"multiple ranges are not supported: {shown}")
     m = _RANGE.fullmatch(value)
     if m is None:
         raise FileStoreError(
-            "InvalidRange", f"malformed Range {value!r}; expected bytes=START-END, START- or -N"
+            "InvalidRange", f"malformed Range {shown}; expected bytes=START-END, START- or -N"
         )
     first, last = m.group(1), m.group(2)
     if first == "" and last == "":
-        raise FileStoreError("InvalidRange", f"malformed Range {value!r}: no positions")
+        raise FileStoreError("InvalidRange", f"malformed Range {shown}: no positions")
     if first == "":
-        suffix = int(last)
+        suffix = _position(last)
         if suffix == 0 or size == 0:
-            raise FileStoreError(
-                "InvalidRange", f"range {value!r} is unsatisfiable for {size} bytes"
-            )
+            raise FileStoreError("InvalidRange", f"range {shown} is unsatisfiable for {size} bytes")
         return max(0, size - suffix), size - 1
-    start = int(first)
-    end = size - 1 if last == "" else int(last)
+    start = _position(first)
+    end = size - 1 if last == "" else _position(last)
     if last != "" and end < start:
-        raise FileStoreError("InvalidRange", f"malformed Range {value!r}: end before start")
+        raise FileStoreError("InvalidRange", f"malformed Range {shown}: end before start")
     if start >= size:
-        raise FileStoreError(
-            "InvalidRange", f"range {value!r} starts beyond the end of {size} bytes"
-        )
+        raise FileStoreError("InvalidRange", f"range {shown} starts beyond the end of {size} bytes")
     return start, min(end, size - 1)
+
+
+def _position(digits: str) -> int:
+    """A byte position of a Range header: past any file's size when it has more digits than a
+    64-bit number (Python refuses to convert thousands of digits)."""
+    return int(digits) if len(digits) <= 19 else 2**63
 
 
 class Replica(Protocol):
