@@ -108,6 +108,7 @@ def up(
     host = listen or host
     if public_url and (why := check_public_url(public_url)):
         raise click.UsageError(why)
+    _check_local_agents(agents)
     _check_state_dir(state_dir)
     sys.exit(
         trio.run(
@@ -123,6 +124,19 @@ def up(
             public_url or "",
         )
     )
+
+
+def _check_local_agents(agents: int) -> None:
+    """More local agents than the host's memory holds is refused before anything starts (each is a
+    process of its own)."""
+    from coordinator.runtime.provisioner import AGENT_MIB, room_for_agents
+
+    room = room_for_agents()
+    if room is not None and agents > room:
+        raise click.UsageError(
+            f"--agents {agents}: each local agent takes about {AGENT_MIB} MiB, and this host has "
+            f"memory for {room}"
+        )
 
 
 def _check_state_dir(state_dir: str) -> None:
@@ -156,6 +170,7 @@ def quickstart(n_tasks: int, agents: int, state_dir: str | None) -> None:
     from coordinator.daemon.embedded import run_quickstart
 
     _setup_logging("warning")
+    _check_local_agents(agents)
     if state_dir is not None:
         _check_state_dir(state_dir)
     else:

@@ -82,8 +82,10 @@ async def run_up(
     public_url: str = "",
 ) -> int:
     """`provision`: pools short of free agents get more local agents started on demand (issue 5).
-    `accept_degraded` only silences the warnings about degraded hosts; it changes nothing that runs."""
-    try:
+    `accept_degraded` only silences the warnings about degraded hosts; it changes nothing that runs.
+    SIGINT and SIGTERM are taken from the start: one that comes while agents are being started
+    stops them once they are (the default action would end this process and leave them running)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             try:
                 rc: RunningCoordinator = await nursery.start(
@@ -104,37 +106,37 @@ async def run_up(
             public = public_url or default_public_url(rc.endpoint, host)
             # The endpoint accepts requests now: the three lines come first on stdout.
             print_exports(rc.service.state_dir, _exports(rc))
-            if rc.service.provisioner is not None:
-                prov = rc.service.provisioner
-                rc.service.start_agents(agents)
-            else:
-                prov = LocalProvisioner(
-                    state_dir, rc.agent_url, rc.join_token, tvm_root_dir=tvm_root_dir
-                )
-                prov.start(agents)
-            print(
-                f"tvm up: coordinator on {rc.endpoint}, {agents} local agent(s); Ctrl-C to stop",
-                file=sys.stderr,
+            prov: Any = rc.service.provisioner or LocalProvisioner(
+                state_dir, rc.agent_url, rc.join_token, tvm_root_dir=tvm_root_dir
             )
-            if public_url or host != "127.0.0.1":
-                token_at = os.path.join(rc.service.state_dir, "join-token")
-                for line in join_lines("tvm up", public, f"this one is in {token_at}"):
-                    print(line, file=sys.stderr)
-            print(
-                f"tvm up: dashboard at {rc.endpoint.rstrip('/')}/ui/ (`tvm ui` prints a login link)",
-                file=sys.stderr,
-                flush=True,
-            )
-            if not accept_degraded:
-                nursery.start_soon(warn_degraded, rc)
             try:
-                await _until_signal()
+                if rc.service.provisioner is not None:
+                    rc.service.start_agents(agents)
+                else:
+                    prov.start(agents)
+                print(
+                    f"tvm up: coordinator on {rc.endpoint}, {agents} local agent(s); Ctrl-C to stop",
+                    file=sys.stderr,
+                )
+                if public_url or host != "127.0.0.1":
+                    token_at = os.path.join(rc.service.state_dir, "join-token")
+                    for line in join_lines("tvm up", public, f"this one is in {token_at}"):
+                        print(line, file=sys.stderr)
+                print(
+                    f"tvm up: dashboard at {rc.endpoint.rstrip('/')}/ui/ "
+                    "(`tvm ui` prints a login link)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if not accept_degraded:
+                    nursery.start_soon(warn_degraded, rc)
+                async for signum in signals:
+                    log.info("received %s, stopping", signal.Signals(signum).name)
+                    break
             finally:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(prov.stop_all)
                 nursery.cancel_scope.cancel()
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
 from typing import Protocol
+
+_log = logging.getLogger("tvm.provisioner")
 
 
 class Provisioner(Protocol):
@@ -57,6 +60,17 @@ class LocalProvisioner:
         self._exit_seen: set[int] = set()
 
     def start(self, n: int, size: str = "small") -> list[str]:
+        room = room_for_agents()
+        if room is not None and n > room:
+            _log.warning(
+                "%d local agent(s) asked for, %d started: each takes about %d MiB, and this "
+                "host has memory for %d more",
+                n,
+                room,
+                AGENT_MIB,
+                room,
+            )
+            n = room
         started = []
         if n > 0:
             make_traversable_dir(self.tvm_root_dir)
@@ -151,6 +165,24 @@ class LocalProvisioner:
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+
+
+# What one more local agent needs of the host's available memory: an idle agent keeps under
+# 40 MiB resident, and its first tasks' directories and processes want some room besides.
+AGENT_MIB = 48
+
+
+def room_for_agents(meminfo: str = "/proc/meminfo") -> int | None:
+    """How many more local agents this host's available memory holds; None when it cannot be
+    told (no /proc/meminfo)."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) // (AGENT_MIB * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _index(name: str) -> int | None:

@@ -200,3 +200,43 @@ def test_tvm_up_refuses_a_busy_port_clearly(tmp_path):
     assert r.stdout == b""  # no export lines for an endpoint that does not exist
     assert str(port) in r.stderr.decode()
     assert "Traceback" not in r.stderr.decode()
+
+
+def test_a_sigterm_while_agents_start_stops_every_one_of_them(tmp_path):
+    """SIGTERM as soon as the export lines are out, while the agents are being started: once they
+    are, every one of them is stopped and `tvm up` exits 0 (the signal once ended `tvm up` at once
+    and left the agents started so far running)."""
+    state = str(tmp_path / "state")
+    proc = _start(state, agents=8)
+    try:
+        _exports(proc)
+        rc, _ = _stop(proc, state)
+        assert rc == 0
+        _wait(lambda: not _processes_under(state), 30, "no agent left")
+    finally:
+        for pid in _processes_under(state):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(default_tvm_root_dir(state), ignore_errors=True)
+
+
+def test_more_agents_than_the_memory_holds_are_refused_before_anything_starts(tmp_path):
+    from coordinator.runtime.provisioner import room_for_agents
+
+    room = room_for_agents()
+    assert room is not None  # Linux has /proc/meminfo
+    state = tmp_path / "state"
+    env = {k: v for k, v in agent_env().items() if not k.startswith("TVM_")}
+    r = subprocess.run(
+        [sys.executable, "-m", "coordinator.cli", "up", "--agents", str(room + 1)]
+        + ["--state-dir", str(state), "--port", "0"],
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+    assert r.returncode == 2, r.stderr
+    assert r.stdout == b""
+    err = r.stderr.decode()
+    assert f"--agents {room + 1}" in err
+    assert "MiB" in err
+    assert "Traceback" not in err
+    assert not state.exists()
