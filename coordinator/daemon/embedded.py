@@ -269,6 +269,14 @@ SAMPLE_SCRIPT = (
 )
 
 
+async def _cancel_on_sigterm(scope: trio.CancelScope, stopped: list[str]) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async for signum in signals:
+            stopped.append(signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
 async def run_quickstart(n_tasks: int, agents: int, state_dir: str | None) -> int:
     """The main job: embedded coordinator + local agents + a real workload, end to end."""
     from rich.console import Console
@@ -282,8 +290,12 @@ async def run_quickstart(n_tasks: int, agents: int, state_dir: str | None) -> in
         tmp = tempfile.TemporaryDirectory(prefix="tvm-quickstart-")
         state_dir = tmp.name
     prov: LocalProvisioner | None = None
+    stopped: list[str] = []  # the signal that stopped the run, if one did
     try:
         async with trio.open_nursery() as nursery:
+            # SIGTERM ends the run through the clean-up below (its default action would end this
+            # process at once and leave the agents running); Ctrl-C does so as KeyboardInterrupt.
+            nursery.start_soon(_cancel_on_sigterm, nursery.cancel_scope, stopped)
             rc: RunningCoordinator = await nursery.start(
                 lambda task_status: run_coordinator(state_dir, port=0, task_status=task_status)
             )
@@ -326,6 +338,9 @@ async def run_quickstart(n_tasks: int, agents: int, state_dir: str | None) -> in
             )
             console.print(f"stdout of t0000: {first.decode().strip()}")
             nursery.cancel_scope.cancel()
+        if stopped:
+            console.print(f"stopped by {stopped[0]}: the agents and the coordinator are stopped")
+            return 128 + signal.SIGTERM
         return 0 if counts.failed == 0 else 1
     finally:
         if prov is not None:

@@ -240,3 +240,66 @@ def test_more_agents_than_the_memory_holds_are_refused_before_anything_starts(tm
     assert "MiB" in err
     assert "Traceback" not in err
     assert not state.exists()
+
+
+def _quickstart(*args: str) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in agent_env().items() if not k.startswith("TVM_")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "coordinator.cli", "quickstart", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def _state_of(proc: subprocess.Popen[bytes]) -> str:
+    """The state directory quickstart names on its first line (stderr)."""
+    assert proc.stderr is not None
+    line = proc.stderr.readline().decode()
+    m = re.search(r"\(state in (\S+)\)", line)
+    assert m, line
+    return m.group(1)
+
+
+def test_quickstart_runs_its_sample_and_leaves_nothing(tmp_path):
+    """The README's first command, small: every task succeeds, and its throw-away state directory
+    and its agents' TVM roots are gone afterwards."""
+    proc = _quickstart("--tasks", "20", "--agents", "2")
+    state = _state_of(proc)
+    try:
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = err.decode()
+    assert proc.returncode == 0, text
+    assert "20 succeeded" in text
+    assert "0 failed" in text
+    assert not os.path.exists(state)
+    assert not os.path.exists(default_tvm_root_dir(state))
+    assert not _processes_under(state)
+
+
+def test_quickstart_stopped_by_sigterm_stops_its_agents_and_cleans_up(tmp_path):
+    """SIGTERM in the middle of the sample run: exit 143 after stopping the agents and removing
+    the throw-away state (the signal once ended quickstart at once and left its agents running)."""
+    proc = _quickstart("--tasks", "100000", "--agents", "2")
+    state = _state_of(proc)
+    try:
+        _wait(lambda: len(_processes_under(state)) >= 2, 60, "the agents to run")
+        time.sleep(1.0)  # the tasks are being added and run
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 143, err.decode()
+        assert "stopped by SIGTERM" in err.decode()
+        _wait(lambda: not _processes_under(state), 30, "no agent left")
+        assert not os.path.exists(state)
+        assert not os.path.exists(default_tvm_root_dir(state))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in _processes_under(state):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(default_tvm_root_dir(state), ignore_errors=True)
