@@ -274,9 +274,10 @@ class CoordinatorService:
                 )
                 self.core.agents_started(started)
                 log.info(
-                    "provisioner started %d agent(s) of size %s: %s",
-                    p.count,
+                    "provisioner started %d agent(s) of size %s (%d asked for): %s",
+                    len(started),
                     p.vm_size,
+                    p.count,
                     ", ".join(started),
                 )
             except Exception:  # a broken provisioner must not take the coordinator down
