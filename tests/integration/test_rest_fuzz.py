@@ -35,7 +35,7 @@ NATIVE: list[tuple[str, str, dict[str, Any], str]] = [
             "name": "p2",
             "vmSize": "small",
             "targetDedicated": 0,
-            "maxTasksPerTVM": 2,
+            "maxTasksPerVM": 2,
             "startTask": {
                 "commandLine": "true",
                 "environmentSettings": [{"name": "A", "value": "b"}],
