@@ -13,6 +13,13 @@ class ApiError(Exception):
         self.retry_after: int | None = None  # seconds, sent as Retry-After (503, 429)
 
 
+def quoted(value: object, limit: int = 64) -> str:
+    """`value` as an error message quotes it (its repr), cut after `limit` characters: a request is
+    bounded, but its answer need not repeat a long value whole."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def unavailable(code: str, message: str, retry_after: int, **values: object) -> ApiError:
     """503: the service cannot do this now (it did not); the client may retry after a while."""
     exc = ApiError(503, code, message, **values)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 
-from .errors import bad_request
+from .errors import bad_request, quoted
 
 _DURATION = re.compile(
     r"^P(?!$)(?:(?P<d>\d+(?:\.\d+)?)D)?(?:T(?=\d)(?:(?P<h>\d+(?:\.\d+)?)H)?(?:(?P<m>\d+(?:\.\d+)?)M)?"
@@ -25,7 +25,7 @@ def parse_duration(text: str, field: str) -> float:
     t = text.strip().upper()
     if t.startswith("-"):
         raise bad_request(
-            "InvalidPropertyValue", f"{field} must not be negative: {_shown(text)}", field=field
+            "InvalidPropertyValue", f"{field} must not be negative: {quoted(text)}", field=field
         )
     if t == UNLIMITED:
         return UNLIMITED_S
@@ -33,7 +33,7 @@ def parse_duration(text: str, field: str) -> float:
     if not m:
         raise bad_request(
             "InvalidPropertyValue",
-            f"{field} is not an ISO 8601 duration (like PT1H30M): {_shown(text)}",
+            f"{field} is not an ISO 8601 duration (like PT1H30M): {quoted(text)}",
             field=field,
         )
     seconds = (
@@ -45,17 +45,10 @@ def parse_duration(text: str, field: str) -> float:
     if seconds > UNLIMITED_S:  # what .NET and the Azure clients cannot hold either
         raise bad_request(
             "InvalidPropertyValue",
-            f"{field} is longer than the longest duration ({UNLIMITED}, unlimited): {_shown(text)}",
+            f"{field} is longer than the longest duration ({UNLIMITED}, unlimited): {quoted(text)}",
             field=field,
         )
     return seconds
-
-
-def _shown(value: object) -> str:
-    """The value as an error message quotes it: a long one cut (the request is bounded, the
-    message need not repeat all of it)."""
-    text = repr(value)
-    return text if len(text) <= 66 else text[:66] + "…"
 
 
 def format_duration(seconds: float) -> str:
@@ -104,7 +97,7 @@ def parse_time(text: str, field: str) -> float:
         dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except (ValueError, AttributeError):
         raise bad_request(
-            "InvalidPropertyValue", f"{field} is not an RFC 3339 time: {_shown(text)}", field=field
+            "InvalidPropertyValue", f"{field} is not an RFC 3339 time: {quoted(text)}", field=field
         ) from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)

@@ -20,6 +20,7 @@ from typing import BinaryIO, Protocol
 
 import trio
 
+from coordinator.common.errors import quoted
 from protocol.hostio import fsync_dir
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -49,7 +50,7 @@ class StoredFile:
 def check_sha256(value: object) -> str:
     """Return `value` if it is 64 lowercase hex digits, else raise InvalidHash."""
     if not isinstance(value, str) or not _HEX64.fullmatch(value):
-        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        shown = quoted(value, 77)
         raise FileStoreError(
             "InvalidHash", f"{shown} is not a sha256 digest (64 lowercase hex digits)"
         )
@@ -67,7 +68,7 @@ def parse_range_header(value: str | None, size: int) -> tuple[int, int] | None:
         return None
     if size < 0:
         raise ValueError(f"size must be >= 0, not {size}")
-    shown = repr(value) if len(value) <= 80 else repr(value[:77]) + "..."  # quoted in errors
+    shown = quoted(value, 80)
     if "," in value:
         raise FileStoreError("InvalidRange", f"multiple ranges are not supported: {shown}")
     m = _RANGE.fullmatch(value)

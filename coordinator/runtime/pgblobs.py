@@ -39,53 +39,41 @@ class PgBlobs:
     def __init__(self, url: str, *, connect_timeout: float = 10.0) -> None:
         import psycopg
 
-        from .pgstore import StoreUnreachable, connect_error, redact
+        from .pgstore import Connection, StoreUnreachable, connect_error, redact
 
         self._error: Any = psycopg.Error
-        self._dropped: type[Exception] = psycopg.OperationalError
-        self._connect = lambda: psycopg.connect(
-            url, autocommit=True, connect_timeout=int(connect_timeout)
-        )
         try:
-            self._db = self._connect()
+            self._conn = Connection(url, redact(url), connect_timeout)
         except psycopg.Error as exc:
             raise StoreUnreachable(
                 f"cannot connect to {redact(url)}: {connect_error(url, exc)}"
             ) from exc
         self._lock = threading.Lock()  # one connection, several upload threads
-        with self._db.transaction():
-            self._db.execute("SELECT pg_advisory_xact_lock(7419002)")
+        db = self._conn.db
+        with db.transaction():
+            db.execute("SELECT pg_advisory_xact_lock(7419002)")
             for stmt in _SCHEMA:
-                self._db.execute(stmt)
+                db.execute(stmt)
 
     def close(self) -> None:
-        self._db.close()
+        self._conn.close()
 
-    def _call(self, fn: Callable[[], T]) -> T:
-        """Run `fn` under the lock; a database error becomes an OSError (EIO), which the upload
-        route answers with 503 StoreUnavailable and the download route with 503 as well."""
+    def _call(self, fn: Callable[[Any], T]) -> T:
+        """Run `fn(connection)` under the lock (once more on a new connection if the server
+        dropped the old one: blobs never change, so every call may run twice); a database error
+        becomes an OSError (EIO), which the upload route answers with 503 StoreUnavailable and the
+        download route with 503 as well."""
         with self._lock:
             try:
-                for attempt in (1, 2):
-                    if self._db.broken or self._db.closed:  # the server dropped it (a restart)
-                        self._db.close()
-                        self._db = self._connect()
-                    try:
-                        return fn()
-                    except self._dropped:
-                        # An idle connection learns of a restart only when used: once more on a
-                        # new one (every call here may run twice: blobs never change).
-                        if attempt == 2 or not self._db.broken:
-                            raise
-                raise AssertionError("unreachable")
+                return self._conn.run(fn)
             except self._error as exc:
                 raise OSError(errno.EIO, f"the PostgreSQL store failed: {_line(exc)}") from exc
 
     def save(self, sha256: str, path: str) -> None:
         """Copy the verified blob at `path` into the store (nothing if it is there already)."""
 
-        def go() -> None:
-            with self._db.transaction(), self._db.cursor() as cur:
+        def go(db: Any) -> None:
+            with db.transaction(), db.cursor() as cur:
                 cur.execute("SELECT 1 FROM tvm_blobs WHERE sha256 = %s", (sha256,))
                 if cur.fetchone() is not None:
                     return
@@ -111,8 +99,8 @@ class PgBlobs:
     def fetch(self, sha256: str, write: Callable[[bytes], object]) -> bool:
         """Hand the blob's bytes to `write` in order; False when the store does not hold it."""
 
-        def go() -> bool:
-            with self._db.cursor() as cur:
+        def go(db: Any) -> bool:
+            with db.cursor() as cur:
                 cur.execute("SELECT size FROM tvm_blobs WHERE sha256 = %s", (sha256,))
                 if cur.fetchone() is None:
                     return False
@@ -131,8 +119,8 @@ class PgBlobs:
         return self._call(go)
 
     def list(self) -> list[tuple[str, int, datetime]]:
-        def go() -> list[tuple[str, int, datetime]]:
-            rows = self._db.execute(
+        def go(db: Any) -> list[tuple[str, int, datetime]]:
+            rows = db.execute(
                 "SELECT sha256, size, created FROM tvm_blobs ORDER BY sha256"
             ).fetchall()
             return [(str(s), int(n), c) for s, n, c in rows]

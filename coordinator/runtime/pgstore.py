@@ -99,6 +99,56 @@ def holder_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
 
 
+class Connection:
+    """One psycopg connection (autocommit), made again when the server dropped it (a restart, a
+    failover of the database): a statement fails with the server's error while it is down and
+    works once it is back, with no coordinator restart. Thread-safe as psycopg's connections are."""
+
+    def __init__(self, url: str, path: str, connect_timeout: float) -> None:
+        import psycopg
+
+        self._url = url
+        self._path = path
+        self._timeout = int(connect_timeout)
+        self._dropped: type[Exception] = psycopg.OperationalError
+        self._lock = threading.Lock()
+        self.db = self._connect()  # psycopg.Error if the server cannot be reached
+
+    def _connect(self) -> Any:
+        import psycopg
+
+        return psycopg.connect(self._url, autocommit=True, connect_timeout=self._timeout)
+
+    def live(self) -> Any:
+        db = self.db
+        if not (db.broken or db.closed):
+            return db
+        with self._lock:
+            if self.db.broken or self.db.closed:
+                with contextlib.suppress(Exception):
+                    self.db.close()
+                self.db = self._connect()  # psycopg.OperationalError while the server is down
+                log.warning("reconnected to %s", self._path)
+        return self.db
+
+    def run(self, fn: Callable[[Any], T]) -> T:
+        """`fn(connection)`; once more on a new connection if the old one turns out dropped (an
+        idle connection learns that the server restarted only when it is next used). Only for
+        what may run twice (every statement of the store and the blobs may: upserts, deletes by
+        key, the lease's conditional updates, inserts that skip what exists), and a failed
+        transaction is rolled back whole."""
+        db = self.live()
+        try:
+            return fn(db)
+        except self._dropped:
+            if not db.broken:
+                raise
+        return fn(self.live())
+
+    def close(self) -> None:
+        self.db.close()
+
+
 class PostgresStore:
     def __init__(self, url: str, *, holder: str | None = None, connect_timeout: float = 10.0):
         try:
@@ -111,61 +161,20 @@ class PostgresStore:
         self.path = redact(url)  # what messages name (the SQLite store's is a file path)
         self.holder = holder or holder_name()
         self.fencing = False  # set once this process is the active one (see `acquire`)
-        self._connect_timeout = int(connect_timeout)
-        self._dropped: type[Exception] = psycopg.OperationalError
-        self._reconnecting = threading.Lock()
-        self.reconnects = 0  # connections made again after the server dropped them (tests, logs)
         try:
-            self._db = self._connect()
+            self._db = Connection(url, self.path, connect_timeout)
             # The lease has its own connection: a renewal must not queue behind a large commit.
-            self._lease_db = self._connect()
+            self._lease_db = Connection(url, self.path, connect_timeout)
         except psycopg.Error as exc:
             raise StoreUnreachable(
                 f"cannot connect to {self.path}: {connect_error(url, exc)}"
             ) from exc
-        with self._db.transaction():
+        db = self._db.db
+        with db.transaction():
             # Two coordinators starting at once on an empty database both create the tables.
-            self._db.execute("SELECT pg_advisory_xact_lock(7419001)")
+            db.execute("SELECT pg_advisory_xact_lock(7419001)")
             for stmt in _SCHEMA:
-                self._db.execute(stmt)
-
-    def _connect(self) -> Any:
-        import psycopg
-
-        return psycopg.connect(self.url, autocommit=True, connect_timeout=self._connect_timeout)
-
-    def _live(self, attr: str) -> Any:
-        """The connection in `attr`, made again if the server dropped it (a restart, a failover
-        of the database): the caller's statement fails with the server's error as long as it is
-        down, and works once it is back, with no coordinator restart. What a dropped commit held
-        is applied again by the journal (its writes are idempotent: upserts and deletes by key),
-        and every batch still checks the lease first."""
-        conn = getattr(self, attr)
-        if not (conn.broken or conn.closed):
-            return conn
-        with self._reconnecting:
-            conn = getattr(self, attr)
-            if conn.broken or conn.closed:
-                with contextlib.suppress(Exception):
-                    conn.close()
-                conn = self._connect()  # psycopg.OperationalError while the server is down
-                setattr(self, attr, conn)
-                self.reconnects += 1
-                log.warning("reconnected to %s", self.path)
-        return conn
-
-    def _run(self, attr: str, fn: Callable[[Any], T]) -> T:
-        """`fn(connection)`; once more on a new connection if the old one turns out dropped (an
-        idle connection learns that the server restarted only when it is next used). Only for
-        what may run twice: every statement here is (upserts, deletes by key, the lease's own
-        conditional updates), and a failed transaction is rolled back whole."""
-        conn = self._live(attr)
-        try:
-            return fn(conn)
-        except self._dropped:
-            if not conn.broken:
-                raise
-        return fn(self._live(attr))
+                db.execute(stmt)
 
     def close(self) -> None:
         self._db.close()
@@ -175,7 +184,7 @@ class PostgresStore:
 
     def get_meta(self, key: str) -> str | None:
         sql = "SELECT value FROM tvm_meta WHERE key = %s"
-        row = self._run("_db", lambda db: db.execute(sql, (key,)).fetchone())
+        row = self._db.run(lambda db: db.execute(sql, (key,)).fetchone())
         return row[0] if row else None
 
     def set_meta(self, key: str, value: str) -> None:
@@ -184,16 +193,16 @@ class PostgresStore:
                 self._check_lease(db)
                 db.execute(_PUT_META, (key, value))
 
-        self._run("_db", put)
+        self._db.run(put)
 
     def all_meta(self) -> dict[str, str]:
-        rows = self._run("_db", lambda db: db.execute("SELECT key, value FROM tvm_meta").fetchall())
+        rows = self._db.run(lambda db: db.execute("SELECT key, value FROM tvm_meta").fetchall())
         return dict(rows)
 
     # ------------------------------------------------------------------ objects
 
     def load(self) -> Iterator[tuple[str, str, bytes]]:
-        db = self._live("_db")
+        db = self._db.live()
         for kind in LOAD_ORDER:
             cur = db.execute("SELECT kind, key, body FROM tvm_objects WHERE kind = %s", (kind,))
             for k, key, body in cur:
@@ -201,7 +210,7 @@ class PostgresStore:
 
     def apply(self, writes: Sequence[Write]) -> None:
         """One transaction per batch (called from the journal's writer thread only)."""
-        self._run("_db", lambda db: self._apply(db, writes))
+        self._db.run(lambda db: self._apply(db, writes))
 
     def _apply(self, db: Any, writes: Sequence[Write]) -> None:
         with db.transaction(), db.cursor() as cur:
@@ -244,7 +253,7 @@ class PostgresStore:
             "RETURNING holder"
         )
         args = {"h": self.holder, "ttl": ttl}
-        row = self._run("_lease_db", lambda db: db.execute(sql, args).fetchone())
+        row = self._lease_db.run(lambda db: db.execute(sql, args).fetchone())
         if row is not None:
             self.fencing = True
         return row is not None
@@ -255,18 +264,18 @@ class PostgresStore:
             "UPDATE tvm_lease SET expires = now() + make_interval(secs => %s) "
             "WHERE id = 1 AND holder = %s AND expires >= now()"
         )
-        return self._run("_lease_db", lambda db: db.execute(sql, (ttl, self.holder)).rowcount) == 1
+        return self._lease_db.run(lambda db: db.execute(sql, (ttl, self.holder)).rowcount) == 1
 
     def release(self) -> None:
         """Give the lease up at a clean stop, so a standby takes over at once."""
         sql = "UPDATE tvm_lease SET expires = now() - interval '1 second' WHERE id = 1 AND holder = %s"
-        self._run("_lease_db", lambda db: db.execute(sql, (self.holder,)))
+        self._lease_db.run(lambda db: db.execute(sql, (self.holder,)))
         self.fencing = False
 
     def lease_holder(self) -> tuple[str, float] | None:
         """(holder, seconds left) of the current lease, if any."""
         sql = "SELECT holder, EXTRACT(EPOCH FROM expires - now()) FROM tvm_lease WHERE id = 1"
-        row = self._run("_lease_db", lambda db: db.execute(sql).fetchone())
+        row = self._lease_db.run(lambda db: db.execute(sql).fetchone())
         return None if row is None else (row[0], float(row[1]))
 
     def _check_lease(self, db: Any) -> None:

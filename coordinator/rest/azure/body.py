@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from coordinator.common.errors import ApiError, bad_request
+from coordinator.common.errors import ApiError, bad_request, quoted
 
 from .conv import invalid
 
@@ -109,8 +109,8 @@ class Body:
             s = v.strip()
             if s.lstrip("+-").isdigit() and len(s) <= 40:
                 n = int(s)
-        shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:40] + "…"
-        value = v if len(repr(v)) <= 40 else shown  # PropertyValue: as sent, or cut
+        shown = quoted(v, 40)
+        value = v if shown == repr(v) else shown  # PropertyValue: as sent, or cut
         if n is None:
             raise invalid(
                 self._p(key), value, f"{self._p(key)} must be a whole number, got {shown}"
