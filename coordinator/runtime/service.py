@@ -62,6 +62,10 @@ class AgentLink:
         # (journal barrier, seq): frames applied but not yet durable, acknowledged in this order.
         self.pending_acks: deque[tuple[Ticket, int]] = deque()
         self.acks_wake = trio.Event()
+        # A commit of what this link delivered failed: its next hello starts a new session, so the
+        # agent sends again all it was not told is durable (a resumed one would count as received
+        # what was only applied, and the failed acknowledgements would fail every connection).
+        self.commit_failed = False
         self.frames_in = 0  # websocket frames received and sent (benchmarks read them)
         self.frames_out = 0
 
@@ -310,7 +314,12 @@ class CoordinatorService:
 
     def link_for(self, hello: pm.Hello) -> tuple[AgentLink, pm.Welcome]:
         link = self.links.get(hello.agent_id)
-        resumed = bool(link and hello.session_id and hello.session_id == link.session.session_id)
+        resumed = bool(
+            link
+            and hello.session_id
+            and hello.session_id == link.session.session_id
+            and not link.commit_failed
+        )
         if link is None or not resumed:
             session = LinkSession(coordinator_codec(), secrets.token_hex(8))
             if link is None:
@@ -319,6 +328,7 @@ class CoordinatorService:
             else:
                 link.session = session
                 link.pending_acks.clear()  # sequence numbers of the old session
+                link.commit_failed = False
         else:
             link.session.resume(hello.last_received)
         link.connection_id += 1
@@ -407,7 +417,12 @@ class CoordinatorService:
         while True:
             while link.pending_acks:
                 barrier, seq = link.pending_acks[0]
-                await barrier.wait()
+                try:
+                    await barrier.wait()
+                except Exception:  # the commit failed (its error closes the link)
+                    if link.connection_id == connection_id:
+                        link.commit_failed = True
+                    raise
                 if link.connection_id != connection_id:
                     return  # a newer connection's acker took over
                 link.pending_acks.popleft()
