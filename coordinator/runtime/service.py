@@ -335,7 +335,9 @@ class CoordinatorService:
         welcome = pm.Welcome(
             session_id=link.session.session_id,
             resumed=resumed,
-            last_received=link.session.received,
+            # What is durable, not what was applied: the agent forgets all up to here, and sends
+            # the rest again (duplicates of what was applied, dropped, acknowledged once committed).
+            last_received=link.session.confirmed,
             heartbeat_interval=max(0.05, self.core.heartbeat_timeout / 4),
         )
         return link, welcome

@@ -6,6 +6,8 @@ without writes of its own must still wait for the writes of earlier frames.
 
 from __future__ import annotations
 
+import contextlib
+
 import trio
 import trio.testing
 
@@ -111,3 +113,51 @@ async def test_lazy_writes_alone_are_committed_after_the_wait(open_store) -> Non
         assert [r[1] for r in store.load()] == ["wi/j/t"]
         nursery.cancel_scope.cancel()
     store.close()
+
+
+def test_a_resumed_agent_is_told_what_is_durable_not_what_was_applied(tmp_path) -> None:
+    """Resuming, the agent forgets every message up to the Welcome's `last_received`: that must be
+    what is committed, or a coordinator that died before the commit would have lost them."""
+    from coordinator.runtime.service import CoordinatorService
+    from protocol import messages as pm
+
+    svc = CoordinatorService(str(tmp_path / "state"))
+    link, first = svc.link_for(pm.Hello(agent_id="a1", token="x"))
+    link.session.received = 5  # applied
+    link.session.confirmed = 3  # committed and acknowledged
+    again, welcome = svc.link_for(
+        pm.Hello(agent_id="a1", token="x", session_id=first.session_id, last_received=0)
+    )
+    assert again is link
+    assert welcome.resumed
+    assert welcome.last_received == 3
+    svc.close()
+
+
+async def test_a_failed_commit_makes_the_agents_next_hello_a_new_session(tmp_path) -> None:
+    """The acknowledgement of a frame whose commit failed closes the link; resumed, the failed
+    acknowledgement would fail every later connection. The next hello starts a new session, in
+    which the agent sends again everything not acknowledged."""
+    from coordinator.runtime.service import CoordinatorService
+    from protocol import messages as pm
+    from protocol.session import Received
+
+    svc = CoordinatorService(str(tmp_path / "state"))
+    link, first = svc.link_for(pm.Hello(agent_id="a1", token="x"))
+    svc.store.close()  # every commit fails from now on
+    svc.journal.submit([Write("task", "wi/j/t1", b"x")])
+    link.session.received = 1
+    await svc.agent_batch(link, [Received(1, pm.Heartbeat())])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(svc.journal.run)
+        with trio.fail_after(10), contextlib.suppress(Exception):
+            await svc.ack_committed(link, link.connection_id)
+        nursery.cancel_scope.cancel()
+    assert link.commit_failed
+    _, welcome = svc.link_for(
+        pm.Hello(agent_id="a1", token="x", session_id=first.session_id, last_received=0)
+    )
+    assert not welcome.resumed
+    assert welcome.session_id != first.session_id
+    assert not link.pending_acks
+    assert not link.commit_failed
