@@ -10,6 +10,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
@@ -42,12 +43,18 @@ def _exports(rc: RunningCoordinator) -> str:
     )
 
 
-async def _until_signal() -> int:
+async def _first_signal(signals: AsyncIterator[int]) -> str:
+    """The name of the first signal `signals` delivers (logged)."""
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        log.info("received %s, stopping", name)
+        return name
+    return ""
+
+
+async def _until_signal() -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("received %s, stopping", signal.Signals(signum).name)
-            return 0
-    return 0
+        await _first_signal(signals)
 
 
 async def warn_degraded(
@@ -130,9 +137,7 @@ async def run_up(
                 )
                 if not accept_degraded:
                     nursery.start_soon(warn_degraded, rc)
-                async for signum in signals:
-                    log.info("received %s, stopping", signal.Signals(signum).name)
-                    break
+                await _first_signal(signals)
             finally:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(prov.stop_all)
@@ -271,10 +276,8 @@ SAMPLE_SCRIPT = (
 
 async def _cancel_on_sigterm(scope: trio.CancelScope, stopped: list[str]) -> None:
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
-        async for signum in signals:
-            stopped.append(signal.Signals(signum).name)
-            scope.cancel()
-            return
+        stopped.append(await _first_signal(signals))
+        scope.cancel()
 
 
 async def run_quickstart(n_tasks: int, agents: int, state_dir: str | None) -> int:
