@@ -19,11 +19,12 @@ import sys
 import time
 
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import ConnectionClosed
 
 from coordinator.runtime.agentauth import agent_proof
 from protocol import SUBPROTOCOL, LinkSession, agent_codec
 from protocol import messages as pm
+from tvmagent.wsclient import open_websocket
 
 
 async def sim_agent(
@@ -36,8 +37,9 @@ async def sim_agent(
     session = LinkSession(agent_codec())
     codec = session.codec
     wake = trio.Event()
-    async with open_websocket_url(
-        url, subprotocols=[SUBPROTOCOL], connect_timeout=60, max_message_size=64 * 1024 * 1024
+    # The real agent's websocket client: the harness costs what an agent's link costs.
+    async with open_websocket(
+        url, SUBPROTOCOL, connect_timeout=60, max_message_size=64 * 1024 * 1024
     ) as ws:
         # Enrol with a credential of its own (the benchmarks start every run on a fresh state).
         cred = secrets.token_urlsafe(32)
@@ -69,7 +71,10 @@ async def sim_agent(
                     await wake.wait()
                     wake = trio.Event()
                     continue
-                await ws.send_message(frame)
+                if not ws.can_send_now():
+                    await ws.send_message(frame)
+                elif not ws.send_now(frame):
+                    await ws.flush()
 
         async def heartbeat() -> None:
             while True:

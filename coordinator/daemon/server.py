@@ -28,6 +28,7 @@ from coordinator.runtime.pgstore import PostgresStore, is_postgres_url
 from coordinator.runtime.service import CoordinatorService
 from coordinator.runtime.statedir import make_private_dir
 
+from .gcpolicy import server_gc
 from .standby import LeaseKeeper, StandbyApp, SwitchApp, wait_for_lease
 
 log = logging.getLogger("tvm.coordinator")
@@ -113,9 +114,10 @@ async def run_coordinator(
     the store has an account."""
     sock = bind_socket(host, port)
     try:
-        async with trio.open_nursery() as nursery:
-            # The arguments travel as one dict: the active part may start only after a wait.
-            await _run(nursery, sock, locals(), task_status)
+        with server_gc():
+            async with trio.open_nursery() as nursery:
+                # The arguments travel as one dict: the active part may start only after a wait.
+                await _run(nursery, sock, locals(), task_status)
     finally:
         sock.close()
 
