@@ -176,7 +176,7 @@ def remove_agent_cgroups(agent_id: str, root: str, wait: float = 5.0) -> None:
     agent removes its own at exit): its task cgroups and its pool group. A task still running in
     a cgroup (a job manager) is killed; its cgroup can go only once the kernel has seen it exit,
     so removal is retried for up to `wait` seconds."""
-    from tvmagent import _cgroups
+    from tvmagent import _cgroups, leftovers
     from tvmagent.agent import cgroup_prefix
     from tvmagent.pool_isolation import drop_noted_pool_group
 
@@ -195,6 +195,9 @@ def remove_agent_cgroups(agent_id: str, root: str, wait: float = 5.0) -> None:
         if base:
             with contextlib.suppress(OSError):
                 os.rmdir(os.path.join(base, prefix))
+    if not pending:  # nothing of it is left: its host-wide record goes too
+        with contextlib.suppress(OSError):
+            leftovers.forget(root)
 
 
 async def wait_for(

@@ -63,11 +63,19 @@ def open_store(request: Any, tmp_path: Any) -> Iterator[Callable[[str], Any]]:
 
 
 def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
-    """Agents the tests killed outright left their port-fence tables (a later agent's sweep removes
-    those it finds; nothing removes the last ones): the host keeps no table of a test's agent."""
+    """Agents the tests killed outright left their port-fence tables and their host-wide records
+    (a later agent's sweep removes those it finds; nothing removes the last ones): the host keeps
+    no table or record of a test's agent."""
     import shutil
 
-    if os.geteuid() != 0 or shutil.which("nft") is None:
+    if os.geteuid() != 0:
+        return
+    try:
+        basetemp = str(session.config._tmp_path_factory.getbasetemp())
+    except Exception:  # noqa: BLE001 - no temporary directory plugin: no roots of its own
+        basetemp = "/nonexistent"
+    _sweep_agent_records(basetemp)
+    if shutil.which("nft") is None:
         return
     from tvmagent import nftowners
 
@@ -75,3 +83,16 @@ def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
         nftowners.sweep()
     except Exception as exc:  # the run's result stands; say what was left
         print(f"\nnftables tables of ended test agents not removed: {exc}", file=sys.stderr)
+
+
+def _sweep_agent_records(basetemp: str) -> None:
+    """Records of the run's killed agents: their roots under the run's temporary directory count as
+    deleted (pytest keeps them a while); the records' directory goes when nothing else is in it."""
+    from tvmagent import leftovers
+
+    try:
+        leftovers.sweep(gone=lambda root: root.startswith(os.path.realpath(basetemp) + os.sep))
+        for d in (leftovers.RECORDS_DIR, os.path.dirname(leftovers.RECORDS_DIR)):
+            os.rmdir(d)
+    except OSError:
+        pass  # not made, or records of agents outside this run: theirs to keep

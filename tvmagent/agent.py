@@ -180,6 +180,7 @@ class Agent:
             current_tvm=lambda: self.tvm,
             nursery=lambda: self._nursery,
         )
+        self.isolation.sweep_and_record()
         self.node_users = NodeUsers(
             self.private_dir,
             self.send,
@@ -310,8 +311,9 @@ class Agent:
                 task_status.started()
                 await self.link.connect_loop()
         finally:
-            self.sandbox.close()  # the idle task cgroups kept for reuse
+            left = self.sandbox.close()  # the idle task cgroups kept for reuse
             self.isolation.drop_pool_group_at_exit()
+            self.isolation.forget_record(left)
 
     def send(self, msg: pm.Msg) -> None:
         self.link.send(msg)

@@ -318,9 +318,12 @@ def share_certs_with_group(certs_dir: str, gid: int) -> None:
             os.chmod(p, 0o640)
 
 
-def _group_exists(name: str) -> bool:
+def group_gid(name: str) -> int | None:
     try:
-        grp.getgrnam(name)
-        return True
+        return grp.getgrnam(name).gr_gid
     except KeyError:
-        return False
+        return None
+
+
+def _group_exists(name: str) -> bool:
+    return group_gid(name) is not None

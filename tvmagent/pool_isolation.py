@@ -20,7 +20,7 @@ import trio
 from protocol import messages as pm
 from protocol.hostio import primary_ip
 
-from . import _ipc_sweep, _keyrings, isolation, nftowners
+from . import _ipc_sweep, _keyrings, isolation, leftovers, nftowners
 from ._uid_sweep import TmpWatch
 from ._users import lookup_user
 from .host_health import SHARED_GROUP_MODE, TASKS_GROUP_MODE
@@ -183,6 +183,7 @@ class PoolIsolation:
         _write_small(
             os.path.join(self.root, POOL_GROUP_FILE), name
         )  # before it exists: never leaked
+        self._record(name)  # likewise, for when the root is deleted with the agent dead
         self._pool_gid = isolation.ensure_group(name)
         self._pool_group = name
         for d, mode in (
@@ -199,6 +200,33 @@ class PoolIsolation:
 
     def _drop_pool_group(self, name: str) -> None:
         _drop_group_and_note(self.root, name)
+
+    def sweep_and_record(self) -> None:
+        """(blocking, at start) Remove what agents of deleted roots left (`leftovers`), then record
+        this agent with the group its root names (a killed run's, which its join deletes)."""
+        if os.geteuid() != 0:
+            return  # no pool group, and the records' directory is root's
+        try:
+            for what in leftovers.sweep():
+                log.warning("removed %s: its agent ended without it and its root is gone", what)
+        except OSError as exc:
+            log.warning("cannot look for what agents of deleted roots left: %s", exc)
+        self._record(_read_small(os.path.join(self.root, POOL_GROUP_FILE)))
+
+    def _record(self, group: str) -> None:
+        if os.geteuid() != 0:
+            return
+        try:
+            leftovers.record(self.root, self.sandbox.caps.layout, self.sandbox.cgroup_prefix, group)
+        except OSError as exc:  # only a sweep after a crash with the root deleted misses it
+            log.warning("cannot record this agent in %s: %s", leftovers.RECORDS_DIR, exc)
+
+    def forget_record(self, cgroups_left: list[str]) -> None:
+        """The agent stops: nothing of it is left unless `cgroups_left` or its group note says so."""
+        if os.geteuid() != 0 or cgroups_left:
+            return
+        if not os.path.exists(os.path.join(self.root, POOL_GROUP_FILE)):
+            leftovers.forget(self.root)
 
     def as_lease_user(self, spec: ProcessSpec, lease: isolation.SlotLease) -> ProcessSpec:
         """The run's uid, its own group as primary, the pool's group as the only other one. The start
