@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import trio
 
@@ -174,6 +174,8 @@ class Journal:
         self._last: Ticket | None = None  # the newest ticket with writes
         self.unavailable: str | None = None  # why the last commit failed; None once one succeeds
         self.failures = 0  # failed commit attempts (metrics, tests)
+        # Called after each commit's tickets are settled (done or failed): the links' acknowledger.
+        self.on_settled: Callable[[], None] | None = None
 
     @property
     def backlog(self) -> int:
@@ -230,6 +232,7 @@ class Journal:
                     for t in tickets:
                         t.error = exc
                         t.event.set()
+                    self._settled()
                     raise
                 except Exception as exc:  # the disk failed: every waiter gets the error
                     self.failures += 1
@@ -238,6 +241,7 @@ class Journal:
                     for t in tickets:
                         t.error = error
                         t.event.set()
+                    self._settled()
                     # Keep the writes, in order, ahead of anything submitted meanwhile.
                     self._pending = batch + self._pending
                     await trio.sleep(retry)
@@ -250,6 +254,11 @@ class Journal:
                 for t in tickets:
                     t.done = True
                     t.event.set()
+                self._settled()
+
+    def _settled(self) -> None:
+        if self.on_settled is not None:
+            self.on_settled()
 
 
 def server_busy(why: str) -> ApiError:

@@ -144,7 +144,6 @@ async def serve_agent(
                 nursery.start_soon(
                     _writer, link, connection_id, send, nursery.cancel_scope, svc.acks
                 )
-                nursery.start_soon(svc.ack_committed, link, connection_id)
                 if direct is not None:
                     await direct.start(on_frame)  # frames handled in hypercorn's reader task
                 while True:  # every frame when not hooked; what the hook hands back otherwise

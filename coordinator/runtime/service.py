@@ -61,7 +61,6 @@ class AgentLink:
         self.connection_id = 0
         # (journal barrier, seq): frames applied but not yet durable, acknowledged in this order.
         self.pending_acks: deque[tuple[Ticket, int]] = deque()
-        self.acks_wake = trio.Event()
         # A commit of what this link delivered failed: its next hello starts a new session, so the
         # agent sends again all it was not told is durable (a resumed one would count as received
         # what was only applied, and the failed acknowledgements would fail every connection).
@@ -142,6 +141,10 @@ class CoordinatorService:
         self.done_waiters = DoneWaiters()  # clients waiting for a task to complete
         self.links: dict[str, AgentLink] = {}
         self.acks = AckTimer()  # pokes links whose lone ack waited ACK_DELAY (links._writer)
+        # Links with frames applied but not yet acknowledged (their `pending_acks`), in order.
+        self._acking: dict[AgentLink, None] = {}
+        self._ack_wake = trio.Event()
+        self.journal.on_settled = self._wake_acker
         self.tick_interval = max(0.05, min(1.0, heartbeat_timeout / 5))
         self._file_waiters: dict[int, tuple[trio.Event, list[Any]]] = {}
         self._req_ids = itertools.count(1)
@@ -181,6 +184,7 @@ class CoordinatorService:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.journal.run)
             nursery.start_soon(self.acks.run)
+            nursery.start_soon(self.ack_loop)
             nursery.start_soon(self._ticker)
             nursery.start_soon(self.monitor.run, self)
             nursery.start_soon(watch_agent_processes, self)
@@ -409,29 +413,52 @@ class CoordinatorService:
                 link.poke()
                 return
             link.pending_acks.append((barrier, received[-1].seq))
-            link.acks_wake.set()
+            self._acking[link] = None
+            if (
+                barrier.event.is_set()
+            ):  # settled already (a retry's failure): no commit will wake it
+                self._ack_wake.set()
             if len(link.pending_acks) > MAX_PENDING_ACKS:
                 await link.pending_acks[0][0].wait()
 
-    async def ack_committed(self, link: AgentLink, connection_id: int) -> None:
-        """Per connection: acknowledge applied frames as their commits finish, in order. A failed
-        commit raises here and closes the link, so what it held is never acknowledged."""
+    def _wake_acker(self) -> None:
+        self._ack_wake.set()
+
+    async def ack_loop(self) -> None:
+        """One task for every link: after each commit, acknowledge what became durable. (A task
+        per link, woken per commit, cost the coordinator two task switches per agent frame.)"""
         while True:
-            while link.pending_acks:
-                barrier, seq = link.pending_acks[0]
-                try:
-                    await barrier.wait()
-                except Exception:  # the commit failed (its error closes the link)
-                    if link.connection_id == connection_id:
-                        link.commit_failed = True
-                    raise
-                if link.connection_id != connection_id:
-                    return  # a newer connection's acker took over
-                link.pending_acks.popleft()
+            await self._ack_wake.wait()
+            self._ack_wake = trio.Event()
+            self.ack_durable()
+
+    def ack_durable(self) -> None:
+        """Acknowledge, link by link and in order, the applied frames whose commits are done. A
+        failed commit closes its link instead, so what it held is never acknowledged, and makes the
+        agent's next hello start a new session (see `link_for`)."""
+        for link in list(self._acking):
+            q = link.pending_acks
+            confirmed = False
+            while q and q[0][0].event.is_set():
+                ticket, seq = q.popleft()
+                if ticket.error is not None:
+                    q.clear()
+                    link.commit_failed = True
+                    log.warning(
+                        "agent %s: the commit of what it sent failed (%s): closing its link",
+                        link.agent_id,
+                        ticket.error,
+                    )
+                    if link.connected:
+                        link.close_request = (1011, "the coordinator could not commit a frame")
+                    link.poke()
+                    break
                 link.session.confirm(seq)
+                confirmed = True
+            if confirmed:
                 link.poke()
-            await link.acks_wake.wait()
-            link.acks_wake = trio.Event()
+            if not q:
+                del self._acking[link]
 
     # An agent that does not answer a file request within this many seconds is reported unreachable.
     FILE_REQUEST_WAIT_S = 30.0

@@ -6,8 +6,6 @@ without writes of its own must still wait for the writes of earlier frames.
 
 from __future__ import annotations
 
-import contextlib
-
 import trio
 import trio.testing
 
@@ -67,7 +65,7 @@ async def test_agent_frame_is_acked_only_after_earlier_writes_commit(tmp_path) -
     await svc.agent_batch(link, [Received(1, pm.Heartbeat())])
     assert link.session.confirmed == 0  # applied, but not acknowledged before the commit
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(svc.ack_committed, link, link.connection_id)
+        nursery.start_soon(svc.ack_loop)
         await trio.sleep(0.05)
         assert link.session.confirmed == 0  # the journal has not run yet
         nursery.start_soon(svc.journal.run)
@@ -148,12 +146,18 @@ async def test_a_failed_commit_makes_the_agents_next_hello_a_new_session(tmp_pat
     svc.journal.submit([Write("task", "wi/j/t1", b"x")])
     link.session.received = 1
     await svc.agent_batch(link, [Received(1, pm.Heartbeat())])
+    link.connected = True
     async with trio.open_nursery() as nursery:
         nursery.start_soon(svc.journal.run)
-        with trio.fail_after(10), contextlib.suppress(Exception):
-            await svc.ack_committed(link, link.connection_id)
+        nursery.start_soon(svc.ack_loop)
+        with trio.fail_after(10):
+            while not link.commit_failed:
+                await link.wake.wait()
+                link.wake = trio.Event()
         nursery.cancel_scope.cancel()
-    assert link.commit_failed
+    assert link.close_request is not None  # the writer closes the link
+    assert link.session.confirmed == 0  # never acknowledged
+    link.connected = False
     _, welcome = svc.link_for(
         pm.Hello(agent_id="a1", token="x", session_id=first.session_id, last_received=0)
     )
