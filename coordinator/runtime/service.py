@@ -404,7 +404,7 @@ class CoordinatorService:
             core.agent_message(link.agent_id, msg)
         core.schedule()
         self._dispatch(core.take_effects(), urgent=False)  # only the link's ack waits for them
-        if received:
+        if received and not link.commit_failed:  # else its link closes: nothing is acknowledged
             # Not this frame's own ticket: a frame without writes must not be acknowledged before
             # the writes of earlier frames (its seq acknowledges theirs too).
             barrier = self.journal.barrier()

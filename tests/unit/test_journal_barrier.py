@@ -165,3 +165,20 @@ async def test_a_failed_commit_makes_the_agents_next_hello_a_new_session(tmp_pat
     assert welcome.session_id != first.session_id
     assert not link.pending_acks
     assert not link.commit_failed
+
+
+async def test_after_a_failed_commit_no_later_frame_is_acknowledged(tmp_path) -> None:
+    """Between a failed commit and the close of the link, a frame without writes of its own must
+    not acknowledge (its seq would cover the frame whose commit failed)."""
+    from coordinator.runtime.service import CoordinatorService
+    from protocol import messages as pm
+    from protocol.session import Received
+
+    svc = CoordinatorService(str(tmp_path / "state"))
+    link, _ = svc.link_for(pm.Hello(agent_id="a1", token="x"))
+    link.commit_failed = True  # as `ack_durable` leaves it
+    link.session.received = 2
+    await svc.agent_batch(link, [Received(2, pm.Heartbeat())])
+    assert link.session.confirmed == 0
+    assert not link.pending_acks
+    svc.close()
