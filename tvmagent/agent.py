@@ -268,6 +268,7 @@ class Agent:
                 isolation.SLOT_PREFIX,
                 isolation.POOL_GROUP_PREFIX,
             )
+            host_health.check_user_database(self.health)
             blocked = isolation.untraversable_parent(self.root)
             if blocked:
                 log.warning(

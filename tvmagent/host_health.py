@@ -169,6 +169,19 @@ def probe_cgroups(layout: _cgroups.CgroupLayout, prefix: str) -> str | None:
     return f"cannot remove a task cgroup: {'; '.join(left)}" if left else None
 
 
+def check_user_database(health: HostHealth, etc: str = "/etc") -> bool:
+    """Task users, pool groups and node users are made with useradd and groupadd, which write
+    `etc`: read-only (a mount namespace, e.g. a systemd unit's ProtectSystem=full), no TVM of this
+    agent could join a pool. True when the finding changed."""
+    if os.access(os.path.join(etc, "group"), os.W_OK) and os.access(etc, os.W_OK):
+        return health.fixed("user-database")
+    return health.broken(
+        "user-database",
+        f"{etc} is read-only to the agent (a systemd unit's ProtectSystem=full or strict?): task "
+        "users and pool groups cannot be made; run the agent with /etc writable",
+    )
+
+
 def check_cgroups(health: HostHealth, layout: _cgroups.CgroupLayout, prefix: str) -> bool:
     """Probe and record; True when the finding changed."""
     why = probe_cgroups(layout, prefix)

@@ -199,10 +199,10 @@ def install_agent_service(
     except OSError as exc:
         raise InstallError(f"cannot write {exc.filename or 'files'}: {exc.strerror}") from exc
 
-    if root.startswith(("/home/", "/root/", "/usr/", "/etc/", "/boot/")):
+    if root.startswith(("/usr/", "/boot/", "/efi/")):
         messages.append(
-            f"warning: root {root} is read-only for the service (ProtectSystem=full, "
-            "ProtectHome=read-only); prefer a path under /var/lib or /srv"
+            f"warning: root {root} is read-only for the service (ProtectSystem=yes); "
+            "prefer a path under /var/lib or /srv"
         )
     if not enable:
         messages.append(

@@ -130,11 +130,10 @@ class PoolIsolation:
     # ------------------------------------------------------------------ certificates
 
     async def install_certs(self, certs: list[pm.CertFile]) -> list[str]:
-        """Install before the start task and any task; one error line per certificate that failed.
-        Errors name the thumbprint and the reason only (never the data or the password).
-        First the pool's group, which certs/ and start/ belong to."""
+        """Install before the start task and any task (after `join_pool_group`: certs/ is the
+        group's); one error line per certificate that failed. Errors name the thumbprint and the
+        reason only (never the data or the password)."""
         assert self.tvm is not None
-        await trio.to_thread.run_sync(self._join_pool_group)
         if not certs:
             return []
         from .certs import CertSpec, install_certificates
@@ -167,6 +166,11 @@ class PoolIsolation:
         return errors
 
     # ------------------------------------------------------------------ task users
+
+    async def join_pool_group(self) -> None:
+        """The pool's group, which certs/, start/, shared/ and tasks/ belong to (OSError when it
+        cannot be made)."""
+        await trio.to_thread.run_sync(self._join_pool_group)
 
     def _join_pool_group(self) -> None:
         """(thread) Make this membership's group; give it certs/ and start/ (0750, owner root until
