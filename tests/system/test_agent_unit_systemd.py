@@ -1,0 +1,123 @@
+"""The agent installed by `tvm agent install-service`, run by a real systemd (a private one, PID 1
+of its own namespaces: tests/provisioners/systemd_ns.py): the unit starts it (Type=notify), its TVM
+joins a pool, a task runs as a task user in the pool's group, a node user is made with its home,
+and `systemctl stop` ends it cleanly (its group removed, the unit inactive, not failed)."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import secrets
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from coordinator.client import task_spec
+from tests.harness import cluster_ctx
+from tests.provisioners.systemd_ns import boot_systemd, stop_systemd
+from tests.security.pool_groups import open_agent_base, remove_pool_groups
+from tvmagent.install_service import AGENT_UNIT_NAME, install_agent_service
+from tvmagent.pool_isolation import POOL_GROUP_FILE
+
+JOB = "job-0000000001"
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJbzYvN0c5dE1vZ0hB1n0Z2lF2a0b5eWl1v8jF2Kx3aQ tester@example"
+# What the unit makes systemd create on the host (the namespace shares /var): removed afterwards
+# unless they were there before.
+MADE_BY_UNIT = ("/var/lib/tvm-agent", "/var/log/tvm-agent")
+
+
+def _user(name: str) -> pwd.struct_passwd | None:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        return None
+
+
+async def test_the_installed_agent_unit_runs_the_agent_under_systemd(nursery, tmp_path) -> None:
+    tvm_bin = os.path.join(os.path.dirname(sys.executable), "tvm")
+    if not os.access(tvm_bin, os.X_OK):
+        pytest.skip(f"no `tvm` command beside {sys.executable}")
+    existed = [p for p in MADE_BY_UNIT if os.path.lexists(p)]
+    ns = boot_systemd(str(tmp_path / "systemd"))
+    name = f"us{secrets.token_hex(3)}"
+    try:
+        with open_agent_base("tvm-unit-sd-") as base:
+            root = os.path.join(base, "root")
+            async with cluster_ctx(nursery, tmp_path) as c:
+                units, conf = os.path.join(base, "units"), os.path.join(base, "etc")
+                install_agent_service(
+                    c.rc.agent_url,
+                    c.rc.join_token,
+                    root,
+                    unit_dir=units,
+                    config_dir=conf,
+                    tvm_bin=tvm_bin,
+                    enable=False,
+                )
+                unit = os.path.join(units, AGENT_UNIT_NAME)
+                for step in (
+                    ["cp", unit, f"/run/systemd/system/{AGENT_UNIT_NAME}"],
+                    ["systemctl", "daemon-reload"],
+                    ["systemctl", "start", "--no-block", AGENT_UNIT_NAME],
+                ):
+                    out = ns.run(*step)
+                    assert out.returncode == 0, (step, out.stderr)
+
+                def unit_state() -> str:
+                    return ns.run("systemctl", "is-active", AGENT_UNIT_NAME).stdout.strip()
+
+                def journal() -> str:
+                    return ns.run(
+                        "systemctl", "status", "--no-pager", "-n", "40", AGENT_UNIT_NAME
+                    ).stdout
+
+                await c.wait_for(
+                    lambda: unit_state() == "active", 60, "the unit active (READY sent)"
+                )
+                try:
+                    await c.pool_with_tvms("p", 1)
+                except AssertionError as exc:
+                    raise AssertionError(f"{exc}\n{journal()}") from None
+                await c.client.workitems.add("wi", "p")
+                await c.client.tasks.add_many(
+                    "wi", JOB, [task_spec("t", "/bin/sh -c 'id -u; id -G'")]
+                )
+                await c.client.tasks.wait("wi", JOB, timeout=60)
+                task = await c.client.tasks.get("wi", JOB, "t")
+                out = (await c.client.files.get_from_task("wi", JOB, "t", "stdout.txt")).decode()
+                assert task.execution_info.exit_code == 0, (task.execution_info, out, journal())
+                uid, groups = out.split("\n", 1)
+                group = Path(root, POOL_GROUP_FILE).read_text().strip()
+                assert int(uid) != 0
+                assert str(grp.getgrnam(group).gr_gid) in groups.split()
+                tvm = (await c.client.tvms.list("p"))[0]
+                await c.client.tvm_users.add("p", tvm.name, name, KEY)
+
+                def made() -> bool:
+                    pw = _user(name)
+                    return pw is not None and os.path.exists(
+                        os.path.join(pw.pw_dir, ".ssh", "authorized_keys")
+                    )
+
+                await c.wait_for(made, what="the node user and its authorized_keys")
+                await c.client.tvm_users.delete("p", tvm.name, name)
+                await c.wait_for(lambda: _user(name) is None, what="the node user removed")
+                out = ns.run("systemctl", "stop", "--no-block", AGENT_UNIT_NAME)
+                assert out.returncode == 0, out.stderr
+                await c.wait_for(
+                    lambda: unit_state() in ("inactive", "failed"), 60, "the unit stopped"
+                )
+                assert unit_state() == "inactive", journal()
+                with pytest.raises(KeyError):
+                    grp.getgrnam(group)  # the agent left its pool group behind it
+                remove_pool_groups(base)
+    finally:
+        stop_systemd(ns)
+        if _user(name) is not None:
+            os.system(f"userdel -r {name} >/dev/null 2>&1")  # noqa: S605, ASYNC221
+        for p in MADE_BY_UNIT:
+            if p not in existed:
+                shutil.rmtree(p, ignore_errors=True)
