@@ -1,0 +1,108 @@
+"""The shipped coordinator unit run by a real (private) systemd: it starts (Type=notify), keeps its
+state in its StateDirectory under ProtectSystem=strict, answers REST, stops cleanly on
+`systemctl stop`, and finds its state again when started anew.
+
+Two drop-ins, both about this test machine rather than the unit: stdout goes to a file (no journald
+runs in the private systemd; the export lines are read from there), and where the interpreter lives
+under /root or /home (pyenv), that directory is exposed read-only (ProtectHome=yes hides it)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import pytest
+
+from tests.harness import free_port, sync_client, wait_sync
+from tests.provisioners.systemd_ns import boot_systemd, stop_systemd
+from tvmagent.install_service import COORDINATOR_UNIT_NAME, render_coordinator_unit
+
+MADE_BY_UNIT = ("/var/lib/tvm-coordinator", "/var/log/tvm-coordinator")
+RUN = "/run/tvm-test-coordinator"
+
+
+def _exports(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("export ") and "=" in line:
+            k, _, v = line[len("export ") :].partition("=")
+            out[k] = v
+    return out
+
+
+def test_the_coordinator_unit_runs_the_coordinator_under_systemd(tmp_path) -> None:
+    tvm_bin = os.path.join(os.path.dirname(sys.executable), "tvm")
+    if not os.access(tvm_bin, os.X_OK):
+        pytest.skip(f"no `tvm` command beside {sys.executable}")
+    existed = [p for p in MADE_BY_UNIT if os.path.lexists(p)]
+    ns = boot_systemd(str(tmp_path / "systemd"))
+    try:
+        port = free_port()
+        conf = tmp_path / "coordinator.toml"
+        conf.write_text(f'host = "127.0.0.1"\nport = {port}\n')
+        unit = tmp_path / COORDINATOR_UNIT_NAME
+        unit.write_text(render_coordinator_unit(tvm_bin, config_path=f"{RUN}/coordinator.toml"))
+        drop_in = [
+            "[Service]",
+            f"StandardOutput=file:{RUN}/stdout",
+            f"StandardError=file:{RUN}/stdout",
+        ]
+        interpreter = os.path.realpath(sys.executable)
+        for home in ("/root/", "/home/"):
+            if interpreter.startswith(home):
+                hidden = home + interpreter[len(home) :].split("/", 1)[0]
+                drop_in += ["ProtectHome=tmpfs", f"BindReadOnlyPaths={hidden}"]
+        (tmp_path / "test.conf").write_text("\n".join(drop_in) + "\n")
+        d = f"/run/systemd/system/{COORDINATOR_UNIT_NAME}.d"
+        for step in (
+            ["mkdir", "-p", RUN, d],
+            ["cp", str(conf), f"{RUN}/coordinator.toml"],
+            ["cp", str(unit), f"/run/systemd/system/{COORDINATOR_UNIT_NAME}"],
+            ["cp", str(tmp_path / "test.conf"), f"{d}/test.conf"],
+            ["systemctl", "daemon-reload"],
+            ["systemctl", "start", "--no-block", COORDINATOR_UNIT_NAME],
+        ):
+            out = ns.run(*step)
+            assert out.returncode == 0, (step, out.stderr)
+
+        def state() -> str:
+            return ns.run("systemctl", "is-active", COORDINATOR_UNIT_NAME).stdout.strip()
+
+        def said() -> str:
+            return ns.run("cat", f"{RUN}/stdout").stdout
+
+        def wait(cond, what: str) -> None:  # noqa: ANN001
+            try:
+                wait_sync(cond, 60, what)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; the coordinator said: {said()[-3000:]}") from None
+
+        wait(lambda: state() == "active", "the unit active")
+        env = _exports(said())
+        assert env.get("TVM_ENDPOINT") == f"http://127.0.0.1:{port}", said()
+        client = sync_client(env["TVM_ENDPOINT"], env["TVM_ACCOUNT"], env["TVM_KEY"])
+        client.pools.add("p", target_dedicated=0)
+        assert [p.name for p in client.pools.list()] == ["p"]
+        out = ns.run("systemctl", "stop", COORDINATOR_UNIT_NAME)
+        assert out.returncode == 0, out.stderr
+        assert state() == "inactive", said()[-3000:]
+        out = ns.run("systemctl", "start", "--no-block", COORDINATOR_UNIT_NAME)
+        assert out.returncode == 0, out.stderr
+        wait(lambda: state() == "active", "the unit active again")
+        again = sync_client(env["TVM_ENDPOINT"], env["TVM_ACCOUNT"], env["TVM_KEY"])
+        wait(lambda: _answers(again), "the coordinator answering again")
+        assert [p.name for p in again.pools.list()] == ["p"]  # its state, kept across the restart
+    finally:
+        stop_systemd(ns)
+        for p in MADE_BY_UNIT:
+            if p not in existed:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _answers(client) -> bool:
+    try:
+        client.pools.list()
+        return True
+    except Exception:  # noqa: BLE001 - not listening yet
+        return False
