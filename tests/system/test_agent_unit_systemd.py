@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
 
 from coordinator.client import task_spec
 from tests.harness import cluster_ctx
@@ -58,7 +59,13 @@ async def test_the_installed_agent_unit_runs_the_agent_under_systemd(nursery, tm
                     enable=False,
                 )
                 unit = os.path.join(units, AGENT_UNIT_NAME)
+                # Its watchdog, shortened so the test sees several periods (30 s in the unit).
+                drop_in = os.path.join(base, "watchdog.conf")
+                Path(drop_in).write_text("[Service]\nWatchdogSec=2s\n")
+                d = f"/run/systemd/system/{AGENT_UNIT_NAME}.d"
                 for step in (
+                    ["mkdir", "-p", d],
+                    ["cp", drop_in, f"{d}/watchdog.conf"],
                     ["cp", unit, f"/run/systemd/system/{AGENT_UNIT_NAME}"],
                     ["systemctl", "daemon-reload"],
                     ["systemctl", "start", "--no-block", AGENT_UNIT_NAME],
@@ -105,6 +112,12 @@ async def test_the_installed_agent_unit_runs_the_agent_under_systemd(nursery, tm
                 await c.wait_for(made, what="the node user and its authorized_keys")
                 await c.client.tvm_users.delete("p", tvm.name, name)
                 await c.wait_for(lambda: _user(name) is None, what="the node user removed")
+                main_pid = ns.run("systemctl", "show", "-p", "MainPID", AGENT_UNIT_NAME).stdout
+                await trio.sleep(5)  # two and a half watchdog periods: the agent pets it
+                shown = ns.run(
+                    "systemctl", "show", "-p", "MainPID", "-p", "NRestarts", AGENT_UNIT_NAME
+                )
+                assert shown.stdout.split() == [main_pid.strip(), "NRestarts=0"], journal()
                 out = ns.run("systemctl", "stop", "--no-block", AGENT_UNIT_NAME)
                 assert out.returncode == 0, out.stderr
                 await c.wait_for(
