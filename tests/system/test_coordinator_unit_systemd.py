@@ -14,12 +14,28 @@ import sys
 
 import pytest
 
+import coordinator
 from tests.harness import free_port, sync_client, wait_sync
 from tests.provisioners.systemd_ns import boot_systemd, stop_systemd
 from tvmagent.install_service import COORDINATOR_UNIT_NAME, render_coordinator_unit
 
 MADE_BY_UNIT = ("/var/lib/tvm-coordinator", "/var/log/tvm-coordinator")
 RUN = "/run/tvm-test-coordinator"
+
+
+def _exposing(paths: list[str]) -> list[str]:
+    """Drop-in lines that let the service reach `paths` (the interpreter, the `tvm` script, this
+    checkout) where this machine keeps them somewhere the unit hides: under /root or /home
+    (pyenv; ProtectHome=yes), or under /tmp (a CI clone; PrivateTmp=yes)."""
+    lines: list[str] = []
+    for path in paths:
+        for home in ("/root/", "/home/"):
+            if path.startswith(home):
+                top = home + path[len(home) :].split("/", 1)[0]
+                lines += ["ProtectHome=tmpfs", f"BindReadOnlyPaths={top}"]
+        if path.startswith(("/tmp/", "/var/tmp/")):
+            lines.append("PrivateTmp=no")
+    return lines
 
 
 def _exports(text: str) -> dict[str, str]:
@@ -48,11 +64,13 @@ def test_the_coordinator_unit_runs_the_coordinator_under_systemd(tmp_path) -> No
             f"StandardOutput=file:{RUN}/stdout",
             f"StandardError=file:{RUN}/stdout",
         ]
-        interpreter = os.path.realpath(sys.executable)
-        for home in ("/root/", "/home/"):
-            if interpreter.startswith(home):
-                hidden = home + interpreter[len(home) :].split("/", 1)[0]
-                drop_in += ["ProtectHome=tmpfs", f"BindReadOnlyPaths={hidden}"]
+        drop_in += _exposing(
+            [
+                os.path.realpath(sys.executable),
+                os.path.realpath(tvm_bin),
+                os.path.dirname(os.path.dirname(os.path.realpath(coordinator.__file__))),
+            ]
+        )
         (tmp_path / "test.conf").write_text("\n".join(drop_in) + "\n")
         d = f"/run/systemd/system/{COORDINATOR_UNIT_NAME}.d"
         for step in (
@@ -70,7 +88,8 @@ def test_the_coordinator_unit_runs_the_coordinator_under_systemd(tmp_path) -> No
             return ns.run("systemctl", "is-active", COORDINATOR_UNIT_NAME).stdout.strip()
 
         def said() -> str:
-            return ns.run("cat", f"{RUN}/stdout").stdout
+            status = ns.run("systemctl", "status", "--no-pager", COORDINATOR_UNIT_NAME).stdout
+            return ns.run("cat", f"{RUN}/stdout").stdout + "\n" + status
 
         def wait(cond, what: str) -> None:  # noqa: ANN001
             try:
