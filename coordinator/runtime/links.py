@@ -139,6 +139,9 @@ async def serve_agent(
             hello.agent_id,
             "resumed" if welcome.resumed else "new session",
         )
+        # This connection's direct writer, also used by the service's flusher (`send_now`).
+        link.direct = wsdirect.direct_writer(send)
+        link.tail = b""  # bytes of an earlier connection's frame: its messages are resent
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(
@@ -169,16 +172,22 @@ async def serve_agent(
             direct.stop()
         svc.handshaking.discard(handshaking)
         if link is not None:
+            if link.connection_id == connection_id:
+                link.direct = None
             svc.agent_lost(link, connection_id)
 
 
 async def _writer(
     link: AgentLink, connection_id: int, send: Callable, scope: trio.CancelScope, acks: AckTimer
 ) -> None:
-    session = link.session
     ack_waited = False
-    direct = wsdirect.frame_writer(send)  # None: every frame as an ASGI event
+    direct = link.direct  # None: every frame as an ASGI event
     while link.connection_id == connection_id:
+        session = link.session  # (a new session replaces it only with a new connection)
+        if link.tail and direct is not None:  # what the flusher's write left: before anything else
+            tail, link.tail = link.tail, b""
+            await direct.raw(tail)
+            continue
         if link.close_request is not None:
             code, reason = link.close_request
             link.close_request = None
@@ -208,7 +217,7 @@ async def _writer(
             continue
         link.frames_out += 1
         if direct is not None:
-            await direct(frame)
+            await direct.frame(frame)
         else:
             await send({"type": "websocket.send", "bytes": frame})
     scope.cancel()

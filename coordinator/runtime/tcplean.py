@@ -119,6 +119,31 @@ def raw_writer(
     return write
 
 
+def raw_now(protocol_send: Callable[[Any], Awaitable[None]]) -> Callable[[bytes], bytes] | None:
+    """Like `raw_writer`, without waiting: the returned function sends what the socket takes at
+    once and returns the rest (b"" when all went; all of it while another sender is mid-write).
+    The caller must have the rest written (through `raw_writer`) before anything else. None where
+    there is no plain socket."""
+    server = getattr(protocol_send, "__self__", None)
+    sock = raw_socket(server)
+    if sock is None:
+        return None
+    lock = server.send_lock  # type: ignore[union-attr]
+
+    def write(data: bytes) -> bytes:
+        if lock.locked():
+            return data
+        try:
+            sent = sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            sent = 0  # broken or closed: the rest goes hypercorn's way, which finds out
+        return data[sent:]
+
+    return write
+
+
 async def _read_data(self: Any) -> None:
     """hypercorn's read loop, without a cancel scope per read when there is no read timeout."""
     try:

@@ -60,9 +60,41 @@ def hypercorn_parts(send: Callable[..., Awaitable[None]]) -> tuple[Any, Any, Any
     return ws, proto, server, frames
 
 
-def frame_writer(send: Callable[..., Awaitable[None]]) -> FrameWriter | None:
-    """A direct writer of binary messages for the ASGI websocket `send` of a hypercorn connection
-    over plain TCP and HTTP/1.1 without extensions, or None."""
+class DirectWriter:
+    """Frames to one agent's connection: `frame` (waits until all is written), `now` (writes
+    what the socket takes at once, without waiting) and `raw` (bytes already framed: what `now`
+    left over, which must go before anything else)."""
+
+    __slots__ = ("_ws", "_connected", "raw", "_now")
+
+    def __init__(
+        self,
+        ws: Any,
+        connected: Any,
+        raw: Callable[[bytes], Awaitable[None]],
+        now: Callable[[bytes], bytes],
+    ) -> None:
+        self._ws = ws
+        self._connected = connected
+        self.raw = raw
+        self._now = now
+
+    def open(self) -> bool:
+        return not self._ws.closed and self._ws.state == self._connected
+
+    async def frame(self, payload: bytes) -> None:
+        if self.open():  # else dropped, like hypercorn's app_send once the connection closed
+            await self.raw(frame_header(len(payload)) + payload)
+
+    def now(self, payload: bytes) -> bytes:
+        """The framed bytes the socket did not take at once (b"": all went; all of them while
+        another sender is mid-write). Only while `open()`."""
+        return self._now(frame_header(len(payload)) + payload)
+
+
+def direct_writer(send: Callable[..., Awaitable[None]]) -> DirectWriter | None:
+    """The direct writer for the ASGI websocket `send` of a hypercorn connection over plain TCP
+    and HTTP/1.1 without extensions, or None."""
     try:
         from hypercorn.protocol.ws_stream import ASGIWebsocketState
     except ImportError:
@@ -72,12 +104,13 @@ def frame_writer(send: Callable[..., Awaitable[None]]) -> FrameWriter | None:
         return None
     ws, proto, _server, _frames = parts
     raw = tcplean.raw_writer(proto.send)  # the TCP server's: takes the lock, sends everything
-    if raw is None:
+    now = tcplean.raw_now(proto.send)
+    if raw is None or now is None:
         return None
+    return DirectWriter(ws, ASGIWebsocketState.CONNECTED, raw, now)
 
-    async def write(payload: bytes) -> None:
-        if ws.closed or ws.state != ASGIWebsocketState.CONNECTED:
-            return  # like hypercorn's app_send once the connection closed
-        await raw(frame_header(len(payload)) + payload)
 
-    return write
+def frame_writer(send: Callable[..., Awaitable[None]]) -> FrameWriter | None:
+    """`direct_writer(send).frame`, or None."""
+    w = direct_writer(send)
+    return None if w is None else w.frame

@@ -20,7 +20,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, Request
 from wsproto.extensions import PerMessageDeflate
 
-from coordinator.runtime.wsdirect import frame_header, frame_writer
+from coordinator.runtime.wsdirect import direct_writer, frame_header, frame_writer
 
 SIZES = [1, 2, 125, 126, 127, 65535, 65536, 70000, 3 * 1024 * 1024]
 DIRECT, ASGI = 1, 2  # first byte of every message: which path sent it
@@ -59,7 +59,10 @@ async def _server(app: Any, nursery: trio.Nursery) -> int:
     return port
 
 
-def _app(used: list[bool]) -> Any:
+def _app(used: list[bool], now: bool = False) -> Any:
+    """`now`: frames written with `DirectWriter.now`, what the socket did not take then through
+    `raw` before the next one (as the coordinator's flusher and a link's writer do)."""
+
     async def app(scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             while True:
@@ -73,6 +76,15 @@ def _app(used: list[bool]) -> Any:
         await send({"type": "websocket.accept"})
         write = frame_writer(send)
         used.append(write is not None)
+        direct = direct_writer(send)
+        if now and direct is not None:
+            d = direct
+
+            async def write(data: bytes) -> None:
+                rest = d.now(data)
+                if rest:
+                    await d.raw(rest)
+
         async with trio.open_nursery() as nursery:
 
             async def via_asgi() -> None:
@@ -141,6 +153,19 @@ async def test_direct_frames_arrive_whole_and_in_order_beside_asgi_frames():
     used: list[bool] = []
     async with trio.open_nursery() as nursery:
         port = await _server(_app(used), nursery)
+        with trio.fail_after(60):
+            got = await _collect(port)
+        nursery.cancel_scope.cancel()
+    assert used == [True]
+    _check(got, with_asgi=True)
+
+
+async def test_frames_written_at_once_arrive_whole_and_in_order_beside_asgi_frames():
+    """Partial non-blocking writes (3 MiB frames, a slow reader) and writes while an ASGI send
+    holds the connection (nothing written: all of it goes through `raw`)."""
+    used: list[bool] = []
+    async with trio.open_nursery() as nursery:
+        port = await _server(_app(used, now=True), nursery)
         with trio.fail_after(60):
             got = await _collect(port)
         nursery.cancel_scope.cancel()
