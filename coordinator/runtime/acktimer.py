@@ -1,7 +1,9 @@
 """One timer for the delayed acknowledgements of every agent link.
 
 A link whose only output is an acknowledgement waits up to ACK_DELAY for messages to ride along
-with it (see `links._writer`). That wait used to be a timeout per link and per ack: with 1,000
+with it (see `links._writer`, and `CoordinatorService.ack_durable`, which registers links here
+directly); then this timer writes the frame itself where it can (`send_now`), else pokes the
+link's writer. That wait used to be a timeout per link and per ack: with 1,000
 agents, each completion's ack set a deadline that then expired, and trio delivers an expired
 deadline as a Cancelled exception raised and caught — a visible share of the coordinator's CPU per
 task. Instead, a writer registers with this timer and waits for its ordinary wake-up; one task
@@ -25,6 +27,8 @@ ACK_DELAY = 0.01
 class _Pokeable(Protocol):
     def poke(self) -> None: ...
 
+    def send_now(self, ack: bool = False) -> bool: ...
+
 
 class AckTimer:
     def __init__(self, delay: float = ACK_DELAY) -> None:
@@ -44,4 +48,5 @@ class AckTimer:
             await trio.sleep(self.delay)
             due, self._due = self._due, {}
             for link in due:
-                link.poke()
+                if not link.send_now(ack=True):  # written here; else by the link's writer
+                    link.poke()

@@ -76,16 +76,17 @@ class AgentLink:
     def poke(self) -> None:
         self.wake.set()
 
-    def send_now(self) -> bool:
+    def send_now(self, ack: bool = False) -> bool:
         """Write the session's waiting messages in one frame now, from the caller's task; False
         when the link's writer task must (no direct writer, something left to write first, a close
-        asked for, or only an acknowledgement, which the writer may hold back a moment)."""
+        asked for). `ack`: an acknowledgement alone is written too (else it is left to the writer,
+        which holds it back a moment for messages to ride along)."""
         d = self.direct
         if (
             d is None
             or self.tail
             or self.close_request is not None
-            or not self.session.has_messages()
+            or not (self.session.has_output() if ack else self.session.has_messages())
             or not d.open()
         ):
             return False
@@ -504,7 +505,10 @@ class CoordinatorService:
                 link.session.confirm(seq)
                 confirmed = True
             if confirmed:
-                link.poke()
+                if link.direct is not None:
+                    self.acks.due(link)  # written by the ack timer unless a message takes it first
+                else:
+                    link.poke()
             if not q:
                 del self._acking[link]
 
