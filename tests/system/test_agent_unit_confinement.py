@@ -9,7 +9,6 @@ as a task user in that group and add a node user with its home: they write /etc 
 from __future__ import annotations
 
 import os
-import pwd
 import secrets
 import shutil
 from pathlib import Path
@@ -18,14 +17,11 @@ import pytest
 
 import tvmagent
 from benchmarks import _procs
-from coordinator.client import task_spec
 from tests.harness import agent_env, cluster_ctx
 from tests.security.pool_groups import open_agent_base
-from tvmagent.pool_isolation import POOL_GROUP_FILE
+from tests.system.agent_work import does_its_work, remove_user
 
 UNIT = Path(tvmagent.__file__).parent / "systemd" / "tvm-agent.service"
-JOB = "job-0000000001"
-KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJbzYvN0c5dE1vZ0hB1n0Z2lF2a0b5eWl1v8jF2Kx3aQ tester@example"
 
 
 def read_only_paths(unit_text: str) -> list[str]:
@@ -64,13 +60,6 @@ def test_the_reproduction_reads_what_the_old_unit_said() -> None:
     assert "/etc" not in read_only_paths(UNIT.read_text())
 
 
-def _user(name: str) -> pwd.struct_passwd | None:
-    try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        return None
-
-
 def _confined_agent(c, root: str, read_only: list[str], log: str) -> _procs.AgentProcess:
     """A root agent with task users, started with `read_only` made read-only in a mount namespace
     of its own."""
@@ -106,36 +95,9 @@ async def test_a_root_agent_confined_as_its_unit_says_isolates_tasks_and_adds_no
         async with cluster_ctx(nursery, tmp_path) as c:
             _confined_agent(c, root, ro, str(tmp_path / "agents" / "confined.log"))
             try:
-                await c.pool_with_tvms("p", 1)
-                await c.client.workitems.add("wi", "p")
-                await c.client.tasks.add_many(
-                    "wi", JOB, [task_spec("t", "/bin/sh -c 'id -u; id -G'")]
-                )
-                await c.client.tasks.wait("wi", JOB, timeout=60)
-                task = await c.client.tasks.get("wi", JOB, "t")
-                out = (await c.client.files.get_from_task("wi", JOB, "t", "stdout.txt")).decode()
-                assert task.execution_info.exit_code == 0, (task.execution_info, out)
-                uid, groups = out.split("\n", 1)
-                group = Path(root, POOL_GROUP_FILE).read_text().strip()
-                import grp
-
-                assert int(uid) != 0
-                assert str(grp.getgrnam(group).gr_gid) in groups.split()
-                tvm = (await c.client.tvms.list("p"))[0]
-                await c.client.tvm_users.add("p", tvm.name, name, KEY)
-
-                def made() -> bool:
-                    pw = _user(name)
-                    return pw is not None and os.path.exists(
-                        os.path.join(pw.pw_dir, ".ssh", "authorized_keys")
-                    )
-
-                await c.wait_for(made, what="the node user and its authorized_keys")
-                await c.client.tvm_users.delete("p", tvm.name, name)
-                await c.wait_for(lambda: _user(name) is None, what="the node user removed")
+                await does_its_work(c, root, name, lambda: "")
             finally:
-                if _user(name) is not None:
-                    os.system(f"userdel -r {name} >/dev/null 2>&1")  # noqa: S605, ASYNC221
+                remove_user(name)
 
 
 async def test_an_agent_that_cannot_write_etc_says_so_and_its_tvm_is_unusable(

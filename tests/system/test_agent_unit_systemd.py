@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import grp
 import os
-import pwd
 import secrets
 import shutil
 import sys
@@ -16,25 +15,15 @@ from pathlib import Path
 import pytest
 import trio
 
-from coordinator.client import task_spec
 from tests.harness import cluster_ctx
 from tests.provisioners.systemd_ns import boot_systemd, stop_systemd
 from tests.security.pool_groups import open_agent_base, remove_pool_groups
+from tests.system.agent_work import does_its_work, remove_user
 from tvmagent.install_service import AGENT_UNIT_NAME, install_agent_service
-from tvmagent.pool_isolation import POOL_GROUP_FILE
 
-JOB = "job-0000000001"
-KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJbzYvN0c5dE1vZ0hB1n0Z2lF2a0b5eWl1v8jF2Kx3aQ tester@example"
 # What the unit makes systemd create on the host (the namespace shares /var): removed afterwards
 # unless they were there before.
 MADE_BY_UNIT = ("/var/lib/tvm-agent", "/var/log/tvm-agent")
-
-
-def _user(name: str) -> pwd.struct_passwd | None:
-    try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        return None
 
 
 async def test_the_installed_agent_unit_runs_the_agent_under_systemd(nursery, tmp_path) -> None:
@@ -84,34 +73,7 @@ async def test_the_installed_agent_unit_runs_the_agent_under_systemd(nursery, tm
                 await c.wait_for(
                     lambda: unit_state() == "active", 60, "the unit active (READY sent)"
                 )
-                try:
-                    await c.pool_with_tvms("p", 1)
-                except AssertionError as exc:
-                    raise AssertionError(f"{exc}\n{journal()}") from None
-                await c.client.workitems.add("wi", "p")
-                await c.client.tasks.add_many(
-                    "wi", JOB, [task_spec("t", "/bin/sh -c 'id -u; id -G'")]
-                )
-                await c.client.tasks.wait("wi", JOB, timeout=60)
-                task = await c.client.tasks.get("wi", JOB, "t")
-                out = (await c.client.files.get_from_task("wi", JOB, "t", "stdout.txt")).decode()
-                assert task.execution_info.exit_code == 0, (task.execution_info, out, journal())
-                uid, groups = out.split("\n", 1)
-                group = Path(root, POOL_GROUP_FILE).read_text().strip()
-                assert int(uid) != 0
-                assert str(grp.getgrnam(group).gr_gid) in groups.split()
-                tvm = (await c.client.tvms.list("p"))[0]
-                await c.client.tvm_users.add("p", tvm.name, name, KEY)
-
-                def made() -> bool:
-                    pw = _user(name)
-                    return pw is not None and os.path.exists(
-                        os.path.join(pw.pw_dir, ".ssh", "authorized_keys")
-                    )
-
-                await c.wait_for(made, what="the node user and its authorized_keys")
-                await c.client.tvm_users.delete("p", tvm.name, name)
-                await c.wait_for(lambda: _user(name) is None, what="the node user removed")
+                group = await does_its_work(c, root, name, journal)
                 main_pid = ns.run("systemctl", "show", "-p", "MainPID", AGENT_UNIT_NAME).stdout
                 await trio.sleep(5)  # two and a half watchdog periods: the agent pets it
                 shown = ns.run(
@@ -125,12 +87,11 @@ async def test_the_installed_agent_unit_runs_the_agent_under_systemd(nursery, tm
                 )
                 assert unit_state() == "inactive", journal()
                 with pytest.raises(KeyError):
-                    grp.getgrnam(group)  # the agent left its pool group behind it
+                    grp.getgrnam(group)  # the agent removed its pool group as it stopped
                 remove_pool_groups(base)
     finally:
         stop_systemd(ns)
-        if _user(name) is not None:
-            os.system(f"userdel -r {name} >/dev/null 2>&1")  # noqa: S605, ASYNC221
+        remove_user(name)
         for p in MADE_BY_UNIT:
             if p not in existed:
                 shutil.rmtree(p, ignore_errors=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import pwd
 import secrets
 import stat
 
@@ -14,18 +13,12 @@ import pytest
 
 from coordinator.client import BatchError
 from tests.harness import cluster_ctx
+from tests.system.agent_work import user as _user
 from tvmagent.nodeusers import LEDGER
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (creates Linux users)")
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJbzYvN0c5dE1vZ0hB1n0Z2lF2a0b5eWl1v8jF2Kx3aQ tester@example"
-
-
-def _user(name: str) -> pwd.struct_passwd | None:
-    try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        return None
 
 
 async def test_add_list_delete_remote_login_user(nursery, tmp_path):

@@ -18,18 +18,12 @@ import pytest
 
 from coordinator.common.passhash import sha512_crypt
 from protocol import messages as pm
+from tests.system.agent_work import user as _account
 from tvmagent.nodeusers import NodeUserError, NodeUserLedger
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (creates Linux users)")
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJbzYvN0c5dE1vZ0hB1n0Z2lF2a0b5eWl1v8jF2Kx3aQ a@test"
-
-
-def _account(name: str) -> pwd.struct_passwd | None:
-    try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        return None
 
 
 @pytest.fixture
