@@ -140,8 +140,8 @@ async def serve_agent(
             "resumed" if welcome.resumed else "new session",
         )
         # This connection's direct writer, also used by the service's flusher (`send_now`).
-        link.direct = wsdirect.direct_writer(send)
-        link.tail = b""  # bytes of an earlier connection's frame: its messages are resent
+        if link.connection_id == connection_id:  # not taken over by a newer one meanwhile
+            link.direct = wsdirect.direct_writer(send)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(

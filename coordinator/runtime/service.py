@@ -370,6 +370,10 @@ class CoordinatorService:
         else:
             link.session.resume(hello.last_received)
         link.connection_id += 1
+        # The old connection's writer must not take the new one's frames (it may not know yet that
+        # its socket is dead): the new connection installs its own once its writer runs.
+        link.direct = None
+        link.tail = b""
         welcome = pm.Welcome(
             session_id=link.session.session_id,
             resumed=resumed,
@@ -448,9 +452,8 @@ class CoordinatorService:
                 return
             link.pending_acks.append((barrier, received[-1].seq))
             self._acking[link] = None
-            if (
-                barrier.event.is_set()
-            ):  # settled already (a retry's failure): no commit will wake it
+            # Settled already (a retry's failure): no commit will wake the acknowledger for it.
+            if barrier.event.is_set():
                 self._ack_wake.set()
             if len(link.pending_acks) > MAX_PENDING_ACKS:
                 await link.pending_acks[0][0].wait()

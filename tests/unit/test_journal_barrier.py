@@ -182,3 +182,31 @@ async def test_after_a_failed_commit_no_later_frame_is_acknowledged(tmp_path) ->
     assert link.session.confirmed == 0
     assert not link.pending_acks
     svc.close()
+
+
+async def test_a_new_connection_drops_the_old_connections_direct_writer(tmp_path) -> None:
+    """Frames of the new connection must never go to the old one's socket, which may look open
+    for a while after the agent came back on another."""
+    from coordinator.runtime.service import CoordinatorService
+    from protocol import messages as pm
+
+    svc = CoordinatorService(str(tmp_path / "state"))
+    link, first = svc.link_for(pm.Hello(agent_id="a1", token="x"))
+
+    class Old:
+        def open(self) -> bool:
+            return True
+
+        def now(self, frame: bytes) -> bytes:
+            raise AssertionError("a frame written to the old connection")
+
+    link.direct, link.tail = Old(), b"left"  # type: ignore[assignment]
+    again, _ = svc.link_for(
+        pm.Hello(agent_id="a1", token="x", session_id=first.session_id, last_received=0)
+    )
+    assert again is link
+    assert link.direct is None
+    assert link.tail == b""
+    link.session.send(pm.Ping())
+    assert not link.send_now()  # the writer's, until the new connection installs its own
+    svc.close()
