@@ -181,21 +181,10 @@ def remove_agent_cgroups(agent_id: str, root: str, wait: float = 5.0) -> None:
     from tvmagent.pool_isolation import drop_noted_pool_group
 
     drop_noted_pool_group(root)
-
+    prefix = _cgroups.sanitize_name(cgroup_prefix(agent_id, root))
     layout = _cgroups.detect_layout([])
-    prefix = cgroup_prefix(agent_id, root)
-    pending = _cgroups.stale_task_dirs(layout, prefix)
-    deadline = time.monotonic() + wait
-    while True:
-        pending = [d for d in pending if not _cgroups.kill_and_remove(d)]
-        if not pending or time.monotonic() > deadline:
-            break
-        time.sleep(0.02)
-    for base in (layout.v2_base, *layout.v1_bases.values()):
-        if base:
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.join(base, prefix))
-    if not pending:  # nothing of it is left: its host-wide record goes too
+    gone = leftovers.remove_task_cgroups([os.path.join(b, prefix) for b in layout.bases()], wait)
+    if gone:  # nothing of it is left: its host-wide record goes too
         with contextlib.suppress(OSError):
             leftovers.forget(root)
 

@@ -48,6 +48,10 @@ class CgroupLayout:
     def usable(self) -> bool:
         return self.v2_base is not None or bool(self.v1_bases)
 
+    def bases(self) -> list[str]:
+        """Every hierarchy's directory the agent's task cgroups go under."""
+        return ([self.v2_base] if self.v2_base else []) + list(self.v1_bases.values())
+
     def controller_dir(self, controller: str) -> str | None:
         """Base dir that enforces ``controller``, v2 preferred."""
         if controller in self.v2_controllers:
@@ -484,10 +488,8 @@ class TaskCgroup:
 
 def stale_task_dirs(layout: CgroupLayout, prefix: str) -> list[str]:
     """Task cgroup dirs under ``prefix`` in every hierarchy (e.g. left by a crashed agent)."""
-    bases = [layout.v2_base] if layout.v2_base else []
-    bases += list(layout.v1_bases.values())
     out: list[str] = []
-    for b in bases:
+    for b in layout.bases():
         root = os.path.join(b, sanitize_name(prefix))
         with contextlib.suppress(OSError):
             out += [e.path for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]

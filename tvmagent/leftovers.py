@@ -51,12 +51,10 @@ def record(
 ) -> None:
     """This process is the agent of `root`, its task cgroups are under `prefix` in `layout`, its
     pool group is `group` ("" for none). Written before what it names is made."""
-    bases = [layout.v2_base] if layout.v2_base else []
-    bases += list(layout.v1_bases.values())
     pid = os.getpid()
     body = {
         "root": os.path.realpath(root),
-        "cgroups": [os.path.join(b, _cgroups.sanitize_name(prefix)) for b in bases],
+        "cgroups": [os.path.join(b, _cgroups.sanitize_name(prefix)) for b in layout.bases()],
         "group": group,
         "pid": pid,
         "start": start_time(pid),
@@ -98,8 +96,10 @@ def gid_in_use(gid: int) -> bool:
     return False
 
 
-def _remove_cgroups(prefix_dirs: list[str], wait: float = 2.0) -> bool:
-    """Kill what runs in the task cgroups under `prefix_dirs` and remove them; True when all went."""
+def remove_task_cgroups(prefix_dirs: list[str], wait: float = 2.0) -> bool:
+    """Kill what runs in the task cgroups under `prefix_dirs` (an agent's cgroup prefix in each
+    hierarchy) and remove them, then the prefixes; True when all the task cgroups went. A cgroup
+    can go only once the kernel has seen its processes exit: retried for up to `wait` seconds."""
     pending: list[str] = []
     for p in prefix_dirs:
         if not p.startswith(_CGROUP_FS) or ".." in p.split("/"):
@@ -141,7 +141,7 @@ def sweep(directory: str = RECORDS_DIR, gone: Callable[[str], bool] | None = Non
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("cannot read agent record %s: %s", path, exc)
             continue
-        done = _remove_cgroups(cgroups)
+        done = remove_task_cgroups(cgroups)
         removed += [c for c in cgroups if not os.path.exists(c)]
         if group:
             gid = isolation.group_gid(group)
