@@ -99,12 +99,25 @@ class TvmLifecycle:
 
     async def _ops_loop(self) -> None:
         async for msg in self._ops_recv:
-            if isinstance(msg, pm.JoinPool):
-                await self._join(msg)
-            elif isinstance(msg, pm.LeavePool):
-                await self._leave(msg)
-            elif isinstance(msg, pm.RebootTvm):
-                await self._reboot(msg)
+            try:
+                if isinstance(msg, pm.JoinPool):
+                    await self._join(msg)
+                elif isinstance(msg, pm.LeavePool):
+                    await self._leave(msg)
+                elif isinstance(msg, pm.RebootTvm):
+                    await self._reboot(msg)
+            except Exception as exc:  # noqa: BLE001 - the host (a disk gone read-only) or a bug
+                # The agent stays up and its TVM says why (an agent that ended here would be
+                # restarted into the same failure, its TVM lost each time); a join is tried again.
+                log.exception("%s failed", type(msg).__name__)
+                if isinstance(msg, pm.JoinPool):
+                    self.failed_join = msg
+                why = f"{type(msg).__name__} failed: {type(exc).__name__}: {exc}"
+                if self.health.broken("tvm-operation", why):
+                    self._send(self.heartbeat())
+            else:
+                if isinstance(msg, pm.JoinPool) and self.health.fixed("tvm-operation"):
+                    self._send(self.heartbeat())
 
     async def _join(self, msg: pm.JoinPool) -> None:
         async with self._lock:
@@ -205,6 +218,7 @@ class TvmLifecycle:
             raise AdoptError(f"{note}: {exc.strerror or exc}") from None
         for d in TVM_DIR_NAMES:
             path = os.path.join(self.root, d)
+            held = False
             try:
                 if not stat.S_ISDIR(os.lstat(path).st_mode):
                     continue  # a link or a file: adopt_tvm_dirs replaces it, never following it
@@ -214,8 +228,8 @@ class TvmLifecycle:
                 continue
             except OSError as exc:
                 raise AdoptError(
-                    f"TVM directory {path} cannot be repaired: {exc.strerror or exc} "
-                    "(it holds another TVM's files)"
+                    f"TVM directory {path} cannot be repaired: {exc.strerror or exc}"
+                    + (" (it holds another TVM's files)" if held else "")
                 ) from None
             if held:
                 log.warning("TVM directory %s held another TVM's files: removed", path)
