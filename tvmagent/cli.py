@@ -146,16 +146,38 @@ def _lock_agent_dirs(root: str, private_dir: str) -> None:
 
 
 @agent.command("install-service", context_settings=CONTEXT)
-@click.option("--coordinator", "coordinator_url", required=True, help="Coordinator URL.")
+@click.option(
+    "--coordinator",
+    "coordinator_url",
+    required=True,
+    help="Coordinator URL (http://host:port or ws://host:port/agent; several, comma-separated: "
+    "an active coordinator and its standbys).",
+)
 @click.option(
     "--token", default=None, hidden=True, help="Refused: use TVM_AGENT_TOKEN or --token-file."
 )
 @click.option(
     "--token-file", default=None, help="0600 file holding the join token (or env TVM_AGENT_TOKEN)."
 )
-@click.option("--root", default="/var/lib/tvm-agent", show_default=True)
-@click.option("--unit-dir", default="/etc/systemd/system", show_default=True)
-@click.option("--config-dir", default="/etc/tvm", show_default=True)
+@click.option(
+    "--root",
+    default="/var/lib/tvm-agent",
+    show_default=True,
+    help="The TVM root (task directories, shared/, start/, certs/); not under /usr, /boot or "
+    "/efi, which the unit makes read-only.",
+)
+@click.option(
+    "--unit-dir",
+    default="/etc/systemd/system",
+    show_default=True,
+    help="Where the unit file (tvm-agent.service) is written.",
+)
+@click.option(
+    "--config-dir",
+    default="/etc/tvm",
+    show_default=True,
+    help="Where agent.toml is written (0600: the join token is in it).",
+)
 def install_service(
     coordinator_url: str,
     token: str | None,
