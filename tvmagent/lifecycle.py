@@ -159,15 +159,9 @@ class TvmLifecycle:
             port_low=msg.port_range_low,
             port_high=msg.port_range_high,
         )
-        try:
-            await self.isolation.join_pool_group()
-        except OSError as exc:  # e.g. /etc read-only or locked: retried like broken directories
-            self.failed_join = msg
-            if self.health.broken("pool-group", f"the pool's group cannot be made: {exc}"):
-                self._send(self.heartbeat())
-            return
-        if self.health.fixed("pool-group"):
-            self._send(self.heartbeat())
+        # Before anything is set up: /etc read-only or locked fails the join here (_ops_loop
+        # reports it and the join is tried again).
+        await self.isolation.join_pool_group()
         self._carry_out(self.state.handle(TvmSetUp(msg.tvm_name, msg.slots)))
         self.limits.apply_join(msg)  # memory share, process and disk limits
         cert_errors = await self.isolation.install_certs(
