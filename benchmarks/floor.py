@@ -15,7 +15,9 @@ Batch around them, beside raw spawn in the same run.
 
 What it answers: end_to_end's target of 0.6 of raw spawn leaves `2 CPUs / (0.6 × raw rate)` of CPU
 per task; the sandboxed floor's CPU per task (launching threads and tasks) comes out of that first.
-What is left is all the agent, the coordinator and the submitter may spend per task.
+What is left is all the agent, the coordinator and the submitter may spend per task. And the
+launching side's CPU per task (the directory, the clone, the wait; its threads and their system
+calls, no protocol or state) is what any agent spends per task before it does anything of its own.
 
     python -m benchmarks.floor [--quick] [--tasks 3000]
 
@@ -44,6 +46,7 @@ CPUS = os.cpu_count() or 1
 UID0 = 3_900_000_000  # slot uids: no account needed to run as one, none of the host's in this range
 MEMORY = 512 * 1024 * 1024
 PIDS = 128
+AGENT_TARGET_US = 150  # the agent CPU per task asked of end_to_end
 
 
 def _cpu() -> tuple[float, float]:
@@ -191,6 +194,8 @@ def main() -> None:
     budget = allowed - floor_cpu
     emit("floor_cpu_per_task", params, floor_cpu * 1e3, "ms")
     emit("floor_share_of_target_cpu", params, floor_cpu / allowed, "ratio")
+    emit("floor_launching_cpu_per_task", params, launch_cpu * 1e6, "us")
+    emit("floor_launching_cpu_per_task_ahead", params, launch_ahead * 1e6, "us")
     say(
         f"floor over {n} × /bin/true, {SLOTS} slots: raw spawn {raw:,.0f}/s (before {raw_before:,.0f},"
         f" after {raw_after:,.0f}); sandboxed {rate:,.0f}/s (ratio {rate / raw:.2f}; CPU per task:"
@@ -199,7 +204,10 @@ def main() -> None:
         f" {task_ahead * 1e6:,.0f} µs, directories not counted).\n"
         f"At 0.6 of raw spawn ({0.6 * raw:,.0f}/s) {CPUS} CPUs give {allowed * 1e6:,.0f} µs per"
         f" task; the sandboxed floor takes {floor_cpu * 1e6:,.0f} µs of it, which leaves"
-        f" {budget * 1e6:,.0f} µs for agent, coordinator and submitter together."
+        f" {budget * 1e6:,.0f} µs for agent, coordinator and submitter together.\n"
+        f"An agent's own CPU per task cannot be under this floor's launching side:"
+        f" {launch_cpu * 1e6:,.0f} µs with the task's directory made,"
+        f" {launch_ahead * 1e6:,.0f} µs without (against the {AGENT_TARGET_US} µs asked of an agent)."
     )
 
 

@@ -206,10 +206,14 @@ def test_floor_measures_the_sandboxed_launch_and_leaves_nothing_behind() -> None
         "floor_sandboxed_ahead",
         "floor_cpu_per_task",
         "floor_share_of_target_cpu",
+        "floor_launching_cpu_per_task",
+        "floor_launching_cpu_per_task_ahead",
     }
     assert names["floor_sandboxed"] > 0
     assert names["floor_cpu_per_task"] > 0
+    assert names["floor_launching_cpu_per_task"] > 0
     assert "leaves" in stderr
+    assert "cannot be under this floor's launching side" in stderr
     bases = [layout.v2_base, *layout.v1_bases.values()]
     left = [d for b in bases for d in os.listdir(b) if d.startswith("tvm-floor-")]
     assert not left, left
