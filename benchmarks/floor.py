@@ -194,8 +194,8 @@ def main() -> None:
     budget = allowed - floor_cpu
     emit("floor_cpu_per_task", params, floor_cpu * 1e3, "ms")
     emit("floor_share_of_target_cpu", params, floor_cpu / allowed, "ratio")
-    emit("floor_launching_cpu_per_task", params, launch_cpu * 1e6, "us")
-    emit("floor_launching_cpu_per_task_ahead", params, launch_ahead * 1e6, "us")
+    emit("floor_launching_cpu_per_task", params, launch_cpu * 1e3, "ms")
+    emit("floor_launching_cpu_per_task_ahead", params, launch_ahead * 1e3, "ms")
     say(
         f"floor over {n} × /bin/true, {SLOTS} slots: raw spawn {raw:,.0f}/s (before {raw_before:,.0f},"
         f" after {raw_after:,.0f}); sandboxed {rate:,.0f}/s (ratio {rate / raw:.2f}; CPU per task:"
