@@ -47,12 +47,20 @@ def link_frames(svc: Any) -> tuple[int, int]:
     return frames
 
 
-def scraped_frames(endpoint: str) -> tuple[int, int]:
-    """The same, read from a coordinator's `/metrics` (no key needed)."""
+def journal_commits(svc: Any) -> int:
+    """The coordinator's store transactions so far."""
+    commits: int = svc.journal.commits
+    return commits
+
+
+def scraped_counters(endpoint: str) -> tuple[int, int, int]:
+    """Frames in, out (as `link_frames`) and journal commits, read from a coordinator's `/metrics`
+    (no key needed)."""
     with urllib.request.urlopen(f"{endpoint.rstrip('/')}/metrics", timeout=10) as r:
         text = r.read().decode()
     found = dict(re.findall(r'^tvm_agent_frames_total\{direction="(in|out)"\} (\d+)$', text, re.M))
-    return int(found.get("in", 0)), int(found.get("out", 0))
+    commits = re.search(r"^tvm_journal_commits_total (\d+)$", text, re.M)
+    return int(found.get("in", 0)), int(found.get("out", 0)), int(commits[1]) if commits else 0
 
 
 def say(text: str) -> None:

@@ -53,11 +53,12 @@ from ._common import (
     coordinator,
     emit,
     job_finished,
+    journal_commits,
     link_frames,
     local_pool,
     raw_spawn_rate,
     say,
-    scraped_frames,
+    scraped_counters,
     spawn,
     stop_agents,
     task_run_options,
@@ -76,6 +77,7 @@ class Run:
     rate: float
     cpu_ms: dict[str, float] = field(default_factory=dict)  # process kind -> CPU ms per task
     frames: tuple[int, int] | None = None  # agent link frames in, out
+    commits: int | None = None  # the coordinator's store transactions
 
 
 def _submitter(endpoint: str, account: str, key: str, n: int) -> subprocess.Popen[bytes]:
@@ -131,6 +133,7 @@ async def run_inproc(n: int, stock: bool = False) -> Run:
                         f"{per_agent} task directories made ahead by each agent",
                     )
                 me, agents = self_cpu(), [tree_cpu(p.pid) for p in procs]
+                commits0 = journal_commits(rc.service)
                 sub = _submitter(rc.endpoint, rc.account, rc.key, n)
                 try:
                     await wait_until(
@@ -150,6 +153,7 @@ async def run_inproc(n: int, stock: bool = False) -> Run:
                         sub.wait()
                 me_used = self_cpu() - me
                 frames = link_frames(rc.service)
+                commits = journal_commits(rc.service) - commits0
                 agents_used = [tree_cpu(p.pid) - b for p, b in zip(procs, agents, strict=True)]
                 job = core.jobs[f"{WORKITEM}/{JOB}"]
                 failed = [t for t in job.tasks.values() if t.exit_code != 0]
@@ -162,6 +166,7 @@ async def run_inproc(n: int, stock: bool = False) -> Run:
         n / (done - times["first"]),
         _cpu_table(n, me_used.own, agents_used, times["cpu"]),
         frames,
+        commits,
     )
 
 
@@ -208,7 +213,7 @@ async def run_up(n: int) -> Run:
             pids = daemon.agent_pids()
             if len(pids) != AGENTS:
                 raise RuntimeError(f"tvm up runs {len(pids)} agents, expected {AGENTS}")
-            frames0 = await trio.to_thread.run_sync(scraped_frames, daemon.endpoint)
+            count0 = await trio.to_thread.run_sync(scraped_counters, daemon.endpoint)
             me, coord, agents = self_cpu(), proc_times(daemon.pid)[0], [tree_cpu(p) for p in pids]
             sub = _submitter(daemon.endpoint, daemon.account, daemon.key, n)
             try:
@@ -219,13 +224,13 @@ async def run_up(n: int) -> Run:
                     sub.kill()
                     sub.wait()
             coord_used = proc_times(daemon.pid)[0] - coord
-            frames1 = await trio.to_thread.run_sync(scraped_frames, daemon.endpoint)
+            count1 = await trio.to_thread.run_sync(scraped_counters, daemon.endpoint)
             agents_used = [tree_cpu(p) - b for p, b in zip(pids, agents, strict=True)]
             me_used = self_cpu() - me
         cpu = _cpu_table(n, coord_used, agents_used, times["cpu"])
         cpu["rest_poller"] = per_task_ms(me_used.own, n)
-        frames = (frames1[0] - frames0[0], frames1[1] - frames0[1])
-        return Run(n / (done - times["first"]), cpu, frames)
+        frames = (count1[0] - count0[0], count1[1] - count0[1])
+        return Run(n / (done - times["first"]), cpu, frames, count1[2] - count0[2])
     except BaseException:
         say(f"end_to_end: tvm up log: {daemon.log_tail()}")
         raise
@@ -299,6 +304,8 @@ def main() -> None:
         emit(f"end_to_end_cpu_per_task_{kind}", params, ms, "ms")
     if run.frames is not None:
         emit("end_to_end_frames_per_task", params, sum(run.frames) / n, "ratio")
+    if run.commits is not None:
+        emit("end_to_end_commits_per_task", params, run.commits / n, "ratio")
     versus = []
     for name, r in others.items():
         if r.rate is not None:
@@ -319,6 +326,11 @@ def main() -> None:
         say(
             f"end_to_end: agent link frames in/out {run.frames[0]:,}/{run.frames[1]:,} "
             f"({sum(run.frames) / n:.2f} per task)"
+            + (
+                f"; store commits {run.commits:,} ({run.commits / n:.2f} per task)"
+                if run.commits is not None
+                else ""
+            )
         )
     report(others, n, raw)
 

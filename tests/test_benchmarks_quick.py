@@ -34,6 +34,7 @@ EXPECTED = {
         "raw_spawn",
         "end_to_end_ratio",
         "end_to_end_frames_per_task",
+        "end_to_end_commits_per_task",
         *_E2E_CPU,
     },
     "latency": {

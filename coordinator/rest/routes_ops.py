@@ -28,6 +28,7 @@ class OpsRoutes(RouteGroup):
             started_at=mon.started_at,
             agent_link_events=self.svc.agent_link_events,
             agent_frames=self.svc.agent_frames(),
+            journal_commits=(self.svc.journal.commits, self.svc.journal.rows),
         )
         return Response(
             200,

@@ -293,6 +293,7 @@ def render_prometheus(
     started_at: float = 0.0,
     agent_link_events: dict[str, int] | None = None,
     agent_frames: tuple[int, int] = (0, 0),
+    journal_commits: tuple[int, int] = (0, 0),
 ) -> str:
     """Prometheus text exposition format 0.0.4 (aggregates only; see the module docstring)."""
     tt = task_totals(core)
@@ -397,6 +398,19 @@ def render_prometheus(
         "counter",
         "Websocket frames received from and sent to agents (messages share frames when busy).",
         [({"direction": "in"}, agent_frames[0]), ({"direction": "out"}, agent_frames[1])],
+    )
+    out.metric(
+        "tvm_journal_commits_total",
+        "counter",
+        "Write transactions of the coordinator's state store (each made durable before the answers"
+        " and acknowledgements that wait for it).",
+        [({}, journal_commits[0])],
+    )
+    out.metric(
+        "tvm_journal_rows_total",
+        "counter",
+        "Rows those transactions wrote.",
+        [({}, journal_commits[1])],
     )
     out.metric(
         "tvm_queue_handbacks_total",
