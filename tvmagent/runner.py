@@ -98,7 +98,7 @@ class TaskRunner:
         except OSError as exc:  # e.g. the job directory cannot be made: the usual path reports it
             log.debug("no ready task directory for %s: %s", tdir, exc)
             return False
-        if self.stock.wanted() > self.stock.target // 2:
+        if self.stock.low():
             self._stock_low.set()
         return made
 
@@ -110,7 +110,7 @@ class TaskRunner:
             log.warning("task directories are made per task (no stock: %s)", exc)
             return
         while True:
-            refill = max(0, self.stock.wanted())  # below its target: at once
+            refill = self.stock.refill()  # half of its target gone: at once
             grow = 0  # beyond it, towards the largest burst seen: only while idle
             if not refill and self.stock.wanted_idle() > 0:
                 idle_for = -1.0 if self.procs else time.monotonic() - self._last_busy

@@ -157,10 +157,11 @@ class TaskDirStock:
     for inode allocation. A task placed again (retry, requeue) already has its directory and
     makes nothing; an empty stock makes the task fall back to creating its own.
 
-    Two depths: `target` is kept at all times (made as soon as it runs low). Beyond it, while the
-    agent is idle, the stock grows to the largest burst seen so far (the most directories taken
-    within `window` seconds, at most `most`): made ahead, a burst like it pays for no inode at all
-    while it runs, and the CPU they cost is spent when no task wants it."""
+    Two depths: between half of `target` and all of it at all times (made again in one go once
+    half of it is gone). Beyond it, while the agent is idle, the stock grows to the largest burst
+    seen so far (the most directories taken within `window` seconds, at most `most`): made ahead,
+    a burst like it pays for no inode at all while it runs, and the CPU they cost is spent when no
+    task wants it."""
 
     def __init__(
         self,
@@ -199,8 +200,18 @@ class TaskDirStock:
                 shutil.rmtree(p, ignore_errors=True)
 
     def wanted(self) -> int:
-        """Directories to make now: the stock is below `target`."""
+        """Directories the stock lacks to reach `target`."""
         return self.target - len(self._ready) if self.enabled else 0
+
+    def low(self) -> bool:
+        """Less than half of `target` is ready: time to refill."""
+        return self.wanted() > self.target // 2
+
+    def refill(self) -> int:
+        """Directories to make now: what the stock lacks once it is `low`, else none. So it is
+        refilled in chunks of at least half its target, never after each take while a burst draws
+        on it: a worker-thread call costs ~100 µs of CPU in hand-overs, as much as a directory."""
+        return self.wanted() if self.low() else 0
 
     def wanted_idle(self) -> int:
         """Directories to make while the agent is idle: up to the largest burst seen."""

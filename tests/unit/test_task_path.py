@@ -152,6 +152,32 @@ def test_stock_directories_are_taken_by_rename(tmp_path: Path) -> None:
     assert stock.wanted() == 1
 
 
+def test_the_stock_is_refilled_in_chunks_not_after_every_take(tmp_path: Path) -> None:
+    """Each refill is a worker-thread call: one per task cost as much CPU as the directory (and a
+    burst that takes as fast as they are made kept it at one per task). The stock is made again
+    once half of it is gone, all that it lacks in one go."""
+    root = tmp_path / "tvm"
+    stock = TaskDirStock(str(root), target=8)
+    stock.start()
+    assert stock.low()
+    assert stock.refill() == 8
+    stock.add(stock.make(8))
+    assert stock.refill() == 0
+    job = root / "tasks" / "wi" / "job"
+    for i in range(4):  # half of it taken: not low yet
+        assert stock.take(str(job / f"t{i}"))
+        assert stock.refill() == 0
+        assert not stock.low()
+    assert stock.take(str(job / "t4"))
+    assert stock.low()
+    assert stock.refill() == 5
+    stock.add(stock.make(2))  # made in part (a chunk), more taken meanwhile: not low, no call
+    assert stock.refill() == 0
+    assert stock.take(str(job / "t5"))
+    assert stock.take(str(job / "t6"))
+    assert stock.refill() == 5
+
+
 def test_a_retry_keeps_its_directory_and_takes_nothing(tmp_path: Path) -> None:
     root = tmp_path / "tvm"
     stock = TaskDirStock(str(root), target=2)
