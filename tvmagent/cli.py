@@ -187,7 +187,7 @@ def install_service(
     config_dir: str,
 ) -> None:
     """Write and enable a systemd unit running this agent (the token goes into a 0600 agent.toml)."""
-    from .install_service import InstallError, install_agent_service
+    from .install_service import InstallError, install_agent_service, running_tvm
 
     if token is not None:
         raise click.UsageError(f"--token: {COMMAND_LINE_REFUSED}")
@@ -201,7 +201,12 @@ def install_service(
         )
     try:
         for line in install_agent_service(
-            coordinator_url, token, root, unit_dir=unit_dir, config_dir=config_dir
+            coordinator_url,
+            token,
+            root,
+            unit_dir=unit_dir,
+            config_dir=config_dir,
+            tvm_bin=running_tvm(),
         ):
             click.echo(line)
     except InstallError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from importlib import resources
 
 from protocol.config import ConfigError, load_agent_config, validate_coordinator_url
@@ -18,9 +19,12 @@ __all__ = [
     "AGENT_UNIT_NAME",
     "COORDINATOR_UNIT_NAME",
     "InstallError",
+    "enable_unit",
     "install_agent_service",
     "render_agent_unit",
     "render_coordinator_unit",
+    "running_tvm",
+    "write_atomic",
 ]
 
 AGENT_UNIT_NAME = "tvm-agent.service"
@@ -106,7 +110,7 @@ def agent_toml(coordinator: str, token: str, root: str) -> str:
     )
 
 
-def _write_atomic(path: str, text: str, mode: int) -> None:
+def write_atomic(path: str, text: str, mode: int) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     # created with the final mode, so the token is never readable by others, even briefly
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
@@ -125,6 +129,17 @@ def _write_atomic(path: str, text: str, mode: int) -> None:
         raise
 
 
+def running_tvm() -> str | None:
+    """The `tvm` command this process was started as (an absolute path), so a unit installed by
+    `/opt/tvm/bin/tvm ... install-service` runs that one; None when started otherwise (`python -m`):
+    the installer then looks for `tvm` on PATH."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if os.path.basename(argv0) != "tvm":
+        return None
+    path = os.path.abspath(shutil.which(argv0) or argv0)
+    return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
+
+
 def systemd_booted() -> bool:
     """True when systemd is PID 1 (the check sd_booted(3) uses)."""
     return os.path.isdir("/run/systemd/system")
@@ -138,6 +153,20 @@ def _systemctl(*args: str) -> None:
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip()
         raise InstallError(f"`systemctl {' '.join(args)}` failed ({proc.returncode}): {detail}")
+
+
+def enable_unit(name: str, enable: bool) -> str:
+    """Enable unit `name` where systemd runs (daemon-reload first); what was done, or what to run."""
+    if not enable:
+        return f"not enabled (enable=False); run: systemctl enable --now {name}"
+    if not systemd_booted():
+        return (
+            "systemd is not running as PID 1 here, so the unit was not enabled; on a systemd "
+            f"host run: systemctl daemon-reload && systemctl enable --now {name}"
+        )
+    _systemctl("daemon-reload")
+    _systemctl("enable", name)
+    return f"enabled {name}; start it with: systemctl start {name}"
 
 
 def install_agent_service(
@@ -186,7 +215,7 @@ def install_agent_service(
             shutil.copy2(config_path, backup)
             os.chmod(backup, 0o600)
             messages.append(f"kept the previous {config_path} as {backup}")
-        _write_atomic(config_path, config_text, 0o600)
+        write_atomic(config_path, config_text, 0o600)
         messages.append(f"wrote {config_path} (mode 0600)")
         # read it back through the real loader: what we wrote must be what the agent reads
         try:
@@ -194,7 +223,7 @@ def install_agent_service(
         except ConfigError as exc:
             raise InstallError(f"the written config does not load: {exc}") from exc
         unit_path = os.path.join(unit_dir, AGENT_UNIT_NAME)
-        _write_atomic(unit_path, unit_text, 0o644)
+        write_atomic(unit_path, unit_text, 0o644)
         messages.append(f"wrote {unit_path}")
     except OSError as exc:
         raise InstallError(f"cannot write {exc.filename or 'files'}: {exc.strerror}") from exc
@@ -204,19 +233,5 @@ def install_agent_service(
             f"warning: root {root} is read-only for the service (ProtectSystem=yes); "
             "prefer a path under /var/lib or /srv"
         )
-    if not enable:
-        messages.append(
-            f"not enabled (enable=False); run: systemctl enable --now {AGENT_UNIT_NAME}"
-        )
-    elif not systemd_booted():
-        messages.append(
-            "systemd is not running as PID 1 here, so the unit was not enabled; on a systemd "
-            f"host run: systemctl daemon-reload && systemctl enable --now {AGENT_UNIT_NAME}"
-        )
-    else:
-        _systemctl("daemon-reload")
-        _systemctl("enable", AGENT_UNIT_NAME)
-        messages.append(
-            f"enabled {AGENT_UNIT_NAME}; start it with: systemctl start {AGENT_UNIT_NAME}"
-        )
+    messages.append(enable_unit(AGENT_UNIT_NAME, enable))
     return messages

@@ -180,7 +180,7 @@ def quickstart(n_tasks: int, agents: int, state_dir: str | None) -> None:
     sys.exit(trio.run(run_quickstart, n_tasks, agents, state_dir))
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.group(context_settings=CONTEXT, invoke_without_command=True)
 @click.option("--config", type=click.Path(dir_okay=False), help="TOML config file.")
 @click.option("--host", "--listen", "host", default=None, help="Listen address [127.0.0.1].")
 @click.option(
@@ -245,8 +245,12 @@ def quickstart(n_tasks: int, agents: int, state_dir: str | None) -> None:
     default=None,
     help="json (one object per line, for journald/collectors) or console [json].",
 )
-def coordinator(config: str | None, **flags: Any) -> None:
-    """Run the coordinator service (REST API + agent websocket) in the foreground."""
+@click.pass_context
+def coordinator(ctx: click.Context, config: str | None, **flags: Any) -> None:
+    """Run the coordinator service (REST API + agent websocket) in the foreground (or `tvm
+    coordinator install-service`)."""
+    if ctx.invoked_subcommand is not None:
+        return
     import trio
 
     from coordinator.daemon.embedded import run_coordinator_main
@@ -291,6 +295,56 @@ def coordinator(config: str | None, **flags: Any) -> None:
     _check_state_dir(cfg.state_dir)
     _setup_logging(cfg.log_level, cfg.log_format)
     sys.exit(trio.run(run_coordinator_main, cfg, provisioners))
+
+
+@coordinator.command("install-service", context_settings=CONTEXT)
+@click.option(
+    "--host",
+    default=None,
+    help="Listen address written to a new coordinator.toml: 0.0.0.0 (or this machine's address)"
+    " when agents run on other machines [127.0.0.1].",
+)
+@click.option(
+    "--port", type=int, default=None, help="Listen port for a new coordinator.toml [7070]."
+)
+@click.option(
+    "--public-url",
+    default=None,
+    help="The http(s):// URL other machines reach this coordinator at, for a new coordinator.toml.",
+)
+@click.option(
+    "--unit-dir",
+    default="/etc/systemd/system",
+    show_default=True,
+    help="Where the unit file (tvm-coordinator.service) and its drop-in directory are written.",
+)
+@click.option(
+    "--config-dir",
+    default="/etc/tvm",
+    show_default=True,
+    help="Where coordinator.toml is written (0600), unless one is there already (it is kept).",
+)
+def install_service(
+    host: str | None, port: int | None, public_url: str | None, unit_dir: str, config_dir: str
+) -> None:
+    """Write and enable a systemd unit running this coordinator. Its state (keys, join token,
+    database) goes to /var/lib/tvm-coordinator; a `tvm` installed under /root, /home or /tmp, which
+    the unit hides, is made readable to it by a drop-in."""
+    from coordinator.cli.install_service import install_coordinator_service
+    from tvmagent.install_service import InstallError, running_tvm
+
+    try:
+        for line in install_coordinator_service(
+            host=host,
+            port=port,
+            public_url=public_url,
+            unit_dir=unit_dir,
+            config_dir=config_dir,
+            tvm_bin=running_tvm(),
+        ):
+            click.echo(line)
+    except InstallError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _has_password(url: str) -> bool:

@@ -1,10 +1,11 @@
-"""The shipped coordinator unit run by a real (private) systemd: it starts (Type=notify), keeps its
-state in its StateDirectory under ProtectSystem=strict, answers REST, stops cleanly on
-`systemctl stop`, and finds its state again when started anew.
+"""The coordinator unit as `tvm coordinator install-service` writes it, run by a real (private)
+systemd: it starts (Type=notify), keeps its state in its StateDirectory under ProtectSystem=strict,
+answers REST, stops cleanly on `systemctl stop`, and finds its state again when started anew.
 
-Two drop-ins, both about this test machine rather than the unit: stdout goes to a file (no journald
-runs in the private systemd; the export lines are read from there), and where the interpreter lives
-under /root or /home (pyenv), that directory is exposed read-only (ProtectHome=yes hides it)."""
+The installer's drop-in is what lets the unit reach this machine's interpreter (pyenv, under /root,
+which ProtectHome=yes hides) and a CI clone or the test's config (under /tmp, which PrivateTmp=yes
+replaces): with the unit alone the service would not start. The test adds one drop-in of its own,
+about the private systemd rather than the unit: stdout goes to a file (no journald runs there)."""
 
 from __future__ import annotations
 
@@ -14,28 +15,13 @@ import sys
 
 import pytest
 
-import coordinator
+from coordinator.cli.install_service import DROP_IN, install_coordinator_service
 from tests.harness import free_port, sync_client, wait_sync
 from tests.provisioners.systemd_ns import boot_systemd, stop_systemd
-from tvmagent.install_service import COORDINATOR_UNIT_NAME, render_coordinator_unit
+from tvmagent.install_service import COORDINATOR_UNIT_NAME
 
 MADE_BY_UNIT = ("/var/lib/tvm-coordinator", "/var/log/tvm-coordinator")
 RUN = "/run/tvm-test-coordinator"
-
-
-def _exposing(paths: list[str]) -> list[str]:
-    """Drop-in lines that let the service reach `paths` (the interpreter, the `tvm` script, this
-    checkout) where this machine keeps them somewhere the unit hides: under /root or /home
-    (pyenv; ProtectHome=yes), or under /tmp (a CI clone; PrivateTmp=yes)."""
-    lines: list[str] = []
-    for path in paths:
-        for home in ("/root/", "/home/"):
-            if path.startswith(home):
-                top = home + path[len(home) :].split("/", 1)[0]
-                lines += ["ProtectHome=tmpfs", f"BindReadOnlyPaths={top}"]
-        if path.startswith(("/tmp/", "/var/tmp/")):
-            lines.append("PrivateTmp=no")
-    return lines
 
 
 def _exports(text: str) -> dict[str, str]:
@@ -55,28 +41,29 @@ def test_the_coordinator_unit_runs_the_coordinator_under_systemd(tmp_path) -> No
     ns = boot_systemd(str(tmp_path / "systemd"))
     try:
         port = free_port()
-        conf = tmp_path / "coordinator.toml"
-        conf.write_text(f'host = "127.0.0.1"\nport = {port}\n')
-        unit = tmp_path / COORDINATOR_UNIT_NAME
-        unit.write_text(render_coordinator_unit(tvm_bin, config_path=f"{RUN}/coordinator.toml"))
-        drop_in = [
-            "[Service]",
-            f"StandardOutput=file:{RUN}/stdout",
-            f"StandardError=file:{RUN}/stdout",
-        ]
-        drop_in += _exposing(
-            [
-                os.path.realpath(sys.executable),
-                os.path.realpath(tvm_bin),
-                os.path.dirname(os.path.dirname(os.path.realpath(coordinator.__file__))),
-            ]
+        units, etc = tmp_path / "units", tmp_path / "etc"
+        said_by_installer = install_coordinator_service(
+            host="127.0.0.1",
+            port=port,
+            unit_dir=str(units),
+            config_dir=str(etc),
+            tvm_bin=tvm_bin,
+            enable=False,
         )
-        (tmp_path / "test.conf").write_text("\n".join(drop_in) + "\n")
+        made = units / f"{COORDINATOR_UNIT_NAME}.d" / DROP_IN
+        assert made.exists(), said_by_installer  # the config is under /tmp (PrivateTmp hides it)
+        (tmp_path / "test.conf").write_text(
+            f"[Service]\nStandardOutput=file:{RUN}/stdout\nStandardError=file:{RUN}/stdout\n"
+        )
         d = f"/run/systemd/system/{COORDINATOR_UNIT_NAME}.d"
         for step in (
             ["mkdir", "-p", RUN, d],
-            ["cp", str(conf), f"{RUN}/coordinator.toml"],
-            ["cp", str(unit), f"/run/systemd/system/{COORDINATOR_UNIT_NAME}"],
+            [
+                "cp",
+                str(units / COORDINATOR_UNIT_NAME),
+                f"/run/systemd/system/{COORDINATOR_UNIT_NAME}",
+            ],
+            ["cp", str(made), f"{d}/{DROP_IN}"],
             ["cp", str(tmp_path / "test.conf"), f"{d}/test.conf"],
             ["systemctl", "daemon-reload"],
             ["systemctl", "start", "--no-block", COORDINATOR_UNIT_NAME],
