@@ -17,11 +17,13 @@ import shutil
 import subprocess
 
 from coordinator.daemon.joining import check_public_url
+from coordinator.daemon.journalout import EXPORTS_FILE
 from protocol.config import ConfigError, load_coordinator_config
 from tvmagent import install_service as units
 from tvmagent.install_service import COORDINATOR_UNIT_NAME, InstallError, render_coordinator_unit
 
 DROP_IN = "10-tvm-paths.conf"  # in <unit dir>/tvm-coordinator.service.d/
+SERVICE_DIR = "/var/lib/tvm-coordinator"  # the unit's StateDirectory and WorkingDirectory
 HOMES = ("/root/", "/home/")  # ProtectHome=yes hides them
 TMPS = ("/tmp/", "/var/tmp/")  # PrivateTmp=yes replaces them
 
@@ -72,11 +74,14 @@ def paths_used_by(tvm_bin: str) -> list[str]:
 
 
 def exposure(paths: list[str]) -> tuple[list[str], list[str]]:
-    """([Service] lines that let the unit read `paths`, warnings). Pure."""
+    """([Service] lines that let the unit read `paths`, warnings). Pure (raises InstallError for a
+    path no unit file can hold)."""
     binds: list[str] = []
     lines: list[str] = []
     warnings: list[str] = []
     for p in paths:
+        if any(c in p for c in "\n\r\0"):
+            raise InstallError(f"the unit cannot name a path with control characters: {p!r}")
         p = os.path.normpath(p)
         if p.startswith(HOMES) and not any(p == b or p.startswith(b + "/") for b in binds):
             binds = [b for b in binds if not b.startswith(p + "/")] + [p]
@@ -156,7 +161,7 @@ def install_coordinator_service(
             units.write_atomic(config_path, text, 0o600)
             messages.append(f"wrote {config_path} (mode 0600)")
         try:  # what the service will read must load
-            load_coordinator_config(config_path, {}, environ={})
+            cfg = load_coordinator_config(config_path, {}, environ={})
         except ConfigError as exc:
             raise InstallError(f"{config_path} does not load: {exc}") from exc
         unit_path = os.path.join(unit_dir, COORDINATOR_UNIT_NAME)
@@ -173,4 +178,9 @@ def install_coordinator_service(
     except OSError as exc:
         raise InstallError(f"cannot write {exc.filename or 'files'}: {exc.strerror}") from exc
     messages.append(units.enable_unit(COORDINATOR_UNIT_NAME, enable))
+    state = os.path.join(SERVICE_DIR, cfg.state_dir)  # relative: to the unit's WorkingDirectory
+    messages.append(
+        "once it runs, its URL, account key and join token are in"
+        f" {os.path.normpath(os.path.join(state, EXPORTS_FILE))} (0600)"
+    )
     return messages

@@ -81,6 +81,10 @@ def test_install_writes_the_unit_a_private_config_and_what_the_unit_may_read(
     assert ("ProtectHome=tmpfs" in drop_in) == bool(homes)
     assert "BindReadOnlyPaths=/root\n" not in drop_in
     assert any("not running as PID 1" in line for line in said)
+    assert said[-1] == (
+        "once it runs, its URL, account key and join token are in"
+        " /var/lib/tvm-coordinator/tvm-state/exports.env (0600)"
+    )
     assert not list((tmp_path / "etc").glob("*.tmp-*"))
 
 
@@ -179,6 +183,8 @@ def test_exposure_binds_only_what_is_hidden_once_each() -> None:
     lines, warnings = exposure(["/tmp/x/.venv", "/var/tmp/y", "/home/bob/a b%"])
     assert lines == ["PrivateTmp=no", "ProtectHome=tmpfs", 'BindReadOnlyPaths="/home/bob/a b%%"']
     assert len(warnings) == 1
+    with pytest.raises(InstallError, match="control characters"):
+        exposure(["/home/x\nExecStartPre=/bin/evil"])
 
 
 def test_a_drop_in_no_longer_needed_is_removed(
