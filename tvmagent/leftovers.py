@@ -60,18 +60,31 @@ def record(
         "start": start_time(pid),
         "boot": boot_id(),
     }
-    os.makedirs(directory, mode=0o700, exist_ok=True)
     path = _path(root, directory)
-    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    for attempt in range(3):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        try:
+            fd = os.open(
+                path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600
+            )
+            break
+        except FileNotFoundError:  # the last agent to stop removed the directory just now
+            if attempt == 2:
+                raise
     with os.fdopen(fd, "w") as f:
         json.dump(body, f)
     os.replace(path + ".tmp", path)
 
 
 def forget(root: str, directory: str = RECORDS_DIR) -> None:
-    """The agent of `root` left nothing (it stopped and removed its cgroups and group)."""
+    """The agent of `root` left nothing (it stopped and removed its cgroups and group). The last
+    record gone, the directory goes too (and its parent, if that is empty): nothing of the agents
+    stays on a host where none runs."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(_path(root, directory))
+    with contextlib.suppress(OSError):  # another agent's record, or being written: it stays
+        os.rmdir(directory)
+        os.rmdir(os.path.dirname(directory))
 
 
 def _alive(rec: dict) -> bool:

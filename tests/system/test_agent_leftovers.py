@@ -241,3 +241,36 @@ async def test_the_next_agent_removes_what_a_killed_agent_of_a_deleted_root_left
             finally:
                 os.makedirs(root0, exist_ok=True)
                 remove_agent_cgroups(a0.name, root0)  # on failure: leave nothing behind
+
+
+def test_the_last_record_forgotten_takes_the_directory_with_it(
+    layout: _cgroups.CgroupLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing of the agents stays on a host where none runs: the records' directory (and its
+    parent, when empty) goes with the last record; another agent's record keeps it."""
+    parent = tmp_path / "tvm-batch"
+    records = parent / "agents"
+    a, b = tmp_path / "a", tmp_path / "b"
+    leftovers.record(str(a), layout, "tvm-x", "", directory=str(records))
+    leftovers.record(str(b), layout, "tvm-y", "", directory=str(records))
+    leftovers.forget(str(a), directory=str(records))
+    assert len(os.listdir(records)) == 1  # b's
+    leftovers.forget(str(b), directory=str(records))
+    assert not parent.exists()
+    # an agent recording itself just as the last one removed the directory writes it again
+    real_open = os.open
+    removed: list[str] = []
+
+    def racing_open(path: str, *args: object, **kwargs: object) -> int:
+        if not removed:
+            removed.append(path)
+            os.rmdir(records)  # what a stopping agent's forget does between makedirs and open
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "open", racing_open)
+        leftovers.record(str(a), layout, "tvm-x", "", directory=str(records))
+    assert removed
+    assert len(os.listdir(records)) == 1
+    leftovers.forget(str(a), directory=str(records))
+    assert not parent.exists()
