@@ -187,14 +187,19 @@ class Journal:
         return self.submit([Write(META_KIND, key, value.encode())])
 
     def barrier(self) -> Ticket:
-        """A ticket that is done once everything submitted so far is durable (commits are in order)."""
+        """A ticket that is done once everything submitted so far is durable (commits are in
+        order); failed with the store's error while the writes of a failed commit wait for their
+        retry (they are not durable, whatever came before them)."""
         last = self._last
-        if last is None or last.event.is_set():
-            ticket = Ticket()
+        if last is not None and not last.event.is_set():
+            return last
+        ticket = Ticket()
+        if last is not None and last.error is not None:
+            ticket.error = last.error
+        else:
             ticket.done = True
-            ticket.event.set()
-            return ticket
-        return last
+        ticket.event.set()
+        return ticket
 
     def submit(self, writes: list[Write], urgent: bool = True) -> Ticket:
         ticket = Ticket()
@@ -249,6 +254,8 @@ class Journal:
                     continue
                 retry = self.RETRY_FIRST_S
                 self.unavailable = None
+                if not self._pending:  # all submitted so far is durable (a failed ticket's too)
+                    self._last = None
                 self.commits += 1
                 self.rows += len(batch)
                 for t in tickets:

@@ -14,6 +14,7 @@ import msgspec
 import structlog
 import trio
 
+from coordinator.common.errors import ApiError
 from coordinator.rest.limits import WS_AUTHENTICATED
 from protocol import SUBPROTOCOL, ProtocolError, coordinator_codec
 from protocol import messages as pm
@@ -86,9 +87,11 @@ async def serve_agent(
             time.time(),
             hello.credential,
         )
-        await (
-            svc.journal.barrier().wait()
-        )  # a new or confirmed credential is durable before we answer
+        try:  # a new or confirmed credential is durable before we answer
+            await svc.journal.barrier().wait()
+        except ApiError as exc:  # the store failed: the agent tries again later
+            await _reject(send, exc.code, exc.message, 1013)
+            return
         if verdict.ok and svc.auth.revoked(
             hello.agent_id
         ):  # revoked while we waited for the commit

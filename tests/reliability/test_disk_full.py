@@ -34,6 +34,11 @@ async def _exists(c, name: str) -> bool:
     return resp.status_code == 200
 
 
+def _linked(c, agent_id: str) -> bool:
+    agent = c.rc.service.core.agents.get(agent_id)
+    return agent is not None and agent.connected
+
+
 async def test_coordinator_store_full_refuses_then_resumes(tmp_path, nursery) -> None:
     state = str(tmp_path / "state")
     acked: list[str] = []
@@ -61,11 +66,20 @@ async def test_coordinator_store_full_refuses_then_resumes(tmp_path, nursery) ->
                 assert not await _exists(c, name)
             # Reads still work from memory.
             assert await _exists(c, acked[0]) if acked else True
+            # An agent joining now is refused for the moment (its credential cannot be made
+            # durable) and keeps trying; it is not told to give up, nor welcomed unrecorded.
+            late = c.start_agent("late")
+            await c.wait_for(
+                lambda: "StoreUnavailable" in late.log_text(), 30, "the late agent refused"
+            )
+            assert late.proc.poll() is None, late.log_text()[-2000:]
+            assert not _linked(c, "late")
             failures = c.rc.service.journal.failures
             os.unlink(filler)
             await c.wait_for(
                 lambda: c.rc.service.journal.unavailable is None, 20, "the store writing again"
             )
+            await c.wait_for(lambda: _linked(c, "late"), 60, "the late agent linked")
             assert c.rc.service.journal.failures >= failures
             assert await _add(c, "after") == 201
             acked.append("after")

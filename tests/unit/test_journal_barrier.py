@@ -6,6 +6,8 @@ without writes of its own must still wait for the writes of earlier frames.
 
 from __future__ import annotations
 
+import contextlib
+
 import trio
 import trio.testing
 
@@ -210,3 +212,46 @@ async def test_a_new_connection_drops_the_old_connections_direct_writer(tmp_path
     link.session.send(pm.Ping())
     assert not link.send_now()  # the writer's, until the new connection installs its own
     svc.close()
+
+
+async def test_a_barrier_behind_a_failed_commit_fails_until_the_retry_lands(open_store) -> None:
+    """What waits for a barrier (a revoked token's meta row, an agent's Welcome) must not be told
+    "durable" while the writes of a failed commit only wait for their retry."""
+    from coordinator.common.errors import ApiError
+
+    store = open_store("c.db")
+    real_apply = store.apply
+    failing = [True]
+
+    def apply(batch):  # noqa: ANN001, ANN202 - the disk is full for the first commit only
+        if failing[0]:
+            raise OSError(28, "No space left on device")
+        return real_apply(batch)
+
+    store.apply = apply
+    journal = Journal(store)
+    journal.RETRY_FIRST_S = 0.05
+    first = journal.put_meta("revoked:x", "1")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(journal.run)
+        with trio.fail_after(10):
+            await first.event.wait()
+        assert first.error is not None
+        barrier = journal.barrier()
+        assert barrier.event.is_set()
+        assert not barrier.done
+        with trio.fail_after(10), contextlib.suppress(ApiError):
+            await barrier.wait()
+            raise AssertionError("a barrier behind a failed commit said durable")
+        failing[0] = False  # space again: the retry lands
+        settled = trio.Event()
+        journal.on_settled = settled.set
+        with trio.fail_after(10):
+            while journal.unavailable is not None or journal.commits == 0:
+                await settled.wait()  # each commit attempt, failed or not
+                settled = trio.Event()
+                journal.on_settled = settled.set
+        assert journal.barrier().done
+        nursery.cancel_scope.cancel()
+    assert store.get_meta("revoked:x") == "1"
+    store.close()
