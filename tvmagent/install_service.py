@@ -19,6 +19,7 @@ __all__ = [
     "AGENT_UNIT_NAME",
     "COORDINATOR_UNIT_NAME",
     "InstallError",
+    "check_places",
     "enable_unit",
     "install_agent_service",
     "render_agent_unit",
@@ -169,6 +170,19 @@ def enable_unit(name: str, enable: bool) -> str:
     return f"enabled {name}; start it with: systemctl start {name}"
 
 
+def check_places(unit_dir: str, config_dir: str, tvm_bin: str | None) -> str:
+    """Both directories absolute; the `tvm` to run (`tvm_bin`, else the one on PATH)."""
+    for what, d in (("unit_dir", unit_dir), ("config_dir", config_dir)):
+        if not d or not os.path.isabs(d):
+            raise InstallError(f"{what} must be an absolute path, got {d!r}")
+    if tvm_bin is None:
+        found = shutil.which("tvm")
+        if found is None:
+            raise InstallError("cannot find the `tvm` command on PATH; pass its absolute path")
+        tvm_bin = os.path.abspath(found)
+    return tvm_bin
+
+
 def install_agent_service(
     coordinator: str,
     token: str,
@@ -193,15 +207,7 @@ def install_agent_service(
         raise InstallError("token must be a single line")
     if not root or not os.path.isabs(root):
         raise InstallError(f"root must be an absolute path, got {root!r}")
-    for what, d in (("unit_dir", unit_dir), ("config_dir", config_dir)):
-        if not d or not os.path.isabs(d):
-            raise InstallError(f"{what} must be an absolute path, got {d!r}")
-    if tvm_bin is None:
-        tvm_bin = shutil.which("tvm")
-        if tvm_bin is None:
-            raise InstallError("cannot find the `tvm` command on PATH; pass its absolute path")
-        tvm_bin = os.path.abspath(tvm_bin)
-
+    tvm_bin = check_places(unit_dir, config_dir, tvm_bin)
     config_path = os.path.join(config_dir, "agent.toml")
     unit_text = render_agent_unit(tvm_bin, config_path=config_path)
     config_text = agent_toml(coordinator, token, root)

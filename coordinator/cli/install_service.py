@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 
 from coordinator.daemon.joining import check_public_url
@@ -132,14 +131,7 @@ def install_coordinator_service(
         raise InstallError(f"port must be 1..65535, got {port}")
     if public_url and (why := check_public_url(public_url)):
         raise InstallError(why)
-    for what, d in (("unit_dir", unit_dir), ("config_dir", config_dir)):
-        if not d or not os.path.isabs(d):
-            raise InstallError(f"{what} must be an absolute path, got {d!r}")
-    if tvm_bin is None:
-        found = shutil.which("tvm")
-        if found is None:
-            raise InstallError("cannot find the `tvm` command on PATH; pass its absolute path")
-        tvm_bin = os.path.abspath(found)
+    tvm_bin = units.check_places(unit_dir, config_dir, tvm_bin)
     config_path = os.path.join(config_dir, "coordinator.toml")
     unit_text = render_coordinator_unit(tvm_bin, config_path=config_path)
     keep = os.path.exists(config_path)

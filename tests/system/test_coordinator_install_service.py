@@ -206,65 +206,21 @@ def test_the_command_installs_the_tvm_it_was_started_as(tmp_path: Path) -> None:
     `tvm` they were started as, even when no `tvm` is on PATH."""
     if not os.access(TVM, os.X_OK):
         pytest.skip(f"no `tvm` command beside {sys.executable}")
-    env = {**os.environ, "PATH": "/usr/bin:/bin"}
-    out = subprocess.run(
-        [
-            TVM,
-            "coordinator",
-            "install-service",
-            "--unit-dir",
-            str(tmp_path / "u"),
-            "--config-dir",
-            str(tmp_path / "c"),
-            "--port",
-            "7474",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        check=False,
-    )
+    env = {**os.environ, "PATH": "/usr/bin:/bin", "TVM_AGENT_TOKEN": "t"}
+    places = ["--unit-dir", str(tmp_path / "u"), "--config-dir", str(tmp_path / "c")]
+
+    def tvm(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [TVM, *args, *places], capture_output=True, text=True, timeout=120, env=env, check=False
+        )
+
+    out = tvm("coordinator", "install-service", "--port", "7474")
     assert out.returncode == 0, out.stderr
     assert f"wrote {tmp_path / 'c' / 'coordinator.toml'} (mode 0600)" in out.stdout
     assert f"ExecStart={TVM} coordinator" in (tmp_path / "u" / COORDINATOR_UNIT_NAME).read_text()
-    out = subprocess.run(
-        [
-            TVM,
-            "agent",
-            "install-service",
-            "--coordinator",
-            "ws://127.0.0.1:7474/agent",
-            "--unit-dir",
-            str(tmp_path / "u"),
-            "--config-dir",
-            str(tmp_path / "c"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**env, "TVM_AGENT_TOKEN": "t"},
-        check=False,
-    )
+    out = tvm("agent", "install-service", "--coordinator", "ws://127.0.0.1:7474/agent")
     assert out.returncode == 0, out.stderr
     assert f"ExecStart={TVM} agent" in (tmp_path / "u" / AGENT_UNIT_NAME).read_text()
-    again = subprocess.run(
-        [
-            TVM,
-            "coordinator",
-            "install-service",
-            "--unit-dir",
-            str(tmp_path / "u"),
-            "--config-dir",
-            str(tmp_path / "c"),
-            "--host",
-            "0.0.0.0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        check=False,
-    )
+    again = tvm("coordinator", "install-service", "--host", "0.0.0.0")
     assert again.returncode == 1
     assert "coordinator.toml exists: edit it" in again.stderr
