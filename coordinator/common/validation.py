@@ -73,3 +73,24 @@ def check_range(value: int, low: int, high: int, field: str) -> int:
             field=field,
         )
     return value
+
+
+# A high surrogate escape with no low one after it: msgspec reads on for the pair and reports the
+# body as "truncated", which sends a client looking for a cut-off upload.
+_LONE_SURROGATE = re.compile(
+    rb"(?<!\\)(?:\\\\)*(\\u[dD][89abAB][0-9a-fA-F]{2})(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+)
+
+
+def json_error(raw: bytes, exc: Exception) -> str:
+    """Why `raw` is not JSON, from the decoder's `exc`, made plain where its text misleads."""
+    text = str(exc)
+    if "truncated" in text or "surrogate" in text:
+        lone = _LONE_SURROGATE.search(raw)
+        if lone is not None:
+            return (
+                f"a lone UTF-16 surrogate escape ({lone.group(1).decode()}) is not a character;"
+                " send the character itself, or its escape pair"
+            )
+    return text
+

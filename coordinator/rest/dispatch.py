@@ -19,6 +19,7 @@ import msgspec
 from coordinator.common import models as m
 from coordinator.common.errors import ApiError, bad_request
 from coordinator.common.sharedkey import AuthError, verify
+from coordinator.common.validation import json_error
 from coordinator.core import CoordinatorState
 from coordinator.runtime.filestore import FileStore
 from coordinator.runtime.journal import server_busy
@@ -115,7 +116,8 @@ def _decode(body: bytes, typ: type[_S], *, check: bool = True) -> _S:
         values = {"field": field} if field else {}
         raise bad_request("InvalidRequestBody", f"invalid request body: {text}", **values) from None
     except msgspec.DecodeError as exc:
-        raise bad_request("InvalidRequestBody", f"the body is not valid JSON: {exc}") from None
+        why = json_error(body, exc)
+        raise bad_request("InvalidRequestBody", f"the body is not valid JSON: {why}") from None
     except UnicodeDecodeError as exc:  # msgspec checks a string's UTF-8 as it decodes it
         raise bad_request("InvalidRequestBody", f"the body is not valid UTF-8: {exc}") from None
     except RecursionError:

@@ -270,6 +270,9 @@ async def test_unsupported_settings_are_refused_naming_the_property(api: Raw) ->
     azure_err(await api("POST", "/pools", query=AV), 400, "MissingRequiredProperty")
     r = await api("POST", "/pools", content=b"{not json", query=AV)
     azure_err(r, 400, "InvalidRequestBody")
+    r = await api("POST", "/pools", content=b'{"id": "p\\ud800", "vmSize": "a"}', query=AV)
+    azure_err(r, 400, "InvalidRequestBody")
+    assert "lone UTF-16 surrogate escape (\\ud800)" in r.json()["message"]["value"], r.text
     # Nothing was stored by any of them.
     assert (await api("GET", "/pools", query=AV)).json()["value"] == []
 

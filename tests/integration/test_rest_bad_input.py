@@ -255,6 +255,13 @@ async def test_malformed_json_and_wrong_types_name_the_field(api):
     err(await api("POST", "/pools", content=b"{not json"), 400, "InvalidRequestBody")
     err(await api("POST", "/pools", content=b'{"name": "q"'), 400, "InvalidRequestBody")
     err(await api("POST", "/pools", content=b"\xff\xfe"), 400, "InvalidRequestBody")
+    # A lone surrogate escape is named as such (the decoder alone says "truncated").
+    body = err(
+        await api("POST", "/pools", content=b'{"name": "q\\udbff"}'), 400, "InvalidRequestBody"
+    )
+    assert "lone UTF-16 surrogate escape (\\udbff)" in body["message"]["value"], body
+    body = err(await api("POST", "/pools", content=b'{"name": "q"'), 400, "InvalidRequestBody")
+    assert "truncated" in body["message"]["value"], body
     err(await api("POST", "/pools"), 400, "MissingRequestBody")
     err(await api("POST", "/pools", ["q"]), 400, "InvalidRequestBody")
     err(await api("POST", "/pools", {"name": 5}), 400, "InvalidRequestBody", "name")

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from coordinator.common.errors import ApiError, bad_request, quoted
+from coordinator.common.validation import json_error
 
 from .conv import invalid
 
@@ -29,7 +30,8 @@ def parse_json(raw: bytes, *, required: bool = True) -> Body:
     try:
         data = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
-        raise bad_request("InvalidRequestBody", f"the body is not valid JSON: {exc}") from None
+        why = json_error(raw, exc)
+        raise bad_request("InvalidRequestBody", f"the body is not valid JSON: {why}") from None
     except UnicodeDecodeError as exc:  # msgspec checks a string's UTF-8 as it decodes it
         raise bad_request("InvalidRequestBody", f"the body is not valid UTF-8: {exc}") from None
     except RecursionError:
