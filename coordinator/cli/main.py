@@ -250,6 +250,13 @@ def coordinator(ctx: click.Context, config: str | None, **flags: Any) -> None:
     """Run the coordinator service (REST API + agent websocket) in the foreground (or `tvm
     coordinator install-service`)."""
     if ctx.invoked_subcommand is not None:
+        given = [k for k, v in flags.items() if v is not None] + (["config"] if config else [])
+        if given:  # they would be dropped without a word
+            shown = ", ".join("--" + k.replace("_", "-") for k in sorted(given))
+            raise click.UsageError(
+                f"{shown}: options of the coordinator `tvm coordinator` runs, not of"
+                f" `{ctx.invoked_subcommand}`; put its own options after it (see its --help)"
+            )
         return
     import trio
 

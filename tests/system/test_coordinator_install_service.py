@@ -224,3 +224,14 @@ def test_the_command_installs_the_tvm_it_was_started_as(tmp_path: Path) -> None:
     again = tvm("coordinator", "install-service", "--host", "0.0.0.0")
     assert again.returncode == 1
     assert "coordinator.toml exists: edit it" in again.stderr
+    # An option of the coordinator itself, put before the subcommand, is refused, not dropped.
+    before = subprocess.run(
+        [TVM, "coordinator", "--port", "7575", "install-service", *places],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert before.returncode == 2
+    assert "--port: options of the coordinator" in before.stderr
