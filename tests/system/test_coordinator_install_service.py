@@ -20,23 +20,17 @@ from coordinator.cli.install_service import (
     interpreter_of,
 )
 from protocol.config import load_coordinator_config
+from tests.system.test_systemd_units import _executable
 from tvmagent import install_service
 from tvmagent.install_service import AGENT_UNIT_NAME, COORDINATOR_UNIT_NAME, InstallError
 
 TVM = os.path.join(os.path.dirname(sys.executable), "tvm")
 
 
-def _script(path: Path, body: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(body)
-    path.chmod(0o755)
-    return path
-
-
 @pytest.fixture
 def tvm_here(tmp_path: Path) -> Path:
     """A `tvm` entry point run by this interpreter (so it imports these packages), kept under /tmp."""
-    return _script(
+    return _executable(
         tmp_path / "bin" / "tvm", f"#!{sys.executable}\nfrom coordinator.cli import main\nmain()\n"
     )
 
@@ -144,18 +138,18 @@ def test_bad_input_is_refused_and_nothing_is_written(
 def test_a_tvm_without_a_usable_interpreter_line_is_refused(
     tmp_path: Path, first_line: str, match: str
 ) -> None:
-    tvm = _script(tmp_path / "tvm", first_line + "print('hi')\n")
+    tvm = _executable(tmp_path / "tvm", first_line + "print('hi')\n")
     with pytest.raises(InstallError, match=match):
         install_coordinator_service(tvm_bin=str(tvm), **_dirs(tmp_path))
     assert not (tmp_path / "units").exists()
 
 
 def test_a_tvm_whose_interpreter_cannot_import_it_is_refused(tmp_path: Path) -> None:
-    python = _script(
+    python = _executable(
         tmp_path / "py" / "python",
         "#!/bin/sh\necho \"ModuleNotFoundError: No module named 'coordinator'\" >&2\nexit 1\n",
     )
-    tvm = _script(tmp_path / "tvm", f"#!{python}\n")
+    tvm = _executable(tmp_path / "tvm", f"#!{python}\n")
     assert interpreter_of(str(tvm)) == str(python)
     with pytest.raises(InstallError, match="cannot import tvm: ModuleNotFoundError"):
         install_coordinator_service(tvm_bin=str(tvm), **_dirs(tmp_path))
