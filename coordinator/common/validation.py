@@ -93,4 +93,3 @@ def json_error(raw: bytes, exc: Exception) -> str:
                 " send the character itself, or its escape pair"
             )
     return text
-
