@@ -25,6 +25,7 @@ __all__ = [
     "render_agent_unit",
     "render_coordinator_unit",
     "running_tvm",
+    "toml_string",
     "write_atomic",
 ]
 
@@ -87,7 +88,7 @@ def render_coordinator_unit(tvm_bin: str, *, config_path: str = DEFAULT_COORDINA
     )
 
 
-def _toml_string(value: str) -> str:
+def toml_string(value: str) -> str:
     """A TOML basic string (no tomli_w dependency for three keys)."""
     out = []
     for c in value:
@@ -105,9 +106,9 @@ def _toml_string(value: str) -> str:
 def agent_toml(coordinator: str, token: str, root: str) -> str:
     return (
         "# Written by `tvm agent install-service`; keys are documented in protocol/config.py.\n"
-        f"coordinator = {_toml_string(coordinator)}\n"
-        f"token = {_toml_string(token)}\n"
-        f"root = {_toml_string(root)}\n"
+        f"coordinator = {toml_string(coordinator)}\n"
+        f"token = {toml_string(token)}\n"
+        f"root = {toml_string(root)}\n"
     )
 
 

@@ -105,10 +105,10 @@ def coordinator_toml(host: str, port: int, public_url: str) -> str:
     text = (
         "# Written by `tvm coordinator install-service`; keys are documented in"
         " protocol/config.py.\n"
-        f"host = {json.dumps(host)}\n"
+        f"host = {units.toml_string(host)}\n"
         f"port = {port}\n"
     )
-    return text + (f"public-url = {json.dumps(public_url)}\n" if public_url else "")
+    return text + (f"public-url = {units.toml_string(public_url)}\n" if public_url else "")
 
 
 def install_coordinator_service(
